@@ -1,0 +1,72 @@
+//! `chat-dev`: the whole system on one machine. Starts real NATS (JetStream),
+//! SecantusDB and s3s-fs on free ports with temporary data folders, then a
+//! `chatd` node with every role, prints where to connect and how to get a
+//! token, and runs until Ctrl-C, when it stops everything and deletes the
+//! data.
+
+use clap::Parser;
+
+/// Run the whole chat system locally.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Address for clients (port 0 picks a free one).
+    #[arg(long, env = "CHAT_DEV_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: std::net::SocketAddr,
+    /// HS256 secret for tokens (at least 32 bytes).
+    #[arg(
+        long,
+        env = "CHATD_JWT_SECRET",
+        default_value = "local-development-secret-change-me!"
+    )]
+    jwt_secret: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,async_nats=warn".into()),
+        )
+        .init();
+    let args = Args::parse();
+    let stack = chat_stack::Stack::start().await?;
+    let serve = chatd::Cli::try_parse_from([
+        "chatd",
+        "--role",
+        "all",
+        "--listen",
+        &args.listen.to_string(),
+        "--grpc-listen",
+        "127.0.0.1:0",
+        "--nats-url",
+        &stack.nats.url,
+        "--mongodb-uri",
+        &stack.mongo.uri,
+        "--jwt-secret",
+        &args.jwt_secret,
+    ])?
+    .serve;
+    let node = chatd::Node::start(serve).await?;
+    let http = node.http_addr.map(|a| a.to_string()).unwrap_or_default();
+    let alice = chat_auth::mint_hs256(
+        args.jwt_secret.as_bytes(),
+        &chat_domain::UserId::parse("alice")?,
+        Some("Alice"),
+        86_400,
+    )?;
+    println!(
+        "\nchat is running\n\
+         \n  REST:       http://{http}  (POST /groups, GET /groups, ...)\
+         \n  WebSocket:  ws://{http}/ws?token=<jwt>&device=<id>\
+         \n  NATS:       {}\n  MongoDB:    {}\n  S3:         {} (bucket {})\
+         \n\na token for user alice (24 h):\n  {alice}\
+         \n\nmint tokens for other users with:\
+         \n  cargo run -q -p chatd -- token --user bob --jwt-secret '{}'\
+         \n\nCtrl-C stops everything and deletes the data.\n",
+        stack.nats.url, stack.mongo.uri, stack.s3.endpoint, stack.s3.bucket, args.jwt_secret
+    );
+    node.run_until(chatd::signal()).await?;
+    drop(stack);
+    Ok(())
+}

@@ -1,0 +1,387 @@
+//! The `chatd` command line and node assembly: parse flags (every flag also
+//! from a `CHATD_*` environment variable), build the roles, run them until a
+//! shutdown signal.
+//!
+//! A library as well as a binary so that `chat-dev` and the end-to-end tests
+//! start nodes in-process through exactly the flags an operator uses.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use chat_auth::Verifier;
+use chat_bus::{Bus, Definitions};
+use chat_domain::Limits;
+use chat_store::Store;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tokio::{
+    net::TcpListener,
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
+
+/// NATS-native group chat server.
+#[derive(Debug, Parser)]
+#[command(name = "chatd", version, about, subcommand_negates_reqs = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Mint an HS256 token for a user with the configured secret (local use
+    /// and tests; production tokens come from your identity provider).
+    Token(TokenArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Role {
+    /// WebSocket and REST for clients.
+    Edge,
+    /// gRPC services that own MongoDB and JetStream publishing.
+    Worker,
+    /// Both, in one process.
+    All,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TokenArgs {
+    /// User id to put in `sub`.
+    #[arg(long)]
+    pub user: String,
+    /// Optional display name claim.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Lifetime in seconds.
+    #[arg(long, default_value_t = 86_400)]
+    pub ttl: i64,
+    /// The HS256 secret (at least 32 bytes).
+    #[arg(long, env = "CHATD_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: String,
+}
+
+/// Flags of a serving node.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Which roles this process runs.
+    #[arg(long, env = "CHATD_ROLE", value_enum, required = true)]
+    pub role: Option<Role>,
+
+    /// Edge: HTTP and WebSocket listen address.
+    #[arg(long, env = "CHATD_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+    /// Worker: gRPC listen address.
+    #[arg(long, env = "CHATD_GRPC_LISTEN", default_value = "0.0.0.0:50051")]
+    pub grpc_listen: SocketAddr,
+    /// Edge: worker gRPC endpoints, comma-separated, balanced across
+    /// (default with --role all: this process's own worker).
+    #[arg(long, env = "CHATD_WORKERS", value_delimiter = ',')]
+    pub workers: Vec<String>,
+    /// Edge: deadline of each worker call, in milliseconds.
+    #[arg(long, env = "CHATD_RPC_TIMEOUT_MS", default_value_t = 10_000)]
+    pub rpc_timeout_ms: u64,
+
+    /// NATS server URL(s), comma-separated for a cluster.
+    #[arg(long, env = "CHATD_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// Replicas of each JetStream stream (3 on a 3-node cluster).
+    #[arg(long, env = "CHATD_NATS_REPLICAS", default_value_t = 1)]
+    pub nats_replicas: usize,
+
+    /// Worker: MongoDB connection string.
+    #[arg(
+        long,
+        env = "CHATD_MONGODB_URI",
+        default_value = "mongodb://127.0.0.1:27017/?directConnection=true"
+    )]
+    pub mongodb_uri: String,
+    /// Worker: MongoDB database name.
+    #[arg(long, env = "CHATD_MONGODB_DB", default_value = "chat")]
+    pub mongodb_db: String,
+
+    /// HS256 secret for JWTs (at least 32 bytes). Either this or
+    /// --jwt-public-key.
+    #[arg(long, env = "CHATD_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// PEM public key file for RS256, ES256 or EdDSA JWTs.
+    #[arg(long, env = "CHATD_JWT_PUBLIC_KEY", conflicts_with = "jwt_secret")]
+    pub jwt_public_key: Option<PathBuf>,
+    /// Algorithm of --jwt-public-key: RS256, ES256 or EdDSA.
+    #[arg(long, env = "CHATD_JWT_ALGORITHM", default_value = "RS256")]
+    pub jwt_algorithm: String,
+
+    /// Most members in one group.
+    #[arg(long, env = "CHATD_MAX_GROUP_MEMBERS", default_value_t = Limits::default().group_members)]
+    pub max_group_members: usize,
+    /// Longest group name, in characters.
+    #[arg(long, env = "CHATD_MAX_GROUP_NAME", default_value_t = Limits::default().group_name_chars)]
+    pub max_group_name: usize,
+    /// Longest group description, in characters.
+    #[arg(long, env = "CHATD_MAX_GROUP_DESCRIPTION", default_value_t = Limits::default().group_description_chars)]
+    pub max_group_description: usize,
+    /// Edge: largest WebSocket frame handled, in bytes.
+    #[arg(long, env = "CHATD_MAX_FRAME_BYTES", default_value_t = 64 * 1024)]
+    pub max_frame_bytes: usize,
+    /// Edge: requests per second allowed per connection.
+    #[arg(long, env = "CHATD_REQUESTS_PER_SEC", default_value_t = 50.0)]
+    pub requests_per_sec: f64,
+
+    /// Seconds to finish in-flight work after a shutdown signal.
+    #[arg(long, env = "CHATD_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
+    pub shutdown_grace_secs: u64,
+}
+
+impl ServeArgs {
+    fn limits(&self) -> Limits {
+        Limits {
+            group_members: self.max_group_members,
+            group_name_chars: self.max_group_name,
+            group_description_chars: self.max_group_description,
+        }
+    }
+
+    fn verifier(&self) -> anyhow::Result<Verifier> {
+        match (&self.jwt_secret, &self.jwt_public_key) {
+            (Some(secret), _) => Ok(Verifier::hs256(secret.as_bytes())?),
+            (None, Some(path)) => {
+                let pem =
+                    std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+                Ok(Verifier::public_key(&self.jwt_algorithm, &pem)?)
+            }
+            (None, None) => anyhow::bail!("the edge needs --jwt-secret or --jwt-public-key"),
+        }
+    }
+}
+
+/// A running node: its bound addresses and a way to stop it.
+pub struct Node {
+    /// Where clients connect (edge).
+    pub http_addr: Option<SocketAddr>,
+    /// Where edges connect (worker).
+    pub grpc_addr: Option<SocketAddr>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<anyhow::Result<()>>>,
+    died: Option<mpsc::Receiver<&'static str>>,
+    grace: Duration,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("http_addr", &self.http_addr)
+            .field("grpc_addr", &self.grpc_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+fn shutdown_signal(rx: &watch::Receiver<bool>) -> impl Future<Output = ()> + Send + 'static {
+    let mut rx = rx.clone();
+    async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    }
+}
+
+impl Node {
+    /// Binds, connects and starts every role of `args`.
+    pub async fn start(args: ServeArgs) -> anyhow::Result<Self> {
+        let role = args.role.context("--role is required")?;
+        let (stop, stop_rx) = watch::channel(false);
+        let defs = Definitions::load(args.nats_replicas)?;
+        let mut tasks = Vec::new();
+        let (died_tx, died) = mpsc::channel(2);
+        let mut grpc_addr = None;
+        let mut http_addr = None;
+
+        let node_name = format!("chatd-{role:?}").to_lowercase();
+        let bus = Bus::connect(&args.nats_url, &node_name, defs)
+            .await
+            .with_context(|| format!("connecting to nats at {}", args.nats_url))?;
+        bus.ensure_streams()
+            .await
+            .context("declaring jetstream streams")?;
+
+        if matches!(role, Role::Worker | Role::All) {
+            let store = Store::connect(&args.mongodb_uri, &args.mongodb_db)
+                .await
+                .context("connecting to mongodb")?;
+            store
+                .ensure_indexes()
+                .await
+                .context("creating mongodb indexes")?;
+            let listener = TcpListener::bind(args.grpc_listen)
+                .await
+                .with_context(|| format!("binding {}", args.grpc_listen))?;
+            grpc_addr = Some(listener.local_addr()?);
+            let config = chat_worker::Config {
+                limits: args.limits(),
+                ..chat_worker::Config::default()
+            };
+            let shutdown = shutdown_signal(&stop_rx);
+            let bus = bus.clone();
+            let died = died_tx.clone();
+            tasks.push(tokio::spawn(async move {
+                let result = chat_worker::serve(listener, store, bus, config, shutdown).await;
+                let _ = died.try_send("worker");
+                result.context("worker")
+            }));
+            tracing::info!(addr = ?grpc_addr, "worker listening");
+        }
+
+        if matches!(role, Role::Edge | Role::All) {
+            let mut workers = args.workers.clone();
+            if workers.is_empty() {
+                if let Some(addr) = grpc_addr {
+                    workers.push(format!("http://{addr}"));
+                }
+            }
+            let config = chat_edge::Config {
+                workers,
+                rpc_timeout: Duration::from_millis(args.rpc_timeout_ms),
+                max_frame_bytes: args.max_frame_bytes,
+                requests_per_sec: args.requests_per_sec,
+                ..chat_edge::Config::default()
+            };
+            let state = chat_edge::AppState::new(args.verifier()?, bus, config)?;
+            let listener = TcpListener::bind(args.listen)
+                .await
+                .with_context(|| format!("binding {}", args.listen))?;
+            http_addr = Some(listener.local_addr()?);
+            let shutdown = shutdown_signal(&stop_rx);
+            let died = died_tx.clone();
+            tasks.push(tokio::spawn(async move {
+                let result = chat_edge::serve(listener, state, shutdown).await;
+                let _ = died.try_send("edge");
+                result.context("edge")
+            }));
+            tracing::info!(addr = ?http_addr, "edge listening");
+        }
+
+        Ok(Self {
+            http_addr,
+            grpc_addr,
+            stop,
+            tasks,
+            died: Some(died),
+            grace: Duration::from_secs(args.shutdown_grace_secs),
+        })
+    }
+
+    /// Signals every role to stop and waits for them, at most the grace
+    /// period; what is still running then is aborted.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(true);
+        let deadline = tokio::time::Instant::now() + self.grace;
+        let mut first_error = None;
+        for task in self.tasks {
+            let abort = task.abort_handle();
+            match tokio::time::timeout_at(deadline, task).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => {
+                    first_error.get_or_insert(e);
+                }
+                Ok(Err(join)) if join.is_cancelled() => {}
+                Ok(Err(join)) => {
+                    first_error.get_or_insert(anyhow::anyhow!("task panicked: {join}"));
+                }
+                Err(_) => {
+                    tracing::warn!("grace period over; aborting what is left");
+                    abort.abort();
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Runs until `signal` completes or a role stops by itself (an error),
+    /// then stops every role.
+    pub async fn run_until(mut self, signal: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let mut died = self.died.take().context("run_until called twice")?;
+        tokio::select! {
+            _ = signal => {
+                tracing::info!("shutdown signal received; draining");
+                self.stop().await
+            }
+            Some(role) = died.recv() => {
+                let _ = self.stop().await;
+                Err(anyhow::anyhow!("the {role} role stopped unexpectedly"))
+            }
+        }
+    }
+}
+
+/// Mints a token as `chatd token` does.
+pub fn mint(args: &TokenArgs) -> anyhow::Result<String> {
+    let user = chat_domain::UserId::parse(args.user.as_str())?;
+    if args.jwt_secret.len() < 32 {
+        anyhow::bail!("the HS256 secret must be at least 32 bytes");
+    }
+    Ok(chat_auth::mint_hs256(
+        args.jwt_secret.as_bytes(),
+        &user,
+        args.name.as_deref(),
+        args.ttl,
+    )?)
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_flag_parses_and_role_is_required() {
+        assert!(Cli::try_parse_from(["chatd"]).is_err());
+        let cli = Cli::try_parse_from([
+            "chatd",
+            "--role",
+            "all",
+            "--workers",
+            "http://a:1,http://b:2",
+            "--nats-url",
+            "nats://n:4222",
+        ])
+        .expect("parses");
+        assert_eq!(cli.serve.role, Some(Role::All));
+        assert_eq!(cli.serve.workers, ["http://a:1", "http://b:2"]);
+        let cli = Cli::try_parse_from(["chatd", "token", "--user", "alice", "--jwt-secret", "x"])
+            .expect("parses");
+        assert!(matches!(cli.command, Some(Command::Token(_))));
+    }
+
+    #[test]
+    fn token_refuses_bad_users_and_short_secrets() {
+        let args = |user: &str, secret: &str| TokenArgs {
+            user: user.into(),
+            name: None,
+            ttl: 60,
+            jwt_secret: secret.into(),
+        };
+        let secret = "0123456789abcdef0123456789abcdef";
+        assert!(mint(&args("alice", secret)).is_ok());
+        assert!(mint(&args("a.b", secret)).is_err());
+        assert!(mint(&args("alice", "short")).is_err());
+    }
+}

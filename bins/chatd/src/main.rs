@@ -1,0 +1,27 @@
+//! `chatd`: parse flags, start the chosen roles, run until SIGINT or SIGTERM,
+//! drain within the grace period.
+
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,async_nats=warn".into()),
+        )
+        .init();
+    let cli = chatd::Cli::parse();
+    match cli.command {
+        Some(chatd::Command::Token(args)) => {
+            println!("{}", chatd::mint(&args)?);
+            Ok(())
+        }
+        None => {
+            chatd::Node::start(cli.serve)
+                .await?
+                .run_until(chatd::signal())
+                .await
+        }
+    }
+}

@@ -1,0 +1,62 @@
+//! The stream and consumer definitions in `nats/`, compiled into the binary so
+//! that every node declares exactly the same thing.
+
+use async_nats::jetstream::{consumer, stream};
+
+use crate::BusError;
+
+const USERS_STREAM: &str = include_str!("../../../nats/streams/chat_users.json");
+const GROUPS_STREAM: &str = include_str!("../../../nats/streams/chat_groups.json");
+const DEVICE_CONSUMER: &str = include_str!("../../../nats/consumers/device.json");
+
+/// Parsed definitions, with the operator's overrides applied.
+#[derive(Debug, Clone)]
+pub struct Definitions {
+    pub users_stream: stream::Config,
+    pub groups_stream: stream::Config,
+    /// Template for every device consumer; name, filters and start are set
+    /// per device.
+    pub device_consumer: consumer::pull::Config,
+}
+
+fn parse<T: serde::de::DeserializeOwned>(file: &'static str, text: &str) -> Result<T, BusError> {
+    serde_json::from_str(text).map_err(|e| BusError::Definition {
+        file,
+        message: e.to_string(),
+    })
+}
+
+impl Definitions {
+    /// The definitions from `nats/`, with streams replicated `replicas` times.
+    pub fn load(replicas: usize) -> Result<Self, BusError> {
+        let mut users_stream: stream::Config = parse("nats/streams/chat_users.json", USERS_STREAM)?;
+        let mut groups_stream: stream::Config =
+            parse("nats/streams/chat_groups.json", GROUPS_STREAM)?;
+        let device_consumer = parse("nats/consumers/device.json", DEVICE_CONSUMER)?;
+        users_stream.num_replicas = replicas;
+        groups_stream.num_replicas = replicas;
+        Ok(Self {
+            users_stream,
+            groups_stream,
+            device_consumer,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn definitions_parse_with_the_limits_we_rely_on() {
+        let d = Definitions::load(3).expect("definitions parse");
+        assert_eq!(d.users_stream.name, "CHAT_USERS");
+        assert_eq!(d.users_stream.num_replicas, 3);
+        // the default of 1,000 consumers per stream is far too few for one per device
+        assert!(d.users_stream.max_consumers >= 100_000);
+        assert!(d.groups_stream.max_consumers >= 100_000);
+        assert_eq!(d.users_stream.duplicate_window.as_secs(), 120);
+        assert_eq!(d.device_consumer.ack_policy, consumer::AckPolicy::Explicit);
+        assert!(d.device_consumer.inactive_threshold.as_secs() > 0);
+    }
+}

@@ -1,0 +1,290 @@
+//! NATS: subjects, the JetStream streams and consumers declared in `nats/`,
+//! and the few operations edge and worker perform on them.
+//!
+//! Subjects:
+//! - `chat.user.<userId>.event`: notifications for one user, captured by the
+//!   `CHAT_USERS` stream so that offline devices get them on reconnect;
+//! - `chat.group.<groupId>.msg` / `.event`: group traffic, `CHAT_GROUPS`.
+//!
+//! Every device of a user has its own durable pull consumer on each stream
+//! (see ARCHITECTURE.md, "Delivery"), so every device receives every event
+//! exactly once in normal operation, on whichever edge node it connects to.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+use bytes::Bytes;
+use chat_domain::{DeviceId, GroupId, UserId};
+
+mod defs;
+
+pub use defs::Definitions;
+
+/// The header JetStream uses to drop duplicate publishes.
+const MSG_ID: &str = "Nats-Msg-Id";
+
+/// A bus operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// NATS or JetStream did not answer or refused: retry later.
+    #[error("nats unavailable: {0}")]
+    Unavailable(String),
+    /// A definition in `nats/` is wrong.
+    #[error("bad definition {file}: {message}")]
+    Definition { file: &'static str, message: String },
+}
+
+impl BusError {
+    fn nats(e: impl std::fmt::Display) -> Self {
+        Self::Unavailable(e.to_string())
+    }
+}
+
+/// The subject carrying notifications for `user`.
+pub fn user_subject(user: &UserId) -> String {
+    format!("chat.user.{user}.event")
+}
+
+/// The subject carrying messages of `group`.
+pub fn group_msg_subject(group: &GroupId) -> String {
+    format!("chat.group.{group}.msg")
+}
+
+/// The durable consumer holding `device`'s position in its user's
+/// notifications.
+pub fn user_consumer_name(user: &UserId, device: &DeviceId) -> String {
+    format!("u_{user}_{device}")
+}
+
+/// The durable consumer holding `device`'s position in the messages of the
+/// groups its user subscribed to.
+pub fn group_consumer_name(user: &UserId, device: &DeviceId) -> String {
+    format!("g_{user}_{device}")
+}
+
+/// A handle on NATS and JetStream; cheap to clone.
+#[derive(Clone)]
+pub struct Bus {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    defs: Definitions,
+}
+
+impl std::fmt::Debug for Bus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bus").finish_non_exhaustive()
+    }
+}
+
+impl Bus {
+    /// Connects to NATS at `url` (comma-separated for a cluster). Fails fast
+    /// when no server answers, then reconnects by itself forever.
+    pub async fn connect(url: &str, name: &str, defs: Definitions) -> Result<Self, BusError> {
+        let client = async_nats::ConnectOptions::new()
+            .name(name)
+            .connection_timeout(Duration::from_secs(5))
+            .retry_on_initial_connect()
+            .connect(url)
+            .await
+            .map_err(BusError::nats)?;
+        // retry_on_initial_connect returns at once; wait for the first connection
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while client.connection_state() != async_nats::connection::State::Connected {
+            if tokio::time::Instant::now() > deadline {
+                return Err(BusError::Unavailable(format!(
+                    "no nats server answered at {url}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(Duration::from_secs(5));
+        Ok(Self { client, js, defs })
+    }
+
+    /// The underlying NATS client.
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    /// The JetStream context.
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    /// The definitions in use.
+    pub fn definitions(&self) -> &Definitions {
+        &self.defs
+    }
+
+    /// Creates the streams, or updates them to match `nats/`. Idempotent:
+    /// every node runs it at start-up.
+    pub async fn ensure_streams(&self) -> Result<(), BusError> {
+        for config in [
+            self.defs.users_stream.clone(),
+            self.defs.groups_stream.clone(),
+        ] {
+            let name = config.name.clone();
+            self.js
+                .create_or_update_stream(config)
+                .await
+                .map_err(|e| BusError::Unavailable(format!("stream {name}: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Whether the connection to NATS is up.
+    pub fn is_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// Publishes `payload` to `user`'s notification subject and waits until
+    /// JetStream has stored it. `dedup_id` makes a retried publish a no-op
+    /// within the stream's duplicate window.
+    pub async fn publish_user_event(
+        &self,
+        user: &UserId,
+        dedup_id: &str,
+        payload: Bytes,
+    ) -> Result<(), BusError> {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(MSG_ID, dedup_id);
+        self.js
+            .publish_with_headers(user_subject(user), headers, payload)
+            .await
+            .map_err(BusError::nats)?
+            .await
+            .map_err(BusError::nats)?;
+        Ok(())
+    }
+
+    fn device_consumer(
+        &self,
+        name: String,
+        filters: Vec<String>,
+        start: consumer::DeliverPolicy,
+    ) -> consumer::pull::Config {
+        let mut config = self.defs.device_consumer.clone();
+        config.durable_name = Some(name);
+        config.deliver_policy = start;
+        if let [one] = filters.as_slice() {
+            config.filter_subject = one.clone();
+        } else {
+            config.filter_subjects = filters;
+        }
+        config
+    }
+
+    async fn stream(&self, name: &str) -> Result<stream::Stream<()>, BusError> {
+        self.js
+            .get_stream_no_info(name)
+            .await
+            .map_err(BusError::nats)
+    }
+
+    /// Makes sure `device` has its durable consumer on the users stream. A new
+    /// device starts at the oldest stored notification, so a user who was
+    /// offline since before the device existed still hears of everything.
+    pub async fn ensure_user_consumer(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+    ) -> Result<String, BusError> {
+        let name = user_consumer_name(user, device);
+        let stream = self.stream(&self.defs.users_stream.name).await?;
+        if stream.consumer_info(&name).await.is_ok() {
+            return Ok(name);
+        }
+        let config = self.device_consumer(
+            name.clone(),
+            vec![user_subject(user)],
+            consumer::DeliverPolicy::All,
+        );
+        stream
+            .create_consumer(config)
+            .await
+            .map_err(|e| BusError::Unavailable(format!("consumer {name}: {e}")))?;
+        Ok(name)
+    }
+
+    /// Sets the groups `device`'s group consumer filters on. A consumer that
+    /// does not exist yet starts with new messages (older ones come from
+    /// history); with no groups the consumer is deleted, since a consumer
+    /// without filters would match every group.
+    pub async fn set_group_filters(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+        groups: &[GroupId],
+    ) -> Result<(), BusError> {
+        let name = group_consumer_name(user, device);
+        let stream = self.stream(&self.defs.groups_stream.name).await?;
+        if groups.is_empty() {
+            return match stream.delete_consumer(&name).await {
+                Ok(_) => Ok(()),
+                Err(e) if e.to_string().contains("not found") => Ok(()),
+                Err(e) => Err(BusError::nats(e)),
+            };
+        }
+        let filters: Vec<String> = groups.iter().map(group_msg_subject).collect();
+        match stream.consumer_info(&name).await {
+            Ok(info) => {
+                // an update must keep the start the consumer was created with
+                let config =
+                    self.device_consumer(name.clone(), filters, info.config.deliver_policy);
+                stream
+                    .update_consumer(config)
+                    .await
+                    .map_err(|e| BusError::Unavailable(format!("consumer {name}: {e}")))?;
+            }
+            Err(_) => {
+                let config =
+                    self.device_consumer(name.clone(), filters, consumer::DeliverPolicy::New);
+                stream
+                    .create_consumer(config)
+                    .await
+                    .map_err(|e| BusError::Unavailable(format!("consumer {name}: {e}")))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The filters of `device`'s group consumer, or none if it has none.
+    pub async fn group_filters(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+    ) -> Result<Vec<String>, BusError> {
+        let stream = self.stream(&self.defs.groups_stream.name).await?;
+        match stream
+            .consumer_info(group_consumer_name(user, device))
+            .await
+        {
+            Ok(info) => {
+                let c = info.config;
+                Ok(
+                    if c.filter_subjects.is_empty() && !c.filter_subject.is_empty() {
+                        vec![c.filter_subject]
+                    } else {
+                        c.filter_subjects
+                    },
+                )
+            }
+            Err(e) if e.to_string().contains("not found") => Ok(Vec::new()),
+            Err(e) => Err(BusError::nats(e)),
+        }
+    }
+
+    /// Binds to an existing durable consumer on `stream` for delivery.
+    pub async fn bind(
+        &self,
+        stream: &str,
+        name: &str,
+    ) -> Result<consumer::Consumer<consumer::pull::Config>, BusError> {
+        self.stream(stream)
+            .await?
+            .get_consumer(name)
+            .await
+            .map_err(BusError::nats)
+    }
+}

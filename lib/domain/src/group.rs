@@ -1,0 +1,279 @@
+//! Groups and the rules for changing them (seed §1 and §4).
+
+use crate::{DomainError, GroupId, Limits, Millis, UserId};
+
+/// One member of a group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub user_id: UserId,
+    pub joined_at: Millis,
+}
+
+/// A chat group. `members` always contains `owner_id`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Group {
+    pub id: GroupId,
+    pub name: String,
+    pub description: String,
+    pub owner_id: UserId,
+    pub created_by: UserId,
+    pub members: Vec<Member>,
+    pub created_at: Millis,
+    pub updated_at: Millis,
+}
+
+/// A change to a group's ownership or membership, as asked by `caller`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupChange {
+    TransferOwner { new_owner: UserId },
+    AddMembers { user_ids: Vec<UserId> },
+    RemoveMember { user_id: UserId },
+    Leave,
+}
+
+fn check_text(what: &str, text: &str, max_chars: usize) -> Result<(), DomainError> {
+    let n = text.chars().count();
+    if n > max_chars {
+        return Err(DomainError::TooLarge(format!(
+            "{what} is {n} characters long; the limit is {max_chars}"
+        )));
+    }
+    if text.chars().any(|c| c.is_control()) {
+        return Err(DomainError::Invalid(format!(
+            "{what} must not contain control characters"
+        )));
+    }
+    Ok(())
+}
+
+impl Group {
+    /// Builds a new group created by `creator`, who becomes owner and member.
+    /// Duplicate member ids are folded; the creator need not be listed.
+    pub fn create(
+        id: GroupId,
+        creator: UserId,
+        name: &str,
+        description: &str,
+        member_ids: Vec<UserId>,
+        limits: &Limits,
+        now: Millis,
+    ) -> Result<Self, DomainError> {
+        let name = name.trim();
+        if name.is_empty() {
+            return Err(DomainError::Invalid("name must not be empty".into()));
+        }
+        check_text("name", name, limits.group_name_chars)?;
+        check_text("description", description, limits.group_description_chars)?;
+        let mut group = Group {
+            id,
+            name: name.to_owned(),
+            description: description.to_owned(),
+            owner_id: creator.clone(),
+            created_by: creator.clone(),
+            members: vec![Member {
+                user_id: creator,
+                joined_at: now,
+            }],
+            created_at: now,
+            updated_at: now,
+        };
+        group.add(member_ids, limits, now)?;
+        Ok(group)
+    }
+
+    /// Whether `user` is a member.
+    pub fn is_member(&self, user: &UserId) -> bool {
+        self.members.iter().any(|m| &m.user_id == user)
+    }
+
+    /// The member ids, in join order.
+    pub fn member_ids(&self) -> impl Iterator<Item = &UserId> {
+        self.members.iter().map(|m| &m.user_id)
+    }
+
+    fn add(
+        &mut self,
+        user_ids: Vec<UserId>,
+        limits: &Limits,
+        now: Millis,
+    ) -> Result<(), DomainError> {
+        for user_id in user_ids {
+            if !self.is_member(&user_id) {
+                self.members.push(Member {
+                    user_id,
+                    joined_at: now,
+                });
+            }
+        }
+        if self.members.len() > limits.group_members {
+            return Err(DomainError::TooLarge(format!(
+                "a group may have at most {} members, this one would have {}",
+                limits.group_members,
+                self.members.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Applies `change` asked by `caller`, checking who may do it. Returns the
+    /// users who were members before or after: everyone who must hear of it.
+    pub fn apply(
+        &mut self,
+        caller: &UserId,
+        change: GroupChange,
+        limits: &Limits,
+        now: Millis,
+    ) -> Result<Vec<UserId>, DomainError> {
+        if !self.is_member(caller) {
+            return Err(DomainError::Forbidden(
+                "you are not a member of this group".into(),
+            ));
+        }
+        let owner_only = || -> Result<(), DomainError> {
+            if &self.owner_id != caller {
+                return Err(DomainError::Forbidden(
+                    "only the group's owner may do this".into(),
+                ));
+            }
+            Ok(())
+        };
+        let mut audience: Vec<UserId> = self.member_ids().cloned().collect();
+        match change {
+            GroupChange::TransferOwner { new_owner } => {
+                owner_only()?;
+                if !self.is_member(&new_owner) {
+                    return Err(DomainError::Invalid(
+                        "the new owner must be a member of the group".into(),
+                    ));
+                }
+                self.owner_id = new_owner;
+            }
+            GroupChange::AddMembers { user_ids } => {
+                owner_only()?;
+                if user_ids.is_empty() {
+                    return Err(DomainError::Invalid("userIds must not be empty".into()));
+                }
+                self.add(user_ids, limits, now)?;
+                for m in &self.members {
+                    if !audience.contains(&m.user_id) {
+                        audience.push(m.user_id.clone());
+                    }
+                }
+            }
+            GroupChange::RemoveMember { user_id } => {
+                owner_only()?;
+                if user_id == self.owner_id {
+                    return Err(DomainError::Conflict(
+                        "the owner cannot be removed; transfer ownership first".into(),
+                    ));
+                }
+                if !self.is_member(&user_id) {
+                    return Err(DomainError::Invalid(format!("{user_id} is not a member")));
+                }
+                self.members.retain(|m| m.user_id != user_id);
+            }
+            GroupChange::Leave => {
+                if &self.owner_id == caller {
+                    return Err(DomainError::Conflict(
+                        "the owner cannot leave; transfer ownership first".into(),
+                    ));
+                }
+                self.members.retain(|m| &m.user_id != caller);
+            }
+        }
+        self.updated_at = now.max(self.updated_at);
+        Ok(audience)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn uid(s: &str) -> UserId {
+        UserId::parse(s).expect("valid id")
+    }
+
+    fn group(members: &[&str]) -> Group {
+        Group::create(
+            GroupId::generate(),
+            uid("owner"),
+            " team ",
+            "",
+            members.iter().map(|m| uid(m)).collect(),
+            &Limits::default(),
+            10,
+        )
+        .expect("valid group")
+    }
+
+    #[test]
+    fn creator_is_owner_and_member_and_duplicates_fold() {
+        let g = group(&["a", "a", "owner", "b"]);
+        assert_eq!(g.name, "team");
+        assert_eq!(g.owner_id, uid("owner"));
+        let ids: Vec<_> = g.member_ids().map(|u| u.as_str()).collect();
+        assert_eq!(ids, ["owner", "a", "b"]);
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        let limits = Limits {
+            group_members: 2,
+            group_name_chars: 3,
+            ..Limits::default()
+        };
+        let make = |name: &str, members: &[&str]| {
+            Group::create(
+                GroupId::generate(),
+                uid("o"),
+                name,
+                "",
+                members.iter().map(|m| uid(m)).collect(),
+                &limits,
+                0,
+            )
+        };
+        assert!(make("abc", &["x"]).is_ok());
+        assert!(matches!(make("abcd", &[]), Err(DomainError::TooLarge(_))));
+        assert!(matches!(
+            make("a", &["x", "y"]),
+            Err(DomainError::TooLarge(_))
+        ));
+        assert!(matches!(make("  ", &[]), Err(DomainError::Invalid(_))));
+    }
+
+    #[test]
+    fn only_the_owner_manages_and_the_owner_cannot_leave() {
+        let limits = Limits::default();
+        let mut g = group(&["a", "b"]);
+        let err = g.apply(
+            &uid("a"),
+            GroupChange::RemoveMember { user_id: uid("b") },
+            &limits,
+            11,
+        );
+        assert!(matches!(err, Err(DomainError::Forbidden(_))));
+        let err = g.apply(&uid("owner"), GroupChange::Leave, &limits, 11);
+        assert!(matches!(err, Err(DomainError::Conflict(_))));
+        let err = g.apply(&uid("zed"), GroupChange::Leave, &limits, 11);
+        assert!(matches!(err, Err(DomainError::Forbidden(_))));
+
+        g.apply(
+            &uid("owner"),
+            GroupChange::TransferOwner {
+                new_owner: uid("a"),
+            },
+            &limits,
+            12,
+        )
+        .expect("transfer");
+        assert_eq!(g.owner_id, uid("a"));
+        assert_eq!(g.updated_at, 12);
+        let audience = g
+            .apply(&uid("owner"), GroupChange::Leave, &limits, 13)
+            .expect("leave");
+        assert!(audience.contains(&uid("owner")), "the leaver hears of it");
+        assert!(!g.is_member(&uid("owner")));
+    }
+}

@@ -1,0 +1,23 @@
+//! Configurable input limits, with the defaults the product ships.
+
+/// Input limits that every layer enforces; configured on the worker (which
+/// owns validation) and the edge (which refuses oversized frames early).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Longest group name, in characters.
+    pub group_name_chars: usize,
+    /// Longest group description, in characters.
+    pub group_description_chars: usize,
+    /// Most members in one group, owner included.
+    pub group_members: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            group_name_chars: 128,
+            group_description_chars: 2048,
+            group_members: 1000,
+        }
+    }
+}

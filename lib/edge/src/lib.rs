@@ -1,0 +1,160 @@
+//! The edge role: an axum app with the REST API and the WebSocket endpoint.
+//!
+//! An edge verifies JWTs, keeps only per-connection state, turns client
+//! requests into gRPC calls on workers, and streams each connected device's
+//! deliveries from its JetStream durable consumers to the socket. It never
+//! talks to MongoDB or object storage.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use axum::{
+    Router,
+    extract::DefaultBodyLimit,
+    routing::{delete, get, post},
+};
+use chat_auth::Verifier;
+use chat_bus::Bus;
+use chat_rpc::pb::{groups_client::GroupsClient, sessions_client::SessionsClient};
+use tokio::net::TcpListener;
+use tonic::transport::{Channel, Endpoint};
+
+mod auth;
+mod error;
+mod rest;
+mod ws;
+
+pub use auth::Caller;
+pub use error::ApiError;
+
+/// What an edge needs to run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Worker gRPC endpoints (`http://host:port`), balanced across.
+    pub workers: Vec<String>,
+    /// Deadline of every worker call.
+    pub rpc_timeout: Duration,
+    /// Largest WebSocket frame handled; larger ones get `too_large` and the
+    /// connection stays open.
+    pub max_frame_bytes: usize,
+    /// Largest WebSocket message accepted at all; past it the connection is
+    /// closed (1009), since the client is abusing it.
+    pub max_ws_message_bytes: usize,
+    /// Largest REST body.
+    pub max_body_bytes: usize,
+    /// Frames queued for one connection before it counts as too slow and is
+    /// closed.
+    pub outbox_frames: usize,
+    /// Requests per second per connection, sustained.
+    pub requests_per_sec: f64,
+    /// Requests a connection may burst above the sustained rate.
+    pub request_burst: f64,
+    /// Error replies in a row after which a connection is closed as abusive.
+    pub max_errors_in_a_row: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            workers: Vec::new(),
+            rpc_timeout: Duration::from_secs(10),
+            max_frame_bytes: 64 * 1024,
+            max_ws_message_bytes: 1024 * 1024,
+            max_body_bytes: 64 * 1024,
+            outbox_frames: 1024,
+            requests_per_sec: 50.0,
+            request_burst: 100.0,
+            max_errors_in_a_row: 50,
+        }
+    }
+}
+
+/// Why an edge could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("no worker endpoints configured")]
+    NoWorkers,
+    #[error("bad worker endpoint {0:?}: {1}")]
+    Endpoint(String, tonic::transport::Error),
+}
+
+/// The contents of [`AppState`].
+pub struct Inner {
+    pub verifier: Verifier,
+    pub groups: GroupsClient<Channel>,
+    pub sessions: SessionsClient<Channel>,
+    pub bus: Bus,
+    pub config: Config,
+}
+
+/// Shared state of one edge node.
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+impl std::ops::Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl AppState {
+    /// Builds the state; worker connections are made lazily and balanced
+    /// across every endpoint, so workers may start after the edge.
+    pub fn new(verifier: Verifier, bus: Bus, config: Config) -> Result<Self, StartError> {
+        if config.workers.is_empty() {
+            return Err(StartError::NoWorkers);
+        }
+        let endpoints = config
+            .workers
+            .iter()
+            .map(|url| {
+                Endpoint::from_shared(url.clone())
+                    .map(|e| {
+                        e.timeout(config.rpc_timeout)
+                            .connect_timeout(Duration::from_secs(2))
+                            .tcp_nodelay(true)
+                    })
+                    .map_err(|e| StartError::Endpoint(url.clone(), e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let channel = Channel::balance_list(endpoints.into_iter());
+        Ok(Self(Arc::new(Inner {
+            verifier,
+            groups: GroupsClient::new(channel.clone()),
+            sessions: SessionsClient::new(channel),
+            bus,
+            config,
+        })))
+    }
+}
+
+/// The edge's routes; shared by `serve` and tests.
+pub fn app(state: AppState) -> Router {
+    let body_limit = state.config.max_body_bytes;
+    Router::new()
+        .route("/groups", post(rest::create_group).get(rest::list_groups))
+        .route("/groups/{id}", get(rest::get_group))
+        .route("/groups/{id}/owner", post(rest::transfer_owner))
+        .route("/groups/{id}/members", post(rest::add_members))
+        .route(
+            "/groups/{id}/members/{user_id}",
+            delete(rest::remove_member),
+        )
+        .route("/healthz", get(rest::healthz))
+        .route("/readyz", get(rest::readyz))
+        .route("/ws", get(ws::upgrade))
+        .fallback(rest::not_found)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}
+
+/// Serves the edge on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}

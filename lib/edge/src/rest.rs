@@ -1,0 +1,190 @@
+//! The REST API of DESIGN.md: groups, membership, ownership, health.
+
+use axum::{
+    Json,
+    extract::{FromRequest, Path, Request, State},
+    http::StatusCode,
+    response::IntoResponse,
+};
+use chat_domain::Group;
+use chat_protocol::{AddMembersBody, CreateGroupBody, ErrorCode, GroupView, TransferOwnerBody};
+use chat_rpc::pb;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use crate::{ApiError, AppState, Caller};
+
+/// A JSON body whose every rejection (syntax, shape, size, content type) is a
+/// contract error instead of axum's plain-text one.
+pub(crate) struct Body<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        use axum::extract::rejection::JsonRejection;
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Body(v)),
+            Err(JsonRejection::BytesRejection(e))
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE =>
+            {
+                Err(
+                    ApiError::new(ErrorCode::TooLarge, "request body is too large")
+                        .with_status(StatusCode::PAYLOAD_TOO_LARGE),
+                )
+            }
+            Err(e) => Err(ApiError::invalid(e.body_text())),
+        }
+    }
+}
+
+fn view(group: pb::Group) -> Result<Json<GroupView>, ApiError> {
+    let group = Group::try_from(group).map_err(|e| {
+        tracing::error!(error = %e, "worker sent a bad group");
+        ApiError::new(ErrorCode::Internal, "internal error")
+    })?;
+    Ok(Json(GroupView::from(&group)))
+}
+
+pub(crate) async fn create_group(
+    State(app): State<AppState>,
+    Caller(me): Caller,
+    Body(body): Body<CreateGroupBody>,
+) -> Result<impl IntoResponse, ApiError> {
+    let group = app
+        .groups
+        .clone()
+        .create_group(pb::CreateGroupRequest {
+            caller: me.user_id.to_string(),
+            name: body.name,
+            description: body.description.unwrap_or_default(),
+            member_ids: body.members,
+        })
+        .await?
+        .into_inner();
+    Ok((StatusCode::CREATED, view(group)?))
+}
+
+pub(crate) async fn list_groups(
+    State(app): State<AppState>,
+    Caller(me): Caller,
+) -> Result<impl IntoResponse, ApiError> {
+    let groups = app
+        .groups
+        .clone()
+        .list_groups(pb::ListGroupsRequest {
+            caller: me.user_id.to_string(),
+        })
+        .await?
+        .into_inner()
+        .groups;
+    let views = groups
+        .into_iter()
+        .map(|g| view(g).map(|Json(v)| v))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Json(json!({ "groups": views })))
+}
+
+pub(crate) async fn get_group(
+    State(app): State<AppState>,
+    Caller(me): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<GroupView>, ApiError> {
+    let group = app
+        .groups
+        .clone()
+        .get_group(pb::GroupRequest {
+            caller: me.user_id.to_string(),
+            group_id: id,
+        })
+        .await?
+        .into_inner();
+    view(group)
+}
+
+pub(crate) async fn transfer_owner(
+    State(app): State<AppState>,
+    Caller(me): Caller,
+    Path(id): Path<String>,
+    Body(body): Body<TransferOwnerBody>,
+) -> Result<Json<GroupView>, ApiError> {
+    let group = app
+        .groups
+        .clone()
+        .transfer_owner(pb::TransferOwnerRequest {
+            caller: me.user_id.to_string(),
+            group_id: id,
+            new_owner_id: body.user_id,
+        })
+        .await?
+        .into_inner();
+    view(group)
+}
+
+pub(crate) async fn add_members(
+    State(app): State<AppState>,
+    Caller(me): Caller,
+    Path(id): Path<String>,
+    Body(body): Body<AddMembersBody>,
+) -> Result<Json<GroupView>, ApiError> {
+    let group = app
+        .groups
+        .clone()
+        .add_members(pb::AddMembersRequest {
+            caller: me.user_id.to_string(),
+            group_id: id,
+            user_ids: body.user_ids,
+        })
+        .await?
+        .into_inner();
+    view(group)
+}
+
+/// `DELETE /groups/{id}/members/{userId}`; `me` (or one's own id) leaves.
+pub(crate) async fn remove_member(
+    State(app): State<AppState>,
+    Caller(me): Caller,
+    Path((id, user_id)): Path<(String, String)>,
+) -> Result<Json<GroupView>, ApiError> {
+    let user_id = if user_id == "me" {
+        me.user_id.to_string()
+    } else {
+        user_id
+    };
+    let group = app
+        .groups
+        .clone()
+        .remove_member(pb::RemoveMemberRequest {
+            caller: me.user_id.to_string(),
+            group_id: id,
+            user_id,
+        })
+        .await?
+        .into_inner();
+    view(group)
+}
+
+pub(crate) async fn healthz() -> impl IntoResponse {
+    Json(json!({ "status": "ok" }))
+}
+
+/// Ready when NATS is connected and a worker answers (which checks MongoDB).
+pub(crate) async fn readyz(State(app): State<AppState>) -> impl IntoResponse {
+    let nats = app.bus.is_connected();
+    let workers = app
+        .sessions
+        .clone()
+        .ready(pb::ReadyRequest {})
+        .await
+        .is_ok();
+    let status = if nats && workers {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(json!({ "nats": nats, "workers": workers })))
+}
+
+pub(crate) async fn not_found() -> ApiError {
+    ApiError::new(ErrorCode::NotFound, "no such endpoint")
+}

@@ -1,0 +1,181 @@
+//! The client contract, version 1 (see DESIGN.md): WebSocket frames, event
+//! names, error codes and the JSON shapes shared by REST and WebSocket.
+//!
+//! Event names and field names here are public API: extend, never rename.
+
+use serde::{Deserialize, Serialize};
+
+mod view;
+
+pub use view::{GroupView, MemberView, format_millis};
+
+/// Event names, exactly as the seed and DESIGN.md spell them.
+pub mod event {
+    // client to server
+    pub const NOTIFY_CREATE_GROUP: &str = "notify_create_group";
+    pub const SUBSCRIBE_TO_GROUP: &str = "subscribe_to_group";
+    pub const SEND_GROUP_MESSAGE: &str = "send_group_message";
+    pub const ACKNOWLEDGE_GROUP_MESSAGE: &str = "acknowledge_group_message";
+    // server to client
+    pub const ACK: &str = "ack";
+    pub const ERROR: &str = "error";
+    pub const SESSION: &str = "a_session";
+    pub const GROUP_CREATED: &str = "a_group_created";
+    pub const GROUP_UPDATED: &str = "a_group_updated";
+    pub const GROUP_MESSAGE: &str = "a_group_message";
+}
+
+/// Stable, machine-readable error codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    Invalid,
+    TooLarge,
+    RateLimited,
+    Unavailable,
+    Internal,
+}
+
+impl ErrorCode {
+    /// The code as it appears on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unauthorized => "unauthorized",
+            Self::Forbidden => "forbidden",
+            Self::NotFound => "not_found",
+            Self::Invalid => "invalid",
+            Self::TooLarge => "too_large",
+            Self::RateLimited => "rate_limited",
+            Self::Unavailable => "unavailable",
+            Self::Internal => "internal",
+        }
+    }
+}
+
+/// The longest request id a client may choose, in bytes of its JSON form.
+pub const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// A frame from a client: `{"event": NAME, "id": REQUEST_ID?, "data": {...}}`.
+///
+/// `id` is echoed as sent (a string or a number), so it stays a JSON value.
+#[derive(Debug, Deserialize)]
+pub struct ClientFrame {
+    pub event: String,
+    #[serde(default)]
+    pub id: Option<serde_json::Value>,
+    #[serde(default)]
+    pub data: serde_json::Value,
+}
+
+/// A frame to a client.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ServerFrame<T> {
+    pub event: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub id: Option<serde_json::Value>,
+    pub data: T,
+}
+
+/// The `data` of an `error` frame and the body of a REST error.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// REST error responses: `{"error": {"code", "message"}}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RestError {
+    pub error: ErrorBody,
+}
+
+/// `data` of requests that name just a group.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GroupRef {
+    pub group_id: String,
+}
+
+/// `data` of `a_group_created` and `a_group_updated`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupEvent {
+    pub group: GroupView,
+}
+
+/// `data` of `a_session`, the first frame of every connection.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionInfo {
+    pub user_id: String,
+    pub device_id: String,
+}
+
+/// `POST /groups` body.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateGroupBody {
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub members: Vec<String>,
+}
+
+/// `POST /groups/{id}/owner` body.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TransferOwnerBody {
+    pub user_id: String,
+}
+
+/// `POST /groups/{id}/members` body.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AddMembersBody {
+    pub user_ids: Vec<String>,
+}
+
+/// Serialises a server push (no request id) to its JSON text.
+pub fn push_json<T: Serialize>(event: &str, data: &T) -> serde_json::Result<String> {
+    serde_json::to_string(&ServerFrame {
+        event: event.to_owned(),
+        id: None,
+        data,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_with_the_documented_shape() {
+        let f: ClientFrame =
+            serde_json::from_str(r#"{"event":"subscribe_to_group","id":7,"data":{"groupId":"g"}}"#)
+                .expect("parses");
+        assert_eq!(f.event, event::SUBSCRIBE_TO_GROUP);
+        assert_eq!(f.id, Some(serde_json::json!(7)));
+        let r: GroupRef = serde_json::from_value(f.data).expect("group ref");
+        assert_eq!(r.group_id, "g");
+
+        let err = ServerFrame {
+            event: event::ERROR.into(),
+            id: Some(serde_json::json!("a")),
+            data: ErrorBody {
+                code: ErrorCode::NotFound,
+                message: "no such group".into(),
+            },
+        };
+        assert_eq!(
+            serde_json::to_value(&err).expect("serialises"),
+            serde_json::json!({"event":"error","id":"a","data":{"code":"not_found","message":"no such group"}})
+        );
+        assert_eq!(
+            push_json(event::SESSION, &serde_json::json!({})).expect("serialises"),
+            r#"{"event":"a_session","data":{}}"#
+        );
+    }
+}

@@ -1,0 +1,68 @@
+//! JSON views of domain types, shared by REST bodies and WebSocket events.
+
+use chat_domain::{Group, Millis};
+use serde::{Deserialize, Serialize};
+use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+
+/// Formats milliseconds since the epoch as RFC 3339 UTC with milliseconds.
+pub fn format_millis(ms: Millis) -> String {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_default()
+}
+
+/// A member as clients see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberView {
+    pub user_id: String,
+    pub joined_at: String,
+}
+
+/// A group as clients see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GroupView {
+    pub id: String,
+    pub name: String,
+    pub description: String,
+    pub owner_id: String,
+    pub created_by: String,
+    pub members: Vec<MemberView>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl From<&Group> for GroupView {
+    fn from(g: &Group) -> Self {
+        Self {
+            id: g.id.to_string(),
+            name: g.name.clone(),
+            description: g.description.clone(),
+            owner_id: g.owner_id.to_string(),
+            created_by: g.created_by.to_string(),
+            members: g
+                .members
+                .iter()
+                .map(|m| MemberView {
+                    user_id: m.user_id.to_string(),
+                    joined_at: format_millis(m.joined_at),
+                })
+                .collect(),
+            created_at: format_millis(g.created_at),
+            updated_at: format_millis(g.updated_at),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn millis_format_as_rfc3339() {
+        assert_eq!(
+            super::format_millis(1_700_000_000_123),
+            "2023-11-14T22:13:20.123Z"
+        );
+    }
+}

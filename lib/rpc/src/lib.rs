@@ -1,0 +1,100 @@
+//! gRPC between edge and worker: the code generated from
+//! `proto/chat/v1/chat.proto`, and conversions to and from domain types.
+
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("chat.v1");
+}
+
+use chat_domain::{DomainError, Group, GroupId, Member, UserId};
+
+/// Why a gRPC value could not become a domain value: the peer sent something
+/// this build does not accept.
+#[derive(Debug, thiserror::Error)]
+#[error("bad {field} from peer: {source}")]
+pub struct ConvertError {
+    field: &'static str,
+    source: DomainError,
+}
+
+fn parse<T>(
+    field: &'static str,
+    f: impl FnOnce(String) -> Result<T, DomainError>,
+    v: String,
+) -> Result<T, ConvertError> {
+    f(v).map_err(|source| ConvertError { field, source })
+}
+
+impl From<&Group> for pb::Group {
+    fn from(g: &Group) -> Self {
+        Self {
+            id: g.id.to_string(),
+            name: g.name.clone(),
+            description: g.description.clone(),
+            owner_id: g.owner_id.to_string(),
+            created_by: g.created_by.to_string(),
+            members: g
+                .members
+                .iter()
+                .map(|m| pb::Member {
+                    user_id: m.user_id.to_string(),
+                    joined_at_ms: m.joined_at,
+                })
+                .collect(),
+            created_at_ms: g.created_at,
+            updated_at_ms: g.updated_at,
+        }
+    }
+}
+
+impl TryFrom<pb::Group> for Group {
+    type Error = ConvertError;
+
+    fn try_from(g: pb::Group) -> Result<Self, Self::Error> {
+        Ok(Self {
+            id: parse("group id", GroupId::parse, g.id)?,
+            name: g.name,
+            description: g.description,
+            owner_id: parse("owner id", UserId::parse, g.owner_id)?,
+            created_by: parse("creator id", UserId::parse, g.created_by)?,
+            members: g
+                .members
+                .into_iter()
+                .map(|m| {
+                    Ok(Member {
+                        user_id: parse("member id", UserId::parse, m.user_id)?,
+                        joined_at: m.joined_at_ms,
+                    })
+                })
+                .collect::<Result<_, ConvertError>>()?,
+            created_at: g.created_at_ms,
+            updated_at: g.updated_at_ms,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chat_domain::Limits;
+
+    use super::*;
+
+    #[test]
+    fn groups_round_trip() {
+        let g = Group::create(
+            GroupId::generate(),
+            UserId::parse("o").expect("id"),
+            "n",
+            "d",
+            vec![UserId::parse("m").expect("id")],
+            &Limits::default(),
+            5,
+        )
+        .expect("group");
+        let back = Group::try_from(pb::Group::from(&g)).expect("converts");
+        assert_eq!(back, g);
+        let mut bad = pb::Group::from(&g);
+        bad.owner_id = "a.b".into();
+        assert!(Group::try_from(bad).is_err());
+    }
+}

@@ -1,0 +1,279 @@
+//! Starts the real services the system runs on: `nats-server` with
+//! JetStream, SecantusDB (a MongoDB-wire server) and `s3s-fs` (an S3 server
+//! that checks signatures), each on a free port with its own temporary data
+//! folder, and stops them on drop.
+//!
+//! Used by the end-to-end tests and by `chat-dev`. The binaries come from
+//! `scripts/install-deps`, found through `CHAT_NATS_SERVER`, `CHAT_MONGOD` and
+//! `CHAT_S3S_FS`, or in the default cache folder that script installs to.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+use tempfile::TempDir;
+
+const NATS_VERSION: &str = "2.15.1";
+const SECANTUS_VERSION: &str = "0.7.0b3";
+const S3S_FS_VERSION: &str = "0.14.1";
+
+/// How long a service may take to become ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CHAT_STACK_CACHE") {
+        return dir.into();
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    base.join("chatd-stack")
+}
+
+fn binary(env: &str, default: PathBuf) -> anyhow::Result<PathBuf> {
+    let path = std::env::var_os(env).map(PathBuf::from).unwrap_or(default);
+    if !path.exists() {
+        bail!(
+            "{} not found (set {env}, or run scripts/install-deps first)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+fn venv() -> PathBuf {
+    cache_dir().join(format!("py-nats{NATS_VERSION}-secantus{SECANTUS_VERSION}"))
+}
+
+/// One child process with its data folder; killed and removed on drop.
+#[derive(Debug)]
+struct Service {
+    name: &'static str,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Service {
+    fn spawn(name: &'static str, mut cmd: Command, dir: &Path) -> anyhow::Result<Self> {
+        let log = dir.join(format!("{name}.log"));
+        let out = std::fs::File::create(&log)?;
+        let err = out.try_clone()?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        Ok(Self {
+            name,
+            child: Some(child),
+            log,
+        })
+    }
+
+    /// Waits until the log has a line for which `find` returns a value.
+    async fn wait_for<T>(&mut self, find: impl Fn(&str) -> Option<T>) -> anyhow::Result<T> {
+        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+        loop {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if let Some(v) = text.lines().find_map(&find) {
+                return Ok(v);
+            }
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    bail!("{} exited with {status}; its log:\n{text}", self.name);
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "{} not ready after {READY_TIMEOUT:?}; its log:\n{text}",
+                    self.name
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A `nats-server` with JetStream.
+#[derive(Debug)]
+pub struct Nats {
+    service: Service,
+    pub url: String,
+    pub monitor_url: String,
+    _dir: TempDir,
+}
+
+impl Nats {
+    pub async fn start() -> anyhow::Result<Self> {
+        let bin = binary("CHAT_NATS_SERVER", venv().join("bin/nats-server"))?;
+        let dir = tempfile::Builder::new().prefix("chat-nats-").tempdir()?;
+        let store = dir.path().join("js");
+        let ports = dir.path().join("ports");
+        std::fs::create_dir_all(&ports)?;
+        let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../nats/nats-server.conf");
+        let mut cmd = Command::new(bin);
+        cmd.arg("-c").arg(&config);
+        cmd.args(["-a", "127.0.0.1", "-p", "-1", "-m", "-1", "-js", "-sd"])
+            .arg(&store)
+            .arg("--ports_file_dir")
+            .arg(&ports);
+        let mut service = Service::spawn("nats-server", cmd, dir.path())?;
+        service
+            .wait_for(|l| l.contains("Server is ready").then_some(()))
+            .await?;
+        // the ports file appears just before the ready line
+        let ports_json = std::fs::read_dir(&ports)?
+            .filter_map(Result::ok)
+            .find_map(|e| std::fs::read_to_string(e.path()).ok())
+            .context("nats-server wrote no ports file")?;
+        let v: serde_json::Value = serde_json::from_str(&ports_json)?;
+        let url = v["nats"][0].as_str().context("no nats port")?.to_owned();
+        let monitor_url = v["monitoring"][0]
+            .as_str()
+            .context("no monitor port")?
+            .to_owned();
+        Ok(Self {
+            service,
+            url,
+            monitor_url,
+            _dir: dir,
+        })
+    }
+
+    /// Kills the server at once (SIGKILL).
+    pub fn kill(&mut self) {
+        self.service.kill();
+    }
+}
+
+/// SecantusDB, a MongoDB-wire server.
+#[derive(Debug)]
+pub struct Mongo {
+    service: Service,
+    pub uri: String,
+    _dir: TempDir,
+}
+
+impl Mongo {
+    pub async fn start() -> anyhow::Result<Self> {
+        let bin = binary("CHAT_MONGOD", venv().join("bin/secantusd-py"))?;
+        let dir = tempfile::Builder::new().prefix("chat-mongo-").tempdir()?;
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(&data)?;
+        let mut cmd = Command::new(bin);
+        cmd.args(["--host", "127.0.0.1", "--port", "0", "--storage-path"])
+            .arg(&data)
+            .current_dir(dir.path());
+        let mut service = Service::spawn("secantusd", cmd, dir.path())?;
+        let addr = service
+            .wait_for(|l| {
+                let rest = l.split("listening on ").nth(1)?;
+                Some(rest.split_whitespace().next()?.to_owned())
+            })
+            .await?;
+        Ok(Self {
+            service,
+            uri: format!("mongodb://{addr}/?directConnection=true"),
+            _dir: dir,
+        })
+    }
+
+    /// Kills the server at once (SIGKILL).
+    pub fn kill(&mut self) {
+        self.service.kill();
+    }
+}
+
+/// `s3s-fs`, an S3 server that checks SigV4 signatures.
+#[derive(Debug)]
+pub struct S3 {
+    service: Service,
+    pub endpoint: String,
+    pub access_key: String,
+    pub secret_key: String,
+    pub bucket: String,
+    _dir: TempDir,
+}
+
+impl S3 {
+    pub async fn start() -> anyhow::Result<Self> {
+        let bin = binary(
+            "CHAT_S3S_FS",
+            cache_dir().join(format!("s3s-fs-{S3S_FS_VERSION}/bin/s3s-fs")),
+        )?;
+        let dir = tempfile::Builder::new().prefix("chat-s3-").tempdir()?;
+        let root = dir.path().join("root");
+        let bucket = "chat-media".to_owned();
+        // a bucket is a top-level folder of the root
+        std::fs::create_dir_all(root.join(&bucket))?;
+        let access_key = "chat-local".to_owned();
+        let secret_key = format!("secret-{}", std::process::id());
+        let mut cmd = Command::new(bin);
+        cmd.env("RUST_LOG", "info")
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--access-key",
+                &access_key,
+                "--secret-key",
+                &secret_key,
+            ])
+            .arg(&root);
+        let mut service = Service::spawn("s3s-fs", cmd, dir.path())?;
+        let endpoint = service
+            .wait_for(|l| {
+                let rest = l.split("server is running at ").nth(1)?;
+                Some(rest.trim().to_owned())
+            })
+            .await?;
+        Ok(Self {
+            service,
+            endpoint,
+            access_key,
+            secret_key,
+            bucket,
+            _dir: dir,
+        })
+    }
+
+    /// Kills the server at once (SIGKILL).
+    pub fn kill(&mut self) {
+        self.service.kill();
+    }
+}
+
+/// All three services.
+#[derive(Debug)]
+pub struct Stack {
+    pub nats: Nats,
+    pub mongo: Mongo,
+    pub s3: S3,
+}
+
+impl Stack {
+    /// Starts all three at once.
+    pub async fn start() -> anyhow::Result<Self> {
+        let (nats, mongo, s3) = tokio::try_join!(Nats::start(), Mongo::start(), S3::start())?;
+        Ok(Self { nats, mongo, s3 })
+    }
+}

@@ -1,0 +1,250 @@
+//! The `groups` collection: one document per group, members embedded.
+
+use chat_domain::{Group, GroupId, Member, UserId};
+use futures::TryStreamExt;
+use mongodb::{
+    Collection, IndexModel,
+    bson::{DateTime, doc},
+    options::IndexOptions,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{StoreError, to_bson_time};
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct MemberDoc {
+    user_id: String,
+    joined_at: DateTime,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct GroupDoc {
+    #[serde(rename = "_id")]
+    id: String,
+    name: String,
+    description: String,
+    owner_id: String,
+    created_by: String,
+    members: Vec<MemberDoc>,
+    /// Members who sent `subscribe_to_group`.
+    #[serde(default)]
+    subscribers: Vec<String>,
+    created_at: DateTime,
+    updated_at: DateTime,
+    /// Bumped by every change: updates are compare-and-set on it, so two
+    /// concurrent changes never overwrite each other.
+    rev: i64,
+    /// Set once `a_group_created` has been published to every member.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    created_notified_at: Option<DateTime>,
+}
+
+/// A group with the storage state that goes with it.
+#[derive(Debug, Clone)]
+pub struct GroupRecord {
+    pub group: Group,
+    pub rev: i64,
+    pub subscribers: Vec<UserId>,
+    pub created_notified: bool,
+}
+
+fn corrupt(id: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt {
+        id: id.to_owned(),
+        message: e.to_string(),
+    }
+}
+
+impl GroupDoc {
+    fn from_group(g: &Group, rev: i64, subscribers: &[UserId]) -> Self {
+        Self {
+            id: g.id.to_string(),
+            name: g.name.clone(),
+            description: g.description.clone(),
+            owner_id: g.owner_id.to_string(),
+            created_by: g.created_by.to_string(),
+            members: g
+                .members
+                .iter()
+                .map(|m| MemberDoc {
+                    user_id: m.user_id.to_string(),
+                    joined_at: to_bson_time(m.joined_at),
+                })
+                .collect(),
+            subscribers: subscribers.iter().map(ToString::to_string).collect(),
+            created_at: to_bson_time(g.created_at),
+            updated_at: to_bson_time(g.updated_at),
+            rev,
+            created_notified_at: None,
+        }
+    }
+
+    fn into_record(self) -> Result<GroupRecord, StoreError> {
+        let id = self.id.clone();
+        let user = |s: String| UserId::parse(s).map_err(|e| corrupt(&id, e));
+        let group = Group {
+            id: GroupId::parse(self.id.clone()).map_err(|e| corrupt(&id, e))?,
+            name: self.name,
+            description: self.description,
+            owner_id: user(self.owner_id)?,
+            created_by: user(self.created_by)?,
+            members: self
+                .members
+                .into_iter()
+                .map(|m| {
+                    Ok(Member {
+                        user_id: user(m.user_id)?,
+                        joined_at: m.joined_at.timestamp_millis(),
+                    })
+                })
+                .collect::<Result<_, StoreError>>()?,
+            created_at: self.created_at.timestamp_millis(),
+            updated_at: self.updated_at.timestamp_millis(),
+        };
+        Ok(GroupRecord {
+            group,
+            rev: self.rev,
+            subscribers: self
+                .subscribers
+                .into_iter()
+                .map(user)
+                .collect::<Result<_, _>>()?,
+            created_notified: self.created_notified_at.is_some(),
+        })
+    }
+}
+
+/// Groups in MongoDB.
+#[derive(Debug, Clone)]
+pub struct GroupRepo {
+    coll: Collection<GroupDoc>,
+}
+
+impl GroupRepo {
+    pub(crate) fn new(db: &mongodb::Database) -> Self {
+        Self {
+            coll: db.collection("groups"),
+        }
+    }
+
+    pub(crate) async fn ensure_indexes(&self) -> Result<(), StoreError> {
+        let by_member = IndexModel::builder()
+            .keys(doc! { "members.userId": 1, "updatedAt": -1 })
+            .options(IndexOptions::builder().name("by_member".to_owned()).build())
+            .build();
+        let by_subscriber = IndexModel::builder()
+            .keys(doc! { "subscribers": 1 })
+            .options(
+                IndexOptions::builder()
+                    .name("by_subscriber".to_owned())
+                    .build(),
+            )
+            .build();
+        self.coll.create_indexes([by_member, by_subscriber]).await?;
+        Ok(())
+    }
+
+    /// Stores a new group.
+    pub async fn insert(&self, group: &Group) -> Result<(), StoreError> {
+        self.coll
+            .insert_one(GroupDoc::from_group(group, 1, &[]))
+            .await?;
+        Ok(())
+    }
+
+    /// The group `id`, if it exists.
+    pub async fn get(&self, id: &GroupId) -> Result<Option<GroupRecord>, StoreError> {
+        self.coll
+            .find_one(doc! { "_id": id.as_str() })
+            .await?
+            .map(GroupDoc::into_record)
+            .transpose()
+    }
+
+    /// The groups `user` is a member of, most recently updated first.
+    pub async fn list_for_member(
+        &self,
+        user: &UserId,
+        limit: i64,
+    ) -> Result<Vec<Group>, StoreError> {
+        let docs: Vec<GroupDoc> = self
+            .coll
+            .find(doc! { "members.userId": user.as_str() })
+            .sort(doc! { "updatedAt": -1 })
+            .limit(limit)
+            .await?
+            .try_collect()
+            .await?;
+        docs.into_iter()
+            .map(|d| d.into_record().map(|r| r.group))
+            .collect()
+    }
+
+    /// Replaces the group if it is still at `rev`; returns whether it was.
+    /// Subscribers who are no longer members are dropped.
+    pub async fn replace_if_rev(&self, record: &GroupRecord) -> Result<bool, StoreError> {
+        let subscribers: Vec<UserId> = record
+            .subscribers
+            .iter()
+            .filter(|s| record.group.is_member(s))
+            .cloned()
+            .collect();
+        let mut doc = GroupDoc::from_group(&record.group, record.rev + 1, &subscribers);
+        if record.created_notified {
+            doc.created_notified_at = Some(DateTime::now());
+        }
+        let res = self
+            .coll
+            .replace_one(
+                doc! { "_id": record.group.id.as_str(), "rev": record.rev },
+                doc,
+            )
+            .await?;
+        Ok(res.matched_count == 1)
+    }
+
+    /// Records that `user` subscribed to `group`, if `user` is a member.
+    /// Returns whether the user is a member.
+    pub async fn add_subscriber(&self, group: &GroupId, user: &UserId) -> Result<bool, StoreError> {
+        let res = self
+            .coll
+            .update_one(
+                doc! { "_id": group.as_str(), "members.userId": user.as_str() },
+                doc! { "$addToSet": { "subscribers": user.as_str() } },
+            )
+            .await?;
+        Ok(res.matched_count == 1)
+    }
+
+    /// The groups `user` subscribed to (and is still a member of).
+    pub async fn subscribed_groups(&self, user: &UserId) -> Result<Vec<GroupId>, StoreError> {
+        let ids = self
+            .coll
+            .distinct(
+                "_id",
+                doc! { "subscribers": user.as_str(), "members.userId": user.as_str() },
+            )
+            .await?;
+        ids.into_iter()
+            .map(|b| {
+                let s = b.as_str().unwrap_or_default().to_owned();
+                GroupId::parse(s.clone()).map_err(|e| corrupt(&s, e))
+            })
+            .collect()
+    }
+
+    /// Marks the creation notification as sent; returns whether this call
+    /// was the one that marked it.
+    pub async fn mark_created_notified(&self, group: &GroupId) -> Result<bool, StoreError> {
+        let res = self
+            .coll
+            .update_one(
+                doc! { "_id": group.as_str(), "createdNotifiedAt": { "$exists": false } },
+                doc! { "$set": { "createdNotifiedAt": DateTime::now() } },
+            )
+            .await?;
+        Ok(res.modified_count == 1)
+    }
+}

@@ -1,0 +1,85 @@
+//! MongoDB: the system of record for groups and user profiles.
+//!
+//! Documents are plain serde structs private to this crate; the public API
+//! speaks domain types only. Indexes are created at start-up, idempotently.
+
+use std::time::Duration;
+
+use mongodb::{Client, Database, options::ClientOptions};
+
+mod groups;
+mod users;
+
+pub use groups::{GroupRecord, GroupRepo};
+pub use users::UserRepo;
+
+/// A store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database did not answer: retry later.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// The database answered with an error.
+    #[error("database error: {0}")]
+    Database(String),
+    /// A stored document does not decode to a valid domain value.
+    #[error("corrupt document {id}: {message}")]
+    Corrupt { id: String, message: String },
+}
+
+impl From<mongodb::error::Error> for StoreError {
+    fn from(e: mongodb::error::Error) -> Self {
+        use mongodb::error::ErrorKind;
+        match *e.kind {
+            ErrorKind::ServerSelection { .. }
+            | ErrorKind::Io(_)
+            | ErrorKind::ConnectionPoolCleared { .. }
+            | ErrorKind::DnsResolve { .. } => Self::Unavailable(e.to_string()),
+            _ => Self::Database(e.to_string()),
+        }
+    }
+}
+
+/// The repositories over one database.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pub groups: GroupRepo,
+    pub users: UserRepo,
+    db: Database,
+}
+
+impl Store {
+    /// Connects to `uri` and uses database `db_name`. Operations fail after
+    /// five seconds without a reachable server instead of hanging.
+    pub async fn connect(uri: &str, db_name: &str) -> Result<Self, StoreError> {
+        let mut options = ClientOptions::parse(uri).await?;
+        options.app_name = Some("chatd".into());
+        options.server_selection_timeout = Some(Duration::from_secs(5));
+        options.connect_timeout = Some(Duration::from_secs(5));
+        let client = Client::with_options(options)?;
+        let db = client.database(db_name);
+        Ok(Self {
+            groups: GroupRepo::new(&db),
+            users: UserRepo::new(&db),
+            db,
+        })
+    }
+
+    /// Creates the indexes every query relies on. Idempotent.
+    pub async fn ensure_indexes(&self) -> Result<(), StoreError> {
+        self.groups.ensure_indexes().await?;
+        Ok(())
+    }
+
+    /// Whether the database answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.db
+            .run_command(mongodb::bson::doc! { "ping": 1 })
+            .await?;
+        Ok(())
+    }
+}
+
+pub(crate) fn to_bson_time(ms: chat_domain::Millis) -> mongodb::bson::DateTime {
+    mongodb::bson::DateTime::from_millis(ms)
+}
