@@ -1,1 +1,359 @@
+//! The end-to-end test harness: a [`Cluster`] of real services (NATS with
+//! JetStream, SecantusDB, s3s-fs) plus in-process `chatd` edge and worker
+//! nodes started through the same flags an operator uses, and a WebSocket
+//! [`Client`] that speaks the client contract.
+//!
+//! Nothing here sleeps to synchronise: every wait is for a condition, with a
+//! deadline.
 
+use std::{collections::VecDeque, net::SocketAddr, time::Duration};
+
+use anyhow::{Context, bail};
+use chat_domain::UserId;
+use clap::Parser;
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, tungstenite::Message};
+
+pub use chat_stack::Stack;
+
+/// The HS256 secret every test node uses.
+pub const SECRET: &str = "end-to-end-test-secret-0123456789abcdef";
+
+/// How long a test waits for something that should happen promptly.
+pub const PROMPTLY: Duration = Duration::from_secs(10);
+
+/// Real services plus chatd nodes.
+pub struct Cluster {
+    pub stack: Stack,
+    workers: Vec<(chatd::Node, SocketAddr)>,
+    edges: Vec<Option<chatd::Node>>,
+    edge_addrs: Vec<SocketAddr>,
+    extra_flags: Vec<String>,
+}
+
+impl Cluster {
+    /// Starts the services, `workers` workers and `edges` edges.
+    pub async fn start(edges: usize, workers: usize) -> anyhow::Result<Self> {
+        Self::start_with(edges, workers, &[]).await
+    }
+
+    /// As [`Cluster::start`], with extra `chatd` flags for every node.
+    pub async fn start_with(edges: usize, workers: usize, flags: &[&str]) -> anyhow::Result<Self> {
+        let stack = Stack::start().await?;
+        let mut cluster = Self {
+            stack,
+            workers: Vec::new(),
+            edges: Vec::new(),
+            edge_addrs: Vec::new(),
+            extra_flags: flags.iter().map(|s| s.to_string()).collect(),
+        };
+        for _ in 0..workers {
+            let node = cluster
+                .start_node("worker", "127.0.0.1:0", "127.0.0.1:0")
+                .await?;
+            let addr = node.grpc_addr.context("worker has no grpc address")?;
+            cluster.workers.push((node, addr));
+        }
+        for _ in 0..edges {
+            let node = cluster
+                .start_node("edge", "127.0.0.1:0", "127.0.0.1:0")
+                .await?;
+            cluster
+                .edge_addrs
+                .push(node.http_addr.context("edge has no http address")?);
+            cluster.edges.push(Some(node));
+        }
+        Ok(cluster)
+    }
+
+    async fn start_node(
+        &self,
+        role: &str,
+        listen: &str,
+        grpc: &str,
+    ) -> anyhow::Result<chatd::Node> {
+        let workers: Vec<String> = self
+            .workers
+            .iter()
+            .map(|(_, a)| format!("http://{a}"))
+            .collect();
+        let mut argv: Vec<String> = [
+            "chatd",
+            "--role",
+            role,
+            "--listen",
+            listen,
+            "--grpc-listen",
+            grpc,
+            "--nats-url",
+            &self.stack.nats.url,
+            "--mongodb-uri",
+            &self.stack.mongo.uri,
+            "--jwt-secret",
+            SECRET,
+            "--shutdown-grace-secs",
+            "5",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if !workers.is_empty() {
+            argv.push("--workers".into());
+            argv.push(workers.join(","));
+        }
+        argv.extend(self.extra_flags.iter().cloned());
+        let cli = chatd::Cli::try_parse_from(argv)?;
+        chatd::Node::start(cli.serve).await
+    }
+
+    /// `http://host:port` of edge `i`.
+    pub fn edge_url(&self, i: usize) -> String {
+        format!("http://{}", self.edge_addrs[i])
+    }
+
+    /// Stops edge `i` and starts it again on the same address.
+    pub async fn restart_edge(&mut self, i: usize) -> anyhow::Result<()> {
+        if let Some(node) = self.edges[i].take() {
+            node.stop().await?;
+        }
+        let addr = self.edge_addrs[i].to_string();
+        let node = self.start_node("edge", &addr, "127.0.0.1:0").await?;
+        self.edges[i] = Some(node);
+        Ok(())
+    }
+
+    /// Stops worker `i` and starts it again on the same address.
+    pub async fn restart_worker(&mut self, i: usize) -> anyhow::Result<()> {
+        let (node, addr) = self.workers.remove(i);
+        node.stop().await?;
+        let node = self
+            .start_node("worker", "127.0.0.1:0", &addr.to_string())
+            .await?;
+        self.workers.insert(i, (node, addr));
+        Ok(())
+    }
+
+    /// An HTTP client for REST calls.
+    pub fn http(&self) -> reqwest::Client {
+        reqwest::Client::new()
+    }
+
+    /// Connects `user` on `device` to edge `edge`.
+    pub async fn connect(&self, edge: usize, user: &str, device: &str) -> anyhow::Result<Client> {
+        Client::connect(&self.edge_addrs[edge], &token(user), device).await
+    }
+
+    /// Creates a group over REST on edge 0 as `owner`; returns its JSON.
+    pub async fn create_group(&self, owner: &str, members: &[&str]) -> anyhow::Result<Value> {
+        let res = self
+            .http()
+            .post(format!("{}/groups", self.edge_url(0)))
+            .bearer_auth(token(owner))
+            .json(&json!({ "name": "team", "members": members }))
+            .send()
+            .await?;
+        if res.status() != 201 {
+            bail!("create group: {} {}", res.status(), res.text().await?);
+        }
+        Ok(res.json().await?)
+    }
+
+    /// A MongoDB handle on the database the nodes use.
+    pub async fn mongo(&self) -> anyhow::Result<mongodb::Database> {
+        Ok(mongodb::Client::with_uri_str(&self.stack.mongo.uri)
+            .await?
+            .database("chat"))
+    }
+
+    /// A bus handle on the cluster's NATS.
+    pub async fn bus(&self) -> anyhow::Result<chat_bus::Bus> {
+        Ok(chat_bus::Bus::connect(
+            &self.stack.nats.url,
+            "test",
+            chat_bus::Definitions::load(1)?,
+        )
+        .await?)
+    }
+
+    /// Stops every node, then the services.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        for node in self.edges.drain(..).flatten() {
+            node.stop().await?;
+        }
+        for (node, _) in self.workers.drain(..) {
+            node.stop().await?;
+        }
+        Ok(())
+    }
+}
+
+/// A valid token for `user`.
+pub fn token(user: &str) -> String {
+    let user = UserId::parse(user).unwrap_or_else(|e| panic!("bad test user {user:?}: {e}"));
+    chat_auth::mint_hs256(SECRET.as_bytes(), &user, None, 3600)
+        .unwrap_or_else(|e| panic!("mint: {e}"))
+}
+
+/// A WebSocket client speaking the client contract.
+pub struct Client {
+    ws: WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>,
+    /// Pushes received while waiting for something else.
+    pushes: VecDeque<Value>,
+    next_id: u64,
+}
+
+impl Client {
+    /// Connects with `token` as `device`, and waits for `a_session`.
+    pub async fn connect(addr: &SocketAddr, token: &str, device: &str) -> anyhow::Result<Self> {
+        let url = format!("ws://{addr}/ws?token={token}&device={device}");
+        let (ws, _) = tokio_tungstenite::connect_async(url).await?;
+        let mut client = Self {
+            ws,
+            pushes: VecDeque::new(),
+            next_id: 0,
+        };
+        let hello = client.next_push("a_session").await?;
+        if hello["data"]["deviceId"] != device {
+            bail!("a_session names the wrong device: {hello}");
+        }
+        Ok(client)
+    }
+
+    /// Sends a raw WebSocket message.
+    pub async fn send_raw(&mut self, msg: Message) -> anyhow::Result<()> {
+        self.ws.send(msg).await?;
+        Ok(())
+    }
+
+    /// Receives the next frame as JSON, or `None` when the server closed.
+    pub async fn recv(&mut self, within: Duration) -> anyhow::Result<Option<Value>> {
+        loop {
+            let msg = tokio::time::timeout(within, self.ws.next())
+                .await
+                .context("no frame in time")?;
+            match msg {
+                None | Some(Ok(Message::Close(_))) => return Ok(None),
+                Some(Ok(Message::Text(t))) => return Ok(Some(serde_json::from_str(&t)?)),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Receives until the server closes; returns the close frame's code.
+    pub async fn closed_with(&mut self) -> anyhow::Result<Option<u16>> {
+        loop {
+            let msg = tokio::time::timeout(PROMPTLY, self.ws.next())
+                .await
+                .context("not closed in time")?;
+            match msg {
+                Some(Ok(Message::Close(frame))) => return Ok(frame.map(|f| f.code.into())),
+                None => return Ok(None),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => bail!("connection failed instead of closing: {e}"),
+            }
+        }
+    }
+
+    /// Sends a request with a fresh id; returns the id.
+    pub async fn send(&mut self, event: &str, data: Value) -> anyhow::Result<Value> {
+        self.next_id += 1;
+        let id = json!(format!("r{}", self.next_id));
+        let frame = json!({ "event": event, "id": id, "data": data });
+        self.ws
+            .send(Message::Text(frame.to_string().into()))
+            .await?;
+        Ok(id)
+    }
+
+    /// Waits for the `ack` or `error` answering `id`, keeping pushes aside.
+    pub async fn reply_to(&mut self, id: &Value) -> anyhow::Result<Value> {
+        let deadline = tokio::time::Instant::now() + PROMPTLY;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let frame = self
+                .recv(left)
+                .await?
+                .context("closed while waiting for a reply")?;
+            if &frame["id"] == id {
+                return Ok(frame);
+            }
+            if frame["event"].as_str().is_some_and(|e| e.starts_with("a_")) {
+                self.pushes.push_back(frame);
+            } else {
+                bail!("unexpected frame while waiting for {id}: {frame}");
+            }
+        }
+    }
+
+    /// Sends a request and returns the `ack`'s data; an `error` is an `Err`.
+    pub async fn request(&mut self, event: &str, data: Value) -> anyhow::Result<Value> {
+        let id = self.send(event, data).await?;
+        let reply = self.reply_to(&id).await?;
+        match reply["event"].as_str() {
+            Some("ack") => Ok(reply["data"].clone()),
+            _ => bail!("{event} failed: {reply}"),
+        }
+    }
+
+    /// Sends a request that must fail; returns the error code.
+    pub async fn request_error(&mut self, event: &str, data: Value) -> anyhow::Result<String> {
+        let id = self.send(event, data).await?;
+        let reply = self.reply_to(&id).await?;
+        if reply["event"] != "error" {
+            bail!("{event} should have failed: {reply}");
+        }
+        Ok(reply["data"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned())
+    }
+
+    /// The next push, whatever its name.
+    pub async fn next_any_push(&mut self) -> anyhow::Result<Value> {
+        if let Some(p) = self.pushes.pop_front() {
+            return Ok(p);
+        }
+        let frame = self
+            .recv(PROMPTLY)
+            .await?
+            .context("closed while waiting for a push")?;
+        Ok(frame)
+    }
+
+    /// The next push, which must be `event`.
+    pub async fn next_push(&mut self, event: &str) -> anyhow::Result<Value> {
+        let push = self.next_any_push().await?;
+        if push["event"] != event {
+            bail!("expected {event}, got {push}");
+        }
+        Ok(push)
+    }
+
+    /// Closes the connection.
+    pub async fn close(mut self) -> anyhow::Result<()> {
+        self.ws.close(None).await?;
+        // wait for the server's close so its acks are done
+        while let Ok(Some(Ok(_))) = tokio::time::timeout(PROMPTLY, self.ws.next()).await {}
+        Ok(())
+    }
+}
+
+/// Polls `check` until it returns `Some`, or fails after `within`.
+pub async fn eventually<T, F, Fut>(within: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(v) = check().await? {
+            return Ok(v);
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("condition not met within {within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}

@@ -1,0 +1,336 @@
+//! REST: group creation and management, auth, limits.
+
+use chat_tests::{Cluster, SECRET, token};
+use mongodb::bson::doc;
+use serde_json::{Value, json};
+
+async fn post(
+    c: &Cluster,
+    path: &str,
+    user: Option<&str>,
+    body: Value,
+) -> anyhow::Result<(u16, Value)> {
+    let mut req = c
+        .http()
+        .post(format!("{}{path}", c.edge_url(0)))
+        .json(&body);
+    if let Some(u) = user {
+        req = req.bearer_auth(token(u));
+    }
+    let res = req.send().await?;
+    Ok((
+        res.status().as_u16(),
+        res.json().await.unwrap_or(Value::Null),
+    ))
+}
+
+async fn delete(c: &Cluster, path: &str, user: &str) -> anyhow::Result<(u16, Value)> {
+    let res = c
+        .http()
+        .delete(format!("{}{path}", c.edge_url(0)))
+        .bearer_auth(token(user))
+        .send()
+        .await?;
+    Ok((
+        res.status().as_u16(),
+        res.json().await.unwrap_or(Value::Null),
+    ))
+}
+
+async fn get(c: &Cluster, path: &str, user: &str) -> anyhow::Result<(u16, Value)> {
+    let res = c
+        .http()
+        .get(format!("{}{path}", c.edge_url(0)))
+        .bearer_auth(token(user))
+        .send()
+        .await?;
+    Ok((
+        res.status().as_u16(),
+        res.json().await.unwrap_or(Value::Null),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_group_stores_every_field() -> anyhow::Result<()> {
+    let c = Cluster::start(1, 1).await?;
+    let (status, g) = post(
+        &c,
+        "/groups",
+        Some("alice"),
+        json!({"name": "Team", "description": "our room", "members": ["bob", "carol", "bob"]}),
+    )
+    .await?;
+    assert_eq!(status, 201, "{g}");
+    assert_eq!(g["name"], "Team");
+    assert_eq!(g["ownerId"], "alice");
+    assert_eq!(g["createdBy"], "alice");
+    let members: Vec<&str> = g["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .map(|m| m["userId"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        members,
+        ["alice", "bob", "carol"],
+        "creator first, duplicates folded"
+    );
+    assert!(
+        g["members"][1]["joinedAt"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z'))
+    );
+    assert_eq!(g["createdAt"], g["updatedAt"]);
+
+    let id = g["id"].as_str().expect("id");
+    let stored = c
+        .mongo()
+        .await?
+        .collection::<mongodb::bson::Document>("groups")
+        .find_one(doc! { "_id": id })
+        .await?
+        .expect("group document stored");
+    assert_eq!(stored.get_str("name")?, "Team");
+    assert_eq!(stored.get_str("description")?, "our room");
+    assert_eq!(stored.get_str("ownerId")?, "alice");
+    assert_eq!(stored.get_str("createdBy")?, "alice");
+    let stored_members = stored.get_array("members")?;
+    assert_eq!(stored_members.len(), 3);
+    for m in stored_members {
+        let m = m.as_document().expect("member document");
+        assert!(m.get_str("userId").is_ok());
+        assert!(m.get_datetime("joinedAt").is_ok());
+    }
+    assert!(stored.get_datetime("createdAt").is_ok());
+    assert!(stored.get_datetime("updatedAt").is_ok());
+
+    // the creator sees it; a stranger cannot
+    let (status, list) = get(&c, "/groups", "bob").await?;
+    assert_eq!(status, 200);
+    assert_eq!(list["groups"][0]["id"], id);
+    assert_eq!(get(&c, &format!("/groups/{id}"), "carol").await?.0, 200);
+    let (status, err) = get(&c, &format!("/groups/{id}"), "mallory").await?;
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (403, Some("forbidden"))
+    );
+    let (status, err) = get(&c, "/groups/0123456789abcdef0123456789abcdef", "bob").await?;
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (404, Some("not_found"))
+    );
+    c.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_bodies_and_limits_are_refused_with_clear_errors() -> anyhow::Result<()> {
+    let c = Cluster::start_with(
+        1,
+        1,
+        &["--max-group-members", "3", "--max-group-name", "10"],
+    )
+    .await?;
+    let cases = [
+        (json!({"members": []}), 400, "invalid"),
+        (json!({"name": "", "members": []}), 400, "invalid"),
+        (json!({"name": "x", "members": "bob"}), 400, "invalid"),
+        (json!({"name": "x", "members": ["b.x"]}), 400, "invalid"),
+        (
+            json!({"name": "x", "members": [], "extra": 1}),
+            400,
+            "invalid",
+        ),
+        (
+            json!({"name": "x".repeat(11), "members": []}),
+            400,
+            "too_large",
+        ),
+        (
+            json!({"name": "x", "members": ["a", "b", "c"]}),
+            400,
+            "too_large",
+        ),
+    ];
+    for (body, status, code) in cases {
+        let (got, err) = post(&c, "/groups", Some("alice"), body.clone()).await?;
+        assert_eq!(
+            (got, err["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{body}: {err}"
+        );
+        assert!(!err["error"]["message"].as_str().unwrap_or("").is_empty());
+    }
+    // exactly at the limits is fine
+    let (got, _) = post(
+        &c,
+        "/groups",
+        Some("alice"),
+        json!({"name": "x".repeat(10), "members": ["a", "b"]}),
+    )
+    .await?;
+    assert_eq!(got, 201);
+
+    // malformed JSON and an oversized body
+    let res = c
+        .http()
+        .post(format!("{}/groups", c.edge_url(0)))
+        .bearer_auth(token("alice"))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await?;
+    assert_eq!(res.status(), 400);
+    let res = c
+        .http()
+        .post(format!("{}/groups", c.edge_url(0)))
+        .bearer_auth(token("alice"))
+        .header("content-type", "application/json")
+        .body(format!(r#"{{"name":"{}"}}"#, "x".repeat(70 * 1024)))
+        .send()
+        .await?;
+    assert_eq!(res.status(), 413);
+    let err: Value = res.json().await?;
+    assert_eq!(err["error"]["code"], "too_large");
+    c.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_and_bad_tokens_get_401() -> anyhow::Result<()> {
+    let c = Cluster::start(1, 1).await?;
+    let body = json!({"name": "x", "members": []});
+    let url = format!("{}/groups", c.edge_url(0));
+    let expired = chat_auth::mint_hs256(
+        SECRET.as_bytes(),
+        &chat_domain::UserId::parse("alice")?,
+        None,
+        -3600,
+    )?;
+    let wrong_key = chat_auth::mint_hs256(
+        b"some-other-secret-some-other-secret",
+        &chat_domain::UserId::parse("alice")?,
+        None,
+        3600,
+    )?;
+    // {"alg":"none"} with a valid-looking body and no signature
+    let none = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJhbGljZSIsImV4cCI6NDEwMjQ0NDgwMH0.";
+    for auth in [
+        None,
+        Some(expired.as_str()),
+        Some(wrong_key.as_str()),
+        Some(none),
+        Some("garbage"),
+    ] {
+        let mut req = c.http().post(&url).json(&body);
+        if let Some(t) = auth {
+            req = req.bearer_auth(t);
+        }
+        let res = req.send().await?;
+        assert_eq!(res.status(), 401, "{auth:?}");
+        let err: Value = res.json().await?;
+        assert_eq!(err["error"]["code"], "unauthorized");
+    }
+    // the WebSocket upgrade too
+    let ws = format!(
+        "ws://{}/ws?token={expired}",
+        c.edge_url(0).trim_start_matches("http://")
+    );
+    match tokio_tungstenite::connect_async(ws).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(res)) => assert_eq!(res.status(), 401),
+        other => panic!("expired token got a socket: {:?}", other.map(|_| ())),
+    }
+    let ws = format!("ws://{}/ws", c.edge_url(0).trim_start_matches("http://"));
+    match tokio_tungstenite::connect_async(ws).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(res)) => assert_eq!(res.status(), 401),
+        other => panic!("no token got a socket: {:?}", other.map(|_| ())),
+    }
+    // the profile is created from the claims on connect
+    let ws = c.connect(0, "alice", "laptop").await?;
+    let profile = c
+        .mongo()
+        .await?
+        .collection::<mongodb::bson::Document>("users")
+        .find_one(doc! { "_id": "alice" })
+        .await?
+        .expect("profile created");
+    assert!(profile.get_datetime("createdAt").is_ok());
+    assert_eq!(profile.get_array("devices")?.len(), 1);
+    ws.close().await?;
+    c.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owner_manages_members_and_others_cannot() -> anyhow::Result<()> {
+    let c = Cluster::start(1, 1).await?;
+    let g = c.create_group("alice", &["bob", "carol"]).await?;
+    let id = g["id"].as_str().expect("id").to_owned();
+    let created_at = g["updatedAt"].clone();
+
+    // non-owners get 403 for owner-only operations
+    let (s, e) = post(
+        &c,
+        &format!("/groups/{id}/members"),
+        Some("bob"),
+        json!({"userIds": ["dave"]}),
+    )
+    .await?;
+    assert_eq!((s, e["error"]["code"].as_str()), (403, Some("forbidden")));
+    let (s, _) = post(
+        &c,
+        &format!("/groups/{id}/owner"),
+        Some("bob"),
+        json!({"userId": "bob"}),
+    )
+    .await?;
+    assert_eq!(s, 403);
+    let (s, _) = delete(&c, &format!("/groups/{id}/members/carol"), "bob").await?;
+    assert_eq!(s, 403);
+    // strangers too
+    let (s, _) = delete(&c, &format!("/groups/{id}/members/me"), "mallory").await?;
+    assert_eq!(s, 403);
+
+    // the owner adds, removes, cannot leave, transfers, then can leave
+    let (s, g) = post(
+        &c,
+        &format!("/groups/{id}/members"),
+        Some("alice"),
+        json!({"userIds": ["dave"]}),
+    )
+    .await?;
+    assert_eq!(s, 200, "{g}");
+    assert_eq!(g["members"].as_array().map(Vec::len), Some(4));
+    assert_ne!(
+        g["updatedAt"], created_at,
+        "updatedAt moves on every change"
+    );
+    let (s, g) = delete(&c, &format!("/groups/{id}/members/carol"), "alice").await?;
+    assert_eq!(s, 200);
+    assert!(!g["members"].to_string().contains("carol"));
+    let (s, e) = delete(&c, &format!("/groups/{id}/members/me"), "alice").await?;
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (409, Some("invalid")),
+        "{e}"
+    );
+    let (s, e) = post(
+        &c,
+        &format!("/groups/{id}/owner"),
+        Some("alice"),
+        json!({"userId": "carol"}),
+    )
+    .await?;
+    assert_eq!(s, 400, "new owner must be a member: {e}");
+    let (s, g) = post(
+        &c,
+        &format!("/groups/{id}/owner"),
+        Some("alice"),
+        json!({"userId": "bob"}),
+    )
+    .await?;
+    assert_eq!((s, g["ownerId"].as_str()), (200, Some("bob")));
+    let (s, g) = delete(&c, &format!("/groups/{id}/members/me"), "alice").await?;
+    assert_eq!(s, 200);
+    assert!(!g["members"].to_string().contains("alice"));
+    // alice is gone: she can no longer read it
+    assert_eq!(get(&c, &format!("/groups/{id}"), "alice").await?.0, 403);
+    c.stop().await
+}

@@ -1,0 +1,179 @@
+//! The WebSocket envelope: every request with an id gets exactly one reply,
+//! bad frames get precise errors and the socket stays usable, abuse closes it.
+
+use chat_tests::{Cluster, token};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_frames_get_errors_and_the_socket_keeps_working() -> anyhow::Result<()> {
+    let c = Cluster::start(1, 1).await?;
+    let g = c.create_group("alice", &["bob"]).await?;
+    let id = g["id"].as_str().expect("id");
+    let mut ws = c.connect(0, "bob", "phone").await?;
+
+    // malformed JSON: an error without id
+    ws.send_raw(Message::Text("{not json".into())).await?;
+    let e = ws.recv(chat_tests::PROMPTLY).await?.expect("error frame");
+    assert_eq!(
+        (e["event"].as_str(), e["data"]["code"].as_str()),
+        (Some("error"), Some("invalid"))
+    );
+    assert!(e.get("id").is_none());
+
+    // binary frames
+    ws.send_raw(Message::Binary(vec![1, 2, 3].into())).await?;
+    let e = ws.recv(chat_tests::PROMPTLY).await?.expect("error frame");
+    assert_eq!(e["data"]["code"], "invalid");
+
+    // unknown event, bad data, bad id: errors that echo the id where there is one
+    assert_eq!(
+        ws.request_error("no_such_event", json!({})).await?,
+        "invalid"
+    );
+    assert_eq!(
+        ws.request_error("subscribe_to_group", json!({ "group": id }))
+            .await?,
+        "invalid"
+    );
+    assert_eq!(
+        ws.request_error("subscribe_to_group", json!({ "groupId": "a.b" }))
+            .await?,
+        "invalid"
+    );
+    ws.send_raw(Message::Text(
+        json!({"event": "subscribe_to_group", "id": {"x": 1}, "data": {}})
+            .to_string()
+            .into(),
+    ))
+    .await?;
+    let e = ws.recv(chat_tests::PROMPTLY).await?.expect("error frame");
+    assert_eq!(e["data"]["code"], "invalid");
+
+    // an oversized frame (over the 64 KiB default, under the 1 MiB hard limit)
+    let big = json!({"event": "subscribe_to_group", "id": "big", "data": {"groupId": id, "pad": "x".repeat(70 * 1024)}});
+    ws.send_raw(Message::Text(big.to_string().into())).await?;
+    let e = ws.reply_to(&json!("big")).await?;
+    assert_eq!(
+        (e["event"].as_str(), e["data"]["code"].as_str()),
+        (Some("error"), Some("too_large"))
+    );
+
+    // unknown group, then a non-member
+    let unknown = "0123456789abcdef0123456789abcdef";
+    assert_eq!(
+        ws.request_error("subscribe_to_group", json!({ "groupId": unknown }))
+            .await?,
+        "not_found"
+    );
+    assert_eq!(
+        ws.request_error("notify_create_group", json!({ "groupId": unknown }))
+            .await?,
+        "not_found"
+    );
+    let mut mallory = c.connect(0, "mallory", "x").await?;
+    assert_eq!(
+        mallory
+            .request_error("notify_create_group", json!({ "groupId": id }))
+            .await?,
+        "forbidden"
+    );
+    assert_eq!(
+        mallory
+            .request_error("subscribe_to_group", json!({ "groupId": id }))
+            .await?,
+        "forbidden"
+    );
+
+    // after all that the socket still works
+    let ack = ws
+        .request("subscribe_to_group", json!({ "groupId": id }))
+        .await?;
+    assert_eq!(ack["groupId"], id);
+    c.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_and_abuse_are_enforced() -> anyhow::Result<()> {
+    let c = Cluster::start_with(1, 1, &["--requests-per-sec", "1"]).await?;
+    let mut ws = c.connect(0, "bob", "phone").await?;
+    // the burst allowance is 100 requests; past it, rate_limited
+    let mut codes = Vec::new();
+    for _ in 0..120 {
+        ws.send("no_such_event", json!({})).await?;
+    }
+    while codes.len() < 120 {
+        match ws.recv(chat_tests::PROMPTLY).await? {
+            Some(frame) => codes.push(
+                frame["data"]["code"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            ),
+            None => break,
+        }
+    }
+    // 50 errors in a row close the connection with 1008 before 120 replies
+    assert!(
+        codes.len() >= 50 && codes.len() < 120,
+        "{} replies",
+        codes.len()
+    );
+    assert!(
+        codes.iter().all(|c| c == "invalid" || c == "rate_limited"),
+        "{codes:?}"
+    );
+    c.stop().await?;
+
+    // a well-behaved client that exceeds the rate gets rate_limited and stays connected
+    let c = Cluster::start_with(1, 1, &["--requests-per-sec", "1"]).await?;
+    let g = c.create_group("bob", &[]).await?;
+    let id = g["id"].as_str().expect("id");
+    let mut ws = c.connect(0, "bob", "phone").await?;
+    let mut limited = 0;
+    for _ in 0..105 {
+        let rid = ws
+            .send("subscribe_to_group", json!({ "groupId": id }))
+            .await?;
+        let reply: Value = ws.reply_to(&rid).await?;
+        if reply["event"] == "error" {
+            assert_eq!(reply["data"]["code"], "rate_limited");
+            limited += 1;
+        }
+    }
+    assert!(limited >= 1, "no request was rate limited");
+    c.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abuse_closes_with_a_policy_code() -> anyhow::Result<()> {
+    let c = Cluster::start(1, 1).await?;
+    let mut ws = c.connect(0, "bob", "phone").await?;
+    for _ in 0..60 {
+        ws.send_raw(Message::Text("nope".into())).await?;
+    }
+    assert_eq!(ws.closed_with().await?, Some(1008));
+
+    // past the hard message limit the transport closes the connection
+    let mut ws = c.connect(0, "bob", "tablet").await?;
+    ws.send_raw(Message::Text("x".repeat(2 * 1024 * 1024).into()))
+        .await?;
+    assert!(
+        ws.recv(chat_tests::PROMPTLY)
+            .await
+            .map(|f| f.is_none())
+            .unwrap_or(true)
+    );
+
+    // a bad device id is refused before the upgrade
+    let url = format!(
+        "ws://{}/ws?token={}&device=a.b",
+        c.edge_url(0).trim_start_matches("http://"),
+        token("bob")
+    );
+    match tokio_tungstenite::connect_async(url).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(res)) => assert_eq!(res.status(), 400),
+        other => panic!("bad device got a socket: {:?}", other.map(|_| ())),
+    }
+    c.stop().await
+}
