@@ -231,10 +231,10 @@ impl Node {
 
         if matches!(role, Role::Edge | Role::All) {
             let mut workers = args.workers.clone();
-            if workers.is_empty() {
-                if let Some(addr) = grpc_addr {
-                    workers.push(format!("http://{addr}"));
-                }
+            if workers.is_empty()
+                && let Some(addr) = grpc_addr
+            {
+                workers.push(format!("http://{addr}"));
             }
             let config = chat_edge::Config {
                 workers,

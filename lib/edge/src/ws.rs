@@ -32,6 +32,8 @@ use crate::{ApiError, AppState, auth::bearer};
 
 /// Close code sent when a client abuses the connection (RFC 6455 1008).
 pub const CLOSE_POLICY: u16 = 1008;
+/// How long a closing connection waits for the client's close reply.
+const CLOSE_HANDSHAKE: Duration = Duration::from_secs(2);
 /// Close code sent when a client cannot keep up with its deliveries.
 pub const CLOSE_TOO_SLOW: u16 = 1013;
 
@@ -151,10 +153,20 @@ impl Session {
                         )
                         .await
                 }
-                Message::Close(_) => false,
+                Message::Close(_) => break,
                 Message::Ping(_) | Message::Pong(_) => true,
             };
             if !keep_going {
+                // we closed: read on until the client's close reply, so the
+                // close frame is not lost to a reset of unread data
+                let _ = tokio::time::timeout(CLOSE_HANDSHAKE, async {
+                    while let Some(Ok(msg)) = stream.next().await {
+                        if matches!(msg, Message::Close(_)) {
+                            break;
+                        }
+                    }
+                })
+                .await;
                 break;
             }
         }

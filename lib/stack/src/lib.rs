@@ -83,10 +83,10 @@ impl Service {
             if let Some(v) = text.lines().find_map(&find) {
                 return Ok(v);
             }
-            if let Some(child) = self.child.as_mut() {
-                if let Some(status) = child.try_wait()? {
-                    bail!("{} exited with {status}; its log:\n{text}", self.name);
-                }
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!("{} exited with {status}; its log:\n{text}", self.name);
             }
             if tokio::time::Instant::now() > deadline {
                 bail!(
@@ -139,12 +139,21 @@ impl Nats {
         service
             .wait_for(|l| l.contains("Server is ready").then_some(()))
             .await?;
-        // the ports file appears just before the ready line
-        let ports_json = std::fs::read_dir(&ports)?
-            .filter_map(Result::ok)
-            .find_map(|e| std::fs::read_to_string(e.path()).ok())
-            .context("nats-server wrote no ports file")?;
-        let v: serde_json::Value = serde_json::from_str(&ports_json)?;
+        // the ports file is written around the ready line: wait until it parses
+        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+        let v: serde_json::Value = loop {
+            let parsed = std::fs::read_dir(&ports)?
+                .filter_map(Result::ok)
+                .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+                .find_map(|text| serde_json::from_str::<serde_json::Value>(&text).ok());
+            match parsed {
+                Some(v) if v["nats"][0].is_string() => break v,
+                _ if tokio::time::Instant::now() > deadline => {
+                    bail!("nats-server wrote no ports file")
+                }
+                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
         let url = v["nats"][0].as_str().context("no nats port")?.to_owned();
         let monitor_url = v["monitoring"][0]
             .as_str()
