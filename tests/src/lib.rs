@@ -176,6 +176,27 @@ impl Cluster {
         .await?)
     }
 
+    /// Waits until `device` of `user` has nothing pending or unacknowledged
+    /// on its notification consumer: every delivery was written and acked.
+    pub async fn user_consumer_settles(&self, user: &str, device: &str) -> anyhow::Result<()> {
+        let bus = self.bus().await?;
+        let name = chat_bus::user_consumer_name(
+            &UserId::parse(user)?,
+            &chat_domain::DeviceId::parse(device)?,
+        );
+        let stream = bus.jetstream().get_stream("CHAT_USERS").await?;
+        eventually(PROMPTLY, || {
+            let stream = stream.clone();
+            let name = name.clone();
+            async move {
+                let info = stream.consumer_info(&name).await?;
+                Ok((info.num_pending == 0 && info.num_ack_pending == 0).then_some(()))
+            }
+        })
+        .await
+        .with_context(|| format!("consumer {name} never settled"))
+    }
+
     /// Stops every node, then the services.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         for node in self.edges.drain(..).flatten() {

@@ -46,6 +46,9 @@ async fn members_hear_of_a_new_group_live_on_every_device_and_offline_once() -> 
     // carol was offline: she gets it on connecting, on either edge, once
     let mut carol = c.connect(1, "carol", "phone").await?;
     next_is(&mut carol, "a_group_created", id).await?;
+    // delivered means acknowledged: nothing is left to come again
+    c.user_consumer_settles("carol", "phone").await?;
+    c.user_consumer_settles("bob", "laptop").await?;
     carol.close().await?;
     // a second notify is a no-op: nobody hears of the group twice
     alice
