@@ -20,6 +20,10 @@ pub use chat_stack::Stack;
 /// The HS256 secret every test node uses.
 pub const SECRET: &str = "end-to-end-test-secret-0123456789abcdef";
 
+/// The encryption key every test node starts with (32 zero bytes is fine
+/// for tests; production keys come from `chatd keygen`).
+pub const KEY: &str = "t1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+
 /// How long a test waits for something that should happen promptly.
 pub const PROMPTLY: Duration = Duration::from_secs(10);
 
@@ -30,6 +34,8 @@ pub struct Cluster {
     edges: Vec<Option<chatd::Node>>,
     edge_addrs: Vec<SocketAddr>,
     extra_flags: Vec<String>,
+    /// `--encryption-keys` of every node started from now on.
+    pub keys: String,
 }
 
 impl Cluster {
@@ -47,6 +53,7 @@ impl Cluster {
             edges: Vec::new(),
             edge_addrs: Vec::new(),
             extra_flags: flags.iter().map(|s| s.to_string()).collect(),
+            keys: KEY.to_owned(),
         };
         for _ in 0..workers {
             let node = cluster
@@ -94,6 +101,10 @@ impl Cluster {
             SECRET,
             "--shutdown-grace-secs",
             "5",
+            "--encryption-keys",
+            &self.keys,
+            "--resolve-pending-after-ms",
+            "1000",
         ]
         .iter()
         .map(|s| s.to_string())

@@ -31,6 +31,8 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     let stack = chat_stack::Stack::start().await?;
+    // a fresh key per run: the data is temporary too
+    let key = chat_crypto::KeyRing::generate_entry("dev");
     let serve = chatd::Cli::try_parse_from([
         "chatd",
         "--role",
@@ -45,6 +47,8 @@ async fn main() -> anyhow::Result<()> {
         &stack.mongo.uri,
         "--jwt-secret",
         &args.jwt_secret,
+        "--encryption-keys",
+        &key,
     ])?
     .serve;
     let node = chatd::Node::start(serve).await?;

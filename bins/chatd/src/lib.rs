@@ -34,6 +34,13 @@ pub enum Command {
     /// Mint an HS256 token for a user with the configured secret (local use
     /// and tests; production tokens come from your identity provider).
     Token(TokenArgs),
+    /// Print a fresh encryption key entry (`ID:BASE64`) for
+    /// --encryption-keys.
+    Keygen {
+        /// Id of the new key (letters, digits, '-', '_').
+        #[arg(long, default_value = "k1")]
+        id: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -112,6 +119,27 @@ pub struct ServeArgs {
     #[arg(long, env = "CHATD_JWT_ALGORITHM", default_value = "RS256")]
     pub jwt_algorithm: String,
 
+    /// Message encryption keys as `ID:BASE64` (32-byte AES-256 keys),
+    /// comma-separated. The first encrypts new messages; all decrypt, so a
+    /// rotation puts the new key first and keeps the old ones. Generate one
+    /// with `chatd keygen`.
+    #[arg(
+        long,
+        env = "CHATD_ENCRYPTION_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub encryption_keys: Vec<String>,
+
+    /// Longest text message, in bytes of UTF-8.
+    #[arg(long, env = "CHATD_MAX_TEXT_BYTES", default_value_t = Limits::default().text_bytes)]
+    pub max_text_bytes: usize,
+    /// Worker: age in milliseconds after which a message whose publish
+    /// failed is settled against JetStream (committed if it landed, else
+    /// rolled back).
+    #[arg(long, env = "CHATD_RESOLVE_PENDING_AFTER_MS", default_value_t = 30_000)]
+    pub resolve_pending_after_ms: u64,
+
     /// Most members in one group.
     #[arg(long, env = "CHATD_MAX_GROUP_MEMBERS", default_value_t = Limits::default().group_members)]
     pub max_group_members: usize,
@@ -139,7 +167,13 @@ impl ServeArgs {
             group_members: self.max_group_members,
             group_name_chars: self.max_group_name,
             group_description_chars: self.max_group_description,
+            text_bytes: self.max_text_bytes,
         }
+    }
+
+    fn keys(&self) -> anyhow::Result<chat_crypto::KeyRing> {
+        chat_crypto::KeyRing::parse(&self.encryption_keys)
+            .context("--encryption-keys (generate one with `chatd keygen`)")
     }
 
     fn verifier(&self) -> anyhow::Result<Verifier> {
@@ -189,6 +223,7 @@ impl Node {
         let role = args.role.context("--role is required")?;
         let (stop, stop_rx) = watch::channel(false);
         let defs = Definitions::load(args.nats_replicas)?;
+        let keys = args.keys()?;
         let mut tasks = Vec::new();
         let (died_tx, died) = mpsc::channel(2);
         let mut grpc_addr = None;
@@ -216,13 +251,15 @@ impl Node {
             grpc_addr = Some(listener.local_addr()?);
             let config = chat_worker::Config {
                 limits: args.limits(),
+                resolve_pending_after: Duration::from_millis(args.resolve_pending_after_ms),
                 ..chat_worker::Config::default()
             };
             let shutdown = shutdown_signal(&stop_rx);
             let bus = bus.clone();
+            let keys = keys.clone();
             let died = died_tx.clone();
             tasks.push(tokio::spawn(async move {
-                let result = chat_worker::serve(listener, store, bus, config, shutdown).await;
+                let result = chat_worker::serve(listener, store, bus, keys, config, shutdown).await;
                 let _ = died.try_send("worker");
                 result.context("worker")
             }));
@@ -243,7 +280,7 @@ impl Node {
                 requests_per_sec: args.requests_per_sec,
                 ..chat_edge::Config::default()
             };
-            let state = chat_edge::AppState::new(args.verifier()?, bus, config)?;
+            let state = chat_edge::AppState::new(args.verifier()?, bus, keys, config)?;
             let listener = TcpListener::bind(args.listen)
                 .await
                 .with_context(|| format!("binding {}", args.listen))?;

@@ -17,6 +17,10 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", chatd::mint(&args)?);
             Ok(())
         }
+        Some(chatd::Command::Keygen { id }) => {
+            println!("{}", chat_crypto::KeyRing::generate_entry(&id));
+            Ok(())
+        }
         None => {
             chatd::Node::start(cli.serve)
                 .await?

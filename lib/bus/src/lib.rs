@@ -17,8 +17,10 @@ use bytes::Bytes;
 use chat_domain::{DeviceId, GroupId, UserId};
 
 mod defs;
+mod messages;
 
 pub use defs::Definitions;
+pub use messages::{Envelope, Position, Published, SEQ_HEADER};
 
 /// The header JetStream uses to drop duplicate publishes.
 const MSG_ID: &str = "Nats-Msg-Id";

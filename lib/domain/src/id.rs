@@ -91,6 +91,26 @@ id_type!(
     32
 );
 
+id_type!(
+    /// A message, chosen by the server (UUID v7: ordered by time).
+    MessageId,
+    "message id",
+    64
+);
+id_type!(
+    /// The id a client gives a message so that a retried send is recognised.
+    ClientMsgId,
+    "client message id",
+    64
+);
+
+impl MessageId {
+    /// A fresh message id.
+    pub fn generate() -> Self {
+        Self(uuid::Uuid::now_v7().simple().to_string())
+    }
+}
+
 impl GroupId {
     /// A fresh, unguessable group id (UUID v4, 32 hex digits).
     pub fn generate() -> Self {

@@ -41,3 +41,7 @@ pub fn now_millis() -> Millis {
         .map(|d| d.as_millis() as Millis)
         .unwrap_or(0)
 }
+
+mod message;
+
+pub use message::{ClientMsgId, MessageId, MessageKind, check_text};

@@ -10,6 +10,8 @@ pub struct Limits {
     pub group_description_chars: usize,
     /// Most members in one group, owner included.
     pub group_members: usize,
+    /// Longest text message, in bytes of UTF-8.
+    pub text_bytes: usize,
 }
 
 impl Default for Limits {
@@ -18,6 +20,7 @@ impl Default for Limits {
             group_name_chars: 128,
             group_description_chars: 2048,
             group_members: 1000,
+            text_bytes: 16 * 1024,
         }
     }
 }

@@ -14,7 +14,10 @@ use axum::{
 };
 use chat_auth::Verifier;
 use chat_bus::Bus;
-use chat_rpc::pb::{groups_client::GroupsClient, sessions_client::SessionsClient};
+use chat_crypto::KeyRing;
+use chat_rpc::pb::{
+    groups_client::GroupsClient, messages_client::MessagesClient, sessions_client::SessionsClient,
+};
 use tokio::net::TcpListener;
 use tonic::transport::{Channel, Endpoint};
 
@@ -82,7 +85,10 @@ pub struct Inner {
     pub verifier: Verifier,
     pub groups: GroupsClient<Channel>,
     pub sessions: SessionsClient<Channel>,
+    pub messages: MessagesClient<Channel>,
     pub bus: Bus,
+    /// Opens the sealed content of deliveries.
+    pub keys: KeyRing,
     pub config: Config,
 }
 
@@ -100,7 +106,12 @@ impl std::ops::Deref for AppState {
 impl AppState {
     /// Builds the state; worker connections are made lazily and balanced
     /// across every endpoint, so workers may start after the edge.
-    pub fn new(verifier: Verifier, bus: Bus, config: Config) -> Result<Self, StartError> {
+    pub fn new(
+        verifier: Verifier,
+        bus: Bus,
+        keys: KeyRing,
+        config: Config,
+    ) -> Result<Self, StartError> {
         if config.workers.is_empty() {
             return Err(StartError::NoWorkers);
         }
@@ -121,8 +132,10 @@ impl AppState {
         Ok(Self(Arc::new(Inner {
             verifier,
             groups: GroupsClient::new(channel.clone()),
-            sessions: SessionsClient::new(channel),
+            sessions: SessionsClient::new(channel.clone()),
+            messages: MessagesClient::new(channel),
             bus,
+            keys,
             config,
         })))
     }
@@ -139,6 +152,11 @@ pub fn app(state: AppState) -> Router {
         .route(
             "/groups/{id}/members/{user_id}",
             delete(rest::remove_member),
+        )
+        .route("/groups/{id}/messages", get(rest::history))
+        .route(
+            "/groups/{id}/messages/{message_id}/status",
+            get(rest::message_status),
         )
         .route("/healthz", get(rest::healthz))
         .route("/readyz", get(rest::readyz))

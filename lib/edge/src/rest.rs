@@ -7,7 +7,10 @@ use axum::{
     response::IntoResponse,
 };
 use chat_domain::Group;
-use chat_protocol::{AddMembersBody, CreateGroupBody, ErrorCode, GroupView, TransferOwnerBody};
+use chat_protocol::{
+    AddMembersBody, CreateGroupBody, ErrorCode, GroupView, MessageView, TransferOwnerBody,
+    format_millis,
+};
 use chat_rpc::pb;
 use serde::de::DeserializeOwned;
 use serde_json::json;
@@ -162,6 +165,86 @@ pub(crate) async fn remove_member(
         .await?
         .into_inner();
     view(group)
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct HistoryQuery {
+    before: Option<u64>,
+    limit: Option<u32>,
+}
+
+/// `GET /groups/{id}/messages?before=SEQ&limit=N`: newest first, decrypted;
+/// `limit` defaults to 50 and is capped at 100.
+pub(crate) async fn history(
+    State(app): State<AppState>,
+    Caller(me): Caller,
+    Path(id): Path<String>,
+    query: Result<axum::extract::Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let axum::extract::Query(q) = query.map_err(|e| ApiError::invalid(e.body_text()))?;
+    if q.limit == Some(0) {
+        return Err(ApiError::invalid("limit must be at least 1"));
+    }
+    let r = app
+        .messages
+        .clone()
+        .history(pb::HistoryRequest {
+            caller: me.user_id.to_string(),
+            group_id: id,
+            before: q.before.unwrap_or(0),
+            limit: q.limit.unwrap_or(50).min(100),
+        })
+        .await?
+        .into_inner();
+    let messages: Vec<MessageView> = r
+        .messages
+        .into_iter()
+        .map(|m| MessageView {
+            message_id: m.message_id,
+            group_id: m.group_id,
+            seq: m.seq,
+            sender_id: m.sender_id,
+            kind: m.r#type,
+            text: Some(m.text).filter(|t| !t.is_empty()),
+            created_at: format_millis(m.created_at_ms),
+        })
+        .collect();
+    Ok(Json(json!({ "messages": messages })))
+}
+
+/// `GET /groups/{id}/messages/{messageId}/status`: delivered and read per
+/// member.
+pub(crate) async fn message_status(
+    State(app): State<AppState>,
+    Caller(me): Caller,
+    Path((id, message_id)): Path<(String, String)>,
+) -> Result<impl IntoResponse, ApiError> {
+    let r = app
+        .messages
+        .clone()
+        .status(pb::StatusRequest {
+            caller: me.user_id.to_string(),
+            group_id: id,
+            message_id,
+        })
+        .await?
+        .into_inner();
+    let members: Vec<_> = r
+        .members
+        .into_iter()
+        .map(|m| {
+            json!({
+                "userId": m.user_id,
+                "delivered": m.delivered,
+                "read": m.read,
+                "updatedAt": (m.updated_at_ms > 0).then(|| format_millis(m.updated_at_ms)),
+            })
+        })
+        .collect();
+    Ok(Json(
+        json!({ "messageId": r.message_id, "seq": r.seq, "members": members }),
+    ))
 }
 
 pub(crate) async fn healthz() -> impl IntoResponse {

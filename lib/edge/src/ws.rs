@@ -5,7 +5,11 @@
 //! them on the socket, so a connection that drops loses nothing: what was not
 //! written is handed back (nak) and comes again on the next connection.
 
-use std::time::{Duration, Instant};
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use async_nats::jetstream::{AckKind, Message as JsMessage};
 use axum::{
@@ -16,22 +20,38 @@ use axum::{
     http::request::Parts,
     response::Response,
 };
+use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use chat_auth::{AuthError, Identity};
+use chat_bus::Envelope;
+use chat_crypto::Sealed;
 use chat_domain::DeviceId;
 use chat_protocol::{
-    ClientFrame, ErrorCode, GroupRef, MAX_REQUEST_ID_LEN, ServerFrame, SessionInfo, event,
+    AcknowledgeMessage, ClientFrame, ErrorCode, GroupRef, MAX_REQUEST_ID_LEN, MessageView,
+    SendMessage, ServerFrame, SessionInfo, event, format_millis,
 };
 use chat_rpc::pb;
 use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::{sync::mpsc, task::JoinHandle};
+use tokio::{
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
 use tracing::Instrument;
 
 use crate::{ApiError, AppState, auth::bearer};
 
 /// Close code sent when a client abuses the connection (RFC 6455 1008).
 pub const CLOSE_POLICY: u16 = 1008;
+/// Most messages one pull asks for.
+const PULL_BATCH: usize = 256;
+/// How long one pull stays open; also the longest a closing session takes to
+/// hand back what it holds.
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// How long a delivery may wait for room in a client's queue.
+const SLOW_CLIENT: Duration = Duration::from_secs(30);
+/// How often deliveries are reported to workers as receipts.
+const DELIVERED_FLUSH: Duration = Duration::from_millis(250);
 /// How long a closing connection waits for the client's close reply.
 const CLOSE_HANDSHAKE: Duration = Duration::from_secs(2);
 /// Close code sent when a client cannot keep up with its deliveries.
@@ -83,9 +103,16 @@ pub(crate) async fn upgrade(
 /// What the writer task puts on the socket.
 enum Outgoing {
     Frame(String),
-    /// A delivery from JetStream, acknowledged once written.
-    Delivery(String, Box<JsMessage>),
+    Delivery(Delivery),
     Close(u16, &'static str),
+}
+
+/// A delivery from JetStream, acknowledged once written.
+struct Delivery {
+    text: String,
+    msg: Box<JsMessage>,
+    /// For group messages: the group and seq to report as delivered.
+    receipt: Option<(String, u64)>,
 }
 
 struct Session {
@@ -96,6 +123,7 @@ struct Session {
     bucket: TokenBucket,
     errors_in_a_row: u32,
     group_delivery: Option<JoinHandle<()>>,
+    stopped: watch::Receiver<bool>,
 }
 
 impl Session {
@@ -108,7 +136,14 @@ impl Session {
     ) {
         let (sink, mut stream) = socket.split();
         let (tx, rx) = mpsc::channel(app.config.outbox_frames);
-        let writer = tokio::spawn(write_loop(sink, rx));
+        let delivered = Delivered::default();
+        let user_id = me.user_id.to_string();
+        let writer = tokio::spawn(write_loop(sink, rx, delivered.clone()));
+        let reporter = tokio::spawn(report_delivered(
+            app.clone(),
+            me.user_id.to_string(),
+            delivered.clone(),
+        ));
         tracing::debug!("connected");
 
         let hello = ServerFrame {
@@ -121,11 +156,14 @@ impl Session {
         };
         let _ = tx.send(Outgoing::Frame(to_json(&hello))).await;
 
+        let (stop, stopped) = watch::channel(false);
         let user_delivery = tokio::spawn(deliver(
             app.clone(),
+            Feed::User,
             opened.stream,
             opened.consumer,
             tx.clone(),
+            stopped.clone(),
         ));
         let config = &app.config;
         let mut session = Session {
@@ -136,6 +174,7 @@ impl Session {
             tx,
             errors_in_a_row: 0,
             group_delivery: None,
+            stopped,
         };
         session.start_group_delivery().await;
 
@@ -170,12 +209,24 @@ impl Session {
                 break;
             }
         }
-        user_delivery.abort();
-        if let Some(h) = session.group_delivery.take() {
-            h.abort();
-        }
+        // hand back what the delivery tasks hold, then report what was written;
+        // the socket closes as soon as the writer is done with it
+        drop(stream);
+        let _ = stop.send(true);
+        let group_delivery = session.group_delivery.take();
         drop(session);
-        let _ = writer.await;
+        let drain = async {
+            let _ = user_delivery.await;
+            if let Some(h) = group_delivery {
+                let _ = h.await;
+            }
+            let _ = writer.await;
+        };
+        if tokio::time::timeout(PULL_EXPIRES * 2, drain).await.is_err() {
+            tracing::warn!("session did not drain in time");
+        }
+        reporter.abort();
+        flush_delivered(&app, &user_id, &delivered).await;
     }
 
     /// Starts delivering group messages once the device's group consumer
@@ -198,9 +249,11 @@ impl Session {
             let name = chat_bus::group_consumer_name(&self.me.user_id, &self.device);
             self.group_delivery = Some(tokio::spawn(deliver(
                 self.app.clone(),
+                Feed::Groups,
                 stream,
                 name,
                 self.tx.clone(),
+                self.stopped.clone(),
             )));
         }
     }
@@ -291,6 +344,55 @@ impl Session {
                     .into_inner();
                 Ok(json!({ "groupId": group_id, "notified": r.notified }))
             }
+            event::SEND_GROUP_MESSAGE => {
+                let m: SendMessage = parse_data(data)?;
+                if m.media.is_some() {
+                    return Err(ApiError::invalid(
+                        "media messages are not taken by this server yet",
+                    ));
+                }
+                let text = match (m.kind.as_str(), m.text) {
+                    ("text", Some(text)) => text,
+                    ("text", None) => return Err(ApiError::invalid("a text message needs text")),
+                    (_, text) => text.unwrap_or_default(),
+                };
+                let r = self
+                    .app
+                    .messages
+                    .clone()
+                    .send(pb::SendMessageRequest {
+                        caller,
+                        group_id: m.group_id,
+                        client_msg_id: m.client_msg_id,
+                        r#type: m.kind,
+                        text,
+                    })
+                    .await?
+                    .into_inner();
+                Ok(json!({
+                    "messageId": r.message_id,
+                    "groupId": r.group_id,
+                    "seq": r.seq,
+                    "createdAt": format_millis(r.created_at_ms),
+                }))
+            }
+            event::ACKNOWLEDGE_GROUP_MESSAGE => {
+                let m: AcknowledgeMessage = parse_data(data)?;
+                let r = self
+                    .app
+                    .messages
+                    .clone()
+                    .acknowledge(pb::AcknowledgeRequest {
+                        caller,
+                        group_id: m.group_id.clone(),
+                        message_id: m.message_id.clone(),
+                    })
+                    .await?
+                    .into_inner();
+                Ok(
+                    json!({ "groupId": m.group_id, "messageId": m.message_id, "readSeq": r.read_seq }),
+                )
+            }
             event::SUBSCRIBE_TO_GROUP => {
                 let GroupRef { group_id } = parse_data(data)?;
                 let r = self
@@ -348,23 +450,33 @@ fn to_json<T: serde::Serialize>(frame: &ServerFrame<T>) -> String {
     serde_json::to_string(frame).unwrap_or_default()
 }
 
+/// Group seqs written to the socket and not yet reported as delivered.
+type Delivered = Arc<std::sync::Mutex<HashMap<String, u64>>>;
+
 /// Writes frames to the socket; acknowledges deliveries once written and
 /// hands back those it could not write.
 async fn write_loop(
     mut sink: futures::stream::SplitSink<WebSocket, Message>,
     mut rx: mpsc::Receiver<Outgoing>,
+    delivered: Delivered,
 ) {
     while let Some(out) = rx.recv().await {
         let ok = match out {
             Outgoing::Frame(text) => sink.send(Message::Text(text.into())).await.is_ok(),
-            Outgoing::Delivery(text, msg) => {
-                let ok = sink.send(Message::Text(text.into())).await.is_ok();
+            Outgoing::Delivery(d) => {
+                let ok = sink.send(Message::Text(d.text.into())).await.is_ok();
                 if ok {
-                    if let Err(e) = msg.ack().await {
+                    if let Err(e) = d.msg.ack().await {
                         tracing::warn!(error = %e, "ack to jetstream failed; the event may come again");
                     }
+                    if let Some((group, seq)) = d.receipt
+                        && let Ok(mut map) = delivered.lock()
+                    {
+                        let e = map.entry(group).or_insert(seq);
+                        *e = (*e).max(seq);
+                    }
                 } else {
-                    let _ = msg.ack_with(AckKind::Nak(None)).await;
+                    let _ = d.msg.ack_with(AckKind::Nak(None)).await;
                 }
                 ok
             }
@@ -383,60 +495,186 @@ async fn write_loop(
     }
     rx.close();
     while let Ok(out) = rx.try_recv() {
-        if let Outgoing::Delivery(_, msg) = out {
-            let _ = msg.ack_with(AckKind::Nak(None)).await;
+        if let Outgoing::Delivery(d) = out {
+            let _ = d.msg.ack_with(AckKind::Nak(None)).await;
         }
     }
     let _ = sink.close().await;
 }
 
-/// Streams one durable consumer to the writer until the session ends;
-/// reconnects to the consumer with backoff if NATS goes away.
-async fn deliver(app: AppState, stream: String, consumer: String, tx: mpsc::Sender<Outgoing>) {
-    let mut backoff = Duration::from_millis(100);
+/// Reports what reached the socket as delivered, in batches: one call per
+/// group per interval, however many messages.
+async fn report_delivered(app: AppState, user: String, delivered: Delivered) {
+    let mut tick = tokio::time::interval(DELIVERED_FLUSH);
     loop {
-        match app.bus.bind(&stream, &consumer).await {
-            Ok(c) => match c.messages().await {
-                Ok(mut messages) => {
-                    backoff = Duration::from_millis(100);
-                    while let Some(next) = messages.next().await {
-                        let msg = match next {
-                            Ok(m) => m,
-                            Err(e) => {
-                                tracing::debug!(error = %e, consumer, "delivery stream hiccup");
-                                continue;
-                            }
-                        };
-                        let Ok(text) = std::str::from_utf8(&msg.payload).map(str::to_owned) else {
-                            tracing::error!(consumer, "non-UTF-8 payload on the bus; dropping it");
-                            let _ = msg.ack_with(AckKind::Term).await;
-                            continue;
-                        };
-                        match tx.try_send(Outgoing::Delivery(text, Box::new(msg))) {
-                            Ok(()) => {}
-                            Err(mpsc::error::TrySendError::Full(Outgoing::Delivery(_, msg))) => {
-                                let _ = msg.ack_with(AckKind::Nak(None)).await;
-                                let _ = tx
-                                    .send(Outgoing::Close(
-                                        CLOSE_TOO_SLOW,
-                                        "client too slow; reconnect",
-                                    ))
-                                    .await;
-                                return;
-                            }
-                            Err(_) => return,
+        tick.tick().await;
+        flush_delivered(&app, &user, &delivered).await;
+    }
+}
+
+async fn flush_delivered(app: &AppState, user: &str, delivered: &Delivered) {
+    let batch: Vec<(String, u64)> = match delivered.lock() {
+        Ok(mut map) => map.drain().collect(),
+        Err(_) => return,
+    };
+    for (group_id, seq) in batch {
+        let req = pb::MarkDeliveredRequest {
+            caller: user.to_owned(),
+            group_id,
+            seq,
+        };
+        if let Err(e) = app.messages.clone().mark_delivered(req).await {
+            tracing::warn!(error = %e, "cannot record deliveries");
+        }
+    }
+}
+
+/// Which consumer a delivery task streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Feed {
+    /// Notifications: payloads are finished frames.
+    User,
+    /// Group messages: payloads are sealed envelopes.
+    Groups,
+}
+
+/// Turns a sealed envelope into an `a_group_message` frame.
+fn open_envelope(app: &AppState, payload: &[u8]) -> Result<(String, (String, u64)), String> {
+    let env: Envelope =
+        serde_json::from_slice(payload).map_err(|e| format!("bad envelope: {e}"))?;
+    let sealed = Sealed {
+        key_id: env.key_id.clone(),
+        nonce: B64.decode(&env.nonce).map_err(|e| e.to_string())?,
+        ciphertext: B64.decode(&env.ciphertext).map_err(|e| e.to_string())?,
+    };
+    let plain = app
+        .keys
+        .open(&sealed, env.message_id.as_bytes())
+        .map_err(|e| e.to_string())?;
+    let content: Value = serde_json::from_slice(&plain).map_err(|e| e.to_string())?;
+    let view = MessageView {
+        message_id: env.message_id,
+        group_id: env.group_id.clone(),
+        seq: env.seq,
+        sender_id: env.sender_id,
+        kind: env.kind,
+        text: content["text"].as_str().map(str::to_owned),
+        created_at: format_millis(env.created_at),
+    };
+    let frame = to_json(&ServerFrame {
+        event: event::GROUP_MESSAGE.into(),
+        id: None,
+        data: view,
+    });
+    Ok((frame, (env.group_id, env.seq)))
+}
+
+/// Streams one durable consumer to the writer until `stop`, in pull batches
+/// that end within `PULL_EXPIRES`. On stop it drains the open batch and hands
+/// every message it has not passed on back to JetStream (nak), so nothing
+/// waits out the ack timeout and redeliveries come in order on the next
+/// connection. The writer's bounded queue pushes back on the consumer; a
+/// client that takes nothing for `SLOW_CLIENT` is closed.
+async fn deliver(
+    app: AppState,
+    feed: Feed,
+    stream: String,
+    consumer: String,
+    tx: mpsc::Sender<Outgoing>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    let mut stopping = false;
+    // dropped on stop, so the writer can finish while this task drains
+    let mut tx = Some(tx);
+    while !stopping {
+        let c = match app.bus.bind(&stream, &consumer).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, consumer, "cannot bind consumer");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.changed() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(100);
+        while !stopping {
+            let batch = c
+                .batch()
+                .max_messages(PULL_BATCH)
+                .expires(PULL_EXPIRES)
+                .messages()
+                .await;
+            let mut batch = match batch {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(error = %e, consumer, "cannot pull from consumer");
+                    break;
+                }
+            };
+            loop {
+                let next = if stopping {
+                    batch.next().await
+                } else {
+                    tokio::select! {
+                        n = batch.next() => n,
+                        _ = stop.changed() => { stopping = true; tx = None; continue; }
+                    }
+                };
+                let Some(next) = next else { break };
+                let msg = match next {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::debug!(error = %e, consumer, "pull batch ended early");
+                        break;
+                    }
+                };
+                let Some(sender) = tx.as_ref().filter(|_| !stopping) else {
+                    let _ = msg.ack_with(AckKind::Nak(None)).await;
+                    continue;
+                };
+                let opened = match feed {
+                    Feed::User => std::str::from_utf8(&msg.payload)
+                        .map(|t| (t.to_owned(), None))
+                        .map_err(|e| e.to_string()),
+                    Feed::Groups => open_envelope(&app, &msg.payload).map(|(t, r)| (t, Some(r))),
+                };
+                let (text, receipt) = match opened {
+                    Ok(v) => v,
+                    Err(e) => {
+                        tracing::error!(consumer, error = %e, "undeliverable payload on the bus; dropping it");
+                        let _ = msg.ack_with(AckKind::Term).await;
+                        continue;
+                    }
+                };
+                let out = Outgoing::Delivery(Delivery {
+                    text,
+                    msg: Box::new(msg),
+                    receipt,
+                });
+                match tokio::time::timeout(SLOW_CLIENT, sender.send(out)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(mpsc::error::SendError(out))) => {
+                        if let Outgoing::Delivery(d) = out {
+                            let _ = d.msg.ack_with(AckKind::Nak(None)).await;
                         }
+                        stopping = true;
+                        tx = None;
+                    }
+                    Err(_) => {
+                        let _ = sender.try_send(Outgoing::Close(
+                            CLOSE_TOO_SLOW,
+                            "client too slow; reconnect",
+                        ));
+                        stopping = true;
+                        tx = None;
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, consumer, "cannot pull from consumer"),
-            },
-            Err(e) => tracing::warn!(error = %e, consumer, "cannot bind consumer"),
+            }
         }
-        if tx.is_closed() {
-            return;
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 mod view;
 
-pub use view::{GroupView, MemberView, format_millis};
+pub use view::{GroupView, MemberView, MessageView, format_millis};
 
 /// Event names, exactly as the seed and DESIGN.md spell them.
 pub mod event {
@@ -23,6 +23,7 @@ pub mod event {
     pub const GROUP_CREATED: &str = "a_group_created";
     pub const GROUP_UPDATED: &str = "a_group_updated";
     pub const GROUP_MESSAGE: &str = "a_group_message";
+    pub const MESSAGE_STATUS: &str = "a_message_status";
 }
 
 /// Stable, machine-readable error codes.
@@ -97,6 +98,28 @@ pub struct RestError {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GroupRef {
     pub group_id: String,
+}
+
+/// `data` of `send_group_message`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SendMessage {
+    pub group_id: String,
+    pub client_msg_id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub text: Option<String>,
+    #[serde(default)]
+    pub media: Option<serde_json::Value>,
+}
+
+/// `data` of `acknowledge_group_message`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AcknowledgeMessage {
+    pub group_id: String,
+    pub message_id: String,
 }
 
 /// `data` of `a_group_created` and `a_group_updated`.

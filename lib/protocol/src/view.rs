@@ -56,6 +56,21 @@ impl From<&Group> for GroupView {
     }
 }
 
+/// A group message as clients see it (`a_group_message`, history).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MessageView {
+    pub message_id: String,
+    pub group_id: String,
+    pub seq: u64,
+    pub sender_id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    pub created_at: String,
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

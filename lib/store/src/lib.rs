@@ -8,9 +8,11 @@ use std::time::Duration;
 use mongodb::{Client, Database, options::ClientOptions};
 
 mod groups;
+mod messages;
 mod users;
 
 pub use groups::{GroupRecord, GroupRepo};
+pub use messages::{MessageRepo, Receipt, StoredMessage};
 pub use users::UserRepo;
 
 /// A store operation failed.
@@ -45,6 +47,7 @@ impl From<mongodb::error::Error> for StoreError {
 pub struct Store {
     pub groups: GroupRepo,
     pub users: UserRepo,
+    pub messages: MessageRepo,
     db: Database,
 }
 
@@ -61,6 +64,7 @@ impl Store {
         Ok(Self {
             groups: GroupRepo::new(&db),
             users: UserRepo::new(&db),
+            messages: MessageRepo::new(&db),
             db,
         })
     }
@@ -68,6 +72,7 @@ impl Store {
     /// Creates the indexes every query relies on. Idempotent.
     pub async fn ensure_indexes(&self) -> Result<(), StoreError> {
         self.groups.ensure_indexes().await?;
+        self.messages.ensure_indexes().await?;
         Ok(())
     }
 

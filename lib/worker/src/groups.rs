@@ -20,12 +20,7 @@ pub(crate) struct GroupsService(pub Arc<State>);
 
 impl GroupsService {
     async fn load(&self, id: &GroupId) -> Result<GroupRecord, WorkerError> {
-        self.0
-            .store
-            .groups
-            .get(id)
-            .await?
-            .ok_or(WorkerError::NotFound("group"))
+        self.0.load(id).await
     }
 
     async fn load_as_member(
@@ -33,11 +28,7 @@ impl GroupsService {
         caller: &UserId,
         id: &GroupId,
     ) -> Result<GroupRecord, WorkerError> {
-        let record = self.load(id).await?;
-        if !record.group.is_member(caller) {
-            return Err(DomainError::Forbidden("you are not a member of this group".into()).into());
-        }
-        Ok(record)
+        self.0.load_as_member(caller, id).await
     }
 
     /// Publishes one event to each user's notification subject, all in

@@ -8,13 +8,19 @@ use std::future::Future;
 use std::sync::Arc;
 
 use chat_bus::{Bus, BusError};
-use chat_domain::{DomainError, Limits};
-use chat_rpc::pb::{groups_server::GroupsServer, sessions_server::SessionsServer};
-use chat_store::{Store, StoreError};
+use chat_crypto::KeyRing;
+use chat_domain::{DomainError, GroupId, Limits, UserId};
+use chat_rpc::pb::{
+    groups_server::GroupsServer, messages_server::MessagesServer, sessions_server::SessionsServer,
+};
+use chat_store::{GroupRecord, Store, StoreError};
 use tokio::net::TcpListener;
 
 mod groups;
+mod messages;
 mod sessions;
+
+pub use messages::MAX_HISTORY_PAGE;
 
 /// What a worker needs to run.
 #[derive(Debug, Clone)]
@@ -22,6 +28,9 @@ pub struct Config {
     pub limits: Limits,
     /// Most groups `GET /groups` returns.
     pub max_listed_groups: i64,
+    /// Age after which a message whose publish failed or is uncertain is
+    /// settled against JetStream (committed if it landed, else rolled back).
+    pub resolve_pending_after: std::time::Duration,
 }
 
 impl Default for Config {
@@ -29,6 +38,7 @@ impl Default for Config {
         Self {
             limits: Limits::default(),
             max_listed_groups: 500,
+            resolve_pending_after: std::time::Duration::from_secs(30),
         }
     }
 }
@@ -71,7 +81,31 @@ impl From<WorkerError> for tonic::Status {
 pub(crate) struct State {
     pub store: Store,
     pub bus: Bus,
+    pub keys: KeyRing,
     pub config: Config,
+    pub positions: messages::Positions,
+}
+
+impl State {
+    pub(crate) async fn load(&self, id: &GroupId) -> Result<GroupRecord, WorkerError> {
+        self.store
+            .groups
+            .get(id)
+            .await?
+            .ok_or(WorkerError::NotFound("group"))
+    }
+
+    pub(crate) async fn load_as_member(
+        &self,
+        caller: &UserId,
+        id: &GroupId,
+    ) -> Result<GroupRecord, WorkerError> {
+        let record = self.load(id).await?;
+        if !record.group.is_member(caller) {
+            return Err(DomainError::Forbidden("you are not a member of this group".into()).into());
+        }
+        Ok(record)
+    }
 }
 
 /// Serves the worker's gRPC services on `listener` until `shutdown`
@@ -80,18 +114,31 @@ pub async fn serve(
     listener: TcpListener,
     store: Store,
     bus: Bus,
+    keys: KeyRing,
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
-    let state = Arc::new(State { store, bus, config });
-    tonic::transport::Server::builder()
+    let state = Arc::new(State {
+        store,
+        bus,
+        keys,
+        config,
+        positions: Default::default(),
+    });
+    let sweeper = tokio::spawn(messages::sweep_pending(state.clone()));
+    let result = tonic::transport::Server::builder()
         .add_service(GroupsServer::new(groups::GroupsService(state.clone())))
-        .add_service(SessionsServer::new(sessions::SessionsService(state)))
+        .add_service(SessionsServer::new(sessions::SessionsService(
+            state.clone(),
+        )))
+        .add_service(MessagesServer::new(messages::MessagesService(state)))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener),
             shutdown,
         )
-        .await
+        .await;
+    sweeper.abort();
+    result
 }
 
 /// Parses an id from a request field, as `invalid` on failure.

@@ -1,0 +1,168 @@
+//! Group messages on JetStream: the envelope (content encrypted), and
+//! publishing with per-group compare-and-set so that the group's `seq` is
+//! gapless and in the same order as the stream.
+
+use async_nats::jetstream::{
+    context::PublishErrorKind,
+    stream::{LastRawMessageErrorKind, Stream},
+};
+use bytes::Bytes;
+use chat_domain::{GroupId, MessageId};
+use serde::{Deserialize, Serialize};
+
+use crate::{Bus, BusError, MSG_ID, group_msg_subject};
+
+/// The header carrying the group sequence number of a message.
+pub const SEQ_HEADER: &str = "Chat-Seq";
+
+/// A group message as published: metadata in the clear, content sealed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Envelope {
+    pub message_id: String,
+    pub group_id: String,
+    pub seq: u64,
+    pub sender_id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub created_at: i64,
+    pub key_id: String,
+    /// base64
+    pub nonce: String,
+    /// base64
+    pub ciphertext: String,
+}
+
+/// Where a group's newest message stands: its group seq and stream seq.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    pub seq: u64,
+    pub stream_seq: u64,
+}
+
+/// The result of a compare-and-set publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    /// Stored at this stream sequence (possibly earlier: a duplicate id).
+    Stored { stream_seq: u64, duplicate: bool },
+    /// Another message was published to the group first: read the new
+    /// position and try again.
+    Conflict,
+}
+
+fn seq_of(msg: &async_nats::jetstream::message::StreamMessage) -> Result<u64, BusError> {
+    msg.headers
+        .get(SEQ_HEADER)
+        .and_then(|v| v.as_str().parse().ok())
+        .ok_or_else(|| {
+            BusError::Unavailable(format!(
+                "message {} has no {SEQ_HEADER} header",
+                msg.sequence
+            ))
+        })
+}
+
+impl Bus {
+    async fn groups_stream(&self) -> Result<Stream<()>, BusError> {
+        self.js
+            .get_stream_no_info(&self.defs.groups_stream.name)
+            .await
+            .map_err(BusError::nats)
+    }
+
+    /// The newest message of `group` still in the stream, if any.
+    pub async fn last_group_position(&self, group: &GroupId) -> Result<Option<Position>, BusError> {
+        let stream = self.groups_stream().await?;
+        match stream
+            .get_last_raw_message_by_subject(&group_msg_subject(group))
+            .await
+        {
+            Ok(msg) => Ok(Some(Position {
+                seq: seq_of(&msg)?,
+                stream_seq: msg.sequence,
+            })),
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(BusError::nats(e)),
+        }
+    }
+
+    /// Publishes `envelope` only if the group's newest message is still at
+    /// stream sequence `expected_last` (0: none), with the message id as
+    /// JetStream's de-duplication id.
+    pub async fn publish_group_message(
+        &self,
+        envelope: &Envelope,
+        expected_last: u64,
+    ) -> Result<Published, BusError> {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(MSG_ID, envelope.message_id.as_str());
+        headers.insert(SEQ_HEADER, envelope.seq.to_string().as_str());
+        headers.insert(
+            async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+            expected_last.to_string().as_str(),
+        );
+        let payload = Bytes::from(
+            serde_json::to_vec(envelope).map_err(|e| BusError::Unavailable(e.to_string()))?,
+        );
+        let subject = format!("chat.group.{}.msg", envelope.group_id);
+        let ack = self
+            .js
+            .publish_with_headers(subject, headers, payload)
+            .await;
+        let ack = match ack {
+            Ok(future) => future.await,
+            Err(e) => return Err(BusError::nats(e)),
+        };
+        match ack {
+            Ok(ack) => Ok(Published::Stored {
+                stream_seq: ack.sequence,
+                duplicate: ack.duplicate,
+            }),
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(Published::Conflict),
+            Err(e) => Err(BusError::nats(e)),
+        }
+    }
+
+    /// Looks for message `id` among `group`'s messages after stream sequence
+    /// `after`: did an uncertain publish land?
+    pub async fn find_group_message(
+        &self,
+        group: &GroupId,
+        id: &MessageId,
+        after: u64,
+    ) -> Result<Option<Position>, BusError> {
+        let stream = self.groups_stream().await?;
+        let subject = group_msg_subject(group);
+        let mut next = after + 1;
+        loop {
+            let msg = stream
+                .raw_message_builder()
+                .sequence(next)
+                .next_by_subject(subject.clone())
+                .send()
+                .await;
+            let msg = match msg {
+                Ok(m) => m,
+                Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(None),
+                Err(e) => return Err(BusError::nats(e)),
+            };
+            if msg.headers.get(MSG_ID).map(|v| v.as_str()) == Some(id.as_str()) {
+                return Ok(Some(Position {
+                    seq: seq_of(&msg)?,
+                    stream_seq: msg.sequence,
+                }));
+            }
+            next = msg.sequence + 1;
+        }
+    }
+
+    /// The raw stored message at `stream_seq` (tests and tools).
+    pub async fn group_stream_message(&self, stream_seq: u64) -> Result<Bytes, BusError> {
+        let stream = self.groups_stream().await?;
+        let msg = stream
+            .get_raw_message(stream_seq)
+            .await
+            .map_err(BusError::nats)?;
+        Ok(msg.payload)
+    }
+}

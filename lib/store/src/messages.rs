@@ -1,0 +1,386 @@
+//! The `messages` collection (`GroupMessage`, seed §4) and `receipts`, the
+//! per-member delivered/read watermarks from which `GroupMessageStatus` is
+//! derived.
+//!
+//! A message is first stored `pending` (invisible to history), then
+//! published, then `committed` with its group seq. A pending message whose
+//! publish failed is deleted; one whose outcome is unknown is resolved later
+//! against JetStream (see `chat_worker`).
+
+use chat_domain::{ClientMsgId, GroupId, MessageId, Millis, UserId};
+use futures::TryStreamExt;
+use mongodb::{
+    Collection, IndexModel,
+    bson::{Binary, DateTime, doc, spec::BinarySubtype},
+    options::IndexOptions,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{StoreError, to_bson_time};
+
+const PENDING: &str = "pending";
+const COMMITTED: &str = "committed";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct MessageDoc {
+    #[serde(rename = "_id")]
+    id: String,
+    group_id: String,
+    sender_id: String,
+    client_msg_id: String,
+    #[serde(rename = "type")]
+    kind: String,
+    key_id: String,
+    nonce: Binary,
+    ciphertext: Binary,
+    state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    seq: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    stream_seq: Option<i64>,
+    /// While pending: the group's newest stream sequence before the first
+    /// publish attempt; the message cannot have landed at or before it.
+    #[serde(default)]
+    after_stream_seq: i64,
+    created_at: DateTime,
+    updated_at: DateTime,
+}
+
+/// A stored message: the content stays sealed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    pub id: MessageId,
+    pub group_id: GroupId,
+    pub sender_id: UserId,
+    pub client_msg_id: ClientMsgId,
+    pub kind: String,
+    pub key_id: String,
+    pub nonce: Vec<u8>,
+    pub ciphertext: Vec<u8>,
+    /// `None` while pending.
+    pub seq: Option<u64>,
+    pub stream_seq: Option<u64>,
+    /// See `MessageDoc::after_stream_seq`.
+    pub after_stream_seq: u64,
+    pub created_at: Millis,
+}
+
+impl StoredMessage {
+    pub fn is_committed(&self) -> bool {
+        self.seq.is_some()
+    }
+}
+
+fn binary(bytes: &[u8]) -> Binary {
+    Binary {
+        subtype: BinarySubtype::Generic,
+        bytes: bytes.to_vec(),
+    }
+}
+
+impl MessageDoc {
+    fn into_message(self) -> Result<StoredMessage, StoreError> {
+        let corrupt = |e: chat_domain::DomainError| StoreError::Corrupt {
+            id: self.id.clone(),
+            message: e.to_string(),
+        };
+        Ok(StoredMessage {
+            id: MessageId::parse(self.id.as_str()).map_err(corrupt)?,
+            group_id: GroupId::parse(self.group_id.as_str()).map_err(corrupt)?,
+            sender_id: UserId::parse(self.sender_id.as_str()).map_err(corrupt)?,
+            client_msg_id: ClientMsgId::parse(self.client_msg_id.as_str()).map_err(corrupt)?,
+            kind: self.kind.clone(),
+            key_id: self.key_id.clone(),
+            nonce: self.nonce.bytes.clone(),
+            ciphertext: self.ciphertext.bytes.clone(),
+            seq: if self.state == COMMITTED {
+                self.seq.map(|s| s as u64)
+            } else {
+                None
+            },
+            stream_seq: self.stream_seq.map(|s| s as u64),
+            after_stream_seq: self.after_stream_seq.max(0) as u64,
+            created_at: self.created_at.timestamp_millis(),
+        })
+    }
+}
+
+/// One member's watermarks in one group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Receipt {
+    pub delivered_seq: u64,
+    pub read_seq: u64,
+    pub updated_at: Millis,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ReceiptDoc {
+    #[serde(rename = "_id")]
+    id: String,
+    group_id: String,
+    user_id: String,
+    delivered_seq: i64,
+    read_seq: i64,
+    updated_at: DateTime,
+}
+
+/// Messages and receipts in MongoDB.
+#[derive(Debug, Clone)]
+pub struct MessageRepo {
+    coll: Collection<MessageDoc>,
+    receipts: Collection<ReceiptDoc>,
+}
+
+fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
+    use mongodb::error::{ErrorKind, WriteFailure};
+    match e.kind.as_ref() {
+        ErrorKind::Write(WriteFailure::WriteError(w)) => w.code == 11000,
+        ErrorKind::InsertMany(i) => i
+            .write_errors
+            .as_ref()
+            .is_some_and(|ws| ws.iter().any(|w| w.code == 11000)),
+        ErrorKind::Command(c) => c.code == 11000,
+        _ => e.to_string().contains("E11000"),
+    }
+}
+
+impl MessageRepo {
+    pub(crate) fn new(db: &mongodb::Database) -> Self {
+        Self {
+            coll: db.collection("messages"),
+            receipts: db.collection("receipts"),
+        }
+    }
+
+    pub(crate) async fn ensure_indexes(&self) -> Result<(), StoreError> {
+        let idempotency = IndexModel::builder()
+            .keys(doc! { "groupId": 1, "senderId": 1, "clientMsgId": 1 })
+            .options(
+                IndexOptions::builder()
+                    .name("idempotency".to_owned())
+                    .unique(true)
+                    .build(),
+            )
+            .build();
+        let history = IndexModel::builder()
+            .keys(doc! { "groupId": 1, "seq": -1 })
+            .options(IndexOptions::builder().name("history".to_owned()).build())
+            .build();
+        let pending = IndexModel::builder()
+            .keys(doc! { "state": 1, "createdAt": 1 })
+            .options(IndexOptions::builder().name("pending".to_owned()).build())
+            .build();
+        self.coll
+            .create_indexes([idempotency, history, pending])
+            .await?;
+        let by_group = IndexModel::builder()
+            .keys(doc! { "groupId": 1 })
+            .options(IndexOptions::builder().name("by_group".to_owned()).build())
+            .build();
+        self.receipts.create_indexes([by_group]).await?;
+        Ok(())
+    }
+
+    /// Stores `m` as pending. Returns `false` if the sender already sent a
+    /// message with the same client id to this group.
+    pub async fn insert_pending(&self, m: &StoredMessage) -> Result<bool, StoreError> {
+        let now = to_bson_time(m.created_at);
+        let doc = MessageDoc {
+            id: m.id.to_string(),
+            group_id: m.group_id.to_string(),
+            sender_id: m.sender_id.to_string(),
+            client_msg_id: m.client_msg_id.to_string(),
+            kind: m.kind.clone(),
+            key_id: m.key_id.clone(),
+            nonce: binary(&m.nonce),
+            ciphertext: binary(&m.ciphertext),
+            state: PENDING.into(),
+            seq: None,
+            stream_seq: None,
+            after_stream_seq: m.after_stream_seq as i64,
+            created_at: now,
+            updated_at: now,
+        };
+        match self.coll.insert_one(doc).await {
+            Ok(_) => Ok(true),
+            Err(e) if is_duplicate_key(&e) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Makes a pending message visible with its group seq.
+    pub async fn commit(
+        &self,
+        id: &MessageId,
+        seq: u64,
+        stream_seq: u64,
+    ) -> Result<(), StoreError> {
+        self.coll
+            .update_one(
+                doc! { "_id": id.as_str() },
+                doc! { "$set": {
+                    "state": COMMITTED, "seq": seq as i64, "streamSeq": stream_seq as i64,
+                    "updatedAt": DateTime::now(),
+                } },
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Rolls back a pending message (never a committed one).
+    pub async fn delete_pending(&self, id: &MessageId) -> Result<(), StoreError> {
+        self.coll
+            .delete_one(doc! { "_id": id.as_str(), "state": PENDING })
+            .await?;
+        Ok(())
+    }
+
+    /// The message `sender` sent to `group` with `client_id`, if any.
+    pub async fn find_by_client_id(
+        &self,
+        group: &GroupId,
+        sender: &UserId,
+        client_id: &ClientMsgId,
+    ) -> Result<Option<StoredMessage>, StoreError> {
+        self.coll
+            .find_one(doc! { "groupId": group.as_str(), "senderId": sender.as_str(), "clientMsgId": client_id.as_str() })
+            .await?
+            .map(MessageDoc::into_message)
+            .transpose()
+    }
+
+    /// The message `id`, pending or committed.
+    pub async fn get(&self, id: &MessageId) -> Result<Option<StoredMessage>, StoreError> {
+        self.coll
+            .find_one(doc! { "_id": id.as_str() })
+            .await?
+            .map(MessageDoc::into_message)
+            .transpose()
+    }
+
+    /// The newest committed message of `group`: its seq and stream seq.
+    pub async fn last_committed(&self, group: &GroupId) -> Result<Option<(u64, u64)>, StoreError> {
+        let last = self
+            .coll
+            .find_one(doc! { "groupId": group.as_str(), "state": COMMITTED })
+            .sort(doc! { "seq": -1 })
+            .await?;
+        Ok(last.and_then(|d| Some((d.seq? as u64, d.stream_seq? as u64))))
+    }
+
+    /// Committed messages of `group` with seq below `before`, newest first.
+    pub async fn history(
+        &self,
+        group: &GroupId,
+        before: Option<u64>,
+        limit: i64,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        let mut filter = doc! { "groupId": group.as_str(), "state": COMMITTED };
+        if let Some(before) = before {
+            filter.insert("seq", doc! { "$lt": before as i64 });
+        }
+        let docs: Vec<MessageDoc> = self
+            .coll
+            .find(filter)
+            .sort(doc! { "seq": -1 })
+            .limit(limit)
+            .await?
+            .try_collect()
+            .await?;
+        docs.into_iter().map(MessageDoc::into_message).collect()
+    }
+
+    /// Pending messages created before `older_than`, oldest first.
+    pub async fn stale_pending(
+        &self,
+        older_than: Millis,
+        limit: i64,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        let docs: Vec<MessageDoc> = self
+            .coll
+            .find(doc! { "state": PENDING, "createdAt": { "$lt": to_bson_time(older_than) } })
+            .sort(doc! { "createdAt": 1 })
+            .limit(limit)
+            .await?
+            .try_collect()
+            .await?;
+        docs.into_iter().map(MessageDoc::into_message).collect()
+    }
+
+    /// The senders of `group`'s committed messages with seq in `(after, upto]`.
+    pub async fn senders_between(
+        &self,
+        group: &GroupId,
+        after: u64,
+        upto: u64,
+    ) -> Result<Vec<UserId>, StoreError> {
+        let ids = self
+            .coll
+            .distinct(
+                "senderId",
+                doc! { "groupId": group.as_str(), "state": COMMITTED, "seq": { "$gt": after as i64, "$lte": upto as i64 } },
+            )
+            .await?;
+        Ok(ids
+            .iter()
+            .filter_map(|b| b.as_str())
+            .filter_map(|s| UserId::parse(s).ok())
+            .collect())
+    }
+
+    /// Raises `user`'s watermarks in `group` (never lowers them); returns the
+    /// receipt before and after.
+    pub async fn raise_receipt(
+        &self,
+        group: &GroupId,
+        user: &UserId,
+        delivered: u64,
+        read: u64,
+        now: Millis,
+    ) -> Result<(Receipt, Receipt), StoreError> {
+        let id = format!("{group}:{user}");
+        let before = self
+            .receipts
+            .find_one_and_update(
+                doc! { "_id": &id },
+                doc! {
+                    "$max": { "deliveredSeq": delivered.max(read) as i64, "readSeq": read as i64 },
+                    "$set": { "updatedAt": to_bson_time(now) },
+                    "$setOnInsert": { "groupId": group.as_str(), "userId": user.as_str() },
+                },
+            )
+            .upsert(true)
+            .await?;
+        let before = before.map(receipt).unwrap_or_default();
+        let after = Receipt {
+            delivered_seq: before.delivered_seq.max(delivered).max(read),
+            read_seq: before.read_seq.max(read),
+            updated_at: now,
+        };
+        Ok((before, after))
+    }
+
+    /// Every member's watermarks in `group`.
+    pub async fn receipts(&self, group: &GroupId) -> Result<Vec<(UserId, Receipt)>, StoreError> {
+        let docs: Vec<ReceiptDoc> = self
+            .receipts
+            .find(doc! { "groupId": group.as_str() })
+            .await?
+            .try_collect()
+            .await?;
+        Ok(docs
+            .into_iter()
+            .filter_map(|d| Some((UserId::parse(d.user_id.as_str()).ok()?, receipt(d))))
+            .collect())
+    }
+}
+
+fn receipt(d: ReceiptDoc) -> Receipt {
+    Receipt {
+        delivered_seq: d.delivered_seq.max(0) as u64,
+        read_seq: d.read_seq.max(0) as u64,
+        updated_at: d.updated_at.timestamp_millis(),
+    }
+}

@@ -1,0 +1,513 @@
+//! `Messages`: send (validate, encrypt, store pending, publish with per-group
+//! compare-and-set, commit), receipts, history and status (seed §2).
+//!
+//! Invariant: a message is visible in history if and only if it is in the
+//! group's JetStream subject. A pending message whose publish failed or is
+//! uncertain is resolved against JetStream by [`resolve_pending`]: committed
+//! if it landed, deleted (rolled back) if not.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use base64::{Engine, engine::general_purpose::STANDARD as B64};
+use bytes::Bytes;
+use chat_bus::{Envelope, Position, Published};
+use chat_crypto::Sealed;
+use chat_domain::{
+    ClientMsgId, DomainError, GroupId, MessageId, MessageKind, UserId, check_text, now_millis,
+};
+use chat_protocol::{event, push_json};
+use chat_rpc::pb::{self, messages_server::Messages};
+use chat_store::{StoreError, StoredMessage};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+use tonic::{Request, Response, Status};
+
+use crate::{State, WorkerError, parse_id};
+
+/// Compare-and-set attempts before a send gives up as `unavailable`.
+const CAS_ATTEMPTS: usize = 64;
+/// Most positions remembered; past it the cache starts over.
+const POSITION_CACHE: usize = 100_000;
+/// Largest history page.
+pub const MAX_HISTORY_PAGE: u32 = 100;
+
+/// The sealed part of a message.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct Content {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+}
+
+/// Each group's newest known position, to publish without a lookup first.
+#[derive(Default)]
+pub(crate) struct Positions(Mutex<HashMap<GroupId, Position>>);
+
+impl Positions {
+    async fn get(&self, g: &GroupId) -> Option<Position> {
+        self.0.lock().await.get(g).copied()
+    }
+
+    async fn set(&self, g: &GroupId, p: Position) {
+        let mut map = self.0.lock().await;
+        if map.len() >= POSITION_CACHE {
+            map.clear();
+        }
+        let e = map.entry(g.clone()).or_insert(p);
+        if p.seq >= e.seq {
+            *e = p;
+        }
+    }
+
+    async fn forget(&self, g: &GroupId) {
+        self.0.lock().await.remove(g);
+    }
+}
+
+pub(crate) struct MessagesService(pub Arc<State>);
+
+fn unavailable(why: impl Into<String>) -> WorkerError {
+    WorkerError::Store(StoreError::Unavailable(why.into()))
+}
+
+fn ack(m: &StoredMessage) -> pb::SendMessageResponse {
+    pb::SendMessageResponse {
+        message_id: m.id.to_string(),
+        group_id: m.group_id.to_string(),
+        seq: m.seq.unwrap_or_default(),
+        created_at_ms: m.created_at,
+    }
+}
+
+/// The newest position of `group`: from the cache, else the stream, else
+/// (messages aged out of the stream) the last committed message.
+async fn position(s: &State, group: &GroupId) -> Result<Position, WorkerError> {
+    if let Some(p) = s.positions.get(group).await {
+        return Ok(p);
+    }
+    let p = match s.bus.last_group_position(group).await? {
+        Some(p) => p,
+        None => match s.store.messages.last_committed(group).await? {
+            Some((seq, _)) => Position { seq, stream_seq: 0 },
+            None => Position {
+                seq: 0,
+                stream_seq: 0,
+            },
+        },
+    };
+    s.positions.set(group, p).await;
+    Ok(p)
+}
+
+fn envelope(m: &StoredMessage, seq: u64) -> Envelope {
+    Envelope {
+        message_id: m.id.to_string(),
+        group_id: m.group_id.to_string(),
+        seq,
+        sender_id: m.sender_id.to_string(),
+        kind: m.kind.clone(),
+        created_at: m.created_at,
+        key_id: m.key_id.clone(),
+        nonce: B64.encode(&m.nonce),
+        ciphertext: B64.encode(&m.ciphertext),
+    }
+}
+
+/// Publishes `m` as the group's next message, retrying on conflicts with
+/// concurrent senders; returns its final position.
+async fn publish(s: &State, m: &StoredMessage) -> Result<Position, WorkerError> {
+    for _ in 0..CAS_ATTEMPTS {
+        let last = position(s, &m.group_id).await?;
+        let seq = last.seq + 1;
+        match s
+            .bus
+            .publish_group_message(&envelope(m, seq), last.stream_seq)
+            .await?
+        {
+            Published::Stored {
+                stream_seq,
+                duplicate: false,
+            } => {
+                let p = Position { seq, stream_seq };
+                s.positions.set(&m.group_id, p).await;
+                return Ok(p);
+            }
+            Published::Stored {
+                duplicate: true, ..
+            } => {
+                // an earlier attempt of this very message landed
+                return s
+                    .bus
+                    .find_group_message(&m.group_id, &m.id, m.after_stream_seq)
+                    .await?
+                    .ok_or_else(|| unavailable("duplicate publish not found in the stream"));
+            }
+            Published::Conflict => s.positions.forget(&m.group_id).await,
+        }
+    }
+    Err(unavailable("the group is too busy; retry"))
+}
+
+/// Commits a message that is in the stream; if MongoDB fails, keeps trying in
+/// the background (the message is delivered, history must show it).
+async fn commit(s: &Arc<State>, m: &StoredMessage, p: Position) {
+    if let Err(e) = s.store.messages.commit(&m.id, p.seq, p.stream_seq).await {
+        tracing::warn!(message = %m.id, error = %e, "commit failed; retrying in the background");
+        let s = s.clone();
+        let id = m.id.clone();
+        tokio::spawn(async move {
+            let mut wait = Duration::from_millis(200);
+            loop {
+                tokio::time::sleep(wait).await;
+                match s.store.messages.commit(&id, p.seq, p.stream_seq).await {
+                    Ok(()) => return,
+                    Err(e) => tracing::warn!(message = %id, error = %e, "commit retry failed"),
+                }
+                wait = (wait * 2).min(Duration::from_secs(10));
+            }
+        });
+    }
+}
+
+/// Settles a pending message against JetStream: committed if it landed,
+/// deleted if it did not. Returns the committed message, if any.
+pub(crate) async fn resolve_pending(
+    s: &State,
+    mut m: StoredMessage,
+) -> Result<Option<StoredMessage>, WorkerError> {
+    match s
+        .bus
+        .find_group_message(&m.group_id, &m.id, m.after_stream_seq)
+        .await?
+    {
+        Some(p) => {
+            s.store.messages.commit(&m.id, p.seq, p.stream_seq).await?;
+            tracing::info!(message = %m.id, seq = p.seq, "pending message had landed; committed");
+            m.seq = Some(p.seq);
+            m.stream_seq = Some(p.stream_seq);
+            Ok(Some(m))
+        }
+        None => {
+            s.store.messages.delete_pending(&m.id).await?;
+            tracing::info!(message = %m.id, "pending message never landed; rolled back");
+            Ok(None)
+        }
+    }
+}
+
+/// Resolves pending messages older than the configured threshold, forever.
+/// Safe on several workers at once: both reach the same verdict from
+/// JetStream, commit is idempotent and delete touches only pending messages.
+pub(crate) async fn sweep_pending(s: Arc<State>) {
+    let after = s.config.resolve_pending_after;
+    let mut tick = tokio::time::interval((after / 2).max(Duration::from_millis(100)));
+    loop {
+        tick.tick().await;
+        let older_than = now_millis() - after.as_millis() as i64;
+        let stale = match s.store.messages.stale_pending(older_than, 100).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot list pending messages");
+                continue;
+            }
+        };
+        for m in stale {
+            if let Err(e) = resolve_pending(&s, m).await {
+                tracing::debug!(error = %e, "cannot resolve a pending message yet");
+                break;
+            }
+        }
+    }
+}
+
+impl MessagesService {
+    async fn send(
+        &self,
+        req: pb::SendMessageRequest,
+    ) -> Result<pb::SendMessageResponse, WorkerError> {
+        let s = &self.0;
+        let sender = parse_id::<UserId>(&req.caller)?;
+        let group = parse_id::<GroupId>(&req.group_id)?;
+        let client_id = parse_id::<ClientMsgId>(&req.client_msg_id)?;
+        let kind = MessageKind::parse(&req.r#type)?;
+        if kind != MessageKind::Text {
+            return Err(DomainError::Invalid(format!(
+                "{} messages need media, which this server does not take yet",
+                kind.as_str()
+            ))
+            .into());
+        }
+        check_text(&req.text, &s.config.limits)?;
+        s.load_as_member(&sender, &group).await?;
+
+        if let Some(existing) = s
+            .store
+            .messages
+            .find_by_client_id(&group, &sender, &client_id)
+            .await?
+        {
+            if existing.is_committed() {
+                return Ok(ack(&existing));
+            }
+            if now_millis() - existing.created_at
+                < s.config.resolve_pending_after.as_millis() as i64
+            {
+                return Err(unavailable("this message is still being sent; retry later"));
+            }
+            if let Some(done) = resolve_pending(s, existing).await? {
+                return Ok(ack(&done));
+            }
+        }
+
+        let id = MessageId::generate();
+        let content = Content {
+            text: Some(req.text),
+        };
+        let plaintext =
+            serde_json::to_vec(&content).map_err(|e| DomainError::Invalid(e.to_string()))?;
+        let Sealed {
+            key_id,
+            nonce,
+            ciphertext,
+        } = s.keys.seal(&plaintext, id.as_str().as_bytes());
+        let after = position(s, &group).await?;
+        let mut m = StoredMessage {
+            id,
+            group_id: group,
+            sender_id: sender,
+            client_msg_id: client_id,
+            kind: kind.as_str().to_owned(),
+            key_id,
+            nonce,
+            ciphertext,
+            seq: None,
+            stream_seq: None,
+            after_stream_seq: after.stream_seq,
+            created_at: now_millis(),
+        };
+        if !s.store.messages.insert_pending(&m).await? {
+            // a concurrent send of the same client id won the race
+            return match s
+                .store
+                .messages
+                .find_by_client_id(&m.group_id, &m.sender_id, &m.client_msg_id)
+                .await?
+            {
+                Some(existing) if existing.is_committed() => Ok(ack(&existing)),
+                _ => Err(unavailable("this message is still being sent; retry later")),
+            };
+        }
+        let p = match publish(s, &m).await {
+            Ok(p) => p,
+            Err(e) => {
+                // uncertain: the sweeper settles it against JetStream
+                tracing::warn!(message = %m.id, error = %e, "publish failed; left pending");
+                s.positions.forget(&m.group_id).await;
+                return Err(e);
+            }
+        };
+        commit(s, &m, p).await;
+        m.seq = Some(p.seq);
+        tracing::debug!(message = %m.id, group = %m.group_id, seq = p.seq, "message sent");
+        Ok(ack(&m))
+    }
+
+    /// Raises a member's watermarks and tells the senders concerned.
+    async fn raise(
+        &self,
+        group: &GroupId,
+        user: &UserId,
+        delivered: u64,
+        read: u64,
+    ) -> Result<u64, WorkerError> {
+        let s = &self.0;
+        let (before, after) = s
+            .store
+            .messages
+            .raise_receipt(group, user, delivered, read, now_millis())
+            .await?;
+        if after.delivered_seq == before.delivered_seq && after.read_seq == before.read_seq {
+            return Ok(after.read_seq);
+        }
+        let lo = if after.read_seq > before.read_seq {
+            before.read_seq
+        } else {
+            before.delivered_seq
+        };
+        let senders: Vec<UserId> = s
+            .store
+            .messages
+            .senders_between(group, lo, after.delivered_seq)
+            .await?
+            .into_iter()
+            .filter(|u| u != user)
+            .collect();
+        let data = serde_json::json!({
+            "groupId": group.as_str(),
+            "userId": user.as_str(),
+            "deliveredSeq": after.delivered_seq,
+            "readSeq": after.read_seq,
+        });
+        let payload = Bytes::from(
+            push_json(event::MESSAGE_STATUS, &data)
+                .map_err(|e| DomainError::Invalid(e.to_string()))?,
+        );
+        for sender in senders {
+            let dedup = format!(
+                "st-{group}-{user}-{}-{}-{sender}",
+                after.delivered_seq, after.read_seq
+            );
+            s.bus
+                .publish_user_event(&sender, &dedup, payload.clone())
+                .await?;
+        }
+        Ok(after.read_seq)
+    }
+
+    async fn committed_in(
+        &self,
+        caller: &UserId,
+        group: &GroupId,
+        id: &str,
+    ) -> Result<StoredMessage, WorkerError> {
+        let id = parse_id::<MessageId>(id)?;
+        self.0.load_as_member(caller, group).await?;
+        match self.0.store.messages.get(&id).await? {
+            Some(m) if &m.group_id == group && m.is_committed() => Ok(m),
+            _ => Err(WorkerError::NotFound("message")),
+        }
+    }
+}
+
+fn status(e: WorkerError) -> Status {
+    e.into()
+}
+
+#[tonic::async_trait]
+impl Messages for MessagesService {
+    async fn send(
+        &self,
+        req: Request<pb::SendMessageRequest>,
+    ) -> Result<Response<pb::SendMessageResponse>, Status> {
+        Ok(Response::new(
+            MessagesService::send(self, req.into_inner()).await?,
+        ))
+    }
+
+    async fn acknowledge(
+        &self,
+        req: Request<pb::AcknowledgeRequest>,
+    ) -> Result<Response<pb::AcknowledgeResponse>, Status> {
+        let req = req.into_inner();
+        let caller = parse_id::<UserId>(&req.caller)?;
+        let group = parse_id::<GroupId>(&req.group_id)?;
+        let m = self.committed_in(&caller, &group, &req.message_id).await?;
+        let seq = m.seq.unwrap_or_default();
+        let read_seq = self.raise(&group, &caller, seq, seq).await?;
+        Ok(Response::new(pb::AcknowledgeResponse { read_seq }))
+    }
+
+    async fn mark_delivered(
+        &self,
+        req: Request<pb::MarkDeliveredRequest>,
+    ) -> Result<Response<pb::MarkDeliveredResponse>, Status> {
+        let req = req.into_inner();
+        let caller = parse_id::<UserId>(&req.caller)?;
+        let group = parse_id::<GroupId>(&req.group_id)?;
+        // a former member may still flush what reached it before removal
+        self.raise(&group, &caller, req.seq, 0).await?;
+        Ok(Response::new(pb::MarkDeliveredResponse {}))
+    }
+
+    async fn history(
+        &self,
+        req: Request<pb::HistoryRequest>,
+    ) -> Result<Response<pb::HistoryResponse>, Status> {
+        let req = req.into_inner();
+        let s = &self.0;
+        let caller = parse_id::<UserId>(&req.caller)?;
+        let group = parse_id::<GroupId>(&req.group_id)?;
+        s.load_as_member(&caller, &group).await?;
+        let limit = req.limit.clamp(1, MAX_HISTORY_PAGE);
+        let before = (req.before > 0).then_some(req.before);
+        let stored = s
+            .store
+            .messages
+            .history(&group, before, i64::from(limit))
+            .await
+            .map_err(WorkerError::from)?;
+        let mut messages = Vec::with_capacity(stored.len());
+        for m in stored {
+            let sealed = Sealed {
+                key_id: m.key_id.clone(),
+                nonce: m.nonce.clone(),
+                ciphertext: m.ciphertext.clone(),
+            };
+            let content: Content = match s
+                .keys
+                .open(&sealed, m.id.as_str().as_bytes())
+                .map(|p| serde_json::from_slice(&p))
+            {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
+                    return Err(status(
+                        DomainError::Invalid(format!("message {} content: {e}", m.id)).into(),
+                    ));
+                }
+                Err(e) => {
+                    tracing::error!(message = %m.id, error = %e, "cannot decrypt a stored message");
+                    return Err(Status::internal("internal error"));
+                }
+            };
+            messages.push(pb::ChatMessage {
+                message_id: m.id.to_string(),
+                group_id: m.group_id.to_string(),
+                seq: m.seq.unwrap_or_default(),
+                sender_id: m.sender_id.to_string(),
+                r#type: m.kind,
+                text: content.text.unwrap_or_default(),
+                created_at_ms: m.created_at,
+            });
+        }
+        Ok(Response::new(pb::HistoryResponse { messages }))
+    }
+
+    async fn status(
+        &self,
+        req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let req = req.into_inner();
+        let caller = parse_id::<UserId>(&req.caller)?;
+        let group = parse_id::<GroupId>(&req.group_id)?;
+        let m = self.committed_in(&caller, &group, &req.message_id).await?;
+        let seq = m.seq.unwrap_or_default();
+        let record = self.0.load_as_member(&caller, &group).await?;
+        let receipts: HashMap<UserId, chat_store::Receipt> = self
+            .0
+            .store
+            .messages
+            .receipts(&group)
+            .await
+            .map_err(WorkerError::from)?
+            .into_iter()
+            .collect();
+        let members = record
+            .group
+            .member_ids()
+            .map(|u| {
+                let r = receipts.get(u).copied().unwrap_or_default();
+                let own = u == &m.sender_id;
+                pb::MemberStatus {
+                    user_id: u.to_string(),
+                    delivered: own || r.delivered_seq >= seq,
+                    read: own || r.read_seq >= seq,
+                    updated_at_ms: if own { m.created_at } else { r.updated_at },
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::StatusResponse {
+            message_id: m.id.to_string(),
+            seq,
+            members,
+        }))
+    }
+}
