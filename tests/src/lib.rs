@@ -118,6 +118,11 @@ impl Cluster {
         chatd::Node::start(cli.serve).await
     }
 
+    /// How many edges run.
+    pub fn edge_count(&self) -> usize {
+        self.edge_addrs.len()
+    }
+
     /// `http://host:port` of edge `i`.
     pub fn edge_url(&self, i: usize) -> String {
         format!("http://{}", self.edge_addrs[i])
@@ -206,6 +211,31 @@ impl Cluster {
         })
         .await
         .with_context(|| format!("consumer {name} never settled"))
+    }
+
+    /// `GET` on edge `edge` as `user`; the status and the JSON body.
+    pub async fn get(&self, edge: usize, user: &str, path: &str) -> anyhow::Result<(u16, Value)> {
+        let res = self
+            .http()
+            .get(format!("{}{path}", self.edge_url(edge)))
+            .bearer_auth(token(user))
+            .send()
+            .await?;
+        Ok((
+            res.status().as_u16(),
+            res.json().await.unwrap_or(Value::Null),
+        ))
+    }
+
+    /// The group's history as `user` (newest first), up to 100 messages.
+    pub async fn history(&self, user: &str, group: &str) -> anyhow::Result<Vec<Value>> {
+        let (status, body) = self
+            .get(0, user, &format!("/groups/{group}/messages?limit=100"))
+            .await?;
+        if status != 200 {
+            bail!("history: {status} {body}");
+        }
+        Ok(body["messages"].as_array().cloned().unwrap_or_default())
     }
 
     /// Stops every node, then the services.
@@ -361,6 +391,65 @@ impl Client {
             bail!("expected {event}, got {push}");
         }
         Ok(push)
+    }
+
+    /// The next `n` `a_group_message` pushes, skipping other pushes (such
+    /// as receipts).
+    pub async fn messages(&mut self, n: usize) -> anyhow::Result<Vec<Value>> {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            let push = self
+                .next_any_push()
+                .await
+                .with_context(|| format!("after {} of {n} messages", out.len()))?;
+            if push["event"] == "a_group_message" {
+                out.push(push["data"].clone());
+            }
+        }
+        Ok(out)
+    }
+
+    /// The next push of `event`, skipping others.
+    pub async fn skip_to(&mut self, event: &str) -> anyhow::Result<Value> {
+        loop {
+            let push = self.next_any_push().await?;
+            if push["event"] == event {
+                return Ok(push);
+            }
+        }
+    }
+
+    /// Sends a text message and returns the ack's data.
+    pub async fn send_text(
+        &mut self,
+        group: &str,
+        client_id: &str,
+        text: &str,
+    ) -> anyhow::Result<Value> {
+        self.request(
+            "send_group_message",
+            json!({ "groupId": group, "clientMsgId": client_id, "type": "text", "text": text }),
+        )
+        .await
+    }
+
+    /// Sends a text message, retrying on errors (a backing service coming
+    /// back) until it is acknowledged or `within` has passed.
+    pub async fn send_text_until_ok(
+        &mut self,
+        group: &str,
+        client_id: &str,
+        text: &str,
+        within: Duration,
+    ) -> anyhow::Result<Value> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match self.send_text(group, client_id, text).await {
+                Ok(ack) => return Ok(ack),
+                Err(e) if tokio::time::Instant::now() > deadline => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
     }
 
     /// Closes the connection.

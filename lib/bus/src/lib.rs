@@ -10,7 +10,10 @@
 //! (see ARCHITECTURE.md, "Delivery"), so every device receives every event
 //! exactly once in normal operation, on whichever edge node it connects to.
 
-use std::time::Duration;
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use async_nats::jetstream::{self, consumer, stream};
 use bytes::Bytes;
@@ -21,6 +24,10 @@ mod messages;
 
 pub use defs::Definitions;
 pub use messages::{Envelope, Position, Published, SEQ_HEADER};
+
+/// A group-message subject no group has (group ids are hex): the filter of
+/// a device consumer whose user subscribed to nothing.
+const NO_GROUP_SUBJECT: &str = "chat.group.-.msg";
 
 /// The header JetStream uses to drop duplicate publishes.
 const MSG_ID: &str = "Nats-Msg-Id";
@@ -70,6 +77,8 @@ pub struct Bus {
     client: async_nats::Client,
     js: jetstream::Context,
     defs: Definitions,
+    /// When the current connection came up; `None` while disconnected.
+    up_since: Arc<Mutex<Option<Instant>>>,
 }
 
 impl std::fmt::Debug for Bus {
@@ -82,8 +91,21 @@ impl Bus {
     /// Connects to NATS at `url` (comma-separated for a cluster). Fails fast
     /// when no server answers, then reconnects by itself forever.
     pub async fn connect(url: &str, name: &str, defs: Definitions) -> Result<Self, BusError> {
+        let up_since = Arc::new(Mutex::new(None::<Instant>));
+        let events = up_since.clone();
         let client = async_nats::ConnectOptions::new()
             .name(name)
+            .event_callback(move |event| {
+                let events = events.clone();
+                async move {
+                    let mut up = events.lock().unwrap_or_else(|p| p.into_inner());
+                    match event {
+                        async_nats::Event::Connected => *up = Some(Instant::now()),
+                        async_nats::Event::Disconnected | async_nats::Event::Closed => *up = None,
+                        _ => {}
+                    }
+                }
+            })
             .connection_timeout(Duration::from_secs(5))
             .retry_on_initial_connect()
             .connect(url)
@@ -101,7 +123,17 @@ impl Bus {
         }
         let mut js = jetstream::new(client.clone());
         js.set_timeout(Duration::from_secs(5));
-        Ok(Self { client, js, defs })
+        // the first connection may have come before the callback was set
+        up_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert_with(Instant::now);
+        Ok(Self {
+            client,
+            js,
+            defs,
+            up_since,
+        })
     }
 
     /// The underlying NATS client.
@@ -133,6 +165,14 @@ impl Bus {
                 .map_err(|e| BusError::Unavailable(format!("stream {name}: {e}")))?;
         }
         Ok(())
+    }
+
+    /// How long the connection to NATS has been up, if it is. Publishes made
+    /// while disconnected may sit in the client's buffer and go out after a
+    /// reconnect; once the connection has been up a while, they have.
+    pub fn up_for(&self) -> Option<Duration> {
+        let up = *self.up_since.lock().unwrap_or_else(|p| p.into_inner());
+        up.filter(|_| self.is_connected()).map(|t| t.elapsed())
     }
 
     /// Whether the connection to NATS is up.
@@ -211,8 +251,10 @@ impl Bus {
 
     /// Sets the groups `device`'s group consumer filters on. A consumer that
     /// does not exist yet starts with new messages (older ones come from
-    /// history); with no groups the consumer is deleted, since a consumer
-    /// without filters would match every group.
+    /// history). With no groups the consumer filters on a subject no group
+    /// can have, since a consumer without filters would match every group;
+    /// so it always exists and an edge can bind to it at connect time, and
+    /// filter changes apply to the live pull at once.
     pub async fn set_group_filters(
         &self,
         user: &UserId,
@@ -221,33 +263,35 @@ impl Bus {
     ) -> Result<(), BusError> {
         let name = group_consumer_name(user, device);
         let stream = self.stream(&self.defs.groups_stream.name).await?;
-        if groups.is_empty() {
-            return match stream.delete_consumer(&name).await {
-                Ok(_) => Ok(()),
-                Err(e) if e.to_string().contains("not found") => Ok(()),
-                Err(e) => Err(BusError::nats(e)),
-            };
-        }
-        let filters: Vec<String> = groups.iter().map(group_msg_subject).collect();
-        match stream.consumer_info(&name).await {
-            Ok(info) => {
-                // an update must keep the start the consumer was created with
-                let config =
-                    self.device_consumer(name.clone(), filters, info.config.deliver_policy);
-                stream
-                    .update_consumer(config)
-                    .await
-                    .map_err(|e| BusError::Unavailable(format!("consumer {name}: {e}")))?;
-            }
+        let filters: Vec<String> = if groups.is_empty() {
+            vec![NO_GROUP_SUBJECT.to_owned()]
+        } else {
+            groups.iter().map(group_msg_subject).collect()
+        };
+        let start = match stream.consumer_info(&name).await {
+            // an update must keep the start the consumer was created with
+            Ok(info) => info.config.deliver_policy,
+            // "new messages only", spelled as a start sequence, because only
+            // consumers with an explicit start can be reset (see `reset`)
             Err(_) => {
-                let config =
-                    self.device_consumer(name.clone(), filters, consumer::DeliverPolicy::New);
-                stream
-                    .create_consumer(config)
+                let last = self
+                    .js
+                    .get_stream(&self.defs.groups_stream.name)
                     .await
-                    .map_err(|e| BusError::Unavailable(format!("consumer {name}: {e}")))?;
+                    .map_err(BusError::nats)?
+                    .cached_info()
+                    .state
+                    .last_sequence;
+                consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: last + 1,
+                }
             }
-        }
+        };
+        let config = self.device_consumer(name.clone(), filters, start);
+        stream
+            .create_consumer(config)
+            .await
+            .map_err(|e| BusError::Unavailable(format!("consumer {name}: {e}")))?;
         Ok(())
     }
 
@@ -264,17 +308,29 @@ impl Bus {
         {
             Ok(info) => {
                 let c = info.config;
-                Ok(
-                    if c.filter_subjects.is_empty() && !c.filter_subject.is_empty() {
-                        vec![c.filter_subject]
-                    } else {
-                        c.filter_subjects
-                    },
-                )
+                let mut filters = if c.filter_subjects.is_empty() && !c.filter_subject.is_empty() {
+                    vec![c.filter_subject]
+                } else {
+                    c.filter_subjects
+                };
+                filters.retain(|f| f != NO_GROUP_SUBJECT);
+                Ok(filters)
             }
             Err(e) if e.to_string().contains("not found") => Ok(Vec::new()),
             Err(e) => Err(BusError::nats(e)),
         }
+    }
+
+    /// Rewinds a consumer to its ack floor: whatever was delivered and not
+    /// acknowledged (a previous connection's share) comes again, in stream
+    /// order, instead of after the ack timeout and out of order.
+    pub async fn reset(&self, stream: &str, name: &str) -> Result<(), BusError> {
+        self.stream(stream)
+            .await?
+            .reset_consumer(name, None)
+            .await
+            .map_err(BusError::nats)?;
+        Ok(())
     }
 
     /// Binds to an existing durable consumer on `stream` for delivery.

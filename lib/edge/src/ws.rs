@@ -47,7 +47,7 @@ pub const CLOSE_POLICY: u16 = 1008;
 const PULL_BATCH: usize = 256;
 /// How long one pull stays open; also the longest a closing session takes to
 /// hand back what it holds.
-const PULL_EXPIRES: Duration = Duration::from_secs(5);
+const PULL_EXPIRES: Duration = Duration::from_secs(2);
 /// How long a delivery may wait for room in a client's queue.
 const SLOW_CLIENT: Duration = Duration::from_secs(30);
 /// How often deliveries are reported to workers as receipts.
@@ -176,7 +176,7 @@ impl Session {
             group_delivery: None,
             stopped,
         };
-        session.start_group_delivery().await;
+        session.start_group_delivery();
 
         while let Some(msg) = stream.next().await {
             let Ok(msg) = msg else { break };
@@ -229,33 +229,19 @@ impl Session {
         flush_delivered(&app, &user_id, &delivered).await;
     }
 
-    /// Starts delivering group messages once the device's group consumer
-    /// exists (after the first `subscribe_to_group`).
-    async fn start_group_delivery(&mut self) {
-        if self
-            .group_delivery
-            .as_ref()
-            .is_some_and(|h| !h.is_finished())
-        {
-            return;
-        }
-        let filters = self
-            .app
-            .bus
-            .group_filters(&self.me.user_id, &self.device)
-            .await;
-        if filters.is_ok_and(|f| !f.is_empty()) {
-            let stream = self.app.bus.definitions().groups_stream.name.clone();
-            let name = chat_bus::group_consumer_name(&self.me.user_id, &self.device);
-            self.group_delivery = Some(tokio::spawn(deliver(
-                self.app.clone(),
-                Feed::Groups,
-                stream,
-                name,
-                self.tx.clone(),
-                self.stopped.clone(),
-            )));
-        }
+    /// Starts delivering group messages from the device's group consumer
+    /// (which the worker created when the session opened).
+    fn start_group_delivery(&mut self) {
+        let stream = self.app.bus.definitions().groups_stream.name.clone();
+        let name = chat_bus::group_consumer_name(&self.me.user_id, &self.device);
+        self.group_delivery = Some(tokio::spawn(deliver(
+            self.app.clone(),
+            Feed::Groups,
+            stream,
+            name,
+            self.tx.clone(),
+            self.stopped.clone(),
+        )));
     }
 
     /// Handles one text frame; returns whether to keep the connection.
@@ -402,7 +388,6 @@ impl Session {
                     .subscribe_to_group(pb::GroupRequest { caller, group_id })
                     .await?
                     .into_inner();
-                self.start_group_delivery().await;
                 Ok(json!({ "groupId": r.group_id }))
             }
             other => {
@@ -601,6 +586,25 @@ async fn deliver(
             }
         };
         backoff = Duration::from_millis(100);
+        // A previous session of this device (a reconnect) may still hold an
+        // open pull; wait for it to end (bounded: after a crash it simply
+        // expires), then rewind to the ack floor so that whatever it held
+        // comes again first and in order.
+        let deadline = tokio::time::Instant::now() + PULL_EXPIRES + Duration::from_secs(1);
+        while tokio::time::Instant::now() < deadline {
+            match c.get_info().await {
+                Ok(info) if info.num_waiting > 0 => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                        _ = stop.changed() => return,
+                    }
+                }
+                _ => break,
+            }
+        }
+        if let Err(e) = app.bus.reset(&stream, &consumer).await {
+            tracing::warn!(error = %e, consumer, "cannot rewind consumer; redeliveries may come late");
+        }
         while !stopping {
             let batch = c
                 .batch()

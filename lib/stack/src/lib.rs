@@ -59,7 +59,15 @@ struct Service {
 
 impl Service {
     fn spawn(name: &'static str, mut cmd: Command, dir: &Path) -> anyhow::Result<Self> {
-        let log = dir.join(format!("{name}.log"));
+        // one log per run, so a restart waits for its own ready line
+        let mut run = 0;
+        let log = loop {
+            let candidate = dir.join(format!("{name}-{run}.log"));
+            if !candidate.exists() {
+                break candidate;
+            }
+            run += 1;
+        };
         let out = std::fs::File::create(&log)?;
         let err = out.try_clone()?;
         let child = cmd
@@ -121,20 +129,29 @@ pub struct Nats {
     _dir: TempDir,
 }
 
+fn port_of(url: &str) -> anyhow::Result<String> {
+    let rest = url.rsplit(':').next().context("no port in url")?;
+    Ok(rest.split(['/', '?']).next().unwrap_or_default().to_owned())
+}
+
 impl Nats {
-    pub async fn start() -> anyhow::Result<Self> {
+    fn command(dir: &Path, port: &str, monitor: &str) -> anyhow::Result<Command> {
         let bin = binary("CHAT_NATS_SERVER", venv().join("bin/nats-server"))?;
-        let dir = tempfile::Builder::new().prefix("chat-nats-").tempdir()?;
-        let store = dir.path().join("js");
-        let ports = dir.path().join("ports");
-        std::fs::create_dir_all(&ports)?;
         let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../nats/nats-server.conf");
         let mut cmd = Command::new(bin);
         cmd.arg("-c").arg(&config);
-        cmd.args(["-a", "127.0.0.1", "-p", "-1", "-m", "-1", "-js", "-sd"])
-            .arg(&store)
+        cmd.args(["-a", "127.0.0.1", "-p", port, "-m", monitor, "-js", "-sd"])
+            .arg(dir.join("js"))
             .arg("--ports_file_dir")
-            .arg(&ports);
+            .arg(dir.join("ports"));
+        Ok(cmd)
+    }
+
+    pub async fn start() -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("chat-nats-").tempdir()?;
+        let ports = dir.path().join("ports");
+        std::fs::create_dir_all(&ports)?;
+        let cmd = Self::command(dir.path(), "-1", "-1")?;
         let mut service = Service::spawn("nats-server", cmd, dir.path())?;
         service
             .wait_for(|l| l.contains("Server is ready").then_some(()))
@@ -171,6 +188,20 @@ impl Nats {
     pub fn kill(&mut self) {
         self.service.kill();
     }
+
+    /// Starts the server again on the same ports with the same data.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        let cmd = Self::command(
+            self._dir.path(),
+            &port_of(&self.url)?,
+            &port_of(&self.monitor_url)?,
+        )?;
+        self.service = Service::spawn("nats-server", cmd, self._dir.path())?;
+        self.service
+            .wait_for(|l| l.contains("Server is ready").then_some(()))
+            .await
+    }
 }
 
 /// SecantusDB, a MongoDB-wire server.
@@ -182,22 +213,29 @@ pub struct Mongo {
 }
 
 impl Mongo {
-    pub async fn start() -> anyhow::Result<Self> {
+    fn command(dir: &Path, port: &str) -> anyhow::Result<Command> {
         let bin = binary("CHAT_MONGOD", venv().join("bin/secantusd-py"))?;
-        let dir = tempfile::Builder::new().prefix("chat-mongo-").tempdir()?;
-        let data = dir.path().join("data");
-        std::fs::create_dir_all(&data)?;
         let mut cmd = Command::new(bin);
-        cmd.args(["--host", "127.0.0.1", "--port", "0", "--storage-path"])
-            .arg(&data)
-            .current_dir(dir.path());
-        let mut service = Service::spawn("secantusd", cmd, dir.path())?;
-        let addr = service
+        cmd.args(["--host", "127.0.0.1", "--port", port, "--storage-path"])
+            .arg(dir.join("data"))
+            .current_dir(dir);
+        Ok(cmd)
+    }
+
+    async fn wait_ready(service: &mut Service) -> anyhow::Result<String> {
+        service
             .wait_for(|l| {
                 let rest = l.split("listening on ").nth(1)?;
                 Some(rest.split_whitespace().next()?.to_owned())
             })
-            .await?;
+            .await
+    }
+
+    pub async fn start() -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("chat-mongo-").tempdir()?;
+        std::fs::create_dir_all(dir.path().join("data"))?;
+        let mut service = Service::spawn("secantusd", Self::command(dir.path(), "0")?, dir.path())?;
+        let addr = Self::wait_ready(&mut service).await?;
         Ok(Self {
             service,
             uri: format!("mongodb://{addr}/?directConnection=true"),
@@ -208,6 +246,14 @@ impl Mongo {
     /// Kills the server at once (SIGKILL).
     pub fn kill(&mut self) {
         self.service.kill();
+    }
+
+    /// Starts the server again on the same port with the same data.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        let cmd = Self::command(self._dir.path(), &port_of(&self.uri)?)?;
+        self.service = Service::spawn("secantusd", cmd, self._dir.path())?;
+        Self::wait_ready(&mut self.service).await.map(drop)
     }
 }
 

@@ -210,6 +210,11 @@ pub(crate) async fn sweep_pending(s: Arc<State>) {
                 continue;
             }
         };
+        // a publish buffered during a disconnect goes out after the
+        // reconnect: settle nothing until the connection has been up a while
+        if s.bus.up_for().is_none_or(|up| up < after) {
+            continue;
+        }
         for m in stale {
             if let Err(e) = resolve_pending(&s, m).await {
                 tracing::debug!(error = %e, "cannot resolve a pending message yet");
@@ -295,6 +300,12 @@ impl MessagesService {
                 Some(existing) if existing.is_committed() => Ok(ack(&existing)),
                 _ => Err(unavailable("this message is still being sent; retry later")),
             };
+        }
+        if !s.bus.is_connected() {
+            // certain failure: nothing was sent, so roll back at once rather
+            // than let the client buffer a publish for later
+            s.store.messages.delete_pending(&m.id).await?;
+            return Err(unavailable("nats is not connected"));
         }
         let p = match publish(s, &m).await {
             Ok(p) => p,

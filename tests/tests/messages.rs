@@ -1,0 +1,435 @@
+//! Text messages (seed §2): ordered, gapless, delivered live and offline,
+//! idempotent, encrypted at rest, rolled back on failure, with receipts.
+
+use std::collections::HashSet;
+
+use chat_tests::{Client, Cluster, PROMPTLY, eventually};
+use mongodb::bson::{Document, doc};
+use serde_json::{Value, json};
+
+/// A group of `members` (the first is the owner), everyone subscribed.
+async fn room(c: &Cluster, members: &[&str]) -> anyhow::Result<String> {
+    let g = c.create_group(members[0], &members[1..]).await?;
+    let id = g["id"].as_str().expect("id").to_owned();
+    for (i, m) in members.iter().enumerate() {
+        let mut ws = c.connect(i % c.edge_count(), m, "setup").await?;
+        ws.request("subscribe_to_group", json!({ "groupId": id }))
+            .await?;
+        ws.close().await?;
+    }
+    Ok(id)
+}
+
+fn seqs(messages: &[Value]) -> Vec<u64> {
+    messages
+        .iter()
+        .map(|m| m["seq"].as_u64().unwrap_or(0))
+        .collect()
+}
+
+fn ids(messages: &[Value]) -> Vec<String> {
+    messages
+        .iter()
+        .map(|m| m["messageId"].as_str().unwrap_or("").to_owned())
+        .collect()
+}
+
+async fn pending_count(c: &Cluster) -> anyhow::Result<u64> {
+    Ok(c.mongo()
+        .await?
+        .collection::<Document>("messages")
+        .count_documents(doc! { "state": "pending" })
+        .await?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_senders_are_ordered_everywhere_and_offline_members_catch_up()
+-> anyhow::Result<()> {
+    let c = Cluster::start(2, 2).await?;
+    let g = room(&c, &["alice", "bob", "carol"]).await?;
+    let alice = c.connect(0, "alice", "setup").await?;
+    let bob = c.connect(1, "bob", "setup").await?;
+    // carol is offline from here on
+
+    const EACH: usize = 25;
+    let send_all = |mut client: Client, who: &'static str, g: String| async move {
+        for i in 0..EACH {
+            client
+                .send_text(&g, &format!("{who}-{i}"), &format!("{who} says {i}"))
+                .await?;
+        }
+        anyhow::Ok(client)
+    };
+    let (a, b) = tokio::join!(
+        send_all(alice, "alice", g.clone()),
+        send_all(bob, "bob", g.clone())
+    );
+    let (mut alice, mut bob) = (a?, b?);
+
+    let at_alice = alice.messages(2 * EACH).await?;
+    let at_bob = bob.messages(2 * EACH).await?;
+    let expected: Vec<u64> = (1..=(2 * EACH) as u64).collect();
+    assert_eq!(seqs(&at_alice), expected, "gapless and in order at alice");
+    assert_eq!(seqs(&at_bob), expected, "gapless and in order at bob");
+    assert_eq!(ids(&at_alice), ids(&at_bob), "the same order everywhere");
+    assert!(
+        at_bob.iter().any(|m| m["text"] == "alice says 24")
+            && at_bob.iter().any(|m| m["senderId"] == "bob")
+    );
+
+    // carol reconnects, on either edge, and gets exactly what she missed
+    let mut carol = c.connect(0, "carol", "setup").await?;
+    let missed = carol.messages(2 * EACH).await?;
+    assert_eq!(ids(&missed), ids(&at_bob));
+    // then nothing twice: the next message is the next seq
+    alice.send_text(&g, "marker", "marker").await?;
+    let next = carol.messages(1).await?;
+    assert_eq!(
+        (next[0]["seq"].as_u64(), next[0]["text"].as_str()),
+        (Some(2 * EACH as u64 + 1), Some("marker"))
+    );
+
+    // history agrees, newest first, decrypted
+    let history = c.history("carol", &g).await?;
+    assert_eq!(history.len(), 2 * EACH + 1);
+    let mut oldest_first: Vec<Value> = history.into_iter().rev().collect();
+    let marker = oldest_first.pop().expect("marker");
+    assert_eq!(marker["text"], "marker");
+    assert_eq!(ids(&oldest_first), ids(&at_bob));
+    assert_eq!(
+        oldest_first, at_bob,
+        "history shows exactly what was delivered"
+    );
+    // paging
+    let (_, page) = c
+        .get(0, "bob", &format!("/groups/{g}/messages?before=10&limit=3"))
+        .await?;
+    assert_eq!(
+        seqs(page["messages"].as_array().expect("messages")),
+        [9, 8, 7]
+    );
+    c.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_connection_of_a_user_receives_every_message() -> anyhow::Result<()> {
+    let c = Cluster::start(2, 1).await?;
+    // both devices exist before bob subscribes from one of them
+    let mut phone = c.connect(0, "bob", "phone").await?;
+    let mut laptop = c.connect(1, "bob", "laptop").await?;
+    let g = c.create_group("alice", &["bob"]).await?;
+    let g = g["id"].as_str().expect("id").to_owned();
+    phone
+        .request("subscribe_to_group", json!({ "groupId": g }))
+        .await?;
+    let mut alice = c.connect(0, "alice", "web").await?;
+    for i in 0..5 {
+        alice
+            .send_text(&g, &format!("m{i}"), &format!("hello {i}"))
+            .await?;
+    }
+    assert_eq!(seqs(&phone.messages(5).await?), [1, 2, 3, 4, 5]);
+    assert_eq!(seqs(&laptop.messages(5).await?), [1, 2, 3, 4, 5]);
+    c.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_send_creates_one_message_even_across_edges() -> anyhow::Result<()> {
+    let mut c = Cluster::start(2, 1).await?;
+    let g = room(&c, &["alice", "bob"]).await?;
+    let mut bob = c.connect(0, "bob", "setup").await?;
+    let mut a0 = c.connect(0, "alice", "one").await?;
+    let mut a1 = c.connect(1, "alice", "two").await?;
+    let first = a0.send_text(&g, "same-id", "once").await?;
+    let again = a1.send_text(&g, "same-id", "once").await?;
+    assert_eq!(first, again, "the retry gets the original ack");
+    // also after the worker and an edge restart
+    c.restart_worker(0).await?;
+    c.restart_edge(1).await?;
+    let mut a1 = c.connect(1, "alice", "two").await?;
+    assert_eq!(a1.send_text(&g, "same-id", "once").await?, first);
+    // another sender may use the same client id
+    bob.send_text(&g, "same-id", "bob's own").await?;
+    let got = bob.messages(2).await?;
+    assert_eq!(seqs(&got), [1, 2]);
+    assert_eq!(got[1]["senderId"], "bob");
+    assert_eq!(c.history("bob", &g).await?.len(), 2);
+    c.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_is_never_stored_in_plaintext_and_rotated_keys_still_decrypt() -> anyhow::Result<()>
+{
+    let mut c = Cluster::start(1, 1).await?;
+    let g = room(&c, &["alice", "bob"]).await?;
+    let mut alice = c.connect(0, "alice", "web").await?;
+    let secret = "the-plaintext-canary-4711";
+    alice.send_text(&g, "c1", secret).await?;
+
+    let db = c.mongo().await?;
+    let docs: Vec<Document> = {
+        use futures::TryStreamExt;
+        db.collection::<Document>("messages")
+            .find(doc! {})
+            .await?
+            .try_collect()
+            .await?
+    };
+    assert_eq!(docs.len(), 1);
+    let raw = mongodb::bson::to_vec(&docs[0])?;
+    assert!(
+        !raw.windows(secret.len()).any(|w| w == secret.as_bytes()),
+        "plaintext in MongoDB"
+    );
+    assert_eq!(docs[0].get_str("keyId")?, "t1");
+    let stream_seq = docs[0].get_i64("streamSeq")? as u64;
+    let payload = c.bus().await?.group_stream_message(stream_seq).await?;
+    assert!(
+        !payload
+            .windows(secret.len())
+            .any(|w| w == secret.as_bytes()),
+        "plaintext in JetStream"
+    );
+    assert!(std::str::from_utf8(&payload)?.contains("ciphertext"));
+
+    // rotate: a new first key; the old one stays for decryption
+    let new_key = chat_crypto::KeyRing::generate_entry("t2");
+    c.keys = format!("{new_key},{}", chat_tests::KEY);
+    c.restart_worker(0).await?;
+    c.restart_edge(0).await?;
+    let mut alice = c.connect(0, "alice", "web").await?;
+    alice.send_text(&g, "c2", "after rotation").await?;
+    let stored = db
+        .collection::<Document>("messages")
+        .find_one(doc! { "clientMsgId": "c2" })
+        .await?
+        .expect("stored");
+    assert_eq!(stored.get_str("keyId")?, "t2");
+    let history = c.history("bob", &g).await?;
+    let texts: Vec<&str> = history.iter().filter_map(|m| m["text"].as_str()).collect();
+    assert_eq!(texts, ["after rotation", secret]);
+    // and both are delivered decrypted
+    let mut bob = c.connect(0, "bob", "setup").await?;
+    let got = bob.messages(2).await?;
+    assert_eq!(got[0]["text"], secret);
+    assert_eq!(got[1]["text"], "after rotation");
+    c.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_down_gives_unavailable_and_history_and_delivery_agree_after() -> anyhow::Result<()> {
+    let mut c = Cluster::start_with(1, 1, &["--rpc-timeout-ms", "8000"]).await?;
+    let g = room(&c, &["alice", "bob"]).await?;
+    let mut alice = c.connect(0, "alice", "web").await?;
+    let mut bob = c.connect(0, "bob", "setup").await?;
+    alice.send_text(&g, "before", "before").await?;
+
+    c.stack.nats.kill();
+    let id = alice
+        .send(
+            "send_group_message",
+            json!({"groupId": g, "clientMsgId": "during", "type": "text", "text": "during"}),
+        )
+        .await?;
+    let reply = alice.reply_to(&id).await?;
+    assert_eq!(
+        (reply["event"].as_str(), reply["data"]["code"].as_str()),
+        (Some("error"), Some("unavailable")),
+        "{reply}"
+    );
+    c.stack.nats.restart().await?;
+
+    // sends work again once the nodes have reconnected
+    alice
+        .send_text_until_ok(&g, "after", "after", PROMPTLY * 3)
+        .await?;
+    // the uncertain message is settled: committed or rolled back, never left
+    eventually(PROMPTLY, || async {
+        Ok((pending_count(&c).await? == 0).then_some(()))
+    })
+    .await?;
+
+    let history = c.history("bob", &g).await?;
+    let in_history: Vec<String> = ids(&history).into_iter().rev().collect();
+    let delivered = bob.messages(in_history.len()).await?;
+    assert_eq!(ids(&delivered), in_history, "delivery and history agree");
+    assert_eq!(
+        seqs(&delivered),
+        (1..=in_history.len() as u64).collect::<Vec<_>>()
+    );
+    // nothing more was delivered than history shows
+    alice.send_text(&g, "marker", "marker").await?;
+    assert_eq!(bob.messages(1).await?[0]["text"], "marker");
+    c.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mongodb_down_gives_unavailable_and_nothing_is_published() -> anyhow::Result<()> {
+    let mut c = Cluster::start_with(1, 1, &["--rpc-timeout-ms", "15000"]).await?;
+    let g = room(&c, &["alice", "bob"]).await?;
+    let mut alice = c.connect(0, "alice", "web").await?;
+    let mut bob = c.connect(0, "bob", "setup").await?;
+    alice.send_text(&g, "before", "before").await?;
+    assert_eq!(bob.messages(1).await?[0]["text"], "before");
+
+    c.stack.mongo.kill();
+    let id = alice
+        .send(
+            "send_group_message",
+            json!({"groupId": g, "clientMsgId": "during", "type": "text", "text": "during"}),
+        )
+        .await?;
+    let reply = alice.reply_to(&id).await?;
+    assert_eq!(reply["data"]["code"], "unavailable", "{reply}");
+    c.stack.mongo.restart().await?;
+
+    alice
+        .send_text_until_ok(&g, "after", "after", PROMPTLY * 3)
+        .await?;
+    // bob's next message is the one after the outage: "during" was never published
+    let next = bob.messages(1).await?;
+    assert_eq!(
+        (next[0]["text"].as_str(), next[0]["seq"].as_u64()),
+        (Some("after"), Some(2))
+    );
+    let texts: Vec<String> = c
+        .history("bob", &g)
+        .await?
+        .iter()
+        .filter_map(|m| m["text"].as_str().map(String::from))
+        .collect();
+    assert_eq!(texts, ["after", "before"]);
+    c.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_mark_delivered_and_read_and_reach_the_sender() -> anyhow::Result<()> {
+    let c = Cluster::start(1, 1).await?;
+    let g = room(&c, &["alice", "bob", "carol"]).await?;
+    let mut alice = c.connect(0, "alice", "web").await?;
+    let mut bob = c.connect(0, "bob", "setup").await?;
+    let sent = alice.send_text(&g, "m1", "hi").await?;
+    let mid = sent["messageId"].as_str().expect("id").to_owned();
+    bob.messages(1).await?;
+
+    let status_path = format!("/groups/{g}/messages/{mid}/status");
+    let member = |body: &Value, who: &str| -> (bool, bool) {
+        let m = body["members"]
+            .as_array()
+            .and_then(|ms| ms.iter().find(|m| m["userId"] == who))
+            .cloned()
+            .unwrap_or_default();
+        (
+            m["delivered"].as_bool().unwrap_or(false),
+            m["read"].as_bool().unwrap_or(false),
+        )
+    };
+    // delivery to bob's connection marks it delivered (reported in batches)
+    let body = eventually(PROMPTLY, || async {
+        let (_, body) = c.get(0, "alice", &status_path).await?;
+        Ok((member(&body, "bob") == (true, false)).then_some(body))
+    })
+    .await?;
+    assert_eq!(member(&body, "carol"), (false, false), "carol is offline");
+    assert_eq!(
+        member(&body, "alice"),
+        (true, true),
+        "the sender has her own message"
+    );
+
+    let ack = bob
+        .request(
+            "acknowledge_group_message",
+            json!({ "groupId": g, "messageId": mid }),
+        )
+        .await?;
+    assert_eq!(ack["readSeq"], 1);
+    let (_, body) = c.get(0, "bob", &status_path).await?;
+    assert_eq!(member(&body, "bob"), (true, true));
+
+    // alice hears of both changes as watermarks
+    let mut seen = HashSet::new();
+    while !seen.contains(&(1, 1)) {
+        let s = alice.skip_to("a_message_status").await?;
+        assert_eq!(
+            (s["data"]["groupId"].as_str(), s["data"]["userId"].as_str()),
+            (Some(g.as_str()), Some("bob"))
+        );
+        seen.insert((
+            s["data"]["deliveredSeq"].as_u64().unwrap_or(0),
+            s["data"]["readSeq"].as_u64().unwrap_or(0),
+        ));
+    }
+
+    // non-members can do none of it
+    let mut mallory = c.connect(0, "mallory", "x").await?;
+    let code = mallory
+        .request_error(
+            "send_group_message",
+            json!({"groupId": g, "clientMsgId": "x", "type": "text", "text": "hi"}),
+        )
+        .await?;
+    assert_eq!(code, "forbidden");
+    assert_eq!(
+        mallory
+            .request_error(
+                "acknowledge_group_message",
+                json!({"groupId": g, "messageId": mid})
+            )
+            .await?,
+        "forbidden"
+    );
+    assert_eq!(
+        c.get(0, "mallory", &format!("/groups/{g}/messages"))
+            .await?
+            .0,
+        403
+    );
+    assert_eq!(c.get(0, "mallory", &status_path).await?.0, 403);
+    c.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_messages_get_precise_errors_and_the_socket_stays() -> anyhow::Result<()> {
+    let c = Cluster::start(1, 1).await?;
+    let g = room(&c, &["alice"]).await?;
+    let mut ws = c.connect(0, "alice", "web").await?;
+    let send = |text: Value, kind: &str, client: &str| json!({"groupId": g, "clientMsgId": client, "type": kind, "text": text});
+    let cases = [
+        (
+            send(json!("x".repeat(16 * 1024 + 1)), "text", "a"),
+            "too_large",
+        ),
+        (send(json!(""), "text", "b"), "invalid"),
+        (send(json!("  "), "text", "b2"), "invalid"),
+        (send(json!("hi"), "sticker", "c"), "invalid"),
+        (send(json!("hi"), "text", "bad.id"), "invalid"),
+        (
+            json!({"groupId": g, "type": "text", "text": "no client id"}),
+            "invalid",
+        ),
+        (
+            json!({"groupId": "0123456789abcdef0123456789abcdef", "clientMsgId": "d", "type": "text", "text": "x"}),
+            "not_found",
+        ),
+    ];
+    for (data, code) in cases {
+        assert_eq!(
+            ws.request_error("send_group_message", data.clone()).await?,
+            code,
+            "{data}"
+        );
+    }
+    // exactly at the limit is fine, and the socket kept working throughout
+    let ok = ws.send_text(&g, "e", &"é".repeat(8 * 1024)).await?;
+    assert_eq!(ok["seq"], 1);
+    let (status, _) = c
+        .get(0, "alice", &format!("/groups/{g}/messages?limit=0"))
+        .await?;
+    assert_eq!(status, 400);
+    let (status, _) = c
+        .get(0, "alice", &format!("/groups/{g}/messages?limit=x"))
+        .await?;
+    assert_eq!(status, 400);
+    c.stop().await
+}
