@@ -253,9 +253,9 @@ impl MessagesService {
             if existing.is_committed() {
                 return Ok(ack(&existing));
             }
-            if now_millis() - existing.created_at
-                < s.config.resolve_pending_after.as_millis() as i64
-            {
+            let after = s.config.resolve_pending_after;
+            let young = now_millis() - existing.created_at < after.as_millis() as i64;
+            if young || s.bus.up_for().is_none_or(|up| up < after) {
                 return Err(unavailable("this message is still being sent; retry later"));
             }
             if let Some(done) = resolve_pending(s, existing).await? {
