@@ -118,6 +118,11 @@ impl Cluster {
         chatd::Node::start(cli.serve).await
     }
 
+    /// `http://host:port` of worker `i`'s gRPC endpoint.
+    pub fn worker_url(&self, i: usize) -> String {
+        format!("http://{}", self.workers[i].1)
+    }
+
     /// How many edges run.
     pub fn edge_count(&self) -> usize {
         self.edge_addrs.len()
@@ -269,7 +274,7 @@ impl Client {
     /// Connects with `token` as `device`, and waits for `a_session`.
     pub async fn connect(addr: &SocketAddr, token: &str, device: &str) -> anyhow::Result<Self> {
         let url = format!("ws://{addr}/ws?token={token}&device={device}");
-        let (ws, _) = tokio_tungstenite::connect_async(url).await?;
+        let (ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true).await?;
         let mut client = Self {
             ws,
             pushes: VecDeque::new(),

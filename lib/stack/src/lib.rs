@@ -106,6 +106,10 @@ impl Service {
         }
     }
 
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -187,6 +191,11 @@ impl Nats {
     /// Kills the server at once (SIGKILL).
     pub fn kill(&mut self) {
         self.service.kill();
+    }
+
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.service.pid()
     }
 
     /// Starts the server again on the same ports with the same data.

@@ -133,7 +133,7 @@ pub async fn serve(
         )))
         .add_service(MessagesServer::new(messages::MessagesService(state)))
         .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener),
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown,
         )
         .await;
