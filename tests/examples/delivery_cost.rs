@@ -40,7 +40,11 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let users: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(10_000);
+    let users: usize = args
+        .next()
+        .map(|a| a.parse())
+        .transpose()?
+        .unwrap_or(10_000);
     let missed: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(1_000);
     let c = Cluster::start_with(1, 1, &["--requests-per-sec", "100000"]).await?;
     let nats_pid = c.stack.nats.pid().unwrap_or(0);
@@ -48,7 +52,8 @@ async fn main() -> anyhow::Result<()> {
     let g = g["id"].as_str().unwrap_or_default().to_owned();
     for u in ["alice", "bob"] {
         let mut ws = c.connect(0, u, "d").await?;
-        ws.request("subscribe_to_group", json!({ "groupId": g })).await?;
+        ws.request("subscribe_to_group", json!({ "groupId": g }))
+            .await?;
         ws.close().await?;
     }
 
@@ -80,7 +85,10 @@ async fn main() -> anyhow::Result<()> {
     let took = started.elapsed();
     let rss_after = rss_kib(nats_pid);
     println!("users with one device (2 durable consumers each): {users}");
-    println!("  time to open their sessions: {took:.2?} ({:.0}/s)", users as f64 / took.as_secs_f64());
+    println!(
+        "  time to open their sessions: {took:.2?} ({:.0}/s)",
+        users as f64 / took.as_secs_f64()
+    );
     println!(
         "  nats-server RSS: {} MiB -> {} MiB, {:.1} KiB per user",
         rss_before / 1024,
@@ -103,7 +111,11 @@ async fn main() -> anyhow::Result<()> {
     let mut deliveries: Vec<Duration> = latencies.iter().map(|l| l.1).collect();
     acks.sort();
     deliveries.sort();
-    println!("send -> ack, 300 sequential sends: p50 {:.2?}, p99 {:.2?}", percentile(&acks, 0.5), percentile(&acks, 0.99));
+    println!(
+        "send -> ack, 300 sequential sends: p50 {:.2?}, p99 {:.2?}",
+        percentile(&acks, 0.5),
+        percentile(&acks, 0.99)
+    );
     println!(
         "send -> delivery at another member: p50 {:.2?}, p99 {:.2?}, max {:.2?}",
         percentile(&deliveries, 0.5),
@@ -115,15 +127,24 @@ async fn main() -> anyhow::Result<()> {
     bob.close().await?;
     let t = Instant::now();
     for i in 0..missed {
-        alice.send_text(&g, &format!("miss{i}"), "while you were away").await?;
+        alice
+            .send_text(&g, &format!("miss{i}"), "while you were away")
+            .await?;
     }
     let send_took = t.elapsed();
-    println!("sent {missed} messages one at a time in {send_took:.2?} ({:.0}/s)", missed as f64 / send_took.as_secs_f64());
+    println!(
+        "sent {missed} messages one at a time in {send_took:.2?} ({:.0}/s)",
+        missed as f64 / send_took.as_secs_f64()
+    );
     let t = Instant::now();
     let mut bob = c.connect(0, "bob", "d").await?;
     let got = bob.messages(missed).await?;
     let took = t.elapsed();
-    let in_order = got.windows(2).all(|w| w[0]["seq"].as_u64() < w[1]["seq"].as_u64());
-    println!("catch-up of {missed} missed messages after reconnect: {took:.2?} (in order: {in_order})");
+    let in_order = got
+        .windows(2)
+        .all(|w| w[0]["seq"].as_u64() < w[1]["seq"].as_u64());
+    println!(
+        "catch-up of {missed} missed messages after reconnect: {took:.2?} (in order: {in_order})"
+    );
     c.stop().await
 }

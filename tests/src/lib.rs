@@ -109,6 +109,21 @@ impl Cluster {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        let s3 = &self.stack.s3;
+        argv.extend(
+            [
+                "--s3-endpoint",
+                &s3.endpoint,
+                "--s3-bucket",
+                &s3.bucket,
+                "--s3-access-key",
+                &s3.access_key,
+                "--s3-secret-key",
+                &s3.secret_key,
+            ]
+            .iter()
+            .map(|s| s.to_string()),
+        );
         if !workers.is_empty() {
             argv.push("--workers".into());
             argv.push(workers.join(","));

@@ -49,6 +49,14 @@ async fn main() -> anyhow::Result<()> {
         &args.jwt_secret,
         "--encryption-keys",
         &key,
+        "--s3-endpoint",
+        &stack.s3.endpoint,
+        "--s3-bucket",
+        &stack.s3.bucket,
+        "--s3-access-key",
+        &stack.s3.access_key,
+        "--s3-secret-key",
+        &stack.s3.secret_key,
     ])?
     .serve;
     let node = chatd::Node::start(serve).await?;

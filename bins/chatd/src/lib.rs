@@ -10,7 +10,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use anyhow::Context as _;
 use chat_auth::Verifier;
 use chat_bus::{Bus, Definitions};
-use chat_domain::Limits;
+use chat_domain::{Limits, MediaPolicy};
 use chat_store::Store;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio::{
@@ -140,6 +140,61 @@ pub struct ServeArgs {
     #[arg(long, env = "CHATD_RESOLVE_PENDING_AFTER_MS", default_value_t = 30_000)]
     pub resolve_pending_after_ms: u64,
 
+    /// Worker: S3-compatible endpoint for media (e.g. http://minio:9000).
+    /// Without it, media requests answer `unavailable`.
+    #[arg(long, env = "CHATD_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    /// Worker: the media bucket (never public).
+    #[arg(long, env = "CHATD_S3_BUCKET", default_value = "chat-media")]
+    pub s3_bucket: String,
+    /// Worker: the bucket's region.
+    #[arg(long, env = "CHATD_S3_REGION", default_value = "us-east-1")]
+    pub s3_region: String,
+    /// Worker: S3 access key id.
+    #[arg(long, env = "CHATD_S3_ACCESS_KEY", default_value = "")]
+    pub s3_access_key: String,
+    /// Worker: S3 secret access key.
+    #[arg(
+        long,
+        env = "CHATD_S3_SECRET_KEY",
+        default_value = "",
+        hide_env_values = true,
+        hide_default_value = true
+    )]
+    pub s3_secret_key: String,
+    /// Worker: seconds an upload URL stays valid.
+    #[arg(long, env = "CHATD_UPLOAD_URL_TTL_SECS", default_value_t = 900)]
+    pub upload_url_ttl_secs: u64,
+    /// Worker: seconds a download URL stays valid.
+    #[arg(long, env = "CHATD_DOWNLOAD_URL_TTL_SECS", default_value_t = 300)]
+    pub download_url_ttl_secs: u64,
+    /// Worker: uploads that no message uses after this many seconds are
+    /// deleted.
+    #[arg(
+        long,
+        env = "CHATD_UNREFERENCED_UPLOAD_TTL_SECS",
+        default_value_t = 86_400
+    )]
+    pub unreferenced_upload_ttl_secs: u64,
+    /// Allowed image MIME types, comma-separated.
+    #[arg(long, env = "CHATD_IMAGE_TYPES", value_delimiter = ',', default_values_t = MediaPolicy::default().image_types)]
+    pub image_types: Vec<String>,
+    /// Allowed video MIME types, comma-separated.
+    #[arg(long, env = "CHATD_VIDEO_TYPES", value_delimiter = ',', default_values_t = MediaPolicy::default().video_types)]
+    pub video_types: Vec<String>,
+    /// Allowed audio MIME types, comma-separated.
+    #[arg(long, env = "CHATD_AUDIO_TYPES", value_delimiter = ',', default_values_t = MediaPolicy::default().audio_types)]
+    pub audio_types: Vec<String>,
+    /// Largest image, in bytes.
+    #[arg(long, env = "CHATD_MAX_IMAGE_BYTES", default_value_t = MediaPolicy::default().image_max_bytes)]
+    pub max_image_bytes: u64,
+    /// Largest video, in bytes.
+    #[arg(long, env = "CHATD_MAX_VIDEO_BYTES", default_value_t = MediaPolicy::default().video_max_bytes)]
+    pub max_video_bytes: u64,
+    /// Largest audio clip, in bytes.
+    #[arg(long, env = "CHATD_MAX_AUDIO_BYTES", default_value_t = MediaPolicy::default().audio_max_bytes)]
+    pub max_audio_bytes: u64,
+
     /// Most members in one group.
     #[arg(long, env = "CHATD_MAX_GROUP_MEMBERS", default_value_t = Limits::default().group_members)]
     pub max_group_members: usize,
@@ -169,6 +224,31 @@ impl ServeArgs {
             group_description_chars: self.max_group_description,
             text_bytes: self.max_text_bytes,
         }
+    }
+
+    fn media(&self) -> MediaPolicy {
+        MediaPolicy {
+            image_types: self.image_types.clone(),
+            video_types: self.video_types.clone(),
+            audio_types: self.audio_types.clone(),
+            image_max_bytes: self.max_image_bytes,
+            video_max_bytes: self.max_video_bytes,
+            audio_max_bytes: self.max_audio_bytes,
+        }
+    }
+
+    fn objects(&self) -> anyhow::Result<Option<chat_store::Objects>> {
+        let Some(endpoint) = &self.s3_endpoint else {
+            return Ok(None);
+        };
+        let config = chat_store::ObjectsConfig {
+            endpoint: endpoint.clone(),
+            bucket: self.s3_bucket.clone(),
+            region: self.s3_region.clone(),
+            access_key: self.s3_access_key.clone(),
+            secret_key: self.s3_secret_key.clone(),
+        };
+        Ok(Some(chat_store::Objects::new(&config)?))
     }
 
     fn keys(&self) -> anyhow::Result<chat_crypto::KeyRing> {
@@ -252,14 +332,22 @@ impl Node {
             let config = chat_worker::Config {
                 limits: args.limits(),
                 resolve_pending_after: Duration::from_millis(args.resolve_pending_after_ms),
+                media: args.media(),
+                upload_url_ttl: Duration::from_secs(args.upload_url_ttl_secs),
+                download_url_ttl: Duration::from_secs(args.download_url_ttl_secs),
+                unreferenced_upload_ttl: Duration::from_secs(args.unreferenced_upload_ttl_secs),
                 ..chat_worker::Config::default()
             };
             let shutdown = shutdown_signal(&stop_rx);
-            let bus = bus.clone();
-            let keys = keys.clone();
+            let deps = chat_worker::Deps {
+                store,
+                bus: bus.clone(),
+                keys: keys.clone(),
+                objects: args.objects()?,
+            };
             let died = died_tx.clone();
             tasks.push(tokio::spawn(async move {
-                let result = chat_worker::serve(listener, store, bus, keys, config, shutdown).await;
+                let result = chat_worker::serve(listener, deps, config, shutdown).await;
                 let _ = died.try_send("worker");
                 result.context("worker")
             }));

@@ -44,4 +44,4 @@ pub fn now_millis() -> Millis {
 
 mod message;
 
-pub use message::{ClientMsgId, MessageId, MessageKind, check_text};
+pub use message::{ClientMsgId, MediaPolicy, MessageId, MessageKind, check_text};

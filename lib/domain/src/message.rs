@@ -85,3 +85,96 @@ mod tests {
         );
     }
 }
+
+/// What media may be uploaded: MIME types and the largest size per kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MediaPolicy {
+    pub image_types: Vec<String>,
+    pub video_types: Vec<String>,
+    pub audio_types: Vec<String>,
+    pub image_max_bytes: u64,
+    pub video_max_bytes: u64,
+    pub audio_max_bytes: u64,
+}
+
+impl Default for MediaPolicy {
+    fn default() -> Self {
+        let list = |s: &[&str]| s.iter().map(|t| t.to_string()).collect();
+        Self {
+            image_types: list(&["image/jpeg", "image/png", "image/gif", "image/webp"]),
+            video_types: list(&["video/mp4", "video/webm", "video/quicktime"]),
+            audio_types: list(&[
+                "audio/mpeg",
+                "audio/mp4",
+                "audio/ogg",
+                "audio/webm",
+                "audio/wav",
+            ]),
+            image_max_bytes: 10 * 1024 * 1024,
+            video_max_bytes: 100 * 1024 * 1024,
+            audio_max_bytes: 20 * 1024 * 1024,
+        }
+    }
+}
+
+impl MediaPolicy {
+    /// Checks that `kind` may carry `mime` at `size` bytes.
+    pub fn check(&self, kind: MessageKind, mime: &str, size: u64) -> Result<(), DomainError> {
+        let (types, max) = match kind {
+            MessageKind::Image => (&self.image_types, self.image_max_bytes),
+            MessageKind::Video => (&self.video_types, self.video_max_bytes),
+            MessageKind::Audio => (&self.audio_types, self.audio_max_bytes),
+            MessageKind::Text => {
+                return Err(DomainError::Invalid("text messages carry no media".into()));
+            }
+        };
+        if !types.iter().any(|t| t == mime) {
+            return Err(DomainError::Invalid(format!(
+                "{} media must be one of {}",
+                kind.as_str(),
+                types.join(", ")
+            )));
+        }
+        if size == 0 {
+            return Err(DomainError::Invalid("size must be at least 1 byte".into()));
+        }
+        if size > max {
+            return Err(DomainError::TooLarge(format!(
+                "{} media may be at most {max} bytes; this is {size}",
+                kind.as_str()
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod media_tests {
+    use super::*;
+
+    #[test]
+    fn media_policy_checks_type_and_size() {
+        let p = MediaPolicy {
+            image_max_bytes: 10,
+            ..MediaPolicy::default()
+        };
+        assert!(p.check(MessageKind::Image, "image/png", 10).is_ok());
+        assert!(matches!(
+            p.check(MessageKind::Image, "image/png", 11),
+            Err(DomainError::TooLarge(_))
+        ));
+        assert!(matches!(
+            p.check(MessageKind::Image, "image/png", 0),
+            Err(DomainError::Invalid(_))
+        ));
+        assert!(matches!(
+            p.check(MessageKind::Image, "video/mp4", 5),
+            Err(DomainError::Invalid(_))
+        ));
+        assert!(matches!(
+            p.check(MessageKind::Text, "image/png", 5),
+            Err(DomainError::Invalid(_))
+        ));
+        assert!(p.check(MessageKind::Audio, "audio/ogg", 5).is_ok());
+    }
+}

@@ -16,7 +16,8 @@ use chat_auth::Verifier;
 use chat_bus::Bus;
 use chat_crypto::KeyRing;
 use chat_rpc::pb::{
-    groups_client::GroupsClient, messages_client::MessagesClient, sessions_client::SessionsClient,
+    groups_client::GroupsClient, media_client::MediaClient, messages_client::MessagesClient,
+    sessions_client::SessionsClient,
 };
 use tokio::net::TcpListener;
 use tonic::transport::{Channel, Endpoint};
@@ -86,6 +87,7 @@ pub struct Inner {
     pub groups: GroupsClient<Channel>,
     pub sessions: SessionsClient<Channel>,
     pub messages: MessagesClient<Channel>,
+    pub media: MediaClient<Channel>,
     pub bus: Bus,
     /// Opens the sealed content of deliveries.
     pub keys: KeyRing,
@@ -133,7 +135,8 @@ impl AppState {
             verifier,
             groups: GroupsClient::new(channel.clone()),
             sessions: SessionsClient::new(channel.clone()),
-            messages: MessagesClient::new(channel),
+            messages: MessagesClient::new(channel.clone()),
+            media: MediaClient::new(channel),
             bus,
             keys,
             config,
@@ -154,6 +157,8 @@ pub fn app(state: AppState) -> Router {
             delete(rest::remove_member),
         )
         .route("/groups/{id}/messages", get(rest::history))
+        .route("/groups/{id}/uploads", post(rest::create_upload))
+        .route("/groups/{id}/media/{object}", get(rest::download_media))
         .route(
             "/groups/{id}/messages/{message_id}/status",
             get(rest::message_status),

@@ -8,8 +8,8 @@ use axum::{
 };
 use chat_domain::Group;
 use chat_protocol::{
-    AddMembersBody, CreateGroupBody, ErrorCode, GroupView, MessageView, TransferOwnerBody,
-    format_millis,
+    AddMembersBody, CreateGroupBody, ErrorCode, GroupView, MediaRef, MessageView,
+    TransferOwnerBody, UploadBody, format_millis,
 };
 use chat_rpc::pb;
 use serde::de::DeserializeOwned;
@@ -207,6 +207,11 @@ pub(crate) async fn history(
             sender_id: m.sender_id,
             kind: m.r#type,
             text: Some(m.text).filter(|t| !t.is_empty()),
+            media: m.media.map(|x| MediaRef {
+                key: x.key,
+                mime: x.mime,
+                size: x.size,
+            }),
             created_at: format_millis(m.created_at_ms),
         })
         .collect();
@@ -244,6 +249,69 @@ pub(crate) async fn message_status(
         .collect();
     Ok(Json(
         json!({ "messageId": r.message_id, "seq": r.seq, "members": members }),
+    ))
+}
+
+/// `POST /groups/{id}/uploads {type, mime, size}`: a pre-signed PUT URL
+/// (members only).
+pub(crate) async fn create_upload(
+    State(app): State<AppState>,
+    Caller(me): Caller,
+    Path(id): Path<String>,
+    Body(body): Body<UploadBody>,
+) -> Result<impl IntoResponse, ApiError> {
+    let r = app
+        .media
+        .clone()
+        .create_upload(pb::CreateUploadRequest {
+            caller: me.user_id.to_string(),
+            group_id: id,
+            r#type: body.kind,
+            mime: body.mime,
+            size: body.size,
+        })
+        .await?
+        .into_inner();
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "key": r.key,
+            "uploadUrl": r.upload_url,
+            "method": r.method,
+            "headers": r.headers,
+            "expiresAt": format_millis(r.expires_at_ms),
+        })),
+    ))
+}
+
+/// `GET /groups/{id}/media/{objectId}`: a redirect to a short-lived
+/// pre-signed GET URL of the object `groups/{id}/{objectId}` (members only).
+pub(crate) async fn download_media(
+    State(app): State<AppState>,
+    Caller(me): Caller,
+    Path((id, object)): Path<(String, String)>,
+) -> Result<impl IntoResponse, ApiError> {
+    let key = format!("groups/{id}/{object}");
+    let r = app
+        .media
+        .clone()
+        .media_url(pb::MediaUrlRequest {
+            caller: me.user_id.to_string(),
+            group_id: id,
+            key,
+        })
+        .await?
+        .into_inner();
+    Ok((
+        StatusCode::FOUND,
+        [
+            (axum::http::header::LOCATION, r.url.clone()),
+            (
+                axum::http::header::CACHE_CONTROL,
+                "private, no-store".into(),
+            ),
+        ],
+        Json(json!({ "url": r.url, "expiresAt": format_millis(r.expires_at_ms) })),
     ))
 }
 

@@ -332,16 +332,14 @@ impl Session {
             }
             event::SEND_GROUP_MESSAGE => {
                 let m: SendMessage = parse_data(data)?;
-                if m.media.is_some() {
-                    return Err(ApiError::invalid(
-                        "media messages are not taken by this server yet",
-                    ));
+                if m.kind == "text" && m.text.is_none() {
+                    return Err(ApiError::invalid("a text message needs text"));
                 }
-                let text = match (m.kind.as_str(), m.text) {
-                    ("text", Some(text)) => text,
-                    ("text", None) => return Err(ApiError::invalid("a text message needs text")),
-                    (_, text) => text.unwrap_or_default(),
-                };
+                let media = m.media.map(|x| pb::MediaRef {
+                    key: x.key,
+                    mime: x.mime,
+                    size: x.size,
+                });
                 let r = self
                     .app
                     .messages
@@ -351,7 +349,8 @@ impl Session {
                         group_id: m.group_id,
                         client_msg_id: m.client_msg_id,
                         r#type: m.kind,
-                        text,
+                        text: m.text.unwrap_or_default(),
+                        media,
                     })
                     .await?
                     .into_inner();
@@ -544,6 +543,7 @@ fn open_envelope(app: &AppState, payload: &[u8]) -> Result<(String, (String, u64
         sender_id: env.sender_id,
         kind: env.kind,
         text: content["text"].as_str().map(str::to_owned),
+        media: serde_json::from_value(content["media"].clone()).ok(),
         created_at: format_millis(env.created_at),
     };
     let frame = to_json(&ServerFrame {

@@ -111,7 +111,26 @@ pub struct SendMessage {
     #[serde(default)]
     pub text: Option<String>,
     #[serde(default)]
-    pub media: Option<serde_json::Value>,
+    pub media: Option<MediaRef>,
+}
+
+/// `media` of a message: an uploaded object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MediaRef {
+    pub key: String,
+    pub mime: String,
+    pub size: u64,
+}
+
+/// `POST /groups/{id}/uploads` body.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UploadBody {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub mime: String,
+    pub size: u64,
 }
 
 /// `data` of `acknowledge_group_message`.

@@ -68,6 +68,8 @@ pub struct MessageView {
     pub kind: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub media: Option<crate::MediaRef>,
     pub created_at: String,
 }
 

@@ -9,10 +9,14 @@ use mongodb::{Client, Database, options::ClientOptions};
 
 mod groups;
 mod messages;
+mod objects;
+mod uploads;
 mod users;
 
 pub use groups::{GroupRecord, GroupRepo};
 pub use messages::{MessageRepo, Receipt, StoredMessage};
+pub use objects::{ObjectInfo, Objects, ObjectsConfig};
+pub use uploads::{Upload, UploadRepo};
 pub use users::UserRepo;
 
 /// A store operation failed.
@@ -48,6 +52,7 @@ pub struct Store {
     pub groups: GroupRepo,
     pub users: UserRepo,
     pub messages: MessageRepo,
+    pub uploads: UploadRepo,
     db: Database,
 }
 
@@ -65,6 +70,7 @@ impl Store {
             groups: GroupRepo::new(&db),
             users: UserRepo::new(&db),
             messages: MessageRepo::new(&db),
+            uploads: UploadRepo::new(&db),
             db,
         })
     }
@@ -73,6 +79,7 @@ impl Store {
     pub async fn ensure_indexes(&self) -> Result<(), StoreError> {
         self.groups.ensure_indexes().await?;
         self.messages.ensure_indexes().await?;
+        self.uploads.ensure_indexes().await?;
         Ok(())
     }
 

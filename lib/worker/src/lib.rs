@@ -9,14 +9,16 @@ use std::sync::Arc;
 
 use chat_bus::{Bus, BusError};
 use chat_crypto::KeyRing;
-use chat_domain::{DomainError, GroupId, Limits, UserId};
+use chat_domain::{DomainError, GroupId, Limits, MediaPolicy, UserId};
 use chat_rpc::pb::{
-    groups_server::GroupsServer, messages_server::MessagesServer, sessions_server::SessionsServer,
+    groups_server::GroupsServer, media_server::MediaServer, messages_server::MessagesServer,
+    sessions_server::SessionsServer,
 };
-use chat_store::{GroupRecord, Store, StoreError};
+use chat_store::{GroupRecord, Objects, Store, StoreError};
 use tokio::net::TcpListener;
 
 mod groups;
+mod media;
 mod messages;
 mod sessions;
 
@@ -31,6 +33,14 @@ pub struct Config {
     /// Age after which a message whose publish failed or is uncertain is
     /// settled against JetStream (committed if it landed, else rolled back).
     pub resolve_pending_after: std::time::Duration,
+    /// What media may be uploaded.
+    pub media: MediaPolicy,
+    /// How long an upload URL is valid.
+    pub upload_url_ttl: std::time::Duration,
+    /// How long a download URL is valid.
+    pub download_url_ttl: std::time::Duration,
+    /// Uploads no message uses after this long are deleted.
+    pub unreferenced_upload_ttl: std::time::Duration,
 }
 
 impl Default for Config {
@@ -39,6 +49,10 @@ impl Default for Config {
             limits: Limits::default(),
             max_listed_groups: 500,
             resolve_pending_after: std::time::Duration::from_secs(30),
+            media: MediaPolicy::default(),
+            upload_url_ttl: std::time::Duration::from_secs(15 * 60),
+            download_url_ttl: std::time::Duration::from_secs(5 * 60),
+            unreferenced_upload_ttl: std::time::Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -78,10 +92,22 @@ impl From<WorkerError> for tonic::Status {
     }
 }
 
+/// What a worker talks to.
+#[derive(Debug)]
+pub struct Deps {
+    pub store: Store,
+    pub bus: Bus,
+    pub keys: KeyRing,
+    /// The media bucket; without it media calls answer `unavailable`.
+    pub objects: Option<Objects>,
+}
+
 pub(crate) struct State {
     pub store: Store,
     pub bus: Bus,
     pub keys: KeyRing,
+    /// The media bucket, if configured.
+    pub objects: Option<Objects>,
     pub config: Config,
     pub positions: messages::Positions,
 }
@@ -112,32 +138,42 @@ impl State {
 /// completes, then finishes the calls in flight.
 pub async fn serve(
     listener: TcpListener,
-    store: Store,
-    bus: Bus,
-    keys: KeyRing,
+    deps: Deps,
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
+    let Deps {
+        store,
+        bus,
+        keys,
+        objects,
+    } = deps;
     let state = Arc::new(State {
         store,
         bus,
         keys,
+        objects,
         config,
         positions: Default::default(),
     });
     let sweeper = tokio::spawn(messages::sweep_pending(state.clone()));
+    let cleaner = tokio::spawn(media::clean_uploads(state.clone()));
     let result = tonic::transport::Server::builder()
         .add_service(GroupsServer::new(groups::GroupsService(state.clone())))
         .add_service(SessionsServer::new(sessions::SessionsService(
             state.clone(),
         )))
-        .add_service(MessagesServer::new(messages::MessagesService(state)))
+        .add_service(MessagesServer::new(messages::MessagesService(
+            state.clone(),
+        )))
+        .add_service(MediaServer::new(media::MediaService(state)))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown,
         )
         .await;
     sweeper.abort();
+    cleaner.abort();
     result
 }
 

@@ -22,7 +22,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 use tonic::{Request, Response, Status};
 
-use crate::{State, WorkerError, parse_id};
+use crate::{
+    State, WorkerError,
+    media::{MediaContent, check_media},
+    parse_id,
+};
 
 /// Compare-and-set attempts before a send gives up as `unavailable`.
 const CAS_ATTEMPTS: usize = 64;
@@ -36,6 +40,8 @@ pub const MAX_HISTORY_PAGE: u32 = 100;
 pub(crate) struct Content {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub media: Option<MediaContent>,
 }
 
 /// Each group's newest known position, to publish without a lookup first.
@@ -234,14 +240,15 @@ impl MessagesService {
         let group = parse_id::<GroupId>(&req.group_id)?;
         let client_id = parse_id::<ClientMsgId>(&req.client_msg_id)?;
         let kind = MessageKind::parse(&req.r#type)?;
-        if kind != MessageKind::Text {
+        if kind == MessageKind::Text {
+            check_text(&req.text, &s.config.limits)?;
+        } else if !req.text.is_empty() {
             return Err(DomainError::Invalid(format!(
-                "{} messages need media, which this server does not take yet",
+                "a {} message carries media, not text",
                 kind.as_str()
             ))
             .into());
         }
-        check_text(&req.text, &s.config.limits)?;
         s.load_as_member(&sender, &group).await?;
 
         if let Some(existing) = s
@@ -264,8 +271,16 @@ impl MessagesService {
         }
 
         let id = MessageId::generate();
-        let content = Content {
-            text: Some(req.text),
+        let content = if kind == MessageKind::Text {
+            Content {
+                text: Some(req.text),
+                media: None,
+            }
+        } else {
+            Content {
+                text: None,
+                media: Some(check_media(s, &group, kind, req.media).await?),
+            }
         };
         let plaintext =
             serde_json::to_vec(&content).map_err(|e| DomainError::Invalid(e.to_string()))?;
@@ -477,6 +492,11 @@ impl Messages for MessagesService {
                 r#type: m.kind,
                 text: content.text.unwrap_or_default(),
                 created_at_ms: m.created_at,
+                media: content.media.map(|m| pb::MediaRef {
+                    key: m.key,
+                    mime: m.mime,
+                    size: m.size,
+                }),
             });
         }
         Ok(Response::new(pb::HistoryResponse { messages }))

@@ -1,0 +1,136 @@
+//! Object storage (S3-compatible) for media bytes: pre-signed URLs, and the
+//! few server-side calls the worker makes (head, delete). Bytes never pass
+//! through this process.
+
+use std::{sync::Arc, time::Duration};
+
+use http::{HeaderName, HeaderValue, Method, header};
+use object_store::{
+    GetOptions, ObjectStore, ObjectStoreExt,
+    aws::{AmazonS3, AmazonS3Builder},
+    path::Path,
+    signer::{SignedUrlOptions, Signer},
+};
+
+use crate::StoreError;
+
+/// Where the bucket is and how to reach it.
+#[derive(Debug, Clone)]
+pub struct ObjectsConfig {
+    pub endpoint: String,
+    pub bucket: String,
+    pub region: String,
+    pub access_key: String,
+    pub secret_key: String,
+}
+
+/// A stored object, as far as the worker checks it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub size: u64,
+    pub content_type: Option<String>,
+}
+
+/// The media bucket.
+#[derive(Clone)]
+pub struct Objects {
+    s3: Arc<AmazonS3>,
+}
+
+impl std::fmt::Debug for Objects {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // never print credentials
+        f.debug_struct("Objects").finish_non_exhaustive()
+    }
+}
+
+fn object_error(e: object_store::Error) -> StoreError {
+    StoreError::Unavailable(format!("object store: {e}"))
+}
+
+impl Objects {
+    /// Builds the client; no request is made until it is used.
+    pub fn new(c: &ObjectsConfig) -> Result<Self, StoreError> {
+        let s3 = AmazonS3Builder::new()
+            .with_endpoint(&c.endpoint)
+            .with_bucket_name(&c.bucket)
+            .with_region(&c.region)
+            .with_access_key_id(&c.access_key)
+            .with_secret_access_key(&c.secret_key)
+            .with_allow_http(c.endpoint.starts_with("http://"))
+            .with_virtual_hosted_style_request(false)
+            .build()
+            .map_err(|e| StoreError::Database(format!("object store configuration: {e}")))?;
+        Ok(Self { s3: Arc::new(s3) })
+    }
+
+    /// A URL for one PUT of exactly `size` bytes of `mime` to `key`, valid for
+    /// `ttl`. Both headers are part of the signature: the store refuses the
+    /// upload if the client sends anything else. Returns the URL and the
+    /// headers the client must send.
+    pub async fn sign_put(
+        &self,
+        key: &str,
+        mime: &str,
+        size: u64,
+        ttl: Duration,
+    ) -> Result<(String, Vec<(String, String)>), StoreError> {
+        let value =
+            |v: String| HeaderValue::from_str(&v).map_err(|e| StoreError::Database(e.to_string()));
+        let headers: [(HeaderName, String); 2] = [
+            (header::CONTENT_TYPE, mime.to_owned()),
+            (header::CONTENT_LENGTH, size.to_string()),
+        ];
+        let mut options = SignedUrlOptions::new();
+        for (name, v) in &headers {
+            options = options.with_signed_header(name.clone(), value(v.clone())?);
+        }
+        let url = self
+            .s3
+            .signed_url_opts(Method::PUT, &Path::from(key), ttl, &options)
+            .await
+            .map_err(object_error)?;
+        let headers = headers
+            .into_iter()
+            .map(|(n, v)| (n.as_str().to_owned(), v))
+            .collect();
+        Ok((url.to_string(), headers))
+    }
+
+    /// A URL for GETs of `key`, valid for `ttl`.
+    pub async fn sign_get(&self, key: &str, ttl: Duration) -> Result<String, StoreError> {
+        let url = self
+            .s3
+            .signed_url(Method::GET, &Path::from(key), ttl)
+            .await
+            .map_err(object_error)?;
+        Ok(url.to_string())
+    }
+
+    /// The object's size and type, or `None` if there is no such object.
+    pub async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, StoreError> {
+        let options = GetOptions {
+            head: true,
+            ..GetOptions::default()
+        };
+        match self.s3.get_opts(&Path::from(key), options).await {
+            Ok(r) => Ok(Some(ObjectInfo {
+                size: r.meta.size,
+                content_type: r
+                    .attributes
+                    .get(&object_store::Attribute::ContentType)
+                    .map(|v| v.to_string()),
+            })),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(object_error(e)),
+        }
+    }
+
+    /// Deletes `key`; deleting a missing object is not an error.
+    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        match self.s3.delete(&Path::from(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(object_error(e)),
+        }
+    }
+}

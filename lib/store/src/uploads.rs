@@ -1,0 +1,173 @@
+//! The `uploads` collection: every upload URL issued, so that a media message
+//! can be checked against what was declared, and unreferenced objects can be
+//! cleaned up.
+//!
+//! Claims are atomic conditional updates, so sends and the cleaner (on any
+//! number of workers) never disagree: a send claims `referenced` only if the
+//! cleaner has not claimed `deleting`, and the other way round.
+
+use chat_domain::{GroupId, Millis};
+use futures::TryStreamExt;
+use mongodb::{
+    Collection, IndexModel,
+    bson::{DateTime, doc},
+    options::IndexOptions,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{StoreError, to_bson_time};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct UploadDoc {
+    #[serde(rename = "_id")]
+    key: String,
+    group_id: String,
+    uploader_id: String,
+    #[serde(rename = "type")]
+    kind: String,
+    mime: String,
+    size: i64,
+    created_at: DateTime,
+    #[serde(default)]
+    referenced: bool,
+    #[serde(default)]
+    deleting: bool,
+}
+
+/// An issued upload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upload {
+    pub key: String,
+    pub group_id: String,
+    pub uploader_id: String,
+    pub kind: String,
+    pub mime: String,
+    pub size: u64,
+    pub created_at: Millis,
+}
+
+impl From<UploadDoc> for Upload {
+    fn from(d: UploadDoc) -> Self {
+        Self {
+            key: d.key,
+            group_id: d.group_id,
+            uploader_id: d.uploader_id,
+            kind: d.kind,
+            mime: d.mime,
+            size: d.size.max(0) as u64,
+            created_at: d.created_at.timestamp_millis(),
+        }
+    }
+}
+
+/// Uploads in MongoDB.
+#[derive(Debug, Clone)]
+pub struct UploadRepo {
+    coll: Collection<UploadDoc>,
+}
+
+impl UploadRepo {
+    pub(crate) fn new(db: &mongodb::Database) -> Self {
+        Self {
+            coll: db.collection("uploads"),
+        }
+    }
+
+    pub(crate) async fn ensure_indexes(&self) -> Result<(), StoreError> {
+        let stale = IndexModel::builder()
+            .keys(doc! { "referenced": 1, "createdAt": 1 })
+            .options(
+                IndexOptions::builder()
+                    .name("unreferenced".to_owned())
+                    .build(),
+            )
+            .build();
+        self.coll.create_indexes([stale]).await?;
+        Ok(())
+    }
+
+    /// Records an issued upload.
+    pub async fn insert(&self, u: &Upload) -> Result<(), StoreError> {
+        self.coll
+            .insert_one(UploadDoc {
+                key: u.key.clone(),
+                group_id: u.group_id.clone(),
+                uploader_id: u.uploader_id.clone(),
+                kind: u.kind.clone(),
+                mime: u.mime.clone(),
+                size: u.size as i64,
+                created_at: to_bson_time(u.created_at),
+                referenced: false,
+                deleting: false,
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// The upload `key` of `group`, unless the cleaner is deleting it.
+    pub async fn get(&self, group: &GroupId, key: &str) -> Result<Option<Upload>, StoreError> {
+        Ok(self
+            .coll
+            .find_one(doc! { "_id": key, "groupId": group.as_str(), "deleting": false })
+            .await?
+            .map(Upload::from))
+    }
+
+    /// Marks the upload as referenced by a message, unless the cleaner got
+    /// there first; returns whether it is now referenced.
+    pub async fn claim(&self, key: &str) -> Result<bool, StoreError> {
+        let res = self
+            .coll
+            .update_one(
+                doc! { "_id": key, "deleting": false },
+                doc! { "$set": { "referenced": true } },
+            )
+            .await?;
+        Ok(res.matched_count == 1)
+    }
+
+    /// Claims up to `limit` unreferenced uploads issued before `before` for
+    /// deletion.
+    pub async fn claim_stale(&self, before: Millis, limit: i64) -> Result<Vec<Upload>, StoreError> {
+        let candidates: Vec<UploadDoc> = self
+            .coll
+            .find(doc! { "referenced": false, "deleting": false, "createdAt": { "$lt": to_bson_time(before) } })
+            .limit(limit)
+            .await?
+            .try_collect()
+            .await?;
+        let mut claimed = Vec::new();
+        for c in candidates {
+            let res = self
+                .coll
+                .update_one(
+                    doc! { "_id": &c.key, "referenced": false, "deleting": false },
+                    doc! { "$set": { "deleting": true } },
+                )
+                .await?;
+            if res.modified_count == 1 {
+                claimed.push(Upload::from(c));
+            }
+        }
+        Ok(claimed)
+    }
+
+    /// Uploads claimed for deletion whose deletion did not finish.
+    pub async fn deleting(&self, limit: i64) -> Result<Vec<Upload>, StoreError> {
+        let docs: Vec<UploadDoc> = self
+            .coll
+            .find(doc! { "deleting": true })
+            .limit(limit)
+            .await?
+            .try_collect()
+            .await?;
+        Ok(docs.into_iter().map(Upload::from).collect())
+    }
+
+    /// Forgets an upload once its object is gone.
+    pub async fn remove(&self, key: &str) -> Result<(), StoreError> {
+        self.coll.delete_one(doc! { "_id": key }).await?;
+        Ok(())
+    }
+}

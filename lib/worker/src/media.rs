@@ -1,0 +1,220 @@
+//! `Media` (seed §3): pre-signed upload and download URLs, the checks a
+//! media message must pass, and the cleaner of uploads no message uses.
+
+use std::{sync::Arc, time::Duration};
+
+use chat_domain::{DomainError, GroupId, MessageKind, UserId, now_millis};
+use chat_rpc::pb::{self, media_server::Media};
+use chat_store::{Objects, StoreError, Upload};
+use tonic::{Request, Response, Status};
+
+use crate::{State, WorkerError, parse_id};
+
+/// The media part of a sealed message.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct MediaContent {
+    pub key: String,
+    pub mime: String,
+    pub size: u64,
+}
+
+fn objects(s: &State) -> Result<&Objects, WorkerError> {
+    s.objects.as_ref().ok_or_else(|| {
+        WorkerError::Store(StoreError::Unavailable(
+            "media storage is not configured".into(),
+        ))
+    })
+}
+
+fn invalid(m: impl Into<String>) -> WorkerError {
+    DomainError::Invalid(m.into()).into()
+}
+
+/// The object key of a new upload: namespaced by group, unguessable.
+fn new_key(group: &GroupId) -> String {
+    format!("groups/{group}/{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Checks that `key` names an object of `group` (and nothing else).
+fn check_key(group: &GroupId, key: &str) -> Result<(), WorkerError> {
+    let prefix = format!("groups/{group}/");
+    let ok = key
+        .strip_prefix(&prefix)
+        .is_some_and(|id| id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()));
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid("media key does not name an object of this group"))
+    }
+}
+
+/// Checks a media message's `media` against its upload and the stored object,
+/// then claims the upload so the cleaner leaves it alone.
+pub(crate) async fn check_media(
+    s: &State,
+    group: &GroupId,
+    kind: MessageKind,
+    media: Option<pb::MediaRef>,
+) -> Result<MediaContent, WorkerError> {
+    let media = media.ok_or_else(|| {
+        invalid(format!(
+            "a {} message needs media {{key, mime, size}}",
+            kind.as_str()
+        ))
+    })?;
+    s.config.media.check(kind, &media.mime, media.size)?;
+    check_key(group, &media.key)?;
+    let objects = objects(s)?;
+    let upload = s
+        .store
+        .uploads
+        .get(group, &media.key)
+        .await?
+        .ok_or_else(|| invalid("no upload with this key in this group"))?;
+    if upload.kind != kind.as_str() || upload.mime != media.mime || upload.size != media.size {
+        return Err(invalid(format!(
+            "media does not match its upload ({} {} of {} bytes)",
+            upload.kind, upload.mime, upload.size
+        )));
+    }
+    let info = objects
+        .head(&media.key)
+        .await?
+        .ok_or_else(|| invalid("the object has not been uploaded"))?;
+    if info.size != media.size {
+        return Err(invalid(format!(
+            "the uploaded object is {} bytes, not {}",
+            info.size, media.size
+        )));
+    }
+    if let Some(ct) = info.content_type.as_deref().filter(|ct| *ct != media.mime) {
+        return Err(invalid(format!(
+            "the uploaded object is {ct}, not {}",
+            media.mime
+        )));
+    }
+    if !s.store.uploads.claim(&media.key).await? {
+        return Err(invalid("this upload has expired"));
+    }
+    Ok(MediaContent {
+        key: media.key,
+        mime: media.mime,
+        size: media.size,
+    })
+}
+
+/// Deletes uploads that no message claimed within the configured time.
+/// Safe on several workers: each upload is claimed for deletion atomically.
+pub(crate) async fn clean_uploads(s: Arc<State>) {
+    let Some(objects) = s.objects.clone() else {
+        return;
+    };
+    let every = (s.config.unreferenced_upload_ttl / 4)
+        .clamp(Duration::from_millis(100), Duration::from_secs(60));
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        let before = now_millis() - s.config.unreferenced_upload_ttl.as_millis() as i64;
+        let mut batch: Vec<Upload> = match s.store.uploads.deleting(100).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot list uploads being deleted");
+                continue;
+            }
+        };
+        match s.store.uploads.claim_stale(before, 100).await {
+            Ok(v) => batch.extend(v),
+            Err(e) => tracing::debug!(error = %e, "cannot claim stale uploads"),
+        }
+        for u in batch {
+            let done = async {
+                objects.delete(&u.key).await?;
+                s.store.uploads.remove(&u.key).await
+            };
+            match done.await {
+                Ok(()) => tracing::info!(key = %u.key, "deleted an upload no message used"),
+                Err(e) => tracing::debug!(key = %u.key, error = %e, "cannot delete an upload yet"),
+            }
+        }
+    }
+}
+
+pub(crate) struct MediaService(pub Arc<State>);
+
+#[tonic::async_trait]
+impl Media for MediaService {
+    async fn create_upload(
+        &self,
+        req: Request<pb::CreateUploadRequest>,
+    ) -> Result<Response<pb::CreateUploadResponse>, Status> {
+        let req = req.into_inner();
+        let s = &self.0;
+        let caller = parse_id::<UserId>(&req.caller)?;
+        let group = parse_id::<GroupId>(&req.group_id)?;
+        let kind = MessageKind::parse(&req.r#type).map_err(WorkerError::from)?;
+        s.config
+            .media
+            .check(kind, &req.mime, req.size)
+            .map_err(WorkerError::from)?;
+        s.load_as_member(&caller, &group).await?;
+        let objects = objects(s)?;
+        let key = new_key(&group);
+        let ttl = s.config.upload_url_ttl;
+        let (url, headers) = objects
+            .sign_put(&key, &req.mime, req.size, ttl)
+            .await
+            .map_err(WorkerError::from)?;
+        let now = now_millis();
+        let upload = Upload {
+            key: key.clone(),
+            group_id: group.to_string(),
+            uploader_id: caller.to_string(),
+            kind: kind.as_str().to_owned(),
+            mime: req.mime,
+            size: req.size,
+            created_at: now,
+        };
+        s.store
+            .uploads
+            .insert(&upload)
+            .await
+            .map_err(WorkerError::from)?;
+        Ok(Response::new(pb::CreateUploadResponse {
+            key,
+            upload_url: url,
+            method: "PUT".into(),
+            headers: headers.into_iter().collect(),
+            expires_at_ms: now + ttl.as_millis() as i64,
+        }))
+    }
+
+    async fn media_url(
+        &self,
+        req: Request<pb::MediaUrlRequest>,
+    ) -> Result<Response<pb::MediaUrlResponse>, Status> {
+        let req = req.into_inner();
+        let s = &self.0;
+        let caller = parse_id::<UserId>(&req.caller)?;
+        let group = parse_id::<GroupId>(&req.group_id)?;
+        s.load_as_member(&caller, &group).await?;
+        check_key(&group, &req.key)?;
+        let objects = objects(s)?;
+        if objects
+            .head(&req.key)
+            .await
+            .map_err(WorkerError::from)?
+            .is_none()
+        {
+            return Err(WorkerError::NotFound("media").into());
+        }
+        let ttl = s.config.download_url_ttl;
+        let url = objects
+            .sign_get(&req.key, ttl)
+            .await
+            .map_err(WorkerError::from)?;
+        Ok(Response::new(pb::MediaUrlResponse {
+            url,
+            expires_at_ms: now_millis() + ttl.as_millis() as i64,
+        }))
+    }
+}
