@@ -46,6 +46,14 @@ impl Cluster {
 
     /// As [`Cluster::start`], with extra `chatd` flags for every node.
     pub async fn start_with(edges: usize, workers: usize, flags: &[&str]) -> anyhow::Result<Self> {
+        // node logs go to the test's output, shown when a test fails
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "warn".into()),
+            )
+            .with_test_writer()
+            .try_init();
         let stack = Stack::start().await?;
         let mut cluster = Self {
             stack,

@@ -274,6 +274,8 @@ pub struct S3 {
     pub access_key: String,
     pub secret_key: String,
     pub bucket: String,
+    /// The folder the server stores into: a bucket is a folder of it.
+    pub root: PathBuf,
     _dir: TempDir,
 }
 
@@ -316,6 +318,7 @@ impl S3 {
             access_key,
             secret_key,
             bucket,
+            root,
             _dir: dir,
         })
     }

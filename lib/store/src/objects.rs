@@ -4,7 +4,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use http::{HeaderName, HeaderValue, Method, header};
+use http::{HeaderValue, Method, header};
 use object_store::{
     GetOptions, ObjectStore, ObjectStoreExt,
     aws::{AmazonS3, AmazonS3Builder},
@@ -64,37 +64,29 @@ impl Objects {
         Ok(Self { s3: Arc::new(s3) })
     }
 
-    /// A URL for one PUT of exactly `size` bytes of `mime` to `key`, valid for
-    /// `ttl`. Both headers are part of the signature: the store refuses the
-    /// upload if the client sends anything else. Returns the URL and the
-    /// headers the client must send.
+    /// A URL for one PUT of `mime` to `key`, valid for `ttl`. The content
+    /// type is part of the signature: the store refuses the upload if the
+    /// client sends another. (The size cannot be: the S3 signer of
+    /// `object_store` does not sign `content-length`, so the worker checks
+    /// the stored size before a message may use the object.) Returns the URL
+    /// and the headers the client must send.
     pub async fn sign_put(
         &self,
         key: &str,
         mime: &str,
-        size: u64,
         ttl: Duration,
     ) -> Result<(String, Vec<(String, String)>), StoreError> {
-        let value =
-            |v: String| HeaderValue::from_str(&v).map_err(|e| StoreError::Database(e.to_string()));
-        let headers: [(HeaderName, String); 2] = [
-            (header::CONTENT_TYPE, mime.to_owned()),
-            (header::CONTENT_LENGTH, size.to_string()),
-        ];
-        let mut options = SignedUrlOptions::new();
-        for (name, v) in &headers {
-            options = options.with_signed_header(name.clone(), value(v.clone())?);
-        }
+        let value = HeaderValue::from_str(mime).map_err(|e| StoreError::Database(e.to_string()))?;
+        let options = SignedUrlOptions::new().with_signed_header(header::CONTENT_TYPE, value);
         let url = self
             .s3
             .signed_url_opts(Method::PUT, &Path::from(key), ttl, &options)
             .await
             .map_err(object_error)?;
-        let headers = headers
-            .into_iter()
-            .map(|(n, v)| (n.as_str().to_owned(), v))
-            .collect();
-        Ok((url.to_string(), headers))
+        Ok((
+            url.to_string(),
+            vec![(header::CONTENT_TYPE.as_str().to_owned(), mime.to_owned())],
+        ))
     }
 
     /// A URL for GETs of `key`, valid for `ttl`.

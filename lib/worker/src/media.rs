@@ -82,6 +82,16 @@ pub(crate) async fn check_media(
         .await?
         .ok_or_else(|| invalid("the object has not been uploaded"))?;
     if info.size != media.size {
+        // not what was declared (possibly far larger): no message will ever
+        // use it, so it goes now rather than with the cleaner
+        if let Err(e) = async {
+            objects.delete(&media.key).await?;
+            s.store.uploads.remove(&media.key).await
+        }
+        .await
+        {
+            tracing::warn!(key = %media.key, error = %e, "cannot delete a mismatched upload; the cleaner will");
+        }
         return Err(invalid(format!(
             "the uploaded object is {} bytes, not {}",
             info.size, media.size
@@ -161,7 +171,7 @@ impl Media for MediaService {
         let key = new_key(&group);
         let ttl = s.config.upload_url_ttl;
         let (url, headers) = objects
-            .sign_put(&key, &req.mime, req.size, ttl)
+            .sign_put(&key, &req.mime, ttl)
             .await
             .map_err(WorkerError::from)?;
         let now = now_millis();

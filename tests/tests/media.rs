@@ -1,0 +1,393 @@
+//! Media messages (seed §3) against a real S3 server that checks signatures.
+
+use chat_tests::{Cluster, PROMPTLY, eventually, token};
+use serde_json::{Value, json};
+
+/// A PNG-looking payload of `n` bytes.
+fn png(n: usize) -> Vec<u8> {
+    let mut b = b"\x89PNG\r\n\x1a\n".to_vec();
+    b.resize(n, 7);
+    b
+}
+
+async fn room(c: &Cluster, members: &[&str]) -> anyhow::Result<String> {
+    let g = c.create_group(members[0], &members[1..]).await?;
+    let id = g["id"].as_str().expect("id").to_owned();
+    for m in members {
+        let mut ws = c.connect(0, m, "d").await?;
+        ws.request("subscribe_to_group", json!({ "groupId": id }))
+            .await?;
+        ws.close().await?;
+    }
+    Ok(id)
+}
+
+async fn upload_url(c: &Cluster, user: &str, g: &str, body: Value) -> anyhow::Result<(u16, Value)> {
+    let res = c
+        .http()
+        .post(format!("{}/groups/{g}/uploads", c.edge_url(0)))
+        .bearer_auth(token(user))
+        .json(&body)
+        .send()
+        .await?;
+    Ok((
+        res.status().as_u16(),
+        res.json().await.unwrap_or(Value::Null),
+    ))
+}
+
+/// PUTs `bytes` to a pre-signed URL the way a browser would: no credentials,
+/// just the URL and the headers the server said to send.
+async fn put(url: &Value, bytes: Vec<u8>) -> anyhow::Result<u16> {
+    let mut req = reqwest::Client::new().put(url["uploadUrl"].as_str().unwrap_or_default());
+    for (k, v) in url["headers"].as_object().into_iter().flatten() {
+        if !k.eq_ignore_ascii_case("content-length") {
+            req = req.header(k, v.as_str().unwrap_or_default());
+        }
+    }
+    Ok(req.body(bytes).send().await?.status().as_u16())
+}
+
+fn media_msg(g: &str, client: &str, kind: &str, key: &str, mime: &str, size: u64) -> Value {
+    json!({"groupId": g, "clientMsgId": client, "type": kind, "media": {"key": key, "mime": mime, "size": size}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_goes_up_with_a_presigned_url_and_reaches_members_live_and_offline()
+-> anyhow::Result<()> {
+    let c = Cluster::start(1, 1).await?;
+    let g = room(&c, &["alice", "bob", "carol"]).await?;
+    let mut alice = c.connect(0, "alice", "d").await?;
+    let mut bob = c.connect(0, "bob", "d").await?;
+    let bytes = png(3000);
+    let (status, url) = upload_url(
+        &c,
+        "alice",
+        &g,
+        json!({"type": "image", "mime": "image/png", "size": bytes.len()}),
+    )
+    .await?;
+    assert_eq!(status, 201, "{url}");
+    let key = url["key"].as_str().expect("key").to_owned();
+    assert!(
+        key.starts_with(&format!("groups/{g}/")),
+        "namespaced by group: {key}"
+    );
+    assert_eq!(url["method"], "PUT");
+    assert!(url["expiresAt"].as_str().is_some());
+    assert_eq!(put(&url, bytes.clone()).await?, 200);
+
+    let ack = alice
+        .request(
+            "send_group_message",
+            media_msg(&g, "img1", "image", &key, "image/png", 3000),
+        )
+        .await?;
+    assert_eq!(ack["seq"], 1);
+    let live = bob.messages(1).await?;
+    assert_eq!(live[0]["type"], "image");
+    assert_eq!(
+        live[0]["media"],
+        json!({"key": key, "mime": "image/png", "size": 3000})
+    );
+    let mut carol = c.connect(0, "carol", "d").await?;
+    assert_eq!(carol.messages(1).await?[0]["media"]["key"], key.as_str());
+    assert_eq!(
+        c.history("carol", &g).await?[0]["media"]["key"],
+        key.as_str()
+    );
+
+    // members download exactly those bytes, through a short-lived URL
+    let object = key.rsplit('/').next().expect("object id");
+    let res = c
+        .http()
+        .get(format!("{}/groups/{g}/media/{object}", c.edge_url(0)))
+        .bearer_auth(token("carol"))
+        .send()
+        .await?;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.bytes().await?.to_vec(), bytes);
+    // others cannot, and the bucket is not public
+    let (status, _) = c
+        .get(0, "mallory", &format!("/groups/{g}/media/{object}"))
+        .await?;
+    assert_eq!(status, 403);
+    let public = format!("{}/{}/{key}", c.stack.s3.endpoint, c.stack.s3.bucket);
+    assert_eq!(reqwest::get(public).await?.status(), 403);
+    c.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_uploads_and_media_get_precise_errors() -> anyhow::Result<()> {
+    let c = Cluster::start_with(1, 1, &["--max-image-bytes", "5000"]).await?;
+    let g = room(&c, &["alice", "bob"]).await?;
+    let other = room(&c, &["bob"]).await?;
+    // refused before any URL is issued
+    let cases = [
+        (
+            json!({"type": "image", "mime": "image/png", "size": 5001}),
+            400,
+            "too_large",
+        ),
+        (
+            json!({"type": "image", "mime": "image/svg+xml", "size": 10}),
+            400,
+            "invalid",
+        ),
+        (
+            json!({"type": "image", "mime": "video/mp4", "size": 10}),
+            400,
+            "invalid",
+        ),
+        (
+            json!({"type": "text", "mime": "text/plain", "size": 10}),
+            400,
+            "invalid",
+        ),
+        (
+            json!({"type": "image", "mime": "image/png", "size": 0}),
+            400,
+            "invalid",
+        ),
+        (
+            json!({"type": "image", "mime": "image/png"}),
+            400,
+            "invalid",
+        ),
+    ];
+    for (body, status, code) in cases {
+        let (s, e) = upload_url(&c, "alice", &g, body.clone()).await?;
+        assert_eq!(
+            (s, e["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{body}: {e}"
+        );
+    }
+    let (s, e) = upload_url(
+        &c,
+        "mallory",
+        &g,
+        json!({"type": "image", "mime": "image/png", "size": 10}),
+    )
+    .await?;
+    assert_eq!((s, e["error"]["code"].as_str()), (403, Some("forbidden")));
+
+    let mut alice = c.connect(0, "alice", "d").await?;
+    let (_, url) = upload_url(
+        &c,
+        "alice",
+        &g,
+        json!({"type": "image", "mime": "image/png", "size": 100}),
+    )
+    .await?;
+    let key = url["key"].as_str().expect("key").to_owned();
+    // not uploaded yet
+    let code = alice
+        .request_error(
+            "send_group_message",
+            media_msg(&g, "m1", "image", &key, "image/png", 100),
+        )
+        .await?;
+    assert_eq!(code, "invalid");
+    // the store refuses another type than the URL was signed for
+    let mut wrong_type = url.clone();
+    wrong_type["headers"]["content-type"] = json!("image/gif");
+    assert_eq!(put(&wrong_type, png(100)).await?, 403);
+    // a different size gets in, but no message may use it, and it is deleted
+    assert_eq!(put(&url, png(150)).await?, 200);
+    let code = alice
+        .request_error(
+            "send_group_message",
+            media_msg(&g, "m1", "image", &key, "image/png", 100),
+        )
+        .await?;
+    assert_eq!(code, "invalid");
+    let stored = std::path::Path::new(&c.stack.s3.root)
+        .join(&c.stack.s3.bucket)
+        .join(&key);
+    assert!(!stored.exists(), "the mismatched object is gone");
+    let (_, url) = upload_url(
+        &c,
+        "alice",
+        &g,
+        json!({"type": "image", "mime": "image/png", "size": 100}),
+    )
+    .await?;
+    let key = url["key"].as_str().expect("key").to_owned();
+    assert_eq!(put(&url, png(100)).await?, 200);
+    // declared differently from the upload
+    for (kind, mime, size) in [
+        ("image", "image/png", 101),
+        ("image", "image/gif", 100),
+        ("video", "video/mp4", 100),
+    ] {
+        let code = alice
+            .request_error(
+                "send_group_message",
+                media_msg(&g, "m2", kind, &key, mime, size),
+            )
+            .await?;
+        assert_eq!(code, "invalid", "{kind} {mime} {size}");
+    }
+    // another group's key, a made-up key, no media at all
+    let (_, theirs) = upload_url(
+        &c,
+        "bob",
+        &other,
+        json!({"type": "image", "mime": "image/png", "size": 100}),
+    )
+    .await?;
+    let their_key = theirs["key"].as_str().expect("key");
+    let code = alice
+        .request_error(
+            "send_group_message",
+            media_msg(&g, "m3", "image", their_key, "image/png", 100),
+        )
+        .await?;
+    assert_eq!(code, "invalid");
+    let fake = format!("groups/{g}/../../etc");
+    assert_eq!(
+        alice
+            .request_error(
+                "send_group_message",
+                media_msg(&g, "m4", "image", &fake, "image/png", 100)
+            )
+            .await?,
+        "invalid"
+    );
+    let code = alice
+        .request_error(
+            "send_group_message",
+            json!({"groupId": g, "clientMsgId": "m5", "type": "image"}),
+        )
+        .await?;
+    assert_eq!(code, "invalid");
+    // and the right one works
+    alice
+        .request(
+            "send_group_message",
+            media_msg(&g, "m6", "image", &key, "image/png", 100),
+        )
+        .await?;
+    c.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_and_tampered_urls_are_refused_and_unused_uploads_are_cleaned() -> anyhow::Result<()>
+{
+    let c = Cluster::start_with(
+        1,
+        1,
+        &[
+            "--upload-url-ttl-secs",
+            "1",
+            "--unreferenced-upload-ttl-secs",
+            "2",
+        ],
+    )
+    .await?;
+    let g = room(&c, &["alice"]).await?;
+    let body = json!({"type": "audio", "mime": "audio/ogg", "size": 64});
+
+    let (_, url) = upload_url(&c, "alice", &g, body.clone()).await?;
+    let mut tampered = url.clone();
+    let u = url["uploadUrl"].as_str().expect("url");
+    // change the last hex digit of the signature
+    let (head, last) = u.split_at(u.len() - 1);
+    let flipped = format!("{head}{}", if last == "0" { "1" } else { "0" });
+    tampered["uploadUrl"] = json!(flipped);
+    assert_eq!(
+        put(&tampered, vec![1; 64]).await?,
+        403,
+        "tampered signature"
+    );
+    let mut other_key = url.clone();
+    other_key["uploadUrl"] = json!(u.replace(
+        url["key"].as_str().expect("key"),
+        &format!("groups/{g}/0123456789abcdef0123456789abcdef")
+    ));
+    assert_eq!(put(&other_key, vec![1; 64]).await?, 403, "another object");
+    // expiry: the same URL stops working once its second is over
+    eventually(PROMPTLY, || {
+        let url = url.clone();
+        async move { Ok((put(&url, vec![1; 64]).await? == 403).then_some(())) }
+    })
+    .await?;
+
+    // an upload no message uses is deleted by the cleaner
+    let (_, url) = upload_url(&c, "alice", &g, body.clone()).await?;
+    assert_eq!(put(&url, vec![2; 64]).await?, 200);
+    let key = url["key"].as_str().expect("key").to_owned();
+    let path = std::path::Path::new(&c.stack.s3.root)
+        .join(&c.stack.s3.bucket)
+        .join(&key);
+    assert!(path.exists(), "{}", path.display());
+    eventually(PROMPTLY, || {
+        let path = path.clone();
+        async move { Ok((!path.exists()).then_some(())) }
+    })
+    .await?;
+    // while one a message uses stays
+    let (_, url) = upload_url(&c, "alice", &g, body).await?;
+    assert_eq!(put(&url, vec![3; 64]).await?, 200);
+    let key = url["key"].as_str().expect("key").to_owned();
+    let mut alice = c.connect(0, "alice", "d").await?;
+    alice
+        .request(
+            "send_group_message",
+            media_msg(&g, "a1", "audio", &key, "audio/ogg", 64),
+        )
+        .await?;
+    let kept = std::path::Path::new(&c.stack.s3.root)
+        .join(&c.stack.s3.bucket)
+        .join(&key);
+    // wait out two cleaner periods after the unused one went
+    let (_, probe) = upload_url(
+        &c,
+        "alice",
+        &g,
+        json!({"type": "audio", "mime": "audio/ogg", "size": 64}),
+    )
+    .await?;
+    assert_eq!(put(&probe, vec![4; 64]).await?, 200);
+    let probe_path = std::path::Path::new(&c.stack.s3.root)
+        .join(&c.stack.s3.bucket)
+        .join(probe["key"].as_str().expect("key"));
+    eventually(PROMPTLY, || {
+        let p = probe_path.clone();
+        async move { Ok((!p.exists()).then_some(())) }
+    })
+    .await?;
+    assert!(kept.exists(), "a used upload was deleted");
+    c.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn object_store_down_gives_unavailable_and_nothing_is_stored() -> anyhow::Result<()> {
+    let mut c = Cluster::start(1, 1).await?;
+    let g = room(&c, &["alice", "bob"]).await?;
+    let mut alice = c.connect(0, "alice", "d").await?;
+    let mut bob = c.connect(0, "bob", "d").await?;
+    let (_, url) = upload_url(
+        &c,
+        "alice",
+        &g,
+        json!({"type": "video", "mime": "video/mp4", "size": 500}),
+    )
+    .await?;
+    assert_eq!(put(&url, vec![0; 500]).await?, 200);
+    let key = url["key"].as_str().expect("key").to_owned();
+    c.stack.s3.kill();
+    let code = alice
+        .request_error(
+            "send_group_message",
+            media_msg(&g, "v1", "video", &key, "video/mp4", 500),
+        )
+        .await?;
+    assert_eq!(code, "unavailable");
+    assert!(c.history("bob", &g).await?.is_empty(), "nothing stored");
+    // nothing published: bob's next message is a later one
+    alice.send_text(&g, "t1", "after").await?;
+    assert_eq!(bob.messages(1).await?[0]["text"], "after");
+    c.stop().await
+}
