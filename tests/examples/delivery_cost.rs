@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 use chat_rpc::pb::{self, sessions_client::SessionsClient};
 use chat_tests::Cluster;
 use futures::StreamExt;
-use serde_json::json;
 
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -48,14 +47,7 @@ async fn main() -> anyhow::Result<()> {
     let missed: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(1_000);
     let c = Cluster::start_with(1, 1, &["--requests-per-sec", "100000"]).await?;
     let nats_pid = c.stack.nats.pid().unwrap_or(0);
-    let g = c.create_group("alice", &["bob"]).await?;
-    let g = g["id"].as_str().unwrap_or_default().to_owned();
-    for u in ["alice", "bob"] {
-        let mut ws = c.connect(0, u, "d").await?;
-        ws.request("subscribe_to_group", json!({ "groupId": g }))
-            .await?;
-        ws.close().await?;
-    }
+    let g = c.room(&["alice", "bob"]).await?;
 
     // 1. many users, one device each
     let rss_before = rss_kib(nats_pid);
@@ -97,8 +89,8 @@ async fn main() -> anyhow::Result<()> {
     );
 
     // 2. latency between two online members, one message at a time
-    let mut alice = c.connect(0, "alice", "d").await?;
-    let mut bob = c.connect(0, "bob", "d").await?;
+    let mut alice = c.connect(0, "alice", "setup").await?;
+    let mut bob = c.connect(0, "bob", "setup").await?;
     let mut latencies = Vec::new();
     for i in 0..300 {
         let t = Instant::now();
@@ -137,7 +129,7 @@ async fn main() -> anyhow::Result<()> {
         missed as f64 / send_took.as_secs_f64()
     );
     let t = Instant::now();
-    let mut bob = c.connect(0, "bob", "d").await?;
+    let mut bob = c.connect(0, "bob", "setup").await?;
     let got = bob.messages(missed).await?;
     let took = t.elapsed();
     let in_order = got

@@ -203,6 +203,20 @@ impl Cluster {
         Ok(res.json().await?)
     }
 
+    /// Creates a group of `members` (the first is the owner) and subscribes
+    /// every member from device `setup`, connecting on the edges in turn.
+    pub async fn room(&self, members: &[&str]) -> anyhow::Result<String> {
+        let g = self.create_group(members[0], &members[1..]).await?;
+        let id = g["id"].as_str().context("group without id")?.to_owned();
+        for (i, m) in members.iter().enumerate() {
+            let mut ws = self.connect(i % self.edge_count(), m, "setup").await?;
+            ws.request("subscribe_to_group", json!({ "groupId": id }))
+                .await?;
+            ws.close().await?;
+        }
+        Ok(id)
+    }
+
     /// A MongoDB handle on the database the nodes use.
     pub async fn mongo(&self) -> anyhow::Result<mongodb::Database> {
         Ok(mongodb::Client::with_uri_str(&self.stack.mongo.uri)

@@ -10,18 +10,6 @@ fn png(n: usize) -> Vec<u8> {
     b
 }
 
-async fn room(c: &Cluster, members: &[&str]) -> anyhow::Result<String> {
-    let g = c.create_group(members[0], &members[1..]).await?;
-    let id = g["id"].as_str().expect("id").to_owned();
-    for m in members {
-        let mut ws = c.connect(0, m, "d").await?;
-        ws.request("subscribe_to_group", json!({ "groupId": id }))
-            .await?;
-        ws.close().await?;
-    }
-    Ok(id)
-}
-
 async fn upload_url(c: &Cluster, user: &str, g: &str, body: Value) -> anyhow::Result<(u16, Value)> {
     let res = c
         .http()
@@ -56,9 +44,9 @@ fn media_msg(g: &str, client: &str, kind: &str, key: &str, mime: &str, size: u64
 async fn an_image_goes_up_with_a_presigned_url_and_reaches_members_live_and_offline()
 -> anyhow::Result<()> {
     let c = Cluster::start(1, 1).await?;
-    let g = room(&c, &["alice", "bob", "carol"]).await?;
-    let mut alice = c.connect(0, "alice", "d").await?;
-    let mut bob = c.connect(0, "bob", "d").await?;
+    let g = c.room(&["alice", "bob", "carol"]).await?;
+    let mut alice = c.connect(0, "alice", "setup").await?;
+    let mut bob = c.connect(0, "bob", "setup").await?;
     let bytes = png(3000);
     let (status, url) = upload_url(
         &c,
@@ -90,7 +78,7 @@ async fn an_image_goes_up_with_a_presigned_url_and_reaches_members_live_and_offl
         live[0]["media"],
         json!({"key": key, "mime": "image/png", "size": 3000})
     );
-    let mut carol = c.connect(0, "carol", "d").await?;
+    let mut carol = c.connect(0, "carol", "setup").await?;
     assert_eq!(carol.messages(1).await?[0]["media"]["key"], key.as_str());
     assert_eq!(
         c.history("carol", &g).await?[0]["media"]["key"],
@@ -120,8 +108,8 @@ async fn an_image_goes_up_with_a_presigned_url_and_reaches_members_live_and_offl
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_uploads_and_media_get_precise_errors() -> anyhow::Result<()> {
     let c = Cluster::start_with(1, 1, &["--max-image-bytes", "5000"]).await?;
-    let g = room(&c, &["alice", "bob"]).await?;
-    let other = room(&c, &["bob"]).await?;
+    let g = c.room(&["alice", "bob"]).await?;
+    let other = c.room(&["bob"]).await?;
     // refused before any URL is issued
     let cases = [
         (
@@ -172,7 +160,7 @@ async fn bad_uploads_and_media_get_precise_errors() -> anyhow::Result<()> {
     .await?;
     assert_eq!((s, e["error"]["code"].as_str()), (403, Some("forbidden")));
 
-    let mut alice = c.connect(0, "alice", "d").await?;
+    let mut alice = c.connect(0, "alice", "setup").await?;
     let (_, url) = upload_url(
         &c,
         "alice",
@@ -286,7 +274,7 @@ async fn expired_and_tampered_urls_are_refused_and_unused_uploads_are_cleaned() 
         ],
     )
     .await?;
-    let g = room(&c, &["alice"]).await?;
+    let g = c.room(&["alice"]).await?;
     let body = json!({"type": "audio", "mime": "audio/ogg", "size": 64});
 
     let (_, url) = upload_url(&c, "alice", &g, body.clone()).await?;
@@ -331,7 +319,7 @@ async fn expired_and_tampered_urls_are_refused_and_unused_uploads_are_cleaned() 
     let (_, url) = upload_url(&c, "alice", &g, body).await?;
     assert_eq!(put(&url, vec![3; 64]).await?, 200);
     let key = url["key"].as_str().expect("key").to_owned();
-    let mut alice = c.connect(0, "alice", "d").await?;
+    let mut alice = c.connect(0, "alice", "setup").await?;
     alice
         .request(
             "send_group_message",
@@ -365,9 +353,9 @@ async fn expired_and_tampered_urls_are_refused_and_unused_uploads_are_cleaned() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn object_store_down_gives_unavailable_and_nothing_is_stored() -> anyhow::Result<()> {
     let mut c = Cluster::start(1, 1).await?;
-    let g = room(&c, &["alice", "bob"]).await?;
-    let mut alice = c.connect(0, "alice", "d").await?;
-    let mut bob = c.connect(0, "bob", "d").await?;
+    let g = c.room(&["alice", "bob"]).await?;
+    let mut alice = c.connect(0, "alice", "setup").await?;
+    let mut bob = c.connect(0, "bob", "setup").await?;
     let (_, url) = upload_url(
         &c,
         "alice",

@@ -7,19 +7,6 @@ use chat_tests::{Client, Cluster, PROMPTLY, eventually};
 use mongodb::bson::{Document, doc};
 use serde_json::{Value, json};
 
-/// A group of `members` (the first is the owner), everyone subscribed.
-async fn room(c: &Cluster, members: &[&str]) -> anyhow::Result<String> {
-    let g = c.create_group(members[0], &members[1..]).await?;
-    let id = g["id"].as_str().expect("id").to_owned();
-    for (i, m) in members.iter().enumerate() {
-        let mut ws = c.connect(i % c.edge_count(), m, "setup").await?;
-        ws.request("subscribe_to_group", json!({ "groupId": id }))
-            .await?;
-        ws.close().await?;
-    }
-    Ok(id)
-}
-
 fn seqs(messages: &[Value]) -> Vec<u64> {
     messages
         .iter()
@@ -46,7 +33,7 @@ async fn pending_count(c: &Cluster) -> anyhow::Result<u64> {
 async fn concurrent_senders_are_ordered_everywhere_and_offline_members_catch_up()
 -> anyhow::Result<()> {
     let c = Cluster::start(2, 2).await?;
-    let g = room(&c, &["alice", "bob", "carol"]).await?;
+    let g = c.room(&["alice", "bob", "carol"]).await?;
     let alice = c.connect(0, "alice", "setup").await?;
     let bob = c.connect(1, "bob", "setup").await?;
     // carol is offline from here on
@@ -136,7 +123,7 @@ async fn every_connection_of_a_user_receives_every_message() -> anyhow::Result<(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_send_creates_one_message_even_across_edges() -> anyhow::Result<()> {
     let mut c = Cluster::start(2, 1).await?;
-    let g = room(&c, &["alice", "bob"]).await?;
+    let g = c.room(&["alice", "bob"]).await?;
     let mut bob = c.connect(0, "bob", "setup").await?;
     let mut a0 = c.connect(0, "alice", "one").await?;
     let mut a1 = c.connect(1, "alice", "two").await?;
@@ -161,7 +148,7 @@ async fn a_retried_send_creates_one_message_even_across_edges() -> anyhow::Resul
 async fn content_is_never_stored_in_plaintext_and_rotated_keys_still_decrypt() -> anyhow::Result<()>
 {
     let mut c = Cluster::start(1, 1).await?;
-    let g = room(&c, &["alice", "bob"]).await?;
+    let g = c.room(&["alice", "bob"]).await?;
     let mut alice = c.connect(0, "alice", "web").await?;
     let secret = "the-plaintext-canary-4711";
     alice.send_text(&g, "c1", secret).await?;
@@ -219,7 +206,7 @@ async fn content_is_never_stored_in_plaintext_and_rotated_keys_still_decrypt() -
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_down_gives_unavailable_and_history_and_delivery_agree_after() -> anyhow::Result<()> {
     let mut c = Cluster::start_with(1, 1, &["--rpc-timeout-ms", "8000"]).await?;
-    let g = room(&c, &["alice", "bob"]).await?;
+    let g = c.room(&["alice", "bob"]).await?;
     let mut alice = c.connect(0, "alice", "web").await?;
     let mut bob = c.connect(0, "bob", "setup").await?;
     alice.send_text(&g, "before", "before").await?;
@@ -266,7 +253,7 @@ async fn nats_down_gives_unavailable_and_history_and_delivery_agree_after() -> a
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mongodb_down_gives_unavailable_and_nothing_is_published() -> anyhow::Result<()> {
     let mut c = Cluster::start_with(1, 1, &["--rpc-timeout-ms", "15000"]).await?;
-    let g = room(&c, &["alice", "bob"]).await?;
+    let g = c.room(&["alice", "bob"]).await?;
     let mut alice = c.connect(0, "alice", "web").await?;
     let mut bob = c.connect(0, "bob", "setup").await?;
     alice.send_text(&g, "before", "before").await?;
@@ -305,7 +292,7 @@ async fn mongodb_down_gives_unavailable_and_nothing_is_published() -> anyhow::Re
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receipts_mark_delivered_and_read_and_reach_the_sender() -> anyhow::Result<()> {
     let c = Cluster::start(1, 1).await?;
-    let g = room(&c, &["alice", "bob", "carol"]).await?;
+    let g = c.room(&["alice", "bob", "carol"]).await?;
     let mut alice = c.connect(0, "alice", "web").await?;
     let mut bob = c.connect(0, "bob", "setup").await?;
     let sent = alice.send_text(&g, "m1", "hi").await?;
@@ -392,7 +379,7 @@ async fn receipts_mark_delivered_and_read_and_reach_the_sender() -> anyhow::Resu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_messages_get_precise_errors_and_the_socket_stays() -> anyhow::Result<()> {
     let c = Cluster::start(1, 1).await?;
-    let g = room(&c, &["alice"]).await?;
+    let g = c.room(&["alice"]).await?;
     let mut ws = c.connect(0, "alice", "web").await?;
     let send = |text: Value, kind: &str, client: &str| json!({"groupId": g, "clientMsgId": client, "type": kind, "text": text});
     let cases = [

@@ -37,19 +37,6 @@ async fn delete(c: &Cluster, path: &str, user: &str) -> anyhow::Result<(u16, Val
     ))
 }
 
-async fn get(c: &Cluster, path: &str, user: &str) -> anyhow::Result<(u16, Value)> {
-    let res = c
-        .http()
-        .get(format!("{}{path}", c.edge_url(0)))
-        .bearer_auth(token(user))
-        .send()
-        .await?;
-    Ok((
-        res.status().as_u16(),
-        res.json().await.unwrap_or(Value::Null),
-    ))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_group_stores_every_field() -> anyhow::Result<()> {
     let c = Cluster::start(1, 1).await?;
@@ -105,16 +92,18 @@ async fn create_group_stores_every_field() -> anyhow::Result<()> {
     assert!(stored.get_datetime("updatedAt").is_ok());
 
     // the creator sees it; a stranger cannot
-    let (status, list) = get(&c, "/groups", "bob").await?;
+    let (status, list) = c.get(0, "bob", "/groups").await?;
     assert_eq!(status, 200);
     assert_eq!(list["groups"][0]["id"], id);
-    assert_eq!(get(&c, &format!("/groups/{id}"), "carol").await?.0, 200);
-    let (status, err) = get(&c, &format!("/groups/{id}"), "mallory").await?;
+    assert_eq!(c.get(0, "carol", &format!("/groups/{id}")).await?.0, 200);
+    let (status, err) = c.get(0, "mallory", &format!("/groups/{id}")).await?;
     assert_eq!(
         (status, err["error"]["code"].as_str()),
         (403, Some("forbidden"))
     );
-    let (status, err) = get(&c, "/groups/0123456789abcdef0123456789abcdef", "bob").await?;
+    let (status, err) = c
+        .get(0, "bob", "/groups/0123456789abcdef0123456789abcdef")
+        .await?;
     assert_eq!(
         (status, err["error"]["code"].as_str()),
         (404, Some("not_found"))
@@ -331,6 +320,6 @@ async fn owner_manages_members_and_others_cannot() -> anyhow::Result<()> {
     assert_eq!(s, 200);
     assert!(!g["members"].to_string().contains("alice"));
     // alice is gone: she can no longer read it
-    assert_eq!(get(&c, &format!("/groups/{id}"), "alice").await?.0, 403);
+    assert_eq!(c.get(0, "alice", &format!("/groups/{id}")).await?.0, 403);
     c.stop().await
 }
