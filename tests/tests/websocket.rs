@@ -183,3 +183,31 @@ async fn abuse_closes_with_a_policy_code() -> anyhow::Result<()> {
     }
     c.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_edge_tells_clients_to_reconnect_and_loses_nothing() -> anyhow::Result<()> {
+    let mut c = Cluster::start(2, 1).await?;
+    let g = c.room(&["alice", "bob"]).await?;
+    let mut bob = c.connect(0, "bob", "setup").await?;
+    let mut alice = c.connect(1, "alice", "setup").await?;
+    alice.send_text(&g, "m1", "one").await?;
+    assert_eq!(bob.messages(1).await?[0]["text"], "one");
+
+    // edge 0 drains: bob is told to reconnect with 1012 (service restart)
+    let restart = c.restart_edge(0);
+    let closed = bob.closed_with();
+    let (restarted, code) = tokio::join!(restart, closed);
+    restarted?;
+    assert_eq!(code?, Some(1012));
+    // sent while bob was away, received once he is back, in order, once
+    alice.send_text(&g, "m2", "two").await?;
+    let mut bob = c.connect(1, "bob", "setup").await?;
+    let got = bob.messages(1).await?;
+    assert_eq!(
+        (got[0]["seq"].as_u64(), got[0]["text"].as_str()),
+        (Some(2), Some("two"))
+    );
+    alice.send_text(&g, "m3", "three").await?;
+    assert_eq!(bob.messages(1).await?[0]["seq"], 3);
+    c.stop().await
+}

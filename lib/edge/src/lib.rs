@@ -91,6 +91,10 @@ pub struct Inner {
     pub bus: Bus,
     /// Opens the sealed content of deliveries.
     pub keys: KeyRing,
+    /// Set when the edge drains: every session closes with 1012.
+    pub closing: tokio::sync::watch::Sender<bool>,
+    /// The WebSocket sessions, so that a drain can wait for them.
+    pub sessions_running: tokio_util::task::TaskTracker,
     pub config: Config,
 }
 
@@ -139,6 +143,8 @@ impl AppState {
             media: MediaClient::new(channel),
             bus,
             keys,
+            closing: tokio::sync::watch::channel(false).0,
+            sessions_running: tokio_util::task::TaskTracker::new(),
             config,
         })))
     }
@@ -171,7 +177,11 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Serves the edge on `listener` until `shutdown` completes.
+/// Serves the edge on `listener` until `shutdown` completes, then drains:
+/// stops accepting connections, tells every WebSocket client to reconnect
+/// (close code 1012) after handing back what its session holds, finishes
+/// in-flight requests, and returns when all of that is done. The caller bounds
+/// the drain with its grace period.
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
@@ -184,7 +194,17 @@ pub async fn serve(
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
     });
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let closing = state.closing.clone();
+    let sessions = state.sessions_running.clone();
+    let signal = async move {
+        shutdown.await;
+        tracing::info!("draining: closing websocket sessions");
+        let _ = closing.send(true);
+    };
+    let result = axum::serve(listener, app(state))
+        .with_graceful_shutdown(signal)
+        .await;
+    sessions.close();
+    sessions.wait().await;
+    result
 }

@@ -54,6 +54,9 @@ const SLOW_CLIENT: Duration = Duration::from_secs(30);
 const DELIVERED_FLUSH: Duration = Duration::from_millis(250);
 /// How long a closing connection waits for the client's close reply.
 const CLOSE_HANDSHAKE: Duration = Duration::from_secs(2);
+/// Close code sent when the edge drains (RFC 6455 1012, service restart):
+/// reconnect, to this or another edge.
+pub const CLOSE_RESTART: u16 = 1012;
 /// Close code sent when a client cannot keep up with its deliveries.
 pub const CLOSE_TOO_SLOW: u16 = 1013;
 
@@ -96,7 +99,8 @@ pub(crate) async fn upgrade(
         .max_frame_size(limit)
         .on_upgrade(move |socket| {
             let span = tracing::info_span!("session", user = %me.user_id, device = %device);
-            Session::run(app, me, device, opened, socket).instrument(span)
+            let tracker = app.sessions_running.clone();
+            tracker.track_future(Session::run(app, me, device, opened, socket).instrument(span))
         }))
 }
 
@@ -178,8 +182,16 @@ impl Session {
         };
         session.start_group_delivery();
 
-        while let Some(msg) = stream.next().await {
-            let Ok(msg) = msg else { break };
+        let mut closing = app.closing.subscribe();
+        loop {
+            let msg = tokio::select! {
+                msg = stream.next() => msg,
+                _ = async { drop(closing.wait_for(|c| *c).await) } => {
+                    let _ = session.tx.send(Outgoing::Close(CLOSE_RESTART, "server restarting; reconnect")).await;
+                    None
+                }
+            };
+            let Some(Ok(msg)) = msg else { break };
             let keep_going = match msg {
                 Message::Text(text) => session.on_text(&text).await,
                 Message::Binary(_) => {
