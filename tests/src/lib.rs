@@ -30,7 +30,7 @@ pub const PROMPTLY: Duration = Duration::from_secs(10);
 /// Real services plus chatd nodes.
 pub struct Cluster {
     pub stack: Stack,
-    workers: Vec<(chatd::Node, SocketAddr)>,
+    workers: Vec<(Option<chatd::Node>, SocketAddr)>,
     edges: Vec<Option<chatd::Node>>,
     edge_addrs: Vec<SocketAddr>,
     extra_flags: Vec<String>,
@@ -68,7 +68,7 @@ impl Cluster {
                 .start_node("worker", "127.0.0.1:0", "127.0.0.1:0")
                 .await?;
             let addr = node.grpc_addr.context("worker has no grpc address")?;
-            cluster.workers.push((node, addr));
+            cluster.workers.push((Some(node), addr));
         }
         for _ in 0..edges {
             let node = cluster
@@ -167,15 +167,26 @@ impl Cluster {
         Ok(())
     }
 
+    /// Stops worker `i` (it stays down until [`Cluster::start_worker`]).
+    pub async fn stop_worker(&mut self, i: usize) -> anyhow::Result<()> {
+        if let Some(node) = self.workers[i].0.take() {
+            node.stop().await?;
+        }
+        Ok(())
+    }
+
+    /// Starts worker `i` again on its address.
+    pub async fn start_worker(&mut self, i: usize) -> anyhow::Result<()> {
+        let addr = self.workers[i].1.to_string();
+        let node = self.start_node("worker", "127.0.0.1:0", &addr).await?;
+        self.workers[i].0 = Some(node);
+        Ok(())
+    }
+
     /// Stops worker `i` and starts it again on the same address.
     pub async fn restart_worker(&mut self, i: usize) -> anyhow::Result<()> {
-        let (node, addr) = self.workers.remove(i);
-        node.stop().await?;
-        let node = self
-            .start_node("worker", "127.0.0.1:0", &addr.to_string())
-            .await?;
-        self.workers.insert(i, (node, addr));
-        Ok(())
+        self.stop_worker(i).await?;
+        self.start_worker(i).await
     }
 
     /// An HTTP client for REST calls.
@@ -286,7 +297,9 @@ impl Cluster {
             node.stop().await?;
         }
         for (node, _) in self.workers.drain(..) {
-            node.stop().await?;
+            if let Some(node) = node {
+                node.stop().await?;
+            }
         }
         Ok(())
     }

@@ -15,20 +15,17 @@ use axum::{
 use chat_auth::Verifier;
 use chat_bus::Bus;
 use chat_crypto::KeyRing;
-use chat_rpc::pb::{
-    groups_client::GroupsClient, media_client::MediaClient, messages_client::MessagesClient,
-    sessions_client::SessionsClient,
-};
 use tokio::net::TcpListener;
-use tonic::transport::{Channel, Endpoint};
 
 mod auth;
 mod error;
 mod rest;
+mod workers;
 mod ws;
 
 pub use auth::Caller;
 pub use error::ApiError;
+pub use workers::Workers;
 
 /// What an edge needs to run.
 #[derive(Debug, Clone)]
@@ -84,10 +81,8 @@ pub enum StartError {
 /// The contents of [`AppState`].
 pub struct Inner {
     pub verifier: Verifier,
-    pub groups: GroupsClient<Channel>,
-    pub sessions: SessionsClient<Channel>,
-    pub messages: MessagesClient<Channel>,
-    pub media: MediaClient<Channel>,
+    /// The workers, health-checked, with failover.
+    pub workers: Arc<Workers>,
     pub bus: Bus,
     /// Opens the sealed content of deliveries.
     pub keys: KeyRing,
@@ -118,29 +113,11 @@ impl AppState {
         keys: KeyRing,
         config: Config,
     ) -> Result<Self, StartError> {
-        if config.workers.is_empty() {
-            return Err(StartError::NoWorkers);
-        }
-        let endpoints = config
-            .workers
-            .iter()
-            .map(|url| {
-                Endpoint::from_shared(url.clone())
-                    .map(|e| {
-                        e.timeout(config.rpc_timeout)
-                            .connect_timeout(Duration::from_secs(2))
-                            .tcp_nodelay(true)
-                    })
-                    .map_err(|e| StartError::Endpoint(url.clone(), e))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let channel = Channel::balance_list(endpoints.into_iter());
+        let workers = Workers::new(&config.workers, config.rpc_timeout)?;
+        workers.spawn_health_checks();
         Ok(Self(Arc::new(Inner {
             verifier,
-            groups: GroupsClient::new(channel.clone()),
-            sessions: SessionsClient::new(channel.clone()),
-            messages: MessagesClient::new(channel.clone()),
-            media: MediaClient::new(channel),
+            workers,
             bus,
             keys,
             closing: tokio::sync::watch::channel(false).0,

@@ -15,7 +15,7 @@ use chat_rpc::pb;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
-use crate::{ApiError, AppState, Caller};
+use crate::{ApiError, AppState, Caller, workers::rpc};
 
 /// A JSON body whose every rejection (syntax, shape, size, content type) is a
 /// contract error instead of axum's plain-text one.
@@ -54,17 +54,18 @@ pub(crate) async fn create_group(
     Caller(me): Caller,
     Body(body): Body<CreateGroupBody>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let group = app
-        .groups
-        .clone()
-        .create_group(pb::CreateGroupRequest {
+    let group = rpc!(
+        app,
+        GroupsClient,
+        create_group,
+        pb::CreateGroupRequest {
             caller: me.user_id.to_string(),
             name: body.name,
             description: body.description.unwrap_or_default(),
             member_ids: body.members,
-        })
-        .await?
-        .into_inner();
+        }
+    )?
+    .into_inner();
     Ok((StatusCode::CREATED, view(group)?))
 }
 
@@ -72,15 +73,16 @@ pub(crate) async fn list_groups(
     State(app): State<AppState>,
     Caller(me): Caller,
 ) -> Result<impl IntoResponse, ApiError> {
-    let groups = app
-        .groups
-        .clone()
-        .list_groups(pb::ListGroupsRequest {
+    let groups = rpc!(
+        app,
+        GroupsClient,
+        list_groups,
+        pb::ListGroupsRequest {
             caller: me.user_id.to_string(),
-        })
-        .await?
-        .into_inner()
-        .groups;
+        }
+    )?
+    .into_inner()
+    .groups;
     let views = groups
         .into_iter()
         .map(|g| view(g).map(|Json(v)| v))
@@ -93,15 +95,16 @@ pub(crate) async fn get_group(
     Caller(me): Caller,
     Path(id): Path<String>,
 ) -> Result<Json<GroupView>, ApiError> {
-    let group = app
-        .groups
-        .clone()
-        .get_group(pb::GroupRequest {
+    let group = rpc!(
+        app,
+        GroupsClient,
+        get_group,
+        pb::GroupRequest {
             caller: me.user_id.to_string(),
             group_id: id,
-        })
-        .await?
-        .into_inner();
+        }
+    )?
+    .into_inner();
     view(group)
 }
 
@@ -111,16 +114,17 @@ pub(crate) async fn transfer_owner(
     Path(id): Path<String>,
     Body(body): Body<TransferOwnerBody>,
 ) -> Result<Json<GroupView>, ApiError> {
-    let group = app
-        .groups
-        .clone()
-        .transfer_owner(pb::TransferOwnerRequest {
+    let group = rpc!(
+        app,
+        GroupsClient,
+        transfer_owner,
+        pb::TransferOwnerRequest {
             caller: me.user_id.to_string(),
             group_id: id,
             new_owner_id: body.user_id,
-        })
-        .await?
-        .into_inner();
+        }
+    )?
+    .into_inner();
     view(group)
 }
 
@@ -130,16 +134,17 @@ pub(crate) async fn add_members(
     Path(id): Path<String>,
     Body(body): Body<AddMembersBody>,
 ) -> Result<Json<GroupView>, ApiError> {
-    let group = app
-        .groups
-        .clone()
-        .add_members(pb::AddMembersRequest {
+    let group = rpc!(
+        app,
+        GroupsClient,
+        add_members,
+        pb::AddMembersRequest {
             caller: me.user_id.to_string(),
             group_id: id,
             user_ids: body.user_ids,
-        })
-        .await?
-        .into_inner();
+        }
+    )?
+    .into_inner();
     view(group)
 }
 
@@ -154,16 +159,17 @@ pub(crate) async fn remove_member(
     } else {
         user_id
     };
-    let group = app
-        .groups
-        .clone()
-        .remove_member(pb::RemoveMemberRequest {
+    let group = rpc!(
+        app,
+        GroupsClient,
+        remove_member,
+        pb::RemoveMemberRequest {
             caller: me.user_id.to_string(),
             group_id: id,
             user_id,
-        })
-        .await?
-        .into_inner();
+        }
+    )?
+    .into_inner();
     view(group)
 }
 
@@ -186,17 +192,18 @@ pub(crate) async fn history(
     if q.limit == Some(0) {
         return Err(ApiError::invalid("limit must be at least 1"));
     }
-    let r = app
-        .messages
-        .clone()
-        .history(pb::HistoryRequest {
+    let r = rpc!(
+        app,
+        MessagesClient,
+        history,
+        pb::HistoryRequest {
             caller: me.user_id.to_string(),
             group_id: id,
             before: q.before.unwrap_or(0),
             limit: q.limit.unwrap_or(50).min(100),
-        })
-        .await?
-        .into_inner();
+        }
+    )?
+    .into_inner();
     let messages: Vec<MessageView> = r
         .messages
         .into_iter()
@@ -225,16 +232,17 @@ pub(crate) async fn message_status(
     Caller(me): Caller,
     Path((id, message_id)): Path<(String, String)>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let r = app
-        .messages
-        .clone()
-        .status(pb::StatusRequest {
+    let r = rpc!(
+        app,
+        MessagesClient,
+        status,
+        pb::StatusRequest {
             caller: me.user_id.to_string(),
             group_id: id,
             message_id,
-        })
-        .await?
-        .into_inner();
+        }
+    )?
+    .into_inner();
     let members: Vec<_> = r
         .members
         .into_iter()
@@ -260,18 +268,19 @@ pub(crate) async fn create_upload(
     Path(id): Path<String>,
     Body(body): Body<UploadBody>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let r = app
-        .media
-        .clone()
-        .create_upload(pb::CreateUploadRequest {
+    let r = rpc!(
+        app,
+        MediaClient,
+        create_upload,
+        pb::CreateUploadRequest {
             caller: me.user_id.to_string(),
             group_id: id,
             r#type: body.kind,
             mime: body.mime,
             size: body.size,
-        })
-        .await?
-        .into_inner();
+        }
+    )?
+    .into_inner();
     Ok((
         StatusCode::CREATED,
         Json(json!({
@@ -292,16 +301,17 @@ pub(crate) async fn download_media(
     Path((id, object)): Path<(String, String)>,
 ) -> Result<impl IntoResponse, ApiError> {
     let key = format!("groups/{id}/{object}");
-    let r = app
-        .media
-        .clone()
-        .media_url(pb::MediaUrlRequest {
+    let r = rpc!(
+        app,
+        MediaClient,
+        media_url,
+        pb::MediaUrlRequest {
             caller: me.user_id.to_string(),
             group_id: id,
             key,
-        })
-        .await?
-        .into_inner();
+        }
+    )?
+    .into_inner();
     Ok((
         StatusCode::FOUND,
         [
@@ -322,12 +332,7 @@ pub(crate) async fn healthz() -> impl IntoResponse {
 /// Ready when NATS is connected and a worker answers (which checks MongoDB).
 pub(crate) async fn readyz(State(app): State<AppState>) -> impl IntoResponse {
     let nats = app.bus.is_connected();
-    let workers = app
-        .sessions
-        .clone()
-        .ready(pb::ReadyRequest {})
-        .await
-        .is_ok();
+    let workers = rpc!(app, SessionsClient, ready, pb::ReadyRequest {}).is_ok();
     let status = if nats && workers {
         StatusCode::OK
     } else {

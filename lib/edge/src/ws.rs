@@ -39,7 +39,7 @@ use tokio::{
 };
 use tracing::Instrument;
 
-use crate::{ApiError, AppState, auth::bearer};
+use crate::{ApiError, AppState, auth::bearer, workers::rpc};
 
 /// Close code sent when a client abuses the connection (RFC 6455 1008).
 pub const CLOSE_POLICY: u16 = 1008;
@@ -83,16 +83,17 @@ pub(crate) async fn upgrade(
         Some(d) => DeviceId::parse(d).map_err(|e| ApiError::invalid(e.to_string()))?,
         None => DeviceId::default_device(),
     };
-    let opened = app
-        .sessions
-        .clone()
-        .open_session(pb::OpenSessionRequest {
+    let opened = rpc!(
+        app,
+        SessionsClient,
+        open_session,
+        pb::OpenSessionRequest {
             user_id: me.user_id.to_string(),
             device_id: device.to_string(),
             display_name: me.name.clone().unwrap_or_default(),
-        })
-        .await?
-        .into_inner();
+        }
+    )?
+    .into_inner();
     let limit = app.config.max_ws_message_bytes;
     Ok(ws
         .max_message_size(limit)
@@ -330,16 +331,16 @@ impl Session {
         match name {
             event::NOTIFY_CREATE_GROUP => {
                 let GroupRef { group_id } = parse_data(data)?;
-                let r = self
-                    .app
-                    .groups
-                    .clone()
-                    .notify_group_created(pb::GroupRequest {
+                let r = rpc!(
+                    self.app,
+                    GroupsClient,
+                    notify_group_created,
+                    pb::GroupRequest {
                         caller,
                         group_id: group_id.clone(),
-                    })
-                    .await?
-                    .into_inner();
+                    }
+                )?
+                .into_inner();
                 Ok(json!({ "groupId": group_id, "notified": r.notified }))
             }
             event::SEND_GROUP_MESSAGE => {
@@ -352,20 +353,20 @@ impl Session {
                     mime: x.mime,
                     size: x.size,
                 });
-                let r = self
-                    .app
-                    .messages
-                    .clone()
-                    .send(pb::SendMessageRequest {
+                let r = rpc!(
+                    self.app,
+                    MessagesClient,
+                    send,
+                    pb::SendMessageRequest {
                         caller,
                         group_id: m.group_id,
                         client_msg_id: m.client_msg_id,
                         r#type: m.kind,
                         text: m.text.unwrap_or_default(),
                         media,
-                    })
-                    .await?
-                    .into_inner();
+                    }
+                )?
+                .into_inner();
                 Ok(json!({
                     "messageId": r.message_id,
                     "groupId": r.group_id,
@@ -375,30 +376,30 @@ impl Session {
             }
             event::ACKNOWLEDGE_GROUP_MESSAGE => {
                 let m: AcknowledgeMessage = parse_data(data)?;
-                let r = self
-                    .app
-                    .messages
-                    .clone()
-                    .acknowledge(pb::AcknowledgeRequest {
+                let r = rpc!(
+                    self.app,
+                    MessagesClient,
+                    acknowledge,
+                    pb::AcknowledgeRequest {
                         caller,
                         group_id: m.group_id.clone(),
                         message_id: m.message_id.clone(),
-                    })
-                    .await?
-                    .into_inner();
+                    }
+                )?
+                .into_inner();
                 Ok(
                     json!({ "groupId": m.group_id, "messageId": m.message_id, "readSeq": r.read_seq }),
                 )
             }
             event::SUBSCRIBE_TO_GROUP => {
                 let GroupRef { group_id } = parse_data(data)?;
-                let r = self
-                    .app
-                    .groups
-                    .clone()
-                    .subscribe_to_group(pb::GroupRequest { caller, group_id })
-                    .await?
-                    .into_inner();
+                let r = rpc!(
+                    self.app,
+                    GroupsClient,
+                    subscribe_to_group,
+                    pb::GroupRequest { caller, group_id }
+                )?
+                .into_inner();
                 Ok(json!({ "groupId": r.group_id }))
             }
             other => {
@@ -519,7 +520,7 @@ async fn flush_delivered(app: &AppState, user: &str, delivered: &Delivered) {
             group_id,
             seq,
         };
-        if let Err(e) = app.messages.clone().mark_delivered(req).await {
+        if let Err(e) = rpc!(app, MessagesClient, mark_delivered, req) {
             tracing::warn!(error = %e, "cannot record deliveries");
         }
     }

@@ -1,0 +1,174 @@
+//! The workers an edge calls: one lazily connected channel per endpoint,
+//! health-checked in the background, chosen round-robin among the healthy
+//! ones. A call that fails at the transport level (the worker is down or went
+//! away) marks that worker unhealthy and is tried on the next one, so losing
+//! a worker costs its callers nothing but a retry; a worker that answers its
+//! health check again is back in rotation.
+
+use std::{
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use chat_rpc::pb;
+pub(crate) use chat_rpc::pb::{
+    groups_client::GroupsClient, media_client::MediaClient, messages_client::MessagesClient,
+    sessions_client::SessionsClient,
+};
+use tonic::{
+    Status,
+    transport::{Channel, Endpoint},
+};
+
+use crate::StartError;
+
+/// How often each worker is health-checked.
+const HEALTH_EVERY: Duration = Duration::from_millis(500);
+/// How long a health check may take.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+
+struct Worker {
+    url: String,
+    channel: Channel,
+    healthy: AtomicBool,
+}
+
+/// The pool of workers of one edge.
+pub struct Workers {
+    workers: Vec<Worker>,
+    next: AtomicUsize,
+}
+
+impl std::fmt::Debug for Workers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let urls: Vec<_> = self
+            .workers
+            .iter()
+            .map(|w| (&w.url, w.healthy.load(Ordering::Relaxed)))
+            .collect();
+        f.debug_struct("Workers").field("workers", &urls).finish()
+    }
+}
+
+/// Whether a failed call never got an answer from a worker (connection
+/// refused, reset, the worker shutting down), so another worker should try.
+fn transport_failure(status: &Status) -> bool {
+    status.code() == tonic::Code::Unavailable && std::error::Error::source(status).is_some()
+}
+
+impl Workers {
+    /// Channels to `urls`, each with a deadline of `timeout` per call.
+    pub fn new(urls: &[String], timeout: Duration) -> Result<Arc<Self>, StartError> {
+        if urls.is_empty() {
+            return Err(StartError::NoWorkers);
+        }
+        let workers = urls
+            .iter()
+            .map(|url| {
+                let endpoint = Endpoint::from_shared(url.clone())
+                    .map_err(|e| StartError::Endpoint(url.clone(), e))?
+                    .timeout(timeout)
+                    .connect_timeout(Duration::from_secs(2))
+                    .tcp_nodelay(true);
+                Ok(Worker {
+                    url: url.clone(),
+                    channel: endpoint.connect_lazy(),
+                    healthy: AtomicBool::new(true),
+                })
+            })
+            .collect::<Result<Vec<_>, StartError>>()?;
+        Ok(Arc::new(Self {
+            workers,
+            next: AtomicUsize::new(0),
+        }))
+    }
+
+    /// Health-checks every worker until the pool is dropped.
+    pub fn spawn_health_checks(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(HEALTH_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(pool) = weak.upgrade() else { return };
+                let checks = pool.workers.iter().map(|w| async move {
+                    let mut client = SessionsClient::new(w.channel.clone());
+                    let check = client.ready(pb::ReadyRequest {});
+                    let up = matches!(tokio::time::timeout(HEALTH_TIMEOUT, check).await, Ok(Ok(_)));
+                    if w.healthy.swap(up, Ordering::Relaxed) != up {
+                        tracing::info!(worker = %w.url, up, "worker health changed");
+                    }
+                });
+                futures::future::join_all(checks).await;
+            }
+        });
+    }
+
+    /// The next worker to try that `tried` does not have: round-robin over
+    /// the healthy ones, or over the rest when none of those is left.
+    fn pick(&self, tried: &[usize]) -> Option<usize> {
+        let n = self.workers.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let candidates = || {
+            (0..n)
+                .map(move |i| (start + i) % n)
+                .filter(|i| !tried.contains(i))
+        };
+        candidates()
+            .find(|&i| self.workers[i].healthy.load(Ordering::Relaxed))
+            .or_else(|| candidates().next())
+    }
+
+    /// Whether any worker passed its last health check.
+    pub fn any_healthy(&self) -> bool {
+        self.workers
+            .iter()
+            .any(|w| w.healthy.load(Ordering::Relaxed))
+    }
+
+    /// Runs `call` on a worker; on a transport failure, marks that worker
+    /// unhealthy and tries another, each worker once at most.
+    pub async fn call<T, F, Fut>(&self, call: F) -> Result<T, Status>
+    where
+        F: Fn(Channel) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let mut last = None;
+        let mut tried = Vec::with_capacity(self.workers.len());
+        while let Some(i) = self.pick(&tried) {
+            tried.push(i);
+            let w = &self.workers[i];
+            match call(w.channel.clone()).await {
+                Err(status) if transport_failure(&status) => {
+                    if w.healthy.swap(false, Ordering::Relaxed) {
+                        tracing::warn!(worker = %w.url, error = %status, "worker unreachable; trying another");
+                    }
+                    last = Some(status);
+                }
+                other => return other,
+            }
+        }
+        Err(last.unwrap_or_else(|| Status::unavailable("no worker reachable")))
+    }
+}
+
+/// Calls `$method` of the `$client` gRPC service on a worker of `$app`, with
+/// failover (see [`Workers::call`]).
+macro_rules! rpc {
+    ($app:expr, $client:ident, $method:ident, $req:expr) => {{
+        let req = $req;
+        $app.workers
+            .call(|channel| {
+                let req = req.clone();
+                async move { $crate::workers::$client::new(channel).$method(req).await }
+            })
+            .await
+    }};
+}
+
+pub(crate) use rpc;

@@ -1,0 +1,30 @@
+//! Several workers: the edge balances across them and routes around one that
+//! is down, and takes it back when it returns.
+
+use chat_tests::Cluster;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_keep_working_while_a_worker_is_down_and_it_rejoins() -> anyhow::Result<()> {
+    let mut c = Cluster::start(1, 2).await?;
+    let g = c.room(&["alice", "bob"]).await?;
+    let mut alice = c.connect(0, "alice", "setup").await?;
+    let mut bob = c.connect(0, "bob", "setup").await?;
+    for i in 0..10 {
+        alice.send_text(&g, &format!("a{i}"), "both up").await?;
+    }
+    c.stop_worker(0).await?;
+    for i in 0..20 {
+        alice.send_text(&g, &format!("b{i}"), "one down").await?;
+    }
+    c.start_worker(0).await?;
+    c.stop_worker(1).await?;
+    for i in 0..20 {
+        alice
+            .send_text(&g, &format!("c{i}"), "the other down")
+            .await?;
+    }
+    let got = bob.messages(50).await?;
+    let seqs: Vec<u64> = got.iter().filter_map(|m| m["seq"].as_u64()).collect();
+    assert_eq!(seqs, (1..=50).collect::<Vec<_>>());
+    c.stop().await
+}
