@@ -144,6 +144,11 @@ pub struct ServeArgs {
     /// Without it, media requests answer `unavailable`.
     #[arg(long, env = "CHATD_S3_ENDPOINT")]
     pub s3_endpoint: Option<String>,
+    /// Worker: the S3 endpoint clients reach, when it differs from
+    /// --s3-endpoint (e.g. https://media.example.com); pre-signed URLs are
+    /// made for it.
+    #[arg(long, env = "CHATD_S3_PUBLIC_ENDPOINT")]
+    pub s3_public_endpoint: Option<String>,
     /// Worker: the media bucket (never public).
     #[arg(long, env = "CHATD_S3_BUCKET", default_value = "chat-media")]
     pub s3_bucket: String,
@@ -243,6 +248,7 @@ impl ServeArgs {
         };
         let config = chat_store::ObjectsConfig {
             endpoint: endpoint.clone(),
+            public_endpoint: self.s3_public_endpoint.clone(),
             bucket: self.s3_bucket.clone(),
             region: self.s3_region.clone(),
             access_key: self.s3_access_key.clone(),

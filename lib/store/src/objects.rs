@@ -18,6 +18,9 @@ use crate::StoreError;
 #[derive(Debug, Clone)]
 pub struct ObjectsConfig {
     pub endpoint: String,
+    /// The endpoint clients reach, if not `endpoint` (a store behind a
+    /// private name): pre-signed URLs are signed for it.
+    pub public_endpoint: Option<String>,
     pub bucket: String,
     pub region: String,
     pub access_key: String,
@@ -35,6 +38,9 @@ pub struct ObjectInfo {
 #[derive(Clone)]
 pub struct Objects {
     s3: Arc<AmazonS3>,
+    /// Signs URLs for clients (the same client unless a public endpoint is
+    /// configured).
+    signer: Arc<AmazonS3>,
 }
 
 impl std::fmt::Debug for Objects {
@@ -51,17 +57,25 @@ fn object_error(e: object_store::Error) -> StoreError {
 impl Objects {
     /// Builds the client; no request is made until it is used.
     pub fn new(c: &ObjectsConfig) -> Result<Self, StoreError> {
-        let s3 = AmazonS3Builder::new()
-            .with_endpoint(&c.endpoint)
-            .with_bucket_name(&c.bucket)
-            .with_region(&c.region)
-            .with_access_key_id(&c.access_key)
-            .with_secret_access_key(&c.secret_key)
-            .with_allow_http(c.endpoint.starts_with("http://"))
-            .with_virtual_hosted_style_request(false)
-            .build()
-            .map_err(|e| StoreError::Database(format!("object store configuration: {e}")))?;
-        Ok(Self { s3: Arc::new(s3) })
+        let build = |endpoint: &str| {
+            AmazonS3Builder::new()
+                .with_endpoint(endpoint)
+                .with_bucket_name(&c.bucket)
+                .with_region(&c.region)
+                .with_access_key_id(&c.access_key)
+                .with_secret_access_key(&c.secret_key)
+                .with_allow_http(endpoint.starts_with("http://"))
+                .with_virtual_hosted_style_request(false)
+                .build()
+                .map(Arc::new)
+                .map_err(|e| StoreError::Database(format!("object store configuration: {e}")))
+        };
+        let s3 = build(&c.endpoint)?;
+        let signer = match &c.public_endpoint {
+            Some(public) => build(public)?,
+            None => s3.clone(),
+        };
+        Ok(Self { s3, signer })
     }
 
     /// A URL for one PUT of `mime` to `key`, valid for `ttl`. The content
@@ -79,7 +93,7 @@ impl Objects {
         let value = HeaderValue::from_str(mime).map_err(|e| StoreError::Database(e.to_string()))?;
         let options = SignedUrlOptions::new().with_signed_header(header::CONTENT_TYPE, value);
         let url = self
-            .s3
+            .signer
             .signed_url_opts(Method::PUT, &Path::from(key), ttl, &options)
             .await
             .map_err(object_error)?;
@@ -92,7 +106,7 @@ impl Objects {
     /// A URL for GETs of `key`, valid for `ttl`.
     pub async fn sign_get(&self, key: &str, ttl: Duration) -> Result<String, StoreError> {
         let url = self
-            .s3
+            .signer
             .signed_url(Method::GET, &Path::from(key), ttl)
             .await
             .map_err(object_error)?;
