@@ -101,6 +101,8 @@ impl Cluster {
             listen,
             "--grpc-listen",
             grpc,
+            "--metrics-listen",
+            "127.0.0.1:0",
             "--nats-url",
             &self.stack.nats.url,
             "--mongodb-uri",

@@ -323,3 +323,46 @@ async fn owner_manages_members_and_others_cannot() -> anyhow::Result<()> {
     assert_eq!(c.get(0, "alice", &format!("/groups/{id}")).await?.0, 403);
     c.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_health_are_served() -> anyhow::Result<()> {
+    let c = Cluster::start(1, 1).await?;
+    let g = c.room(&["alice", "bob"]).await?;
+    let mut alice = c.connect(0, "alice", "setup").await?;
+    let mut bob = c.connect(0, "bob", "setup").await?;
+    alice.send_text(&g, "m1", "hi").await?;
+    bob.messages(1).await?;
+    assert_eq!(
+        bob.request_error("no_such_event", json!({})).await?,
+        "invalid"
+    );
+
+    let res = c
+        .http()
+        .get(format!("{}/metrics", c.edge_url(0)))
+        .send()
+        .await?;
+    assert_eq!(res.status(), 200);
+    let text = res.text().await?;
+    for name in [
+        "chat_ws_connections",
+        "chat_ws_requests_total{event=\"send_group_message\"}",
+        "chat_ws_errors_total{code=\"invalid\"}",
+        "chat_ws_deliveries_total{feed=\"groups\"}",
+        "chat_delivery_latency_seconds_bucket",
+        "chat_rpc_seconds_bucket{method=\"send\"",
+        "chat_publish_seconds_bucket",
+        "chat_messages_sent_total",
+        "chat_consumer_pending_bucket",
+    ] {
+        assert!(text.contains(name), "no {name} in /metrics:\n{text}");
+    }
+    let (status, _) = c.get(0, "alice", "/healthz").await?;
+    assert_eq!(status, 200);
+    let (status, ready) = c.get(0, "alice", "/readyz").await?;
+    assert_eq!(
+        (status, ready["nats"].as_bool(), ready["workers"].as_bool()),
+        (200, Some(true), Some(true))
+    );
+    c.stop().await
+}

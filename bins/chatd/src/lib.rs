@@ -82,6 +82,10 @@ pub struct ServeArgs {
     /// Worker: gRPC listen address.
     #[arg(long, env = "CHATD_GRPC_LISTEN", default_value = "0.0.0.0:50051")]
     pub grpc_listen: SocketAddr,
+    /// Worker-only processes: where `GET /metrics` is served (edges serve it
+    /// on --listen).
+    #[arg(long, env = "CHATD_METRICS_LISTEN", default_value = "0.0.0.0:9100")]
+    pub metrics_listen: SocketAddr,
     /// Edge: worker gRPC endpoints, comma-separated, balanced across
     /// (default with --role all: this process's own worker).
     #[arg(long, env = "CHATD_WORKERS", value_delimiter = ',')]
@@ -315,6 +319,8 @@ impl Node {
         let mut grpc_addr = None;
         let mut http_addr = None;
 
+        // the metrics recorder, before anything records
+        chat_edge::telemetry::prometheus();
         let node_name = format!("chatd-{role:?}").to_lowercase();
         let bus = Bus::connect(&args.nats_url, &node_name, defs)
             .await
@@ -358,6 +364,19 @@ impl Node {
                 result.context("worker")
             }));
             tracing::info!(addr = ?grpc_addr, "worker listening");
+        }
+
+        if role == Role::Worker {
+            let listener = TcpListener::bind(args.metrics_listen)
+                .await
+                .with_context(|| format!("binding {}", args.metrics_listen))?;
+            let shutdown = shutdown_signal(&stop_rx);
+            tasks.push(tokio::spawn(async move {
+                axum::serve(listener, chat_edge::telemetry::metrics_router::<()>())
+                    .with_graceful_shutdown(shutdown)
+                    .await
+                    .context("metrics")
+            }));
         }
 
         if matches!(role, Role::Edge | Role::All) {

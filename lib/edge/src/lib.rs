@@ -20,6 +20,7 @@ use tokio::net::TcpListener;
 mod auth;
 mod error;
 mod rest;
+pub mod telemetry;
 mod workers;
 mod ws;
 
@@ -149,6 +150,7 @@ pub fn app(state: AppState) -> Router {
         .route("/healthz", get(rest::healthz))
         .route("/readyz", get(rest::readyz))
         .route("/ws", get(ws::upgrade))
+        .merge(telemetry::metrics_router())
         .fallback(rest::not_found)
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)

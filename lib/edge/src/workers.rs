@@ -162,12 +162,16 @@ impl Workers {
 macro_rules! rpc {
     ($app:expr, $client:ident, $method:ident, $req:expr) => {{
         let req = $req;
-        $app.workers
+        let started = std::time::Instant::now();
+        let result = $app
+            .workers
             .call(|channel| {
                 let req = req.clone();
                 async move { $crate::workers::$client::new(channel).$method(req).await }
             })
-            .await
+            .await;
+        metrics::histogram!("chat_rpc_seconds", "method" => stringify!($method)).record(started.elapsed());
+        result
     }};
 }
 

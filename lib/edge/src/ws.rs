@@ -139,6 +139,7 @@ impl Session {
         opened: pb::OpenSessionResponse,
         socket: WebSocket,
     ) {
+        metrics::gauge!("chat_ws_connections").increment(1);
         let (sink, mut stream) = socket.split();
         let (tx, rx) = mpsc::channel(app.config.outbox_frames);
         let delivered = Delivered::default();
@@ -240,6 +241,7 @@ impl Session {
         }
         reporter.abort();
         flush_delivered(&app, &user_id, &delivered).await;
+        metrics::gauge!("chat_ws_connections").decrement(1);
     }
 
     /// Starts delivering group messages from the device's group consumer
@@ -327,6 +329,14 @@ impl Session {
     }
 
     async fn dispatch(&mut self, name: &str, data: Value) -> Result<Value, ApiError> {
+        let known = [
+            event::NOTIFY_CREATE_GROUP,
+            event::SUBSCRIBE_TO_GROUP,
+            event::SEND_GROUP_MESSAGE,
+            event::ACKNOWLEDGE_GROUP_MESSAGE,
+        ];
+        let label = known.into_iter().find(|e| *e == name).unwrap_or("unknown");
+        metrics::counter!("chat_ws_requests_total", "event" => label).increment(1);
         let caller = self.me.user_id.to_string();
         match name {
             event::NOTIFY_CREATE_GROUP => {
@@ -414,6 +424,7 @@ impl Session {
 
     async fn reply_error(&mut self, id: Option<Value>, e: ApiError) -> bool {
         self.errors_in_a_row += 1;
+        metrics::counter!("chat_ws_errors_total", "code" => e.code.as_str()).increment(1);
         let frame = ServerFrame {
             event: event::ERROR.into(),
             id,
@@ -463,6 +474,8 @@ async fn write_loop(
             Outgoing::Delivery(d) => {
                 let ok = sink.send(Message::Text(d.text.into())).await.is_ok();
                 if ok {
+                    metrics::counter!("chat_ws_deliveries_total", "feed" => if d.receipt.is_some() { "groups" } else { "user" })
+                        .increment(1);
                     if let Err(e) = d.msg.ack().await {
                         tracing::warn!(error = %e, "ack to jetstream failed; the event may come again");
                     }
@@ -548,6 +561,10 @@ fn open_envelope(app: &AppState, payload: &[u8]) -> Result<(String, (String, u64
         .keys
         .open(&sealed, env.message_id.as_bytes())
         .map_err(|e| e.to_string())?;
+    let age_ms = chat_domain::now_millis()
+        .saturating_sub(env.created_at)
+        .max(0);
+    metrics::histogram!("chat_delivery_latency_seconds").record(age_ms as f64 / 1000.0);
     let content: Value = serde_json::from_slice(&plain).map_err(|e| e.to_string())?;
     let view = MessageView {
         message_id: env.message_id,
@@ -568,11 +585,11 @@ fn open_envelope(app: &AppState, payload: &[u8]) -> Result<(String, (String, u64
 }
 
 /// Streams one durable consumer to the writer until `stop`, in pull batches
-/// that end within `PULL_EXPIRES`. On stop it drains the open batch and hands
-/// every message it has not passed on back to JetStream (nak), so nothing
-/// waits out the ack timeout and redeliveries come in order on the next
-/// connection. The writer's bounded queue pushes back on the consumer; a
-/// client that takes nothing for `SLOW_CLIENT` is closed.
+/// that end within `PULL_EXPIRES`. On connect it rewinds the consumer to its
+/// ack floor, so whatever an earlier session was given and did not deliver
+/// comes again first and in order; on stop it simply drops the open pull.
+/// The writer's bounded queue pushes back on the consumer; a client that
+/// takes nothing for `SLOW_CLIENT` is closed.
 async fn deliver(
     app: AppState,
     feed: Feed,
@@ -582,10 +599,7 @@ async fn deliver(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_millis(100);
-    let mut stopping = false;
-    // dropped on stop, so the writer can finish while this task drains
-    let mut tx = Some(tx);
-    while !stopping {
+    loop {
         let c = match app.bus.bind(&stream, &consumer).await {
             Ok(c) => c,
             Err(e) => {
@@ -601,8 +615,7 @@ async fn deliver(
         backoff = Duration::from_millis(100);
         // A previous session of this device (a reconnect) may still hold an
         // open pull; wait for it to end (bounded: after a crash it simply
-        // expires), then rewind to the ack floor so that whatever it held
-        // comes again first and in order.
+        // expires), then rewind to the ack floor.
         let deadline = tokio::time::Instant::now() + PULL_EXPIRES + Duration::from_secs(1);
         while tokio::time::Instant::now() < deadline {
             match c.get_info().await {
@@ -618,7 +631,7 @@ async fn deliver(
         if let Err(e) = app.bus.reset(&stream, &consumer).await {
             tracing::warn!(error = %e, consumer, "cannot rewind consumer; redeliveries may come late");
         }
-        while !stopping {
+        loop {
             let batch = c
                 .batch()
                 .max_messages(PULL_BATCH)
@@ -633,26 +646,27 @@ async fn deliver(
                 }
             };
             loop {
-                let next = if stopping {
-                    batch.next().await
-                } else {
-                    tokio::select! {
-                        n = batch.next() => n,
-                        _ = stop.changed() => { stopping = true; tx = None; continue; }
-                    }
+                let next = tokio::select! {
+                    n = batch.next() => n,
+                    _ = stop.changed() => return,
                 };
-                let Some(next) = next else { break };
                 let msg = match next {
-                    Ok(m) => m,
-                    Err(e) => {
+                    Some(Ok(m)) => m,
+                    Some(Err(e)) => {
                         tracing::debug!(error = %e, consumer, "pull batch ended early");
                         break;
                     }
+                    None => break,
                 };
-                let Some(sender) = tx.as_ref().filter(|_| !stopping) else {
-                    let _ = msg.ack_with(AckKind::Nak(None)).await;
-                    continue;
-                };
+                if let Ok(info) = msg.info() {
+                    let label = if feed == Feed::Groups {
+                        "groups"
+                    } else {
+                        "user"
+                    };
+                    metrics::histogram!("chat_consumer_pending", "feed" => label)
+                        .record(info.pending as f64);
+                }
                 let opened = match feed {
                     Feed::User => std::str::from_utf8(&msg.payload)
                         .map(|t| (t.to_owned(), None))
@@ -672,22 +686,16 @@ async fn deliver(
                     msg: Box::new(msg),
                     receipt,
                 });
-                match tokio::time::timeout(SLOW_CLIENT, sender.send(out)).await {
+                match tokio::time::timeout(SLOW_CLIENT, tx.send(out)).await {
                     Ok(Ok(())) => {}
-                    Ok(Err(mpsc::error::SendError(out))) => {
-                        if let Outgoing::Delivery(d) = out {
-                            let _ = d.msg.ack_with(AckKind::Nak(None)).await;
-                        }
-                        stopping = true;
-                        tx = None;
-                    }
+                    // the session is over
+                    Ok(Err(_)) => return,
                     Err(_) => {
-                        let _ = sender.try_send(Outgoing::Close(
+                        let _ = tx.try_send(Outgoing::Close(
                             CLOSE_TOO_SLOW,
                             "client too slow; reconnect",
                         ));
-                        stopping = true;
-                        tx = None;
+                        return;
                     }
                 }
             }

@@ -225,9 +225,18 @@ impl Mongo {
     fn command(dir: &Path, port: &str) -> anyhow::Result<Command> {
         let bin = binary("CHAT_MONGOD", venv().join("bin/secantusd-py"))?;
         let mut cmd = Command::new(bin);
-        cmd.args(["--host", "127.0.0.1", "--port", port, "--storage-path"])
-            .arg(dir.join("data"))
-            .current_dir(dir);
+        // journaled commits, as mongod gives with j:true: a killed server
+        // keeps every acknowledged write
+        cmd.args([
+            "--host",
+            "127.0.0.1",
+            "--port",
+            port,
+            "--sync-on-commit",
+            "--storage-path",
+        ])
+        .arg(dir.join("data"))
+        .current_dir(dir);
         Ok(cmd)
     }
 

@@ -63,6 +63,17 @@ impl Store {
         let mut options = ClientOptions::parse(uri).await?;
         options.app_name = Some("chatd".into());
         options.server_selection_timeout = Some(Duration::from_secs(5));
+        // a message acknowledged to a sender must survive a database crash:
+        // majority-acknowledged and journaled writes, unless the URI says
+        // otherwise
+        if options.write_concern.is_none() {
+            options.write_concern = Some(
+                mongodb::options::WriteConcern::builder()
+                    .w(mongodb::options::Acknowledgment::Majority)
+                    .journal(true)
+                    .build(),
+            );
+        }
         options.connect_timeout = Some(Duration::from_secs(5));
         let client = Client::with_options(options)?;
         let db = client.database(db_name);

@@ -124,11 +124,13 @@ async fn publish(s: &State, m: &StoredMessage) -> Result<Position, WorkerError> 
     for _ in 0..CAS_ATTEMPTS {
         let last = position(s, &m.group_id).await?;
         let seq = last.seq + 1;
-        match s
+        let started = std::time::Instant::now();
+        let published = s
             .bus
             .publish_group_message(&envelope(m, seq), last.stream_seq)
-            .await?
-        {
+            .await;
+        metrics::histogram!("chat_publish_seconds").record(started.elapsed());
+        match published? {
             Published::Stored {
                 stream_seq,
                 duplicate: false,
@@ -147,7 +149,10 @@ async fn publish(s: &State, m: &StoredMessage) -> Result<Position, WorkerError> 
                     .await?
                     .ok_or_else(|| unavailable("duplicate publish not found in the stream"));
             }
-            Published::Conflict => s.positions.forget(&m.group_id).await,
+            Published::Conflict => {
+                metrics::counter!("chat_send_conflicts_total").increment(1);
+                s.positions.forget(&m.group_id).await
+            }
         }
     }
     Err(unavailable("the group is too busy; retry"))
@@ -333,6 +338,7 @@ impl MessagesService {
         };
         commit(s, &m, p).await;
         m.seq = Some(p.seq);
+        metrics::counter!("chat_messages_sent_total").increment(1);
         tracing::debug!(message = %m.id, group = %m.group_id, seq = p.seq, "message sent");
         Ok(ack(&m))
     }
