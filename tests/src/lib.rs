@@ -82,12 +82,8 @@ impl Cluster {
         Ok(cluster)
     }
 
-    async fn start_node(
-        &self,
-        role: &str,
-        listen: &str,
-        grpc: &str,
-    ) -> anyhow::Result<chatd::Node> {
+    /// The command line of a node, as an operator would write it.
+    fn node_argv(&self, role: &str, listen: &str, grpc: &str) -> Vec<String> {
         let workers: Vec<String> = self
             .workers
             .iter()
@@ -139,6 +135,16 @@ impl Cluster {
             argv.push(workers.join(","));
         }
         argv.extend(self.extra_flags.iter().cloned());
+        argv
+    }
+
+    async fn start_node(
+        &self,
+        role: &str,
+        listen: &str,
+        grpc: &str,
+    ) -> anyhow::Result<chatd::Node> {
+        let argv = self.node_argv(role, listen, grpc);
         let cli = chatd::Cli::try_parse_from(argv)?;
         chatd::Node::start(cli.serve).await
     }
@@ -293,6 +299,83 @@ impl Cluster {
         Ok(body["messages"].as_array().cloned().unwrap_or_default())
     }
 
+    /// Runs a node as a separate `chatd` process (so that it can be killed
+    /// for real) on free ports; waits until it serves.
+    pub async fn spawn_process(&self, role: &str) -> anyhow::Result<Process> {
+        let free = || -> anyhow::Result<SocketAddr> {
+            Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+        };
+        let (http, grpc) = (free()?, free()?);
+        let mut argv = self.node_argv(role, &http.to_string(), &grpc.to_string());
+        argv.retain(|a| a != "127.0.0.1:0");
+        if let Some(i) = argv.iter().position(|a| a == "--metrics-listen") {
+            argv.remove(i);
+        }
+        argv.push(format!("--metrics-listen={}", free()?));
+        let bin = chatd_binary()?;
+        let dir = tempfile::tempdir()?;
+        let log = dir.path().join("chatd.log");
+        let out = std::fs::File::create(&log)?;
+        let child = std::process::Command::new(bin)
+            .args(&argv[1..])
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info,async_nats=warn")
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()?;
+        let mut p = Process {
+            child,
+            http,
+            grpc,
+            log,
+            _dir: dir,
+        };
+        let probe = if role == "worker" { grpc } else { http };
+        eventually(Duration::from_secs(30), || {
+            let exited = p.child.try_wait().ok().flatten();
+            async move {
+                if let Some(status) = exited {
+                    bail!("chatd exited with {status}");
+                }
+                Ok(tokio::net::TcpStream::connect(probe).await.ok().map(drop))
+            }
+        })
+        .await
+        .with_context(|| format!("chatd {role} did not start; log:\n{}", p.log_text()))?;
+        Ok(p)
+    }
+
+    /// Starts one more in-process edge using exactly these workers.
+    pub async fn add_edge_for(&mut self, workers: &[SocketAddr]) -> anyhow::Result<usize> {
+        let mut argv = self.node_argv("edge", "127.0.0.1:0", "127.0.0.1:0");
+        if let Some(i) = argv.iter().position(|a| a == "--workers") {
+            argv.drain(i..i + 2);
+        }
+        argv.push("--workers".into());
+        argv.push(
+            workers
+                .iter()
+                .map(|a| format!("http://{a}"))
+                .collect::<Vec<_>>()
+                .join(","),
+        );
+        let node = chatd::Node::start(chatd::Cli::try_parse_from(argv)?.serve).await?;
+        self.edge_addrs
+            .push(node.http_addr.context("edge has no http address")?);
+        self.edges.push(Some(node));
+        Ok(self.edges.len() - 1)
+    }
+
+    /// Connects `user` on `device` to a process edge.
+    pub async fn connect_to(
+        &self,
+        edge: &Process,
+        user: &str,
+        device: &str,
+    ) -> anyhow::Result<Client> {
+        Client::connect(&edge.http, &token(user), device).await
+    }
+
     /// Stops every node, then the services.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         for node in self.edges.drain(..).flatten() {
@@ -304,6 +387,81 @@ impl Cluster {
             }
         }
         Ok(())
+    }
+}
+
+/// Where the `chatd` binary is: `CHATD_BIN`, or next to the test binary's
+/// folder (`scripts/test` builds it first).
+fn chatd_binary() -> anyhow::Result<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("CHATD_BIN") {
+        return Ok(p.into());
+    }
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .context("no target folder")?;
+    let bin = dir.join("chatd");
+    if !bin.exists() {
+        bail!(
+            "{} not found: run `cargo build -p chatd` first (scripts/test does)",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// A `chatd` process; killed on drop.
+pub struct Process {
+    child: std::process::Child,
+    /// Edge: where clients connect.
+    pub http: SocketAddr,
+    /// Worker: where edges connect.
+    pub grpc: SocketAddr,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Process {
+    /// SIGKILL: the process dies at once, mid-whatever.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM: asks the process to drain and exit.
+    pub fn terminate(&self) -> anyhow::Result<()> {
+        let status = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -TERM failed");
+        Ok(())
+    }
+
+    /// Waits for the process to exit; its exit status, or `None` on timeout.
+    pub async fn exited_within(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if tokio::time::Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// What the process logged.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 
