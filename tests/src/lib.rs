@@ -46,6 +46,32 @@ impl Cluster {
 
     /// As [`Cluster::start`], with extra `chatd` flags for every node.
     pub async fn start_with(edges: usize, workers: usize, flags: &[&str]) -> anyhow::Result<Self> {
+        Self::start_on(Stack::start().await?, edges, workers, flags).await
+    }
+
+    /// As [`Cluster::start`], on a NATS cluster of `nats_nodes` with streams
+    /// replicated on every node.
+    pub async fn start_clustered(
+        nats_nodes: usize,
+        edges: usize,
+        workers: usize,
+    ) -> anyhow::Result<Self> {
+        let replicas = nats_nodes.to_string();
+        Self::start_on(
+            Stack::start_with_nats(nats_nodes).await?,
+            edges,
+            workers,
+            &["--nats-replicas", &replicas],
+        )
+        .await
+    }
+
+    async fn start_on(
+        stack: Stack,
+        edges: usize,
+        workers: usize,
+        flags: &[&str],
+    ) -> anyhow::Result<Self> {
         // node logs go to the test's output, shown when a test fails
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
@@ -54,7 +80,6 @@ impl Cluster {
             )
             .with_test_writer()
             .try_init();
-        let stack = Stack::start().await?;
         let mut cluster = Self {
             stack,
             workers: Vec::new(),
@@ -484,7 +509,20 @@ impl Client {
     /// Connects with `token` as `device`, and waits for `a_session`.
     pub async fn connect(addr: &SocketAddr, token: &str, device: &str) -> anyhow::Result<Self> {
         let url = format!("ws://{addr}/ws?token={token}&device={device}");
-        let (ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true).await?;
+        // a 503 (a backing service busy or failing over) is worth a retry,
+        // as a client would
+        let mut attempts = 0;
+        let (ws, _) = loop {
+            match tokio_tungstenite::connect_async_with_config(url.as_str(), None, true).await {
+                Err(tokio_tungstenite::tungstenite::Error::Http(res))
+                    if res.status() == 503 && attempts < 5 =>
+                {
+                    attempts += 1;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                other => break other?,
+            }
+        };
         let mut client = Self {
             ws,
             pushes: VecDeque::new(),

@@ -108,7 +108,7 @@ impl Bus {
             })
             .connection_timeout(Duration::from_secs(5))
             .retry_on_initial_connect()
-            .connect(url)
+            .connect(url.split(',').map(str::trim).collect::<Vec<_>>())
             .await
             .map_err(BusError::nats)?;
         // retry_on_initial_connect returns at once; wait for the first connection
@@ -153,16 +153,25 @@ impl Bus {
 
     /// Creates the streams, or updates them to match `nats/`. Idempotent:
     /// every node runs it at start-up.
+    /// A cluster that has just started may not have elected its JetStream
+    /// leader yet: keep trying for up to 30 s.
     pub async fn ensure_streams(&self) -> Result<(), BusError> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         for config in [
             self.defs.users_stream.clone(),
             self.defs.groups_stream.clone(),
         ] {
             let name = config.name.clone();
-            self.js
-                .create_or_update_stream(config)
-                .await
-                .map_err(|e| BusError::Unavailable(format!("stream {name}: {e}")))?;
+            loop {
+                match self.js.create_or_update_stream(config.clone()).await {
+                    Ok(_) => break,
+                    Err(e) if tokio::time::Instant::now() < deadline => {
+                        tracing::debug!(stream = %name, error = %e, "jetstream not ready yet");
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
+                    Err(e) => return Err(BusError::Unavailable(format!("stream {name}: {e}"))),
+                }
+            }
         }
         Ok(())
     }

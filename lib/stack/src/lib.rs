@@ -124,13 +124,25 @@ impl Drop for Service {
     }
 }
 
-/// A `nats-server` with JetStream.
+/// `nats-server` with JetStream: one node, or a cluster of several on
+/// loopback ports, each with its own data folder.
 #[derive(Debug)]
 pub struct Nats {
-    service: Service,
+    nodes: Vec<NatsNode>,
+    /// Client URLs of every node, comma-separated (what chatd takes).
     pub url: String,
+    /// The first node's monitoring URL.
     pub monitor_url: String,
     _dir: TempDir,
+}
+
+#[derive(Debug)]
+struct NatsNode {
+    service: Service,
+    name: String,
+    port: u16,
+    monitor: u16,
+    cluster: u16,
 }
 
 fn port_of(url: &str) -> anyhow::Result<String> {
@@ -138,76 +150,158 @@ fn port_of(url: &str) -> anyhow::Result<String> {
     Ok(rest.split(['/', '?']).next().unwrap_or_default().to_owned())
 }
 
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
 impl Nats {
-    fn command(dir: &Path, port: &str, monitor: &str) -> anyhow::Result<Command> {
-        let bin = binary("CHAT_NATS_SERVER", venv().join("bin/nats-server"))?;
-        let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../nats/nats-server.conf");
-        let mut cmd = Command::new(bin);
-        cmd.arg("-c").arg(&config);
-        cmd.args(["-a", "127.0.0.1", "-p", port, "-m", monitor, "-js", "-sd"])
-            .arg(dir.join("js"))
-            .arg("--ports_file_dir")
-            .arg(dir.join("ports"));
-        Ok(cmd)
+    /// One node.
+    pub async fn start() -> anyhow::Result<Self> {
+        Self::start_cluster(1).await
     }
 
-    pub async fn start() -> anyhow::Result<Self> {
+    /// `size` nodes forming one JetStream cluster (`size` 1: a lone server).
+    pub async fn start_cluster(size: usize) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("chat-nats-").tempdir()?;
-        let ports = dir.path().join("ports");
-        std::fs::create_dir_all(&ports)?;
-        let cmd = Self::command(dir.path(), "-1", "-1")?;
-        let mut service = Service::spawn("nats-server", cmd, dir.path())?;
-        service
-            .wait_for(|l| l.contains("Server is ready").then_some(()))
-            .await?;
-        // the ports file is written around the ready line: wait until it parses
-        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
-        let v: serde_json::Value = loop {
-            let parsed = std::fs::read_dir(&ports)?
-                .filter_map(Result::ok)
-                .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-                .find_map(|text| serde_json::from_str::<serde_json::Value>(&text).ok());
-            match parsed {
-                Some(v) if v["nats"][0].is_string() => break v,
-                _ if tokio::time::Instant::now() > deadline => {
-                    bail!("nats-server wrote no ports file")
-                }
-                _ => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
-        };
-        let url = v["nats"][0].as_str().context("no nats port")?.to_owned();
-        let monitor_url = v["monitoring"][0]
-            .as_str()
-            .context("no monitor port")?
-            .to_owned();
+        let mut nodes = Vec::with_capacity(size);
+        for i in 0..size {
+            let (port, monitor, cluster) = (free_port()?, free_port()?, free_port()?);
+            std::fs::create_dir_all(dir.path().join(format!("n{i}")))?;
+            nodes.push((format!("nats-{i}"), port, monitor, cluster));
+        }
+        let routes: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("nats://127.0.0.1:{}", n.3))
+            .collect();
+        let mut started = Vec::with_capacity(size);
+        for (i, (name, port, monitor, cluster)) in nodes.into_iter().enumerate() {
+            let cmd = Self::command(
+                dir.path(),
+                i,
+                &name,
+                port,
+                monitor,
+                (size > 1).then_some((cluster, routes.as_slice())),
+            )?;
+            started.push(NatsNode {
+                service: Service::spawn("nats-server", cmd, &dir.path().join(format!("n{i}")))?,
+                name,
+                port,
+                monitor,
+                cluster,
+            });
+        }
+        for node in &mut started {
+            node.service
+                .wait_for(|l| l.contains("Server is ready").then_some(()))
+                .await?;
+        }
+        let url = started
+            .iter()
+            .map(|n| format!("nats://127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",");
+        let monitor_url = format!("http://127.0.0.1:{}", started[0].monitor);
         Ok(Self {
-            service,
+            nodes: started,
             url,
             monitor_url,
             _dir: dir,
         })
     }
 
-    /// Kills the server at once (SIGKILL).
+    fn command(
+        dir: &Path,
+        i: usize,
+        name: &str,
+        port: u16,
+        monitor: u16,
+        cluster: Option<(u16, &[String])>,
+    ) -> anyhow::Result<Command> {
+        let bin = binary("CHAT_NATS_SERVER", venv().join("bin/nats-server"))?;
+        let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../nats/nats-server.conf");
+        let mut cmd = Command::new(bin);
+        cmd.arg("-c").arg(&config);
+        cmd.args([
+            "-a",
+            "127.0.0.1",
+            "-n",
+            name,
+            "-p",
+            &port.to_string(),
+            "-m",
+            &monitor.to_string(),
+            "-js",
+            "-sd",
+        ])
+        .arg(dir.join(format!("n{i}")).join("js"));
+        if let Some((cluster, routes)) = cluster {
+            cmd.args([
+                "--cluster_name",
+                "chat",
+                "--cluster",
+                &format!("nats://127.0.0.1:{cluster}"),
+                "--routes",
+                &routes.join(","),
+            ]);
+        }
+        Ok(cmd)
+    }
+
+    /// How many nodes there are.
+    pub fn size(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Kills every node at once (SIGKILL).
     pub fn kill(&mut self) {
-        self.service.kill();
+        for n in &mut self.nodes {
+            n.service.kill();
+        }
     }
 
-    /// The server's process id, while it runs.
+    /// Kills node `i` at once (SIGKILL).
+    pub fn kill_node(&mut self, i: usize) {
+        self.nodes[i].service.kill();
+    }
+
+    /// The first node's process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
-        self.service.pid()
+        self.nodes[0].service.pid()
     }
 
-    /// Starts the server again on the same ports with the same data.
+    /// Starts every node again on the same ports with the same data.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.kill();
+        for i in 0..self.nodes.len() {
+            self.restart_node(i).await?;
+        }
+        Ok(())
+    }
+
+    /// Starts node `i` again on its ports with its data.
+    pub async fn restart_node(&mut self, i: usize) -> anyhow::Result<()> {
+        let size = self.nodes.len();
+        let routes: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("nats://127.0.0.1:{}", n.cluster))
+            .collect();
+        let n = &self.nodes[i];
         let cmd = Self::command(
             self._dir.path(),
-            &port_of(&self.url)?,
-            &port_of(&self.monitor_url)?,
+            i,
+            &n.name,
+            n.port,
+            n.monitor,
+            (size > 1).then_some((n.cluster, routes.as_slice())),
         )?;
-        self.service = Service::spawn("nats-server", cmd, self._dir.path())?;
-        self.service
+        let node = &mut self.nodes[i];
+        node.service.kill();
+        node.service = Service::spawn("nats-server", cmd, &self._dir.path().join(format!("n{i}")))?;
+        node.service
             .wait_for(|l| l.contains("Server is ready").then_some(()))
             .await
     }
@@ -347,9 +441,15 @@ pub struct Stack {
 }
 
 impl Stack {
-    /// Starts all three at once.
+    /// Starts all three at once, with a single NATS server.
     pub async fn start() -> anyhow::Result<Self> {
-        let (nats, mongo, s3) = tokio::try_join!(Nats::start(), Mongo::start(), S3::start())?;
+        Self::start_with_nats(1).await
+    }
+
+    /// Starts all three at once, with a NATS cluster of `nats_nodes`.
+    pub async fn start_with_nats(nats_nodes: usize) -> anyhow::Result<Self> {
+        let (nats, mongo, s3) =
+            tokio::try_join!(Nats::start_cluster(nats_nodes), Mongo::start(), S3::start())?;
         Ok(Self { nats, mongo, s3 })
     }
 }
