@@ -344,7 +344,7 @@ impl Cluster {
         let child = std::process::Command::new(bin)
             .args(&argv[1..])
             .env("NO_COLOR", "1")
-            .env("RUST_LOG", "info,async_nats=warn")
+            .env("RUST_LOG", "info,chat_worker=debug,async_nats=warn")
             .stdout(out.try_clone()?)
             .stderr(out)
             .spawn()?;

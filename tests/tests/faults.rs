@@ -238,3 +238,32 @@ async fn a_nats_node_killed_and_restarted_loses_and_duplicates_nothing() -> anyh
     );
     c.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_id_follows_a_message_from_edge_to_worker_logs() -> anyhow::Result<()> {
+    let mut c = Cluster::start(0, 0).await?;
+    let worker = c.spawn_process("worker").await?;
+    c.add_edge_for(&[worker.grpc]).await?;
+    let g = c.room(&["alice"]).await?;
+    let mut alice = c.connect(0, "alice", "setup").await?;
+    let ack = alice.send_text(&g, "traced", "hello").await?;
+    let id = ack["messageId"].as_str().unwrap_or_default().to_owned();
+    let line = chat_tests::eventually(PROMPTLY, || {
+        let log = worker.log_text();
+        let id = id.clone();
+        async move {
+            Ok(log
+                .lines()
+                .find(|l| l.contains("message sent") && l.contains(&id))
+                .map(str::to_owned))
+        }
+    })
+    .await?;
+    let request_id = line
+        .split("request_id=")
+        .nth(1)
+        .and_then(|r| r.split(|ch: char| !ch.is_ascii_hexdigit()).next())
+        .unwrap_or_default();
+    assert_eq!(request_id.len(), 32, "no request id on {line:?}");
+    c.stop().await
+}

@@ -12,6 +12,10 @@ struct Args {
     /// Address for clients (port 0 picks a free one).
     #[arg(long, env = "CHAT_DEV_LISTEN", default_value = "127.0.0.1:8080")]
     listen: std::net::SocketAddr,
+    /// NATS nodes: 1, or 3 for a JetStream cluster with streams replicated
+    /// on every node.
+    #[arg(long, env = "CHAT_DEV_NATS_NODES", default_value_t = 1)]
+    nats_nodes: usize,
     /// HS256 secret for tokens (at least 32 bytes).
     #[arg(
         long,
@@ -30,7 +34,8 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
-    let stack = chat_stack::Stack::start().await?;
+    let stack = chat_stack::Stack::start_with_nats(args.nats_nodes.max(1)).await?;
+    let replicas = args.nats_nodes.max(1).to_string();
     // a fresh key per run: the data is temporary too
     let key = chat_crypto::KeyRing::generate_entry("dev");
     let serve = chatd::Cli::try_parse_from([
@@ -49,6 +54,8 @@ async fn main() -> anyhow::Result<()> {
         &args.jwt_secret,
         "--encryption-keys",
         &key,
+        "--nats-replicas",
+        &replicas,
         "--s3-endpoint",
         &stack.s3.endpoint,
         "--s3-bucket",

@@ -3,7 +3,7 @@
 //!
 //! Metric names (all prefixed `chat_`): `ws_connections` (gauge),
 //! `ws_requests_total{event}`, `ws_errors_total{code}`,
-//! `ws_deliveries_total{feed}`, `delivery_latency_seconds` (message created
+//! `ws_events_out_total{event}`, `ws_deliveries_total{feed}`, `delivery_latency_seconds` (message created
 //! to written on a socket), `consumer_pending{feed}` (messages waiting in a
 //! device's consumer when one was delivered), `rpc_seconds{method}` (edge to
 //! worker), `publish_seconds` and `send_conflicts_total` (worker to

@@ -161,18 +161,39 @@ impl Workers {
 /// failover (see [`Workers::call`]).
 macro_rules! rpc {
     ($app:expr, $client:ident, $method:ident, $req:expr) => {{
+        use tracing::Instrument as _;
         let req = $req;
+        let request_id = $crate::workers::request_id();
+        let span = tracing::info_span!("rpc", method = stringify!($method), request_id = %request_id);
         let started = std::time::Instant::now();
         let result = $app
             .workers
             .call(|channel| {
-                let req = req.clone();
+                let req = $crate::workers::with_request_id(req.clone(), &request_id);
                 async move { $crate::workers::$client::new(channel).$method(req).await }
             })
+            .instrument(span)
             .await;
         metrics::histogram!("chat_rpc_seconds", "method" => stringify!($method)).record(started.elapsed());
         result
     }};
+}
+
+/// The gRPC metadata key carrying a request's id from edge to worker.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// A fresh request id.
+pub fn request_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+/// `req` with `id` in its metadata, so the worker's logs carry it too.
+pub fn with_request_id<T>(req: T, id: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(req);
+    if let Ok(v) = id.parse() {
+        r.metadata_mut().insert(REQUEST_ID, v);
+    }
+    r
 }
 
 pub(crate) use rpc;

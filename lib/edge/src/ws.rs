@@ -458,6 +458,24 @@ fn to_json<T: serde::Serialize>(frame: &ServerFrame<T>) -> String {
     serde_json::to_string(frame).unwrap_or_default()
 }
 
+/// The name of a frame's event, for metrics (one of ours, or "other").
+fn event_of(frame: &str) -> &'static str {
+    const NAMES: [&str; 7] = [
+        event::ACK,
+        event::ERROR,
+        event::SESSION,
+        event::GROUP_CREATED,
+        event::GROUP_UPDATED,
+        event::GROUP_MESSAGE,
+        event::MESSAGE_STATUS,
+    ];
+    let name = frame
+        .strip_prefix("{\"event\":\"")
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_default();
+    NAMES.into_iter().find(|n| *n == name).unwrap_or("other")
+}
+
 /// Group seqs written to the socket and not yet reported as delivered.
 type Delivered = Arc<std::sync::Mutex<HashMap<String, u64>>>;
 
@@ -470,10 +488,16 @@ async fn write_loop(
 ) {
     while let Some(out) = rx.recv().await {
         let ok = match out {
-            Outgoing::Frame(text) => sink.send(Message::Text(text.into())).await.is_ok(),
+            Outgoing::Frame(text) => {
+                metrics::counter!("chat_ws_events_out_total", "event" => event_of(&text))
+                    .increment(1);
+                sink.send(Message::Text(text.into())).await.is_ok()
+            }
             Outgoing::Delivery(d) => {
+                let event = event_of(&d.text);
                 let ok = sink.send(Message::Text(d.text.into())).await.is_ok();
                 if ok {
+                    metrics::counter!("chat_ws_events_out_total", "event" => event).increment(1);
                     metrics::counter!("chat_ws_deliveries_total", "feed" => if d.receipt.is_some() { "groups" } else { "user" })
                         .increment(1);
                     if let Err(e) = d.msg.ack().await {

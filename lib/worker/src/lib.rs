@@ -159,6 +159,16 @@ pub async fn serve(
     let sweeper = tokio::spawn(messages::sweep_pending(state.clone()));
     let cleaner = tokio::spawn(media::clean_uploads(state.clone()));
     let result = tonic::transport::Server::builder()
+        // every call's logs carry the request id the edge sent
+        .trace_fn(|req| {
+            let id = req
+                .headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .to_owned();
+            tracing::info_span!("rpc", path = %req.uri().path(), request_id = %id)
+        })
         .add_service(GroupsServer::new(groups::GroupsService(state.clone())))
         .add_service(SessionsServer::new(sessions::SessionsService(
             state.clone(),
