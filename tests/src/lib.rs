@@ -299,18 +299,36 @@ impl Cluster {
         .with_context(|| format!("consumer {name} never settled"))
     }
 
-    /// `GET` on edge `edge` as `user`; the status and the JSON body.
-    pub async fn get(&self, edge: usize, user: &str, path: &str) -> anyhow::Result<(u16, Value)> {
-        let res = self
+    /// A REST call on edge `edge`, as `user` if given (else without a
+    /// token), with a JSON `body` if given: the status and the JSON body.
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        edge: usize,
+        user: Option<&str>,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<(u16, Value)> {
+        let mut req = self
             .http()
-            .get(format!("{}{path}", self.edge_url(edge)))
-            .bearer_auth(token(user))
-            .send()
-            .await?;
+            .request(method, format!("{}{path}", self.edge_url(edge)));
+        if let Some(u) = user {
+            req = req.bearer_auth(token(u));
+        }
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let res = req.send().await?;
         Ok((
             res.status().as_u16(),
             res.json().await.unwrap_or(Value::Null),
         ))
+    }
+
+    /// `GET` on edge `edge` as `user`; the status and the JSON body.
+    pub async fn get(&self, edge: usize, user: &str, path: &str) -> anyhow::Result<(u16, Value)> {
+        self.call(reqwest::Method::GET, edge, Some(user), path, None)
+            .await
     }
 
     /// The group's history as `user` (newest first), up to 100 messages.

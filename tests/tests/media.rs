@@ -11,17 +11,14 @@ fn png(n: usize) -> Vec<u8> {
 }
 
 async fn upload_url(c: &Cluster, user: &str, g: &str, body: Value) -> anyhow::Result<(u16, Value)> {
-    let res = c
-        .http()
-        .post(format!("{}/groups/{g}/uploads", c.edge_url(0)))
-        .bearer_auth(token(user))
-        .json(&body)
-        .send()
-        .await?;
-    Ok((
-        res.status().as_u16(),
-        res.json().await.unwrap_or(Value::Null),
-    ))
+    c.call(
+        reqwest::Method::POST,
+        0,
+        Some(user),
+        &format!("/groups/{g}/uploads"),
+        Some(&body),
+    )
+    .await
 }
 
 /// PUTs `bytes` to a pre-signed URL the way a browser would: no credentials,

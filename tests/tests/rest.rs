@@ -10,31 +10,13 @@ async fn post(
     user: Option<&str>,
     body: Value,
 ) -> anyhow::Result<(u16, Value)> {
-    let mut req = c
-        .http()
-        .post(format!("{}{path}", c.edge_url(0)))
-        .json(&body);
-    if let Some(u) = user {
-        req = req.bearer_auth(token(u));
-    }
-    let res = req.send().await?;
-    Ok((
-        res.status().as_u16(),
-        res.json().await.unwrap_or(Value::Null),
-    ))
+    c.call(reqwest::Method::POST, 0, user, path, Some(&body))
+        .await
 }
 
 async fn delete(c: &Cluster, path: &str, user: &str) -> anyhow::Result<(u16, Value)> {
-    let res = c
-        .http()
-        .delete(format!("{}{path}", c.edge_url(0)))
-        .bearer_auth(token(user))
-        .send()
-        .await?;
-    Ok((
-        res.status().as_u16(),
-        res.json().await.unwrap_or(Value::Null),
-    ))
+    c.call(reqwest::Method::DELETE, 0, Some(user), path, None)
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
