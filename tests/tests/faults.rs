@@ -54,7 +54,8 @@ async fn reconnect(c: &Cluster, edge: usize, user: &str) -> anyhow::Result<Clien
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edge_killed_mid_traffic_loses_nothing() -> anyhow::Result<()> {
-    let c = Cluster::start(1, 2).await?;
+    // two edges (one a real process), two workers, a 3-node NATS cluster
+    let c = Cluster::start_clustered(3, 1, 2).await?;
     let g = c.room(&["alice", "bob"]).await?;
     let mut doomed = c.spawn_process("edge").await?;
     let mut bob = c.connect_to(&doomed, "bob", "setup").await?;
@@ -101,13 +102,15 @@ async fn an_edge_killed_mid_traffic_loses_nothing() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_mid_traffic_costs_senders_nothing_acknowledged() -> anyhow::Result<()> {
-    let mut c = Cluster::start(0, 0).await?;
+    // two edges, two workers (real processes), a 3-node NATS cluster
+    let mut c = Cluster::start_clustered(3, 0, 0).await?;
     let mut w1 = c.spawn_process("worker").await?;
     let w2 = c.spawn_process("worker").await?;
     c.add_edge_for(&[w1.grpc, w2.grpc]).await?;
+    c.add_edge_for(&[w1.grpc, w2.grpc]).await?;
     let g = c.room(&["alice", "bob"]).await?;
     let mut alice = c.connect(0, "alice", "setup").await?;
-    let mut bob = c.connect(0, "bob", "setup").await?;
+    let mut bob = c.connect(1, "bob", "setup").await?;
 
     let mut acked = Vec::new();
     let mut errors = Vec::new();
@@ -159,7 +162,8 @@ async fn a_worker_killed_mid_traffic_costs_senders_nothing_acknowledged() -> any
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edge_drains_on_sigterm_and_clients_move_over() -> anyhow::Result<()> {
-    let c = Cluster::start(1, 1).await?;
+    // two edges (one a real process), two workers, a 3-node NATS cluster
+    let c = Cluster::start_clustered(3, 1, 2).await?;
     let g = c.room(&["alice", "bob"]).await?;
     let mut draining = c.spawn_process("edge").await?;
     let mut bob = c.connect_to(&draining, "bob", "setup").await?;
