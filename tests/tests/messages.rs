@@ -87,6 +87,14 @@ async fn concurrent_senders_are_ordered_everywhere_and_offline_members_catch_up(
         oldest_first, at_bob,
         "history shows exactly what was delivered"
     );
+    // pages are capped at 100 however many are asked for
+    for i in 0..60 {
+        alice.send_text(&g, &format!("more{i}"), "more").await?;
+    }
+    let (_, page) = c
+        .get(0, "bob", &format!("/groups/{g}/messages?limit=1000"))
+        .await?;
+    assert_eq!(page["messages"].as_array().map(Vec::len), Some(100));
     // paging
     let (_, page) = c
         .get(0, "bob", &format!("/groups/{g}/messages?before=10&limit=3"))

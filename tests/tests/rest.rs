@@ -98,7 +98,14 @@ async fn bad_bodies_and_limits_are_refused_with_clear_errors() -> anyhow::Result
     let c = Cluster::start_with(
         1,
         1,
-        &["--max-group-members", "3", "--max-group-name", "10"],
+        &[
+            "--max-group-members",
+            "3",
+            "--max-group-name",
+            "10",
+            "--max-group-description",
+            "20",
+        ],
     )
     .await?;
     let cases = [
@@ -113,6 +120,11 @@ async fn bad_bodies_and_limits_are_refused_with_clear_errors() -> anyhow::Result
         ),
         (
             json!({"name": "x".repeat(11), "members": []}),
+            400,
+            "too_large",
+        ),
+        (
+            json!({"name": "x", "description": "d".repeat(21), "members": []}),
             400,
             "too_large",
         ),

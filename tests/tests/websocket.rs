@@ -50,6 +50,20 @@ async fn bad_frames_get_errors_and_the_socket_keeps_working() -> anyhow::Result<
     let e = ws.recv(chat_tests::PROMPTLY).await?.expect("error frame");
     assert_eq!(e["data"]["code"], "invalid");
 
+    // request ids are limited to 128 characters
+    ws.send_raw(Message::Text(
+        json!({"event": "subscribe_to_group", "id": "i".repeat(200), "data": {"groupId": id}})
+            .to_string()
+            .into(),
+    ))
+    .await?;
+    let e = ws.recv(chat_tests::PROMPTLY).await?.expect("error frame");
+    assert_eq!(
+        (e["data"]["code"].as_str(), e.get("id")),
+        (Some("invalid"), None),
+        "{e}"
+    );
+
     // an oversized frame (over the 64 KiB default, under the 1 MiB hard limit)
     let big = json!({"event": "subscribe_to_group", "id": "big", "data": {"groupId": id, "pad": "x".repeat(70 * 1024)}});
     ws.send_raw(Message::Text(big.to_string().into())).await?;
