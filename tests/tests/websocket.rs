@@ -225,3 +225,23 @@ async fn a_draining_edge_tells_clients_to_reconnect_and_loses_nothing() -> anyho
     assert_eq!(bob.messages(1).await?[0]["seq"], 3);
     c.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_connecting_again_replaces_its_older_connection() -> anyhow::Result<()> {
+    let c = Cluster::start(2, 1).await?;
+    let g = c.room(&["alice", "bob"]).await?;
+    let mut first = c.connect(0, "bob", "phone").await?;
+    let mut alice = c.connect(0, "alice", "setup").await?;
+    alice.send_text(&g, "m1", "one").await?;
+    assert_eq!(first.messages(1).await?[0]["seq"], 1);
+    // the same device again, on the other edge: the older one is told why
+    let mut second = c.connect(1, "bob", "phone").await?;
+    assert_eq!(first.closed_with().await?, Some(4409));
+    // and the newer one gets everything from here on, alone
+    alice.send_text(&g, "m2", "two").await?;
+    alice.send_text(&g, "m3", "three").await?;
+    let got = second.messages(2).await?;
+    let seqs: Vec<u64> = got.iter().filter_map(|m| m["seq"].as_u64()).collect();
+    assert_eq!(seqs, [2, 3]);
+    c.stop().await
+}

@@ -57,6 +57,9 @@ const CLOSE_HANDSHAKE: Duration = Duration::from_secs(2);
 /// Close code sent when the edge drains (RFC 6455 1012, service restart):
 /// reconnect, to this or another edge.
 pub const CLOSE_RESTART: u16 = 1012;
+/// Close code sent to a connection when its device connects again (on any
+/// edge): one device, one connection, so that they never split deliveries.
+pub const CLOSE_REPLACED: u16 = 4409;
 /// Close code sent when a client cannot keep up with its deliveries.
 pub const CLOSE_TOO_SLOW: u16 = 1013;
 
@@ -185,11 +188,16 @@ impl Session {
         session.start_group_delivery();
 
         let mut closing = app.closing.subscribe();
+        let mut replaced = claim_device(&app, &session.me.user_id, &session.device).await;
         loop {
             let msg = tokio::select! {
                 msg = stream.next() => msg,
                 _ = async { drop(closing.wait_for(|c| *c).await) } => {
                     let _ = session.tx.send(Outgoing::Close(CLOSE_RESTART, "server restarting; reconnect")).await;
+                    None
+                }
+                Some(()) = replaced.recv() => {
+                    let _ = session.tx.send(Outgoing::Close(CLOSE_REPLACED, "this device connected again elsewhere")).await;
                     None
                 }
             };
@@ -561,6 +569,46 @@ async fn flush_delivered(app: &AppState, user: &str, delivered: &Delivered) {
             tracing::warn!(error = %e, "cannot record deliveries");
         }
     }
+}
+
+/// Announces a new connection of `device` on core NATS and returns a
+/// channel that yields when a later connection of the same device (on any
+/// edge) announces itself: this one must then close. Without NATS the claim
+/// is skipped; the consumer reset still keeps deliveries in order.
+async fn claim_device(
+    app: &AppState,
+    user: &chat_domain::UserId,
+    device: &DeviceId,
+) -> mpsc::Receiver<()> {
+    let (tx, rx) = mpsc::channel(1);
+    let subject = format!("chat.session.{user}.{device}");
+    let me = uuid::Uuid::new_v4().simple().to_string();
+    let client = app.bus.client().clone();
+    match client.subscribe(subject.clone()).await {
+        Ok(mut sub) => {
+            if let Err(e) = client.publish(subject, me.clone().into()).await {
+                tracing::debug!(error = %e, "cannot announce the connection");
+            }
+            // ends with the session (the receiver dropped), which unsubscribes
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        msg = sub.next() => match msg {
+                            Some(msg) if msg.payload.as_ref() != me.as_bytes() => {
+                                let _ = tx.send(()).await;
+                                return;
+                            }
+                            Some(_) => {}
+                            None => return,
+                        },
+                        _ = tx.closed() => return,
+                    }
+                }
+            });
+        }
+        Err(e) => tracing::debug!(error = %e, "cannot watch for a newer connection of this device"),
+    }
+    rx
 }
 
 /// Which consumer a delivery task streams.
