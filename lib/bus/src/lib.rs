@@ -49,6 +49,19 @@ impl BusError {
     }
 }
 
+/// Whether `config` filters on exactly `filters`, in any order.
+fn same_subjects(config: &consumer::Config, filters: &[String]) -> bool {
+    let mut have: Vec<&str> = if config.filter_subjects.is_empty() {
+        vec![config.filter_subject.as_str()]
+    } else {
+        config.filter_subjects.iter().map(String::as_str).collect()
+    };
+    let mut want: Vec<&str> = filters.iter().map(String::as_str).collect();
+    have.sort_unstable();
+    want.sort_unstable();
+    have == want
+}
+
 /// The subject carrying notifications for `user`.
 pub fn user_subject(user: &UserId) -> String {
     format!("chat.user.{user}.event")
@@ -278,6 +291,9 @@ impl Bus {
             groups.iter().map(group_msg_subject).collect()
         };
         let start = match stream.consumer_info(&name).await {
+            // already filtering on exactly these groups (the common case of
+            // a reconnect): nothing to change
+            Ok(info) if same_subjects(&info.config, &filters) => return Ok(()),
             // an update must keep the start the consumer was created with
             Ok(info) => info.config.deliver_policy,
             // "new messages only", spelled as a start sequence, because only
