@@ -67,7 +67,7 @@ async fn an_edge_killed_mid_traffic_loses_nothing() -> anyhow::Result<()> {
         tokio::spawn(async move {
             for i in 0..N {
                 alice
-                    .send_text(&g, &format!("m{i}"), &format!("message {i}"))
+                    .send_text_until_ok(&g, &format!("m{i}"), &format!("message {i}"), PROMPTLY)
                     .await?;
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
@@ -168,7 +168,8 @@ async fn an_edge_drains_on_sigterm_and_clients_move_over() -> anyhow::Result<()>
     let mut draining = c.spawn_process("edge").await?;
     let mut bob = c.connect_to(&draining, "bob", "setup").await?;
     let mut alice = c.connect(0, "alice", "setup").await?;
-    alice.send_text(&g, "m1", "one").await?;
+    // on a cluster a send can meet a leader election: retry, as clients do
+    alice.send_text_until_ok(&g, "m1", "one", PROMPTLY).await?;
     assert_eq!(bob.messages(1).await?[0]["seq"], 1);
 
     let started = tokio::time::Instant::now();
@@ -182,7 +183,7 @@ async fn an_edge_drains_on_sigterm_and_clients_move_over() -> anyhow::Result<()>
     );
     println!("edge drained in {:?}", started.elapsed());
 
-    alice.send_text(&g, "m2", "two").await?;
+    alice.send_text_until_ok(&g, "m2", "two", PROMPTLY).await?;
     let mut bob = reconnect(&c, 0, "bob").await?;
     let (seqs, repeats) = collect(&mut bob, 1).await?;
     assert_eq!((seqs, repeats), (vec![2], 0));
