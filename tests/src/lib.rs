@@ -254,8 +254,17 @@ impl Cluster {
         let id = g["id"].as_str().context("group without id")?.to_owned();
         for (i, m) in members.iter().enumerate() {
             let mut ws = self.connect(i % self.edge_count(), m, "setup").await?;
-            ws.request("subscribe_to_group", json!({ "groupId": id }))
-                .await?;
+            // on a NATS cluster a request can meet a leader election: retry
+            let deadline = tokio::time::Instant::now() + PROMPTLY;
+            while let Err(e) = ws
+                .request("subscribe_to_group", json!({ "groupId": id }))
+                .await
+            {
+                if tokio::time::Instant::now() > deadline {
+                    return Err(e);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
             ws.close().await?;
         }
         Ok(id)
