@@ -200,7 +200,8 @@ pub(crate) async fn history(
             caller: me.user_id.to_string(),
             group_id: id,
             before: q.before.unwrap_or(0),
-            limit: q.limit.unwrap_or(50).min(100),
+            // the worker caps it
+            limit: q.limit.unwrap_or(50),
         }
     )?
     .into_inner();

@@ -22,8 +22,6 @@ mod media;
 mod messages;
 mod sessions;
 
-pub use messages::MAX_HISTORY_PAGE;
-
 /// What a worker needs to run.
 #[derive(Debug, Clone)]
 pub struct Config {

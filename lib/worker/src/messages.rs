@@ -33,7 +33,7 @@ const CAS_ATTEMPTS: usize = 64;
 /// Most positions remembered; past it the cache starts over.
 const POSITION_CACHE: usize = 100_000;
 /// Largest history page.
-pub const MAX_HISTORY_PAGE: u32 = 100;
+const MAX_HISTORY_PAGE: u32 = 100;
 
 /// The sealed part of a message.
 #[derive(Debug, Serialize, Deserialize)]
@@ -205,6 +205,33 @@ pub(crate) async fn resolve_pending(
     }
 }
 
+/// A send whose client id was used before: the earlier attempt's ack if it
+/// was committed (or had landed), `None` if it never landed and is now rolled
+/// back, `unavailable` while it is too young to settle.
+async fn earlier_attempt(
+    s: &State,
+    m: &StoredMessage,
+) -> Result<Option<pb::SendMessageResponse>, WorkerError> {
+    let Some(existing) = s
+        .store
+        .messages
+        .find_by_client_id(&m.group_id, &m.sender_id, &m.client_msg_id)
+        .await?
+    else {
+        // rolled back between the insert and this read
+        return Ok(None);
+    };
+    if existing.is_committed() {
+        return Ok(Some(ack(&existing)));
+    }
+    let after = s.config.resolve_pending_after;
+    let young = now_millis() - existing.created_at < after.as_millis() as i64;
+    if young || s.bus.up_for().is_none_or(|up| up < after) {
+        return Err(unavailable("this message is still being sent; retry later"));
+    }
+    Ok(resolve_pending(s, existing).await?.as_ref().map(ack))
+}
+
 /// Resolves pending messages older than the configured threshold, forever.
 /// Safe on several workers at once: both reach the same verdict from
 /// JetStream, commit is idempotent and delete touches only pending messages.
@@ -256,25 +283,6 @@ impl MessagesService {
         }
         s.load_as_member(&sender, &group).await?;
 
-        if let Some(existing) = s
-            .store
-            .messages
-            .find_by_client_id(&group, &sender, &client_id)
-            .await?
-        {
-            if existing.is_committed() {
-                return Ok(ack(&existing));
-            }
-            let after = s.config.resolve_pending_after;
-            let young = now_millis() - existing.created_at < after.as_millis() as i64;
-            if young || s.bus.up_for().is_none_or(|up| up < after) {
-                return Err(unavailable("this message is still being sent; retry later"));
-            }
-            if let Some(done) = resolve_pending(s, existing).await? {
-                return Ok(ack(&done));
-            }
-        }
-
         let id = MessageId::generate();
         let content = if kind == MessageKind::Text {
             Content {
@@ -309,17 +317,16 @@ impl MessagesService {
             after_stream_seq: after.stream_seq,
             created_at: now_millis(),
         };
+        // idempotency rides on the unique (group, sender, client id) index:
+        // no read on the normal path, a look at the earlier attempt on a retry
         if !s.store.messages.insert_pending(&m).await? {
-            // a concurrent send of the same client id won the race
-            return match s
-                .store
-                .messages
-                .find_by_client_id(&m.group_id, &m.sender_id, &m.client_msg_id)
-                .await?
-            {
-                Some(existing) if existing.is_committed() => Ok(ack(&existing)),
-                _ => Err(unavailable("this message is still being sent; retry later")),
-            };
+            if let Some(done) = earlier_attempt(s, &m).await? {
+                return Ok(done);
+            }
+            // the earlier attempt was rolled back: this one takes its place
+            if !s.store.messages.insert_pending(&m).await? {
+                return Err(unavailable("this message is still being sent; retry later"));
+            }
         }
         if !s.bus.is_connected() {
             // certain failure: nothing was sent, so roll back at once rather
