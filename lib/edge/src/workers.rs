@@ -124,13 +124,6 @@ impl Workers {
             .or_else(|| candidates().next())
     }
 
-    /// Whether any worker passed its last health check.
-    pub fn any_healthy(&self) -> bool {
-        self.workers
-            .iter()
-            .any(|w| w.healthy.load(Ordering::Relaxed))
-    }
-
     /// Runs `call` on a worker; on a transport failure, marks that worker
     /// unhealthy and tries another, each worker once at most.
     pub async fn call<T, F, Fut>(&self, call: F) -> Result<T, Status>

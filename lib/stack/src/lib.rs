@@ -250,11 +250,6 @@ impl Nats {
         Ok(cmd)
     }
 
-    /// How many nodes there are.
-    pub fn size(&self) -> usize {
-        self.nodes.len()
-    }
-
     /// Kills every node at once (SIGKILL).
     pub fn kill(&mut self) {
         for n in &mut self.nodes {

@@ -78,9 +78,4 @@ impl UserRepo {
             .filter_map(|id| DeviceId::parse(id).ok())
             .collect())
     }
-
-    /// The stored profile document, for operators and tests.
-    pub async fn profile(&self, user: &UserId) -> Result<Option<Document>, StoreError> {
-        Ok(self.coll.find_one(doc! { "_id": user.as_str() }).await?)
-    }
 }
