@@ -51,7 +51,7 @@ const PULL_EXPIRES: Duration = Duration::from_secs(2);
 /// How long a delivery may wait for room in a client's queue.
 const SLOW_CLIENT: Duration = Duration::from_secs(30);
 /// How often deliveries are reported to workers as receipts.
-const DELIVERED_FLUSH: Duration = Duration::from_millis(250);
+const DELIVERED_FLUSH: Duration = Duration::from_secs(1);
 /// How long a closing connection waits for the client's close reply.
 const CLOSE_HANDSHAKE: Duration = Duration::from_secs(2);
 /// Close code sent when the edge drains (RFC 6455 1012, service restart):
@@ -60,6 +60,9 @@ pub const CLOSE_RESTART: u16 = 1012;
 /// Close code sent to a connection when its device connects again (on any
 /// edge): one device, one connection, so that they never split deliveries.
 pub const CLOSE_REPLACED: u16 = 4409;
+/// Read and write buffer of a WebSocket; larger frames still pass (the
+/// buffers grow), this is only what every connection holds.
+const WS_BUFFER: usize = 4 * 1024;
 /// Close code sent when a client cannot keep up with its deliveries.
 pub const CLOSE_TOO_SLOW: u16 = 1013;
 
@@ -101,6 +104,10 @@ pub(crate) async fn upgrade(
     Ok(ws
         .max_message_size(limit)
         .max_frame_size(limit)
+        // tungstenite's 128 KiB defaults made an idle connection cost about
+        // 200 KiB of the edge's memory; chat frames are small
+        .read_buffer_size(WS_BUFFER)
+        .write_buffer_size(WS_BUFFER)
         .on_upgrade(move |socket| {
             let span = tracing::info_span!("session", user = %me.user_id, device = %device);
             let tracker = app.sessions_running.clone();

@@ -311,6 +311,10 @@ pub struct Mongo {
 }
 
 impl Mongo {
+    pub fn pid(&self) -> Option<u32> {
+        self.service.pid()
+    }
+
     fn command(dir: &Path, port: &str) -> anyhow::Result<Command> {
         let bin = binary("CHAT_MONGOD", venv().join("bin/secantusd-py"))?;
         let mut cmd = Command::new(bin);
@@ -424,6 +428,10 @@ impl S3 {
     /// Kills the server at once (SIGKILL).
     pub fn kill(&mut self) {
         self.service.kill();
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.service.pid()
     }
 }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use mongodb::{Client, Database, options::ClientOptions};
 
+mod batch;
 mod groups;
 mod messages;
 mod objects;

@@ -44,28 +44,25 @@ pub(crate) struct Content {
     pub media: Option<MediaContent>,
 }
 
-/// Each group's newest known position, to publish without a lookup first.
+/// Each group's newest known position, to publish without a lookup first,
+/// behind one lock per group: a worker publishes one message of a group at
+/// a time, so its own sends never race each other's compare-and-set (which
+/// under load turned most publishes into conflicts and retries). Other
+/// workers' publishes are still caught by the compare-and-set.
 #[derive(Default)]
-pub(crate) struct Positions(Mutex<HashMap<GroupId, Position>>);
+pub(crate) struct Positions(std::sync::Mutex<HashMap<GroupId, Slot>>);
+
+type Slot = Arc<Mutex<Option<Position>>>;
 
 impl Positions {
-    async fn get(&self, g: &GroupId) -> Option<Position> {
-        self.0.lock().await.get(g).copied()
-    }
-
-    async fn set(&self, g: &GroupId, p: Position) {
-        let mut map = self.0.lock().await;
+    fn slot(&self, g: &GroupId) -> Slot {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if map.len() >= POSITION_CACHE {
+            // a slot still held elsewhere stays valid: the worst case is two
+            // holders for one group, which the compare-and-set resolves
             map.clear();
         }
-        let e = map.entry(g.clone()).or_insert(p);
-        if p.seq >= e.seq {
-            *e = p;
-        }
-    }
-
-    async fn forget(&self, g: &GroupId) {
-        self.0.lock().await.remove(g);
+        map.entry(g.clone()).or_default().clone()
     }
 }
 
@@ -87,7 +84,17 @@ fn ack(m: &StoredMessage) -> pb::SendMessageResponse {
 /// The newest position of `group`: from the cache, else the stream, else
 /// (messages aged out of the stream) the last committed message.
 async fn position(s: &State, group: &GroupId) -> Result<Position, WorkerError> {
-    if let Some(p) = s.positions.get(group).await {
+    let slot = s.positions.slot(group);
+    let mut cached = slot.lock().await;
+    known_position(s, group, &mut cached).await
+}
+
+async fn known_position(
+    s: &State,
+    group: &GroupId,
+    cached: &mut Option<Position>,
+) -> Result<Position, WorkerError> {
+    if let Some(p) = *cached {
         return Ok(p);
     }
     let p = match s.bus.last_group_position(group).await? {
@@ -100,7 +107,7 @@ async fn position(s: &State, group: &GroupId) -> Result<Position, WorkerError> {
             },
         },
     };
-    s.positions.set(group, p).await;
+    *cached = Some(p);
     Ok(p)
 }
 
@@ -121,8 +128,10 @@ fn envelope(m: &StoredMessage, seq: u64) -> Envelope {
 /// Publishes `m` as the group's next message, retrying on conflicts with
 /// concurrent senders; returns its final position.
 async fn publish(s: &State, m: &StoredMessage) -> Result<Position, WorkerError> {
+    let slot = s.positions.slot(&m.group_id);
+    let mut cached = slot.lock().await;
     for _ in 0..CAS_ATTEMPTS {
-        let last = position(s, &m.group_id).await?;
+        let last = known_position(s, &m.group_id, &mut cached).await?;
         let seq = last.seq + 1;
         let started = std::time::Instant::now();
         let published = s
@@ -130,13 +139,21 @@ async fn publish(s: &State, m: &StoredMessage) -> Result<Position, WorkerError> 
             .publish_group_message(&envelope(m, seq), last.stream_seq)
             .await;
         metrics::histogram!("chat_publish_seconds").record(started.elapsed());
-        match published? {
+        let published = match published {
+            Ok(p) => p,
+            Err(e) => {
+                // uncertain: the next send looks the position up again
+                *cached = None;
+                return Err(e.into());
+            }
+        };
+        match published {
             Published::Stored {
                 stream_seq,
                 duplicate: false,
             } => {
                 let p = Position { seq, stream_seq };
-                s.positions.set(&m.group_id, p).await;
+                *cached = Some(p);
                 return Ok(p);
             }
             Published::Stored {
@@ -151,10 +168,11 @@ async fn publish(s: &State, m: &StoredMessage) -> Result<Position, WorkerError> 
             }
             Published::Conflict => {
                 metrics::counter!("chat_send_conflicts_total").increment(1);
-                s.positions.forget(&m.group_id).await
+                *cached = None;
             }
         }
     }
+    *cached = None;
     Err(unavailable("the group is too busy; retry"))
 }
 
@@ -339,7 +357,6 @@ impl MessagesService {
             Err(e) => {
                 // uncertain: the sweeper settles it against JetStream
                 tracing::warn!(message = %m.id, error = %e, "publish failed; left pending");
-                s.positions.forget(&m.group_id).await;
                 return Err(e);
             }
         };

@@ -1,0 +1,754 @@
+//! The chat load: users and groups over REST, one WebSocket per online user,
+//! sends at a fixed rate or as fast as acks allow, and what every member
+//! receives checked for loss, repeats and order.
+
+use std::{
+    borrow::Cow,
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use futures::{SinkExt, StreamExt};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::{net::TcpStream, sync::watch, task::JoinSet};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, tungstenite::Message};
+
+use crate::stats::{Integrity, Latency, Order, Percentiles, Timeline, micros_since};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// What to run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    /// Groups with online members; every member has a connection.
+    pub groups: usize,
+    pub members: usize,
+    /// Members of each group that send (the first ones).
+    pub senders_per_group: usize,
+    /// Total sends per second over all senders; `None`: as fast as acks
+    /// allow, `window` unacknowledged sends per sender.
+    pub rate: Option<f64>,
+    pub window: usize,
+    /// Bytes of text per message.
+    pub size: usize,
+    pub warmup: Duration,
+    pub duration: Duration,
+    /// New connections per second while connecting.
+    pub connect_rate: f64,
+    /// Users registered (one session each, subscribed to a group of their
+    /// own) and then offline for the whole run.
+    pub offline_users: usize,
+}
+
+impl Plan {
+    pub fn connections(&self) -> usize {
+        self.groups * self.members
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Phase {
+    Wait,
+    Send,
+    Stop,
+    Done,
+}
+
+/// State every connection task shares with the coordinator.
+struct Shared {
+    epoch: Instant,
+    size: usize,
+    /// Sends made in this window (send time, µs since `epoch`) count for
+    /// latency.
+    measure: (AtomicU64, AtomicU64),
+    sent: Timeline,
+    acked: Timeline,
+    delivered: Timeline,
+    outstanding: AtomicU64,
+    /// New (not repeated) deliveries, all receivers.
+    unique: AtomicU64,
+    /// Highest acknowledged `seq` per group.
+    group_last: Vec<AtomicU64>,
+}
+
+/// One connection's findings.
+#[derive(Default)]
+struct ConnResult {
+    delivery: Latency,
+    ack: Latency,
+    order: Order,
+    sent: u64,
+    acked: u64,
+    skipped: u64,
+    errors: BTreeMap<String, u64>,
+    /// Frames this connection did not expect (should be none).
+    unexpected: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChatResult {
+    pub plan: Plan,
+    pub connections: usize,
+    pub connect_secs: f64,
+    pub connects_per_sec: f64,
+    /// Seconds spent registering the offline users.
+    pub register_secs: f64,
+    pub measured_secs: f64,
+    pub sent: u64,
+    pub acked: u64,
+    /// Sends the fixed rate called for that were not made because 1,000
+    /// were already waiting for their acks.
+    pub skipped: u64,
+    pub errors: BTreeMap<String, u64>,
+    /// Sends made per second in the measured window.
+    pub offered_per_sec: f64,
+    /// Sends acknowledged (stored, encrypted, published) per second in the
+    /// measured window.
+    pub sends_per_sec: f64,
+    pub deliveries_per_sec: f64,
+    pub delivery: Percentiles,
+    pub ack: Percentiles,
+    pub integrity: Integrity,
+    pub unexpected_frames: u64,
+    /// Acknowledged sends per second since the start.
+    pub sent_per_second: Vec<u64>,
+    pub delivered_per_second: Vec<u64>,
+    /// chatd's resident memory growth per connection, after connecting and
+    /// before sending.
+    pub chatd_kib_per_connection: f64,
+    /// nats-server's growth per connection (durable consumers of new
+    /// devices), same window.
+    pub nats_kib_per_connection: f64,
+}
+
+pub fn token(user: &str) -> anyhow::Result<String> {
+    let id = chat_domain::UserId::parse(user)?;
+    Ok(chat_auth::mint_hs256(
+        crate::system::SECRET.as_bytes(),
+        &id,
+        None,
+        86_400,
+    )?)
+}
+
+fn user(i: usize) -> String {
+    format!("u{i}")
+}
+
+/// Incoming frame, parsed without copying the parts we do not read.
+#[derive(Deserialize)]
+struct Incoming<'a> {
+    #[serde(borrow)]
+    event: Cow<'a, str>,
+    #[serde(default)]
+    id: Option<u64>,
+    #[serde(default, borrow)]
+    data: Option<Data<'a>>,
+}
+
+#[derive(Deserialize, Default)]
+struct Data<'a> {
+    seq: Option<u64>,
+    #[serde(borrow)]
+    text: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    code: Option<Cow<'a, str>>,
+}
+
+/// Opens a session and waits for `a_session`.
+pub async fn connect(addr: SocketAddr, user: &str) -> anyhow::Result<Ws> {
+    let url = format!("ws://{addr}/ws?token={}&device=load", token(user)?);
+    let mut attempts = 0;
+    let (mut ws, _) = loop {
+        match tokio_tungstenite::connect_async_with_config(url.as_str(), None, true).await {
+            // the server sheds load with 503 while busy: back off, as a
+            // client would
+            Err(tokio_tungstenite::tungstenite::Error::Http(r))
+                if r.status() == 503 && attempts < 20 =>
+            {
+                attempts += 1;
+                tokio::time::sleep(Duration::from_millis(100 * attempts)).await;
+            }
+            other => break other.with_context(|| format!("connect {user}"))?,
+        }
+    };
+    let first = next_text(&mut ws, Duration::from_secs(30)).await?;
+    if !first.contains("\"a_session\"") {
+        bail!("first frame is not a_session: {first}");
+    }
+    Ok(ws)
+}
+
+async fn next_text(ws: &mut Ws, within: Duration) -> anyhow::Result<String> {
+    loop {
+        match tokio::time::timeout(within, ws.next()).await {
+            Err(_) => bail!("nothing received in {within:?}"),
+            Ok(None) => bail!("connection closed"),
+            Ok(Some(m)) => match m? {
+                Message::Text(t) => return Ok(t.to_string()),
+                Message::Close(c) => bail!("closed: {c:?}"),
+                _ => {}
+            },
+        }
+    }
+}
+
+/// Sends a request and waits for its reply, skipping pushes.
+pub async fn request(ws: &mut Ws, id: u64, event: &str, data: Value) -> anyhow::Result<Value> {
+    let frame = json!({"event": event, "id": id, "data": data}).to_string();
+    ws.send(Message::Text(frame.into())).await?;
+    loop {
+        let text = next_text(ws, Duration::from_secs(30)).await?;
+        let v: Value = serde_json::from_str(&text)?;
+        if v["id"] == id {
+            if v["event"] == "error" {
+                bail!("{event} failed: {}", v["data"]);
+            }
+            return Ok(v["data"].clone());
+        }
+    }
+}
+
+/// `POST /groups` as `owner`; returns the group id.
+pub async fn create_group(
+    http: &reqwest::Client,
+    addr: SocketAddr,
+    owner: &str,
+    members: &[String],
+) -> anyhow::Result<String> {
+    let r = http
+        .post(format!("http://{addr}/groups"))
+        .bearer_auth(token(owner)?)
+        .json(&json!({"name": format!("load {owner}"), "members": members}))
+        .send()
+        .await?;
+    let status = r.status();
+    let body: Value = r.json().await?;
+    if status != 201 {
+        bail!("create group: {status} {body}");
+    }
+    body["id"]
+        .as_str()
+        .map(str::to_owned)
+        .context("group without id")
+}
+
+/// Creates `count` groups of `members` users, starting at user `first`.
+async fn create_groups(
+    addr: SocketAddr,
+    first: usize,
+    count: usize,
+    members: usize,
+) -> anyhow::Result<Vec<String>> {
+    let http = reqwest::Client::new();
+    futures::stream::iter(0..count)
+        .map(|g| {
+            let http = http.clone();
+            async move {
+                let base = first + g * members;
+                let list: Vec<String> = (base..base + members).map(user).collect();
+                create_group(&http, addr, &list[0], &list).await
+            }
+        })
+        .buffered(16)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect()
+}
+
+/// Runs `open` for `0..n` at most `rate` per second, printing progress;
+/// returns the results in order and the seconds it took.
+async fn paced<T, F, Fut>(what: &str, n: usize, rate: f64, open: F) -> anyhow::Result<(Vec<T>, f64)>
+where
+    T: Send + 'static,
+    F: Fn(usize) -> Fut,
+    Fut: Future<Output = anyhow::Result<T>> + Send + 'static,
+{
+    let started = Instant::now();
+    let done = Arc::new(AtomicUsize::new(0));
+    let progress = {
+        let done = done.clone();
+        let what = what.to_owned();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let d = done.load(Ordering::Relaxed);
+                let secs = started.elapsed().as_secs_f64();
+                eprint!(
+                    "\r  {what}: {d}/{n} ({:.0}/s)   ",
+                    d as f64 / secs.max(1e-3)
+                );
+            }
+        })
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(0.001)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    // bounded: a slow server backs the pacing up instead of piling up tasks
+    let inflight = Arc::new(tokio::sync::Semaphore::new(256));
+    let mut set = JoinSet::new();
+    for i in 0..n {
+        tick.tick().await;
+        let permit = inflight.clone().acquire_owned().await?;
+        let fut = open(i);
+        let done = done.clone();
+        set.spawn(async move {
+            let r = fut.await;
+            drop(permit);
+            done.fetch_add(1, Ordering::Relaxed);
+            (i, r)
+        });
+    }
+    let mut out: Vec<Option<T>> = (0..n).map(|_| None).collect();
+    while let Some(r) = set.join_next().await {
+        let (i, r) = r?;
+        out[i] = Some(r?);
+    }
+    progress.abort();
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "\r  {what}: {n}/{n} in {secs:.1} s ({:.0}/s)      ",
+        n as f64 / secs.max(1e-3)
+    );
+    Ok((out.into_iter().flatten().collect(), secs))
+}
+
+/// Runs the plan against the edge at `addr`; `chatd` and `nats` are the
+/// server processes whose memory per connection is read.
+pub async fn run(
+    plan: &Plan,
+    addr: SocketAddr,
+    chatd: u32,
+    nats: u32,
+    server: &[(&str, u32)],
+) -> anyhow::Result<(ChatResult, Vec<crate::system::ProcUsage>)> {
+    let n = plan.connections();
+    eprintln!(
+        "chat: {} groups of {}, {} connections, {} registered offline",
+        plan.groups, plan.members, n, plan.offline_users
+    );
+    let groups = create_groups(addr, 0, plan.groups, plan.members).await?;
+
+    // offline users: one session each, subscribed, then gone
+    let mut register_secs = 0.0;
+    if plan.offline_users > 0 {
+        let offline_groups = plan.offline_users.div_ceil(plan.members);
+        let og = create_groups(addr, n, offline_groups, plan.members).await?;
+        let og = Arc::new(og);
+        let members = plan.members;
+        let (_, secs) = paced(
+            "registering offline users",
+            offline_groups * members,
+            plan.connect_rate,
+            |i| {
+                let og = og.clone();
+                async move {
+                    let mut ws = connect(addr, &user(n + i)).await?;
+                    request(
+                        &mut ws,
+                        1,
+                        "subscribe_to_group",
+                        json!({"groupId": og[i / members]}),
+                    )
+                    .await?;
+                    ws.close(None).await.ok();
+                    Ok(())
+                }
+            },
+        )
+        .await?;
+        register_secs = secs;
+    }
+
+    let mem_before = (crate::system::sample(chatd), crate::system::sample(nats));
+    let groups = Arc::new(groups);
+    let (conns, connect_secs) = paced("connecting", n, plan.connect_rate, |i| {
+        let groups = groups.clone();
+        let members = plan.members;
+        async move {
+            let mut ws = connect(addr, &user(i)).await?;
+            request(
+                &mut ws,
+                1,
+                "subscribe_to_group",
+                json!({"groupId": groups[i / members]}),
+            )
+            .await?;
+            Ok(ws)
+        }
+    })
+    .await?;
+    // let the server settle (consumers created, buffers shrunk) before
+    // reading its memory
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mem_after = (crate::system::sample(chatd), crate::system::sample(nats));
+    let per_conn = |a: u64, b: u64| (b as f64 - a as f64) / n.max(1) as f64;
+
+    let secs = (plan.warmup + plan.duration).as_secs() as usize + 120;
+    let epoch = Instant::now();
+    let shared = Arc::new(Shared {
+        epoch,
+        size: plan.size,
+        measure: (AtomicU64::new(u64::MAX), AtomicU64::new(u64::MAX)),
+        sent: Timeline::new(epoch, secs),
+        acked: Timeline::new(epoch, secs),
+        delivered: Timeline::new(epoch, secs),
+        outstanding: AtomicU64::new(0),
+        unique: AtomicU64::new(0),
+        group_last: (0..plan.groups).map(|_| AtomicU64::new(0)).collect(),
+    });
+    let (phase_tx, phase_rx) = watch::channel(Phase::Wait);
+    let senders = plan.groups * plan.senders_per_group;
+    let period = plan
+        .rate
+        .filter(|r| *r > 0.0)
+        .map(|r| Duration::from_secs_f64(senders as f64 / r));
+    let mut tasks = JoinSet::new();
+    for (i, ws) in conns.into_iter().enumerate() {
+        let sends = i % plan.members < plan.senders_per_group;
+        let job = Job {
+            group: i / plan.members,
+            group_id: groups[i / plan.members].clone(),
+            sends: sends && (plan.rate.is_none() || period.is_some()),
+            period,
+            window: plan.window.max(1),
+        };
+        tasks.spawn(job.run(ws, shared.clone(), phase_rx.clone()));
+    }
+
+    let window = crate::system::Window::open(server);
+    eprintln!(
+        "  sending: {} s warm-up, {} s measured",
+        plan.warmup.as_secs(),
+        plan.duration.as_secs()
+    );
+    phase_tx.send_replace(Phase::Send);
+    tokio::time::sleep(plan.warmup).await;
+    let from = micros_since(epoch);
+    shared.measure.0.store(from, Ordering::Relaxed);
+    shared.measure.1.store(u64::MAX, Ordering::Relaxed);
+    let measured_at = Instant::now();
+    tokio::time::sleep(plan.duration).await;
+    let to = micros_since(epoch);
+    shared.measure.1.store(to, Ordering::Relaxed);
+    let usage = window.close();
+    let measured_secs = measured_at.elapsed().as_secs_f64();
+    phase_tx.send_replace(Phase::Stop);
+
+    // every send answered, then every member has everything
+    wait_for("acks", Duration::from_secs(60), || {
+        shared.outstanding.load(Ordering::Relaxed) == 0
+    })
+    .await;
+    let expected: u64 = shared
+        .group_last
+        .iter()
+        .map(|g| g.load(Ordering::Relaxed) * plan.members as u64)
+        .sum();
+    wait_for("deliveries", Duration::from_secs(60), || {
+        shared.unique.load(Ordering::Relaxed) >= expected
+    })
+    .await;
+    phase_tx.send_replace(Phase::Done);
+
+    let mut delivery = Latency::default();
+    let mut ack = Latency::default();
+    let mut integrity = Integrity::default();
+    let mut errors = BTreeMap::new();
+    let (mut sent, mut acked, mut skipped, mut unexpected) = (0, 0, 0, 0);
+    while let Some(r) = tasks.join_next().await {
+        let (group, r) = r??;
+        delivery.merge(&r.delivery);
+        ack.merge(&r.ack);
+        integrity.add(&r.order, shared.group_last[group].load(Ordering::Relaxed));
+        for (k, v) in r.errors {
+            *errors.entry(k).or_insert(0) += v;
+        }
+        sent += r.sent;
+        acked += r.acked;
+        skipped += r.skipped;
+        unexpected += r.unexpected;
+    }
+    let window_secs = |t: &Timeline| -> Vec<u64> { t.per_second() };
+    let sent_ps = window_secs(&shared.sent);
+    let acked_ps = window_secs(&shared.acked);
+    let delivered_ps = window_secs(&shared.delivered);
+    let from_s = plan.warmup.as_secs() as usize;
+    let to_s = from_s + plan.duration.as_secs() as usize;
+    let rate_in = |v: &[u64]| -> f64 {
+        let slice = &v[from_s.min(v.len())..to_s.min(v.len())];
+        slice.iter().sum::<u64>() as f64 / slice.len().max(1) as f64
+    };
+    let last_busy = delivered_ps
+        .iter()
+        .rposition(|v| *v > 0)
+        .map_or(to_s, |i| i + 1)
+        .max(to_s);
+    let result = ChatResult {
+        plan: plan.clone(),
+        connections: n,
+        connect_secs,
+        connects_per_sec: n as f64 / connect_secs.max(1e-3),
+        register_secs,
+        measured_secs,
+        sent,
+        acked,
+        skipped,
+        errors,
+        offered_per_sec: rate_in(&sent_ps),
+        sends_per_sec: rate_in(&acked_ps),
+        deliveries_per_sec: rate_in(&delivered_ps),
+        delivery: delivery.summary(),
+        ack: ack.summary(),
+        integrity,
+        unexpected_frames: unexpected,
+        sent_per_second: acked_ps[..last_busy.min(acked_ps.len())].to_vec(),
+        delivered_per_second: delivered_ps[..last_busy.min(delivered_ps.len())].to_vec(),
+        chatd_kib_per_connection: per_conn(mem_before.0.rss_kib, mem_after.0.rss_kib),
+        nats_kib_per_connection: per_conn(mem_before.1.rss_kib, mem_after.1.rss_kib),
+    };
+    Ok((result, usage))
+}
+
+async fn wait_for(what: &str, within: Duration, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + within;
+    while !done() {
+        if Instant::now() > deadline {
+            eprintln!("  gave up waiting for {what} after {within:?}; counting the rest as lost");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One connection's part in the run.
+struct Job {
+    group: usize,
+    group_id: String,
+    sends: bool,
+    period: Option<Duration>,
+    window: usize,
+}
+
+/// Most unacknowledged sends one connection keeps at a fixed rate.
+const MAX_OUTSTANDING: usize = 1_000;
+
+impl Job {
+    async fn run(
+        self,
+        mut ws: Ws,
+        shared: Arc<Shared>,
+        mut phase: watch::Receiver<Phase>,
+    ) -> anyhow::Result<(usize, ConnResult)> {
+        let mut r = ConnResult::default();
+        let mut pending: BTreeMap<u64, u64> = BTreeMap::new();
+        let mut next_id = 10u64;
+        let mut current = *phase.borrow();
+        let period = self.period.unwrap_or(Duration::from_secs(3600));
+        // spread the senders over the period
+        let offset = period.mul_f64(rand_fraction(self.group, next_id));
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + offset, period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let pad = "x".repeat(shared.size);
+        loop {
+            let paced = self.sends && self.period.is_some() && current == Phase::Send;
+            let mut want_send = 0usize;
+            tokio::select! {
+                changed = phase.changed() => {
+                    if changed.is_err() { break; }
+                    current = *phase.borrow_and_update();
+                    if current == Phase::Done { break; }
+                    if current == Phase::Send && self.sends && self.period.is_none() {
+                        want_send = self.window;
+                    }
+                }
+                _ = tick.tick(), if paced => {
+                    if pending.len() < MAX_OUTSTANDING { want_send = 1; } else { r.skipped += 1; }
+                }
+                msg = ws.next() => {
+                    let text = match msg {
+                        None => bail!("connection closed by the server"),
+                        Some(Err(e)) => bail!("connection failed: {e}"),
+                        Some(Ok(Message::Text(t))) => t,
+                        Some(Ok(Message::Close(c))) => bail!("closed by the server: {c:?}"),
+                        Some(Ok(_)) => continue,
+                    };
+                    let now = micros_since(shared.epoch);
+                    let (from, to) = (shared.measure.0.load(Ordering::Relaxed), shared.measure.1.load(Ordering::Relaxed));
+                    let Ok(frame) = serde_json::from_str::<Incoming>(&text) else {
+                        r.unexpected += 1;
+                        continue;
+                    };
+                    let data = frame.data.unwrap_or_default();
+                    match frame.event.as_ref() {
+                        "a_group_message" => {
+                            let seq = data.seq.unwrap_or(0);
+                            if r.order.see(seq) {
+                                shared.unique.fetch_add(1, Ordering::Relaxed);
+                            }
+                            shared.delivered.add(1);
+                            let sent_at = data
+                                .text
+                                .as_deref()
+                                .and_then(|t| t.split(' ').next())
+                                .and_then(|t| t.parse::<u64>().ok());
+                            if let Some(t) = sent_at && t >= from && t <= to {
+                                r.delivery.record_us(now.saturating_sub(t));
+                            }
+                        }
+                        "ack" | "error" => {
+                            let Some(t) = frame.id.and_then(|id| pending.remove(&id)) else {
+                                r.unexpected += 1;
+                                continue;
+                            };
+                            shared.outstanding.fetch_sub(1, Ordering::Relaxed);
+                            if frame.event == "ack" {
+                                r.acked += 1;
+                                shared.acked.add(1);
+                                if let Some(seq) = data.seq {
+                                    shared.group_last[self.group].fetch_max(seq, Ordering::Relaxed);
+                                }
+                                if t >= from && t <= to {
+                                    r.ack.record_us(now.saturating_sub(t));
+                                }
+                            } else {
+                                let code = data.code.as_deref().unwrap_or("?").to_owned();
+                                *r.errors.entry(code).or_insert(0) += 1;
+                            }
+                            if current == Phase::Send && self.sends && self.period.is_none() {
+                                want_send = 1;
+                            }
+                        }
+                        // a_message_status and the like
+                        _ => {}
+                    }
+                }
+            }
+            for _ in 0..want_send {
+                let t = micros_since(shared.epoch);
+                let mut text = format!("{t} ");
+                let room = shared.size.saturating_sub(text.len()).max(1);
+                text.push_str(&pad[..room.min(pad.len())]);
+                let id = next_id;
+                next_id += 1;
+                let frame = json!({
+                    "event": "send_group_message",
+                    "id": id,
+                    "data": {
+                        "groupId": self.group_id,
+                        "clientMsgId": format!("m{id}"),
+                        "type": "text",
+                        "text": text,
+                    }
+                })
+                .to_string();
+                pending.insert(id, t);
+                shared.outstanding.fetch_add(1, Ordering::Relaxed);
+                ws.send(Message::Text(frame.into())).await?;
+                r.sent += 1;
+                shared.sent.add(1);
+            }
+        }
+        ws.close(None).await.ok();
+        Ok((self.group, r))
+    }
+}
+
+/// A cheap, deterministic spread in [0, 1).
+fn rand_fraction(a: usize, b: u64) -> f64 {
+    let mut x = (a as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ b;
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xFF51_AFD7_ED55_8CCD);
+    x ^= x >> 33;
+    (x % 1_000_000) as f64 / 1_000_000.0
+}
+
+#[derive(Debug, Serialize)]
+pub struct CatchUpResult {
+    pub missed: u64,
+    pub size: usize,
+    /// Seconds the sender took to send them (acked, persisted).
+    pub send_secs: f64,
+    /// From the reconnect (before the WebSocket handshake) to the last one.
+    pub catch_up_secs: f64,
+    pub messages_per_sec: f64,
+    pub integrity: Integrity,
+}
+
+/// A member offline for `missed` messages reconnects: how long until all
+/// have arrived, in order.
+pub async fn catch_up(addr: SocketAddr, missed: u64, size: usize) -> anyhow::Result<CatchUpResult> {
+    let http = reqwest::Client::new();
+    let (alice, bob) = ("catchup-a".to_owned(), "catchup-b".to_owned());
+    let group = create_group(&http, addr, &alice, &[alice.clone(), bob.clone()]).await?;
+    let mut reader = connect(addr, &bob).await?;
+    request(
+        &mut reader,
+        1,
+        "subscribe_to_group",
+        json!({"groupId": group}),
+    )
+    .await?;
+    reader.close(None).await.ok();
+    drop(reader);
+    let mut sender = connect(addr, &alice).await?;
+    eprintln!("catch-up: sending {missed} messages while the member is offline");
+    let started = Instant::now();
+    let pad = "x".repeat(size);
+    // as fast as acks allow, a few in flight
+    let window = 16u64;
+    let mut next = 1u64;
+    let mut acked = 0u64;
+    let mut inflight = 0u64;
+    while acked < missed {
+        while inflight < window && next <= missed {
+            let frame = json!({
+                "event": "send_group_message", "id": next,
+                "data": {"groupId": group, "clientMsgId": format!("c{next}"), "type": "text", "text": pad}
+            });
+            sender.send(Message::Text(frame.to_string().into())).await?;
+            next += 1;
+            inflight += 1;
+        }
+        let text = next_text(&mut sender, Duration::from_secs(30)).await?;
+        if text.contains("\"event\":\"ack\"") {
+            acked += 1;
+            inflight -= 1;
+        } else if text.contains("\"event\":\"error\"") {
+            bail!("send failed: {text}");
+        }
+    }
+    let send_secs = started.elapsed().as_secs_f64();
+    eprintln!("  sent in {send_secs:.1} s; reconnecting");
+    let started = Instant::now();
+    let mut reader = connect(addr, &bob).await?;
+    let mut order = Order::default();
+    while order.last < missed {
+        let text = next_text(&mut reader, Duration::from_secs(30)).await?;
+        let Ok(frame) = serde_json::from_str::<Incoming>(&text) else {
+            continue;
+        };
+        if frame.event == "a_group_message" {
+            order.see(frame.data.and_then(|d| d.seq).unwrap_or(0));
+        }
+    }
+    let catch_up_secs = started.elapsed().as_secs_f64();
+    let mut integrity = Integrity::default();
+    integrity.add(&order, missed);
+    Ok(CatchUpResult {
+        missed,
+        size,
+        send_secs,
+        catch_up_secs,
+        messages_per_sec: missed as f64 / catch_up_secs.max(1e-6),
+        integrity,
+    })
+}

@@ -1,0 +1,205 @@
+//! `chat-load`: the load generator and benchmark (BENCHMARKS.md).
+//!
+//! Starts the whole system on real services (NATS, SecantusDB, s3s-fs and a
+//! `chatd --role all` process), drives it over REST and WebSocket as
+//! clients would, then measures raw NATS on the same server with the same
+//! message size and fan-out, and writes `<out>/<scenario>.{json,md,svg}`.
+//!
+//! `scripts/bench <scenario> [flags]` builds both binaries in release mode
+//! and runs this.
+
+mod baseline;
+mod load;
+mod report;
+mod stats;
+mod system;
+
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+#[derive(Debug, Clone, Copy, PartialEq, ValueEnum)]
+enum Scenario {
+    /// 100 connections, 10 groups of 10, every member sending at a fixed
+    /// rate (2,000 sends/s in all), 64-byte texts.
+    Rooms,
+    /// 1,000 connections, 100 groups of 10, 1 KiB messages at a fixed rate.
+    Steady,
+    /// One group of 1,000 members, one sender as fast as acks allow.
+    Fanout,
+    /// 10,000 registered users (durable consumers), 1,000 of them online.
+    ManyUsers,
+    /// A member offline for 10,000 messages reconnects.
+    CatchUp,
+    /// 5,000 connections opened at a fixed rate, then idle: memory per
+    /// connection.
+    Storm,
+}
+
+/// Load generator and benchmark for the chat system.
+#[derive(Debug, Parser)]
+struct Args {
+    scenario: Scenario,
+    /// Groups with online members (each member one connection).
+    #[arg(long)]
+    groups: Option<usize>,
+    #[arg(long)]
+    members: Option<usize>,
+    /// Members per group that send.
+    #[arg(long)]
+    senders: Option<usize>,
+    /// Total sends per second, or `acks` for as fast as acks allow.
+    #[arg(long)]
+    rate: Option<String>,
+    /// Unacknowledged sends per sender when the rate is `acks`.
+    #[arg(long)]
+    window: Option<usize>,
+    /// Bytes of text per message.
+    #[arg(long)]
+    size: Option<usize>,
+    #[arg(long)]
+    warmup_secs: Option<u64>,
+    #[arg(long)]
+    duration_secs: Option<u64>,
+    /// New connections per second.
+    #[arg(long)]
+    connect_rate: Option<f64>,
+    #[arg(long)]
+    offline_users: Option<usize>,
+    /// catch-up: messages missed.
+    #[arg(long, default_value_t = 10_000)]
+    missed: u64,
+    /// Skip the raw NATS runs.
+    #[arg(long)]
+    no_baseline: bool,
+    /// Where the report goes.
+    #[arg(long, default_value = "bench-results")]
+    out: std::path::PathBuf,
+    /// Extra flags for chatd (repeatable), e.g. `--chatd-arg=--requests-per-sec=100`.
+    #[arg(long = "chatd-arg", allow_hyphen_values = true)]
+    chatd_args: Vec<String>,
+}
+
+fn plan(a: &Args) -> anyhow::Result<load::Plan> {
+    use Scenario::*;
+    // (groups, members, senders, rate, window, size, duration, connect rate, offline)
+    let (groups, members, senders, rate, window, size, duration, connect_rate, offline) =
+        match a.scenario {
+            Rooms => (10, 10, 10, Some(2000.0), 1, 64, 60, 200.0, 0),
+            Steady => (100, 10, 10, Some(1000.0), 1, 1024, 60, 200.0, 0),
+            Fanout => (1, 1000, 1, None, 4, 64, 30, 200.0, 0),
+            ManyUsers => (100, 10, 10, Some(500.0), 1, 256, 30, 200.0, 9_000),
+            CatchUp => (1, 2, 1, None, 1, 256, 0, 10.0, 0),
+            Storm => (500, 10, 0, Some(0.0), 1, 64, 5, 500.0, 0),
+        };
+    let rate = match a.rate.as_deref() {
+        None => rate,
+        Some("acks") => None,
+        Some(r) => Some(r.parse::<f64>()?),
+    };
+    Ok(load::Plan {
+        groups: a.groups.unwrap_or(groups),
+        members: a.members.unwrap_or(members),
+        senders_per_group: a.senders.unwrap_or(senders),
+        rate,
+        window: a.window.unwrap_or(window),
+        size: a.size.unwrap_or(size).max(24),
+        warmup: Duration::from_secs(a.warmup_secs.unwrap_or(if duration > 5 { 5 } else { 0 })),
+        duration: Duration::from_secs(a.duration_secs.unwrap_or(duration)),
+        connect_rate: a.connect_rate.unwrap_or(connect_rate),
+        offline_users: a.offline_users.unwrap_or(offline),
+    })
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let plan = plan(&args)?;
+    let name = args
+        .scenario
+        .to_possible_value()
+        .map(|v| v.get_name().to_owned())
+        .unwrap_or_default();
+    let command = std::env::args().skip(1).collect::<Vec<_>>().join(" ");
+    let started_at = chat_domain_now();
+    // clients of a benchmark send faster than the default 50 requests/s
+    // per connection; everything else is chatd's defaults
+    let mut chatd_args = vec!["--requests-per-sec=100000".to_owned()];
+    chatd_args.extend(args.chatd_args.iter().cloned());
+    eprintln!("starting nats-server, SecantusDB, s3s-fs and chatd");
+    let system = system::System::start(&chatd_args).await?;
+    let processes = system.processes();
+    let nats_pid = system.stack.nats.pid().unwrap_or(0);
+    let me = std::process::id();
+    let own = system::Window::open(&[("chat-load", me)]);
+
+    let mut report = report::Report {
+        scenario: name,
+        command: format!("scripts/bench {command}"),
+        started_at,
+        machine: report::Machine::read(),
+        chat: None,
+        catch_up: None,
+        server: vec![],
+        load_generator_cpu_percent: 0.0,
+        nats_core: None,
+        jetstream: None,
+        ratios: report::Ratios::default(),
+    };
+    if args.scenario == Scenario::CatchUp {
+        let w = system::Window::open(&processes);
+        report.catch_up = Some(load::catch_up(system.http, args.missed, plan.size).await?);
+        report.server = w.close();
+    } else {
+        let (chat, usage) =
+            load::run(&plan, system.http, system.chatd_pid(), nats_pid, &processes).await?;
+        report.chat = Some(chat);
+        report.server = usage;
+    }
+    report.load_generator_cpu_percent = own.close().first().map_or(0.0, |u| u.cpu_percent);
+    let sends = report.chat.as_ref().is_some_and(|c| c.sent > 0);
+    if !args.no_baseline && sends {
+        let secs = Duration::from_secs(plan.duration.as_secs().clamp(5, 20));
+        report.nats_core = Some(
+            baseline::core_fanout(
+                &system.stack.nats.url,
+                plan.groups,
+                plan.members,
+                plan.size,
+                secs,
+            )
+            .await?,
+        );
+        report.jetstream = Some(
+            baseline::jetstream(&system.stack.nats.url, plan.groups, plan.size, 256, secs).await?,
+        );
+    }
+    report.compute_ratios();
+    report.write(&args.out)?;
+    println!("{}", report.markdown());
+    println!(
+        "wrote {}/{}.{{json,md,svg}}",
+        args.out.display(),
+        report.scenario
+    );
+    drop(system);
+    let clean = report
+        .chat
+        .as_ref()
+        .map(|c| c.integrity.clean())
+        .unwrap_or(true)
+        && report
+            .catch_up
+            .as_ref()
+            .map(|c| c.integrity.clean())
+            .unwrap_or(true);
+    if !clean {
+        anyhow::bail!("deliveries were lost, repeated or out of order: see the report");
+    }
+    Ok(())
+}
+
+/// Now as RFC 3339 UTC.
+fn chat_domain_now() -> String {
+    chat_protocol::format_millis(chat_domain::now_millis())
+}
