@@ -422,3 +422,66 @@ async fn bad_messages_get_precise_errors_and_the_socket_stays() -> anyhow::Resul
     assert_eq!(status, 400);
     c.stop().await
 }
+
+/// A device consumer made by an older chatd (explicit acks) is brought to
+/// the current template when the device reconnects, keeping its position:
+/// what it had acknowledged does not come again, what it missed does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_device_consumer_is_migrated_without_losing_its_place() -> anyhow::Result<()> {
+    use async_nats::jetstream::consumer::{self, AckPolicy, DeliverPolicy};
+    let c = Cluster::start(1, 1).await?;
+    let g = c.room(&["alice", "bob"]).await?;
+    let mut alice = c.connect(0, "alice", "phone").await?;
+    let first = alice.send_text(&g, "m1", "one").await?;
+    // bob's device as an older chatd left it: explicit acks, everything up
+    // to the first message acknowledged
+    let bus = c.bus().await?;
+    let stream = bus.jetstream().get_stream("CHAT_GROUPS").await?;
+    let name = chat_bus::group_consumer_name(
+        &chat_domain::UserId::parse("bob")?,
+        &chat_domain::DeviceId::parse("setup")?,
+    );
+    let old = stream.consumer_info(&name).await?.config;
+    let acked_up_to = stream
+        .get_last_raw_message_by_subject(&format!("chat.group.{g}.msg"))
+        .await?
+        .sequence;
+    assert_eq!(first["seq"], 1);
+    stream.delete_consumer(&name).await?;
+    stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some(name.clone()),
+            filter_subject: old.filter_subject.clone(),
+            filter_subjects: old.filter_subjects.clone(),
+            ack_policy: AckPolicy::Explicit,
+            deliver_policy: DeliverPolicy::ByStartSequence {
+                start_sequence: acked_up_to + 1,
+            },
+            ..Default::default()
+        })
+        .await?;
+    alice.send_text(&g, "m2", "two").await?;
+    alice.send_text(&g, "m3", "three").await?;
+
+    let mut bob = c.connect(0, "bob", "setup").await?;
+    let mut seqs = Vec::new();
+    while seqs.len() < 2 {
+        let m = bob.next_push("a_group_message").await?;
+        seqs.push(m["data"]["seq"].as_u64().unwrap_or(0));
+    }
+    assert_eq!(
+        seqs,
+        [2, 3],
+        "missed messages, in order, and not the acknowledged one"
+    );
+    let info = stream.consumer_info(&name).await?;
+    assert_eq!(info.config.ack_policy, AckPolicy::All);
+    // and nothing more arrives
+    let more = tokio::time::timeout(
+        std::time::Duration::from_millis(500),
+        bob.next_push("a_group_message"),
+    )
+    .await;
+    assert!(more.is_err(), "a message came again: {more:?}");
+    Ok(())
+}

@@ -83,19 +83,15 @@ pub async fn core_fanout(
         .collect();
     let delivered = Arc::new(AtomicU64::new(0));
     let mut subs = JoinSet::new();
-    for s in 0..subjects {
-        for k in 0..subscribers {
+    for (s, slots) in received.iter().enumerate() {
+        for got in slots {
             let client = async_nats::ConnectOptions::new()
                 .subscription_capacity(65_536)
                 .connect(url)
                 .await?;
             let mut sub = client.subscribe(format!("bench.core.{s}")).await?;
             client.flush().await?;
-            let (got, delivered, from) = (
-                received[s][k].clone(),
-                delivered.clone(),
-                measure_from.clone(),
-            );
+            let (got, delivered, from) = (got.clone(), delivered.clone(), measure_from.clone());
             subs.spawn(async move {
                 let _client = client;
                 let mut order = Order::default();

@@ -56,7 +56,9 @@ mod tests {
         assert!(d.users_stream.max_consumers >= 100_000);
         assert!(d.groups_stream.max_consumers >= 100_000);
         assert_eq!(d.users_stream.duplicate_window.as_secs(), 120);
-        assert_eq!(d.device_consumer.ack_policy, consumer::AckPolicy::Explicit);
+        // the edge acknowledges the last delivery of a burst, which covers
+        // everything before it
+        assert_eq!(d.device_consumer.ack_policy, consumer::AckPolicy::All);
         assert!(d.device_consumer.inactive_threshold.as_secs() > 0);
     }
 }

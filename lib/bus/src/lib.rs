@@ -256,7 +256,8 @@ impl Bus {
     ) -> Result<String, BusError> {
         let name = user_consumer_name(user, device);
         let stream = self.stream(&self.defs.users_stream.name).await?;
-        if stream.consumer_info(&name).await.is_ok() {
+        if let Ok(info) = stream.consumer_info(&name).await {
+            self.migrate(&stream, info).await?;
             return Ok(name);
         }
         let config = self.device_consumer(
@@ -290,15 +291,19 @@ impl Bus {
         } else {
             groups.iter().map(group_msg_subject).collect()
         };
-        let start = match stream.consumer_info(&name).await {
+        let info = match stream.consumer_info(&name).await {
+            Ok(info) => Some(self.migrate(&stream, info).await?),
+            Err(_) => None,
+        };
+        let start = match info {
             // already filtering on exactly these groups (the common case of
             // a reconnect): nothing to change
-            Ok(info) if same_subjects(&info.config, &filters) => return Ok(()),
+            Some(info) if same_subjects(&info.config, &filters) => return Ok(()),
             // an update must keep the start the consumer was created with
-            Ok(info) => info.config.deliver_policy,
+            Some(info) => info.config.deliver_policy,
             // "new messages only", spelled as a start sequence, because only
             // consumers with an explicit start can be reset (see `reset`)
-            Err(_) => {
+            None => {
                 let last = self
                     .js
                     .get_stream(&self.defs.groups_stream.name)
@@ -318,6 +323,45 @@ impl Bus {
             .await
             .map_err(|e| BusError::Unavailable(format!("consumer {name}: {e}")))?;
         Ok(())
+    }
+
+    /// Brings a device consumer made from an older template (one whose
+    /// fixed settings, such as the ack policy, differ) to the current one:
+    /// recreated with the same filters, starting right after its ack floor,
+    /// so the device's position is kept. Returns the consumer as it now is.
+    async fn migrate(
+        &self,
+        stream: &stream::Stream<()>,
+        info: consumer::Info,
+    ) -> Result<consumer::Info, BusError> {
+        let template = &self.defs.device_consumer;
+        if info.config.ack_policy == template.ack_policy {
+            return Ok(info);
+        }
+        let name = info.name.clone();
+        let start = info.ack_floor.stream_sequence + 1;
+        tracing::info!(consumer = %name, start, "recreating device consumer with the current template");
+        let filters = if info.config.filter_subjects.is_empty() {
+            vec![info.config.filter_subject.clone()]
+        } else {
+            info.config.filter_subjects.clone()
+        };
+        stream
+            .delete_consumer(&name)
+            .await
+            .map_err(|e| BusError::Unavailable(format!("consumer {name}: {e}")))?;
+        let config = self.device_consumer(
+            name.clone(),
+            filters,
+            consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: start,
+            },
+        );
+        let created = stream
+            .create_consumer(config)
+            .await
+            .map_err(|e| BusError::Unavailable(format!("consumer {name}: {e}")))?;
+        Ok(created.cached_info().clone())
     }
 
     /// The filters of `device`'s group consumer, or none if it has none.

@@ -91,6 +91,8 @@ pub struct Inner {
     pub closing: tokio::sync::watch::Sender<bool>,
     /// The WebSocket sessions, so that a drain can wait for them.
     pub sessions_running: tokio_util::task::TaskTracker,
+    /// Group messages recently opened for delivery (see `ws`).
+    pub(crate) opened: ws::OpenedFrames,
     pub config: Config,
 }
 
@@ -123,6 +125,7 @@ impl AppState {
             keys,
             closing: tokio::sync::watch::channel(false).0,
             sessions_running: tokio_util::task::TaskTracker::new(),
+            opened: Default::default(),
             config,
         })))
     }

@@ -124,7 +124,7 @@ enum Outgoing {
 
 /// A delivery from JetStream, acknowledged once written.
 struct Delivery {
-    text: String,
+    text: Utf8Bytes,
     msg: Box<JsMessage>,
     /// For group messages: the group and seq to report as delivered.
     receipt: Option<(String, u64)>,
@@ -496,34 +496,43 @@ type Delivered = Arc<std::sync::Mutex<HashMap<String, u64>>>;
 
 /// Writes frames to the socket; acknowledges deliveries once written and
 /// hands back those it could not write.
+///
+/// Frames are fed to the socket and flushed when the queue runs dry (or
+/// every `WRITE_BURST` frames); only then are the deliveries of the burst
+/// acknowledged, with one ack per consumer: the consumers acknowledge
+/// everything up to the acked message (`AckPolicy::All`), so a burst of 256
+/// costs one ack instead of 256 (BENCHMARKS.md).
 async fn write_loop(
     mut sink: futures::stream::SplitSink<WebSocket, Message>,
     mut rx: mpsc::Receiver<Outgoing>,
     delivered: Delivered,
 ) {
+    // the newest written delivery of each consumer (user, groups) not yet
+    // acknowledged, with its receipt
+    let mut written: [Option<Delivery>; 2] = [None, None];
+    // group seqs written in this burst, reported as delivered once flushed
+    let mut receipts: HashMap<String, u64> = HashMap::new();
+    let mut burst = 0usize;
     while let Some(out) = rx.recv().await {
         let ok = match out {
             Outgoing::Frame(text) => {
                 metrics::counter!("chat_ws_events_out_total", "event" => event_of(&text))
                     .increment(1);
-                sink.send(Message::Text(text.into())).await.is_ok()
+                sink.feed(Message::Text(text.into())).await.is_ok()
             }
             Outgoing::Delivery(d) => {
-                let event = event_of(&d.text);
-                let ok = sink.send(Message::Text(d.text.into())).await.is_ok();
+                let ok = sink.feed(Message::Text(d.text.clone())).await.is_ok();
                 if ok {
-                    metrics::counter!("chat_ws_events_out_total", "event" => event).increment(1);
-                    metrics::counter!("chat_ws_deliveries_total", "feed" => if d.receipt.is_some() { "groups" } else { "user" })
+                    let slot = usize::from(d.receipt.is_some());
+                    metrics::counter!("chat_ws_events_out_total", "event" => event_of(&d.text))
                         .increment(1);
-                    if let Err(e) = d.msg.ack().await {
-                        tracing::warn!(error = %e, "ack to jetstream failed; the event may come again");
+                    metrics::counter!("chat_ws_deliveries_total", "feed" => if slot == 1 { "groups" } else { "user" })
+                        .increment(1);
+                    if let Some((group, seq)) = &d.receipt {
+                        let e = receipts.entry(group.clone()).or_insert(*seq);
+                        *e = (*e).max(*seq);
                     }
-                    if let Some((group, seq)) = d.receipt
-                        && let Ok(mut map) = delivered.lock()
-                    {
-                        let e = map.entry(group).or_insert(seq);
-                        *e = (*e).max(seq);
-                    }
+                    written[slot] = Some(d);
                 } else {
                     let _ = d.msg.ack_with(AckKind::Nak(None)).await;
                 }
@@ -541,7 +550,16 @@ async fn write_loop(
         if !ok {
             break;
         }
+        burst += 1;
+        if rx.is_empty() || burst >= WRITE_BURST {
+            burst = 0;
+            if !flush_and_ack(&mut sink, &mut written, &mut receipts, &delivered).await {
+                break;
+            }
+        }
     }
+    // what was written before the end is acknowledged; the rest comes again
+    flush_and_ack(&mut sink, &mut written, &mut receipts, &delivered).await;
     rx.close();
     while let Ok(out) = rx.try_recv() {
         if let Outgoing::Delivery(d) = out {
@@ -549,6 +567,35 @@ async fn write_loop(
         }
     }
     let _ = sink.close().await;
+}
+
+/// Most frames written before a flush (and the acks it allows).
+const WRITE_BURST: usize = 64;
+
+/// Flushes the socket, then acknowledges the newest written delivery of
+/// each consumer, which covers the ones before it. False if the socket
+/// failed: nothing unflushed is acknowledged, so it comes again.
+async fn flush_and_ack(
+    sink: &mut futures::stream::SplitSink<WebSocket, Message>,
+    written: &mut [Option<Delivery>; 2],
+    receipts: &mut HashMap<String, u64>,
+    delivered: &Delivered,
+) -> bool {
+    if sink.flush().await.is_err() {
+        return false;
+    }
+    if let Ok(mut map) = delivered.lock() {
+        for (group, seq) in receipts.drain() {
+            let e = map.entry(group).or_insert(seq);
+            *e = (*e).max(seq);
+        }
+    }
+    for d in written.iter_mut().filter_map(Option::take) {
+        if let Err(e) = d.msg.ack().await {
+            tracing::warn!(error = %e, "ack to jetstream failed; the event may come again");
+        }
+    }
+    true
 }
 
 /// Reports what reached the socket as delivered, in batches: one call per
@@ -627,8 +674,78 @@ enum Feed {
     Groups,
 }
 
+/// A group message opened for delivery: the frame every device gets.
+#[derive(Clone)]
+struct Opened {
+    payload: bytes::Bytes,
+    text: Utf8Bytes,
+    group: String,
+    seq: u64,
+    created_at: i64,
+}
+
+/// Group messages this edge has opened recently, by stream sequence. Every
+/// device of a group has its own consumer, so the same message reaches the
+/// edge once per device: it is decrypted and serialised once (in a group of
+/// 1,000 that was 1,000 AES-GCM opens and JSON encodings per message).
+#[derive(Default)]
+pub(crate) struct OpenedFrames(std::sync::Mutex<OpenedInner>);
+
+#[derive(Default)]
+struct OpenedInner {
+    by_seq: HashMap<u64, Opened>,
+    order: std::collections::VecDeque<u64>,
+}
+
+/// Messages kept opened; a few seconds of traffic at the rates measured.
+const OPENED_FRAMES: usize = 4096;
+
+impl OpenedFrames {
+    fn get(&self, stream_seq: u64, payload: &[u8]) -> Option<Opened> {
+        let inner = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        // the payload check guards against a stream recreated under the edge
+        inner
+            .by_seq
+            .get(&stream_seq)
+            .filter(|o| o.payload == payload)
+            .cloned()
+    }
+
+    fn put(&self, stream_seq: u64, opened: Opened) {
+        let mut inner = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if inner.by_seq.insert(stream_seq, opened).is_none() {
+            inner.order.push_back(stream_seq);
+        }
+        while inner.order.len() > OPENED_FRAMES {
+            if let Some(old) = inner.order.pop_front() {
+                inner.by_seq.remove(&old);
+            }
+        }
+    }
+}
+
+/// The `a_group_message` frame of a group envelope, opened once per edge.
+fn open_group_message(app: &AppState, msg: &JsMessage) -> Result<Opened, String> {
+    let stream_seq = msg.info().map(|i| i.stream_sequence).ok();
+    let opened = match stream_seq.and_then(|seq| app.opened.get(seq, &msg.payload)) {
+        Some(o) => o,
+        None => {
+            let o = open_envelope(app, &msg.payload)?;
+            if let Some(seq) = stream_seq {
+                app.opened.put(seq, o.clone());
+            }
+            o
+        }
+    };
+    let age_ms = chat_domain::now_millis()
+        .saturating_sub(opened.created_at)
+        .max(0);
+    metrics::histogram!("chat_delivery_latency_seconds").record(age_ms as f64 / 1000.0);
+    Ok(opened)
+}
+
 /// Turns a sealed envelope into an `a_group_message` frame.
-fn open_envelope(app: &AppState, payload: &[u8]) -> Result<(String, (String, u64)), String> {
+fn open_envelope(app: &AppState, payload: &bytes::Bytes) -> Result<Opened, String> {
     let env: Envelope =
         serde_json::from_slice(payload).map_err(|e| format!("bad envelope: {e}"))?;
     let sealed = Sealed {
@@ -640,14 +757,12 @@ fn open_envelope(app: &AppState, payload: &[u8]) -> Result<(String, (String, u64
         .keys
         .open(&sealed, env.message_id.as_bytes())
         .map_err(|e| e.to_string())?;
-    let age_ms = chat_domain::now_millis()
-        .saturating_sub(env.created_at)
-        .max(0);
-    metrics::histogram!("chat_delivery_latency_seconds").record(age_ms as f64 / 1000.0);
     let content: Value = serde_json::from_slice(&plain).map_err(|e| e.to_string())?;
+    let created_at = env.created_at;
+    let (group, seq) = (env.group_id.clone(), env.seq);
     let view = MessageView {
         message_id: env.message_id,
-        group_id: env.group_id.clone(),
+        group_id: env.group_id,
         seq: env.seq,
         sender_id: env.sender_id,
         kind: env.kind,
@@ -660,7 +775,13 @@ fn open_envelope(app: &AppState, payload: &[u8]) -> Result<(String, (String, u64
         id: None,
         data: view,
     });
-    Ok((frame, (env.group_id, env.seq)))
+    Ok(Opened {
+        payload: payload.clone(),
+        text: frame.into(),
+        group,
+        seq,
+        created_at,
+    })
 }
 
 /// Streams one durable consumer to the writer until `stop`, in pull batches
@@ -748,9 +869,11 @@ async fn deliver(
                 }
                 let opened = match feed {
                     Feed::User => std::str::from_utf8(&msg.payload)
-                        .map(|t| (t.to_owned(), None))
+                        .map(|t| (Utf8Bytes::from(t.to_owned()), None))
                         .map_err(|e| e.to_string()),
-                    Feed::Groups => open_envelope(&app, &msg.payload).map(|(t, r)| (t, Some(r))),
+                    Feed::Groups => {
+                        open_group_message(&app, &msg).map(|o| (o.text, Some((o.group, o.seq))))
+                    }
                 };
                 let (text, receipt) = match opened {
                     Ok(v) => v,

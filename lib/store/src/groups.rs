@@ -220,18 +220,23 @@ impl GroupRepo {
 
     /// The groups `user` subscribed to (and is still a member of).
     pub async fn subscribed_groups(&self, user: &UserId) -> Result<Vec<GroupId>, StoreError> {
-        let ids = self
+        // a find on the `subscribers` index, not `distinct`, which the
+        // SecantusDB stand-in answers with a collection scan
+        #[derive(serde::Deserialize)]
+        struct Id {
+            #[serde(rename = "_id")]
+            id: String,
+        }
+        let ids: Vec<Id> = self
             .coll
-            .distinct(
-                "_id",
-                doc! { "subscribers": user.as_str(), "members.userId": user.as_str() },
-            )
+            .clone_with_type::<Id>()
+            .find(doc! { "subscribers": user.as_str(), "members.userId": user.as_str() })
+            .projection(doc! { "_id": 1 })
+            .await?
+            .try_collect()
             .await?;
         ids.into_iter()
-            .map(|b| {
-                let s = b.as_str().unwrap_or_default().to_owned();
-                GroupId::parse(s.clone()).map_err(|e| corrupt(&s, e))
-            })
+            .map(|d| GroupId::parse(d.id.clone()).map_err(|e| corrupt(&d.id, e)))
             .collect()
     }
 
