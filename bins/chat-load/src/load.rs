@@ -426,6 +426,7 @@ pub async fn run(
     for (i, ws) in conns.into_iter().enumerate() {
         let sends = i % plan.members < plan.senders_per_group;
         let job = Job {
+            index: i,
             group: i / plan.members,
             group_id: groups[i / plan.members].clone(),
             sends: sends && (plan.rate.is_none() || period.is_some()),
@@ -542,6 +543,8 @@ async fn wait_for(what: &str, within: Duration, done: impl Fn() -> bool) {
 
 /// One connection's part in the run.
 struct Job {
+    /// The connection's number, which spreads its sends over the period.
+    index: usize,
     group: usize,
     group_id: String,
     sends: bool,
@@ -567,7 +570,7 @@ impl Job {
         let mut current = *phase.borrow();
         let period = self.period.unwrap_or(Duration::from_secs(3600));
         // spread the senders over the period
-        let offset = period.mul_f64(rand_fraction(self.group, next_id));
+        let offset = period.mul_f64(rand_fraction(self.index));
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + offset, period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
         let pad = "x".repeat(shared.size);
@@ -676,8 +679,8 @@ impl Job {
 }
 
 /// A cheap, deterministic spread in [0, 1).
-fn rand_fraction(a: usize, b: u64) -> f64 {
-    let mut x = (a as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ b;
+fn rand_fraction(a: usize) -> f64 {
+    let mut x = (a as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     x ^= x >> 33;
     x = x.wrapping_mul(0xFF51_AFD7_ED55_8CCD);
     x ^= x >> 33;

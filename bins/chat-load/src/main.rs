@@ -69,6 +69,11 @@ struct Args {
     /// catch-up: messages missed.
     #[arg(long, default_value_t = 10_000)]
     missed: u64,
+    /// Run SecantusDB without `--sync-on-commit` (commits not synced to
+    /// disk): shows what the stand-in's per-commit sync costs. Not a
+    /// configuration to quote.
+    #[arg(long)]
+    no_sync_on_commit: bool,
     /// Skip the raw NATS runs.
     #[arg(long)]
     no_baseline: bool,
@@ -127,7 +132,7 @@ async fn main() -> anyhow::Result<()> {
     let mut chatd_args = vec!["--requests-per-sec=100000".to_owned()];
     chatd_args.extend(args.chatd_args.iter().cloned());
     eprintln!("starting nats-server, SecantusDB, s3s-fs and chatd");
-    let system = system::System::start(&chatd_args).await?;
+    let system = system::System::start(&chatd_args, !args.no_sync_on_commit).await?;
     let processes = system.processes();
     let nats_pid = system.stack.nats.pid().unwrap_or(0);
     let me = std::process::id();
@@ -182,6 +187,11 @@ async fn main() -> anyhow::Result<()> {
         args.out.display(),
         report.scenario
     );
+    if std::env::var_os("CHAT_LOAD_CHATD_LOG").is_some() {
+        let keep = args.out.join(format!("{}-chatd.log", report.scenario));
+        std::fs::copy(system.log_path(), &keep)?;
+        println!("chatd's log: {}", keep.display());
+    }
     drop(system);
     let clean = report
         .chat

@@ -28,8 +28,8 @@ pub struct System {
 impl System {
     /// Starts the services and `chatd` (the binary next to this one, or
     /// `CHATD_BIN`), and waits until `/readyz` answers.
-    pub async fn start(extra: &[String]) -> anyhow::Result<Self> {
-        let stack = Stack::start().await?;
+    pub async fn start(extra: &[String], durable_mongo: bool) -> anyhow::Result<Self> {
+        let stack = Stack::start_with(1, durable_mongo).await?;
         let free = || -> anyhow::Result<SocketAddr> {
             Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
         };
@@ -54,7 +54,11 @@ impl System {
             .args(["--s3-access-key", &stack.s3.access_key])
             .args(["--s3-secret-key", &stack.s3.secret_key])
             .args(extra)
-            .env("RUST_LOG", "warn,async_nats=error")
+            .env(
+                "RUST_LOG",
+                std::env::var("CHAT_LOAD_CHATD_LOG")
+                    .unwrap_or_else(|_| "warn,async_nats=error".into()),
+            )
             .env("NO_COLOR", "1")
             .stdout(out.try_clone()?)
             .stderr(out)
@@ -85,6 +89,10 @@ impl System {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         Ok(system)
+    }
+
+    pub fn log_path(&self) -> &std::path::Path {
+        &self.log
     }
 
     pub fn log_text(&self) -> String {

@@ -93,6 +93,8 @@ pub struct Inner {
     pub sessions_running: tokio_util::task::TaskTracker,
     /// Group messages recently opened for delivery (see `ws`).
     pub(crate) opened: ws::OpenedFrames,
+    /// Deliveries not yet reported (see `ws::report_delivered`).
+    pub(crate) delivered: ws::DeliveredHub,
     pub config: Config,
 }
 
@@ -118,7 +120,7 @@ impl AppState {
     ) -> Result<Self, StartError> {
         let workers = Workers::new(&config.workers, config.rpc_timeout)?;
         workers.spawn_health_checks();
-        Ok(Self(Arc::new(Inner {
+        let state = Self(Arc::new(Inner {
             verifier,
             workers,
             bus,
@@ -126,8 +128,11 @@ impl AppState {
             closing: tokio::sync::watch::channel(false).0,
             sessions_running: tokio_util::task::TaskTracker::new(),
             opened: Default::default(),
+            delivered: Default::default(),
             config,
-        })))
+        }));
+        tokio::spawn(ws::report_delivered(Arc::downgrade(&state.0)));
+        Ok(state)
     }
 }
 

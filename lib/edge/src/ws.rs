@@ -7,7 +7,6 @@
 
 use std::{
     collections::HashMap,
-    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -152,14 +151,7 @@ impl Session {
         metrics::gauge!("chat_ws_connections").increment(1);
         let (sink, mut stream) = socket.split();
         let (tx, rx) = mpsc::channel(app.config.outbox_frames);
-        let delivered = Delivered::default();
-        let user_id = me.user_id.to_string();
-        let writer = tokio::spawn(write_loop(sink, rx, delivered.clone()));
-        let reporter = tokio::spawn(report_delivered(
-            app.clone(),
-            me.user_id.to_string(),
-            delivered.clone(),
-        ));
+        let writer = tokio::spawn(write_loop(sink, rx, app.clone(), me.user_id.to_string()));
         tracing::debug!("connected");
 
         let hello = ServerFrame {
@@ -254,8 +246,6 @@ impl Session {
         if tokio::time::timeout(PULL_EXPIRES * 2, drain).await.is_err() {
             tracing::warn!("session did not drain in time");
         }
-        reporter.abort();
-        flush_delivered(&app, &user_id, &delivered).await;
         metrics::gauge!("chat_ws_connections").decrement(1);
     }
 
@@ -491,8 +481,64 @@ fn event_of(frame: &str) -> &'static str {
     NAMES.into_iter().find(|n| *n == name).unwrap_or("other")
 }
 
-/// Group seqs written to the socket and not yet reported as delivered.
-type Delivered = Arc<std::sync::Mutex<HashMap<String, u64>>>;
+/// Group seqs written to sockets on this edge and not yet reported as
+/// delivered, by group and member.
+#[derive(Default)]
+pub(crate) struct DeliveredHub(std::sync::Mutex<HashMap<String, HashMap<String, u64>>>);
+
+impl DeliveredHub {
+    fn record(&self, user: &str, written: &mut HashMap<String, u64>) {
+        let mut hub = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        for (group, seq) in written.drain() {
+            let e = hub
+                .entry(group)
+                .or_default()
+                .entry(user.to_owned())
+                .or_insert(seq);
+            *e = (*e).max(seq);
+        }
+    }
+
+    fn take(&self) -> HashMap<String, HashMap<String, u64>> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// Most members reported in one call.
+const DELIVERED_BATCH: usize = 1000;
+
+/// Reports what reached this edge's sockets as delivered, every
+/// `DELIVERED_FLUSH`: one call per group, however many members and
+/// messages (one per member and group made receipts the largest database
+/// load with 1,000 members online). Ends with the edge.
+pub(crate) async fn report_delivered(app: std::sync::Weak<crate::Inner>) {
+    let mut tick = tokio::time::interval(DELIVERED_FLUSH);
+    loop {
+        tick.tick().await;
+        let Some(inner) = app.upgrade() else { return };
+        flush_delivered(&AppState(inner)).await;
+    }
+}
+
+async fn flush_delivered(app: &AppState) {
+    for (group_id, members) in app.delivered.take() {
+        let members: Vec<pb::MemberSeq> = members
+            .into_iter()
+            .map(|(user_id, seq)| pb::MemberSeq { user_id, seq })
+            .collect();
+        for chunk in members.chunks(DELIVERED_BATCH) {
+            let req = pb::MarkDeliveredRequest {
+                caller: String::new(),
+                group_id: group_id.clone(),
+                seq: 0,
+                members: chunk.to_vec(),
+            };
+            if let Err(e) = rpc!(app, MessagesClient, mark_delivered, req) {
+                tracing::warn!(error = %e, group = %group_id, "cannot record deliveries");
+            }
+        }
+    }
+}
 
 /// Writes frames to the socket; acknowledges deliveries once written and
 /// hands back those it could not write.
@@ -505,8 +551,10 @@ type Delivered = Arc<std::sync::Mutex<HashMap<String, u64>>>;
 async fn write_loop(
     mut sink: futures::stream::SplitSink<WebSocket, Message>,
     mut rx: mpsc::Receiver<Outgoing>,
-    delivered: Delivered,
+    app: AppState,
+    user: String,
 ) {
+    let delivered = (&app.delivered, user.as_str());
     // the newest written delivery of each consumer (user, groups) not yet
     // acknowledged, with its receipt
     let mut written: [Option<Delivery>; 2] = [None, None];
@@ -553,13 +601,13 @@ async fn write_loop(
         burst += 1;
         if rx.is_empty() || burst >= WRITE_BURST {
             burst = 0;
-            if !flush_and_ack(&mut sink, &mut written, &mut receipts, &delivered).await {
+            if !flush_and_ack(&mut sink, &mut written, &mut receipts, delivered).await {
                 break;
             }
         }
     }
     // what was written before the end is acknowledged; the rest comes again
-    flush_and_ack(&mut sink, &mut written, &mut receipts, &delivered).await;
+    flush_and_ack(&mut sink, &mut written, &mut receipts, delivered).await;
     rx.close();
     while let Ok(out) = rx.try_recv() {
         if let Outgoing::Delivery(d) = out {
@@ -579,50 +627,18 @@ async fn flush_and_ack(
     sink: &mut futures::stream::SplitSink<WebSocket, Message>,
     written: &mut [Option<Delivery>; 2],
     receipts: &mut HashMap<String, u64>,
-    delivered: &Delivered,
+    (hub, user): (&DeliveredHub, &str),
 ) -> bool {
     if sink.flush().await.is_err() {
         return false;
     }
-    if let Ok(mut map) = delivered.lock() {
-        for (group, seq) in receipts.drain() {
-            let e = map.entry(group).or_insert(seq);
-            *e = (*e).max(seq);
-        }
-    }
+    hub.record(user, receipts);
     for d in written.iter_mut().filter_map(Option::take) {
         if let Err(e) = d.msg.ack().await {
             tracing::warn!(error = %e, "ack to jetstream failed; the event may come again");
         }
     }
     true
-}
-
-/// Reports what reached the socket as delivered, in batches: one call per
-/// group per interval, however many messages.
-async fn report_delivered(app: AppState, user: String, delivered: Delivered) {
-    let mut tick = tokio::time::interval(DELIVERED_FLUSH);
-    loop {
-        tick.tick().await;
-        flush_delivered(&app, &user, &delivered).await;
-    }
-}
-
-async fn flush_delivered(app: &AppState, user: &str, delivered: &Delivered) {
-    let batch: Vec<(String, u64)> = match delivered.lock() {
-        Ok(mut map) => map.drain().collect(),
-        Err(_) => return,
-    };
-    for (group_id, seq) in batch {
-        let req = pb::MarkDeliveredRequest {
-            caller: user.to_owned(),
-            group_id,
-            seq,
-        };
-        if let Err(e) = rpc!(app, MessagesClient, mark_delivered, req) {
-            tracing::warn!(error = %e, "cannot record deliveries");
-        }
-    }
 }
 
 /// Announces a new connection of `device` on core NATS and returns a

@@ -307,6 +307,8 @@ impl Nats {
 pub struct Mongo {
     service: Service,
     pub uri: String,
+    /// Commits synced to disk (`--sync-on-commit`).
+    durable: bool,
     _dir: TempDir,
 }
 
@@ -315,21 +317,18 @@ impl Mongo {
         self.service.pid()
     }
 
-    fn command(dir: &Path, port: &str) -> anyhow::Result<Command> {
+    fn command(dir: &Path, port: &str, durable: bool) -> anyhow::Result<Command> {
         let bin = binary("CHAT_MONGOD", venv().join("bin/secantusd-py"))?;
         let mut cmd = Command::new(bin);
+        cmd.args(["--host", "127.0.0.1", "--port", port]);
         // journaled commits, as mongod gives with j:true: a killed server
         // keeps every acknowledged write
-        cmd.args([
-            "--host",
-            "127.0.0.1",
-            "--port",
-            port,
-            "--sync-on-commit",
-            "--storage-path",
-        ])
-        .arg(dir.join("data"))
-        .current_dir(dir);
+        if durable {
+            cmd.arg("--sync-on-commit");
+        }
+        cmd.arg("--storage-path")
+            .arg(dir.join("data"))
+            .current_dir(dir);
         Ok(cmd)
     }
 
@@ -343,13 +342,21 @@ impl Mongo {
     }
 
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(true).await
+    }
+
+    /// `durable: false` skips syncing each commit to disk: only for
+    /// measuring what that costs (`chat-load --no-sync-on-commit`).
+    pub async fn start_with(durable: bool) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("chat-mongo-").tempdir()?;
         std::fs::create_dir_all(dir.path().join("data"))?;
-        let mut service = Service::spawn("secantusd", Self::command(dir.path(), "0")?, dir.path())?;
+        let cmd = Self::command(dir.path(), "0", durable)?;
+        let mut service = Service::spawn("secantusd", cmd, dir.path())?;
         let addr = Self::wait_ready(&mut service).await?;
         Ok(Self {
             service,
             uri: format!("mongodb://{addr}/?directConnection=true"),
+            durable,
             _dir: dir,
         })
     }
@@ -362,7 +369,7 @@ impl Mongo {
     /// Starts the server again on the same port with the same data.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.kill();
-        let cmd = Self::command(self._dir.path(), &port_of(&self.uri)?)?;
+        let cmd = Self::command(self._dir.path(), &port_of(&self.uri)?, self.durable)?;
         self.service = Service::spawn("secantusd", cmd, self._dir.path())?;
         Self::wait_ready(&mut self.service).await.map(drop)
     }
@@ -451,8 +458,17 @@ impl Stack {
 
     /// Starts all three at once, with a NATS cluster of `nats_nodes`.
     pub async fn start_with_nats(nats_nodes: usize) -> anyhow::Result<Self> {
-        let (nats, mongo, s3) =
-            tokio::try_join!(Nats::start_cluster(nats_nodes), Mongo::start(), S3::start())?;
+        Self::start_with(nats_nodes, true).await
+    }
+
+    /// A NATS cluster of `nats_nodes`, and MongoDB with or without synced
+    /// commits (see [`Mongo::start_with`]).
+    pub async fn start_with(nats_nodes: usize, durable_mongo: bool) -> anyhow::Result<Self> {
+        let (nats, mongo, s3) = tokio::try_join!(
+            Nats::start_cluster(nats_nodes),
+            Mongo::start_with(durable_mongo),
+            S3::start()
+        )?;
         Ok(Self { nats, mongo, s3 })
     }
 }

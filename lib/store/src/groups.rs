@@ -163,6 +163,28 @@ impl GroupRepo {
             .transpose()
     }
 
+    /// Whether `user` is a member of group `id` (`None`: no such group),
+    /// without loading the group: a send to a group of 1,000 members
+    /// otherwise moved its whole document for one membership check.
+    pub async fn is_member(&self, id: &GroupId, user: &UserId) -> Result<Option<bool>, StoreError> {
+        let ids = self.coll.clone_with_type::<mongodb::bson::Document>();
+        let only_id = doc! { "_id": 1 };
+        if ids
+            .find_one(doc! { "_id": id.as_str(), "members.userId": user.as_str() })
+            .projection(only_id.clone())
+            .await?
+            .is_some()
+        {
+            return Ok(Some(true));
+        }
+        let exists = ids
+            .find_one(doc! { "_id": id.as_str() })
+            .projection(only_id)
+            .await?
+            .is_some();
+        Ok(exists.then_some(false))
+    }
+
     /// The groups `user` is a member of, most recently updated first.
     pub async fn list_for_member(
         &self,

@@ -279,7 +279,7 @@ impl Groups for GroupsService {
         let req = req.into_inner();
         let caller = parse_id::<UserId>(&req.caller)?;
         let id = parse_id::<GroupId>(&req.group_id)?;
-        self.load_as_member(&caller, &id).await?;
+        self.0.check_member(&caller, &id).await?;
         if !self
             .0
             .store

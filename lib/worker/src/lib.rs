@@ -119,6 +119,22 @@ impl State {
             .ok_or(WorkerError::NotFound("group"))
     }
 
+    /// Fails unless `caller` is a member of group `id`; reads no more than
+    /// that.
+    pub(crate) async fn check_member(
+        &self,
+        caller: &UserId,
+        id: &GroupId,
+    ) -> Result<(), WorkerError> {
+        match self.store.groups.is_member(id, caller).await? {
+            Some(true) => Ok(()),
+            Some(false) => {
+                Err(DomainError::Forbidden("you are not a member of this group".into()).into())
+            }
+            None => Err(WorkerError::NotFound("group")),
+        }
+    }
+
     pub(crate) async fn load_as_member(
         &self,
         caller: &UserId,

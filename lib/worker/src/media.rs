@@ -166,7 +166,7 @@ impl Media for MediaService {
             .media
             .check(kind, &req.mime, req.size)
             .map_err(WorkerError::from)?;
-        s.load_as_member(&caller, &group).await?;
+        s.check_member(&caller, &group).await?;
         let objects = objects(s)?;
         let key = new_key(&group);
         let ttl = s.config.upload_url_ttl;
@@ -206,7 +206,7 @@ impl Media for MediaService {
         let s = &self.0;
         let caller = parse_id::<UserId>(&req.caller)?;
         let group = parse_id::<GroupId>(&req.group_id)?;
-        s.load_as_member(&caller, &group).await?;
+        s.check_member(&caller, &group).await?;
         check_key(&group, &req.key)?;
         let objects = objects(s)?;
         if objects

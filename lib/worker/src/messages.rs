@@ -299,7 +299,9 @@ impl MessagesService {
             ))
             .into());
         }
-        s.load_as_member(&sender, &group).await?;
+        let started = std::time::Instant::now();
+        s.check_member(&sender, &group).await?;
+        let checked = started.elapsed();
 
         let id = MessageId::generate();
         let content = if kind == MessageKind::Text {
@@ -352,6 +354,7 @@ impl MessagesService {
             s.store.messages.delete_pending(&m.id).await?;
             return Err(unavailable("nats is not connected"));
         }
+        let stored = started.elapsed();
         let p = match publish(s, &m).await {
             Ok(p) => p,
             Err(e) => {
@@ -360,63 +363,90 @@ impl MessagesService {
                 return Err(e);
             }
         };
+        let published = started.elapsed();
         commit(s, &m, p).await;
+        tracing::debug!(
+            checked_ms = checked.as_secs_f64() * 1e3,
+            stored_ms = stored.as_secs_f64() * 1e3,
+            published_ms = published.as_secs_f64() * 1e3,
+            committed_ms = started.elapsed().as_secs_f64() * 1e3,
+            "send timings"
+        );
         m.seq = Some(p.seq);
         metrics::counter!("chat_messages_sent_total").increment(1);
         tracing::debug!(message = %m.id, group = %m.group_id, seq = p.seq, "message sent");
         Ok(ack(&m))
     }
 
-    /// Raises a member's watermarks and tells the senders concerned.
+    /// Raises members' watermarks, each (member, delivered, read), and
+    /// tells the senders concerned; returns the members' read watermarks
+    /// after.
     async fn raise(
         &self,
         group: &GroupId,
-        user: &UserId,
-        delivered: u64,
-        read: u64,
-    ) -> Result<u64, WorkerError> {
+        raises: &[(UserId, u64, u64)],
+    ) -> Result<Vec<(UserId, u64)>, WorkerError> {
         let s = &self.0;
-        let (before, after) = s
+        let all = s
             .store
             .messages
-            .raise_receipt(group, user, delivered, read, now_millis())
+            .raise_receipts(group, raises, now_millis())
             .await?;
-        if after.delivered_seq == before.delivered_seq && after.read_seq == before.read_seq {
-            return Ok(after.read_seq);
-        }
-        let lo = if after.read_seq > before.read_seq {
-            before.read_seq
-        } else {
-            before.delivered_seq
-        };
-        let senders: Vec<UserId> = s
-            .store
-            .messages
-            .senders_between(group, lo, after.delivered_seq)
-            .await?
-            .into_iter()
-            .filter(|u| u != user)
+        let reads: Vec<(UserId, u64)> = all
+            .iter()
+            .map(|(u, _, a)| (u.clone(), a.read_seq))
             .collect();
-        let data = serde_json::json!({
-            "groupId": group.as_str(),
-            "userId": user.as_str(),
-            "deliveredSeq": after.delivered_seq,
-            "readSeq": after.read_seq,
-        });
-        let payload = Bytes::from(
-            push_json(event::MESSAGE_STATUS, &data)
-                .map_err(|e| DomainError::Invalid(e.to_string()))?,
-        );
-        for sender in senders {
-            let dedup = format!(
-                "st-{group}-{user}-{}-{}-{sender}",
-                after.delivered_seq, after.read_seq
+        let risen: Vec<_> = all.into_iter().filter(|(_, b, a)| b != a).collect();
+        // every message newly covered, in one ranged read for all members
+        let range = |b: &chat_store::Receipt, a: &chat_store::Receipt| {
+            let lo = if a.read_seq > b.read_seq {
+                b.read_seq
+            } else {
+                b.delivered_seq
+            };
+            (lo, a.delivered_seq)
+        };
+        let lo = risen.iter().map(|(_, b, a)| range(b, a).0).min();
+        let hi = risen.iter().map(|(_, b, a)| range(b, a).1).max();
+        let senders = match (lo, hi) {
+            (Some(lo), Some(hi)) if hi > lo => {
+                s.store.messages.senders_by_seq(group, lo, hi).await?
+            }
+            _ => Vec::new(),
+        };
+        for (user, before, after) in &risen {
+            let (lo, hi) = range(before, after);
+            let mut to: Vec<&UserId> = senders
+                .iter()
+                .filter(|(seq, sender)| *seq > lo && *seq <= hi && sender != user)
+                .map(|(_, sender)| sender)
+                .collect();
+            to.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
+            to.dedup();
+            if to.is_empty() {
+                continue;
+            }
+            let data = serde_json::json!({
+                "groupId": group.as_str(),
+                "userId": user.as_str(),
+                "deliveredSeq": after.delivered_seq,
+                "readSeq": after.read_seq,
+            });
+            let payload = Bytes::from(
+                push_json(event::MESSAGE_STATUS, &data)
+                    .map_err(|e| DomainError::Invalid(e.to_string()))?,
             );
-            s.bus
-                .publish_user_event(&sender, &dedup, payload.clone())
-                .await?;
+            for sender in to {
+                let dedup = format!(
+                    "st-{group}-{user}-{}-{}-{sender}",
+                    after.delivered_seq, after.read_seq
+                );
+                s.bus
+                    .publish_user_event(sender, &dedup, payload.clone())
+                    .await?;
+            }
         }
-        Ok(after.read_seq)
+        Ok(reads)
     }
 
     async fn committed_in(
@@ -426,7 +456,7 @@ impl MessagesService {
         id: &str,
     ) -> Result<StoredMessage, WorkerError> {
         let id = parse_id::<MessageId>(id)?;
-        self.0.load_as_member(caller, group).await?;
+        self.0.check_member(caller, group).await?;
         match self.0.store.messages.get(&id).await? {
             Some(m) if &m.group_id == group && m.is_committed() => Ok(m),
             _ => Err(WorkerError::NotFound("message")),
@@ -458,7 +488,12 @@ impl Messages for MessagesService {
         let group = parse_id::<GroupId>(&req.group_id)?;
         let m = self.committed_in(&caller, &group, &req.message_id).await?;
         let seq = m.seq.unwrap_or_default();
-        let read_seq = self.raise(&group, &caller, seq, seq).await?;
+        // the watermark after, which an earlier, higher ack may have set
+        let read_seq = self
+            .raise(&group, &[(caller.clone(), seq, seq)])
+            .await?
+            .first()
+            .map_or(seq, |(_, r)| *r);
         Ok(Response::new(pb::AcknowledgeResponse { read_seq }))
     }
 
@@ -467,10 +502,17 @@ impl Messages for MessagesService {
         req: Request<pb::MarkDeliveredRequest>,
     ) -> Result<Response<pb::MarkDeliveredResponse>, Status> {
         let req = req.into_inner();
-        let caller = parse_id::<UserId>(&req.caller)?;
         let group = parse_id::<GroupId>(&req.group_id)?;
+        let raises: Vec<(UserId, u64, u64)> = if req.members.is_empty() {
+            vec![(parse_id::<UserId>(&req.caller)?, req.seq, 0)]
+        } else {
+            req.members
+                .iter()
+                .map(|m| Ok((parse_id::<UserId>(&m.user_id)?, m.seq, 0)))
+                .collect::<Result<_, WorkerError>>()?
+        };
         // a former member may still flush what reached it before removal
-        self.raise(&group, &caller, req.seq, 0).await?;
+        self.raise(&group, &raises).await?;
         Ok(Response::new(pb::MarkDeliveredResponse {}))
     }
 
@@ -482,7 +524,7 @@ impl Messages for MessagesService {
         let s = &self.0;
         let caller = parse_id::<UserId>(&req.caller)?;
         let group = parse_id::<GroupId>(&req.group_id)?;
-        s.load_as_member(&caller, &group).await?;
+        s.check_member(&caller, &group).await?;
         let limit = req.limit.clamp(1, MAX_HISTORY_PAGE);
         let before = (req.before > 0).then_some(req.before);
         let stored = s
