@@ -56,25 +56,21 @@ impl<T: Serialize + Send + Sync + 'static> Batcher<T> {
 
     /// Inserts `doc`; `false` if it broke a unique index.
     pub(crate) async fn insert(&self, doc: T) -> Result<bool, StoreError> {
-        let (tx, rx) = oneshot::channel();
-        self.inserts
-            .send((doc, tx))
-            .await
-            .map_err(|_| StoreError::Unavailable("the write batcher stopped".into()))?;
-        rx.await
-            .map_err(|_| StoreError::Unavailable("the write batcher stopped".into()))?
+        ask(&self.inserts, doc).await
     }
 
     /// Applies one update statement `{q, u}`.
     pub(crate) async fn update(&self, statement: Document) -> Result<(), StoreError> {
-        let (tx, rx) = oneshot::channel();
-        self.updates
-            .send((statement, tx))
-            .await
-            .map_err(|_| StoreError::Unavailable("the write batcher stopped".into()))?;
-        rx.await
-            .map_err(|_| StoreError::Unavailable("the write batcher stopped".into()))?
+        ask(&self.updates, statement).await
     }
+}
+
+/// Queues `item` for the next batch and waits for its own result.
+async fn ask<X, R>(queue: &mpsc::Sender<(X, Reply<R>)>, item: X) -> Result<R, StoreError> {
+    let stopped = || StoreError::Unavailable("the write batcher stopped".into());
+    let (tx, rx) = oneshot::channel();
+    queue.send((item, tx)).await.map_err(|_| stopped())?;
+    rx.await.map_err(|_| stopped())?
 }
 
 /// Takes what is queued, up to `MAX_BATCH`, after waiting for the first.
