@@ -167,9 +167,10 @@ impl Bus {
     /// Creates the streams, or updates them to match `nats/`. Idempotent:
     /// every node runs it at start-up.
     /// A cluster that has just started may not have elected its JetStream
-    /// leader yet: keep trying for up to 30 s.
+    /// leader yet (on a busy machine that took over 30 s): keep trying for
+    /// up to 60 s.
     pub async fn ensure_streams(&self) -> Result<(), BusError> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         for config in [
             self.defs.users_stream.clone(),
             self.defs.groups_stream.clone(),

@@ -183,6 +183,7 @@ pub async fn serve(
     });
     let closing = state.closing.clone();
     let sessions = state.sessions_running.clone();
+    let last_receipts = state.clone();
     let signal = async move {
         shutdown.await;
         tracing::info!("draining: closing websocket sessions");
@@ -193,5 +194,7 @@ pub async fn serve(
         .await;
     sessions.close();
     sessions.wait().await;
+    // what the closed sessions wrote since the last report
+    ws::flush_delivered(&last_receipts).await;
     result
 }

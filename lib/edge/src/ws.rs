@@ -520,7 +520,7 @@ pub(crate) async fn report_delivered(app: std::sync::Weak<crate::Inner>) {
     }
 }
 
-async fn flush_delivered(app: &AppState) {
+pub(crate) async fn flush_delivered(app: &AppState) {
     for (group_id, members) in app.delivered.take() {
         let members: Vec<pb::MemberSeq> = members
             .into_iter()

@@ -204,6 +204,11 @@ impl Nats {
             .collect::<Vec<_>>()
             .join(",");
         let monitor_url = format!("http://127.0.0.1:{}", started[0].monitor);
+        if size > 1 {
+            // on a busy machine the cluster's first JetStream leader election
+            // can take longer than a node is willing to wait at start-up
+            wait_for_meta_leader(started[0].monitor).await?;
+        }
         Ok(Self {
             nodes: started,
             url,
@@ -299,6 +304,37 @@ impl Nats {
         node.service
             .wait_for(|l| l.contains("Server is ready").then_some(()))
             .await
+    }
+}
+
+/// Waits until the JetStream cluster behind the monitor port has a meta
+/// leader (`/jsz`), for up to 90 s.
+async fn wait_for_meta_leader(monitor: u16) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(90);
+    loop {
+        let body = async {
+            let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", monitor)).await?;
+            tcp.write_all(b"GET /jsz HTTP/1.0\r\nHost: localhost\r\n\r\n")
+                .await?;
+            let mut out = String::new();
+            tcp.read_to_string(&mut out).await?;
+            anyhow::Ok(out)
+        }
+        .await
+        .unwrap_or_default();
+        let leader = body
+            .split_once("\r\n\r\n")
+            .and_then(|(_, json)| serde_json::from_str::<serde_json::Value>(json).ok())
+            .and_then(|v| v["meta_cluster"]["leader"].as_str().map(str::to_owned))
+            .filter(|l| !l.is_empty());
+        if leader.is_some() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("the NATS cluster elected no JetStream leader in 90 s");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
 
