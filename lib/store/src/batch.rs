@@ -92,7 +92,7 @@ async fn insert_loop<T: Serialize + Send + Sync>(
 ) {
     while let Some(batch) = next_batch(&mut rx).await {
         let (docs, replies): (Vec<T>, Vec<Reply<bool>>) = batch.into_iter().unzip();
-        metrics_batch("insert", docs.len());
+        tracing::trace!(n = docs.len(), "batched insert");
         match coll.insert_many(&docs).ordered(false).await {
             Ok(_) => {
                 for r in replies {
@@ -134,7 +134,7 @@ async fn update_loop<T: Send + Sync>(
         .and_then(|wc| mongodb::bson::to_document(wc).ok());
     while let Some(batch) = next_batch(&mut rx).await {
         let (statements, replies): (Vec<Document>, Vec<Reply<()>>) = batch.into_iter().unzip();
-        metrics_batch("update", statements.len());
+        tracing::trace!(n = statements.len(), "batched update");
         let mut command = doc! {
             "update": coll.name(),
             "updates": statements.into_iter().map(Bson::Document).collect::<Vec<_>>(),
@@ -181,8 +181,4 @@ async fn update_loop<T: Send + Sync>(
             }
         }
     }
-}
-
-fn metrics_batch(kind: &'static str, n: usize) {
-    tracing::trace!(kind, n, "batched write");
 }
