@@ -364,7 +364,7 @@ impl Cluster {
             argv.remove(i);
         }
         argv.push(format!("--metrics-listen={}", free()?));
-        let bin = chatd_binary()?;
+        let bin = chat_stack::chatd_binary()?;
         let dir = tempfile::tempdir()?;
         let log = dir.path().join("chatd.log");
         let out = std::fs::File::create(&log)?;
@@ -440,27 +440,6 @@ impl Cluster {
         }
         Ok(())
     }
-}
-
-/// Where the `chatd` binary is: `CHATD_BIN`, or next to the test binary's
-/// folder (`scripts/test` builds it first).
-fn chatd_binary() -> anyhow::Result<std::path::PathBuf> {
-    if let Some(p) = std::env::var_os("CHATD_BIN") {
-        return Ok(p.into());
-    }
-    let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .context("no target folder")?;
-    let bin = dir.join("chatd");
-    if !bin.exists() {
-        bail!(
-            "{} not found: run `cargo build -p chatd` first (scripts/test does)",
-            bin.display()
-        );
-    }
-    Ok(bin)
 }
 
 /// A `chatd` process; killed on drop.

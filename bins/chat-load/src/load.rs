@@ -205,7 +205,9 @@ async fn next_text(ws: &mut Ws, within: Duration) -> anyhow::Result<String> {
 /// idempotent) a few times with a growing pause, as clients should.
 pub async fn request(ws: &mut Ws, id: u64, event: &str, data: Value) -> anyhow::Result<Value> {
     let mut pause = Duration::from_millis(100);
-    for attempt in 1.. {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
         let frame = json!({"event": event, "id": id, "data": data}).to_string();
         ws.send(Message::Text(frame.into())).await?;
         let reply = loop {
@@ -224,7 +226,6 @@ pub async fn request(ws: &mut Ws, id: u64, event: &str, data: Value) -> anyhow::
         tokio::time::sleep(pause).await;
         pause *= 2;
     }
-    unreachable!("the loop returns")
 }
 
 /// `POST /groups` as `owner`; returns the group id.

@@ -126,7 +126,7 @@ async fn main() -> anyhow::Result<()> {
         .map(|v| v.get_name().to_owned())
         .unwrap_or_default();
     let command = std::env::args().skip(1).collect::<Vec<_>>().join(" ");
-    let started_at = chat_domain_now();
+    let started_at = chat_protocol::format_millis(chat_domain::now_millis());
     // clients of a benchmark send faster than the default 50 requests/s
     // per connection; everything else is chatd's defaults
     let mut chatd_args = vec!["--requests-per-sec=100000".to_owned()];
@@ -207,9 +207,4 @@ async fn main() -> anyhow::Result<()> {
         anyhow::bail!("deliveries were lost, repeated or out of order: see the report");
     }
     Ok(())
-}
-
-/// Now as RFC 3339 UTC.
-fn chat_domain_now() -> String {
-    chat_protocol::format_millis(chat_domain::now_millis())
 }

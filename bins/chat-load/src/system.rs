@@ -38,7 +38,7 @@ impl System {
         let log = dir.path().join("chatd.log");
         let out = std::fs::File::create(&log)?;
         let key = chat_crypto::KeyRing::generate_entry("bench");
-        let chatd = Command::new(chatd_binary()?)
+        let chatd = Command::new(chat_stack::chatd_binary()?)
             .args(["--role", "all", "--listen"])
             .arg(http.to_string())
             .arg("--grpc-listen")
@@ -122,23 +122,6 @@ impl Drop for System {
 fn no_retryable_writes(uri: &str) -> String {
     let sep = if uri.contains('?') { '&' } else { '?' };
     format!("{uri}{sep}retryWrites=false")
-}
-
-fn chatd_binary() -> anyhow::Result<PathBuf> {
-    if let Some(p) = std::env::var_os("CHATD_BIN") {
-        return Ok(p.into());
-    }
-    let bin = std::env::current_exe()?
-        .parent()
-        .context("no folder")?
-        .join("chatd");
-    if !bin.exists() {
-        bail!(
-            "{} not found: build it with `cargo build --release -p chatd` (scripts/bench does)",
-            bin.display()
-        );
-    }
-    Ok(bin)
 }
 
 /// One reading of a process from `/proc`.

@@ -307,6 +307,30 @@ impl Nats {
     }
 }
 
+/// Where the `chatd` binary is: `CHATD_BIN`, else beside the running
+/// program or one folder up (a test binary lives in `target/<profile>/deps`,
+/// `chat-load` in `target/<profile>`). `scripts/test` and `scripts/bench`
+/// build it first.
+pub fn chatd_binary() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("CHATD_BIN") {
+        return Ok(p.into());
+    }
+    let exe = std::env::current_exe()?;
+    let here = exe.parent();
+    let candidates = [here, here.and_then(Path::parent)];
+    candidates
+        .into_iter()
+        .flatten()
+        .map(|dir| dir.join("chatd"))
+        .find(|bin| bin.exists())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "chatd not found near {}: run `cargo build -p chatd` first (scripts/test and scripts/bench do)",
+                exe.display()
+            )
+        })
+}
+
 /// Waits until the JetStream cluster behind the monitor port has a meta
 /// leader (`/jsz`), for up to 90 s.
 async fn wait_for_meta_leader(monitor: u16) -> anyhow::Result<()> {
