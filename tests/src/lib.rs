@@ -577,6 +577,23 @@ impl Client {
         }
     }
 
+    /// Every frame still to come until the connection ends, closed or
+    /// broken: what a client reads of a dead server's socket before it
+    /// notices and reconnects. Frames kept aside by earlier calls come first.
+    pub async fn until_closed(&mut self) -> anyhow::Result<Vec<Value>> {
+        let mut frames: Vec<Value> = self.pushes.drain(..).collect();
+        loop {
+            let msg = tokio::time::timeout(PROMPTLY, self.ws.next())
+                .await
+                .context("connection neither ended nor sent anything in time")?;
+            match msg {
+                Some(Ok(Message::Text(t))) => frames.push(serde_json::from_str(&t)?),
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return Ok(frames),
+                Some(Ok(_)) => {}
+            }
+        }
+    }
+
     /// Sends a request with a fresh id; returns the id.
     pub async fn send(&mut self, event: &str, data: Value) -> anyhow::Result<Value> {
         self.next_id += 1;
