@@ -243,5 +243,11 @@ async fn a_device_connecting_again_replaces_its_older_connection() -> anyhow::Re
     let got = second.messages(2).await?;
     let seqs: Vec<u64> = got.iter().filter_map(|m| m["seq"].as_u64()).collect();
     assert_eq!(seqs, [2, 3]);
+    // and again on the same edge: the edge closes its own older connection,
+    // and the announcements echoing back close neither
+    let mut third = c.connect(1, "bob", "phone").await?;
+    assert_eq!(second.closed_with().await?, Some(4409));
+    alice.send_text(&g, "m4", "four").await?;
+    assert_eq!(third.messages(1).await?[0]["seq"], 4);
     c.stop().await
 }

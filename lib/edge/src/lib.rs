@@ -18,6 +18,7 @@ use chat_crypto::KeyRing;
 use tokio::net::TcpListener;
 
 mod auth;
+mod claims;
 mod error;
 mod rest;
 pub mod telemetry;
@@ -95,6 +96,8 @@ pub struct Inner {
     pub(crate) opened: ws::OpenedFrames,
     /// Deliveries not yet reported (see `ws::report_delivered`).
     pub(crate) delivered: ws::DeliveredHub,
+    /// This edge's connection of each device (see `claims`).
+    pub(crate) claims: claims::DeviceClaims,
     pub config: Config,
 }
 
@@ -129,9 +132,11 @@ impl AppState {
             sessions_running: tokio_util::task::TaskTracker::new(),
             opened: Default::default(),
             delivered: Default::default(),
+            claims: Default::default(),
             config,
         }));
         tokio::spawn(ws::report_delivered(Arc::downgrade(&state.0)));
+        tokio::spawn(claims::watch(Arc::downgrade(&state.0)));
         Ok(state)
     }
 }

@@ -38,7 +38,7 @@ use tokio::{
 };
 use tracing::Instrument;
 
-use crate::{ApiError, AppState, auth::bearer, workers::rpc};
+use crate::{ApiError, AppState, auth::bearer, claims, workers::rpc};
 
 /// Close code sent when a client abuses the connection (RFC 6455 1008).
 pub const CLOSE_POLICY: u16 = 1008;
@@ -187,7 +187,7 @@ impl Session {
         session.start_group_delivery();
 
         let mut closing = app.closing.subscribe();
-        let mut replaced = Box::pin(claim_device(&app, &session.me.user_id, &session.device)).await;
+        let mut claim = Box::pin(claims::claim(&app, &session.me.user_id, &session.device)).await;
         loop {
             let msg = tokio::select! {
                 msg = stream.next() => msg,
@@ -195,7 +195,7 @@ impl Session {
                     let _ = session.tx.send(Outgoing::Close(CLOSE_RESTART, "server restarting; reconnect")).await;
                     None
                 }
-                Some(()) = replaced.recv() => {
+                Ok(()) = &mut claim.replaced => {
                     let _ = session.tx.send(Outgoing::Close(CLOSE_REPLACED, "this device connected again elsewhere")).await;
                     None
                 }
@@ -641,46 +641,6 @@ async fn flush_and_ack(
         }
     }
     true
-}
-
-/// Announces a new connection of `device` on core NATS and returns a
-/// channel that yields when a later connection of the same device (on any
-/// edge) announces itself: this one must then close. Without NATS the claim
-/// is skipped; the consumer reset still keeps deliveries in order.
-async fn claim_device(
-    app: &AppState,
-    user: &chat_domain::UserId,
-    device: &DeviceId,
-) -> mpsc::Receiver<()> {
-    let (tx, rx) = mpsc::channel(1);
-    let subject = format!("chat.session.{user}.{device}");
-    let me = uuid::Uuid::new_v4().simple().to_string();
-    let client = app.bus.client().clone();
-    match client.subscribe(subject.clone()).await {
-        Ok(mut sub) => {
-            if let Err(e) = client.publish(subject, me.clone().into()).await {
-                tracing::debug!(error = %e, "cannot announce the connection");
-            }
-            // ends with the session (the receiver dropped), which unsubscribes
-            tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        msg = sub.next() => match msg {
-                            Some(msg) if msg.payload.as_ref() != me.as_bytes() => {
-                                let _ = tx.send(()).await;
-                                return;
-                            }
-                            Some(_) => {}
-                            None => return,
-                        },
-                        _ = tx.closed() => return,
-                    }
-                }
-            });
-        }
-        Err(e) => tracing::debug!(error = %e, "cannot watch for a newer connection of this device"),
-    }
-    rx
 }
 
 /// Which consumer a delivery task streams.
