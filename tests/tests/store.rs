@@ -1,5 +1,6 @@
-//! The write batcher against a real MongoDB-wire server: concurrent sends
-//! share commands, yet each keeps its own result.
+//! The store against a real MongoDB-wire server: the write batcher
+//! (concurrent sends share commands, yet each keeps its own result) and
+//! group receipts.
 
 use chat_domain::{ClientMsgId, GroupId, MessageId, UserId};
 use chat_store::{Store, StoredMessage};
@@ -78,5 +79,67 @@ async fn batched_inserts_and_commits_answer_each_caller() -> anyhow::Result<()> 
     }))
     .await;
     assert!(failed.iter().all(|r| r.is_err()), "{failed:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn receipts_rise_per_member_and_read_only_the_members_asked_for() -> anyhow::Result<()> {
+    let mongo = chat_stack::Mongo::start().await?;
+    let store = Store::connect(&mongo.uri, "receipts").await?;
+    let group = GroupId::generate();
+    let (alice, bob, carol) = (
+        UserId::parse("alice")?,
+        UserId::parse("bob")?,
+        UserId::parse("carol")?,
+    );
+    let seqs = |risen: Vec<(UserId, chat_store::Receipt, chat_store::Receipt)>| {
+        risen
+            .into_iter()
+            .map(|(u, b, a)| {
+                let pair = |r: chat_store::Receipt| (r.delivered_seq, r.read_seq);
+                (u.to_string(), pair(b), pair(a))
+            })
+            .collect::<Vec<_>>()
+    };
+    let first = store
+        .messages
+        .raise_receipts(&group, &[(alice.clone(), 5, 2), (bob.clone(), 7, 7)], 1)
+        .await?;
+    assert_eq!(
+        seqs(first),
+        [
+            ("alice".into(), (0, 0), (5, 2)),
+            ("bob".into(), (0, 0), (7, 7))
+        ]
+    );
+    // one member's ack reads that member's entry: bob's lower report is
+    // no rise, carol is new, and alice is untouched
+    let second = store
+        .messages
+        .raise_receipts(&group, &[(bob.clone(), 3, 3), (carol.clone(), 1, 0)], 2)
+        .await?;
+    assert_eq!(
+        seqs(second),
+        [
+            ("bob".into(), (7, 7), (7, 7)),
+            ("carol".into(), (0, 0), (1, 0))
+        ]
+    );
+    let mut all: Vec<(String, u64, u64)> = store
+        .messages
+        .receipts(&group)
+        .await?
+        .into_iter()
+        .map(|(u, r)| (u.to_string(), r.delivered_seq, r.read_seq))
+        .collect();
+    all.sort();
+    assert_eq!(
+        all,
+        [
+            ("alice".into(), 5, 2),
+            ("bob".into(), 7, 7),
+            ("carol".into(), 1, 0)
+        ]
+    );
     Ok(())
 }

@@ -351,17 +351,18 @@ impl MessageRepo {
     ) -> Result<Vec<(UserId, Receipt, Receipt)>, StoreError> {
         // the read only decides which senders hear of a change; the stored
         // watermarks are exact whatever interleaves (`$max`)
-        let before = self.receipts(group).await?;
+        let users: Vec<&UserId> = raises.iter().map(|(u, _, _)| u).collect();
+        let before: std::collections::HashMap<UserId, Receipt> = self
+            .receipts_of(group, Some(&users))
+            .await?
+            .into_iter()
+            .collect();
         let mut max = Document::new();
         let mut set = Document::new();
         let mut risen = Vec::new();
         for (user, delivered, read) in raises {
             let delivered = (*delivered).max(*read);
-            let b = before
-                .iter()
-                .find(|(u, _)| u == user)
-                .map(|(_, r)| *r)
-                .unwrap_or_default();
+            let b = before.get(user).copied().unwrap_or_default();
             let after = Receipt {
                 delivered_seq: b.delivered_seq.max(delivered),
                 read_seq: b.read_seq.max(*read),
@@ -392,11 +393,27 @@ impl MessageRepo {
 
     /// Every member's watermarks in `group`.
     pub async fn receipts(&self, group: &GroupId) -> Result<Vec<(UserId, Receipt)>, StoreError> {
-        let Some(doc) = self
-            .receipts
-            .find_one(doc! { "_id": group.as_str() })
-            .await?
-        else {
+        self.receipts_of(group, None).await
+    }
+
+    /// The watermarks of `users` in `group` (all members if `None`): only
+    /// their fields are read, so one member's read receipt in a group of
+    /// 1,000 moves one entry, not the whole document (about 60 KB).
+    async fn receipts_of(
+        &self,
+        group: &GroupId,
+        users: Option<&[&UserId]>,
+    ) -> Result<Vec<(UserId, Receipt)>, StoreError> {
+        let mut find = self.receipts.find_one(doc! { "_id": group.as_str() });
+        if let Some(users) = users {
+            let mut fields = Document::new();
+            for u in users {
+                // user ids are letters, digits, `-` and `_`: safe as field names
+                fields.insert(format!("m.{u}"), 1);
+            }
+            find = find.projection(fields);
+        }
+        let Some(doc) = find.await? else {
             return Ok(Vec::new());
         };
         Ok(doc
