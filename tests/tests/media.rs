@@ -1,5 +1,8 @@
 //! Media messages (seed §3) against a real S3 server that checks signatures.
 
+use anyhow::Context;
+use chat_domain::now_millis;
+use chat_protocol::parse_millis;
 use chat_tests::{Cluster, PROMPTLY, eventually, token};
 use serde_json::{Value, json};
 
@@ -31,6 +34,54 @@ async fn put(url: &Value, bytes: Vec<u8>) -> anyhow::Result<u16> {
         }
     }
     Ok(req.body(bytes).send().await?.status().as_u16())
+}
+
+/// When the signature of `url` stops working: its `X-Amz-Date` (whole
+/// seconds) plus `X-Amz-Expires`.
+fn signature_expiry(url: &Value) -> anyhow::Result<i64> {
+    let u = reqwest::Url::parse(url["uploadUrl"].as_str().unwrap_or_default())?;
+    let query = |name: &str| {
+        u.query_pairs()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.into_owned())
+            .with_context(|| format!("no {name} in {u}"))
+    };
+    // 20261128T060000Z
+    let d = query("X-Amz-Date")?;
+    let (date, time) = d.split_at_checked(8).context("short X-Amz-Date")?;
+    let rfc3339 = format!(
+        "{}-{}-{}T{}:{}:{}Z",
+        &date[..4],
+        &date[4..6],
+        &date[6..],
+        time.get(1..3).unwrap_or_default(),
+        time.get(3..5).unwrap_or_default(),
+        time.get(5..7).unwrap_or_default()
+    );
+    let signed = parse_millis(&rfc3339).with_context(|| format!("bad X-Amz-Date {d}"))?;
+    Ok(signed + query("X-Amz-Expires")?.parse::<i64>()? * 1000)
+}
+
+/// Gets an upload URL and PUTs `bytes` with it. The tests' one-second URLs
+/// can expire before the PUT on a busy machine: then (only if `expiresAt`
+/// has passed) it tries a new one; a refusal before `expiresAt` is an error.
+async fn upload(c: &Cluster, g: &str, body: &Value, bytes: &[u8]) -> anyhow::Result<Value> {
+    let deadline = tokio::time::Instant::now() + PROMPTLY;
+    loop {
+        let (status, url) = upload_url(c, "alice", g, body.clone()).await?;
+        anyhow::ensure!(status == 201, "upload URL refused: {status} {url}");
+        let code = put(&url, bytes.to_vec()).await?;
+        if code == 200 {
+            return Ok(url);
+        }
+        let expires = url["expiresAt"]
+            .as_str()
+            .and_then(parse_millis)
+            .context("no expiresAt")?;
+        if code != 403 || now_millis() < expires || tokio::time::Instant::now() > deadline {
+            anyhow::bail!("PUT answered {code} before the URL's expiresAt: {url}");
+        }
+    }
 }
 
 fn media_msg(g: &str, client: &str, kind: &str, key: &str, mime: &str, size: u64) -> Value {
@@ -267,31 +318,50 @@ async fn expired_and_tampered_urls_are_refused_and_unused_uploads_are_cleaned() 
             "--upload-url-ttl-secs",
             "1",
             "--unreferenced-upload-ttl-secs",
-            "2",
+            "4",
         ],
     )
     .await?;
     let g = c.room(&["alice"]).await?;
+    let mut alice = c.connect(0, "alice", "setup").await?;
     let body = json!({"type": "audio", "mime": "audio/ogg", "size": 64});
 
-    let (_, url) = upload_url(&c, "alice", &g, body.clone()).await?;
-    let mut tampered = url.clone();
-    let u = url["uploadUrl"].as_str().expect("url");
-    // change the last hex digit of the signature
-    let (head, last) = u.split_at(u.len() - 1);
-    let flipped = format!("{head}{}", if last == "0" { "1" } else { "0" });
-    tampered["uploadUrl"] = json!(flipped);
-    assert_eq!(
-        put(&tampered, vec![1; 64]).await?,
-        403,
-        "tampered signature"
-    );
-    let mut other_key = url.clone();
-    other_key["uploadUrl"] = json!(u.replace(
-        url["key"].as_str().expect("key"),
-        &format!("groups/{g}/0123456789abcdef0123456789abcdef")
-    ));
-    assert_eq!(put(&other_key, vec![1; 64]).await?, 403, "another object");
+    // a tampered signature and another object's key are refused while the
+    // URL itself still works (if it expired first, again with a new one)
+    let deadline = tokio::time::Instant::now() + PROMPTLY;
+    let url = loop {
+        let (_, url) = upload_url(&c, "alice", &g, body.clone()).await?;
+        let told = url["expiresAt"].as_str().and_then(parse_millis);
+        assert!(
+            told.is_some_and(|t| t <= signature_expiry(&url).unwrap_or(0)),
+            "expiresAt is never later than the signature's expiry: {url}"
+        );
+        let u = url["uploadUrl"].as_str().expect("url");
+        // change the last hex digit of the signature
+        let (head, last) = u.split_at(u.len() - 1);
+        let mut tampered = url.clone();
+        tampered["uploadUrl"] = json!(format!("{head}{}", if last == "0" { "1" } else { "0" }));
+        let mut other_key = url.clone();
+        other_key["uploadUrl"] = json!(u.replace(
+            url["key"].as_str().expect("key"),
+            &format!("groups/{g}/0123456789abcdef0123456789abcdef")
+        ));
+        let refused = (
+            put(&tampered, vec![1; 64]).await?,
+            put(&other_key, vec![1; 64]).await?,
+        );
+        let own = put(&url, vec![1; 64]).await?;
+        if own == 403 && now_millis() >= told.unwrap_or(0) && tokio::time::Instant::now() < deadline
+        {
+            continue;
+        }
+        assert_eq!(
+            (refused, own),
+            ((403, 403), 200),
+            "tampered, another object, the URL itself"
+        );
+        break url;
+    };
     // expiry: the same URL stops working once its second is over
     eventually(PROMPTLY, || {
         let url = url.clone();
@@ -300,8 +370,7 @@ async fn expired_and_tampered_urls_are_refused_and_unused_uploads_are_cleaned() 
     .await?;
 
     // an upload no message uses is deleted by the cleaner
-    let (_, url) = upload_url(&c, "alice", &g, body.clone()).await?;
-    assert_eq!(put(&url, vec![2; 64]).await?, 200);
+    let url = upload(&c, &g, &body, &[2; 64]).await?;
     let key = url["key"].as_str().expect("key").to_owned();
     let path = std::path::Path::new(&c.stack.s3.root)
         .join(&c.stack.s3.bucket)
@@ -313,10 +382,8 @@ async fn expired_and_tampered_urls_are_refused_and_unused_uploads_are_cleaned() 
     })
     .await?;
     // while one a message uses stays
-    let (_, url) = upload_url(&c, "alice", &g, body).await?;
-    assert_eq!(put(&url, vec![3; 64]).await?, 200);
+    let url = upload(&c, &g, &body, &[3; 64]).await?;
     let key = url["key"].as_str().expect("key").to_owned();
-    let mut alice = c.connect(0, "alice", "setup").await?;
     alice
         .request(
             "send_group_message",
@@ -327,14 +394,7 @@ async fn expired_and_tampered_urls_are_refused_and_unused_uploads_are_cleaned() 
         .join(&c.stack.s3.bucket)
         .join(&key);
     // wait out two cleaner periods after the unused one went
-    let (_, probe) = upload_url(
-        &c,
-        "alice",
-        &g,
-        json!({"type": "audio", "mime": "audio/ogg", "size": 64}),
-    )
-    .await?;
-    assert_eq!(put(&probe, vec![4; 64]).await?, 200);
+    let probe = upload(&c, &g, &body, &[4; 64]).await?;
     let probe_path = std::path::Path::new(&c.stack.s3.root)
         .join(&c.stack.s3.bucket)
         .join(probe["key"].as_str().expect("key"));
@@ -363,6 +423,7 @@ async fn object_store_down_gives_unavailable_and_nothing_is_stored() -> anyhow::
     assert_eq!(put(&url, vec![0; 500]).await?, 200);
     let key = url["key"].as_str().expect("key").to_owned();
     c.stack.s3.kill();
+    let started = tokio::time::Instant::now();
     let code = alice
         .request_error(
             "send_group_message",
@@ -370,6 +431,10 @@ async fn object_store_down_gives_unavailable_and_nothing_is_stored() -> anyhow::
         )
         .await?;
     assert_eq!(code, "unavailable");
+    println!(
+        "object store down: unavailable after {:?}",
+        started.elapsed()
+    );
     assert!(c.history("bob", &g).await?.is_empty(), "nothing stored");
     // nothing published: bob's next message is a later one
     alice.send_text(&g, "t1", "after").await?;

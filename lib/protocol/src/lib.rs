@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 mod view;
 
-pub use view::{GroupView, MemberView, MessageView, format_millis};
+pub use view::{GroupView, MemberView, MessageView, format_millis, parse_millis};
 
 /// Event names, exactly as the seed and DESIGN.md spell them.
 pub mod event {

@@ -12,6 +12,13 @@ pub fn format_millis(ms: Millis) -> String {
         .unwrap_or_default()
 }
 
+/// Parses an RFC 3339 time (as `format_millis` writes it) into milliseconds
+/// since the epoch; `None` if it is not one.
+pub fn parse_millis(s: &str) -> Option<Millis> {
+    let t = OffsetDateTime::parse(s, &Rfc3339).ok()?;
+    Millis::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()
+}
+
 /// A member as clients see it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -81,5 +88,10 @@ mod tests {
             super::format_millis(1_700_000_000_123),
             "2023-11-14T22:13:20.123Z"
         );
+        assert_eq!(
+            super::parse_millis("2023-11-14T22:13:20.123Z"),
+            Some(1_700_000_000_123)
+        );
+        assert_eq!(super::parse_millis("yesterday"), None);
     }
 }

@@ -6,7 +6,7 @@ use std::{sync::Arc, time::Duration};
 
 use http::{HeaderValue, Method, header};
 use object_store::{
-    GetOptions, ObjectStore, ObjectStoreExt,
+    BackoffConfig, ClientOptions, GetOptions, ObjectStore, ObjectStoreExt, RetryConfig,
     aws::{AmazonS3, AmazonS3Builder},
     path::Path,
     signer::{SignedUrlOptions, Signer},
@@ -50,6 +50,26 @@ impl std::fmt::Debug for Objects {
     }
 }
 
+/// How long the worker's own calls (head, delete) may take, retries
+/// included. The library's defaults retry for up to three minutes; a client
+/// waiting on a send hears `unavailable` well within the edge's RPC deadline
+/// instead (measured: a send with the store down took 3 to over 10 s).
+fn patience() -> (RetryConfig, ClientOptions) {
+    let retry = RetryConfig {
+        backoff: BackoffConfig {
+            init_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(1),
+            base: 2.0,
+        },
+        max_retries: 3,
+        retry_timeout: Duration::from_secs(3),
+    };
+    let options = ClientOptions::new()
+        .with_connect_timeout(Duration::from_secs(2))
+        .with_timeout(Duration::from_secs(5));
+    (retry, options)
+}
+
 fn object_error(e: object_store::Error) -> StoreError {
     StoreError::Unavailable(format!("object store: {e}"))
 }
@@ -58,7 +78,10 @@ impl Objects {
     /// Builds the client; no request is made until it is used.
     pub fn new(c: &ObjectsConfig) -> Result<Self, StoreError> {
         let build = |endpoint: &str| {
+            let (retry, options) = patience();
             AmazonS3Builder::new()
+                .with_retry(retry)
+                .with_client_options(options)
                 .with_endpoint(endpoint)
                 .with_bucket_name(&c.bucket)
                 .with_region(&c.region)

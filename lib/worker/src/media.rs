@@ -170,11 +170,11 @@ impl Media for MediaService {
         let objects = objects(s)?;
         let key = new_key(&group);
         let ttl = s.config.upload_url_ttl;
+        let now = now_millis();
         let (url, headers) = objects
             .sign_put(&key, &req.mime, ttl)
             .await
             .map_err(WorkerError::from)?;
-        let now = now_millis();
         let upload = Upload {
             key: key.clone(),
             group_id: group.to_string(),
@@ -194,7 +194,7 @@ impl Media for MediaService {
             upload_url: url,
             method: "PUT".into(),
             headers: headers.into_iter().collect(),
-            expires_at_ms: now + ttl.as_millis() as i64,
+            expires_at_ms: url_expiry(now, ttl),
         }))
     }
 
@@ -218,13 +218,21 @@ impl Media for MediaService {
             return Err(WorkerError::NotFound("media").into());
         }
         let ttl = s.config.download_url_ttl;
+        let now = now_millis();
         let url = objects
             .sign_get(&req.key, ttl)
             .await
             .map_err(WorkerError::from)?;
         Ok(Response::new(pb::MediaUrlResponse {
             url,
-            expires_at_ms: now_millis() + ttl.as_millis() as i64,
+            expires_at_ms: url_expiry(now, ttl),
         }))
     }
+}
+
+/// When a URL signed at or after `now` with `ttl` stops working, as told to
+/// clients: a signature's date has whole seconds, so the URL expires up to a
+/// second before `now + ttl`; the time told is never later than the real one.
+fn url_expiry(now: i64, ttl: std::time::Duration) -> i64 {
+    now - now.rem_euclid(1000) + ttl.as_millis() as i64
 }
