@@ -110,6 +110,13 @@ impl Service {
         self.child.as_ref().map(Child::id)
     }
 
+    /// The last `n` lines of the log (diagnostics).
+    fn log_tail(&self, n: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
     fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -129,6 +136,9 @@ impl Drop for Service {
 #[derive(Debug)]
 pub struct Nats {
     nodes: Vec<NatsNode>,
+    /// Unique per start, so that two tests' clusters on one machine can never
+    /// join each other through a reused port.
+    cluster_name: String,
     /// Client URLs of every node, comma-separated (what chatd takes).
     pub url: String,
     /// The first node's monitoring URL.
@@ -163,8 +173,41 @@ impl Nats {
     }
 
     /// `size` nodes forming one JetStream cluster (`size` 1: a lone server).
+    /// A cluster that elects no JetStream leader within `META_LEADER_WAIT`
+    /// is started again, on fresh ports with fresh data (seen once in CI with
+    /// five clustered tests on two cores).
     pub async fn start_cluster(size: usize) -> anyhow::Result<Self> {
+        const ATTEMPTS: usize = 3;
+        let mut attempt = 1;
+        loop {
+            let nats = Self::start_nodes(size).await?;
+            if size == 1 {
+                return Ok(nats);
+            }
+            match wait_for_meta_leader(nats.nodes[0].monitor).await {
+                Ok(()) => return Ok(nats),
+                Err(e) if attempt < ATTEMPTS => {
+                    eprintln!("{e}; starting the cluster again. Its nodes' last lines:");
+                    for n in &nats.nodes {
+                        eprintln!("--- {}\n{}", n.name, n.service.log_tail(20));
+                    }
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn start_nodes(size: usize) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("chat-nats-").tempdir()?;
+        let cluster_name = format!(
+            "chat-{}",
+            dir.path()
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+                .trim_start_matches("chat-nats-")
+        );
         let mut nodes = Vec::with_capacity(size);
         for i in 0..size {
             let (port, monitor, cluster) = (free_port()?, free_port()?, free_port()?);
@@ -183,7 +226,7 @@ impl Nats {
                 &name,
                 port,
                 monitor,
-                (size > 1).then_some((cluster, routes.as_slice())),
+                (size > 1).then_some((cluster_name.as_str(), cluster, routes.as_slice())),
             )?;
             started.push(NatsNode {
                 service: Service::spawn("nats-server", cmd, &dir.path().join(format!("n{i}")))?,
@@ -204,13 +247,9 @@ impl Nats {
             .collect::<Vec<_>>()
             .join(",");
         let monitor_url = format!("http://127.0.0.1:{}", started[0].monitor);
-        if size > 1 {
-            // on a busy machine the cluster's first JetStream leader election
-            // can take longer than a node is willing to wait at start-up
-            wait_for_meta_leader(started[0].monitor).await?;
-        }
         Ok(Self {
             nodes: started,
+            cluster_name,
             url,
             monitor_url,
             _dir: dir,
@@ -223,7 +262,7 @@ impl Nats {
         name: &str,
         port: u16,
         monitor: u16,
-        cluster: Option<(u16, &[String])>,
+        cluster: Option<(&str, u16, &[String])>,
     ) -> anyhow::Result<Command> {
         let bin = binary("CHAT_NATS_SERVER", venv().join("bin/nats-server"))?;
         let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../nats/nats-server.conf");
@@ -242,10 +281,10 @@ impl Nats {
             "-sd",
         ])
         .arg(dir.join(format!("n{i}")).join("js"));
-        if let Some((cluster, routes)) = cluster {
+        if let Some((cluster_name, cluster, routes)) = cluster {
             cmd.args([
                 "--cluster_name",
-                "chat",
+                cluster_name,
                 "--cluster",
                 &format!("nats://127.0.0.1:{cluster}"),
                 "--routes",
@@ -296,7 +335,7 @@ impl Nats {
             &n.name,
             n.port,
             n.monitor,
-            (size > 1).then_some((n.cluster, routes.as_slice())),
+            (size > 1).then_some((self.cluster_name.as_str(), n.cluster, routes.as_slice())),
         )?;
         let node = &mut self.nodes[i];
         node.service.kill();
@@ -331,11 +370,15 @@ pub fn chatd_binary() -> anyhow::Result<PathBuf> {
         })
 }
 
+/// How long a new cluster may take to elect its JetStream meta leader
+/// (normally 1 to 5 s; over 30 s seen on a busy machine).
+const META_LEADER_WAIT: Duration = Duration::from_secs(45);
+
 /// Waits until the JetStream cluster behind the monitor port has a meta
-/// leader (`/jsz`), for up to 90 s.
+/// leader (`/jsz`), for up to `META_LEADER_WAIT`.
 async fn wait_for_meta_leader(monitor: u16) -> anyhow::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(90);
+    let deadline = tokio::time::Instant::now() + META_LEADER_WAIT;
     loop {
         let body = async {
             let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", monitor)).await?;
@@ -356,7 +399,7 @@ async fn wait_for_meta_leader(monitor: u16) -> anyhow::Result<()> {
             return Ok(());
         }
         if tokio::time::Instant::now() > deadline {
-            anyhow::bail!("the NATS cluster elected no JetStream leader in 90 s");
+            anyhow::bail!("the NATS cluster elected no JetStream leader in {META_LEADER_WAIT:?}");
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
