@@ -583,13 +583,13 @@ impl Client {
     pub async fn until_closed(&mut self) -> anyhow::Result<Vec<Value>> {
         let mut frames: Vec<Value> = self.pushes.drain(..).collect();
         loop {
-            let msg = tokio::time::timeout(PROMPTLY, self.ws.next())
-                .await
-                .context("connection neither ended nor sent anything in time")?;
-            match msg {
-                Some(Ok(Message::Text(t))) => frames.push(serde_json::from_str(&t)?),
-                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return Ok(frames),
-                Some(Ok(_)) => {}
+            match self.recv(PROMPTLY).await {
+                Ok(Some(frame)) => frames.push(frame),
+                Ok(None) => return Ok(frames),
+                // reset: the connection is gone as well
+                Err(e) if e.is::<tokio_tungstenite::tungstenite::Error>() => return Ok(frames),
+                // neither ended nor sent anything in time, or sent garbage
+                Err(e) => return Err(e),
             }
         }
     }

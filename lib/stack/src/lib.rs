@@ -200,14 +200,13 @@ impl Nats {
 
     async fn start_nodes(size: usize) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("chat-nats-").tempdir()?;
-        let cluster_name = format!(
-            "chat-{}",
-            dir.path()
-                .file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or_default()
-                .trim_start_matches("chat-nats-")
-        );
+        // the folder's random name (`chat-nats-…`) is unique on the machine
+        let cluster_name = dir
+            .path()
+            .file_name()
+            .and_then(|n| n.to_str())
+            .context("temporary folder without a name")?
+            .to_owned();
         let mut nodes = Vec::with_capacity(size);
         for i in 0..size {
             let (port, monitor, cluster) = (free_port()?, free_port()?, free_port()?);
