@@ -20,6 +20,9 @@ pub use chat_stack::Stack;
 /// The HS256 secret every test node uses.
 pub const SECRET: &str = "end-to-end-test-secret-0123456789abcdef";
 
+/// The secret every test node's edges and workers share.
+pub const SERVICE_SECRET: &str = "end-to-end-service-secret-0123456789abcdef";
+
 /// The encryption key every test node starts with (32 zero bytes is fine
 /// for tests; production keys come from `chatd keygen`).
 pub const KEY: &str = "t1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
@@ -136,10 +139,13 @@ impl Cluster {
             &self.keys,
             "--resolve-pending-after-ms",
             "1000",
+            "--service-secret",
+            SERVICE_SECRET,
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
+        argv.extend(self.stack.nats.users.for_role(role).flags());
         let s3 = &self.stack.s3;
         argv.extend(
             [
@@ -279,9 +285,14 @@ impl Cluster {
 
     /// A bus handle on the cluster's NATS.
     pub async fn bus(&self) -> anyhow::Result<chat_bus::Bus> {
+        let ops = &self.stack.nats.users.ops;
         Ok(chat_bus::Bus::connect(
             &self.stack.nats.url,
             "test",
+            Some(chat_bus::Credentials {
+                user: ops.user.to_owned(),
+                password: ops.password.clone(),
+            }),
             chat_bus::Definitions::load(1)?,
         )
         .await?)

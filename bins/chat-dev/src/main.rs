@@ -38,6 +38,7 @@ async fn main() -> anyhow::Result<()> {
     let replicas = args.nats_nodes.max(1).to_string();
     // a fresh key per run: the data is temporary too
     let key = chat_crypto::KeyRing::generate_entry("dev");
+    let nats_user = stack.nats.users.worker.flags();
     let serve = chatd::Cli::try_parse_from([
         "chatd",
         "--role",
@@ -56,6 +57,10 @@ async fn main() -> anyhow::Result<()> {
         &key,
         "--nats-replicas",
         &replicas,
+        &nats_user[0],
+        &nats_user[1],
+        &nats_user[2],
+        &nats_user[3],
         "--s3-endpoint",
         &stack.s3.endpoint,
         "--s3-bucket",
@@ -78,12 +83,18 @@ async fn main() -> anyhow::Result<()> {
         "\nchat is running\n\
          \n  REST:       http://{http}  (POST /groups, GET /groups, ...)\
          \n  WebSocket:  ws://{http}/ws?token=<jwt>&device=<id>\
-         \n  NATS:       {}\n  MongoDB:    {}\n  S3:         {} (bucket {})\
+         \n  NATS:       {} (user {}, password {})\n  MongoDB:    {}\n  S3:         {} (bucket {})\
          \n\na token for user alice (24 h):\n  {alice}\
          \n\nmint tokens for other users with:\
          \n  cargo run -q -p chatd -- token --user bob --jwt-secret '{}'\
          \n\nCtrl-C stops everything and deletes the data.\n",
-        stack.nats.url, stack.mongo.uri, stack.s3.endpoint, stack.s3.bucket, args.jwt_secret
+        stack.nats.url,
+        stack.nats.users.ops.user,
+        stack.nats.users.ops.password,
+        stack.mongo.uri,
+        stack.s3.endpoint,
+        stack.s3.bucket,
+        args.jwt_secret
     );
     node.run_until(chatd::signal()).await?;
     drop(stack);

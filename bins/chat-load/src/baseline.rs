@@ -17,6 +17,8 @@ use futures::{StreamExt, stream::FuturesOrdered};
 use serde::Serialize;
 use tokio::task::JoinSet;
 
+use chat_stack::NatsUser;
+
 use crate::stats::{Integrity, Latency, Order, Percentiles, micros_since};
 
 #[derive(Debug, Serialize)]
@@ -50,6 +52,11 @@ fn payload(seq: u64, epoch: Instant, size: usize) -> Bytes {
     b.freeze()
 }
 
+/// Connects as `user` (the stack's NATS refuses anonymous clients).
+fn connect_options(user: &NatsUser) -> async_nats::ConnectOptions {
+    async_nats::ConnectOptions::new().user_and_password(user.user.to_owned(), user.password.clone())
+}
+
 /// Core fan-out: `subjects` publishers, each subject with `subscribers`
 /// subscribers on their own connections (as each chat member has its own
 /// socket). Publishers go as fast as the slowest subscriber takes: at most
@@ -57,6 +64,7 @@ fn payload(seq: u64, epoch: Instant, size: usize) -> Bytes {
 /// consumer; the figure is sustained delivery, as for the chat run.
 pub async fn core_fanout(
     url: &str,
+    user: &NatsUser,
     subjects: usize,
     subscribers: usize,
     size: usize,
@@ -85,7 +93,7 @@ pub async fn core_fanout(
     let mut subs = JoinSet::new();
     for (s, slots) in received.iter().enumerate() {
         for got in slots {
-            let client = async_nats::ConnectOptions::new()
+            let client = connect_options(user)
                 .subscription_capacity(65_536)
                 .connect(url)
                 .await?;
@@ -118,7 +126,7 @@ pub async fn core_fanout(
     }
     let mut pubs = JoinSet::new();
     for (s, published) in published.iter().enumerate() {
-        let client = async_nats::connect(url).await?;
+        let client = connect_options(user).connect(url).await?;
         let stop = stop.clone();
         let published = published.clone();
         let slowest = received[s].clone();
@@ -202,6 +210,7 @@ pub async fn core_fanout(
 /// awaited for its ack, `window` in flight, round-robin over `subjects`.
 pub async fn jetstream(
     url: &str,
+    user: &NatsUser,
     subjects: usize,
     size: usize,
     window: usize,
@@ -211,7 +220,7 @@ pub async fn jetstream(
         "nats jetstream: acked publishes, {size} bytes, {window} in flight, {} s",
         duration.as_secs()
     );
-    let client = async_nats::connect(url).await?;
+    let client = connect_options(user).connect(url).await?;
     let js = async_nats::jetstream::new(client);
     let name = "BENCH_JS";
     let _ = js.delete_stream(name).await;

@@ -168,6 +168,7 @@ async fn main() -> anyhow::Result<()> {
         report.nats_core = Some(
             baseline::core_fanout(
                 &system.stack.nats.url,
+                &system.stack.nats.users.ops,
                 plan.groups,
                 plan.members,
                 plan.size,
@@ -176,7 +177,15 @@ async fn main() -> anyhow::Result<()> {
             .await?,
         );
         report.jetstream = Some(
-            baseline::jetstream(&system.stack.nats.url, plan.groups, plan.size, 256, secs).await?,
+            baseline::jetstream(
+                &system.stack.nats.url,
+                &system.stack.nats.users.ops,
+                plan.groups,
+                plan.size,
+                256,
+                secs,
+            )
+            .await?,
         );
     }
     report.compute_ratios();

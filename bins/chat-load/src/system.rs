@@ -44,6 +44,7 @@ impl System {
             .arg("--grpc-listen")
             .arg(grpc.to_string())
             .args(["--nats-url", &stack.nats.url])
+            .args(stack.nats.users.worker.flags())
             // SecantusDB keeps a registry of retryable writes that it prunes
             // with a scan on every write (8 % of its CPU in the rooms run);
             // the application is idempotent without them (BENCHMARKS.md)

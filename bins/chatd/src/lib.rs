@@ -79,9 +79,15 @@ pub struct ServeArgs {
     /// Edge: HTTP and WebSocket listen address.
     #[arg(long, env = "CHATD_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
-    /// Worker: gRPC listen address.
-    #[arg(long, env = "CHATD_GRPC_LISTEN", default_value = "0.0.0.0:50051")]
+    /// Worker: gRPC listen address. Any address but loopback needs
+    /// --service-secret.
+    #[arg(long, env = "CHATD_GRPC_LISTEN", default_value = "127.0.0.1:50051")]
     pub grpc_listen: SocketAddr,
+    /// The secret edges and workers share (at least 32 printable bytes):
+    /// every worker call carries it and workers prove they know it. Required
+    /// for a worker listening beyond loopback.
+    #[arg(long, env = "CHATD_SERVICE_SECRET", hide_env_values = true)]
+    pub service_secret: Option<String>,
     /// Worker-only processes: where `GET /metrics` is served (edges serve it
     /// on --listen).
     #[arg(long, env = "CHATD_METRICS_LISTEN", default_value = "0.0.0.0:9100")]
@@ -100,6 +106,18 @@ pub struct ServeArgs {
     /// Replicas of each JetStream stream (3 on a 3-node cluster).
     #[arg(long, env = "CHATD_NATS_REPLICAS", default_value_t = 1)]
     pub nats_replicas: usize,
+    /// The NATS user this node connects as: `chat-edge` for edges,
+    /// `chat-worker` for workers and `--role all` (see nats/auth.conf).
+    #[arg(long, env = "CHATD_NATS_USER")]
+    pub nats_user: Option<String>,
+    /// The NATS user's password.
+    #[arg(
+        long,
+        env = "CHATD_NATS_PASSWORD",
+        hide_env_values = true,
+        requires = "nats_user"
+    )]
+    pub nats_password: Option<String>,
 
     /// Worker: MongoDB connection string.
     #[arg(
@@ -220,12 +238,43 @@ pub struct ServeArgs {
     #[arg(long, env = "CHATD_REQUESTS_PER_SEC", default_value_t = 50.0)]
     pub requests_per_sec: f64,
 
+    /// Worker: most devices per user (each holds two durable consumers); a
+    /// new device beyond it evicts the user's least recently seen one.
+    #[arg(long, env = "CHATD_MAX_DEVICES_PER_USER", default_value_t = chat_worker::DeviceLimits::default().max_per_user)]
+    pub max_devices_per_user: usize,
+    /// Days after which an idle device is forgotten and its consumers
+    /// deleted by JetStream.
+    #[arg(long, env = "CHATD_DEVICE_IDLE_DAYS", default_value_t = 30)]
+    pub device_idle_days: u64,
+
     /// Seconds to finish in-flight work after a shutdown signal.
     #[arg(long, env = "CHATD_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     pub shutdown_grace_secs: u64,
 }
 
 impl ServeArgs {
+    fn device_idle(&self) -> Duration {
+        Duration::from_secs(self.device_idle_days.max(1) * 24 * 3600)
+    }
+
+    fn service_secret(&self) -> anyhow::Result<Option<chat_rpc::ServiceSecret>> {
+        self.service_secret
+            .as_deref()
+            .map(chat_rpc::ServiceSecret::new)
+            .transpose()
+            .context("--service-secret")
+    }
+
+    fn nats_credentials(&self) -> Option<chat_bus::Credentials> {
+        match (&self.nats_user, &self.nats_password) {
+            (Some(user), password) => Some(chat_bus::Credentials {
+                user: user.clone(),
+                password: password.clone().unwrap_or_default(),
+            }),
+            (None, _) => None,
+        }
+    }
+
     fn limits(&self) -> Limits {
         Limits {
             group_members: self.max_group_members,
@@ -312,7 +361,18 @@ impl Node {
     pub async fn start(args: ServeArgs) -> anyhow::Result<Self> {
         let role = args.role.context("--role is required")?;
         let (stop, stop_rx) = watch::channel(false);
-        let defs = Definitions::load(args.nats_replicas)?;
+        let mut defs = Definitions::load(args.nats_replicas)?;
+        defs.device_consumer.inactive_threshold = args.device_idle();
+        let service_secret = args.service_secret()?;
+        let runs_worker = matches!(role, Role::Worker | Role::All);
+        if runs_worker && service_secret.is_none() && !args.grpc_listen.ip().is_loopback() {
+            anyhow::bail!(
+                "the worker would listen on {} without --service-secret: anyone who reaches that \
+                 port could act as any user. Set CHATD_SERVICE_SECRET (the same on every edge and \
+                 worker) or listen on loopback",
+                args.grpc_listen
+            );
+        }
         let keys = args.keys()?;
         let mut tasks = Vec::new();
         let (died_tx, died) = mpsc::channel(2);
@@ -322,14 +382,21 @@ impl Node {
         // the metrics recorder, before anything records
         chat_edge::telemetry::prometheus();
         let node_name = format!("chatd-{role:?}").to_lowercase();
-        let bus = Bus::connect(&args.nats_url, &node_name, defs)
+        let bus = Bus::connect(&args.nats_url, &node_name, args.nats_credentials(), defs)
             .await
             .with_context(|| format!("connecting to nats at {}", args.nats_url))?;
-        bus.ensure_streams()
-            .await
-            .context("declaring jetstream streams")?;
+        if runs_worker {
+            bus.ensure_streams()
+                .await
+                .context("declaring jetstream streams")?;
+        } else {
+            // only workers may declare streams (nats/auth.conf)
+            bus.wait_for_streams()
+                .await
+                .context("waiting for a worker to declare the jetstream streams")?;
+        }
 
-        if matches!(role, Role::Worker | Role::All) {
+        if runs_worker {
             let store = Store::connect(&args.mongodb_uri, &args.mongodb_db)
                 .await
                 .context("connecting to mongodb")?;
@@ -348,6 +415,11 @@ impl Node {
                 upload_url_ttl: Duration::from_secs(args.upload_url_ttl_secs),
                 download_url_ttl: Duration::from_secs(args.download_url_ttl_secs),
                 unreferenced_upload_ttl: Duration::from_secs(args.unreferenced_upload_ttl_secs),
+                devices: chat_worker::DeviceLimits {
+                    max_per_user: args.max_devices_per_user.max(1),
+                    idle: args.device_idle(),
+                },
+                service_secret: service_secret.clone(),
                 ..chat_worker::Config::default()
             };
             let shutdown = shutdown_signal(&stop_rx);
@@ -391,6 +463,7 @@ impl Node {
                 rpc_timeout: Duration::from_millis(args.rpc_timeout_ms),
                 max_frame_bytes: args.max_frame_bytes,
                 requests_per_sec: args.requests_per_sec,
+                service_secret,
                 ..chat_edge::Config::default()
             };
             let state = chat_edge::AppState::new(args.verifier()?, bus, keys, config)?;

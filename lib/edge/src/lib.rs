@@ -53,6 +53,8 @@ pub struct Config {
     pub request_burst: f64,
     /// Error replies in a row after which a connection is closed as abusive.
     pub max_errors_in_a_row: u32,
+    /// The secret every worker call carries, once the worker proved it.
+    pub service_secret: Option<chat_rpc::ServiceSecret>,
 }
 
 impl Default for Config {
@@ -67,6 +69,7 @@ impl Default for Config {
             requests_per_sec: 50.0,
             request_burst: 100.0,
             max_errors_in_a_row: 50,
+            service_secret: None,
         }
     }
 }
@@ -121,7 +124,11 @@ impl AppState {
         keys: KeyRing,
         config: Config,
     ) -> Result<Self, StartError> {
-        let workers = Workers::new(&config.workers, config.rpc_timeout)?;
+        let workers = Workers::new(
+            &config.workers,
+            config.rpc_timeout,
+            config.service_secret.clone(),
+        )?;
         workers.spawn_health_checks();
         let state = Self(Arc::new(Inner {
             verifier,
@@ -194,6 +201,8 @@ pub async fn serve(
         tracing::info!("draining: closing websocket sessions");
         let _ = closing.send(true);
     };
+    // know which workers prove the service secret before the first request
+    state.workers.check_all().await;
     let result = axum::serve(listener, app(state))
         .with_graceful_shutdown(signal)
         .await;

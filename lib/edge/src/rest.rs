@@ -330,10 +330,12 @@ pub(crate) async fn healthz() -> impl IntoResponse {
     Json(json!({ "status": "ok" }))
 }
 
-/// Ready when NATS is connected and a worker answers (which checks MongoDB).
+/// Ready when NATS is connected and a worker passed its last health check
+/// (which checks MongoDB): the edge's own health checks, every 500 ms, so a
+/// probe costs no worker call.
 pub(crate) async fn readyz(State(app): State<AppState>) -> impl IntoResponse {
     let nats = app.bus.is_connected();
-    let workers = rpc!(app, SessionsClient, ready, pb::ReadyRequest {}).is_ok();
+    let workers = app.workers.any_healthy();
     let status = if nats && workers {
         StatusCode::OK
     } else {

@@ -4,6 +4,11 @@
 //! away) marks that worker unhealthy and is tried on the next one, so losing
 //! a worker costs its callers nothing but a retry; a worker that answers its
 //! health check again is back in rotation.
+//!
+//! With a service secret, a worker is called only once its health check has
+//! proved that it knows the secret (see `chat_rpc::ServiceSecret`), and every
+//! call carries the secret; an edge never sends it to a process that could
+//! not prove it already had it.
 
 use std::{
     future::Future,
@@ -14,11 +19,11 @@ use std::{
     time::Duration,
 };
 
-use chat_rpc::pb;
 pub(crate) use chat_rpc::pb::{
-    groups_client::GroupsClient, media_client::MediaClient, messages_client::MessagesClient,
-    sessions_client::SessionsClient,
+    groups_client::GroupsClient, health_client::HealthClient, media_client::MediaClient,
+    messages_client::MessagesClient, sessions_client::SessionsClient,
 };
+use chat_rpc::{SECRET_HEADER, ServiceSecret, pb};
 use tonic::{
     Status,
     transport::{Channel, Endpoint},
@@ -35,12 +40,15 @@ struct Worker {
     url: String,
     channel: Channel,
     healthy: AtomicBool,
+    /// Has proved the service secret (always, without one).
+    verified: AtomicBool,
 }
 
 /// The pool of workers of one edge.
 pub struct Workers {
     workers: Vec<Worker>,
     next: AtomicUsize,
+    secret: Option<ServiceSecret>,
 }
 
 impl std::fmt::Debug for Workers {
@@ -62,7 +70,11 @@ fn transport_failure(status: &Status) -> bool {
 
 impl Workers {
     /// Channels to `urls`, each with a deadline of `timeout` per call.
-    pub fn new(urls: &[String], timeout: Duration) -> Result<Arc<Self>, StartError> {
+    pub fn new(
+        urls: &[String],
+        timeout: Duration,
+        secret: Option<ServiceSecret>,
+    ) -> Result<Arc<Self>, StartError> {
         if urls.is_empty() {
             return Err(StartError::NoWorkers);
         }
@@ -78,13 +90,75 @@ impl Workers {
                     url: url.clone(),
                     channel: endpoint.connect_lazy(),
                     healthy: AtomicBool::new(true),
+                    verified: AtomicBool::new(secret.is_none()),
                 })
             })
             .collect::<Result<Vec<_>, StartError>>()?;
         Ok(Arc::new(Self {
             workers,
             next: AtomicUsize::new(0),
+            secret,
         }))
+    }
+
+    /// Checks one worker: ready, and (with a secret) proving it over a
+    /// fresh nonce.
+    async fn check(&self, w: &Worker) {
+        let nonce = uuid::Uuid::new_v4().as_bytes().to_vec();
+        let mut client = HealthClient::new(w.channel.clone());
+        let check = client.ready(pb::ReadyRequest {
+            nonce: nonce.clone(),
+        });
+        let (up, proved) = match tokio::time::timeout(HEALTH_TIMEOUT, check).await {
+            Ok(Ok(r)) => {
+                let proof = r.into_inner().proof;
+                let proved = self
+                    .secret
+                    .as_ref()
+                    .is_none_or(|s| s.verify_proof(&nonce, &proof));
+                (proved, Some(proved))
+            }
+            _ => (false, None),
+        };
+        if let Some(proved) = proved
+            && w.verified.swap(proved, Ordering::Relaxed) != proved
+        {
+            if proved {
+                tracing::info!(worker = %w.url, "worker proved the service secret");
+            } else {
+                tracing::error!(worker = %w.url, "worker failed to prove the service secret; never calling it");
+            }
+        }
+        if w.healthy.swap(up, Ordering::Relaxed) != up {
+            tracing::info!(worker = %w.url, up, "worker health changed");
+        }
+    }
+
+    /// Checks every worker once, at the same time.
+    pub async fn check_all(&self) {
+        futures::future::join_all(self.workers.iter().map(|w| self.check(w))).await;
+    }
+
+    /// Whether some worker passed its last health check.
+    pub fn any_healthy(&self) -> bool {
+        self.workers
+            .iter()
+            .any(|w| w.healthy.load(Ordering::Relaxed) && w.verified.load(Ordering::Relaxed))
+    }
+
+    /// `req` with `id` in its metadata, so the worker's logs carry it too,
+    /// and the service secret.
+    pub fn request<T>(&self, req: T, id: &str) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(req);
+        if let Ok(v) = id.parse() {
+            r.metadata_mut().insert(REQUEST_ID, v);
+        }
+        if let Some(secret) = &self.secret
+            && let Ok(v) = secret.header_value().parse()
+        {
+            r.metadata_mut().insert(SECRET_HEADER, v);
+        }
+        r
     }
 
     /// Health-checks every worker until the pool is dropped.
@@ -96,21 +170,14 @@ impl Workers {
             loop {
                 tick.tick().await;
                 let Some(pool) = weak.upgrade() else { return };
-                let checks = pool.workers.iter().map(|w| async move {
-                    let mut client = SessionsClient::new(w.channel.clone());
-                    let check = client.ready(pb::ReadyRequest {});
-                    let up = matches!(tokio::time::timeout(HEALTH_TIMEOUT, check).await, Ok(Ok(_)));
-                    if w.healthy.swap(up, Ordering::Relaxed) != up {
-                        tracing::info!(worker = %w.url, up, "worker health changed");
-                    }
-                });
-                futures::future::join_all(checks).await;
+                pool.check_all().await;
             }
         });
     }
 
     /// The next worker to try that `tried` does not have: round-robin over
-    /// the healthy ones, or over the rest when none of those is left.
+    /// the healthy ones, or over the rest when none of those is left; never
+    /// one that has not proved the service secret.
     fn pick(&self, tried: &[usize]) -> Option<usize> {
         let n = self.workers.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
@@ -118,6 +185,7 @@ impl Workers {
             (0..n)
                 .map(move |i| (start + i) % n)
                 .filter(|i| !tried.contains(i))
+                .filter(|&i| self.workers[i].verified.load(Ordering::Relaxed))
         };
         candidates()
             .find(|&i| self.workers[i].healthy.load(Ordering::Relaxed))
@@ -162,7 +230,7 @@ macro_rules! rpc {
         let result = $app
             .workers
             .call(|channel| {
-                let req = $crate::workers::with_request_id(req.clone(), &request_id);
+                let req = $app.workers.request(req.clone(), &request_id);
                 async move { $crate::workers::$client::new(channel).$method(req).await }
             })
             .instrument(span)
@@ -178,15 +246,6 @@ pub const REQUEST_ID: &str = "x-request-id";
 /// A fresh request id.
 pub fn request_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()
-}
-
-/// `req` with `id` in its metadata, so the worker's logs carry it too.
-pub fn with_request_id<T>(req: T, id: &str) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(req);
-    if let Ok(v) = id.parse() {
-        r.metadata_mut().insert(REQUEST_ID, v);
-    }
-    r
 }
 
 pub(crate) use rpc;

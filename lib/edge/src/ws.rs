@@ -21,9 +21,9 @@ use axum::{
 };
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use chat_auth::{AuthError, Identity};
-use chat_bus::Envelope;
+use chat_bus::{BusError, Envelope, Feed};
 use chat_crypto::Sealed;
-use chat_domain::DeviceId;
+use chat_domain::{DeviceId, UserId};
 use chat_protocol::{
     AcknowledgeMessage, ClientFrame, ErrorCode, GroupRef, MAX_REQUEST_ID_LEN, MessageView,
     SendMessage, ServerFrame, SessionInfo, event, format_millis,
@@ -62,6 +62,10 @@ pub const CLOSE_REPLACED: u16 = 4409;
 /// Read and write buffer of a WebSocket; larger frames still pass (the
 /// buffers grow), this is only what every connection holds.
 const WS_BUFFER: usize = 4 * 1024;
+/// Close code sent when the device was evicted (the user connected more
+/// devices than allowed and this one was the least recently seen): its
+/// position is gone; reconnecting registers it again.
+pub const CLOSE_EVICTED: u16 = 4410;
 /// Close code sent when a client cannot keep up with its deliveries.
 pub const CLOSE_TOO_SLOW: u16 = 1013;
 
@@ -88,7 +92,7 @@ pub(crate) async fn upgrade(
         Some(d) => DeviceId::parse(d).map_err(|e| ApiError::invalid(e.to_string()))?,
         None => DeviceId::default_device(),
     };
-    let opened = rpc!(
+    rpc!(
         app,
         SessionsClient,
         open_session,
@@ -97,8 +101,7 @@ pub(crate) async fn upgrade(
             device_id: device.to_string(),
             display_name: me.name.clone().unwrap_or_default(),
         }
-    )?
-    .into_inner();
+    )?;
     let limit = app.config.max_ws_message_bytes;
     Ok(ws
         .max_message_size(limit)
@@ -110,7 +113,7 @@ pub(crate) async fn upgrade(
         .on_upgrade(move |socket| {
             let span = tracing::info_span!("session", user = %me.user_id, device = %device);
             let tracker = app.sessions_running.clone();
-            tracker.track_future(Session::run(app, me, device, opened, socket).instrument(span))
+            tracker.track_future(Session::run(app, me, device, socket).instrument(span))
         }))
 }
 
@@ -141,13 +144,7 @@ struct Session {
 }
 
 impl Session {
-    async fn run(
-        app: AppState,
-        me: Identity,
-        device: DeviceId,
-        opened: pb::OpenSessionResponse,
-        socket: WebSocket,
-    ) {
+    async fn run(app: AppState, me: Identity, device: DeviceId, socket: WebSocket) {
         metrics::gauge!("chat_ws_connections").increment(1);
         let (sink, mut stream) = socket.split();
         let (tx, rx) = mpsc::channel(app.config.outbox_frames);
@@ -168,8 +165,7 @@ impl Session {
         let user_delivery = tokio::spawn(deliver(
             app.clone(),
             Feed::User,
-            opened.stream,
-            opened.consumer,
+            (me.user_id.clone(), device.clone()),
             tx.clone(),
             stopped.clone(),
         ));
@@ -254,13 +250,10 @@ impl Session {
     /// Starts delivering group messages from the device's group consumer
     /// (which the worker created when the session opened).
     fn start_group_delivery(&mut self) {
-        let stream = self.app.bus.definitions().groups_stream.name.clone();
-        let name = chat_bus::group_consumer_name(&self.me.user_id, &self.device);
         self.group_delivery = Some(tokio::spawn(deliver(
             self.app.clone(),
             Feed::Groups,
-            stream,
-            name,
+            (self.me.user_id.clone(), self.device.clone()),
             self.tx.clone(),
             self.stopped.clone(),
         )));
@@ -643,15 +636,6 @@ async fn flush_and_ack(
     true
 }
 
-/// Which consumer a delivery task streams.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Feed {
-    /// Notifications: payloads are finished frames.
-    User,
-    /// Group messages: payloads are sealed envelopes.
-    Groups,
-}
-
 /// A group message opened for delivery: the frame every device gets.
 #[derive(Clone)]
 struct Opened {
@@ -771,17 +755,27 @@ fn open_envelope(app: &AppState, payload: &bytes::Bytes) -> Result<Opened, Strin
 async fn deliver(
     app: AppState,
     feed: Feed,
-    stream: String,
-    consumer: String,
+    (user, device): (UserId, DeviceId),
     tx: mpsc::Sender<Outgoing>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let consumer = match feed {
+        Feed::User => chat_bus::user_consumer_name(&user, &device),
+        Feed::Groups => chat_bus::group_consumer_name(&user, &device),
+    };
     let mut backoff = Duration::from_millis(100);
     loop {
         // the consumer handle and every call on it are boxed, so that an idle
         // delivery task holds only its open pull (7.2 KiB before)
-        let c = match Box::pin(app.bus.bind(&stream, &consumer)).await {
+        let c = match Box::pin(app.bus.bind(feed, &user, &device)).await {
             Ok(c) => Box::new(c),
+            Err(e @ (BusError::NoConsumer(_) | BusError::Foreign(_))) => {
+                // evicted (another device of the user took its place), or
+                // not this device's: nothing to deliver from, ever
+                tracing::info!(error = %e, "device has no consumer; closing");
+                let _ = tx.try_send(Outgoing::Close(CLOSE_EVICTED, "device evicted; reconnect"));
+                return;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, consumer, "cannot bind consumer");
                 tokio::select! {
@@ -808,7 +802,7 @@ async fn deliver(
                 _ => break,
             }
         }
-        if let Err(e) = Box::pin(app.bus.reset(&stream, &consumer)).await {
+        if let Err(e) = Box::pin(app.bus.reset(feed, &user, &device)).await {
             tracing::warn!(error = %e, consumer, "cannot rewind consumer; redeliveries may come late");
         }
         loop {
@@ -840,12 +834,7 @@ async fn deliver(
                     None => break,
                 };
                 if let Ok(info) = msg.info() {
-                    let label = if feed == Feed::Groups {
-                        "groups"
-                    } else {
-                        "user"
-                    };
-                    metrics::histogram!("chat_consumer_pending", "feed" => label)
+                    metrics::histogram!("chat_consumer_pending", "feed" => feed.label())
                         .record(info.pending as f64);
                 }
                 let opened = match feed {

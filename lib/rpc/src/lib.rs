@@ -6,6 +6,10 @@ pub mod pb {
     tonic::include_proto!("chat.v1");
 }
 
+mod service_auth;
+
+pub use service_auth::{SECRET_HEADER, SecretError, ServiceSecret};
+
 use chat_domain::{DomainError, Group, GroupId, Member, UserId};
 
 /// Why a gRPC value could not become a domain value: the peer sent something

@@ -131,11 +131,71 @@ impl Drop for Service {
     }
 }
 
+/// A NATS user of `nats/auth.conf`, with the password this start gave it.
+#[derive(Debug, Clone)]
+pub struct NatsUser {
+    pub user: &'static str,
+    pub password: String,
+}
+
+impl NatsUser {
+    fn new(user: &'static str) -> Self {
+        // a leading letter: nats-server reads an all-digit value as a number
+        Self {
+            user,
+            password: format!("p{}", uuid::Uuid::new_v4().simple()),
+        }
+    }
+
+    /// The `chatd` flags that connect as this user.
+    pub fn flags(&self) -> [String; 4] {
+        [
+            "--nats-user".into(),
+            self.user.into(),
+            "--nats-password".into(),
+            self.password.clone(),
+        ]
+    }
+}
+
+/// The three users of `nats/auth.conf`, with fresh passwords.
+#[derive(Debug, Clone)]
+pub struct NatsUsers {
+    /// `chatd --role edge`.
+    pub edge: NatsUser,
+    /// `chatd --role worker` and `--role all`.
+    pub worker: NatsUser,
+    /// Tools, benchmarks and tests: no limits.
+    pub ops: NatsUser,
+}
+
+impl NatsUsers {
+    fn new() -> Self {
+        Self {
+            edge: NatsUser::new("chat-edge"),
+            worker: NatsUser::new("chat-worker"),
+            ops: NatsUser::new("chat-ops"),
+        }
+    }
+
+    /// The user a `chatd` of `role` (`edge`, `worker`, `all`) connects as.
+    pub fn for_role(&self, role: &str) -> &NatsUser {
+        if role == "edge" {
+            &self.edge
+        } else {
+            &self.worker
+        }
+    }
+}
+
 /// `nats-server` with JetStream: one node, or a cluster of several on
-/// loopback ports, each with its own data folder.
+/// loopback ports, each with its own data folder, with the shipped
+/// configuration (`nats/nats-server.conf`: no anonymous clients).
 #[derive(Debug)]
 pub struct Nats {
     nodes: Vec<NatsNode>,
+    /// The users clients connect as.
+    pub users: NatsUsers,
     /// Unique per start, so that two tests' clusters on one machine can never
     /// join each other through a reused port.
     cluster_name: String,
@@ -217,9 +277,11 @@ impl Nats {
             .iter()
             .map(|n| format!("nats://127.0.0.1:{}", n.3))
             .collect();
+        let users = NatsUsers::new();
         let mut started = Vec::with_capacity(size);
         for (i, (name, port, monitor, cluster)) in nodes.into_iter().enumerate() {
             let cmd = Self::command(
+                &users,
                 dir.path(),
                 i,
                 &name,
@@ -248,6 +310,7 @@ impl Nats {
         let monitor_url = format!("http://127.0.0.1:{}", started[0].monitor);
         Ok(Self {
             nodes: started,
+            users,
             cluster_name,
             url,
             monitor_url,
@@ -256,6 +319,7 @@ impl Nats {
     }
 
     fn command(
+        users: &NatsUsers,
         dir: &Path,
         i: usize,
         name: &str,
@@ -267,6 +331,9 @@ impl Nats {
         let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../nats/nats-server.conf");
         let mut cmd = Command::new(bin);
         cmd.arg("-c").arg(&config);
+        cmd.env("CHAT_NATS_EDGE_PASSWORD", &users.edge.password)
+            .env("CHAT_NATS_WORKER_PASSWORD", &users.worker.password)
+            .env("CHAT_NATS_OPS_PASSWORD", &users.ops.password);
         cmd.args([
             "-a",
             "127.0.0.1",
@@ -329,6 +396,7 @@ impl Nats {
             .collect();
         let n = &self.nodes[i];
         let cmd = Self::command(
+            &self.users,
             self._dir.path(),
             i,
             &n.name,

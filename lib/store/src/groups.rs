@@ -234,7 +234,9 @@ impl GroupRepo {
             .coll
             .update_one(
                 doc! { "_id": group.as_str(), "members.userId": user.as_str() },
-                doc! { "$addToSet": { "subscribers": user.as_str() } },
+                // the revision moves too, so a concurrent replace_if_rev made
+                // from an older read fails instead of dropping this subscriber
+                doc! { "$addToSet": { "subscribers": user.as_str() }, "$inc": { "rev": 1_i64 } },
             )
             .await?;
         Ok(res.matched_count == 1)

@@ -18,7 +18,7 @@ pub use groups::{GroupRecord, GroupRepo};
 pub use messages::{MessageRepo, Receipt, StoredMessage};
 pub use objects::{ObjectInfo, Objects, ObjectsConfig};
 pub use uploads::{Upload, UploadRepo};
-pub use users::UserRepo;
+pub use users::{Admission, Device, DeviceList, UserRepo};
 
 /// A store operation failed.
 #[derive(Debug, thiserror::Error)]

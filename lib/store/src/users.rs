@@ -1,81 +1,307 @@
 //! The `users` collection: `UserProfile` (seed §4), refreshed from token
-//! claims, plus the devices that hold a delivery position.
+//! claims, plus the registry of the devices that hold a delivery position;
+//! and `filter_leases`, which serialise the changes to one user's device
+//! consumers across workers.
+//!
+//! The registry is complete: every device with consumers is in it, so a
+//! change of the user's groups reaches every device. It is capped; a new
+//! device beyond the cap evicts the least recently seen one, whose consumers
+//! the worker deletes first.
 
 use chat_domain::{DeviceId, Millis, UserId};
 use mongodb::{
     Collection,
-    bson::{Document, doc},
+    bson::{Bson, Document, doc},
+    error::{ErrorKind, WriteFailure},
 };
 
 use crate::{StoreError, to_bson_time};
 
-/// The most devices remembered per user; the oldest are forgotten first (their
-/// JetStream consumers expire by themselves after the inactivity threshold).
-pub const MAX_DEVICES: i32 = 32;
-
-/// User profiles in MongoDB.
+/// User profiles and device registries in MongoDB.
 #[derive(Debug, Clone)]
 pub struct UserRepo {
     coll: Collection<Document>,
+    leases: Collection<Document>,
+}
+
+/// One registered device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Device {
+    pub id: DeviceId,
+    pub last_seen: Millis,
+}
+
+/// A user's registered devices as read, with the revision a replacement
+/// must still find.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceList {
+    pub devices: Vec<Device>,
+    /// `None`: no user document yet.
+    rev: Option<i64>,
+}
+
+/// What admitting a new device does to a registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admission {
+    /// The registry afterwards, the new device last.
+    pub keep: Vec<Device>,
+    /// Devices to forget: idle past the threshold, or the least recently
+    /// seen beyond the cap.
+    pub evicted: Vec<DeviceId>,
+}
+
+impl DeviceList {
+    /// Admits `device` (not yet registered) at `now`: devices idle since
+    /// before `idle_before` are evicted, then the least recently seen until
+    /// there is room under `max`.
+    pub fn admit(
+        &self,
+        device: &DeviceId,
+        now: Millis,
+        max: usize,
+        idle_before: Millis,
+    ) -> Admission {
+        let (mut keep, idle): (Vec<Device>, Vec<Device>) = self
+            .devices
+            .iter()
+            .filter(|d| d.id != *device)
+            .cloned()
+            .partition(|d| d.last_seen >= idle_before);
+        let mut evicted: Vec<DeviceId> = idle.into_iter().map(|d| d.id).collect();
+        keep.sort_by_key(|d| d.last_seen);
+        let over = (keep.len() + 1).saturating_sub(max.max(1));
+        evicted.extend(keep.drain(..over).map(|d| d.id));
+        keep.push(Device {
+            id: device.clone(),
+            last_seen: now,
+        });
+        Admission { keep, evicted }
+    }
+}
+
+fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
+    matches!(&*e.kind, ErrorKind::Write(WriteFailure::WriteError(w)) if w.code == 11000)
+        || matches!(&*e.kind, ErrorKind::InsertMany(i)
+            if i.write_errors.as_ref().is_some_and(|w| w.iter().any(|w| w.code == 11000)))
 }
 
 impl UserRepo {
     pub(crate) fn new(db: &mongodb::Database) -> Self {
         Self {
             coll: db.collection("users"),
+            leases: db.collection("filter_leases"),
         }
     }
 
-    /// Creates or refreshes `user`'s profile and records `device` as seen now.
-    pub async fn touch(
-        &self,
-        user: &UserId,
-        display_name: Option<&str>,
-        device: &DeviceId,
-        now: Millis,
-    ) -> Result<(), StoreError> {
+    fn profile(display_name: Option<&str>, now: Millis) -> Document {
         let now = to_bson_time(now);
         let mut set = doc! { "updatedAt": now, "lastSeenAt": now };
         if let Some(name) = display_name {
             set.insert("displayName", name);
         }
-        // two steps: drop the device's old entry, then push it to the end,
-        // keeping the newest MAX_DEVICES
-        self.coll
+        set
+    }
+
+    /// Refreshes `user`'s profile and `device`'s last-seen time if the
+    /// device is registered; returns whether it was.
+    pub async fn seen(
+        &self,
+        user: &UserId,
+        display_name: Option<&str>,
+        device: &DeviceId,
+        now: Millis,
+    ) -> Result<bool, StoreError> {
+        let mut set = Self::profile(display_name, now);
+        set.insert("devices.$.lastSeenAt", to_bson_time(now));
+        let res = self
+            .coll
             .update_one(
-                doc! { "_id": user.as_str() },
-                doc! {
-                    "$set": set,
-                    "$setOnInsert": { "createdAt": now },
-                    "$pull": { "devices": { "id": device.as_str() } },
-                },
+                doc! { "_id": user.as_str(), "devices.id": device.as_str() },
+                doc! { "$set": set },
             )
-            .upsert(true)
             .await?;
-        self.coll
+        Ok(res.matched_count == 1)
+    }
+
+    /// The devices `user` has registered.
+    pub async fn device_list(&self, user: &UserId) -> Result<DeviceList, StoreError> {
+        let Some(doc) = self.coll.find_one(doc! { "_id": user.as_str() }).await? else {
+            return Ok(DeviceList::default());
+        };
+        let rev = match doc.get("devRev") {
+            Some(Bson::Int64(r)) => *r,
+            Some(Bson::Int32(r)) => i64::from(*r),
+            _ => 0,
+        };
+        let devices = doc
+            .get_array("devices")
+            .map(|a| a.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|d| {
+                let d = d.as_document()?;
+                Some(Device {
+                    id: DeviceId::parse(d.get_str("id").ok()?).ok()?,
+                    last_seen: d
+                        .get_datetime("lastSeenAt")
+                        .map(|t| t.timestamp_millis())
+                        .unwrap_or_default(),
+                })
+            })
+            .collect();
+        Ok(DeviceList {
+            devices,
+            rev: Some(rev),
+        })
+    }
+
+    /// The devices `user` has registered, by id.
+    pub async fn devices(&self, user: &UserId) -> Result<Vec<DeviceId>, StoreError> {
+        Ok(self
+            .device_list(user)
+            .await?
+            .devices
+            .into_iter()
+            .map(|d| d.id)
+            .collect())
+    }
+
+    /// Replaces `user`'s registry with `devices` if it is still as `read`
+    /// found it (compare-and-set); returns whether it was.
+    pub async fn replace_devices(
+        &self,
+        user: &UserId,
+        read: &DeviceList,
+        devices: &[Device],
+        display_name: Option<&str>,
+        now: Millis,
+    ) -> Result<bool, StoreError> {
+        let list: Vec<Document> = devices
+            .iter()
+            .map(|d| doc! { "id": d.id.as_str(), "lastSeenAt": to_bson_time(d.last_seen) })
+            .collect();
+        let mut set = Self::profile(display_name, now);
+        set.insert("devices", list);
+        match read.rev {
+            None => {
+                set.insert("_id", user.as_str());
+                set.insert("createdAt", to_bson_time(now));
+                set.insert("devRev", 1_i64);
+                match self.coll.insert_one(set).await {
+                    Ok(_) => Ok(true),
+                    Err(e) if is_duplicate_key(&e) => Ok(false),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            Some(rev) => {
+                let same_rev = if rev == 0 {
+                    doc! { "$in": [0_i64, Bson::Null] }
+                } else {
+                    doc! { "$eq": rev }
+                };
+                set.insert("devRev", rev + 1);
+                let res = self
+                    .coll
+                    .update_one(
+                        doc! { "_id": user.as_str(), "devRev": same_rev },
+                        doc! { "$set": set },
+                    )
+                    .await?;
+                Ok(res.matched_count == 1)
+            }
+        }
+    }
+
+    /// Takes the lease on changing `user`'s device consumers for `holder`
+    /// until `until`, if nobody holds it (or a holder's lease ran out: a
+    /// worker that died holding it). Returns whether it was taken.
+    pub async fn take_filter_lease(
+        &self,
+        user: &UserId,
+        holder: &str,
+        now: Millis,
+        until: Millis,
+    ) -> Result<bool, StoreError> {
+        let lease = doc! { "_id": user.as_str(), "holder": holder, "until": to_bson_time(until) };
+        match self.leases.insert_one(lease).await {
+            Ok(_) => return Ok(true),
+            Err(e) if is_duplicate_key(&e) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let res = self
+            .leases
             .update_one(
-                doc! { "_id": user.as_str() },
-                doc! { "$push": { "devices": {
-                    "$each": [ { "id": device.as_str(), "lastSeenAt": now } ],
-                    "$slice": -MAX_DEVICES,
-                } } },
+                doc! { "_id": user.as_str(), "until": { "$lt": to_bson_time(now) } },
+                doc! { "$set": { "holder": holder, "until": to_bson_time(until) } },
             )
+            .await?;
+        Ok(res.matched_count == 1)
+    }
+
+    /// Gives the lease back, if `holder` still has it.
+    pub async fn release_filter_lease(
+        &self,
+        user: &UserId,
+        holder: &str,
+    ) -> Result<(), StoreError> {
+        self.leases
+            .delete_one(doc! { "_id": user.as_str(), "holder": holder })
             .await?;
         Ok(())
     }
+}
 
-    /// The devices `user` has connected from.
-    pub async fn devices(&self, user: &UserId) -> Result<Vec<DeviceId>, StoreError> {
-        let Some(doc) = self.coll.find_one(doc! { "_id": user.as_str() }).await? else {
-            return Ok(Vec::new());
-        };
-        let Ok(devices) = doc.get_array("devices") else {
-            return Ok(Vec::new());
-        };
-        Ok(devices
-            .iter()
-            .filter_map(|d| d.as_document()?.get_str("id").ok())
-            .filter_map(|id| DeviceId::parse(id).ok())
-            .collect())
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn list(devices: &[(&str, Millis)]) -> DeviceList {
+        DeviceList {
+            devices: devices
+                .iter()
+                .map(|(id, t)| Device {
+                    id: DeviceId::parse(*id).expect("id"),
+                    last_seen: *t,
+                })
+                .collect(),
+            rev: Some(3),
+        }
+    }
+
+    fn names(ids: &[DeviceId]) -> Vec<&str> {
+        ids.iter().map(DeviceId::as_str).collect()
+    }
+
+    #[test]
+    fn a_new_device_under_the_cap_evicts_nothing() {
+        let a = list(&[("a", 10), ("b", 20)]).admit(&DeviceId::parse("c").expect("id"), 30, 3, 0);
+        assert!(a.evicted.is_empty());
+        assert_eq!(a.keep.len(), 3);
+        assert_eq!(a.keep[2].id.as_str(), "c");
+    }
+
+    #[test]
+    fn at_the_cap_the_least_recently_seen_goes() {
+        let a = list(&[("a", 20), ("b", 10), ("c", 30)]).admit(
+            &DeviceId::parse("d").expect("id"),
+            40,
+            3,
+            0,
+        );
+        assert_eq!(names(&a.evicted), ["b"]);
+        let kept: Vec<_> = a.keep.iter().map(|d| d.id.as_str()).collect();
+        assert_eq!(kept, ["a", "c", "d"]);
+    }
+
+    #[test]
+    fn idle_devices_go_first_and_the_cap_holds_after_a_lowered_limit() {
+        let a = list(&[("a", 5), ("b", 50), ("c", 60), ("d", 70)]).admit(
+            &DeviceId::parse("e").expect("id"),
+            80,
+            2,
+            10,
+        );
+        assert_eq!(names(&a.evicted), ["a", "b", "c"]);
+        assert_eq!(a.keep.len(), 2);
     }
 }

@@ -10,7 +10,7 @@ use chat_rpc::pb::{self, groups_server::Groups};
 use chat_store::GroupRecord;
 use tonic::{Request, Response, Status};
 
-use crate::{State, WorkerError, parse_id};
+use crate::{State, WorkerError, devices::Lease, parse_id};
 
 /// How often a change is retried when another change to the same group won
 /// the race.
@@ -59,18 +59,11 @@ impl GroupsService {
         Ok(())
     }
 
-    /// Points every device of `user` at the groups `user` is subscribed to.
-    async fn sync_group_filters(&self, user: &UserId) -> Result<(), WorkerError> {
-        let s = &self.0;
-        let groups = s.store.groups.subscribed_groups(user).await?;
-        for device in s.store.users.devices(user).await? {
-            s.bus.set_group_filters(user, &device, &groups).await?;
-        }
-        Ok(())
-    }
-
     /// Applies a membership or ownership change with compare-and-set, then
-    /// tells everyone concerned.
+    /// tells everyone concerned. A member who leaves or is removed has its
+    /// devices stop following the group before the change commits, under
+    /// its filter lease (see `devices.rs`), and set from the stored truth
+    /// after it, whether or not the change went through.
     async fn change(
         &self,
         caller: &str,
@@ -79,25 +72,54 @@ impl GroupsService {
     ) -> Result<Group, WorkerError> {
         let caller = parse_id::<UserId>(caller)?;
         let id = parse_id::<GroupId>(group_id)?;
+        let leaving = match &change {
+            GroupChange::Leave => Some(caller.clone()),
+            GroupChange::RemoveMember { user_id } => Some(user_id.clone()),
+            _ => None,
+        };
+        let Some(leaving) = leaving else {
+            return self.apply(&caller, &id, change).await;
+        };
+        // refuse what the caller may not do before touching anyone's
+        // filters: a narrowing that is undone still loses the live messages
+        // published in between for that member
+        self.load(&id).await?.group.apply(
+            &caller,
+            change.clone(),
+            &self.0.config.limits,
+            now_millis(),
+        )?;
+        let lease = Lease::take(&self.0, &leaving).await?;
+        let result = async {
+            let without = lease.subscribed(Some(&id)).await?;
+            lease.set_filters(&without).await?;
+            self.apply(&caller, &id, change).await
+        }
+        .await;
+        let synced = lease.sync().await;
+        lease.release().await;
+        let group = result?;
+        synced?;
+        Ok(group)
+    }
+
+    async fn apply(
+        &self,
+        caller: &UserId,
+        id: &GroupId,
+        change: GroupChange,
+    ) -> Result<Group, WorkerError> {
         for _ in 0..CAS_ATTEMPTS {
-            let mut record = self.load(&id).await?;
+            let mut record = self.load(id).await?;
             let audience =
                 record
                     .group
-                    .apply(&caller, change.clone(), &self.0.config.limits, now_millis())?;
+                    .apply(caller, change.clone(), &self.0.config.limits, now_millis())?;
             if !self.0.store.groups.replace_if_rev(&record).await? {
                 continue;
             }
             record.rev += 1;
             let group = record.group;
-            let gone: Vec<UserId> = audience
-                .iter()
-                .filter(|u| !group.is_member(u))
-                .cloned()
-                .collect();
-            for user in &gone {
-                self.sync_group_filters(user).await?;
-            }
             let prefix = format!("upd-{}-{}", group.id, record.rev);
             self.publish_to_users(&audience, event::GROUP_UPDATED, &group, &prefix)
                 .await?;
@@ -294,7 +316,10 @@ impl Groups for GroupsService {
             ))
             .into());
         }
-        self.sync_group_filters(&caller).await?;
+        let lease = Lease::take(&self.0, &caller).await?;
+        let synced = lease.sync().await;
+        lease.release().await;
+        synced?;
         Ok(Response::new(pb::SubscribeResponse {
             group_id: id.into_string(),
         }))

@@ -10,13 +10,17 @@ use std::sync::Arc;
 use chat_bus::{Bus, BusError};
 use chat_crypto::KeyRing;
 use chat_domain::{DomainError, GroupId, Limits, MediaPolicy, UserId};
-use chat_rpc::pb::{
-    groups_server::GroupsServer, media_server::MediaServer, messages_server::MessagesServer,
-    sessions_server::SessionsServer,
+use chat_rpc::{
+    SECRET_HEADER, ServiceSecret,
+    pb::{
+        groups_server::GroupsServer, health_server::HealthServer, media_server::MediaServer,
+        messages_server::MessagesServer, sessions_server::SessionsServer,
+    },
 };
 use chat_store::{GroupRecord, Objects, Store, StoreError};
 use tokio::net::TcpListener;
 
+mod devices;
 mod groups;
 mod media;
 mod messages;
@@ -39,6 +43,31 @@ pub struct Config {
     pub download_url_ttl: std::time::Duration,
     /// Uploads no message uses after this long are deleted.
     pub unreferenced_upload_ttl: std::time::Duration,
+    /// How many devices a user may have, and when an idle one is forgotten.
+    pub devices: DeviceLimits,
+    /// The secret edges present on every call (and the worker proves it
+    /// knows when asked); `None` only on loopback.
+    pub service_secret: Option<ServiceSecret>,
+}
+
+/// Devices per user.
+#[derive(Debug, Clone)]
+pub struct DeviceLimits {
+    /// Most devices (and so durable consumer pairs) per user; a new device
+    /// beyond it evicts the least recently seen.
+    pub max_per_user: usize,
+    /// A device not seen for this long is forgotten when the user registers
+    /// another, and its consumers expire by themselves after as long.
+    pub idle: std::time::Duration,
+}
+
+impl Default for DeviceLimits {
+    fn default() -> Self {
+        Self {
+            max_per_user: 16,
+            idle: std::time::Duration::from_secs(30 * 24 * 3600),
+        }
+    }
 }
 
 impl Default for Config {
@@ -51,6 +80,8 @@ impl Default for Config {
             upload_url_ttl: std::time::Duration::from_secs(15 * 60),
             download_url_ttl: std::time::Duration::from_secs(5 * 60),
             unreferenced_upload_ttl: std::time::Duration::from_secs(24 * 3600),
+            devices: DeviceLimits::default(),
+            service_secret: None,
         }
     }
 }
@@ -171,6 +202,7 @@ pub async fn serve(
         positions: Default::default(),
     });
     let sweeper = tokio::spawn(messages::sweep_pending(state.clone()));
+    let auth = require_secret(state.config.service_secret.clone());
     let cleaner = tokio::spawn(media::clean_uploads(state.clone()));
     let result = tonic::transport::Server::builder()
         // every call's logs carry the request id the edge sent
@@ -183,14 +215,25 @@ pub async fn serve(
                 .to_owned();
             tracing::info_span!("rpc", path = %req.uri().path(), request_id = %id)
         })
-        .add_service(GroupsServer::new(groups::GroupsService(state.clone())))
-        .add_service(SessionsServer::new(sessions::SessionsService(
-            state.clone(),
-        )))
-        .add_service(MessagesServer::new(messages::MessagesService(
-            state.clone(),
-        )))
-        .add_service(MediaServer::new(media::MediaService(state)))
+        .add_service(GroupsServer::with_interceptor(
+            groups::GroupsService(state.clone()),
+            auth.clone(),
+        ))
+        .add_service(SessionsServer::with_interceptor(
+            sessions::SessionsService(state.clone()),
+            auth.clone(),
+        ))
+        .add_service(MessagesServer::with_interceptor(
+            messages::MessagesService(state.clone()),
+            auth.clone(),
+        ))
+        .add_service(MediaServer::with_interceptor(
+            media::MediaService(state.clone()),
+            auth,
+        ))
+        // the health check only: edges verify the worker's proof before they
+        // send the secret
+        .add_service(HealthServer::new(sessions::HealthService(state)))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown,
@@ -199,6 +242,29 @@ pub async fn serve(
     sweeper.abort();
     cleaner.abort();
     result
+}
+
+/// Refuses every call that does not carry the service secret (with none
+/// configured, which the node allows on loopback only, every call passes).
+fn require_secret(
+    secret: Option<ServiceSecret>,
+) -> impl Fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
+    move |req: tonic::Request<()>| {
+        let Some(secret) = &secret else {
+            return Ok(req);
+        };
+        let presented = req.metadata().get(SECRET_HEADER).map(|v| v.as_bytes());
+        if presented.is_some_and(|p| secret.matches(p)) {
+            Ok(req)
+        } else {
+            metrics::counter!("chat_rpc_unauthenticated_total").increment(1);
+            tracing::warn!(
+                remote = ?req.remote_addr(),
+                "refused a call without the service secret"
+            );
+            Err(tonic::Status::unauthenticated("service secret required"))
+        }
+    }
 }
 
 /// Parses an id from a request field, as `invalid` on failure.

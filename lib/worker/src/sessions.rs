@@ -2,11 +2,11 @@
 
 use std::sync::Arc;
 
-use chat_domain::{DeviceId, UserId, now_millis};
-use chat_rpc::pb::{self, sessions_server::Sessions};
+use chat_domain::{DeviceId, UserId};
+use chat_rpc::pb::{self, health_server::Health, sessions_server::Sessions};
 use tonic::{Request, Response, Status};
 
-use crate::{State, WorkerError, parse_id};
+use crate::{State, WorkerError, devices::Lease, parse_id};
 
 pub(crate) struct SessionsService(pub Arc<State>);
 
@@ -21,37 +21,36 @@ impl Sessions for SessionsService {
         let user = parse_id::<UserId>(&req.user_id)?;
         let device = parse_id::<DeviceId>(&req.device_id)?;
         let name = Some(req.display_name.as_str()).filter(|n| !n.is_empty());
-        s.store
-            .users
-            .touch(&user, name, &device, now_millis())
-            .await
-            .map_err(WorkerError::from)?;
-        let consumer = s
-            .bus
-            .ensure_user_consumer(&user, &device)
-            .await
-            .map_err(WorkerError::from)?;
-        // the device's group consumer follows the user's subscriptions; make
-        // it match them in case they changed while the device was unknown
-        let groups = s
-            .store
-            .groups
-            .subscribed_groups(&user)
-            .await
-            .map_err(WorkerError::from)?;
-        s.bus
-            .set_group_filters(&user, &device, &groups)
-            .await
-            .map_err(WorkerError::from)?;
+        // registering (which may evict another device of the user) and
+        // making the consumers happen under the user's lease, so a device
+        // evicted by a concurrent session never gets consumers back behind
+        // the registry's back; the group consumer is made to match the
+        // user's subscriptions in case they changed while it was away
+        let lease = Lease::take(s, &user).await?;
+        let ensured = async {
+            lease.register(&device, name).await?;
+            let groups = lease.subscribed(None).await?;
+            Ok::<_, WorkerError>(s.bus.ensure_device(&user, &device, &groups).await?)
+        }
+        .await;
+        lease.release().await;
+        let consumer = ensured?;
         Ok(Response::new(pb::OpenSessionResponse {
             consumer,
             stream: s.bus.definitions().users_stream.name.clone(),
         }))
     }
+}
 
+pub(crate) struct HealthService(pub Arc<State>);
+
+#[tonic::async_trait]
+impl Health for HealthService {
+    /// Ready once MongoDB and NATS answer; proves the service secret over
+    /// the caller's nonce.
     async fn ready(
         &self,
-        _: Request<pb::ReadyRequest>,
+        req: Request<pb::ReadyRequest>,
     ) -> Result<Response<pb::ReadyResponse>, Status> {
         self.0.store.ping().await.map_err(WorkerError::from)?;
         if !self.0.bus.is_connected() {
@@ -59,6 +58,14 @@ impl Sessions for SessionsService {
                 WorkerError::Bus(chat_bus::BusError::Unavailable("not connected".into())).into(),
             );
         }
-        Ok(Response::new(pb::ReadyResponse {}))
+        let nonce = req.into_inner().nonce;
+        if nonce.len() > 64 {
+            return Err(Status::invalid_argument("nonce too long"));
+        }
+        let proof = match &self.0.config.service_secret {
+            Some(secret) => secret.proof(&nonce),
+            None => Vec::new(),
+        };
+        Ok(Response::new(pb::ReadyResponse { proof }))
     }
 }
