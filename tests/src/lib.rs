@@ -169,6 +169,28 @@ impl Cluster {
         argv
     }
 
+    /// Starts one more node of `role` outside the cluster's lists, with
+    /// the cluster's flags except those in `set` (flag, value), which
+    /// replace or add to them (an empty value drops the flag): a worker
+    /// with another secret, an edge with other workers.
+    pub async fn start_extra_node(
+        &self,
+        role: &str,
+        set: &[(&str, &str)],
+    ) -> anyhow::Result<chatd::Node> {
+        let mut argv = self.node_argv(role, "127.0.0.1:0", "127.0.0.1:0");
+        for (flag, value) in set {
+            match (argv.iter().position(|a| a == flag), value.is_empty()) {
+                (Some(i), true) => drop(argv.drain(i..i + 2)),
+                (Some(i), false) => argv[i + 1] = (*value).to_owned(),
+                (None, true) => {}
+                (None, false) => argv.extend([(*flag).to_owned(), (*value).to_owned()]),
+            }
+        }
+        let cli = chatd::Cli::try_parse_from(argv)?;
+        chatd::Node::start(cli.serve).await
+    }
+
     async fn start_node(
         &self,
         role: &str,

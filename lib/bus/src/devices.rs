@@ -233,8 +233,8 @@ impl Bus {
 
     /// The place of `device` under the first naming scheme, if its old user
     /// consumer is provably this user's (it filters on this user's subject
-    /// and records no owner: a consumer of the current scheme under a name
-    /// that happens to fit is never taken).
+    /// and records no owner of ours: a consumer of the current scheme under
+    /// a name that happens to fit is never taken).
     async fn legacy_place(
         &self,
         user: &UserId,
@@ -249,7 +249,9 @@ impl Bus {
             Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(BusError::nats(e)),
         };
-        if !old.config.metadata.is_empty() || filters_of(&old.config) != [user_subject(user)] {
+        // (nats-server adds metadata of its own, `_nats.*`: look for ours)
+        let legacy = |c: &consumer::Config| !c.metadata.contains_key(OWNER_USER);
+        if !legacy(&old.config) || filters_of(&old.config) != [user_subject(user)] {
             return Ok(None);
         }
         let groups = self.stream(Feed::Groups).await?;
@@ -257,7 +259,7 @@ impl Bus {
             .consumer_info(legacy_name(Feed::Groups, user, device))
             .await
         {
-            Ok(info) if info.config.metadata.is_empty() => Some(info.ack_floor.stream_sequence + 1),
+            Ok(info) if legacy(&info.config) => Some(info.ack_floor.stream_sequence + 1),
             Ok(_) => None,
             Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => None,
             Err(e) => return Err(BusError::nats(e)),

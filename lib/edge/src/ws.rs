@@ -770,10 +770,7 @@ async fn deliver(
         let c = match Box::pin(app.bus.bind(feed, &user, &device)).await {
             Ok(c) => Box::new(c),
             Err(e @ (BusError::NoConsumer(_) | BusError::Foreign(_))) => {
-                // evicted (another device of the user took its place), or
-                // not this device's: nothing to deliver from, ever
-                tracing::info!(error = %e, "device has no consumer; closing");
-                let _ = tx.try_send(Outgoing::Close(CLOSE_EVICTED, "device evicted; reconnect"));
+                evicted(&tx, &e);
                 return;
             }
             Err(e) => {
@@ -829,6 +826,14 @@ async fn deliver(
                     Some(Ok(m)) => m,
                     Some(Err(e)) => {
                         tracing::debug!(error = %e, consumer, "pull batch ended early");
+                        // the consumer may be gone (an evicted device); a
+                        // rebind would rewind, so only look
+                        if let Err(e @ (BusError::NoConsumer(_) | BusError::Foreign(_))) =
+                            Box::pin(app.bus.bind(feed, &user, &device)).await
+                        {
+                            evicted(&tx, &e);
+                            return;
+                        }
                         break;
                     }
                     None => break,
@@ -873,6 +878,14 @@ async fn deliver(
             }
         }
     }
+}
+
+/// Closes a connection whose device has no consumer to deliver from, ever:
+/// evicted (another device of the user took its place), or not this
+/// device's.
+fn evicted(tx: &mpsc::Sender<Outgoing>, e: &BusError) {
+    tracing::info!(error = %e, "device has no consumer; closing");
+    let _ = tx.try_send(Outgoing::Close(CLOSE_EVICTED, "device evicted; reconnect"));
 }
 
 /// Per-connection request rate limit.

@@ -1,0 +1,506 @@
+//! Attacks a hostile user or a hostile neighbour on the network tried against
+//! the system (issue 10), each played against real services: every test here
+//! failed on the code before the fix.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use async_nats::jetstream::consumer;
+use chat_domain::{DeviceId, UserId};
+use chat_tests::{Client, Cluster, PROMPTLY, SERVICE_SECRET, eventually, token};
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+/// Long enough for a delivery that was going to happen to have happened:
+/// the control member already received the same messages.
+const QUIET: Duration = Duration::from_secs(1);
+
+/// The `a_group_message` pushes of group `g` that reach `client` within
+/// `within` (none expected).
+async fn group_messages_within(
+    client: &mut Client,
+    g: &str,
+    within: Duration,
+) -> anyhow::Result<Vec<Value>> {
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + within;
+    while let Ok(push) = tokio::time::timeout_at(deadline, client.next_any_push()).await {
+        let push = push?;
+        if push["event"] == "a_group_message" && push["data"]["groupId"] == g {
+            got.push(push);
+        }
+    }
+    Ok(got)
+}
+
+/// The consumers of `stream` that record `user` as their owner.
+async fn consumers_of(c: &Cluster, stream: &str, user: &str) -> anyhow::Result<Vec<String>> {
+    let bus = c.bus().await?;
+    let stream = bus.jetstream().get_stream(stream).await?;
+    let mut names = Vec::new();
+    let mut infos = stream.consumers();
+    while let Some(info) = infos.next().await {
+        let info = info?;
+        if info.config.metadata.get("chat_user").map(String::as_str) == Some(user) {
+            names.push(info.name);
+        }
+    }
+    Ok(names)
+}
+
+/// `bob` with device `smith_d` and `bob_smith` with device `d` shared one
+/// durable consumer (`u_bob_smith_d`): bob received bob_smith's group
+/// notification and half of its messages. Now every pair has its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_that_join_to_the_same_name_never_share_a_consumer() -> anyhow::Result<()> {
+    let c = Cluster::start(1, 1).await?;
+    // the attacker connects first, so that its consumer exists first
+    let mut attacker = c.connect(0, "bob", "smith_d").await?;
+    let mut victim = c.connect(0, "bob_smith", "d").await?;
+    let mut alice = c.connect(0, "alice", "web").await?;
+    let g = c.create_group("alice", &["bob_smith"]).await?;
+    let g = g["id"].as_str().unwrap_or_default().to_owned();
+    alice
+        .request("notify_create_group", json!({ "groupId": g }))
+        .await?;
+    let created = victim.next_push("a_group_created").await?;
+    assert_eq!(created["data"]["group"]["id"], g.as_str());
+    victim
+        .request("subscribe_to_group", json!({ "groupId": g }))
+        .await?;
+    for i in 0..6 {
+        alice.send_text(&g, &format!("m{i}"), "private").await?;
+    }
+    let got = victim.messages(6).await?;
+    let seqs: Vec<u64> = got.iter().map(|m| m["seq"].as_u64().unwrap_or(0)).collect();
+    assert_eq!(seqs, [1, 2, 3, 4, 5, 6], "the victim gets all, in order");
+    // the attacker hears of neither the group nor its messages
+    let deadline = tokio::time::Instant::now() + QUIET;
+    while let Ok(push) = tokio::time::timeout_at(deadline, attacker.next_any_push()).await {
+        let push = push?;
+        assert!(
+            !push.to_string().contains(&g),
+            "the attacker received {push}"
+        );
+    }
+    let (bob, bob_smith) = (UserId::parse("bob")?, UserId::parse("bob_smith")?);
+    let (smith_d, d) = (DeviceId::parse("smith_d")?, DeviceId::parse("d")?);
+    assert_ne!(
+        chat_bus::user_consumer_name(&bob, &smith_d),
+        chat_bus::user_consumer_name(&bob_smith, &d)
+    );
+    assert_eq!(consumers_of(&c, "CHAT_USERS", "bob").await?.len(), 1);
+    assert_eq!(consumers_of(&c, "CHAT_USERS", "bob_smith").await?.len(), 1);
+    c.stop().await
+}
+
+/// A consumer under a device's name that records another owner (made by
+/// hand, or by anything but chatd) is never handed to that device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_recorded_to_another_owner_is_refused() -> anyhow::Result<()> {
+    let c = Cluster::start(1, 1).await?;
+    let bus = c.bus().await?;
+    let stream = bus.jetstream().get_stream("CHAT_USERS").await?;
+    let name = chat_bus::user_consumer_name(&UserId::parse("bob")?, &DeviceId::parse("phone")?);
+    let mut config = consumer::pull::Config {
+        durable_name: Some(name.clone()),
+        filter_subject: "chat.user.eve.event".into(),
+        ack_policy: consumer::AckPolicy::All,
+        ..Default::default()
+    };
+    config.metadata.insert("chat_user".into(), "eve".into());
+    config.metadata.insert("chat_device".into(), "phone".into());
+    stream.create_consumer(config).await?;
+    let refused = c.connect(0, "bob", "phone").await;
+    assert!(refused.is_err(), "bob was given eve's consumer");
+    // and it was not touched: still eve's
+    let info = stream.clone().consumer_info(&name).await?;
+    assert_eq!(info.config.filter_subject, "chat.user.eve.event");
+    c.stop().await
+}
+
+/// A device made under the first naming scheme (`u_<user>_<device>`) keeps
+/// its place when its user connects: what it had acknowledged does not come
+/// again, what it missed does, and the old consumers are gone. An old
+/// consumer whose name fits but which filters on another user's subject (the
+/// other half of a collision) is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_device_consumers_are_renamed_keeping_their_place() -> anyhow::Result<()> {
+    use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy};
+    let c = Cluster::start(1, 1).await?;
+    let g = c.room(&["alice", "bob"]).await?;
+    let mut alice = c.connect(0, "alice", "phone").await?;
+    alice.send_text(&g, "m1", "one").await?;
+    let bus = c.bus().await?;
+    let js = bus.jetstream();
+    let groups = js.get_stream("CHAT_GROUPS").await?;
+    let users = js.get_stream("CHAT_USERS").await?;
+    let (bob, setup) = (UserId::parse("bob")?, DeviceId::parse("setup")?);
+    // bob's device as an older chatd left it: old names, explicit acks,
+    // everything up to the first message acknowledged
+    groups
+        .delete_consumer(&chat_bus::group_consumer_name(&bob, &setup))
+        .await?;
+    users
+        .delete_consumer(&chat_bus::user_consumer_name(&bob, &setup))
+        .await?;
+    let acked_up_to = groups
+        .get_last_raw_message_by_subject(&format!("chat.group.{g}.msg"))
+        .await?
+        .sequence;
+    let users_last = users.get_info().await?.state.last_sequence;
+    groups
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("g_bob_setup".into()),
+            filter_subject: format!("chat.group.{g}.msg"),
+            ack_policy: AckPolicy::Explicit,
+            deliver_policy: DeliverPolicy::ByStartSequence {
+                start_sequence: acked_up_to + 1,
+            },
+            ..Default::default()
+        })
+        .await?;
+    users
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("u_bob_setup".into()),
+            filter_subject: "chat.user.bob.event".into(),
+            ack_policy: AckPolicy::Explicit,
+            deliver_policy: DeliverPolicy::ByStartSequence {
+                start_sequence: users_last + 1,
+            },
+            ..Default::default()
+        })
+        .await?;
+    // `u_bob_x_y` fits both (bob, x_y) and (bob_x, y); it is bob_x's
+    users
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("u_bob_x_y".into()),
+            filter_subject: "chat.user.bob_x.event".into(),
+            ..Default::default()
+        })
+        .await?;
+    alice.send_text(&g, "m2", "two").await?;
+    alice.send_text(&g, "m3", "three").await?;
+    let mut bob_ws = c.connect(0, "bob", "setup").await?;
+    let mut seqs = Vec::new();
+    while seqs.len() < 2 {
+        let m = bob_ws
+            .next_push("a_group_message")
+            .await
+            .with_context(|| format!("after {seqs:?}"))?;
+        seqs.push(m["data"]["seq"].as_u64().unwrap_or(0));
+    }
+    assert_eq!(
+        seqs,
+        [2, 3],
+        "missed messages, in order, not the acknowledged one"
+    );
+    let info = groups
+        .clone()
+        .consumer_info(&chat_bus::group_consumer_name(&bob, &setup))
+        .await?;
+    assert_eq!(info.config.ack_policy, AckPolicy::All);
+    assert_eq!(
+        info.config.metadata.get("chat_user").map(String::as_str),
+        Some("bob")
+    );
+    for (stream, old) in [(&groups, "g_bob_setup"), (&users, "u_bob_setup")] {
+        assert!(
+            stream.clone().consumer_info(old).await.is_err(),
+            "{old} is still there"
+        );
+    }
+    // bob on device x_y: bob_x's old consumer is not his to take
+    let _bob_xy = c.connect(0, "bob", "x_y").await?;
+    let kept = users.clone().consumer_info("u_bob_x_y").await?;
+    assert_eq!(kept.config.filter_subject, "chat.user.bob_x.event");
+    let more = tokio::time::timeout(QUIET, bob_ws.next_push("a_group_message")).await;
+    assert!(more.is_err(), "a message came again: {more:?}");
+    c.stop().await
+}
+
+/// Only the newest 32 devices were remembered, and removal rewrote only
+/// their filters: a removed member kept receiving on an older device. Now
+/// the registry is capped and complete: a device beyond the cap evicts the
+/// least recently seen (its consumers deleted, its live connection closed
+/// with 4410), and after a removal no device, old or new, receives anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_member_receives_nothing_on_any_device() -> anyhow::Result<()> {
+    let c = Cluster::start_with(1, 1, &["--max-devices-per-user", "4"]).await?;
+    let g = c.room(&["alice", "bob", "carol"]).await?;
+    let mut old = c.connect(0, "bob", "old").await?;
+    for i in 0..6 {
+        c.connect(0, "bob", &format!("d{i}")).await?.close().await?;
+    }
+    assert_eq!(
+        old.closed_with().await?,
+        Some(4410),
+        "the evicted device is told"
+    );
+    eventually(PROMPTLY, || async {
+        let (u, g) = (
+            consumers_of(&c, "CHAT_USERS", "bob").await?,
+            consumers_of(&c, "CHAT_GROUPS", "bob").await?,
+        );
+        Ok((u.len() <= 4 && g.len() <= 4).then_some(()))
+    })
+    .await?;
+    let mut newest = c.connect(0, "bob", "d5").await?;
+    let mut old = c.connect(0, "bob", "old").await?;
+    let res = c
+        .http()
+        .delete(format!("{}/groups/{g}/members/bob", c.edge_url(0)))
+        .bearer_auth(token("alice"))
+        .send()
+        .await?;
+    assert_eq!(res.status(), 200);
+    let mut alice = c.connect(0, "alice", "web").await?;
+    let mut carol = c.connect(0, "carol", "setup").await?;
+    for i in 0..3 {
+        alice.send_text(&g, &format!("after{i}"), "secret").await?;
+    }
+    assert_eq!(carol.messages(3).await?.len(), 3);
+    for bob in [&mut newest, &mut old] {
+        let leaked = group_messages_within(bob, &g, QUIET).await?;
+        assert!(leaked.is_empty(), "bob received {leaked:?}");
+    }
+    c.stop().await
+}
+
+/// Subscribe, session opens and removal at the same time, over and over:
+/// afterwards no device of the removed member follows the group, and none
+/// receives what is sent after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removal_racing_subscribe_and_session_opens_leaves_nothing_behind() -> anyhow::Result<()> {
+    let c = Cluster::start(1, 1).await?;
+    let bus = c.bus().await?;
+    let bob = UserId::parse("bob")?;
+    let mut alice = c.connect(0, "alice", "web").await?;
+    let mut carol = c.connect(0, "carol", "web").await?;
+    for round in 0..4 {
+        let g = c.room(&["alice", "bob", "carol"]).await?;
+        let mut live = c.connect(0, "bob", "live").await?;
+        let resubscribe = async {
+            live.request("subscribe_to_group", json!({ "groupId": g }))
+                .await
+                .ok();
+        };
+        let opens = async {
+            let mut opened = Vec::new();
+            for k in 0..3 {
+                if let Ok(ws) = c.connect(0, "bob", &format!("r{round}-{k}")).await {
+                    opened.push(ws);
+                }
+            }
+            opened
+        };
+        let removal = async {
+            c.http()
+                .delete(format!("{}/groups/{g}/members/bob", c.edge_url(0)))
+                .bearer_auth(token("alice"))
+                .send()
+                .await
+        };
+        let ((), mut opened, removed) = tokio::join!(resubscribe, opens, removal);
+        assert_eq!(removed?.status(), 200);
+        for device in registered_devices(&c, "bob").await? {
+            let filters = bus.group_filters(&bob, &device).await?;
+            assert!(
+                !filters.iter().any(|f| f.contains(&g)),
+                "round {round}: {device} still follows the group: {filters:?}"
+            );
+        }
+        alice.send_text(&g, &format!("x{round}"), "after").await?;
+        carol.skip_to("a_group_message").await?;
+        for ws in opened.iter_mut().chain([&mut live]) {
+            let leaked = group_messages_within(ws, &g, Duration::from_millis(300)).await?;
+            assert!(leaked.is_empty(), "round {round}: bob received {leaked:?}");
+        }
+    }
+    c.stop().await
+}
+
+/// The devices `user` has registered, from MongoDB.
+async fn registered_devices(c: &Cluster, user: &str) -> anyhow::Result<Vec<DeviceId>> {
+    let db = c.mongo().await?;
+    let doc = db
+        .collection::<mongodb::bson::Document>("users")
+        .find_one(mongodb::bson::doc! { "_id": user })
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no user {user}"))?;
+    Ok(doc
+        .get_array("devices")?
+        .iter()
+        .filter_map(|d| d.as_document()?.get_str("id").ok())
+        .filter_map(|id| DeviceId::parse(id).ok())
+        .collect())
+}
+
+/// The worker's port trusted the `caller` field: a made-up caller read
+/// decrypted history. Now a call without the service secret is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_refuses_calls_without_the_service_secret() -> anyhow::Result<()> {
+    use chat_rpc::pb::{self, messages_client::MessagesClient};
+    let c = Cluster::start(1, 1).await?;
+    let g = c.room(&["alice", "bob"]).await?;
+    let mut alice = c.connect(0, "alice", "web").await?;
+    alice.send_text(&g, "m1", "secret text").await?;
+    let channel = tonic::transport::Endpoint::from_shared(c.worker_url(0))?
+        .connect()
+        .await?;
+    let history = |secret: Option<&str>| {
+        let mut req = tonic::Request::new(pb::HistoryRequest {
+            caller: "alice".into(),
+            group_id: g.clone(),
+            before: 0,
+            limit: 10,
+        });
+        if let Some(s) = secret {
+            req.metadata_mut()
+                .insert(chat_rpc::SECRET_HEADER, s.parse().expect("ascii"));
+        }
+        let mut client = MessagesClient::new(channel.clone());
+        async move { client.history(req).await }
+    };
+    for secret in [None, Some("wrong-secret-of-the-right-length-0123456789")] {
+        let refused = history(secret).await;
+        assert_eq!(
+            refused.map(|_| ()).map_err(|s| s.code()),
+            Err(tonic::Code::Unauthenticated)
+        );
+    }
+    let allowed = history(Some(SERVICE_SECRET)).await?.into_inner();
+    assert_eq!(allowed.messages.len(), 1, "the right secret still works");
+    c.stop().await
+}
+
+/// A worker will not listen beyond loopback without a secret, and an edge
+/// never calls (and so never shows its secret to) a worker that cannot prove
+/// it knows the secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_need_a_secret_beyond_loopback_and_must_prove_it() -> anyhow::Result<()> {
+    let c = Cluster::start(1, 1).await?;
+    let open = c
+        .start_extra_node("worker", &[("--grpc-listen", "0.0.0.0:0")])
+        .await;
+    assert!(open.is_ok(), "with a secret, any address is fine");
+    open?.stop().await?;
+    // the cluster's flags without the secret ("" drops a flag)
+    let refused = c
+        .start_extra_node(
+            "worker",
+            &[("--grpc-listen", "0.0.0.0:0"), ("--service-secret", "")],
+        )
+        .await;
+    let message = match refused {
+        Ok(node) => {
+            node.stop().await?;
+            anyhow::bail!("a worker listened beyond loopback without a secret");
+        }
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(message.contains("without --service-secret"), "{message}");
+
+    let impostor = c
+        .start_extra_node(
+            "worker",
+            &[(
+                "--service-secret",
+                "an-impostor-that-does-not-know-0123456789",
+            )],
+        )
+        .await?;
+    let addr = impostor
+        .grpc_addr
+        .ok_or_else(|| anyhow::anyhow!("no address"))?;
+    let edge = c
+        .start_extra_node("edge", &[("--workers", &format!("http://{addr}"))])
+        .await?;
+    let http = edge
+        .http_addr
+        .ok_or_else(|| anyhow::anyhow!("no address"))?;
+    let res = c
+        .http()
+        .get(format!("http://{http}/groups"))
+        .bearer_auth(token("alice"))
+        .send()
+        .await?;
+    // 503 because no worker may be called; a call that had reached the
+    // impostor would have come back `unauthenticated`, a 500
+    assert_eq!(res.status(), 503, "no worker proved the secret");
+    let ready = c.http().get(format!("http://{http}/readyz")).send().await?;
+    assert_eq!(ready.status(), 503);
+    edge.stop().await?;
+    impostor.stop().await?;
+    c.stop().await
+}
+
+/// NATS had no authorisation: an anonymous client closed a user's socket
+/// through `chat.session.<user>.<device>` and injected a forged
+/// `a_group_created`. Now anonymous clients are refused, and an edge's user
+/// can publish neither notifications nor messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_refuses_anonymous_clients_and_limits_each_role() -> anyhow::Result<()> {
+    let c = Cluster::start(1, 1).await?;
+    let url = c.stack.nats.url.clone();
+    let anonymous = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(2))
+        .connect(url.as_str())
+        .await;
+    assert!(anonymous.is_err(), "an anonymous client connected");
+    let wrong = async_nats::ConnectOptions::with_user_and_password(
+        "chat-edge".into(),
+        "not-the-password".into(),
+    )
+    .connection_timeout(Duration::from_secs(2))
+    .connect(url.as_str())
+    .await;
+    assert!(wrong.is_err(), "a wrong password connected");
+
+    let mut bob = c.connect(0, "bob", "phone").await?;
+    let edge = &c.stack.nats.users.edge;
+    let client =
+        async_nats::ConnectOptions::with_user_and_password(edge.user.into(), edge.password.clone())
+            .connect(url.as_str())
+            .await?;
+    let mut js = async_nats::jetstream::new(client.clone());
+    js.set_timeout(Duration::from_secs(1));
+    let forged = json!({"event": "a_group_created", "data": {"group": {"id": "forged"}}});
+    let stored = async {
+        js.publish("chat.user.bob.event", forged.to_string().into())
+            .await?
+            .await
+    }
+    .await;
+    assert!(stored.is_err(), "an edge's user stored a notification");
+    let message = async {
+        js.publish(format!("chat.group.{}.msg", "0".repeat(32)), "x".into())
+            .await?
+            .await
+    }
+    .await;
+    assert!(message.is_err(), "an edge's user stored a group message");
+    assert!(
+        js.delete_stream("CHAT_GROUPS").await.is_err(),
+        "an edge's user deleted a stream"
+    );
+    let pushes = group_or_created_within(&mut bob, QUIET).await?;
+    assert!(pushes.is_empty(), "bob received {pushes:?}");
+    c.stop().await
+}
+
+/// Any push that names the forged group.
+async fn group_or_created_within(
+    client: &mut Client,
+    within: Duration,
+) -> anyhow::Result<Vec<Value>> {
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + within;
+    while let Ok(push) = tokio::time::timeout_at(deadline, client.next_any_push()).await {
+        let push = push?;
+        if push.to_string().contains("forged") {
+            got.push(push);
+        }
+    }
+    Ok(got)
+}
