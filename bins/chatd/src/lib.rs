@@ -140,6 +140,19 @@ pub struct ServeArgs {
     /// Algorithm of --jwt-public-key: RS256, ES256 or EdDSA.
     #[arg(long, env = "CHATD_JWT_ALGORITHM", default_value = "RS256")]
     pub jwt_algorithm: String,
+    /// Tokens must carry this `iss`.
+    #[arg(long, env = "CHATD_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Tokens must name this audience in `aud`.
+    #[arg(long, env = "CHATD_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Longest token lifetime accepted, in seconds (`exp` minus `iat`, or
+    /// minus now without `iat`); 0 for no limit.
+    #[arg(long, env = "CHATD_JWT_MAX_LIFETIME_SECS", default_value_t = 7 * 86_400)]
+    pub jwt_max_lifetime_secs: u64,
+    /// Clock skew allowed on `exp`, `nbf` and the lifetime, in seconds.
+    #[arg(long, env = "CHATD_JWT_LEEWAY_SECS", default_value_t = 30)]
+    pub jwt_leeway_secs: u64,
 
     /// Message encryption keys as `ID:BASE64` (32-byte AES-256 keys),
     /// comma-separated. The first encrypts new messages; all decrypt, so a
@@ -316,15 +329,21 @@ impl ServeArgs {
     }
 
     fn verifier(&self) -> anyhow::Result<Verifier> {
-        match (&self.jwt_secret, &self.jwt_public_key) {
-            (Some(secret), _) => Ok(Verifier::hs256(secret.as_bytes())?),
+        let verifier = match (&self.jwt_secret, &self.jwt_public_key) {
+            (Some(secret), _) => Verifier::hs256(secret.as_bytes())?,
             (None, Some(path)) => {
                 let pem =
                     std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-                Ok(Verifier::public_key(&self.jwt_algorithm, &pem)?)
+                Verifier::public_key(&self.jwt_algorithm, &pem)?
             }
             (None, None) => anyhow::bail!("the edge needs --jwt-secret or --jwt-public-key"),
-        }
+        };
+        Ok(verifier.with_policy(&chat_auth::TokenPolicy {
+            issuer: self.jwt_issuer.clone(),
+            audience: self.jwt_audience.clone(),
+            max_lifetime_secs: Some(self.jwt_max_lifetime_secs).filter(|s| *s > 0),
+            leeway_secs: self.jwt_leeway_secs,
+        }))
     }
 }
 

@@ -3,7 +3,9 @@
 //!
 //! `sub` is the user id, `exp` is required, and only the algorithm family of
 //! the configured key is accepted: an HS256 secret never verifies an RS256
-//! token and vice versa, and `alg: none` is never accepted.
+//! token and vice versa, and `alg: none` is never accepted. `nbf` is
+//! honoured; an issuer, an audience and a longest lifetime can be required
+//! ([`TokenPolicy`]); the clock leeway is configurable.
 
 use chat_domain::UserId;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -53,7 +55,35 @@ struct Claims {
     sub: String,
     exp: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    iat: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     name: Option<String>,
+}
+
+/// What a token must satisfy beyond its signature, `exp` and `sub`.
+#[derive(Debug, Clone)]
+pub struct TokenPolicy {
+    /// `iss` must be this.
+    pub issuer: Option<String>,
+    /// `aud` must contain this. Without it, a token's `aud` is not checked
+    /// (it is the issuer's business which audiences it names).
+    pub audience: Option<String>,
+    /// The longest a token may be valid: `exp` minus `iat` (or minus now,
+    /// for a token without `iat`).
+    pub max_lifetime_secs: Option<u64>,
+    /// Clock skew allowed on `exp`, `nbf` and the lifetime.
+    pub leeway_secs: u64,
+}
+
+impl Default for TokenPolicy {
+    fn default() -> Self {
+        Self {
+            issuer: None,
+            audience: None,
+            max_lifetime_secs: None,
+            leeway_secs: 30,
+        }
+    }
 }
 
 /// Verifies tokens against one configured key.
@@ -61,6 +91,7 @@ struct Claims {
 pub struct Verifier {
     key: DecodingKey,
     validation: Validation,
+    max_lifetime_secs: Option<u64>,
 }
 
 impl std::fmt::Debug for Verifier {
@@ -78,8 +109,34 @@ impl Verifier {
         validation.algorithms = vec![alg];
         validation.set_required_spec_claims(&["exp", "sub"]);
         validation.validate_exp = true;
-        validation.leeway = 30;
-        Self { key, validation }
+        validation.validate_nbf = true;
+        // checked only when an audience is configured (TokenPolicy)
+        validation.validate_aud = false;
+        validation.leeway = TokenPolicy::default().leeway_secs;
+        Self {
+            key,
+            validation,
+            max_lifetime_secs: None,
+        }
+    }
+
+    /// Applies `policy` on top of the key's checks.
+    pub fn with_policy(mut self, policy: &TokenPolicy) -> Self {
+        let v = &mut self.validation;
+        v.leeway = policy.leeway_secs;
+        let mut required = vec!["exp", "sub"];
+        if let Some(iss) = &policy.issuer {
+            v.set_issuer(&[iss]);
+            required.push("iss");
+        }
+        if let Some(aud) = &policy.audience {
+            v.set_audience(&[aud]);
+            v.validate_aud = true;
+            required.push("aud");
+        }
+        v.set_required_spec_claims(&required);
+        self.max_lifetime_secs = policy.max_lifetime_secs;
+        self
     }
 
     /// HS256 with a shared secret (at least 32 bytes).
@@ -129,15 +186,35 @@ impl Verifier {
                 ErrorKind::MissingRequiredClaim(c) => {
                     AuthError::Invalid(format!("missing claim {c}"))
                 }
+                ErrorKind::ImmatureSignature => AuthError::Invalid("token not valid yet".into()),
+                ErrorKind::InvalidIssuer => AuthError::Invalid("wrong issuer".into()),
+                ErrorKind::InvalidAudience => AuthError::Invalid("wrong audience".into()),
                 _ => AuthError::Invalid("malformed token".into()),
             },
         )?;
+        if let Some(max) = self.max_lifetime_secs {
+            let from = data
+                .claims
+                .iat
+                .unwrap_or_else(jsonwebtoken::get_current_timestamp);
+            if data.claims.exp.saturating_sub(from) > max + self.validation.leeway {
+                return Err(AuthError::Invalid(format!(
+                    "token lifetime is longer than {max} seconds"
+                )));
+            }
+        }
         let user_id = UserId::parse(data.claims.sub)
             .map_err(|e| AuthError::Invalid(format!("bad sub claim: {e}")))?;
         let name = data
             .claims
             .name
-            .map(|n| n.chars().take(128).collect::<String>());
+            .map(|n| {
+                chat_domain::text::strip_for_name(&n)
+                    .chars()
+                    .take(128)
+                    .collect::<String>()
+            })
+            .filter(|n| !n.trim().is_empty());
         Ok(Identity { user_id, name })
     }
 }
@@ -153,6 +230,7 @@ pub fn mint_hs256(
     let claims = Claims {
         sub: user.to_string(),
         exp: (now + ttl_secs).max(0) as u64,
+        iat: Some(now.max(0) as u64),
         name: name.map(str::to_owned),
     };
     jsonwebtoken::encode(
@@ -217,6 +295,7 @@ mod tests {
         let claims = Claims {
             sub: "a.b".into(),
             exp: u64::MAX / 2,
+            iat: None,
             name: None,
         };
         let t = jsonwebtoken::encode(
@@ -226,6 +305,69 @@ mod tests {
         )
         .expect("encode");
         assert!(matches!(v.verify(&t), Err(AuthError::Invalid(_))));
+    }
+
+    fn sign(claims: serde_json::Value) -> String {
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(SECRET),
+        )
+        .expect("encode")
+    }
+
+    #[test]
+    fn nbf_issuer_audience_and_lifetime_are_checked() {
+        let now = jsonwebtoken::get_current_timestamp();
+        let plain = Verifier::hs256(SECRET).expect("key");
+        // not valid for another hour
+        let early = sign(serde_json::json!({"sub": "a", "exp": now + 7200, "nbf": now + 3600}));
+        assert!(
+            matches!(plain.verify(&early), Err(AuthError::Invalid(m)) if m.contains("not valid yet"))
+        );
+        // an audience is fine when none is required
+        let aud = sign(serde_json::json!({"sub": "a", "exp": now + 60, "aud": "chat"}));
+        assert!(plain.verify(&aud).is_ok());
+
+        let strict = Verifier::hs256(SECRET)
+            .expect("key")
+            .with_policy(&TokenPolicy {
+                issuer: Some("https://id.example".into()),
+                audience: Some("chat".into()),
+                max_lifetime_secs: Some(3600),
+                leeway_secs: 5,
+            });
+        let good = serde_json::json!({"sub": "a", "exp": now + 600, "iat": now,
+            "iss": "https://id.example", "aud": ["chat", "other"]});
+        assert!(strict.verify(&sign(good.clone())).is_ok());
+        let with = |key: &str, value: serde_json::Value| {
+            let mut c = good.clone();
+            c[key] = value;
+            sign(c)
+        };
+        let without = |key: &str| {
+            let mut c = good.clone();
+            c.as_object_mut().expect("object").remove(key);
+            sign(c)
+        };
+        for (why, token) in [
+            ("wrong issuer", with("iss", "https://evil.example".into())),
+            ("no issuer", without("iss")),
+            ("wrong audience", with("aud", "other".into())),
+            ("no audience", without("aud")),
+            ("lifetime", with("exp", (now + 7200).into())),
+            ("lifetime without iat", {
+                let mut c = good.clone();
+                c["exp"] = (now + 7200).into();
+                c.as_object_mut().expect("object").remove("iat");
+                sign(c)
+            }),
+        ] {
+            assert!(strict.verify(&token).is_err(), "{why} accepted");
+        }
+        // the leeway is what was configured: 10 s past exp is too late at 5 s
+        let late = with("exp", (now - 10).into());
+        assert!(matches!(strict.verify(&late), Err(AuthError::Expired)));
     }
 
     #[test]

@@ -38,9 +38,10 @@ fn check_text(what: &str, text: &str, max_chars: usize) -> Result<(), DomainErro
             "{what} is {n} characters long; the limit is {max_chars}"
         )));
     }
-    if text.chars().any(|c| c.is_control()) {
+    if let Some(c) = crate::text::forbidden_in_name(text) {
         return Err(DomainError::Invalid(format!(
-            "{what} must not contain control characters"
+            "{what} must not contain control or invisible format characters (found U+{:04X})",
+            u32::from(c)
         )));
     }
     Ok(())

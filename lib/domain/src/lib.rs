@@ -6,6 +6,7 @@
 mod group;
 mod id;
 mod limits;
+pub mod text;
 
 pub use group::{Group, GroupChange, Member};
 pub use id::{DeviceId, GroupId, UserId};

@@ -51,6 +51,12 @@ pub fn check_text(text: &str, limits: &Limits) -> Result<(), DomainError> {
             limits.text_bytes
         )));
     }
+    if let Some(c) = crate::text::forbidden_in_text(text) {
+        return Err(DomainError::Invalid(format!(
+            "text must not contain bidi overrides, isolates or control characters (found U+{:04X})",
+            u32::from(c)
+        )));
+    }
     Ok(())
 }
 

@@ -20,6 +20,24 @@ pub(crate) fn bearer(parts: &Parts) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
+/// The WebSocket subprotocol a browser offers, next to its token, when it
+/// cannot set an `Authorization` header: `Sec-WebSocket-Protocol: chat.v1,
+/// bearer.<jwt>`. The edge answers `chat.v1`; the token never appears in a
+/// URL, so no access log records it.
+pub(crate) const WS_PROTOCOL: &str = "chat.v1";
+const WS_BEARER_PREFIX: &str = "bearer.";
+
+/// The token offered as a WebSocket subprotocol (`bearer.<jwt>`), if any.
+pub(crate) fn subprotocol_bearer(parts: &Parts) -> Option<&str> {
+    parts
+        .headers
+        .get_all(axum::http::header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|p| p.trim().strip_prefix(WS_BEARER_PREFIX))
+}
+
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 

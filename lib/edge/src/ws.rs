@@ -38,7 +38,12 @@ use tokio::{
 };
 use tracing::Instrument;
 
-use crate::{ApiError, AppState, auth::bearer, claims, workers::rpc};
+use crate::{
+    ApiError, AppState,
+    auth::{WS_PROTOCOL, bearer, subprotocol_bearer},
+    claims,
+    workers::rpc,
+};
 
 /// Close code sent when a client abuses the connection (RFC 6455 1008).
 pub const CLOSE_POLICY: u16 = 1008;
@@ -84,6 +89,7 @@ pub(crate) async fn upgrade(
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
     let token = bearer(&parts)
+        .or_else(|| subprotocol_bearer(&parts))
         .map(str::to_owned)
         .or(q.token)
         .ok_or(AuthError::Missing)?;
@@ -104,6 +110,7 @@ pub(crate) async fn upgrade(
     )?;
     let limit = app.config.max_ws_message_bytes;
     Ok(ws
+        .protocols([WS_PROTOCOL])
         .max_message_size(limit)
         .max_frame_size(limit)
         // tungstenite's 128 KiB defaults made an idle connection cost about
