@@ -504,3 +504,71 @@ async fn group_or_created_within(
     }
     Ok(got)
 }
+
+/// Ciphertext bound only its message id: a stored or streamed ciphertext
+/// could be replayed under another group or sender. Now group, sender and
+/// seq are bound too; messages sealed the old way still read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ciphertext_replayed_under_another_group_or_sender_does_not_open() -> anyhow::Result<()> {
+    let c = Cluster::start(1, 1).await?;
+    let a = c.room(&["alice", "bob"]).await?;
+    let b = c.room(&["mallory", "bob"]).await?;
+    let mut alice = c.connect(0, "alice", "web").await?;
+    let mut bob = c.connect(0, "bob", "setup").await?;
+    alice.send_text(&a, "m1", "for group a").await?;
+    bob.skip_to("a_group_message").await?;
+    let bus = c.bus().await?;
+    let stream = bus.jetstream().get_stream("CHAT_GROUPS").await?;
+    let original = stream
+        .get_last_raw_message_by_subject(&format!("chat.group.{a}.msg"))
+        .await?;
+    // the same envelope, replayed in group b by someone with NATS access
+    // (each as its group's next seq, so the worker's sequencing goes on)
+    for (group, sender, seq) in [(b.as_str(), "alice", 1), (a.as_str(), "mallory", 2)] {
+        let mut env: Value = serde_json::from_slice(&original.payload)?;
+        env["groupId"] = json!(group);
+        env["senderId"] = json!(sender);
+        env["seq"] = json!(seq);
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(chat_bus::SEQ_HEADER, seq.to_string().as_str());
+        bus.jetstream()
+            .publish_with_headers(
+                format!("chat.group.{group}.msg"),
+                headers,
+                env.to_string().into(),
+            )
+            .await?
+            .await?;
+    }
+    // a genuine message after the replays: bob gets it and nothing else
+    alice.send_text(&a, "m2", "genuine").await?;
+    let next = bob.skip_to("a_group_message").await?;
+    assert_eq!(
+        next["data"]["text"], "genuine",
+        "a replay was opened: {next}"
+    );
+    let leaked = group_messages_within(&mut bob, &b, QUIET).await?;
+    assert!(leaked.is_empty(), "{leaked:?}");
+
+    // a message stored the first way (the id alone bound) still reads
+    let db = c.mongo().await?;
+    let keys = chat_crypto::KeyRing::parse(&[chat_tests::KEY])?;
+    let id = chat_domain::MessageId::generate();
+    let sealed = keys.seal(br#"{"text":"from before"}"#, id.as_str().as_bytes());
+    let bin = |b: Vec<u8>| mongodb::bson::Binary {
+        subtype: mongodb::bson::spec::BinarySubtype::Generic,
+        bytes: b,
+    };
+    let now = mongodb::bson::DateTime::now();
+    db.collection::<mongodb::bson::Document>("messages")
+        .insert_one(mongodb::bson::doc! {
+            "_id": id.as_str(), "groupId": &b, "senderId": "mallory", "clientMsgId": "old1",
+            "type": "text", "keyId": sealed.key_id, "nonce": bin(sealed.nonce),
+            "ciphertext": bin(sealed.ciphertext), "state": "committed", "seq": 100_i64,
+            "streamSeq": 0_i64, "afterStreamSeq": 0_i64, "createdAt": now, "updatedAt": now,
+        })
+        .await?;
+    let history = c.history("bob", &b).await?;
+    assert_eq!(history[0]["text"], "from before", "{history:?}");
+    c.stop().await
+}

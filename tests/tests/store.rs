@@ -3,7 +3,7 @@
 //! group receipts.
 
 use chat_domain::{ClientMsgId, GroupId, MessageId, UserId};
-use chat_store::{Store, StoredMessage};
+use chat_store::{Published, Store, StoredMessage};
 use futures::future::join_all;
 
 fn message(group: &GroupId, client_id: &str) -> anyhow::Result<StoredMessage> {
@@ -16,6 +16,7 @@ fn message(group: &GroupId, client_id: &str) -> anyhow::Result<StoredMessage> {
         key_id: "k".into(),
         nonce: vec![0; 12],
         ciphertext: vec![1, 2, 3],
+        binding: 2,
         seq: None,
         stream_seq: None,
         after_stream_seq: 0,
@@ -47,13 +48,19 @@ async fn batched_inserts_and_commits_answer_each_caller() -> anyhow::Result<()> 
     ids.dedup();
     assert_eq!(ids.len(), 40);
 
-    // commits in one go, each with its own seq
-    let commits = join_all(
-        stored
-            .iter()
-            .enumerate()
-            .map(|(i, m)| store.messages.commit(&m.id, i as u64 + 1, i as u64 + 100)),
-    )
+    // commits in one go, each with its own seq and content
+    let content = |i: usize| Published {
+        key_id: "k2".into(),
+        nonce: vec![i as u8; 12],
+        ciphertext: vec![i as u8, 9],
+        binding: 2,
+    };
+    let contents: Vec<Published> = (0..stored.len()).map(content).collect();
+    let commits = join_all(stored.iter().zip(&contents).enumerate().map(|(i, (m, c))| {
+        store
+            .messages
+            .commit(&m.id, i as u64 + 1, i as u64 + 100, c)
+    }))
     .await;
     for c in commits {
         c?;
@@ -62,6 +69,15 @@ async fn batched_inserts_and_commits_answer_each_caller() -> anyhow::Result<()> 
         let got = store.messages.get(&m.id).await?.expect("stored");
         assert_eq!(got.seq, Some(i as u64 + 1), "{}", m.id);
         assert_eq!(got.stream_seq, Some(i as u64 + 100));
+        assert_eq!(
+            (got.key_id, got.nonce, got.ciphertext, got.binding),
+            (
+                "k2".to_owned(),
+                contents[i].nonce.clone(),
+                contents[i].ciphertext.clone(),
+                2
+            )
+        );
     }
 
     // with the database gone, every caller of a batch hears of it

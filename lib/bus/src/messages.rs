@@ -31,6 +31,18 @@ pub struct Envelope {
     pub nonce: String,
     /// base64
     pub ciphertext: String,
+    /// What the ciphertext is bound to (`chat_crypto::BINDING_V2`: id,
+    /// group, sender and seq); absent in envelopes of the first version.
+    #[serde(default = "binding_v1", skip_serializing_if = "is_binding_v1")]
+    pub binding: u8,
+}
+
+fn binding_v1() -> u8 {
+    1
+}
+
+fn is_binding_v1(b: &u8) -> bool {
+    *b == 1
 }
 
 /// Where a group's newest message stands: its group seq and stream seq.
@@ -124,13 +136,13 @@ impl Bus {
     }
 
     /// Looks for message `id` among `group`'s messages after stream sequence
-    /// `after`: did an uncertain publish land?
+    /// `after`: did an uncertain publish land? If so, where, and as what.
     pub async fn find_group_message(
         &self,
         group: &GroupId,
         id: &MessageId,
         after: u64,
-    ) -> Result<Option<Position>, BusError> {
+    ) -> Result<Option<(Position, Envelope)>, BusError> {
         let stream = self.groups_stream().await?;
         let subject = group_msg_subject(group);
         let mut next = after + 1;
@@ -147,10 +159,14 @@ impl Bus {
                 Err(e) => return Err(BusError::nats(e)),
             };
             if msg.headers.get(MSG_ID).map(|v| v.as_str()) == Some(id.as_str()) {
-                return Ok(Some(Position {
+                let envelope: Envelope = serde_json::from_slice(&msg.payload).map_err(|e| {
+                    BusError::Unavailable(format!("message {} is no envelope: {e}", msg.sequence))
+                })?;
+                let position = Position {
                     seq: seq_of(&msg)?,
                     stream_seq: msg.sequence,
-                }));
+                };
+                return Ok(Some((position, envelope)));
             }
             next = msg.sequence + 1;
         }

@@ -3,8 +3,11 @@
 //! stored beside the ciphertext, from a key ring so that keys can be rotated
 //! while old messages still decrypt.
 //!
-//! The associated data binds a ciphertext to its message id, so a ciphertext
-//! copied onto another message does not decrypt.
+//! The associated data binds a ciphertext to its message: id, group, sender
+//! and seq ([`MessageBinding`]), so a ciphertext copied onto another message,
+//! replayed in another group, under another sender or at another position
+//! does not decrypt. Messages sealed before that binding (version 1) bound
+//! the message id only and still open.
 
 use std::collections::HashMap;
 
@@ -39,6 +42,38 @@ pub enum CryptoError {
     Tampered,
     #[error("plaintext is not UTF-8")]
     NotText,
+}
+
+/// What a message's ciphertext is bound to.
+#[derive(Debug, Clone, Copy)]
+pub struct MessageBinding<'a> {
+    pub message_id: &'a str,
+    pub group_id: &'a str,
+    pub sender_id: &'a str,
+    pub seq: u64,
+}
+
+/// The binding of the first messages: the message id only.
+pub const BINDING_V1: u8 = 1;
+/// Message id, group, sender and seq.
+pub const BINDING_V2: u8 = 2;
+
+impl MessageBinding<'_> {
+    /// The associated data of `version` (anything but 2 is version 1).
+    /// Version 2 prefixes every field with its length, so no two bindings
+    /// give the same bytes.
+    pub fn aad(&self, version: u8) -> Vec<u8> {
+        if version != BINDING_V2 {
+            return self.message_id.as_bytes().to_vec();
+        }
+        let mut aad = b"chat-message-v2".to_vec();
+        for field in [self.message_id, self.group_id, self.sender_id] {
+            aad.extend_from_slice(&(field.len() as u32).to_be_bytes());
+            aad.extend_from_slice(field.as_bytes());
+        }
+        aad.extend_from_slice(&self.seq.to_be_bytes());
+        aad
+    }
 }
 
 /// Content as stored: which key, which nonce, the ciphertext with its tag.
@@ -192,6 +227,55 @@ mod tests {
             ring.open(&s, b"m1"),
             Err(CryptoError::UnknownKey(_))
         ));
+    }
+
+    #[test]
+    fn version_2_binds_group_sender_and_seq() {
+        let ring = KeyRing::parse(&[KeyRing::generate_entry("k1")]).expect("ring");
+        let b = MessageBinding {
+            message_id: "m1",
+            group_id: "g1",
+            sender_id: "alice",
+            seq: 7,
+        };
+        let sealed = ring.seal(b"hello", &b.aad(BINDING_V2));
+        assert_eq!(
+            ring.open_text(&sealed, &b.aad(BINDING_V2)).expect("opens"),
+            "hello"
+        );
+        for other in [
+            MessageBinding {
+                group_id: "g2",
+                ..b
+            },
+            MessageBinding {
+                sender_id: "mallory",
+                ..b
+            },
+            MessageBinding { seq: 8, ..b },
+            MessageBinding {
+                message_id: "m2",
+                ..b
+            },
+            // the length prefixes keep shifted boundaries apart
+            MessageBinding {
+                group_id: "g1a",
+                sender_id: "lice",
+                ..b
+            },
+        ] {
+            assert!(
+                ring.open(&sealed, &other.aad(BINDING_V2)).is_err(),
+                "{other:?}"
+            );
+        }
+        // version 1 binds the message id only, and still opens
+        let old = ring.seal(b"before", b"m1");
+        assert_eq!(
+            ring.open_text(&old, &b.aad(BINDING_V1)).expect("opens"),
+            "before"
+        );
+        assert!(ring.open(&old, &b.aad(BINDING_V2)).is_err());
     }
 
     #[test]

@@ -22,7 +22,7 @@ use axum::{
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use chat_auth::{AuthError, Identity};
 use chat_bus::{BusError, Envelope, Feed};
-use chat_crypto::Sealed;
+use chat_crypto::{MessageBinding, Sealed};
 use chat_domain::{DeviceId, UserId};
 use chat_protocol::{
     AcknowledgeMessage, ClientFrame, ErrorCode, GroupRef, MAX_REQUEST_ID_LEN, MessageView,
@@ -722,9 +722,15 @@ fn open_envelope(app: &AppState, payload: &bytes::Bytes) -> Result<Opened, Strin
         nonce: B64.decode(&env.nonce).map_err(|e| e.to_string())?,
         ciphertext: B64.decode(&env.ciphertext).map_err(|e| e.to_string())?,
     };
+    let binding = MessageBinding {
+        message_id: &env.message_id,
+        group_id: &env.group_id,
+        sender_id: &env.sender_id,
+        seq: env.seq,
+    };
     let plain = app
         .keys
-        .open(&sealed, env.message_id.as_bytes())
+        .open(&sealed, &binding.aad(env.binding))
         .map_err(|e| e.to_string())?;
     let content: Value = serde_json::from_slice(&plain).map_err(|e| e.to_string())?;
     let created_at = env.created_at;

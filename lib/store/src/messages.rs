@@ -43,8 +43,16 @@ struct MessageDoc {
     /// publish attempt; the message cannot have landed at or before it.
     #[serde(default)]
     after_stream_seq: i64,
+    /// What the ciphertext is bound to (see `StoredMessage::binding`);
+    /// absent in documents of the first version.
+    #[serde(default = "binding_v1")]
+    binding: i32,
     created_at: DateTime,
     updated_at: DateTime,
+}
+
+fn binding_v1() -> i32 {
+    1
 }
 
 /// A stored message: the content stays sealed.
@@ -58,6 +66,12 @@ pub struct StoredMessage {
     pub key_id: String,
     pub nonce: Vec<u8>,
     pub ciphertext: Vec<u8>,
+    /// The version of what the ciphertext is bound to
+    /// (`chat_crypto::MessageBinding`): 1, the message id; 2, id, group,
+    /// sender and seq. A pending message's content is sealed again at each
+    /// publish attempt (the seq is known only then) and stored with the
+    /// commit.
+    pub binding: u8,
     /// `None` while pending.
     pub seq: Option<u64>,
     pub stream_seq: Option<u64>,
@@ -94,6 +108,7 @@ impl MessageDoc {
             key_id: self.key_id.clone(),
             nonce: self.nonce.bytes.clone(),
             ciphertext: self.ciphertext.bytes.clone(),
+            binding: u8::try_from(self.binding).unwrap_or(1),
             seq: if self.state == COMMITTED {
                 self.seq.map(|s| s as u64)
             } else {
@@ -104,6 +119,15 @@ impl MessageDoc {
             created_at: self.created_at.timestamp_millis(),
         })
     }
+}
+
+/// A message's content as it was published: sealed for its seq.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    pub key_id: String,
+    pub nonce: Vec<u8>,
+    pub ciphertext: Vec<u8>,
+    pub binding: u8,
 }
 
 /// One member's watermarks in one group.
@@ -200,24 +224,31 @@ impl MessageRepo {
             seq: None,
             stream_seq: None,
             after_stream_seq: m.after_stream_seq as i64,
+            binding: i32::from(m.binding),
             created_at: now,
             updated_at: now,
         };
         self.batch.insert(doc).await
     }
 
-    /// Makes a pending message visible with its group seq.
+    /// Makes a pending message visible with its group seq and the content
+    /// as published (sealed for that seq).
     pub async fn commit(
         &self,
         id: &MessageId,
         seq: u64,
         stream_seq: u64,
+        content: &Published,
     ) -> Result<(), StoreError> {
         self.batch
             .update(doc! {
                 "q": { "_id": id.as_str() },
                 "u": { "$set": {
                     "state": COMMITTED, "seq": seq as i64, "streamSeq": stream_seq as i64,
+                    "keyId": content.key_id.as_str(),
+                    "nonce": binary(&content.nonce),
+                    "ciphertext": binary(&content.ciphertext),
+                    "binding": i32::from(content.binding),
                     "updatedAt": DateTime::now(),
                 } },
             })

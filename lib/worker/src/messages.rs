@@ -10,14 +10,14 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use bytes::Bytes;
-use chat_bus::{Envelope, Position, Published};
-use chat_crypto::Sealed;
+use chat_bus::{Envelope, Position, Published as Stored};
+use chat_crypto::{BINDING_V2, MessageBinding, Sealed};
 use chat_domain::{
     ClientMsgId, DomainError, GroupId, MessageId, MessageKind, UserId, check_text, now_millis,
 };
 use chat_protocol::{event, push_json};
 use chat_rpc::pb::{self, messages_server::Messages};
-use chat_store::{StoreError, StoredMessage};
+use chat_store::{Published, StoreError, StoredMessage};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 use tonic::{Request, Response, Status};
@@ -111,7 +111,19 @@ async fn known_position(
     Ok(p)
 }
 
-fn envelope(m: &StoredMessage, seq: u64) -> Envelope {
+/// What `m`'s content is bound to at `seq`.
+fn binding(m: &StoredMessage, seq: u64) -> MessageBinding<'_> {
+    MessageBinding {
+        message_id: m.id.as_str(),
+        group_id: m.group_id.as_str(),
+        sender_id: m.sender_id.as_str(),
+        seq,
+    }
+}
+
+/// `m` as the envelope published at `seq`, its content sealed for that seq.
+fn envelope(s: &State, m: &StoredMessage, plaintext: &[u8], seq: u64) -> Envelope {
+    let sealed = s.keys.seal(plaintext, &binding(m, seq).aad(BINDING_V2));
     Envelope {
         message_id: m.id.to_string(),
         group_id: m.group_id.to_string(),
@@ -119,25 +131,40 @@ fn envelope(m: &StoredMessage, seq: u64) -> Envelope {
         sender_id: m.sender_id.to_string(),
         kind: m.kind.clone(),
         created_at: m.created_at,
-        key_id: m.key_id.clone(),
-        nonce: B64.encode(&m.nonce),
-        ciphertext: B64.encode(&m.ciphertext),
+        key_id: sealed.key_id,
+        nonce: B64.encode(&sealed.nonce),
+        ciphertext: B64.encode(&sealed.ciphertext),
+        binding: BINDING_V2,
     }
 }
 
+/// The sealed content an envelope carries, as stored with the commit.
+fn content_of(env: &Envelope) -> Result<Published, WorkerError> {
+    let bad = |e: base64::DecodeError| unavailable(format!("envelope {}: {e}", env.message_id));
+    Ok(Published {
+        key_id: env.key_id.clone(),
+        nonce: B64.decode(&env.nonce).map_err(bad)?,
+        ciphertext: B64.decode(&env.ciphertext).map_err(bad)?,
+        binding: env.binding,
+    })
+}
+
 /// Publishes `m` as the group's next message, retrying on conflicts with
-/// concurrent senders; returns its final position.
-async fn publish(s: &State, m: &StoredMessage) -> Result<Position, WorkerError> {
+/// concurrent senders (each attempt sealed for its seq); returns its final
+/// position and content.
+async fn publish(
+    s: &State,
+    m: &StoredMessage,
+    plaintext: &[u8],
+) -> Result<(Position, Published), WorkerError> {
     let slot = s.positions.slot(&m.group_id);
     let mut cached = slot.lock().await;
     for _ in 0..CAS_ATTEMPTS {
         let last = known_position(s, &m.group_id, &mut cached).await?;
         let seq = last.seq + 1;
+        let env = envelope(s, m, plaintext, seq);
         let started = std::time::Instant::now();
-        let published = s
-            .bus
-            .publish_group_message(&envelope(m, seq), last.stream_seq)
-            .await;
+        let published = s.bus.publish_group_message(&env, last.stream_seq).await;
         metrics::histogram!("chat_publish_seconds").record(started.elapsed());
         let published = match published {
             Ok(p) => p,
@@ -148,25 +175,26 @@ async fn publish(s: &State, m: &StoredMessage) -> Result<Position, WorkerError> 
             }
         };
         match published {
-            Published::Stored {
+            Stored::Stored {
                 stream_seq,
                 duplicate: false,
             } => {
                 let p = Position { seq, stream_seq };
                 *cached = Some(p);
-                return Ok(p);
+                return Ok((p, content_of(&env)?));
             }
-            Published::Stored {
+            Stored::Stored {
                 duplicate: true, ..
             } => {
                 // an earlier attempt of this very message landed
-                return s
+                let (p, landed) = s
                     .bus
                     .find_group_message(&m.group_id, &m.id, m.after_stream_seq)
                     .await?
-                    .ok_or_else(|| unavailable("duplicate publish not found in the stream"));
+                    .ok_or_else(|| unavailable("duplicate publish not found in the stream"))?;
+                return Ok((p, content_of(&landed)?));
             }
-            Published::Conflict => {
+            Stored::Conflict => {
                 metrics::counter!("chat_send_conflicts_total").increment(1);
                 *cached = None;
             }
@@ -178,8 +206,13 @@ async fn publish(s: &State, m: &StoredMessage) -> Result<Position, WorkerError> 
 
 /// Commits a message that is in the stream; if MongoDB fails, keeps trying in
 /// the background (the message is delivered, history must show it).
-async fn commit(s: &Arc<State>, m: &StoredMessage, p: Position) {
-    if let Err(e) = s.store.messages.commit(&m.id, p.seq, p.stream_seq).await {
+async fn commit(s: &Arc<State>, m: &StoredMessage, p: Position, content: Published) {
+    if let Err(e) = s
+        .store
+        .messages
+        .commit(&m.id, p.seq, p.stream_seq, &content)
+        .await
+    {
         tracing::warn!(message = %m.id, error = %e, "commit failed; retrying in the background");
         let s = s.clone();
         let id = m.id.clone();
@@ -187,7 +220,12 @@ async fn commit(s: &Arc<State>, m: &StoredMessage, p: Position) {
             let mut wait = Duration::from_millis(200);
             loop {
                 tokio::time::sleep(wait).await;
-                match s.store.messages.commit(&id, p.seq, p.stream_seq).await {
+                match s
+                    .store
+                    .messages
+                    .commit(&id, p.seq, p.stream_seq, &content)
+                    .await
+                {
                     Ok(()) => return,
                     Err(e) => tracing::warn!(message = %id, error = %e, "commit retry failed"),
                 }
@@ -208,11 +246,19 @@ pub(crate) async fn resolve_pending(
         .find_group_message(&m.group_id, &m.id, m.after_stream_seq)
         .await?
     {
-        Some(p) => {
-            s.store.messages.commit(&m.id, p.seq, p.stream_seq).await?;
+        Some((p, landed)) => {
+            let content = content_of(&landed)?;
+            s.store
+                .messages
+                .commit(&m.id, p.seq, p.stream_seq, &content)
+                .await?;
             tracing::info!(message = %m.id, seq = p.seq, "pending message had landed; committed");
             m.seq = Some(p.seq);
             m.stream_seq = Some(p.stream_seq);
+            m.key_id = content.key_id;
+            m.nonce = content.nonce;
+            m.ciphertext = content.ciphertext;
+            m.binding = content.binding;
             Ok(Some(m))
         }
         None => {
@@ -317,11 +363,6 @@ impl MessagesService {
         };
         let plaintext =
             serde_json::to_vec(&content).map_err(|e| DomainError::Invalid(e.to_string()))?;
-        let Sealed {
-            key_id,
-            nonce,
-            ciphertext,
-        } = s.keys.seal(&plaintext, id.as_str().as_bytes());
         let after = position(s, &group).await?;
         let mut m = StoredMessage {
             id,
@@ -329,9 +370,12 @@ impl MessagesService {
             sender_id: sender,
             client_msg_id: client_id,
             kind: kind.as_str().to_owned(),
-            key_id,
-            nonce,
-            ciphertext,
+            // sealed at each publish attempt, for its seq; stored with the
+            // commit (a pending message is never shown)
+            key_id: s.keys.current_id().to_owned(),
+            nonce: Vec::new(),
+            ciphertext: Vec::new(),
+            binding: BINDING_V2,
             seq: None,
             stream_seq: None,
             after_stream_seq: after.stream_seq,
@@ -355,7 +399,7 @@ impl MessagesService {
             return Err(unavailable("nats is not connected"));
         }
         let stored = started.elapsed();
-        let p = match publish(s, &m).await {
+        let (p, content) = match publish(s, &m, &plaintext).await {
             Ok(p) => p,
             Err(e) => {
                 // uncertain: the sweeper settles it against JetStream
@@ -364,7 +408,7 @@ impl MessagesService {
             }
         };
         let published = started.elapsed();
-        commit(s, &m, p).await;
+        commit(s, &m, p, content).await;
         tracing::debug!(
             checked_ms = checked.as_secs_f64() * 1e3,
             stored_ms = stored.as_secs_f64() * 1e3,
@@ -540,9 +584,10 @@ impl Messages for MessagesService {
                 nonce: m.nonce.clone(),
                 ciphertext: m.ciphertext.clone(),
             };
+            let aad = binding(&m, m.seq.unwrap_or_default()).aad(m.binding);
             let content: Content = match s
                 .keys
-                .open(&sealed, m.id.as_str().as_bytes())
+                .open(&sealed, &aad)
                 .map(|p| serde_json::from_slice(&p))
             {
                 Ok(Ok(c)) => c,
