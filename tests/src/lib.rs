@@ -545,6 +545,16 @@ pub struct Client {
 }
 
 impl Client {
+    /// A client over a WebSocket opened elsewhere (with socket options of
+    /// the test's own); reads nothing until asked.
+    pub fn from_stream(ws: WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>) -> Self {
+        Self {
+            ws,
+            pushes: VecDeque::new(),
+            next_id: 0,
+        }
+    }
+
     /// Connects with `token` as `device`, and waits for `a_session`.
     pub async fn connect(addr: &SocketAddr, token: &str, device: &str) -> anyhow::Result<Self> {
         let url = format!("ws://{addr}/ws?token={token}&device={device}");

@@ -572,3 +572,120 @@ async fn ciphertext_replayed_under_another_group_or_sender_does_not_open() -> an
     assert_eq!(history[0]["text"], "from before", "{history:?}");
     c.stop().await
 }
+
+/// A client that never reads while its group is busy was kept as a zombie
+/// (about 27 MiB held, duplicates every 30 s, nothing after it read again).
+/// Now the write gives up after the write timeout, the connection closes,
+/// and the device resumes from its position: nothing is lost, and the only
+/// repeats are frames the edge had put on the wire but not yet counted as
+/// delivered (the last burst), which `seq` shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_closed_and_resumes_losing_nothing() -> anyhow::Result<()> {
+    const N: u64 = 160;
+    let c = Cluster::start_with(
+        1,
+        1,
+        &[
+            "--ws-write-timeout-ms",
+            "1000",
+            "--ws-outbox-bytes",
+            "262144",
+            "--max-text-bytes",
+            "60000",
+            "--requests-per-sec",
+            "1000",
+        ],
+    )
+    .await?;
+    let g = c.room(&["alice", "bob"]).await?;
+    // bob's device, with a tiny receive buffer, never reads
+    let addr: std::net::SocketAddr = c.edge_url(0).trim_start_matches("http://").parse()?;
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_recv_buffer_size(4096)?;
+    let tcp = socket.connect(addr).await?;
+    let url = format!("ws://{addr}/ws?token={}&device=setup", token("bob"));
+    let tcp = tokio_tungstenite::MaybeTlsStream::Plain(tcp);
+    let (stalled, _) = tokio_tungstenite::client_async(url, tcp).await?;
+    let mut alice = c.connect(0, "alice", "web").await?;
+    let text = "x".repeat(59_000);
+    for i in 0..N {
+        alice.send_text(&g, &format!("flood{i}"), &text).await?;
+    }
+    // the edge closes it: reading it to the end finishes (a zombie would
+    // keep it open with nothing more to read)
+    let mut old = Client::from_stream(stalled);
+    let frames = old.until_closed().await?;
+    let first: Vec<u64> = frames
+        .iter()
+        .filter(|f| f["event"] == "a_group_message")
+        .map(|f| f["data"]["seq"].as_u64().unwrap_or(0))
+        .collect();
+    assert!(
+        (first.len() as u64) < N,
+        "the flood fit in the buffers; make it larger"
+    );
+    let mut again = c.connect(0, "bob", "setup").await?;
+    let mut seen: Vec<u64> = first.clone();
+    let mut rest = Vec::new();
+    while !(1..=N).all(|s| seen.contains(&s)) {
+        let m = again
+            .skip_to("a_group_message")
+            .await
+            .with_context(|| format!("after {} of {N}", seen.len()))?;
+        let seq = m["data"]["seq"].as_u64().unwrap_or(0);
+        rest.push(seq);
+        seen.push(seq);
+    }
+    // in order after the reconnect, and repeats only from the old socket's tail
+    assert!(rest.windows(2).all(|w| w[0] < w[1]), "{rest:?}");
+    let tail: Vec<u64> = first.iter().rev().take(64).copied().collect();
+    for seq in &rest {
+        assert!(
+            !first.contains(seq) || tail.contains(seq),
+            "{seq} came twice"
+        );
+    }
+    c.stop().await
+}
+
+/// Frames past the hard limit close the connection with 1009, as
+/// PROTOCOL.md says (it was 1005); every frame, oversized or malformed,
+/// counts against the rate limit before it is parsed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_frames_close_with_1009_and_every_frame_is_rate_limited() -> anyhow::Result<()> {
+    use tokio_tungstenite::tungstenite::Message;
+    let c = Cluster::start_with(1, 1, &["--requests-per-sec", "5"]).await?;
+    let g = c.create_group("alice", &[]).await?;
+    let valid = json!({"event": "notify_create_group", "data": {"groupId": g["id"]}});
+    let mut ws = c.connect(0, "alice", "web").await?;
+    // soft limit (64 KiB): refused before parsing, and counted like the
+    // valid frames between them; past the burst (100): rate limited
+    for _ in 0..110 {
+        ws.send_raw(Message::Text("y".repeat(70_000).into()))
+            .await?;
+        ws.send_raw(Message::Text(valid.to_string().into())).await?;
+    }
+    let mut codes = std::collections::BTreeSet::new();
+    while codes.len() < 2 {
+        let Some(reply) = ws.recv(PROMPTLY).await? else {
+            anyhow::bail!("closed having seen only {codes:?}");
+        };
+        if reply["event"] == "error" {
+            codes.insert(
+                reply["data"]["code"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            );
+        }
+    }
+    assert_eq!(
+        codes.into_iter().collect::<Vec<_>>(),
+        ["rate_limited", "too_large"]
+    );
+    let mut ws = c.connect(0, "alice", "web2").await?;
+    ws.send_raw(Message::Text("z".repeat(2 * 1024 * 1024).into()))
+        .await?;
+    assert_eq!(ws.closed_with().await?, Some(1009));
+    c.stop().await
+}

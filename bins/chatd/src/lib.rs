@@ -247,6 +247,13 @@ pub struct ServeArgs {
     /// Edge: largest WebSocket frame handled, in bytes.
     #[arg(long, env = "CHATD_MAX_FRAME_BYTES", default_value_t = 64 * 1024)]
     pub max_frame_bytes: usize,
+    /// Edge: most bytes queued for one WebSocket connection.
+    #[arg(long, env = "CHATD_WS_OUTBOX_BYTES", default_value_t = chat_edge::Config::default().outbox_bytes)]
+    pub ws_outbox_bytes: usize,
+    /// Edge: milliseconds one socket write may take before the client
+    /// counts as gone (closed with 1013; it resumes from its position).
+    #[arg(long, env = "CHATD_WS_WRITE_TIMEOUT_MS", default_value_t = 10_000)]
+    pub ws_write_timeout_ms: u64,
     /// Edge: requests per second allowed per connection.
     #[arg(long, env = "CHATD_REQUESTS_PER_SEC", default_value_t = 50.0)]
     pub requests_per_sec: f64,
@@ -482,6 +489,8 @@ impl Node {
                 rpc_timeout: Duration::from_millis(args.rpc_timeout_ms),
                 max_frame_bytes: args.max_frame_bytes,
                 requests_per_sec: args.requests_per_sec,
+                outbox_bytes: args.ws_outbox_bytes,
+                write_timeout: Duration::from_millis(args.ws_write_timeout_ms.max(1)),
                 service_secret,
                 ..chat_edge::Config::default()
             };

@@ -47,6 +47,14 @@ pub struct Config {
     /// Frames queued for one connection before it counts as too slow and is
     /// closed.
     pub outbox_frames: usize,
+    /// Bytes queued for one connection at most (frames and the deliveries
+    /// they come from): with tungstenite's write buffer (2 MiB at most) and
+    /// one read (`max_ws_message_bytes`), what a connection can hold.
+    pub outbox_bytes: usize,
+    /// How long one write or flush to a socket may take: a client that stops
+    /// reading is closed after it (1013), its unwritten deliveries handed
+    /// back.
+    pub write_timeout: Duration,
     /// Requests per second per connection, sustained.
     pub requests_per_sec: f64,
     /// Requests a connection may burst above the sustained rate.
@@ -66,6 +74,8 @@ impl Default for Config {
             max_ws_message_bytes: 1024 * 1024,
             max_body_bytes: 64 * 1024,
             outbox_frames: 1024,
+            outbox_bytes: 1024 * 1024,
+            write_timeout: Duration::from_secs(10),
             requests_per_sec: 50.0,
             request_burst: 100.0,
             max_errors_in_a_row: 50,

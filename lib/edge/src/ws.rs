@@ -7,6 +7,7 @@
 
 use std::{
     collections::HashMap,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -33,7 +34,7 @@ use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::{
-    sync::{mpsc, watch},
+    sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch},
     task::JoinHandle,
 };
 use tracing::Instrument;
@@ -71,6 +72,12 @@ const WS_BUFFER: usize = 4 * 1024;
 /// devices than allowed and this one was the least recently seen): its
 /// position is gone; reconnecting registers it again.
 pub const CLOSE_EVICTED: u16 = 4410;
+/// Close code sent when a client sends a message past the hard limit
+/// (RFC 6455 1009, message too big).
+pub const CLOSE_TOO_LARGE: u16 = 1009;
+/// Most bytes tungstenite may hold for writing to one socket; a client that
+/// does not read past it is closed (see `write_loop`).
+const WS_MAX_WRITE_BUFFER: usize = 2 * 1024 * 1024;
 /// Close code sent when a client cannot keep up with its deliveries.
 pub const CLOSE_TOO_SLOW: u16 = 1013;
 
@@ -117,6 +124,7 @@ pub(crate) async fn upgrade(
         // 200 KiB of the edge's memory; chat frames are small
         .read_buffer_size(WS_BUFFER)
         .write_buffer_size(WS_BUFFER)
+        .max_write_buffer_size(WS_MAX_WRITE_BUFFER)
         .on_upgrade(move |socket| {
             let span = tracing::info_span!("session", user = %me.user_id, device = %device);
             let tracker = app.sessions_running.clone();
@@ -131,6 +139,73 @@ enum Outgoing {
     Close(u16, &'static str),
 }
 
+impl Outgoing {
+    /// Bytes this holds, counted against the connection's budget.
+    fn size(&self) -> usize {
+        match self {
+            Outgoing::Frame(text) => text.len(),
+            Outgoing::Delivery(d) => d.text.len() + d.msg.payload.len(),
+            Outgoing::Close(_, reason) => reason.len(),
+        }
+    }
+}
+
+/// The way into a connection's writer: frames in order, bounded in count
+/// (`outbox_frames`) and in bytes (`outbox_bytes`), and a close channel that
+/// never waits behind them, so a connection whose client stopped reading can
+/// still be closed.
+#[derive(Clone)]
+struct Outbox {
+    tx: mpsc::Sender<(Outgoing, OwnedSemaphorePermit)>,
+    budget: Arc<Semaphore>,
+    budget_bytes: usize,
+    close: mpsc::Sender<(u16, &'static str)>,
+}
+
+/// The writer's end of an [`Outbox`].
+struct Inbox {
+    rx: mpsc::Receiver<(Outgoing, OwnedSemaphorePermit)>,
+    close: mpsc::Receiver<(u16, &'static str)>,
+}
+
+impl Outbox {
+    fn new(frames: usize, bytes: usize) -> (Self, Inbox) {
+        let (tx, rx) = mpsc::channel(frames.max(1));
+        let (close, close_rx) = mpsc::channel(1);
+        let bytes = bytes.clamp(1, Semaphore::MAX_PERMITS);
+        (
+            Self {
+                tx,
+                budget: Arc::new(Semaphore::new(bytes)),
+                budget_bytes: bytes,
+                close,
+            },
+            Inbox {
+                rx,
+                close: close_rx,
+            },
+        )
+    }
+
+    /// Queues `out` once there is room; an error if the writer is gone.
+    async fn send(&self, out: Outgoing) -> Result<(), ()> {
+        // a frame larger than the whole budget takes all of it
+        let n = out.size().clamp(1, self.budget_bytes);
+        let permit = self
+            .budget
+            .clone()
+            .acquire_many_owned(u32::try_from(n).unwrap_or(u32::MAX))
+            .await
+            .map_err(|_| ())?;
+        self.tx.send((out, permit)).await.map_err(|_| ())
+    }
+
+    /// Asks the writer to close the connection now, ahead of what is queued.
+    fn close_now(&self, code: u16, reason: &'static str) {
+        let _ = self.close.try_send((code, reason));
+    }
+}
+
 /// A delivery from JetStream, acknowledged once written.
 struct Delivery {
     text: Utf8Bytes,
@@ -143,7 +218,7 @@ struct Session {
     app: AppState,
     me: Identity,
     device: DeviceId,
-    tx: mpsc::Sender<Outgoing>,
+    tx: Outbox,
     bucket: TokenBucket,
     errors_in_a_row: u32,
     group_delivery: Option<JoinHandle<()>>,
@@ -154,8 +229,9 @@ impl Session {
     async fn run(app: AppState, me: Identity, device: DeviceId, socket: WebSocket) {
         metrics::gauge!("chat_ws_connections").increment(1);
         let (sink, mut stream) = socket.split();
-        let (tx, rx) = mpsc::channel(app.config.outbox_frames);
-        let writer = tokio::spawn(write_loop(sink, rx, app.clone(), me.user_id.to_string()));
+        let (tx, inbox) = Outbox::new(app.config.outbox_frames, app.config.outbox_bytes);
+        let mut writer = tokio::spawn(write_loop(sink, inbox, app.clone(), me.user_id.to_string()));
+        let mut writer_done = false;
         tracing::debug!("connected");
 
         let hello = ServerFrame {
@@ -195,15 +271,32 @@ impl Session {
             let msg = tokio::select! {
                 msg = stream.next() => msg,
                 _ = async { drop(closing.wait_for(|c| *c).await) } => {
-                    let _ = session.tx.send(Outgoing::Close(CLOSE_RESTART, "server restarting; reconnect")).await;
+                    session.tx.close_now(CLOSE_RESTART, "server restarting; reconnect");
                     None
                 }
                 Ok(()) = &mut claim.replaced => {
-                    let _ = session.tx.send(Outgoing::Close(CLOSE_REPLACED, "this device connected again elsewhere")).await;
+                    session.tx.close_now(CLOSE_REPLACED, "this device connected again elsewhere");
+                    None
+                }
+                // the writer gave up (a client that stopped reading, a
+                // broken socket): nothing more can reach this client
+                _ = &mut writer, if !writer_done => {
+                    writer_done = true;
                     None
                 }
             };
-            let Some(Ok(msg)) = msg else { break };
+            let msg = match msg {
+                Some(Ok(msg)) => msg,
+                Some(Err(e)) => {
+                    if too_large(&e) {
+                        // past the hard limit: tungstenite stopped reading it
+                        session.tx.close_now(CLOSE_TOO_LARGE, "frame too large");
+                        writer_done |= finish_close(&mut writer, writer_done).await;
+                    }
+                    break;
+                }
+                None => break,
+            };
             let keep_going = match msg {
                 // boxed: the request's future (any RPC) is allocated while
                 // it runs, not held by every idle session (13.7 KiB before)
@@ -238,18 +331,29 @@ impl Session {
         let _ = stop.send(true);
         let group_delivery = session.group_delivery.take();
         drop(session);
+        let aborts = [
+            Some(user_delivery.abort_handle()),
+            group_delivery.as_ref().map(JoinHandle::abort_handle),
+            Some(writer.abort_handle()),
+        ];
         let drain = async {
             let _ = user_delivery.await;
             if let Some(h) = group_delivery {
                 let _ = h.await;
             }
-            let _ = writer.await;
+            if !writer_done {
+                let _ = writer.await;
+            }
         };
         if tokio::time::timeout(PULL_EXPIRES * 2, Box::pin(drain))
             .await
             .is_err()
         {
-            tracing::warn!("session did not drain in time");
+            // nothing of this session may outlive it
+            tracing::warn!("session did not drain in time; aborting its tasks");
+            for task in aborts.into_iter().flatten() {
+                task.abort();
+            }
         }
         metrics::gauge!("chat_ws_connections").decrement(1);
     }
@@ -267,22 +371,29 @@ impl Session {
     }
 
     /// Handles one text frame; returns whether to keep the connection.
+    /// Every frame counts against the rate limit, and the size is checked
+    /// before anything is parsed.
     async fn on_text(&mut self, text: &str) -> bool {
+        if !self.bucket.take() {
+            return self
+                .reply_error(
+                    None,
+                    ApiError::new(ErrorCode::RateLimited, "too many requests; slow down"),
+                )
+                .await;
+        }
+        let max = self.app.config.max_frame_bytes;
+        if text.len() > max {
+            let msg = format!("frame is larger than {max} bytes");
+            return self
+                .reply_error(None, ApiError::new(ErrorCode::TooLarge, msg))
+                .await;
+        }
         let frame: ClientFrame = match serde_json::from_str(text) {
             Ok(f) => f,
             Err(e) => {
-                let (code, message) = if text.len() > self.app.config.max_frame_bytes {
-                    (
-                        ErrorCode::TooLarge,
-                        format!(
-                            "frame is larger than {} bytes",
-                            self.app.config.max_frame_bytes
-                        ),
-                    )
-                } else {
-                    (ErrorCode::Invalid, format!("malformed frame: {e}"))
-                };
-                return self.reply_error(None, ApiError::new(code, message)).await;
+                let msg = format!("malformed frame: {e}");
+                return self.reply_error(None, ApiError::invalid(msg)).await;
             }
         };
         let id = match frame.id {
@@ -299,23 +410,6 @@ impl Session {
                 return self.reply_error(None, ApiError::invalid(msg)).await;
             }
         };
-        if text.len() > self.app.config.max_frame_bytes {
-            let msg = format!(
-                "frame is larger than {} bytes",
-                self.app.config.max_frame_bytes
-            );
-            return self
-                .reply_error(id, ApiError::new(ErrorCode::TooLarge, msg))
-                .await;
-        }
-        if !self.bucket.take() {
-            return self
-                .reply_error(
-                    id,
-                    ApiError::new(ErrorCode::RateLimited, "too many requests; slow down"),
-                )
-                .await;
-        }
         match self.dispatch(&frame.event, frame.data).await {
             Ok(data) => {
                 self.errors_in_a_row = 0;
@@ -456,6 +550,27 @@ impl Session {
     }
 }
 
+/// Whether a read failed because the client sent more than the hard limit.
+fn too_large(e: &axum::Error) -> bool {
+    use tungstenite::error::{CapacityError, Error};
+    let source = std::error::Error::source(e);
+    matches!(
+        source.and_then(|s| s.downcast_ref::<Error>()),
+        Some(Error::Capacity(
+            CapacityError::MessageTooLong { .. } | CapacityError::TooManyHeaders
+        ))
+    )
+}
+
+/// Waits (bounded) for the writer to put a close frame out; returns whether
+/// it has ended.
+async fn finish_close(writer: &mut JoinHandle<()>, done: bool) -> bool {
+    if done {
+        return true;
+    }
+    tokio::time::timeout(CLOSE_HANDSHAKE, writer).await.is_ok()
+}
+
 fn parse_data<T: serde::de::DeserializeOwned>(data: Value) -> Result<T, ApiError> {
     serde_json::from_value(data).map_err(|e| ApiError::invalid(format!("bad data: {e}")))
 }
@@ -552,26 +667,36 @@ pub(crate) async fn flush_delivered(app: &AppState) {
 /// costs one ack instead of 256 (BENCHMARKS.md).
 async fn write_loop(
     mut sink: futures::stream::SplitSink<WebSocket, Message>,
-    mut rx: mpsc::Receiver<Outgoing>,
+    mut inbox: Inbox,
     app: AppState,
     user: String,
 ) {
     let delivered = (&app.delivered, user.as_str());
+    let deadline = app.config.write_timeout;
     // the newest written delivery of each consumer (user, groups) not yet
     // acknowledged, with its receipt
     let mut written: [Option<Delivery>; 2] = [None, None];
     // group seqs written in this burst, reported as delivered once flushed
     let mut receipts: HashMap<String, u64> = HashMap::new();
     let mut burst = 0usize;
-    while let Some(out) = rx.recv().await {
+    loop {
+        // a close asked for out of band goes ahead of everything queued
+        let (out, _permit) = tokio::select! {
+            biased;
+            Some((code, reason)) = inbox.close.recv() => (Outgoing::Close(code, reason), None),
+            next = inbox.rx.recv() => match next {
+                Some((out, permit)) => (out, Some(permit)),
+                None => break,
+            },
+        };
         let ok = match out {
             Outgoing::Frame(text) => {
                 metrics::counter!("chat_ws_events_out_total", "event" => event_of(&text))
                     .increment(1);
-                sink.feed(Message::Text(text.into())).await.is_ok()
+                fed(&mut sink, Message::Text(text.into()), deadline).await
             }
             Outgoing::Delivery(d) => {
-                let ok = sink.feed(Message::Text(d.text.clone())).await.is_ok();
+                let ok = fed(&mut sink, Message::Text(d.text.clone()), deadline).await;
                 if ok {
                     let slot = usize::from(d.receipt.is_some());
                     metrics::counter!("chat_ws_events_out_total", "event" => event_of(&d.text))
@@ -589,11 +714,13 @@ async fn write_loop(
                 ok
             }
             Outgoing::Close(code, reason) => {
+                // what was written before the close is delivered
+                flush_and_ack(&mut sink, &mut written, &mut receipts, delivered, deadline).await;
                 let frame = CloseFrame {
                     code,
                     reason: Utf8Bytes::from_static(reason),
                 };
-                let _ = sink.send(Message::Close(Some(frame))).await;
+                within(CLOSE_HANDSHAKE, sink.send(Message::Close(Some(frame)))).await;
                 false
             }
         };
@@ -601,22 +728,50 @@ async fn write_loop(
             break;
         }
         burst += 1;
-        if rx.is_empty() || burst >= WRITE_BURST {
+        if inbox.rx.is_empty() || burst >= WRITE_BURST {
             burst = 0;
-            if !flush_and_ack(&mut sink, &mut written, &mut receipts, delivered).await {
+            if !flush_and_ack(&mut sink, &mut written, &mut receipts, delivered, deadline).await {
+                gave_up();
                 break;
             }
         }
     }
     // what was written before the end is acknowledged; the rest comes again
-    flush_and_ack(&mut sink, &mut written, &mut receipts, delivered).await;
-    rx.close();
-    while let Ok(out) = rx.try_recv() {
+    flush_and_ack(&mut sink, &mut written, &mut receipts, delivered, deadline).await;
+    inbox.rx.close();
+    while let Ok((out, _)) = inbox.rx.try_recv() {
         if let Outgoing::Delivery(d) = out {
             let _ = d.msg.ack_with(AckKind::Nak(None)).await;
         }
     }
-    let _ = sink.close().await;
+    within(CLOSE_HANDSHAKE, sink.close()).await;
+}
+
+/// Feeds `msg` to the socket within `deadline`.
+async fn fed(
+    sink: &mut futures::stream::SplitSink<WebSocket, Message>,
+    msg: Message,
+    deadline: Duration,
+) -> bool {
+    let ok = within(deadline, sink.feed(msg)).await;
+    if !ok {
+        gave_up();
+    }
+    ok
+}
+
+/// A write that did not finish in time, or failed: the client stopped
+/// reading (or went away).
+fn gave_up() {
+    tracing::info!("a socket write did not finish; closing the connection");
+    metrics::counter!("chat_ws_write_failures_total").increment(1);
+}
+
+/// Whether a socket operation finished, and well, within `deadline`: a
+/// client that stops reading fills the socket, and the write waits for it
+/// no longer than that.
+async fn within<E>(deadline: Duration, op: impl Future<Output = Result<(), E>>) -> bool {
+    matches!(tokio::time::timeout(deadline, op).await, Ok(Ok(())))
 }
 
 /// Most frames written before a flush (and the acks it allows).
@@ -630,8 +785,9 @@ async fn flush_and_ack(
     written: &mut [Option<Delivery>; 2],
     receipts: &mut HashMap<String, u64>,
     (hub, user): (&DeliveredHub, &str),
+    deadline: Duration,
 ) -> bool {
-    if sink.flush().await.is_err() {
+    if !within(deadline, sink.flush()).await {
         return false;
     }
     hub.record(user, receipts);
@@ -769,7 +925,7 @@ async fn deliver(
     app: AppState,
     feed: Feed,
     (user, device): (UserId, DeviceId),
-    tx: mpsc::Sender<Outgoing>,
+    tx: Outbox,
     mut stop: watch::Receiver<bool>,
 ) {
     let consumer = match feed {
@@ -879,12 +1035,9 @@ async fn deliver(
                 match tokio::time::timeout(SLOW_CLIENT, tx.send(out)).await {
                     Ok(Ok(())) => {}
                     // the session is over
-                    Ok(Err(_)) => return,
+                    Ok(Err(())) => return,
                     Err(_) => {
-                        let _ = tx.try_send(Outgoing::Close(
-                            CLOSE_TOO_SLOW,
-                            "client too slow; reconnect",
-                        ));
+                        tx.close_now(CLOSE_TOO_SLOW, "client too slow; reconnect");
                         return;
                     }
                 }
@@ -896,9 +1049,9 @@ async fn deliver(
 /// Closes a connection whose device has no consumer to deliver from, ever:
 /// evicted (another device of the user took its place), or not this
 /// device's.
-fn evicted(tx: &mpsc::Sender<Outgoing>, e: &BusError) {
+fn evicted(tx: &Outbox, e: &BusError) {
     tracing::info!(error = %e, "device has no consumer; closing");
-    let _ = tx.try_send(Outgoing::Close(CLOSE_EVICTED, "device evicted; reconnect"));
+    tx.close_now(CLOSE_EVICTED, "device evicted; reconnect");
 }
 
 /// Per-connection request rate limit.
