@@ -36,6 +36,7 @@ pub struct Cluster {
     workers: Vec<(Option<chatd::Node>, SocketAddr)>,
     edges: Vec<Option<chatd::Node>>,
     edge_addrs: Vec<SocketAddr>,
+    edge_ops: Vec<SocketAddr>,
     extra_flags: Vec<String>,
     /// `--encryption-keys` of every node started from now on.
     pub keys: String,
@@ -88,6 +89,7 @@ impl Cluster {
             workers: Vec::new(),
             edges: Vec::new(),
             edge_addrs: Vec::new(),
+            edge_ops: Vec::new(),
             extra_flags: flags.iter().map(|s| s.to_string()).collect(),
             keys: KEY.to_owned(),
         };
@@ -105,6 +107,9 @@ impl Cluster {
             cluster
                 .edge_addrs
                 .push(node.http_addr.context("edge has no http address")?);
+            cluster
+                .edge_ops
+                .push(node.ops_addr.context("edge has no ops address")?);
             cluster.edges.push(Some(node));
         }
         Ok(cluster)
@@ -141,6 +146,10 @@ impl Cluster {
             "1000",
             "--service-secret",
             SERVICE_SECRET,
+            // every test client comes from 127.0.0.1: the per-address limit
+            // has a test of its own
+            "--address-requests-per-sec",
+            "0",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -205,6 +214,12 @@ impl Cluster {
     /// `http://host:port` of worker `i`'s gRPC endpoint.
     pub fn worker_url(&self, i: usize) -> String {
         format!("http://{}", self.workers[i].1)
+    }
+
+    /// `http://host:port` of edge `i`'s operator routes (`/metrics`,
+    /// `/readyz`).
+    pub fn ops_url(&self, i: usize) -> String {
+        format!("http://{}", self.edge_ops[i])
     }
 
     /// How many edges run.
@@ -447,6 +462,8 @@ impl Cluster {
         let node = chatd::Node::start(chatd::Cli::try_parse_from(argv)?.serve).await?;
         self.edge_addrs
             .push(node.http_addr.context("edge has no http address")?);
+        self.edge_ops
+            .push(node.ops_addr.context("edge has no ops address")?);
         self.edges.push(Some(node));
         Ok(self.edges.len() - 1)
     }

@@ -331,9 +331,18 @@ async fn metrics_and_health_are_served() -> anyhow::Result<()> {
         "invalid"
     );
 
+    // the operator's routes are not on the public listener
+    for path in ["/metrics", "/readyz"] {
+        let res = c
+            .http()
+            .get(format!("{}{path}", c.edge_url(0)))
+            .send()
+            .await?;
+        assert_eq!(res.status(), 404, "{path} is public");
+    }
     let res = c
         .http()
-        .get(format!("{}/metrics", c.edge_url(0)))
+        .get(format!("{}/metrics", c.ops_url(0)))
         .send()
         .await?;
     assert_eq!(res.status(), 200);
@@ -356,7 +365,13 @@ async fn metrics_and_health_are_served() -> anyhow::Result<()> {
     }
     let (status, _) = c.get(0, "alice", "/healthz").await?;
     assert_eq!(status, 200);
-    let (status, ready) = c.get(0, "alice", "/readyz").await?;
+    let res = c
+        .http()
+        .get(format!("{}/readyz", c.ops_url(0)))
+        .send()
+        .await?;
+    let status = res.status().as_u16();
+    let ready: serde_json::Value = res.json().await?;
     assert_eq!(
         (status, ready["nats"].as_bool(), ready["workers"].as_bool()),
         (200, Some(true), Some(true))

@@ -419,6 +419,7 @@ async fn workers_need_a_secret_beyond_loopback_and_must_prove_it() -> anyhow::Re
     let http = edge
         .http_addr
         .ok_or_else(|| anyhow::anyhow!("no address"))?;
+    let ops = edge.ops_addr.ok_or_else(|| anyhow::anyhow!("no address"))?;
     let res = c
         .http()
         .get(format!("http://{http}/groups"))
@@ -426,9 +427,9 @@ async fn workers_need_a_secret_beyond_loopback_and_must_prove_it() -> anyhow::Re
         .send()
         .await?;
     // 503 because no worker may be called; a call that had reached the
-    // impostor would have come back `unauthenticated`, a 500
+    // impostor would have come back `unauthenticated`, a 401
     assert_eq!(res.status(), 503, "no worker proved the secret");
-    let ready = c.http().get(format!("http://{http}/readyz")).send().await?;
+    let ready = c.http().get(format!("http://{ops}/readyz")).send().await?;
     assert_eq!(ready.status(), 503);
     edge.stop().await?;
     impostor.stop().await?;
@@ -687,5 +688,91 @@ async fn oversized_frames_close_with_1009_and_every_frame_is_rate_limited() -> a
     ws.send_raw(Message::Text("z".repeat(2 * 1024 * 1024).into()))
         .await?;
     assert_eq!(ws.closed_with().await?, Some(1009));
+    c.stop().await
+}
+
+/// REST had no rate limit: now per user (after the token) and per address
+/// (before it), with `429` and `Retry-After`; and a client that sends half a
+/// request's headers is cut off instead of holding the connection forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_is_rate_limited_and_half_sent_headers_time_out() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let c = Cluster::start(1, 1).await?;
+    let edge = c
+        .start_extra_node(
+            "edge",
+            &[
+                ("--user-requests-per-sec", "2"),
+                ("--address-requests-per-sec", "10"),
+                ("--header-read-timeout-ms", "500"),
+            ],
+        )
+        .await?;
+    let http = edge
+        .http_addr
+        .ok_or_else(|| anyhow::anyhow!("no address"))?;
+    let get = |user: &'static str| {
+        let client = c.http();
+        async move {
+            client
+                .get(format!("http://{http}/groups"))
+                .bearer_auth(token(user))
+                .send()
+                .await
+        }
+    };
+    // per user: a burst of 4, then 429 with Retry-After; others unaffected
+    let mut limited = None;
+    for _ in 0..10 {
+        let res = get("alice").await?;
+        if res.status() == 429 {
+            limited = Some(res);
+            break;
+        }
+        assert_eq!(res.status(), 200);
+    }
+    let res = limited.context("alice was never limited")?;
+    let retry: u64 = res
+        .headers()
+        .get("retry-after")
+        .context("no Retry-After")?
+        .to_str()?
+        .parse()?;
+    assert!((1..=2).contains(&retry), "Retry-After {retry}");
+    let body: Value = res.json().await?;
+    assert_eq!(body["error"]["code"], "rate_limited");
+    assert_eq!(get("bob").await?.status(), 200);
+    // per address, before the token is looked at: bad tokens cost little
+    // (all at once, so that a slow machine cannot refill the bucket between)
+    let bad = (0..60).map(|_| {
+        c.http()
+            .get(format!("http://{http}/groups"))
+            .bearer_auth("not-a-token")
+            .send()
+    });
+    let mut statuses = Vec::new();
+    for res in futures::future::join_all(bad).await {
+        statuses.push(res?.status().as_u16());
+    }
+    assert!(
+        statuses.contains(&401) && statuses.contains(&429),
+        "{statuses:?}"
+    );
+    // liveness stays outside the limits
+    let health = c
+        .http()
+        .get(format!("http://{http}/healthz"))
+        .send()
+        .await?;
+    assert_eq!(health.status(), 200);
+
+    // half a request, then silence: closed after the header timeout
+    let mut tcp = tokio::net::TcpStream::connect(http).await?;
+    tcp.write_all(b"GET /groups HTTP/1.1\r\nHost: x\r\n")
+        .await?;
+    let mut buf = [0u8; 512];
+    let read = tokio::time::timeout(PROMPTLY, tcp.read(&mut buf)).await;
+    assert!(read.is_ok(), "the half-open connection is still open");
+    edge.stop().await?;
     c.stop().await
 }

@@ -33,7 +33,7 @@ impl System {
         let free = || -> anyhow::Result<SocketAddr> {
             Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
         };
-        let (http, grpc) = (free()?, free()?);
+        let (http, grpc, ops) = (free()?, free()?, free()?);
         let dir = tempfile::Builder::new().prefix("chat-load-").tempdir()?;
         let log = dir.path().join("chatd.log");
         let out = std::fs::File::create(&log)?;
@@ -43,6 +43,16 @@ impl System {
             .arg(http.to_string())
             .arg("--grpc-listen")
             .arg(grpc.to_string())
+            .arg("--metrics-listen")
+            .arg(ops.to_string())
+            // the load comes from one address and a few users at high rates:
+            // what is measured is throughput, not the limits
+            .args([
+                "--address-requests-per-sec",
+                "0",
+                "--user-requests-per-sec",
+                "0",
+            ])
             .args(["--nats-url", &stack.nats.url])
             .args(stack.nats.users.worker.flags())
             // SecantusDB keeps a registry of retryable writes that it prunes
@@ -72,7 +82,7 @@ impl System {
             log,
             _dir: dir,
         };
-        let ready = format!("http://{http}/readyz");
+        let ready = format!("http://{ops}/readyz");
         let http_client = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {

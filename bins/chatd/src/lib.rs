@@ -88,8 +88,9 @@ pub struct ServeArgs {
     /// for a worker listening beyond loopback.
     #[arg(long, env = "CHATD_SERVICE_SECRET", hide_env_values = true)]
     pub service_secret: Option<String>,
-    /// Worker-only processes: where `GET /metrics` is served (edges serve it
-    /// on --listen).
+    /// Where the operator's routes are served: `GET /metrics`, `/healthz`
+    /// and, on edges, `/readyz`. Never the public listener: keep this port
+    /// off the load balancer.
     #[arg(long, env = "CHATD_METRICS_LISTEN", default_value = "0.0.0.0:9100")]
     pub metrics_listen: SocketAddr,
     /// Edge: worker gRPC endpoints, comma-separated, balanced across
@@ -257,6 +258,18 @@ pub struct ServeArgs {
     /// Edge: requests per second allowed per connection.
     #[arg(long, env = "CHATD_REQUESTS_PER_SEC", default_value_t = 50.0)]
     pub requests_per_sec: f64,
+    /// Edge: REST calls and WebSocket upgrades per second per user (burst
+    /// twice that; 0: no limit).
+    #[arg(long, env = "CHATD_USER_REQUESTS_PER_SEC", default_value_t = chat_edge::Config::default().user_requests_per_sec)]
+    pub user_requests_per_sec: f64,
+    /// Edge: requests per second per client address, before authentication
+    /// (burst twice that; 0: no limit). Behind a load balancer every client
+    /// shares its address: limit there instead, or raise this.
+    #[arg(long, env = "CHATD_ADDRESS_REQUESTS_PER_SEC", default_value_t = chat_edge::Config::default().address_requests_per_sec)]
+    pub address_requests_per_sec: f64,
+    /// Edge: milliseconds a client may take to send a request's headers.
+    #[arg(long, env = "CHATD_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
+    pub header_read_timeout_ms: u64,
 
     /// Worker: most devices per user (each holds two durable consumers); a
     /// new device beyond it evicts the user's least recently seen one.
@@ -360,6 +373,8 @@ pub struct Node {
     pub http_addr: Option<SocketAddr>,
     /// Where edges connect (worker).
     pub grpc_addr: Option<SocketAddr>,
+    /// Where `/metrics` and `/readyz` are served.
+    pub ops_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<anyhow::Result<()>>>,
     died: Option<mpsc::Receiver<&'static str>>,
@@ -404,6 +419,7 @@ impl Node {
         let (died_tx, died) = mpsc::channel(2);
         let mut grpc_addr = None;
         let mut http_addr = None;
+        let mut ops: Option<axum::Router> = None;
 
         // the metrics recorder, before anything records
         chat_edge::telemetry::prometheus();
@@ -464,19 +480,6 @@ impl Node {
             tracing::info!(addr = ?grpc_addr, "worker listening");
         }
 
-        if role == Role::Worker {
-            let listener = TcpListener::bind(args.metrics_listen)
-                .await
-                .with_context(|| format!("binding {}", args.metrics_listen))?;
-            let shutdown = shutdown_signal(&stop_rx);
-            tasks.push(tokio::spawn(async move {
-                axum::serve(listener, chat_edge::telemetry::metrics_router::<()>())
-                    .with_graceful_shutdown(shutdown)
-                    .await
-                    .context("metrics")
-            }));
-        }
-
         if matches!(role, Role::Edge | Role::All) {
             let mut workers = args.workers.clone();
             if workers.is_empty()
@@ -490,11 +493,15 @@ impl Node {
                 max_frame_bytes: args.max_frame_bytes,
                 requests_per_sec: args.requests_per_sec,
                 outbox_bytes: args.ws_outbox_bytes,
+                user_requests_per_sec: args.user_requests_per_sec,
+                address_requests_per_sec: args.address_requests_per_sec,
+                header_read_timeout: Duration::from_millis(args.header_read_timeout_ms.max(1)),
                 write_timeout: Duration::from_millis(args.ws_write_timeout_ms.max(1)),
                 service_secret,
                 ..chat_edge::Config::default()
             };
             let state = chat_edge::AppState::new(args.verifier()?, bus, keys, config)?;
+            ops = Some(chat_edge::ops_app(state.clone()));
             let listener = TcpListener::bind(args.listen)
                 .await
                 .with_context(|| format!("binding {}", args.listen))?;
@@ -509,9 +516,24 @@ impl Node {
             tracing::info!(addr = ?http_addr, "edge listening");
         }
 
+        // the operator's routes, on their own listener
+        let listener = TcpListener::bind(args.metrics_listen)
+            .await
+            .with_context(|| format!("binding {}", args.metrics_listen))?;
+        let ops_addr = Some(listener.local_addr()?);
+        let ops = ops.unwrap_or_else(chat_edge::worker_ops_app);
+        let shutdown = shutdown_signal(&stop_rx);
+        tasks.push(tokio::spawn(async move {
+            axum::serve(listener, ops)
+                .with_graceful_shutdown(shutdown)
+                .await
+                .context("metrics")
+        }));
+
         Ok(Self {
             http_addr,
             grpc_addr,
+            ops_addr,
             stop,
             tasks,
             died: Some(died),

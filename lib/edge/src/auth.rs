@@ -1,6 +1,10 @@
 //! The authenticated caller of a REST request or WebSocket upgrade.
 
-use axum::{extract::FromRequestParts, http::request::Parts};
+use axum::{
+    extract::FromRequestParts,
+    http::request::Parts,
+    response::{IntoResponse, Response},
+};
 use chat_auth::{AuthError, Identity};
 
 use crate::{ApiError, AppState};
@@ -39,13 +43,25 @@ pub(crate) fn subprotocol_bearer(parts: &Parts) -> Option<&str> {
 }
 
 impl FromRequestParts<AppState> for Caller {
-    type Rejection = ApiError;
+    type Rejection = Response;
 
+    /// Verifies the token, then counts the call against the user's rate
+    /// limit (a `429` with `Retry-After` over it).
     async fn from_request_parts(
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        let token = bearer(parts).ok_or(AuthError::Missing)?;
-        Ok(Caller(state.verifier.verify(token)?))
+        let token = bearer(parts)
+            .ok_or(AuthError::Missing)
+            .map_err(|e| ApiError::from(e).into_response())?;
+        let me = state
+            .verifier
+            .verify(token)
+            .map_err(|e| ApiError::from(e).into_response())?;
+        state
+            .limits
+            .user(&me.user_id)
+            .map_err(IntoResponse::into_response)?;
+        Ok(Caller(me))
     }
 }

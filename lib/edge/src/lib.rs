@@ -20,6 +20,7 @@ use tokio::net::TcpListener;
 mod auth;
 mod claims;
 mod error;
+mod limits;
 mod rest;
 pub mod telemetry;
 mod workers;
@@ -57,6 +58,15 @@ pub struct Config {
     pub write_timeout: Duration,
     /// Requests per second per connection, sustained.
     pub requests_per_sec: f64,
+    /// REST calls and WebSocket upgrades per second per user (burst: twice
+    /// that); 0 for no limit.
+    pub user_requests_per_sec: f64,
+    /// Requests per second per client address, before authentication
+    /// (burst: twice that); 0 for no limit. Behind a load balancer every
+    /// client has its address: limit there, or raise this.
+    pub address_requests_per_sec: f64,
+    /// How long a client may take to send a request's headers.
+    pub header_read_timeout: Duration,
     /// Requests a connection may burst above the sustained rate.
     pub request_burst: f64,
     /// Error replies in a row after which a connection is closed as abusive.
@@ -77,6 +87,9 @@ impl Default for Config {
             outbox_bytes: 1024 * 1024,
             write_timeout: Duration::from_secs(10),
             requests_per_sec: 50.0,
+            user_requests_per_sec: 50.0,
+            address_requests_per_sec: 500.0,
+            header_read_timeout: Duration::from_secs(10),
             request_burst: 100.0,
             max_errors_in_a_row: 50,
             service_secret: None,
@@ -111,6 +124,8 @@ pub struct Inner {
     pub(crate) delivered: ws::DeliveredHub,
     /// This edge's connection of each device (see `claims`).
     pub(crate) claims: claims::DeviceClaims,
+    /// Per-user and per-address request limits.
+    pub(crate) limits: limits::Limits,
     pub config: Config,
 }
 
@@ -150,6 +165,7 @@ impl AppState {
             opened: Default::default(),
             delivered: Default::default(),
             claims: Default::default(),
+            limits: limits::Limits::new(&config),
             config,
         }));
         tokio::spawn(ws::report_delivered(Arc::downgrade(&state.0)));
@@ -161,6 +177,7 @@ impl AppState {
 /// The edge's routes; shared by `serve` and tests.
 pub fn app(state: AppState) -> Router {
     let body_limit = state.config.max_body_bytes;
+    let limited = axum::middleware::from_fn_with_state(state.clone(), limits::by_address);
     Router::new()
         .route("/groups", post(rest::create_group).get(rest::list_groups))
         .route("/groups/{id}", get(rest::get_group))
@@ -177,12 +194,30 @@ pub fn app(state: AppState) -> Router {
             "/groups/{id}/messages/{message_id}/status",
             get(rest::message_status),
         )
+        .route("/ws", get(ws::upgrade))
+        .fallback(rest::not_found)
+        .layer(limited)
+        // liveness for load balancers, outside the limits
+        .route("/healthz", get(rest::healthz))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}
+
+/// The operator's routes of a process without an edge: `/metrics` and
+/// `/healthz` (its workers' readiness is the gRPC health check).
+pub fn worker_ops_app() -> Router {
+    Router::new()
+        .route("/healthz", get(rest::healthz))
+        .merge(telemetry::metrics_router())
+}
+
+/// The operator's routes (`/metrics`, `/readyz`, `/healthz`), served on
+/// their own listener (`--metrics-listen`), never on the public one.
+pub fn ops_app(state: AppState) -> Router {
+    Router::new()
         .route("/healthz", get(rest::healthz))
         .route("/readyz", get(rest::readyz))
-        .route("/ws", get(ws::upgrade))
         .merge(telemetry::metrics_router())
-        .fallback(rest::not_found)
-        .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }
 
@@ -191,34 +226,83 @@ pub fn app(state: AppState) -> Router {
 /// (close code 1012) after handing back what its session holds, finishes
 /// in-flight requests, and returns when all of that is done. The caller bounds
 /// the drain with its grace period.
+///
+/// Connections are served by hyper directly rather than `axum::serve`, for
+/// what that does not offer: a deadline on reading a request's headers, so
+/// half-open connections cannot pile up (each carries its client address,
+/// for the per-address rate limit).
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    // small frames must not wait for Nagle's algorithm
-    let listener = listener.tap_io(|tcp| {
+    use hyper_util::{
+        rt::{TokioExecutor, TokioIo, TokioTimer},
+        server::conn::auto,
+    };
+    use tower::ServiceExt as _;
+
+    // know which workers prove the service secret before the first request
+    state.workers.check_all().await;
+    let router = app(state.clone());
+    let header_timeout = state.config.header_read_timeout;
+    let (drain, draining) = tokio::sync::watch::channel(false);
+    let connections = tokio_util::task::TaskTracker::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (tcp, remote) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // out of file descriptors, say: wait, do not spin
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        // small frames must not wait for Nagle's algorithm
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-    });
-    let closing = state.closing.clone();
-    let sessions = state.sessions_running.clone();
-    let last_receipts = state.clone();
-    let signal = async move {
-        shutdown.await;
-        tracing::info!("draining: closing websocket sessions");
-        let _ = closing.send(true);
-    };
-    // know which workers prove the service secret before the first request
-    state.workers.check_all().await;
-    let result = axum::serve(listener, app(state))
-        .with_graceful_shutdown(signal)
-        .await;
-    sessions.close();
-    sessions.wait().await;
+        let router = router.clone();
+        let service =
+            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut()
+                    .insert(axum::extract::ConnectInfo(remote));
+                router.clone().oneshot(req.map(axum::body::Body::new))
+            });
+        let mut draining = draining.clone();
+        connections.spawn(async move {
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                result = conn.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::trace!(error = %e, "connection ended with an error");
+                    }
+                }
+                _ = async { drop(draining.wait_for(|d| *d).await) } => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+    tracing::info!("draining: closing websocket sessions");
+    let _ = state.closing.send(true);
+    let _ = drain.send(true);
+    connections.close();
+    connections.wait().await;
+    state.sessions_running.close();
+    state.sessions_running.wait().await;
     // what the closed sessions wrote since the last report
-    ws::flush_delivered(&last_receipts).await;
-    result
+    ws::flush_delivered(&state).await;
+    Ok(())
 }

@@ -5,11 +5,7 @@
 //! them on the socket, so a connection that drops loses nothing: what was not
 //! written is handed back (nak) and comes again on the next connection.
 
-use std::{
-    collections::HashMap,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use async_nats::jetstream::{AckKind, Message as JsMessage};
 use axum::{
@@ -18,7 +14,7 @@ use axum::{
         ws::{CloseFrame, Message, Utf8Bytes, WebSocket},
     },
     http::request::Parts,
-    response::Response,
+    response::{IntoResponse, Response},
 };
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use chat_auth::{AuthError, Identity};
@@ -43,6 +39,7 @@ use crate::{
     ApiError, AppState,
     auth::{WS_PROTOCOL, bearer, subprotocol_bearer},
     claims,
+    limits::TokenBucket,
     workers::rpc,
 };
 
@@ -101,6 +98,9 @@ pub(crate) async fn upgrade(
         .or(q.token)
         .ok_or(AuthError::Missing)?;
     let me = app.verifier.verify(&token)?;
+    if let Err(limited) = app.limits.user(&me.user_id) {
+        return Ok(limited.into_response());
+    }
     let device = match q.device {
         Some(d) => DeviceId::parse(d).map_err(|e| ApiError::invalid(e.to_string()))?,
         None => DeviceId::default_device(),
@@ -1052,36 +1052,4 @@ async fn deliver(
 fn evicted(tx: &Outbox, e: &BusError) {
     tracing::info!(error = %e, "device has no consumer; closing");
     tx.close_now(CLOSE_EVICTED, "device evicted; reconnect");
-}
-
-/// Per-connection request rate limit.
-struct TokenBucket {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl TokenBucket {
-    fn new(rate: f64, burst: f64) -> Self {
-        Self {
-            rate,
-            burst,
-            tokens: burst,
-            last: Instant::now(),
-        }
-    }
-
-    fn take(&mut self) -> bool {
-        let now = Instant::now();
-        self.tokens =
-            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
 }

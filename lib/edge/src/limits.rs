@@ -1,0 +1,218 @@
+//! Request rate limits: per connection (WebSocket requests), per user (REST
+//! calls and WebSocket upgrades, once the token is verified) and per client
+//! address (every request, before the token is even looked at, so floods of
+//! bad tokens cost little). Limits are per edge; an operator with N edges
+//! behind a balancer allows N times the rate.
+//!
+//! Over a limit, REST answers `429` with `Retry-After`.
+
+use std::{
+    collections::HashMap,
+    hash::Hash,
+    net::{IpAddr, SocketAddr},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use axum::{
+    extract::{ConnectInfo, Request, State},
+    http::HeaderValue,
+    middleware::Next,
+    response::{IntoResponse, Response},
+};
+use chat_domain::UserId;
+use chat_protocol::ErrorCode;
+
+use crate::{ApiError, AppState};
+
+/// A token bucket: `rate` per second sustained, `burst` at once.
+#[derive(Debug, Clone)]
+pub(crate) struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    pub(crate) fn new(rate: f64, burst: f64) -> Self {
+        Self {
+            rate,
+            burst,
+            tokens: burst,
+            last: Instant::now(),
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        self.tokens =
+            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
+        self.last = now;
+    }
+
+    /// Takes one token if there is one.
+    pub(crate) fn take(&mut self) -> bool {
+        self.try_take().is_ok()
+    }
+
+    /// Takes one token, or says how long until there is one.
+    fn try_take(&mut self) -> Result<(), Duration> {
+        self.refill(Instant::now());
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else if self.rate <= 0.0 {
+            Err(Duration::from_secs(60))
+        } else {
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+        }
+    }
+
+    /// Whether the bucket is full again: its key can be forgotten.
+    fn idle(&mut self, now: Instant) -> bool {
+        self.refill(now);
+        self.tokens >= self.burst
+    }
+}
+
+/// Most keys one limiter remembers: past it, idle keys are forgotten, and a
+/// new key is refused while none is idle (memory stays bounded under a flood
+/// of new users or addresses).
+const MAX_KEYS: usize = 100_000;
+
+/// One bucket per key.
+#[derive(Debug)]
+pub(crate) struct Keyed<K> {
+    rate: f64,
+    burst: f64,
+    buckets: Mutex<HashMap<K, TokenBucket>>,
+}
+
+impl<K: Hash + Eq + Clone> Keyed<K> {
+    /// `rate` per second and key (0: no limit), `burst` at once.
+    pub(crate) fn new(rate: f64, burst: f64) -> Self {
+        Self {
+            rate,
+            burst: burst.max(1.0),
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Counts one request of `key`; how long to wait if over the limit.
+    pub(crate) fn take(&self, key: &K) -> Result<(), Duration> {
+        if self.rate <= 0.0 {
+            return Ok(());
+        }
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if !buckets.contains_key(key) && buckets.len() >= MAX_KEYS {
+            let now = Instant::now();
+            buckets.retain(|_, b| !b.idle(now));
+            if buckets.len() >= MAX_KEYS {
+                return Err(Duration::from_secs(1));
+            }
+        }
+        buckets
+            .entry(key.clone())
+            .or_insert_with(|| TokenBucket::new(self.rate, self.burst))
+            .try_take()
+    }
+}
+
+/// The edge's per-user and per-address limits.
+#[derive(Debug)]
+pub(crate) struct Limits {
+    per_user: Keyed<UserId>,
+    per_address: Keyed<IpAddr>,
+}
+
+/// `429` with the contract's body and a `Retry-After` in whole seconds.
+fn too_many(wait: Duration) -> Response {
+    let mut res =
+        ApiError::new(ErrorCode::RateLimited, "too many requests; slow down").into_response();
+    let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+    if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+        res.headers_mut().insert(axum::http::header::RETRY_AFTER, v);
+    }
+    res
+}
+
+impl Limits {
+    pub(crate) fn new(config: &crate::Config) -> Self {
+        Self {
+            per_user: Keyed::new(
+                config.user_requests_per_sec,
+                config.user_requests_per_sec * 2.0,
+            ),
+            per_address: Keyed::new(
+                config.address_requests_per_sec,
+                config.address_requests_per_sec * 2.0,
+            ),
+        }
+    }
+
+    /// Counts a request of `user`; a `429` to answer if over the limit.
+    pub(crate) fn user(&self, user: &UserId) -> Result<(), RateLimited> {
+        self.per_user.take(user).map_err(RateLimited)
+    }
+}
+
+/// A caller over its limit, with how long to wait.
+#[derive(Debug)]
+pub(crate) struct RateLimited(Duration);
+
+impl IntoResponse for RateLimited {
+    fn into_response(self) -> Response {
+        metrics::counter!("chat_rest_rate_limited_total").increment(1);
+        too_many(self.0)
+    }
+}
+
+impl From<RateLimited> for ApiError {
+    fn from(_: RateLimited) -> Self {
+        ApiError::new(ErrorCode::RateLimited, "too many requests; slow down")
+    }
+}
+
+/// Middleware: counts every request against its client address before
+/// anything else runs.
+pub(crate) async fn by_address(State(app): State<AppState>, req: Request, next: Next) -> Response {
+    let addr = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    if let Some(ip) = addr
+        && let Err(wait) = app.limits.per_address.take(&ip)
+    {
+        metrics::counter!("chat_rest_rate_limited_total").increment(1);
+        return too_many(wait);
+    }
+    next.run(req).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bucket_allows_its_burst_then_says_when() {
+        let mut b = TokenBucket::new(2.0, 3.0);
+        assert!(b.take() && b.take() && b.take());
+        let wait = b.try_take().expect_err("over the burst");
+        assert!(
+            wait <= Duration::from_millis(500) && wait > Duration::ZERO,
+            "{wait:?}"
+        );
+    }
+
+    #[test]
+    fn keys_are_limited_apart_and_zero_is_no_limit() {
+        let k = Keyed::new(1.0, 1.0);
+        assert!(k.take(&"a").is_ok());
+        assert!(k.take(&"a").is_err());
+        assert!(k.take(&"b").is_ok());
+        let off = Keyed::new(0.0, 0.0);
+        for _ in 0..1000 {
+            assert!(off.take(&"a").is_ok());
+        }
+    }
+}
