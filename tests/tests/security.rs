@@ -776,3 +776,56 @@ async fn rest_is_rate_limited_and_half_sent_headers_time_out() -> anyhow::Result
     edge.stop().await?;
     c.stop().await
 }
+
+/// Anyone could add anyone to any number of large groups, until the
+/// victim's `GET /groups` outgrew the gRPC limit and failed for good. Now a
+/// user's groups are capped, and `GET /groups` is paged, each page bounded
+/// by its groups' members too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_per_user_are_capped_and_listed_in_bounded_pages() -> anyhow::Result<()> {
+    let c = Cluster::start_with(
+        1,
+        1,
+        &["--max-groups-per-user", "3", "--max-listed-members", "5"],
+    )
+    .await?;
+    for _ in 0..3 {
+        c.create_group("mallory", &["victim", "x"]).await?;
+    }
+    let refused = c
+        .http()
+        .post(format!("{}/groups", c.edge_url(0)))
+        .bearer_auth(token("eve"))
+        .json(&json!({ "name": "one more", "members": ["victim"] }))
+        .send()
+        .await?;
+    assert_eq!(refused.status(), 400);
+    let body: Value = refused.json().await?;
+    assert_eq!(body["error"]["code"], "too_large", "{body}");
+    // pages: 3 members a group, 5 at most a page, so one group a page
+    let mut seen = Vec::new();
+    let mut after = String::new();
+    loop {
+        let path = format!("/groups?limit=10{after}");
+        let (status, page) = c.get(0, "victim", &path).await?;
+        assert_eq!(status, 200, "{page}");
+        let groups = page["groups"].as_array().cloned().unwrap_or_default();
+        assert_eq!(groups.len(), 1, "{page}");
+        seen.extend(groups.iter().map(|g| g["id"].clone()));
+        match page["next"].as_str() {
+            Some(next) => after = format!("&after={next}"),
+            None => break,
+        }
+    }
+    seen.dedup();
+    assert_eq!(seen.len(), 3, "every group once: {seen:?}");
+    for bad in [
+        "/groups?limit=0",
+        "/groups?limit=101",
+        "/groups?after=nonsense",
+    ] {
+        let (status, _) = c.get(0, "victim", bad).await?;
+        assert_eq!(status, 400, "{bad}");
+    }
+    c.stop().await
+}

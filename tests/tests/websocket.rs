@@ -144,12 +144,17 @@ async fn rate_limits_and_abuse_are_enforced() -> anyhow::Result<()> {
     let g = c.create_group("bob", &[]).await?;
     let id = g["id"].as_str().expect("id");
     let mut ws = c.connect(0, "bob", "phone").await?;
+    // all sent at once: the limit counts arrivals, however slow the replies
+    let mut ids = Vec::new();
+    for _ in 0..110 {
+        ids.push(
+            ws.send("subscribe_to_group", json!({ "groupId": id }))
+                .await?,
+        );
+    }
     let mut limited = 0;
-    for _ in 0..105 {
-        let rid = ws
-            .send("subscribe_to_group", json!({ "groupId": id }))
-            .await?;
-        let reply: Value = ws.reply_to(&rid).await?;
+    for rid in &ids {
+        let reply: Value = ws.reply_to(rid).await?;
         if reply["event"] == "error" {
             assert_eq!(reply["data"]["code"], "rate_limited");
             limited += 1;

@@ -239,6 +239,14 @@ pub struct ServeArgs {
     /// Most members in one group.
     #[arg(long, env = "CHATD_MAX_GROUP_MEMBERS", default_value_t = Limits::default().group_members)]
     pub max_group_members: usize,
+    /// Worker: most groups one user can be a member of; adding someone
+    /// beyond it is refused.
+    #[arg(long, env = "CHATD_MAX_GROUPS_PER_USER", default_value_t = chat_worker::Config::default().max_groups_per_user)]
+    pub max_groups_per_user: u64,
+    /// Worker: most members, summed over its groups, in one page of
+    /// `GET /groups` (a page ends early rather than grow past it).
+    #[arg(long, env = "CHATD_MAX_LISTED_MEMBERS", default_value_t = chat_worker::Config::default().max_listed_members)]
+    pub max_listed_members: usize,
     /// Longest group name, in characters.
     #[arg(long, env = "CHATD_MAX_GROUP_NAME", default_value_t = Limits::default().group_name_chars)]
     pub max_group_name: usize,
@@ -462,6 +470,8 @@ impl Node {
                     idle: args.device_idle(),
                 },
                 service_secret: service_secret.clone(),
+                max_groups_per_user: args.max_groups_per_user,
+                max_listed_members: args.max_listed_members.max(1),
                 ..chat_worker::Config::default()
             };
             let shutdown = shutdown_signal(&stop_rx);

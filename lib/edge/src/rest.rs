@@ -2,7 +2,7 @@
 
 use axum::{
     Json,
-    extract::{FromRequest, Path, Request, State},
+    extract::{FromRequest, Path, Query, Request, State, rejection::QueryRejection},
     http::StatusCode,
     response::IntoResponse,
 };
@@ -12,7 +12,7 @@ use chat_protocol::{
     TransferOwnerBody, UploadBody, format_millis,
 };
 use chat_rpc::pb;
-use serde::de::DeserializeOwned;
+use serde::{Deserialize, de::DeserializeOwned};
 use serde_json::json;
 
 use crate::{ApiError, AppState, Caller, workers::rpc};
@@ -69,25 +69,53 @@ pub(crate) async fn create_group(
     Ok((StatusCode::CREATED, view(group)?))
 }
 
+/// `GET /groups?limit=&after=`: one page of the caller's groups, most
+/// recently updated first, and where the next page starts (`next`, null on
+/// the last page).
+#[derive(Debug, Deserialize)]
+pub(crate) struct GroupsPage {
+    limit: Option<u32>,
+    after: Option<String>,
+}
+
+/// Most groups in one page, and the default.
+const MAX_GROUPS_PAGE: u32 = 100;
+const GROUPS_PAGE: u32 = 50;
+
 pub(crate) async fn list_groups(
     State(app): State<AppState>,
     Caller(me): Caller,
+    page: Result<Query<GroupsPage>, QueryRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let groups = rpc!(
+    let Query(page) = page.map_err(|e| ApiError::invalid(e.body_text()))?;
+    let limit = page.limit.unwrap_or(GROUPS_PAGE);
+    if !(1..=MAX_GROUPS_PAGE).contains(&limit) {
+        return Err(ApiError::invalid(format!(
+            "limit must be between 1 and {MAX_GROUPS_PAGE}"
+        )));
+    }
+    let after = page.after.unwrap_or_default();
+    if after.len() > 128 {
+        return Err(ApiError::invalid("bad page cursor"));
+    }
+    let reply = rpc!(
         app,
         GroupsClient,
         list_groups,
         pb::ListGroupsRequest {
             caller: me.user_id.to_string(),
+            limit,
+            after,
         }
     )?
-    .into_inner()
-    .groups;
-    let views = groups
+    .into_inner();
+    let views = reply
+        .groups
         .into_iter()
         .map(|g| view(g).map(|Json(v)| v))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(Json(json!({ "groups": views })))
+    let next = Some(reply.next).filter(|n| !n.is_empty());
+    Ok(Json(json!({ "groups": views, "next": next })))
 }
 
 pub(crate) async fn get_group(

@@ -231,7 +231,12 @@ macro_rules! rpc {
             .workers
             .call(|channel| {
                 let req = $app.workers.request(req.clone(), &request_id);
-                async move { $crate::workers::$client::new(channel).$method(req).await }
+                async move {
+                    $crate::workers::$client::new(channel)
+                        .max_decoding_message_size($crate::workers::MAX_REPLY_BYTES)
+                        .$method(req)
+                        .await
+                }
             })
             .instrument(span)
             .await;
@@ -239,6 +244,10 @@ macro_rules! rpc {
         result
     }};
 }
+
+/// Largest worker reply an edge takes (tonic's default is 4 MiB; a page of
+/// groups is bounded well below this by the worker, see `ListGroups`).
+pub const MAX_REPLY_BYTES: usize = 16 * 1024 * 1024;
 
 /// The gRPC metadata key carrying a request's id from edge to worker.
 pub const REQUEST_ID: &str = "x-request-id";

@@ -374,20 +374,24 @@ impl Session {
     /// Every frame counts against the rate limit, and the size is checked
     /// before anything is parsed.
     async fn on_text(&mut self, text: &str) -> bool {
-        if !self.bucket.take() {
-            return self
-                .reply_error(
-                    None,
-                    ApiError::new(ErrorCode::RateLimited, "too many requests; slow down"),
-                )
-                .await;
-        }
+        let limited = !self.bucket.take();
         let max = self.app.config.max_frame_bytes;
-        if text.len() > max {
-            let msg = format!("frame is larger than {max} bytes");
-            return self
-                .reply_error(None, ApiError::new(ErrorCode::TooLarge, msg))
-                .await;
+        if limited || text.len() > max {
+            // only the id is read, to answer it: the rest is skipped without
+            // building anything (the frame is under the hard limit)
+            let id = serde_json::from_str::<IdOnly>(text)
+                .ok()
+                .and_then(|f| f.id)
+                .filter(request_id_ok);
+            let e = if text.len() > max {
+                ApiError::new(
+                    ErrorCode::TooLarge,
+                    format!("frame is larger than {max} bytes"),
+                )
+            } else {
+                ApiError::new(ErrorCode::RateLimited, "too many requests; slow down")
+            };
+            return self.reply_error(id, e).await;
         }
         let frame: ClientFrame = match serde_json::from_str(text) {
             Ok(f) => f,
@@ -398,11 +402,7 @@ impl Session {
         };
         let id = match frame.id {
             None | Some(Value::Null) => None,
-            Some(id @ (Value::String(_) | Value::Number(_)))
-                if id.to_string().len() <= MAX_REQUEST_ID_LEN =>
-            {
-                Some(id)
-            }
+            Some(id) if request_id_ok(&id) => Some(id),
             Some(_) => {
                 let msg = format!(
                     "id must be a string or number of at most {MAX_REQUEST_ID_LEN} characters"
@@ -569,6 +569,18 @@ async fn finish_close(writer: &mut JoinHandle<()>, done: bool) -> bool {
         return true;
     }
     tokio::time::timeout(CLOSE_HANDSHAKE, writer).await.is_ok()
+}
+
+/// The request id of an oversized frame; every other field is skipped.
+#[derive(Deserialize)]
+struct IdOnly {
+    #[serde(default)]
+    id: Option<Value>,
+}
+
+/// Whether `id` can be a request id: a short string or number.
+fn request_id_ok(id: &Value) -> bool {
+    matches!(id, Value::String(_) | Value::Number(_)) && id.to_string().len() <= MAX_REQUEST_ID_LEN
 }
 
 fn parse_data<T: serde::de::DeserializeOwned>(data: Value) -> Result<T, ApiError> {

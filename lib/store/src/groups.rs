@@ -1,6 +1,6 @@
 //! The `groups` collection: one document per group, members embedded.
 
-use chat_domain::{Group, GroupId, Member, UserId};
+use chat_domain::{Group, GroupId, Member, Millis, UserId};
 use futures::TryStreamExt;
 use mongodb::{
     Collection, IndexModel,
@@ -185,16 +185,29 @@ impl GroupRepo {
         Ok(exists.then_some(false))
     }
 
-    /// The groups `user` is a member of, most recently updated first.
+    /// The groups `user` is a member of, most recently updated first (ties
+    /// by id), starting after `after` (a group's `(updatedAt, id)`).
     pub async fn list_for_member(
         &self,
         user: &UserId,
         limit: i64,
+        after: Option<(Millis, &GroupId)>,
     ) -> Result<Vec<Group>, StoreError> {
+        let mut filter = doc! { "members.userId": user.as_str() };
+        if let Some((at, id)) = after {
+            let at = to_bson_time(at);
+            filter.insert(
+                "$or",
+                vec![
+                    doc! { "updatedAt": { "$lt": at } },
+                    doc! { "updatedAt": at, "_id": { "$lt": id.as_str() } },
+                ],
+            );
+        }
         let docs: Vec<GroupDoc> = self
             .coll
-            .find(doc! { "members.userId": user.as_str() })
-            .sort(doc! { "updatedAt": -1 })
+            .find(filter)
+            .sort(doc! { "updatedAt": -1, "_id": -1 })
             .limit(limit)
             .await?
             .try_collect()
@@ -202,6 +215,14 @@ impl GroupRepo {
         docs.into_iter()
             .map(|d| d.into_record().map(|r| r.group))
             .collect()
+    }
+
+    /// How many groups `user` is a member of.
+    pub async fn count_for_member(&self, user: &UserId) -> Result<u64, StoreError> {
+        Ok(self
+            .coll
+            .count_documents(doc! { "members.userId": user.as_str() })
+            .await?)
     }
 
     /// Replaces the group if it is still at `rev`; returns whether it was.

@@ -131,6 +131,42 @@ impl GroupsService {
     }
 }
 
+/// A page position: the last group's update time and id.
+fn cursor(g: &Group) -> String {
+    format!("{}-{}", g.updated_at, g.id)
+}
+
+fn parse_cursor(s: &str) -> Result<Option<(chat_domain::Millis, GroupId)>, WorkerError> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    let bad = || WorkerError::Domain(DomainError::Invalid("bad page cursor".into()));
+    let (at, id) = s.split_once('-').ok_or_else(bad)?;
+    let at = at.parse().map_err(|_| bad())?;
+    let id = GroupId::parse(id).map_err(|_| bad())?;
+    Ok(Some((at, id)))
+}
+
+impl GroupsService {
+    /// Refuses `users` who are already in as many groups as allowed.
+    async fn check_room_for(&self, users: &[UserId]) -> Result<(), WorkerError> {
+        let max = self.0.config.max_groups_per_user;
+        let repo = &self.0.store.groups;
+        for chunk in users.chunks(16) {
+            let counts =
+                futures::future::join_all(chunk.iter().map(|u| repo.count_for_member(u))).await;
+            for (user, count) in chunk.iter().zip(counts) {
+                if count? >= max {
+                    return Err(WorkerError::Domain(DomainError::TooLarge(format!(
+                        "{user} is in {max} groups already, the most allowed"
+                    ))));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 fn reply(group: &Group) -> Response<pb::Group> {
     Response::new(pb::Group::from(group))
 }
@@ -171,6 +207,8 @@ impl Groups for GroupsService {
             now_millis(),
         )
         .map_err(WorkerError::from)?;
+        let everyone: Vec<UserId> = group.member_ids().cloned().collect();
+        self.check_room_for(&everyone).await?;
         self.0
             .store
             .groups
@@ -195,16 +233,35 @@ impl Groups for GroupsService {
         &self,
         req: Request<pb::ListGroupsRequest>,
     ) -> Result<Response<pb::ListGroupsResponse>, Status> {
-        let caller = parse_id::<UserId>(&req.into_inner().caller)?;
+        let req = req.into_inner();
+        let caller = parse_id::<UserId>(&req.caller)?;
+        let config = &self.0.config;
+        let limit = i64::from(req.limit).clamp(1, config.max_listed_groups);
+        let after = parse_cursor(&req.after)?;
         let groups = self
             .0
             .store
             .groups
-            .list_for_member(&caller, self.0.config.max_listed_groups)
+            .list_for_member(&caller, limit, after.as_ref().map(|(t, g)| (*t, g)))
             .await
             .map_err(WorkerError::from)?;
+        // a full page has more after it; so does one cut short by size
+        let mut next = (groups.len() as i64 == limit)
+            .then(|| groups.last().map(cursor))
+            .flatten();
+        let mut page = Vec::with_capacity(groups.len());
+        let mut members = 0;
+        for g in &groups {
+            members += g.members.len();
+            if members > config.max_listed_members && !page.is_empty() {
+                next = page.last().map(|p: &&Group| cursor(p));
+                break;
+            }
+            page.push(g);
+        }
         Ok(Response::new(pb::ListGroupsResponse {
-            groups: groups.iter().map(pb::Group::from).collect(),
+            groups: page.into_iter().map(pb::Group::from).collect(),
+            next: next.unwrap_or_default(),
         }))
     }
 
@@ -241,6 +298,9 @@ impl Groups for GroupsService {
             .iter()
             .map(|u| parse_id::<UserId>(u))
             .collect::<Result<Vec<_>, _>>()?;
+        // members already in the group count nothing new, and are checked
+        // like the others: a soft cap (two adds at once may pass it by one)
+        self.check_room_for(&user_ids).await?;
         let group = self
             .change(
                 &req.caller,

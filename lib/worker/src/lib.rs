@@ -30,8 +30,14 @@ mod sessions;
 #[derive(Debug, Clone)]
 pub struct Config {
     pub limits: Limits,
-    /// Most groups `GET /groups` returns.
+    /// Most groups one page of `GET /groups` holds.
     pub max_listed_groups: i64,
+    /// Most members, summed over its groups, one page of `GET /groups`
+    /// carries: a page ends early rather than outgrow a transport limit.
+    pub max_listed_members: usize,
+    /// Most groups a user can be a member of: adding someone beyond it is
+    /// refused (so no one can be buried under groups others add them to).
+    pub max_groups_per_user: u64,
     /// Age after which a message whose publish failed or is uncertain is
     /// settled against JetStream (committed if it landed, else rolled back).
     pub resolve_pending_after: std::time::Duration,
@@ -74,7 +80,9 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             limits: Limits::default(),
-            max_listed_groups: 500,
+            max_listed_groups: 100,
+            max_listed_members: 20_000,
+            max_groups_per_user: 1_000,
             resolve_pending_after: std::time::Duration::from_secs(30),
             media: MediaPolicy::default(),
             upload_url_ttl: std::time::Duration::from_secs(15 * 60),
