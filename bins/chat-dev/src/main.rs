@@ -47,6 +47,8 @@ async fn main() -> anyhow::Result<()> {
         &args.listen.to_string(),
         "--grpc-listen",
         "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
         "--nats-url",
         &stack.nats.url,
         "--mongodb-uri",
@@ -73,6 +75,7 @@ async fn main() -> anyhow::Result<()> {
     .serve;
     let node = chatd::Node::start(serve).await?;
     let http = node.http_addr.map(|a| a.to_string()).unwrap_or_default();
+    let ops = node.ops_addr.map(|a| a.to_string()).unwrap_or_default();
     let alice = chat_auth::mint_hs256(
         args.jwt_secret.as_bytes(),
         &chat_domain::UserId::parse("alice")?,
@@ -83,6 +86,7 @@ async fn main() -> anyhow::Result<()> {
         "\nchat is running\n\
          \n  REST:       http://{http}  (POST /groups, GET /groups, ...)\
          \n  WebSocket:  ws://{http}/ws?token=<jwt>&device=<id>\
+         \n  Metrics:    http://{ops}/metrics  (and /readyz)\
          \n  NATS:       {} (user {}, password {})\n  MongoDB:    {}\n  S3:         {} (bucket {})\
          \n\na token for user alice (24 h):\n  {alice}\
          \n\nmint tokens for other users with:\

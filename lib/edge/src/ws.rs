@@ -393,7 +393,7 @@ impl Session {
             };
             return self.reply_error(id, e).await;
         }
-        let frame: ClientFrame = match serde_json::from_str(text) {
+        let frame: ClientFrame = match chat_protocol::decode_frame(text) {
             Ok(f) => f,
             Err(e) => {
                 let msg = format!("malformed frame: {e}");
@@ -584,7 +584,7 @@ fn request_id_ok(id: &Value) -> bool {
 }
 
 fn parse_data<T: serde::de::DeserializeOwned>(data: Value) -> Result<T, ApiError> {
-    serde_json::from_value(data).map_err(|e| ApiError::invalid(format!("bad data: {e}")))
+    chat_protocol::decode_data(data).map_err(|e| ApiError::invalid(format!("bad data: {e}")))
 }
 
 fn to_json<T: serde::Serialize>(frame: &ServerFrame<T>) -> String {

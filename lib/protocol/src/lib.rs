@@ -180,6 +180,25 @@ pub struct AddMembersBody {
     pub user_ids: Vec<String>,
 }
 
+/// Decodes a client frame. Frames are JSON objects; serde would also take
+/// an array for a struct (`["send_group_message", 1, {...}]`), which the
+/// contract does not describe, so anything but an object is refused.
+pub fn decode_frame(text: &str) -> Result<ClientFrame, String> {
+    if !text.trim_start().starts_with('{') {
+        return Err("a frame is a JSON object".into());
+    }
+    serde_json::from_str(text).map_err(|e| e.to_string())
+}
+
+/// Decodes a request's `data` (or a REST body): a JSON object, as for
+/// frames.
+pub fn decode_data<T: serde::de::DeserializeOwned>(data: serde_json::Value) -> Result<T, String> {
+    if !data.is_object() {
+        return Err("data must be a JSON object".into());
+    }
+    serde_json::from_value(data).map_err(|e| e.to_string())
+}
+
 /// Serialises a server push (no request id) to its JSON text.
 pub fn push_json<T: Serialize>(event: &str, data: &T) -> serde_json::Result<String> {
     serde_json::to_string(&ServerFrame {
