@@ -829,3 +829,51 @@ async fn groups_per_user_are_capped_and_listed_in_bounded_pages() -> anyhow::Res
     }
     c.stop().await
 }
+
+/// Every membership change sent the whole member list to every member
+/// (110 MiB a change in a group of 1,000). Now events carry the change, and
+/// the list only for groups of up to 100 members.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_events_carry_the_change_not_a_large_member_list() -> anyhow::Result<()> {
+    let c = Cluster::start(1, 1).await?;
+    let many: Vec<String> = (0..120).map(|i| format!("m{i}")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    let big = c.create_group("alice", &many).await?;
+    let small = c.create_group("alice", &["m0"]).await?;
+    let mut m0 = c.connect(0, "m0", "web").await?;
+    for g in [&big, &small] {
+        let res = c
+            .http()
+            .post(format!(
+                "{}/groups/{}/members",
+                c.edge_url(0),
+                g["id"].as_str().unwrap_or_default()
+            ))
+            .bearer_auth(token("alice"))
+            .json(&json!({ "userIds": ["newcomer"] }))
+            .send()
+            .await?;
+        assert_eq!(res.status(), 200);
+        let update = m0.skip_to("a_group_updated").await?;
+        let data = &update["data"];
+        assert_eq!(data["group"]["id"], g["id"]);
+        assert_eq!(
+            data["change"],
+            json!({"kind": "members_added", "userIds": ["newcomer"], "by": "alice"})
+        );
+        let count = data["group"]["memberCount"].as_u64().unwrap_or(0);
+        if g["id"] == big["id"] {
+            assert_eq!(count, 122);
+            assert!(data["group"].get("members").is_none(), "{update}");
+            assert!(
+                update.to_string().len() < 1024,
+                "{} bytes",
+                update.to_string().len()
+            );
+        } else {
+            assert_eq!(count, 3);
+            assert_eq!(data["group"]["members"].as_array().map(Vec::len), Some(3));
+        }
+    }
+    c.stop().await
+}

@@ -56,6 +56,10 @@ mod tests {
         assert!(d.users_stream.max_consumers >= 100_000);
         assert!(d.groups_stream.max_consumers >= 100_000);
         assert_eq!(d.users_stream.duplicate_window.as_secs(), 120);
+        // notifications are bounded per user, never stream-wide: a stream
+        // cap with discard-old let one user's churn evict everyone else's
+        assert_eq!(d.users_stream.max_bytes, -1);
+        assert!(d.users_stream.max_messages_per_subject > 0);
         // the edge acknowledges the last delivery of a burst, which covers
         // everything before it
         assert_eq!(d.device_consumer.ack_policy, consumer::AckPolicy::All);

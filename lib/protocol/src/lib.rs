@@ -7,7 +7,10 @@ use serde::{Deserialize, Serialize};
 
 mod view;
 
-pub use view::{GroupView, MemberView, MessageView, format_millis, parse_millis};
+pub use view::{
+    EVENT_MEMBERS_MAX, GroupChangeView, GroupView, MemberView, MessageView, format_millis,
+    parse_millis,
+};
 
 /// Event names, exactly as the seed and DESIGN.md spell them.
 pub mod event {
@@ -144,7 +147,11 @@ pub struct AcknowledgeMessage {
 /// `data` of `a_group_created` and `a_group_updated`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GroupEvent {
+    /// The group after the change (see [`GroupView::for_event`]).
     pub group: GroupView,
+    /// What changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change: Option<GroupChangeView>,
 }
 
 /// `data` of `a_session`, the first frame of every connection.

@@ -28,6 +28,12 @@ pub struct MemberView {
 }
 
 /// A group as clients see it.
+///
+/// In REST replies `members` is always there. In `a_group_created` and
+/// `a_group_updated` it is left out for groups of more than
+/// [`EVENT_MEMBERS_MAX`] members (`memberCount` says how many, and
+/// `GET /groups/{id}` lists them): sending a 1,000-member list to 1,000
+/// members on every change was 110 MiB a change.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct GroupView {
@@ -36,9 +42,41 @@ pub struct GroupView {
     pub description: String,
     pub owner_id: String,
     pub created_by: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub members: Vec<MemberView>,
+    #[serde(default)]
+    pub member_count: usize,
     pub created_at: String,
     pub updated_at: String,
+}
+
+/// Groups larger than this have no member list in their events.
+pub const EVENT_MEMBERS_MAX: usize = 100;
+
+impl GroupView {
+    /// The view events carry: without the member list past
+    /// [`EVENT_MEMBERS_MAX`].
+    pub fn for_event(g: &Group) -> Self {
+        let mut view = Self::from(g);
+        if view.members.len() > EVENT_MEMBERS_MAX {
+            view.members = Vec::new();
+        }
+        view
+    }
+}
+
+/// What changed, in `a_group_created` and `a_group_updated`: a delta a
+/// client can apply without the member list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GroupChangeView {
+    /// `created`, `members_added`, `member_removed`, `member_left` or
+    /// `owner_changed`.
+    pub kind: String,
+    /// Who was added, removed, left, or became owner.
+    pub user_ids: Vec<String>,
+    /// Who made the change.
+    pub by: String,
 }
 
 impl From<&Group> for GroupView {
@@ -57,6 +95,7 @@ impl From<&Group> for GroupView {
                     joined_at: format_millis(m.joined_at),
                 })
                 .collect(),
+            member_count: g.members.len(),
             created_at: format_millis(g.created_at),
             updated_at: format_millis(g.updated_at),
         }

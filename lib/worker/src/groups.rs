@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use chat_domain::{DomainError, Group, GroupChange, GroupId, UserId, now_millis};
-use chat_protocol::{GroupEvent, GroupView, event, push_json};
+use chat_protocol::{GroupChangeView, GroupEvent, GroupView, event, push_json};
 use chat_rpc::pb::{self, groups_server::Groups};
 use chat_store::GroupRecord;
 use tonic::{Request, Response, Status};
@@ -38,12 +38,14 @@ impl GroupsService {
         users: &[UserId],
         name: &str,
         group: &Group,
+        change: GroupChangeView,
         dedup_prefix: &str,
     ) -> Result<(), WorkerError> {
         let payload = push_json(
             name,
             &GroupEvent {
-                group: GroupView::from(group),
+                group: GroupView::for_event(group),
+                change: Some(change),
             },
         )
         .map_err(|e| WorkerError::Domain(DomainError::Invalid(e.to_string())))?;
@@ -121,13 +123,29 @@ impl GroupsService {
             record.rev += 1;
             let group = record.group;
             let prefix = format!("upd-{}-{}", group.id, record.rev);
-            self.publish_to_users(&audience, event::GROUP_UPDATED, &group, &prefix)
+            let delta = change_view(caller, &change);
+            self.publish_to_users(&audience, event::GROUP_UPDATED, &group, delta, &prefix)
                 .await?;
             return Ok(group);
         }
         Err(WorkerError::Store(chat_store::StoreError::Unavailable(
             "too many concurrent changes to this group".into(),
         )))
+    }
+}
+
+/// The delta `a_group_updated` carries for `change` by `caller`.
+fn change_view(caller: &UserId, change: &GroupChange) -> GroupChangeView {
+    let (kind, users): (&str, Vec<&UserId>) = match change {
+        GroupChange::AddMembers { user_ids } => ("members_added", user_ids.iter().collect()),
+        GroupChange::RemoveMember { user_id } => ("member_removed", vec![user_id]),
+        GroupChange::Leave => ("member_left", vec![caller]),
+        GroupChange::TransferOwner { new_owner } => ("owner_changed", vec![new_owner]),
+    };
+    GroupChangeView {
+        kind: kind.into(),
+        user_ids: users.into_iter().map(ToString::to_string).collect(),
+        by: caller.to_string(),
     }
 }
 
@@ -340,8 +358,19 @@ impl Groups for GroupsService {
             // publish first, then mark: a crash in between means a retry
             // publishes again, and JetStream drops the duplicates by id
             let prefix = format!("created-{id}");
-            self.publish_to_users(&members, event::GROUP_CREATED, &record.group, &prefix)
-                .await?;
+            let created = GroupChangeView {
+                kind: "created".into(),
+                user_ids: Vec::new(),
+                by: record.group.created_by.to_string(),
+            };
+            self.publish_to_users(
+                &members,
+                event::GROUP_CREATED,
+                &record.group,
+                created,
+                &prefix,
+            )
+            .await?;
             self.0
                 .store
                 .groups
