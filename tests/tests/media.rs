@@ -122,19 +122,45 @@ async fn an_image_goes_up_with_a_presigned_url_and_reaches_members_live_and_offl
     assert_eq!(ack["seq"], 1);
     let live = bob.messages(1).await?;
     assert_eq!(live[0]["type"], "image");
+    // the message names the server's own copy, in the group's namespace
+    let media_key = live[0]["media"]["key"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        media_key.starts_with(&format!("groups/{g}/")),
+        "{media_key}"
+    );
+    assert_ne!(
+        media_key, key,
+        "the message must not name the uploader's key"
+    );
     assert_eq!(
         live[0]["media"],
-        json!({"key": key, "mime": "image/png", "size": 3000})
+        json!({"key": media_key, "mime": "image/png", "size": 3000})
     );
     let mut carol = c.connect(0, "carol", "setup").await?;
-    assert_eq!(carol.messages(1).await?[0]["media"]["key"], key.as_str());
+    assert_eq!(
+        carol.messages(1).await?[0]["media"]["key"],
+        media_key.as_str()
+    );
     assert_eq!(
         c.history("carol", &g).await?[0]["media"]["key"],
-        key.as_str()
+        media_key.as_str()
     );
 
+    // the upload URL is still valid: what it puts now changes nothing a
+    // message shows, and the upload's own key is not downloadable
+    let swapped: Vec<u8> = vec![0xEE; 3000];
+    assert_eq!(put(&url, swapped).await?, 200);
+    let upload_object = key.rsplit('/').next().expect("object id");
+    let (status, _) = c
+        .get(0, "carol", &format!("/groups/{g}/media/{upload_object}"))
+        .await?;
+    assert_eq!(status, 404, "an upload's own key is not media");
+
     // members download exactly those bytes, through a short-lived URL
-    let object = key.rsplit('/').next().expect("object id");
+    let object = media_key.rsplit('/').next().expect("object id");
     let res = c
         .http()
         .get(format!("{}/groups/{g}/media/{object}", c.edge_url(0)))
@@ -390,9 +416,13 @@ async fn expired_and_tampered_urls_are_refused_and_unused_uploads_are_cleaned() 
             media_msg(&g, "a1", "audio", &key, "audio/ogg", 64),
         )
         .await?;
+    let media_key = c.history("alice", &g).await?[0]["media"]["key"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
     let kept = std::path::Path::new(&c.stack.s3.root)
         .join(&c.stack.s3.bucket)
-        .join(&key);
+        .join(&media_key);
     // wait out two cleaner periods after the unused one went
     let probe = upload(&c, &g, &body, &[4; 64]).await?;
     let probe_path = std::path::Path::new(&c.stack.s3.root)

@@ -155,6 +155,15 @@ impl Objects {
         }
     }
 
+    /// Copies the object `from` to `to` inside the bucket (the store does
+    /// the work: the bytes never pass through the worker).
+    pub async fn copy(&self, from: &str, to: &str) -> Result<(), StoreError> {
+        self.s3
+            .copy(&Path::from(from), &Path::from(to))
+            .await
+            .map_err(object_error)
+    }
+
     /// Deletes `key`; deleting a missing object is not an error.
     pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
         match self.s3.delete(&Path::from(key)).await {

@@ -33,6 +33,15 @@ struct UploadDoc {
     referenced: bool,
     #[serde(default)]
     deleting: bool,
+    /// Where a message's copy of the object lives (set when a message
+    /// claims the upload); absent for uploads claimed by the first release,
+    /// whose messages name the upload's own key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    media_key: Option<String>,
+    /// The object at the upload's own key is gone for good (its URL had
+    /// expired when it was deleted).
+    #[serde(default)]
+    purged: bool,
 }
 
 /// An issued upload.
@@ -83,7 +92,11 @@ impl UploadRepo {
                     .build(),
             )
             .build();
-        self.coll.create_indexes([stale]).await?;
+        let media = IndexModel::builder()
+            .keys(doc! { "mediaKey": 1 })
+            .options(IndexOptions::builder().name("media_key".to_owned()).build())
+            .build();
+        self.coll.create_indexes([stale, media]).await?;
         Ok(())
     }
 
@@ -100,6 +113,8 @@ impl UploadRepo {
                 created_at: to_bson_time(u.created_at),
                 referenced: false,
                 deleting: false,
+                media_key: None,
+                purged: false,
             })
             .await?;
         Ok(())
@@ -114,17 +129,71 @@ impl UploadRepo {
             .map(Upload::from))
     }
 
-    /// Marks the upload as referenced by a message, unless the cleaner got
-    /// there first; returns whether it is now referenced.
-    pub async fn claim(&self, key: &str) -> Result<bool, StoreError> {
+    /// Marks the upload as referenced by a message whose copy of the object
+    /// is `media_key`, unless the cleaner got there first or another message
+    /// claimed it; returns whether this call claimed it.
+    pub async fn claim(&self, key: &str, media_key: &str) -> Result<bool, StoreError> {
         let res = self
             .coll
             .update_one(
-                doc! { "_id": key, "deleting": false },
-                doc! { "$set": { "referenced": true } },
+                doc! { "_id": key, "deleting": false, "referenced": false },
+                doc! { "$set": { "referenced": true, "mediaKey": media_key } },
             )
             .await?;
         Ok(res.matched_count == 1)
+    }
+
+    /// Gives back a claim whose copy failed.
+    pub async fn unclaim(&self, key: &str) -> Result<(), StoreError> {
+        self.coll
+            .update_one(
+                doc! { "_id": key },
+                doc! { "$set": { "referenced": false }, "$unset": { "mediaKey": "" } },
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Whether `key` names media a message of `group` uses: a message's copy,
+    /// or (first release) an upload a message claimed.
+    pub async fn is_media(&self, group: &GroupId, key: &str) -> Result<bool, StoreError> {
+        let found = self
+            .coll
+            .find_one(doc! { "groupId": group.as_str(), "$or": [
+                { "mediaKey": key },
+                { "_id": key, "referenced": true, "mediaKey": { "$exists": false } },
+            ] })
+            .await?;
+        Ok(found.is_some())
+    }
+
+    /// Claimed uploads issued before `before` (their URLs have expired)
+    /// whose own object may still be there.
+    pub async fn expired_claimed(
+        &self,
+        before: Millis,
+        limit: i64,
+    ) -> Result<Vec<Upload>, StoreError> {
+        let docs: Vec<UploadDoc> = self
+            .coll
+            .find(doc! {
+                "referenced": true, "purged": { "$ne": true },
+                "mediaKey": { "$exists": true },
+                "createdAt": { "$lt": to_bson_time(before) },
+            })
+            .limit(limit)
+            .await?
+            .try_collect()
+            .await?;
+        Ok(docs.into_iter().map(Upload::from).collect())
+    }
+
+    /// Records that the upload's own object is gone for good.
+    pub async fn mark_purged(&self, key: &str) -> Result<(), StoreError> {
+        self.coll
+            .update_one(doc! { "_id": key }, doc! { "$set": { "purged": true } })
+            .await?;
+        Ok(())
     }
 
     /// Claims up to `limit` unreferenced uploads issued before `before` for

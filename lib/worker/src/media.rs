@@ -103,11 +103,40 @@ pub(crate) async fn check_media(
             media.mime
         )));
     }
-    if !s.store.uploads.claim(&media.key).await? {
-        return Err(invalid("this upload has expired"));
+    // the message gets a copy under a key no upload URL was ever made for,
+    // so the bytes it names can never change: the uploader's URL stays valid
+    // until it expires and could otherwise replace them (or, after a
+    // removal, put anything there)
+    let media_key = new_key(group);
+    if !s.store.uploads.claim(&media.key, &media_key).await? {
+        return Err(invalid("this upload has expired or is used already"));
+    }
+    let copied = async {
+        objects.copy(&media.key, &media_key).await?;
+        // what was copied is checked again: the upload could have been
+        // replaced between the first look and the copy
+        let copy = objects.head(&media_key).await?;
+        Ok::<_, StoreError>(copy.filter(|c| {
+            c.size == media.size && c.content_type.as_deref().is_none_or(|ct| ct == media.mime)
+        }))
+    }
+    .await;
+    match copied {
+        Ok(Some(_)) => {}
+        Ok(None) | Err(_) => {
+            let _ = objects.delete(&media_key).await;
+            s.store.uploads.unclaim(&media.key).await?;
+            copied?;
+            return Err(invalid("the uploaded object changed while it was checked"));
+        }
+    }
+    // the upload's own object is not needed any more (the cleaner deletes it
+    // again once the URL has expired, in case it was put again)
+    if let Err(e) = objects.delete(&media.key).await {
+        tracing::debug!(key = %media.key, error = %e, "cannot delete a copied upload yet; the cleaner will");
     }
     Ok(MediaContent {
-        key: media.key,
+        key: media_key,
         mime: media.mime,
         size: media.size,
     })
@@ -135,6 +164,23 @@ pub(crate) async fn clean_uploads(s: Arc<State>) {
         match s.store.uploads.claim_stale(before, 100).await {
             Ok(v) => batch.extend(v),
             Err(e) => tracing::debug!(error = %e, "cannot claim stale uploads"),
+        }
+        // claimed uploads whose URL has expired: whatever was put at their
+        // own key after the claim goes, for good
+        let expired = now_millis() - s.config.upload_url_ttl.as_millis() as i64 - 1000;
+        match s.store.uploads.expired_claimed(expired, 100).await {
+            Ok(claimed) => {
+                for u in claimed {
+                    let purged = async {
+                        objects.delete(&u.key).await?;
+                        s.store.uploads.mark_purged(&u.key).await
+                    };
+                    if let Err(e) = purged.await {
+                        tracing::debug!(key = %u.key, error = %e, "cannot purge a claimed upload yet");
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot list claimed uploads"),
         }
         for u in batch {
             let done = async {
@@ -209,11 +255,19 @@ impl Media for MediaService {
         s.check_member(&caller, &group).await?;
         check_key(&group, &req.key)?;
         let objects = objects(s)?;
-        if objects
-            .head(&req.key)
+        // only objects messages use: never an upload's own key, which its
+        // uploader (perhaps removed since) can still write to
+        if !s
+            .store
+            .uploads
+            .is_media(&group, &req.key)
             .await
             .map_err(WorkerError::from)?
-            .is_none()
+            || objects
+                .head(&req.key)
+                .await
+                .map_err(WorkerError::from)?
+                .is_none()
         {
             return Err(WorkerError::NotFound("media").into());
         }
