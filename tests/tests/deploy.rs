@@ -99,3 +99,53 @@ fn compose_has_the_promised_services_and_its_files_exist() -> anyhow::Result<()>
     );
     Ok(())
 }
+
+/// Every shipped NATS configuration (the local one and each node of the
+/// compose cluster) refuses anonymous clients and wrong passwords, and lets
+/// each role's user in.
+#[tokio::test]
+async fn every_shipped_nats_config_refuses_anonymous_clients() -> anyhow::Result<()> {
+    let configs = [
+        "nats/nats-server.conf",
+        "nats/cluster/nats-1.conf",
+        "nats/cluster/nats-2.conf",
+        "nats/cluster/nats-3.conf",
+    ];
+    for config in configs {
+        // laid out as compose mounts them: the config with auth.conf beside
+        let dir = tempfile::tempdir()?;
+        let text = std::fs::read_to_string(root().join(config))?;
+        let store = dir.path().join("js");
+        let store_dir = format!("store_dir: {store:?}");
+        let text = if text.contains("store_dir: /data") {
+            text.replace("store_dir: /data", &store_dir)
+        } else {
+            text.replace("jetstream {", &format!("jetstream {{\n  {store_dir}"))
+        };
+        std::fs::write(dir.path().join("nats.conf"), text)?;
+        std::fs::copy(root().join("nats/auth.conf"), dir.path().join("auth.conf"))?;
+        let nats = chat_stack::Nats::start_with_config(&dir.path().join("nats.conf")).await?;
+        let connect = |user: Option<(&str, &str)>| {
+            let mut options = async_nats::ConnectOptions::new()
+                .connection_timeout(std::time::Duration::from_secs(2));
+            if let Some((u, p)) = user {
+                options = options.user_and_password(u.into(), p.into());
+            }
+            options.connect(nats.url.clone())
+        };
+        assert!(
+            connect(None).await.is_err(),
+            "{config}: anonymous connected"
+        );
+        assert!(
+            connect(Some(("chat-edge", "wrong"))).await.is_err(),
+            "{config}: a wrong password connected"
+        );
+        let users = &nats.users;
+        for u in [&users.edge, &users.worker, &users.ops] {
+            let client = connect(Some((u.user, &u.password))).await;
+            assert!(client.is_ok(), "{config}: {} cannot connect", u.user);
+        }
+    }
+    Ok(())
+}

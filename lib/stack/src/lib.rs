@@ -215,6 +215,11 @@ struct NatsNode {
     cluster: u16,
 }
 
+/// `nats/nats-server.conf`, the local stack's configuration.
+fn default_config() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../nats/nats-server.conf")
+}
+
 fn port_of(url: &str) -> anyhow::Result<String> {
     let rest = url.rsplit(':').next().context("no port in url")?;
     Ok(rest.split(['/', '?']).next().unwrap_or_default().to_owned())
@@ -240,7 +245,7 @@ impl Nats {
         const ATTEMPTS: usize = 3;
         let mut attempt = 1;
         loop {
-            let nats = Self::start_nodes(size).await?;
+            let nats = Self::start_nodes(size, &default_config()).await?;
             if size == 1 {
                 return Ok(nats);
             }
@@ -258,7 +263,15 @@ impl Nats {
         }
     }
 
-    async fn start_nodes(size: usize) -> anyhow::Result<Self> {
+    /// One node with the server configuration at `config` (one of the
+    /// shipped ones, say) on free loopback ports; a `cluster` block in it is
+    /// moved to a free port and routed to itself. The configuration's own
+    /// `store_dir` is used: point it at a temporary folder.
+    pub async fn start_with_config(config: &Path) -> anyhow::Result<Self> {
+        Self::start_nodes(1, config).await
+    }
+
+    async fn start_nodes(size: usize, config: &Path) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("chat-nats-").tempdir()?;
         // the folder's random name (`chat-nats-…`) is unique on the machine
         let cluster_name = dir
@@ -280,7 +293,8 @@ impl Nats {
         let users = NatsUsers::new();
         let mut started = Vec::with_capacity(size);
         for (i, (name, port, monitor, cluster)) in nodes.into_iter().enumerate() {
-            let cmd = Self::command(
+            let mut cmd = Self::command(
+                config,
                 &users,
                 dir.path(),
                 i,
@@ -289,6 +303,12 @@ impl Nats {
                 monitor,
                 (size > 1).then_some((cluster_name.as_str(), cluster, routes.as_slice())),
             )?;
+            if size == 1 && config != default_config() {
+                // its own routes name other hosts: route to itself instead
+                let route = format!("nats://127.0.0.1:{cluster}");
+                cmd.args(["--cluster", &route, "--routes", &route])
+                    .args(["--cluster_name", &cluster_name]);
+            }
             started.push(NatsNode {
                 service: Service::spawn("nats-server", cmd, &dir.path().join(format!("n{i}")))?,
                 name,
@@ -318,7 +338,9 @@ impl Nats {
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn command(
+        config: &Path,
         users: &NatsUsers,
         dir: &Path,
         i: usize,
@@ -328,9 +350,8 @@ impl Nats {
         cluster: Option<(&str, u16, &[String])>,
     ) -> anyhow::Result<Command> {
         let bin = binary("CHAT_NATS_SERVER", venv().join("bin/nats-server"))?;
-        let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../nats/nats-server.conf");
         let mut cmd = Command::new(bin);
-        cmd.arg("-c").arg(&config);
+        cmd.arg("-c").arg(config);
         cmd.env("CHAT_NATS_EDGE_PASSWORD", &users.edge.password)
             .env("CHAT_NATS_WORKER_PASSWORD", &users.worker.password)
             .env("CHAT_NATS_OPS_PASSWORD", &users.ops.password);
@@ -344,9 +365,12 @@ impl Nats {
             "-m",
             &monitor.to_string(),
             "-js",
-            "-sd",
-        ])
-        .arg(dir.join(format!("n{i}")).join("js"));
+        ]);
+        // a configuration of its own names its own store (given twice, the
+        // server refuses to start)
+        if config == default_config() {
+            cmd.arg("-sd").arg(dir.join(format!("n{i}")).join("js"));
+        }
         if let Some((cluster_name, cluster, routes)) = cluster {
             cmd.args([
                 "--cluster_name",
@@ -396,6 +420,7 @@ impl Nats {
             .collect();
         let n = &self.nodes[i];
         let cmd = Self::command(
+            &default_config(),
             &self.users,
             self._dir.path(),
             i,
