@@ -120,6 +120,14 @@ async fn an_image_goes_up_with_a_presigned_url_and_reaches_members_live_and_offl
         )
         .await?;
     assert_eq!(ack["seq"], 1);
+    // a retry (same client id) gets the first ack, though the upload is used
+    let again = alice
+        .request(
+            "send_group_message",
+            media_msg(&g, "img1", "image", &key, "image/png", 3000),
+        )
+        .await?;
+    assert_eq!(again, ack);
     let live = bob.messages(1).await?;
     assert_eq!(live[0]["type"], "image");
     // the message names the server's own copy, in the group's namespace

@@ -275,6 +275,10 @@ pub struct ServeArgs {
     /// shares its address: limit there instead, or raise this.
     #[arg(long, env = "CHATD_ADDRESS_REQUESTS_PER_SEC", default_value_t = chat_edge::Config::default().address_requests_per_sec)]
     pub address_requests_per_sec: f64,
+    /// Edge: most client connections served at once (more wait to be
+    /// accepted); keep it under the open-file limit.
+    #[arg(long, env = "CHATD_MAX_CONNECTIONS", default_value_t = chat_edge::Config::default().max_connections)]
+    pub max_connections: usize,
     /// Edge: milliseconds a client may take to send a request's headers.
     #[arg(long, env = "CHATD_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
     pub header_read_timeout_ms: u64,
@@ -506,6 +510,7 @@ impl Node {
                 user_requests_per_sec: args.user_requests_per_sec,
                 address_requests_per_sec: args.address_requests_per_sec,
                 header_read_timeout: Duration::from_millis(args.header_read_timeout_ms.max(1)),
+                max_connections: args.max_connections,
                 write_timeout: Duration::from_millis(args.ws_write_timeout_ms.max(1)),
                 service_secret,
                 ..chat_edge::Config::default()

@@ -67,6 +67,8 @@ pub struct Config {
     pub address_requests_per_sec: f64,
     /// How long a client may take to send a request's headers.
     pub header_read_timeout: Duration,
+    /// Most connections served at once; more wait to be accepted.
+    pub max_connections: usize,
     /// Requests a connection may burst above the sustained rate.
     pub request_burst: f64,
     /// Error replies in a row after which a connection is closed as abusive.
@@ -90,6 +92,7 @@ impl Default for Config {
             user_requests_per_sec: 50.0,
             address_requests_per_sec: 500.0,
             header_read_timeout: Duration::from_secs(10),
+            max_connections: 100_000,
             request_burst: 100.0,
             max_errors_in_a_row: 50,
             service_secret: None,
@@ -236,10 +239,7 @@ pub async fn serve(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use hyper_util::{
-        rt::{TokioExecutor, TokioIo, TokioTimer},
-        server::conn::auto,
-    };
+    use hyper_util::rt::{TokioIo, TokioTimer};
     use tower::ServiceExt as _;
 
     // know which workers prove the service secret before the first request
@@ -248,12 +248,20 @@ pub async fn serve(
     let header_timeout = state.config.header_read_timeout;
     let (drain, draining) = tokio::sync::watch::channel(false);
     let connections = tokio_util::task::TaskTracker::new();
+    // past the cap, new connections wait in the kernel's backlog
+    let room = Arc::new(tokio::sync::Semaphore::new(
+        state.config.max_connections.max(1),
+    ));
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
-        let (tcp, remote) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
+        let (tcp, remote, permit) = tokio::select! {
+            accepted = async {
+                let permit = room.clone().acquire_owned().await;
+                (listener.accept().await, permit)
+            } => match accepted {
+                (Ok((tcp, remote)), Ok(permit)) => (tcp, remote, permit),
+                (Ok(_), Err(_)) => break,
+                (Err(e), _) => {
                     // out of file descriptors, say: wait, do not spin
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -275,12 +283,14 @@ pub async fn serve(
             });
         let mut draining = draining.clone();
         connections.spawn(async move {
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
+            let _permit = permit;
+            // HTTP/1.1 only: hyper's automatic HTTP/2 detection reads the
+            // first bytes with no deadline, which let idle connections stay
+            let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout);
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
+                .header_read_timeout(header_timeout)
+                .serve_connection(TokioIo::new(tcp), service)
+                .with_upgrades();
             let mut conn = std::pin::pin!(conn);
             tokio::select! {
                 result = conn.as_mut() => {

@@ -173,6 +173,21 @@ impl From<RateLimited> for ApiError {
     }
 }
 
+/// The key of a client address: an IPv6 client usually holds a whole /64,
+/// so that is what counts as one address (an IPv4-mapped one is IPv4).
+fn address_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+        v4 => v4,
+    }
+}
+
 /// Middleware: counts every request against its client address before
 /// anything else runs.
 pub(crate) async fn by_address(State(app): State<AppState>, req: Request, next: Next) -> Response {
@@ -181,7 +196,7 @@ pub(crate) async fn by_address(State(app): State<AppState>, req: Request, next: 
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip());
     if let Some(ip) = addr
-        && let Err(wait) = app.limits.per_address.take(&ip)
+        && let Err(wait) = app.limits.per_address.take(&address_key(ip))
     {
         metrics::counter!("chat_rest_rate_limited_total").increment(1);
         return too_many(wait);
@@ -201,6 +216,20 @@ mod tests {
         assert!(
             wait <= Duration::from_millis(500) && wait > Duration::ZERO,
             "{wait:?}"
+        );
+    }
+
+    #[test]
+    fn an_ipv6_client_is_its_64() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().expect("ip");
+        let b: IpAddr = "2001:db8:1:2:bbbb::9".parse().expect("ip");
+        let c: IpAddr = "2001:db8:1:3::1".parse().expect("ip");
+        assert_eq!(address_key(a), address_key(b));
+        assert_ne!(address_key(a), address_key(c));
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().expect("ip");
+        assert_eq!(
+            address_key(mapped),
+            "192.0.2.1".parse::<IpAddr>().expect("ip")
         );
     }
 

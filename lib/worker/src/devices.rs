@@ -7,6 +7,11 @@
 //! change. A removal also narrows the filters before the membership change
 //! commits, so nothing the group publishes after the removal reaches any
 //! device of the removed user.
+//!
+//! A lease is given back however its holder ends (dropped on a cancelled
+//! call, it is released by a task of its own), and its holder writes no
+//! filter past half its lifetime, so a slow holder can never write after
+//! another worker took the lease over.
 
 use std::time::Duration;
 
@@ -26,11 +31,33 @@ fn busy(why: &str) -> WorkerError {
     WorkerError::Store(chat_store::StoreError::Unavailable(why.into()))
 }
 
-/// The user's filter lease, held until [`Lease::release`].
+/// The user's filter lease, held until [`Lease::release`] or dropped.
 pub(crate) struct Lease<'a> {
     state: &'a State,
     user: UserId,
     holder: String,
+    /// No filter is written after this: the lease still has half its
+    /// lifetime then, so no other worker can hold it yet.
+    write_until: tokio::time::Instant,
+    released: bool,
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        // a call cancelled while holding it: give it back all the same
+        let users = self.state.store.users.clone();
+        let (user, holder) = (self.user.clone(), std::mem::take(&mut self.holder));
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = users.release_filter_lease(&user, &holder).await {
+                    tracing::warn!(user = %user, error = %e, "cannot release a dropped filter lease; it runs out by itself");
+                }
+            });
+        }
+    }
 }
 
 impl<'a> Lease<'a> {
@@ -38,6 +65,7 @@ impl<'a> Lease<'a> {
     pub(crate) async fn take(state: &'a State, user: &UserId) -> Result<Self, WorkerError> {
         let holder = uuid::Uuid::new_v4().simple().to_string();
         let deadline = tokio::time::Instant::now() + LEASE_WAIT;
+        let asked = tokio::time::Instant::now();
         let mut wait = Duration::from_millis(5);
         loop {
             let now = now_millis();
@@ -52,6 +80,9 @@ impl<'a> Lease<'a> {
                     state,
                     user: user.clone(),
                     holder,
+                    // from before the ask: the stored `until` is later
+                    write_until: asked + LEASE / 2,
+                    released: false,
                 });
             }
             if tokio::time::Instant::now() + wait > deadline {
@@ -62,10 +93,19 @@ impl<'a> Lease<'a> {
         }
     }
 
+    /// Fails once the lease is too old to write under.
+    pub(crate) fn check_fresh(&self) -> Result<(), WorkerError> {
+        if tokio::time::Instant::now() > self.write_until {
+            return Err(busy("changing this user's devices took too long; retry"));
+        }
+        Ok(())
+    }
+
     /// Points every device of the user at `groups`.
     pub(crate) async fn set_filters(&self, groups: &[GroupId]) -> Result<(), WorkerError> {
         let s = self.state;
         for device in s.store.users.devices(&self.user).await? {
+            self.check_fresh()?;
             s.bus.set_group_filters(&self.user, &device, groups).await?;
         }
         Ok(())
@@ -115,6 +155,7 @@ impl<'a> Lease<'a> {
             let idle_before = now - limits.idle.as_millis() as i64;
             let admission = read.admit(device, now, limits.max_per_user, idle_before);
             for old in &admission.evicted {
+                self.check_fresh()?;
                 state.bus.delete_device(user, old).await?;
                 tracing::info!(user = %user, device = %old, "device evicted");
             }
@@ -129,7 +170,8 @@ impl<'a> Lease<'a> {
     }
 
     /// Gives the lease back (a lease not given back runs out by itself).
-    pub(crate) async fn release(self) {
+    pub(crate) async fn release(mut self) {
+        self.released = true;
         if let Err(e) = self
             .state
             .store

@@ -91,11 +91,37 @@ impl GroupsService {
             &self.0.config.limits,
             now_millis(),
         )?;
-        let lease = Lease::take(&self.0, &leaving).await?;
+        // in a task of its own: a cancelled call must not stop it between
+        // narrowing the filters and setting them from the truth
+        let service = GroupsService(self.0.clone());
+        tokio::spawn(async move {
+            service
+                .leave_or_remove(&caller, &id, change, &leaving)
+                .await
+        })
+        .await
+        .map_err(|e| {
+            WorkerError::Store(chat_store::StoreError::Unavailable(format!(
+                "membership change task: {e}"
+            )))
+        })?
+    }
+
+    /// A member leaves or is removed: its devices stop following the group
+    /// before the change commits, and follow the stored truth after it,
+    /// whether or not the change went through.
+    async fn leave_or_remove(
+        &self,
+        caller: &UserId,
+        id: &GroupId,
+        change: GroupChange,
+        leaving: &UserId,
+    ) -> Result<Group, WorkerError> {
+        let lease = Lease::take(&self.0, leaving).await?;
         let result = async {
-            let without = lease.subscribed(Some(&id)).await?;
+            let without = lease.subscribed(Some(id)).await?;
             lease.set_filters(&without).await?;
-            self.apply(&caller, &id, change).await
+            self.apply(caller, id, change).await
         }
         .await;
         let synced = lease.sync().await;

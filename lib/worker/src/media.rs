@@ -142,6 +142,58 @@ pub(crate) async fn check_media(
     })
 }
 
+/// An upload claimed by a send that has not been published yet: dropped
+/// without [`Claim::keep`] (the send failed before publishing), it gives the
+/// upload back and deletes the copy, in a task of its own.
+pub(crate) struct Claim {
+    objects: Objects,
+    uploads: chat_store::UploadRepo,
+    upload: String,
+    copy: String,
+    armed: bool,
+}
+
+impl Claim {
+    pub(crate) fn new(s: &State, upload: &str, copy: &str) -> Option<Self> {
+        Some(Self {
+            objects: s.objects.clone()?,
+            uploads: s.store.uploads.clone(),
+            upload: upload.to_owned(),
+            copy: copy.to_owned(),
+            armed: true,
+        })
+    }
+
+    /// The send went on: the claim stays.
+    pub(crate) fn keep(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let (objects, uploads) = (self.objects.clone(), self.uploads.clone());
+        let (upload, copy) = (
+            std::mem::take(&mut self.upload),
+            std::mem::take(&mut self.copy),
+        );
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let given_back = async {
+                    objects.delete(&copy).await?;
+                    uploads.unclaim(&upload).await
+                };
+                if let Err(e) = given_back.await {
+                    tracing::warn!(upload, error = %e, "cannot give back an upload of a failed send");
+                }
+            });
+        }
+    }
+}
+
 /// Deletes uploads that no message claimed within the configured time.
 /// Safe on several workers: each upload is claimed for deletion atomically.
 pub(crate) async fn clean_uploads(s: Arc<State>) {

@@ -24,7 +24,7 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     State, WorkerError,
-    media::{MediaContent, check_media},
+    media::{self, MediaContent, check_media},
     parse_id,
 };
 
@@ -335,6 +335,11 @@ impl MessagesService {
         let sender = parse_id::<UserId>(&req.caller)?;
         let group = parse_id::<GroupId>(&req.group_id)?;
         let client_id = parse_id::<ClientMsgId>(&req.client_msg_id)?;
+        let upload_key = req
+            .media
+            .as_ref()
+            .map(|m| m.key.clone())
+            .unwrap_or_default();
         let kind = MessageKind::parse(&req.r#type)?;
         if kind == MessageKind::Text {
             check_text(&req.text, &s.config.limits)?;
@@ -356,11 +361,28 @@ impl MessagesService {
                 media: None,
             }
         } else {
+            // a media send claims its upload: a retry must find its first
+            // attempt before that, or it would be refused as "used already"
+            if let Some(first) = s
+                .store
+                .messages
+                .find_by_client_id(&group, &sender, &client_id)
+                .await?
+                && let Some(done) = earlier_attempt(s, &first).await?
+            {
+                return Ok(done);
+            }
             Content {
                 text: None,
                 media: Some(check_media(s, &group, kind, req.media).await?),
             }
         };
+        // until the publish is under way, a failure gives the upload back
+        // (and deletes its copy): the client may send it again
+        let claim = content
+            .media
+            .as_ref()
+            .and_then(|m| media::Claim::new(s, &upload_key, &m.key));
         let plaintext =
             serde_json::to_vec(&content).map_err(|e| DomainError::Invalid(e.to_string()))?;
         let after = position(s, &group).await?;
@@ -399,6 +421,11 @@ impl MessagesService {
             return Err(unavailable("nats is not connected"));
         }
         let stored = started.elapsed();
+        // from here the outcome may be uncertain: the claim stays with the
+        // message, whatever the sweeper decides
+        if let Some(claim) = claim {
+            claim.keep();
+        }
         let (p, content) = match publish(s, &m, &plaintext).await {
             Ok(p) => p,
             Err(e) => {

@@ -30,6 +30,7 @@ impl Sessions for SessionsService {
         let ensured = async {
             lease.register(&device, name).await?;
             let groups = lease.subscribed(None).await?;
+            lease.check_fresh()?;
             Ok::<_, WorkerError>(s.bus.ensure_device(&user, &device, &groups).await?)
         }
         .await;
