@@ -149,35 +149,23 @@ async fn old_device_consumers_are_renamed_keeping_their_place() -> anyhow::Resul
         .await?
         .sequence;
     let users_last = users.get_info().await?.state.last_sequence;
+    let old = |name: &str, filter: String, start_sequence: u64| consumer::pull::Config {
+        durable_name: Some(name.into()),
+        filter_subject: filter,
+        ack_policy: AckPolicy::Explicit,
+        deliver_policy: DeliverPolicy::ByStartSequence { start_sequence },
+        ..Default::default()
+    };
+    let (group_subject, bob_subject) = (format!("chat.group.{g}.msg"), "chat.user.bob.event");
     groups
-        .create_consumer(consumer::pull::Config {
-            durable_name: Some("g_bob_setup".into()),
-            filter_subject: format!("chat.group.{g}.msg"),
-            ack_policy: AckPolicy::Explicit,
-            deliver_policy: DeliverPolicy::ByStartSequence {
-                start_sequence: acked_up_to + 1,
-            },
-            ..Default::default()
-        })
+        .create_consumer(old("g_bob_setup", group_subject, acked_up_to + 1))
         .await?;
     users
-        .create_consumer(consumer::pull::Config {
-            durable_name: Some("u_bob_setup".into()),
-            filter_subject: "chat.user.bob.event".into(),
-            ack_policy: AckPolicy::Explicit,
-            deliver_policy: DeliverPolicy::ByStartSequence {
-                start_sequence: users_last + 1,
-            },
-            ..Default::default()
-        })
+        .create_consumer(old("u_bob_setup", bob_subject.into(), users_last + 1))
         .await?;
     // `u_bob_x_y` fits both (bob, x_y) and (bob_x, y); it is bob_x's
     users
-        .create_consumer(consumer::pull::Config {
-            durable_name: Some("u_bob_x_y".into()),
-            filter_subject: "chat.user.bob_x.event".into(),
-            ..Default::default()
-        })
+        .create_consumer(old("u_bob_x_y", "chat.user.bob_x.event".into(), 1))
         .await?;
     alice.send_text(&g, "m2", "two").await?;
     alice.send_text(&g, "m3", "three").await?;

@@ -182,22 +182,11 @@ impl Bus {
     /// leader yet (on a busy machine that took over 30 s): keep trying for
     /// up to 60 s.
     pub async fn ensure_streams(&self) -> Result<(), BusError> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        for config in [
-            self.defs.users_stream.clone(),
-            self.defs.groups_stream.clone(),
-        ] {
-            let name = config.name.clone();
-            loop {
-                match self.js.create_or_update_stream(config.clone()).await {
-                    Ok(_) => break,
-                    Err(e) if tokio::time::Instant::now() < deadline => {
-                        tracing::debug!(stream = %name, error = %e, "jetstream not ready yet");
-                        tokio::time::sleep(Duration::from_millis(250)).await;
-                    }
-                    Err(e) => return Err(BusError::Unavailable(format!("stream {name}: {e}"))),
-                }
-            }
+        for config in [&self.defs.users_stream, &self.defs.groups_stream] {
+            self.until_streams_answer(&config.name, || {
+                self.js.create_or_update_stream(config.clone())
+            })
+            .await?;
         }
         Ok(())
     }
@@ -206,20 +195,34 @@ impl Bus {
     /// what an edge does at start-up, since only workers may declare
     /// streams.
     pub async fn wait_for_streams(&self) -> Result<(), BusError> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         for name in [&self.defs.users_stream.name, &self.defs.groups_stream.name] {
-            loop {
-                match self.js.get_stream(name).await {
-                    Ok(_) => break,
-                    Err(e) if tokio::time::Instant::now() < deadline => {
-                        tracing::debug!(stream = %name, error = %e, "stream not there yet");
-                        tokio::time::sleep(Duration::from_millis(250)).await;
-                    }
-                    Err(e) => return Err(BusError::Unavailable(format!("stream {name}: {e}"))),
-                }
-            }
+            self.until_streams_answer(name, || self.js.get_stream(name))
+                .await?;
         }
         Ok(())
+    }
+
+    /// Runs `op` on stream `name` until it succeeds, for up to 60 s (a
+    /// cluster that has just started may not have its JetStream leader yet).
+    async fn until_streams_answer<T, E: std::fmt::Display, F>(
+        &self,
+        name: &str,
+        op: impl Fn() -> F,
+    ) -> Result<(), BusError>
+    where
+        F: Future<Output = Result<T, E>>,
+    {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            match op().await {
+                Ok(_) => return Ok(()),
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(stream = %name, error = %e, "jetstream not ready yet");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(e) => return Err(BusError::Unavailable(format!("stream {name}: {e}"))),
+            }
+        }
     }
 
     /// How long the connection to NATS has been up, if it is. Publishes made
