@@ -320,15 +320,19 @@ impl Cluster {
             .database("chat"))
     }
 
-    /// A bus handle on the cluster's NATS.
+    /// A bus handle on the cluster's NATS, as the operators' user.
     pub async fn bus(&self) -> anyhow::Result<chat_bus::Bus> {
-        let ops = &self.stack.nats.users.ops;
+        self.bus_as(&self.stack.nats.users.ops).await
+    }
+
+    /// A bus handle on the cluster's NATS as `user`.
+    pub async fn bus_as(&self, user: &chat_stack::NatsUser) -> anyhow::Result<chat_bus::Bus> {
         Ok(chat_bus::Bus::connect(
             &self.stack.nats.url,
             "test",
             Some(chat_bus::Credentials {
-                user: ops.user.to_owned(),
-                password: ops.password.clone(),
+                user: user.user.to_owned(),
+                password: user.password.clone(),
             }),
             chat_bus::Definitions::load(1)?,
         )

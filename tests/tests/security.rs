@@ -475,6 +475,15 @@ async fn nats_refuses_anonymous_clients_and_limits_each_role() -> anyhow::Result
     );
     let pushes = group_or_created_within(&mut bob, QUIET).await?;
     assert!(pushes.is_empty(), "bob received {pushes:?}");
+    // and an edge's user cannot read the replies a worker gets
+    let mut snoop = client.subscribe("_INBOX.>").await?;
+    let bus = c.bus_as(&c.stack.nats.users.worker).await?;
+    bus.jetstream().get_stream("CHAT_GROUPS").await?;
+    let snooped = tokio::time::timeout(QUIET, snoop.next()).await;
+    assert!(
+        !matches!(snooped, Ok(Some(_))),
+        "an edge's user read a worker's reply"
+    );
     c.stop().await
 }
 

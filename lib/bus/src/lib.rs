@@ -116,7 +116,12 @@ impl Bus {
         let events = up_since.clone();
         let mut options = async_nats::ConnectOptions::new();
         if let Some(c) = credentials {
-            options = options.user_and_password(c.user, c.password);
+            // replies come to an inbox of the user's own (`nats/auth.conf`
+            // lets each user subscribe to its own only), so no role reads
+            // another's replies
+            options = options
+                .custom_inbox_prefix(format!("_INBOX.{}", c.user))
+                .user_and_password(c.user, c.password);
         }
         let client = options
             .name(name)
