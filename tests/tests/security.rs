@@ -308,20 +308,10 @@ async fn removal_racing_subscribe_and_session_opens_leaves_nothing_behind() -> a
     c.stop().await
 }
 
-/// The devices `user` has registered, from MongoDB.
+/// The devices `user` has registered, read with the store's own query.
 async fn registered_devices(c: &Cluster, user: &str) -> anyhow::Result<Vec<DeviceId>> {
-    let db = c.mongo().await?;
-    let doc = db
-        .collection::<mongodb::bson::Document>("users")
-        .find_one(mongodb::bson::doc! { "_id": user })
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("no user {user}"))?;
-    Ok(doc
-        .get_array("devices")?
-        .iter()
-        .filter_map(|d| d.as_document()?.get_str("id").ok())
-        .filter_map(|id| DeviceId::parse(id).ok())
-        .collect())
+    let store = chat_store::Store::connect(&c.stack.mongo.uri, "chat").await?;
+    Ok(store.users.devices(&UserId::parse(user)?).await?)
 }
 
 /// The worker's port trusted the `caller` field: a made-up caller read

@@ -64,8 +64,8 @@ impl<'a> Lease<'a> {
     /// Waits (bounded) for `user`'s lease.
     pub(crate) async fn take(state: &'a State, user: &UserId) -> Result<Self, WorkerError> {
         let holder = uuid::Uuid::new_v4().simple().to_string();
-        let deadline = tokio::time::Instant::now() + LEASE_WAIT;
         let asked = tokio::time::Instant::now();
+        let deadline = asked + LEASE_WAIT;
         let mut wait = Duration::from_millis(5);
         loop {
             let now = now_millis();
