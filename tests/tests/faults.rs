@@ -184,6 +184,76 @@ async fn a_worker_killed_mid_traffic_costs_senders_nothing_acknowledged() -> any
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_between_the_stream_ack_and_the_mongodb_write_loses_nothing()
+-> anyhow::Result<()> {
+    // one edge, two workers (real processes): MongoDB is down while the
+    // messages are sent, so every worker holds what it pulled from the
+    // persist consumer unwritten; one of them is then killed
+    let mut c = Cluster::start_with(0, 0, &[]).await?;
+    let mut w1 = c.spawn_process("worker").await?;
+    let w2 = c.spawn_process("worker").await?;
+    c.add_edge_for(&[w1.grpc, w2.grpc]).await?;
+    let g = c.room(&["alice", "bob"]).await?;
+    let mut alice = c.connect(0, "alice", "setup").await?;
+    // calls alternate between the workers: each one learns the membership
+    const WARM: usize = 2;
+    for i in 0..WARM {
+        alice.send_text(&g, &format!("warm{i}"), "warm").await?;
+    }
+
+    c.stack.mongo.kill();
+    const N: usize = 30;
+    for i in 0..N {
+        alice
+            .send_text(&g, &format!("m{i}"), &format!("text {i}"))
+            .await?;
+    }
+    // kill a worker that holds pulled, unwritten messages
+    let holding = |p: &chat_tests::Process| p.log_text().contains("cannot persist a batch yet");
+    let mut w2 = w2;
+    let victim = chat_tests::eventually(PROMPTLY, || {
+        let found = if holding(&w1) {
+            Some(1)
+        } else if holding(&w2) {
+            Some(2)
+        } else {
+            None
+        };
+        async move { Ok(found) }
+    })
+    .await?;
+    if victim == 1 {
+        w1.kill();
+    } else {
+        w2.kill();
+    }
+    c.stack.mongo.restart().await?;
+
+    // the survivor writes its own batches when MongoDB is back, and the dead
+    // worker's after the consumer's ack wait
+    let db = c.mongo().await?;
+    chat_tests::eventually(Duration::from_secs(45), || async {
+        let n = db
+            .collection::<mongodb::bson::Document>("messages")
+            .count_documents(mongodb::bson::doc! { "groupId": &g, "state": "committed" })
+            .await?;
+        Ok((n as usize == N + WARM).then_some(()))
+    })
+    .await?;
+    let history = c.history("bob", &g).await?;
+    let seqs: Vec<u64> = history.iter().filter_map(|m| m["seq"].as_u64()).collect();
+    let all = (N + WARM) as u64;
+    assert_eq!(
+        seqs,
+        (1..=all).rev().collect::<Vec<_>>(),
+        "complete, once each"
+    );
+    println!("killed worker {victim} holding unwritten messages");
+    drop((w1, w2));
+    c.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edge_drains_on_sigterm_and_clients_move_over() -> anyhow::Result<()> {
     // two edges (one a real process), two workers, a 3-node NATS cluster
     let c = Cluster::start_clustered(3, 1, 2).await?;

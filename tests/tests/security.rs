@@ -255,6 +255,63 @@ async fn a_removed_member_receives_nothing_on_any_device() -> anyhow::Result<()>
     c.stop().await
 }
 
+/// Workers answer sends from a membership cache (no database read on the
+/// send path): a removal must reach every worker's cache, or a removed
+/// member could go on writing into the group. Two workers both learn bob's
+/// membership; after his removal (through either), every send of his is
+/// refused, on both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_member_can_no_longer_send_through_any_worker() -> anyhow::Result<()> {
+    let c = Cluster::start(1, 2).await?;
+    let g = c.room(&["alice", "bob"]).await?;
+    let mut bob = c.connect(0, "bob", "web").await?;
+    // calls alternate between the workers: both cache the membership
+    for i in 0..4 {
+        bob.send_text(&g, &format!("before{i}"), "hi").await?;
+    }
+    let res = c
+        .http()
+        .delete(format!("{}/groups/{g}/members/bob", c.edge_url(0)))
+        .bearer_auth(token("alice"))
+        .send()
+        .await?;
+    assert_eq!(res.status(), 200);
+    // the notice to the other worker is on its way as the removal returns;
+    // from the first refusal on, every send through either worker is refused
+    let send = |i: usize| json!({"groupId": g, "clientMsgId": format!("after{i}"), "type": "text", "text": "still here?"});
+    let deadline = tokio::time::Instant::now() + PROMPTLY;
+    let mut i = 0;
+    loop {
+        i += 1;
+        let reply = bob.request("send_group_message", send(i)).await;
+        if reply.is_err() {
+            assert_eq!(
+                bob.request_error("send_group_message", send(i)).await?,
+                "forbidden"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "bob could still send {i} times after his removal"
+        );
+    }
+    for j in 100..104 {
+        assert_eq!(
+            bob.request_error("send_group_message", send(j)).await?,
+            "forbidden",
+            "send {j} after the removal"
+        );
+    }
+    let history = c.history("alice", &g).await?;
+    let after = history
+        .iter()
+        .filter(|m| m["text"] == "still here?")
+        .count();
+    assert!(after <= i, "{after} sends after the removal got through");
+    c.stop().await
+}
+
 /// Subscribe, session opens and removal at the same time, over and over:
 /// afterwards no device of the removed member follows the group, and none
 /// receives what is sent after.

@@ -1,12 +1,12 @@
-//! The store against a real MongoDB-wire server: the write batcher
-//! (concurrent sends share commands, yet each keeps its own result) and
-//! group receipts.
+//! The store against a real MongoDB-wire server: projecting the stream's
+//! messages (in one command, idempotent under redelivery, settling records
+//! of the earlier send path) and group receipts.
 
 use chat_domain::{ClientMsgId, GroupId, MessageId, UserId};
-use chat_store::{Published, Store, StoredMessage};
-use futures::future::join_all;
+use chat_store::{Store, StoredMessage};
+use mongodb::bson::{Document, doc};
 
-fn message(group: &GroupId, client_id: &str) -> anyhow::Result<StoredMessage> {
+fn message(group: &GroupId, client_id: &str, seq: u64) -> anyhow::Result<StoredMessage> {
     Ok(StoredMessage {
         id: MessageId::generate(),
         group_id: group.clone(),
@@ -14,87 +14,85 @@ fn message(group: &GroupId, client_id: &str) -> anyhow::Result<StoredMessage> {
         client_msg_id: ClientMsgId::parse(client_id)?,
         kind: "text".into(),
         key_id: "k".into(),
-        nonce: vec![0; 12],
-        ciphertext: vec![1, 2, 3],
+        nonce: vec![seq as u8; 12],
+        ciphertext: vec![1, 2, seq as u8],
         binding: 2,
-        seq: None,
-        stream_seq: None,
-        after_stream_seq: 0,
+        seq: Some(seq),
+        stream_seq: Some(100 + seq),
         created_at: chat_domain::now_millis(),
     })
 }
 
 #[tokio::test]
-async fn batched_inserts_and_commits_answer_each_caller() -> anyhow::Result<()> {
+async fn projected_batches_are_idempotent_and_settle_earlier_records() -> anyhow::Result<()> {
     let mongo = chat_stack::Mongo::start().await?;
-    let store = Store::connect(&mongo.uri, "batch").await?;
+    let store = Store::connect(&mongo.uri, "project").await?;
     store.ensure_indexes().await?;
     let group = GroupId::generate();
-    // 40 distinct client ids, each sent twice at once: the pairs land in the
-    // same or neighbouring batches, and exactly one of each pair is stored
-    let msgs: Vec<StoredMessage> = (0..80)
-        .map(|i| message(&group, &format!("c{}", i % 40)))
+    let msgs: Vec<StoredMessage> = (1..=40)
+        .map(|i| message(&group, &format!("c{i}"), i))
         .collect::<anyhow::Result<_>>()?;
-    let inserted = join_all(msgs.iter().map(|m| store.messages.insert_pending(m))).await;
-    let mut stored = Vec::new();
-    for (m, r) in msgs.iter().zip(inserted) {
-        if r? {
-            stored.push(m);
-        }
+    assert_eq!(store.messages.project(&msgs[..30]).await?, 30);
+    // a batch delivered again, overlapping the first: only the new ones count
+    assert_eq!(store.messages.project(&msgs[20..]).await?, 10);
+    let page = store.messages.history(&group, None, 100).await?;
+    let seqs: Vec<u64> = page.iter().filter_map(|m| m.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=40).rev().collect::<Vec<_>>(),
+        "each once, in order"
+    );
+    for m in &msgs {
+        let got = store.messages.get(&m.id).await?.expect("stored");
+        assert_eq!(&got, m, "stored as the stream holds it");
     }
-    assert_eq!(stored.len(), 40, "one message per client id");
-    let mut ids: Vec<&str> = stored.iter().map(|m| m.client_msg_id.as_str()).collect();
-    ids.sort_unstable();
-    ids.dedup();
-    assert_eq!(ids.len(), 40);
+    assert_eq!(
+        store.messages.last_committed(&group).await?,
+        Some((40, 140))
+    );
 
-    // commits in one go, each with its own seq and content
-    let content = |i: usize| Published {
-        key_id: "k2".into(),
-        nonce: vec![i as u8; 12],
-        ciphertext: vec![i as u8, 9],
-        binding: 2,
+    // records of the earlier send path: a pending record of a message that
+    // landed (committed now, keeping its client id), and one of an attempt
+    // that never landed under a client id a later message uses (removed)
+    let db = mongodb::Client::with_uri_str(&mongo.uri)
+        .await?
+        .database("project");
+    let coll = db.collection::<Document>("messages");
+    let landed = message(&group, "old-1", 41)?;
+    let lost_id = MessageId::generate();
+    let pending = |id: &str, client: &str| {
+        doc! {
+            "_id": id, "groupId": group.as_str(), "senderId": "alice",
+            "clientMsgId": client, "type": "text", "keyId": "k",
+            "nonce": mongodb::bson::Binary { subtype: mongodb::bson::spec::BinarySubtype::Generic, bytes: vec![] },
+            "ciphertext": mongodb::bson::Binary { subtype: mongodb::bson::spec::BinarySubtype::Generic, bytes: vec![] },
+            "state": "pending", "createdAt": mongodb::bson::DateTime::now(),
+            "updatedAt": mongodb::bson::DateTime::now(),
+        }
     };
-    let contents: Vec<Published> = (0..stored.len()).map(content).collect();
-    let commits = join_all(stored.iter().zip(&contents).enumerate().map(|(i, (m, c))| {
+    coll.insert_many([
+        pending(landed.id.as_str(), "old-1"),
+        pending(lost_id.as_str(), "c42"),
+    ])
+    .await?;
+    let reused = message(&group, "c42", 42)?;
+    assert_eq!(
         store
             .messages
-            .commit(&m.id, i as u64 + 1, i as u64 + 100, c)
-    }))
-    .await;
-    for c in commits {
-        c?;
-    }
-    for (i, m) in stored.iter().enumerate() {
-        let got = store.messages.get(&m.id).await?.expect("stored");
-        assert_eq!(got.seq, Some(i as u64 + 1), "{}", m.id);
-        assert_eq!(got.stream_seq, Some(i as u64 + 100));
-        assert_eq!(
-            (got.key_id, got.nonce, got.ciphertext, got.binding),
-            (
-                "k2".to_owned(),
-                contents[i].nonce.clone(),
-                contents[i].ciphertext.clone(),
-                2
-            )
-        );
-    }
+            .project(&[landed.clone(), reused.clone()])
+            .await?,
+        0,
+        "both met an earlier record"
+    );
+    assert_eq!(store.messages.get(&landed.id).await?, Some(landed));
+    assert_eq!(store.messages.get(&reused.id).await?, Some(reused));
+    assert_eq!(store.messages.get(&lost_id).await?, None);
+    assert_eq!(coll.count_documents(doc! { "state": "pending" }).await?, 0);
 
-    // with the database gone, every caller of a batch hears of it
+    // with the database gone, a batch fails as a whole (and is held)
     drop(mongo);
-    let failed = join_all((0..5).map(|i| {
-        let m = message(&group, &format!("late{i}"));
-        let store = store.clone();
-        async move {
-            store
-                .messages
-                .insert_pending(&m?)
-                .await
-                .map_err(anyhow::Error::from)
-        }
-    }))
-    .await;
-    assert!(failed.iter().all(|r| r.is_err()), "{failed:?}");
+    let late = message(&group, "late", 43)?;
+    assert!(store.messages.project(&[late]).await.is_err());
     Ok(())
 }
 

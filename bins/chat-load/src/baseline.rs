@@ -53,7 +53,7 @@ fn payload(seq: u64, epoch: Instant, size: usize) -> Bytes {
 }
 
 /// Connects as `user` (the stack's NATS refuses anonymous clients).
-fn connect_options(user: &NatsUser) -> async_nats::ConnectOptions {
+pub fn connect_options(user: &NatsUser) -> async_nats::ConnectOptions {
     async_nats::ConnectOptions::new().user_and_password(user.user.to_owned(), user.password.clone())
 }
 

@@ -10,6 +10,7 @@
 
 mod baseline;
 mod load;
+mod persistence;
 mod report;
 mod stats;
 mod system;
@@ -145,6 +146,7 @@ async fn main() -> anyhow::Result<()> {
         machine: report::Machine::read(),
         chat: None,
         catch_up: None,
+        persistence: None,
         server: vec![],
         load_generator_cpu_percent: 0.0,
         nats_core: None,
@@ -160,6 +162,10 @@ async fn main() -> anyhow::Result<()> {
             load::run(&plan, system.http, system.chatd_pid(), nats_pid, &processes).await?;
         report.chat = Some(chat);
         report.server = usage;
+    }
+    if report.chat.as_ref().is_some_and(|c| c.acked > 0) {
+        eprintln!("checking that MongoDB caught up with the stream");
+        report.persistence = Some(persistence::check(&system).await?);
     }
     report.load_generator_cpu_percent = own.close().first().map_or(0.0, |u| u.cpu_percent);
     let sends = report.chat.as_ref().is_some_and(|c| c.sent > 0);
@@ -214,6 +220,9 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or(true);
     if !clean {
         anyhow::bail!("deliveries were lost, repeated or out of order: see the report");
+    }
+    if report.persistence.as_ref().is_some_and(|p| !p.complete()) {
+        anyhow::bail!("MongoDB does not hold every message of the stream: see the report");
     }
     Ok(())
 }

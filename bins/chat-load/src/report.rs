@@ -69,6 +69,8 @@ pub struct Report {
     pub machine: Machine,
     pub chat: Option<ChatResult>,
     pub catch_up: Option<CatchUpResult>,
+    /// Whether MongoDB caught up with the stream, and how far behind it was.
+    pub persistence: Option<crate::persistence::Persistence>,
     /// Server processes during the measured window.
     pub server: Vec<ProcUsage>,
     /// The load generator itself, which shares the machine.
@@ -165,7 +167,7 @@ impl Report {
                 ),
             );
             row(
-                "acked sends/s (persisted, encrypted) over the measured window",
+                "acked sends/s (in the stream, encrypted) over the measured window",
                 format!(
                     "{:.0} of {:.0} offered ({:.0} s after {} s warm-up)",
                     c.sends_per_sec,
@@ -201,6 +203,34 @@ impl Report {
                     c.chatd_kib_per_connection, c.nats_kib_per_connection
                 ),
             );
+        }
+        if let Some(p) = &self.persistence {
+            let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("≤ {v:.1} ms"));
+            row(
+                "persisted to MongoDB (behind the stream)",
+                format!(
+                    "{} of {} stream messages, {}; lag stream → MongoDB p50 {} / p99 {} (n = {})",
+                    p.in_mongodb,
+                    p.in_stream,
+                    p.caught_up_after_secs
+                        .map_or("not caught up".to_owned(), |s| {
+                            format!("all there {s:.1} s after the load")
+                        }),
+                    ms(p.lag_p50_ms),
+                    ms(p.lag_p99_ms),
+                    p.lag_count
+                ),
+            );
+            if !p.send_profile_ms.is_empty() {
+                row(
+                    "where a send's time goes (means)",
+                    p.send_profile_ms
+                        .iter()
+                        .map(|(k, v)| format!("{k} {v:.2} ms"))
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                );
+            }
         }
         if let Some(c) = &self.catch_up {
             row(
@@ -431,6 +461,7 @@ mod tests {
             machine: Machine::read(),
             chat: None,
             catch_up: None,
+            persistence: None,
             server: vec![],
             load_generator_cpu_percent: 0.0,
             nats_core: Some(CoreResult {

@@ -21,6 +21,8 @@ pub struct System {
     chatd: Child,
     /// Where clients connect (REST and WebSocket).
     pub http: SocketAddr,
+    /// chatd's operator port (`/metrics`, `/readyz`).
+    pub ops: SocketAddr,
     log: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -79,6 +81,7 @@ impl System {
             stack,
             chatd,
             http,
+            ops,
             log,
             _dir: dir,
         };

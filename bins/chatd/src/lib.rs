@@ -170,11 +170,16 @@ pub struct ServeArgs {
     /// Longest text message, in bytes of UTF-8.
     #[arg(long, env = "CHATD_MAX_TEXT_BYTES", default_value_t = Limits::default().text_bytes)]
     pub max_text_bytes: usize,
-    /// Worker: age in milliseconds after which a message whose publish
-    /// failed is settled against JetStream (committed if it landed, else
-    /// rolled back).
+    /// Worker: age in milliseconds after which a retried send whose first
+    /// attempt is not in the stream is taken as lost and published again (a
+    /// publish buffered through a NATS disconnect may land until then).
     #[arg(long, env = "CHATD_RESOLVE_PENDING_AFTER_MS", default_value_t = 30_000)]
     pub resolve_pending_after_ms: u64,
+    /// Worker: how long a send's `clientMsgId` is remembered, in seconds: a
+    /// retry within it returns the original message (the `CHAT_SENDS`
+    /// bucket's `max_age`; one small entry per send).
+    #[arg(long, env = "CHATD_IDEMPOTENCY_WINDOW_SECS", default_value_t = 24 * 3600)]
+    pub idempotency_window_secs: u64,
 
     /// Worker: S3-compatible endpoint for media (e.g. http://minio:9000).
     /// Without it, media requests answer `unavailable`.
@@ -458,6 +463,12 @@ impl Node {
                 .ensure_indexes()
                 .await
                 .context("creating mongodb indexes")?;
+            // before the listener: a bound port is taken for a serving one
+            let idempotency_window = Duration::from_secs(args.idempotency_window_secs.max(60));
+            let sends = bus
+                .send_log(idempotency_window)
+                .await
+                .context("declaring the send log")?;
             let listener = TcpListener::bind(args.grpc_listen)
                 .await
                 .with_context(|| format!("binding {}", args.grpc_listen))?;
@@ -465,6 +476,7 @@ impl Node {
             let config = chat_worker::Config {
                 limits: args.limits(),
                 resolve_pending_after: Duration::from_millis(args.resolve_pending_after_ms),
+                idempotency_window,
                 media: args.media(),
                 upload_url_ttl: Duration::from_secs(args.upload_url_ttl_secs),
                 download_url_ttl: Duration::from_secs(args.download_url_ttl_secs),
@@ -481,6 +493,7 @@ impl Node {
             let shutdown = shutdown_signal(&stop_rx);
             let deps = chat_worker::Deps {
                 store,
+                sends,
                 bus: bus.clone(),
                 keys: keys.clone(),
                 objects: args.objects()?,

@@ -8,6 +8,7 @@ use crate::BusError;
 const USERS_STREAM: &str = include_str!("../../../nats/streams/chat_users.json");
 const GROUPS_STREAM: &str = include_str!("../../../nats/streams/chat_groups.json");
 const DEVICE_CONSUMER: &str = include_str!("../../../nats/consumers/device.json");
+const PERSIST_CONSUMER: &str = include_str!("../../../nats/consumers/persist.json");
 
 /// Parsed definitions, with the operator's overrides applied.
 #[derive(Debug, Clone)]
@@ -17,6 +18,9 @@ pub struct Definitions {
     /// Template for every device consumer; name, filters and start are set
     /// per device.
     pub device_consumer: consumer::pull::Config,
+    /// The consumer every worker shares to write the group messages into
+    /// MongoDB behind the stream.
+    pub persist_consumer: consumer::pull::Config,
 }
 
 fn parse<T: serde::de::DeserializeOwned>(file: &'static str, text: &str) -> Result<T, BusError> {
@@ -33,12 +37,14 @@ impl Definitions {
         let mut groups_stream: stream::Config =
             parse("nats/streams/chat_groups.json", GROUPS_STREAM)?;
         let device_consumer = parse("nats/consumers/device.json", DEVICE_CONSUMER)?;
+        let persist_consumer = parse("nats/consumers/persist.json", PERSIST_CONSUMER)?;
         users_stream.num_replicas = replicas;
         groups_stream.num_replicas = replicas;
         Ok(Self {
             users_stream,
             groups_stream,
             device_consumer,
+            persist_consumer,
         })
     }
 }
@@ -64,5 +70,13 @@ mod tests {
         // everything before it
         assert_eq!(d.device_consumer.ack_policy, consumer::AckPolicy::All);
         assert!(d.device_consumer.inactive_threshold.as_secs() > 0);
+        // several workers share the persist consumer: each acknowledges its
+        // own messages, never everything below them
+        assert_eq!(d.persist_consumer.ack_policy, consumer::AckPolicy::Explicit);
+        assert_eq!(d.persist_consumer.durable_name.as_deref(), Some("persist"));
+        assert_eq!(
+            d.persist_consumer.filter_subject,
+            crate::group_msg_subject_pattern()
+        );
     }
 }

@@ -4,7 +4,13 @@
 //! Subjects:
 //! - `chat.user.<userId>.event`: notifications for one user, captured by the
 //!   `CHAT_USERS` stream so that offline devices get them on reconnect;
-//! - `chat.group.<groupId>.msg` / `.event`: group traffic, `CHAT_GROUPS`.
+//! - `chat.group.<groupId>.msg` / `.event`: group traffic, `CHAT_GROUPS`;
+//!   the stream is the write-ahead log of the messages, and the shared
+//!   `persist` consumer writes them into MongoDB behind it (`persist.rs`);
+//! - `$KV.CHAT_SENDS.<group>.<sender>.<clientMsgId>`: the send log, one entry
+//!   per send for the idempotency window (`sends.rs`);
+//! - `chat.ctl.members.<groupId>` (core NATS): "this group's membership
+//!   changed", between workers.
 //!
 //! Every device of a user has its own durable pull consumer on each stream
 //! (see ARCHITECTURE.md, "Delivery", and `devices.rs`), so every device
@@ -16,7 +22,10 @@
 //! sessions, workers publish and manage streams and consumers.
 
 use std::{
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -27,10 +36,14 @@ use chat_domain::{GroupId, UserId};
 mod defs;
 mod devices;
 mod messages;
+mod persist;
+mod sends;
 
 pub use defs::Definitions;
 pub use devices::{Feed, group_consumer_name, user_consumer_name};
 pub use messages::{Envelope, Position, Published, SEQ_HEADER};
+pub use persist::{Delivered, PersistFeed, Persisted, group_of_members_subject, members_subject};
+pub use sends::{Claimed, SENDS_BUCKET, SendLog, SendRecord, send_key};
 
 /// The header JetStream uses to drop duplicate publishes.
 const MSG_ID: &str = "Nats-Msg-Id";
@@ -85,6 +98,11 @@ pub fn group_msg_subject(group: &GroupId) -> String {
     format!("chat.group.{group}.msg")
 }
 
+/// The messages of every group.
+pub fn group_msg_subject_pattern() -> String {
+    "chat.group.*.msg".to_owned()
+}
+
 /// A handle on NATS and JetStream; cheap to clone.
 #[derive(Clone)]
 pub struct Bus {
@@ -93,6 +111,9 @@ pub struct Bus {
     defs: Definitions,
     /// When the current connection came up; `None` while disconnected.
     up_since: Arc<Mutex<Option<Instant>>>,
+    /// Rises whenever core NATS messages may have been missed (connection
+    /// lost or regained, a subscription too slow): see [`Bus::generation`].
+    generation: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Bus {
@@ -113,7 +134,9 @@ impl Bus {
         defs: Definitions,
     ) -> Result<Self, BusError> {
         let up_since = Arc::new(Mutex::new(None::<Instant>));
+        let generation = Arc::new(AtomicU64::new(0));
         let events = up_since.clone();
+        let missed = generation.clone();
         let mut options = async_nats::ConnectOptions::new();
         if let Some(c) = credentials {
             // replies come to an inbox of the user's own (`nats/auth.conf`
@@ -127,11 +150,21 @@ impl Bus {
             .name(name)
             .event_callback(move |event| {
                 let events = events.clone();
+                let missed = missed.clone();
                 async move {
                     let mut up = events.lock().unwrap_or_else(|p| p.into_inner());
                     match event {
-                        async_nats::Event::Connected => *up = Some(Instant::now()),
-                        async_nats::Event::Disconnected | async_nats::Event::Closed => *up = None,
+                        async_nats::Event::Connected => {
+                            *up = Some(Instant::now());
+                            missed.fetch_add(1, Ordering::SeqCst);
+                        }
+                        async_nats::Event::Disconnected | async_nats::Event::Closed => {
+                            *up = None;
+                            missed.fetch_add(1, Ordering::SeqCst);
+                        }
+                        async_nats::Event::SlowConsumer(_) => {
+                            missed.fetch_add(1, Ordering::SeqCst);
+                        }
                         _ => {}
                     }
                 }
@@ -163,7 +196,16 @@ impl Bus {
             js,
             defs,
             up_since,
+            generation,
         })
+    }
+
+    /// A number that rises whenever this connection may have missed core
+    /// NATS messages (it was down, came back, or a subscription fell
+    /// behind). Caches kept current by core NATS notices note it when they
+    /// fill and drop what was noted under an older one.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
     }
 
     /// The underlying NATS client.

@@ -23,6 +23,10 @@ pub struct Envelope {
     pub group_id: String,
     pub seq: u64,
     pub sender_id: String,
+    /// The sender's idempotency key, which the MongoDB record keeps; absent
+    /// in envelopes written before the stream became the write-ahead log.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub client_msg_id: String,
     #[serde(rename = "type")]
     pub kind: String,
     pub created_at: i64,
@@ -116,7 +120,9 @@ impl Bus {
         let payload = Bytes::from(
             serde_json::to_vec(envelope).map_err(|e| BusError::Unavailable(e.to_string()))?,
         );
-        let subject = format!("chat.group.{}.msg", envelope.group_id);
+        let group = GroupId::parse(envelope.group_id.as_str())
+            .map_err(|e| BusError::Unavailable(e.to_string()))?;
+        let subject = group_msg_subject(&group);
         let ack = self
             .js
             .publish_with_headers(subject, headers, payload)

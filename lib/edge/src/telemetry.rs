@@ -7,7 +7,11 @@
 //! to written on a socket), `consumer_pending{feed}` (messages waiting in a
 //! device's consumer when one was delivered), `rpc_seconds{method}` (edge to
 //! worker), `publish_seconds` and `send_conflicts_total` (worker to
-//! JetStream), `messages_sent_total`.
+//! JetStream), `messages_sent_total`, `send_stage_seconds{stage}` (the
+//! worker's share of a send: `membership`, `send_log`, `publish`, `total`),
+//! `persist_lag_seconds` (stored in the stream to written in MongoDB),
+//! `persisted_total`, `persist_failures_total`, `persist_rejected_total`,
+//! `persist_waits_timed_out_total`.
 
 use std::sync::OnceLock;
 

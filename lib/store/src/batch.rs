@@ -1,22 +1,21 @@
-//! Group commit for the writes of the send path: concurrent sends' pending
-//! inserts go to MongoDB as one `insert` command, their commits as one
-//! `update` command with one statement each. Each caller still gets its own
-//! result, with the same meaning as a single write.
+//! Group commit for concurrent updates (the receipts' watermark raises):
+//! they go to MongoDB as one `update` command with one statement each, and
+//! each caller still gets its own result, with the same meaning as a single
+//! write. (The messages themselves are written in batches by the persist
+//! loop of the workers, behind the stream.)
 //!
 //! Why: the database's per-command cost (a journal flush per command with
-//! `j: true`) dominated. Measured on the SecantusDB stand-in: one insert per
-//! command 1,076/s, 100 per command 6,675/s; one update per command 737/s,
-//! 100 per command 1,473/s (BENCHMARKS.md). Batching costs no latency at low
-//! load: a batch is whatever queued while the previous one was written.
+//! `j: true`) dominated. Measured on the SecantusDB stand-in: one update per
+//! command 737/s, 100 per command 1,473/s (BENCHMARKS.md). Batching costs no
+//! latency at low load: a batch is whatever queued while the previous one
+//! was written.
 
 use std::collections::HashMap;
 
 use mongodb::{
     Collection, Database,
     bson::{Bson, Document, doc},
-    error::ErrorKind,
 };
-use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::StoreError;
@@ -28,35 +27,18 @@ const QUEUE: usize = 4 * MAX_BATCH;
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
-/// Handle to one collection's batching tasks; cheap to clone.
-#[derive(Debug)]
-pub(crate) struct Batcher<T> {
-    inserts: mpsc::Sender<(T, Reply<bool>)>,
+/// Handle to one collection's batching task; cheap to clone.
+#[derive(Debug, Clone)]
+pub(crate) struct Batcher {
     updates: mpsc::Sender<(Document, Reply<()>)>,
 }
 
-impl<T> Clone for Batcher<T> {
-    fn clone(&self) -> Self {
-        Self {
-            inserts: self.inserts.clone(),
-            updates: self.updates.clone(),
-        }
-    }
-}
-
-impl<T: Serialize + Send + Sync + 'static> Batcher<T> {
-    /// Starts the tasks; they end when every handle is dropped.
-    pub(crate) fn start(db: &Database, coll: &Collection<T>) -> Self {
-        let (inserts, irx) = mpsc::channel(QUEUE);
+impl Batcher {
+    /// Starts the task; it ends when every handle is dropped.
+    pub(crate) fn start<T: Send + Sync + 'static>(db: &Database, coll: &Collection<T>) -> Self {
         let (updates, urx) = mpsc::channel(QUEUE);
-        tokio::spawn(insert_loop(coll.clone(), irx));
         tokio::spawn(update_loop(db.clone(), coll.clone(), urx));
-        Self { inserts, updates }
-    }
-
-    /// Inserts `doc`; `false` if it broke a unique index.
-    pub(crate) async fn insert(&self, doc: T) -> Result<bool, StoreError> {
-        ask(&self.inserts, doc).await
+        Self { updates }
     }
 
     /// Applies one update statement `{q, u}`.
@@ -84,44 +66,6 @@ async fn next_batch<X>(rx: &mut mpsc::Receiver<X>) -> Option<Vec<X>> {
         }
     }
     Some(batch)
-}
-
-async fn insert_loop<T: Serialize + Send + Sync>(
-    coll: Collection<T>,
-    mut rx: mpsc::Receiver<(T, Reply<bool>)>,
-) {
-    while let Some(batch) = next_batch(&mut rx).await {
-        let (docs, replies): (Vec<T>, Vec<Reply<bool>>) = batch.into_iter().unzip();
-        tracing::trace!(n = docs.len(), "batched insert");
-        match coll.insert_many(&docs).ordered(false).await {
-            Ok(_) => {
-                for r in replies {
-                    let _ = r.send(Ok(true));
-                }
-            }
-            Err(e) => {
-                // per document: which ones failed, and why
-                let failed: Option<HashMap<usize, i32>> = match e.kind.as_ref() {
-                    ErrorKind::InsertMany(im) if im.write_concern_error.is_none() => Some(
-                        im.write_errors
-                            .iter()
-                            .flatten()
-                            .map(|w| (w.index, w.code))
-                            .collect(),
-                    ),
-                    _ => None,
-                };
-                for (i, r) in replies.into_iter().enumerate() {
-                    let result = match failed.as_ref().map(|f| f.get(&i)) {
-                        Some(None) => Ok(true),
-                        Some(Some(11000)) => Ok(false),
-                        _ => Err(StoreError::from(e.clone())),
-                    };
-                    let _ = r.send(result);
-                }
-            }
-        }
-    }
 }
 
 async fn update_loop<T: Send + Sync>(

@@ -15,7 +15,7 @@ mod uploads;
 mod users;
 
 pub use groups::{GroupRecord, GroupRepo};
-pub use messages::{MessageRepo, Published, Receipt, StoredMessage};
+pub use messages::{MessageRepo, Receipt, StoredMessage};
 pub use objects::{ObjectInfo, Objects, ObjectsConfig};
 pub use uploads::{Upload, UploadRepo};
 pub use users::{Admission, Device, DeviceList, UserRepo};

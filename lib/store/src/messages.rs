@@ -2,16 +2,19 @@
 //! per-member delivered/read watermarks from which `GroupMessageStatus` is
 //! derived.
 //!
-//! A message is first stored `pending` (invisible to history), then
-//! published, then `committed` with its group seq. A pending message whose
-//! publish failed is deleted; one whose outcome is unknown is resolved later
-//! against JetStream (see `chat_worker`).
+//! The group's JetStream stream is the write-ahead log of the messages: a
+//! send is acknowledged once the stream holds it, and the workers write the
+//! stream into `messages` behind it in batches ([`MessageRepo::project`]),
+//! idempotently. Earlier versions stored a `pending` record first; such
+//! records are never shown, and are committed or removed when the message
+//! they stand for is projected.
 
 use chat_domain::{ClientMsgId, GroupId, MessageId, Millis, UserId};
 use futures::TryStreamExt;
 use mongodb::{
     Collection, IndexModel,
     bson::{Binary, DateTime, Document, doc, spec::BinarySubtype},
+    error::ErrorKind,
     options::IndexOptions,
 };
 use serde::{Deserialize, Serialize};
@@ -39,10 +42,6 @@ struct MessageDoc {
     seq: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     stream_seq: Option<i64>,
-    /// While pending: the group's newest stream sequence before the first
-    /// publish attempt; the message cannot have landed at or before it.
-    #[serde(default)]
-    after_stream_seq: i64,
     /// What the ciphertext is bound to (see `StoredMessage::binding`);
     /// absent in documents of the first version.
     #[serde(default = "binding_v1")]
@@ -72,11 +71,10 @@ pub struct StoredMessage {
     /// publish attempt (the seq is known only then) and stored with the
     /// commit.
     pub binding: u8,
-    /// `None` while pending.
+    /// `None` for a pending record left by an earlier version of the send
+    /// path (never shown).
     pub seq: Option<u64>,
     pub stream_seq: Option<u64>,
-    /// See `MessageDoc::after_stream_seq`.
-    pub after_stream_seq: u64,
     pub created_at: Millis,
 }
 
@@ -90,6 +88,36 @@ fn binary(bytes: &[u8]) -> Binary {
     Binary {
         subtype: BinarySubtype::Generic,
         bytes: bytes.to_vec(),
+    }
+}
+
+/// Whether `e` broke a unique index.
+fn is_duplicate(e: &mongodb::error::Error) -> bool {
+    match e.kind.as_ref() {
+        ErrorKind::Write(mongodb::error::WriteFailure::WriteError(w)) => w.code == 11000,
+        ErrorKind::InsertMany(im) => im.write_errors.iter().flatten().any(|w| w.code == 11000),
+        _ => false,
+    }
+}
+
+/// `m` as stored once the stream holds it.
+fn committed_doc(m: &StoredMessage) -> MessageDoc {
+    let created = to_bson_time(m.created_at);
+    MessageDoc {
+        id: m.id.to_string(),
+        group_id: m.group_id.to_string(),
+        sender_id: m.sender_id.to_string(),
+        client_msg_id: m.client_msg_id.to_string(),
+        kind: m.kind.clone(),
+        key_id: m.key_id.clone(),
+        nonce: binary(&m.nonce),
+        ciphertext: binary(&m.ciphertext),
+        state: COMMITTED.into(),
+        seq: m.seq.map(|s| s as i64),
+        stream_seq: m.stream_seq.map(|s| s as i64),
+        binding: i32::from(m.binding),
+        created_at: created,
+        updated_at: DateTime::now(),
     }
 }
 
@@ -115,19 +143,9 @@ impl MessageDoc {
                 None
             },
             stream_seq: self.stream_seq.map(|s| s as u64),
-            after_stream_seq: self.after_stream_seq.max(0) as u64,
             created_at: self.created_at.timestamp_millis(),
         })
     }
-}
-
-/// A message's content as it was published: sealed for its seq.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Published {
-    pub key_id: String,
-    pub nonce: Vec<u8>,
-    pub ciphertext: Vec<u8>,
-    pub binding: u8,
 }
 
 /// One member's watermarks in one group.
@@ -162,10 +180,8 @@ struct MemberReceipt {
 pub struct MessageRepo {
     coll: Collection<MessageDoc>,
     receipts: Collection<ReceiptDoc>,
-    /// Pending inserts and commits, batched across concurrent sends.
-    batch: Batcher<MessageDoc>,
-    /// Watermark raises, batched likewise.
-    receipt_batch: Batcher<ReceiptDoc>,
+    /// Watermark raises, batched across concurrent calls.
+    receipt_batch: Batcher,
 }
 
 impl MessageRepo {
@@ -176,7 +192,6 @@ impl MessageRepo {
         // of earlier versions lived in `receipts`
         let receipts = db.collection("group_receipts");
         Self {
-            batch: Batcher::start(db, &coll),
             receipt_batch: Batcher::start(db, &receipts),
             coll,
             receipts,
@@ -197,84 +212,79 @@ impl MessageRepo {
             .keys(doc! { "groupId": 1, "seq": -1 })
             .options(IndexOptions::builder().name("history".to_owned()).build())
             .build();
-        let pending = IndexModel::builder()
-            .keys(doc! { "state": 1, "createdAt": 1 })
-            .options(IndexOptions::builder().name("pending".to_owned()).build())
-            .build();
-        self.coll
-            .create_indexes([idempotency, history, pending])
-            .await?;
+        self.coll.create_indexes([idempotency, history]).await?;
         Ok(())
     }
 
-    /// Stores `m` as pending. Returns `false` if the sender already sent a
-    /// message with the same client id to this group.
-    pub async fn insert_pending(&self, m: &StoredMessage) -> Result<bool, StoreError> {
-        let now = to_bson_time(m.created_at);
-        let doc = MessageDoc {
-            id: m.id.to_string(),
-            group_id: m.group_id.to_string(),
-            sender_id: m.sender_id.to_string(),
-            client_msg_id: m.client_msg_id.to_string(),
-            kind: m.kind.clone(),
-            key_id: m.key_id.clone(),
-            nonce: binary(&m.nonce),
-            ciphertext: binary(&m.ciphertext),
-            state: PENDING.into(),
-            seq: None,
-            stream_seq: None,
-            after_stream_seq: m.after_stream_seq as i64,
-            binding: i32::from(m.binding),
-            created_at: now,
-            updated_at: now,
+    /// Writes messages as the stream holds them (committed, with their seq
+    /// and sealed content), in one command. Idempotent: a message already
+    /// stored is left as it is, so a batch delivered twice (a worker died
+    /// before acknowledging it) changes nothing. Returns how many were new.
+    pub async fn project(&self, msgs: &[StoredMessage]) -> Result<usize, StoreError> {
+        if msgs.is_empty() {
+            return Ok(0);
+        }
+        let docs: Vec<MessageDoc> = msgs.iter().map(committed_doc).collect();
+        let err = match self.coll.insert_many(&docs).ordered(false).await {
+            Ok(_) => return Ok(docs.len()),
+            Err(e) => e,
         };
-        self.batch.insert(doc).await
+        // which documents failed, and whether only as duplicates
+        let duplicates: Vec<usize> = match err.kind.as_ref() {
+            ErrorKind::InsertMany(im)
+                if im.write_concern_error.is_none()
+                    && im.write_errors.iter().flatten().all(|w| w.code == 11000) =>
+            {
+                im.write_errors.iter().flatten().map(|w| w.index).collect()
+            }
+            _ => return Err(err.into()),
+        };
+        for &i in &duplicates {
+            if let Some(doc) = docs.get(i) {
+                self.settle_duplicate(doc).await?;
+            }
+        }
+        Ok(docs.len() - duplicates.len())
     }
 
-    /// Makes a pending message visible with its group seq and the content
-    /// as published (sealed for that seq).
-    pub async fn commit(
-        &self,
-        id: &MessageId,
-        seq: u64,
-        stream_seq: u64,
-        content: &Published,
-    ) -> Result<(), StoreError> {
-        self.batch
-            .update(doc! {
-                "q": { "_id": id.as_str() },
-                "u": { "$set": {
-                    "state": COMMITTED, "seq": seq as i64, "streamSeq": stream_seq as i64,
-                    "keyId": content.key_id.as_str(),
-                    "nonce": binary(&content.nonce),
-                    "ciphertext": binary(&content.ciphertext),
-                    "binding": i32::from(content.binding),
-                    "updatedAt": DateTime::now(),
-                } },
+    /// A projected message broke a unique index: stored already (nothing to
+    /// do), a pending record of an earlier version of the send path
+    /// (committed now with what the stream holds), or an earlier version's
+    /// attempt under the same client id that never landed (removed).
+    async fn settle_duplicate(&self, doc: &MessageDoc) -> Result<(), StoreError> {
+        if let Some(existing) = self.coll.find_one(doc! { "_id": &doc.id }).await? {
+            if existing.state != COMMITTED {
+                // the earlier record keeps its client id
+                self.coll
+                    .update_one(
+                        doc! { "_id": &doc.id },
+                        doc! { "$set": {
+                            "state": COMMITTED, "seq": doc.seq, "streamSeq": doc.stream_seq,
+                            "keyId": &doc.key_id, "nonce": doc.nonce.clone(),
+                            "ciphertext": doc.ciphertext.clone(), "binding": doc.binding,
+                            "updatedAt": DateTime::now(),
+                        } },
+                    )
+                    .await?;
+            }
+            return Ok(());
+        }
+        self.coll
+            .delete_many(doc! {
+                "groupId": &doc.group_id, "senderId": &doc.sender_id,
+                "clientMsgId": &doc.client_msg_id, "state": PENDING,
             })
-            .await
-    }
-
-    /// Rolls back a pending message (never a committed one).
-    pub async fn delete_pending(&self, id: &MessageId) -> Result<(), StoreError> {
-        self.coll
-            .delete_one(doc! { "_id": id.as_str(), "state": PENDING })
             .await?;
-        Ok(())
-    }
-
-    /// The message `sender` sent to `group` with `client_id`, if any.
-    pub async fn find_by_client_id(
-        &self,
-        group: &GroupId,
-        sender: &UserId,
-        client_id: &ClientMsgId,
-    ) -> Result<Option<StoredMessage>, StoreError> {
-        self.coll
-            .find_one(doc! { "groupId": group.as_str(), "senderId": sender.as_str(), "clientMsgId": client_id.as_str() })
-            .await?
-            .map(MessageDoc::into_message)
-            .transpose()
+        match self.coll.insert_one(doc).await {
+            Ok(_) => Ok(()),
+            Err(e) if is_duplicate(&e) => {
+                // two messages of the stream share a client id: the send log
+                // prevents it; history keeps the first
+                tracing::error!(message = %doc.id, group = %doc.group_id, "a second message with the same client id; not stored");
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// The message `id`, pending or committed.
@@ -311,23 +321,6 @@ impl MessageRepo {
             .coll
             .find(filter)
             .sort(doc! { "seq": -1 })
-            .limit(limit)
-            .await?
-            .try_collect()
-            .await?;
-        docs.into_iter().map(MessageDoc::into_message).collect()
-    }
-
-    /// Pending messages created before `older_than`, oldest first.
-    pub async fn stale_pending(
-        &self,
-        older_than: Millis,
-        limit: i64,
-    ) -> Result<Vec<StoredMessage>, StoreError> {
-        let docs: Vec<MessageDoc> = self
-            .coll
-            .find(doc! { "state": PENDING, "createdAt": { "$lt": to_bson_time(older_than) } })
-            .sort(doc! { "createdAt": 1 })
             .limit(limit)
             .await?
             .try_collect()

@@ -148,6 +148,7 @@ impl GroupsService {
             }
             record.rev += 1;
             let group = record.group;
+            self.0.members_changed(&group.id).await;
             let prefix = format!("upd-{}-{}", group.id, record.rev);
             let delta = change_view(caller, &change);
             self.publish_to_users(&audience, event::GROUP_UPDATED, &group, delta, &prefix)

@@ -23,7 +23,9 @@ use tokio::net::TcpListener;
 mod devices;
 mod groups;
 mod media;
+mod members;
 mod messages;
+mod persist;
 mod sessions;
 
 /// What a worker needs to run.
@@ -38,9 +40,13 @@ pub struct Config {
     /// Most groups a user can be a member of: adding someone beyond it is
     /// refused (so no one can be buried under groups others add them to).
     pub max_groups_per_user: u64,
-    /// Age after which a message whose publish failed or is uncertain is
-    /// settled against JetStream (committed if it landed, else rolled back).
+    /// Age after which a retried send whose first attempt is not in the
+    /// stream is taken as lost and published again (a publish buffered
+    /// through a disconnect may land until then).
     pub resolve_pending_after: std::time::Duration,
+    /// How long a send's `clientMsgId` is remembered (the send log's
+    /// `max_age`): a retry within it returns the original message.
+    pub idempotency_window: std::time::Duration,
     /// What media may be uploaded.
     pub media: MediaPolicy,
     /// How long an upload URL is valid.
@@ -84,6 +90,7 @@ impl Default for Config {
             max_listed_members: 20_000,
             max_groups_per_user: 1_000,
             resolve_pending_after: std::time::Duration::from_secs(30),
+            idempotency_window: std::time::Duration::from_secs(24 * 3600),
             media: MediaPolicy::default(),
             upload_url_ttl: std::time::Duration::from_secs(15 * 60),
             download_url_ttl: std::time::Duration::from_secs(5 * 60),
@@ -134,6 +141,8 @@ impl From<WorkerError> for tonic::Status {
 pub struct Deps {
     pub store: Store,
     pub bus: Bus,
+    /// The send log (`Bus::send_log`), declared with the streams.
+    pub sends: chat_bus::SendLog,
     pub keys: KeyRing,
     /// The media bucket; without it media calls answer `unavailable`.
     pub objects: Option<Objects>,
@@ -147,6 +156,10 @@ pub(crate) struct State {
     pub objects: Option<Objects>,
     pub config: Config,
     pub positions: messages::Positions,
+    /// Who is a member of which group (`members.rs`).
+    pub members: members::Members,
+    /// One entry per send for the idempotency window.
+    pub sends: chat_bus::SendLog,
 }
 
 impl State {
@@ -165,12 +178,30 @@ impl State {
         caller: &UserId,
         id: &GroupId,
     ) -> Result<(), WorkerError> {
+        let generation = self.bus.generation();
+        if self.members.is_member(id, caller, generation) {
+            return Ok(());
+        }
+        let ticket = self.members.ticket(generation);
         match self.store.groups.is_member(id, caller).await? {
-            Some(true) => Ok(()),
+            Some(true) => {
+                self.members.remember(id, caller, ticket);
+                Ok(())
+            }
             Some(false) => {
                 Err(DomainError::Forbidden("you are not a member of this group".into()).into())
             }
             None => Err(WorkerError::NotFound("group")),
+        }
+    }
+
+    /// `group`'s membership changed: forget it here and tell every other
+    /// worker. A notice that cannot go out is logged: the others' entries
+    /// then last until their expiry (`members::TTL`) or the next reconnect.
+    pub(crate) async fn members_changed(&self, group: &GroupId) {
+        self.members.forget(group);
+        if let Err(e) = self.bus.announce_members_changed(group).await {
+            tracing::warn!(group = %group, error = %e, "cannot announce a membership change");
         }
     }
 
@@ -200,6 +231,7 @@ pub async fn serve(
         bus,
         keys,
         objects,
+        sends,
     } = deps;
     let state = Arc::new(State {
         store,
@@ -208,8 +240,11 @@ pub async fn serve(
         objects,
         config,
         positions: Default::default(),
+        members: Default::default(),
+        sends,
     });
-    let sweeper = tokio::spawn(messages::sweep_pending(state.clone()));
+    let persister = tokio::spawn(persist::persist(state.clone()));
+    let listener_of_members = tokio::spawn(forget_changed_groups(state.clone()));
     let auth = require_secret(state.config.service_secret.clone());
     let cleaner = tokio::spawn(media::clean_uploads(state.clone()));
     let result = tonic::transport::Server::builder()
@@ -247,9 +282,29 @@ pub async fn serve(
             shutdown,
         )
         .await;
-    sweeper.abort();
+    persister.abort();
+    listener_of_members.abort();
     cleaner.abort();
     result
+}
+
+/// Forgets the cached memberships of every group another worker announces
+/// a change of, forever.
+async fn forget_changed_groups(s: Arc<State>) {
+    use futures::StreamExt;
+    loop {
+        match s.bus.member_changes().await {
+            Ok(mut notices) => {
+                while let Some(n) = notices.next().await {
+                    if let Some(group) = chat_bus::group_of_members_subject(n.subject.as_str()) {
+                        s.members.forget(&group);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot listen for membership changes"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
 }
 
 /// Refuses every call that does not carry the service secret (with none

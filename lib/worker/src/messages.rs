@@ -1,23 +1,26 @@
-//! `Messages`: send (validate, encrypt, store pending, publish with per-group
-//! compare-and-set, commit), receipts, history and status (seed §2).
+//! `Messages`: send (validate, check membership from the cache, record the
+//! send in the send log, encrypt, publish with per-group compare-and-set),
+//! receipts, history and status (seed §2).
 //!
-//! Invariant: a message is visible in history if and only if it is in the
-//! group's JetStream subject. A pending message whose publish failed or is
-//! uncertain is resolved against JetStream by [`resolve_pending`]: committed
-//! if it landed, deleted (rolled back) if not.
+//! The group's stream is the write-ahead log: a send is acknowledged once
+//! JetStream holds it, with no MongoDB read or write on the way in the
+//! normal case, and the persist loop (`persist.rs`) writes it into MongoDB
+//! behind the stream. Invariant: a message is in MongoDB if and only if it is
+//! in the stream, once persistence has caught up; reads that must see the
+//! newest messages (history, receipts, status) wait for it.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc};
 
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use bytes::Bytes;
-use chat_bus::{Envelope, Position, Published as Stored};
+use chat_bus::{Claimed, Envelope, Position, Published as Stored, SendLog, SendRecord, send_key};
 use chat_crypto::{BINDING_V2, MessageBinding, Sealed};
 use chat_domain::{
     ClientMsgId, DomainError, GroupId, MessageId, MessageKind, UserId, check_text, now_millis,
 };
 use chat_protocol::{event, push_json};
 use chat_rpc::pb::{self, messages_server::Messages};
-use chat_store::{Published, StoreError, StoredMessage};
+use chat_store::{StoreError, StoredMessage};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 use tonic::{Request, Response, Status};
@@ -26,6 +29,7 @@ use crate::{
     State, WorkerError,
     media::{self, MediaContent, check_media},
     parse_id,
+    persist::caught_up,
 };
 
 /// Compare-and-set attempts before a send gives up as `unavailable`.
@@ -129,6 +133,7 @@ fn envelope(s: &State, m: &StoredMessage, plaintext: &[u8], seq: u64) -> Envelop
         group_id: m.group_id.to_string(),
         seq,
         sender_id: m.sender_id.to_string(),
+        client_msg_id: m.client_msg_id.to_string(),
         kind: m.kind.clone(),
         created_at: m.created_at,
         key_id: sealed.key_id,
@@ -138,25 +143,16 @@ fn envelope(s: &State, m: &StoredMessage, plaintext: &[u8], seq: u64) -> Envelop
     }
 }
 
-/// The sealed content an envelope carries, as stored with the commit.
-fn content_of(env: &Envelope) -> Result<Published, WorkerError> {
-    let bad = |e: base64::DecodeError| unavailable(format!("envelope {}: {e}", env.message_id));
-    Ok(Published {
-        key_id: env.key_id.clone(),
-        nonce: B64.decode(&env.nonce).map_err(bad)?,
-        ciphertext: B64.decode(&env.ciphertext).map_err(bad)?,
-        binding: env.binding,
-    })
-}
-
 /// Publishes `m` as the group's next message, retrying on conflicts with
-/// concurrent senders (each attempt sealed for its seq); returns its final
-/// position and content.
+/// concurrent senders (each attempt sealed for its seq); returns where it
+/// landed. `after` is a stream sequence the message cannot be at or before
+/// (to find it if an earlier attempt landed).
 async fn publish(
     s: &State,
     m: &StoredMessage,
     plaintext: &[u8],
-) -> Result<(Position, Published), WorkerError> {
+    after: u64,
+) -> Result<Position, WorkerError> {
     let slot = s.positions.slot(&m.group_id);
     let mut cached = slot.lock().await;
     for _ in 0..CAS_ATTEMPTS {
@@ -181,18 +177,18 @@ async fn publish(
             } => {
                 let p = Position { seq, stream_seq };
                 *cached = Some(p);
-                return Ok((p, content_of(&env)?));
+                return Ok(p);
             }
             Stored::Stored {
                 duplicate: true, ..
             } => {
                 // an earlier attempt of this very message landed
-                let (p, landed) = s
+                let (p, _) = s
                     .bus
-                    .find_group_message(&m.group_id, &m.id, m.after_stream_seq)
+                    .find_group_message(&m.group_id, &m.id, after)
                     .await?
                     .ok_or_else(|| unavailable("duplicate publish not found in the stream"))?;
-                return Ok((p, content_of(&landed)?));
+                return Ok(p);
             }
             Stored::Conflict => {
                 metrics::counter!("chat_send_conflicts_total").increment(1);
@@ -204,126 +200,115 @@ async fn publish(
     Err(unavailable("the group is too busy; retry"))
 }
 
-/// Commits a message that is in the stream; if MongoDB fails, keeps trying in
-/// the background (the message is delivered, history must show it).
-async fn commit(s: &Arc<State>, m: &StoredMessage, p: Position, content: Published) {
-    if let Err(e) = s
-        .store
-        .messages
-        .commit(&m.id, p.seq, p.stream_seq, &content)
-        .await
-    {
-        tracing::warn!(message = %m.id, error = %e, "commit failed; retrying in the background");
-        let s = s.clone();
-        let id = m.id.clone();
-        tokio::spawn(async move {
-            let mut wait = Duration::from_millis(200);
-            loop {
-                tokio::time::sleep(wait).await;
-                match s
-                    .store
-                    .messages
-                    .commit(&id, p.seq, p.stream_seq, &content)
-                    .await
-                {
-                    Ok(()) => return,
-                    Err(e) => tracing::warn!(message = %id, error = %e, "commit retry failed"),
-                }
-                wait = (wait * 2).min(Duration::from_secs(10));
-            }
-        });
-    }
+/// What became of an earlier attempt of a send.
+enum Earlier {
+    /// It landed: its ack.
+    Landed(pb::SendMessageResponse),
+    /// It certainly never landed: publish under its id again.
+    Lost(MessageId),
 }
 
-/// Settles a pending message against JetStream: committed if it landed,
-/// deleted if it did not. Returns the committed message, if any.
-pub(crate) async fn resolve_pending(
-    s: &State,
-    mut m: StoredMessage,
-) -> Result<Option<StoredMessage>, WorkerError> {
-    match s
-        .bus
-        .find_group_message(&m.group_id, &m.id, m.after_stream_seq)
-        .await?
-    {
-        Some((p, landed)) => {
-            let content = content_of(&landed)?;
-            s.store
-                .messages
-                .commit(&m.id, p.seq, p.stream_seq, &content)
-                .await?;
-            tracing::info!(message = %m.id, seq = p.seq, "pending message had landed; committed");
-            m.seq = Some(p.seq);
-            m.stream_seq = Some(p.stream_seq);
-            m.key_id = content.key_id;
-            m.nonce = content.nonce;
-            m.ciphertext = content.ciphertext;
-            m.binding = content.binding;
-            Ok(Some(m))
-        }
-        None => {
-            s.store.messages.delete_pending(&m.id).await?;
-            tracing::info!(message = %m.id, "pending message never landed; rolled back");
-            Ok(None)
-        }
-    }
-}
-
-/// A send whose client id was used before: the earlier attempt's ack if it
-/// was committed (or had landed), `None` if it never landed and is now rolled
-/// back, `unavailable` while it is too young to settle.
+/// A send whose client id is in the send log already: the earlier attempt's
+/// ack if it landed (from MongoDB, else from the stream), `Lost` if it never
+/// did and is old enough to be sure, `unavailable` while it may still be
+/// under way.
 async fn earlier_attempt(
     s: &State,
-    m: &StoredMessage,
-) -> Result<Option<pb::SendMessageResponse>, WorkerError> {
-    let Some(existing) = s
-        .store
-        .messages
-        .find_by_client_id(&m.group_id, &m.sender_id, &m.client_msg_id)
-        .await?
-    else {
-        // rolled back between the insert and this read
-        return Ok(None);
-    };
-    if existing.is_committed() {
-        return Ok(Some(ack(&existing)));
+    group: &GroupId,
+    earlier: &SendRecord,
+) -> Result<Earlier, WorkerError> {
+    let id = parse_id::<MessageId>(&earlier.message_id)?;
+    match s.store.messages.get(&id).await {
+        Ok(Some(m)) if m.is_committed() && &m.group_id == group => {
+            return Ok(Earlier::Landed(ack(&m)));
+        }
+        Ok(_) => {}
+        // the stream answers as well
+        Err(e) => tracing::debug!(message = %id, error = %e, "reading the stream instead"),
     }
-    let after = s.config.resolve_pending_after;
-    let young = now_millis() - existing.created_at < after.as_millis() as i64;
-    if young || s.bus.up_for().is_none_or(|up| up < after) {
+    if let Some((p, env)) = s
+        .bus
+        .find_group_message(group, &id, earlier.after_stream_seq)
+        .await?
+    {
+        return Ok(Earlier::Landed(pb::SendMessageResponse {
+            message_id: env.message_id,
+            group_id: env.group_id,
+            seq: p.seq,
+            created_at_ms: env.created_at,
+        }));
+    }
+    // a publish made during a disconnect can sit in the client's buffer and
+    // go out after the reconnect: decide only once that cannot be
+    let settle = s.config.resolve_pending_after;
+    let young = now_millis() - earlier.at < settle.as_millis() as i64;
+    if young || s.bus.up_for().is_none_or(|up| up < settle) {
         return Err(unavailable("this message is still being sent; retry later"));
     }
-    Ok(resolve_pending(s, existing).await?.as_ref().map(ack))
+    Ok(Earlier::Lost(id))
 }
 
-/// Resolves pending messages older than the configured threshold, forever.
-/// Safe on several workers at once: both reach the same verdict from
-/// JetStream, commit is idempotent and delete touches only pending messages.
-pub(crate) async fn sweep_pending(s: Arc<State>) {
-    let after = s.config.resolve_pending_after;
-    let mut tick = tokio::time::interval((after / 2).max(Duration::from_millis(100)));
-    loop {
-        tick.tick().await;
-        let older_than = now_millis() - after.as_millis() as i64;
-        let stale = match s.store.messages.stale_pending(older_than, 100).await {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::debug!(error = %e, "cannot list pending messages");
-                continue;
-            }
-        };
-        // a publish buffered during a disconnect goes out after the
-        // reconnect: settle nothing until the connection has been up a while
-        if s.bus.up_for().is_none_or(|up| up < after) {
-            continue;
+/// A send recorded in the send log and not published yet: dropped without
+/// [`Reservation::keep`] (the send failed before publishing), it takes the
+/// entry out again, in a task of its own, so that a retry starts afresh.
+struct Reservation {
+    log: SendLog,
+    key: String,
+    armed: bool,
+}
+
+impl Reservation {
+    fn keep(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
         }
-        for m in stale {
-            if let Err(e) = resolve_pending(&s, m).await {
-                tracing::debug!(error = %e, "cannot resolve a pending message yet");
-                break;
-            }
+        let (log, key) = (self.log.clone(), std::mem::take(&mut self.key));
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = log.release(&key).await {
+                    // the retry then waits for the settle delay
+                    tracing::warn!(key = %key, error = %e, "cannot take a failed send out of the send log");
+                }
+            });
         }
     }
+}
+
+/// The senders of `group`'s messages with seq in `(lo, hi]`, once
+/// persistence has caught up with them (or, after the wait, what is there).
+async fn senders_between(
+    s: &State,
+    group: &GroupId,
+    lo: u64,
+    hi: u64,
+) -> Result<Vec<(u64, UserId)>, WorkerError> {
+    let all = caught_up(|| async {
+        let found = s.store.messages.senders_by_seq(group, lo, hi).await?;
+        let complete = found.len() as u64 >= hi - lo || persisted_to_tail(s, group).await?;
+        Ok(complete.then_some(found))
+    })
+    .await;
+    match all {
+        Ok(found) => Ok(found),
+        Err(_) => {
+            tracing::warn!(group = %group, lo, hi, "receipts for messages not persisted yet");
+            Ok(s.store.messages.senders_by_seq(group, lo, hi).await?)
+        }
+    }
+}
+
+/// Whether persistence has passed `group`'s newest message in the stream.
+async fn persisted_to_tail(s: &State, group: &GroupId) -> Result<bool, WorkerError> {
+    Ok(match s.bus.last_group_position(group).await? {
+        Some(tail) => s.bus.persisted_through().await? >= tail.stream_seq,
+        None => true,
+    })
 }
 
 impl MessagesService {
@@ -354,24 +339,36 @@ impl MessagesService {
         s.check_member(&sender, &group).await?;
         let checked = started.elapsed();
 
-        let id = MessageId::generate();
+        // the send log decides whether this is a retry: one JetStream write
+        let key = send_key(&group, &sender, &client_id);
+        let after = position(s, &group).await?.stream_seq;
+        let record = SendRecord {
+            message_id: MessageId::generate().to_string(),
+            after_stream_seq: after,
+            at: now_millis(),
+        };
+        let (id, after, reservation) = match s.sends.claim(&key, &record).await? {
+            Claimed::New => (
+                parse_id::<MessageId>(&record.message_id)?,
+                after,
+                Some(Reservation {
+                    log: s.sends.clone(),
+                    key,
+                    armed: true,
+                }),
+            ),
+            Claimed::Earlier(earlier) => match earlier_attempt(s, &group, &earlier).await? {
+                Earlier::Landed(done) => return Ok(done),
+                Earlier::Lost(id) => (id, earlier.after_stream_seq, None),
+            },
+        };
+        let logged = started.elapsed();
         let content = if kind == MessageKind::Text {
             Content {
                 text: Some(req.text),
                 media: None,
             }
         } else {
-            // a media send claims its upload: a retry must find its first
-            // attempt before that, or it would be refused as "used already"
-            if let Some(first) = s
-                .store
-                .messages
-                .find_by_client_id(&group, &sender, &client_id)
-                .await?
-                && let Some(done) = earlier_attempt(s, &first).await?
-            {
-                return Ok(done);
-            }
             Content {
                 text: None,
                 media: Some(check_media(s, &group, kind, req.media).await?),
@@ -385,62 +382,56 @@ impl MessagesService {
             .and_then(|m| media::Claim::new(s, &upload_key, &m.key));
         let plaintext =
             serde_json::to_vec(&content).map_err(|e| DomainError::Invalid(e.to_string()))?;
-        let after = position(s, &group).await?;
+        if !s.bus.is_connected() {
+            // certain failure: nothing was sent, so give everything back at
+            // once rather than let the client buffer a publish for later
+            return Err(unavailable("nats is not connected"));
+        }
+        // from here the outcome may be uncertain: the upload and the send
+        // log entry stay with the message, and a retry finds out
+        if let Some(claim) = claim {
+            claim.keep();
+        }
+        if let Some(r) = reservation {
+            r.keep();
+        }
         let mut m = StoredMessage {
             id,
             group_id: group,
             sender_id: sender,
             client_msg_id: client_id,
             kind: kind.as_str().to_owned(),
-            // sealed at each publish attempt, for its seq; stored with the
-            // commit (a pending message is never shown)
+            // sealed at each publish attempt, for its seq
             key_id: s.keys.current_id().to_owned(),
             nonce: Vec::new(),
             ciphertext: Vec::new(),
             binding: BINDING_V2,
             seq: None,
             stream_seq: None,
-            after_stream_seq: after.stream_seq,
             created_at: now_millis(),
         };
-        // idempotency rides on the unique (group, sender, client id) index:
-        // no read on the normal path, a look at the earlier attempt on a retry
-        if !s.store.messages.insert_pending(&m).await? {
-            if let Some(done) = earlier_attempt(s, &m).await? {
-                return Ok(done);
-            }
-            // the earlier attempt was rolled back: this one takes its place
-            if !s.store.messages.insert_pending(&m).await? {
-                return Err(unavailable("this message is still being sent; retry later"));
-            }
-        }
-        if !s.bus.is_connected() {
-            // certain failure: nothing was sent, so roll back at once rather
-            // than let the client buffer a publish for later
-            s.store.messages.delete_pending(&m.id).await?;
-            return Err(unavailable("nats is not connected"));
-        }
-        let stored = started.elapsed();
-        // from here the outcome may be uncertain: the claim stays with the
-        // message, whatever the sweeper decides
-        if let Some(claim) = claim {
-            claim.keep();
-        }
-        let (p, content) = match publish(s, &m, &plaintext).await {
+        let prepared = started.elapsed();
+        let p = match publish(s, &m, &plaintext, after).await {
             Ok(p) => p,
             Err(e) => {
-                // uncertain: the sweeper settles it against JetStream
-                tracing::warn!(message = %m.id, error = %e, "publish failed; left pending");
+                // uncertain: a retry with the same client id settles it
+                tracing::warn!(message = %m.id, error = %e, "publish failed or is uncertain");
                 return Err(e);
             }
         };
-        let published = started.elapsed();
-        commit(s, &m, p, content).await;
+        let total = started.elapsed();
+        // where a send's time goes (BENCHMARKS.md reads these)
+        let stage = |name: &'static str, d: std::time::Duration| {
+            metrics::histogram!("chat_send_stage_seconds", "stage" => name).record(d);
+        };
+        stage("membership", checked);
+        stage("send_log", logged.saturating_sub(checked));
+        stage("publish", total.saturating_sub(prepared));
+        stage("total", total);
         tracing::debug!(
             checked_ms = checked.as_secs_f64() * 1e3,
-            stored_ms = stored.as_secs_f64() * 1e3,
-            published_ms = published.as_secs_f64() * 1e3,
-            committed_ms = started.elapsed().as_secs_f64() * 1e3,
+            logged_ms = logged.as_secs_f64() * 1e3,
+            published_ms = total.as_secs_f64() * 1e3,
             "send timings"
         );
         m.seq = Some(p.seq);
@@ -480,9 +471,7 @@ impl MessagesService {
         let lo = risen.iter().map(|(_, b, a)| range(b, a).0).min();
         let hi = risen.iter().map(|(_, b, a)| range(b, a).1).max();
         let senders = match (lo, hi) {
-            (Some(lo), Some(hi)) if hi > lo => {
-                s.store.messages.senders_by_seq(group, lo, hi).await?
-            }
+            (Some(lo), Some(hi)) if hi > lo => senders_between(s, group, lo, hi).await?,
             _ => Vec::new(),
         };
         for (user, before, after) in &risen {
@@ -527,11 +516,20 @@ impl MessagesService {
         id: &str,
     ) -> Result<StoredMessage, WorkerError> {
         let id = parse_id::<MessageId>(id)?;
-        self.0.check_member(caller, group).await?;
-        match self.0.store.messages.get(&id).await? {
-            Some(m) if &m.group_id == group && m.is_committed() => Ok(m),
-            _ => Err(WorkerError::NotFound("message")),
-        }
+        let s = &self.0;
+        s.check_member(caller, group).await?;
+        // a message delivered a moment ago may not be in MongoDB yet: wait
+        // while persistence is behind the stream for this group
+        let found = caught_up(|| async {
+            match s.store.messages.get(&id).await? {
+                Some(m) if &m.group_id == group && m.is_committed() => return Ok(Some(Some(m))),
+                Some(_) => return Ok(Some(None)),
+                None => {}
+            }
+            Ok(persisted_to_tail(s, group).await?.then_some(None))
+        })
+        .await?;
+        found.ok_or(WorkerError::NotFound("message"))
     }
 }
 
@@ -598,12 +596,36 @@ impl Messages for MessagesService {
         s.check_member(&caller, &group).await?;
         let limit = req.limit.clamp(1, MAX_HISTORY_PAGE);
         let before = (req.before > 0).then_some(req.before);
-        let stored = s
-            .store
-            .messages
-            .history(&group, before, i64::from(limit))
+        // read-your-writes: the page must hold every message the stream has
+        // in its range, so wait for persistence to catch up with it
+        let tail = s
+            .bus
+            .last_group_position(&group)
             .await
             .map_err(WorkerError::from)?;
+        let tail_seq = tail.map_or(0, |p| p.seq);
+        let top = before.map_or(tail_seq, |b| tail_seq.min(b.saturating_sub(1)));
+        let want = top.min(u64::from(limit));
+        let stored = caught_up(|| async {
+            let page = s
+                .store
+                .messages
+                .history(&group, before, i64::from(limit))
+                .await?;
+            let seqs: std::collections::HashSet<u64> = page.iter().filter_map(|m| m.seq).collect();
+            // the normal case: every seq of the range is there
+            if (0..want).all(|i| seqs.contains(&(top - i))) {
+                return Ok(Some(page));
+            }
+            // else done once persistence has passed the group's tail (a
+            // message it could not store, such as a forged one, stays out)
+            let through = match tail {
+                Some(t) => s.bus.persisted_through().await? >= t.stream_seq,
+                None => true,
+            };
+            Ok(through.then_some(page))
+        })
+        .await?;
         let mut messages = Vec::with_capacity(stored.len());
         for m in stored {
             let sealed = Sealed {

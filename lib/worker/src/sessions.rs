@@ -47,13 +47,14 @@ pub(crate) struct HealthService(pub Arc<State>);
 
 #[tonic::async_trait]
 impl Health for HealthService {
-    /// Ready once MongoDB and NATS answer; proves the service secret over
-    /// the caller's nonce.
+    /// Ready once NATS answers (sends need nothing else: with MongoDB down
+    /// they are still acknowledged, and the calls that need it answer
+    /// `unavailable` themselves); proves the service secret over the
+    /// caller's nonce.
     async fn ready(
         &self,
         req: Request<pb::ReadyRequest>,
     ) -> Result<Response<pb::ReadyResponse>, Status> {
-        self.0.store.ping().await.map_err(WorkerError::from)?;
         if !self.0.bus.is_connected() {
             return Err(
                 WorkerError::Bus(chat_bus::BusError::Unavailable("not connected".into())).into(),

@@ -1,0 +1,175 @@
+//! Behind the stream: the `persist` consumer that every worker shares to
+//! write the group messages into MongoDB in batches, and the core-NATS
+//! notices with which workers tell each other that a group's membership
+//! changed (so that their membership caches stay current).
+
+use async_nats::jetstream::{self, AckKind, consumer::pull};
+use chat_domain::GroupId;
+use futures::{StreamExt, stream::ReadyChunks};
+
+use crate::{Bus, BusError, Envelope};
+
+/// Where a worker announces that a group's membership changed.
+pub fn members_subject(group: &GroupId) -> String {
+    format!("chat.ctl.members.{group}")
+}
+
+/// Every group's membership notices.
+const MEMBERS_SUBJECTS: &str = "chat.ctl.members.*";
+
+/// The group a membership notice is about.
+pub fn group_of_members_subject(subject: &str) -> Option<GroupId> {
+    let id = subject.strip_prefix("chat.ctl.members.")?;
+    GroupId::parse(id).ok()
+}
+
+/// A group message as the persist consumer delivered it.
+#[derive(Debug)]
+pub struct Persisted {
+    pub envelope: Envelope,
+    pub stream_seq: u64,
+    /// When JetStream stored it (the send's acknowledgement), ms since the
+    /// epoch by nats-server's clock.
+    pub stored_at_ms: i64,
+}
+
+/// One delivery of the persist consumer.
+#[derive(Debug)]
+pub struct Delivered(jetstream::Message);
+
+impl Delivered {
+    /// What was delivered.
+    pub fn read(&self) -> Result<Persisted, BusError> {
+        read_persisted(&self.0)
+    }
+
+    /// Stored: done with it.
+    pub async fn ack(&self) -> Result<(), BusError> {
+        self.0.ack().await.map_err(BusError::nats)
+    }
+
+    /// Still being stored: not for another worker yet.
+    pub async fn in_progress(&self) -> Result<(), BusError> {
+        self.0
+            .ack_with(AckKind::Progress)
+            .await
+            .map_err(BusError::nats)
+    }
+
+    /// Never storable (not a message envelope): never deliver it again.
+    pub async fn reject(&self) -> Result<(), BusError> {
+        self.0.ack_with(AckKind::Term).await.map_err(BusError::nats)
+    }
+}
+
+/// The persist consumer's deliveries, in batches of what has arrived.
+pub struct PersistFeed(ReadyChunks<pull::Stream>);
+
+impl PersistFeed {
+    /// The next batch (at least one delivery), and the error that ended the
+    /// feed after it, if one did; `None` once the feed has ended.
+    pub async fn next(&mut self) -> Option<(Vec<Delivered>, Option<BusError>)> {
+        let chunk = self.0.next().await?;
+        let mut failed = None;
+        let mut batch = Vec::with_capacity(chunk.len());
+        for m in chunk {
+            match m {
+                Ok(m) => batch.push(Delivered(m)),
+                Err(e) => failed = Some(BusError::nats(e)),
+            }
+        }
+        Some((batch, failed))
+    }
+}
+
+/// Reads a delivery of the persist consumer.
+fn read_persisted(msg: &jetstream::Message) -> Result<Persisted, BusError> {
+    let info = msg.info().map_err(BusError::nats)?;
+    let stream_seq = info.stream_sequence;
+    let stored_at_ms = (info.published.unix_timestamp_nanos() / 1_000_000) as i64;
+    let envelope = serde_json::from_slice(&msg.payload)
+        .map_err(|e| BusError::Unavailable(format!("message {stream_seq} is no envelope: {e}")))?;
+    Ok(Persisted {
+        envelope,
+        stream_seq,
+        stored_at_ms,
+    })
+}
+
+impl Bus {
+    /// The shared persist consumer's deliveries, at most `batch` at a time
+    /// (the consumer is created as `nats/` defines it if it does not exist;
+    /// workers only).
+    pub async fn persist_feed(&self, batch: usize) -> Result<PersistFeed, BusError> {
+        let config = self.defs.persist_consumer.clone();
+        let name = config.durable_name.clone().unwrap_or_default();
+        let consumer = self
+            .js
+            .get_stream_no_info(&self.defs.groups_stream.name)
+            .await
+            .map_err(BusError::nats)?
+            .get_or_create_consumer(&name, config)
+            .await
+            .map_err(BusError::nats)?;
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(batch)
+            .messages()
+            .await
+            .map_err(BusError::nats)?;
+        Ok(PersistFeed(messages.ready_chunks(batch)))
+    }
+
+    /// The stream sequence up to which every group message has been
+    /// written into MongoDB (or found unstorable): the persist consumer's
+    /// acknowledgement floor. One JetStream API call.
+    pub async fn persisted_through(&self) -> Result<u64, BusError> {
+        let name = self
+            .defs
+            .persist_consumer
+            .durable_name
+            .clone()
+            .unwrap_or_default();
+        let info = self
+            .js
+            .get_stream_no_info(&self.defs.groups_stream.name)
+            .await
+            .map_err(BusError::nats)?
+            .consumer_info(&name)
+            .await
+            .map_err(BusError::nats)?;
+        Ok(info.ack_floor.stream_sequence)
+    }
+
+    /// Tells every worker that `group`'s membership changed (core NATS: a
+    /// lost notice is covered by the caches' expiry and by the reset that
+    /// follows every reconnect, see [`Bus::generation`]).
+    pub async fn announce_members_changed(&self, group: &GroupId) -> Result<(), BusError> {
+        self.client
+            .publish(members_subject(group), bytes::Bytes::new())
+            .await
+            .map_err(BusError::nats)?;
+        self.client.flush().await.map_err(BusError::nats)
+    }
+
+    /// Every membership notice, from every worker.
+    pub async fn member_changes(&self) -> Result<async_nats::Subscriber, BusError> {
+        self.client
+            .subscribe(MEMBERS_SUBJECTS)
+            .await
+            .map_err(BusError::nats)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn membership_subjects_carry_their_group() {
+        let g = GroupId::parse("g_1-x").expect("group");
+        assert_eq!(group_of_members_subject(&members_subject(&g)), Some(g));
+        assert_eq!(group_of_members_subject("chat.ctl.members.a.b"), None);
+        assert_eq!(group_of_members_subject("chat.group.g.msg"), None);
+    }
+}

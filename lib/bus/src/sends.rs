@@ -1,0 +1,140 @@
+//! The send log: one JetStream key-value entry per send, kept for the
+//! idempotency window (24 hours by default), so that a retry with the same
+//! `clientMsgId` finds its first attempt without a database read on the
+//! normal path, across edges, workers and restarts.
+//!
+//! Why not the stream's own de-duplication: its window is held in
+//! nats-server's memory for every message of the stream and is two minutes
+//! here; a key per send in a bucket of its own costs a small file-backed
+//! entry instead, and ages out with the bucket's `max_age`.
+//!
+//! A key is `<group>.<sender>.<clientMsgId>`: ids never contain `.`, so no two
+//! sends share one.
+
+use std::time::Duration;
+
+use async_nats::jetstream::kv::{self, CreateErrorKind};
+use bytes::Bytes;
+use chat_domain::{ClientMsgId, GroupId, UserId};
+use serde::{Deserialize, Serialize};
+
+use crate::{Bus, BusError};
+
+/// The bucket's name (its stream is `KV_CHAT_SENDS`).
+pub const SENDS_BUCKET: &str = "CHAT_SENDS";
+
+/// What the log keeps of a send: enough to find where it landed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SendRecord {
+    /// The id the message is (or will be) published under.
+    pub message_id: String,
+    /// The group's newest stream sequence before the first attempt: the
+    /// message cannot have landed at or before it.
+    pub after_stream_seq: u64,
+    /// When the first attempt started (ms since the epoch).
+    pub at: i64,
+}
+
+/// The outcome of [`SendLog::claim`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claimed {
+    /// No earlier send with this client id: this one goes ahead.
+    New,
+    /// An earlier attempt of this send, as recorded.
+    Earlier(SendRecord),
+}
+
+/// The key of one send.
+pub fn send_key(group: &GroupId, sender: &UserId, client: &ClientMsgId) -> String {
+    format!("{group}.{sender}.{client}")
+}
+
+/// Handle on the bucket; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct SendLog {
+    kv: kv::Store,
+}
+
+impl Bus {
+    /// Creates the send log, or updates it to keep entries for `window`
+    /// (workers only, at start-up, like the streams).
+    pub async fn send_log(&self, window: Duration) -> Result<SendLog, BusError> {
+        let config = kv::Config {
+            bucket: SENDS_BUCKET.into(),
+            description: "One entry per send for the idempotency window: <group>.<sender>.<clientMsgId> -> message id".into(),
+            history: 1,
+            max_age: window,
+            max_value_size: 1024,
+            storage: async_nats::jetstream::stream::StorageType::File,
+            num_replicas: self.defs.groups_stream.num_replicas,
+            ..Default::default()
+        };
+        let mut wait = Duration::from_millis(100);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            match self.js.create_or_update_key_value(config.clone()).await {
+                Ok(kv) => return Ok(SendLog { kv }),
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "send log not ready yet");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => return Err(BusError::Unavailable(format!("send log: {e}"))),
+            }
+        }
+    }
+}
+
+impl SendLog {
+    /// Records a send unless one with the same key exists: one JetStream
+    /// write on the normal path, plus a read when the key is taken.
+    pub async fn claim(&self, key: &str, record: &SendRecord) -> Result<Claimed, BusError> {
+        let value = Bytes::from(serde_json::to_vec(record).map_err(BusError::nats)?);
+        match self.kv.create(key, value).await {
+            Ok(_) => Ok(Claimed::New),
+            Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {
+                let entry = self.kv.get(key).await.map_err(BusError::nats)?;
+                // deleted between the two calls: claim it again
+                let Some(value) = entry else {
+                    return Box::pin(self.claim(key, record)).await;
+                };
+                let earlier = serde_json::from_slice(&value).map_err(|e| {
+                    BusError::Unavailable(format!("send log entry {key} is unreadable: {e}"))
+                })?;
+                Ok(Claimed::Earlier(earlier))
+            }
+            Err(e) => Err(BusError::nats(e)),
+        }
+    }
+
+    /// Forgets a send that certainly never went out, so that a retry with
+    /// the same client id starts afresh.
+    pub async fn release(&self, key: &str) -> Result<(), BusError> {
+        self.kv.delete(key).await.map_err(BusError::nats)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn send_keys_are_injective_since_ids_have_no_dots() {
+        let k = |g: &str, u: &str, c: &str| -> String {
+            send_key(
+                &GroupId::parse(g).expect("group"),
+                &UserId::parse(u).expect("user"),
+                &ClientMsgId::parse(c).expect("client id"),
+            )
+        };
+        assert_eq!(k("g", "a_b", "c"), "g.a_b.c");
+        assert_ne!(k("g", "a_b", "c"), k("g", "a", "b_c"));
+        assert_ne!(k("g_a", "b", "c"), k("g", "a_b", "c"));
+        // a key splits back into its three ids
+        let key = k("g-1", "u_2", "c-3_x");
+        let parts: Vec<&str> = key.split('.').collect();
+        assert_eq!(parts, ["g-1", "u_2", "c-3_x"]);
+        assert!(GroupId::parse("a.b").is_err(), "ids never contain a dot");
+    }
+}

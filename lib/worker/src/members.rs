@@ -1,0 +1,138 @@
+//! Who is a member of which group, cached, so that a send reads no database
+//! in the normal case.
+//!
+//! Only memberships are cached (never "not a member" or "no such group"), so
+//! someone just added is never refused by a stale entry. Removal is what
+//! must reach every worker: the worker that commits a membership change
+//! forgets the group at once and announces it on `chat.ctl.members.<g>`
+//! (core NATS), and every worker forgets the group when the notice arrives.
+//! Core NATS can drop a notice, so entries also carry the bus's
+//! [`generation`](chat_bus::Bus::generation) (which rises on every
+//! disconnect, reconnect and slow subscription, exactly when notices can be
+//! missed) and expire after a fixed time anyway. An entry filled from a read
+//! that started before a change was announced is not kept: fills note a
+//! counter of forgets when they start.
+
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use chat_domain::{GroupId, UserId};
+
+/// How long a membership is trusted without hearing of its group.
+pub(crate) const TTL: Duration = Duration::from_secs(30);
+/// Most groups remembered; past it the cache starts over.
+const MAX_GROUPS: usize = 100_000;
+
+/// When a fill started: compare with the cache's state when it ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Ticket {
+    forgets: u64,
+    generation: u64,
+}
+
+#[derive(Default)]
+struct Inner {
+    groups: HashMap<GroupId, HashMap<UserId, (Instant, u64)>>,
+    /// Rises with every forget.
+    forgets: u64,
+}
+
+/// The membership cache of one worker.
+#[derive(Default)]
+pub(crate) struct Members(Mutex<Inner>);
+
+impl Members {
+    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether `user` is known to be a member of `group`, as of the bus's
+    /// `generation` now.
+    pub(crate) fn is_member(&self, group: &GroupId, user: &UserId, generation: u64) -> bool {
+        self.inner()
+            .groups
+            .get(group)
+            .and_then(|users| users.get(user))
+            .is_some_and(|(at, g)| *g == generation && at.elapsed() < TTL)
+    }
+
+    /// Taken before reading the membership from the database.
+    pub(crate) fn ticket(&self, generation: u64) -> Ticket {
+        Ticket {
+            forgets: self.inner().forgets,
+            generation,
+        }
+    }
+
+    /// Remembers a membership read under `ticket`, unless anything was
+    /// forgotten since the read started (the read may predate the change).
+    pub(crate) fn remember(&self, group: &GroupId, user: &UserId, ticket: Ticket) {
+        let mut inner = self.inner();
+        if inner.forgets != ticket.forgets {
+            return;
+        }
+        if inner.groups.len() >= MAX_GROUPS && !inner.groups.contains_key(group) {
+            inner.groups.clear();
+        }
+        inner
+            .groups
+            .entry(group.clone())
+            .or_default()
+            .insert(user.clone(), (Instant::now(), ticket.generation));
+    }
+
+    /// Forgets every membership of `group`.
+    pub(crate) fn forget(&self, group: &GroupId) {
+        let mut inner = self.inner();
+        inner.forgets += 1;
+        inner.groups.remove(group);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids() -> (GroupId, UserId) {
+        (
+            GroupId::parse("g").expect("group"),
+            UserId::parse("u").expect("user"),
+        )
+    }
+
+    #[test]
+    fn a_membership_is_kept_until_its_group_is_forgotten() {
+        let m = Members::default();
+        let (g, u) = ids();
+        assert!(!m.is_member(&g, &u, 1));
+        let t = m.ticket(1);
+        m.remember(&g, &u, t);
+        assert!(m.is_member(&g, &u, 1));
+        m.forget(&g);
+        assert!(!m.is_member(&g, &u, 1));
+    }
+
+    #[test]
+    fn a_read_that_started_before_a_forget_is_not_kept() {
+        let m = Members::default();
+        let (g, u) = ids();
+        let t = m.ticket(1);
+        // the removal is announced while the read is under way
+        m.forget(&g);
+        m.remember(&g, &u, t);
+        assert!(!m.is_member(&g, &u, 1));
+    }
+
+    #[test]
+    fn entries_of_an_older_generation_are_not_trusted() {
+        let m = Members::default();
+        let (g, u) = ids();
+        let t = m.ticket(1);
+        m.remember(&g, &u, t);
+        // the bus reconnected: notices may have been missed
+        assert!(!m.is_member(&g, &u, 2));
+    }
+}

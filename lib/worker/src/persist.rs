@@ -1,0 +1,160 @@
+//! Behind the stream: every worker pulls from the shared `persist` consumer
+//! and writes what it gets into MongoDB in batches (one `insert` command per
+//! batch, idempotent by message id), acknowledging a batch only once it is
+//! stored. A worker that dies holding a batch leaves it unacknowledged, and
+//! JetStream gives it to another worker after the consumer's `ack_wait`; a
+//! MongoDB outage holds the batch (kept "in progress" so that it is not
+//! handed to another worker meanwhile) until it is written. So a message is
+//! in MongoDB if and only if it is in the stream, once persistence has
+//! caught up.
+
+use std::{sync::Arc, time::Duration};
+
+use base64::{Engine, engine::general_purpose::STANDARD as B64};
+use chat_bus::{BusError, Delivered, Persisted};
+use chat_domain::{ClientMsgId, GroupId, MessageId, UserId, now_millis};
+use chat_store::StoredMessage;
+
+use crate::{State, WorkerError};
+
+/// Most messages written in one command.
+const BATCH: usize = 512;
+/// How long a caller waits for persistence to catch up before `unavailable`.
+const CATCH_UP: Duration = Duration::from_secs(3);
+
+/// Runs the persist loop forever, starting it again after any failure.
+pub(crate) async fn persist(s: Arc<State>) {
+    let mut wait = Duration::from_millis(100);
+    loop {
+        match run(&s).await {
+            Ok(()) => wait = Duration::from_millis(100),
+            Err(e) => {
+                tracing::warn!(error = %e, "persist loop stopped; starting it again");
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+        }
+        tokio::time::sleep(wait).await;
+    }
+}
+
+async fn run(s: &State) -> Result<(), WorkerError> {
+    let mut feed = s.bus.persist_feed(BATCH).await?;
+    while let Some((batch, failed)) = feed.next().await {
+        store(s, batch).await;
+        if let Some(e) = failed {
+            return Err(e.into());
+        }
+    }
+    Ok(())
+}
+
+/// Writes one batch, however long MongoDB takes to come back, then
+/// acknowledges it.
+async fn store(s: &State, batch: Vec<Delivered>) {
+    let mut rows = Vec::with_capacity(batch.len());
+    let mut stored_at = Vec::with_capacity(batch.len());
+    let mut keep = Vec::with_capacity(batch.len());
+    for m in batch {
+        match m.read().and_then(|p| Ok((to_stored(&p)?, p.stored_at_ms))) {
+            Ok((row, at)) => {
+                rows.push(row);
+                stored_at.push(at);
+                keep.push(m);
+            }
+            Err(e) => {
+                // never a message of ours: it would block the others forever
+                metrics::counter!("chat_persist_rejected_total").increment(1);
+                tracing::error!(error = %e, "not a message envelope; left out of MongoDB");
+                let _ = m.reject().await;
+            }
+        }
+    }
+    let mut wait = Duration::from_millis(100);
+    loop {
+        match s.store.messages.project(&rows).await {
+            Ok(new) => {
+                metrics::counter!("chat_persisted_total").increment(new as u64);
+                break;
+            }
+            Err(e) => {
+                metrics::counter!("chat_persist_failures_total").increment(1);
+                tracing::warn!(error = %e, n = rows.len(), "cannot persist a batch yet; holding it");
+                // still working on them: not for another worker yet
+                for m in &keep {
+                    let _ = m.in_progress().await;
+                }
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+    let now = now_millis();
+    for at in stored_at {
+        let lag = (now - at).max(0) as f64 / 1e3;
+        metrics::histogram!("chat_persist_lag_seconds").record(lag);
+    }
+    for m in keep {
+        if let Err(e) = m.ack().await {
+            // delivered again after ack_wait, and stored again idempotently
+            tracing::debug!(error = %e, "cannot acknowledge a persisted message");
+        }
+    }
+}
+
+/// The MongoDB record of a message as the stream holds it.
+fn to_stored(p: &Persisted) -> Result<StoredMessage, BusError> {
+    let e = &p.envelope;
+    let bad = |what: &str, why: String| {
+        BusError::Unavailable(format!("message {} {what}: {why}", p.stream_seq))
+    };
+    let id = MessageId::parse(e.message_id.as_str()).map_err(|x| bad("id", x.to_string()))?;
+    // envelopes from before the send log carry no client id; their records
+    // were written by the send itself and are kept as they are
+    let client = if e.client_msg_id.is_empty() {
+        e.message_id.as_str()
+    } else {
+        e.client_msg_id.as_str()
+    };
+    Ok(StoredMessage {
+        client_msg_id: ClientMsgId::parse(client).map_err(|x| bad("client id", x.to_string()))?,
+        group_id: GroupId::parse(e.group_id.as_str()).map_err(|x| bad("group", x.to_string()))?,
+        sender_id: UserId::parse(e.sender_id.as_str()).map_err(|x| bad("sender", x.to_string()))?,
+        id,
+        kind: e.kind.clone(),
+        key_id: e.key_id.clone(),
+        nonce: B64
+            .decode(&e.nonce)
+            .map_err(|x| bad("nonce", x.to_string()))?,
+        ciphertext: B64
+            .decode(&e.ciphertext)
+            .map_err(|x| bad("ciphertext", x.to_string()))?,
+        binding: e.binding,
+        seq: Some(e.seq),
+        stream_seq: Some(p.stream_seq),
+        created_at: e.created_at,
+    })
+}
+
+/// Waits until `ready` says persistence has caught up far enough, for up to
+/// a few seconds; `unavailable` after that (MongoDB is down or far behind).
+pub(crate) async fn caught_up<T, F, Fut>(mut ready: F) -> Result<T, WorkerError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<T>, WorkerError>>,
+{
+    let deadline = tokio::time::Instant::now() + CATCH_UP;
+    let mut wait = Duration::from_millis(2);
+    loop {
+        if let Some(v) = ready().await? {
+            return Ok(v);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            metrics::counter!("chat_persist_waits_timed_out_total").increment(1);
+            return Err(WorkerError::Store(chat_store::StoreError::Unavailable(
+                "history is catching up with the stream; retry".into(),
+            )));
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_millis(50));
+    }
+}
