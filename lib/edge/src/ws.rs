@@ -144,7 +144,7 @@ impl Outgoing {
     fn size(&self) -> usize {
         match self {
             Outgoing::Frame(text) => text.len(),
-            Outgoing::Delivery(d) => d.text.len() + d.msg.payload.len(),
+            Outgoing::Delivery(d) => d.text.as_ref().map_or(0, |t| t.len()) + d.msg.payload.len(),
             Outgoing::Close(_, reason) => reason.len(),
         }
     }
@@ -208,7 +208,9 @@ impl Outbox {
 
 /// A delivery from JetStream, acknowledged once written.
 struct Delivery {
-    text: Utf8Bytes,
+    /// `None`: written to this connection before (the consumer gave it
+    /// again after a rewind); acknowledged in order, not written twice.
+    text: Option<Utf8Bytes>,
     msg: Box<JsMessage>,
     /// For group messages: the group and seq to report as delivered.
     receipt: Option<(String, u64)>,
@@ -708,13 +710,18 @@ async fn write_loop(
                 fed(&mut sink, Message::Text(text.into()), deadline).await
             }
             Outgoing::Delivery(d) => {
-                let ok = fed(&mut sink, Message::Text(d.text.clone()), deadline).await;
+                let slot = usize::from(d.receipt.is_some());
+                let ok = match &d.text {
+                    Some(text) => fed(&mut sink, Message::Text(text.clone()), deadline).await,
+                    None => true,
+                };
                 if ok {
-                    let slot = usize::from(d.receipt.is_some());
-                    metrics::counter!("chat_ws_events_out_total", "event" => event_of(&d.text))
-                        .increment(1);
-                    metrics::counter!("chat_ws_deliveries_total", "feed" => if slot == 1 { "groups" } else { "user" })
-                        .increment(1);
+                    if let Some(text) = &d.text {
+                        metrics::counter!("chat_ws_events_out_total", "event" => event_of(text))
+                            .increment(1);
+                        metrics::counter!("chat_ws_deliveries_total", "feed" => if slot == 1 { "groups" } else { "user" })
+                            .increment(1);
+                    }
                     if let Some((group, seq)) = &d.receipt {
                         let e = receipts.entry(group.clone()).or_insert(*seq);
                         *e = (*e).max(*seq);
@@ -945,7 +952,10 @@ async fn deliver(
         Feed::Groups => chat_bus::group_consumer_name(&user, &device),
     };
     let mut backoff = Duration::from_millis(100);
-    loop {
+    // the newest stream sequence handed to the writer: what the consumer
+    // gives again after a rewind is acknowledged, not written twice
+    let mut forwarded = 0u64;
+    'bind: loop {
         // the consumer handle and every call on it are boxed, so that an idle
         // delivery task holds only its open pull (7.2 KiB before)
         let c = match Box::pin(app.bus.bind(feed, &user, &device)).await {
@@ -983,6 +993,11 @@ async fn deliver(
         if let Err(e) = Box::pin(app.bus.reset(feed, &user, &device)).await {
             tracing::warn!(error = %e, consumer, "cannot rewind consumer; redeliveries may come late");
         }
+        // the consumer sequence the next delivery must carry: every delivery
+        // counts one, so a jump means deliveries that never reached this
+        // edge (a NATS node died with them in flight, a pull ended as they
+        // came); acknowledging past them (`AckPolicy::All`) would lose them
+        let mut expected: Option<u64> = None;
         loop {
             let batch = Box::pin(
                 c.batch()
@@ -1019,9 +1034,27 @@ async fn deliver(
                     }
                     None => break,
                 };
+                let mut repeat = false;
                 if let Ok(info) = msg.info() {
                     metrics::histogram!("chat_consumer_pending", "feed" => feed.label())
                         .record(info.pending as f64);
+                    let (c, stream_seq) = (info.consumer_sequence, info.stream_sequence);
+                    if expected.is_some_and(|e| c > e) {
+                        metrics::counter!("chat_delivery_gaps_total", "feed" => feed.label())
+                            .increment(1);
+                        tracing::warn!(
+                            consumer,
+                            expected = expected.unwrap_or_default(),
+                            got = c,
+                            "deliveries lost on the way; rewinding to the ack floor"
+                        );
+                        // nothing after the lost ones was handed on; bind
+                        // again, which waits for this pull to end and rewinds
+                        continue 'bind;
+                    }
+                    expected = Some(c + 1);
+                    repeat = stream_seq <= forwarded;
+                    forwarded = forwarded.max(stream_seq);
                 }
                 let opened = match feed {
                     Feed::User => std::str::from_utf8(&msg.payload)
@@ -1040,7 +1073,7 @@ async fn deliver(
                     }
                 };
                 let out = Outgoing::Delivery(Delivery {
-                    text,
+                    text: (!repeat).then_some(text),
                     msg: Box::new(msg),
                     receipt,
                 });
