@@ -526,7 +526,11 @@ impl Session {
     }
 
     async fn reply_error(&mut self, id: Option<Value>, e: ApiError) -> bool {
-        self.errors_in_a_row += 1;
+        // only the client's own mistakes count: a client that retries while
+        // a backing service is down (as it should) is not abusing anything
+        if !matches!(e.code, ErrorCode::Unavailable | ErrorCode::Internal) {
+            self.errors_in_a_row += 1;
+        }
         metrics::counter!("chat_ws_errors_total", "code" => e.code.as_str()).increment(1);
         let frame = ServerFrame {
             event: event::ERROR.into(),
