@@ -157,3 +157,72 @@ async fn receipts_rise_per_member_and_read_only_the_members_asked_for() -> anyho
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn subscribing_costs_one_small_write_and_old_subscriptions_still_count() -> anyhow::Result<()>
+{
+    let mongo = chat_stack::Mongo::start().await?;
+    let store = Store::connect(&mongo.uri, "subscriptions").await?;
+    store.ensure_indexes().await?;
+    let id = |u: &str| UserId::parse(u);
+    let (owner, old, new, stranger) = (id("owner")?, id("old")?, id("new")?, id("stranger")?);
+    let members: Vec<UserId> = (0..997)
+        .map(|i| id(&format!("m{i}")))
+        .chain([Ok(old.clone()), Ok(new.clone())])
+        .collect::<Result<_, _>>()?;
+    let group = chat_domain::Group::create(
+        GroupId::generate(),
+        owner.clone(),
+        "big",
+        "",
+        members,
+        &chat_domain::Limits::default(),
+        chat_domain::now_millis(),
+    )?;
+    store.groups.insert(&group).await?;
+    // a subscription recorded the old way, in the group's document
+    let db = mongodb::Client::with_uri_str(&mongo.uri)
+        .await?
+        .database("subscriptions");
+    db.collection::<Document>("groups")
+        .update_one(
+            doc! { "_id": group.id.as_str() },
+            doc! { "$set": { "subscribers": ["old"] } },
+        )
+        .await?;
+    let rev = store.groups.get(&group.id).await?.expect("group").rev;
+
+    assert!(store.groups.add_subscriber(&group.id, &new).await?);
+    assert!(!store.groups.add_subscriber(&group.id, &stranger).await?);
+    // the 1,000-member document was not rewritten
+    assert_eq!(store.groups.get(&group.id).await?.expect("group").rev, rev);
+    assert_eq!(
+        store.groups.subscribed_groups(&new).await?,
+        [group.id.clone()]
+    );
+    assert_eq!(
+        store.groups.subscribed_groups(&old).await?,
+        [group.id.clone()]
+    );
+    assert!(store.groups.subscribed_groups(&stranger).await?.is_empty());
+    // twice is once
+    assert!(store.groups.add_subscriber(&group.id, &new).await?);
+    assert_eq!(store.groups.subscribed_groups(&new).await?.len(), 1);
+
+    // a member who leaves no longer counts, whichever way it subscribed
+    let mut record = store.groups.get(&group.id).await?.expect("group");
+    record
+        .group
+        .members
+        .retain(|m| m.user_id != old && m.user_id != new);
+    assert!(store.groups.replace_if_rev(&record).await?);
+    assert!(store.groups.subscribed_groups(&old).await?.is_empty());
+    assert!(store.groups.subscribed_groups(&new).await?.is_empty());
+    store.groups.remove_subscriber(&group.id, &new).await?;
+    let left = db
+        .collection::<Document>("subscriptions")
+        .count_documents(doc! {})
+        .await?;
+    assert_eq!(left, 0, "the removal's subscription is deleted");
+    Ok(())
+}

@@ -1,4 +1,8 @@
-//! The `groups` collection: one document per group, members embedded.
+//! The `groups` collection: one document per group, members embedded; and
+//! `subscriptions`: one small document per member who sent
+//! `subscribe_to_group`, so that joining a group of 1,000 costs one insert,
+//! not a rewrite of a 1,000-entry array in the group's document (as the
+//! `subscribers` array of earlier versions did; it is still read).
 
 use chat_domain::{Group, GroupId, Member, Millis, UserId};
 use futures::TryStreamExt;
@@ -28,7 +32,8 @@ struct GroupDoc {
     owner_id: String,
     created_by: String,
     members: Vec<MemberDoc>,
-    /// Members who sent `subscribe_to_group`.
+    /// Members who sent `subscribe_to_group` under earlier versions (now
+    /// in `subscriptions`); kept, filtered to members, until they leave.
     #[serde(default)]
     subscribers: Vec<String>,
     created_at: DateTime,
@@ -39,6 +44,22 @@ struct GroupDoc {
     /// Set once `a_group_created` has been published to every member.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     created_notified_at: Option<DateTime>,
+}
+
+/// One member's subscription: `_id` is `<group>:<user>` (ids never contain
+/// `:`, so no two pairs share one).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SubscriptionDoc {
+    #[serde(rename = "_id")]
+    id: String,
+    group_id: String,
+    user_id: String,
+    at: DateTime,
+}
+
+fn subscription_id(group: &GroupId, user: &UserId) -> String {
+    format!("{group}:{user}")
 }
 
 /// A group with the storage state that goes with it.
@@ -120,12 +141,14 @@ impl GroupDoc {
 #[derive(Debug, Clone)]
 pub struct GroupRepo {
     coll: Collection<GroupDoc>,
+    subscriptions: Collection<SubscriptionDoc>,
 }
 
 impl GroupRepo {
     pub(crate) fn new(db: &mongodb::Database) -> Self {
         Self {
             coll: db.collection("groups"),
+            subscriptions: db.collection("subscriptions"),
         }
     }
 
@@ -143,6 +166,11 @@ impl GroupRepo {
             )
             .build();
         self.coll.create_indexes([by_member, by_subscriber]).await?;
+        let by_user = IndexModel::builder()
+            .keys(doc! { "userId": 1 })
+            .options(IndexOptions::builder().name("by_user".to_owned()).build())
+            .build();
+        self.subscriptions.create_indexes([by_user]).await?;
         Ok(())
     }
 
@@ -248,41 +276,90 @@ impl GroupRepo {
         Ok(res.matched_count == 1)
     }
 
-    /// Records that `user` subscribed to `group`, if `user` is a member.
-    /// Returns whether the user is a member.
+    /// Records that `user` subscribed to `group`, if `user` is a member:
+    /// a membership read and one small upsert, whatever the group's size.
+    /// Returns whether the user is a member. A removal racing it may leave a
+    /// subscription of a former member behind; every read of subscriptions
+    /// checks membership, and the removal deletes it.
     pub async fn add_subscriber(&self, group: &GroupId, user: &UserId) -> Result<bool, StoreError> {
-        let res = self
-            .coll
+        if self.is_member(group, user).await? != Some(true) {
+            return Ok(false);
+        }
+        self.subscriptions
             .update_one(
-                doc! { "_id": group.as_str(), "members.userId": user.as_str() },
-                // the revision moves too, so a concurrent replace_if_rev made
-                // from an older read fails instead of dropping this subscriber
-                doc! { "$addToSet": { "subscribers": user.as_str() }, "$inc": { "rev": 1_i64 } },
+                doc! { "_id": subscription_id(group, user) },
+                doc! { "$setOnInsert": {
+                    "groupId": group.as_str(), "userId": user.as_str(), "at": DateTime::now(),
+                } },
             )
+            .upsert(true)
             .await?;
-        Ok(res.matched_count == 1)
+        Ok(true)
+    }
+
+    /// Forgets `user`'s subscription to `group` (after a leave or removal).
+    pub async fn remove_subscriber(
+        &self,
+        group: &GroupId,
+        user: &UserId,
+    ) -> Result<(), StoreError> {
+        self.subscriptions
+            .delete_one(doc! { "_id": subscription_id(group, user) })
+            .await?;
+        Ok(())
     }
 
     /// The groups `user` subscribed to (and is still a member of).
     pub async fn subscribed_groups(&self, user: &UserId) -> Result<Vec<GroupId>, StoreError> {
-        // a find on the `subscribers` index, not `distinct`, which the
-        // SecantusDB stand-in answers with a collection scan
+        // finds on indexes, not `distinct`, which the SecantusDB stand-in
+        // answers with a collection scan
         #[derive(serde::Deserialize)]
         struct Id {
             #[serde(rename = "_id")]
             id: String,
         }
-        let ids: Vec<Id> = self
-            .coll
-            .clone_with_type::<Id>()
-            .find(doc! { "subscribers": user.as_str(), "members.userId": user.as_str() })
+        #[derive(serde::Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Sub {
+            group_id: String,
+        }
+        let subscribed: Vec<String> = self
+            .subscriptions
+            .clone_with_type::<Sub>()
+            .find(doc! { "userId": user.as_str() })
+            .projection(doc! { "_id": 0, "groupId": 1 })
+            .await?
+            .try_collect::<Vec<Sub>>()
+            .await?
+            .into_iter()
+            .map(|s| s.group_id)
+            .collect();
+        let ids = self.coll.clone_with_type::<Id>();
+        let member = user.as_str();
+        let mut found: Vec<Id> = if subscribed.is_empty() {
+            Vec::new()
+        } else {
+            ids.find(doc! { "_id": { "$in": &subscribed }, "members.userId": member })
+                .projection(doc! { "_id": 1 })
+                .await?
+                .try_collect()
+                .await?
+        };
+        // subscriptions recorded by earlier versions
+        let legacy: Vec<Id> = ids
+            .find(doc! { "subscribers": member, "members.userId": member })
             .projection(doc! { "_id": 1 })
             .await?
             .try_collect()
             .await?;
-        ids.into_iter()
+        found.extend(legacy);
+        let mut groups = found
+            .into_iter()
             .map(|d| GroupId::parse(d.id.clone()).map_err(|e| corrupt(&d.id, e)))
-            .collect()
+            .collect::<Result<Vec<_>, _>>()?;
+        groups.sort_unstable();
+        groups.dedup();
+        Ok(groups)
     }
 
     /// Marks the creation notification as sent; returns whether this call

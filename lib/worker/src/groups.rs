@@ -124,6 +124,12 @@ impl GroupsService {
             self.apply(caller, id, change).await
         }
         .await;
+        if result.is_ok()
+            && let Err(e) = self.0.store.groups.remove_subscriber(id, leaving).await
+        {
+            // harmless: subscriptions are read with membership
+            tracing::warn!(group = %id, user = %leaving, error = %e, "cannot forget a subscription");
+        }
         let synced = lease.sync().await;
         lease.release().await;
         let group = result?;

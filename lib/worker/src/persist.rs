@@ -19,8 +19,10 @@ use crate::{State, WorkerError};
 
 /// Most messages written in one command.
 const BATCH: usize = 512;
-/// How long a caller waits for persistence to catch up before `unavailable`.
-const CATCH_UP: Duration = Duration::from_secs(3);
+/// How long a caller waits for persistence to catch up before `unavailable`:
+/// longer than the persist consumer's `ack_wait` (2 s), after which a dead
+/// worker's batch goes to another worker.
+const CATCH_UP: Duration = Duration::from_secs(5);
 
 /// Runs the persist loop forever, starting it again after any failure.
 pub(crate) async fn persist(s: Arc<State>) {
@@ -84,7 +86,9 @@ async fn store(s: &State, batch: Vec<Delivered>) {
                     let _ = m.in_progress().await;
                 }
                 tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(2));
+                // within the consumer's ack_wait (2 s), so that the batch
+                // stays with this worker while it is alive
+                wait = (wait * 2).min(Duration::from_secs(1));
             }
         }
     }
