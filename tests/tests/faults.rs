@@ -168,9 +168,14 @@ async fn a_worker_killed_mid_traffic_costs_senders_nothing_acknowledged() -> any
     for id in &acked {
         assert!(delivered.contains(id), "acknowledged {id} never delivered");
     }
-    let history: Vec<String> = c
-        .history("bob", &g)
-        .await?
+    // the dead worker may have held a batch of the persist consumer:
+    // another worker writes it once the consumer's ack_wait (10 s) has
+    // passed, and history answers `unavailable` until then
+    let history = chat_tests::eventually(Duration::from_secs(20), || async {
+        Ok(c.history("bob", &g).await.ok())
+    })
+    .await?;
+    let history: Vec<String> = history
         .iter()
         .map(|m| m["messageId"].as_str().unwrap_or("").to_owned())
         .collect();

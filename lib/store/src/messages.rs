@@ -239,8 +239,35 @@ impl MessageRepo {
             }
             _ => return Err(err.into()),
         };
+        // the common duplicate is a batch delivered again: one read finds
+        // every message stored already, and only the rest is looked at one by one
+        let ids: Vec<&str> = duplicates
+            .iter()
+            .filter_map(|&i| docs.get(i))
+            .map(|d| d.id.as_str())
+            .collect();
+        #[derive(Deserialize)]
+        struct Stored {
+            #[serde(rename = "_id")]
+            id: String,
+            state: String,
+        }
+        let stored: std::collections::HashSet<String> = self
+            .coll
+            .clone_with_type::<Stored>()
+            .find(doc! { "_id": { "$in": &ids }, "state": COMMITTED })
+            .projection(doc! { "_id": 1, "state": 1 })
+            .await?
+            .try_collect::<Vec<Stored>>()
+            .await?
+            .into_iter()
+            .filter(|s| s.state == COMMITTED)
+            .map(|s| s.id)
+            .collect();
         for &i in &duplicates {
-            if let Some(doc) = docs.get(i) {
+            if let Some(doc) = docs.get(i)
+                && !stored.contains(&doc.id)
+            {
                 self.settle_duplicate(doc).await?;
             }
         }

@@ -29,7 +29,7 @@ use crate::{
     State, WorkerError,
     media::{self, MediaContent, check_media},
     parse_id,
-    persist::caught_up,
+    persist::{caught_up, caught_up_within},
 };
 
 /// Compare-and-set attempts before a send gives up as `unavailable`.
@@ -38,6 +38,8 @@ const CAS_ATTEMPTS: usize = 64;
 const POSITION_CACHE: usize = 100_000;
 /// Largest history page.
 const MAX_HISTORY_PAGE: u32 = 100;
+/// How long a receipt waits for the messages it covers to be persisted.
+const RECEIPTS_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// The sealed part of a message.
 #[derive(Debug, Serialize, Deserialize)]
@@ -281,14 +283,18 @@ impl Drop for Reservation {
 }
 
 /// The senders of `group`'s messages with seq in `(lo, hi]`, once
-/// persistence has caught up with them (or, after the wait, what is there).
+/// persistence has caught up with them, or after a short wait what is there:
+/// the watermarks themselves are stored exactly either way, but while
+/// persistence is far behind, a sender may miss the push for messages not
+/// written yet (the status endpoint stays exact). Waiting longer made the
+/// receipts' polling compete with the writes they wait for.
 async fn senders_between(
     s: &State,
     group: &GroupId,
     lo: u64,
     hi: u64,
 ) -> Result<Vec<(u64, UserId)>, WorkerError> {
-    let all = caught_up(|| async {
+    let all = caught_up_within(RECEIPTS_WAIT, || async {
         let found = s.store.messages.senders_by_seq(group, lo, hi).await?;
         let complete = found.len() as u64 >= hi - lo || persisted_to_tail(s, group).await?;
         Ok(complete.then_some(found))

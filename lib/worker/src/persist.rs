@@ -17,11 +17,16 @@ use chat_store::StoredMessage;
 
 use crate::{State, WorkerError};
 
-/// Most messages written in one command.
-const BATCH: usize = 512;
-/// How long a caller waits for persistence to catch up before `unavailable`:
-/// longer than the persist consumer's `ack_wait` (2 s), after which a dead
-/// worker's batch goes to another worker.
+/// Most messages written in one command, and the most the consumer hands
+/// over ahead of the loop: what waits in the client's buffer is not "in
+/// progress", so it must be written within the consumer's `ack_wait` (10 s)
+/// or it comes again.
+const BATCH: usize = 256;
+/// How often a batch being written is reported in progress.
+const PROGRESS_EVERY: Duration = Duration::from_secs(3);
+/// How long a caller waits for persistence to catch up before
+/// `unavailable` (a dead worker's batch goes to another worker only after
+/// the consumer's `ack_wait`, 10 s: reads answer `unavailable` meanwhile).
 const CATCH_UP: Duration = Duration::from_secs(5);
 
 /// Runs the persist loop forever, starting it again after any failure.
@@ -73,8 +78,29 @@ async fn store(s: &State, batch: Vec<Delivered>) {
     }
     let mut wait = Duration::from_millis(100);
     loop {
-        match s.store.messages.project(&rows).await {
+        // a slow write keeps the batch with this worker: "in progress"
+        // well within the consumer's ack_wait (10 s)
+        let written = {
+            let project = s.store.messages.project(&rows);
+            tokio::pin!(project);
+            let mut tick = tokio::time::interval_at(
+                tokio::time::Instant::now() + PROGRESS_EVERY,
+                PROGRESS_EVERY,
+            );
+            loop {
+                tokio::select! {
+                    r = &mut project => break r,
+                    _ = tick.tick() => {
+                        for m in &keep {
+                            let _ = m.in_progress().await;
+                        }
+                    }
+                }
+            }
+        };
+        match written {
             Ok(new) => {
+                tracing::debug!(n = rows.len(), new, "persisted a batch");
                 metrics::counter!("chat_persisted_total").increment(new as u64);
                 break;
             }
@@ -86,9 +112,9 @@ async fn store(s: &State, batch: Vec<Delivered>) {
                     let _ = m.in_progress().await;
                 }
                 tokio::time::sleep(wait).await;
-                // within the consumer's ack_wait (2 s), so that the batch
+                // within the consumer's ack_wait (10 s), so that the batch
                 // stays with this worker while it is alive
-                wait = (wait * 2).min(Duration::from_secs(1));
+                wait = (wait * 2).min(Duration::from_secs(2));
             }
         }
     }
@@ -141,13 +167,26 @@ fn to_stored(p: &Persisted) -> Result<StoredMessage, BusError> {
 
 /// Waits until `ready` says persistence has caught up far enough, for up to
 /// a few seconds; `unavailable` after that (MongoDB is down or far behind).
-pub(crate) async fn caught_up<T, F, Fut>(mut ready: F) -> Result<T, WorkerError>
+pub(crate) async fn caught_up<T, F, Fut>(ready: F) -> Result<T, WorkerError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<Option<T>, WorkerError>>,
 {
-    let deadline = tokio::time::Instant::now() + CATCH_UP;
-    let mut wait = Duration::from_millis(2);
+    caught_up_within(CATCH_UP, ready).await
+}
+
+/// As [`caught_up`], waiting at most `within`.
+pub(crate) async fn caught_up_within<T, F, Fut>(
+    within: Duration,
+    mut ready: F,
+) -> Result<T, WorkerError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<T>, WorkerError>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    // gentle on the database while it is behind: every poll is a query
+    let mut wait = Duration::from_millis(5);
     loop {
         if let Some(v) = ready().await? {
             return Ok(v);
@@ -159,6 +198,6 @@ where
             )));
         }
         tokio::time::sleep(wait).await;
-        wait = (wait * 2).min(Duration::from_millis(50));
+        wait = (wait * 2).min(Duration::from_millis(200));
     }
 }
