@@ -76,6 +76,22 @@ struct Shared {
     unique: AtomicU64,
     /// Highest acknowledged `seq` per group.
     group_last: Vec<AtomicU64>,
+    /// Per connection: every `seq` up to this one has arrived.
+    seen: Vec<AtomicU64>,
+}
+
+impl Shared {
+    /// Whether every connection has every acknowledged message of its group
+    /// (connection `i` is in group `i / members`).
+    fn all_delivered(&self, members: usize) -> bool {
+        self.seen.iter().enumerate().all(|(i, seen)| {
+            let last = self
+                .group_last
+                .get(i / members.max(1))
+                .map_or(0, |g| g.load(Ordering::Relaxed));
+            seen.load(Ordering::Relaxed) >= last
+        })
+    }
 }
 
 /// One connection's findings.
@@ -416,6 +432,7 @@ pub async fn run(
         outstanding: AtomicU64::new(0),
         unique: AtomicU64::new(0),
         group_last: (0..plan.groups).map(|_| AtomicU64::new(0)).collect(),
+        seen: (0..plan.connections()).map(|_| AtomicU64::new(0)).collect(),
     });
     let (phase_tx, phase_rx) = watch::channel(Phase::Wait);
     let senders = plan.groups * plan.senders_per_group;
@@ -466,8 +483,11 @@ pub async fn run(
         .iter()
         .map(|g| g.load(Ordering::Relaxed) * plan.members as u64)
         .sum();
+    // each connection against its own group: a total across members was
+    // met early by deliveries of messages whose acks never came, and
+    // members still behind were then counted as lost
     wait_for("deliveries", Duration::from_secs(60), || {
-        shared.unique.load(Ordering::Relaxed) >= expected
+        shared.unique.load(Ordering::Relaxed) >= expected && shared.all_delivered(plan.members)
     })
     .await;
     phase_tx.send_replace(Phase::Done);
@@ -610,6 +630,9 @@ impl Job {
                             let seq = data.seq.unwrap_or(0);
                             if r.order.see(seq) {
                                 shared.unique.fetch_add(1, Ordering::Relaxed);
+                                if let Some(seen) = shared.seen.get(self.index) {
+                                    seen.store(r.order.contiguous(), Ordering::Relaxed);
+                                }
                             }
                             shared.delivered.add(1);
                             let sent_at = data

@@ -129,6 +129,14 @@ impl Order {
         }
     }
 
+    /// Every number up to this one has been received.
+    pub fn contiguous(&self) -> u64 {
+        self.missing
+            .iter()
+            .next()
+            .map_or(self.last, |first| first - 1)
+    }
+
     /// Numbers up to `last_sent` never received.
     pub fn lost(&self, last_sent: u64) -> u64 {
         last_sent.saturating_sub(self.last) + self.missing.len() as u64
@@ -178,9 +186,14 @@ mod tests {
         assert_eq!(o.out_of_order, 1);
         // 5 never came, 7 and 8 were sent but not received
         assert_eq!(o.lost(8), 3);
+        // everything up to 4 came; 5 is the first hole
+        assert_eq!(o.contiguous(), 4);
+        o.see(5);
+        assert_eq!(o.contiguous(), 6);
+        o.see(4);
         let mut i = Integrity::default();
         i.add(&o, 8);
-        assert_eq!((i.expected, i.received, i.lost), (8, 5, 3));
+        assert_eq!((i.expected, i.received, i.lost), (8, 6, 2));
         assert!(!i.clean());
     }
 
