@@ -495,8 +495,12 @@ async fn nats_refuses_anonymous_clients_and_limits_each_role() -> anyhow::Result
 
     let mut bob = c.connect(0, "bob", "phone").await?;
     let edge = &c.stack.nats.users.edge;
+    // replies on the edge user's own inbox, as chatd takes them: with the
+    // default inbox no request is ever answered, and every refusal below
+    // would hold whatever the permissions said
     let client =
         async_nats::ConnectOptions::with_user_and_password(edge.user.into(), edge.password.clone())
+            .custom_inbox_prefix(format!("_INBOX.{}", edge.user))
             .connect(url.as_str())
             .await?;
     let mut js = async_nats::jetstream::new(client.clone());
@@ -522,6 +526,51 @@ async fn nats_refuses_anonymous_clients_and_limits_each_role() -> anyhow::Result
     );
     let pushes = group_or_created_within(&mut bob, QUIET).await?;
     assert!(pushes.is_empty(), "bob received {pushes:?}");
+    // nor take messages from the workers' persist consumer (pulling and
+    // acking there would keep them out of MongoDB)
+    let pulled = async {
+        let consumer = js
+            .get_stream("CHAT_GROUPS")
+            .await?
+            .get_consumer::<consumer::pull::Config>("persist")
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut batch = consumer
+            .fetch()
+            .max_messages(1)
+            .expires(Duration::from_millis(500))
+            .messages()
+            .await?;
+        anyhow::Ok(
+            batch
+                .next()
+                .await
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+        )
+    }
+    .await;
+    assert!(
+        !matches!(pulled, Ok(Some(_))),
+        "an edge's user pulled from the persist consumer"
+    );
+    // (an edge may rewind its devices' consumers, and without the deny rule
+    // this one too)
+    js.get_stream("CHAT_GROUPS")
+        .await
+        .context("an edge's user reads stream info")?;
+    let rewound = async {
+        js.get_stream("CHAT_GROUPS")
+            .await?
+            .reset_consumer("persist", None)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))
+    }
+    .await;
+    assert!(
+        rewound.is_err(),
+        "an edge's user rewound the persist consumer"
+    );
     // and an edge's user cannot read the replies a worker gets
     let mut snoop = client.subscribe("_INBOX.>").await?;
     let bus = c.bus_as(&c.stack.nats.users.worker).await?;

@@ -89,9 +89,25 @@ async fn projected_batches_are_idempotent_and_settle_earlier_records() -> anyhow
     assert_eq!(store.messages.get(&lost_id).await?, None);
     assert_eq!(coll.count_documents(doc! { "state": "pending" }).await?, 0);
 
+    // a client id used again after the send log forgot it: both messages
+    // are in the stream, so both are in history
+    let again = message(&group, "c1", 43)?;
+    assert_eq!(
+        store.messages.project(std::slice::from_ref(&again)).await?,
+        0
+    );
+    let page = store.messages.history(&group, None, 2).await?;
+    assert_eq!(page.first().map(|m| &m.id), Some(&again.id));
+    assert_eq!(page.first().and_then(|m| m.seq), Some(43));
+    assert_eq!(
+        page.first().map(|m| m.client_msg_id.as_str()),
+        Some(again.id.as_str()),
+        "stands for itself"
+    );
+
     // with the database gone, a batch fails as a whole (and is held)
     drop(mongo);
-    let late = message(&group, "late", 43)?;
+    let late = message(&group, "late", 44)?;
     assert!(store.messages.project(&[late]).await.is_err());
     Ok(())
 }

@@ -377,18 +377,21 @@ impl Bus {
     /// delivered and not acknowledged (a previous connection's share) comes
     /// again, in stream order, instead of after the ack timeout and out of
     /// order.
+    /// Returns the consumer's delivery count after the rewind: the next
+    /// delivery carries that plus one.
     pub async fn reset(
         &self,
         feed: Feed,
         user: &UserId,
         device: &DeviceId,
-    ) -> Result<(), BusError> {
-        self.stream(feed)
+    ) -> Result<u64, BusError> {
+        let reset = self
+            .stream(feed)
             .await?
             .reset_consumer(&consumer_name(feed, user, device), None)
             .await
             .map_err(BusError::nats)?;
-        Ok(())
+        Ok(reset.info.delivered.consumer_sequence)
     }
 
     /// Binds to `device`'s consumer of `feed` for delivery, after checking

@@ -142,12 +142,16 @@ impl Bus {
     }
 
     /// Looks for message `id` among `group`'s messages after stream sequence
-    /// `after`: did an uncertain publish land? If so, where, and as what.
+    /// `after`, stored no later than `until_ms` if given (ms since the epoch,
+    /// nats-server's clock): did an uncertain publish land? If so, where, and
+    /// as what. The bound keeps a retry long after its first attempt from
+    /// reading hours of a busy group one message at a time.
     pub async fn find_group_message(
         &self,
         group: &GroupId,
         id: &MessageId,
         after: u64,
+        until_ms: Option<i64>,
     ) -> Result<Option<(Position, Envelope)>, BusError> {
         let stream = self.groups_stream().await?;
         let subject = group_msg_subject(group);
@@ -164,6 +168,10 @@ impl Bus {
                 Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(None),
                 Err(e) => return Err(BusError::nats(e)),
             };
+            let stored_ms = (msg.time.unix_timestamp_nanos() / 1_000_000) as i64;
+            if until_ms.is_some_and(|until| stored_ms > until) {
+                return Ok(None);
+            }
             if msg.headers.get(MSG_ID).map(|v| v.as_str()) == Some(id.as_str()) {
                 let envelope: Envelope = serde_json::from_slice(&msg.payload).map_err(|e| {
                     BusError::Unavailable(format!("message {} is no envelope: {e}", msg.sequence))

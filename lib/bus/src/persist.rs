@@ -98,17 +98,17 @@ fn read_persisted(msg: &jetstream::Message) -> Result<Persisted, BusError> {
 
 impl Bus {
     /// The shared persist consumer's deliveries, at most `batch` at a time
-    /// (the consumer is created as `nats/` defines it if it does not exist;
-    /// workers only).
+    /// (the consumer is created, or updated, as `nats/` defines it; workers
+    /// only).
     pub async fn persist_feed(&self, batch: usize) -> Result<PersistFeed, BusError> {
         let config = self.defs.persist_consumer.clone();
-        let name = config.durable_name.clone().unwrap_or_default();
         let consumer = self
             .js
             .get_stream_no_info(&self.defs.groups_stream.name)
             .await
             .map_err(BusError::nats)?
-            .get_or_create_consumer(&name, config)
+            // created, or updated to what `nats/` says now
+            .create_consumer(config)
             .await
             .map_err(BusError::nats)?;
         let messages = consumer

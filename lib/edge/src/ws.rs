@@ -214,6 +214,17 @@ struct Delivery {
     msg: Box<JsMessage>,
     /// For group messages: the group and seq to report as delivered.
     receipt: Option<(String, u64)>,
+    /// The consumer's rewinds when this was handed on, and the counter: a
+    /// delivery from before a rewind is never acknowledged (a late ack of
+    /// it would move the rewound consumer's floor past what comes again).
+    rewinds: (u64, Arc<std::sync::atomic::AtomicU64>),
+}
+
+impl Delivery {
+    /// Whether the consumer was rewound since this was handed on.
+    fn stale(&self) -> bool {
+        self.rewinds.1.load(std::sync::atomic::Ordering::SeqCst) != self.rewinds.0
+    }
 }
 
 struct Session {
@@ -815,6 +826,9 @@ async fn flush_and_ack(
     }
     hub.record(user, receipts);
     for d in written.iter_mut().filter_map(Option::take) {
+        if d.stale() {
+            continue;
+        }
         if let Err(e) = d.msg.ack().await {
             tracing::warn!(error = %e, "ack to jetstream failed; the event may come again");
         }
@@ -959,6 +973,11 @@ async fn deliver(
     // the newest stream sequence handed to the writer: what the consumer
     // gives again after a rewind is acknowledged, not written twice
     let mut forwarded = 0u64;
+    // rewinds after lost deliveries; the writer acknowledges nothing handed
+    // on before the latest one
+    let rewinds = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    // a rewind is owed (deliveries were lost): pull nothing until it is done
+    let mut owed = false;
     'bind: loop {
         // the consumer handle and every call on it are boxed, so that an idle
         // delivery task holds only its open pull (7.2 KiB before)
@@ -994,14 +1013,30 @@ async fn deliver(
                 _ => break,
             }
         }
-        if let Err(e) = Box::pin(app.bus.reset(feed, &user, &device)).await {
-            tracing::warn!(error = %e, consumer, "cannot rewind consumer; redeliveries may come late");
-        }
         // the consumer sequence the next delivery must carry: every delivery
         // counts one, so a jump means deliveries that never reached this
         // edge (a NATS node died with them in flight, a pull ended as they
         // came); acknowledging past them (`AckPolicy::All`) would lose them
         let mut expected: Option<u64> = None;
+        match Box::pin(app.bus.reset(feed, &user, &device)).await {
+            Ok(delivered) => {
+                expected = Some(delivered + 1);
+                owed = false;
+            }
+            Err(e) if owed => {
+                // pulling now would let the next ack cover the lost ones
+                tracing::warn!(error = %e, consumer, "cannot rewind consumer yet; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.changed() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue 'bind;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, consumer, "cannot rewind consumer; redeliveries may come late");
+            }
+        }
         loop {
             let batch = Box::pin(
                 c.batch()
@@ -1052,8 +1087,12 @@ async fn deliver(
                             got = c,
                             "deliveries lost on the way; rewinding to the ack floor"
                         );
-                        // nothing after the lost ones was handed on; bind
-                        // again, which waits for this pull to end and rewinds
+                        // nothing after the lost ones was handed on; what
+                        // was is never acknowledged now (it comes again);
+                        // bind again, which waits for this pull to end and
+                        // rewinds
+                        rewinds.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        owed = true;
                         continue 'bind;
                     }
                     expected = Some(c + 1);
@@ -1080,6 +1119,10 @@ async fn deliver(
                     text: (!repeat).then_some(text),
                     msg: Box::new(msg),
                     receipt,
+                    rewinds: (
+                        rewinds.load(std::sync::atomic::Ordering::SeqCst),
+                        rewinds.clone(),
+                    ),
                 });
                 match tokio::time::timeout(SLOW_CLIENT, tx.send(out)).await {
                     Ok(Ok(())) => {}

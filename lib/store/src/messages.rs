@@ -131,7 +131,11 @@ impl MessageDoc {
             id: MessageId::parse(self.id.as_str()).map_err(corrupt)?,
             group_id: GroupId::parse(self.group_id.as_str()).map_err(corrupt)?,
             sender_id: UserId::parse(self.sender_id.as_str()).map_err(corrupt)?,
-            client_msg_id: ClientMsgId::parse(self.client_msg_id.as_str()).map_err(corrupt)?,
+            // a second message under a reused client id is stored with a
+            // suffix no client id can have (`project`): it stands for itself
+            client_msg_id: ClientMsgId::parse(self.client_msg_id.as_str())
+                .or_else(|_| ClientMsgId::parse(self.id.as_str()))
+                .map_err(corrupt)?,
             kind: self.kind.clone(),
             key_id: self.key_id.clone(),
             nonce: self.nonce.bytes.clone(),
@@ -305,10 +309,19 @@ impl MessageRepo {
         match self.coll.insert_one(doc).await {
             Ok(_) => Ok(()),
             Err(e) if is_duplicate(&e) => {
-                // two messages of the stream share a client id: the send log
-                // prevents it; history keeps the first
-                tracing::error!(message = %doc.id, group = %doc.group_id, "a second message with the same client id; not stored");
-                Ok(())
+                // two messages of the stream share a client id: a client that
+                // reused one after the send log's window (or a retry of a send
+                // from before the send log). Both are in the stream, so both
+                // go into history: this one under a client id no client can
+                // send (`~` is not allowed in one), read back as its own id
+                tracing::warn!(message = %doc.id, group = %doc.group_id, "a second message with the same client id");
+                let mut renamed = doc.clone();
+                renamed.client_msg_id = format!("{}~{}", doc.client_msg_id, doc.id);
+                match self.coll.insert_one(&renamed).await {
+                    Ok(_) => Ok(()),
+                    Err(e) if is_duplicate(&e) => Ok(()),
+                    Err(e) => Err(e.into()),
+                }
             }
             Err(e) => Err(e.into()),
         }

@@ -23,8 +23,9 @@ use chat_domain::{GroupId, UserId};
 
 /// How long a membership is trusted without hearing of its group.
 pub(crate) const TTL: Duration = Duration::from_secs(30);
-/// Most groups remembered; past it the cache starts over.
-const MAX_GROUPS: usize = 100_000;
+/// Most memberships remembered; past it the cache starts over (entries are
+/// never pruned one by one: they expire, and a full cache is cleared).
+const MAX_ENTRIES: usize = 1_000_000;
 
 /// When a fill started: compare with the cache's state when it ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +37,8 @@ pub(crate) struct Ticket {
 #[derive(Default)]
 struct Inner {
     groups: HashMap<GroupId, HashMap<UserId, (Instant, u64)>>,
+    /// Memberships held, over all groups.
+    entries: usize,
     /// Rises with every forget.
     forgets: u64,
 }
@@ -74,21 +77,26 @@ impl Members {
         if inner.forgets != ticket.forgets {
             return;
         }
-        if inner.groups.len() >= MAX_GROUPS && !inner.groups.contains_key(group) {
+        if inner.entries >= MAX_ENTRIES {
             inner.groups.clear();
+            inner.entries = 0;
         }
-        inner
+        let added = inner
             .groups
             .entry(group.clone())
             .or_default()
-            .insert(user.clone(), (Instant::now(), ticket.generation));
+            .insert(user.clone(), (Instant::now(), ticket.generation))
+            .is_none();
+        inner.entries += usize::from(added);
     }
 
     /// Forgets every membership of `group`.
     pub(crate) fn forget(&self, group: &GroupId) {
         let mut inner = self.inner();
         inner.forgets += 1;
-        inner.groups.remove(group);
+        if let Some(users) = inner.groups.remove(group) {
+            inner.entries = inner.entries.saturating_sub(users.len());
+        }
     }
 }
 

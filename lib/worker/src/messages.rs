@@ -187,7 +187,7 @@ async fn publish(
                 // an earlier attempt of this very message landed
                 let (p, _) = s
                     .bus
-                    .find_group_message(&m.group_id, &m.id, after)
+                    .find_group_message(&m.group_id, &m.id, after, None)
                     .await?
                     .ok_or_else(|| unavailable("duplicate publish not found in the stream"))?;
                 return Ok(p);
@@ -228,9 +228,13 @@ async fn earlier_attempt(
         // the stream answers as well
         Err(e) => tracing::debug!(message = %id, error = %e, "reading the stream instead"),
     }
+    // an attempt lands within the settle delay of its start or never (the
+    // assumption `Lost` rests on too), so the scan stops a minute after that
+    let settle = s.config.resolve_pending_after;
+    let until = earlier.at + settle.as_millis() as i64 + 60_000;
     if let Some((p, env)) = s
         .bus
-        .find_group_message(group, &id, earlier.after_stream_seq)
+        .find_group_message(group, &id, earlier.after_stream_seq, Some(until))
         .await?
     {
         return Ok(Earlier::Landed(pb::SendMessageResponse {
@@ -242,7 +246,6 @@ async fn earlier_attempt(
     }
     // a publish made during a disconnect can sit in the client's buffer and
     // go out after the reconnect: decide only once that cannot be
-    let settle = s.config.resolve_pending_after;
     let young = now_millis() - earlier.at < settle.as_millis() as i64;
     if young || s.bus.up_for().is_none_or(|up| up < settle) {
         return Err(unavailable("this message is still being sent; retry later"));
@@ -296,8 +299,14 @@ async fn senders_between(
 ) -> Result<Vec<(u64, UserId)>, WorkerError> {
     let all = caught_up_within(RECEIPTS_WAIT, || async {
         let found = s.store.messages.senders_by_seq(group, lo, hi).await?;
-        let complete = found.len() as u64 >= hi - lo || persisted_to_tail(s, group).await?;
-        Ok(complete.then_some(found))
+        if found.len() as u64 >= hi - lo {
+            return Ok(Some(found));
+        }
+        // read again once persistence is seen past the tail
+        if !persisted_to_tail(s, group).await? {
+            return Ok(None);
+        }
+        Ok(Some(s.store.messages.senders_by_seq(group, lo, hi).await?))
     })
     .await;
     match all {
@@ -527,12 +536,23 @@ impl MessagesService {
         // a message delivered a moment ago may not be in MongoDB yet: wait
         // while persistence is behind the stream for this group
         let found = caught_up(|| async {
-            match s.store.messages.get(&id).await? {
-                Some(m) if &m.group_id == group && m.is_committed() => return Ok(Some(Some(m))),
-                Some(_) => return Ok(Some(None)),
-                None => {}
+            if let Some(m) = s.store.messages.get(&id).await? {
+                return Ok(Some(
+                    (&m.group_id == group && m.is_committed()).then_some(m),
+                ));
             }
-            Ok(persisted_to_tail(s, group).await?.then_some(None))
+            // whether persistence had passed the tail before a second read:
+            // read after it, "not there" is final
+            if !persisted_to_tail(s, group).await? {
+                return Ok(None);
+            }
+            Ok(Some(
+                s.store
+                    .messages
+                    .get(&id)
+                    .await?
+                    .filter(|m| &m.group_id == group && m.is_committed()),
+            ))
         })
         .await?;
         found.ok_or(WorkerError::NotFound("message"))
@@ -624,12 +644,21 @@ impl Messages for MessagesService {
                 return Ok(Some(page));
             }
             // else done once persistence has passed the group's tail (a
-            // message it could not store, such as a forged one, stays out)
+            // message it could not store, such as a forged one, stays out),
+            // with the page read again after that was seen
             let through = match tail {
                 Some(t) => s.bus.persisted_through().await? >= t.stream_seq,
                 None => true,
             };
-            Ok(through.then_some(page))
+            if !through {
+                return Ok(None);
+            }
+            Ok(Some(
+                s.store
+                    .messages
+                    .history(&group, before, i64::from(limit))
+                    .await?,
+            ))
         })
         .await?;
         let mut messages = Vec::with_capacity(stored.len());
