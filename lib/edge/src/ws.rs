@@ -972,7 +972,7 @@ async fn deliver(
     let mut backoff = Duration::from_millis(100);
     // the newest stream sequence handed to the writer: what the consumer
     // gives again after a rewind is acknowledged, not written twice
-    let mut forwarded = 0u64;
+    let mut seen = Sequence::default();
     // rewinds after lost deliveries; the writer acknowledges nothing handed
     // on before the latest one
     let rewinds = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -1017,10 +1017,10 @@ async fn deliver(
         // counts one, so a jump means deliveries that never reached this
         // edge (a NATS node died with them in flight, a pull ended as they
         // came); acknowledging past them (`AckPolicy::All`) would lose them
-        let mut expected: Option<u64> = None;
+        seen.rebound(None);
         match Box::pin(app.bus.reset(feed, &user, &device)).await {
             Ok(delivered) => {
-                expected = Some(delivered + 1);
+                seen.rebound(Some(delivered));
                 owed = false;
             }
             Err(e) if owed => {
@@ -1078,12 +1078,13 @@ async fn deliver(
                     metrics::histogram!("chat_consumer_pending", "feed" => feed.label())
                         .record(info.pending as f64);
                     let (c, stream_seq) = (info.consumer_sequence, info.stream_sequence);
-                    if expected.is_some_and(|e| c > e) {
+                    let verdict = seen.check(c, stream_seq);
+                    if let Verdict::Lost { expected } = verdict {
                         metrics::counter!("chat_delivery_gaps_total", "feed" => feed.label())
                             .increment(1);
                         tracing::warn!(
                             consumer,
-                            expected = expected.unwrap_or_default(),
+                            expected,
                             got = c,
                             "deliveries lost on the way; rewinding to the ack floor"
                         );
@@ -1095,9 +1096,7 @@ async fn deliver(
                         owed = true;
                         continue 'bind;
                     }
-                    expected = Some(c + 1);
-                    repeat = stream_seq <= forwarded;
-                    forwarded = forwarded.max(stream_seq);
+                    repeat = verdict == Verdict::Repeat;
                 }
                 let opened = match feed {
                     Feed::User => std::str::from_utf8(&msg.payload)
@@ -1138,10 +1137,112 @@ async fn deliver(
     }
 }
 
+/// What the delivery task knows of one consumer's deliveries: the delivery
+/// count the next one must carry, and the newest stream sequence handed on.
+#[derive(Debug, Default)]
+struct Sequence {
+    /// `None` until a delivery or a rewind sets it.
+    expected: Option<u64>,
+    forwarded: u64,
+}
+
+/// What to do with a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// New: write it.
+    Deliver,
+    /// Handed on before (it came again after a rewind): acknowledge it in
+    /// order, do not write it twice.
+    Repeat,
+    /// Deliveries from `expected` on never arrived: hand on nothing more and
+    /// rewind, or the next acknowledgement (`AckPolicy::All`) covers them.
+    Lost { expected: u64 },
+}
+
+impl Sequence {
+    /// Bound again: `delivered` is the consumer's delivery count after a
+    /// rewind, if one was made (otherwise the next delivery sets the count).
+    fn rebound(&mut self, delivered: Option<u64>) {
+        self.expected = delivered.map(|d| d + 1);
+    }
+
+    /// Checks a delivery with delivery count `consumer_seq` of the message at
+    /// `stream_seq`. Every delivery, repeats included, counts one; a count
+    /// lower than expected (a new consumer leader that knew less) is taken
+    /// as the new baseline.
+    fn check(&mut self, consumer_seq: u64, stream_seq: u64) -> Verdict {
+        if let Some(expected) = self.expected
+            && consumer_seq > expected
+        {
+            return Verdict::Lost { expected };
+        }
+        self.expected = Some(consumer_seq + 1);
+        if stream_seq <= self.forwarded {
+            return Verdict::Repeat;
+        }
+        self.forwarded = stream_seq;
+        Verdict::Deliver
+    }
+}
+
 /// Closes a connection whose device has no consumer to deliver from, ever:
 /// evicted (another device of the user took its place), or not this
 /// device's.
 fn evicted(tx: &Outbox, e: &BusError) {
     tracing::info!(error = %e, "device has no consumer; closing");
     tx.close_now(CLOSE_EVICTED, "device evicted; reconnect");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn consecutive_deliveries_are_delivered() {
+        let mut s = Sequence::default();
+        // the first one sets the count when no rewind did
+        assert_eq!(s.check(7, 100), Verdict::Deliver);
+        assert_eq!(s.check(8, 105), Verdict::Deliver);
+        assert_eq!(s.check(9, 106), Verdict::Deliver);
+    }
+
+    #[test]
+    fn a_jump_in_the_delivery_count_is_a_loss_and_hands_nothing_on() {
+        let mut s = Sequence::default();
+        s.rebound(Some(0));
+        assert_eq!(s.check(1, 10), Verdict::Deliver);
+        // delivery 2 went astray; 3 must not be written (its ack would cover 2)
+        assert_eq!(s.check(3, 12), Verdict::Lost { expected: 2 });
+        // nothing changed: the rewind decides what comes next
+        assert_eq!(s.forwarded, 10);
+    }
+
+    #[test]
+    fn after_a_rewind_what_was_handed_on_is_a_repeat_and_the_rest_is_new() {
+        let mut s = Sequence::default();
+        s.rebound(Some(0));
+        for (c, stream) in [(1, 10), (2, 11), (3, 12)] {
+            assert_eq!(s.check(c, stream), Verdict::Deliver);
+        }
+        // a delivery went astray; the reset reports a count of 0 again
+        assert_eq!(s.check(5, 14), Verdict::Lost { expected: 4 });
+        s.rebound(Some(0));
+        assert_eq!(s.check(1, 11), Verdict::Repeat);
+        assert_eq!(s.check(2, 12), Verdict::Repeat);
+        assert_eq!(s.check(3, 13), Verdict::Deliver, "the lost one");
+        assert_eq!(s.check(4, 14), Verdict::Deliver);
+        // and the first delivery after a rewind is checked too: a stale pull
+        // of the old session took 1 and 2
+        s.rebound(Some(0));
+        assert_eq!(s.check(3, 15), Verdict::Lost { expected: 1 });
+    }
+
+    #[test]
+    fn a_lower_count_is_a_new_baseline_not_a_loss() {
+        let mut s = Sequence::default();
+        assert_eq!(s.check(50, 100), Verdict::Deliver);
+        // a new consumer leader that knew of fewer deliveries gives 100 again
+        assert_eq!(s.check(40, 100), Verdict::Repeat);
+        assert_eq!(s.check(41, 101), Verdict::Deliver);
+    }
 }
