@@ -29,7 +29,7 @@ use crate::{
     State, WorkerError,
     media::{self, MediaContent, check_media},
     parse_id,
-    persist::{caught_up, caught_up_within},
+    persist::{CATCH_UP, read_caught_up},
 };
 
 /// Compare-and-set attempts before a send gives up as `unavailable`.
@@ -58,7 +58,25 @@ pub(crate) struct Content {
 #[derive(Default)]
 pub(crate) struct Positions(std::sync::Mutex<HashMap<GroupId, Slot>>);
 
-type Slot = Arc<Mutex<Option<Position>>>;
+type Slot = Arc<GroupSlot>;
+
+#[derive(Default)]
+pub(crate) struct GroupSlot {
+    /// The newest known position, held across a publish.
+    position: Mutex<Option<Position>>,
+    /// The newest stream sequence ever known here: a lower bound of where
+    /// the next message lands, readable without waiting for a publish in
+    /// progress (the send log records it before the publish).
+    floor: std::sync::atomic::AtomicU64,
+}
+
+impl GroupSlot {
+    fn known(&self, cached: &mut Option<Position>, p: Position) {
+        *cached = Some(p);
+        self.floor
+            .fetch_max(p.stream_seq, std::sync::atomic::Ordering::Relaxed);
+    }
+}
 
 impl Positions {
     fn slot(&self, g: &GroupId) -> Slot {
@@ -87,17 +105,27 @@ fn ack(m: &StoredMessage) -> pb::SendMessageResponse {
     }
 }
 
-/// The newest position of `group`: from the cache, else the stream, else
-/// (messages aged out of the stream) the last committed message.
-async fn position(s: &State, group: &GroupId) -> Result<Position, WorkerError> {
+/// A stream sequence the next message of `group` cannot be at or before:
+/// known without waiting for a publish of the group in progress, looked up
+/// (under the group's lock) only the first time.
+async fn lower_bound(s: &State, group: &GroupId) -> Result<u64, WorkerError> {
     let slot = s.positions.slot(group);
-    let mut cached = slot.lock().await;
-    known_position(s, group, &mut cached).await
+    let floor = slot.floor.load(std::sync::atomic::Ordering::Relaxed);
+    if floor > 0 {
+        return Ok(floor);
+    }
+    let mut cached = slot.position.lock().await;
+    Ok(known_position(s, group, &slot, &mut cached)
+        .await?
+        .stream_seq)
 }
 
+/// The newest position of `group`: from the cache, else the stream, else
+/// (messages aged out of the stream) the last committed message.
 async fn known_position(
     s: &State,
     group: &GroupId,
+    slot: &GroupSlot,
     cached: &mut Option<Position>,
 ) -> Result<Position, WorkerError> {
     if let Some(p) = *cached {
@@ -113,7 +141,7 @@ async fn known_position(
             },
         },
     };
-    *cached = Some(p);
+    slot.known(cached, p);
     Ok(p)
 }
 
@@ -156,9 +184,9 @@ async fn publish(
     after: u64,
 ) -> Result<Position, WorkerError> {
     let slot = s.positions.slot(&m.group_id);
-    let mut cached = slot.lock().await;
+    let mut cached = slot.position.lock().await;
     for _ in 0..CAS_ATTEMPTS {
-        let last = known_position(s, &m.group_id, &mut cached).await?;
+        let last = known_position(s, &m.group_id, &slot, &mut cached).await?;
         let seq = last.seq + 1;
         let env = envelope(s, m, plaintext, seq);
         let started = std::time::Instant::now();
@@ -178,7 +206,7 @@ async fn publish(
                 duplicate: false,
             } => {
                 let p = Position { seq, stream_seq };
-                *cached = Some(p);
+                slot.known(&mut cached, p);
                 return Ok(p);
             }
             Stored::Stored {
@@ -297,17 +325,13 @@ async fn senders_between(
     lo: u64,
     hi: u64,
 ) -> Result<Vec<(u64, UserId)>, WorkerError> {
-    let all = caught_up_within(RECEIPTS_WAIT, || async {
-        let found = s.store.messages.senders_by_seq(group, lo, hi).await?;
-        if found.len() as u64 >= hi - lo {
-            return Ok(Some(found));
-        }
-        // read again once persistence is seen past the tail
-        if !persisted_to_tail(s, group).await? {
-            return Ok(None);
-        }
-        Ok(Some(s.store.messages.senders_by_seq(group, lo, hi).await?))
-    })
+    let all = read_caught_up(
+        s,
+        group,
+        RECEIPTS_WAIT,
+        || async { Ok(s.store.messages.senders_by_seq(group, lo, hi).await?) },
+        |found| found.len() as u64 >= hi - lo,
+    )
     .await;
     match all {
         Ok(found) => Ok(found),
@@ -316,14 +340,6 @@ async fn senders_between(
             Ok(s.store.messages.senders_by_seq(group, lo, hi).await?)
         }
     }
-}
-
-/// Whether persistence has passed `group`'s newest message in the stream.
-async fn persisted_to_tail(s: &State, group: &GroupId) -> Result<bool, WorkerError> {
-    Ok(match s.bus.last_group_position(group).await? {
-        Some(tail) => s.bus.persisted_through().await? >= tail.stream_seq,
-        None => true,
-    })
 }
 
 impl MessagesService {
@@ -356,7 +372,7 @@ impl MessagesService {
 
         // the send log decides whether this is a retry: one JetStream write
         let key = send_key(&group, &sender, &client_id);
-        let after = position(s, &group).await?.stream_seq;
+        let after = lower_bound(s, &group).await?;
         let record = SendRecord {
             message_id: MessageId::generate().to_string(),
             after_stream_seq: after,
@@ -535,25 +551,19 @@ impl MessagesService {
         s.check_member(caller, group).await?;
         // a message delivered a moment ago may not be in MongoDB yet: wait
         // while persistence is behind the stream for this group
-        let found = caught_up(|| async {
-            if let Some(m) = s.store.messages.get(&id).await? {
-                return Ok(Some(
-                    (&m.group_id == group && m.is_committed()).then_some(m),
-                ));
-            }
-            // whether persistence had passed the tail before a second read:
-            // read after it, "not there" is final
-            if !persisted_to_tail(s, group).await? {
-                return Ok(None);
-            }
-            Ok(Some(
-                s.store
+        let found = read_caught_up(
+            s,
+            group,
+            CATCH_UP,
+            || async {
+                Ok(s.store
                     .messages
                     .get(&id)
                     .await?
-                    .filter(|m| &m.group_id == group && m.is_committed()),
-            ))
-        })
+                    .filter(|m| &m.group_id == group && m.is_committed()))
+            },
+            Option::is_some,
+        )
         .await?;
         found.ok_or(WorkerError::NotFound("message"))
     }
@@ -624,42 +634,31 @@ impl Messages for MessagesService {
         let before = (req.before > 0).then_some(req.before);
         // read-your-writes: the page must hold every message the stream has
         // in its range, so wait for persistence to catch up with it
-        let tail = s
+        let tail_seq = s
             .bus
             .last_group_position(&group)
             .await
-            .map_err(WorkerError::from)?;
-        let tail_seq = tail.map_or(0, |p| p.seq);
+            .map_err(WorkerError::from)?
+            .map_or(0, |p| p.seq);
         let top = before.map_or(tail_seq, |b| tail_seq.min(b.saturating_sub(1)));
         let want = top.min(u64::from(limit));
-        let stored = caught_up(|| async {
-            let page = s
-                .store
-                .messages
-                .history(&group, before, i64::from(limit))
-                .await?;
-            let seqs: std::collections::HashSet<u64> = page.iter().filter_map(|m| m.seq).collect();
-            // the normal case: every seq of the range is there
-            if (0..want).all(|i| seqs.contains(&(top - i))) {
-                return Ok(Some(page));
-            }
-            // else done once persistence has passed the group's tail (a
-            // message it could not store, such as a forged one, stays out),
-            // with the page read again after that was seen
-            let through = match tail {
-                Some(t) => s.bus.persisted_through().await? >= t.stream_seq,
-                None => true,
-            };
-            if !through {
-                return Ok(None);
-            }
-            Ok(Some(
-                s.store
+        // the normal case: every seq of the range is there
+        let stored = read_caught_up(
+            s,
+            &group,
+            CATCH_UP,
+            || async {
+                Ok(s.store
                     .messages
                     .history(&group, before, i64::from(limit))
-                    .await?,
-            ))
-        })
+                    .await?)
+            },
+            |page| {
+                let seqs: std::collections::HashSet<u64> =
+                    page.iter().filter_map(|m| m.seq).collect();
+                (0..want).all(|i| seqs.contains(&(top - i)))
+            },
+        )
         .await?;
         let mut messages = Vec::with_capacity(stored.len());
         for m in stored {

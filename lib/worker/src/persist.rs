@@ -24,10 +24,10 @@ use crate::{State, WorkerError};
 const BATCH: usize = 256;
 /// How often a batch being written is reported in progress.
 const PROGRESS_EVERY: Duration = Duration::from_secs(3);
-/// How long a caller waits for persistence to catch up before
+/// How long a read waits for persistence to catch up before
 /// `unavailable` (a dead worker's batch goes to another worker only after
 /// the consumer's `ack_wait`, 10 s: reads answer `unavailable` meanwhile).
-const CATCH_UP: Duration = Duration::from_secs(5);
+pub(crate) const CATCH_UP: Duration = Duration::from_secs(5);
 
 /// Runs the persist loop forever, starting it again after any failure.
 pub(crate) async fn persist(s: Arc<State>) {
@@ -76,48 +76,39 @@ async fn store(s: &State, batch: Vec<Delivered>) {
             }
         }
     }
-    let mut wait = Duration::from_millis(100);
-    loop {
-        // a slow write keeps the batch with this worker: "in progress"
-        // well within the consumer's ack_wait (10 s)
-        let written = {
-            let project = s.store.messages.project(&rows);
-            tokio::pin!(project);
-            let mut tick = tokio::time::interval_at(
-                tokio::time::Instant::now() + PROGRESS_EVERY,
-                PROGRESS_EVERY,
-            );
-            loop {
-                tokio::select! {
-                    r = &mut project => break r,
-                    _ = tick.tick() => {
-                        for m in &keep {
-                            let _ = m.in_progress().await;
-                        }
-                    }
+    // written however long MongoDB takes to come back (it is the only way
+    // on for these messages)
+    let write = async {
+        let mut wait = Duration::from_millis(100);
+        loop {
+            match s.store.messages.project(&rows).await {
+                Ok(new) => return new,
+                Err(e) => {
+                    metrics::counter!("chat_persist_failures_total").increment(1);
+                    tracing::warn!(error = %e, n = rows.len(), "cannot persist a batch yet; holding it");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(2));
                 }
             }
-        };
-        match written {
-            Ok(new) => {
-                tracing::debug!(n = rows.len(), new, "persisted a batch");
-                metrics::counter!("chat_persisted_total").increment(new as u64);
-                break;
-            }
-            Err(e) => {
-                metrics::counter!("chat_persist_failures_total").increment(1);
-                tracing::warn!(error = %e, n = rows.len(), "cannot persist a batch yet; holding it");
-                // still working on them: not for another worker yet
+        }
+    };
+    tokio::pin!(write);
+    // meanwhile the batch stays with this worker: "in progress" well within
+    // the consumer's ack_wait (10 s), whether a write is slow or held
+    let mut tick =
+        tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
+    let new = loop {
+        tokio::select! {
+            new = &mut write => break new,
+            _ = tick.tick() => {
                 for m in &keep {
                     let _ = m.in_progress().await;
                 }
-                tokio::time::sleep(wait).await;
-                // within the consumer's ack_wait (10 s), so that the batch
-                // stays with this worker while it is alive
-                wait = (wait * 2).min(Duration::from_secs(2));
             }
         }
-    }
+    };
+    tracing::debug!(n = rows.len(), new, "persisted a batch");
+    metrics::counter!("chat_persisted_total").increment(new as u64);
     let now = now_millis();
     for at in stored_at {
         let lag = (now - at).max(0) as f64 / 1e3;
@@ -165,21 +156,48 @@ fn to_stored(p: &Persisted) -> Result<StoredMessage, BusError> {
     })
 }
 
-/// Waits until `ready` says persistence has caught up far enough, for up to
-/// a few seconds; `unavailable` after that (MongoDB is down or far behind).
-pub(crate) async fn caught_up<T, F, Fut>(ready: F) -> Result<T, WorkerError>
+/// Reads with `read` until `complete` says the result holds everything the
+/// stream has for it, or, failing that, until persistence is seen past
+/// `group`'s newest message (then reads once more: a message persistence
+/// could not store, such as a forged one, stays out). Checking the progress
+/// before the second read is what makes "not there" final. `unavailable`
+/// after `within`.
+pub(crate) async fn read_caught_up<T, R, Fut>(
+    s: &State,
+    group: &GroupId,
+    within: Duration,
+    read: R,
+    complete: impl Fn(&T) -> bool,
+) -> Result<T, WorkerError>
 where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<Option<T>, WorkerError>>,
+    R: Fn() -> Fut,
+    Fut: Future<Output = Result<T, WorkerError>>,
 {
-    caught_up_within(CATCH_UP, ready).await
+    let (read, complete) = (&read, &complete);
+    caught_up_within(within, || async move {
+        let v = read().await?;
+        if complete(&v) {
+            return Ok(Some(v));
+        }
+        if !persisted_to_tail(s, group).await? {
+            return Ok(None);
+        }
+        Ok(Some(read().await?))
+    })
+    .await
 }
 
-/// As [`caught_up`], waiting at most `within`.
-pub(crate) async fn caught_up_within<T, F, Fut>(
-    within: Duration,
-    mut ready: F,
-) -> Result<T, WorkerError>
+/// Whether persistence has passed `group`'s newest message in the stream.
+async fn persisted_to_tail(s: &State, group: &GroupId) -> Result<bool, WorkerError> {
+    Ok(match s.bus.last_group_position(group).await? {
+        Some(tail) => s.bus.persisted_through().await? >= tail.stream_seq,
+        None => true,
+    })
+}
+
+/// Waits until `ready` says persistence has caught up far enough, for up to
+/// `within`; `unavailable` after that (MongoDB is down or far behind).
+async fn caught_up_within<T, F, Fut>(within: Duration, mut ready: F) -> Result<T, WorkerError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<Option<T>, WorkerError>>,
