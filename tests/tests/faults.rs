@@ -267,10 +267,37 @@ async fn a_worker_killed_between_the_stream_ack_and_the_mongodb_write_loses_noth
 /// pull on bob's consumer takes one delivery and never acknowledges it; the
 /// edge sees the consumer's delivery count jump, rewinds, and bob still
 /// gets every message once and in order.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_delivery_lost_on_the_way_is_given_again_in_order() -> anyhow::Result<()> {
-    use async_nats::jetstream::consumer::pull;
+/// The seq a stranger's pull took from `consumer`, within a deadline.
+async fn take_one(
+    consumer: &async_nats::jetstream::consumer::Consumer<
+        async_nats::jetstream::consumer::pull::Config,
+    >,
+    before: impl Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<u64> {
     use futures::StreamExt;
+    let mut stolen = consumer
+        .fetch()
+        .max_messages(1)
+        .expires(Duration::from_secs(20))
+        .messages()
+        .await?;
+    before.await?;
+    let taken = tokio::time::timeout(PROMPTLY, stolen.next())
+        .await?
+        .context("the stranger's pull ended")?
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(taken
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(chat_bus::SEQ_HEADER))
+        .and_then(|v| v.as_str().parse().ok())
+        .unwrap_or(0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_lost_on_the_live_path_is_given_again_in_order() -> anyhow::Result<()> {
+    use async_nats::jetstream::consumer::pull;
+    use futures::TryStreamExt;
     let c = Cluster::start(1, 1).await?;
     let g = c.room(&["alice", "bob"]).await?;
     let mut alice = c.connect(0, "alice", "web").await?;
@@ -278,7 +305,57 @@ async fn a_delivery_lost_on_the_way_is_given_again_in_order() -> anyhow::Result<
     alice.send_text(&g, "m1", "one").await?;
     assert_eq!(bob.messages(1).await?[0]["seq"], 1);
 
-    // a pull of one message that takes its delivery and never acks it
+    // the edge's live reader: a stranger's pull takes one of its deliveries
+    let bus = c.bus().await?;
+    let stream = bus.jetstream().get_stream("CHAT_GROUPS").await?;
+    let names: Vec<String> = stream.consumer_names().try_collect().await?;
+    let live: Vec<&String> = names.iter().filter(|n| n.starts_with("live-")).collect();
+    let [name] = live.as_slice() else {
+        anyhow::bail!("expected one live reader, found {names:?}");
+    };
+    let consumer = stream
+        .get_consumer::<pull::Config>(name)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    const N: u64 = 8;
+    let taken_seq = take_one(&consumer, async {
+        for i in 2..=N {
+            alice
+                .send_text(&g, &format!("m{i}"), &format!("text {i}"))
+                .await?;
+        }
+        Ok(())
+    })
+    .await?;
+    assert!((2..=N).contains(&taken_seq), "took seq {taken_seq}");
+
+    let got = bob.messages((N - 1) as usize).await?;
+    let seqs: Vec<u64> = got.iter().filter_map(|m| m["seq"].as_u64()).collect();
+    assert_eq!(
+        seqs,
+        (2..=N).collect::<Vec<_>>(),
+        "seq {taken_seq} was taken"
+    );
+    // and nothing comes twice
+    alice.send_text(&g, "last", "last").await?;
+    assert_eq!(bob.messages(1).await?[0]["seq"], N + 1);
+    c.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_taken_from_an_offline_device_comes_on_reconnect_in_order() -> anyhow::Result<()>
+{
+    use async_nats::jetstream::consumer::pull;
+    let c = Cluster::start(1, 1).await?;
+    let g = c.room(&["alice", "bob"]).await?;
+    let mut alice = c.connect(0, "alice", "web").await?;
+    let mut bob = c.connect(0, "bob", "setup").await?;
+    alice.send_text(&g, "m1", "one").await?;
+    assert_eq!(bob.messages(1).await?[0]["seq"], 1);
+    bob.close().await?;
+
+    // bob is away; a pull of one message takes a delivery of his consumer
+    // and never acks it
     let bus = c.bus().await?;
     let name = chat_bus::group_consumer_name(
         &chat_domain::UserId::parse("bob")?,
@@ -291,38 +368,23 @@ async fn a_delivery_lost_on_the_way_is_given_again_in_order() -> anyhow::Result<
         .get_consumer::<pull::Config>(&name)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut stolen = consumer
-        .fetch()
-        .max_messages(1)
-        .expires(Duration::from_secs(20))
-        .messages()
-        .await?;
     const N: u64 = 8;
-    for i in 2..=N {
-        alice
-            .send_text(&g, &format!("m{i}"), &format!("text {i}"))
-            .await?;
-    }
-    let taken = tokio::time::timeout(PROMPTLY, stolen.next())
-        .await?
-        .context("the stranger's pull ended")?
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let taken_seq: u64 = taken
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(chat_bus::SEQ_HEADER))
-        .and_then(|v| v.as_str().parse().ok())
-        .unwrap_or(0);
-    assert!((2..=N).contains(&taken_seq), "took seq {taken_seq}");
+    let taken_seq = take_one(&consumer, async {
+        for i in 2..=N {
+            alice
+                .send_text(&g, &format!("m{i}"), &format!("text {i}"))
+                .await?;
+        }
+        Ok(())
+    })
+    .await?;
+    assert_eq!(taken_seq, 2, "the first missed message is taken");
 
+    let mut bob = c.connect(0, "bob", "setup").await?;
     let got = bob.messages((N - 1) as usize).await?;
     let seqs: Vec<u64> = got.iter().filter_map(|m| m["seq"].as_u64()).collect();
-    assert_eq!(
-        seqs,
-        (2..=N).collect::<Vec<_>>(),
-        "seq {taken_seq} was taken"
-    );
-    // and nothing comes twice
+    assert_eq!(seqs, (2..=N).collect::<Vec<_>>());
+    // live from here, nothing twice
     alice.send_text(&g, "last", "last").await?;
     assert_eq!(bob.messages(1).await?[0]["seq"], N + 1);
     c.stop().await

@@ -351,7 +351,7 @@ async fn metrics_and_health_are_served() -> anyhow::Result<()> {
         "chat_ws_connections",
         "chat_ws_requests_total{event=\"send_group_message\"}",
         "chat_ws_errors_total{code=\"invalid\"}",
-        "chat_ws_deliveries_total{feed=\"groups\"}",
+        "chat_ws_deliveries_total{feed=\"live\"}",
         "chat_ws_events_out_total{event=\"a_group_message\"}",
         "chat_ws_events_out_total{event=\"ack\"}",
         "chat_ws_events_out_total{event=\"a_session\"}",

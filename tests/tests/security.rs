@@ -258,6 +258,82 @@ async fn a_removed_member_receives_nothing_on_any_device() -> anyhow::Result<()>
     c.stop().await
 }
 
+/// Live delivery is decided per edge (one read of the group stream per
+/// edge, not a consumer per member): a removal is an event in the group's
+/// stream that every edge applies in the group's order. Bob, live on two
+/// edges while alice keeps sending, receives a gapless start of the group
+/// and nothing alice sent after the removal returned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removal_stops_every_live_connection_at_its_place_in_the_group() -> anyhow::Result<()> {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    };
+    let c = Cluster::start(2, 1).await?;
+    let g = c.room(&["alice", "bob", "carol"]).await?;
+    let mut phone = c.connect(0, "bob", "phone").await?;
+    let mut laptop = c.connect(1, "bob", "laptop").await?;
+    let mut carol = c.connect(1, "carol", "setup").await?;
+    let mut alice = c.connect(0, "alice", "web").await?;
+    const BEFORE: u64 = 10;
+    const DURING: u64 = 40;
+    for i in 1..=BEFORE {
+        alice.send_text(&g, &format!("b{i}"), "before").await?;
+    }
+    let removed = Arc::new(AtomicBool::new(false));
+    let sending = {
+        let (g, removed) = (g.clone(), removed.clone());
+        tokio::spawn(async move {
+            // the seqs alice sent once the removal had returned
+            let mut after = Vec::new();
+            for i in 1..=DURING {
+                let was_removed = removed.load(Ordering::SeqCst);
+                let ack = alice.send_text(&g, &format!("d{i}"), "during").await?;
+                if was_removed {
+                    after.push(ack["seq"].as_u64().context("seq")?);
+                }
+            }
+            anyhow::Ok(after)
+        })
+    };
+    // bob has seen part of the traffic, live, on both connections
+    phone.messages(BEFORE as usize).await?;
+    laptop.messages(BEFORE as usize).await?;
+    let (status, _) = c
+        .call(
+            reqwest::Method::DELETE,
+            1,
+            Some("alice"),
+            &format!("/groups/{g}/members/bob"),
+            None,
+        )
+        .await?;
+    assert_eq!(status, 200);
+    removed.store(true, Ordering::SeqCst);
+    let after = sending.await??;
+    assert!(!after.is_empty(), "some sends came after the removal");
+    // carol has everything: whatever bob was going to get has come
+    assert_eq!(
+        carol.messages((BEFORE + DURING) as usize).await?.len() as u64,
+        BEFORE + DURING
+    );
+    for (name, bob) in [("phone", &mut phone), ("laptop", &mut laptop)] {
+        let got = group_messages_within(bob, &g, QUIET).await?;
+        let seqs: Vec<u64> = got
+            .iter()
+            .filter_map(|m| m["data"]["seq"].as_u64())
+            .collect();
+        let expected: Vec<u64> = (BEFORE + 1..BEFORE + 1 + seqs.len() as u64).collect();
+        assert_eq!(seqs, expected, "{name}: in order, nothing missing");
+        let leaked: Vec<&u64> = seqs.iter().filter(|s| after.contains(s)).collect();
+        assert!(
+            leaked.is_empty(),
+            "{name} got {leaked:?}, sent after the removal"
+        );
+    }
+    c.stop().await
+}
+
 /// Workers answer sends from a membership cache (no database read on the
 /// send path): a removal must reach every worker's cache, or a removed
 /// member could go on writing into the group. Two workers both learn bob's

@@ -385,10 +385,23 @@ impl Bus {
         user: &UserId,
         device: &DeviceId,
     ) -> Result<u64, BusError> {
+        self.reset_to(feed, user, device, None).await
+    }
+
+    /// Resets `device`'s consumer of `feed` so that its next delivery is at
+    /// stream sequence `next` or later (`None`: its ack floor); returns the
+    /// delivery count after it.
+    pub(crate) async fn reset_to(
+        &self,
+        feed: Feed,
+        user: &UserId,
+        device: &DeviceId,
+        next: Option<u64>,
+    ) -> Result<u64, BusError> {
         let reset = self
             .stream(feed)
             .await?
-            .reset_consumer(&consumer_name(feed, user, device), None)
+            .reset_consumer(&consumer_name(feed, user, device), next)
             .await
             .map_err(BusError::nats)?;
         Ok(reset.info.delivered.consumer_sequence)

@@ -35,12 +35,16 @@ use chat_domain::{GroupId, UserId};
 
 mod defs;
 mod devices;
+mod live;
 mod messages;
 mod persist;
 mod sends;
 
 pub use defs::Definitions;
 pub use devices::{Feed, group_consumer_name, user_consumer_name};
+pub use live::{
+    GroupTraffic, LIVE_IDLE_CHECK, LiveMessage, LiveReader, MembershipEvent, group_event_subject,
+};
 pub use messages::{Envelope, Position, Published, SEQ_HEADER};
 pub use persist::{Delivered, PersistFeed, Persisted, group_of_members_subject, members_subject};
 pub use sends::{Claimed, SENDS_BUCKET, SendLog, SendRecord, send_key};

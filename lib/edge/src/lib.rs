@@ -21,6 +21,7 @@ mod auth;
 mod claims;
 mod error;
 mod limits;
+mod live;
 mod rest;
 pub mod telemetry;
 mod workers;
@@ -123,6 +124,10 @@ pub struct Inner {
     pub sessions_running: tokio_util::task::TaskTracker,
     /// Group messages recently opened for delivery (see `ws`).
     pub(crate) opened: ws::OpenedFrames,
+    /// This edge's live connections and the groups they follow (`live`).
+    pub(crate) live: Arc<live::LiveHub>,
+    /// The live feed's task, stopped with the edge.
+    feed_task: std::sync::Mutex<Option<tokio::task::AbortHandle>>,
     /// Deliveries not yet reported (see `ws::report_delivered`).
     pub(crate) delivered: ws::DeliveredHub,
     /// This edge's connection of each device (see `claims`).
@@ -140,6 +145,15 @@ impl std::ops::Deref for AppState {
     type Target = Inner;
     fn deref(&self) -> &Inner {
         &self.0
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let task = self.feed_task.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Some(task) = task.take() {
+            task.abort();
+        }
     }
 }
 
@@ -166,6 +180,8 @@ impl AppState {
             closing: tokio::sync::watch::channel(false).0,
             sessions_running: tokio_util::task::TaskTracker::new(),
             opened: Default::default(),
+            live: Default::default(),
+            feed_task: Default::default(),
             delivered: Default::default(),
             claims: Default::default(),
             limits: limits::Limits::new(&config),
@@ -173,6 +189,8 @@ impl AppState {
         }));
         tokio::spawn(ws::report_delivered(Arc::downgrade(&state.0)));
         tokio::spawn(claims::watch(Arc::downgrade(&state.0)));
+        let feed = tokio::spawn(live::feed(Arc::downgrade(&state.0)));
+        *state.feed_task.lock().unwrap_or_else(|e| e.into_inner()) = Some(feed.abort_handle());
         Ok(state)
     }
 }

@@ -5,7 +5,14 @@
 //! them on the socket, so a connection that drops loses nothing: what was not
 //! written is handed back (nak) and comes again on the next connection.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use async_nats::jetstream::{AckKind, Message as JsMessage};
 use axum::{
@@ -40,6 +47,7 @@ use crate::{
     auth::{WS_PROTOCOL, bearer, subprotocol_bearer},
     claims,
     limits::TokenBucket,
+    live::{LiveFrame, NotYet, Registration, Sink},
     workers::rpc,
 };
 
@@ -105,7 +113,11 @@ pub(crate) async fn upgrade(
         Some(d) => DeviceId::parse(d).map_err(|e| ApiError::invalid(e.to_string()))?,
         None => DeviceId::default_device(),
     };
-    rpc!(
+    // registered before the session opens: membership changes from then
+    // on are replayed over the groups the session reads
+    let (tx, inbox) = Outbox::new(app.config.outbox_frames, app.config.outbox_bytes);
+    let live = Arc::new(app.live.register(me.user_id.as_str(), Arc::new(tx.clone())));
+    let opened = rpc!(
         app,
         SessionsClient,
         open_session,
@@ -114,7 +126,14 @@ pub(crate) async fn upgrade(
             device_id: device.to_string(),
             display_name: me.name.clone().unwrap_or_default(),
         }
-    )?;
+    )?
+    .into_inner();
+    if live.load(&opened.groups).is_err() {
+        return Err(ApiError::new(
+            ErrorCode::Unavailable,
+            "your groups changed too often while connecting; retry",
+        ));
+    }
     let limit = app.config.max_ws_message_bytes;
     Ok(ws
         .protocols([WS_PROTOCOL])
@@ -126,9 +145,10 @@ pub(crate) async fn upgrade(
         .write_buffer_size(WS_BUFFER)
         .max_write_buffer_size(WS_MAX_WRITE_BUFFER)
         .on_upgrade(move |socket| {
-            let span = tracing::info_span!("session", user = %me.user_id, device = %device);
+            let span = tracing::info_span!("session", user = %me.user_id, device = %device, conn = live.id());
             let tracker = app.sessions_running.clone();
-            tracker.track_future(Session::run(app, me, device, socket).instrument(span))
+            let outbox = (tx, inbox, live);
+            tracker.track_future(Session::run(app, me, device, socket, outbox).instrument(span))
         }))
 }
 
@@ -136,6 +156,11 @@ pub(crate) async fn upgrade(
 enum Outgoing {
     Frame(String),
     Delivery(Delivery),
+    /// A group message from the live feed (see `live`).
+    Live(LiveFrame),
+    /// Everything up to this stream sequence is queued before this: once
+    /// written, the device's position may move there.
+    Through(u64),
     Close(u16, &'static str),
 }
 
@@ -145,6 +170,8 @@ impl Outgoing {
         match self {
             Outgoing::Frame(text) => text.len(),
             Outgoing::Delivery(d) => d.text.as_ref().map_or(0, |t| t.len()) + d.msg.payload.len(),
+            Outgoing::Live(f) => f.text.len(),
+            Outgoing::Through(_) => 0,
             Outgoing::Close(_, reason) => reason.len(),
         }
     }
@@ -199,10 +226,42 @@ impl Outbox {
             .map_err(|_| ())?;
         self.tx.send((out, permit)).await.map_err(|_| ())
     }
+}
 
+impl Outbox {
     /// Asks the writer to close the connection now, ahead of what is queued.
     fn close_now(&self, code: u16, reason: &'static str) {
         let _ = self.close.try_send((code, reason));
+    }
+}
+
+impl Sink for Outbox {
+    /// Queues a live frame without waiting: a connection whose queue is full
+    /// fell too far behind and is closed (it resumes from its position).
+    fn offer(&self, frame: LiveFrame) -> Result<(), bool> {
+        use tokio::sync::{TryAcquireError, mpsc::error::TrySendError};
+        let out = Outgoing::Live(frame);
+        let n = out.size().clamp(1, self.budget_bytes);
+        let permit = match self
+            .budget
+            .clone()
+            .try_acquire_many_owned(u32::try_from(n).unwrap_or(u32::MAX))
+        {
+            Ok(p) => p,
+            Err(TryAcquireError::NoPermits) => {
+                self.close_now(CLOSE_TOO_SLOW, "client too slow; reconnect");
+                return Err(true);
+            }
+            Err(TryAcquireError::Closed) => return Err(false),
+        };
+        match self.tx.try_send((out, permit)) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => {
+                self.close_now(CLOSE_TOO_SLOW, "client too slow; reconnect");
+                Err(true)
+            }
+            Err(TrySendError::Closed(_)) => Err(false),
+        }
     }
 }
 
@@ -236,14 +295,36 @@ struct Session {
     errors_in_a_row: u32,
     group_delivery: Option<JoinHandle<()>>,
     stopped: watch::Receiver<bool>,
+    /// The connection's place in the live feed.
+    live: Arc<Registration>,
 }
 
 impl Session {
-    async fn run(app: AppState, me: Identity, device: DeviceId, socket: WebSocket) {
+    async fn run(
+        app: AppState,
+        me: Identity,
+        device: DeviceId,
+        socket: WebSocket,
+        (tx, inbox, live): (Outbox, Inbox, Arc<Registration>),
+    ) {
         metrics::gauge!("chat_ws_connections").increment(1);
         let (sink, mut stream) = socket.split();
-        let (tx, inbox) = Outbox::new(app.config.outbox_frames, app.config.outbox_bytes);
-        let mut writer = tokio::spawn(write_loop(sink, inbox, app.clone(), me.user_id.to_string()));
+        let saver = Arc::new(Saver {
+            live: live.clone(),
+            position: AtomicU64::new(0),
+            saved: AtomicU64::new(0),
+            turn: tokio::sync::Mutex::new(()),
+            bus: app.bus.clone(),
+            user: me.user_id.clone(),
+            device: device.clone(),
+        });
+        let mut writer = tokio::spawn(write_loop(
+            sink,
+            inbox,
+            app.clone(),
+            me.user_id.to_string(),
+            saver.clone(),
+        ));
         let mut writer_done = false;
         tracing::debug!("connected");
 
@@ -264,6 +345,7 @@ impl Session {
             (me.user_id.clone(), device.clone()),
             tx.clone(),
             stopped.clone(),
+            None,
         ));
         let config = &app.config;
         let mut session = Session {
@@ -275,8 +357,12 @@ impl Session {
             errors_in_a_row: 0,
             group_delivery: None,
             stopped,
+            live,
         };
         session.start_group_delivery();
+        let mut checkpoint =
+            tokio::time::interval_at(tokio::time::Instant::now() + CHECKPOINT, CHECKPOINT);
+        checkpoint.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         let mut closing = app.closing.subscribe();
         let mut claim = Box::pin(claims::claim(&app, &session.me.user_id, &session.device)).await;
@@ -296,6 +382,11 @@ impl Session {
                 _ = &mut writer, if !writer_done => {
                     writer_done = true;
                     None
+                }
+                _ = checkpoint.tick() => {
+                    let saver = saver.clone();
+                    tokio::spawn(async move { saver.save().await });
+                    continue;
                 }
             };
             let msg = match msg {
@@ -343,6 +434,8 @@ impl Session {
         drop(stream);
         let _ = stop.send(true);
         let group_delivery = session.group_delivery.take();
+        // the hub queues nothing more, and lets go of the writer's queue
+        session.live.leave();
         drop(session);
         let aborts = [
             Some(user_delivery.abort_handle()),
@@ -371,8 +464,9 @@ impl Session {
         metrics::gauge!("chat_ws_connections").decrement(1);
     }
 
-    /// Starts delivering group messages from the device's group consumer
-    /// (which the worker created when the session opened).
+    /// Catches the device up from its group consumer (which the worker
+    /// created when the session opened), then hands it over to the live
+    /// feed.
     fn start_group_delivery(&mut self) {
         self.group_delivery = Some(tokio::spawn(deliver(
             self.app.clone(),
@@ -380,6 +474,7 @@ impl Session {
             (self.me.user_id.clone(), self.device.clone()),
             self.tx.clone(),
             self.stopped.clone(),
+            Some(self.live.clone()),
         )));
     }
 
@@ -699,8 +794,18 @@ async fn write_loop(
     mut inbox: Inbox,
     app: AppState,
     user: String,
+    saver: Arc<Saver>,
 ) {
-    let delivered = (&app.delivered, user.as_str());
+    let delivered = Written {
+        hub: &app.delivered,
+        user: user.as_str(),
+        position: &saver.position,
+    };
+    // the newest group stream sequence written, the device's position once
+    // flushed
+    let mut through = 0u64;
+    // a write or flush failed: nothing more counts as written
+    let mut failed = false;
     let deadline = app.config.write_timeout;
     // the newest written delivery of each consumer (user, groups) not yet
     // acknowledged, with its receipt
@@ -724,6 +829,22 @@ async fn write_loop(
                     .increment(1);
                 fed(&mut sink, Message::Text(text.into()), deadline).await
             }
+            Outgoing::Live(f) => {
+                let ok = fed(&mut sink, Message::Text(f.text), deadline).await;
+                if ok {
+                    metrics::counter!("chat_ws_events_out_total", "event" => event::GROUP_MESSAGE)
+                        .increment(1);
+                    metrics::counter!("chat_ws_deliveries_total", "feed" => "live").increment(1);
+                    let e = receipts.entry(f.group.to_string()).or_insert(f.seq);
+                    *e = (*e).max(f.seq);
+                    through = through.max(f.stream_seq);
+                }
+                ok
+            }
+            Outgoing::Through(seq) => {
+                through = through.max(seq);
+                true
+            }
             Outgoing::Delivery(d) => {
                 let slot = usize::from(d.receipt.is_some());
                 let ok = match &d.text {
@@ -740,6 +861,9 @@ async fn write_loop(
                     if let Some((group, seq)) = &d.receipt {
                         let e = receipts.entry(group.clone()).or_insert(*seq);
                         *e = (*e).max(*seq);
+                        if let Ok(info) = d.msg.info() {
+                            through = through.max(info.stream_sequence);
+                        }
                     }
                     written[slot] = Some(d);
                 } else {
@@ -749,7 +873,15 @@ async fn write_loop(
             }
             Outgoing::Close(code, reason) => {
                 // what was written before the close is delivered
-                flush_and_ack(&mut sink, &mut written, &mut receipts, delivered, deadline).await;
+                flush_and_ack(
+                    &mut sink,
+                    &mut written,
+                    &mut receipts,
+                    (&delivered, through),
+                    deadline,
+                )
+                .await;
+                let _ = tokio::time::timeout(FINAL_SAVE, saver.save()).await;
                 let frame = CloseFrame {
                     code,
                     reason: Utf8Bytes::from_static(reason),
@@ -759,25 +891,50 @@ async fn write_loop(
             }
         };
         if !ok {
+            failed = true;
             break;
         }
         burst += 1;
         if inbox.rx.is_empty() || burst >= WRITE_BURST {
             burst = 0;
-            if !flush_and_ack(&mut sink, &mut written, &mut receipts, delivered, deadline).await {
+            if !flush_and_ack(
+                &mut sink,
+                &mut written,
+                &mut receipts,
+                (&delivered, through),
+                deadline,
+            )
+            .await
+            {
                 gave_up();
+                failed = true;
                 break;
             }
         }
     }
-    // what was written before the end is acknowledged; the rest comes again
-    flush_and_ack(&mut sink, &mut written, &mut receipts, delivered, deadline).await;
+    // what was written before the end is acknowledged; the rest comes again.
+    // Not after a failure: the frame that failed may have left the split
+    // sink's slot, and a later flush that succeeds says nothing of it (a
+    // client's close racing a delivery lost that delivery this way)
+    if !failed {
+        flush_and_ack(
+            &mut sink,
+            &mut written,
+            &mut receipts,
+            (&delivered, through),
+            deadline,
+        )
+        .await;
+    }
     inbox.rx.close();
     while let Ok((out, _)) = inbox.rx.try_recv() {
         if let Outgoing::Delivery(d) = out {
             let _ = d.msg.ack_with(AckKind::Nak(None)).await;
         }
     }
+    // before the close goes out: a client that reconnects once it sees the
+    // close finds its device's position saved
+    let _ = tokio::time::timeout(FINAL_SAVE, saver.save()).await;
     within(CLOSE_HANDSHAKE, sink.close()).await;
 }
 
@@ -808,6 +965,14 @@ async fn within<E>(deadline: Duration, op: impl Future<Output = Result<(), E>>) 
     matches!(tokio::time::timeout(deadline, op).await, Ok(Ok(())))
 }
 
+/// Where a writer reports what it flushed: receipts, and the device's
+/// position in the group stream.
+struct Written<'a> {
+    hub: &'a DeliveredHub,
+    user: &'a str,
+    position: &'a AtomicU64,
+}
+
 /// Most frames written before a flush (and the acks it allows).
 const WRITE_BURST: usize = 64;
 
@@ -818,13 +983,14 @@ async fn flush_and_ack(
     sink: &mut futures::stream::SplitSink<WebSocket, Message>,
     written: &mut [Option<Delivery>; 2],
     receipts: &mut HashMap<String, u64>,
-    (hub, user): (&DeliveredHub, &str),
+    (to, through): (&Written<'_>, u64),
     deadline: Duration,
 ) -> bool {
     if !within(deadline, sink.flush()).await {
         return false;
     }
-    hub.record(user, receipts);
+    to.hub.record(to.user, receipts);
+    to.position.fetch_max(through, Ordering::SeqCst);
     for d in written.iter_mut().filter_map(Option::take) {
         if d.stale() {
             continue;
@@ -906,6 +1072,29 @@ fn open_group_message(app: &AppState, msg: &JsMessage) -> Result<Opened, String>
     Ok(opened)
 }
 
+/// The frame and group seq of a group message the live feed read: opened
+/// once for every connection of the edge, and kept for catch-ups of the
+/// same message.
+pub(crate) fn open_live(
+    app: &AppState,
+    stream_seq: u64,
+    payload: &bytes::Bytes,
+) -> Result<(Utf8Bytes, u64), String> {
+    let opened = match app.opened.get(stream_seq, payload) {
+        Some(o) => o,
+        None => {
+            let o = open_envelope(app, payload)?;
+            app.opened.put(stream_seq, o.clone());
+            o
+        }
+    };
+    let age_ms = chat_domain::now_millis()
+        .saturating_sub(opened.created_at)
+        .max(0);
+    metrics::histogram!("chat_delivery_latency_seconds").record(age_ms as f64 / 1000.0);
+    Ok((opened.text, opened.seq))
+}
+
 /// Turns a sealed envelope into an `a_group_message` frame.
 fn open_envelope(app: &AppState, payload: &bytes::Bytes) -> Result<Opened, String> {
     let env: Envelope =
@@ -964,6 +1153,7 @@ async fn deliver(
     (user, device): (UserId, DeviceId),
     tx: Outbox,
     mut stop: watch::Receiver<bool>,
+    live: Option<Arc<Registration>>,
 ) {
     let consumer = match feed {
         Feed::User => chat_bus::user_consumer_name(&user, &device),
@@ -1038,13 +1228,30 @@ async fn deliver(
             }
         }
         loop {
-            let batch = Box::pin(
-                c.batch()
-                    .max_messages(PULL_BATCH)
-                    .expires(PULL_EXPIRES)
-                    .messages(),
-            )
-            .await;
+            if let Some(live) = &live {
+                match Box::pin(hand_over(&c, live, seen.forwarded, &tx)).await {
+                    HandOver::Done => return,
+                    HandOver::More => {}
+                    HandOver::Wait => {
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                            _ = stop.changed() => return,
+                        }
+                    }
+                }
+            }
+            let batch = if live.is_some() {
+                // catching up: what is there now, without waiting for more
+                Box::pin(c.fetch().max_messages(PULL_BATCH).messages()).await
+            } else {
+                Box::pin(
+                    c.batch()
+                        .max_messages(PULL_BATCH)
+                        .expires(PULL_EXPIRES)
+                        .messages(),
+                )
+                .await
+            };
             let mut batch = match batch {
                 Ok(b) => Box::pin(b),
                 Err(e) => {
@@ -1132,6 +1339,103 @@ async fn deliver(
                         return;
                     }
                 }
+            }
+        }
+    }
+}
+
+/// Where a catch-up stands after a look at its consumer.
+enum HandOver {
+    /// Attached to the live feed: the catch-up is over.
+    Done,
+    /// More to take from the consumer first.
+    More,
+    /// Try again shortly (the consumer did not answer, or the live feed is
+    /// not reading yet).
+    Wait,
+}
+
+/// Hands a caught-up device over to the live feed: once its consumer has
+/// nothing pending, everything of its groups up to the newest stream
+/// sequence handed on (`forwarded`), or up to the feed's position read
+/// before the consumer was asked, is queued; the feed gives the rest.
+async fn hand_over(
+    c: &async_nats::jetstream::consumer::Consumer<async_nats::jetstream::consumer::pull::Config>,
+    live: &Registration,
+    forwarded: u64,
+    tx: &Outbox,
+) -> HandOver {
+    let feed_was_at = live.hub_position();
+    let info = match c.get_info().await {
+        Ok(info) => info,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot ask the consumer how far it is");
+            return HandOver::Wait;
+        }
+    };
+    if info.num_pending > 0 {
+        return HandOver::More;
+    }
+    let through = feed_was_at.max(forwarded);
+    tracing::debug!(
+        feed_was_at,
+        forwarded,
+        floor = info.ack_floor.stream_sequence,
+        "caught up; going live"
+    );
+    match live.attach(through) {
+        Ok(()) => {
+            let _ = tx.send(Outgoing::Through(through)).await;
+            HandOver::Done
+        }
+        Err(NotYet::Overflowed) => HandOver::More,
+        Err(NotYet::NotRunning) => HandOver::Wait,
+        Err(NotYet::Closed) => HandOver::Done,
+    }
+}
+
+/// Saves a live connection's position into its device's group consumer:
+/// every `CHECKPOINT`, and by the writer once it wrote its last frame and
+/// before it answers or sends the close, so a client that reconnects after
+/// the close, on any edge, resumes right after what this connection wrote
+/// (after an edge crash: after the last checkpoint, and `seq` shows the
+/// repeats).
+pub(crate) struct Saver {
+    live: Arc<Registration>,
+    /// The newest group stream sequence written: everything of the
+    /// device's groups up to it reached the socket.
+    position: AtomicU64,
+    saved: AtomicU64,
+    /// One save at a time, so an older one never lands after a newer one.
+    turn: tokio::sync::Mutex<()>,
+    bus: chat_bus::Bus,
+    user: UserId,
+    device: DeviceId,
+}
+
+/// How often a live connection's position is saved.
+const CHECKPOINT: Duration = Duration::from_secs(5);
+/// The longest a closing connection waits for its position to be saved.
+const FINAL_SAVE: Duration = Duration::from_secs(2);
+
+impl Saver {
+    async fn save(&self) {
+        let _turn = self.turn.lock().await;
+        let at = self.position.load(Ordering::SeqCst);
+        if !self.live.attached() || at <= self.saved.load(Ordering::SeqCst) {
+            return;
+        }
+        match self
+            .bus
+            .set_group_position(&self.user, &self.device, at)
+            .await
+        {
+            Ok(()) => {
+                tracing::debug!(position = at, "device position saved");
+                self.saved.fetch_max(at, Ordering::SeqCst);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot save the device's position; it resumes from the last one saved")
             }
         }
     }

@@ -124,11 +124,14 @@ impl GroupsService {
             self.apply(caller, id, change).await
         }
         .await;
-        if result.is_ok()
-            && let Err(e) = self.0.store.groups.remove_subscriber(id, leaving).await
-        {
-            // harmless: subscriptions are read with membership
-            tracing::warn!(group = %id, user = %leaving, error = %e, "cannot forget a subscription");
+        if result.is_ok() {
+            if let Err(e) = self.0.store.groups.remove_subscriber(id, leaving).await {
+                // harmless: subscriptions are read with membership
+                tracing::warn!(group = %id, user = %leaving, error = %e, "cannot forget a subscription");
+            }
+            // every edge stops writing the group to the member's connections
+            // at this event, in the group's order
+            self.0.unsubscribed_live(id, leaving).await;
         }
         let synced = lease.sync().await;
         lease.release().await;
@@ -442,6 +445,12 @@ impl Groups for GroupsService {
         let synced = lease.sync().await;
         lease.release().await;
         synced?;
+        // every edge writes the group to the member's connections from here
+        self.0
+            .bus
+            .publish_membership(&id, &caller, true)
+            .await
+            .map_err(WorkerError::from)?;
         Ok(Response::new(pb::SubscribeResponse {
             group_id: id.into_string(),
         }))

@@ -205,6 +205,36 @@ impl State {
         }
     }
 
+    /// `user` left `group` or was removed: the event that stops every
+    /// edge's live delivery to it. It must go out: after a few quick tries
+    /// it is retried in the background (logged) rather than failing a
+    /// change that already committed.
+    pub(crate) async fn unsubscribed_live(&self, group: &GroupId, user: &UserId) {
+        if self
+            .bus
+            .publish_membership(group, user, false)
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        let (bus, group, user) = (self.bus.clone(), group.clone(), user.clone());
+        tokio::spawn(async move {
+            let mut wait = std::time::Duration::from_millis(200);
+            for _ in 0..20 {
+                match bus.publish_membership(&group, &user, false).await {
+                    Ok(_) => return,
+                    Err(e) => {
+                        tracing::error!(group = %group, user = %user, error = %e, "cannot publish a removal to the edges yet; retrying");
+                    }
+                }
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_secs(10));
+            }
+            tracing::error!(group = %group, user = %user, "gave up publishing a removal: the member's open connections keep receiving the group until they reconnect");
+        });
+    }
+
     pub(crate) async fn load_as_member(
         &self,
         caller: &UserId,

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use chat_domain::{DeviceId, UserId};
+use chat_domain::{DeviceId, GroupId, UserId};
 use chat_rpc::pb::{self, health_server::Health, sessions_server::Sessions};
 use tonic::{Request, Response, Status};
 
@@ -31,14 +31,16 @@ impl Sessions for SessionsService {
             lease.register(&device, name).await?;
             let groups = lease.subscribed(None).await?;
             lease.check_fresh()?;
-            Ok::<_, WorkerError>(s.bus.ensure_device(&user, &device, &groups).await?)
+            let consumer = s.bus.ensure_device(&user, &device, &groups).await?;
+            Ok::<_, WorkerError>((consumer, groups))
         }
         .await;
         lease.release().await;
-        let consumer = ensured?;
+        let (consumer, groups) = ensured?;
         Ok(Response::new(pb::OpenSessionResponse {
             consumer,
             stream: s.bus.definitions().users_stream.name.clone(),
+            groups: groups.into_iter().map(GroupId::into_string).collect(),
         }))
     }
 }

@@ -1,0 +1,350 @@
+//! Live delivery: what an edge reads to fan out every group's traffic once,
+//! and the membership events that tell it who may receive a group.
+//!
+//! Each edge reads `CHAT_GROUPS` through one ephemeral, unacknowledged
+//! consumer of its own over `chat.group.>`: nats-server delivers every
+//! message once per edge, whatever the number of members, and the delivery
+//! count of such a consumer rises by exactly one per message, so the edge
+//! sees any loss and reads again from its position (see [`LiveReader`]).
+//!
+//! Membership changes that decide live delivery (a member subscribed, left
+//! or was removed) are events on `chat.group.<g>.event` in the same stream,
+//! so every edge applies them in the group's order: nothing published after
+//! a removal's event reaches the removed member's connections, on any edge.
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{self, AckPolicy, DeliverPolicy};
+use chat_domain::{DeviceId, GroupId, UserId};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use crate::{Bus, BusError};
+
+/// Every group's messages and events.
+const ALL_GROUP_TRAFFIC: &str = "chat.group.>";
+/// A reader that heard nothing for this long asks how far its consumer got.
+pub const LIVE_IDLE_CHECK: Duration = Duration::from_secs(5);
+/// An edge's consumer left behind (the edge died) is removed after this.
+const LIVE_INACTIVE: Duration = Duration::from_secs(30);
+/// Most messages the reader asks for at a time.
+const LIVE_BATCH: usize = 1024;
+/// Attempts at publishing a membership event before the change fails.
+const EVENT_ATTEMPTS: usize = 3;
+
+/// The subject of `group`'s membership events.
+pub fn group_event_subject(group: &GroupId) -> String {
+    format!("chat.group.{group}.event")
+}
+
+/// What one subject of the group stream carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupTraffic<'a> {
+    /// A message of the group (an [`crate::Envelope`]).
+    Message(&'a str),
+    /// A [`MembershipEvent`] of the group.
+    Event(&'a str),
+}
+
+impl<'a> GroupTraffic<'a> {
+    /// The group and kind of `subject`, if it is group traffic.
+    pub fn of(subject: &'a str) -> Option<Self> {
+        let rest = subject.strip_prefix("chat.group.")?;
+        let (group, kind) = rest.split_once('.')?;
+        if group.is_empty() || group.contains('.') {
+            return None;
+        }
+        match kind {
+            "msg" => Some(Self::Message(group)),
+            "event" => Some(Self::Event(group)),
+            _ => None,
+        }
+    }
+}
+
+/// A member's live delivery of a group starts or stops here, in the group's
+/// order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MembershipEvent {
+    pub user_id: String,
+    /// `true`: the member subscribed; `false`: it left or was removed.
+    pub subscribed: bool,
+}
+
+/// One delivery of the live reader.
+pub struct LiveMessage {
+    pub stream_seq: u64,
+    pub subject: async_nats::Subject,
+    pub payload: bytes::Bytes,
+}
+
+/// An edge's reader of all group traffic, in stream order, with nothing
+/// missing: a jump in the consumer's delivery count, an error, or an idle
+/// consumer that delivered more than the reader saw all make it read again
+/// from the last stream sequence it handed on.
+pub struct LiveReader {
+    bus: Bus,
+    /// The stream sequence last handed on.
+    position: u64,
+    /// Deliveries of the current consumer handed on.
+    count: u64,
+    current: Option<Current>,
+    serial: u64,
+    prefix: String,
+}
+
+struct Current {
+    name: String,
+    consumer: consumer::Consumer<consumer::pull::Config>,
+    messages: consumer::pull::Stream,
+}
+
+impl Bus {
+    /// Publishes a membership event of `group` (a JetStream write: edges
+    /// cannot miss it), retrying a few times.
+    pub async fn publish_membership(
+        &self,
+        group: &GroupId,
+        user: &UserId,
+        subscribed: bool,
+    ) -> Result<u64, BusError> {
+        let body = serde_json::to_vec(&MembershipEvent {
+            user_id: user.to_string(),
+            subscribed,
+        })
+        .map_err(|e| BusError::Unavailable(e.to_string()))?;
+        let subject = group_event_subject(group);
+        let mut last = None;
+        for _ in 0..EVENT_ATTEMPTS {
+            let sent = async {
+                self.js
+                    .publish(subject.clone(), body.clone().into())
+                    .await
+                    .map_err(BusError::nats)?
+                    .await
+                    .map_err(BusError::nats)
+            }
+            .await;
+            match sent {
+                Ok(ack) => return Ok(ack.sequence),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| BusError::Unavailable("membership event".into())))
+    }
+
+    /// The newest stream sequence of the group stream.
+    pub async fn group_stream_tail(&self) -> Result<u64, BusError> {
+        let mut stream = self
+            .js
+            .get_stream(&self.defs.groups_stream.name)
+            .await
+            .map_err(BusError::nats)?;
+        Ok(stream
+            .info()
+            .await
+            .map_err(BusError::nats)?
+            .state
+            .last_sequence)
+    }
+
+    /// A reader of all group traffic after stream sequence `position`; it
+    /// connects on its first [`LiveReader::next`].
+    pub fn live_reader(&self, position: u64) -> LiveReader {
+        LiveReader {
+            bus: self.clone(),
+            position,
+            count: 0,
+            current: None,
+            serial: 0,
+            prefix: format!("live-{}", uuid::Uuid::new_v4().simple()),
+        }
+    }
+
+    /// Moves `device`'s group consumer so that its next delivery is the
+    /// first matching message after stream sequence `position` (everything
+    /// up to it reached the device live).
+    pub async fn set_group_position(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+        position: u64,
+    ) -> Result<(), BusError> {
+        self.reset_to(crate::Feed::Groups, user, device, Some(position + 1))
+            .await
+            .map(drop)
+    }
+}
+
+impl LiveReader {
+    /// The stream sequence last handed on.
+    pub fn position(&self) -> u64 {
+        self.position
+    }
+
+    /// The next group message or event, in stream order; waits across
+    /// outages (trying again with a growing pause) and never skips one.
+    pub async fn next(&mut self) -> LiveMessage {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            if self.current.is_none() {
+                match self.connect().await {
+                    Ok(c) => {
+                        self.current = Some(c);
+                        backoff = Duration::from_millis(50);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read the group stream live; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                        continue;
+                    }
+                }
+            }
+            let Some(current) = self.current.as_mut() else {
+                continue;
+            };
+            let next = tokio::time::timeout(LIVE_IDLE_CHECK, current.messages.next()).await;
+            let msg = match next {
+                Ok(Some(Ok(msg))) => msg,
+                Ok(Some(Err(e))) => {
+                    tracing::debug!(error = %e, "live read ended; reading again from the position");
+                    self.current = None;
+                    continue;
+                }
+                Ok(None) => {
+                    self.current = None;
+                    continue;
+                }
+                Err(_) => {
+                    // idle: a delivery lost at the tail shows only here
+                    if !self.idle_check().await {
+                        self.current = None;
+                    }
+                    continue;
+                }
+            };
+            let Ok(info) = msg.info() else {
+                continue;
+            };
+            let (count, stream_seq) = (info.consumer_sequence, info.stream_sequence);
+            if count != self.count + 1 {
+                metrics::counter!("chat_live_gaps_total").increment(1);
+                tracing::warn!(
+                    expected = self.count + 1,
+                    got = count,
+                    position = self.position,
+                    "live deliveries lost on the way; reading again from the position"
+                );
+                self.current = None;
+                continue;
+            }
+            self.count = count;
+            if stream_seq <= self.position {
+                continue;
+            }
+            self.position = stream_seq;
+            let msg = msg.split().0;
+            return LiveMessage {
+                stream_seq,
+                subject: msg.subject,
+                payload: msg.payload,
+            };
+        }
+    }
+
+    /// Whether the consumer delivered no more than was handed on.
+    async fn idle_check(&mut self) -> bool {
+        let Some(current) = self.current.as_mut() else {
+            return false;
+        };
+        match current.consumer.info().await {
+            Ok(info) => info.delivered.consumer_sequence <= self.count,
+            Err(e) => {
+                tracing::debug!(error = %e, consumer = %current.name, "live consumer gone");
+                false
+            }
+        }
+    }
+
+    async fn connect(&mut self) -> Result<Current, BusError> {
+        self.serial += 1;
+        let name = format!("{}-{}", self.prefix, self.serial);
+        let stream = self
+            .bus
+            .js
+            .get_stream_no_info(&self.bus.defs.groups_stream.name)
+            .await
+            .map_err(BusError::nats)?;
+        let config = consumer::pull::Config {
+            name: Some(name.clone()),
+            filter_subject: ALL_GROUP_TRAFFIC.to_owned(),
+            deliver_policy: DeliverPolicy::ByStartSequence {
+                start_sequence: self.position + 1,
+            },
+            ack_policy: AckPolicy::None,
+            inactive_threshold: LIVE_INACTIVE,
+            memory_storage: true,
+            num_replicas: 1,
+            ..Default::default()
+        };
+        let consumer: consumer::Consumer<consumer::pull::Config> = stream
+            .create_consumer(config)
+            .await
+            .map_err(BusError::nats)?;
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(LIVE_BATCH)
+            .heartbeat(Duration::from_secs(2))
+            .expires(Duration::from_secs(10))
+            .messages()
+            .await
+            .map_err(BusError::nats)?;
+        self.count = 0;
+        Ok(Current {
+            name,
+            consumer,
+            messages,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_subjects_say_what_they_carry() {
+        assert_eq!(
+            GroupTraffic::of("chat.group.g_1-x.msg"),
+            Some(GroupTraffic::Message("g_1-x"))
+        );
+        assert_eq!(
+            GroupTraffic::of("chat.group.g.event"),
+            Some(GroupTraffic::Event("g"))
+        );
+        assert_eq!(GroupTraffic::of("chat.group.g.other"), None);
+        assert_eq!(GroupTraffic::of("chat.group..msg"), None);
+        assert_eq!(GroupTraffic::of("chat.user.u.event"), None);
+        let g = GroupId::parse("abc").expect("group");
+        assert_eq!(
+            GroupTraffic::of(&group_event_subject(&g)),
+            Some(GroupTraffic::Event("abc"))
+        );
+    }
+
+    #[test]
+    fn membership_events_round_trip() {
+        let e = MembershipEvent {
+            user_id: "u_1".into(),
+            subscribed: false,
+        };
+        let json = serde_json::to_string(&e).expect("json");
+        assert_eq!(json, r#"{"userId":"u_1","subscribed":false}"#);
+        assert_eq!(
+            serde_json::from_str::<MembershipEvent>(&json).expect("parse"),
+            e
+        );
+    }
+}

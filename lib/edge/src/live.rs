@@ -1,0 +1,659 @@
+//! Live fan-out: every group message reaches this edge once and is written
+//! to every local connection of every subscribed member.
+//!
+//! One task per edge reads all group traffic in stream order
+//! ([`chat_bus::LiveReader`]: one delivery per message per edge in
+//! nats-server, whatever the number of members) and hands it to the
+//! [`LiveHub`], which knows each local connection's user and groups. A
+//! group message is opened (decrypted and serialised) once, when at least
+//! one local connection follows its group, and queued on each of those
+//! connections without waiting: a connection whose queue is full is closed
+//! as too slow and resumes from its position on reconnect. Membership events
+//! (`chat.group.<g>.event`) change who follows a group, in the group's order.
+//!
+//! A connection goes through three phases: it **registers** before its
+//! session opens (membership events from then on are kept and replayed over
+//! the groups the session returns), **holds** what arrives while its device
+//! catches up from its durable consumer, and **attaches** at the stream
+//! sequence the catch-up reached: what it held after that goes out, and from
+//! then on everything comes live. Per connection nothing is lost, repeated
+//! or reordered at the hand-over (the catch-up covers everything up to the
+//! attach point, the hub everything after it).
+
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    sync::{
+        Arc, Mutex, Weak,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use axum::extract::ws::Utf8Bytes;
+use chat_bus::{GroupTraffic, MembershipEvent};
+
+/// A group message as written to a connection.
+#[derive(Clone, Debug)]
+pub(crate) struct LiveFrame {
+    pub text: Utf8Bytes,
+    pub group: Arc<str>,
+    pub seq: u64,
+    pub stream_seq: u64,
+}
+
+/// Where the hub hands a connection its frames; implemented by the
+/// connection's outbox.
+pub(crate) trait Sink: Send + Sync {
+    /// Queues `frame` without waiting; `Err(true)` if the queue is full (the
+    /// connection is closed as too slow), `Err(false)` if the connection is
+    /// gone.
+    fn offer(&self, frame: LiveFrame) -> Result<(), bool>;
+}
+
+/// Frames a catching-up connection may hold; past it, the catch-up goes on
+/// from the durable consumer until it overtakes the live feed again.
+const HOLD_MAX: usize = 4096;
+/// Membership events kept for a connection whose groups are not loaded yet.
+const EARLY_MAX: usize = 256;
+
+enum Phase {
+    /// Catching up: frames are held until the attach point is known.
+    Holding(VecDeque<LiveFrame>),
+    /// Held too much: the catch-up must go on past the live feed.
+    Overflowed,
+    /// Everything after `skip_through` goes straight to the sink.
+    Live { skip_through: u64 },
+    /// Closed as too slow, or gone.
+    Closed,
+}
+
+struct Conn {
+    user: Arc<str>,
+    groups: HashSet<Arc<str>>,
+    /// Membership events seen before the groups were loaded, in order.
+    early: Option<Vec<(Arc<str>, bool)>>,
+    /// More than `EARLY_MAX` early events: the loaded groups can't be fixed.
+    early_overflow: bool,
+    phase: Phase,
+    sink: Arc<dyn Sink>,
+}
+
+#[derive(Default)]
+struct Hub {
+    next_id: u64,
+    conns: HashMap<u64, Conn>,
+    by_group: HashMap<Arc<str>, HashSet<u64>>,
+    by_user: HashMap<Arc<str>, HashSet<u64>>,
+}
+
+/// This edge's live connections and the groups they follow.
+#[derive(Default)]
+pub(crate) struct LiveHub {
+    inner: Mutex<Hub>,
+    /// The stream sequence handed on last.
+    position: AtomicU64,
+    /// Whether the feed reads the stream yet.
+    running: AtomicBool,
+}
+
+/// Why a connection could not attach.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum NotYet {
+    /// It held more than it may while catching up: catch up further.
+    Overflowed,
+    /// The live feed is not reading yet (NATS down since the edge started).
+    NotRunning,
+    /// The connection was closed.
+    Closed,
+}
+
+/// Why the groups of a connection could not be loaded.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct TooManyChanges;
+
+impl LiveHub {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Hub> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The stream sequence handed on last.
+    pub(crate) fn position(&self) -> u64 {
+        self.position.load(Ordering::SeqCst)
+    }
+
+    /// Starts at `position` (the stream's tail when the feed starts).
+    pub(crate) fn start(&self, position: u64) {
+        let _hub = self.lock();
+        self.position.store(position, Ordering::SeqCst);
+        self.running.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether any local connection follows `group`.
+    #[cfg(test)]
+    pub(crate) fn wanted(&self, group: &str) -> bool {
+        self.lock()
+            .by_group
+            .get(group)
+            .is_some_and(|c| !c.is_empty())
+    }
+
+    /// Registers a connection of `user`.
+    pub(crate) fn register(self: &Arc<Self>, user: &str, sink: Arc<dyn Sink>) -> Registration {
+        let mut hub = self.lock();
+        hub.next_id += 1;
+        let id = hub.next_id;
+        let user: Arc<str> = user.into();
+        hub.by_user.entry(user.clone()).or_default().insert(id);
+        hub.conns.insert(
+            id,
+            Conn {
+                user,
+                groups: HashSet::new(),
+                early: Some(Vec::new()),
+                early_overflow: false,
+                phase: Phase::Holding(VecDeque::new()),
+                sink,
+            },
+        );
+        metrics::gauge!("chat_live_connections").increment(1);
+        Registration {
+            hub: self.clone(),
+            id,
+            attached: AtomicBool::new(false),
+        }
+    }
+
+    /// Hands on a group message at `stream_seq`; `open` makes its frame and
+    /// runs only if some connection follows the group.
+    pub(crate) fn message<E>(
+        &self,
+        stream_seq: u64,
+        group: &str,
+        open: impl FnOnce() -> Result<(Utf8Bytes, u64), E>,
+    ) -> Result<usize, E> {
+        let mut hub = self.lock();
+        self.position.store(stream_seq, Ordering::SeqCst);
+        let Some(ids) = hub.by_group.get(group).filter(|c| !c.is_empty()) else {
+            return Ok(0);
+        };
+        let ids: Vec<u64> = ids.iter().copied().collect();
+        let (text, seq) = open()?;
+        let frame = LiveFrame {
+            text,
+            group: group.into(),
+            seq,
+            stream_seq,
+        };
+        let mut written = 0;
+        for id in ids {
+            if let Some(conn) = hub.conns.get_mut(&id) {
+                written += usize::from(conn.take(&frame));
+            }
+        }
+        Ok(written)
+    }
+
+    /// Applies a membership event at `stream_seq`: `user`'s connections
+    /// follow `group` from here on, or no longer.
+    pub(crate) fn membership(&self, stream_seq: u64, group: &str, user: &str, subscribed: bool) {
+        let mut hub = self.lock();
+        self.position.store(stream_seq, Ordering::SeqCst);
+        let Some(ids) = hub.by_user.get(user) else {
+            return;
+        };
+        let ids: Vec<u64> = ids.iter().copied().collect();
+        let group: Arc<str> = group.into();
+        for id in ids {
+            let Some(conn) = hub.conns.get_mut(&id) else {
+                continue;
+            };
+            let loaded = match conn.early.as_mut() {
+                Some(early) if early.len() >= EARLY_MAX => {
+                    conn.early_overflow = true;
+                    false
+                }
+                Some(early) => {
+                    early.push((group.clone(), subscribed));
+                    false
+                }
+                None => true,
+            };
+            if loaded {
+                hub_follow(&mut hub, id, &group, subscribed);
+            }
+        }
+    }
+
+    /// Moves on past `stream_seq` (traffic no connection needs).
+    pub(crate) fn pass(&self, stream_seq: u64) {
+        let _hub = self.lock();
+        self.position.store(stream_seq, Ordering::SeqCst);
+    }
+}
+
+/// Makes connection `id` follow `group` or stop following it.
+fn hub_follow(hub: &mut Hub, id: u64, group: &Arc<str>, follow: bool) {
+    let Some(conn) = hub.conns.get_mut(&id) else {
+        return;
+    };
+    if follow {
+        if conn.groups.insert(group.clone()) {
+            hub.by_group.entry(group.clone()).or_default().insert(id);
+        }
+    } else if conn.groups.remove(group)
+        && let Some(ids) = hub.by_group.get_mut(group)
+    {
+        // what it held of the group was published before the event: it
+        // stays, in order
+        ids.remove(&id);
+        if ids.is_empty() {
+            hub.by_group.remove(group);
+        }
+    }
+}
+
+impl Conn {
+    /// Takes one frame of a group it follows; whether it went out now.
+    fn take(&mut self, frame: &LiveFrame) -> bool {
+        match &mut self.phase {
+            Phase::Holding(held) => {
+                if held.len() >= HOLD_MAX {
+                    self.phase = Phase::Overflowed;
+                } else {
+                    held.push_back(frame.clone());
+                }
+                false
+            }
+            Phase::Overflowed | Phase::Closed => false,
+            Phase::Live { skip_through } => {
+                if frame.stream_seq <= *skip_through {
+                    return false;
+                }
+                self.offer(frame.clone())
+            }
+        }
+    }
+
+    fn offer(&mut self, frame: LiveFrame) -> bool {
+        match self.sink.offer(frame) {
+            Ok(()) => true,
+            Err(full) => {
+                if full {
+                    metrics::counter!("chat_live_too_slow_total").increment(1);
+                }
+                self.phase = Phase::Closed;
+                false
+            }
+        }
+    }
+}
+
+/// A connection's place in the hub; it leaves the hub when dropped.
+pub(crate) struct Registration {
+    hub: Arc<LiveHub>,
+    id: u64,
+    attached: AtomicBool,
+}
+
+impl Registration {
+    /// The connection's number on this edge (for logs).
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The hub's position now (read before a catch-up's last check).
+    pub(crate) fn hub_position(&self) -> u64 {
+        self.hub.position()
+    }
+
+    /// Sets the groups the connection follows, as the session read them,
+    /// then replays the membership events seen since it registered.
+    pub(crate) fn load(&self, groups: &[String]) -> Result<(), TooManyChanges> {
+        let mut hub = self.hub.lock();
+        let Some(conn) = hub.conns.get_mut(&self.id) else {
+            return Ok(());
+        };
+        if conn.early_overflow {
+            return Err(TooManyChanges);
+        }
+        let early = conn.early.take().unwrap_or_default();
+        for g in groups {
+            hub_follow(&mut hub, self.id, &Arc::from(g.as_str()), true);
+        }
+        for (g, subscribed) in early {
+            hub_follow(&mut hub, self.id, &g, subscribed);
+        }
+        Ok(())
+    }
+
+    /// Attaches once the catch-up has written everything up to stream
+    /// sequence `through`: what was held after it goes out, in order, and
+    /// everything after it comes live.
+    pub(crate) fn attach(&self, through: u64) -> Result<(), NotYet> {
+        if !self.hub.running.load(Ordering::SeqCst) {
+            return Err(NotYet::NotRunning);
+        }
+        let mut hub = self.hub.lock();
+        let Some(conn) = hub.conns.get_mut(&self.id) else {
+            return Err(NotYet::Closed);
+        };
+        let held = match std::mem::replace(
+            &mut conn.phase,
+            Phase::Live {
+                skip_through: through,
+            },
+        ) {
+            Phase::Holding(held) => held,
+            Phase::Overflowed => {
+                conn.phase = Phase::Holding(VecDeque::new());
+                return Err(NotYet::Overflowed);
+            }
+            Phase::Closed => {
+                conn.phase = Phase::Closed;
+                return Err(NotYet::Closed);
+            }
+            live @ Phase::Live { .. } => {
+                conn.phase = live;
+                return Ok(());
+            }
+        };
+        for frame in held {
+            if frame.stream_seq > through && !conn.offer(frame) {
+                return Err(NotYet::Closed);
+            }
+        }
+        self.attached.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Whether the connection receives live.
+    pub(crate) fn attached(&self) -> bool {
+        self.attached.load(Ordering::SeqCst)
+    }
+}
+
+impl Registration {
+    /// Leaves the hub: nothing more is queued for the connection (and the
+    /// hub lets go of its queue, so its writer can end).
+    pub(crate) fn leave(&self) {
+        let mut hub = self.hub.lock();
+        let Some(conn) = hub.conns.remove(&self.id) else {
+            return;
+        };
+        for g in &conn.groups {
+            if let Some(ids) = hub.by_group.get_mut(g) {
+                ids.remove(&self.id);
+                if ids.is_empty() {
+                    hub.by_group.remove(g);
+                }
+            }
+        }
+        if let Some(ids) = hub.by_user.get_mut(&conn.user) {
+            ids.remove(&self.id);
+            if ids.is_empty() {
+                hub.by_user.remove(&conn.user);
+            }
+        }
+        metrics::gauge!("chat_live_connections").decrement(1);
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.leave();
+    }
+}
+
+/// Reads every group's traffic for this edge, from the stream's tail when
+/// it starts, and hands it to the hub; ends with the edge.
+pub(crate) async fn feed(app: Weak<crate::Inner>) {
+    let Some(bus) = app.upgrade().map(|a| a.bus.clone()) else {
+        return;
+    };
+    let mut backoff = Duration::from_millis(50);
+    let tail = loop {
+        match bus.group_stream_tail().await {
+            Ok(tail) => break tail,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot find the group stream's tail yet; live delivery waits");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                if app.strong_count() == 0 {
+                    return;
+                }
+            }
+        }
+    };
+    let Some(hub) = app.upgrade().map(|a| a.live.clone()) else {
+        return;
+    };
+    hub.start(tail);
+    let mut reader = bus.live_reader(tail);
+    drop(bus);
+    loop {
+        let msg = reader.next().await;
+        let Some(inner) = app.upgrade() else {
+            return;
+        };
+        let app = crate::AppState(inner);
+        let seq = msg.stream_seq;
+        match GroupTraffic::of(&msg.subject) {
+            Some(GroupTraffic::Message(group)) => {
+                let handed =
+                    hub.message(seq, group, || crate::ws::open_live(&app, seq, &msg.payload));
+                if let Err(e) = handed {
+                    tracing::error!(group, stream_seq = seq, error = %e, "undeliverable group message on the bus; skipping it");
+                }
+            }
+            Some(GroupTraffic::Event(group)) => {
+                match serde_json::from_slice::<MembershipEvent>(&msg.payload) {
+                    Ok(e) => hub.membership(seq, group, &e.user_id, e.subscribed),
+                    Err(e) => {
+                        tracing::error!(group, stream_seq = seq, error = %e, "unreadable membership event; skipping it");
+                        hub.pass(seq);
+                    }
+                }
+            }
+            None => hub.pass(seq),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sink that keeps what it is given, up to `room`.
+    #[derive(Default)]
+    struct Kept {
+        frames: Mutex<Vec<LiveFrame>>,
+        room: Option<usize>,
+    }
+
+    impl Kept {
+        fn seqs(&self) -> Vec<u64> {
+            let frames = self.frames.lock().expect("lock");
+            frames.iter().map(|f| f.stream_seq).collect()
+        }
+    }
+
+    impl Sink for Kept {
+        fn offer(&self, frame: LiveFrame) -> Result<(), bool> {
+            let mut frames = self.frames.lock().expect("lock");
+            if self.room.is_some_and(|r| frames.len() >= r) {
+                return Err(true);
+            }
+            frames.push(frame);
+            Ok(())
+        }
+    }
+
+    fn hub() -> Arc<LiveHub> {
+        let hub = Arc::new(LiveHub::default());
+        hub.start(0);
+        hub
+    }
+
+    fn send(hub: &LiveHub, stream_seq: u64, group: &str) {
+        hub.message::<()>(stream_seq, group, || Ok((Utf8Bytes::from("m"), stream_seq)))
+            .expect("open");
+    }
+
+    fn live(hub: &Arc<LiveHub>, user: &str, groups: &[&str]) -> (Registration, Arc<Kept>) {
+        let sink = Arc::new(Kept::default());
+        let reg = hub.register(user, sink.clone());
+        let groups: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
+        reg.load(&groups).expect("load");
+        reg.attach(hub.position()).expect("attach");
+        (reg, sink)
+    }
+
+    #[test]
+    fn a_message_reaches_every_connection_that_follows_its_group_once() {
+        let hub = hub();
+        let (_a, a) = live(&hub, "ann", &["g1"]);
+        let (_b, b) = live(&hub, "ann", &["g1", "g2"]);
+        let (_c, c) = live(&hub, "bob", &["g2"]);
+        let mut opened = 0;
+        hub.message::<()>(1, "g1", || {
+            opened += 1;
+            Ok((Utf8Bytes::from("m"), 1))
+        })
+        .expect("open");
+        send(&hub, 2, "g2");
+        send(&hub, 3, "g3");
+        assert_eq!(opened, 1, "opened once for every connection");
+        assert_eq!(a.seqs(), [1]);
+        assert_eq!(b.seqs(), [1, 2]);
+        assert_eq!(c.seqs(), [2]);
+        assert_eq!(hub.position(), 3);
+    }
+
+    #[test]
+    fn a_group_nobody_follows_is_not_opened() {
+        let hub = hub();
+        let (_a, _) = live(&hub, "ann", &["g1"]);
+        let opened = hub
+            .message::<&str>(1, "g2", || Err("must not open"))
+            .expect("skipped");
+        assert_eq!(opened, 0);
+        assert!(!hub.wanted("g2"));
+        assert!(hub.wanted("g1"));
+    }
+
+    #[test]
+    fn a_removal_stops_every_connection_of_the_user_from_its_event_on() {
+        let hub = hub();
+        let (_a, a) = live(&hub, "ann", &["g"]);
+        let (_b, b) = live(&hub, "ann", &["g"]);
+        let (_c, c) = live(&hub, "bob", &["g"]);
+        send(&hub, 1, "g");
+        hub.membership(2, "g", "ann", false);
+        send(&hub, 3, "g");
+        assert_eq!(a.seqs(), [1]);
+        assert_eq!(b.seqs(), [1]);
+        assert_eq!(c.seqs(), [1, 3]);
+        hub.membership(4, "g", "ann", true);
+        send(&hub, 5, "g");
+        assert_eq!(a.seqs(), [1, 5]);
+    }
+
+    #[test]
+    fn events_before_the_groups_load_are_replayed_over_them() {
+        let hub = hub();
+        let sink = Arc::new(Kept::default());
+        let reg = hub.register("ann", sink.clone());
+        // read before the removal committed, so still listing g1
+        hub.membership(1, "g1", "ann", false);
+        hub.membership(2, "g2", "ann", true);
+        reg.load(&["g1".to_owned()]).expect("load");
+        reg.attach(2).expect("attach");
+        send(&hub, 3, "g1");
+        send(&hub, 4, "g2");
+        assert_eq!(sink.seqs(), [4]);
+    }
+
+    #[test]
+    fn too_many_early_events_make_the_load_fail() {
+        let hub = hub();
+        let reg = hub.register("ann", Arc::new(Kept::default()));
+        for i in 0..=EARLY_MAX as u64 {
+            hub.membership(i + 1, "g", "ann", i % 2 == 0);
+        }
+        assert_eq!(reg.load(&[]), Err(TooManyChanges));
+    }
+
+    #[test]
+    fn the_hand_over_skips_what_the_catch_up_wrote_and_keeps_the_rest_in_order() {
+        let hub = hub();
+        let sink = Arc::new(Kept::default());
+        let reg = hub.register("ann", sink.clone());
+        reg.load(&["g".to_owned()]).expect("load");
+        for s in 1..=5 {
+            send(&hub, s, "g");
+        }
+        assert!(sink.seqs().is_empty(), "held while catching up");
+        // the catch-up wrote up to 3
+        reg.attach(3).expect("attach");
+        send(&hub, 6, "g");
+        assert_eq!(sink.seqs(), [4, 5, 6]);
+        assert!(reg.attached());
+    }
+
+    #[test]
+    fn a_catch_up_ahead_of_the_feed_is_not_repeated_live() {
+        let hub = hub();
+        let sink = Arc::new(Kept::default());
+        let reg = hub.register("ann", sink.clone());
+        reg.load(&["g".to_owned()]).expect("load");
+        send(&hub, 1, "g");
+        // the durable consumer already gave 1..=3 before the feed read them
+        reg.attach(3).expect("attach");
+        send(&hub, 2, "g");
+        send(&hub, 3, "g");
+        send(&hub, 4, "g");
+        assert_eq!(sink.seqs(), [4]);
+    }
+
+    #[test]
+    fn holding_too_much_sends_the_catch_up_on_and_then_attaches() {
+        let hub = hub();
+        let sink = Arc::new(Kept::default());
+        let reg = hub.register("ann", sink.clone());
+        reg.load(&["g".to_owned()]).expect("load");
+        for s in 1..=(HOLD_MAX as u64 + 1) {
+            send(&hub, s, "g");
+        }
+        assert_eq!(reg.attach(10), Err(NotYet::Overflowed));
+        let next = HOLD_MAX as u64 + 2;
+        send(&hub, next, "g");
+        // the catch-up went on up to the feed's position before the send
+        reg.attach(next - 1).expect("attach");
+        assert_eq!(sink.seqs(), [next]);
+    }
+
+    #[test]
+    fn a_connection_that_cannot_keep_up_is_closed_and_gets_nothing_more() {
+        let hub = hub();
+        let sink = Arc::new(Kept {
+            room: Some(2),
+            ..Kept::default()
+        });
+        let reg = hub.register("ann", sink.clone());
+        reg.load(&["g".to_owned()]).expect("load");
+        reg.attach(0).expect("attach");
+        for s in 1..=4 {
+            send(&hub, s, "g");
+        }
+        assert_eq!(sink.seqs(), [1, 2]);
+        drop(reg);
+        assert!(!hub.wanted("g"), "a dropped registration leaves the hub");
+    }
+
+    #[test]
+    fn attaching_waits_for_the_feed_to_run() {
+        let hub = Arc::new(LiveHub::default());
+        let reg = hub.register("ann", Arc::new(Kept::default()));
+        assert_eq!(reg.attach(0), Err(NotYet::NotRunning));
+    }
+}
