@@ -42,13 +42,17 @@ pub async fn check(system: &System) -> anyhow::Result<Persistence> {
         .connect(system.stack.nats.url.as_str())
         .await?;
     let js = async_nats::jetstream::new(nats);
-    let in_stream = js
+    // the group stream also carries membership events, which MongoDB does
+    // not hold: count the messages' subjects only
+    let mut in_stream = 0u64;
+    let mut subjects = js
         .get_stream("CHAT_GROUPS")
         .await?
-        .info()
-        .await?
-        .state
-        .messages;
+        .info_with_subjects("chat.group.*.msg")
+        .await?;
+    while let Some(subject) = futures::StreamExt::next(&mut subjects).await {
+        in_stream += subject?.1 as u64;
+    }
     let messages = mongodb::Client::with_uri_str(&system.stack.mongo.uri)
         .await?
         .database("chat")
