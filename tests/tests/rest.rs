@@ -359,7 +359,7 @@ async fn metrics_and_health_are_served() -> anyhow::Result<()> {
         "chat_rpc_seconds_bucket{method=\"send\"",
         "chat_publish_seconds_bucket",
         "chat_messages_sent_total",
-        "chat_consumer_pending_bucket",
+        "chat_live_connections",
     ] {
         assert!(text.contains(name), "no {name} in /metrics:\n{text}");
     }

@@ -106,6 +106,15 @@ fn owned_by(config: &consumer::Config, user: &UserId, device: &DeviceId) -> bool
         && config.metadata.get(OWNER_DEVICE).map(String::as_str) == Some(device.as_str())
 }
 
+/// A device consumer right after a rewind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rewound {
+    /// The delivery count: the next delivery carries this plus one.
+    pub delivered: u64,
+    /// Messages matching its filters after its position.
+    pub pending: u64,
+}
+
 /// Where a device left off under the first naming scheme.
 struct LegacyPlace {
     user_start: u64,
@@ -377,14 +386,14 @@ impl Bus {
     /// delivered and not acknowledged (a previous connection's share) comes
     /// again, in stream order, instead of after the ack timeout and out of
     /// order.
-    /// Returns the consumer's delivery count after the rewind: the next
-    /// delivery carries that plus one.
+    /// Returns the consumer's delivery count after the rewind (the next
+    /// delivery carries that plus one) and what it holds for delivery.
     pub async fn reset(
         &self,
         feed: Feed,
         user: &UserId,
         device: &DeviceId,
-    ) -> Result<u64, BusError> {
+    ) -> Result<Rewound, BusError> {
         self.reset_to(feed, user, device, None).await
     }
 
@@ -397,14 +406,17 @@ impl Bus {
         user: &UserId,
         device: &DeviceId,
         next: Option<u64>,
-    ) -> Result<u64, BusError> {
+    ) -> Result<Rewound, BusError> {
         let reset = self
             .stream(feed)
             .await?
             .reset_consumer(&consumer_name(feed, user, device), next)
             .await
             .map_err(BusError::nats)?;
-        Ok(reset.info.delivered.consumer_sequence)
+        Ok(Rewound {
+            delivered: reset.info.delivered.consumer_sequence,
+            pending: reset.info.num_pending,
+        })
     }
 
     /// Binds to `device`'s consumer of `feed` for delivery, after checking

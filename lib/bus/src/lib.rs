@@ -41,7 +41,7 @@ mod persist;
 mod sends;
 
 pub use defs::Definitions;
-pub use devices::{Feed, group_consumer_name, user_consumer_name};
+pub use devices::{Feed, Rewound, group_consumer_name, user_consumer_name};
 pub use live::{
     GroupTraffic, LIVE_IDLE_CHECK, LiveMessage, LiveReader, MembershipEvent, group_event_subject,
 };

@@ -1191,27 +1191,36 @@ async fn deliver(
         // A previous session of this device (a reconnect) may still hold an
         // open pull; wait for it to end (bounded: after a crash it simply
         // expires), then rewind to the ack floor.
+        // (the bind read the consumer's state: no other call when nothing
+        // waits, as on most connects)
         let deadline = tokio::time::Instant::now() + PULL_EXPIRES + Duration::from_secs(1);
-        while tokio::time::Instant::now() < deadline {
-            match Box::pin(c.get_info()).await {
-                Ok(info) if info.num_waiting > 0 => {
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-                        _ = stop.changed() => return,
-                    }
-                }
-                _ => break,
+        let mut waiting = c.cached_info().num_waiting > 0;
+        while waiting && tokio::time::Instant::now() < deadline {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                _ = stop.changed() => return,
             }
+            waiting = matches!(Box::pin(c.get_info()).await, Ok(info) if info.num_waiting > 0);
         }
+        // read before the rewind: with nothing pending after it, the device
+        // is caught up to here (see `hand_over`)
+        let feed_was_at = live.as_ref().map(|l| l.hub_position());
         // the consumer sequence the next delivery must carry: every delivery
         // counts one, so a jump means deliveries that never reached this
         // edge (a NATS node died with them in flight, a pull ended as they
         // came); acknowledging past them (`AckPolicy::All`) would lose them
         seen.rebound(None);
         match Box::pin(app.bus.reset(feed, &user, &device)).await {
-            Ok(delivered) => {
-                seen.rebound(Some(delivered));
+            Ok(rewound) => {
+                seen.rebound(Some(rewound.delivered));
                 owed = false;
+                if let (Some(live), Some(feed_was_at), 0) = (&live, feed_was_at, rewound.pending) {
+                    // nothing missed: live at once, with no further call
+                    match attach(live, feed_was_at.max(seen.forwarded), &tx).await {
+                        HandOver::Done => return,
+                        HandOver::More | HandOver::Wait => {}
+                    }
+                }
             }
             Err(e) if owed => {
                 // pulling now would let the next ack cover the lost ones
@@ -1376,13 +1385,17 @@ async fn hand_over(
     if info.num_pending > 0 {
         return HandOver::More;
     }
-    let through = feed_was_at.max(forwarded);
     tracing::debug!(
         feed_was_at,
         forwarded,
         floor = info.ack_floor.stream_sequence,
         "caught up; going live"
     );
+    attach(live, feed_was_at.max(forwarded), tx).await
+}
+
+/// Attaches a connection caught up to stream sequence `through`.
+async fn attach(live: &Registration, through: u64, tx: &Outbox) -> HandOver {
     match live.attach(through) {
         Ok(()) => {
             let _ = tx.send(Outgoing::Through(through)).await;
