@@ -1,0 +1,166 @@
+//! WebSocket sessions at `/ws`, one concept per file:
+//!
+//! - `mod.rs`: the upgrade (token, device, session opened on a worker, the
+//!   connection registered with the live feed) and the close codes;
+//! - `session`: the reader loop, requests to workers, errors, lifecycle;
+//! - `outbox`: the bounded queue into the writer (and the live feed's way in);
+//! - `writer`: frames to the socket, acknowledgements and the device's
+//!   position once flushed;
+//! - `catch_up`: the device's durable consumer drained on connect, and the
+//!   hand-over to the live feed (`crate::live`);
+//! - `frames`: group messages opened once per edge;
+//! - `receipts`: what was written, reported as delivered.
+//!
+//! Nothing counts as delivered before a flush after it succeeded: what was
+//! not written comes again on the next connection.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use async_nats::jetstream::{AckKind, Message as JsMessage};
+use axum::{
+    extract::{
+        Query, State, WebSocketUpgrade,
+        ws::{CloseFrame, Message, Utf8Bytes, WebSocket},
+    },
+    http::request::Parts,
+    response::{IntoResponse, Response},
+};
+use base64::{Engine, engine::general_purpose::STANDARD as B64};
+use chat_auth::{AuthError, Identity};
+use chat_bus::{BusError, Envelope, Feed};
+use chat_crypto::{MessageBinding, Sealed};
+use chat_domain::{DeviceId, UserId};
+use chat_protocol::{
+    AcknowledgeMessage, ClientFrame, ErrorCode, GroupRef, MAX_REQUEST_ID_LEN, MessageView,
+    SendMessage, ServerFrame, SessionInfo, event, format_millis,
+};
+use chat_rpc::pb;
+use futures::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::{
+    sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch},
+    task::JoinHandle,
+};
+use tracing::Instrument;
+
+use crate::{
+    ApiError, AppState,
+    auth::{WS_PROTOCOL, bearer, subprotocol_bearer},
+    claims,
+    limits::TokenBucket,
+    live::{LiveFrame, NotYet, Registration, Sink},
+    workers::rpc,
+};
+
+mod catch_up;
+mod frames;
+mod outbox;
+mod receipts;
+mod session;
+mod writer;
+
+use self::{catch_up::*, frames::*, outbox::*, session::*, writer::*};
+pub(crate) use self::{
+    frames::{OpenedFrames, open_live},
+    receipts::{DeliveredHub, flush_delivered, report_delivered},
+};
+
+/// Close code sent when a client abuses the connection (RFC 6455 1008).
+pub const CLOSE_POLICY: u16 = 1008;
+/// How long a closing connection waits for the client's close reply.
+const CLOSE_HANDSHAKE: Duration = Duration::from_secs(2);
+/// Close code sent when the edge drains (RFC 6455 1012, service restart):
+/// reconnect, to this or another edge.
+pub const CLOSE_RESTART: u16 = 1012;
+/// Close code sent to a connection when its device connects again (on any
+/// edge): one device, one connection, so that they never split deliveries.
+pub const CLOSE_REPLACED: u16 = 4409;
+/// Read and write buffer of a WebSocket; larger frames still pass (the
+/// buffers grow), this is only what every connection holds.
+const WS_BUFFER: usize = 4 * 1024;
+/// Close code sent when the device was evicted (the user connected more
+/// devices than allowed and this one was the least recently seen): its
+/// position is gone; reconnecting registers it again.
+pub const CLOSE_EVICTED: u16 = 4410;
+/// Close code sent when a client sends a message past the hard limit
+/// (RFC 6455 1009, message too big).
+pub const CLOSE_TOO_LARGE: u16 = 1009;
+/// Most bytes tungstenite may hold for writing to one socket; a client that
+/// does not read past it is closed (see `write_loop`).
+const WS_MAX_WRITE_BUFFER: usize = 2 * 1024 * 1024;
+/// Close code sent when a client cannot keep up with its deliveries.
+pub const CLOSE_TOO_SLOW: u16 = 1013;
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct WsQuery {
+    token: Option<String>,
+    device: Option<String>,
+}
+
+/// `GET /ws`: verifies the token (header or `?token=`), opens the device's
+/// session on a worker, then upgrades.
+pub(crate) async fn upgrade(
+    State(app): State<AppState>,
+    Query(q): Query<WsQuery>,
+    parts: Parts,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let token = bearer(&parts)
+        .or_else(|| subprotocol_bearer(&parts))
+        .map(str::to_owned)
+        .or(q.token)
+        .ok_or(AuthError::Missing)?;
+    let me = app.verifier.verify(&token)?;
+    if let Err(limited) = app.limits.user(&me.user_id) {
+        return Ok(limited.into_response());
+    }
+    let device = match q.device {
+        Some(d) => DeviceId::parse(d).map_err(|e| ApiError::invalid(e.to_string()))?,
+        None => DeviceId::default_device(),
+    };
+    // registered before the session opens: membership changes from then
+    // on are replayed over the groups the session reads
+    let (tx, inbox) = Outbox::new(app.config.outbox_frames, app.config.outbox_bytes);
+    let live = Arc::new(app.live.register(me.user_id.as_str(), Arc::new(tx.clone())));
+    let opened = rpc!(
+        app,
+        SessionsClient,
+        open_session,
+        pb::OpenSessionRequest {
+            user_id: me.user_id.to_string(),
+            device_id: device.to_string(),
+            display_name: me.name.clone().unwrap_or_default(),
+        }
+    )?
+    .into_inner();
+    if live.load(&opened.groups).is_err() {
+        return Err(ApiError::new(
+            ErrorCode::Unavailable,
+            "your groups changed too often while connecting; retry",
+        ));
+    }
+    let limit = app.config.max_ws_message_bytes;
+    Ok(ws
+        .protocols([WS_PROTOCOL])
+        .max_message_size(limit)
+        .max_frame_size(limit)
+        // tungstenite's 128 KiB defaults made an idle connection cost about
+        // 200 KiB of the edge's memory; chat frames are small
+        .read_buffer_size(WS_BUFFER)
+        .write_buffer_size(WS_BUFFER)
+        .max_write_buffer_size(WS_MAX_WRITE_BUFFER)
+        .on_upgrade(move |socket| {
+            let span = tracing::info_span!("session", user = %me.user_id, device = %device, conn = live.id());
+            let tracker = app.sessions_running.clone();
+            let outbox = (tx, inbox, live);
+            tracker.track_future(Session::run(app, me, device, socket, outbox).instrument(span))
+        }))
+}

@@ -1,0 +1,166 @@
+//! A connection's way to its writer: bounded in frames and bytes, with a
+//! close that never waits behind them.
+
+use super::*;
+
+/// What the writer task puts on the socket.
+pub(super) enum Outgoing {
+    Frame(String),
+    Delivery(Delivery),
+    /// A group message from the live feed (see `live`).
+    Live(LiveFrame),
+    /// Everything up to this stream sequence is queued before this: once
+    /// written, the device's position may move there.
+    Through(u64),
+    Close(u16, &'static str),
+}
+
+impl Outgoing {
+    /// Bytes this holds, counted against the connection's budget.
+    pub(super) fn size(&self) -> usize {
+        match self {
+            Outgoing::Frame(text) => text.len(),
+            Outgoing::Delivery(d) => d.text.as_ref().map_or(0, |t| t.len()) + d.msg.payload.len(),
+            Outgoing::Live(f) => f.text.len(),
+            Outgoing::Through(_) => 0,
+            Outgoing::Close(_, reason) => reason.len(),
+        }
+    }
+}
+
+/// The way into a connection's writer: frames in order, bounded in count
+/// (`outbox_frames`) and in bytes (`outbox_bytes`), and a close channel that
+/// never waits behind them, so a connection whose client stopped reading can
+/// still be closed.
+#[derive(Clone)]
+pub(super) struct Outbox {
+    pub(super) tx: mpsc::Sender<(Outgoing, OwnedSemaphorePermit)>,
+    pub(super) budget: Arc<Semaphore>,
+    pub(super) budget_bytes: usize,
+    pub(super) close: mpsc::Sender<(u16, &'static str)>,
+}
+
+/// The writer's end of an [`Outbox`].
+pub(super) struct Inbox {
+    pub(super) rx: mpsc::Receiver<(Outgoing, OwnedSemaphorePermit)>,
+    pub(super) close: mpsc::Receiver<(u16, &'static str)>,
+}
+
+impl Outbox {
+    pub(super) fn new(frames: usize, bytes: usize) -> (Self, Inbox) {
+        let (tx, rx) = mpsc::channel(frames.max(1));
+        let (close, close_rx) = mpsc::channel(1);
+        let bytes = bytes.clamp(1, Semaphore::MAX_PERMITS);
+        (
+            Self {
+                tx,
+                budget: Arc::new(Semaphore::new(bytes)),
+                budget_bytes: bytes,
+                close,
+            },
+            Inbox {
+                rx,
+                close: close_rx,
+            },
+        )
+    }
+
+    /// Queues `out` once there is room; an error if the writer is gone.
+    pub(super) async fn send(&self, out: Outgoing) -> Result<(), ()> {
+        // a frame larger than the whole budget takes all of it
+        let n = out.size().clamp(1, self.budget_bytes);
+        let permit = self
+            .budget
+            .clone()
+            .acquire_many_owned(u32::try_from(n).unwrap_or(u32::MAX))
+            .await
+            .map_err(|_| ())?;
+        self.tx.send((out, permit)).await.map_err(|_| ())
+    }
+}
+
+impl Outbox {
+    /// Asks the writer to close the connection now, ahead of what is queued.
+    pub(super) fn close_now(&self, code: u16, reason: &'static str) {
+        let _ = self.close.try_send((code, reason));
+    }
+}
+
+impl Sink for Outbox {
+    /// Queues a live frame without waiting: a connection whose queue is full
+    /// fell too far behind and is closed (it resumes from its position).
+    fn offer(&self, frame: LiveFrame) -> Result<(), bool> {
+        use tokio::sync::{TryAcquireError, mpsc::error::TrySendError};
+        let out = Outgoing::Live(frame);
+        let n = out.size().clamp(1, self.budget_bytes);
+        let permit = match self
+            .budget
+            .clone()
+            .try_acquire_many_owned(u32::try_from(n).unwrap_or(u32::MAX))
+        {
+            Ok(p) => p,
+            Err(TryAcquireError::NoPermits) => {
+                self.close_now(CLOSE_TOO_SLOW, "client too slow; reconnect");
+                return Err(true);
+            }
+            Err(TryAcquireError::Closed) => return Err(false),
+        };
+        match self.tx.try_send((out, permit)) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => {
+                self.close_now(CLOSE_TOO_SLOW, "client too slow; reconnect");
+                Err(true)
+            }
+            Err(TrySendError::Closed(_)) => Err(false),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(bytes: usize, seq: u64) -> LiveFrame {
+        LiveFrame {
+            text: Utf8Bytes::from("x".repeat(bytes)),
+            group: "g".into(),
+            seq,
+            stream_seq: seq,
+        }
+    }
+
+    #[test]
+    fn a_full_queue_refuses_a_live_frame_and_asks_for_a_close() {
+        let (tx, mut inbox) = Outbox::new(2, 1024);
+        assert_eq!(tx.offer(frame(10, 1)), Ok(()));
+        assert_eq!(tx.offer(frame(10, 2)), Ok(()));
+        assert_eq!(tx.offer(frame(10, 3)), Err(true));
+        assert_eq!(
+            inbox.close.try_recv().ok(),
+            Some((CLOSE_TOO_SLOW, "client too slow; reconnect"))
+        );
+        // what was queued stays, in order
+        let seqs: Vec<u64> = std::iter::from_fn(|| inbox.rx.try_recv().ok())
+            .filter_map(|(out, _)| match out {
+                Outgoing::Live(f) => Some(f.seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(seqs, [1, 2]);
+    }
+
+    #[test]
+    fn the_byte_budget_bounds_the_queue_too() {
+        let (tx, _inbox) = Outbox::new(100, 25);
+        assert_eq!(tx.offer(frame(10, 1)), Ok(()));
+        assert_eq!(tx.offer(frame(10, 2)), Ok(()));
+        assert_eq!(tx.offer(frame(10, 3)), Err(true));
+    }
+
+    #[test]
+    fn a_writer_that_is_gone_is_not_a_slow_client() {
+        let (tx, inbox) = Outbox::new(2, 1024);
+        drop(inbox);
+        assert_eq!(tx.offer(frame(10, 1)), Err(false));
+    }
+}

@@ -1,0 +1,437 @@
+//! One WebSocket session: the reader loop, requests to workers, errors
+//! and the connection's lifecycle.
+
+use super::*;
+
+pub(super) struct Session {
+    pub(super) app: AppState,
+    pub(super) me: Identity,
+    pub(super) device: DeviceId,
+    pub(super) tx: Outbox,
+    pub(super) bucket: TokenBucket,
+    pub(super) errors_in_a_row: u32,
+    pub(super) group_delivery: Option<JoinHandle<()>>,
+    pub(super) stopped: watch::Receiver<bool>,
+    /// The connection's place in the live feed.
+    pub(super) live: Arc<Registration>,
+}
+
+impl Session {
+    pub(super) async fn run(
+        app: AppState,
+        me: Identity,
+        device: DeviceId,
+        socket: WebSocket,
+        (tx, inbox, live): (Outbox, Inbox, Arc<Registration>),
+    ) {
+        metrics::gauge!("chat_ws_connections").increment(1);
+        let (sink, mut stream) = socket.split();
+        let saver = Arc::new(Saver {
+            live: live.clone(),
+            position: AtomicU64::new(0),
+            saved: AtomicU64::new(0),
+            turn: tokio::sync::Mutex::new(()),
+            bus: app.bus.clone(),
+            user: me.user_id.clone(),
+            device: device.clone(),
+        });
+        let mut writer = tokio::spawn(write_loop(
+            sink,
+            inbox,
+            app.clone(),
+            me.user_id.to_string(),
+            saver.clone(),
+        ));
+        let mut writer_done = false;
+        tracing::debug!("connected");
+
+        let hello = ServerFrame {
+            event: event::SESSION.to_owned(),
+            id: None,
+            data: SessionInfo {
+                user_id: me.user_id.to_string(),
+                device_id: device.to_string(),
+            },
+        };
+        let _ = tx.send(Outgoing::Frame(to_json(&hello))).await;
+
+        let (stop, stopped) = watch::channel(false);
+        let user_delivery = tokio::spawn(deliver(
+            app.clone(),
+            Feed::User,
+            (me.user_id.clone(), device.clone()),
+            tx.clone(),
+            stopped.clone(),
+            None,
+        ));
+        let config = &app.config;
+        let mut session = Session {
+            bucket: TokenBucket::new(config.requests_per_sec, config.request_burst),
+            app: app.clone(),
+            me,
+            device,
+            tx,
+            errors_in_a_row: 0,
+            group_delivery: None,
+            stopped,
+            live,
+        };
+        session.start_group_delivery();
+        let mut checkpoint =
+            tokio::time::interval_at(tokio::time::Instant::now() + CHECKPOINT, CHECKPOINT);
+        checkpoint.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+        let mut closing = app.closing.subscribe();
+        let mut claim = Box::pin(claims::claim(&app, &session.me.user_id, &session.device)).await;
+        loop {
+            let msg = tokio::select! {
+                msg = stream.next() => msg,
+                _ = async { drop(closing.wait_for(|c| *c).await) } => {
+                    session.tx.close_now(CLOSE_RESTART, "server restarting; reconnect");
+                    None
+                }
+                Ok(()) = &mut claim.replaced => {
+                    session.tx.close_now(CLOSE_REPLACED, "this device connected again elsewhere");
+                    None
+                }
+                // the writer gave up (a client that stopped reading, a
+                // broken socket): nothing more can reach this client
+                _ = &mut writer, if !writer_done => {
+                    writer_done = true;
+                    None
+                }
+                _ = checkpoint.tick() => {
+                    let saver = saver.clone();
+                    tokio::spawn(async move { saver.save().await });
+                    continue;
+                }
+            };
+            let msg = match msg {
+                Some(Ok(msg)) => msg,
+                Some(Err(e)) => {
+                    if too_large(&e) {
+                        // past the hard limit: tungstenite stopped reading it
+                        session.tx.close_now(CLOSE_TOO_LARGE, "frame too large");
+                        writer_done |= finish_close(&mut writer, writer_done).await;
+                    }
+                    break;
+                }
+                None => break,
+            };
+            let keep_going = match msg {
+                // boxed: the request's future (any RPC) is allocated while
+                // it runs, not held by every idle session (13.7 KiB before)
+                Message::Text(text) => Box::pin(session.on_text(&text)).await,
+                Message::Binary(_) => {
+                    Box::pin(session.reply_error(
+                        None,
+                        ApiError::invalid("binary frames are not supported; send JSON text frames"),
+                    ))
+                    .await
+                }
+                Message::Close(_) => break,
+                Message::Ping(_) | Message::Pong(_) => true,
+            };
+            if !keep_going {
+                // we closed: read on until the client's close reply, so the
+                // close frame is not lost to a reset of unread data
+                let _ = tokio::time::timeout(CLOSE_HANDSHAKE, async {
+                    while let Some(Ok(msg)) = stream.next().await {
+                        if matches!(msg, Message::Close(_)) {
+                            break;
+                        }
+                    }
+                })
+                .await;
+                break;
+            }
+        }
+        // hand back what the delivery tasks hold, then report what was written;
+        // the socket closes as soon as the writer is done with it
+        drop(stream);
+        let _ = stop.send(true);
+        let group_delivery = session.group_delivery.take();
+        // the hub queues nothing more, and lets go of the writer's queue
+        session.live.leave();
+        drop(session);
+        let aborts = [
+            Some(user_delivery.abort_handle()),
+            group_delivery.as_ref().map(JoinHandle::abort_handle),
+            Some(writer.abort_handle()),
+        ];
+        let drain = async {
+            let _ = user_delivery.await;
+            if let Some(h) = group_delivery {
+                let _ = h.await;
+            }
+            if !writer_done {
+                let _ = writer.await;
+            }
+        };
+        if tokio::time::timeout(PULL_EXPIRES * 2, Box::pin(drain))
+            .await
+            .is_err()
+        {
+            // nothing of this session may outlive it
+            tracing::warn!("session did not drain in time; aborting its tasks");
+            for task in aborts.into_iter().flatten() {
+                task.abort();
+            }
+        }
+        metrics::gauge!("chat_ws_connections").decrement(1);
+    }
+
+    /// Catches the device up from its group consumer (which the worker
+    /// created when the session opened), then hands it over to the live
+    /// feed.
+    pub(super) fn start_group_delivery(&mut self) {
+        self.group_delivery = Some(tokio::spawn(deliver(
+            self.app.clone(),
+            Feed::Groups,
+            (self.me.user_id.clone(), self.device.clone()),
+            self.tx.clone(),
+            self.stopped.clone(),
+            Some(self.live.clone()),
+        )));
+    }
+
+    /// Handles one text frame; returns whether to keep the connection.
+    /// Every frame counts against the rate limit, and the size is checked
+    /// before anything is parsed.
+    pub(super) async fn on_text(&mut self, text: &str) -> bool {
+        let limited = !self.bucket.take();
+        let max = self.app.config.max_frame_bytes;
+        if limited || text.len() > max {
+            // only the id is read, to answer it: the rest is skipped without
+            // building anything (the frame is under the hard limit)
+            let id = serde_json::from_str::<IdOnly>(text)
+                .ok()
+                .and_then(|f| f.id)
+                .filter(request_id_ok);
+            let e = if text.len() > max {
+                ApiError::new(
+                    ErrorCode::TooLarge,
+                    format!("frame is larger than {max} bytes"),
+                )
+            } else {
+                ApiError::new(ErrorCode::RateLimited, "too many requests; slow down")
+            };
+            return self.reply_error(id, e).await;
+        }
+        let frame: ClientFrame = match chat_protocol::decode_frame(text) {
+            Ok(f) => f,
+            Err(e) => {
+                let msg = format!("malformed frame: {e}");
+                return self.reply_error(None, ApiError::invalid(msg)).await;
+            }
+        };
+        let id = match frame.id {
+            None | Some(Value::Null) => None,
+            Some(id) if request_id_ok(&id) => Some(id),
+            Some(_) => {
+                let msg = format!(
+                    "id must be a string or number of at most {MAX_REQUEST_ID_LEN} characters"
+                );
+                return self.reply_error(None, ApiError::invalid(msg)).await;
+            }
+        };
+        match self.dispatch(&frame.event, frame.data).await {
+            Ok(data) => {
+                self.errors_in_a_row = 0;
+                match id {
+                    Some(id) => {
+                        self.send(to_json(&ServerFrame {
+                            event: event::ACK.into(),
+                            id: Some(id),
+                            data,
+                        }))
+                        .await
+                    }
+                    None => true,
+                }
+            }
+            Err(e) => self.reply_error(id, e).await,
+        }
+    }
+
+    pub(super) async fn dispatch(&mut self, name: &str, data: Value) -> Result<Value, ApiError> {
+        let known = [
+            event::NOTIFY_CREATE_GROUP,
+            event::SUBSCRIBE_TO_GROUP,
+            event::SEND_GROUP_MESSAGE,
+            event::ACKNOWLEDGE_GROUP_MESSAGE,
+        ];
+        let label = known.into_iter().find(|e| *e == name).unwrap_or("unknown");
+        metrics::counter!("chat_ws_requests_total", "event" => label).increment(1);
+        let caller = self.me.user_id.to_string();
+        match name {
+            event::NOTIFY_CREATE_GROUP => {
+                let GroupRef { group_id } = parse_data(data)?;
+                let r = rpc!(
+                    self.app,
+                    GroupsClient,
+                    notify_group_created,
+                    pb::GroupRequest {
+                        caller,
+                        group_id: group_id.clone(),
+                    }
+                )?
+                .into_inner();
+                Ok(json!({ "groupId": group_id, "notified": r.notified }))
+            }
+            event::SEND_GROUP_MESSAGE => {
+                let m: SendMessage = parse_data(data)?;
+                if m.kind == "text" && m.text.is_none() {
+                    return Err(ApiError::invalid("a text message needs text"));
+                }
+                let media = m.media.map(|x| pb::MediaRef {
+                    key: x.key,
+                    mime: x.mime,
+                    size: x.size,
+                });
+                let r = rpc!(
+                    self.app,
+                    MessagesClient,
+                    send,
+                    pb::SendMessageRequest {
+                        caller,
+                        group_id: m.group_id,
+                        client_msg_id: m.client_msg_id,
+                        r#type: m.kind,
+                        text: m.text.unwrap_or_default(),
+                        media,
+                    }
+                )?
+                .into_inner();
+                Ok(json!({
+                    "messageId": r.message_id,
+                    "groupId": r.group_id,
+                    "seq": r.seq,
+                    "createdAt": format_millis(r.created_at_ms),
+                }))
+            }
+            event::ACKNOWLEDGE_GROUP_MESSAGE => {
+                let m: AcknowledgeMessage = parse_data(data)?;
+                let r = rpc!(
+                    self.app,
+                    MessagesClient,
+                    acknowledge,
+                    pb::AcknowledgeRequest {
+                        caller,
+                        group_id: m.group_id.clone(),
+                        message_id: m.message_id.clone(),
+                    }
+                )?
+                .into_inner();
+                Ok(
+                    json!({ "groupId": m.group_id, "messageId": m.message_id, "readSeq": r.read_seq }),
+                )
+            }
+            event::SUBSCRIBE_TO_GROUP => {
+                let GroupRef { group_id } = parse_data(data)?;
+                let r = rpc!(
+                    self.app,
+                    GroupsClient,
+                    subscribe_to_group,
+                    pb::GroupRequest { caller, group_id }
+                )?
+                .into_inner();
+                Ok(json!({ "groupId": r.group_id }))
+            }
+            other => {
+                let mut shown: String = other.chars().take(64).collect();
+                if shown.len() < other.len() {
+                    shown.push('…');
+                }
+                Err(ApiError::invalid(format!("unknown event {shown:?}")))
+            }
+        }
+    }
+
+    pub(super) async fn reply_error(&mut self, id: Option<Value>, e: ApiError) -> bool {
+        // only the client's own mistakes count: a client that retries while
+        // a backing service is down (as it should) is not abusing anything
+        if !matches!(e.code, ErrorCode::Unavailable | ErrorCode::Internal) {
+            self.errors_in_a_row += 1;
+        }
+        metrics::counter!("chat_ws_errors_total", "code" => e.code.as_str()).increment(1);
+        let frame = ServerFrame {
+            event: event::ERROR.into(),
+            id,
+            data: e.body(),
+        };
+        if !self.send(to_json(&frame)).await {
+            return false;
+        }
+        if self.errors_in_a_row >= self.app.config.max_errors_in_a_row {
+            tracing::info!(user = %self.me.user_id, "closing a connection that sends only bad requests");
+            let _ = self
+                .tx
+                .send(Outgoing::Close(CLOSE_POLICY, "too many bad requests"))
+                .await;
+            return false;
+        }
+        true
+    }
+
+    pub(super) async fn send(&self, text: String) -> bool {
+        self.tx.send(Outgoing::Frame(text)).await.is_ok()
+    }
+}
+
+/// Whether a read failed because the client sent more than the hard limit.
+pub(super) fn too_large(e: &axum::Error) -> bool {
+    use tungstenite::error::{CapacityError, Error};
+    let source = std::error::Error::source(e);
+    matches!(
+        source.and_then(|s| s.downcast_ref::<Error>()),
+        Some(Error::Capacity(
+            CapacityError::MessageTooLong { .. } | CapacityError::TooManyHeaders
+        ))
+    )
+}
+
+/// Waits (bounded) for the writer to put a close frame out; returns whether
+/// it has ended.
+pub(super) async fn finish_close(writer: &mut JoinHandle<()>, done: bool) -> bool {
+    if done {
+        return true;
+    }
+    tokio::time::timeout(CLOSE_HANDSHAKE, writer).await.is_ok()
+}
+
+/// The request id of an oversized frame; every other field is skipped.
+#[derive(Deserialize)]
+pub(super) struct IdOnly {
+    #[serde(default)]
+    pub(super) id: Option<Value>,
+}
+
+/// Whether `id` can be a request id: a short string or number.
+pub(super) fn request_id_ok(id: &Value) -> bool {
+    matches!(id, Value::String(_) | Value::Number(_)) && id.to_string().len() <= MAX_REQUEST_ID_LEN
+}
+
+pub(super) fn parse_data<T: serde::de::DeserializeOwned>(data: Value) -> Result<T, ApiError> {
+    chat_protocol::decode_data(data).map_err(|e| ApiError::invalid(format!("bad data: {e}")))
+}
+
+pub(super) fn to_json<T: serde::Serialize>(frame: &ServerFrame<T>) -> String {
+    // our own frames always serialise; an empty string is never sent
+    serde_json::to_string(frame).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_short_strings_or_numbers() {
+        assert!(request_id_ok(&json!("r1")));
+        assert!(request_id_ok(&json!(7)));
+        assert!(!request_id_ok(&json!({"a": 1})));
+        assert!(!request_id_ok(&json!([1])));
+        assert!(request_id_ok(&json!("x".repeat(MAX_REQUEST_ID_LEN - 2))));
+        assert!(!request_id_ok(&json!("x".repeat(MAX_REQUEST_ID_LEN))));
+    }
+}

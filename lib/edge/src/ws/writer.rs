@@ -1,0 +1,313 @@
+//! The writer task: frames to the socket, acknowledgements and the
+//! device's position once they are flushed.
+
+use super::*;
+
+/// The name of a frame's event, for metrics (one of ours, or "other").
+pub(super) fn event_of(frame: &str) -> &'static str {
+    const NAMES: [&str; 7] = [
+        event::ACK,
+        event::ERROR,
+        event::SESSION,
+        event::GROUP_CREATED,
+        event::GROUP_UPDATED,
+        event::GROUP_MESSAGE,
+        event::MESSAGE_STATUS,
+    ];
+    let name = frame
+        .strip_prefix("{\"event\":\"")
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_default();
+    NAMES.into_iter().find(|n| *n == name).unwrap_or("other")
+}
+
+/// Writes frames to the socket; acknowledges deliveries once written and
+/// hands back those it could not write.
+///
+/// Frames are fed to the socket and flushed when the queue runs dry (or
+/// every `WRITE_BURST` frames); only then are the deliveries of the burst
+/// acknowledged, with one ack per consumer: the consumers acknowledge
+/// everything up to the acked message (`AckPolicy::All`), so a burst of 256
+/// costs one ack instead of 256 (BENCHMARKS.md).
+pub(super) async fn write_loop(
+    mut sink: futures::stream::SplitSink<WebSocket, Message>,
+    mut inbox: Inbox,
+    app: AppState,
+    user: String,
+    saver: Arc<Saver>,
+) {
+    let delivered = Written {
+        hub: &app.delivered,
+        user: user.as_str(),
+        position: &saver.position,
+    };
+    // the newest group stream sequence written, the device's position once
+    // flushed
+    let mut through = 0u64;
+    // a write or flush failed: nothing more counts as written
+    let mut failed = false;
+    // looked up once: a registry lookup per live frame showed in profiles
+    let live_out = metrics::counter!("chat_ws_events_out_total", "event" => event::GROUP_MESSAGE);
+    let live_deliveries = metrics::counter!("chat_ws_deliveries_total", "feed" => "live");
+    let deadline = app.config.write_timeout;
+    // the newest written delivery of each consumer (user, groups) not yet
+    // acknowledged, with its receipt
+    let mut written: [Option<Delivery>; 2] = [None, None];
+    // group seqs written in this burst, reported as delivered once flushed
+    let mut receipts: HashMap<String, u64> = HashMap::new();
+    let mut burst = 0usize;
+    loop {
+        // a close asked for out of band goes ahead of everything queued
+        let (out, _permit) = tokio::select! {
+            biased;
+            Some((code, reason)) = inbox.close.recv() => (Outgoing::Close(code, reason), None),
+            next = inbox.rx.recv() => match next {
+                Some((out, permit)) => (out, Some(permit)),
+                None => break,
+            },
+        };
+        let ok = match out {
+            Outgoing::Frame(text) => {
+                metrics::counter!("chat_ws_events_out_total", "event" => event_of(&text))
+                    .increment(1);
+                fed(&mut sink, Message::Text(text.into()), deadline).await
+            }
+            Outgoing::Live(f) => {
+                let ok = fed(&mut sink, Message::Text(f.text), deadline).await;
+                if ok {
+                    live_out.increment(1);
+                    live_deliveries.increment(1);
+                    // no allocation per frame for a group already noted
+                    match receipts.get_mut(&*f.group) {
+                        Some(e) => *e = (*e).max(f.seq),
+                        None => {
+                            receipts.insert(f.group.to_string(), f.seq);
+                        }
+                    }
+                    through = through.max(f.stream_seq);
+                }
+                ok
+            }
+            Outgoing::Through(seq) => {
+                through = through.max(seq);
+                true
+            }
+            Outgoing::Delivery(d) => {
+                let slot = usize::from(d.receipt.is_some());
+                let ok = match &d.text {
+                    Some(text) => fed(&mut sink, Message::Text(text.clone()), deadline).await,
+                    None => true,
+                };
+                if ok {
+                    if let Some(text) = &d.text {
+                        metrics::counter!("chat_ws_events_out_total", "event" => event_of(text))
+                            .increment(1);
+                        metrics::counter!("chat_ws_deliveries_total", "feed" => if slot == 1 { "groups" } else { "user" })
+                            .increment(1);
+                    }
+                    if let Some((group, seq)) = &d.receipt {
+                        let e = receipts.entry(group.clone()).or_insert(*seq);
+                        *e = (*e).max(*seq);
+                        if let Ok(info) = d.msg.info() {
+                            through = through.max(info.stream_sequence);
+                        }
+                    }
+                    written[slot] = Some(d);
+                } else {
+                    let _ = d.msg.ack_with(AckKind::Nak(None)).await;
+                }
+                ok
+            }
+            Outgoing::Close(code, reason) => {
+                // what was written before the close is delivered
+                flush_and_ack(
+                    &mut sink,
+                    &mut written,
+                    &mut receipts,
+                    (&delivered, through),
+                    deadline,
+                )
+                .await;
+                let _ = tokio::time::timeout(FINAL_SAVE, saver.save()).await;
+                let frame = CloseFrame {
+                    code,
+                    reason: Utf8Bytes::from_static(reason),
+                };
+                within(CLOSE_HANDSHAKE, sink.send(Message::Close(Some(frame)))).await;
+                false
+            }
+        };
+        if !ok {
+            failed = true;
+            break;
+        }
+        burst += 1;
+        if inbox.rx.is_empty() || burst >= WRITE_BURST {
+            burst = 0;
+            if !flush_and_ack(
+                &mut sink,
+                &mut written,
+                &mut receipts,
+                (&delivered, through),
+                deadline,
+            )
+            .await
+            {
+                gave_up();
+                failed = true;
+                break;
+            }
+        }
+    }
+    // what was written before the end is acknowledged; the rest comes again.
+    // Not after a failure: the frame that failed may have left the split
+    // sink's slot, and a later flush that succeeds says nothing of it (a
+    // client's close racing a delivery lost that delivery this way)
+    if !failed {
+        flush_and_ack(
+            &mut sink,
+            &mut written,
+            &mut receipts,
+            (&delivered, through),
+            deadline,
+        )
+        .await;
+    }
+    inbox.rx.close();
+    while let Ok((out, _)) = inbox.rx.try_recv() {
+        if let Outgoing::Delivery(d) = out {
+            let _ = d.msg.ack_with(AckKind::Nak(None)).await;
+        }
+    }
+    // before the close goes out: a client that reconnects once it sees the
+    // close finds its device's position saved
+    let _ = tokio::time::timeout(FINAL_SAVE, saver.save()).await;
+    within(CLOSE_HANDSHAKE, sink.close()).await;
+}
+
+/// Feeds `msg` to the socket within `deadline`.
+pub(super) async fn fed(
+    sink: &mut futures::stream::SplitSink<WebSocket, Message>,
+    msg: Message,
+    deadline: Duration,
+) -> bool {
+    let ok = within(deadline, sink.feed(msg)).await;
+    if !ok {
+        gave_up();
+    }
+    ok
+}
+
+/// A write that did not finish in time, or failed: the client stopped
+/// reading (or went away).
+pub(super) fn gave_up() {
+    tracing::info!("a socket write did not finish; closing the connection");
+    metrics::counter!("chat_ws_write_failures_total").increment(1);
+}
+
+/// Whether a socket operation finished, and well, within `deadline`: a
+/// client that stops reading fills the socket, and the write waits for it
+/// no longer than that.
+pub(super) async fn within<E>(deadline: Duration, op: impl Future<Output = Result<(), E>>) -> bool {
+    matches!(tokio::time::timeout(deadline, op).await, Ok(Ok(())))
+}
+
+/// Where a writer reports what it flushed: receipts, and the device's
+/// position in the group stream.
+pub(super) struct Written<'a> {
+    pub(super) hub: &'a DeliveredHub,
+    pub(super) user: &'a str,
+    pub(super) position: &'a AtomicU64,
+}
+
+/// Most frames written before a flush (and the acks it allows).
+pub(super) const WRITE_BURST: usize = 64;
+
+/// Flushes the socket, then acknowledges the newest written delivery of
+/// each consumer, which covers the ones before it. False if the socket
+/// failed: nothing unflushed is acknowledged, so it comes again.
+pub(super) async fn flush_and_ack(
+    sink: &mut futures::stream::SplitSink<WebSocket, Message>,
+    written: &mut [Option<Delivery>; 2],
+    receipts: &mut HashMap<String, u64>,
+    (to, through): (&Written<'_>, u64),
+    deadline: Duration,
+) -> bool {
+    if !within(deadline, sink.flush()).await {
+        return false;
+    }
+    to.hub.record(to.user, receipts);
+    to.position.fetch_max(through, Ordering::SeqCst);
+    for d in written.iter_mut().filter_map(Option::take) {
+        if d.stale() {
+            continue;
+        }
+        if let Err(e) = d.msg.ack().await {
+            tracing::warn!(error = %e, "ack to jetstream failed; the event may come again");
+        }
+    }
+    true
+}
+
+/// Saves a live connection's position into its device's group consumer:
+/// every `CHECKPOINT`, and by the writer once it wrote its last frame and
+/// before it answers or sends the close, so a client that reconnects after
+/// the close, on any edge, resumes right after what this connection wrote
+/// (after an edge crash: after the last checkpoint, and `seq` shows the
+/// repeats).
+pub(crate) struct Saver {
+    pub(super) live: Arc<Registration>,
+    /// The newest group stream sequence written: everything of the
+    /// device's groups up to it reached the socket.
+    pub(super) position: AtomicU64,
+    pub(super) saved: AtomicU64,
+    /// One save at a time, so an older one never lands after a newer one.
+    pub(super) turn: tokio::sync::Mutex<()>,
+    pub(super) bus: chat_bus::Bus,
+    pub(super) user: UserId,
+    pub(super) device: DeviceId,
+}
+
+/// How often a live connection's position is saved.
+pub(super) const CHECKPOINT: Duration = Duration::from_secs(5);
+/// The longest a closing connection waits for its position to be saved.
+pub(super) const FINAL_SAVE: Duration = Duration::from_secs(2);
+
+impl Saver {
+    pub(super) async fn save(&self) {
+        let _turn = self.turn.lock().await;
+        let at = self.position.load(Ordering::SeqCst);
+        if !self.live.attached() || at <= self.saved.load(Ordering::SeqCst) {
+            return;
+        }
+        match self
+            .bus
+            .set_group_position(&self.user, &self.device, at)
+            .await
+        {
+            Ok(()) => {
+                tracing::debug!(position = at, "device position saved");
+                self.saved.fetch_max(at, Ordering::SeqCst);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot save the device's position; it resumes from the last one saved")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_are_counted_by_their_event_and_unknown_ones_as_other() {
+        assert_eq!(event_of(r#"{"event":"ack","id":1}"#), event::ACK);
+        assert_eq!(
+            event_of(r#"{"event":"a_group_message","data":{}}"#),
+            event::GROUP_MESSAGE
+        );
+        assert_eq!(event_of(r#"{"event":"made_up"}"#), "other");
+        assert_eq!(event_of("not json"), "other");
+    }
+}
