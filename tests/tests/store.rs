@@ -60,14 +60,17 @@ async fn projected_batches_are_idempotent_and_settle_earlier_records() -> anyhow
     let coll = db.collection::<Document>("messages");
     let landed = message(&group, "old-1", 41)?;
     let lost_id = MessageId::generate();
+    // the earlier record was written when the message was made: same time
+    // (`now()` here made the test fail when the millisecond ticked between)
+    let made = mongodb::bson::DateTime::from_millis(landed.created_at);
     let pending = |id: &str, client: &str| {
         doc! {
             "_id": id, "groupId": group.as_str(), "senderId": "alice",
             "clientMsgId": client, "type": "text", "keyId": "k",
             "nonce": mongodb::bson::Binary { subtype: mongodb::bson::spec::BinarySubtype::Generic, bytes: vec![] },
             "ciphertext": mongodb::bson::Binary { subtype: mongodb::bson::spec::BinarySubtype::Generic, bytes: vec![] },
-            "state": "pending", "createdAt": mongodb::bson::DateTime::now(),
-            "updatedAt": mongodb::bson::DateTime::now(),
+            "state": "pending", "createdAt": made,
+            "updatedAt": made,
         }
     };
     coll.insert_many([
