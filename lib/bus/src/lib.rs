@@ -4,7 +4,9 @@
 //! Subjects:
 //! - `chat.user.<userId>.event`: notifications for one user, captured by the
 //!   `CHAT_USERS` stream so that offline devices get them on reconnect;
-//! - `chat.group.<groupId>.msg` / `.event`: group traffic, `CHAT_GROUPS`;
+//! - `chat.group.<groupId>.msg` / `.event`: group traffic, `CHAT_GROUPS`:
+//!   messages, and membership events (a member subscribed, left or was
+//!   removed) that decide live delivery in the group's order (`live.rs`);
 //!   the stream is the write-ahead log of the messages, and the shared
 //!   `persist` consumer writes them into MongoDB behind it (`persist.rs`);
 //! - `$KV.CHAT_SENDS.<group>.<sender>.<clientMsgId>`: the send log, one entry
@@ -12,14 +14,16 @@
 //! - `chat.ctl.members.<groupId>` (core NATS): "this group's membership
 //!   changed", between workers.
 //!
-//! Every device of a user has its own durable pull consumer on each stream
-//! (see ARCHITECTURE.md, "Delivery", and `devices.rs`), so every device
-//! receives every event exactly once in normal operation, on whichever edge
-//! node it connects to.
+//! Each edge reads all group traffic once through a consumer of its own
+//! (`live.rs`) and writes it to its connections; every device of a user
+//! also has its own durable pull consumer on each stream (see
+//! ARCHITECTURE.md, "Delivery", and `devices.rs`): its position, from which
+//! it catches up on reconnect, on whichever edge node it connects to.
 //!
 //! Every connection authenticates to NATS with its role's user (see
-//! `nats/auth.conf`): edges may only read their consumers and announce
-//! sessions, workers publish and manage streams and consumers.
+//! `nats/auth.conf`): edges may only read their consumers and the group
+//! stream and announce sessions, workers publish and manage streams and
+//! consumers.
 
 use std::{
     sync::{
@@ -42,9 +46,7 @@ mod sends;
 
 pub use defs::Definitions;
 pub use devices::{Feed, Rewound, group_consumer_name, user_consumer_name};
-pub use live::{
-    GroupTraffic, LIVE_IDLE_CHECK, LiveMessage, LiveReader, MembershipEvent, group_event_subject,
-};
+pub use live::{GroupTraffic, LiveMessage, LiveReader, MembershipEvent, group_event_subject};
 pub use messages::{Envelope, Position, Published, SEQ_HEADER};
 pub use persist::{Delivered, PersistFeed, Persisted, group_of_members_subject, members_subject};
 pub use sends::{Claimed, SENDS_BUCKET, SendLog, SendRecord, send_key};

@@ -24,7 +24,7 @@ use crate::{Bus, BusError};
 /// Every group's messages and events.
 const ALL_GROUP_TRAFFIC: &str = "chat.group.>";
 /// A reader that heard nothing for this long asks how far its consumer got.
-pub const LIVE_IDLE_CHECK: Duration = Duration::from_secs(5);
+const LIVE_IDLE_CHECK: Duration = Duration::from_secs(5);
 /// An edge's consumer left behind (the edge died) is removed after this.
 const LIVE_INACTIVE: Duration = Duration::from_secs(30);
 /// Most messages the reader asks for at a time.
