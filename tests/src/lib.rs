@@ -386,6 +386,21 @@ impl Cluster {
         ))
     }
 
+    /// `owner` removes `member` from `group` through edge `edge`: the status.
+    pub async fn remove_member(
+        &self,
+        edge: usize,
+        owner: &str,
+        group: &str,
+        member: &str,
+    ) -> anyhow::Result<u16> {
+        let path = format!("/groups/{group}/members/{member}");
+        let (status, _) = self
+            .call(reqwest::Method::DELETE, edge, Some(owner), &path, None)
+            .await?;
+        Ok(status)
+    }
+
     /// `GET` on edge `edge` as `user`; the status and the JSON body.
     pub async fn get(&self, edge: usize, user: &str, path: &str) -> anyhow::Result<(u16, Value)> {
         self.call(reqwest::Method::GET, edge, Some(user), path, None)

@@ -267,12 +267,16 @@ async fn a_worker_killed_between_the_stream_ack_and_the_mongodb_write_loses_noth
 /// pull on bob's consumer takes one delivery and never acknowledges it; the
 /// edge sees the consumer's delivery count jump, rewinds, and bob still
 /// gets every message once and in order.
-/// The seq a stranger's pull took from `consumer`, within a deadline.
-async fn take_one(
+/// Messages `2..=last` sent by `sender` in `g` while a stranger's pull of
+/// one message waits on `consumer` and never acks what it takes: the seq it
+/// took.
+async fn sent_while_one_is_taken(
     consumer: &async_nats::jetstream::consumer::Consumer<
         async_nats::jetstream::consumer::pull::Config,
     >,
-    before: impl Future<Output = anyhow::Result<()>>,
+    sender: &mut Client,
+    g: &str,
+    last: u64,
 ) -> anyhow::Result<u64> {
     use futures::StreamExt;
     let mut stolen = consumer
@@ -281,7 +285,11 @@ async fn take_one(
         .expires(Duration::from_secs(20))
         .messages()
         .await?;
-    before.await?;
+    for i in 2..=last {
+        sender
+            .send_text(g, &format!("m{i}"), &format!("text {i}"))
+            .await?;
+    }
     let taken = tokio::time::timeout(PROMPTLY, stolen.next())
         .await?
         .context("the stranger's pull ended")?
@@ -318,15 +326,7 @@ async fn a_delivery_lost_on_the_live_path_is_given_again_in_order() -> anyhow::R
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     const N: u64 = 8;
-    let taken_seq = take_one(&consumer, async {
-        for i in 2..=N {
-            alice
-                .send_text(&g, &format!("m{i}"), &format!("text {i}"))
-                .await?;
-        }
-        Ok(())
-    })
-    .await?;
+    let taken_seq = sent_while_one_is_taken(&consumer, &mut alice, &g, N).await?;
     assert!((2..=N).contains(&taken_seq), "took seq {taken_seq}");
 
     let got = bob.messages((N - 1) as usize).await?;
@@ -369,15 +369,7 @@ async fn a_delivery_taken_from_an_offline_device_comes_on_reconnect_in_order() -
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     const N: u64 = 8;
-    let taken_seq = take_one(&consumer, async {
-        for i in 2..=N {
-            alice
-                .send_text(&g, &format!("m{i}"), &format!("text {i}"))
-                .await?;
-        }
-        Ok(())
-    })
-    .await?;
+    let taken_seq = sent_while_one_is_taken(&consumer, &mut alice, &g, N).await?;
     assert_eq!(taken_seq, 2, "the first missed message is taken");
 
     let mut bob = c.connect(0, "bob", "setup").await?;

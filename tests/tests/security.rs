@@ -235,16 +235,7 @@ async fn a_removed_member_receives_nothing_on_any_device() -> anyhow::Result<()>
     .await?;
     let mut newest = c.connect(0, "bob", "d5").await?;
     let mut old = c.connect(0, "bob", "old").await?;
-    let (status, _) = c
-        .call(
-            reqwest::Method::DELETE,
-            0,
-            Some("alice"),
-            &format!("/groups/{g}/members/bob"),
-            None,
-        )
-        .await?;
-    assert_eq!(status, 200);
+    assert_eq!(c.remove_member(0, "alice", &g, "bob").await?, 200);
     let mut alice = c.connect(0, "alice", "web").await?;
     let mut carol = c.connect(0, "carol", "setup").await?;
     for i in 0..3 {
@@ -299,16 +290,7 @@ async fn a_removal_stops_every_live_connection_at_its_place_in_the_group() -> an
     // bob has seen part of the traffic, live, on both connections
     phone.messages(BEFORE as usize).await?;
     laptop.messages(BEFORE as usize).await?;
-    let (status, _) = c
-        .call(
-            reqwest::Method::DELETE,
-            1,
-            Some("alice"),
-            &format!("/groups/{g}/members/bob"),
-            None,
-        )
-        .await?;
-    assert_eq!(status, 200);
+    assert_eq!(c.remove_member(1, "alice", &g, "bob").await?, 200);
     removed.store(true, Ordering::SeqCst);
     let after = sending.await??;
     assert!(!after.is_empty(), "some sends came after the removal");
@@ -348,16 +330,7 @@ async fn a_removed_member_can_no_longer_send_through_any_worker() -> anyhow::Res
     for i in 0..4 {
         bob.send_text(&g, &format!("before{i}"), "hi").await?;
     }
-    let (status, _) = c
-        .call(
-            reqwest::Method::DELETE,
-            0,
-            Some("alice"),
-            &format!("/groups/{g}/members/bob"),
-            None,
-        )
-        .await?;
-    assert_eq!(status, 200);
+    assert_eq!(c.remove_member(0, "alice", &g, "bob").await?, 200);
     // the notice to the other worker is on its way as the removal returns;
     // from the first refusal on, every send through either worker is refused
     let send = |i: usize| json!({"groupId": g, "clientMsgId": format!("after{i}"), "type": "text", "text": "still here?"});
@@ -604,6 +577,43 @@ async fn nats_refuses_anonymous_clients_and_limits_each_role() -> anyhow::Result
     }
     .await;
     assert!(message.is_err(), "an edge's user stored a group message");
+    // membership events decide every edge's live delivery: a forged one
+    // would subscribe anyone to any group
+    let event = async {
+        js.publish(
+            format!("chat.group.{}.event", "0".repeat(32)),
+            json!({"userId": "mallory", "subscribed": true})
+                .to_string()
+                .into(),
+        )
+        .await?
+        .await
+    }
+    .await;
+    assert!(event.is_err(), "an edge's user stored a membership event");
+    // an edge may make its live reader, but never one named `persist`
+    let persist_again = js
+        .get_stream("CHAT_GROUPS")
+        .await?
+        .create_consumer(consumer::pull::Config {
+            name: Some("persist".into()),
+            filter_subject: "chat.group.>".into(),
+            ..Default::default()
+        })
+        .await;
+    // refused by the permission (no answer), not by JetStream finding
+    // the workers' consumer already there: before the workers start, an
+    // edge could otherwise make `persist` its own way
+    match persist_again {
+        Err(e) => assert!(
+            !matches!(
+                e.kind(),
+                async_nats::jetstream::stream::ConsumerErrorKind::JetStream(_)
+            ),
+            "JetStream answered, so the edge's user may ask: {e}"
+        ),
+        Ok(_) => panic!("an edge's user made a consumer named persist"),
+    }
     assert!(
         js.delete_stream("CHAT_GROUPS").await.is_err(),
         "an edge's user deleted a stream"

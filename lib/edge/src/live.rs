@@ -173,10 +173,14 @@ impl LiveHub {
     ) -> Result<usize, E> {
         let mut hub = self.lock();
         self.position.store(stream_seq, Ordering::SeqCst);
-        let Some(ids) = hub.by_group.get(group).filter(|c| !c.is_empty()) else {
+        // split borrow: the followers are read while their connections
+        // change, with no copy of the list per message
+        let Hub {
+            by_group, conns, ..
+        } = &mut *hub;
+        let Some(ids) = by_group.get(group).filter(|c| !c.is_empty()) else {
             return Ok(0);
         };
-        let ids: Vec<u64> = ids.iter().copied().collect();
         let (text, seq) = open()?;
         let frame = LiveFrame {
             text,
@@ -186,7 +190,7 @@ impl LiveHub {
         };
         let mut written = 0;
         for id in ids {
-            if let Some(conn) = hub.conns.get_mut(&id) {
+            if let Some(conn) = conns.get_mut(id) {
                 written += usize::from(conn.take(&frame));
             }
         }
@@ -499,11 +503,18 @@ mod tests {
             .expect("open");
     }
 
-    fn live(hub: &Arc<LiveHub>, user: &str, groups: &[&str]) -> (Registration, Arc<Kept>) {
+    /// A connection of `user` whose groups are loaded, still catching up.
+    fn catching_up(hub: &Arc<LiveHub>, user: &str, groups: &[&str]) -> (Registration, Arc<Kept>) {
         let sink = Arc::new(Kept::default());
         let reg = hub.register(user, sink.clone());
         let groups: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
         reg.load(&groups).expect("load");
+        (reg, sink)
+    }
+
+    /// A connection of `user` that receives live.
+    fn live(hub: &Arc<LiveHub>, user: &str, groups: &[&str]) -> (Registration, Arc<Kept>) {
+        let (reg, sink) = catching_up(hub, user, groups);
         reg.attach(hub.position()).expect("attach");
         (reg, sink)
     }
@@ -586,9 +597,7 @@ mod tests {
     #[test]
     fn the_hand_over_skips_what_the_catch_up_wrote_and_keeps_the_rest_in_order() {
         let hub = hub();
-        let sink = Arc::new(Kept::default());
-        let reg = hub.register("ann", sink.clone());
-        reg.load(&["g".to_owned()]).expect("load");
+        let (reg, sink) = catching_up(&hub, "ann", &["g"]);
         for s in 1..=5 {
             send(&hub, s, "g");
         }
@@ -603,9 +612,7 @@ mod tests {
     #[test]
     fn a_catch_up_ahead_of_the_feed_is_not_repeated_live() {
         let hub = hub();
-        let sink = Arc::new(Kept::default());
-        let reg = hub.register("ann", sink.clone());
-        reg.load(&["g".to_owned()]).expect("load");
+        let (reg, sink) = catching_up(&hub, "ann", &["g"]);
         send(&hub, 1, "g");
         // the durable consumer already gave 1..=3 before the feed read them
         reg.attach(3).expect("attach");
@@ -618,9 +625,7 @@ mod tests {
     #[test]
     fn holding_too_much_sends_the_catch_up_on_and_then_attaches() {
         let hub = hub();
-        let sink = Arc::new(Kept::default());
-        let reg = hub.register("ann", sink.clone());
-        reg.load(&["g".to_owned()]).expect("load");
+        let (reg, sink) = catching_up(&hub, "ann", &["g"]);
         for s in 1..=(HOLD_MAX as u64 + 1) {
             send(&hub, s, "g");
         }

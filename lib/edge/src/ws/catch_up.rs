@@ -72,9 +72,8 @@ pub(super) async fn deliver(
             }
             Err(e) => {
                 tracing::warn!(error = %e, consumer, "cannot bind consumer");
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = stop.changed() => return,
+                if !pause(backoff, &mut stop).await {
+                    return;
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue;
@@ -94,9 +93,8 @@ pub(super) async fn deliver(
         // opening, BENCHMARKS.md)
         let clean = !owed && !waiting && c.cached_info().num_ack_pending == 0;
         while waiting && tokio::time::Instant::now() < deadline {
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-                _ = stop.changed() => return,
+            if !pause(Duration::from_millis(50), &mut stop).await {
+                return;
             }
             waiting = matches!(Box::pin(c.get_info()).await, Ok(info) if info.num_waiting > 0);
         }
@@ -134,9 +132,8 @@ pub(super) async fn deliver(
             Err(e) if owed => {
                 // pulling now would let the next ack cover the lost ones
                 tracing::warn!(error = %e, consumer, "cannot rewind consumer yet; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = stop.changed() => return,
+                if !pause(backoff, &mut stop).await {
+                    return;
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue 'bind;
@@ -151,9 +148,8 @@ pub(super) async fn deliver(
                     HandOver::Done => return,
                     HandOver::More => {}
                     HandOver::Wait => {
-                        tokio::select! {
-                            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-                            _ = stop.changed() => return,
+                        if !pause(Duration::from_millis(100), &mut stop).await {
+                            return;
                         }
                     }
                 }
@@ -259,6 +255,14 @@ pub(super) async fn deliver(
                 }
             }
         }
+    }
+}
+
+/// Waits `d`; false if the session stopped meanwhile.
+async fn pause(d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => true,
+        _ = stop.changed() => false,
     }
 }
 
@@ -377,7 +381,7 @@ mod tests {
     use super::*;
 
     #[test]
-    pub(super) fn consecutive_deliveries_are_delivered() {
+    fn consecutive_deliveries_are_delivered() {
         let mut s = Sequence::default();
         // the first one sets the count when no rewind did
         assert_eq!(s.check(7, 100), Verdict::Deliver);
@@ -386,7 +390,7 @@ mod tests {
     }
 
     #[test]
-    pub(super) fn a_jump_in_the_delivery_count_is_a_loss_and_hands_nothing_on() {
+    fn a_jump_in_the_delivery_count_is_a_loss_and_hands_nothing_on() {
         let mut s = Sequence::default();
         s.rebound(Some(0));
         assert_eq!(s.check(1, 10), Verdict::Deliver);
@@ -397,7 +401,7 @@ mod tests {
     }
 
     #[test]
-    pub(super) fn after_a_rewind_what_was_handed_on_is_a_repeat_and_the_rest_is_new() {
+    fn after_a_rewind_what_was_handed_on_is_a_repeat_and_the_rest_is_new() {
         let mut s = Sequence::default();
         s.rebound(Some(0));
         for (c, stream) in [(1, 10), (2, 11), (3, 12)] {
@@ -417,7 +421,7 @@ mod tests {
     }
 
     #[test]
-    pub(super) fn a_lower_count_is_a_new_baseline_not_a_loss() {
+    fn a_lower_count_is_a_new_baseline_not_a_loss() {
         let mut s = Sequence::default();
         assert_eq!(s.check(50, 100), Verdict::Deliver);
         // a new consumer leader that knew of fewer deliveries gives 100 again

@@ -52,34 +52,24 @@ impl OpenedFrames {
     }
 }
 
-/// The `a_group_message` frame of a group envelope, opened once per edge.
+/// The `a_group_message` frame of a group envelope a consumer delivered.
 pub(super) fn open_group_message(app: &AppState, msg: &JsMessage) -> Result<Opened, String> {
-    let stream_seq = msg.info().map(|i| i.stream_sequence).ok();
-    let opened = match stream_seq.and_then(|seq| app.opened.get(seq, &msg.payload)) {
-        Some(o) => o,
-        None => {
-            let o = open_envelope(app, &msg.payload)?;
-            if let Some(seq) = stream_seq {
-                app.opened.put(seq, o.clone());
-            }
-            o
-        }
-    };
-    let age_ms = chat_domain::now_millis()
-        .saturating_sub(opened.created_at)
-        .max(0);
-    metrics::histogram!("chat_delivery_latency_seconds").record(age_ms as f64 / 1000.0);
-    Ok(opened)
+    let stream_seq = msg.info().map_err(|e| e.to_string())?.stream_sequence;
+    opened_at(app, stream_seq, &msg.payload)
 }
 
-/// The frame and group seq of a group message the live feed read: opened
-/// once for every connection of the edge, and kept for catch-ups of the
-/// same message.
+/// The frame and group seq of a group message the live feed read.
 pub(crate) fn open_live(
     app: &AppState,
     stream_seq: u64,
     payload: &bytes::Bytes,
 ) -> Result<(Utf8Bytes, u64), String> {
+    opened_at(app, stream_seq, payload).map(|o| (o.text, o.seq))
+}
+
+/// The message at `stream_seq`, opened once per edge whichever path reads
+/// it first (the live feed, or a catch-up) and kept for the others.
+fn opened_at(app: &AppState, stream_seq: u64, payload: &bytes::Bytes) -> Result<Opened, String> {
     let opened = match app.opened.get(stream_seq, payload) {
         Some(o) => o,
         None => {
@@ -92,7 +82,7 @@ pub(crate) fn open_live(
         .saturating_sub(opened.created_at)
         .max(0);
     metrics::histogram!("chat_delivery_latency_seconds").record(age_ms as f64 / 1000.0);
-    Ok((opened.text, opened.seq))
+    Ok(opened)
 }
 
 /// Turns a sealed envelope into an `a_group_message` frame.

@@ -101,8 +101,11 @@ impl Session {
                     None
                 }
                 _ = checkpoint.tick() => {
-                    let saver = saver.clone();
-                    tokio::spawn(async move { saver.save().await });
+                    // idle connections spawn nothing
+                    if saver.due().is_some() {
+                        let saver = saver.clone();
+                        tokio::spawn(async move { saver.save().await });
+                    }
                     continue;
                 }
             };

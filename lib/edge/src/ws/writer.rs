@@ -41,20 +41,16 @@ pub(super) async fn write_loop(
         user: user.as_str(),
         position: &saver.position,
     };
-    // the newest group stream sequence written, the device's position once
-    // flushed
-    let mut through = 0u64;
+    let mut pending = Unflushed::default();
     // a write or flush failed: nothing more counts as written
     let mut failed = false;
+    // a close asked for: it goes out once what was written is flushed and
+    // the device's position saved
+    let mut closing = None;
     // looked up once: a registry lookup per live frame showed in profiles
     let live_out = metrics::counter!("chat_ws_events_out_total", "event" => event::GROUP_MESSAGE);
     let live_deliveries = metrics::counter!("chat_ws_deliveries_total", "feed" => "live");
     let deadline = app.config.write_timeout;
-    // the newest written delivery of each consumer (user, groups) not yet
-    // acknowledged, with its receipt
-    let mut written: [Option<Delivery>; 2] = [None, None];
-    // group seqs written in this burst, reported as delivered once flushed
-    let mut receipts: HashMap<String, u64> = HashMap::new();
     let mut burst = 0usize;
     loop {
         // a close asked for out of band goes ahead of everything queued
@@ -77,19 +73,12 @@ pub(super) async fn write_loop(
                 if ok {
                     live_out.increment(1);
                     live_deliveries.increment(1);
-                    // no allocation per frame for a group already noted
-                    match receipts.get_mut(&*f.group) {
-                        Some(e) => *e = (*e).max(f.seq),
-                        None => {
-                            receipts.insert(f.group.to_string(), f.seq);
-                        }
-                    }
-                    through = through.max(f.stream_seq);
+                    pending.group_frame(&f.group, f.seq, f.stream_seq);
                 }
                 ok
             }
             Outgoing::Through(seq) => {
-                through = through.max(seq);
+                pending.through = pending.through.max(seq);
                 true
             }
             Outgoing::Delivery(d) => {
@@ -106,35 +95,21 @@ pub(super) async fn write_loop(
                             .increment(1);
                     }
                     if let Some((group, seq)) = &d.receipt {
-                        let e = receipts.entry(group.clone()).or_insert(*seq);
-                        *e = (*e).max(*seq);
-                        if let Ok(info) = d.msg.info() {
-                            through = through.max(info.stream_sequence);
-                        }
+                        let stream_seq = d.msg.info().map_or(0, |i| i.stream_sequence);
+                        pending.group_frame(group, *seq, stream_seq);
                     }
-                    written[slot] = Some(d);
+                    pending.written[slot] = Some(d);
                 } else {
                     let _ = d.msg.ack_with(AckKind::Nak(None)).await;
                 }
                 ok
             }
             Outgoing::Close(code, reason) => {
-                // what was written before the close is delivered
-                flush_and_ack(
-                    &mut sink,
-                    &mut written,
-                    &mut receipts,
-                    (&delivered, through),
-                    deadline,
-                )
-                .await;
-                let _ = tokio::time::timeout(FINAL_SAVE, saver.save()).await;
-                let frame = CloseFrame {
+                closing = Some(CloseFrame {
                     code,
                     reason: Utf8Bytes::from_static(reason),
-                };
-                within(CLOSE_HANDSHAKE, sink.send(Message::Close(Some(frame)))).await;
-                false
+                });
+                break;
             }
         };
         if !ok {
@@ -144,15 +119,7 @@ pub(super) async fn write_loop(
         burst += 1;
         if inbox.rx.is_empty() || burst >= WRITE_BURST {
             burst = 0;
-            if !flush_and_ack(
-                &mut sink,
-                &mut written,
-                &mut receipts,
-                (&delivered, through),
-                deadline,
-            )
-            .await
-            {
+            if !pending.flush(&mut sink, &delivered, deadline).await {
                 gave_up();
                 failed = true;
                 break;
@@ -164,14 +131,7 @@ pub(super) async fn write_loop(
     // sink's slot, and a later flush that succeeds says nothing of it (a
     // client's close racing a delivery lost that delivery this way)
     if !failed {
-        flush_and_ack(
-            &mut sink,
-            &mut written,
-            &mut receipts,
-            (&delivered, through),
-            deadline,
-        )
-        .await;
+        pending.flush(&mut sink, &delivered, deadline).await;
     }
     inbox.rx.close();
     while let Ok((out, _)) = inbox.rx.try_recv() {
@@ -182,6 +142,9 @@ pub(super) async fn write_loop(
     // before the close goes out: a client that reconnects once it sees the
     // close finds its device's position saved
     let _ = tokio::time::timeout(FINAL_SAVE, saver.save()).await;
+    if let Some(frame) = closing {
+        within(CLOSE_HANDSHAKE, sink.send(Message::Close(Some(frame)))).await;
+    }
     within(CLOSE_HANDSHAKE, sink.close()).await;
 }
 
@@ -223,30 +186,57 @@ pub(super) struct Written<'a> {
 /// Most frames written before a flush (and the acks it allows).
 pub(super) const WRITE_BURST: usize = 64;
 
-/// Flushes the socket, then acknowledges the newest written delivery of
-/// each consumer, which covers the ones before it. False if the socket
-/// failed: nothing unflushed is acknowledged, so it comes again.
-pub(super) async fn flush_and_ack(
-    sink: &mut futures::stream::SplitSink<WebSocket, Message>,
-    written: &mut [Option<Delivery>; 2],
-    receipts: &mut HashMap<String, u64>,
-    (to, through): (&Written<'_>, u64),
-    deadline: Duration,
-) -> bool {
-    if !within(deadline, sink.flush()).await {
-        return false;
-    }
-    to.hub.record(to.user, receipts);
-    to.position.fetch_max(through, Ordering::SeqCst);
-    for d in written.iter_mut().filter_map(Option::take) {
-        if d.stale() {
-            continue;
+/// What the writer wrote since its last flush: acknowledged, reported as
+/// delivered and counted into the device's position only once a flush
+/// after it succeeded.
+#[derive(Default)]
+pub(super) struct Unflushed {
+    /// The newest written delivery of each consumer (user, groups).
+    written: [Option<Delivery>; 2],
+    /// Group seqs written, by group.
+    receipts: HashMap<String, u64>,
+    /// The newest group stream sequence written.
+    through: u64,
+}
+
+impl Unflushed {
+    /// A group message was written.
+    fn group_frame(&mut self, group: &str, seq: u64, stream_seq: u64) {
+        // no allocation per frame for a group already noted
+        match self.receipts.get_mut(group) {
+            Some(e) => *e = (*e).max(seq),
+            None => {
+                self.receipts.insert(group.to_owned(), seq);
+            }
         }
-        if let Err(e) = d.msg.ack().await {
-            tracing::warn!(error = %e, "ack to jetstream failed; the event may come again");
-        }
+        self.through = self.through.max(stream_seq);
     }
-    true
+
+    /// Flushes the socket, then reports receipts, moves the position and
+    /// acknowledges the newest written delivery of each consumer, which
+    /// covers the ones before it. False if the socket failed: nothing
+    /// unflushed counts, so it comes again.
+    async fn flush(
+        &mut self,
+        sink: &mut futures::stream::SplitSink<WebSocket, Message>,
+        to: &Written<'_>,
+        deadline: Duration,
+    ) -> bool {
+        if !within(deadline, sink.flush()).await {
+            return false;
+        }
+        to.hub.record(to.user, &mut self.receipts);
+        to.position.fetch_max(self.through, Ordering::SeqCst);
+        for d in self.written.iter_mut().filter_map(Option::take) {
+            if d.stale() {
+                continue;
+            }
+            if let Err(e) = d.msg.ack().await {
+                tracing::warn!(error = %e, "ack to jetstream failed; the event may come again");
+            }
+        }
+        true
+    }
 }
 
 /// Saves a live connection's position into its device's group consumer:
@@ -274,12 +264,18 @@ pub(super) const CHECKPOINT: Duration = Duration::from_secs(5);
 pub(super) const FINAL_SAVE: Duration = Duration::from_secs(2);
 
 impl Saver {
+    /// The position to save, if the connection is live and it moved since
+    /// the last save.
+    pub(super) fn due(&self) -> Option<u64> {
+        let at = self.position.load(Ordering::SeqCst);
+        (self.live.attached() && at > self.saved.load(Ordering::SeqCst)).then_some(at)
+    }
+
     pub(super) async fn save(&self) {
         let _turn = self.turn.lock().await;
-        let at = self.position.load(Ordering::SeqCst);
-        if !self.live.attached() || at <= self.saved.load(Ordering::SeqCst) {
+        let Some(at) = self.due() else {
             return;
-        }
+        };
         match self
             .bus
             .set_group_position(&self.user, &self.device, at)
