@@ -479,3 +479,177 @@ async fn object_store_down_gives_unavailable_and_nothing_is_stored() -> anyhow::
     assert_eq!(bob.messages(1).await?[0]["text"], "after");
     c.stop().await
 }
+
+/// Creates a group as alice with `history` (`None`: the default); its id.
+async fn group_with_history(c: &Cluster, history: Option<&str>) -> anyhow::Result<String> {
+    let mut body = json!({"name": "h", "members": ["bob"]});
+    if let Some(h) = history {
+        body["history"] = json!(h);
+    }
+    let (status, g) = c
+        .call(
+            reqwest::Method::POST,
+            0,
+            Some("alice"),
+            "/groups",
+            Some(&body),
+        )
+        .await?;
+    anyhow::ensure!(status == 201, "create: {status} {g}");
+    assert_eq!(g["history"], history.unwrap_or("shared"));
+    Ok(g["id"].as_str().context("id")?.to_owned())
+}
+
+/// Alice sends two texts and an image to `g`, tagged `tag`; the image's
+/// object id as members see it.
+async fn texts_and_image(
+    c: &Cluster,
+    alice: &mut chat_tests::Client,
+    g: &str,
+    tag: &str,
+) -> anyhow::Result<String> {
+    for i in 1..=2 {
+        alice
+            .send_text(g, &format!("{tag}-{i}"), &format!("{tag}-{i}"))
+            .await?;
+    }
+    let bytes = png(100);
+    let body = json!({"type": "image", "mime": "image/png", "size": bytes.len()});
+    let url = upload(c, g, &body, &bytes).await?;
+    let key = url["key"].as_str().context("key")?;
+    alice
+        .request(
+            "send_group_message",
+            media_msg(g, &format!("{tag}-img"), "image", key, "image/png", 100),
+        )
+        .await?;
+    let newest = c.history("alice", g).await?;
+    let media_key = newest[0]["media"]["key"].as_str().context("media key")?;
+    Ok(media_key
+        .rsplit('/')
+        .next()
+        .context("object id")?
+        .to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_joined_history_a_late_member_sees_nothing_from_before_it_joined()
+-> anyhow::Result<()> {
+    let c = Cluster::start(1, 1).await?;
+    let (status, body) = c
+        .call(
+            reqwest::Method::POST,
+            0,
+            Some("alice"),
+            "/groups",
+            Some(&json!({"name": "x", "history": "everything"})),
+        )
+        .await?;
+    assert_eq!((status, &body["error"]["code"]), (400, &json!("invalid")));
+
+    // carol's phone has a consumer whose place predates both groups
+    c.connect(0, "carol", "phone").await?.close().await?;
+    let joined = group_with_history(&c, Some("joined")).await?;
+    let shared = group_with_history(&c, None).await?;
+    let mut alice = c.connect(0, "alice", "a").await?;
+    let mut before = Vec::new();
+    for g in [&joined, &shared] {
+        alice
+            .request("subscribe_to_group", json!({ "groupId": g }))
+            .await?;
+        before.push(texts_and_image(&c, &mut alice, g, "before").await?);
+    }
+    for g in [&joined, &shared] {
+        let (status, _) = c
+            .call(
+                reqwest::Method::POST,
+                0,
+                Some("alice"),
+                &format!("/groups/{g}/members"),
+                Some(&json!({"userIds": ["carol"]})),
+            )
+            .await?;
+        assert_eq!(status, 200);
+    }
+    let mut after = Vec::new();
+    for g in [&joined, &shared] {
+        after.push(texts_and_image(&c, &mut alice, g, "after").await?);
+    }
+    // another device of carol subscribes: the phone's consumer now carries
+    // both groups from its old place
+    let mut laptop = c.connect(0, "carol", "laptop").await?;
+    for g in [&joined, &shared] {
+        laptop
+            .request("subscribe_to_group", json!({ "groupId": g }))
+            .await?;
+    }
+    laptop.close().await?;
+
+    // the phone's catch-up: all of the shared group, only what followed the
+    // join of the other (seq 4 on); a live marker closes the list
+    let mut phone = c.connect(0, "carol", "phone").await?;
+    alice.send_text(&joined, "marker", "marker").await?;
+    let mut got: Vec<(String, u64)> = Vec::new();
+    loop {
+        let m = &phone.messages(1).await?[0];
+        let g = m["groupId"].as_str().unwrap_or_default().to_owned();
+        let seq = m["seq"].as_u64().unwrap_or_default();
+        let marker = g == joined && seq == 7;
+        got.push((g, seq));
+        if marker {
+            break;
+        }
+    }
+    let seqs = |g: &str| -> Vec<u64> {
+        got.iter()
+            .filter(|(x, _)| x == g)
+            .map(|(_, s)| *s)
+            .collect()
+    };
+    assert_eq!(seqs(&shared), [1, 2, 3, 4, 5, 6], "{got:?}");
+    assert_eq!(seqs(&joined), [4, 5, 6, 7], "{got:?}");
+
+    // history stops at the join; the original members see everything
+    let history_seqs =
+        |h: Vec<Value>| -> Vec<u64> { h.iter().filter_map(|m| m["seq"].as_u64()).collect() };
+    assert_eq!(
+        history_seqs(c.history("carol", &joined).await?),
+        [7, 6, 5, 4]
+    );
+    assert_eq!(history_seqs(c.history("carol", &shared).await?).len(), 6);
+    assert_eq!(history_seqs(c.history("bob", &joined).await?).len(), 7);
+
+    // a message from before is not there for carol: status, read receipt
+    let first = c.history("bob", &joined).await?;
+    let early = first.last().context("oldest")?["messageId"]
+        .as_str()
+        .context("id")?
+        .to_owned();
+    let late = first[0]["messageId"].as_str().context("id")?.to_owned();
+    let cr = &c;
+    let status_of = |user: &'static str, id: &str| {
+        let path = format!("/groups/{joined}/messages/{id}/status");
+        async move { Ok::<_, anyhow::Error>(cr.get(0, user, &path).await?.0) }
+    };
+    assert_eq!(status_of("carol", &early).await?, 404);
+    assert_eq!(status_of("bob", &early).await?, 200);
+    assert_eq!(status_of("carol", &late).await?, 200);
+    let code = phone
+        .request_error(
+            "acknowledge_group_message",
+            json!({"groupId": joined, "messageId": early}),
+        )
+        .await?;
+    assert_eq!(code, "not_found");
+
+    // media: only that of messages after the join; the shared group's all
+    let media = |user: &'static str, g: &str, object: &str| {
+        let path = format!("/groups/{g}/media/{object}");
+        async move { Ok::<_, anyhow::Error>(cr.get(0, user, &path).await?.0) }
+    };
+    assert_eq!(media("carol", &joined, &before[0]).await?, 404);
+    assert_eq!(media("bob", &joined, &before[0]).await?, 200);
+    assert_eq!(media("carol", &joined, &after[0]).await?, 200);
+    assert_eq!(media("carol", &shared, &before[1]).await?, 200);
+    c.stop().await
+}

@@ -35,7 +35,7 @@ async fn projected_batches_are_idempotent_and_settle_earlier_records() -> anyhow
     assert_eq!(store.messages.project(&msgs[..30]).await?, 30);
     // a batch delivered again, overlapping the first: only the new ones count
     assert_eq!(store.messages.project(&msgs[20..]).await?, 10);
-    let page = store.messages.history(&group, None, 100).await?;
+    let page = store.messages.history(&group, 0, None, 100).await?;
     let seqs: Vec<u64> = page.iter().filter_map(|m| m.seq).collect();
     assert_eq!(
         seqs,
@@ -99,7 +99,7 @@ async fn projected_batches_are_idempotent_and_settle_earlier_records() -> anyhow
         store.messages.project(std::slice::from_ref(&again)).await?,
         0
     );
-    let page = store.messages.history(&group, None, 2).await?;
+    let page = store.messages.history(&group, 0, None, 2).await?;
     assert_eq!(page.first().map(|m| &m.id), Some(&again.id));
     assert_eq!(page.first().and_then(|m| m.seq), Some(43));
     assert_eq!(
@@ -197,7 +197,8 @@ async fn subscribing_costs_one_small_write_and_old_subscriptions_still_count() -
         members,
         &chat_domain::Limits::default(),
         chat_domain::now_millis(),
-    )?;
+    )?
+    .with_history(chat_domain::History::Joined);
     store.groups.insert(&group).await?;
     // a subscription recorded the old way, in the group's document
     let db = mongodb::Client::with_uri_str(&mongo.uri)
@@ -222,6 +223,46 @@ async fn subscribing_costs_one_small_write_and_old_subscriptions_still_count() -
     // twice is once
     assert!(store.groups.add_subscriber(&group.id, &new).await?);
     assert_eq!(store.groups.subscribed_groups(&new).await?.len(), 1);
+
+    // membership reads carry where the member's history starts, and read
+    // only that member of the 1,000
+    use chat_store::Membership;
+    let late = id("late")?;
+    let mut record = store.groups.get(&group.id).await?.expect("group");
+    record.group.members.push(chat_domain::Member {
+        user_id: late.clone(),
+        joined_at: 0,
+        joined_seq: 9,
+    });
+    assert!(store.groups.replace_if_rev(&record).await?);
+    let membership = |u: UserId| {
+        let (store, g) = (store.clone(), group.id.clone());
+        async move { store.groups.membership(&g, &u).await }
+    };
+    assert_eq!(
+        membership(late.clone()).await?,
+        Membership::Member { visible_from: 9 }
+    );
+    assert_eq!(
+        membership(new.clone()).await?,
+        Membership::Member { visible_from: 0 }
+    );
+    assert_eq!(membership(stranger.clone()).await?, Membership::NotMember);
+    assert_eq!(
+        store.groups.membership(&GroupId::generate(), &late).await?,
+        Membership::NoSuchGroup
+    );
+    // a document of an earlier version has no setting: shared history
+    db.collection::<Document>("groups")
+        .update_one(
+            doc! { "_id": group.id.as_str() },
+            doc! { "$unset": { "history": "" } },
+        )
+        .await?;
+    assert_eq!(
+        membership(late.clone()).await?,
+        Membership::Member { visible_from: 0 }
+    );
 
     // a member who leaves no longer counts, whichever way it subscribed
     let mut record = store.groups.get(&group.id).await?.expect("group");

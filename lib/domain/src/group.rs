@@ -7,6 +7,42 @@ use crate::{DomainError, GroupId, Limits, Millis, UserId};
 pub struct Member {
     pub user_id: UserId,
     pub joined_at: Millis,
+    /// The group's newest `seq` when the member was added (0 for the
+    /// members a group is created with): under [`History::Joined`] the
+    /// member sees only messages after it.
+    pub joined_seq: u64,
+}
+
+/// What a member sees of the messages sent before it joined, chosen when the
+/// group is created (Matrix calls this history visibility).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum History {
+    /// The whole history, whenever one joined (Slack, Matrix's `shared`).
+    #[default]
+    Shared,
+    /// Only messages sent after one was added (Matrix's `joined`).
+    Joined,
+}
+
+impl History {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            History::Shared => "shared",
+            History::Joined => "joined",
+        }
+    }
+
+    /// Parses the name used on the wire and in storage; empty is the default.
+    pub fn parse(s: &str) -> Result<Self, DomainError> {
+        match s {
+            "" | "shared" => Ok(History::Shared),
+            "joined" => Ok(History::Joined),
+            other => Err(DomainError::Invalid(format!(
+                "history must be \"shared\" or \"joined\", not {:?}",
+                other.chars().take(32).collect::<String>()
+            ))),
+        }
+    }
 }
 
 /// A chat group. `members` always contains `owner_id`.
@@ -18,6 +54,7 @@ pub struct Group {
     pub owner_id: UserId,
     pub created_by: UserId,
     pub members: Vec<Member>,
+    pub history: History,
     pub created_at: Millis,
     pub updated_at: Millis,
 }
@@ -25,9 +62,18 @@ pub struct Group {
 /// A change to a group's ownership or membership, as asked by `caller`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GroupChange {
-    TransferOwner { new_owner: UserId },
-    AddMembers { user_ids: Vec<UserId> },
-    RemoveMember { user_id: UserId },
+    TransferOwner {
+        new_owner: UserId,
+    },
+    /// `at_seq`: the group's newest `seq` as the change is made, which the
+    /// new members' history starts after under [`History::Joined`].
+    AddMembers {
+        user_ids: Vec<UserId>,
+        at_seq: u64,
+    },
+    RemoveMember {
+        user_id: UserId,
+    },
     Leave,
 }
 
@@ -74,17 +120,36 @@ impl Group {
             members: vec![Member {
                 user_id: creator,
                 joined_at: now,
+                joined_seq: 0,
             }],
+            history: History::default(),
             created_at: now,
             updated_at: now,
         };
-        group.add(member_ids, limits, now)?;
+        group.add(member_ids, 0, limits, now)?;
         Ok(group)
+    }
+
+    /// The group with `history` chosen (at creation: the members it is
+    /// created with see everything either way).
+    pub fn with_history(mut self, history: History) -> Self {
+        self.history = history;
+        self
     }
 
     /// Whether `user` is a member.
     pub fn is_member(&self, user: &UserId) -> bool {
         self.members.iter().any(|m| &m.user_id == user)
+    }
+
+    /// The `seq` after which `user` sees the group's messages (0: all of
+    /// them), or `None` if it is not a member.
+    pub fn visible_from(&self, user: &UserId) -> Option<u64> {
+        let m = self.members.iter().find(|m| &m.user_id == user)?;
+        Some(match self.history {
+            History::Shared => 0,
+            History::Joined => m.joined_seq,
+        })
     }
 
     /// The member ids, in join order.
@@ -95,6 +160,7 @@ impl Group {
     fn add(
         &mut self,
         user_ids: Vec<UserId>,
+        at_seq: u64,
         limits: &Limits,
         now: Millis,
     ) -> Result<(), DomainError> {
@@ -103,6 +169,7 @@ impl Group {
                 self.members.push(Member {
                     user_id,
                     joined_at: now,
+                    joined_seq: at_seq,
                 });
             }
         }
@@ -149,12 +216,12 @@ impl Group {
                 }
                 self.owner_id = new_owner;
             }
-            GroupChange::AddMembers { user_ids } => {
+            GroupChange::AddMembers { user_ids, at_seq } => {
                 owner_only()?;
                 if user_ids.is_empty() {
                     return Err(DomainError::Invalid("userIds must not be empty".into()));
                 }
-                self.add(user_ids, limits, now)?;
+                self.add(user_ids, at_seq, limits, now)?;
                 for m in &self.members {
                     if !audience.contains(&m.user_id) {
                         audience.push(m.user_id.clone());
@@ -276,5 +343,42 @@ mod tests {
             .expect("leave");
         assert!(audience.contains(&uid("owner")), "the leaver hears of it");
         assert!(!g.is_member(&uid("owner")));
+    }
+
+    #[test]
+    fn under_joined_history_a_member_added_later_sees_only_what_follows() {
+        let limits = Limits::default();
+        for (history, from) in [(History::Shared, 0), (History::Joined, 41)] {
+            let mut g = Group::create(
+                GroupId::generate(),
+                uid("owner"),
+                "team",
+                "",
+                vec![uid("a")],
+                &limits,
+                10,
+            )
+            .expect("valid group")
+            .with_history(history);
+            let add = GroupChange::AddMembers {
+                user_ids: vec![uid("late"), uid("a")],
+                at_seq: 41,
+            };
+            g.apply(&uid("owner"), add, &limits, 11).expect("add");
+            assert_eq!(g.visible_from(&uid("owner")), Some(0));
+            assert_eq!(
+                g.visible_from(&uid("a")),
+                Some(0),
+                "re-adding changes nothing"
+            );
+            assert_eq!(g.visible_from(&uid("late")), Some(from), "{history:?}");
+            assert_eq!(g.visible_from(&uid("stranger")), None);
+        }
+        assert_eq!(History::parse(""), Ok(History::Shared));
+        assert_eq!(History::parse("joined"), Ok(History::Joined));
+        assert!(matches!(
+            History::parse("all"),
+            Err(DomainError::Invalid(_))
+        ));
     }
 }

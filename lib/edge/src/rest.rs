@@ -65,6 +65,7 @@ pub(crate) async fn create_group(
             name: body.name,
             description: body.description.unwrap_or_default(),
             member_ids: body.members,
+            history: body.history.unwrap_or_default(),
         }
     )?
     .into_inner();

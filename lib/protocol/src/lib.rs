@@ -171,6 +171,9 @@ pub struct CreateGroupBody {
     pub description: Option<String>,
     #[serde(default)]
     pub members: Vec<String>,
+    /// `shared` (the default) or `joined`.
+    #[serde(default)]
+    pub history: Option<String>,
 }
 
 /// `POST /groups/{id}/owner` body.

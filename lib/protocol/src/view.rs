@@ -42,6 +42,10 @@ pub struct GroupView {
     pub description: String,
     pub owner_id: String,
     pub created_by: String,
+    /// `shared` (members see the whole history) or `joined` (only what was
+    /// sent after they were added).
+    #[serde(default)]
+    pub history: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub members: Vec<MemberView>,
     #[serde(default)]
@@ -87,6 +91,7 @@ impl From<&Group> for GroupView {
             description: g.description.clone(),
             owner_id: g.owner_id.to_string(),
             created_by: g.created_by.to_string(),
+            history: g.history.as_str().to_owned(),
             members: g
                 .members
                 .iter()

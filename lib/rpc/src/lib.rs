@@ -10,7 +10,7 @@ mod service_auth;
 
 pub use service_auth::{SECRET_HEADER, SecretError, ServiceSecret};
 
-use chat_domain::{DomainError, Group, GroupId, Member, UserId};
+use chat_domain::{DomainError, Group, GroupId, History, Member, UserId};
 
 /// Why a gRPC value could not become a domain value: the peer sent something
 /// this build does not accept.
@@ -43,8 +43,10 @@ impl From<&Group> for pb::Group {
                 .map(|m| pb::Member {
                     user_id: m.user_id.to_string(),
                     joined_at_ms: m.joined_at,
+                    joined_seq: m.joined_seq,
                 })
                 .collect(),
+            history: g.history.as_str().to_owned(),
             created_at_ms: g.created_at,
             updated_at_ms: g.updated_at,
         }
@@ -68,9 +70,11 @@ impl TryFrom<pb::Group> for Group {
                     Ok(Member {
                         user_id: parse("member id", UserId::parse, m.user_id)?,
                         joined_at: m.joined_at_ms,
+                        joined_seq: m.joined_seq,
                     })
                 })
                 .collect::<Result<_, ConvertError>>()?,
+            history: parse("history", |h| History::parse(&h), g.history)?,
             created_at: g.created_at_ms,
             updated_at: g.updated_at_ms,
         })
@@ -94,7 +98,8 @@ mod tests {
             &Limits::default(),
             5,
         )
-        .expect("group");
+        .expect("group")
+        .with_history(History::Joined);
         let back = Group::try_from(pb::Group::from(&g)).expect("converts");
         assert_eq!(back, g);
         let mut bad = pb::Group::from(&g);

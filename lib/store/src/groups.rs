@@ -4,7 +4,7 @@
 //! not a rewrite of a 1,000-entry array in the group's document (as the
 //! `subscribers` array of earlier versions did; it is still read).
 
-use chat_domain::{Group, GroupId, Member, Millis, UserId};
+use chat_domain::{Group, GroupId, History, Member, Millis, UserId};
 use futures::TryStreamExt;
 use mongodb::{
     Collection, IndexModel,
@@ -20,6 +20,9 @@ use crate::{StoreError, to_bson_time};
 struct MemberDoc {
     user_id: String,
     joined_at: DateTime,
+    /// Absent in documents of earlier versions: 0, the whole history.
+    #[serde(default)]
+    joined_seq: i64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -32,6 +35,10 @@ struct GroupDoc {
     owner_id: String,
     created_by: String,
     members: Vec<MemberDoc>,
+    /// `shared` or `joined` (absent in documents of earlier versions:
+    /// shared).
+    #[serde(default)]
+    history: String,
     /// Members who sent `subscribe_to_group` under earlier versions (now
     /// in `subscriptions`); kept, filtered to members, until they leave.
     #[serde(default)]
@@ -60,6 +67,55 @@ struct SubscriptionDoc {
 
 fn subscription_id(group: &GroupId, user: &UserId) -> String {
     format!("{group}:{user}")
+}
+
+/// BSON has no unsigned integers; a `seq` never reaches 2^63.
+fn seq_to_bson(seq: u64) -> i64 {
+    i64::try_from(seq).unwrap_or(i64::MAX)
+}
+
+fn seq_from_bson(seq: i64) -> u64 {
+    u64::try_from(seq).unwrap_or(0)
+}
+
+/// What one user is to one group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Membership {
+    NoSuchGroup,
+    NotMember,
+    /// A member, who sees the messages after `seq` `visible_from` (0: all).
+    Member {
+        visible_from: u64,
+    },
+}
+
+/// A group's `_id` and history setting, with only the one member asked for
+/// (`$elemMatch` projection): what membership reads need, whatever the
+/// group's size.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct OneMember {
+    #[serde(rename = "_id")]
+    id: String,
+    #[serde(default)]
+    history: String,
+    #[serde(default)]
+    members: Vec<MemberDoc>,
+}
+
+impl OneMember {
+    fn projection(user: &UserId) -> mongodb::bson::Document {
+        doc! { "_id": 1, "history": 1, "members": { "$elemMatch": { "userId": user.as_str() } } }
+    }
+
+    /// `None` if the user is not a member.
+    fn visible_from(&self) -> Result<Option<u64>, StoreError> {
+        let history = History::parse(&self.history).map_err(|e| corrupt(&self.id, e))?;
+        Ok(self.members.first().map(|m| match history {
+            History::Shared => 0,
+            History::Joined => seq_from_bson(m.joined_seq),
+        }))
+    }
 }
 
 /// A group with the storage state that goes with it.
@@ -92,8 +148,10 @@ impl GroupDoc {
                 .map(|m| MemberDoc {
                     user_id: m.user_id.to_string(),
                     joined_at: to_bson_time(m.joined_at),
+                    joined_seq: seq_to_bson(m.joined_seq),
                 })
                 .collect(),
+            history: g.history.as_str().to_owned(),
             subscribers: subscribers.iter().map(ToString::to_string).collect(),
             created_at: to_bson_time(g.created_at),
             updated_at: to_bson_time(g.updated_at),
@@ -118,9 +176,11 @@ impl GroupDoc {
                     Ok(Member {
                         user_id: user(m.user_id)?,
                         joined_at: m.joined_at.timestamp_millis(),
+                        joined_seq: seq_from_bson(m.joined_seq),
                     })
                 })
                 .collect::<Result<_, StoreError>>()?,
+            history: History::parse(&self.history).map_err(|e| corrupt(&id, e))?,
             created_at: self.created_at.timestamp_millis(),
             updated_at: self.updated_at.timestamp_millis(),
         };
@@ -191,26 +251,23 @@ impl GroupRepo {
             .transpose()
     }
 
-    /// Whether `user` is a member of group `id` (`None`: no such group),
-    /// without loading the group: a send to a group of 1,000 members
-    /// otherwise moved its whole document for one membership check.
-    pub async fn is_member(&self, id: &GroupId, user: &UserId) -> Result<Option<bool>, StoreError> {
-        let ids = self.coll.clone_with_type::<mongodb::bson::Document>();
-        let only_id = doc! { "_id": 1 };
-        if ids
-            .find_one(doc! { "_id": id.as_str(), "members.userId": user.as_str() })
-            .projection(only_id.clone())
-            .await?
-            .is_some()
-        {
-            return Ok(Some(true));
-        }
-        let exists = ids
+    /// What `user` is to group `id`, without loading the group: one read
+    /// that carries only that member, so a send to a group of 1,000 members
+    /// does not move its whole document for one membership check.
+    pub async fn membership(&self, id: &GroupId, user: &UserId) -> Result<Membership, StoreError> {
+        let found = self
+            .coll
+            .clone_with_type::<OneMember>()
             .find_one(doc! { "_id": id.as_str() })
-            .projection(only_id)
-            .await?
-            .is_some();
-        Ok(exists.then_some(false))
+            .projection(OneMember::projection(user))
+            .await?;
+        Ok(match found {
+            None => Membership::NoSuchGroup,
+            Some(g) => match g.visible_from()? {
+                None => Membership::NotMember,
+                Some(visible_from) => Membership::Member { visible_from },
+            },
+        })
     }
 
     /// The groups `user` is a member of, most recently updated first (ties
@@ -282,7 +339,10 @@ impl GroupRepo {
     /// subscription of a former member behind; every read of subscriptions
     /// checks membership, and the removal deletes it.
     pub async fn add_subscriber(&self, group: &GroupId, user: &UserId) -> Result<bool, StoreError> {
-        if self.is_member(group, user).await? != Some(true) {
+        if !matches!(
+            self.membership(group, user).await?,
+            Membership::Member { .. }
+        ) {
             return Ok(false);
         }
         self.subscriptions

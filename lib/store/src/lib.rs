@@ -14,7 +14,7 @@ mod objects;
 mod uploads;
 mod users;
 
-pub use groups::{GroupRecord, GroupRepo};
+pub use groups::{GroupRecord, GroupRepo, Membership};
 pub use messages::{MessageRepo, Receipt, StoredMessage};
 pub use objects::{ObjectInfo, Objects, ObjectsConfig};
 pub use uploads::{Upload, UploadRepo};

@@ -346,16 +346,25 @@ impl MessageRepo {
         Ok(last.and_then(|d| Some((d.seq? as u64, d.stream_seq? as u64))))
     }
 
-    /// Committed messages of `group` with seq below `before`, newest first.
+    /// Committed messages of `group` with seq above `after` and below
+    /// `before`, newest first.
     pub async fn history(
         &self,
         group: &GroupId,
+        after: u64,
         before: Option<u64>,
         limit: i64,
     ) -> Result<Vec<StoredMessage>, StoreError> {
         let mut filter = doc! { "groupId": group.as_str(), "state": COMMITTED };
+        let mut seq = doc! {};
+        if after > 0 {
+            seq.insert("$gt", i64::try_from(after).unwrap_or(i64::MAX));
+        }
         if let Some(before) = before {
-            filter.insert("seq", doc! { "$lt": before as i64 });
+            seq.insert("$lt", i64::try_from(before).unwrap_or(i64::MAX));
+        }
+        if !seq.is_empty() {
+            filter.insert("seq", seq);
         }
         let docs: Vec<MessageDoc> = self
             .coll

@@ -38,6 +38,11 @@ struct UploadDoc {
     /// whose messages name the upload's own key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     media_key: Option<String>,
+    /// The group's newest `seq` when a message claimed the upload: the
+    /// message's is above it (absent before claims, and in claims of earlier
+    /// versions: 0).
+    #[serde(default)]
+    after_seq: i64,
     /// The object at the upload's own key is gone for good (its URL had
     /// expired when it was deleted).
     #[serde(default)]
@@ -114,6 +119,7 @@ impl UploadRepo {
                 referenced: false,
                 deleting: false,
                 media_key: None,
+                after_seq: 0,
                 purged: false,
             })
             .await?;
@@ -132,12 +138,20 @@ impl UploadRepo {
     /// Marks the upload as referenced by a message whose copy of the object
     /// is `media_key`, unless the cleaner got there first or another message
     /// claimed it; returns whether this call claimed it.
-    pub async fn claim(&self, key: &str, media_key: &str) -> Result<bool, StoreError> {
+    pub async fn claim(
+        &self,
+        key: &str,
+        media_key: &str,
+        after_seq: u64,
+    ) -> Result<bool, StoreError> {
+        let after_seq = i64::try_from(after_seq).unwrap_or(i64::MAX);
         let res = self
             .coll
             .update_one(
                 doc! { "_id": key, "deleting": false, "referenced": false },
-                doc! { "$set": { "referenced": true, "mediaKey": media_key } },
+                doc! { "$set": {
+                    "referenced": true, "mediaKey": media_key, "afterSeq": after_seq,
+                } },
             )
             .await?;
         Ok(res.matched_count == 1)
@@ -154,9 +168,10 @@ impl UploadRepo {
         Ok(())
     }
 
-    /// Whether `key` names media a message of `group` uses: a message's copy,
-    /// or (first release) an upload a message claimed.
-    pub async fn is_media(&self, group: &GroupId, key: &str) -> Result<bool, StoreError> {
+    /// If `key` names media a message of `group` uses (a message's copy, or
+    /// (first release) an upload a message claimed): a `seq` the message's
+    /// is above (0 for claims of earlier versions).
+    pub async fn media_after(&self, group: &GroupId, key: &str) -> Result<Option<u64>, StoreError> {
         let found = self
             .coll
             .find_one(doc! { "groupId": group.as_str(), "$or": [
@@ -164,7 +179,7 @@ impl UploadRepo {
                 { "_id": key, "referenced": true, "mediaKey": { "$exists": false } },
             ] })
             .await?;
-        Ok(found.is_some())
+        Ok(found.map(|d| u64::try_from(d.after_seq).unwrap_or(0)))
     }
 
     /// Claimed uploads issued before `before` (their URLs have expired)

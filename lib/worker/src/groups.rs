@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use chat_domain::{DomainError, Group, GroupChange, GroupId, UserId, now_millis};
+use chat_domain::{DomainError, Group, GroupChange, GroupId, History, UserId, now_millis};
 use chat_protocol::{GroupChangeView, GroupEvent, GroupView, event, push_json};
 use chat_rpc::pb::{self, groups_server::Groups};
 use chat_store::GroupRecord;
@@ -173,7 +173,7 @@ impl GroupsService {
 /// The delta `a_group_updated` carries for `change` by `caller`.
 fn change_view(caller: &UserId, change: &GroupChange) -> GroupChangeView {
     let (kind, users): (&str, Vec<&UserId>) = match change {
-        GroupChange::AddMembers { user_ids } => ("members_added", user_ids.iter().collect()),
+        GroupChange::AddMembers { user_ids, .. } => ("members_added", user_ids.iter().collect()),
         GroupChange::RemoveMember { user_id } => ("member_removed", vec![user_id]),
         GroupChange::Leave => ("member_left", vec![caller]),
         GroupChange::TransferOwner { new_owner } => ("owner_changed", vec![new_owner]),
@@ -251,6 +251,7 @@ impl Groups for GroupsService {
             })
             .collect::<Result<Vec<_>, _>>()
             .map_err(WorkerError::from)?;
+        let history = History::parse(&req.history).map_err(WorkerError::from)?;
         let group = Group::create(
             GroupId::generate(),
             caller,
@@ -260,7 +261,8 @@ impl Groups for GroupsService {
             limits,
             now_millis(),
         )
-        .map_err(WorkerError::from)?;
+        .map_err(WorkerError::from)?
+        .with_history(history);
         let everyone: Vec<UserId> = group.member_ids().cloned().collect();
         self.check_room_for(&everyone).await?;
         self.0
@@ -355,11 +357,15 @@ impl Groups for GroupsService {
         // members already in the group count nothing new, and are checked
         // like the others: a soft cap (two adds at once may pass it by one)
         self.check_room_for(&user_ids).await?;
+        // read before the change commits: a message with a higher seq may
+        // predate the commit by a moment; none at or below it follows it
+        let group_id = parse_id::<GroupId>(&req.group_id)?;
+        let at_seq = crate::messages::newest_seq(&self.0, &group_id).await?;
         let group = self
             .change(
                 &req.caller,
                 &req.group_id,
-                GroupChange::AddMembers { user_ids },
+                GroupChange::AddMembers { user_ids, at_seq },
             )
             .await?;
         Ok(reply(&group))
@@ -454,5 +460,16 @@ impl Groups for GroupsService {
         Ok(Response::new(pb::SubscribeResponse {
             group_id: id.into_string(),
         }))
+    }
+
+    async fn visible_from(
+        &self,
+        req: Request<pb::GroupRequest>,
+    ) -> Result<Response<pb::VisibleFromResponse>, Status> {
+        let req = req.into_inner();
+        let caller = parse_id::<UserId>(&req.caller)?;
+        let id = parse_id::<GroupId>(&req.group_id)?;
+        let seq = self.0.check_member(&caller, &id).await?;
+        Ok(Response::new(pb::VisibleFromResponse { seq }))
     }
 }

@@ -17,7 +17,7 @@ use chat_rpc::{
         messages_server::MessagesServer, sessions_server::SessionsServer,
     },
 };
-use chat_store::{GroupRecord, Objects, Store, StoreError};
+use chat_store::{GroupRecord, Membership, Objects, Store, StoreError};
 use tokio::net::TcpListener;
 
 mod devices;
@@ -172,26 +172,27 @@ impl State {
     }
 
     /// Fails unless `caller` is a member of group `id`; reads no more than
-    /// that.
+    /// that. Returns the `seq` the caller's view of the group's history
+    /// starts after (0: all of it).
     pub(crate) async fn check_member(
         &self,
         caller: &UserId,
         id: &GroupId,
-    ) -> Result<(), WorkerError> {
+    ) -> Result<u64, WorkerError> {
         let generation = self.bus.generation();
-        if self.members.is_member(id, caller, generation) {
-            return Ok(());
+        if let Some(from) = self.members.visible_from(id, caller, generation) {
+            return Ok(from);
         }
         let ticket = self.members.ticket(generation);
-        match self.store.groups.is_member(id, caller).await? {
-            Some(true) => {
-                self.members.remember(id, caller, ticket);
-                Ok(())
+        match self.store.groups.membership(id, caller).await? {
+            Membership::Member { visible_from } => {
+                self.members.remember(id, caller, visible_from, ticket);
+                Ok(visible_from)
             }
-            Some(false) => {
+            Membership::NotMember => {
                 Err(DomainError::Forbidden("you are not a member of this group".into()).into())
             }
-            None => Err(WorkerError::NotFound("group")),
+            Membership::NoSuchGroup => Err(WorkerError::NotFound("group")),
         }
     }
 

@@ -108,7 +108,15 @@ pub(crate) async fn check_media(
     // until it expires and could otherwise replace them (or, after a
     // removal, put anything there)
     let media_key = new_key(group);
-    if !s.store.uploads.claim(&media.key, &media_key).await? {
+    // the message this copy goes with gets a seq above this: a member who
+    // joined after it may download the copy (media_url)
+    let after_seq = crate::messages::newest_seq(s, group).await?;
+    if !s
+        .store
+        .uploads
+        .claim(&media.key, &media_key, after_seq)
+        .await?
+    {
         return Err(invalid("this upload has expired or is used already"));
     }
     let copied = async {
@@ -304,17 +312,22 @@ impl Media for MediaService {
         let s = &self.0;
         let caller = parse_id::<UserId>(&req.caller)?;
         let group = parse_id::<GroupId>(&req.group_id)?;
-        s.check_member(&caller, &group).await?;
+        let from = s.check_member(&caller, &group).await?;
         check_key(&group, &req.key)?;
         let objects = objects(s)?;
         // only objects messages use: never an upload's own key, which its
-        // uploader (perhaps removed since) can still write to
-        if !s
+        // uploader (perhaps removed since) can still write to; and under
+        // `joined` history only those of messages sent after the caller
+        // joined (their seq is above the group's newest when the object was
+        // claimed; a message at the boundary may be refused, never one from
+        // before let through)
+        let after = s
             .store
             .uploads
-            .is_media(&group, &req.key)
+            .media_after(&group, &req.key)
             .await
-            .map_err(WorkerError::from)?
+            .map_err(WorkerError::from)?;
+        if after.is_none_or(|after| after < from)
             || objects
                 .head(&req.key)
                 .await

@@ -34,9 +34,18 @@ pub(crate) struct Ticket {
     generation: u64,
 }
 
+/// A membership remembered: when, under which bus generation, and where the
+/// member's view of the history starts.
+#[derive(Clone, Copy)]
+struct Entry {
+    at: Instant,
+    generation: u64,
+    visible_from: u64,
+}
+
 #[derive(Default)]
 struct Inner {
-    groups: HashMap<GroupId, HashMap<UserId, (Instant, u64)>>,
+    groups: HashMap<GroupId, HashMap<UserId, Entry>>,
     /// Memberships held, over all groups.
     entries: usize,
     /// Rises with every forget.
@@ -52,14 +61,20 @@ impl Members {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Whether `user` is known to be a member of `group`, as of the bus's
-    /// `generation` now.
-    pub(crate) fn is_member(&self, group: &GroupId, user: &UserId, generation: u64) -> bool {
+    /// If `user` is known to be a member of `group` as of the bus's
+    /// `generation` now: the `seq` its view of the history starts after.
+    pub(crate) fn visible_from(
+        &self,
+        group: &GroupId,
+        user: &UserId,
+        generation: u64,
+    ) -> Option<u64> {
         self.inner()
             .groups
             .get(group)
             .and_then(|users| users.get(user))
-            .is_some_and(|(at, g)| *g == generation && at.elapsed() < TTL)
+            .filter(|e| e.generation == generation && e.at.elapsed() < TTL)
+            .map(|e| e.visible_from)
     }
 
     /// Taken before reading the membership from the database.
@@ -72,7 +87,13 @@ impl Members {
 
     /// Remembers a membership read under `ticket`, unless anything was
     /// forgotten since the read started (the read may predate the change).
-    pub(crate) fn remember(&self, group: &GroupId, user: &UserId, ticket: Ticket) {
+    pub(crate) fn remember(
+        &self,
+        group: &GroupId,
+        user: &UserId,
+        visible_from: u64,
+        ticket: Ticket,
+    ) {
         let mut inner = self.inner();
         if inner.forgets != ticket.forgets {
             return;
@@ -85,7 +106,14 @@ impl Members {
             .groups
             .entry(group.clone())
             .or_default()
-            .insert(user.clone(), (Instant::now(), ticket.generation))
+            .insert(
+                user.clone(),
+                Entry {
+                    at: Instant::now(),
+                    generation: ticket.generation,
+                    visible_from,
+                },
+            )
             .is_none();
         inner.entries += usize::from(added);
     }
@@ -115,12 +143,12 @@ mod tests {
     fn a_membership_is_kept_until_its_group_is_forgotten() {
         let m = Members::default();
         let (g, u) = ids();
-        assert!(!m.is_member(&g, &u, 1));
+        assert_eq!(m.visible_from(&g, &u, 1), None);
         let t = m.ticket(1);
-        m.remember(&g, &u, t);
-        assert!(m.is_member(&g, &u, 1));
+        m.remember(&g, &u, 7, t);
+        assert_eq!(m.visible_from(&g, &u, 1), Some(7));
         m.forget(&g);
-        assert!(!m.is_member(&g, &u, 1));
+        assert_eq!(m.visible_from(&g, &u, 1), None);
     }
 
     #[test]
@@ -130,8 +158,8 @@ mod tests {
         let t = m.ticket(1);
         // the removal is announced while the read is under way
         m.forget(&g);
-        m.remember(&g, &u, t);
-        assert!(!m.is_member(&g, &u, 1));
+        m.remember(&g, &u, 0, t);
+        assert_eq!(m.visible_from(&g, &u, 1), None);
     }
 
     #[test]
@@ -139,8 +167,8 @@ mod tests {
         let m = Members::default();
         let (g, u) = ids();
         let t = m.ticket(1);
-        m.remember(&g, &u, t);
+        m.remember(&g, &u, 0, t);
         // the bus reconnected: notices may have been missed
-        assert!(!m.is_member(&g, &u, 2));
+        assert_eq!(m.visible_from(&g, &u, 2), None);
     }
 }

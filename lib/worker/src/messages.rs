@@ -145,6 +145,19 @@ async fn known_position(
     Ok(p)
 }
 
+/// The newest `seq` of `group` now: from the stream, else (messages aged
+/// out of it) the last committed message, else 0.
+pub(crate) async fn newest_seq(s: &State, group: &GroupId) -> Result<u64, WorkerError> {
+    if let Some(p) = s.bus.last_group_position(group).await? {
+        return Ok(p.seq);
+    }
+    Ok(s.store
+        .messages
+        .last_committed(group)
+        .await?
+        .map_or(0, |(seq, _)| seq))
+}
+
 /// What `m`'s content is bound to at `seq`.
 fn binding(m: &StoredMessage, seq: u64) -> MessageBinding<'_> {
     MessageBinding {
@@ -548,7 +561,7 @@ impl MessagesService {
     ) -> Result<StoredMessage, WorkerError> {
         let id = parse_id::<MessageId>(id)?;
         let s = &self.0;
-        s.check_member(caller, group).await?;
+        let from = s.check_member(caller, group).await?;
         // a message delivered a moment ago may not be in MongoDB yet: wait
         // while persistence is behind the stream for this group
         let found = read_caught_up(
@@ -565,7 +578,10 @@ impl MessagesService {
             Option::is_some,
         )
         .await?;
-        found.ok_or(WorkerError::NotFound("message"))
+        // a message from before the caller joined does not exist for it
+        found
+            .filter(|m| m.seq.is_some_and(|seq| seq > from))
+            .ok_or(WorkerError::NotFound("message"))
     }
 }
 
@@ -629,7 +645,8 @@ impl Messages for MessagesService {
         let s = &self.0;
         let caller = parse_id::<UserId>(&req.caller)?;
         let group = parse_id::<GroupId>(&req.group_id)?;
-        s.check_member(&caller, &group).await?;
+        // under `joined` history the page stops at the caller's join
+        let from = s.check_member(&caller, &group).await?;
         let limit = req.limit.clamp(1, MAX_HISTORY_PAGE);
         let before = (req.before > 0).then_some(req.before);
         // read-your-writes: the page must hold every message the stream has
@@ -641,7 +658,7 @@ impl Messages for MessagesService {
             .map_err(WorkerError::from)?
             .map_or(0, |p| p.seq);
         let top = before.map_or(tail_seq, |b| tail_seq.min(b.saturating_sub(1)));
-        let want = top.min(u64::from(limit));
+        let want = top.saturating_sub(from).min(u64::from(limit));
         // the normal case: every seq of the range is there
         let stored = read_caught_up(
             s,
@@ -650,7 +667,7 @@ impl Messages for MessagesService {
             || async {
                 Ok(s.store
                     .messages
-                    .history(&group, before, i64::from(limit))
+                    .history(&group, from, before, i64::from(limit))
                     .await?)
             },
             |page| {

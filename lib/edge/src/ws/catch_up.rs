@@ -44,6 +44,7 @@ pub(super) async fn deliver(
     tx: Outbox,
     mut stop: watch::Receiver<bool>,
     live: Option<Arc<Registration>>,
+    visibility: Option<Arc<Visibility>>,
 ) {
     let consumer = match feed {
         Feed::User => chat_bus::user_consumer_name(&user, &device),
@@ -227,7 +228,7 @@ pub(super) async fn deliver(
                         open_group_message(&app, &msg).map(|o| (o.text, Some((o.group, o.seq))))
                     }
                 };
-                let (text, receipt) = match opened {
+                let (text, mut receipt) = match opened {
                     Ok(v) => v,
                     Err(e) => {
                         tracing::error!(consumer, error = %e, "undeliverable payload on the bus; dropping it");
@@ -235,8 +236,31 @@ pub(super) async fn deliver(
                         continue;
                     }
                 };
+                // from before the user joined a group with `joined` history:
+                // acknowledged in order like a repeat, never written
+                let hidden = match (&visibility, &receipt) {
+                    (Some(v), Some((group, seq))) => {
+                        match v.hides(&app, &user, group, *seq).await {
+                            Ok(hidden) => hidden,
+                            Err(e) => {
+                                tracing::warn!(error = %e, consumer, group, "cannot tell whether a message predates the member; rewinding");
+                                rewinds.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                                owed = true;
+                                if !pause(backoff, &mut stop).await {
+                                    return;
+                                }
+                                backoff = (backoff * 2).min(Duration::from_secs(5));
+                                continue 'bind;
+                            }
+                        }
+                    }
+                    _ => false,
+                };
+                if hidden {
+                    receipt = None;
+                }
                 let out = Outgoing::Delivery(Delivery {
-                    text: (!repeat).then_some(text),
+                    text: (!repeat && !hidden).then_some(text),
                     msg: Box::new(msg),
                     receipt,
                     rewinds: (

@@ -9,7 +9,9 @@
 //! - `catch_up`: the device's durable consumer drained on connect, and the
 //!   hand-over to the live feed (`crate::live`);
 //! - `frames`: group messages opened once per edge;
-//! - `receipts`: what was written, reported as delivered.
+//! - `receipts`: what was written, reported as delivered;
+//! - `visibility`: where each group's history starts for the connection
+//!   (groups with `joined` history).
 //!
 //! Nothing counts as delivered before a flush after it succeeded: what was
 //! not written comes again on the next connection.
@@ -65,9 +67,10 @@ mod frames;
 mod outbox;
 mod receipts;
 mod session;
+mod visibility;
 mod writer;
 
-use self::{catch_up::*, frames::*, outbox::*, session::*, writer::*};
+use self::{catch_up::*, frames::*, outbox::*, session::*, visibility::*, writer::*};
 pub(crate) use self::{
     frames::{OpenedFrames, open_live},
     receipts::{DeliveredHub, flush_delivered, report_delivered},

@@ -14,6 +14,8 @@ pub(super) struct Session {
     pub(super) stopped: watch::Receiver<bool>,
     /// The connection's place in the live feed.
     pub(super) live: Arc<Registration>,
+    /// Where each group's history starts for this connection.
+    pub(super) visibility: Arc<Visibility>,
 }
 
 impl Session {
@@ -63,6 +65,7 @@ impl Session {
             tx.clone(),
             stopped.clone(),
             None,
+            None,
         ));
         let config = &app.config;
         let mut session = Session {
@@ -75,6 +78,7 @@ impl Session {
             group_delivery: None,
             stopped,
             live,
+            visibility: Arc::default(),
         };
         session.start_group_delivery();
         let mut checkpoint =
@@ -195,6 +199,7 @@ impl Session {
             self.tx.clone(),
             self.stopped.clone(),
             Some(self.live.clone()),
+            Some(self.visibility.clone()),
         )));
     }
 

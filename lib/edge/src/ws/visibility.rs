@@ -1,0 +1,79 @@
+//! Where a connection's view of each group's history starts: under a
+//! group's `joined` history a member sees only messages sent after it was
+//! added, and a device that was offline before it joined must not have the
+//! earlier ones handed on by its catch-up.
+//!
+//! A catch-up asks a worker once per group it meets (the worker answers from
+//! its membership cache), so whatever the device's consumer carries, whether
+//! the group was subscribed before the session opened or during its
+//! catch-up, from this or another connection of the user, is checked the
+//! same way; connections that miss nothing ask nothing.
+
+use std::sync::Mutex;
+
+use super::*;
+
+/// Most groups remembered per connection: past it a group is asked again
+/// each time (a user is in at most `--max-groups-per-user` groups anyway).
+const MAX_KNOWN: usize = 4096;
+
+/// Hides everything: the caller is not (or no longer) a member.
+const HIDE_ALL: u64 = u64::MAX;
+
+/// The `seq` after which each group met so far is visible.
+#[derive(Default)]
+pub(super) struct Visibility {
+    known: Mutex<HashMap<String, u64>>,
+}
+
+impl Visibility {
+    fn lookup(&self, group: &str) -> Option<u64> {
+        self.known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(group)
+            .copied()
+    }
+
+    /// Whether the message at `seq` of `group` is hidden from `user`.
+    pub(super) async fn hides(
+        &self,
+        app: &AppState,
+        user: &UserId,
+        group: &str,
+        seq: u64,
+    ) -> Result<bool, tonic::Status> {
+        let from = match self.lookup(group) {
+            Some(from) => from,
+            None => {
+                let asked = rpc!(
+                    app,
+                    GroupsClient,
+                    visible_from,
+                    pb::GroupRequest {
+                        caller: user.to_string(),
+                        group_id: group.to_owned(),
+                    }
+                );
+                let from = match asked {
+                    Ok(r) => r.into_inner().seq,
+                    Err(e)
+                        if matches!(
+                            e.code(),
+                            tonic::Code::PermissionDenied | tonic::Code::NotFound
+                        ) =>
+                    {
+                        HIDE_ALL
+                    }
+                    Err(e) => return Err(e),
+                };
+                let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+                if known.len() < MAX_KNOWN {
+                    known.insert(group.to_owned(), from);
+                }
+                from
+            }
+        };
+        Ok(seq <= from)
+    }
+}
