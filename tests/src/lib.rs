@@ -466,18 +466,18 @@ impl Cluster {
 
     /// Starts one more in-process edge using exactly these workers.
     pub async fn add_edge_for(&mut self, workers: &[SocketAddr]) -> anyhow::Result<usize> {
+        let urls: Vec<String> = workers.iter().map(|a| format!("http://{a}")).collect();
+        self.add_edge_with(&urls.join(",")).await
+    }
+
+    /// Starts one more in-process edge with `--workers` `workers`.
+    pub async fn add_edge_with(&mut self, workers: &str) -> anyhow::Result<usize> {
         let mut argv = self.node_argv("edge", "127.0.0.1:0", "127.0.0.1:0");
         if let Some(i) = argv.iter().position(|a| a == "--workers") {
             argv.drain(i..i + 2);
         }
         argv.push("--workers".into());
-        argv.push(
-            workers
-                .iter()
-                .map(|a| format!("http://{a}"))
-                .collect::<Vec<_>>()
-                .join(","),
-        );
+        argv.push(workers.to_owned());
         let node = chatd::Node::start(chatd::Cli::try_parse_from(argv)?.serve).await?;
         self.edge_addrs
             .push(node.http_addr.context("edge has no http address")?);

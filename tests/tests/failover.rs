@@ -28,3 +28,19 @@ async fn sends_keep_working_while_a_worker_is_down_and_it_rejoins() -> anyhow::R
     assert_eq!(seqs, (1..=50).collect::<Vec<_>>());
     c.stop().await
 }
+
+/// A `--workers` URL may name a host: the edge looks it up and calls the
+/// addresses it has (here `localhost`, which also has `::1`, where nothing
+/// listens: that address fails its health checks and is never used).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_finds_its_workers_by_host_name() -> anyhow::Result<()> {
+    let mut c = Cluster::start(1, 1).await?;
+    let by_name = c.worker_url(0).replace("127.0.0.1", "localhost");
+    let edge = c.add_edge_with(&by_name).await?;
+    let g = c.room(&["alice", "bob"]).await?;
+    let mut alice = c.connect(edge, "alice", "a").await?;
+    let mut bob = c.connect(0, "bob", "b").await?;
+    alice.send_text(&g, "m1", "hello").await?;
+    assert_eq!(bob.messages(1).await?[0]["text"], "hello");
+    c.stop().await
+}

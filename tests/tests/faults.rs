@@ -404,6 +404,10 @@ async fn an_edge_drains_on_sigterm_and_clients_move_over() -> anyhow::Result<()>
         draining.log_text()
     );
     println!("edge drained in {:?}", started.elapsed());
+    assert!(
+        draining.log_text().contains("open-file limit"),
+        "chatd logs its open-file limit at start"
+    );
 
     alice.send_text_until_ok(&g, "m2", "two", PROMPTLY).await?;
     let mut bob = reconnect(&c, 0, "bob").await?;

@@ -107,6 +107,11 @@ pub struct ServeArgs {
     /// Replicas of each JetStream stream (3 on a 3-node cluster).
     #[arg(long, env = "CHATD_NATS_REPLICAS", default_value_t = 1)]
     pub nats_replicas: usize,
+    /// Worker: most consumers per stream (two per device). Raised on a
+    /// running stream at the next start-up of a worker where nats-server
+    /// allows it (OPERATIONS.md, "Changing a stream's fixed fields").
+    #[arg(long, env = "CHATD_NATS_MAX_CONSUMERS", default_value_t = 200_000)]
+    pub nats_max_consumers: i32,
     /// The NATS user this node connects as: `chat-edge` for edges,
     /// `chat-worker` for workers and `--role all` (see nats/auth.conf).
     #[arg(long, env = "CHATD_NATS_USER")]
@@ -420,6 +425,8 @@ impl Node {
         let role = args.role.context("--role is required")?;
         let (stop, stop_rx) = watch::channel(false);
         let mut defs = Definitions::load(args.nats_replicas)?;
+        defs.users_stream.max_consumers = args.nats_max_consumers;
+        defs.groups_stream.max_consumers = args.nats_max_consumers;
         defs.device_consumer.inactive_threshold = args.device_idle();
         let service_secret = args.service_secret()?;
         let runs_worker = matches!(role, Role::Worker | Role::All);
@@ -432,6 +439,7 @@ impl Node {
             );
         }
         let keys = args.keys()?;
+        raise_open_files();
         let mut tasks = Vec::new();
         let (died_tx, died) = mpsc::channel(2);
         let mut grpc_addr = None;
@@ -613,6 +621,39 @@ impl Node {
 }
 
 /// Mints a token as `chatd token` does.
+/// Raises the soft limit on open files to the hard one and logs both: every
+/// WebSocket is a file, and the usual soft default (1,024) would cap an edge
+/// at about a thousand connections. The hard limit is the operator's
+/// (`ulimit -Hn`, compose `ulimits`, systemd `LimitNOFILE`).
+fn raise_open_files() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let Rlimit { current, maximum } = getrlimit(Resource::Nofile);
+    let raised = Rlimit {
+        current: maximum,
+        maximum,
+    };
+    let now = if current == maximum {
+        current
+    } else {
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => maximum,
+            Err(e) => {
+                tracing::warn!(soft = ?current, hard = ?maximum, error = %e, "cannot raise the open-file limit");
+                current
+            }
+        }
+    };
+    let shown = |l: Option<u64>| l.map_or_else(|| "unlimited".to_owned(), |n| n.to_string());
+    tracing::info!(
+        open_files = %shown(now),
+        hard = %shown(maximum),
+        "open-file limit (each connection takes one)"
+    );
+    if now.is_some_and(|n| n < 65_536) {
+        tracing::warn!(open_files = %shown(now), "fewer than 65,536 files may be open: raise the hard limit for many connections");
+    }
+}
+
 pub fn mint(args: &TokenArgs) -> anyhow::Result<String> {
     let user = chat_domain::UserId::parse(args.user.as_str())?;
     if args.jwt_secret.len() < 32 {

@@ -234,16 +234,41 @@ impl Bus {
     /// A cluster that has just started may not have elected its JetStream
     /// leader yet (on a busy machine that took over 30 s): keep trying for
     /// up to 60 s.
+    ///
+    /// Some fields cannot change on a stream that exists (its storage type,
+    /// for one, and `max_consumers` on older servers): nats-server refuses
+    /// the whole update. That is logged at warn and the stream is used as it
+    /// is, so a definition an operator changed never stops every node at
+    /// start-up (OPERATIONS.md, "Changing a stream's fixed fields").
     pub async fn ensure_streams(&self) -> Result<(), BusError> {
         for config in [&self.defs.users_stream, &self.defs.groups_stream] {
-            self.until_streams_answer(&config.name, || {
-                self.js.create_or_update_stream(config.clone())
+            self.until_streams_answer(&config.name, || async {
+                match self.js.create_or_update_stream(config.clone()).await {
+                    Err(e) if fixed_field(&e) => {
+                        // only if it exists: a refused creation is an error
+                        self.js.get_stream_no_info(&config.name).await?;
+                        tracing::warn!(stream = %config.name, error = %e, "the stream differs from its definition in a field nats-server cannot change; using it as it is");
+                        Ok(())
+                    }
+                    other => other.map(drop).map_err(async_nats::Error::from),
+                }
             })
             .await?;
         }
         Ok(())
     }
+}
 
+/// Whether nats-server refused a stream update because it would change a
+/// field that is fixed once the stream exists.
+fn fixed_field(e: &async_nats::jetstream::context::CreateStreamError) -> bool {
+    use async_nats::jetstream::{ErrorCode, context::CreateStreamErrorKind};
+    matches!(e.kind(), CreateStreamErrorKind::JetStream(js)
+        if js.error_code() == ErrorCode::STREAM_INVALID_CONFIG
+            && js.to_string().contains("can not change"))
+}
+
+impl Bus {
     /// Waits (up to 60 s) until the streams exist, without changing them:
     /// what an edge does at start-up, since only workers may declare
     /// streams.

@@ -107,7 +107,7 @@ pub enum StartError {
     #[error("no worker endpoints configured")]
     NoWorkers,
     #[error("bad worker endpoint {0:?}: {1}")]
-    Endpoint(String, tonic::transport::Error),
+    Endpoint(String, String),
 }
 
 /// The contents of [`AppState`].

@@ -5,6 +5,12 @@
 //! a worker costs its callers nothing but a retry; a worker that answers its
 //! health check again is back in rotation.
 //!
+//! A `--workers` URL may name a host instead of an address: the name is
+//! resolved again every few seconds and every address it has is a worker of
+//! its own, so adding a worker behind one DNS name (compose's `--scale`, a
+//! Kubernetes headless service) reaches every edge with no restart. A failed
+//! lookup keeps the addresses the name had.
+//!
 //! With a service secret, a worker is called only once its health check has
 //! proved that it knows the secret (see `chat_rpc::ServiceSecret`), and every
 //! call carries the secret; an edge never sends it to a process that could
@@ -12,8 +18,9 @@
 
 use std::{
     future::Future,
+    net::IpAddr,
     sync::{
-        Arc,
+        Arc, RwLock,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Duration,
@@ -26,7 +33,7 @@ pub(crate) use chat_rpc::pb::{
 use chat_rpc::{SECRET_HEADER, ServiceSecret, pb};
 use tonic::{
     Status,
-    transport::{Channel, Endpoint},
+    transport::{Channel, Endpoint, Uri},
 };
 
 use crate::StartError;
@@ -35,6 +42,10 @@ use crate::StartError;
 const HEALTH_EVERY: Duration = Duration::from_millis(500);
 /// How long a health check may take.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+/// Health checks between two lookups of the workers' host names (5 s).
+const RESOLVE_EVERY_CHECKS: usize = 10;
+/// Most addresses one name may bring into the pool.
+const MAX_ADDRESSES_PER_NAME: usize = 64;
 
 struct Worker {
     url: String,
@@ -44,17 +55,33 @@ struct Worker {
     verified: AtomicBool,
 }
 
+/// One `--workers` URL.
+struct Target {
+    /// As given.
+    url: String,
+    scheme: String,
+    /// `Some` if the URL names a host rather than an address.
+    host: Option<(String, u16)>,
+    /// The worker URLs the host's last successful lookup gave.
+    found: std::sync::Mutex<Vec<String>>,
+}
+
 /// The pool of workers of one edge.
 pub struct Workers {
-    workers: Vec<Worker>,
+    targets: Vec<Target>,
+    /// The workers now, replaced whole when a lookup changes them; a call
+    /// works on the list it started with.
+    pool: RwLock<Arc<Vec<Arc<Worker>>>>,
     next: AtomicUsize,
+    checks: AtomicUsize,
+    timeout: Duration,
     secret: Option<ServiceSecret>,
 }
 
 impl std::fmt::Debug for Workers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let urls: Vec<_> = self
-            .workers
+        let pool = self.snapshot();
+        let urls: Vec<_> = pool
             .iter()
             .map(|w| (&w.url, w.healthy.load(Ordering::Relaxed)))
             .collect();
@@ -69,7 +96,9 @@ fn transport_failure(status: &Status) -> bool {
 }
 
 impl Workers {
-    /// Channels to `urls`, each with a deadline of `timeout` per call.
+    /// Channels to `urls`, each with a deadline of `timeout` per call. URLs
+    /// with an address are in the pool at once; those with a host name join
+    /// it at the first lookup (`check_all`).
     pub fn new(
         urls: &[String],
         timeout: Duration,
@@ -78,27 +107,112 @@ impl Workers {
         if urls.is_empty() {
             return Err(StartError::NoWorkers);
         }
-        let workers = urls
+        let targets = urls
             .iter()
             .map(|url| {
-                let endpoint = Endpoint::from_shared(url.clone())
-                    .map_err(|e| StartError::Endpoint(url.clone(), e))?
-                    .timeout(timeout)
-                    .connect_timeout(Duration::from_secs(2))
-                    .tcp_nodelay(true);
-                Ok(Worker {
+                let bad = |e: String| StartError::Endpoint(url.clone(), e);
+                let uri: Uri = url.parse().map_err(|e| bad(format!("{e}")))?;
+                let scheme = uri.scheme_str().unwrap_or("http").to_owned();
+                let host = uri.host().ok_or_else(|| bad("no host".into()))?;
+                let is_address = host.trim_matches(['[', ']']).parse::<IpAddr>().is_ok();
+                let port = uri
+                    .port_u16()
+                    .unwrap_or(if scheme == "https" { 443 } else { 80 });
+                Ok(Target {
                     url: url.clone(),
-                    channel: endpoint.connect_lazy(),
-                    healthy: AtomicBool::new(true),
-                    verified: AtomicBool::new(secret.is_none()),
+                    scheme,
+                    host: (!is_address).then(|| (host.to_owned(), port)),
+                    found: std::sync::Mutex::default(),
                 })
             })
             .collect::<Result<Vec<_>, StartError>>()?;
-        Ok(Arc::new(Self {
-            workers,
+        let pool = Arc::new(Self {
+            targets,
+            pool: RwLock::new(Arc::default()),
             next: AtomicUsize::new(0),
+            checks: AtomicUsize::new(0),
+            timeout,
             secret,
-        }))
+        });
+        let fixed: Vec<String> = pool
+            .targets
+            .iter()
+            .filter(|t| t.host.is_none())
+            .map(|t| t.url.clone())
+            .collect();
+        pool.replace(fixed, true)?;
+        Ok(pool)
+    }
+
+    fn snapshot(&self) -> Arc<Vec<Arc<Worker>>> {
+        self.pool.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Makes the pool `urls`, keeping the workers (and their state) it
+    /// already has; new ones start healthy if `healthy`.
+    fn replace(&self, urls: Vec<String>, healthy: bool) -> Result<(), StartError> {
+        let old = self.snapshot();
+        let mut workers = Vec::with_capacity(urls.len());
+        for url in urls {
+            if workers.iter().any(|w: &Arc<Worker>| w.url == url) {
+                continue;
+            }
+            if let Some(w) = old.iter().find(|w| w.url == url) {
+                workers.push(w.clone());
+                continue;
+            }
+            let endpoint = Endpoint::from_shared(url.clone())
+                .map_err(|e| StartError::Endpoint(url.clone(), e.to_string()))?
+                .timeout(self.timeout)
+                .connect_timeout(Duration::from_secs(2))
+                .tcp_nodelay(true);
+            workers.push(Arc::new(Worker {
+                url,
+                channel: endpoint.connect_lazy(),
+                healthy: AtomicBool::new(healthy),
+                verified: AtomicBool::new(self.secret.is_none()),
+            }));
+        }
+        let (before, after) = (old.len(), workers.len());
+        let changed = before != after || old.iter().zip(&workers).any(|(a, b)| a.url != b.url);
+        if changed && !old.is_empty() {
+            let urls: Vec<&str> = workers.iter().map(|w| w.url.as_str()).collect();
+            tracing::info!(workers = ?urls, "the worker pool changed");
+        }
+        *self.pool.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(workers);
+        Ok(())
+    }
+
+    /// Looks the host names up again: each address is a worker. A name that
+    /// cannot be looked up keeps the workers it had.
+    async fn resolve(&self) {
+        if self.targets.iter().all(|t| t.host.is_none()) {
+            return;
+        }
+        let mut urls = Vec::new();
+        for t in &self.targets {
+            let Some((host, port)) = &t.host else {
+                urls.push(t.url.clone());
+                continue;
+            };
+            let mut found = t.found.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            match tokio::net::lookup_host((host.as_str(), *port)).await {
+                Ok(addrs) => {
+                    found = addrs
+                        .take(MAX_ADDRESSES_PER_NAME)
+                        .map(|a| format!("{}://{a}", t.scheme))
+                        .collect();
+                    *t.found.lock().unwrap_or_else(|p| p.into_inner()) = found.clone();
+                }
+                Err(e) => {
+                    tracing::warn!(host = %host, error = %e, "cannot look up workers; keeping the ones it had");
+                }
+            }
+            urls.extend(found);
+        }
+        if let Err(e) = self.replace(urls, false) {
+            tracing::warn!(error = %e, "a looked-up worker address is not usable");
+        }
     }
 
     /// Checks one worker: ready, and (with a secret) proving it over a
@@ -134,14 +248,23 @@ impl Workers {
         }
     }
 
-    /// Checks every worker once, at the same time.
+    /// Checks every worker once, at the same time; looks the host names up
+    /// again first on the first call and every few seconds.
     pub async fn check_all(&self) {
-        futures::future::join_all(self.workers.iter().map(|w| self.check(w))).await;
+        if self
+            .checks
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(RESOLVE_EVERY_CHECKS)
+        {
+            self.resolve().await;
+        }
+        let pool = self.snapshot();
+        futures::future::join_all(pool.iter().map(|w| self.check(w))).await;
     }
 
     /// Whether some worker passed its last health check.
     pub fn any_healthy(&self) -> bool {
-        self.workers
+        self.snapshot()
             .iter()
             .any(|w| w.healthy.load(Ordering::Relaxed) && w.verified.load(Ordering::Relaxed))
     }
@@ -175,20 +298,20 @@ impl Workers {
         });
     }
 
-    /// The next worker to try that `tried` does not have: round-robin over
-    /// the healthy ones, or over the rest when none of those is left; never
-    /// one that has not proved the service secret.
-    fn pick(&self, tried: &[usize]) -> Option<usize> {
-        let n = self.workers.len();
+    /// The next worker of `pool` to try that `tried` does not have:
+    /// round-robin over the healthy ones, or over the rest when none of those
+    /// is left; never one that has not proved the service secret.
+    fn pick(&self, pool: &[Arc<Worker>], tried: &[usize]) -> Option<usize> {
+        let n = pool.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let candidates = || {
             (0..n)
                 .map(move |i| (start + i) % n)
                 .filter(|i| !tried.contains(i))
-                .filter(|&i| self.workers[i].verified.load(Ordering::Relaxed))
+                .filter(|&i| pool[i].verified.load(Ordering::Relaxed))
         };
         candidates()
-            .find(|&i| self.workers[i].healthy.load(Ordering::Relaxed))
+            .find(|&i| pool[i].healthy.load(Ordering::Relaxed))
             .or_else(|| candidates().next())
     }
 
@@ -199,11 +322,12 @@ impl Workers {
         F: Fn(Channel) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
+        let pool = self.snapshot();
         let mut last = None;
-        let mut tried = Vec::with_capacity(self.workers.len());
-        while let Some(i) = self.pick(&tried) {
+        let mut tried = Vec::with_capacity(pool.len());
+        while let Some(i) = self.pick(&pool, &tried) {
             tried.push(i);
-            let w = &self.workers[i];
+            let w = &pool[i];
             match call(w.channel.clone()).await {
                 Err(status) if transport_failure(&status) => {
                     if w.healthy.swap(false, Ordering::Relaxed) {
@@ -258,3 +382,67 @@ pub fn request_id() -> String {
 }
 
 pub(crate) use rpc;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn urls(pool: &Workers) -> Vec<String> {
+        pool.snapshot().iter().map(|w| w.url.clone()).collect()
+    }
+
+    #[tokio::test]
+    async fn addresses_are_fixed_and_names_join_at_their_lookup() {
+        let given = [
+            "http://10.0.0.1:50051".to_owned(),
+            "http://[::1]:50051".to_owned(),
+            "http://localhost:50051".to_owned(),
+        ];
+        let pool = Workers::new(&given, Duration::from_secs(1), None).expect("pool");
+        assert_eq!(urls(&pool), given[..2], "names wait for a lookup");
+        pool.resolve().await;
+        let after = urls(&pool);
+        assert!(after.starts_with(&given[..2]), "{after:?}");
+        assert!(
+            after.iter().any(|u| u == "http://127.0.0.1:50051"),
+            "localhost's address joined: {after:?}"
+        );
+        assert!(
+            Workers::new(&["no scheme".into()], Duration::from_secs(1), None).is_err(),
+            "a bad URL stops the edge at start"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_new_lookup_keeps_the_workers_it_still_has_with_their_state() {
+        let pool = Workers::new(&["http://10.0.0.1:1".into()], Duration::from_secs(1), None)
+            .expect("pool");
+        pool.replace(
+            vec!["http://10.0.0.1:1".into(), "http://10.0.0.2:1".into()],
+            false,
+        )
+        .expect("replace");
+        let first = pool.snapshot();
+        assert!(first[0].healthy.load(Ordering::Relaxed), "kept as it was");
+        assert!(
+            !first[1].healthy.load(Ordering::Relaxed),
+            "new ones wait for a check"
+        );
+        first[1].healthy.store(true, Ordering::Relaxed);
+        // 10.0.0.1 is gone from the name, 10.0.0.3 came
+        pool.replace(
+            vec!["http://10.0.0.2:1".into(), "http://10.0.0.3:1".into()],
+            false,
+        )
+        .expect("replace");
+        let second = pool.snapshot();
+        assert_eq!(urls(&pool), ["http://10.0.0.2:1", "http://10.0.0.3:1"]);
+        assert!(
+            Arc::ptr_eq(&first[1], &second[0]),
+            "the same worker, channel and all"
+        );
+        assert!(second[0].healthy.load(Ordering::Relaxed));
+        // a call made on the earlier list still has its channels
+        assert_eq!(first.len(), 2);
+    }
+}
