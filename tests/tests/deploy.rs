@@ -6,6 +6,8 @@
 
 use std::path::Path;
 
+use anyhow::Context as _;
+
 use clap::{CommandFactory, Parser};
 use yaml_rust2::{Yaml, YamlLoader};
 
@@ -135,6 +137,12 @@ fn compose_pins_images_restarts_services_and_publishes_only_the_front() -> anyho
             name == "lb" || name == "s3",
             "{name}: only the load balancer and the S3 server are published"
         );
+        if !one_shot {
+            assert!(
+                !strings(&svc["healthcheck"]["test"]).is_empty(),
+                "{name}: no health check"
+            );
+        }
         let serves_sockets = is_chatd || name == "lb" || name.starts_with("nats-");
         if serves_sockets {
             let nofile = svc["ulimits"]["nofile"]["hard"]
@@ -143,11 +151,38 @@ fn compose_pins_images_restarts_services_and_publishes_only_the_front() -> anyho
             assert!(nofile >= 65_536, "{name}: nofile {nofile}");
         }
     }
-    let edge = services()?
-        .into_iter()
-        .find(|(n, _)| n == "edge")
-        .map(|(_, s)| strings(&s["command"]))
-        .unwrap_or_default();
+    let service = |name: &str| -> anyhow::Result<Yaml> {
+        services()?
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, s)| s)
+            .with_context(|| format!("no service {name}"))
+    };
+    // each role gets only its own secrets
+    for (role, has, lacks, nats) in [
+        (
+            "edge",
+            "CHATD_JWT_SECRET",
+            "CHATD_S3_SECRET_KEY",
+            "CHAT_NATS_EDGE_PASSWORD",
+        ),
+        (
+            "worker",
+            "CHATD_S3_SECRET_KEY",
+            "CHATD_JWT_SECRET",
+            "CHAT_NATS_WORKER_PASSWORD",
+        ),
+    ] {
+        let env = merged(&service(role)?["environment"]);
+        assert!(!env[has].is_badvalue(), "{role} needs {has}");
+        assert!(env[lacks].is_badvalue(), "{role} must not get {lacks}");
+        let password = env["CHATD_NATS_PASSWORD"].as_str().unwrap_or_default();
+        assert!(
+            password.contains(nats),
+            "{role} connects to NATS as its own user: {password}"
+        );
+    }
+    let edge = strings(&service("edge")?["command"]);
     assert!(
         edge.iter().any(|a| a == "--workers=http://worker:50051"),
         "edges find every worker by one name: {edge:?}"
@@ -231,8 +266,9 @@ async fn every_shipped_nats_config_refuses_anonymous_clients() -> anyhow::Result
         std::fs::copy(root().join("nats/auth.conf"), dir.path().join("auth.conf"))?;
         let nats = chat_stack::Nats::start_with_config(&dir.path().join("nats.conf")).await?;
         let connect = |user: Option<(&str, &str)>| {
+            // generous: the other tests of this file load the machine
             let mut options = async_nats::ConnectOptions::new()
-                .connection_timeout(std::time::Duration::from_secs(2));
+                .connection_timeout(std::time::Duration::from_secs(10));
             if let Some((u, p)) = user {
                 options = options.user_and_password(u.into(), p.into());
             }
@@ -249,7 +285,12 @@ async fn every_shipped_nats_config_refuses_anonymous_clients() -> anyhow::Result
         let users = &nats.users;
         for u in [&users.edge, &users.worker, &users.ops] {
             let client = connect(Some((u.user, &u.password))).await;
-            assert!(client.is_ok(), "{config}: {} cannot connect", u.user);
+            assert!(
+                client.is_ok(),
+                "{config}: {} cannot connect: {:?}",
+                u.user,
+                client.err()
+            );
         }
     }
     Ok(())
@@ -304,4 +345,218 @@ async fn a_worker_starts_on_streams_whose_fixed_fields_differ() -> anyhow::Resul
         "used as it is"
     );
     Ok(())
+}
+
+/// The shipped `deploy/nginx.conf`, run by a real nginx, in front of two
+/// real edges (one an in-process node, one a chatd process): upgrades pass,
+/// connections spread over both edges, the load balancer goes on when an
+/// edge dies, the operator's routes are refused, and no token reaches the
+/// access log. Only what cannot run here is changed: Docker's resolver and
+/// the edges' service name become the two edges' local addresses (`resolve`
+/// needs nginx 1.27.3; Debian's is older), and files go to a temporary
+/// folder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_nginx_config_balances_websockets_over_real_edges() -> anyhow::Result<()> {
+    use chat_tests::{Cluster, PROMPTLY, eventually, token};
+    let nginx = std::env::var("CHAT_NGINX").unwrap_or_else(|_| "/usr/sbin/nginx".into());
+    anyhow::ensure!(
+        Path::new(&nginx).exists(),
+        "no nginx at {nginx}: scripts/install-deps installs Debian's (apt-get install nginx, as root)"
+    );
+    let c = Cluster::start(1, 1).await?;
+    let mut other = c.spawn_process("edge").await?;
+    let edges = [c.edge_url(0), format!("http://{}", other.http)];
+
+    let dir = tempfile::tempdir()?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let shipped = std::fs::read_to_string(root().join("deploy/nginx.conf"))?;
+    let servers: String = edges
+        .iter()
+        .map(|e| {
+            format!(
+                "server {} max_fails=1 fail_timeout=5s;\n",
+                e.trim_start_matches("http://")
+            )
+        })
+        .collect();
+    let d = dir.path().display();
+    let mut conf = String::new();
+    for line in shipped.lines() {
+        let t = line.trim();
+        if t.starts_with("resolver ") || t.starts_with("zone ") {
+            continue;
+        } else if t.starts_with("server edge:8080") {
+            conf.push_str(&servers);
+        } else if t == "listen 8080;" {
+            conf.push_str(&format!("listen 127.0.0.1:{port};\n"));
+        } else if t.starts_with("access_log ") {
+            conf.push_str(&format!("access_log {d}/access.log chat;\n"));
+            for temp in ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"] {
+                conf.push_str(&format!("{temp}_temp_path {d}/{temp};\n"));
+            }
+        } else {
+            conf.push_str(line);
+            conf.push('\n');
+        }
+    }
+    let conf = format!("pid {d}/nginx.pid;\nerror_log {d}/error.log;\n{conf}");
+    std::fs::write(dir.path().join("nginx.conf"), &conf)?;
+    let mut lb = std::process::Command::new(&nginx)
+        .args([
+            "-p",
+            &format!("{d}/"),
+            "-c",
+            "nginx.conf",
+            "-g",
+            "daemon off;",
+        ])
+        .spawn()?;
+    let front: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let result = async {
+        eventually(PROMPTLY, || async {
+            Ok(tokio::net::TcpStream::connect(front).await.ok().map(drop))
+        })
+        .await
+        .map_err(|e| {
+            let log = std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default();
+            e.context(format!("nginx did not start; error.log:\n{log}"))
+        })?;
+
+        // WebSocket upgrades pass, spread over both edges
+        let mut clients = Vec::new();
+        for i in 0..6 {
+            clients.push(
+                chat_tests::Client::connect(&front, &token("alice"), &format!("d{i}")).await?,
+            );
+        }
+        let metrics = reqwest::get(format!("{}/metrics", c.ops_url(0)))
+            .await?
+            .text()
+            .await?;
+        let on_first: f64 = metrics
+            .lines()
+            .find(|l| l.starts_with("chat_ws_connections "))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_default();
+        assert!(
+            (1.0..=5.0).contains(&on_first),
+            "6 connections, {on_first} on one edge: not spread"
+        );
+
+        // the operator's routes are not served through it
+        let http = reqwest::Client::new();
+        for path in ["/metrics", "/readyz"] {
+            let status = http
+                .get(format!("http://{front}{path}"))
+                .send()
+                .await?
+                .status();
+            assert_eq!(status, 404, "{path} through the load balancer");
+        }
+
+        // an edge dies: the next connections go to the other
+        other.kill();
+        for i in 0..4 {
+            let ws = chat_tests::Client::connect(&front, &token("bob"), &format!("e{i}")).await?;
+            ws.close().await?;
+        }
+        drop(clients);
+
+        // a token passed as ?token= is not in the access log
+        let secret = token("carol");
+        let _ = http
+            .get(format!("http://{front}/groups?token={secret}"))
+            .send()
+            .await?;
+        let log = std::fs::read_to_string(dir.path().join("access.log"))?;
+        assert!(log.contains("/groups"), "requests are logged: {log}");
+        assert!(!log.contains(&secret), "a token reached the access log");
+        assert!(
+            !log.contains("token="),
+            "a query string reached the access log"
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    // SIGTERM: a SIGKILLed master leaves its worker processes behind
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &lb.id().to_string()])
+        .status();
+    let _ = lb.wait();
+    result?;
+    c.stop().await
+}
+
+/// A real Compose implementation (Debian's docker-compose, installed by
+/// scripts/install-deps) accepts compose.yaml: `config` checks every key
+/// against the Compose schema, the merges and the interpolation, without a
+/// Docker engine.
+#[test]
+fn a_real_compose_implementation_accepts_compose_yaml() -> anyhow::Result<()> {
+    let compose = std::env::var("CHAT_DOCKER_COMPOSE").unwrap_or_else(|_| "docker-compose".into());
+    let mut cmd = std::process::Command::new(&compose);
+    cmd.current_dir(root())
+        .args(["-f", "compose.yaml", "config", "-q"]);
+    for var in [
+        "CHATD_JWT_SECRET",
+        "CHATD_ENCRYPTION_KEYS",
+        "CHATD_SERVICE_SECRET",
+        "CHAT_NATS_EDGE_PASSWORD",
+        "CHAT_NATS_WORKER_PASSWORD",
+        "CHAT_NATS_OPS_PASSWORD",
+        "CHAT_S3_SECRET_KEY",
+    ] {
+        cmd.env(var, "checked-by-the-test");
+    }
+    let out = cmd.output().with_context(|| {
+        format!(
+            "cannot run {compose}: scripts/install-deps installs Debian's docker-compose (as root)"
+        )
+    })?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{compose} refuses compose.yaml:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// `chatd probe`, compose's health check for edges and workers: 0 for a 200,
+/// 1 for anything else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chatd_probe_passes_only_on_a_200() -> anyhow::Result<()> {
+    let c = chat_tests::Cluster::start(1, 1).await?;
+    let bin = chat_stack::chatd_binary()?;
+    let probe = |url: String| {
+        let bin = bin.clone();
+        async move {
+            let out = tokio::process::Command::new(bin)
+                .args(["probe", &url])
+                .output()
+                .await?;
+            anyhow::Ok(out.status.code())
+        }
+    };
+    let ready = format!("{}/readyz", c.ops_url(0));
+    let ok = chat_tests::eventually(chat_tests::PROMPTLY, || {
+        let probe = probe(ready.clone());
+        async move { Ok((probe.await? == Some(0)).then_some(())) }
+    })
+    .await;
+    assert!(ok.is_ok(), "a ready edge never passed");
+    assert_eq!(
+        probe(format!("{}/nothing", c.ops_url(0))).await?,
+        Some(1),
+        "404"
+    );
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    assert_eq!(
+        probe(format!("http://{closed}/healthz")).await?,
+        Some(1),
+        "nothing listening"
+    );
+    c.stop().await
 }

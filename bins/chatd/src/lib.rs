@@ -41,6 +41,33 @@ pub enum Command {
         #[arg(long, default_value = "k1")]
         id: String,
     },
+    /// Exit 0 if `GET <url>` answers 200 within 3 s, else 1: a container
+    /// health check that needs no curl in the image (for example
+    /// `chatd probe http://127.0.0.1:9100/readyz`).
+    Probe {
+        /// `http://host:port/path`.
+        url: String,
+    },
+}
+
+/// `chatd probe`: one plain HTTP/1.0 GET, and whether it answered 200.
+pub fn probe(url: &str) -> anyhow::Result<bool> {
+    use std::io::{Read, Write};
+    let rest = url
+        .strip_prefix("http://")
+        .context("probe takes an http:// URL")?;
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let timeout = Duration::from_secs(3);
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(authority)?
+        .next()
+        .with_context(|| format!("{authority} has no address"))?;
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    write!(stream, "GET /{path} HTTP/1.0\r\nHost: {authority}\r\n\r\n")?;
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head)?;
+    Ok(head.starts_with(b"HTTP/1.") && &head[8..12] == b" 200")
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -26,6 +26,14 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", chat_crypto::KeyRing::generate_entry(&id));
             Ok(())
         }
+        Some(chatd::Command::Probe { url }) => match chatd::probe(&url) {
+            Ok(true) => Ok(()),
+            Ok(false) => std::process::exit(1),
+            Err(e) => {
+                eprintln!("probe {url}: {e:#}");
+                std::process::exit(1)
+            }
+        },
         None => {
             chatd::Node::start(cli.serve)
                 .await?
