@@ -41,6 +41,10 @@ pub enum Command {
         #[arg(long, default_value = "k1")]
         id: String,
     },
+    /// How many stored messages each encryption key seals (`KEY COUNT` per
+    /// line): a key may leave --encryption-keys once it seals none here and
+    /// the group stream's copies sealed with it have aged out.
+    KeyUsage(MongoArgs),
     /// Exit 0 if `GET <url>` answers 200 within 3 s, else 1: a container
     /// health check that needs no curl in the image (for example
     /// `chatd probe http://127.0.0.1:9100/readyz`).
@@ -48,6 +52,12 @@ pub enum Command {
         /// `http://host:port/path`.
         url: String,
     },
+}
+
+/// `chatd key-usage`: each key id with how many stored messages it seals.
+pub async fn key_usage(args: &MongoArgs) -> anyhow::Result<Vec<(String, u64)>> {
+    let store = Store::connect(&args.mongodb_uri, &args.mongodb_db).await?;
+    Ok(store.messages.key_usage().await?)
 }
 
 /// `chatd probe`: one plain HTTP/1.0 GET, and whether it answered 200.
@@ -68,6 +78,21 @@ pub fn probe(url: &str) -> anyhow::Result<bool> {
     let mut head = [0u8; 12];
     stream.read_exact(&mut head)?;
     Ok(head.starts_with(b"HTTP/1.") && &head[8..12] == b" 200")
+}
+
+/// Where the worker's MongoDB is (also `chatd key-usage`).
+#[derive(Debug, Clone, Args)]
+pub struct MongoArgs {
+    /// Worker: MongoDB connection string.
+    #[arg(
+        long,
+        env = "CHATD_MONGODB_URI",
+        default_value = "mongodb://127.0.0.1:27017/?directConnection=true"
+    )]
+    pub mongodb_uri: String,
+    /// Worker: MongoDB database name.
+    #[arg(long, env = "CHATD_MONGODB_DB", default_value = "chat")]
+    pub mongodb_db: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -152,16 +177,8 @@ pub struct ServeArgs {
     )]
     pub nats_password: Option<String>,
 
-    /// Worker: MongoDB connection string.
-    #[arg(
-        long,
-        env = "CHATD_MONGODB_URI",
-        default_value = "mongodb://127.0.0.1:27017/?directConnection=true"
-    )]
-    pub mongodb_uri: String,
-    /// Worker: MongoDB database name.
-    #[arg(long, env = "CHATD_MONGODB_DB", default_value = "chat")]
-    pub mongodb_db: String,
+    #[command(flatten)]
+    pub mongo: MongoArgs,
 
     /// HS256 secret for JWTs (at least 32 bytes). Either this or
     /// --jwt-public-key.
@@ -170,6 +187,25 @@ pub struct ServeArgs {
     /// PEM public key file for RS256, ES256 or EdDSA JWTs.
     #[arg(long, env = "CHATD_JWT_PUBLIC_KEY", conflicts_with = "jwt_secret")]
     pub jwt_public_key: Option<PathBuf>,
+    /// More HS256 secrets accepted (comma-separated), while keys rotate:
+    /// tokens signed with any of them or with --jwt-secret pass.
+    #[arg(
+        long,
+        env = "CHATD_JWT_ACCEPT_SECRETS",
+        hide_env_values = true,
+        value_delimiter = ',',
+        requires = "jwt_secret"
+    )]
+    pub jwt_accept_secrets: Vec<String>,
+    /// More PEM public key files accepted (comma-separated), while keys
+    /// rotate; the same algorithm as --jwt-public-key.
+    #[arg(
+        long,
+        env = "CHATD_JWT_ACCEPT_PUBLIC_KEYS",
+        value_delimiter = ',',
+        requires = "jwt_public_key"
+    )]
+    pub jwt_accept_public_keys: Vec<PathBuf>,
     /// Algorithm of --jwt-public-key: RS256, ES256 or EdDSA.
     #[arg(long, env = "CHATD_JWT_ALGORITHM", default_value = "RS256")]
     pub jwt_algorithm: String,
@@ -398,15 +434,25 @@ impl ServeArgs {
     }
 
     fn verifier(&self) -> anyhow::Result<Verifier> {
-        let verifier = match (&self.jwt_secret, &self.jwt_public_key) {
+        let public_key = |path: &PathBuf| -> anyhow::Result<Verifier> {
+            let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            Ok(Verifier::public_key(&self.jwt_algorithm, &pem)?)
+        };
+        let mut verifier = match (&self.jwt_secret, &self.jwt_public_key) {
             (Some(secret), _) => Verifier::hs256(secret.as_bytes())?,
-            (None, Some(path)) => {
-                let pem =
-                    std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-                Verifier::public_key(&self.jwt_algorithm, &pem)?
-            }
+            (None, Some(path)) => public_key(path)?,
             (None, None) => anyhow::bail!("the edge needs --jwt-secret or --jwt-public-key"),
         };
+        for secret in &self.jwt_accept_secrets {
+            verifier = verifier
+                .also(Verifier::hs256(secret.as_bytes())?)
+                .context("--jwt-accept-secrets")?;
+        }
+        for path in &self.jwt_accept_public_keys {
+            verifier = verifier
+                .also(public_key(path)?)
+                .context("--jwt-accept-public-keys")?;
+        }
         Ok(verifier.with_policy(&chat_auth::TokenPolicy {
             issuer: self.jwt_issuer.clone(),
             audience: self.jwt_audience.clone(),
@@ -491,7 +537,7 @@ impl Node {
         }
 
         if runs_worker {
-            let store = Store::connect(&args.mongodb_uri, &args.mongodb_db)
+            let store = Store::connect(&args.mongo.mongodb_uri, &args.mongo.mongodb_db)
                 .await
                 .context("connecting to mongodb")?;
             store

@@ -26,6 +26,12 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", chat_crypto::KeyRing::generate_entry(&id));
             Ok(())
         }
+        Some(chatd::Command::KeyUsage(args)) => {
+            for (key, count) in chatd::key_usage(&args).await? {
+                println!("{key} {count}");
+            }
+            Ok(())
+        }
         Some(chatd::Command::Probe { url }) => match chatd::probe(&url) {
             Ok(true) => Ok(()),
             Ok(false) => std::process::exit(1),

@@ -40,6 +40,8 @@ pub enum KeyError {
     },
     #[error("the HS256 secret must be at least 32 bytes")]
     ShortSecret,
+    #[error("every accepted key must use the same algorithm")]
+    Mixed,
 }
 
 /// The authenticated caller.
@@ -86,10 +88,12 @@ impl Default for TokenPolicy {
     }
 }
 
-/// Verifies tokens against one configured key.
+/// Verifies tokens against the configured keys: the current one first, then
+/// any others accepted while keys rotate (a token is accepted if one of them
+/// verifies its signature; the first that does decides the rest).
 #[derive(Clone)]
 pub struct Verifier {
-    key: DecodingKey,
+    keys: Vec<DecodingKey>,
     validation: Validation,
     max_lifetime_secs: Option<u64>,
 }
@@ -114,10 +118,20 @@ impl Verifier {
         validation.validate_aud = false;
         validation.leeway = TokenPolicy::default().leeway_secs;
         Self {
-            key,
+            keys: vec![key],
             validation,
             max_lifetime_secs: None,
         }
+    }
+
+    /// Also accepts tokens signed with `other`'s keys (key rotation); both
+    /// must use the same algorithm.
+    pub fn also(mut self, other: Verifier) -> Result<Self, KeyError> {
+        if other.validation.algorithms != self.validation.algorithms {
+            return Err(KeyError::Mixed);
+        }
+        self.keys.extend(other.keys);
+        Ok(self)
     }
 
     /// Applies `policy` on top of the key's checks.
@@ -178,20 +192,25 @@ impl Verifier {
         if token.len() > MAX_TOKEN_LEN {
             return Err(AuthError::TooLong);
         }
-        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(
-            |e| match e.kind() {
-                ErrorKind::ExpiredSignature => AuthError::Expired,
-                ErrorKind::InvalidSignature => AuthError::Invalid("bad signature".into()),
-                ErrorKind::InvalidAlgorithm => AuthError::Invalid("algorithm not accepted".into()),
-                ErrorKind::MissingRequiredClaim(c) => {
-                    AuthError::Invalid(format!("missing claim {c}"))
-                }
-                ErrorKind::ImmatureSignature => AuthError::Invalid("token not valid yet".into()),
-                ErrorKind::InvalidIssuer => AuthError::Invalid("wrong issuer".into()),
-                ErrorKind::InvalidAudience => AuthError::Invalid("wrong audience".into()),
-                _ => AuthError::Invalid("malformed token".into()),
-            },
-        )?;
+        // the first key whose signature matches decides; a bad signature
+        // under one key tries the next
+        let mut decoded = Err(jsonwebtoken::errors::ErrorKind::InvalidSignature.into());
+        for key in &self.keys {
+            decoded = jsonwebtoken::decode::<Claims>(token, key, &self.validation);
+            if !matches!(&decoded, Err(e) if *e.kind() == ErrorKind::InvalidSignature) {
+                break;
+            }
+        }
+        let data = decoded.map_err(|e| match e.kind() {
+            ErrorKind::ExpiredSignature => AuthError::Expired,
+            ErrorKind::InvalidSignature => AuthError::Invalid("bad signature".into()),
+            ErrorKind::InvalidAlgorithm => AuthError::Invalid("algorithm not accepted".into()),
+            ErrorKind::MissingRequiredClaim(c) => AuthError::Invalid(format!("missing claim {c}")),
+            ErrorKind::ImmatureSignature => AuthError::Invalid("token not valid yet".into()),
+            ErrorKind::InvalidIssuer => AuthError::Invalid("wrong issuer".into()),
+            ErrorKind::InvalidAudience => AuthError::Invalid("wrong audience".into()),
+            _ => AuthError::Invalid("malformed token".into()),
+        })?;
         if let Some(max) = self.max_lifetime_secs {
             let from = data
                 .claims
@@ -257,6 +276,31 @@ mod tests {
         let id = v.verify(&t).expect("valid");
         assert_eq!(id.user_id, uid("alice"));
         assert_eq!(id.name.as_deref(), Some("Alice"));
+    }
+
+    #[test]
+    fn during_a_rotation_tokens_of_every_accepted_key_pass_and_no_others() {
+        const NEW: &[u8] = b"new-secret-new-secret-new-secret";
+        const GONE: &[u8] = b"gone-secret-gone-secret-gone-sec";
+        let v = Verifier::hs256(NEW)
+            .and_then(|v| v.also(Verifier::hs256(SECRET)?))
+            .expect("keys");
+        for key in [NEW, SECRET] {
+            let t = mint_hs256(key, &uid("alice"), None, 60).expect("mint");
+            assert_eq!(v.verify(&t).expect("accepted").user_id, uid("alice"));
+        }
+        let t = mint_hs256(GONE, &uid("alice"), None, 60).expect("mint");
+        assert!(matches!(v.verify(&t), Err(AuthError::Invalid(_))));
+        // an old key's expired token is expired, not a bad signature
+        let t = mint_hs256(SECRET, &uid("alice"), None, -3600).expect("mint");
+        assert!(matches!(v.verify(&t), Err(AuthError::Expired)));
+        // keys of two algorithms cannot be mixed
+        let ed25519 = b"-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAp4FBRR4rLfExB22hCxwyAs/XMwmn+Rh//d+THtkcXFM=\n-----END PUBLIC KEY-----\n";
+        let eddsa = Verifier::public_key("EdDSA", ed25519).expect("public key");
+        assert!(matches!(
+            Verifier::hs256(NEW).expect("key").also(eddsa),
+            Err(KeyError::Mixed)
+        ));
     }
 
     #[test]

@@ -336,6 +336,22 @@ impl MessageRepo {
             .transpose()
     }
 
+    /// Each encryption key id with the number of stored messages it seals
+    /// (an operator's question, answered with a scan).
+    pub async fn key_usage(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let ids = self.coll.distinct("keyId", doc! {}).await?;
+        let mut usage = Vec::with_capacity(ids.len());
+        for id in ids {
+            let Some(id) = id.as_str().map(str::to_owned) else {
+                continue;
+            };
+            let n = self.coll.count_documents(doc! { "keyId": &id }).await?;
+            usage.push((id, n));
+        }
+        usage.sort();
+        Ok(usage)
+    }
+
     /// The newest committed message of `group`: its seq and stream seq.
     pub async fn last_committed(&self, group: &GroupId) -> Result<Option<(u64, u64)>, StoreError> {
         let last = self
