@@ -117,7 +117,9 @@ fn compose_pins_images_restarts_services_and_publishes_only_the_front() -> anyho
             assert!(
                 tag != "latest"
                     && tag.contains('.')
-                    && tag.starts_with(|c: char| c.is_ascii_digit()),
+                    && tag
+                        .trim_start_matches('v')
+                        .starts_with(|c: char| c.is_ascii_digit()),
                 "{name}: image {image:?} is not pinned to a version"
             );
         }
@@ -559,4 +561,34 @@ async fn chatd_probe_passes_only_on_a_200() -> anyhow::Result<()> {
         "nothing listening"
     );
     c.stop().await
+}
+
+/// The shipped Prometheus config and alert rules pass promtool's checks,
+/// and the rules' unit tests (`deploy/prometheus/alerts_test.yml`: each
+/// alert fires on the series that should fire it, not before its `for`).
+#[test]
+fn prometheus_config_and_alert_rules_pass_promtool() -> anyhow::Result<()> {
+    let promtool = std::env::var("CHAT_PROMTOOL").unwrap_or_else(|_| "promtool".into());
+    let dir = root().join("deploy/prometheus");
+    for args in [
+        &["check", "config", "prometheus.yml"][..],
+        &["check", "rules", "alerts.yml"],
+        &["test", "rules", "alerts_test.yml"],
+    ] {
+        let out = std::process::Command::new(&promtool)
+            .current_dir(&dir)
+            .args(args)
+            .output()
+            .with_context(|| {
+                format!("cannot run {promtool}: scripts/install-deps fetches it from Debian's prometheus")
+            })?;
+        anyhow::ensure!(
+            out.status.success(),
+            "promtool {}:\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
 }

@@ -211,7 +211,11 @@ async fn content_is_never_stored_in_plaintext_and_rotated_keys_still_decrypt() -
         .args(["key-usage", "--mongodb-uri", &c.stack.mongo.uri])
         .output()
         .await?;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(String::from_utf8(out.stdout)?, "t1 1\nt2 1\n");
     c.stop().await
 }
