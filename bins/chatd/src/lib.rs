@@ -45,6 +45,17 @@ pub enum Command {
     /// line): a key may leave --encryption-keys once it seals none here and
     /// the group stream's copies sealed with it have aged out.
     KeyUsage(MongoArgs),
+    /// Writes every message the group stream holds into MongoDB again
+    /// (idempotent), from `--from-stream-seq` or the oldest: the step after
+    /// restoring MongoDB from a backup older than the streams' (OPERATIONS.md,
+    /// "Backups and restore"). The workers do the writing.
+    Reproject {
+        #[command(flatten)]
+        nats: NatsArgs,
+        /// First stream sequence to write again (default: the oldest held).
+        #[arg(long)]
+        from_stream_seq: Option<u64>,
+    },
     /// Exit 0 if `GET <url>` answers 200 within 3 s, else 1: a container
     /// health check that needs no curl in the image (for example
     /// `chatd probe http://127.0.0.1:9100/readyz`).
@@ -58,6 +69,12 @@ pub enum Command {
 pub async fn key_usage(args: &MongoArgs) -> anyhow::Result<Vec<(String, u64)>> {
     let store = Store::connect(&args.mongodb_uri, &args.mongodb_db).await?;
     Ok(store.messages.key_usage().await?)
+}
+
+/// `chatd reproject`: rewinds the persist consumer; returns where from.
+pub async fn reproject(nats: &NatsArgs, from: Option<u64>) -> anyhow::Result<u64> {
+    let bus = nats.connect("chatd-reproject", nats.definitions()?).await?;
+    Ok(bus.reproject(from).await?)
 }
 
 /// `chatd probe`: one plain HTTP/1.0 GET, and whether it answered 200.
@@ -78,6 +95,60 @@ pub fn probe(url: &str) -> anyhow::Result<bool> {
     let mut head = [0u8; 12];
     stream.read_exact(&mut head)?;
     Ok(head.starts_with(b"HTTP/1.") && &head[8..12] == b" 200")
+}
+
+/// Where NATS is, and as whom to connect (also `chatd reproject`).
+#[derive(Debug, Clone, Args)]
+pub struct NatsArgs {
+    /// NATS server URL(s), comma-separated for a cluster.
+    #[arg(long, env = "CHATD_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// Replicas of each JetStream stream (3 on a 3-node cluster).
+    #[arg(long, env = "CHATD_NATS_REPLICAS", default_value_t = 1)]
+    pub nats_replicas: usize,
+    /// Worker: most consumers per stream (two per device). Raised on a
+    /// running stream at the next start-up of a worker where nats-server
+    /// allows it (OPERATIONS.md, "Changing a stream's fixed fields").
+    #[arg(long, env = "CHATD_NATS_MAX_CONSUMERS", default_value_t = 200_000)]
+    pub nats_max_consumers: i32,
+    /// The NATS user this node connects as: `chat-edge` for edges,
+    /// `chat-worker` for workers and `--role all` (see nats/auth.conf).
+    #[arg(long, env = "CHATD_NATS_USER")]
+    pub nats_user: Option<String>,
+    /// The NATS user's password.
+    #[arg(
+        long,
+        env = "CHATD_NATS_PASSWORD",
+        hide_env_values = true,
+        requires = "nats_user"
+    )]
+    pub nats_password: Option<String>,
+}
+
+impl NatsArgs {
+    fn credentials(&self) -> Option<chat_bus::Credentials> {
+        match (&self.nats_user, &self.nats_password) {
+            (Some(user), password) => Some(chat_bus::Credentials {
+                user: user.clone(),
+                password: password.clone().unwrap_or_default(),
+            }),
+            (None, _) => None,
+        }
+    }
+
+    /// The stream definitions, with this node's replicas and cap.
+    fn definitions(&self) -> anyhow::Result<Definitions> {
+        let mut defs = Definitions::load(self.nats_replicas)?;
+        defs.users_stream.max_consumers = self.nats_max_consumers;
+        defs.groups_stream.max_consumers = self.nats_max_consumers;
+        Ok(defs)
+    }
+
+    async fn connect(&self, name: &str, defs: Definitions) -> anyhow::Result<Bus> {
+        Bus::connect(&self.nats_url, name, self.credentials(), defs)
+            .await
+            .with_context(|| format!("connecting to nats at {}", self.nats_url))
+    }
 }
 
 /// Where the worker's MongoDB is (also `chatd key-usage`).
@@ -153,29 +224,8 @@ pub struct ServeArgs {
     #[arg(long, env = "CHATD_RPC_TIMEOUT_MS", default_value_t = 10_000)]
     pub rpc_timeout_ms: u64,
 
-    /// NATS server URL(s), comma-separated for a cluster.
-    #[arg(long, env = "CHATD_NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    pub nats_url: String,
-    /// Replicas of each JetStream stream (3 on a 3-node cluster).
-    #[arg(long, env = "CHATD_NATS_REPLICAS", default_value_t = 1)]
-    pub nats_replicas: usize,
-    /// Worker: most consumers per stream (two per device). Raised on a
-    /// running stream at the next start-up of a worker where nats-server
-    /// allows it (OPERATIONS.md, "Changing a stream's fixed fields").
-    #[arg(long, env = "CHATD_NATS_MAX_CONSUMERS", default_value_t = 200_000)]
-    pub nats_max_consumers: i32,
-    /// The NATS user this node connects as: `chat-edge` for edges,
-    /// `chat-worker` for workers and `--role all` (see nats/auth.conf).
-    #[arg(long, env = "CHATD_NATS_USER")]
-    pub nats_user: Option<String>,
-    /// The NATS user's password.
-    #[arg(
-        long,
-        env = "CHATD_NATS_PASSWORD",
-        hide_env_values = true,
-        requires = "nats_user"
-    )]
-    pub nats_password: Option<String>,
+    #[command(flatten)]
+    pub nats: NatsArgs,
 
     #[command(flatten)]
     pub mongo: MongoArgs,
@@ -383,16 +433,6 @@ impl ServeArgs {
             .context("--service-secret")
     }
 
-    fn nats_credentials(&self) -> Option<chat_bus::Credentials> {
-        match (&self.nats_user, &self.nats_password) {
-            (Some(user), password) => Some(chat_bus::Credentials {
-                user: user.clone(),
-                password: password.clone().unwrap_or_default(),
-            }),
-            (None, _) => None,
-        }
-    }
-
     fn limits(&self) -> Limits {
         Limits {
             group_members: self.max_group_members,
@@ -497,9 +537,7 @@ impl Node {
     pub async fn start(args: ServeArgs) -> anyhow::Result<Self> {
         let role = args.role.context("--role is required")?;
         let (stop, stop_rx) = watch::channel(false);
-        let mut defs = Definitions::load(args.nats_replicas)?;
-        defs.users_stream.max_consumers = args.nats_max_consumers;
-        defs.groups_stream.max_consumers = args.nats_max_consumers;
+        let mut defs = args.nats.definitions()?;
         defs.device_consumer.inactive_threshold = args.device_idle();
         let service_secret = args.service_secret()?;
         let runs_worker = matches!(role, Role::Worker | Role::All);
@@ -522,9 +560,7 @@ impl Node {
         // the metrics recorder, before anything records
         chat_edge::telemetry::prometheus();
         let node_name = format!("chatd-{role:?}").to_lowercase();
-        let bus = Bus::connect(&args.nats_url, &node_name, args.nats_credentials(), defs)
-            .await
-            .with_context(|| format!("connecting to nats at {}", args.nats_url))?;
+        let bus = args.nats.connect(&node_name, defs).await?;
         if runs_worker {
             bus.ensure_streams()
                 .await

@@ -32,6 +32,16 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Some(chatd::Command::Reproject {
+            nats,
+            from_stream_seq,
+        }) => {
+            let from = chatd::reproject(&nats, from_stream_seq).await?;
+            println!(
+                "the workers now write every message from stream sequence {from} into MongoDB again"
+            );
+            Ok(())
+        }
         Some(chatd::Command::Probe { url }) => match chatd::probe(&url) {
             Ok(true) => Ok(()),
             Ok(false) => std::process::exit(1),

@@ -141,6 +141,37 @@ impl Bus {
         Ok(info.ack_floor.stream_sequence)
     }
 
+    /// Makes the persist consumer deliver again from stream sequence `from`
+    /// (`None`: the oldest message the stream holds), so that MongoDB gets
+    /// every message from there once more: after MongoDB was restored from a
+    /// backup older than the stream's (writes are idempotent by message id,
+    /// so what it has already is left as it is). Returns where it starts.
+    pub async fn reproject(&self, from: Option<u64>) -> Result<u64, BusError> {
+        let name = self
+            .defs
+            .persist_consumer
+            .durable_name
+            .clone()
+            .unwrap_or_default();
+        let mut stream = self
+            .js
+            .get_stream(&self.defs.groups_stream.name)
+            .await
+            .map_err(BusError::nats)?;
+        let first = stream
+            .info()
+            .await
+            .map_err(BusError::nats)?
+            .state
+            .first_sequence;
+        let from = from.unwrap_or(first).max(first).max(1);
+        stream
+            .reset_consumer(&name, Some(from))
+            .await
+            .map_err(BusError::nats)?;
+        Ok(from)
+    }
+
     /// Tells every worker that `group`'s membership changed (core NATS: a
     /// lost notice is covered by the caches' expiry and by the reset that
     /// follows every reconnect, see [`Bus::generation`]).

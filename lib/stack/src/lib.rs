@@ -401,6 +401,12 @@ impl Nats {
         self.nodes[0].service.pid()
     }
 
+    /// Node `i`'s JetStream store directory (copy it only while the node is
+    /// stopped).
+    pub fn store_dir(&self, i: usize) -> PathBuf {
+        self._dir.path().join(format!("n{i}")).join("js")
+    }
+
     /// Starts every node again on the same ports with the same data.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.kill();
@@ -559,6 +565,12 @@ impl Mongo {
     /// Kills the server at once (SIGKILL).
     pub fn kill(&mut self) {
         self.service.kill();
+    }
+
+    /// The server's data directory (copy it only while the server is
+    /// stopped).
+    pub fn data_dir(&self) -> PathBuf {
+        self._dir.path().join("data")
     }
 
     /// Starts the server again on the same port with the same data.
