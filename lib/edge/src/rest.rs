@@ -8,12 +8,12 @@ use axum::{
 };
 use chat_domain::Group;
 use chat_protocol::{
-    AddMembersBody, CreateGroupBody, ErrorCode, GroupView, MediaRef, MessageView,
-    TransferOwnerBody, UploadBody, format_millis,
+    AddMembersBody, CreateGroupBody, ErrorCode, GroupPage, GroupView, Health, MediaLink, MediaRef,
+    MemberStatus, MessagePage, MessageStatus, MessageView, Readiness, TransferOwnerBody,
+    UploadBody, UploadTicket, format_millis,
 };
 use chat_rpc::pb;
 use serde::{Deserialize, de::DeserializeOwned};
-use serde_json::json;
 
 use crate::{ApiError, AppState, Caller, workers::rpc};
 
@@ -118,7 +118,10 @@ pub(crate) async fn list_groups(
         .map(|g| view(g).map(|Json(v)| v))
         .collect::<Result<Vec<_>, _>>()?;
     let next = Some(reply.next).filter(|n| !n.is_empty());
-    Ok(Json(json!({ "groups": views, "next": next })))
+    Ok(Json(GroupPage {
+        groups: views,
+        next,
+    }))
 }
 
 pub(crate) async fn get_group(
@@ -236,25 +239,8 @@ pub(crate) async fn history(
         }
     )?
     .into_inner();
-    let messages: Vec<MessageView> = r
-        .messages
-        .into_iter()
-        .map(|m| MessageView {
-            message_id: m.message_id,
-            group_id: m.group_id,
-            seq: m.seq,
-            sender_id: m.sender_id,
-            kind: m.r#type,
-            text: Some(m.text).filter(|t| !t.is_empty()),
-            media: m.media.map(|x| MediaRef {
-                key: x.key,
-                mime: x.mime,
-                size: x.size,
-            }),
-            created_at: format_millis(m.created_at_ms),
-        })
-        .collect();
-    Ok(Json(json!({ "messages": messages })))
+    let messages: Vec<MessageView> = r.messages.into_iter().map(message_view).collect();
+    Ok(Json(MessagePage { messages }))
 }
 
 /// `GET /groups/{id}/messages/{messageId}/status`: delivered and read per
@@ -278,18 +264,18 @@ pub(crate) async fn message_status(
     let members: Vec<_> = r
         .members
         .into_iter()
-        .map(|m| {
-            json!({
-                "userId": m.user_id,
-                "delivered": m.delivered,
-                "read": m.read,
-                "updatedAt": (m.updated_at_ms > 0).then(|| format_millis(m.updated_at_ms)),
-            })
+        .map(|m| MemberStatus {
+            user_id: m.user_id,
+            delivered: m.delivered,
+            read: m.read,
+            updated_at: (m.updated_at_ms > 0).then(|| format_millis(m.updated_at_ms)),
         })
         .collect();
-    Ok(Json(
-        json!({ "messageId": r.message_id, "seq": r.seq, "members": members }),
-    ))
+    Ok(Json(MessageStatus {
+        message_id: r.message_id,
+        seq: r.seq,
+        members,
+    }))
 }
 
 /// `POST /groups/{id}/uploads {type, mime, size}`: a pre-signed PUT URL
@@ -315,13 +301,13 @@ pub(crate) async fn create_upload(
     .into_inner();
     Ok((
         StatusCode::CREATED,
-        Json(json!({
-            "key": r.key,
-            "uploadUrl": r.upload_url,
-            "method": r.method,
-            "headers": r.headers,
-            "expiresAt": format_millis(r.expires_at_ms),
-        })),
+        Json(UploadTicket {
+            key: r.key,
+            upload_url: r.upload_url,
+            method: r.method,
+            headers: r.headers.into_iter().collect(),
+            expires_at: format_millis(r.expires_at_ms),
+        }),
     ))
 }
 
@@ -353,12 +339,17 @@ pub(crate) async fn download_media(
                 "private, no-store".into(),
             ),
         ],
-        Json(json!({ "url": r.url, "expiresAt": format_millis(r.expires_at_ms) })),
+        Json(MediaLink {
+            url: r.url,
+            expires_at: format_millis(r.expires_at_ms),
+        }),
     ))
 }
 
 pub(crate) async fn healthz() -> impl IntoResponse {
-    Json(json!({ "status": "ok" }))
+    Json(Health {
+        status: "ok".into(),
+    })
 }
 
 /// Ready when NATS is connected and a worker passed its last health check
@@ -372,7 +363,26 @@ pub(crate) async fn readyz(State(app): State<AppState>) -> impl IntoResponse {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, Json(json!({ "nats": nats, "workers": workers })))
+    (status, Json(Readiness { nats, workers }))
+}
+
+/// A history entry as clients see it (the live and catch-up paths build the
+/// same view from the envelope, `ws/frames.rs`).
+fn message_view(m: pb::ChatMessage) -> MessageView {
+    MessageView {
+        message_id: m.message_id,
+        group_id: m.group_id,
+        seq: m.seq,
+        sender_id: m.sender_id,
+        kind: m.r#type,
+        text: Some(m.text).filter(|t| !t.is_empty()),
+        media: m.media.map(|x| MediaRef {
+            key: x.key,
+            mime: x.mime,
+            size: x.size,
+        }),
+        created_at: format_millis(m.created_at_ms),
+    }
 }
 
 pub(crate) async fn not_found() -> ApiError {

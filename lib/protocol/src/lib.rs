@@ -5,8 +5,13 @@
 
 use serde::{Deserialize, Serialize};
 
+mod reply;
 mod view;
 
+pub use reply::{
+    AcknowledgeAck, GroupPage, Health, MediaLink, MemberStatus, MessagePage, MessageStatus,
+    MessageStatusPush, NotifyAck, Readiness, SendAck, SubscribeAck, UploadTicket,
+};
 pub use view::{
     EVENT_MEMBERS_MAX, GroupChangeView, GroupView, MemberView, MessageView, format_millis,
     parse_millis,
@@ -97,23 +102,23 @@ pub struct RestError {
 }
 
 /// `data` of requests that name just a group.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GroupRef {
     pub group_id: String,
 }
 
 /// `data` of `send_group_message`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SendMessage {
     pub group_id: String,
     pub client_msg_id: String,
     #[serde(rename = "type")]
     pub kind: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub media: Option<MediaRef>,
 }
 
@@ -137,7 +142,7 @@ pub struct UploadBody {
 }
 
 /// `data` of `acknowledge_group_message`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AcknowledgeMessage {
     pub group_id: String,
@@ -188,6 +193,73 @@ pub struct TransferOwnerBody {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AddMembersBody {
     pub user_ids: Vec<String>,
+}
+
+/// A client request: the frame's `event` with its `data`, typed.
+#[derive(Debug)]
+pub enum Request {
+    NotifyCreateGroup(GroupRef),
+    SubscribeToGroup(GroupRef),
+    SendGroupMessage(SendMessage),
+    AcknowledgeGroupMessage(AcknowledgeMessage),
+}
+
+/// Why a frame is not a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestError {
+    /// No request has this event name (shown cut to 64 characters).
+    UnknownEvent(String),
+    /// The event is known; its `data` is not what it takes.
+    BadData(String),
+}
+
+impl std::fmt::Display for RequestError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::UnknownEvent(name) => write!(f, "unknown event {name:?}"),
+            Self::BadData(e) => write!(f, "bad data: {e}"),
+        }
+    }
+}
+
+impl Request {
+    /// Every request's event name.
+    pub const EVENTS: [&'static str; 4] = [
+        event::NOTIFY_CREATE_GROUP,
+        event::SUBSCRIBE_TO_GROUP,
+        event::SEND_GROUP_MESSAGE,
+        event::ACKNOWLEDGE_GROUP_MESSAGE,
+    ];
+
+    /// The request `event` names, with its `data` decoded.
+    pub fn parse(event: &str, data: serde_json::Value) -> Result<Self, RequestError> {
+        let bad = RequestError::BadData;
+        Ok(match event {
+            event::NOTIFY_CREATE_GROUP => Self::NotifyCreateGroup(decode_data(data).map_err(bad)?),
+            event::SUBSCRIBE_TO_GROUP => Self::SubscribeToGroup(decode_data(data).map_err(bad)?),
+            event::SEND_GROUP_MESSAGE => Self::SendGroupMessage(decode_data(data).map_err(bad)?),
+            event::ACKNOWLEDGE_GROUP_MESSAGE => {
+                Self::AcknowledgeGroupMessage(decode_data(data).map_err(bad)?)
+            }
+            other => {
+                let mut shown: String = other.chars().take(64).collect();
+                if shown.len() < other.len() {
+                    shown.push('…');
+                }
+                return Err(RequestError::UnknownEvent(shown));
+            }
+        })
+    }
+
+    /// The event name, for metrics and logs.
+    pub fn event(&self) -> &'static str {
+        match self {
+            Self::NotifyCreateGroup(_) => event::NOTIFY_CREATE_GROUP,
+            Self::SubscribeToGroup(_) => event::SUBSCRIBE_TO_GROUP,
+            Self::SendGroupMessage(_) => event::SEND_GROUP_MESSAGE,
+            Self::AcknowledgeGroupMessage(_) => event::ACKNOWLEDGE_GROUP_MESSAGE,
+        }
+    }
 }
 
 /// Decodes a client frame. Frames are JSON objects; serde would also take

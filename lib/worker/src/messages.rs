@@ -18,7 +18,7 @@ use chat_crypto::{BINDING_V2, MessageBinding, Sealed};
 use chat_domain::{
     ClientMsgId, DomainError, GroupId, MessageId, MessageKind, UserId, check_text, now_millis,
 };
-use chat_protocol::{event, push_json};
+use chat_protocol::{MessageStatusPush, event, push_json};
 use chat_rpc::pb::{self, messages_server::Messages};
 use chat_store::{StoreError, StoredMessage};
 use serde::{Deserialize, Serialize};
@@ -530,12 +530,12 @@ impl MessagesService {
             if to.is_empty() {
                 continue;
             }
-            let data = serde_json::json!({
-                "groupId": group.as_str(),
-                "userId": user.as_str(),
-                "deliveredSeq": after.delivered_seq,
-                "readSeq": after.read_seq,
-            });
+            let data = MessageStatusPush {
+                group_id: group.to_string(),
+                user_id: user.to_string(),
+                delivered_seq: after.delivered_seq,
+                read_seq: after.read_seq,
+            };
             let payload = Bytes::from(
                 push_json(event::MESSAGE_STATUS, &data)
                     .map_err(|e| DomainError::Invalid(e.to_string()))?,

@@ -40,13 +40,13 @@ use chat_bus::{BusError, Envelope, Feed};
 use chat_crypto::{MessageBinding, Sealed};
 use chat_domain::{DeviceId, UserId};
 use chat_protocol::{
-    AcknowledgeMessage, ClientFrame, ErrorCode, GroupRef, MAX_REQUEST_ID_LEN, MessageView,
-    SendMessage, ServerFrame, SessionInfo, event, format_millis,
+    AcknowledgeAck, ClientFrame, ErrorCode, GroupRef, MAX_REQUEST_ID_LEN, MessageView, NotifyAck,
+    Request, SendAck, ServerFrame, SessionInfo, SubscribeAck, event, format_millis,
 };
 use chat_rpc::pb;
 use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch},
     task::JoinHandle,

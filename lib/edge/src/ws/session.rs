@@ -263,18 +263,15 @@ impl Session {
     }
 
     pub(super) async fn dispatch(&mut self, name: &str, data: Value) -> Result<Value, ApiError> {
-        let known = [
-            event::NOTIFY_CREATE_GROUP,
-            event::SUBSCRIBE_TO_GROUP,
-            event::SEND_GROUP_MESSAGE,
-            event::ACKNOWLEDGE_GROUP_MESSAGE,
-        ];
-        let label = known.into_iter().find(|e| *e == name).unwrap_or("unknown");
+        let label = Request::EVENTS
+            .into_iter()
+            .find(|e| *e == name)
+            .unwrap_or("unknown");
         metrics::counter!("chat_ws_requests_total", "event" => label).increment(1);
+        let request = Request::parse(name, data).map_err(|e| ApiError::invalid(e.to_string()))?;
         let caller = self.me.user_id.to_string();
-        match name {
-            event::NOTIFY_CREATE_GROUP => {
-                let GroupRef { group_id } = parse_data(data)?;
+        let ack = match request {
+            Request::NotifyCreateGroup(GroupRef { group_id }) => {
                 let r = rpc!(
                     self.app,
                     GroupsClient,
@@ -285,10 +282,12 @@ impl Session {
                     }
                 )?
                 .into_inner();
-                Ok(json!({ "groupId": group_id, "notified": r.notified }))
+                ack_data(&NotifyAck {
+                    group_id,
+                    notified: r.notified,
+                })
             }
-            event::SEND_GROUP_MESSAGE => {
-                let m: SendMessage = parse_data(data)?;
+            Request::SendGroupMessage(m) => {
                 if m.kind == "text" && m.text.is_none() {
                     return Err(ApiError::invalid("a text message needs text"));
                 }
@@ -311,15 +310,14 @@ impl Session {
                     }
                 )?
                 .into_inner();
-                Ok(json!({
-                    "messageId": r.message_id,
-                    "groupId": r.group_id,
-                    "seq": r.seq,
-                    "createdAt": format_millis(r.created_at_ms),
-                }))
+                ack_data(&SendAck {
+                    message_id: r.message_id,
+                    group_id: r.group_id,
+                    seq: r.seq,
+                    created_at: format_millis(r.created_at_ms),
+                })
             }
-            event::ACKNOWLEDGE_GROUP_MESSAGE => {
-                let m: AcknowledgeMessage = parse_data(data)?;
+            Request::AcknowledgeGroupMessage(m) => {
                 let r = rpc!(
                     self.app,
                     MessagesClient,
@@ -331,12 +329,13 @@ impl Session {
                     }
                 )?
                 .into_inner();
-                Ok(
-                    json!({ "groupId": m.group_id, "messageId": m.message_id, "readSeq": r.read_seq }),
-                )
+                ack_data(&AcknowledgeAck {
+                    group_id: m.group_id,
+                    message_id: m.message_id,
+                    read_seq: r.read_seq,
+                })
             }
-            event::SUBSCRIBE_TO_GROUP => {
-                let GroupRef { group_id } = parse_data(data)?;
+            Request::SubscribeToGroup(GroupRef { group_id }) => {
                 let r = rpc!(
                     self.app,
                     GroupsClient,
@@ -344,16 +343,12 @@ impl Session {
                     pb::GroupRequest { caller, group_id }
                 )?
                 .into_inner();
-                Ok(json!({ "groupId": r.group_id }))
+                ack_data(&SubscribeAck {
+                    group_id: r.group_id,
+                })
             }
-            other => {
-                let mut shown: String = other.chars().take(64).collect();
-                if shown.len() < other.len() {
-                    shown.push('…');
-                }
-                Err(ApiError::invalid(format!("unknown event {shown:?}")))
-            }
-        }
+        };
+        Ok(ack)
     }
 
     pub(super) async fn reply_error(&mut self, id: Option<Value>, e: ApiError) -> bool {
@@ -420,8 +415,9 @@ pub(super) fn request_id_ok(id: &Value) -> bool {
     matches!(id, Value::String(_) | Value::Number(_)) && id.to_string().len() <= MAX_REQUEST_ID_LEN
 }
 
-pub(super) fn parse_data<T: serde::de::DeserializeOwned>(data: Value) -> Result<T, ApiError> {
-    chat_protocol::decode_data(data).map_err(|e| ApiError::invalid(format!("bad data: {e}")))
+/// An ack's `data` as JSON (our own types always serialise).
+fn ack_data<T: serde::Serialize>(ack: &T) -> Value {
+    serde_json::to_value(ack).unwrap_or_default()
 }
 
 pub(super) fn to_json<T: serde::Serialize>(frame: &ServerFrame<T>) -> String {
@@ -432,6 +428,7 @@ pub(super) fn to_json<T: serde::Serialize>(frame: &ServerFrame<T>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn request_ids_are_short_strings_or_numbers() {

@@ -1,0 +1,132 @@
+//! What the server answers: the `data` of every `ack`, the pushes other than
+//! group events, and every REST response body. Field names are public API.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{GroupView, MessageView};
+
+/// `ack` of `notify_create_group`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NotifyAck {
+    pub group_id: String,
+    /// Members notified (each once, live or on reconnect).
+    pub notified: u32,
+}
+
+/// `ack` of `subscribe_to_group`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SubscribeAck {
+    pub group_id: String,
+}
+
+/// `ack` of `send_group_message`: the message is durable in the group's
+/// stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SendAck {
+    pub message_id: String,
+    pub group_id: String,
+    pub seq: u64,
+    pub created_at: String,
+}
+
+/// `ack` of `acknowledge_group_message`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AcknowledgeAck {
+    pub group_id: String,
+    pub message_id: String,
+    /// The member's read watermark after this (an earlier, higher one
+    /// stays).
+    pub read_seq: u64,
+}
+
+/// `a_message_status`, to senders: member `userId` has received everything
+/// up to `deliveredSeq` and read everything up to `readSeq`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MessageStatusPush {
+    pub group_id: String,
+    pub user_id: String,
+    pub delivered_seq: u64,
+    pub read_seq: u64,
+}
+
+/// `GET /groups`: a page of the caller's groups.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GroupPage {
+    pub groups: Vec<GroupView>,
+    /// Pass as `after` for the next page; absent on the last.
+    #[serde(default)]
+    pub next: Option<String>,
+}
+
+/// `GET /groups/{id}/messages`: newest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MessagePage {
+    pub messages: Vec<MessageView>,
+}
+
+/// One member's receipt of a message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MemberStatus {
+    pub user_id: String,
+    pub delivered: bool,
+    pub read: bool,
+    /// When the member's receipt last moved; absent if it never did.
+    #[serde(default)]
+    pub updated_at: Option<String>,
+}
+
+/// `GET /groups/{id}/messages/{messageId}/status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MessageStatus {
+    pub message_id: String,
+    pub seq: u64,
+    pub members: Vec<MemberStatus>,
+}
+
+/// `POST /groups/{id}/uploads`: where and how to PUT the bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UploadTicket {
+    /// Name it in the message's `media.key`.
+    pub key: String,
+    pub upload_url: String,
+    /// Always `PUT`.
+    pub method: String,
+    /// Headers the PUT must carry, exactly.
+    pub headers: BTreeMap<String, String>,
+    pub expires_at: String,
+}
+
+/// `GET /groups/{id}/media/{objectId}` (with a 302 to `url`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MediaLink {
+    pub url: String,
+    pub expires_at: String,
+}
+
+/// `GET /healthz`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Health {
+    pub status: String,
+}
+
+/// `GET /readyz` (operator's listener).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Readiness {
+    pub nats: bool,
+    pub workers: bool,
+}
