@@ -592,3 +592,32 @@ fn prometheus_config_and_alert_rules_pass_promtool() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `docs/openapi.json` (kept current by a test in `chat-edge`) is a valid
+/// OpenAPI 3.1 document to a real validator, and the edge serves the same
+/// document at `/openapi.json`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_validates_and_is_served() -> anyhow::Result<()> {
+    let validator =
+        std::env::var("CHAT_OPENAPI_VALIDATOR").unwrap_or_else(|_| "openapi-spec-validator".into());
+    let doc = root().join("docs/openapi.json");
+    let out = std::process::Command::new(&validator)
+        .arg(&doc)
+        .output()
+        .with_context(|| {
+            format!("cannot run {validator}: scripts/install-deps installs it from PyPI")
+        })?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{validator} refuses docs/openapi.json:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let c = chat_tests::Cluster::start(1, 1).await?;
+    let served = reqwest::get(format!("{}/openapi.json", c.edge_url(0)))
+        .await?
+        .text()
+        .await?;
+    assert_eq!(served, std::fs::read_to_string(&doc)?, "served = committed");
+    c.stop().await
+}

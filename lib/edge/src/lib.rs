@@ -22,6 +22,7 @@ mod claims;
 mod error;
 mod limits;
 mod live;
+pub mod openapi;
 mod rest;
 pub mod telemetry;
 mod workers;
@@ -218,8 +219,10 @@ pub fn app(state: AppState) -> Router {
         .route("/ws", get(ws::upgrade))
         .fallback(rest::not_found)
         .layer(limited)
-        // liveness for load balancers, outside the limits
+        // liveness for load balancers, and the API's description, outside
+        // the limits
         .route("/healthz", get(rest::healthz))
+        .route("/openapi.json", get(rest::openapi))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }

@@ -9,7 +9,7 @@ use axum::{
 use chat_domain::Group;
 use chat_protocol::{
     AddMembersBody, CreateGroupBody, ErrorCode, GroupPage, GroupView, Health, MediaLink, MediaRef,
-    MemberStatus, MessagePage, MessageStatus, MessageView, Readiness, TransferOwnerBody,
+    MemberStatus, MessagePage, MessageStatus, MessageView, Readiness, RestError, TransferOwnerBody,
     UploadBody, UploadTicket, format_millis,
 };
 use chat_rpc::pb;
@@ -51,6 +51,15 @@ fn view(group: pb::Group) -> Result<Json<GroupView>, ApiError> {
     Ok(Json(GroupView::from(&group)))
 }
 
+#[utoipa::path(post, path = "/groups", tag = "groups",
+    request_body = CreateGroupBody,
+    responses(
+        (status = 201, description = "the group; the caller is its owner and a member", body = GroupView),
+        (status = 400, description = "`invalid` or `too_large`", body = RestError),
+        (status = 401, description = "no valid token", body = RestError),
+        (status = 429, description = "`rate_limited`; see `Retry-After`", body = RestError),
+        (status = 503, description = "`unavailable`: retry", body = RestError)
+    ))]
 pub(crate) async fn create_group(
     State(app): State<AppState>,
     Caller(me): Caller,
@@ -85,6 +94,18 @@ pub(crate) struct GroupsPage {
 const MAX_GROUPS_PAGE: u32 = 100;
 const GROUPS_PAGE: u32 = 50;
 
+#[utoipa::path(get, path = "/groups", tag = "groups",
+    params(
+        ("limit" = Option<u32>, Query, description = "1 to 100 (default 50)"),
+        ("after" = Option<String>, Query, description = "`next` of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "the caller's groups, most recently updated first", body = GroupPage),
+        (status = 400, description = "`invalid` or `too_large`", body = RestError),
+        (status = 401, description = "no valid token", body = RestError),
+        (status = 429, description = "`rate_limited`; see `Retry-After`", body = RestError),
+        (status = 503, description = "`unavailable`: retry", body = RestError)
+    ))]
 pub(crate) async fn list_groups(
     State(app): State<AppState>,
     Caller(me): Caller,
@@ -124,6 +145,17 @@ pub(crate) async fn list_groups(
     }))
 }
 
+#[utoipa::path(get, path = "/groups/{id}", tag = "groups",
+    params(("id" = String, Path, description = "group id")),
+    responses(
+        (status = 200, description = "the group", body = GroupView),
+        (status = 403, description = "not a member (or not the owner)", body = RestError),
+        (status = 404, description = "no such group", body = RestError),
+        (status = 400, description = "`invalid` or `too_large`", body = RestError),
+        (status = 401, description = "no valid token", body = RestError),
+        (status = 429, description = "`rate_limited`; see `Retry-After`", body = RestError),
+        (status = 503, description = "`unavailable`: retry", body = RestError)
+    ))]
 pub(crate) async fn get_group(
     State(app): State<AppState>,
     Caller(me): Caller,
@@ -142,6 +174,18 @@ pub(crate) async fn get_group(
     view(group)
 }
 
+#[utoipa::path(post, path = "/groups/{id}/owner", tag = "groups",
+    params(("id" = String, Path, description = "group id")),
+    request_body = TransferOwnerBody,
+    responses(
+        (status = 200, description = "the group with its new owner (owner only)", body = GroupView),
+        (status = 403, description = "not a member (or not the owner)", body = RestError),
+        (status = 404, description = "no such group", body = RestError),
+        (status = 400, description = "`invalid` or `too_large`", body = RestError),
+        (status = 401, description = "no valid token", body = RestError),
+        (status = 429, description = "`rate_limited`; see `Retry-After`", body = RestError),
+        (status = 503, description = "`unavailable`: retry", body = RestError)
+    ))]
 pub(crate) async fn transfer_owner(
     State(app): State<AppState>,
     Caller(me): Caller,
@@ -162,6 +206,18 @@ pub(crate) async fn transfer_owner(
     view(group)
 }
 
+#[utoipa::path(post, path = "/groups/{id}/members", tag = "groups",
+    params(("id" = String, Path, description = "group id")),
+    request_body = AddMembersBody,
+    responses(
+        (status = 200, description = "the group with the new members (owner only)", body = GroupView),
+        (status = 403, description = "not a member (or not the owner)", body = RestError),
+        (status = 404, description = "no such group", body = RestError),
+        (status = 400, description = "`invalid` or `too_large`", body = RestError),
+        (status = 401, description = "no valid token", body = RestError),
+        (status = 429, description = "`rate_limited`; see `Retry-After`", body = RestError),
+        (status = 503, description = "`unavailable`: retry", body = RestError)
+    ))]
 pub(crate) async fn add_members(
     State(app): State<AppState>,
     Caller(me): Caller,
@@ -183,6 +239,21 @@ pub(crate) async fn add_members(
 }
 
 /// `DELETE /groups/{id}/members/{userId}`; `me` (or one's own id) leaves.
+#[utoipa::path(delete, path = "/groups/{id}/members/{user_id}", tag = "groups",
+    params(
+        ("id" = String, Path, description = "group id"),
+        ("user_id" = String, Path, description = "the member to remove (owner only), or `me` to leave"),
+    ),
+    responses(
+        (status = 200, description = "the group without the member", body = GroupView),
+        (status = 409, description = "the owner cannot leave: transfer first", body = RestError),
+        (status = 403, description = "not a member (or not the owner)", body = RestError),
+        (status = 404, description = "no such group", body = RestError),
+        (status = 400, description = "`invalid` or `too_large`", body = RestError),
+        (status = 401, description = "no valid token", body = RestError),
+        (status = 429, description = "`rate_limited`; see `Retry-After`", body = RestError),
+        (status = 503, description = "`unavailable`: retry", body = RestError)
+    ))]
 pub(crate) async fn remove_member(
     State(app): State<AppState>,
     Caller(me): Caller,
@@ -216,6 +287,21 @@ pub(crate) struct HistoryQuery {
 
 /// `GET /groups/{id}/messages?before=SEQ&limit=N`: newest first, decrypted;
 /// `limit` defaults to 50 and is capped at 100.
+#[utoipa::path(get, path = "/groups/{id}/messages", tag = "messages",
+    params(
+        ("id" = String, Path, description = "group id"),
+        ("before" = Option<u64>, Query, description = "only messages with a lower seq"),
+        ("limit" = Option<u32>, Query, description = "1 to 100 (default 50)"),
+    ),
+    responses(
+        (status = 200, description = "newest first, decrypted", body = MessagePage),
+        (status = 403, description = "not a member (or not the owner)", body = RestError),
+        (status = 404, description = "no such group", body = RestError),
+        (status = 400, description = "`invalid` or `too_large`", body = RestError),
+        (status = 401, description = "no valid token", body = RestError),
+        (status = 429, description = "`rate_limited`; see `Retry-After`", body = RestError),
+        (status = 503, description = "`unavailable`: retry", body = RestError)
+    ))]
 pub(crate) async fn history(
     State(app): State<AppState>,
     Caller(me): Caller,
@@ -245,6 +331,20 @@ pub(crate) async fn history(
 
 /// `GET /groups/{id}/messages/{messageId}/status`: delivered and read per
 /// member.
+#[utoipa::path(get, path = "/groups/{id}/messages/{message_id}/status", tag = "messages",
+    params(
+        ("id" = String, Path, description = "group id"),
+        ("message_id" = String, Path, description = "message id"),
+    ),
+    responses(
+        (status = 200, description = "delivered and read, per member", body = MessageStatus),
+        (status = 403, description = "not a member (or not the owner)", body = RestError),
+        (status = 404, description = "no such group", body = RestError),
+        (status = 400, description = "`invalid` or `too_large`", body = RestError),
+        (status = 401, description = "no valid token", body = RestError),
+        (status = 429, description = "`rate_limited`; see `Retry-After`", body = RestError),
+        (status = 503, description = "`unavailable`: retry", body = RestError)
+    ))]
 pub(crate) async fn message_status(
     State(app): State<AppState>,
     Caller(me): Caller,
@@ -280,6 +380,18 @@ pub(crate) async fn message_status(
 
 /// `POST /groups/{id}/uploads {type, mime, size}`: a pre-signed PUT URL
 /// (members only).
+#[utoipa::path(post, path = "/groups/{id}/uploads", tag = "media",
+    params(("id" = String, Path, description = "group id")),
+    request_body = UploadBody,
+    responses(
+        (status = 201, description = "a pre-signed PUT URL", body = UploadTicket),
+        (status = 403, description = "not a member (or not the owner)", body = RestError),
+        (status = 404, description = "no such group", body = RestError),
+        (status = 400, description = "`invalid` or `too_large`", body = RestError),
+        (status = 401, description = "no valid token", body = RestError),
+        (status = 429, description = "`rate_limited`; see `Retry-After`", body = RestError),
+        (status = 503, description = "`unavailable`: retry", body = RestError)
+    ))]
 pub(crate) async fn create_upload(
     State(app): State<AppState>,
     Caller(me): Caller,
@@ -313,6 +425,20 @@ pub(crate) async fn create_upload(
 
 /// `GET /groups/{id}/media/{objectId}`: a redirect to a short-lived
 /// pre-signed GET URL of the object `groups/{id}/{objectId}` (members only).
+#[utoipa::path(get, path = "/groups/{id}/media/{object}", tag = "media",
+    params(
+        ("id" = String, Path, description = "group id"),
+        ("object" = String, Path, description = "the last part of a message's media key"),
+    ),
+    responses(
+        (status = 302, description = "to a pre-signed GET URL (`Location`)", body = MediaLink),
+        (status = 403, description = "not a member (or not the owner)", body = RestError),
+        (status = 404, description = "no such group", body = RestError),
+        (status = 400, description = "`invalid` or `too_large`", body = RestError),
+        (status = 401, description = "no valid token", body = RestError),
+        (status = 429, description = "`rate_limited`; see `Retry-After`", body = RestError),
+        (status = 503, description = "`unavailable`: retry", body = RestError)
+    ))]
 pub(crate) async fn download_media(
     State(app): State<AppState>,
     Caller(me): Caller,
@@ -346,6 +472,8 @@ pub(crate) async fn download_media(
     ))
 }
 
+#[utoipa::path(get, path = "/healthz", tag = "operations", security(),
+    responses((status = 200, description = "the process is alive", body = Health)))]
 pub(crate) async fn healthz() -> impl IntoResponse {
     Json(Health {
         status: "ok".into(),
@@ -383,6 +511,14 @@ fn message_view(m: pb::ChatMessage) -> MessageView {
         }),
         created_at: format_millis(m.created_at_ms),
     }
+}
+
+/// `GET /openapi.json`: the REST API (docs/openapi.json).
+pub(crate) async fn openapi() -> impl IntoResponse {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        crate::openapi::json(),
+    )
 }
 
 pub(crate) async fn not_found() -> ApiError {

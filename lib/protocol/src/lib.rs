@@ -35,7 +35,7 @@ pub mod event {
 }
 
 /// Stable, machine-readable error codes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     Unauthorized,
@@ -89,27 +89,27 @@ pub struct ServerFrame<T> {
 }
 
 /// The `data` of an `error` frame and the body of a REST error.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     pub code: ErrorCode,
     pub message: String,
 }
 
 /// REST error responses: `{"error": {"code", "message"}}`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RestError {
     pub error: ErrorBody,
 }
 
 /// `data` of requests that name just a group.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GroupRef {
     pub group_id: String,
 }
 
 /// `data` of `send_group_message`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SendMessage {
     pub group_id: String,
@@ -123,7 +123,7 @@ pub struct SendMessage {
 }
 
 /// `media` of a message: an uploaded object.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MediaRef {
     pub key: String,
@@ -132,7 +132,7 @@ pub struct MediaRef {
 }
 
 /// `POST /groups/{id}/uploads` body.
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UploadBody {
     #[serde(rename = "type")]
@@ -142,7 +142,7 @@ pub struct UploadBody {
 }
 
 /// `data` of `acknowledge_group_message`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AcknowledgeMessage {
     pub group_id: String,
@@ -150,7 +150,7 @@ pub struct AcknowledgeMessage {
 }
 
 /// `data` of `a_group_created` and `a_group_updated`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GroupEvent {
     /// The group after the change (see [`GroupView::for_event`]).
     pub group: GroupView,
@@ -160,7 +160,7 @@ pub struct GroupEvent {
 }
 
 /// `data` of `a_session`, the first frame of every connection.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SessionInfo {
     pub user_id: String,
@@ -168,7 +168,7 @@ pub struct SessionInfo {
 }
 
 /// `POST /groups` body.
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateGroupBody {
     pub name: String,
@@ -182,14 +182,14 @@ pub struct CreateGroupBody {
 }
 
 /// `POST /groups/{id}/owner` body.
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TransferOwnerBody {
     pub user_id: String,
 }
 
 /// `POST /groups/{id}/members` body.
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AddMembersBody {
     pub user_ids: Vec<String>,

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::{GroupView, MessageView};
 
 /// `ack` of `notify_create_group`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NotifyAck {
     pub group_id: String,
@@ -17,7 +17,7 @@ pub struct NotifyAck {
 }
 
 /// `ack` of `subscribe_to_group`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SubscribeAck {
     pub group_id: String,
@@ -25,7 +25,7 @@ pub struct SubscribeAck {
 
 /// `ack` of `send_group_message`: the message is durable in the group's
 /// stream.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SendAck {
     pub message_id: String,
@@ -35,7 +35,7 @@ pub struct SendAck {
 }
 
 /// `ack` of `acknowledge_group_message`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AcknowledgeAck {
     pub group_id: String,
@@ -47,7 +47,7 @@ pub struct AcknowledgeAck {
 
 /// `a_message_status`, to senders: member `userId` has received everything
 /// up to `deliveredSeq` and read everything up to `readSeq`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MessageStatusPush {
     pub group_id: String,
@@ -57,7 +57,7 @@ pub struct MessageStatusPush {
 }
 
 /// `GET /groups`: a page of the caller's groups.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GroupPage {
     pub groups: Vec<GroupView>,
@@ -67,14 +67,14 @@ pub struct GroupPage {
 }
 
 /// `GET /groups/{id}/messages`: newest first.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MessagePage {
     pub messages: Vec<MessageView>,
 }
 
 /// One member's receipt of a message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MemberStatus {
     pub user_id: String,
@@ -86,7 +86,7 @@ pub struct MemberStatus {
 }
 
 /// `GET /groups/{id}/messages/{messageId}/status`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MessageStatus {
     pub message_id: String,
@@ -95,7 +95,7 @@ pub struct MessageStatus {
 }
 
 /// `POST /groups/{id}/uploads`: where and how to PUT the bytes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct UploadTicket {
     /// Name it in the message's `media.key`.
@@ -109,7 +109,7 @@ pub struct UploadTicket {
 }
 
 /// `GET /groups/{id}/media/{objectId}` (with a 302 to `url`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MediaLink {
     pub url: String,
@@ -117,14 +117,14 @@ pub struct MediaLink {
 }
 
 /// `GET /healthz`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Health {
     pub status: String,
 }
 
 /// `GET /readyz` (operator's listener).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Readiness {
     pub nats: bool,

@@ -20,7 +20,7 @@ pub fn parse_millis(s: &str) -> Option<Millis> {
 }
 
 /// A member as clients see it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MemberView {
     pub user_id: String,
@@ -34,7 +34,7 @@ pub struct MemberView {
 /// [`EVENT_MEMBERS_MAX`] members (`memberCount` says how many, and
 /// `GET /groups/{id}` lists them): sending a 1,000-member list to 1,000
 /// members on every change was 110 MiB a change.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct GroupView {
     pub id: String,
@@ -71,7 +71,7 @@ impl GroupView {
 
 /// What changed, in `a_group_created` and `a_group_updated`: a delta a
 /// client can apply without the member list.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct GroupChangeView {
     /// `created`, `members_added`, `member_removed`, `member_left` or
@@ -108,7 +108,7 @@ impl From<&Group> for GroupView {
 }
 
 /// A group message as clients see it (`a_group_message`, history).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MessageView {
     pub message_id: String,
