@@ -593,31 +593,50 @@ fn prometheus_config_and_alert_rules_pass_promtool() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `docs/openapi.json` (kept current by a test in `chat-edge`) is a valid
-/// OpenAPI 3.1 document to a real validator, and the edge serves the same
-/// document at `/openapi.json`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_openapi_document_validates_and_is_served() -> anyhow::Result<()> {
-    let validator =
-        std::env::var("CHAT_OPENAPI_VALIDATOR").unwrap_or_else(|_| "openapi-spec-validator".into());
-    let doc = root().join("docs/openapi.json");
-    let out = std::process::Command::new(&validator)
-        .arg(&doc)
-        .output()
-        .with_context(|| {
-            format!("cannot run {validator}: scripts/install-deps installs it from PyPI")
-        })?;
+/// Runs a validator; its output on failure.
+fn validated(what: &str, cmd: &mut std::process::Command) -> anyhow::Result<()> {
+    let out = cmd.output().with_context(|| {
+        format!("cannot run the {what} validator: scripts/install-deps installs it")
+    })?;
     anyhow::ensure!(
         out.status.success(),
-        "{validator} refuses docs/openapi.json:\n{}{}",
+        "the {what} validator refuses it:\n{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    Ok(())
+}
+
+/// `docs/openapi.json` and `docs/asyncapi.json` (kept current by tests in
+/// `chat-edge`) pass real validators (openapi-spec-validator; the official
+/// AsyncAPI parser), and the edge serves the same documents.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_contract_documents_validate_and_are_served() -> anyhow::Result<()> {
+    let openapi =
+        std::env::var("CHAT_OPENAPI_VALIDATOR").unwrap_or_else(|_| "openapi-spec-validator".into());
+    validated(
+        "OpenAPI",
+        std::process::Command::new(openapi).arg(root().join("docs/openapi.json")),
+    )?;
+    let parser = std::env::var("CHAT_ASYNCAPI_PARSER").unwrap_or_default();
+    validated(
+        "AsyncAPI",
+        std::process::Command::new("node")
+            .arg(root().join("scripts/validate-asyncapi.cjs"))
+            .arg(parser)
+            .arg(root().join("docs/asyncapi.json")),
+    )?;
     let c = chat_tests::Cluster::start(1, 1).await?;
-    let served = reqwest::get(format!("{}/openapi.json", c.edge_url(0)))
-        .await?
-        .text()
-        .await?;
-    assert_eq!(served, std::fs::read_to_string(&doc)?, "served = committed");
+    for doc in ["openapi.json", "asyncapi.json"] {
+        let served = reqwest::get(format!("{}/{doc}", c.edge_url(0)))
+            .await?
+            .text()
+            .await?;
+        let committed = std::fs::read_to_string(root().join("docs").join(doc))?;
+        assert!(
+            served == committed,
+            "{doc}: the edge serves another document than docs/"
+        );
+    }
     c.stop().await
 }

@@ -17,6 +17,7 @@ use chat_bus::Bus;
 use chat_crypto::KeyRing;
 use tokio::net::TcpListener;
 
+pub mod asyncapi;
 mod auth;
 mod claims;
 mod error;
@@ -223,6 +224,7 @@ pub fn app(state: AppState) -> Router {
         // the limits
         .route("/healthz", get(rest::healthz))
         .route("/openapi.json", get(rest::openapi))
+        .route("/asyncapi.json", get(rest::asyncapi))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }

@@ -521,6 +521,14 @@ pub(crate) async fn openapi() -> impl IntoResponse {
     )
 }
 
+/// `GET /asyncapi.json`: the WebSocket protocol (docs/asyncapi.json).
+pub(crate) async fn asyncapi() -> impl IntoResponse {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        crate::asyncapi::json(),
+    )
+}
+
 pub(crate) async fn not_found() -> ApiError {
     ApiError::new(ErrorCode::NotFound, "no such endpoint")
 }
