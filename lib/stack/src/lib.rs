@@ -452,17 +452,23 @@ pub fn chatd_binary() -> anyhow::Result<PathBuf> {
     if let Some(p) = std::env::var_os("CHATD_BIN") {
         return Ok(p.into());
     }
+    workspace_binary("chatd", "chatd")
+}
+
+/// The workspace binary `name` of package `package`, found like
+/// [`chatd_binary`].
+pub fn workspace_binary(name: &str, package: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let here = exe.parent();
     let candidates = [here, here.and_then(Path::parent)];
     candidates
         .into_iter()
         .flatten()
-        .map(|dir| dir.join("chatd"))
+        .map(|dir| dir.join(name))
         .find(|bin| bin.exists())
         .ok_or_else(|| {
             anyhow::anyhow!(
-                "chatd not found near {}: run `cargo build -p chatd` first (scripts/test and scripts/bench do)",
+                "{name} not found near {}: run `cargo build -p {package}` first (scripts/test does)",
                 exe.display()
             )
         })

@@ -1,0 +1,656 @@
+//! `chat`: try a group by hand, or script one. REST for groups, history,
+//! receipts and uploads; WebSocket for sending, reading and `tail`.
+//! Human-readable output by default, `--json` for scripts (the server's own
+//! JSON, one document or one frame per line). Errors name the server's code
+//! and exit with 1 (2 for a bad command line).
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{Context, bail};
+use chat_protocol::{
+    GroupPage, GroupView, MessagePage, MessageStatus, MessageView, RestError, SendAck, UploadTicket,
+};
+use clap::{Parser, Subcommand};
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest, http::HeaderValue};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "chat",
+    version,
+    about = "A command-line client of the chat server"
+)]
+struct Cli {
+    /// The server (an edge or the load balancer).
+    #[arg(long, env = "CHAT_SERVER", default_value = "http://127.0.0.1:8080")]
+    server: String,
+    /// A JWT; else CHAT_TOKEN, else the one `chat login` saved.
+    #[arg(long, env = "CHAT_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Print the server's JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check a token against the server and save it for later commands.
+    Login { token: String },
+    /// Mint a token for a user of a development stack (the secret
+    /// `scripts/dev` prints).
+    Token {
+        #[arg(long)]
+        user: String,
+        #[arg(long, env = "CHATD_JWT_SECRET", hide_env_values = true)]
+        secret: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long, default_value_t = 86_400)]
+        ttl_secs: i64,
+    },
+    /// Your groups, most recently updated first.
+    Groups {
+        #[arg(long)]
+        limit: Option<u32>,
+    },
+    /// One group with its members.
+    Show { group: String },
+    /// Create a group; you are its owner.
+    Create {
+        name: String,
+        #[arg(long = "member")]
+        members: Vec<String>,
+        #[arg(long)]
+        description: Option<String>,
+        /// `shared` (members see the whole history) or `joined`.
+        #[arg(long)]
+        history: Option<String>,
+    },
+    /// Add members (owner only).
+    Add {
+        group: String,
+        #[arg(required = true)]
+        users: Vec<String>,
+    },
+    /// Remove a member (owner only).
+    Remove { group: String, user: String },
+    /// Leave a group.
+    Leave { group: String },
+    /// Send a text message.
+    Send {
+        group: String,
+        #[arg(required = true)]
+        text: Vec<String>,
+        /// Retry-safe id (default: a fresh one).
+        #[arg(long)]
+        client_id: Option<String>,
+    },
+    /// Upload a file (image, video or audio) and send it.
+    SendFile {
+        group: String,
+        path: PathBuf,
+        /// The MIME type (default: from the file name).
+        #[arg(long)]
+        mime: Option<String>,
+    },
+    /// Messages, newest first.
+    History {
+        group: String,
+        #[arg(long)]
+        before: Option<u64>,
+        #[arg(long)]
+        limit: Option<u32>,
+    },
+    /// Follow a group live: subscribe, print each message, reconnect (with
+    /// the same device, so nothing is missed) until interrupted.
+    Tail {
+        group: String,
+        /// The device to follow as (each keeps its own position).
+        #[arg(long, default_value = "cli")]
+        device: String,
+        /// Stop after this many messages.
+        #[arg(long)]
+        count: Option<usize>,
+    },
+    /// Mark everything up to a message as read.
+    Read { group: String, message_id: String },
+    /// Delivered and read, per member, of one message.
+    Status { group: String, message_id: String },
+}
+
+/// A failure the server explained.
+#[derive(Debug)]
+struct ServerError {
+    status: Option<u16>,
+    code: String,
+    message: String,
+}
+
+impl std::fmt::Display for ServerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.status {
+            Some(s) => write!(f, "{} ({s}): {}", self.code, self.message),
+            None => write!(f, "{}: {}", self.code, self.message),
+        }
+    }
+}
+
+impl std::error::Error for ServerError {}
+
+fn token_file() -> PathBuf {
+    let base = std::env::var_os("CHAT_CONFIG_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CONFIG_HOME").map(|d| PathBuf::from(d).join("chat")))
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config/chat")))
+        .unwrap_or_else(|| PathBuf::from(".chat"));
+    base.join("token")
+}
+
+struct Client {
+    http: reqwest::Client,
+    server: String,
+    token: String,
+    json: bool,
+}
+
+impl Client {
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.server.trim_end_matches('/'))
+    }
+
+    /// One REST call: the body on success, the server's error otherwise.
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<Value> {
+        let mut req = self
+            .http
+            .request(method, self.url(path))
+            .bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let res = req
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {}", self.server))?;
+        let status = res.status().as_u16();
+        let text = res.text().await?;
+        if (200..300).contains(&status) {
+            return Ok(serde_json::from_str(&text).unwrap_or(Value::Null));
+        }
+        Err(match serde_json::from_str::<RestError>(&text) {
+            Ok(e) => ServerError {
+                status: Some(status),
+                code: e.error.code.as_str().to_owned(),
+                message: e.error.message,
+            },
+            Err(_) => ServerError {
+                status: Some(status),
+                code: "http".into(),
+                message: text.chars().take(200).collect(),
+            },
+        }
+        .into())
+    }
+
+    async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<(Value, T)> {
+        let v = self.call(reqwest::Method::GET, path, None).await?;
+        let typed = serde_json::from_value(v.clone()).context("unexpected answer")?;
+        Ok((v, typed))
+    }
+
+    /// Prints `v` as JSON, or `text()` for people.
+    fn out(&self, v: &Value, text: impl FnOnce() -> String) {
+        if self.json {
+            println!("{v}");
+        } else {
+            println!("{}", text());
+        }
+    }
+
+    async fn connect(&self, device: &str) -> anyhow::Result<Socket> {
+        let base = self
+            .server
+            .replacen("https://", "wss://", 1)
+            .replacen("http://", "ws://", 1);
+        let mut req =
+            format!("{}/ws?device={device}", base.trim_end_matches('/')).into_client_request()?;
+        req.headers_mut().insert(
+            "authorization",
+            HeaderValue::from_str(&format!("Bearer {}", self.token))?,
+        );
+        let (ws, _) = tokio_tungstenite::connect_async(req)
+            .await
+            .with_context(|| format!("cannot open a WebSocket to {}", self.server))?;
+        let mut socket = Socket { ws, next_id: 0 };
+        socket.next_frame().await?; // a_session
+        Ok(socket)
+    }
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+struct Socket {
+    ws: Ws,
+    next_id: u64,
+}
+
+impl Socket {
+    async fn next_frame(&mut self) -> anyhow::Result<Value> {
+        loop {
+            match self.ws.next().await {
+                Some(Ok(Message::Text(t))) => return Ok(serde_json::from_str(&t)?),
+                Some(Ok(Message::Close(c))) => {
+                    let why = c.map(|c| format!("{} {}", u16::from(c.code), c.reason));
+                    bail!(
+                        "the server closed the connection ({})",
+                        why.unwrap_or_default()
+                    )
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e.into()),
+                None => bail!("the connection ended"),
+            }
+        }
+    }
+
+    /// Sends a request; its ack's data, or the server's error. Pushes that
+    /// arrive meanwhile are skipped.
+    async fn request(&mut self, event: &str, data: Value) -> anyhow::Result<Value> {
+        self.next_id += 1;
+        let id = format!("c{}", self.next_id);
+        let frame = json!({ "event": event, "id": id, "data": data });
+        self.ws
+            .send(Message::Text(frame.to_string().into()))
+            .await?;
+        loop {
+            let f = self.next_frame().await?;
+            if f["id"] != id.as_str() {
+                continue;
+            }
+            if f["event"] == "ack" {
+                return Ok(f["data"].clone());
+            }
+            return Err(ServerError {
+                status: None,
+                code: f["data"]["code"].as_str().unwrap_or("error").to_owned(),
+                message: f["data"]["message"].as_str().unwrap_or_default().to_owned(),
+            }
+            .into());
+        }
+    }
+}
+
+fn group_line(g: &GroupView) -> String {
+    format!(
+        "{}  {}  ({} members, history {}, owner {})",
+        g.id, g.name, g.member_count, g.history, g.owner_id
+    )
+}
+
+fn message_line(m: &MessageView) -> String {
+    let body = match (&m.text, &m.media) {
+        (Some(t), _) => t.clone(),
+        (None, Some(media)) => format!("[{} {} bytes: {}]", media.mime, media.size, media.key),
+        (None, None) => String::new(),
+    };
+    format!("#{} {} {}: {}", m.seq, m.created_at, m.sender_id, body)
+}
+
+/// A client id nobody else picks.
+fn fresh_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("cli-{nanos:x}-{}", std::process::id())
+}
+
+fn mime_of(path: &std::path::Path) -> Option<&'static str> {
+    let ext = path.extension()?.to_str()?.to_ascii_lowercase();
+    Some(match ext.as_str() {
+        "jpg" | "jpeg" => "image/jpeg",
+        "png" => "image/png",
+        "gif" => "image/gif",
+        "webp" => "image/webp",
+        "mp4" => "video/mp4",
+        "webm" => "video/webm",
+        "mov" => "video/quicktime",
+        "mp3" => "audio/mpeg",
+        "m4a" => "audio/mp4",
+        "ogg" => "audio/ogg",
+        "wav" => "audio/wav",
+        _ => return None,
+    })
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Token {
+        user,
+        secret,
+        name,
+        ttl_secs,
+    } = &cli.command
+    {
+        let user = chat_domain::UserId::parse(user.as_str())?;
+        println!(
+            "{}",
+            chat_auth::mint_hs256(secret.as_bytes(), &user, name.as_deref(), *ttl_secs)?
+        );
+        return Ok(());
+    }
+    let saved = || std::fs::read_to_string(token_file()).ok();
+    let token = match &cli.command {
+        Command::Login { token } => token.clone(),
+        _ => cli
+            .token
+            .clone()
+            .or_else(saved)
+            .map(|t| t.trim().to_owned())
+            .context("no token: pass --token, set CHAT_TOKEN, or run `chat login <token>`")?,
+    };
+    let c = Client {
+        http: reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?,
+        server: cli.server.clone(),
+        token,
+        json: cli.json,
+    };
+    match cli.command {
+        Command::Token { .. } => {}
+        Command::Login { .. } => {
+            c.call(reqwest::Method::GET, "/groups?limit=1", None)
+                .await?;
+            let file = token_file();
+            if let Some(dir) = file.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            std::fs::write(&file, &c.token)?;
+            c.out(&json!({ "saved": file }), || {
+                format!("token accepted; saved in {}", file.display())
+            });
+        }
+        Command::Groups { limit } => {
+            let path = format!("/groups?limit={}", limit.unwrap_or(50));
+            let (v, page): (_, GroupPage) = c.get(&path).await?;
+            c.out(&v, || {
+                if page.groups.is_empty() {
+                    return "no groups".into();
+                }
+                page.groups
+                    .iter()
+                    .map(group_line)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        Command::Show { group } => {
+            let (v, g): (_, GroupView) = c.get(&format!("/groups/{group}")).await?;
+            c.out(&v, || {
+                let members: Vec<String> = g
+                    .members
+                    .iter()
+                    .map(|m| format!("  {} (since {})", m.user_id, m.joined_at))
+                    .collect();
+                format!("{}\n{}", group_line(&g), members.join("\n"))
+            });
+        }
+        Command::Create {
+            name,
+            members,
+            description,
+            history,
+        } => {
+            let body = json!({ "name": name, "members": members, "description": description, "history": history });
+            let v = c.call(reqwest::Method::POST, "/groups", Some(body)).await?;
+            let g: GroupView = serde_json::from_value(v.clone())?;
+            // members hear of it: live, or when they connect
+            let mut ws = c.connect("cli").await?;
+            ws.request("notify_create_group", json!({ "groupId": g.id }))
+                .await?;
+            c.out(&v, || format!("created {}", group_line(&g)));
+        }
+        Command::Add { group, users } => {
+            let v = c
+                .call(
+                    reqwest::Method::POST,
+                    &format!("/groups/{group}/members"),
+                    Some(json!({ "userIds": users })),
+                )
+                .await?;
+            c.out(&v, || format!("added {}", users.join(", ")));
+        }
+        Command::Remove { group, user } => {
+            let v = c
+                .call(
+                    reqwest::Method::DELETE,
+                    &format!("/groups/{group}/members/{user}"),
+                    None,
+                )
+                .await?;
+            c.out(&v, || format!("removed {user}"));
+        }
+        Command::Leave { group } => {
+            let v = c
+                .call(
+                    reqwest::Method::DELETE,
+                    &format!("/groups/{group}/members/me"),
+                    None,
+                )
+                .await?;
+            c.out(&v, || format!("left {group}"));
+        }
+        Command::Send {
+            group,
+            text,
+            client_id,
+        } => {
+            let mut ws = c.connect("cli").await?;
+            let data = json!({
+                "groupId": group,
+                "clientMsgId": client_id.unwrap_or_else(fresh_id),
+                "type": "text",
+                "text": text.join(" "),
+            });
+            let v = ws.request("send_group_message", data).await?;
+            let ack: SendAck = serde_json::from_value(v.clone())?;
+            c.out(&v, || format!("sent #{} ({})", ack.seq, ack.message_id));
+        }
+        Command::SendFile { group, path, mime } => {
+            let bytes =
+                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            let mime = mime
+                .or_else(|| mime_of(&path).map(str::to_owned))
+                .context("unknown file type: pass --mime")?;
+            let kind = mime.split('/').next().unwrap_or_default().to_owned();
+            let v = c
+                .call(
+                    reqwest::Method::POST,
+                    &format!("/groups/{group}/uploads"),
+                    Some(json!({ "type": kind, "mime": mime, "size": bytes.len() })),
+                )
+                .await?;
+            let ticket: UploadTicket = serde_json::from_value(v)?;
+            put_with_progress(&c, &ticket, bytes.clone(), !c.json).await?;
+            let mut ws = c.connect("cli").await?;
+            let data = json!({
+                "groupId": group,
+                "clientMsgId": fresh_id(),
+                "type": kind,
+                "media": { "key": ticket.key, "mime": mime, "size": bytes.len() },
+            });
+            let v = ws.request("send_group_message", data).await?;
+            let ack: SendAck = serde_json::from_value(v.clone())?;
+            c.out(&v, || {
+                format!("sent #{} ({}, {} bytes)", ack.seq, mime, bytes.len())
+            });
+        }
+        Command::History {
+            group,
+            before,
+            limit,
+        } => {
+            let mut path = format!("/groups/{group}/messages?limit={}", limit.unwrap_or(50));
+            if let Some(b) = before {
+                path.push_str(&format!("&before={b}"));
+            }
+            let (v, page): (_, MessagePage) = c.get(&path).await?;
+            c.out(&v, || {
+                page.messages
+                    .iter()
+                    .rev()
+                    .map(message_line)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        Command::Tail {
+            group,
+            device,
+            count,
+        } => tail(&c, &group, &device, count).await?,
+        Command::Read { group, message_id } => {
+            let mut ws = c.connect("cli").await?;
+            let v = ws
+                .request(
+                    "acknowledge_group_message",
+                    json!({ "groupId": group, "messageId": message_id }),
+                )
+                .await?;
+            c.out(&v, || {
+                format!("read up to #{}", v["readSeq"].as_u64().unwrap_or_default())
+            });
+        }
+        Command::Status { group, message_id } => {
+            let (v, s): (_, MessageStatus) = c
+                .get(&format!("/groups/{group}/messages/{message_id}/status"))
+                .await?;
+            c.out(&v, || {
+                let rows: Vec<String> = s
+                    .members
+                    .iter()
+                    .map(|m| {
+                        let state = match (m.delivered, m.read) {
+                            (_, true) => "read",
+                            (true, false) => "delivered",
+                            _ => "sent",
+                        };
+                        format!("  {} {state}", m.user_id)
+                    })
+                    .collect();
+                format!("#{} {}\n{}", s.seq, s.message_id, rows.join("\n"))
+            });
+        }
+    }
+    Ok(())
+}
+
+/// PUTs the bytes in chunks, reporting progress on stderr.
+async fn put_with_progress(
+    c: &Client,
+    ticket: &UploadTicket,
+    bytes: Vec<u8>,
+    show: bool,
+) -> anyhow::Result<()> {
+    let total = bytes.len();
+    let chunks: Vec<Vec<u8>> = bytes.chunks(64 * 1024).map(<[u8]>::to_vec).collect();
+    let mut sent = 0usize;
+    let body = futures::stream::iter(chunks.into_iter().map(move |chunk| {
+        sent += chunk.len();
+        if show {
+            eprint!("\ruploading {}%", sent * 100 / total.max(1));
+        }
+        Ok::<_, std::io::Error>(chunk)
+    }));
+    let mut req = c
+        .http
+        .put(&ticket.upload_url)
+        .header("content-length", total)
+        .body(reqwest::Body::wrap_stream(body));
+    for (k, v) in &ticket.headers {
+        if !k.eq_ignore_ascii_case("content-length") {
+            req = req.header(k, v);
+        }
+    }
+    let res = req.send().await.context("upload failed")?;
+    if show {
+        eprintln!();
+    }
+    if !res.status().is_success() {
+        bail!(
+            "the object store refused the upload ({}): {}",
+            res.status(),
+            res.text().await.unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+/// Follows `group` as `device`: what the device missed first, then live;
+/// reconnects with a growing pause when the connection ends.
+async fn tail(c: &Client, group: &str, device: &str, count: Option<usize>) -> anyhow::Result<()> {
+    let mut seen = 0usize;
+    let mut last_seq = 0u64;
+    let mut pause = Duration::from_millis(200);
+    loop {
+        let attempt = async {
+            let mut ws = c.connect(device).await?;
+            ws.request("subscribe_to_group", json!({ "groupId": group }))
+                .await?;
+            // on stderr in every mode: scripts may wait for it
+            eprintln!("following {group} as device {device}");
+            loop {
+                let f = ws.next_frame().await?;
+                if f["event"] != "a_group_message" || f["data"]["groupId"] != group {
+                    continue;
+                }
+                let m: MessageView = serde_json::from_value(f["data"].clone())?;
+                // after a reconnect the last burst may come again: seq shows it
+                if m.seq <= last_seq {
+                    continue;
+                }
+                last_seq = m.seq;
+                c.out(&f["data"], || message_line(&m));
+                seen += 1;
+                if count.is_some_and(|n| seen >= n) {
+                    return Ok::<_, anyhow::Error>(true);
+                }
+            }
+        };
+        match attempt.await {
+            Ok(_) => return Ok(()),
+            Err(e) if e.downcast_ref::<ServerError>().is_some() => return Err(e),
+            Err(e) => {
+                if !c.json {
+                    eprintln!("disconnected ({e:#}); reconnecting");
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    let json = cli.json;
+    if let Err(e) = run(cli).await {
+        match e.downcast_ref::<ServerError>() {
+            Some(s) if json => println!(
+                "{}",
+                json!({ "error": { "code": s.code, "message": s.message, "status": s.status } })
+            ),
+            Some(s) => eprintln!("error: {s}"),
+            None => eprintln!("error: {e:#}"),
+        }
+        std::process::exit(1);
+    }
+}

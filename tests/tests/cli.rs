@@ -1,0 +1,185 @@
+//! The `chat` command-line client against the real stack: every command a
+//! user runs in the README's tour, in text and `--json`, with the server's
+//! error codes on failure.
+
+use std::process::Output;
+
+use anyhow::Context;
+use chat_tests::{Cluster, PROMPTLY, token};
+use serde_json::Value;
+
+/// Runs `chat` against edge 0 as `user` (a token in the environment).
+async fn chat(c: &Cluster, user: &str, args: &[&str]) -> anyhow::Result<Output> {
+    let config = std::env::temp_dir().join(format!("chat-cli-test-{}", std::process::id()));
+    Ok(
+        tokio::process::Command::new(chat_stack::workspace_binary("chat", "chat-cli")?)
+            .args(args)
+            .env("CHAT_SERVER", c.edge_url(0))
+            .env("CHAT_TOKEN", token(user))
+            .env("CHAT_CONFIG_DIR", config)
+            .output()
+            .await?,
+    )
+}
+
+/// `chat --json ...` must succeed: its one JSON document.
+async fn chat_json(c: &Cluster, user: &str, args: &[&str]) -> anyhow::Result<Value> {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let out = chat(c, user, &all).await?;
+    anyhow::ensure!(
+        out.status.success(),
+        "chat {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+fn text(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_runs_the_readme_tour_against_a_real_stack() -> anyhow::Result<()> {
+    let c = Cluster::start(1, 1).await?;
+
+    // create a group with bob, see it listed and shown
+    let g = chat_json(&c, "alice", &["create", "team", "--member", "bob"]).await?;
+    let id = g["id"].as_str().context("group id")?.to_owned();
+    let listed = chat(&c, "bob", &["groups"]).await?;
+    assert!(text(&listed).contains(&id), "{}", text(&listed));
+    let shown = chat_json(&c, "bob", &["show", &id]).await?;
+    assert_eq!(shown["memberCount"], 2);
+
+    // bob tails the group (as a device of his own) while alice sends; it
+    // says on stderr when it follows the group
+    let mut tail = tokio::process::Command::new(chat_stack::workspace_binary("chat", "chat-cli")?)
+        .args(["--json", "tail", &id, "--device", "laptop", "--count", "2"])
+        .env("CHAT_SERVER", c.edge_url(0))
+        .env("CHAT_TOKEN", token("bob"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut stderr = tokio::io::BufReader::new(tail.stderr.take().context("stderr")?);
+    let mut first = String::new();
+    tokio::time::timeout(
+        PROMPTLY,
+        tokio::io::AsyncBufReadExt::read_line(&mut stderr, &mut first),
+    )
+    .await
+    .context("tail never started")??;
+    assert!(first.starts_with("following"), "{first}");
+    let sent = chat_json(&c, "alice", &["send", &id, "hello", "bob"]).await?;
+    let png: Vec<u8> = b"\x89PNG\r\n\x1a\n"
+        .iter()
+        .copied()
+        .chain(std::iter::repeat_n(7, 3000))
+        .collect();
+    let file = tempfile::Builder::new().suffix(".png").tempfile()?;
+    std::fs::write(file.path(), &png)?;
+    let media = chat_json(
+        &c,
+        "alice",
+        &["send-file", &id, file.path().to_str().context("path")?],
+    )
+    .await?;
+    let out = tokio::time::timeout(PROMPTLY, tail.wait_with_output())
+        .await
+        .context("tail did not end")??;
+    assert!(out.status.success(), "tail failed");
+    let lines: Vec<Value> = text(&out)
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["text"], "hello bob");
+    assert_eq!(lines[0]["seq"], sent["seq"]);
+    assert_eq!(lines[1]["type"], "image");
+    assert_eq!(lines[1]["seq"], media["seq"]);
+    assert_eq!(lines[1]["media"]["size"], 3008);
+
+    // history pages, in text and JSON
+    let history = chat(&c, "bob", &["history", &id]).await?;
+    assert!(
+        text(&history).contains("alice: hello bob"),
+        "{}",
+        text(&history)
+    );
+    let page = chat_json(&c, "bob", &["history", &id, "--limit", "1"]).await?;
+    assert_eq!(page["messages"][0]["seq"], media["seq"]);
+
+    // bob reads up to alice's text; the status shows it
+    let read = chat_json(
+        &c,
+        "bob",
+        &["read", &id, sent["messageId"].as_str().unwrap_or_default()],
+    )
+    .await?;
+    assert_eq!(read["readSeq"], sent["seq"]);
+    let status = chat(
+        &c,
+        "alice",
+        &[
+            "status",
+            &id,
+            sent["messageId"].as_str().unwrap_or_default(),
+        ],
+    )
+    .await?;
+    assert!(text(&status).contains("bob read"), "{}", text(&status));
+
+    // members: add, remove; errors carry the server's code
+    chat_json(&c, "alice", &["add", &id, "carol"]).await?;
+    let refused = chat(&c, "carol", &["remove", &id, "bob"]).await?;
+    assert_eq!(refused.status.code(), Some(1));
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(why.contains("forbidden (403)"), "{why}");
+    let json_error = chat(&c, "carol", &["--json", "remove", &id, "bob"]).await?;
+    let e: Value = serde_json::from_slice(&json_error.stdout)?;
+    assert_eq!(e["error"]["code"], "forbidden");
+    chat_json(&c, "carol", &["leave", &id]).await?;
+    let outsider = chat(&c, "carol", &["history", &id]).await?;
+    assert!(String::from_utf8_lossy(&outsider.stderr).contains("forbidden"));
+
+    // a bad token is refused before anything happens
+    let bad = tokio::process::Command::new(chat_stack::workspace_binary("chat", "chat-cli")?)
+        .args(["groups"])
+        .env("CHAT_SERVER", c.edge_url(0))
+        .env("CHAT_TOKEN", "not-a-token")
+        .output()
+        .await?;
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unauthorized (401)"));
+
+    // login keeps a token for later commands; a dev stack's tokens can be
+    // minted by the CLI itself
+    let dir = tempfile::tempdir()?;
+    let minted = tokio::process::Command::new(chat_stack::workspace_binary("chat", "chat-cli")?)
+        .args(["token", "--user", "dave", "--secret", chat_tests::SECRET])
+        .output()
+        .await?;
+    let dave = String::from_utf8(minted.stdout)?.trim().to_owned();
+    let bin = chat_stack::workspace_binary("chat", "chat-cli")?;
+    let login = tokio::process::Command::new(&bin)
+        .args(["login", &dave])
+        .env("CHAT_SERVER", c.edge_url(0))
+        .env("CHAT_CONFIG_DIR", dir.path())
+        .env_remove("CHAT_TOKEN")
+        .output()
+        .await?;
+    assert!(
+        login.status.success(),
+        "{}",
+        String::from_utf8_lossy(&login.stderr)
+    );
+    let groups = tokio::process::Command::new(&bin)
+        .args(["groups"])
+        .env("CHAT_SERVER", c.edge_url(0))
+        .env("CHAT_CONFIG_DIR", dir.path())
+        .env_remove("CHAT_TOKEN")
+        .output()
+        .await?;
+    assert_eq!(text(&groups).trim(), "no groups");
+    c.stop().await
+}
