@@ -100,6 +100,38 @@ async fn the_cli_runs_the_readme_tour_against_a_real_stack() -> anyhow::Result<(
     assert_eq!(lines[1]["seq"], media["seq"]);
     assert_eq!(lines[1]["media"]["size"], 3008);
 
+    // a second tail of the same device takes it over: the first stops with
+    // the close code instead of fighting for it
+    let spawn_tail = || -> anyhow::Result<tokio::process::Child> {
+        Ok(
+            tokio::process::Command::new(chat_stack::workspace_binary("chat", "chat-cli")?)
+                .args(["tail", &id, "--device", "desk"])
+                .env("CHAT_SERVER", c.edge_url(0))
+                .env("CHAT_TOKEN", token("bob"))
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()?,
+        )
+    };
+    let mut older = spawn_tail()?;
+    let mut older_err = tokio::io::BufReader::new(older.stderr.take().context("stderr")?);
+    let mut line = String::new();
+    tokio::time::timeout(
+        PROMPTLY,
+        tokio::io::AsyncBufReadExt::read_line(&mut older_err, &mut line),
+    )
+    .await
+    .context("the first tail never started")??;
+    let _newer = spawn_tail()?;
+    let ended = tokio::time::timeout(PROMPTLY, older.wait())
+        .await
+        .context("the older tail kept running")??;
+    assert_eq!(ended.code(), Some(1));
+    let mut rest = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut older_err, &mut rest).await?;
+    assert!(rest.contains("4409"), "{rest}");
+
     // history pages, in text and JSON
     let history = chat(&c, "bob", &["history", &id]).await?;
     assert!(

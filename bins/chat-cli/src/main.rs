@@ -121,6 +121,11 @@ enum Command {
     Status { group: String, message_id: String },
 }
 
+/// The device one-shot commands (send, read, create) connect as: never the
+/// one `tail` follows, so a command neither closes a tail (one connection
+/// per device) nor takes the messages it waits for.
+const COMMAND_DEVICE: &str = "cli-cmd";
+
 /// A failure the server explained.
 #[derive(Debug)]
 struct ServerError {
@@ -248,11 +253,19 @@ impl Socket {
             match self.ws.next().await {
                 Some(Ok(Message::Text(t))) => return Ok(serde_json::from_str(&t)?),
                 Some(Ok(Message::Close(c))) => {
-                    let why = c.map(|c| format!("{} {}", u16::from(c.code), c.reason));
-                    bail!(
-                        "the server closed the connection ({})",
-                        why.unwrap_or_default()
-                    )
+                    let code = c.as_ref().map_or(0, |c| u16::from(c.code));
+                    let reason = c.map(|c| c.reason.to_string()).unwrap_or_default();
+                    // another connection has the device, or the device is
+                    // gone: reconnecting would only fight over it
+                    if code == 4409 || code == 4410 {
+                        return Err(ServerError {
+                            status: None,
+                            code: code.to_string(),
+                            message: reason,
+                        }
+                        .into());
+                    }
+                    bail!("the server closed the connection ({code} {reason})")
                 }
                 Some(Ok(_)) => {}
                 Some(Err(e)) => return Err(e.into()),
@@ -369,10 +382,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             c.call(reqwest::Method::GET, "/groups?limit=1", None)
                 .await?;
             let file = token_file();
-            if let Some(dir) = file.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            std::fs::write(&file, &c.token)?;
+            save_secret(&file, &c.token)?;
             c.out(&json!({ "saved": file }), || {
                 format!("token accepted; saved in {}", file.display())
             });
@@ -408,11 +418,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             description,
             history,
         } => {
-            let body = json!({ "name": name, "members": members, "description": description, "history": history });
+            let mut body = json!({ "name": name, "members": members });
+            if let Some(d) = description {
+                body["description"] = json!(d);
+            }
+            if let Some(h) = history {
+                body["history"] = json!(h);
+            }
             let v = c.call(reqwest::Method::POST, "/groups", Some(body)).await?;
             let g: GroupView = serde_json::from_value(v.clone())?;
             // members hear of it: live, or when they connect
-            let mut ws = c.connect("cli").await?;
+            let mut ws = c.connect(COMMAND_DEVICE).await?;
             ws.request("notify_create_group", json!({ "groupId": g.id }))
                 .await?;
             c.out(&v, || format!("created {}", group_line(&g)));
@@ -452,7 +468,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             text,
             client_id,
         } => {
-            let mut ws = c.connect("cli").await?;
+            let mut ws = c.connect(COMMAND_DEVICE).await?;
             let data = json!({
                 "groupId": group,
                 "clientMsgId": client_id.unwrap_or_else(fresh_id),
@@ -479,7 +495,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await?;
             let ticket: UploadTicket = serde_json::from_value(v)?;
             put_with_progress(&c, &ticket, bytes.clone(), !c.json).await?;
-            let mut ws = c.connect("cli").await?;
+            let mut ws = c.connect(COMMAND_DEVICE).await?;
             let data = json!({
                 "groupId": group,
                 "clientMsgId": fresh_id(),
@@ -517,7 +533,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             count,
         } => tail(&c, &group, &device, count).await?,
         Command::Read { group, message_id } => {
-            let mut ws = c.connect("cli").await?;
+            let mut ws = c.connect(COMMAND_DEVICE).await?;
             let v = ws
                 .request(
                     "acknowledge_group_message",
@@ -549,6 +565,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             });
         }
     }
+    Ok(())
+}
+
+/// Writes `secret` to `file`, readable by its owner only (the folder too).
+fn save_secret(file: &std::path::Path, secret: &str) -> anyhow::Result<()> {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt, os::unix::fs::PermissionsExt};
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(file)
+        .with_context(|| format!("writing {}", file.display()))?;
+    // an older file keeps its mode: set it
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    f.write_all(secret.as_bytes())?;
     Ok(())
 }
 

@@ -218,13 +218,13 @@ pub fn app(state: AppState) -> Router {
             get(rest::message_status),
         )
         .route("/ws", get(ws::upgrade))
-        .fallback(rest::not_found)
-        .layer(limited)
-        // liveness for load balancers, and the API's description, outside
-        // the limits
-        .route("/healthz", get(rest::healthz))
+        // the contract's documents, built once, within the address limits
         .route("/openapi.json", get(rest::openapi))
         .route("/asyncapi.json", get(rest::asyncapi))
+        .fallback(rest::not_found)
+        .layer(limited)
+        // liveness for load balancers, outside the limits
+        .route("/healthz", get(rest::healthz))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }
@@ -265,7 +265,9 @@ pub async fn serve(
     use hyper_util::rt::{TokioIo, TokioTimer};
     use tower::ServiceExt as _;
 
-    // know which workers prove the service secret before the first request
+    // know the workers behind host names, and which prove the service
+    // secret, before the first request
+    state.workers.resolve().await;
     state.workers.check_all().await;
     let router = app(state.clone());
     let header_timeout = state.config.header_read_timeout;

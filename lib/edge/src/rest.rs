@@ -513,11 +513,15 @@ fn message_view(m: pb::ChatMessage) -> MessageView {
     }
 }
 
+/// The contract's documents, built on first use.
+static OPENAPI: std::sync::LazyLock<String> = std::sync::LazyLock::new(crate::openapi::json);
+static ASYNCAPI: std::sync::LazyLock<String> = std::sync::LazyLock::new(crate::asyncapi::json);
+
 /// `GET /openapi.json`: the REST API (docs/openapi.json).
 pub(crate) async fn openapi() -> impl IntoResponse {
     (
         [(axum::http::header::CONTENT_TYPE, "application/json")],
-        crate::openapi::json(),
+        OPENAPI.as_str(),
     )
 }
 
@@ -525,7 +529,7 @@ pub(crate) async fn openapi() -> impl IntoResponse {
 pub(crate) async fn asyncapi() -> impl IntoResponse {
     (
         [(axum::http::header::CONTENT_TYPE, "application/json")],
-        crate::asyncapi::json(),
+        ASYNCAPI.as_str(),
     )
 }
 

@@ -46,6 +46,8 @@ const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
 const RESOLVE_EVERY_CHECKS: usize = 10;
 /// Most addresses one name may bring into the pool.
 const MAX_ADDRESSES_PER_NAME: usize = 64;
+/// The longest a lookup may take before the name keeps what it had.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 
 struct Worker {
     url: String,
@@ -140,7 +142,7 @@ impl Workers {
             .filter(|t| t.host.is_none())
             .map(|t| t.url.clone())
             .collect();
-        pool.replace(fixed, true)?;
+        pool.replace(fixed, true, true)?;
         Ok(pool)
     }
 
@@ -149,8 +151,10 @@ impl Workers {
     }
 
     /// Makes the pool `urls`, keeping the workers (and their state) it
-    /// already has; new ones start healthy if `healthy`.
-    fn replace(&self, urls: Vec<String>, healthy: bool) -> Result<(), StartError> {
+    /// already has; new ones start healthy if `healthy`. A URL that is not a
+    /// usable endpoint is an error if `strict` (the command line), else it
+    /// is left out (a looked-up address, such as a link-local IPv6 one).
+    fn replace(&self, urls: Vec<String>, healthy: bool, strict: bool) -> Result<(), StartError> {
         let old = self.snapshot();
         let mut workers = Vec::with_capacity(urls.len());
         for url in urls {
@@ -161,8 +165,15 @@ impl Workers {
                 workers.push(w.clone());
                 continue;
             }
-            let endpoint = Endpoint::from_shared(url.clone())
-                .map_err(|e| StartError::Endpoint(url.clone(), e.to_string()))?
+            let endpoint = match Endpoint::from_shared(url.clone()) {
+                Ok(e) => e,
+                Err(e) if strict => return Err(StartError::Endpoint(url, e.to_string())),
+                Err(e) => {
+                    tracing::warn!(url, error = %e, "a looked-up worker address is not usable; skipped");
+                    continue;
+                }
+            };
+            let endpoint = endpoint
                 .timeout(self.timeout)
                 .connect_timeout(Duration::from_secs(2))
                 .tcp_nodelay(true);
@@ -184,8 +195,9 @@ impl Workers {
     }
 
     /// Looks the host names up again: each address is a worker. A name that
-    /// cannot be looked up keeps the workers it had.
-    async fn resolve(&self) {
+    /// cannot be looked up (within `LOOKUP_TIMEOUT`) keeps the workers it
+    /// had.
+    pub async fn resolve(&self) {
         if self.targets.iter().all(|t| t.host.is_none()) {
             return;
         }
@@ -196,7 +208,11 @@ impl Workers {
                 continue;
             };
             let mut found = t.found.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            match tokio::net::lookup_host((host.as_str(), *port)).await {
+            let lookup = tokio::net::lookup_host((host.as_str(), *port));
+            match tokio::time::timeout(LOOKUP_TIMEOUT, lookup)
+                .await
+                .unwrap_or_else(|_| Err(std::io::Error::other("timed out")))
+            {
                 Ok(addrs) => {
                     found = addrs
                         .take(MAX_ADDRESSES_PER_NAME)
@@ -210,8 +226,8 @@ impl Workers {
             }
             urls.extend(found);
         }
-        if let Err(e) = self.replace(urls, false) {
-            tracing::warn!(error = %e, "a looked-up worker address is not usable");
+        if let Err(e) = self.replace(urls, false, false) {
+            tracing::warn!(error = %e, "cannot change the worker pool");
         }
     }
 
@@ -420,6 +436,7 @@ mod tests {
         pool.replace(
             vec!["http://10.0.0.1:1".into(), "http://10.0.0.2:1".into()],
             false,
+            false,
         )
         .expect("replace");
         let first = pool.snapshot();
@@ -431,10 +448,15 @@ mod tests {
         first[1].healthy.store(true, Ordering::Relaxed);
         // 10.0.0.1 is gone from the name, 10.0.0.3 came
         pool.replace(
-            vec!["http://10.0.0.2:1".into(), "http://10.0.0.3:1".into()],
+            vec![
+                "http://10.0.0.2:1".into(),
+                "http://not a url".into(),
+                "http://10.0.0.3:1".into(),
+            ],
+            false,
             false,
         )
-        .expect("replace");
+        .expect("a bad looked-up address is skipped");
         let second = pool.snapshot();
         assert_eq!(urls(&pool), ["http://10.0.0.2:1", "http://10.0.0.3:1"]);
         assert!(

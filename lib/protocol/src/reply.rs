@@ -1,5 +1,8 @@
 //! What the server answers: the `data` of every `ack`, the pushes other than
 //! group events, and every REST response body. Field names are public API.
+//!
+//! Unlike requests, answers take unknown fields: a client built on these
+//! types keeps working when a later server adds one.
 
 use std::collections::BTreeMap;
 
@@ -9,7 +12,7 @@ use crate::{GroupView, MessageView};
 
 /// `ack` of `notify_create_group`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct NotifyAck {
     pub group_id: String,
     /// Members notified (each once, live or on reconnect).
@@ -18,7 +21,7 @@ pub struct NotifyAck {
 
 /// `ack` of `subscribe_to_group`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct SubscribeAck {
     pub group_id: String,
 }
@@ -26,7 +29,7 @@ pub struct SubscribeAck {
 /// `ack` of `send_group_message`: the message is durable in the group's
 /// stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct SendAck {
     pub message_id: String,
     pub group_id: String,
@@ -36,7 +39,7 @@ pub struct SendAck {
 
 /// `ack` of `acknowledge_group_message`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct AcknowledgeAck {
     pub group_id: String,
     pub message_id: String,
@@ -48,7 +51,7 @@ pub struct AcknowledgeAck {
 /// `a_message_status`, to senders: member `userId` has received everything
 /// up to `deliveredSeq` and read everything up to `readSeq`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct MessageStatusPush {
     pub group_id: String,
     pub user_id: String,
@@ -58,7 +61,7 @@ pub struct MessageStatusPush {
 
 /// `GET /groups`: a page of the caller's groups.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct GroupPage {
     pub groups: Vec<GroupView>,
     /// Pass as `after` for the next page; absent on the last.
@@ -68,14 +71,14 @@ pub struct GroupPage {
 
 /// `GET /groups/{id}/messages`: newest first.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct MessagePage {
     pub messages: Vec<MessageView>,
 }
 
 /// One member's receipt of a message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct MemberStatus {
     pub user_id: String,
     pub delivered: bool,
@@ -87,7 +90,7 @@ pub struct MemberStatus {
 
 /// `GET /groups/{id}/messages/{messageId}/status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct MessageStatus {
     pub message_id: String,
     pub seq: u64,
@@ -96,7 +99,7 @@ pub struct MessageStatus {
 
 /// `POST /groups/{id}/uploads`: where and how to PUT the bytes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct UploadTicket {
     /// Name it in the message's `media.key`.
     pub key: String,
@@ -110,7 +113,7 @@ pub struct UploadTicket {
 
 /// `GET /groups/{id}/media/{objectId}` (with a 302 to `url`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct MediaLink {
     pub url: String,
     pub expires_at: String,
@@ -118,14 +121,12 @@ pub struct MediaLink {
 
 /// `GET /healthz`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct Health {
     pub status: String,
 }
 
 /// `GET /readyz` (operator's listener).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct Readiness {
     pub nats: bool,
     pub workers: bool,

@@ -148,6 +148,17 @@ impl GroupsService {
     ) -> Result<Group, WorkerError> {
         for _ in 0..CAS_ATTEMPTS {
             let mut record = self.load(id).await?;
+            // new members' history starts after the group's newest message
+            // as of just before this attempt's write: a message with a
+            // higher seq may predate the commit by one write, none at or
+            // below it follows it
+            let change = match &change {
+                GroupChange::AddMembers { user_ids, .. } => GroupChange::AddMembers {
+                    user_ids: user_ids.clone(),
+                    at_seq: crate::messages::newest_seq(&self.0, id).await?,
+                },
+                other => other.clone(),
+            };
             let audience =
                 record
                     .group
@@ -357,15 +368,15 @@ impl Groups for GroupsService {
         // members already in the group count nothing new, and are checked
         // like the others: a soft cap (two adds at once may pass it by one)
         self.check_room_for(&user_ids).await?;
-        // read before the change commits: a message with a higher seq may
-        // predate the commit by a moment; none at or below it follows it
-        let group_id = parse_id::<GroupId>(&req.group_id)?;
-        let at_seq = crate::messages::newest_seq(&self.0, &group_id).await?;
+        // `at_seq` is read by `apply`, right before each attempt's write
         let group = self
             .change(
                 &req.caller,
                 &req.group_id,
-                GroupChange::AddMembers { user_ids, at_seq },
+                GroupChange::AddMembers {
+                    user_ids,
+                    at_seq: 0,
+                },
             )
             .await?;
         Ok(reply(&group))

@@ -196,6 +196,9 @@ pub(super) async fn deliver(
                     None => break,
                 };
                 let mut repeat = false;
+                // what was handed on before this delivery: restored if this
+                // one is not handed on after all and must come again
+                let forwarded_before = seen.forwarded;
                 if let Ok(info) = msg.info() {
                     metrics::histogram!("chat_consumer_pending", "feed" => feed.label())
                         .record(info.pending as f64);
@@ -244,6 +247,8 @@ pub(super) async fn deliver(
                             Ok(hidden) => hidden,
                             Err(e) => {
                                 tracing::warn!(error = %e, consumer, group, "cannot tell whether a message predates the member; rewinding");
+                                // not handed on: after the rewind it is new
+                                seen.forwarded = forwarded_before;
                                 rewinds.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                                 owed = true;
                                 if !pause(backoff, &mut stop).await {

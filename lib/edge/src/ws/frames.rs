@@ -64,7 +64,13 @@ pub(crate) fn open_live(
     stream_seq: u64,
     payload: &bytes::Bytes,
 ) -> Result<(Utf8Bytes, u64), String> {
-    opened_at(app, stream_seq, payload).map(|o| (o.text, o.seq))
+    let opened = opened_at(app, stream_seq, payload)?;
+    // live only: a catch-up hands on messages as old as the device's absence
+    let age_ms = chat_domain::now_millis()
+        .saturating_sub(opened.created_at)
+        .max(0);
+    metrics::histogram!("chat_delivery_latency_seconds").record(age_ms as f64 / 1000.0);
+    Ok((opened.text, opened.seq))
 }
 
 /// The message at `stream_seq`, opened once per edge whichever path reads
@@ -78,10 +84,6 @@ fn opened_at(app: &AppState, stream_seq: u64, payload: &bytes::Bytes) -> Result<
             o
         }
     };
-    let age_ms = chat_domain::now_millis()
-        .saturating_sub(opened.created_at)
-        .max(0);
-    metrics::histogram!("chat_delivery_latency_seconds").record(age_ms as f64 / 1000.0);
     Ok(opened)
 }
 

@@ -9,7 +9,7 @@
 //! catch-up, from this or another connection of the user, is checked the
 //! same way; connections that miss nothing ask nothing.
 
-use std::sync::Mutex;
+use std::{sync::Mutex, time::Instant};
 
 use super::*;
 
@@ -20,10 +20,15 @@ const MAX_KNOWN: usize = 4096;
 /// Hides everything: the caller is not (or no longer) a member.
 const HIDE_ALL: u64 = u64::MAX;
 
-/// The `seq` after which each group met so far is visible.
+/// How long an answer is trusted: a removal and a new addition during a long
+/// catch-up move where the member's view starts.
+const TRUSTED_FOR: Duration = Duration::from_secs(10);
+
+/// The `seq` after which each group met so far is visible, and when that
+/// was asked.
 #[derive(Default)]
 pub(super) struct Visibility {
-    known: Mutex<HashMap<String, u64>>,
+    known: Mutex<HashMap<String, (u64, Instant)>>,
 }
 
 impl Visibility {
@@ -32,7 +37,8 @@ impl Visibility {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(group)
-            .copied()
+            .filter(|(_, at)| at.elapsed() < TRUSTED_FOR)
+            .map(|(from, _)| *from)
     }
 
     /// Whether the message at `seq` of `group` is hidden from `user`.
@@ -67,9 +73,10 @@ impl Visibility {
                     }
                     Err(e) => return Err(e),
                 };
+                // "not a member" is not kept: an addition may follow
                 let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
-                if known.len() < MAX_KNOWN {
-                    known.insert(group.to_owned(), from);
+                if from != HIDE_ALL && (known.len() < MAX_KNOWN || known.contains_key(group)) {
+                    known.insert(group.to_owned(), (from, Instant::now()));
                 }
                 from
             }
