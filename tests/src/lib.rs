@@ -565,6 +565,21 @@ impl Drop for Process {
     }
 }
 
+/// Runs `chatd <args>` (an operator's command) to success; its stdout.
+pub async fn chatd_command(args: &[&str]) -> anyhow::Result<String> {
+    let out = tokio::process::Command::new(chat_stack::chatd_binary()?)
+        .args(args)
+        .output()
+        .await?;
+    anyhow::ensure!(
+        out.status.success(),
+        "chatd {}: {}",
+        args.first().unwrap_or(&""),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?)
+}
+
 /// A valid token for `user`.
 pub fn token(user: &str) -> String {
     let user = UserId::parse(user).unwrap_or_else(|e| panic!("bad test user {user:?}: {e}"));

@@ -708,17 +708,9 @@ async fn a_restore_from_backups_taken_in_order_loses_nothing_they_hold() -> anyh
 
     // 3. the step: every message the stream holds is written again
     let worker = c.stack.nats.users.worker.flags();
-    let out = tokio::process::Command::new(chat_stack::chatd_binary()?)
-        .arg("reproject")
-        .args(["--nats-url", &c.stack.nats.url])
-        .args(&worker)
-        .output()
-        .await?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut args = vec!["reproject", "--nats-url", &c.stack.nats.url];
+    args.extend(worker.iter().map(String::as_str));
+    chat_tests::chatd_command(&args).await?;
     c.start_worker(0).await?;
     c.restart_edge(0).await?;
     persisted(&c, &g, 6).await?;

@@ -207,16 +207,9 @@ async fn content_is_never_stored_in_plaintext_and_rotated_keys_still_decrypt() -
     assert_eq!(got[0]["text"], secret);
     assert_eq!(got[1]["text"], "after rotation");
     // the operator's question before dropping t1: what does it still seal?
-    let out = tokio::process::Command::new(chat_stack::chatd_binary()?)
-        .args(["key-usage", "--mongodb-uri", &c.stack.mongo.uri])
-        .output()
-        .await?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(String::from_utf8(out.stdout)?, "t1 1\nt2 1\n");
+    let usage =
+        chat_tests::chatd_command(&["key-usage", "--mongodb-uri", &c.stack.mongo.uri]).await?;
+    assert_eq!(usage, "t1 1\nt2 1\n");
     c.stop().await
 }
 

@@ -120,16 +120,20 @@ impl Bus {
         Ok(PersistFeed(messages.ready_chunks(batch)))
     }
 
+    /// The shared persist consumer's name (`nats/consumers/persist.json`).
+    fn persist_name(&self) -> String {
+        self.defs
+            .persist_consumer
+            .durable_name
+            .clone()
+            .unwrap_or_default()
+    }
+
     /// The stream sequence up to which every group message has been
     /// written into MongoDB (or found unstorable): the persist consumer's
     /// acknowledgement floor. One JetStream API call.
     pub async fn persisted_through(&self) -> Result<u64, BusError> {
-        let name = self
-            .defs
-            .persist_consumer
-            .durable_name
-            .clone()
-            .unwrap_or_default();
+        let name = self.persist_name();
         let info = self
             .js
             .get_stream_no_info(&self.defs.groups_stream.name)
@@ -147,12 +151,7 @@ impl Bus {
     /// backup older than the stream's (writes are idempotent by message id,
     /// so what it has already is left as it is). Returns where it starts.
     pub async fn reproject(&self, from: Option<u64>) -> Result<u64, BusError> {
-        let name = self
-            .defs
-            .persist_consumer
-            .durable_name
-            .clone()
-            .unwrap_or_default();
+        let name = self.persist_name();
         let mut stream = self
             .js
             .get_stream(&self.defs.groups_stream.name)

@@ -305,20 +305,10 @@ pub fn json() -> String {
 
 #[cfg(test)]
 mod tests {
-    /// `docs/asyncapi.json` is what the code generates. To regenerate:
-    /// `UPDATE_CONTRACT=1 cargo test -p chat-edge asyncapi`.
+    /// `docs/asyncapi.json` is what the code generates.
     #[test]
     fn the_committed_asyncapi_document_is_current() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/asyncapi.json");
-        let now = super::json();
-        if std::env::var_os("UPDATE_CONTRACT").is_some() {
-            std::fs::write(path, &now).expect("write docs/asyncapi.json");
-        }
-        let committed = std::fs::read_to_string(path).unwrap_or_default();
-        assert!(
-            committed == now,
-            "docs/asyncapi.json is stale: run UPDATE_CONTRACT=1 cargo test -p chat-edge asyncapi"
-        );
+        crate::assert_committed("asyncapi.json", &super::json());
     }
 
     #[test]

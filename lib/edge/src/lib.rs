@@ -341,3 +341,18 @@ pub async fn serve(
     ws::flush_delivered(&state).await;
     Ok(())
 }
+
+/// Fails unless `docs/<file>` holds `now`; with `UPDATE_CONTRACT` set, writes
+/// it first (`UPDATE_CONTRACT=1 cargo test -p chat-edge api`).
+#[cfg(test)]
+pub(crate) fn assert_committed(file: &str, now: &str) {
+    let path = format!("{}/../../docs/{file}", env!("CARGO_MANIFEST_DIR"));
+    if std::env::var_os("UPDATE_CONTRACT").is_some() {
+        std::fs::write(&path, now).unwrap_or_else(|e| panic!("write {path}: {e}"));
+    }
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        committed == now,
+        "docs/{file} is stale: run UPDATE_CONTRACT=1 cargo test -p chat-edge api"
+    );
+}

@@ -55,10 +55,7 @@ fn view(group: pb::Group) -> Result<Json<GroupView>, ApiError> {
     request_body = CreateGroupBody,
     responses(
         (status = 201, description = "the group; the caller is its owner and a member", body = GroupView),
-        (status = 400, description = "`invalid` or `too_large`", body = RestError),
-        (status = 401, description = "no valid token", body = RestError),
-        (status = 429, description = "`rate_limited`; see `Retry-After`", body = RestError),
-        (status = 503, description = "`unavailable`: retry", body = RestError)
+        crate::openapi::CallerErrors
     ))]
 pub(crate) async fn create_group(
     State(app): State<AppState>,
@@ -101,10 +98,7 @@ const GROUPS_PAGE: u32 = 50;
     ),
     responses(
         (status = 200, description = "the caller's groups, most recently updated first", body = GroupPage),
-        (status = 400, description = "`invalid` or `too_large`", body = RestError),
-        (status = 401, description = "no valid token", body = RestError),
-        (status = 429, description = "`rate_limited`; see `Retry-After`", body = RestError),
-        (status = 503, description = "`unavailable`: retry", body = RestError)
+        crate::openapi::CallerErrors
     ))]
 pub(crate) async fn list_groups(
     State(app): State<AppState>,
@@ -149,12 +143,7 @@ pub(crate) async fn list_groups(
     params(("id" = String, Path, description = "group id")),
     responses(
         (status = 200, description = "the group", body = GroupView),
-        (status = 403, description = "not a member (or not the owner)", body = RestError),
-        (status = 404, description = "no such group", body = RestError),
-        (status = 400, description = "`invalid` or `too_large`", body = RestError),
-        (status = 401, description = "no valid token", body = RestError),
-        (status = 429, description = "`rate_limited`; see `Retry-After`", body = RestError),
-        (status = 503, description = "`unavailable`: retry", body = RestError)
+        crate::openapi::GroupErrors, crate::openapi::CallerErrors
     ))]
 pub(crate) async fn get_group(
     State(app): State<AppState>,
@@ -179,12 +168,7 @@ pub(crate) async fn get_group(
     request_body = TransferOwnerBody,
     responses(
         (status = 200, description = "the group with its new owner (owner only)", body = GroupView),
-        (status = 403, description = "not a member (or not the owner)", body = RestError),
-        (status = 404, description = "no such group", body = RestError),
-        (status = 400, description = "`invalid` or `too_large`", body = RestError),
-        (status = 401, description = "no valid token", body = RestError),
-        (status = 429, description = "`rate_limited`; see `Retry-After`", body = RestError),
-        (status = 503, description = "`unavailable`: retry", body = RestError)
+        crate::openapi::GroupErrors, crate::openapi::CallerErrors
     ))]
 pub(crate) async fn transfer_owner(
     State(app): State<AppState>,
@@ -211,12 +195,7 @@ pub(crate) async fn transfer_owner(
     request_body = AddMembersBody,
     responses(
         (status = 200, description = "the group with the new members (owner only)", body = GroupView),
-        (status = 403, description = "not a member (or not the owner)", body = RestError),
-        (status = 404, description = "no such group", body = RestError),
-        (status = 400, description = "`invalid` or `too_large`", body = RestError),
-        (status = 401, description = "no valid token", body = RestError),
-        (status = 429, description = "`rate_limited`; see `Retry-After`", body = RestError),
-        (status = 503, description = "`unavailable`: retry", body = RestError)
+        crate::openapi::GroupErrors, crate::openapi::CallerErrors
     ))]
 pub(crate) async fn add_members(
     State(app): State<AppState>,
@@ -247,12 +226,7 @@ pub(crate) async fn add_members(
     responses(
         (status = 200, description = "the group without the member", body = GroupView),
         (status = 409, description = "the owner cannot leave: transfer first", body = RestError),
-        (status = 403, description = "not a member (or not the owner)", body = RestError),
-        (status = 404, description = "no such group", body = RestError),
-        (status = 400, description = "`invalid` or `too_large`", body = RestError),
-        (status = 401, description = "no valid token", body = RestError),
-        (status = 429, description = "`rate_limited`; see `Retry-After`", body = RestError),
-        (status = 503, description = "`unavailable`: retry", body = RestError)
+        crate::openapi::GroupErrors, crate::openapi::CallerErrors
     ))]
 pub(crate) async fn remove_member(
     State(app): State<AppState>,
@@ -295,12 +269,7 @@ pub(crate) struct HistoryQuery {
     ),
     responses(
         (status = 200, description = "newest first, decrypted", body = MessagePage),
-        (status = 403, description = "not a member (or not the owner)", body = RestError),
-        (status = 404, description = "no such group", body = RestError),
-        (status = 400, description = "`invalid` or `too_large`", body = RestError),
-        (status = 401, description = "no valid token", body = RestError),
-        (status = 429, description = "`rate_limited`; see `Retry-After`", body = RestError),
-        (status = 503, description = "`unavailable`: retry", body = RestError)
+        crate::openapi::GroupErrors, crate::openapi::CallerErrors
     ))]
 pub(crate) async fn history(
     State(app): State<AppState>,
@@ -338,12 +307,7 @@ pub(crate) async fn history(
     ),
     responses(
         (status = 200, description = "delivered and read, per member", body = MessageStatus),
-        (status = 403, description = "not a member (or not the owner)", body = RestError),
-        (status = 404, description = "no such group", body = RestError),
-        (status = 400, description = "`invalid` or `too_large`", body = RestError),
-        (status = 401, description = "no valid token", body = RestError),
-        (status = 429, description = "`rate_limited`; see `Retry-After`", body = RestError),
-        (status = 503, description = "`unavailable`: retry", body = RestError)
+        crate::openapi::GroupErrors, crate::openapi::CallerErrors
     ))]
 pub(crate) async fn message_status(
     State(app): State<AppState>,
@@ -385,12 +349,7 @@ pub(crate) async fn message_status(
     request_body = UploadBody,
     responses(
         (status = 201, description = "a pre-signed PUT URL", body = UploadTicket),
-        (status = 403, description = "not a member (or not the owner)", body = RestError),
-        (status = 404, description = "no such group", body = RestError),
-        (status = 400, description = "`invalid` or `too_large`", body = RestError),
-        (status = 401, description = "no valid token", body = RestError),
-        (status = 429, description = "`rate_limited`; see `Retry-After`", body = RestError),
-        (status = 503, description = "`unavailable`: retry", body = RestError)
+        crate::openapi::GroupErrors, crate::openapi::CallerErrors
     ))]
 pub(crate) async fn create_upload(
     State(app): State<AppState>,
@@ -432,12 +391,7 @@ pub(crate) async fn create_upload(
     ),
     responses(
         (status = 302, description = "to a pre-signed GET URL (`Location`)", body = MediaLink),
-        (status = 403, description = "not a member (or not the owner)", body = RestError),
-        (status = 404, description = "no such group", body = RestError),
-        (status = 400, description = "`invalid` or `too_large`", body = RestError),
-        (status = 401, description = "no valid token", body = RestError),
-        (status = 429, description = "`rate_limited`; see `Retry-After`", body = RestError),
-        (status = 503, description = "`unavailable`: retry", body = RestError)
+        crate::openapi::GroupErrors, crate::openapi::CallerErrors
     ))]
 pub(crate) async fn download_media(
     State(app): State<AppState>,
