@@ -275,6 +275,12 @@ impl Cluster {
         Client::connect(&self.edge_addrs[edge], &token(user), device).await
     }
 
+    /// A WebSocket client of `user` on edge `edge` that names no device (it
+    /// gets the user's default one), as a client of the seed's flow.
+    pub async fn connect_without_device(&self, edge: usize, user: &str) -> anyhow::Result<Client> {
+        Client::connect_as(&self.edge_addrs[edge], &token(user), None).await
+    }
+
     /// Creates a group over REST on edge 0 as `owner`; returns its JSON.
     pub async fn create_group(&self, owner: &str, members: &[&str]) -> anyhow::Result<Value> {
         let res = self
@@ -339,25 +345,24 @@ impl Cluster {
         .await?)
     }
 
-    /// Waits until `device` of `user` has nothing pending or unacknowledged
-    /// on its notification consumer: every delivery was written and acked.
-    pub async fn user_consumer_settles(&self, user: &str, device: &str) -> anyhow::Result<()> {
+    /// Waits until the saved place of `device` of `user` covers every
+    /// notification of the user: nothing would come again on reconnect.
+    pub async fn place_covers_notifications(&self, user: &str, device: &str) -> anyhow::Result<()> {
         let bus = self.bus().await?;
-        let name = chat_bus::user_consumer_name(
-            &UserId::parse(user)?,
-            &chat_domain::DeviceId::parse(device)?,
-        );
-        let stream = bus.jetstream().get_stream("CHAT_USERS").await?;
+        let (user_id, device_id) = (UserId::parse(user)?, chat_domain::DeviceId::parse(device)?);
+        let newest = bus
+            .newest_on(chat_bus::Feed::User, &chat_bus::user_subject(&user_id))
+            .await?;
+        let places = bus.places();
         eventually(PROMPTLY, || {
-            let stream = stream.clone();
-            let name = name.clone();
+            let (places, user_id, device_id) = (places.clone(), user_id.clone(), device_id.clone());
             async move {
-                let info = stream.consumer_info(&name).await?;
-                Ok((info.num_pending == 0 && info.num_ack_pending == 0).then_some(()))
+                let stored = places.get(&user_id, &device_id).await?;
+                Ok(stored.place.filter(|p| p.users >= newest).map(drop))
             }
         })
         .await
-        .with_context(|| format!("consumer {name} never settled"))
+        .with_context(|| format!("the place of {user}'s {device} never reached {newest}"))
     }
 
     /// A REST call on edge `edge`, as `user` if given (else without a
@@ -608,7 +613,20 @@ impl Client {
 
     /// Connects with `token` as `device`, and waits for `a_session`.
     pub async fn connect(addr: &SocketAddr, token: &str, device: &str) -> anyhow::Result<Self> {
-        let url = format!("ws://{addr}/ws?token={token}&device={device}");
+        Self::connect_as(addr, token, Some(device)).await
+    }
+
+    /// Connects as `device`, or without naming one (the user's default).
+    pub async fn connect_as(
+        addr: &SocketAddr,
+        token: &str,
+        device: Option<&str>,
+    ) -> anyhow::Result<Self> {
+        let url = match device {
+            Some(device) => format!("ws://{addr}/ws?token={token}&device={device}"),
+            None => format!("ws://{addr}/ws?token={token}"),
+        };
+        let device = device.unwrap_or("default");
         // a 503 (a backing service busy or failing over) is worth a retry,
         // as a client would
         let mut attempts = 0;

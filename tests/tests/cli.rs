@@ -100,12 +100,12 @@ async fn the_cli_runs_the_readme_tour_against_a_real_stack() -> anyhow::Result<(
     assert_eq!(lines[1]["seq"], media["seq"]);
     assert_eq!(lines[1]["media"]["size"], 3008);
 
-    // a second tail of the same device takes it over: the first stops with
-    // the close code instead of fighting for it
+    // two tails of the same device both follow the group (two terminals,
+    // like two tabs): each prints the next message
     let spawn_tail = || -> anyhow::Result<tokio::process::Child> {
         Ok(
             tokio::process::Command::new(chat_stack::workspace_binary("chat", "chat-cli")?)
-                .args(["tail", &id, "--device", "desk"])
+                .args(["--json", "tail", &id, "--device", "desk", "--count", "1"])
                 .env("CHAT_SERVER", c.edge_url(0))
                 .env("CHAT_TOKEN", token("bob"))
                 .stdout(std::process::Stdio::piped())
@@ -114,23 +114,29 @@ async fn the_cli_runs_the_readme_tour_against_a_real_stack() -> anyhow::Result<(
                 .spawn()?,
         )
     };
-    let mut older = spawn_tail()?;
-    let mut older_err = tokio::io::BufReader::new(older.stderr.take().context("stderr")?);
-    let mut line = String::new();
-    tokio::time::timeout(
-        PROMPTLY,
-        tokio::io::AsyncBufReadExt::read_line(&mut older_err, &mut line),
-    )
-    .await
-    .context("the first tail never started")??;
-    let _newer = spawn_tail()?;
-    let ended = tokio::time::timeout(PROMPTLY, older.wait())
+    let mut tails = Vec::new();
+    for _ in 0..2 {
+        let mut tail = spawn_tail()?;
+        let mut err = tokio::io::BufReader::new(tail.stderr.take().context("stderr")?);
+        let mut line = String::new();
+        tokio::time::timeout(
+            PROMPTLY,
+            tokio::io::AsyncBufReadExt::read_line(&mut err, &mut line),
+        )
         .await
-        .context("the older tail kept running")??;
-    assert_eq!(ended.code(), Some(1));
-    let mut rest = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut older_err, &mut rest).await?;
-    assert!(rest.contains("4409"), "{rest}");
+        .context("a tail never started")??;
+        assert!(line.starts_with("following"), "{line}");
+        tails.push(tail);
+    }
+    let both = chat_json(&c, "alice", &["send", &id, "to", "both"]).await?;
+    for tail in tails {
+        let out = tokio::time::timeout(PROMPTLY, tail.wait_with_output())
+            .await
+            .context("a tail did not end")??;
+        assert!(out.status.success(), "a tail failed");
+        let line: Value = serde_json::from_str(text(&out).trim())?;
+        assert_eq!(line["seq"], both["seq"]);
+    }
 
     // history pages, in text and JSON
     let history = chat(&c, "bob", &["history", &id]).await?;
@@ -140,7 +146,7 @@ async fn the_cli_runs_the_readme_tour_against_a_real_stack() -> anyhow::Result<(
         text(&history)
     );
     let page = chat_json(&c, "bob", &["history", &id, "--limit", "1"]).await?;
-    assert_eq!(page["messages"][0]["seq"], media["seq"]);
+    assert_eq!(page["messages"][0]["seq"], both["seq"]);
 
     // bob reads up to alice's text; the status shows it
     let read = chat_json(

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use async_nats::jetstream::consumer;
 use chat_domain::{DeviceId, UserId};
-use chat_tests::{Client, Cluster, PROMPTLY, SERVICE_SECRET, eventually, token};
+use chat_tests::{Client, Cluster, PROMPTLY, SERVICE_SECRET, token};
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 
@@ -33,24 +33,19 @@ async fn group_messages_within(
     Ok(got)
 }
 
-/// The consumers of `stream` that record `user` as their owner.
-async fn consumers_of(c: &Cluster, stream: &str, user: &str) -> anyhow::Result<Vec<String>> {
+/// The place saved for `device` of `user`.
+async fn place_of(c: &Cluster, user: &str, device: &str) -> anyhow::Result<chat_bus::Stored> {
     let bus = c.bus().await?;
-    let stream = bus.jetstream().get_stream(stream).await?;
-    let mut names = Vec::new();
-    let mut infos = stream.consumers();
-    while let Some(info) = infos.next().await {
-        let info = info?;
-        if info.config.metadata.get("chat_user").map(String::as_str) == Some(user) {
-            names.push(info.name);
-        }
-    }
-    Ok(names)
+    Ok(bus
+        .places()
+        .get(&UserId::parse(user)?, &DeviceId::parse(device)?)
+        .await?)
 }
 
 /// `bob` with device `smith_d` and `bob_smith` with device `d` shared one
 /// durable consumer (`u_bob_smith_d`): bob received bob_smith's group
-/// notification and half of its messages. Now every pair has its own.
+/// notification and half of its messages. Now every pair has its own place
+/// (`bob.smith_d`, `bob_smith.d`: ids never contain a dot).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ids_that_join_to_the_same_name_never_share_a_consumer() -> anyhow::Result<()> {
     let c = Cluster::start(1, 1).await?;
@@ -86,86 +81,93 @@ async fn ids_that_join_to_the_same_name_never_share_a_consumer() -> anyhow::Resu
     let (bob, bob_smith) = (UserId::parse("bob")?, UserId::parse("bob_smith")?);
     let (smith_d, d) = (DeviceId::parse("smith_d")?, DeviceId::parse("d")?);
     assert_ne!(
-        chat_bus::user_consumer_name(&bob, &smith_d),
-        chat_bus::user_consumer_name(&bob_smith, &d)
+        chat_bus::place_key(&bob, &smith_d),
+        chat_bus::place_key(&bob_smith, &d)
     );
-    assert_eq!(consumers_of(&c, "CHAT_USERS", "bob").await?.len(), 1);
-    assert_eq!(consumers_of(&c, "CHAT_USERS", "bob_smith").await?.len(), 1);
+    // each saves its own place when it goes, and the victim's covers the
+    // group's messages while the attacker's never moved past them
+    attacker.close().await?;
+    victim.close().await?;
+    let (a, v) = (
+        place_of(&c, "bob", "smith_d").await?,
+        place_of(&c, "bob_smith", "d").await?,
+    );
+    let (a, v) = (
+        a.place.context("the attacker's place")?,
+        v.place.context("the victim's place")?,
+    );
+    assert!(v.groups > a.groups, "victim {v:?}, attacker {a:?}");
+    // and the attacker, back, gets nothing of the group
+    let mut attacker = c.connect(0, "bob", "smith_d").await?;
+    let leaked = group_messages_within(&mut attacker, &g, QUIET).await?;
+    assert!(leaked.is_empty(), "the attacker received {leaked:?}");
     c.stop().await
 }
 
-/// A consumer under a device's name that records another owner (made by
-/// hand, or by anything but chatd) is never handed to that device.
+/// A device of the previous release kept its place in two durable
+/// consumers (`du_<len>_<user>_<device>`, `dg_…`, their owner recorded in
+/// their metadata). On its first connection after the upgrade its place is
+/// carried over: what it had acknowledged does not come again, what it
+/// missed does, and the consumers are gone. A consumer under a device's
+/// name that records another owner is never read.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_consumer_recorded_to_another_owner_is_refused() -> anyhow::Result<()> {
-    let c = Cluster::start(1, 1).await?;
-    let bus = c.bus().await?;
-    let stream = bus.jetstream().get_stream("CHAT_USERS").await?;
-    let name = chat_bus::user_consumer_name(&UserId::parse("bob")?, &DeviceId::parse("phone")?);
-    let mut config = consumer::pull::Config {
-        durable_name: Some(name.clone()),
-        filter_subject: "chat.user.eve.event".into(),
-        ack_policy: consumer::AckPolicy::All,
-        ..Default::default()
-    };
-    config.metadata.insert("chat_user".into(), "eve".into());
-    config.metadata.insert("chat_device".into(), "phone".into());
-    stream.create_consumer(config).await?;
-    let refused = c.connect(0, "bob", "phone").await;
-    assert!(refused.is_err(), "bob was given eve's consumer");
-    // and it was not touched: still eve's
-    let info = stream.clone().consumer_info(&name).await?;
-    assert_eq!(info.config.filter_subject, "chat.user.eve.event");
-    c.stop().await
-}
-
-/// A device made under the first naming scheme (`u_<user>_<device>`) keeps
-/// its place when its user connects: what it had acknowledged does not come
-/// again, what it missed does, and the old consumers are gone. An old
-/// consumer whose name fits but which filters on another user's subject (the
-/// other half of a collision) is left alone.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn old_device_consumers_are_renamed_keeping_their_place() -> anyhow::Result<()> {
+async fn a_device_of_the_previous_release_keeps_its_place() -> anyhow::Result<()> {
     use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy};
     let c = Cluster::start(1, 1).await?;
     let g = c.room(&["alice", "bob"]).await?;
     let mut alice = c.connect(0, "alice", "phone").await?;
     alice.send_text(&g, "m1", "one").await?;
+    // bob's two devices are registered (as under the previous release)
+    for device in ["setup", "phone"] {
+        c.connect(0, "bob", device).await?.close().await?;
+    }
     let bus = c.bus().await?;
     let js = bus.jetstream();
     let groups = js.get_stream("CHAT_GROUPS").await?;
     let users = js.get_stream("CHAT_USERS").await?;
-    let (bob, setup) = (UserId::parse("bob")?, DeviceId::parse("setup")?);
-    // bob's device as an older chatd left it: old names, explicit acks,
-    // everything up to the first message acknowledged
-    groups
-        .delete_consumer(&chat_bus::group_consumer_name(&bob, &setup))
-        .await?;
-    users
-        .delete_consumer(&chat_bus::user_consumer_name(&bob, &setup))
+    // ...but their places are where the previous release kept them
+    js.get_stream("KV_CHAT_PLACES")
+        .await?
+        .purge()
+        .filter("$KV.CHAT_PLACES.bob.>")
         .await?;
     let acked_up_to = groups
         .get_last_raw_message_by_subject(&format!("chat.group.{g}.msg"))
         .await?
         .sequence;
     let users_last = users.get_info().await?.state.last_sequence;
-    let old = |name: &str, filter: String, start_sequence: u64| consumer::pull::Config {
-        durable_name: Some(name.into()),
-        filter_subject: filter,
-        ack_policy: AckPolicy::Explicit,
-        deliver_policy: DeliverPolicy::ByStartSequence { start_sequence },
-        ..Default::default()
+    let old = |name: &str, owner: (&str, &str), filter: String, start_sequence: u64| {
+        let mut config = consumer::pull::Config {
+            durable_name: Some(name.into()),
+            filter_subject: filter,
+            ack_policy: AckPolicy::All,
+            deliver_policy: DeliverPolicy::ByStartSequence { start_sequence },
+            ..Default::default()
+        };
+        config.metadata.insert("chat_user".into(), owner.0.into());
+        config.metadata.insert("chat_device".into(), owner.1.into());
+        config
     };
     let (group_subject, bob_subject) = (format!("chat.group.{g}.msg"), "chat.user.bob.event");
     groups
-        .create_consumer(old("g_bob_setup", group_subject, acked_up_to + 1))
+        .create_consumer(old(
+            "dg_3_bob_setup",
+            ("bob", "setup"),
+            group_subject.clone(),
+            acked_up_to + 1,
+        ))
         .await?;
     users
-        .create_consumer(old("u_bob_setup", bob_subject.into(), users_last + 1))
+        .create_consumer(old(
+            "du_3_bob_setup",
+            ("bob", "setup"),
+            bob_subject.into(),
+            users_last + 1,
+        ))
         .await?;
-    // `u_bob_x_y` fits both (bob, x_y) and (bob_x, y); it is bob_x's
-    users
-        .create_consumer(old("u_bob_x_y", "chat.user.bob_x.event".into(), 1))
+    // under bob's phone's name, but eve's: from the very first message
+    groups
+        .create_consumer(old("dg_3_bob_phone", ("eve", "phone"), group_subject, 1))
         .await?;
     alice.send_text(&g, "m2", "two").await?;
     alice.send_text(&g, "m3", "three").await?;
@@ -183,25 +185,29 @@ async fn old_device_consumers_are_renamed_keeping_their_place() -> anyhow::Resul
         [2, 3],
         "missed messages, in order, not the acknowledged one"
     );
-    let info = groups
-        .clone()
-        .consumer_info(&chat_bus::group_consumer_name(&bob, &setup))
-        .await?;
-    assert_eq!(info.config.ack_policy, AckPolicy::All);
-    assert_eq!(
-        info.config.metadata.get("chat_user").map(String::as_str),
-        Some("bob")
+    let carried = place_of(&c, "bob", "setup")
+        .await?
+        .place
+        .context("carried over")?;
+    assert!(
+        carried.groups >= acked_up_to && carried.users >= users_last,
+        "{carried:?}"
     );
-    for (stream, old) in [(&groups, "g_bob_setup"), (&users, "u_bob_setup")] {
+    for (stream, old) in [(&groups, "dg_3_bob_setup"), (&users, "du_3_bob_setup")] {
         assert!(
             stream.clone().consumer_info(old).await.is_err(),
             "{old} is still there"
         );
     }
-    // bob on device x_y: bob_x's old consumer is not his to take
-    let _bob_xy = c.connect(0, "bob", "x_y").await?;
-    let kept = users.clone().consumer_info("u_bob_x_y").await?;
-    assert_eq!(kept.config.filter_subject, "chat.user.bob_x.event");
+    // bob's phone: eve's consumer is not read (its place would be 0) and
+    // stays as it is
+    let _phone = c.connect(0, "bob", "phone").await?;
+    assert_eq!(place_of(&c, "bob", "phone").await?.place, None);
+    let kept = groups.clone().consumer_info("dg_3_bob_phone").await?;
+    assert_eq!(
+        kept.config.metadata.get("chat_user").map(String::as_str),
+        Some("eve")
+    );
     let more = tokio::time::timeout(QUIET, bob_ws.next_push("a_group_message")).await;
     assert!(more.is_err(), "a message came again: {more:?}");
     c.stop().await
@@ -210,7 +216,7 @@ async fn old_device_consumers_are_renamed_keeping_their_place() -> anyhow::Resul
 /// Only the newest 32 devices were remembered, and removal rewrote only
 /// their filters: a removed member kept receiving on an older device. Now
 /// the registry is capped and complete: a device beyond the cap evicts the
-/// least recently seen (its consumers deleted, its live connection closed
+/// least recently seen (its place forgotten, its live connection closed
 /// with 4410), and after a removal no device, old or new, receives anything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_removed_member_receives_nothing_on_any_device() -> anyhow::Result<()> {
@@ -225,14 +231,12 @@ async fn a_removed_member_receives_nothing_on_any_device() -> anyhow::Result<()>
         Some(4410),
         "the evicted device is told"
     );
-    eventually(PROMPTLY, || async {
-        let (u, g) = (
-            consumers_of(&c, "CHAT_USERS", "bob").await?,
-            consumers_of(&c, "CHAT_GROUPS", "bob").await?,
-        );
-        Ok((u.len() <= 4 && g.len() <= 4).then_some(()))
-    })
-    .await?;
+    // its place is a delete marker, which no late save writes over
+    let forgotten = place_of(&c, "bob", "old").await?;
+    assert!(
+        forgotten.place.is_none() && forgotten.revision > 0,
+        "{forgotten:?}"
+    );
     let mut newest = c.connect(0, "bob", "d5").await?;
     let mut old = c.connect(0, "bob", "old").await?;
     assert_eq!(c.remove_member(0, "alice", &g, "bob").await?, 200);
@@ -370,13 +374,11 @@ async fn a_removed_member_can_no_longer_send_through_any_worker() -> anyhow::Res
 }
 
 /// Subscribe, session opens and removal at the same time, over and over:
-/// afterwards no device of the removed member follows the group, and none
-/// receives what is sent after.
+/// afterwards no connection of the removed member receives what is sent
+/// after, live or when its device comes back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removal_racing_subscribe_and_session_opens_leaves_nothing_behind() -> anyhow::Result<()> {
     let c = Cluster::start(1, 1).await?;
-    let bus = c.bus().await?;
-    let bob = UserId::parse("bob")?;
     let mut alice = c.connect(0, "alice", "web").await?;
     let mut carol = c.connect(0, "carol", "web").await?;
     for round in 0..4 {
@@ -405,27 +407,22 @@ async fn removal_racing_subscribe_and_session_opens_leaves_nothing_behind() -> a
         };
         let ((), mut opened, removed) = tokio::join!(resubscribe, opens, removal);
         assert_eq!(removed?.status(), 200);
-        for device in registered_devices(&c, "bob").await? {
-            let filters = bus.group_filters(&bob, &device).await?;
-            assert!(
-                !filters.iter().any(|f| f.contains(&g)),
-                "round {round}: {device} still follows the group: {filters:?}"
-            );
-        }
         alice.send_text(&g, &format!("x{round}"), "after").await?;
         carol.skip_to("a_group_message").await?;
         for ws in opened.iter_mut().chain([&mut live]) {
             let leaked = group_messages_within(ws, &g, Duration::from_millis(300)).await?;
             assert!(leaked.is_empty(), "round {round}: bob received {leaked:?}");
         }
+        // nor does a device that comes back and catches up from its place
+        drop(opened);
+        let mut back = c.connect(0, "bob", &format!("r{round}-0")).await?;
+        let leaked = group_messages_within(&mut back, &g, Duration::from_millis(300)).await?;
+        assert!(
+            leaked.is_empty(),
+            "round {round}: bob caught up on {leaked:?}"
+        );
     }
     c.stop().await
-}
-
-/// The devices `user` has registered, read with the store's own query.
-async fn registered_devices(c: &Cluster, user: &str) -> anyhow::Result<Vec<DeviceId>> {
-    let store = chat_store::Store::connect(&c.stack.mongo.uri, "chat").await?;
-    Ok(store.users.devices(&UserId::parse(user)?).await?)
 }
 
 /// The worker's port trusted the `caller` field: a made-up caller read

@@ -232,30 +232,46 @@ async fn a_draining_edge_tells_clients_to_reconnect_and_loses_nothing() -> anyho
     c.stop().await
 }
 
+/// Two tabs of a web app that never heard of devices share the user's
+/// default device; they used to close each other (4409). Now every
+/// connection receives everything, whether or not it names a device, on
+/// any edge, and the device's place is the furthest either reached.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_device_connecting_again_replaces_its_older_connection() -> anyhow::Result<()> {
+async fn connections_of_one_device_all_receive_everything() -> anyhow::Result<()> {
     let c = Cluster::start(2, 1).await?;
     let g = c.room(&["alice", "bob"]).await?;
-    let mut first = c.connect(0, "bob", "phone").await?;
     let mut alice = c.connect(0, "alice", "setup").await?;
-    alice.send_text(&g, "m1", "one").await?;
-    assert_eq!(first.messages(1).await?[0]["seq"], 1);
-    // the same device again, on the other edge: the older one is told why
-    let mut second = c.connect(1, "bob", "phone").await?;
-    assert_eq!(first.closed_with().await?, Some(4409));
-    // and the newer one gets everything from here on, alone
-    alice.send_text(&g, "m2", "two").await?;
-    alice.send_text(&g, "m3", "three").await?;
-    // what the older connection had written but not yet saved as the
-    // device's place when the newer one started may come again (PROTOCOL.md:
-    // `seq` shows repeats); nothing is missing
-    assert_eq!(seqs_through(&mut second, 2, 3).await?, [2, 3]);
-    // and again on the same edge: the edge closes its own older connection,
-    // and the announcements echoing back close neither
-    let mut third = c.connect(1, "bob", "phone").await?;
-    assert_eq!(second.closed_with().await?, Some(4409));
-    alice.send_text(&g, "m4", "four").await?;
-    assert_eq!(seqs_through(&mut third, 4, 4).await?, [4]);
+    // no device: the default one, twice, on two edges
+    let mut tab1 = c.connect_without_device(0, "bob").await?;
+    let mut tab2 = c.connect_without_device(1, "bob").await?;
+    // and a named device twice on one edge
+    let mut phone1 = c.connect(1, "bob", "phone").await?;
+    let mut phone2 = c.connect(1, "bob", "phone").await?;
+    for i in 1..=5 {
+        alice.send_text(&g, &format!("m{i}"), "x").await?;
+    }
+    for ws in [&mut tab1, &mut tab2, &mut phone1, &mut phone2] {
+        assert_eq!(seqs_through(ws, 1, 5).await?, [1, 2, 3, 4, 5]);
+    }
+    // a notification reaches every connection too
+    let own = c.create_group("bob", &[]).await?;
+    let own = own["id"].as_str().context("id")?.to_owned();
+    phone1
+        .request("notify_create_group", json!({ "groupId": own }))
+        .await?;
+    for ws in [&mut tab1, &mut tab2, &mut phone1, &mut phone2] {
+        let push = ws.next_push("a_group_created").await?;
+        assert_eq!(push["data"]["group"]["id"], own.as_str());
+    }
+    // one tab goes, the other stays: nothing closes it
+    tab1.close().await?;
+    alice.send_text(&g, "m6", "x").await?;
+    assert_eq!(seqs_through(&mut tab2, 6, 6).await?, [6]);
+    // both gone, a message missed, then back: only what was missed comes
+    tab2.close().await?;
+    alice.send_text(&g, "m7", "x").await?;
+    let mut back = c.connect_without_device(0, "bob").await?;
+    assert_eq!(seqs_through(&mut back, 7, 7).await?, [7]);
     c.stop().await
 }
 

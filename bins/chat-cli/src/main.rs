@@ -255,9 +255,9 @@ impl Socket {
                 Some(Ok(Message::Close(c))) => {
                     let code = c.as_ref().map_or(0, |c| u16::from(c.code));
                     let reason = c.map(|c| c.reason.to_string()).unwrap_or_default();
-                    // another connection has the device, or the device is
-                    // gone: reconnecting would only fight over it
-                    if code == 4409 || code == 4410 {
+                    // the device was evicted (its user has too many):
+                    // reconnecting would only evict another one
+                    if code == 4410 {
                         return Err(ServerError {
                             status: None,
                             code: code.to_string(),

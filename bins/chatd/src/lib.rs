@@ -406,12 +406,11 @@ pub struct ServeArgs {
     #[arg(long, env = "CHATD_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
     pub header_read_timeout_ms: u64,
 
-    /// Worker: most devices per user (each holds two durable consumers); a
+    /// Worker: most devices per user (each has a place saved in NATS); a
     /// new device beyond it evicts the user's least recently seen one.
     #[arg(long, env = "CHATD_MAX_DEVICES_PER_USER", default_value_t = chat_worker::DeviceLimits::default().max_per_user)]
     pub max_devices_per_user: usize,
-    /// Days after which an idle device is forgotten and its consumers
-    /// deleted by JetStream.
+    /// Days after which an idle device may be evicted by a new one.
     #[arg(long, env = "CHATD_DEVICE_IDLE_DAYS", default_value_t = 30)]
     pub device_idle_days: u64,
 
@@ -537,8 +536,7 @@ impl Node {
     pub async fn start(args: ServeArgs) -> anyhow::Result<Self> {
         let role = args.role.context("--role is required")?;
         let (stop, stop_rx) = watch::channel(false);
-        let mut defs = args.nats.definitions()?;
-        defs.device_consumer.inactive_threshold = args.device_idle();
+        let defs = args.nats.definitions()?;
         let service_secret = args.service_secret()?;
         let runs_worker = matches!(role, Role::Worker | Role::All);
         if runs_worker && service_secret.is_none() && !args.grpc_listen.ip().is_loopback() {
@@ -586,6 +584,10 @@ impl Node {
                 .send_log(idempotency_window)
                 .await
                 .context("declaring the send log")?;
+            let places = bus
+                .declare_places()
+                .await
+                .context("declaring the bucket of device places")?;
             let listener = TcpListener::bind(args.grpc_listen)
                 .await
                 .with_context(|| format!("binding {}", args.grpc_listen))?;
@@ -611,6 +613,7 @@ impl Node {
             let deps = chat_worker::Deps {
                 store,
                 sends,
+                places,
                 bus: bus.clone(),
                 keys: keys.clone(),
                 objects: args.objects()?,

@@ -7,7 +7,6 @@ use crate::BusError;
 
 const USERS_STREAM: &str = include_str!("../../../nats/streams/chat_users.json");
 const GROUPS_STREAM: &str = include_str!("../../../nats/streams/chat_groups.json");
-const DEVICE_CONSUMER: &str = include_str!("../../../nats/consumers/device.json");
 const PERSIST_CONSUMER: &str = include_str!("../../../nats/consumers/persist.json");
 
 /// Parsed definitions, with the operator's overrides applied.
@@ -15,9 +14,6 @@ const PERSIST_CONSUMER: &str = include_str!("../../../nats/consumers/persist.jso
 pub struct Definitions {
     pub users_stream: stream::Config,
     pub groups_stream: stream::Config,
-    /// Template for every device consumer; name, filters and start are set
-    /// per device.
-    pub device_consumer: consumer::pull::Config,
     /// The consumer every worker shares to write the group messages into
     /// MongoDB behind the stream.
     pub persist_consumer: consumer::pull::Config,
@@ -36,14 +32,12 @@ impl Definitions {
         let mut users_stream: stream::Config = parse("nats/streams/chat_users.json", USERS_STREAM)?;
         let mut groups_stream: stream::Config =
             parse("nats/streams/chat_groups.json", GROUPS_STREAM)?;
-        let device_consumer = parse("nats/consumers/device.json", DEVICE_CONSUMER)?;
         let persist_consumer = parse("nats/consumers/persist.json", PERSIST_CONSUMER)?;
         users_stream.num_replicas = replicas;
         groups_stream.num_replicas = replicas;
         Ok(Self {
             users_stream,
             groups_stream,
-            device_consumer,
             persist_consumer,
         })
     }
@@ -58,7 +52,8 @@ mod tests {
         let d = Definitions::load(3).expect("definitions parse");
         assert_eq!(d.users_stream.name, "CHAT_USERS");
         assert_eq!(d.users_stream.num_replicas, 3);
-        // the default of 1,000 consumers per stream is far too few for one per device
+        // the default of 1,000 consumers per stream is too few for a
+        // catch-up consumer per reconnecting device at once
         assert!(d.users_stream.max_consumers >= 100_000);
         assert!(d.groups_stream.max_consumers >= 100_000);
         assert_eq!(d.users_stream.duplicate_window.as_secs(), 120);
@@ -66,10 +61,6 @@ mod tests {
         // cap with discard-old let one user's churn evict everyone else's
         assert_eq!(d.users_stream.max_bytes, -1);
         assert!(d.users_stream.max_messages_per_subject > 0);
-        // the edge acknowledges the last delivery of a burst, which covers
-        // everything before it
-        assert_eq!(d.device_consumer.ack_policy, consumer::AckPolicy::All);
-        assert!(d.device_consumer.inactive_threshold.as_secs() > 0);
         // several workers share the persist consumer: each acknowledges its
         // own messages, never everything below them
         assert_eq!(d.persist_consumer.ack_policy, consumer::AckPolicy::Explicit);

@@ -11,19 +11,21 @@
 //!   `persist` consumer writes them into MongoDB behind it (`persist.rs`);
 //! - `$KV.CHAT_SENDS.<group>.<sender>.<clientMsgId>`: the send log, one entry
 //!   per send for the idempotency window (`sends.rs`);
+//! - `$KV.CHAT_PLACES.<user>.<device>`: each device's place in both streams
+//!   (`places.rs`);
 //! - `chat.ctl.members.<groupId>` (core NATS): "this group's membership
 //!   changed", between workers.
 //!
-//! Each edge reads all group traffic once through a consumer of its own
-//! (`live.rs`) and writes it to its connections; every device of a user
-//! also has its own durable pull consumer on each stream (see
-//! ARCHITECTURE.md, "Delivery", and `devices.rs`): its position, from which
-//! it catches up on reconnect, on whichever edge node it connects to.
+//! Each edge reads both streams once through consumers of its own
+//! (`live.rs`) and writes them to its connections; a device's place in
+//! each is an entry of the `CHAT_PLACES` bucket (`places.rs`), from which
+//! it catches up on reconnect, on whichever edge node it connects to,
+//! through a short-lived consumer (see ARCHITECTURE.md, "Delivery").
 //!
 //! Every connection authenticates to NATS with its role's user (see
-//! `nats/auth.conf`): edges may only read their consumers and the group
-//! stream and announce sessions, workers publish and manage streams and
-//! consumers.
+//! `nats/auth.conf`): edges may only read the streams through consumers of
+//! their own and save device places, workers publish and manage streams,
+//! buckets and consumers.
 
 use std::{
     sync::{
@@ -37,18 +39,24 @@ use async_nats::jetstream;
 use bytes::Bytes;
 use chat_domain::{GroupId, UserId};
 
+mod bucket;
 mod defs;
-mod devices;
 mod live;
 mod messages;
 mod persist;
+mod places;
 mod sends;
 
 pub use defs::Definitions;
-pub use devices::{Feed, Rewound, group_consumer_name, user_consumer_name};
-pub use live::{GroupTraffic, LiveMessage, LiveReader, MembershipEvent, group_event_subject};
+pub use live::{
+    Batch, CatchUp, Feed, GroupTraffic, LiveMessage, LiveReader, MembershipEvent,
+    group_event_subject,
+};
 pub use messages::{Envelope, Position, Published, SEQ_HEADER};
 pub use persist::{Delivered, PersistFeed, Persisted, group_of_members_subject, members_subject};
+pub use places::{
+    DEVICE_NOTICES, PLACES_BUCKET, Place, Places, Saved, Stored, device_notice_subject, place_key,
+};
 pub use sends::{Claimed, SENDS_BUCKET, SendLog, SendRecord, send_key};
 
 /// The header JetStream uses to drop duplicate publishes.
@@ -63,13 +71,6 @@ pub enum BusError {
     /// A definition in `nats/` is wrong.
     #[error("bad definition {file}: {message}")]
     Definition { file: &'static str, message: String },
-    /// A consumer under a device's name records another owner: never
-    /// reused, whatever its name says.
-    #[error("consumer {0} belongs to another device")]
-    Foreign(String),
-    /// The device's consumer does not exist (evicted, or expired).
-    #[error("consumer {0} does not exist")]
-    NoConsumer(String),
 }
 
 /// The NATS user a node connects as (`nats/auth.conf` defines one per role).

@@ -1,11 +1,17 @@
-//! Live delivery: what an edge reads to fan out every group's traffic once,
-//! and the membership events that tell it who may receive a group.
+//! Live delivery and catching up: what an edge reads to fan out every
+//! group's traffic and every user's notifications once, the membership
+//! events that tell it who may receive a group, and the short-lived
+//! consumers a reconnecting device catches up through.
 //!
-//! Each edge reads `CHAT_GROUPS` through one ephemeral, unacknowledged
-//! consumer of its own over `chat.group.>`: nats-server delivers every
-//! message once per edge, whatever the number of members, and the delivery
-//! count of such a consumer rises by exactly one per message, so the edge
-//! sees any loss and reads again from its position (see [`LiveReader`]).
+//! Each edge reads each stream (`CHAT_GROUPS`, `CHAT_USERS`) through one
+//! ephemeral, unacknowledged consumer of its own over all of it: nats-server
+//! delivers every message once per edge, whatever the number of members
+//! or devices, and the delivery count of such a consumer rises by exactly
+//! one per message, so the edge sees any loss and reads again from its
+//! position (see [`LiveReader`]). A device that was away reads what it
+//! missed the same way, through a consumer of its own filtered on its
+//! groups (or its user) from its place on ([`CatchUp`]), which ends a few
+//! seconds after the device went live.
 //!
 //! Membership changes that decide live delivery (a member subscribed, left
 //! or was removed) are events on `chat.group.<g>.event` in the same stream,
@@ -15,14 +21,14 @@
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{self, AckPolicy, DeliverPolicy};
-use chat_domain::{DeviceId, GroupId, UserId};
+use chat_domain::{GroupId, UserId};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use crate::{Bus, BusError};
 
-/// Every group's messages and events.
-const ALL_GROUP_TRAFFIC: &str = "chat.group.>";
+/// A consumer a catch-up stopped reading from is removed after this.
+const CATCH_UP_INACTIVE: Duration = Duration::from_secs(5);
 /// A reader that heard nothing for this long asks how far its consumer got.
 const LIVE_IDLE_CHECK: Duration = Duration::from_secs(5);
 /// An edge's consumer left behind (the edge died) is removed after this.
@@ -31,6 +37,33 @@ const LIVE_INACTIVE: Duration = Duration::from_secs(30);
 const LIVE_BATCH: usize = 1024;
 /// Attempts at publishing a membership event before the change fails.
 const EVENT_ATTEMPTS: usize = 3;
+
+/// One of the two streams a device receives from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Feed {
+    /// Notifications (`chat.user.<user>.event`): payloads are finished frames.
+    User,
+    /// Group messages and membership events: messages are sealed envelopes.
+    Groups,
+}
+
+impl Feed {
+    /// The label of this feed in metrics and logs.
+    pub fn label(self) -> &'static str {
+        match self {
+            Feed::User => "user",
+            Feed::Groups => "groups",
+        }
+    }
+
+    /// Every subject of the feed's stream.
+    fn everything(self) -> &'static str {
+        match self {
+            Feed::User => "chat.user.>",
+            Feed::Groups => "chat.group.>",
+        }
+    }
+}
 
 /// The subject of `group`'s membership events.
 pub fn group_event_subject(group: &GroupId) -> String {
@@ -85,6 +118,7 @@ pub struct LiveMessage {
 /// from the last stream sequence it handed on.
 pub struct LiveReader {
     bus: Bus,
+    feed: Feed,
     /// The stream sequence last handed on.
     position: u64,
     /// Deliveries of the current consumer handed on.
@@ -134,11 +168,18 @@ impl Bus {
         Err(last.unwrap_or_else(|| BusError::Unavailable("membership event".into())))
     }
 
-    /// The newest stream sequence of the group stream.
-    pub async fn group_stream_tail(&self) -> Result<u64, BusError> {
+    fn stream_name(&self, feed: Feed) -> &str {
+        match feed {
+            Feed::User => &self.defs.users_stream.name,
+            Feed::Groups => &self.defs.groups_stream.name,
+        }
+    }
+
+    /// The newest stream sequence of `feed`'s stream.
+    pub async fn stream_tail(&self, feed: Feed) -> Result<u64, BusError> {
         let mut stream = self
             .js
-            .get_stream(&self.defs.groups_stream.name)
+            .get_stream(self.stream_name(feed))
             .await
             .map_err(BusError::nats)?;
         Ok(stream
@@ -149,31 +190,80 @@ impl Bus {
             .last_sequence)
     }
 
-    /// A reader of all group traffic after stream sequence `position`; it
-    /// connects on its first [`LiveReader::next`].
-    pub fn live_reader(&self, position: u64) -> LiveReader {
+    /// The stream sequence of the newest message on `subject` of `feed`'s
+    /// stream (0: none): one read from the stream's leader.
+    pub async fn newest_on(&self, feed: Feed, subject: &str) -> Result<u64, BusError> {
+        use async_nats::jetstream::stream::LastRawMessageErrorKind;
+        let stream = self
+            .js
+            .get_stream_no_info(self.stream_name(feed))
+            .await
+            .map_err(BusError::nats)?;
+        match stream.get_last_raw_message_by_subject(subject).await {
+            Ok(m) => Ok(m.sequence),
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(0),
+            Err(e) => Err(BusError::nats(e)),
+        }
+    }
+
+    /// A reader of all of `feed`'s traffic after stream sequence
+    /// `position`; it connects on its first [`LiveReader::next`].
+    pub fn live_reader(&self, feed: Feed, position: u64) -> LiveReader {
         LiveReader {
             bus: self.clone(),
+            feed,
             position,
             count: 0,
             current: None,
             serial: 0,
-            prefix: format!("live-{}", uuid::Uuid::new_v4().simple()),
+            prefix: format!("live-{}-{}", feed.label(), uuid::Uuid::new_v4().simple()),
         }
     }
 
-    /// Moves `device`'s group consumer so that its next delivery is the
-    /// first matching message after stream sequence `position` (everything
-    /// up to it reached the device live).
-    pub async fn set_group_position(
+    /// A catch-up of `feed` on `filters` after stream sequence `after`; it
+    /// makes its consumer on its first [`CatchUp::next_batch`].
+    pub fn catch_up(&self, feed: Feed, filters: Vec<String>, after: u64) -> CatchUp {
+        CatchUp {
+            bus: self.clone(),
+            feed,
+            filters,
+            position: after,
+            count: 0,
+            consumer: None,
+        }
+    }
+
+    /// An ephemeral, unacknowledged consumer of `feed` on `filters` from
+    /// stream sequence `start`.
+    async fn reader_consumer(
         &self,
-        user: &UserId,
-        device: &DeviceId,
-        position: u64,
-    ) -> Result<(), BusError> {
-        self.reset_to(crate::Feed::Groups, user, device, Some(position + 1))
+        feed: Feed,
+        name: Option<String>,
+        filters: &[String],
+        start: u64,
+        inactive: Duration,
+    ) -> Result<consumer::Consumer<consumer::pull::Config>, BusError> {
+        let stream = self
+            .js
+            .get_stream_no_info(self.stream_name(feed))
             .await
-            .map(drop)
+            .map_err(BusError::nats)?;
+        let mut config = consumer::pull::Config {
+            name,
+            deliver_policy: DeliverPolicy::ByStartSequence {
+                start_sequence: start,
+            },
+            ack_policy: AckPolicy::None,
+            inactive_threshold: inactive,
+            memory_storage: true,
+            num_replicas: 1,
+            ..Default::default()
+        };
+        match filters {
+            [one] => config.filter_subject = one.clone(),
+            many => config.filter_subjects = many.to_vec(),
+        }
+        stream.create_consumer(config).await.map_err(BusError::nats)
     }
 }
 
@@ -232,6 +322,7 @@ impl LiveReader {
             if count != self.count + 1 {
                 metrics::counter!("chat_live_gaps_total").increment(1);
                 tracing::warn!(
+                    feed = self.feed.label(),
                     expected = self.count + 1,
                     got = count,
                     position = self.position,
@@ -271,28 +362,16 @@ impl LiveReader {
     async fn connect(&mut self) -> Result<Current, BusError> {
         self.serial += 1;
         let name = format!("{}-{}", self.prefix, self.serial);
-        let stream = self
+        let consumer = self
             .bus
-            .js
-            .get_stream_no_info(&self.bus.defs.groups_stream.name)
-            .await
-            .map_err(BusError::nats)?;
-        let config = consumer::pull::Config {
-            name: Some(name.clone()),
-            filter_subject: ALL_GROUP_TRAFFIC.to_owned(),
-            deliver_policy: DeliverPolicy::ByStartSequence {
-                start_sequence: self.position + 1,
-            },
-            ack_policy: AckPolicy::None,
-            inactive_threshold: LIVE_INACTIVE,
-            memory_storage: true,
-            num_replicas: 1,
-            ..Default::default()
-        };
-        let consumer: consumer::Consumer<consumer::pull::Config> = stream
-            .create_consumer(config)
-            .await
-            .map_err(BusError::nats)?;
+            .reader_consumer(
+                self.feed,
+                Some(name.clone()),
+                &[self.feed.everything().to_owned()],
+                self.position + 1,
+                LIVE_INACTIVE,
+            )
+            .await?;
         let messages = consumer
             .stream()
             .max_messages_per_batch(LIVE_BATCH)
@@ -306,6 +385,139 @@ impl LiveReader {
             name,
             consumer,
             messages,
+        })
+    }
+}
+
+/// What a device missed on one feed, read in stream order through an
+/// ephemeral consumer of its own, with nothing missing: a jump in the
+/// delivery count (a delivery lost on the way, a stranger's pull) makes it
+/// read again from the last stream sequence it handed on.
+pub struct CatchUp {
+    bus: Bus,
+    feed: Feed,
+    filters: Vec<String>,
+    /// The stream sequence last handed on.
+    position: u64,
+    /// Deliveries of the current consumer seen.
+    count: u64,
+    consumer: Option<consumer::Consumer<consumer::pull::Config>>,
+}
+
+/// One read of a [`CatchUp`].
+pub struct Batch {
+    /// New messages, in stream order.
+    pub messages: Vec<LiveMessage>,
+    /// Nothing more matched the filters when the stream answered.
+    pub caught_up: bool,
+}
+
+impl CatchUp {
+    /// The stream sequence last handed on.
+    pub fn position(&self) -> u64 {
+        self.position
+    }
+
+    /// The name of the consumer it reads through, if it has one now.
+    pub fn consumer_name(&self) -> Option<String> {
+        self.consumer.as_ref().map(|c| c.cached_info().name.clone())
+    }
+
+    /// Reads again after stream sequence `to` (something handed on could
+    /// not be used yet).
+    pub fn rewind(&mut self, to: u64) {
+        self.position = to;
+        self.consumer = None;
+    }
+
+    /// Up to `max` messages of what is there now.
+    pub async fn next_batch(&mut self, max: usize) -> Result<Batch, BusError> {
+        let consumer = match &mut self.consumer {
+            Some(c) => c,
+            None => {
+                let c = self
+                    .bus
+                    .reader_consumer(
+                        self.feed,
+                        None,
+                        &self.filters,
+                        self.position + 1,
+                        CATCH_UP_INACTIVE,
+                    )
+                    .await?;
+                self.count = 0;
+                let nothing = c.cached_info().num_pending == 0;
+                // a fresh consumer's count of what matches: none means the
+                // device has it all, with no pull at all
+                let c = self.consumer.insert(c);
+                if nothing {
+                    return Ok(Batch {
+                        messages: Vec::new(),
+                        caught_up: true,
+                    });
+                }
+                c
+            }
+        };
+        let mut fetched = match consumer.fetch().max_messages(max).messages().await {
+            Ok(f) => f,
+            Err(e) => {
+                self.consumer = None;
+                return Err(BusError::nats(e));
+            }
+        };
+        let mut messages = Vec::new();
+        let mut received = 0;
+        while let Some(next) = fetched.next().await {
+            let msg = match next {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::debug!(error = %e, feed = self.feed.label(), "catch-up read ended early; reading again from its place");
+                    self.consumer = None;
+                    return Ok(Batch {
+                        messages,
+                        caught_up: false,
+                    });
+                }
+            };
+            received += 1;
+            let Ok(info) = msg.info() else {
+                continue;
+            };
+            metrics::histogram!("chat_consumer_pending", "feed" => self.feed.label())
+                .record(info.pending as f64);
+            let (count, stream_seq) = (info.consumer_sequence, info.stream_sequence);
+            if count != self.count + 1 {
+                metrics::counter!("chat_delivery_gaps_total", "feed" => self.feed.label())
+                    .increment(1);
+                tracing::warn!(
+                    feed = self.feed.label(),
+                    expected = self.count + 1,
+                    got = count,
+                    position = self.position,
+                    "catch-up deliveries lost on the way; reading again from its place"
+                );
+                self.consumer = None;
+                return Ok(Batch {
+                    messages,
+                    caught_up: false,
+                });
+            }
+            self.count = count;
+            if stream_seq <= self.position {
+                continue;
+            }
+            self.position = stream_seq;
+            let msg = msg.split().0;
+            messages.push(LiveMessage {
+                stream_seq,
+                subject: msg.subject,
+                payload: msg.payload,
+            });
+        }
+        Ok(Batch {
+            messages,
+            caught_up: received < max,
         })
     }
 }

@@ -13,16 +13,15 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::{
-    context::PublishErrorKind,
-    kv,
-    stream::{LastRawMessageErrorKind, Stream},
-};
+use async_nats::jetstream::kv;
 use bytes::Bytes;
 use chat_domain::{ClientMsgId, GroupId, UserId};
 use serde::{Deserialize, Serialize};
 
-use crate::{Bus, BusError};
+use crate::{
+    Bus, BusError,
+    bucket::{Bucket, Entry},
+};
 
 /// The bucket's name (its stream is `KV_CHAT_SENDS`).
 pub const SENDS_BUCKET: &str = "CHAT_SENDS";
@@ -55,26 +54,8 @@ pub fn send_key(group: &GroupId, sender: &UserId, client: &ClientMsgId) -> Strin
 }
 
 /// Handle on the bucket; cheap to clone.
-///
-/// It speaks to the bucket's stream through the stream API (a publish with
-/// an expected last subject sequence of 0 to create, the leader's message
-/// get to read), not the key-value client: that reads with direct gets,
-/// which in a cluster answered "no responders" for as long as a killed node
-/// stayed down, so retried sends failed for that long.
 #[derive(Debug, Clone)]
-pub struct SendLog {
-    js: async_nats::jetstream::Context,
-    stream: Stream<()>,
-}
-
-/// The stream behind the bucket.
-const SENDS_STREAM: &str = "KV_CHAT_SENDS";
-/// The header a key-value delete marker carries.
-const KV_OPERATION: &str = "KV-Operation";
-
-fn subject(key: &str) -> String {
-    format!("$KV.{SENDS_BUCKET}.{key}")
-}
+pub struct SendLog(Bucket);
 
 impl Bus {
     /// Creates the send log, or updates it to keep entries for `window`
@@ -90,32 +71,7 @@ impl Bus {
             num_replicas: self.defs.groups_stream.num_replicas,
             ..Default::default()
         };
-        let mut wait = Duration::from_millis(100);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let made = match self.js.create_or_update_key_value(config.clone()).await {
-                Ok(_) => self
-                    .js
-                    .get_stream_no_info(SENDS_STREAM)
-                    .await
-                    .map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            match made {
-                Ok(stream) => {
-                    return Ok(SendLog {
-                        js: self.js.clone(),
-                        stream,
-                    });
-                }
-                Err(e) if tokio::time::Instant::now() < deadline => {
-                    tracing::debug!(error = %e, "send log not ready yet");
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(1));
-                }
-                Err(e) => return Err(BusError::Unavailable(format!("send log: {e}"))),
-            }
-        }
+        self.declare_bucket(SENDS_BUCKET, config).await.map(SendLog)
     }
 }
 
@@ -127,15 +83,28 @@ impl SendLog {
         // at most: created, taken (read it), deleted (create over the marker)
         let mut expected = 0;
         for _ in 0..3 {
-            match self.put_if_last(key, value.clone(), expected).await? {
-                true => return Ok(Claimed::New),
-                false => match self.last(key).await? {
-                    Some((_, Some(earlier))) => return Ok(Claimed::Earlier(earlier)),
-                    // a delete marker (a send that never went out): take its place
-                    Some((seq, None)) => expected = seq,
-                    // gone between the two calls (aged out): create it again
-                    None => expected = 0,
-                },
+            if self
+                .0
+                .put_if_last(key, value.clone(), expected)
+                .await?
+                .is_some()
+            {
+                return Ok(Claimed::New);
+            }
+            match self.0.last(key).await? {
+                Some(Entry {
+                    value: Some(earlier),
+                    ..
+                }) => {
+                    let record = serde_json::from_slice(&earlier).map_err(|e| {
+                        BusError::Unavailable(format!("send log entry {key} is unreadable: {e}"))
+                    })?;
+                    return Ok(Claimed::Earlier(record));
+                }
+                // a delete marker (a send that never went out): take its place
+                Some(Entry { revision, .. }) => expected = revision,
+                // gone between the two calls (aged out): create it again
+                None => expected = 0,
             }
         }
         Err(BusError::Unavailable(format!(
@@ -147,57 +116,7 @@ impl SendLog {
     /// the same client id starts afresh (a delete marker, as the key-value
     /// client writes).
     pub async fn release(&self, key: &str) -> Result<(), BusError> {
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(KV_OPERATION, "DEL");
-        self.js
-            .publish_with_headers(subject(key), headers, Bytes::new())
-            .await
-            .map_err(BusError::nats)?
-            .await
-            .map_err(BusError::nats)?;
-        Ok(())
-    }
-
-    /// Writes `value` under `key` if the key's last stream sequence is
-    /// `expected` (0: no entry); false if it is not.
-    async fn put_if_last(&self, key: &str, value: Bytes, expected: u64) -> Result<bool, BusError> {
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(
-            async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
-            expected.to_string().as_str(),
-        );
-        let ack = self
-            .js
-            .publish_with_headers(subject(key), headers, value)
-            .await
-            .map_err(BusError::nats)?
-            .await;
-        match ack {
-            Ok(_) => Ok(true),
-            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(false),
-            Err(e) => Err(BusError::nats(e)),
-        }
-    }
-
-    /// The key's newest entry: its stream sequence and record (`None` for a
-    /// delete marker); `None` if there is none.
-    async fn last(&self, key: &str) -> Result<Option<(u64, Option<SendRecord>)>, BusError> {
-        let msg = match self
-            .stream
-            .get_last_raw_message_by_subject(&subject(key))
-            .await
-        {
-            Ok(m) => m,
-            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(None),
-            Err(e) => return Err(BusError::nats(e)),
-        };
-        if msg.headers.get(KV_OPERATION).is_some() {
-            return Ok(Some((msg.sequence, None)));
-        }
-        let record = serde_json::from_slice(&msg.payload).map_err(|e| {
-            BusError::Unavailable(format!("send log entry {key} is unreadable: {e}"))
-        })?;
-        Ok(Some((msg.sequence, Some(record))))
+        self.0.delete(key).await
     }
 }
 

@@ -73,7 +73,7 @@ const PUSHES: [(&str, &str, &str); 5] = [
 ];
 
 /// Close codes a client must handle.
-const CLOSE_CODES: [(u16, &str); 6] = [
+const CLOSE_CODES: [(u16, &str); 5] = [
     (
         ws::CLOSE_POLICY,
         "50 error replies in a row for the client's own mistakes: fix the client",
@@ -86,10 +86,6 @@ const CLOSE_CODES: [(u16, &str); 6] = [
     (
         ws::CLOSE_TOO_SLOW,
         "the client fell behind: read the old socket to its end, reconnect with the same device",
-    ),
-    (
-        ws::CLOSE_REPLACED,
-        "the same device connected again elsewhere: the newer connection has it",
     ),
     (
         ws::CLOSE_EVICTED,

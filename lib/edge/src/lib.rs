@@ -19,8 +19,8 @@ use tokio::net::TcpListener;
 
 pub mod asyncapi;
 mod auth;
-mod claims;
 mod error;
+mod evictions;
 mod limits;
 mod live;
 pub mod openapi;
@@ -128,12 +128,16 @@ pub struct Inner {
     pub(crate) opened: ws::OpenedFrames,
     /// This edge's live connections and the groups they follow (`live`).
     pub(crate) live: Arc<live::LiveHub>,
-    /// The live feed's task, stopped with the edge.
-    feed_task: std::sync::Mutex<Option<tokio::task::AbortHandle>>,
+    /// The same for notifications, by user.
+    pub(crate) notices: Arc<live::LiveHub>,
+    /// The live feeds' tasks, stopped with the edge.
+    feed_tasks: std::sync::Mutex<Vec<tokio::task::AbortHandle>>,
+    /// Every device's place in the streams (saved by its connections).
+    pub(crate) places: chat_bus::Places,
     /// Deliveries not yet reported (see `ws::report_delivered`).
     pub(crate) delivered: ws::DeliveredHub,
-    /// This edge's connection of each device (see `claims`).
-    pub(crate) claims: claims::DeviceClaims,
+    /// This edge's connections of each device, closed on eviction.
+    pub(crate) devices: evictions::Devices,
     /// Per-user and per-address request limits.
     pub(crate) limits: limits::Limits,
     pub config: Config,
@@ -152,8 +156,8 @@ impl std::ops::Deref for AppState {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        let task = self.feed_task.get_mut().unwrap_or_else(|e| e.into_inner());
-        if let Some(task) = task.take() {
+        let tasks = self.feed_tasks.get_mut().unwrap_or_else(|e| e.into_inner());
+        for task in tasks.drain(..) {
             task.abort();
         }
     }
@@ -174,6 +178,7 @@ impl AppState {
             config.service_secret.clone(),
         )?;
         workers.spawn_health_checks();
+        let places = bus.places();
         let state = Self(Arc::new(Inner {
             verifier,
             workers,
@@ -182,18 +187,31 @@ impl AppState {
             closing: tokio::sync::watch::channel(false).0,
             sessions_running: tokio_util::task::TaskTracker::new(),
             opened: Default::default(),
-            live: Default::default(),
-            feed_task: Default::default(),
+            live: Arc::new(live::LiveHub::new(chat_bus::Feed::Groups)),
+            notices: Arc::new(live::LiveHub::new(chat_bus::Feed::User)),
+            feed_tasks: Default::default(),
+            places,
             delivered: Default::default(),
-            claims: Default::default(),
+            devices: Default::default(),
             limits: limits::Limits::new(&config),
             config,
         }));
         tokio::spawn(ws::report_delivered(Arc::downgrade(&state.0)));
-        tokio::spawn(claims::watch(Arc::downgrade(&state.0)));
-        let feed = tokio::spawn(live::feed(Arc::downgrade(&state.0)));
-        *state.feed_task.lock().unwrap_or_else(|e| e.into_inner()) = Some(feed.abort_handle());
+        tokio::spawn(evictions::listen(Arc::downgrade(&state.0)));
+        let feeds = [chat_bus::Feed::Groups, chat_bus::Feed::User]
+            .map(|f| tokio::spawn(live::feed(Arc::downgrade(&state.0), f)).abort_handle());
+        *state.feed_tasks.lock().unwrap_or_else(|e| e.into_inner()) = feeds.into();
         Ok(state)
+    }
+}
+
+impl Inner {
+    /// The hub of `feed`.
+    pub(crate) fn hub(&self, feed: chat_bus::Feed) -> &Arc<live::LiveHub> {
+        match feed {
+            chat_bus::Feed::Groups => &self.live,
+            chat_bus::Feed::User => &self.notices,
+        }
     }
 }
 

@@ -1,24 +1,31 @@
-//! Live fan-out: every group message reaches this edge once and is written
-//! to every local connection of every subscribed member.
+//! Live fan-out: every group message and every notification reaches this
+//! edge once and is written to every local connection that should get it.
 //!
-//! One task per edge reads all group traffic in stream order
+//! One task per edge and stream reads all of it in stream order
 //! ([`chat_bus::LiveReader`]: one delivery per message per edge in
-//! nats-server, whatever the number of members) and hands it to the
-//! [`LiveHub`], which knows each local connection's user and groups. A
-//! group message is opened (decrypted and serialised) once, when at least
-//! one local connection follows its group, and queued on each of those
-//! connections without waiting: a connection whose queue is full is closed
-//! as too slow and resumes from its position on reconnect. Membership events
+//! nats-server, whatever the number of members or devices) and hands it to
+//! a [`LiveHub`], which knows each local connection's keys: the groups it
+//! follows (group hub), or its user (notification hub). A group message is
+//! opened (decrypted and serialised) once, when at least one local
+//! connection follows its group, and queued on each of those connections
+//! without waiting: a connection whose queue is full is closed as too slow
+//! and resumes from its place on reconnect. Membership events
 //! (`chat.group.<g>.event`) change who follows a group, in the group's order.
 //!
 //! A connection goes through three phases: it **registers** before its
 //! session opens (membership events from then on are kept and replayed over
 //! the groups the session returns), **holds** what arrives while its device
-//! catches up from its durable consumer, and **attaches** at the stream
-//! sequence the catch-up reached: what it held after that goes out, and from
-//! then on everything comes live. Per connection nothing is lost, repeated
-//! or reordered at the hand-over (the catch-up covers everything up to the
-//! attach point, the hub everything after it).
+//! catches up from its place, and **attaches** at the stream sequence the
+//! catch-up reached: what it held after that goes out, and from then on
+//! everything comes live. Per connection nothing is lost, repeated or
+//! reordered at the hand-over (the catch-up covers its keys up to the attach
+//! point, the hub everything after it, and all of a key followed only after
+//! the catch-up began).
+//!
+//! The hub also knows the stream sequence of the newest message of every
+//! key it has seen ([`Registration::newest`]), so a reconnecting device
+//! whose keys have nothing after its place attaches at once, with no call
+//! to NATS.
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
@@ -30,15 +37,20 @@ use std::{
 };
 
 use axum::extract::ws::Utf8Bytes;
-use chat_bus::{GroupTraffic, MembershipEvent};
+use chat_bus::{Feed, GroupTraffic, MembershipEvent};
 
 /// A group message as written to a connection.
 #[derive(Clone, Debug)]
 pub(crate) struct LiveFrame {
     pub text: Utf8Bytes,
+    /// The group (group hub) or user (notification hub).
     pub group: Arc<str>,
+    /// The group's `seq` (0 for a notification).
     pub seq: u64,
     pub stream_seq: u64,
+    pub feed: Feed,
+    /// Read by a catch-up, not the live feed (for metrics).
+    pub caught_up: bool,
 }
 
 /// Where the hub hands a connection its frames; implemented by the
@@ -55,6 +67,9 @@ pub(crate) trait Sink: Send + Sync {
 const HOLD_MAX: usize = 4096;
 /// Membership events kept for a connection whose groups are not loaded yet.
 const EARLY_MAX: usize = 256;
+/// Keys whose newest stream sequence the hub remembers; past it, it forgets
+/// them all and knows only that none is newer than where it was then.
+const TAILS_MAX: usize = 200_000;
 
 enum Phase {
     /// Catching up: frames are held until the attach point is known.
@@ -70,6 +85,8 @@ enum Phase {
 struct Conn {
     user: Arc<str>,
     groups: HashSet<Arc<str>>,
+    /// The groups followed when they were loaded: what a catch-up covers.
+    covered: HashSet<Arc<str>>,
     /// Membership events seen before the groups were loaded, in order.
     early: Option<Vec<(Arc<str>, bool)>>,
     /// More than `EARLY_MAX` early events: the loaded groups can't be fixed.
@@ -84,11 +101,25 @@ struct Hub {
     conns: HashMap<u64, Conn>,
     by_group: HashMap<Arc<str>, HashSet<u64>>,
     by_user: HashMap<Arc<str>, HashSet<u64>>,
+    /// The newest stream sequence of each key's messages seen.
+    tails: HashMap<Arc<str>, u64>,
+    /// No key missing from `tails` has a message after this.
+    floor: u64,
 }
 
-/// This edge's live connections and the groups they follow.
-#[derive(Default)]
+/// What the hub knows of a key's newest message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Newest {
+    /// At this stream sequence.
+    At(u64),
+    /// At this stream sequence or before (the hub has not seen it since it
+    /// started, or forgot it).
+    AtMost(u64),
+}
+
+/// This edge's live connections and the keys they follow, for one feed.
 pub(crate) struct LiveHub {
+    feed: Feed,
     inner: Mutex<Hub>,
     /// The stream sequence handed on last.
     position: AtomicU64,
@@ -112,6 +143,20 @@ pub(crate) enum NotYet {
 pub(crate) struct TooManyChanges;
 
 impl LiveHub {
+    pub(crate) fn new(feed: Feed) -> Self {
+        Self {
+            feed,
+            inner: Mutex::default(),
+            position: AtomicU64::new(0),
+            running: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether the feed reads the stream yet.
+    pub(crate) fn running(&self) -> bool {
+        self.running.load(Ordering::SeqCst)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Hub> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -123,7 +168,8 @@ impl LiveHub {
 
     /// Starts at `position` (the stream's tail when the feed starts).
     pub(crate) fn start(&self, position: u64) {
-        let _hub = self.lock();
+        let mut hub = self.lock();
+        hub.floor = position;
         self.position.store(position, Ordering::SeqCst);
         self.running.store(true, Ordering::SeqCst);
     }
@@ -149,6 +195,7 @@ impl LiveHub {
             Conn {
                 user,
                 groups: HashSet::new(),
+                covered: HashSet::new(),
                 early: Some(Vec::new()),
                 early_overflow: false,
                 phase: Phase::Holding(VecDeque::new()),
@@ -172,7 +219,8 @@ impl LiveHub {
         open: impl FnOnce() -> Result<(Utf8Bytes, u64), E>,
     ) -> Result<usize, E> {
         let mut hub = self.lock();
-        self.position.store(stream_seq, Ordering::SeqCst);
+        let before = self.position.swap(stream_seq, Ordering::SeqCst);
+        hub.noted(group, stream_seq, before);
         // split borrow: the followers are read while their connections
         // change, with no copy of the list per message
         let Hub {
@@ -187,6 +235,8 @@ impl LiveHub {
             group: group.into(),
             seq,
             stream_seq,
+            feed: self.feed,
+            caught_up: false,
         };
         let mut written = 0;
         for id in ids {
@@ -235,6 +285,22 @@ impl LiveHub {
     }
 }
 
+impl Hub {
+    /// A message of `key` at `stream_seq`; the hub was at `before`.
+    fn noted(&mut self, key: &str, stream_seq: u64, before: u64) {
+        if let Some(at) = self.tails.get_mut(key) {
+            *at = stream_seq;
+            return;
+        }
+        if self.tails.len() >= TAILS_MAX {
+            // everything forgotten was at or before where the hub was
+            self.tails.clear();
+            self.floor = before;
+        }
+        self.tails.insert(key.into(), stream_seq);
+    }
+}
+
 /// Makes connection `id` follow `group` or stop following it.
 fn hub_follow(hub: &mut Hub, id: u64, group: &Arc<str>, follow: bool) {
     let Some(conn) = hub.conns.get_mut(&id) else {
@@ -259,6 +325,7 @@ fn hub_follow(hub: &mut Hub, id: u64, group: &Arc<str>, follow: bool) {
 impl Conn {
     /// Takes one frame of a group it follows; whether it went out now.
     fn take(&mut self, frame: &LiveFrame) -> bool {
+        let covered = self.covered.contains(&frame.group);
         match &mut self.phase {
             Phase::Holding(held) => {
                 if held.len() >= HOLD_MAX {
@@ -270,7 +337,7 @@ impl Conn {
             }
             Phase::Overflowed | Phase::Closed => false,
             Phase::Live { skip_through } => {
-                if frame.stream_seq <= *skip_through {
+                if covered && frame.stream_seq <= *skip_through {
                     return false;
                 }
                 self.offer(frame.clone())
@@ -327,7 +394,41 @@ impl Registration {
         for (g, subscribed) in early {
             hub_follow(&mut hub, self.id, &g, subscribed);
         }
+        if let Some(conn) = hub.conns.get_mut(&self.id) {
+            conn.covered = conn.groups.clone();
+        }
         Ok(())
+    }
+
+    /// The keys the connection's catch-up covers (followed when they were
+    /// loaded), sorted.
+    pub(crate) fn covered(&self) -> Vec<String> {
+        let hub = self.hub.lock();
+        let mut keys: Vec<String> = hub
+            .conns
+            .get(&self.id)
+            .map(|c| c.covered.iter().map(|k| k.to_string()).collect())
+            .unwrap_or_default();
+        keys.sort_unstable();
+        keys
+    }
+
+    /// What the hub knows of `key`'s newest message; `None` while the feed
+    /// is not reading.
+    pub(crate) fn newest(&self, key: &str) -> Option<Newest> {
+        if !self.hub.running() {
+            return None;
+        }
+        let hub = self.hub.lock();
+        Some(match hub.tails.get(key) {
+            Some(at) => Newest::At(*at),
+            None => Newest::AtMost(hub.floor),
+        })
+    }
+
+    /// Whether the feed reads the stream.
+    pub(crate) fn running(&self) -> bool {
+        self.hub.running()
     }
 
     /// Attaches once the catch-up has written everything up to stream
@@ -362,7 +463,8 @@ impl Registration {
             }
         };
         for frame in held {
-            if frame.stream_seq > through && !conn.offer(frame) {
+            let skip = frame.stream_seq <= through && conn.covered.contains(&frame.group);
+            if !skip && !conn.offer(frame) {
                 return Err(NotYet::Closed);
             }
         }
@@ -408,18 +510,24 @@ impl Drop for Registration {
     }
 }
 
-/// Reads every group's traffic for this edge, from the stream's tail when
-/// it starts, and hands it to the hub; ends with the edge.
-pub(crate) async fn feed(app: Weak<crate::Inner>) {
+/// The subject's user, if it carries notifications (`chat.user.<u>.event`).
+fn user_of(subject: &str) -> Option<&str> {
+    let user = subject.strip_prefix("chat.user.")?.strip_suffix(".event")?;
+    (!user.is_empty() && !user.contains('.')).then_some(user)
+}
+
+/// Reads all of `feed`'s stream for this edge, from its tail when it
+/// starts, and hands it to that feed's hub; ends with the edge.
+pub(crate) async fn feed(app: Weak<crate::Inner>, feed: Feed) {
     let Some(bus) = app.upgrade().map(|a| a.bus.clone()) else {
         return;
     };
     let mut backoff = Duration::from_millis(50);
     let tail = loop {
-        match bus.group_stream_tail().await {
+        match bus.stream_tail(feed).await {
             Ok(tail) => break tail,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot find the group stream's tail yet; live delivery waits");
+                tracing::warn!(feed = feed.label(), error = %e, "cannot find the stream's tail yet; live delivery waits");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
                 if app.strong_count() == 0 {
@@ -428,11 +536,11 @@ pub(crate) async fn feed(app: Weak<crate::Inner>) {
             }
         }
     };
-    let Some(hub) = app.upgrade().map(|a| a.live.clone()) else {
+    let Some(hub) = app.upgrade().map(|a| a.hub(feed).clone()) else {
         return;
     };
     hub.start(tail);
-    let mut reader = bus.live_reader(tail);
+    let mut reader = bus.live_reader(feed, tail);
     drop(bus);
     loop {
         let msg = reader.next().await;
@@ -441,24 +549,35 @@ pub(crate) async fn feed(app: Weak<crate::Inner>) {
         };
         let app = crate::AppState(inner);
         let seq = msg.stream_seq;
-        match GroupTraffic::of(&msg.subject) {
-            Some(GroupTraffic::Message(group)) => {
-                let handed =
-                    hub.message(seq, group, || crate::ws::open_live(&app, seq, &msg.payload));
-                if let Err(e) = handed {
-                    tracing::error!(group, stream_seq = seq, error = %e, "undeliverable group message on the bus; skipping it");
-                }
-            }
-            Some(GroupTraffic::Event(group)) => {
-                match serde_json::from_slice::<MembershipEvent>(&msg.payload) {
-                    Ok(e) => hub.membership(seq, group, &e.user_id, e.subscribed),
-                    Err(e) => {
-                        tracing::error!(group, stream_seq = seq, error = %e, "unreadable membership event; skipping it");
-                        hub.pass(seq);
+        match feed {
+            Feed::User => match user_of(&msg.subject) {
+                Some(user) => {
+                    let text = std::str::from_utf8(&msg.payload).map(Utf8Bytes::from);
+                    if let Err(e) = hub.message(seq, user, || text.map(|t| (t, 0))) {
+                        tracing::error!(user, stream_seq = seq, error = %e, "undeliverable notification on the bus; skipping it");
                     }
                 }
-            }
-            None => hub.pass(seq),
+                None => hub.pass(seq),
+            },
+            Feed::Groups => match GroupTraffic::of(&msg.subject) {
+                Some(GroupTraffic::Message(group)) => {
+                    let handed =
+                        hub.message(seq, group, || crate::ws::open_live(&app, seq, &msg.payload));
+                    if let Err(e) = handed {
+                        tracing::error!(group, stream_seq = seq, error = %e, "undeliverable group message on the bus; skipping it");
+                    }
+                }
+                Some(GroupTraffic::Event(group)) => {
+                    match serde_json::from_slice::<MembershipEvent>(&msg.payload) {
+                        Ok(e) => hub.membership(seq, group, &e.user_id, e.subscribed),
+                        Err(e) => {
+                            tracing::error!(group, stream_seq = seq, error = %e, "unreadable membership event; skipping it");
+                            hub.pass(seq);
+                        }
+                    }
+                }
+                None => hub.pass(seq),
+            },
         }
     }
 }
@@ -493,7 +612,7 @@ mod tests {
     }
 
     fn hub() -> Arc<LiveHub> {
-        let hub = Arc::new(LiveHub::default());
+        let hub = Arc::new(LiveHub::new(Feed::Groups));
         hub.start(0);
         hub
     }
@@ -657,7 +776,7 @@ mod tests {
 
     #[test]
     fn attaching_waits_for_the_feed_to_run() {
-        let hub = Arc::new(LiveHub::default());
+        let hub = Arc::new(LiveHub::new(Feed::Groups));
         let reg = hub.register("ann", Arc::new(Kept::default()));
         assert_eq!(reg.attach(0), Err(NotYet::NotRunning));
     }

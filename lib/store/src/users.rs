@@ -1,12 +1,9 @@
 //! The `users` collection: `UserProfile` (seed §4), refreshed from token
-//! claims, plus the registry of the devices that hold a delivery position;
-//! and `filter_leases`, which serialise the changes to one user's device
-//! consumers across workers.
+//! claims, plus the registry of the devices that hold a place in the
+//! streams.
 //!
-//! The registry is complete: every device with consumers is in it, so a
-//! change of the user's groups reaches every device. It is capped; a new
-//! device beyond the cap evicts the least recently seen one, whose consumers
-//! the worker deletes first.
+//! The registry is capped; a new device beyond the cap evicts the least
+//! recently seen one, whose place the worker forgets first.
 
 use chat_domain::{DeviceId, Millis, UserId};
 use mongodb::{
@@ -21,7 +18,6 @@ use crate::{StoreError, to_bson_time};
 #[derive(Debug, Clone)]
 pub struct UserRepo {
     coll: Collection<Document>,
-    leases: Collection<Document>,
 }
 
 /// One registered device.
@@ -89,7 +85,6 @@ impl UserRepo {
     pub(crate) fn new(db: &mongodb::Database) -> Self {
         Self {
             coll: db.collection("users"),
-            leases: db.collection("filter_leases"),
         }
     }
 
@@ -210,44 +205,6 @@ impl UserRepo {
                 Ok(res.matched_count == 1)
             }
         }
-    }
-
-    /// Takes the lease on changing `user`'s device consumers for `holder`
-    /// until `until`, if nobody holds it (or a holder's lease ran out: a
-    /// worker that died holding it). Returns whether it was taken.
-    pub async fn take_filter_lease(
-        &self,
-        user: &UserId,
-        holder: &str,
-        now: Millis,
-        until: Millis,
-    ) -> Result<bool, StoreError> {
-        let lease = doc! { "_id": user.as_str(), "holder": holder, "until": to_bson_time(until) };
-        match self.leases.insert_one(lease).await {
-            Ok(_) => return Ok(true),
-            Err(e) if is_duplicate_key(&e) => {}
-            Err(e) => return Err(e.into()),
-        }
-        let res = self
-            .leases
-            .update_one(
-                doc! { "_id": user.as_str(), "until": { "$lt": to_bson_time(now) } },
-                doc! { "$set": { "holder": holder, "until": to_bson_time(until) } },
-            )
-            .await?;
-        Ok(res.matched_count == 1)
-    }
-
-    /// Gives the lease back, if `holder` still has it.
-    pub async fn release_filter_lease(
-        &self,
-        user: &UserId,
-        holder: &str,
-    ) -> Result<(), StoreError> {
-        self.leases
-            .delete_one(doc! { "_id": user.as_str(), "holder": holder })
-            .await?;
-        Ok(())
     }
 }
 

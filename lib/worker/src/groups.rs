@@ -10,7 +10,7 @@ use chat_rpc::pb::{self, groups_server::Groups};
 use chat_store::GroupRecord;
 use tonic::{Request, Response, Status};
 
-use crate::{State, WorkerError, devices::Lease, parse_id};
+use crate::{State, WorkerError, parse_id};
 
 /// How often a change is retried when another change to the same group won
 /// the race.
@@ -62,10 +62,9 @@ impl GroupsService {
     }
 
     /// Applies a membership or ownership change with compare-and-set, then
-    /// tells everyone concerned. A member who leaves or is removed has its
-    /// devices stop following the group before the change commits, under
-    /// its filter lease (see `devices.rs`), and set from the stored truth
-    /// after it, whether or not the change went through.
+    /// tells everyone concerned. A member who leaves or is removed stops
+    /// receiving the group live at the event published after the change
+    /// commits.
     async fn change(
         &self,
         caller: &str,
@@ -82,17 +81,8 @@ impl GroupsService {
         let Some(leaving) = leaving else {
             return self.apply(&caller, &id, change).await;
         };
-        // refuse what the caller may not do before touching anyone's
-        // filters: a narrowing that is undone still loses the live messages
-        // published in between for that member
-        self.load(&id).await?.group.apply(
-            &caller,
-            change.clone(),
-            &self.0.config.limits,
-            now_millis(),
-        )?;
         // in a task of its own: a cancelled call must not stop it between
-        // narrowing the filters and setting them from the truth
+        // the commit and the event that ends live delivery
         let service = GroupsService(self.0.clone());
         tokio::spawn(async move {
             service
@@ -107,9 +97,9 @@ impl GroupsService {
         })?
     }
 
-    /// A member leaves or is removed: its devices stop following the group
-    /// before the change commits, and follow the stored truth after it,
-    /// whether or not the change went through.
+    /// A member leaves or is removed: once the change commits, its
+    /// subscription is forgotten and every edge stops writing the group to
+    /// its connections at the event published then.
     async fn leave_or_remove(
         &self,
         caller: &UserId,
@@ -117,27 +107,15 @@ impl GroupsService {
         change: GroupChange,
         leaving: &UserId,
     ) -> Result<Group, WorkerError> {
-        let lease = Lease::take(&self.0, leaving).await?;
-        let result = async {
-            let without = lease.subscribed(Some(id)).await?;
-            lease.set_filters(&without).await?;
-            self.apply(caller, id, change).await
-        }
-        .await;
+        let result = self.apply(caller, id, change).await;
         if result.is_ok() {
             if let Err(e) = self.0.store.groups.remove_subscriber(id, leaving).await {
                 // harmless: subscriptions are read with membership
                 tracing::warn!(group = %id, user = %leaving, error = %e, "cannot forget a subscription");
             }
-            // every edge stops writing the group to the member's connections
-            // at this event, in the group's order
             self.0.unsubscribed_live(id, leaving).await;
         }
-        let synced = lease.sync().await;
-        lease.release().await;
-        let group = result?;
-        synced?;
-        Ok(group)
+        result
     }
 
     async fn apply(
@@ -458,10 +436,6 @@ impl Groups for GroupsService {
             ))
             .into());
         }
-        let lease = Lease::take(&self.0, &caller).await?;
-        let synced = lease.sync().await;
-        lease.release().await;
-        synced?;
         // every edge writes the group to the member's connections from here
         self.0
             .bus

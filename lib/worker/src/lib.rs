@@ -143,6 +143,8 @@ pub struct Deps {
     pub bus: Bus,
     /// The send log (`Bus::send_log`), declared with the streams.
     pub sends: chat_bus::SendLog,
+    /// Every device's place (`Bus::declare_places`), declared with the streams.
+    pub places: chat_bus::Places,
     pub keys: KeyRing,
     /// The media bucket; without it media calls answer `unavailable`.
     pub objects: Option<Objects>,
@@ -160,6 +162,8 @@ pub(crate) struct State {
     pub members: members::Members,
     /// One entry per send for the idempotency window.
     pub sends: chat_bus::SendLog,
+    /// Every device's place in the streams.
+    pub places: chat_bus::Places,
 }
 
 impl State {
@@ -263,6 +267,7 @@ pub async fn serve(
         keys,
         objects,
         sends,
+        places,
     } = deps;
     let state = Arc::new(State {
         store,
@@ -273,6 +278,7 @@ pub async fn serve(
         positions: Default::default(),
         members: Default::default(),
         sends,
+        places,
     });
     let persister = tokio::spawn(persist::persist(state.clone()));
     let listener_of_members = tokio::spawn(forget_changed_groups(state.clone()));

@@ -6,7 +6,7 @@ use chat_domain::{DeviceId, GroupId, UserId};
 use chat_rpc::pb::{self, health_server::Health, sessions_server::Sessions};
 use tonic::{Request, Response, Status};
 
-use crate::{State, WorkerError, devices::Lease, parse_id};
+use crate::{State, WorkerError, devices, parse_id};
 
 pub(crate) struct SessionsService(pub Arc<State>);
 
@@ -17,32 +17,59 @@ impl Sessions for SessionsService {
         req: Request<pb::OpenSessionRequest>,
     ) -> Result<Response<pb::OpenSessionResponse>, Status> {
         let req = req.into_inner();
-        let s = &self.0;
+        let s = &*self.0;
         let user = parse_id::<UserId>(&req.user_id)?;
         let device = parse_id::<DeviceId>(&req.device_id)?;
         let name = Some(req.display_name.as_str()).filter(|n| !n.is_empty());
-        // registering (which may evict another device of the user) and
-        // making the consumers happen under the user's lease, so a device
-        // evicted by a concurrent session never gets consumers back behind
-        // the registry's back; the group consumer is made to match the
-        // user's subscriptions in case they changed while it was away
-        let lease = Lease::take(s, &user).await?;
-        let ensured = async {
-            lease.register(&device, name).await?;
-            let groups = lease.subscribed(None).await?;
-            lease.check_fresh()?;
-            let consumer = s.bus.ensure_device(&user, &device, &groups).await?;
-            Ok::<_, WorkerError>((consumer, groups))
+        let known = devices::register(s, &user, &device, name).await?;
+        let groups = s
+            .store
+            .groups
+            .subscribed_groups(&user)
+            .await
+            .map_err(WorkerError::from)?;
+        let mut stored = s
+            .places
+            .get(&user, &device)
+            .await
+            .map_err(WorkerError::from)?;
+        if known && stored.revision == 0 {
+            stored = carry_over(s, &user, &device).await?;
         }
-        .await;
-        lease.release().await;
-        let (consumer, groups) = ensured?;
+        let place = stored.place.unwrap_or_default();
         Ok(Response::new(pb::OpenSessionResponse {
-            consumer,
-            stream: s.bus.definitions().users_stream.name.clone(),
             groups: groups.into_iter().map(GroupId::into_string).collect(),
+            has_place: stored.place.is_some(),
+            groups_place: place.groups,
+            users_place: place.users,
+            place_revision: stored.revision,
         }))
     }
+}
+
+/// The place of a device registered under the previous release, which kept
+/// it in two durable consumers: saved into `CHAT_PLACES` once, then the
+/// consumers are deleted.
+async fn carry_over(
+    s: &State,
+    user: &UserId,
+    device: &DeviceId,
+) -> Result<chat_bus::Stored, WorkerError> {
+    let Some(place) = s.bus.previous_place(user, device).await? else {
+        return Ok(chat_bus::Stored::default());
+    };
+    let saved = s.places.save(user, device, place, 0).await?;
+    let chat_bus::Saved::At(revision) = saved else {
+        return Ok(s.places.get(user, device).await?);
+    };
+    if let Err(e) = s.bus.drop_previous_consumers(user, device).await {
+        tracing::warn!(user = %user, device = %device, error = %e, "cannot delete a device's consumers of the previous release; they expire when idle");
+    }
+    tracing::info!(user = %user, device = %device, groups = place.groups, users = place.users, "device place carried over from its consumers");
+    Ok(chat_bus::Stored {
+        place: Some(place),
+        revision,
+    })
 }
 
 pub(crate) struct HealthService(pub Arc<State>);

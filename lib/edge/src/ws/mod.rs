@@ -1,13 +1,12 @@
 //! WebSocket sessions at `/ws`, one concept per file:
 //!
 //! - `mod.rs`: the upgrade (token, device, session opened on a worker, the
-//!   connection registered with the live feed) and the close codes;
+//!   connection registered with the live feeds) and the close codes;
 //! - `session`: the reader loop, requests to workers, errors, lifecycle;
-//! - `outbox`: the bounded queue into the writer (and the live feed's way in);
-//! - `writer`: frames to the socket, acknowledgements and the device's
-//!   position once flushed;
-//! - `catch_up`: the device's durable consumer drained on connect, and the
-//!   hand-over to the live feed (`crate::live`);
+//! - `outbox`: the bounded queue into the writer (and the live feeds' way in);
+//! - `writer`: frames to the socket, and the device's place once flushed;
+//! - `catch_up`: what the device missed since its place, read on connect,
+//!   and the hand-over to the live feeds (`crate::live`);
 //! - `frames`: group messages opened once per edge;
 //! - `receipts`: what was written, reported as delivered;
 //! - `visibility`: where each group's history starts for the connection
@@ -25,7 +24,6 @@ use std::{
     time::Duration,
 };
 
-use async_nats::jetstream::{AckKind, Message as JsMessage};
 use axum::{
     extract::{
         Query, State, WebSocketUpgrade,
@@ -36,7 +34,7 @@ use axum::{
 };
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use chat_auth::{AuthError, Identity};
-use chat_bus::{BusError, Envelope, Feed};
+use chat_bus::{Envelope, Feed};
 use chat_crypto::{MessageBinding, Sealed};
 use chat_domain::{DeviceId, UserId};
 use chat_protocol::{
@@ -56,7 +54,7 @@ use tracing::Instrument;
 use crate::{
     ApiError, AppState,
     auth::{WS_PROTOCOL, bearer, subprotocol_bearer},
-    claims,
+    evictions,
     limits::TokenBucket,
     live::{LiveFrame, NotYet, Registration, Sink},
     workers::rpc,
@@ -83,9 +81,6 @@ const CLOSE_HANDSHAKE: Duration = Duration::from_secs(2);
 /// Close code sent when the edge drains (RFC 6455 1012, service restart):
 /// reconnect, to this or another edge.
 pub const CLOSE_RESTART: u16 = 1012;
-/// Close code sent to a connection when its device connects again (on any
-/// edge): one device, one connection, so that they never split deliveries.
-pub const CLOSE_REPLACED: u16 = 4409;
 /// Read and write buffer of a WebSocket; larger frames still pass (the
 /// buffers grow), this is only what every connection holds.
 const WS_BUFFER: usize = 4 * 1024;
@@ -101,6 +96,18 @@ pub const CLOSE_TOO_LARGE: u16 = 1009;
 const WS_MAX_WRITE_BUFFER: usize = 2 * 1024 * 1024;
 /// Close code sent when a client cannot keep up with its deliveries.
 pub const CLOSE_TOO_SLOW: u16 = 1013;
+
+/// What the upgrade hands a session.
+pub(super) struct Opened {
+    tx: Outbox,
+    inbox: Inbox,
+    /// The connection's places in the group and notification hubs.
+    regs: [Arc<Registration>; 2],
+    /// The device's place as the worker read it.
+    stored: chat_bus::Stored,
+    /// Where the group hub was when the connection registered.
+    joined_at: Option<u64>,
+}
 
 #[derive(Debug, Deserialize)]
 pub(crate) struct WsQuery {
@@ -132,7 +139,13 @@ pub(crate) async fn upgrade(
     // registered before the session opens: membership changes from then
     // on are replayed over the groups the session reads
     let (tx, inbox) = Outbox::new(app.config.outbox_frames, app.config.outbox_bytes);
-    let live = Arc::new(app.live.register(me.user_id.as_str(), Arc::new(tx.clone())));
+    let user = me.user_id.as_str();
+    let live = Arc::new(app.live.register(user, Arc::new(tx.clone())));
+    let notices = Arc::new(app.notices.register(user, Arc::new(tx.clone())));
+    // a connection receives its own user's notifications, nothing else
+    let _ = notices.load(&[user.to_owned()]);
+    // a new device starts in the group stream from here
+    let joined_at = app.live.running().then(|| app.live.position());
     let opened = rpc!(
         app,
         SessionsClient,
@@ -144,6 +157,13 @@ pub(crate) async fn upgrade(
         }
     )?
     .into_inner();
+    let stored = chat_bus::Stored {
+        place: opened.has_place.then_some(chat_bus::Place {
+            groups: opened.groups_place,
+            users: opened.users_place,
+        }),
+        revision: opened.place_revision,
+    };
     if live.load(&opened.groups).is_err() {
         return Err(ApiError::new(
             ErrorCode::Unavailable,
@@ -163,7 +183,13 @@ pub(crate) async fn upgrade(
         .on_upgrade(move |socket| {
             let span = tracing::info_span!("session", user = %me.user_id, device = %device, conn = live.id());
             let tracker = app.sessions_running.clone();
-            let outbox = (tx, inbox, live);
-            tracker.track_future(Session::run(app, me, device, socket, outbox).instrument(span))
+            let opened = Opened {
+                tx,
+                inbox,
+                regs: [live, notices],
+                stored,
+                joined_at,
+            };
+            tracker.track_future(Session::run(app, me, device, socket, opened).instrument(span))
         }))
 }

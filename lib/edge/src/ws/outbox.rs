@@ -6,12 +6,11 @@ use super::*;
 /// What the writer task puts on the socket.
 pub(super) enum Outgoing {
     Frame(String),
-    Delivery(Delivery),
-    /// A group message from the live feed (see `live`).
+    /// A group message or notification, live or from a catch-up.
     Live(LiveFrame),
-    /// Everything up to this stream sequence is queued before this: once
-    /// written, the device's position may move there.
-    Through(u64),
+    /// Everything of the feed up to this stream sequence is queued before
+    /// this: once written, the device's place may move there.
+    Through(Feed, u64),
     Close(u16, &'static str),
 }
 
@@ -20,9 +19,8 @@ impl Outgoing {
     pub(super) fn size(&self) -> usize {
         match self {
             Outgoing::Frame(text) => text.len(),
-            Outgoing::Delivery(d) => d.text.as_ref().map_or(0, |t| t.len()) + d.msg.payload.len(),
             Outgoing::Live(f) => f.text.len(),
-            Outgoing::Through(_) => 0,
+            Outgoing::Through(..) => 0,
             Outgoing::Close(_, reason) => reason.len(),
         }
     }
@@ -126,6 +124,8 @@ mod tests {
             group: "g".into(),
             seq,
             stream_seq: seq,
+            feed: Feed::Groups,
+            caught_up: false,
         }
     }
 

@@ -3,6 +3,9 @@
 
 use super::*;
 
+/// The longest a closing session waits for its tasks to end.
+const DRAIN: Duration = Duration::from_secs(4);
+
 pub(super) struct Session {
     pub(super) app: AppState,
     pub(super) me: Identity,
@@ -10,12 +13,6 @@ pub(super) struct Session {
     pub(super) tx: Outbox,
     pub(super) bucket: TokenBucket,
     pub(super) errors_in_a_row: u32,
-    pub(super) group_delivery: Option<JoinHandle<()>>,
-    pub(super) stopped: watch::Receiver<bool>,
-    /// The connection's place in the live feed.
-    pub(super) live: Arc<Registration>,
-    /// Where each group's history starts for this connection.
-    pub(super) visibility: Arc<Visibility>,
 }
 
 impl Session {
@@ -24,19 +21,23 @@ impl Session {
         me: Identity,
         device: DeviceId,
         socket: WebSocket,
-        (tx, inbox, live): (Outbox, Inbox, Arc<Registration>),
+        opened: Opened,
     ) {
         metrics::gauge!("chat_ws_connections").increment(1);
+        let Opened {
+            tx,
+            inbox,
+            regs,
+            stored,
+            joined_at,
+        } = opened;
         let (sink, mut stream) = socket.split();
-        let saver = Arc::new(Saver {
-            live: live.clone(),
-            position: AtomicU64::new(0),
-            saved: AtomicU64::new(0),
-            turn: tokio::sync::Mutex::new(()),
-            bus: app.bus.clone(),
-            user: me.user_id.clone(),
-            device: device.clone(),
-        });
+        let saver = Arc::new(Saver::new(
+            regs.clone(),
+            app.places.clone(),
+            (me.user_id.clone(), device.clone()),
+            stored,
+        ));
         let mut writer = tokio::spawn(write_loop(
             sink,
             inbox,
@@ -58,15 +59,29 @@ impl Session {
         let _ = tx.send(Outgoing::Frame(to_json(&hello))).await;
 
         let (stop, stopped) = watch::channel(false);
-        let user_delivery = tokio::spawn(deliver(
-            app.clone(),
-            Feed::User,
-            (me.user_id.clone(), device.clone()),
-            tx.clone(),
-            stopped.clone(),
-            None,
-            None,
-        ));
+        let visibility: Arc<Visibility> = Arc::default();
+        let [group_reg, user_reg] = regs.clone();
+        let catch_ups = [
+            (Feed::Groups, group_reg, stored.place.map(|p| p.groups)),
+            (Feed::User, user_reg, stored.place.map(|p| p.users)),
+        ]
+        .map(|(feed, reg, place)| {
+            tokio::spawn(
+                CatchUpTask {
+                    app: app.clone(),
+                    feed,
+                    user: me.user_id.clone(),
+                    reg,
+                    place,
+                    joined_at,
+                    tx: tx.clone(),
+                    stop: stopped.clone(),
+                    visibility: visibility.clone(),
+                    saver: saver.clone(),
+                }
+                .run(),
+            )
+        });
         let config = &app.config;
         let mut session = Session {
             bucket: TokenBucket::new(config.requests_per_sec, config.request_burst),
@@ -75,18 +90,13 @@ impl Session {
             device,
             tx,
             errors_in_a_row: 0,
-            group_delivery: None,
-            stopped,
-            live,
-            visibility: Arc::default(),
         };
-        session.start_group_delivery();
         let mut checkpoint =
             tokio::time::interval_at(tokio::time::Instant::now() + CHECKPOINT, CHECKPOINT);
         checkpoint.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         let mut closing = app.closing.subscribe();
-        let mut claim = Box::pin(claims::claim(&app, &session.me.user_id, &session.device)).await;
+        let mut device_watch = evictions::watch(&app, &session.me.user_id, &session.device);
         loop {
             let msg = tokio::select! {
                 msg = stream.next() => msg,
@@ -94,8 +104,8 @@ impl Session {
                     session.tx.close_now(CLOSE_RESTART, "server restarting; reconnect");
                     None
                 }
-                Ok(()) = &mut claim.replaced => {
-                    session.tx.close_now(CLOSE_REPLACED, "this device connected again elsewhere");
+                Ok(_) = device_watch.evicted.wait_for(|e| *e) => {
+                    session.tx.close_now(CLOSE_EVICTED, "device evicted; reconnect");
                     None
                 }
                 // the writer gave up (a client that stopped reading, a
@@ -153,54 +163,37 @@ impl Session {
                 break;
             }
         }
-        // hand back what the delivery tasks hold, then report what was written;
-        // the socket closes as soon as the writer is done with it
+        // stop the catch-ups, then report what was written; the socket
+        // closes as soon as the writer is done with it
         drop(stream);
+        drop(device_watch);
         let _ = stop.send(true);
-        let group_delivery = session.group_delivery.take();
-        // the hub queues nothing more, and lets go of the writer's queue
-        session.live.leave();
+        // the hubs queue nothing more, and let go of the writer's queue
+        for reg in &regs {
+            reg.leave();
+        }
         drop(session);
         let aborts = [
-            Some(user_delivery.abort_handle()),
-            group_delivery.as_ref().map(JoinHandle::abort_handle),
-            Some(writer.abort_handle()),
+            catch_ups[0].abort_handle(),
+            catch_ups[1].abort_handle(),
+            writer.abort_handle(),
         ];
         let drain = async {
-            let _ = user_delivery.await;
-            if let Some(h) = group_delivery {
+            for h in catch_ups {
                 let _ = h.await;
             }
             if !writer_done {
                 let _ = writer.await;
             }
         };
-        if tokio::time::timeout(PULL_EXPIRES * 2, Box::pin(drain))
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(DRAIN, Box::pin(drain)).await.is_err() {
             // nothing of this session may outlive it
             tracing::warn!("session did not drain in time; aborting its tasks");
-            for task in aborts.into_iter().flatten() {
+            for task in aborts {
                 task.abort();
             }
         }
         metrics::gauge!("chat_ws_connections").decrement(1);
-    }
-
-    /// Catches the device up from its group consumer (which the worker
-    /// created when the session opened), then hands it over to the live
-    /// feed.
-    pub(super) fn start_group_delivery(&mut self) {
-        self.group_delivery = Some(tokio::spawn(deliver(
-            self.app.clone(),
-            Feed::Groups,
-            (self.me.user_id.clone(), self.device.clone()),
-            self.tx.clone(),
-            self.stopped.clone(),
-            Some(self.live.clone()),
-            Some(self.visibility.clone()),
-        )));
     }
 
     /// Handles one text frame; returns whether to keep the connection.

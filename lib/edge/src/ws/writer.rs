@@ -1,5 +1,5 @@
-//! The writer task: frames to the socket, acknowledgements and the
-//! device's position once they are flushed.
+//! The writer task: frames to the socket, and the device's place once
+//! they are flushed.
 
 use super::*;
 
@@ -21,14 +21,11 @@ pub(super) fn event_of(frame: &str) -> &'static str {
     NAMES.into_iter().find(|n| *n == name).unwrap_or("other")
 }
 
-/// Writes frames to the socket; acknowledges deliveries once written and
-/// hands back those it could not write.
+/// Writes frames to the socket.
 ///
 /// Frames are fed to the socket and flushed when the queue runs dry (or
-/// every `WRITE_BURST` frames); only then are the deliveries of the burst
-/// acknowledged, with one ack per consumer: the consumers acknowledge
-/// everything up to the acked message (`AckPolicy::All`), so a burst of 256
-/// costs one ack instead of 256 (BENCHMARKS.md).
+/// every `WRITE_BURST` frames); only then are the frames of the burst
+/// reported as delivered and counted into the device's place.
 pub(super) async fn write_loop(
     mut sink: futures::stream::SplitSink<WebSocket, Message>,
     mut inbox: Inbox,
@@ -39,7 +36,7 @@ pub(super) async fn write_loop(
     let delivered = Written {
         hub: &app.delivered,
         user: user.as_str(),
-        position: &saver.position,
+        saver: &saver,
     };
     let mut pending = Unflushed::default();
     // a write or flush failed: nothing more counts as written
@@ -69,40 +66,35 @@ pub(super) async fn write_loop(
                 fed(&mut sink, Message::Text(text.into()), deadline).await
             }
             Outgoing::Live(f) => {
-                let ok = fed(&mut sink, Message::Text(f.text), deadline).await;
-                if ok {
-                    live_out.increment(1);
-                    live_deliveries.increment(1);
-                    pending.group_frame(&f.group, f.seq, f.stream_seq);
-                }
-                ok
-            }
-            Outgoing::Through(seq) => {
-                pending.through = pending.through.max(seq);
-                true
-            }
-            Outgoing::Delivery(d) => {
-                let slot = usize::from(d.receipt.is_some());
-                let ok = match &d.text {
-                    Some(text) => fed(&mut sink, Message::Text(text.clone()), deadline).await,
-                    None => true,
-                };
-                if ok {
-                    if let Some(text) = &d.text {
-                        metrics::counter!("chat_ws_events_out_total", "event" => event_of(text))
-                            .increment(1);
-                        metrics::counter!("chat_ws_deliveries_total", "feed" => if slot == 1 { "groups" } else { "user" })
-                            .increment(1);
-                    }
-                    if let Some((group, seq)) = &d.receipt {
-                        let stream_seq = d.msg.info().map_or(0, |i| i.stream_sequence);
-                        pending.group_frame(group, *seq, stream_seq);
-                    }
-                    pending.written[slot] = Some(d);
+                if f.caught_up {
+                    metrics::counter!("chat_ws_deliveries_total", "feed" => f.feed.label())
+                        .increment(1);
                 } else {
-                    let _ = d.msg.ack_with(AckKind::Nak(None)).await;
+                    live_deliveries.increment(1);
                 }
-                ok
+                match f.feed {
+                    Feed::Groups => {
+                        let ok = fed(&mut sink, Message::Text(f.text), deadline).await;
+                        if ok {
+                            live_out.increment(1);
+                            pending.group_frame(&f.group, f.seq, f.stream_seq);
+                        }
+                        ok
+                    }
+                    Feed::User => {
+                        metrics::counter!("chat_ws_events_out_total", "event" => event_of(&f.text))
+                            .increment(1);
+                        let ok = fed(&mut sink, Message::Text(f.text), deadline).await;
+                        if ok {
+                            pending.through(Feed::User, f.stream_seq);
+                        }
+                        ok
+                    }
+                }
+            }
+            Outgoing::Through(feed, seq) => {
+                pending.through(feed, seq);
+                true
             }
             Outgoing::Close(code, reason) => {
                 closing = Some(CloseFrame {
@@ -126,19 +118,14 @@ pub(super) async fn write_loop(
             }
         }
     }
-    // what was written before the end is acknowledged; the rest comes again.
-    // Not after a failure: the frame that failed may have left the split
-    // sink's slot, and a later flush that succeeds says nothing of it (a
-    // client's close racing a delivery lost that delivery this way)
+    // what was written before the end counts; the rest comes again. Not
+    // after a failure: the frame that failed may have left the split sink's
+    // slot, and a later flush that succeeds says nothing of it (a client's
+    // close racing a delivery lost that delivery this way)
     if !failed {
         pending.flush(&mut sink, &delivered, deadline).await;
     }
     inbox.rx.close();
-    while let Ok((out, _)) = inbox.rx.try_recv() {
-        if let Outgoing::Delivery(d) = out {
-            let _ = d.msg.ack_with(AckKind::Nak(None)).await;
-        }
-    }
     // before the close goes out: a client that reconnects once it sees the
     // close finds its device's position saved
     let _ = tokio::time::timeout(FINAL_SAVE, saver.save()).await;
@@ -176,27 +163,24 @@ pub(super) async fn within<E>(deadline: Duration, op: impl Future<Output = Resul
 }
 
 /// Where a writer reports what it flushed: receipts, and the device's
-/// position in the group stream.
+/// place in each stream.
 pub(super) struct Written<'a> {
     pub(super) hub: &'a DeliveredHub,
     pub(super) user: &'a str,
-    pub(super) position: &'a AtomicU64,
+    pub(super) saver: &'a Saver,
 }
 
-/// Most frames written before a flush (and the acks it allows).
+/// Most frames written before a flush.
 pub(super) const WRITE_BURST: usize = 64;
 
-/// What the writer wrote since its last flush: acknowledged, reported as
-/// delivered and counted into the device's position only once a flush
-/// after it succeeded.
+/// What the writer wrote since its last flush: reported as delivered and
+/// counted into the device's place only once a flush after it succeeded.
 #[derive(Default)]
 pub(super) struct Unflushed {
-    /// The newest written delivery of each consumer (user, groups).
-    written: [Option<Delivery>; 2],
     /// Group seqs written, by group.
     receipts: HashMap<String, u64>,
-    /// The newest group stream sequence written.
-    through: u64,
+    /// The newest stream sequence written, by feed.
+    through: [u64; 2],
 }
 
 impl Unflushed {
@@ -209,13 +193,17 @@ impl Unflushed {
                 self.receipts.insert(group.to_owned(), seq);
             }
         }
-        self.through = self.through.max(stream_seq);
+        self.through(Feed::Groups, stream_seq);
     }
 
-    /// Flushes the socket, then reports receipts, moves the position and
-    /// acknowledges the newest written delivery of each consumer, which
-    /// covers the ones before it. False if the socket failed: nothing
-    /// unflushed counts, so it comes again.
+    /// Everything of `feed` up to `stream_seq` was written.
+    fn through(&mut self, feed: Feed, stream_seq: u64) {
+        let slot = &mut self.through[slot(feed)];
+        *slot = (*slot).max(stream_seq);
+    }
+
+    /// Flushes the socket, then reports receipts and moves the place. False
+    /// if the socket failed: nothing unflushed counts, so it comes again.
     async fn flush(
         &mut self,
         sink: &mut futures::stream::SplitSink<WebSocket, Message>,
@@ -226,34 +214,53 @@ impl Unflushed {
             return false;
         }
         to.hub.record(to.user, &mut self.receipts);
-        to.position.fetch_max(self.through, Ordering::SeqCst);
-        for d in self.written.iter_mut().filter_map(Option::take) {
-            if d.stale() {
-                continue;
-            }
-            if let Err(e) = d.msg.ack().await {
-                tracing::warn!(error = %e, "ack to jetstream failed; the event may come again");
-            }
+        for (feed, at) in FEEDS.into_iter().zip(self.through) {
+            to.saver.position[slot(feed)].fetch_max(at, Ordering::SeqCst);
         }
         true
     }
 }
 
-/// Saves a live connection's position into its device's group consumer:
-/// every `CHECKPOINT`, and by the writer once it wrote its last frame and
-/// before it answers or sends the close, so a client that reconnects after
-/// the close, on any edge, resumes right after what this connection wrote
-/// (after an edge crash: after the last checkpoint, and `seq` shows the
-/// repeats).
+/// The two feeds, in the order of [`slot`].
+const FEEDS: [Feed; 2] = [Feed::Groups, Feed::User];
+
+/// A feed's index in per-feed arrays.
+pub(super) fn slot(feed: Feed) -> usize {
+    match feed {
+        Feed::Groups => 0,
+        Feed::User => 1,
+    }
+}
+
+/// Saves the device's place (`CHAT_PLACES`): every `CHECKPOINT` while it
+/// moves, and by the writer once it wrote its last frame and before it
+/// answers or sends the close, so a client that reconnects after the close,
+/// on any edge, resumes right after what this connection wrote (after an
+/// edge crash: after the last checkpoint, and `seq` shows the repeats).
 pub(crate) struct Saver {
-    pub(super) live: Arc<Registration>,
-    /// The newest group stream sequence written: everything of the
-    /// device's groups up to it reached the socket.
-    pub(super) position: AtomicU64,
-    pub(super) saved: AtomicU64,
+    /// The connection's place in each hub (groups, notifications).
+    pub(super) regs: [Arc<Registration>; 2],
+    /// Where each feed's catch-up started: a place the device had.
+    pub(super) start: [AtomicU64; 2],
+    /// Whether the device's place is known in both feeds (a new device's
+    /// is known once its catch-ups chose where to start): nothing is saved
+    /// before, since a place of 0 would mean "everything".
+    pub(super) known: [std::sync::atomic::AtomicBool; 2],
+    /// The newest stream sequence written, by feed: everything of the
+    /// device's keys up to it reached the socket.
+    pub(super) position: [AtomicU64; 2],
+    pub(super) saved: [AtomicU64; 2],
+    /// A save succeeded (a new device's first place is saved even at 0:
+    /// without it the device would count as new again and skip what it
+    /// missed).
+    pub(super) saved_once: std::sync::atomic::AtomicBool,
+    /// The entry's revision as last read or written.
+    pub(super) revision: AtomicU64,
+    /// The device was evicted: nothing more is saved.
+    pub(super) forgotten: std::sync::atomic::AtomicBool,
     /// One save at a time, so an older one never lands after a newer one.
     pub(super) turn: tokio::sync::Mutex<()>,
-    pub(super) bus: chat_bus::Bus,
+    pub(super) places: chat_bus::Places,
     pub(super) user: UserId,
     pub(super) device: DeviceId,
 }
@@ -264,29 +271,95 @@ pub(super) const CHECKPOINT: Duration = Duration::from_secs(5);
 pub(super) const FINAL_SAVE: Duration = Duration::from_secs(2);
 
 impl Saver {
-    /// The position to save, if the connection is live and it moved since
-    /// the last save.
-    pub(super) fn due(&self) -> Option<u64> {
-        let at = self.position.load(Ordering::SeqCst);
-        (self.live.attached() && at > self.saved.load(Ordering::SeqCst)).then_some(at)
+    pub(super) fn new(
+        regs: [Arc<Registration>; 2],
+        places: chat_bus::Places,
+        (user, device): (UserId, DeviceId),
+        stored: chat_bus::Stored,
+    ) -> Self {
+        let place = stored.place.unwrap_or_default();
+        let known = stored.place.is_some();
+        Self {
+            regs,
+            start: [AtomicU64::new(place.groups), AtomicU64::new(place.users)],
+            known: [known.into(), known.into()],
+            position: Default::default(),
+            saved: [AtomicU64::new(place.groups), AtomicU64::new(place.users)],
+            saved_once: known.into(),
+            revision: AtomicU64::new(stored.revision),
+            forgotten: Default::default(),
+            turn: tokio::sync::Mutex::new(()),
+            places,
+            user,
+            device,
+        }
+    }
+
+    /// `feed`'s catch-up starts at `place`.
+    pub(super) fn starts_at(&self, feed: Feed, place: u64) {
+        self.start[slot(feed)].fetch_max(place, Ordering::SeqCst);
+        self.known[slot(feed)].store(true, Ordering::SeqCst);
+    }
+
+    /// The place to save in `feed`: what was written once the connection
+    /// receives it live (before, a catch-up may still owe a group followed
+    /// since it began), else where its catch-up started.
+    fn place_of(&self, feed: Feed) -> u64 {
+        let i = slot(feed);
+        let start = self.start[i].load(Ordering::SeqCst);
+        if self.regs[i].attached() {
+            start.max(self.position[i].load(Ordering::SeqCst))
+        } else {
+            start
+        }
+    }
+
+    /// The place to save, if it moved since the last save.
+    pub(super) fn due(&self) -> Option<chat_bus::Place> {
+        if self.forgotten.load(Ordering::SeqCst)
+            || !self.known.iter().all(|k| k.load(Ordering::SeqCst))
+        {
+            return None;
+        }
+        let place = chat_bus::Place {
+            groups: self.place_of(Feed::Groups),
+            users: self.place_of(Feed::User),
+        };
+        let moved = FEEDS
+            .into_iter()
+            .zip([place.groups, place.users])
+            .any(|(f, at)| at > self.saved[slot(f)].load(Ordering::SeqCst));
+        (moved || !self.saved_once.load(Ordering::SeqCst)).then_some(place)
     }
 
     pub(super) async fn save(&self) {
         let _turn = self.turn.lock().await;
-        let Some(at) = self.due() else {
+        let Some(place) = self.due() else {
             return;
         };
+        let revision = self.revision.load(Ordering::SeqCst);
         match self
-            .bus
-            .set_group_position(&self.user, &self.device, at)
+            .places
+            .save(&self.user, &self.device, place, revision)
             .await
         {
-            Ok(()) => {
-                tracing::debug!(position = at, "device position saved");
-                self.saved.fetch_max(at, Ordering::SeqCst);
+            Ok(chat_bus::Saved::At(revision)) => {
+                tracing::debug!(
+                    groups = place.groups,
+                    users = place.users,
+                    "device place saved"
+                );
+                self.revision.store(revision, Ordering::SeqCst);
+                self.saved[0].fetch_max(place.groups, Ordering::SeqCst);
+                self.saved[1].fetch_max(place.users, Ordering::SeqCst);
+                self.saved_once.store(true, Ordering::SeqCst);
+            }
+            Ok(chat_bus::Saved::Forgotten) => {
+                tracing::info!("the device was evicted; its place is no longer saved");
+                self.forgotten.store(true, Ordering::SeqCst);
             }
             Err(e) => {
-                tracing::warn!(error = %e, "cannot save the device's position; it resumes from the last one saved")
+                tracing::warn!(error = %e, "cannot save the device's place; it resumes from the last one saved")
             }
         }
     }
