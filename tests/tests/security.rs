@@ -645,8 +645,33 @@ async fn nats_refuses_anonymous_clients_and_limits_each_role() -> anyhow::Result
         !matches!(pulled, Ok(Some(_))),
         "an edge's user pulled from the persist consumer"
     );
-    // (an edge may rewind its devices' consumers, and without the deny rule
-    // this one too)
+    // nor remake it through the unnamed create subject its catch-ups use:
+    // the subject carries no name to deny, so JetStream must refuse it
+    let body = json!({
+        "stream_name": "CHAT_GROUPS",
+        "config": {"name": "persist", "filter_subject": "chat.group.>",
+                   "ack_policy": "none", "deliver_policy": "new"},
+        "action": "create",
+    });
+    let answer = client
+        .request(
+            "$JS.API.CONSUMER.CREATE.CHAT_GROUPS",
+            body.to_string().into(),
+        )
+        .await?;
+    let answer: serde_json::Value = serde_json::from_slice(&answer.payload)?;
+    assert!(answer.get("error").is_some(), "{answer}");
+    let persist = c
+        .bus()
+        .await?
+        .jetstream()
+        .get_stream("CHAT_GROUPS")
+        .await?
+        .consumer_info("persist")
+        .await?;
+    assert_eq!(persist.config.filter_subject, "chat.group.*.msg");
+    assert_eq!(persist.config.ack_policy, consumer::AckPolicy::Explicit);
+    // (an edge may not rewind any consumer)
     js.get_stream("CHAT_GROUPS")
         .await
         .context("an edge's user reads stream info")?;

@@ -29,6 +29,9 @@ use crate::{Bus, BusError};
 
 /// A consumer a catch-up stopped reading from is removed after this.
 const CATCH_UP_INACTIVE: Duration = Duration::from_secs(5);
+/// The longest one catch-up read may take (a pull lost with a NATS node is
+/// never answered).
+const CATCH_UP_READ: Duration = Duration::from_secs(5);
 /// A reader that heard nothing for this long asks how far its consumer got.
 const LIVE_IDLE_CHECK: Duration = Duration::from_secs(5);
 /// An edge's consumer left behind (the edge died) is removed after this.
@@ -430,8 +433,21 @@ impl CatchUp {
         self.consumer = None;
     }
 
-    /// Up to `max` messages of what is there now.
+    /// Up to `max` messages of what is there now; a read that takes longer
+    /// than a few seconds is given up and made again.
     pub async fn next_batch(&mut self, max: usize) -> Result<Batch, BusError> {
+        match tokio::time::timeout(CATCH_UP_READ, self.read(max)).await {
+            Ok(read) => read,
+            Err(_) => {
+                self.consumer = None;
+                Err(BusError::Unavailable(
+                    "a catch-up read took too long".into(),
+                ))
+            }
+        }
+    }
+
+    async fn read(&mut self, max: usize) -> Result<Batch, BusError> {
         let consumer = match &mut self.consumer {
             Some(c) => c,
             None => {

@@ -91,14 +91,15 @@ pub struct Places(Bucket);
 
 impl Bus {
     /// Creates the bucket of device places, or updates it (workers, at
-    /// start-up). Entries live as long as the streams keep messages: a
-    /// device away longer has nothing left to catch up on.
+    /// start-up). An entry lives twice as long as the streams keep
+    /// messages after its last save, so a device away longer than the
+    /// streams' retention still reads what is left after its place.
     pub async fn declare_places(&self) -> Result<Places, BusError> {
         let config = kv::Config {
             bucket: PLACES_BUCKET.into(),
             description: "Each device's place in CHAT_GROUPS and CHAT_USERS: <user>.<device> -> {groups, users}".into(),
             history: 1,
-            max_age: self.defs.groups_stream.max_age,
+            max_age: self.defs.groups_stream.max_age * 2,
             max_value_size: 256,
             storage: async_nats::jetstream::stream::StorageType::File,
             num_replicas: self.defs.groups_stream.num_replicas,
@@ -209,7 +210,7 @@ impl Bus {
         device: &DeviceId,
     ) -> Result<Option<Place>, BusError> {
         let mut place = Place::default();
-        let mut found = false;
+        let mut found = 0;
         for (prefix, stream, slot) in [
             ("du", &self.defs.users_stream.name, 0),
             ("dg", &self.defs.groups_stream.name, 1),
@@ -229,7 +230,7 @@ impl Bus {
                 tracing::error!(consumer = %name, "a consumer under this device's name records another owner; ignoring it");
                 continue;
             }
-            found = true;
+            found += 1;
             let floor = info.ack_floor.stream_sequence;
             if slot == 0 {
                 place.users = floor;
@@ -237,7 +238,8 @@ impl Bus {
                 place.groups = floor;
             }
         }
-        Ok(found.then_some(place))
+        // both or nothing: a place of 0 in one stream would mean "all of it"
+        Ok((found == 2).then_some(place))
     }
 
     /// Deletes `device`'s consumers of the previous release, if any.

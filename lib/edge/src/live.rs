@@ -85,8 +85,11 @@ enum Phase {
 struct Conn {
     user: Arc<str>,
     groups: HashSet<Arc<str>>,
-    /// The groups followed when they were loaded: what a catch-up covers.
-    covered: HashSet<Arc<str>>,
+    /// The groups followed when they were loaded: what a catch-up looks at.
+    loaded: HashSet<Arc<str>>,
+    /// The keys the catch-up read, set when it attaches: only their frames
+    /// up to the attach point came from it and are skipped here.
+    read: HashSet<Arc<str>>,
     /// Membership events seen before the groups were loaded, in order.
     early: Option<Vec<(Arc<str>, bool)>>,
     /// More than `EARLY_MAX` early events: the loaded groups can't be fixed.
@@ -195,7 +198,8 @@ impl LiveHub {
             Conn {
                 user,
                 groups: HashSet::new(),
-                covered: HashSet::new(),
+                loaded: HashSet::new(),
+                read: HashSet::new(),
                 early: Some(Vec::new()),
                 early_overflow: false,
                 phase: Phase::Holding(VecDeque::new()),
@@ -325,7 +329,7 @@ fn hub_follow(hub: &mut Hub, id: u64, group: &Arc<str>, follow: bool) {
 impl Conn {
     /// Takes one frame of a group it follows; whether it went out now.
     fn take(&mut self, frame: &LiveFrame) -> bool {
-        let covered = self.covered.contains(&frame.group);
+        let read = self.read.contains(&frame.group);
         match &mut self.phase {
             Phase::Holding(held) => {
                 if held.len() >= HOLD_MAX {
@@ -337,7 +341,7 @@ impl Conn {
             }
             Phase::Overflowed | Phase::Closed => false,
             Phase::Live { skip_through } => {
-                if covered && frame.stream_seq <= *skip_through {
+                if read && frame.stream_seq <= *skip_through {
                     return false;
                 }
                 self.offer(frame.clone())
@@ -395,19 +399,28 @@ impl Registration {
             hub_follow(&mut hub, self.id, &g, subscribed);
         }
         if let Some(conn) = hub.conns.get_mut(&self.id) {
-            conn.covered = conn.groups.clone();
+            conn.loaded = conn.groups.clone();
         }
         Ok(())
     }
 
-    /// The keys the connection's catch-up covers (followed when they were
-    /// loaded), sorted.
-    pub(crate) fn covered(&self) -> Vec<String> {
+    /// The keys the connection followed when they were loaded, sorted:
+    /// what its catch-up looks at.
+    pub(crate) fn loaded(&self) -> Vec<String> {
+        self.keys(|c| &c.loaded)
+    }
+
+    /// The keys the connection follows now, sorted.
+    pub(crate) fn following(&self) -> Vec<String> {
+        self.keys(|c| &c.groups)
+    }
+
+    fn keys(&self, which: impl Fn(&Conn) -> &HashSet<Arc<str>>) -> Vec<String> {
         let hub = self.hub.lock();
         let mut keys: Vec<String> = hub
             .conns
             .get(&self.id)
-            .map(|c| c.covered.iter().map(|k| k.to_string()).collect())
+            .map(|c| which(c).iter().map(|k| k.to_string()).collect())
             .unwrap_or_default();
         keys.sort_unstable();
         keys
@@ -431,10 +444,12 @@ impl Registration {
         self.hub.running()
     }
 
-    /// Attaches once the catch-up has written everything up to stream
-    /// sequence `through`: what was held after it goes out, in order, and
-    /// everything after it comes live.
-    pub(crate) fn attach(&self, through: u64) -> Result<(), NotYet> {
+    /// Attaches once the catch-up has written everything of the keys it
+    /// `read` up to stream sequence `through`: what was held of them after
+    /// it, and everything held of other keys, goes out in order, and from
+    /// then on everything comes live. Returns where the hub was: everything
+    /// of every key up to there is now queued.
+    pub(crate) fn attach(&self, through: u64, read: &[String]) -> Result<u64, NotYet> {
         if !self.hub.running.load(Ordering::SeqCst) {
             return Err(NotYet::NotRunning);
         }
@@ -459,17 +474,18 @@ impl Registration {
             }
             live @ Phase::Live { .. } => {
                 conn.phase = live;
-                return Ok(());
+                return Ok(self.hub.position());
             }
         };
+        conn.read = read.iter().map(|k| Arc::from(k.as_str())).collect();
         for frame in held {
-            let skip = frame.stream_seq <= through && conn.covered.contains(&frame.group);
+            let skip = frame.stream_seq <= through && conn.read.contains(&frame.group);
             if !skip && !conn.offer(frame) {
                 return Err(NotYet::Closed);
             }
         }
         self.attached.store(true, Ordering::SeqCst);
-        Ok(())
+        Ok(self.hub.position())
     }
 
     /// Whether the connection receives live.
@@ -611,6 +627,10 @@ mod tests {
         }
     }
 
+    fn read(keys: &[&str]) -> Vec<String> {
+        keys.iter().map(|k| k.to_string()).collect()
+    }
+
     fn hub() -> Arc<LiveHub> {
         let hub = Arc::new(LiveHub::new(Feed::Groups));
         hub.start(0);
@@ -634,7 +654,7 @@ mod tests {
     /// A connection of `user` that receives live.
     fn live(hub: &Arc<LiveHub>, user: &str, groups: &[&str]) -> (Registration, Arc<Kept>) {
         let (reg, sink) = catching_up(hub, user, groups);
-        reg.attach(hub.position()).expect("attach");
+        reg.attach(hub.position(), &[]).expect("attach");
         (reg, sink)
     }
 
@@ -697,7 +717,7 @@ mod tests {
         hub.membership(1, "g1", "ann", false);
         hub.membership(2, "g2", "ann", true);
         reg.load(&["g1".to_owned()]).expect("load");
-        reg.attach(2).expect("attach");
+        reg.attach(2, &read(&["g1", "g2"])).expect("attach");
         send(&hub, 3, "g1");
         send(&hub, 4, "g2");
         assert_eq!(sink.seqs(), [4]);
@@ -722,10 +742,28 @@ mod tests {
         }
         assert!(sink.seqs().is_empty(), "held while catching up");
         // the catch-up wrote up to 3
-        reg.attach(3).expect("attach");
+        reg.attach(3, &read(&["g"])).expect("attach");
         send(&hub, 6, "g");
         assert_eq!(sink.seqs(), [4, 5, 6]);
         assert!(reg.attached());
+    }
+
+    #[test]
+    fn held_frames_of_keys_the_catch_up_did_not_read_all_go_out() {
+        let hub = hub();
+        let (reg, sink) = catching_up(&hub, "ann", &["a", "h"]);
+        send(&hub, 4, "a");
+        send(&hub, 5, "h");
+        send(&hub, 6, "a");
+        // the catch-up read only `a`, up to 10
+        let at = reg.attach(10, &read(&["a"])).expect("attach");
+        assert_eq!(at, 6, "where the hub was");
+        assert_eq!(sink.seqs(), [5], "h's frame came from the hub only");
+        // later frames of `h` at or below the attach point are not skipped
+        send(&hub, 7, "h");
+        send(&hub, 8, "a");
+        send(&hub, 11, "a");
+        assert_eq!(sink.seqs(), [5, 7, 11]);
     }
 
     #[test]
@@ -734,7 +772,7 @@ mod tests {
         let (reg, sink) = catching_up(&hub, "ann", &["g"]);
         send(&hub, 1, "g");
         // the durable consumer already gave 1..=3 before the feed read them
-        reg.attach(3).expect("attach");
+        reg.attach(3, &read(&["g"])).expect("attach");
         send(&hub, 2, "g");
         send(&hub, 3, "g");
         send(&hub, 4, "g");
@@ -748,11 +786,11 @@ mod tests {
         for s in 1..=(HOLD_MAX as u64 + 1) {
             send(&hub, s, "g");
         }
-        assert_eq!(reg.attach(10), Err(NotYet::Overflowed));
+        assert_eq!(reg.attach(10, &read(&["g"])), Err(NotYet::Overflowed));
         let next = HOLD_MAX as u64 + 2;
         send(&hub, next, "g");
         // the catch-up went on up to the feed's position before the send
-        reg.attach(next - 1).expect("attach");
+        reg.attach(next - 1, &read(&["g"])).expect("attach");
         assert_eq!(sink.seqs(), [next]);
     }
 
@@ -765,7 +803,7 @@ mod tests {
         });
         let reg = hub.register("ann", sink.clone());
         reg.load(&["g".to_owned()]).expect("load");
-        reg.attach(0).expect("attach");
+        reg.attach(0, &[]).expect("attach");
         for s in 1..=4 {
             send(&hub, s, "g");
         }
@@ -778,6 +816,6 @@ mod tests {
     fn attaching_waits_for_the_feed_to_run() {
         let hub = Arc::new(LiveHub::new(Feed::Groups));
         let reg = hub.register("ann", Arc::new(Kept::default()));
-        assert_eq!(reg.attach(0), Err(NotYet::NotRunning));
+        assert_eq!(reg.attach(0, &[]), Err(NotYet::NotRunning));
     }
 }

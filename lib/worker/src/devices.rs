@@ -36,13 +36,18 @@ pub(crate) async fn register(
         let read = users.device_list(user).await?;
         let idle_before = now - limits.idle.as_millis() as i64;
         let admission = read.admit(device, now, limits.max_per_user, idle_before);
-        for old in &admission.evicted {
-            evict(state, user, old).await?;
-        }
+        // evicted only once the registry says so: a compare-and-set that
+        // lost (the list changed meanwhile) evicts no one
         if users
             .replace_devices(user, &read, &admission.keep, display_name, now)
             .await?
         {
+            for old in &admission.evicted {
+                if let Err(e) = evict(state, user, old).await {
+                    // registered no more: a reconnect registers it anew
+                    tracing::warn!(user = %user, device = %old, error = %e, "an evicted device's place could not be forgotten");
+                }
+            }
             return Ok(false);
         }
     }

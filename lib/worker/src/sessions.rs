@@ -56,7 +56,8 @@ async fn carry_over(
     device: &DeviceId,
 ) -> Result<chat_bus::Stored, WorkerError> {
     let Some(place) = s.bus.previous_place(user, device).await? else {
-        return Ok(chat_bus::Stored::default());
+        // none, or another session of the device carried it over meanwhile
+        return Ok(s.places.get(user, device).await?);
     };
     let saved = s.places.save(user, device, place, 0).await?;
     let chat_bus::Saved::At(revision) = saved else {

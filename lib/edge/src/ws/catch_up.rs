@@ -63,14 +63,14 @@ impl CatchUpTask {
         let feed_was_at = self.reg.hub_position();
         let needed = self.missed(start).await;
         if needed.is_empty() {
-            match self.attach(start.max(feed_was_at)).await {
+            match self.attach(start.max(feed_was_at), &[]).await {
                 Some(HandOver::Done) | None => return,
                 // held too much meanwhile: read it after all
                 Some(_) => {}
             }
         }
         let keys = if needed.is_empty() {
-            self.reg.covered()
+            self.reg.following()
         } else {
             needed
         };
@@ -80,7 +80,7 @@ impl CatchUpTask {
     /// The keys this connection covers that have a message after `start`.
     async fn missed(&self, start: u64) -> Vec<String> {
         let mut needed = Vec::new();
-        for key in self.reg.covered() {
+        for key in self.reg.loaded() {
             let newest = match self.reg.newest(&key) {
                 Some(Newest::At(at)) => Ok(at),
                 Some(Newest::AtMost(at)) if at <= start => Ok(at),
@@ -123,8 +123,11 @@ impl CatchUpTask {
     }
 
     /// Reads `keys` after `start` until caught up, then attaches.
-    async fn read(mut self, keys: Vec<String>, start: u64) {
+    async fn read(mut self, mut keys: Vec<String>, start: u64) {
         let mut reader: CatchUp = self.app.bus.catch_up(self.feed, self.filters(&keys), start);
+        // after widening to more keys: what was already handed on of the
+        // keys read before, which the new reader gives again
+        let mut sent: Option<(HashSet<String>, u64)> = None;
         // groups the user left or was removed from, as met in the stream
         let mut left: HashSet<String> = HashSet::new();
         let mut backoff = Duration::from_millis(100);
@@ -147,6 +150,13 @@ impl CatchUpTask {
             let mut rewound = false;
             let mut handed = None;
             for msg in batch.messages {
+                if let Some((before, through)) = &sent
+                    && msg.stream_seq <= *through
+                    && self.key_of(&msg).is_some_and(|k| before.contains(k))
+                {
+                    handed = Some(msg.stream_seq);
+                    continue;
+                }
                 let frame = match self.frame(&msg, &mut left).await {
                     Ok(Some(frame)) => frame,
                     Ok(None) => {
@@ -181,16 +191,38 @@ impl CatchUpTask {
                 handed = Some(msg.stream_seq);
             }
             if batch.caught_up && !rewound {
-                match self.attach(reader.position().max(feed_was_at)).await {
+                match self.attach(reader.position().max(feed_was_at), &keys).await {
                     Some(HandOver::Done) | None => return,
-                    Some(HandOver::More) => {}
-                    Some(HandOver::Wait) => {
-                        if !pause(Duration::from_millis(100), &mut self.stop).await {
-                            return;
+                    Some(HandOver::More) => {
+                        // the hub let go of what it held, of every key: a
+                        // key this reader does not read (followed since it
+                        // began) must be read from the start too
+                        let now = self.reg.following();
+                        if !now.iter().all(|k| keys.contains(k)) {
+                            let before: HashSet<String> = keys.iter().cloned().collect();
+                            sent = Some((before, reader.position()));
+                            keys.extend(now);
+                            keys.sort_unstable();
+                            keys.dedup();
+                            reader = self.app.bus.catch_up(self.feed, self.filters(&keys), start);
+                            left.clear();
                         }
                     }
+                    Some(HandOver::Wait) => {}
                 }
             }
+        }
+    }
+
+    /// The key of a message the catch-up read (group or user).
+    fn key_of<'m>(&self, msg: &'m chat_bus::LiveMessage) -> Option<&'m str> {
+        match (self.feed, GroupTraffic::of(&msg.subject)) {
+            (Feed::Groups, Some(GroupTraffic::Message(g) | GroupTraffic::Event(g))) => Some(g),
+            (Feed::User, _) => msg
+                .subject
+                .strip_prefix("chat.user.")
+                .and_then(|r| r.strip_suffix(".event")),
+            _ => None,
         }
     }
 
@@ -268,10 +300,11 @@ impl CatchUpTask {
         }))
     }
 
-    /// Attaches at `through`; `None` once the session stopped.
-    async fn attach(&mut self, through: u64) -> Option<HandOver> {
+    /// Attaches at `through`, having read `read`; `None` once the session
+    /// stopped.
+    async fn attach(&mut self, through: u64, read: &[String]) -> Option<HandOver> {
         loop {
-            match attach(&self.reg, self.feed, through, &self.tx).await {
+            match attach(&self.reg, self.feed, (through, read), &self.tx).await {
                 HandOver::Wait => {
                     if !pause(Duration::from_millis(100), &mut self.stop).await {
                         return None;
@@ -302,11 +335,22 @@ pub(super) enum HandOver {
     Wait,
 }
 
-/// Attaches a connection caught up to stream sequence `through`.
-pub(super) async fn attach(live: &Registration, feed: Feed, through: u64, tx: &Outbox) -> HandOver {
-    match live.attach(through) {
-        Ok(()) => {
-            let _ = tx.send(Outgoing::Through(feed, through)).await;
+/// Attaches a connection caught up to stream sequence `through` in the
+/// keys it `read`. Once written, the device's place may move to where
+/// everything of every key is queued: `through`, or where the hub was if
+/// that is earlier (frames of keys the catch-up did not read, up to
+/// `through`, may still come from the hub).
+pub(super) async fn attach(
+    live: &Registration,
+    feed: Feed,
+    (through, read): (u64, &[String]),
+    tx: &Outbox,
+) -> HandOver {
+    match live.attach(through, read) {
+        Ok(hub_was_at) => {
+            let _ = tx
+                .send(Outgoing::Through(feed, through.min(hub_was_at)))
+                .await;
             HandOver::Done
         }
         Err(NotYet::Overflowed) => HandOver::More,

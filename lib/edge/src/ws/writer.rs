@@ -77,7 +77,13 @@ pub(super) async fn write_loop(
                         let ok = fed(&mut sink, Message::Text(f.text), deadline).await;
                         if ok {
                             live_out.increment(1);
-                            pending.group_frame(&f.group, f.seq, f.stream_seq);
+                            pending.group_frame(&f.group, f.seq);
+                            // a catch-up's frames move no place: frames of
+                            // other groups below them may still come from
+                            // the hub (the attach marker moves it past them)
+                            if !f.caught_up {
+                                pending.through(Feed::Groups, f.stream_seq);
+                            }
                         }
                         ok
                     }
@@ -85,7 +91,7 @@ pub(super) async fn write_loop(
                         metrics::counter!("chat_ws_events_out_total", "event" => event_of(&f.text))
                             .increment(1);
                         let ok = fed(&mut sink, Message::Text(f.text), deadline).await;
-                        if ok {
+                        if ok && !f.caught_up {
                             pending.through(Feed::User, f.stream_seq);
                         }
                         ok
@@ -185,7 +191,7 @@ pub(super) struct Unflushed {
 
 impl Unflushed {
     /// A group message was written.
-    fn group_frame(&mut self, group: &str, seq: u64, stream_seq: u64) {
+    fn group_frame(&mut self, group: &str, seq: u64) {
         // no allocation per frame for a group already noted
         match self.receipts.get_mut(group) {
             Some(e) => *e = (*e).max(seq),
@@ -193,7 +199,6 @@ impl Unflushed {
                 self.receipts.insert(group.to_owned(), seq);
             }
         }
-        self.through(Feed::Groups, stream_seq);
     }
 
     /// Everything of `feed` up to `stream_seq` was written.
