@@ -139,8 +139,8 @@ pub struct ChatResult {
     /// chatd's resident memory growth per connection, after connecting and
     /// before sending.
     pub chatd_kib_per_connection: f64,
-    /// nats-server's growth per connection (durable consumers of new
-    /// devices), same window.
+    /// nats-server's growth per connection (its client connection's
+    /// share and whatever a device costs it), same window.
     pub nats_kib_per_connection: f64,
 }
 

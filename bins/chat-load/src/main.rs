@@ -28,7 +28,7 @@ enum Scenario {
     Steady,
     /// One group of 1,000 members, one sender as fast as acks allow.
     Fanout,
-    /// 10,000 registered users (durable consumers), 1,000 of them online.
+    /// 10,000 registered users (9,000 offline, each with a place), 1,000 of them online.
     ManyUsers,
     /// A member offline for 10,000 messages reconnects.
     CatchUp,
