@@ -42,7 +42,7 @@ impl Session {
             sink,
             inbox,
             app.clone(),
-            me.user_id.to_string(),
+            Arc::from(me.user_id.as_str()),
             saver.clone(),
         ));
         let mut writer_done = false;

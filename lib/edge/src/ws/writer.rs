@@ -30,12 +30,12 @@ pub(super) async fn write_loop(
     mut sink: futures::stream::SplitSink<WebSocket, Message>,
     mut inbox: Inbox,
     app: AppState,
-    user: String,
+    user: Arc<str>,
     saver: Arc<Saver>,
 ) {
     let delivered = Written {
         hub: &app.delivered,
-        user: user.as_str(),
+        user: &user,
         saver: &saver,
     };
     let mut pending = Unflushed::default();
@@ -172,7 +172,7 @@ pub(super) async fn within<E>(deadline: Duration, op: impl Future<Output = Resul
 /// place in each stream.
 pub(super) struct Written<'a> {
     pub(super) hub: &'a DeliveredHub,
-    pub(super) user: &'a str,
+    pub(super) user: &'a Arc<str>,
     pub(super) saver: &'a Saver,
 }
 
@@ -184,19 +184,18 @@ pub(super) const WRITE_BURST: usize = 64;
 #[derive(Default)]
 pub(super) struct Unflushed {
     /// Group seqs written, by group.
-    receipts: HashMap<String, u64>,
+    receipts: HashMap<Arc<str>, u64>,
     /// The newest stream sequence written, by feed.
     through: [u64; 2],
 }
 
 impl Unflushed {
     /// A group message was written.
-    fn group_frame(&mut self, group: &str, seq: u64) {
-        // no allocation per frame for a group already noted
+    fn group_frame(&mut self, group: &Arc<str>, seq: u64) {
         match self.receipts.get_mut(group) {
             Some(e) => *e = (*e).max(seq),
             None => {
-                self.receipts.insert(group.to_owned(), seq);
+                self.receipts.insert(group.clone(), seq);
             }
         }
     }
