@@ -61,9 +61,12 @@ impl CatchUpTask {
         };
         self.saver.starts_at(self.feed, start);
         let feed_was_at = self.reg.hub_position();
-        let needed = self.missed(start).await;
+        // boxed: the task's cell is as large as its future and outlives
+        // it (its handle waits for the session's end), so what runs only
+        // while catching up is allocated only then
+        let needed = Box::pin(self.missed(start)).await;
         if needed.is_empty() {
-            match self.attach(start.max(feed_was_at), &[]).await {
+            match Box::pin(self.attach(start.max(feed_was_at), &[])).await {
                 Some(HandOver::Done) | None => return,
                 // held too much meanwhile: read it after all
                 Some(_) => {}
@@ -74,7 +77,7 @@ impl CatchUpTask {
         } else {
             needed
         };
-        self.read(keys, start).await;
+        Box::pin(self.read(keys, start)).await;
     }
 
     /// The keys this connection covers that have a message after `start`.

@@ -81,9 +81,13 @@ const CLOSE_HANDSHAKE: Duration = Duration::from_secs(2);
 /// Close code sent when the edge drains (RFC 6455 1012, service restart):
 /// reconnect, to this or another edge.
 pub const CLOSE_RESTART: u16 = 1012;
-/// Read and write buffer of a WebSocket; larger frames still pass (the
-/// buffers grow), this is only what every connection holds.
-const WS_BUFFER: usize = 4 * 1024;
+/// Read buffer of a WebSocket, allocated for every connection and the most
+/// one read takes: client frames are small requests (a larger one takes
+/// several reads). 4 KiB made an idle connection cost 2 KiB more.
+const WS_READ_BUFFER: usize = 2 * 1024;
+/// What a WebSocket's writer gathers before it writes to the socket;
+/// allocated only as frames go out.
+const WS_WRITE_BUFFER: usize = 4 * 1024;
 /// Close code sent when the device was evicted (the user connected more
 /// devices than allowed and this one was the least recently seen): its
 /// position is gone; reconnecting registers it again.
@@ -177,8 +181,8 @@ pub(crate) async fn upgrade(
         .max_frame_size(limit)
         // tungstenite's 128 KiB defaults made an idle connection cost about
         // 200 KiB of the edge's memory; chat frames are small
-        .read_buffer_size(WS_BUFFER)
-        .write_buffer_size(WS_BUFFER)
+        .read_buffer_size(WS_READ_BUFFER)
+        .write_buffer_size(WS_WRITE_BUFFER)
         .max_write_buffer_size(WS_MAX_WRITE_BUFFER)
         .on_upgrade(move |socket| {
             let span = tracing::info_span!("session", user = %me.user_id, device = %device, conn = live.id());

@@ -35,31 +35,63 @@ pub(super) struct Outbox {
     pub(super) tx: mpsc::Sender<(Outgoing, OwnedSemaphorePermit)>,
     pub(super) budget: Arc<Semaphore>,
     pub(super) budget_bytes: usize,
-    pub(super) close: mpsc::Sender<(u16, &'static str)>,
+    pub(super) close: Closer,
 }
 
 /// The writer's end of an [`Outbox`].
 pub(super) struct Inbox {
     pub(super) rx: mpsc::Receiver<(Outgoing, OwnedSemaphorePermit)>,
-    pub(super) close: mpsc::Receiver<(u16, &'static str)>,
+    pub(super) close: Closer,
+}
+
+/// The close code and reason asked for, if any.
+type CloseSlot = std::sync::Mutex<Option<(u16, &'static str)>>;
+
+/// A close asked for out of band: the first one asked wins. A slot and a
+/// wake-up, about 100 bytes, where a channel of one cost an idle connection
+/// about 1 KiB.
+#[derive(Clone, Default)]
+pub(super) struct Closer(Arc<(CloseSlot, tokio::sync::Notify)>);
+
+impl Closer {
+    fn ask(&self, code: u16, reason: &'static str) {
+        let mut slot = self.0.0.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            *slot = Some((code, reason));
+            self.0.1.notify_one();
+        }
+    }
+
+    /// The close asked for, once there is one.
+    pub(super) async fn asked(&self) -> (u16, &'static str) {
+        loop {
+            if let Some(close) = *self.0.0.lock().unwrap_or_else(|e| e.into_inner()) {
+                return close;
+            }
+            self.0.1.notified().await;
+        }
+    }
+
+    /// The close asked for, if any (tests).
+    #[cfg(test)]
+    pub(super) fn peek(&self) -> Option<(u16, &'static str)> {
+        *self.0.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl Outbox {
     pub(super) fn new(frames: usize, bytes: usize) -> (Self, Inbox) {
         let (tx, rx) = mpsc::channel(frames.max(1));
-        let (close, close_rx) = mpsc::channel(1);
+        let close = Closer::default();
         let bytes = bytes.clamp(1, Semaphore::MAX_PERMITS);
         (
             Self {
                 tx,
                 budget: Arc::new(Semaphore::new(bytes)),
                 budget_bytes: bytes,
-                close,
+                close: close.clone(),
             },
-            Inbox {
-                rx,
-                close: close_rx,
-            },
+            Inbox { rx, close },
         )
     }
 
@@ -80,7 +112,7 @@ impl Outbox {
 impl Outbox {
     /// Asks the writer to close the connection now, ahead of what is queued.
     pub(super) fn close_now(&self, code: u16, reason: &'static str) {
-        let _ = self.close.try_send((code, reason));
+        self.close.ask(code, reason);
     }
 }
 
@@ -136,7 +168,7 @@ mod tests {
         assert_eq!(tx.offer(frame(10, 2)), Ok(()));
         assert_eq!(tx.offer(frame(10, 3)), Err(true));
         assert_eq!(
-            inbox.close.try_recv().ok(),
+            inbox.close.peek(),
             Some((CLOSE_TOO_SLOW, "client too slow; reconnect"))
         );
         // what was queued stays, in order

@@ -53,7 +53,7 @@ pub(super) async fn write_loop(
         // a close asked for out of band goes ahead of everything queued
         let (out, _permit) = tokio::select! {
             biased;
-            Some((code, reason)) = inbox.close.recv() => (Outgoing::Close(code, reason), None),
+            (code, reason) = inbox.close.asked() => (Outgoing::Close(code, reason), None),
             next = inbox.rx.recv() => match next {
                 Some((out, permit)) => (out, Some(permit)),
                 None => break,
@@ -134,7 +134,9 @@ pub(super) async fn write_loop(
     inbox.rx.close();
     // before the close goes out: a client that reconnects once it sees the
     // close finds its device's position saved
-    let _ = tokio::time::timeout(FINAL_SAVE, saver.save()).await;
+    // boxed: the save's NATS requests would otherwise be part of every
+    // idle writer's state
+    let _ = tokio::time::timeout(FINAL_SAVE, Box::pin(saver.save())).await;
     if let Some(frame) = closing {
         within(CLOSE_HANDSHAKE, sink.send(Message::Close(Some(frame)))).await;
     }
