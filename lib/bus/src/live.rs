@@ -66,6 +66,39 @@ impl Feed {
             Feed::Groups => "chat.group.>",
         }
     }
+
+    /// The subject of the messages of `key` (a user for notifications, a
+    /// group for group messages); `key` is a validated id.
+    pub fn message_subject(self, key: &str) -> String {
+        match self {
+            Feed::User => format!("chat.user.{key}.event"),
+            Feed::Groups => format!("chat.group.{key}.msg"),
+        }
+    }
+
+    /// What a catch-up of `keys` reads: their messages and, for groups,
+    /// their membership events (a removal met during a catch-up ends the
+    /// group there, as it does live).
+    pub fn catch_up_filters(self, keys: &[String]) -> Vec<String> {
+        let mut filters: Vec<String> = keys.iter().map(|k| self.message_subject(k)).collect();
+        if self == Feed::Groups {
+            filters.extend(keys.iter().map(|k| format!("chat.group.{k}.event")));
+        }
+        filters
+    }
+
+    /// The key a subject of this feed's stream is about.
+    pub fn key_of(self, subject: &str) -> Option<&str> {
+        match self {
+            Feed::Groups => match GroupTraffic::of(subject)? {
+                GroupTraffic::Message(g) | GroupTraffic::Event(g) => Some(g),
+            },
+            Feed::User => {
+                let user = subject.strip_prefix("chat.user.")?.strip_suffix(".event")?;
+                (!user.is_empty() && !user.contains('.')).then_some(user)
+            }
+        }
+    }
 }
 
 /// The subject of `group`'s membership events.
@@ -560,6 +593,31 @@ mod tests {
             GroupTraffic::of(&group_event_subject(&g)),
             Some(GroupTraffic::Event("abc"))
         );
+    }
+
+    #[test]
+    fn feed_subjects_split_back_into_their_keys() {
+        for (feed, key) in [(Feed::User, "u_1"), (Feed::Groups, "g-2")] {
+            assert_eq!(feed.key_of(&feed.message_subject(key)), Some(key));
+        }
+        let filters = Feed::Groups.catch_up_filters(&["a".into(), "b".into()]);
+        assert_eq!(
+            filters,
+            [
+                "chat.group.a.msg",
+                "chat.group.b.msg",
+                "chat.group.a.event",
+                "chat.group.b.event"
+            ]
+        );
+        assert_eq!(
+            Feed::User.catch_up_filters(&["u".into()]),
+            ["chat.user.u.event"]
+        );
+        assert_eq!(Feed::User.key_of("chat.user.a.b.event"), None);
+        assert_eq!(Feed::User.key_of("chat.group.a.msg"), None);
+        let u = UserId::parse("u_1").expect("user");
+        assert_eq!(Feed::User.message_subject("u_1"), crate::user_subject(&u));
     }
 
     #[test]

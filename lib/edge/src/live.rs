@@ -526,12 +526,6 @@ impl Drop for Registration {
     }
 }
 
-/// The subject's user, if it carries notifications (`chat.user.<u>.event`).
-fn user_of(subject: &str) -> Option<&str> {
-    let user = subject.strip_prefix("chat.user.")?.strip_suffix(".event")?;
-    (!user.is_empty() && !user.contains('.')).then_some(user)
-}
-
 /// Reads all of `feed`'s stream for this edge, from its tail when it
 /// starts, and hands it to that feed's hub; ends with the edge.
 pub(crate) async fn feed(app: Weak<crate::Inner>, feed: Feed) {
@@ -566,7 +560,7 @@ pub(crate) async fn feed(app: Weak<crate::Inner>, feed: Feed) {
         let app = crate::AppState(inner);
         let seq = msg.stream_seq;
         match feed {
-            Feed::User => match user_of(&msg.subject) {
+            Feed::User => match feed.key_of(&msg.subject) {
                 Some(user) => {
                     let text = std::str::from_utf8(&msg.payload).map(Utf8Bytes::from);
                     if let Err(e) = hub.message(seq, user, || text.map(|t| (t, 0))) {

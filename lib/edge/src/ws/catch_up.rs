@@ -91,7 +91,7 @@ impl CatchUpTask {
                 _ => {
                     self.app
                         .bus
-                        .newest_on(self.feed, &self.message_subject(&key))
+                        .newest_on(self.feed, &self.feed.message_subject(&key))
                         .await
                 }
             };
@@ -107,27 +107,12 @@ impl CatchUpTask {
         needed
     }
 
-    fn message_subject(&self, key: &str) -> String {
-        match self.feed {
-            Feed::User => format!("chat.user.{key}.event"),
-            Feed::Groups => format!("chat.group.{key}.msg"),
-        }
-    }
-
-    /// The subjects a catch-up of `keys` reads: for groups, their messages
-    /// and membership events (a removal during the catch-up ends the
-    /// group's messages there, as it does live).
-    fn filters(&self, keys: &[String]) -> Vec<String> {
-        let mut filters: Vec<String> = keys.iter().map(|k| self.message_subject(k)).collect();
-        if self.feed == Feed::Groups {
-            filters.extend(keys.iter().map(|k| format!("chat.group.{k}.event")));
-        }
-        filters
-    }
-
     /// Reads `keys` after `start` until caught up, then attaches.
     async fn read(mut self, mut keys: Vec<String>, start: u64) {
-        let mut reader: CatchUp = self.app.bus.catch_up(self.feed, self.filters(&keys), start);
+        let mut reader: CatchUp =
+            self.app
+                .bus
+                .catch_up(self.feed, self.feed.catch_up_filters(&keys), start);
         // after widening to more keys: what was already handed on of the
         // keys read before, which the new reader gives again
         let mut sent: Option<(HashSet<String>, u64)> = None;
@@ -155,7 +140,10 @@ impl CatchUpTask {
             for msg in batch.messages {
                 if let Some((before, through)) = &sent
                     && msg.stream_seq <= *through
-                    && self.key_of(&msg).is_some_and(|k| before.contains(k))
+                    && self
+                        .feed
+                        .key_of(&msg.subject)
+                        .is_some_and(|k| before.contains(k))
                 {
                     handed = Some(msg.stream_seq);
                     continue;
@@ -207,25 +195,17 @@ impl CatchUpTask {
                             keys.extend(now);
                             keys.sort_unstable();
                             keys.dedup();
-                            reader = self.app.bus.catch_up(self.feed, self.filters(&keys), start);
+                            reader = self.app.bus.catch_up(
+                                self.feed,
+                                self.feed.catch_up_filters(&keys),
+                                start,
+                            );
                             left.clear();
                         }
                     }
                     Some(HandOver::Wait) => {}
                 }
             }
-        }
-    }
-
-    /// The key of a message the catch-up read (group or user).
-    fn key_of<'m>(&self, msg: &'m chat_bus::LiveMessage) -> Option<&'m str> {
-        match (self.feed, GroupTraffic::of(&msg.subject)) {
-            (Feed::Groups, Some(GroupTraffic::Message(g) | GroupTraffic::Event(g))) => Some(g),
-            (Feed::User, _) => msg
-                .subject
-                .strip_prefix("chat.user.")
-                .and_then(|r| r.strip_suffix(".event")),
-            _ => None,
         }
     }
 
