@@ -341,3 +341,74 @@ pub(super) async fn attach(
         Err(NotYet::Closed) => HandOver::Done,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::live::LiveHub;
+
+    /// What the writer would get, in order: frames by stream sequence, and
+    /// place markers.
+    fn queued(inbox: &mut Inbox) -> Vec<String> {
+        std::iter::from_fn(|| inbox.rx.try_recv().ok())
+            .map(|(out, _)| match out {
+                Outgoing::Live(f) => format!("{}@{}", f.group, f.stream_seq),
+                Outgoing::Through(feed, at) => format!("through {} {at}", feed.label()),
+                Outgoing::Frame(_) => "frame".into(),
+                Outgoing::Close(code, _) => format!("close {code}"),
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn the_place_marker_stops_where_the_hub_was_when_the_catch_up_is_ahead() {
+        let hub = Arc::new(LiveHub::new(Feed::Groups));
+        hub.start(0);
+        let (tx, mut inbox) = Outbox::new(16, 1 << 20);
+        let reg = hub.register("ann", Arc::new(tx.clone()));
+        reg.load(&["a".to_owned(), "h".to_owned()]).expect("load");
+        let send = |at: u64, group: &str| {
+            hub.message::<()>(at, group, || Ok((Utf8Bytes::from("m"), at)))
+                .expect("open");
+        };
+        send(2, "a");
+        send(3, "h");
+        // the catch-up read `a` up to 10, ahead of the hub (at 3): `h`'s
+        // frame up to 10 may still come from the hub, so the place may move
+        // to 3 only
+        let read = ["a".to_owned()];
+        assert_eq!(
+            attach(&reg, Feed::Groups, (10, &read), &tx).await,
+            HandOver::Done
+        );
+        send(7, "h");
+        send(8, "a");
+        send(11, "a");
+        assert_eq!(
+            queued(&mut inbox),
+            ["h@3", "through groups 3", "h@7", "a@11"],
+            "a@2 and a@8 came from the catch-up"
+        );
+    }
+
+    #[tokio::test]
+    async fn attaching_before_the_feed_reads_waits_and_a_full_hold_reads_on() {
+        let hub = Arc::new(LiveHub::new(Feed::User));
+        let (tx, _inbox) = Outbox::new(16, 1 << 20);
+        let reg = hub.register("ann", Arc::new(tx.clone()));
+        reg.load(&["ann".to_owned()]).expect("load");
+        assert_eq!(
+            attach(&reg, Feed::User, (0, &[]), &tx).await,
+            HandOver::Wait
+        );
+        hub.start(0);
+        for at in 1..=5000 {
+            hub.message::<()>(at, "ann", || Ok((Utf8Bytes::from("n"), 0)))
+                .expect("open");
+        }
+        assert_eq!(
+            attach(&reg, Feed::User, (0, &[]), &tx).await,
+            HandOver::More
+        );
+    }
+}
