@@ -40,22 +40,17 @@ fn text(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_cli_runs_the_readme_tour_against_a_real_stack() -> anyhow::Result<()> {
-    let c = Cluster::start(1, 1).await?;
-
-    // create a group with bob, see it listed and shown
-    let g = chat_json(&c, "alice", &["create", "team", "--member", "bob"]).await?;
-    let id = g["id"].as_str().context("group id")?.to_owned();
-    let listed = chat(&c, "bob", &["groups"]).await?;
-    assert!(text(&listed).contains(&id), "{}", text(&listed));
-    let shown = chat_json(&c, "bob", &["show", &id]).await?;
-    assert_eq!(shown["memberCount"], 2);
-
-    // bob tails the group (as a device of his own) while alice sends; it
-    // says on stderr when it follows the group
+/// `chat --json tail <group>` as bob's `device`, ending after `count`
+/// messages, once it says on stderr that it follows the group.
+async fn following(
+    c: &Cluster,
+    group: &str,
+    device: &str,
+    count: usize,
+) -> anyhow::Result<tokio::process::Child> {
     let mut tail = tokio::process::Command::new(chat_stack::workspace_binary("chat", "chat-cli")?)
-        .args(["--json", "tail", &id, "--device", "laptop", "--count", "2"])
+        .args(["--json", "tail", group, "--device", device])
+        .args(["--count", &count.to_string()])
         .env("CHAT_SERVER", c.edge_url(0))
         .env("CHAT_TOKEN", token("bob"))
         .stdout(std::process::Stdio::piped())
@@ -70,7 +65,25 @@ async fn the_cli_runs_the_readme_tour_against_a_real_stack() -> anyhow::Result<(
     )
     .await
     .context("tail never started")??;
-    assert!(first.starts_with("following"), "{first}");
+    anyhow::ensure!(first.starts_with("following"), "{first}");
+    Ok(tail)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_runs_the_readme_tour_against_a_real_stack() -> anyhow::Result<()> {
+    let c = Cluster::start(1, 1).await?;
+
+    // create a group with bob, see it listed and shown
+    let g = chat_json(&c, "alice", &["create", "team", "--member", "bob"]).await?;
+    let id = g["id"].as_str().context("group id")?.to_owned();
+    let listed = chat(&c, "bob", &["groups"]).await?;
+    assert!(text(&listed).contains(&id), "{}", text(&listed));
+    let shown = chat_json(&c, "bob", &["show", &id]).await?;
+    assert_eq!(shown["memberCount"], 2);
+
+    // bob tails the group (as a device of his own) while alice sends; it
+    // says on stderr when it follows the group
+    let tail = following(&c, &id, "laptop", 2).await?;
     let sent = chat_json(&c, "alice", &["send", &id, "hello", "bob"]).await?;
     let png: Vec<u8> = b"\x89PNG\r\n\x1a\n"
         .iter()
@@ -102,32 +115,10 @@ async fn the_cli_runs_the_readme_tour_against_a_real_stack() -> anyhow::Result<(
 
     // two tails of the same device both follow the group (two terminals,
     // like two tabs): each prints the next message
-    let spawn_tail = || -> anyhow::Result<tokio::process::Child> {
-        Ok(
-            tokio::process::Command::new(chat_stack::workspace_binary("chat", "chat-cli")?)
-                .args(["--json", "tail", &id, "--device", "desk", "--count", "1"])
-                .env("CHAT_SERVER", c.edge_url(0))
-                .env("CHAT_TOKEN", token("bob"))
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .kill_on_drop(true)
-                .spawn()?,
-        )
-    };
-    let mut tails = Vec::new();
-    for _ in 0..2 {
-        let mut tail = spawn_tail()?;
-        let mut err = tokio::io::BufReader::new(tail.stderr.take().context("stderr")?);
-        let mut line = String::new();
-        tokio::time::timeout(
-            PROMPTLY,
-            tokio::io::AsyncBufReadExt::read_line(&mut err, &mut line),
-        )
-        .await
-        .context("a tail never started")??;
-        assert!(line.starts_with("following"), "{line}");
-        tails.push(tail);
-    }
+    let tails = [
+        following(&c, &id, "desk", 1).await?,
+        following(&c, &id, "desk", 1).await?,
+    ];
     let both = chat_json(&c, "alice", &["send", &id, "to", "both"]).await?;
     for tail in tails {
         let out = tokio::time::timeout(PROMPTLY, tail.wait_with_output())

@@ -155,10 +155,7 @@ pub struct LiveMessage {
 pub struct LiveReader {
     bus: Bus,
     feed: Feed,
-    /// The stream sequence last handed on.
-    position: u64,
-    /// Deliveries of the current consumer handed on.
-    count: u64,
+    cursor: Cursor,
     current: Option<Current>,
     serial: u64,
     prefix: String,
@@ -204,7 +201,7 @@ impl Bus {
         Err(last.unwrap_or_else(|| BusError::Unavailable("membership event".into())))
     }
 
-    fn stream_name(&self, feed: Feed) -> &str {
+    pub(crate) fn stream_name(&self, feed: Feed) -> &str {
         match feed {
             Feed::User => &self.defs.users_stream.name,
             Feed::Groups => &self.defs.groups_stream.name,
@@ -248,8 +245,7 @@ impl Bus {
         LiveReader {
             bus: self.clone(),
             feed,
-            position,
-            count: 0,
+            cursor: Cursor { position, count: 0 },
             current: None,
             serial: 0,
             prefix: format!("live-{}-{}", feed.label(), uuid::Uuid::new_v4().simple()),
@@ -263,8 +259,10 @@ impl Bus {
             bus: self.clone(),
             feed,
             filters,
-            position: after,
-            count: 0,
+            cursor: Cursor {
+                position: after,
+                count: 0,
+            },
             consumer: None,
         }
     }
@@ -306,7 +304,7 @@ impl Bus {
 impl LiveReader {
     /// The stream sequence last handed on.
     pub fn position(&self) -> u64 {
-        self.position
+        self.cursor.position
     }
 
     /// The next group message or event, in stream order; waits across
@@ -351,33 +349,21 @@ impl LiveReader {
                     continue;
                 }
             };
-            let Ok(info) = msg.info() else {
-                continue;
-            };
-            let (count, stream_seq) = (info.consumer_sequence, info.stream_sequence);
-            if count != self.count + 1 {
-                metrics::counter!("chat_live_gaps_total").increment(1);
-                tracing::warn!(
-                    feed = self.feed.label(),
-                    expected = self.count + 1,
-                    got = count,
-                    position = self.position,
-                    "live deliveries lost on the way; reading again from the position"
-                );
-                self.current = None;
-                continue;
+            match self.cursor.step(msg) {
+                Step::New(msg) => return msg,
+                Step::Seen => {}
+                Step::Lost { expected, got } => {
+                    metrics::counter!("chat_live_gaps_total").increment(1);
+                    tracing::warn!(
+                        feed = self.feed.label(),
+                        expected,
+                        got,
+                        position = self.cursor.position,
+                        "live deliveries lost on the way; reading again from the position"
+                    );
+                    self.current = None;
+                }
             }
-            self.count = count;
-            if stream_seq <= self.position {
-                continue;
-            }
-            self.position = stream_seq;
-            let msg = msg.split().0;
-            return LiveMessage {
-                stream_seq,
-                subject: msg.subject,
-                payload: msg.payload,
-            };
         }
     }
 
@@ -387,7 +373,7 @@ impl LiveReader {
             return false;
         };
         match current.consumer.info().await {
-            Ok(info) => info.delivered.consumer_sequence <= self.count,
+            Ok(info) => info.delivered.consumer_sequence <= self.cursor.count,
             Err(e) => {
                 tracing::debug!(error = %e, consumer = %current.name, "live consumer gone");
                 false
@@ -404,7 +390,7 @@ impl LiveReader {
                 self.feed,
                 Some(name.clone()),
                 &[self.feed.everything().to_owned()],
-                self.position + 1,
+                self.cursor.position + 1,
                 LIVE_INACTIVE,
             )
             .await?;
@@ -416,7 +402,7 @@ impl LiveReader {
             .messages()
             .await
             .map_err(BusError::nats)?;
-        self.count = 0;
+        self.cursor.count = 0;
         Ok(Current {
             name,
             consumer,
@@ -433,10 +419,7 @@ pub struct CatchUp {
     bus: Bus,
     feed: Feed,
     filters: Vec<String>,
-    /// The stream sequence last handed on.
-    position: u64,
-    /// Deliveries of the current consumer seen.
-    count: u64,
+    cursor: Cursor,
     consumer: Option<consumer::Consumer<consumer::pull::Config>>,
 }
 
@@ -451,7 +434,7 @@ pub struct Batch {
 impl CatchUp {
     /// The stream sequence last handed on.
     pub fn position(&self) -> u64 {
-        self.position
+        self.cursor.position
     }
 
     /// The name of the consumer it reads through, if it has one now.
@@ -462,7 +445,7 @@ impl CatchUp {
     /// Reads again after stream sequence `to` (something handed on could
     /// not be used yet).
     pub fn rewind(&mut self, to: u64) {
-        self.position = to;
+        self.cursor.position = to;
         self.consumer = None;
     }
 
@@ -490,11 +473,11 @@ impl CatchUp {
                         self.feed,
                         None,
                         &self.filters,
-                        self.position + 1,
+                        self.cursor.position + 1,
                         CATCH_UP_INACTIVE,
                     )
                     .await?;
-                self.count = 0;
+                self.cursor.count = 0;
                 let nothing = c.cached_info().num_pending == 0;
                 // a fresh consumer's count of what matches: none means the
                 // device has it all, with no pull at all
@@ -530,43 +513,80 @@ impl CatchUp {
                 }
             };
             received += 1;
-            let Ok(info) = msg.info() else {
-                continue;
-            };
-            metrics::histogram!("chat_consumer_pending", "feed" => self.feed.label())
-                .record(info.pending as f64);
-            let (count, stream_seq) = (info.consumer_sequence, info.stream_sequence);
-            if count != self.count + 1 {
-                metrics::counter!("chat_delivery_gaps_total", "feed" => self.feed.label())
-                    .increment(1);
-                tracing::warn!(
-                    feed = self.feed.label(),
-                    expected = self.count + 1,
-                    got = count,
-                    position = self.position,
-                    "catch-up deliveries lost on the way; reading again from its place"
-                );
-                self.consumer = None;
-                return Ok(Batch {
-                    messages,
-                    caught_up: false,
-                });
+            if let Ok(info) = msg.info() {
+                metrics::histogram!("chat_consumer_pending", "feed" => self.feed.label())
+                    .record(info.pending as f64);
             }
-            self.count = count;
-            if stream_seq <= self.position {
-                continue;
+            match self.cursor.step(msg) {
+                Step::New(msg) => messages.push(msg),
+                Step::Seen => {}
+                Step::Lost { expected, got } => {
+                    metrics::counter!("chat_delivery_gaps_total", "feed" => self.feed.label())
+                        .increment(1);
+                    tracing::warn!(
+                        feed = self.feed.label(),
+                        expected,
+                        got,
+                        position = self.cursor.position,
+                        "catch-up deliveries lost on the way; reading again from its place"
+                    );
+                    self.consumer = None;
+                    return Ok(Batch {
+                        messages,
+                        caught_up: false,
+                    });
+                }
             }
-            self.position = stream_seq;
-            let msg = msg.split().0;
-            messages.push(LiveMessage {
-                stream_seq,
-                subject: msg.subject,
-                payload: msg.payload,
-            });
         }
         Ok(Batch {
             messages,
             caught_up: received < max,
+        })
+    }
+}
+
+/// Where a reader of an unacknowledged consumer is: the stream sequence it
+/// handed on last, and the deliveries of its current consumer. Such a
+/// consumer's delivery count rises by exactly one per delivery, so a jump
+/// means deliveries that never arrived.
+struct Cursor {
+    position: u64,
+    count: u64,
+}
+
+/// What a delivery is to a [`Cursor`].
+enum Step {
+    /// New: hand it on.
+    New(LiveMessage),
+    /// Handed on before (a new consumer gave it again), or unreadable.
+    Seen,
+    /// Deliveries from `expected` on never arrived (`got` did): read again
+    /// from the position with a new consumer.
+    Lost { expected: u64, got: u64 },
+}
+
+impl Cursor {
+    fn step(&mut self, msg: async_nats::jetstream::Message) -> Step {
+        let Ok(info) = msg.info() else {
+            return Step::Seen;
+        };
+        let (count, stream_seq) = (info.consumer_sequence, info.stream_sequence);
+        if count != self.count + 1 {
+            return Step::Lost {
+                expected: self.count + 1,
+                got: count,
+            };
+        }
+        self.count = count;
+        if stream_seq <= self.position {
+            return Step::Seen;
+        }
+        self.position = stream_seq;
+        let msg = msg.split().0;
+        Step::New(LiveMessage {
+            stream_seq,
+            subject: msg.subject,
+            payload: msg.payload,
         })
     }
 }

@@ -25,7 +25,7 @@ use chat_domain::{DeviceId, UserId};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    Bus, BusError,
+    Bus, BusError, Feed,
     bucket::{Bucket, Entry},
 };
 
@@ -211,16 +211,7 @@ impl Bus {
     ) -> Result<Option<Place>, BusError> {
         let mut place = Place::default();
         let mut found = 0;
-        for (prefix, stream, slot) in [
-            ("du", &self.defs.users_stream.name, 0),
-            ("dg", &self.defs.groups_stream.name, 1),
-        ] {
-            let name = previous_consumer(prefix, user, device);
-            let stream = self
-                .js
-                .get_stream_no_info(stream)
-                .await
-                .map_err(BusError::nats)?;
+        for (feed, name, stream) in self.previous_consumers(user, device).await? {
             let info = match stream.consumer_info(&name).await {
                 Ok(info) => info,
                 Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => continue,
@@ -232,10 +223,9 @@ impl Bus {
             }
             found += 1;
             let floor = info.ack_floor.stream_sequence;
-            if slot == 0 {
-                place.users = floor;
-            } else {
-                place.groups = floor;
+            match feed {
+                Feed::User => place.users = floor,
+                Feed::Groups => place.groups = floor,
             }
         }
         // both or nothing: a place of 0 in one stream would mean "all of it"
@@ -248,16 +238,7 @@ impl Bus {
         user: &UserId,
         device: &DeviceId,
     ) -> Result<(), BusError> {
-        for (prefix, stream) in [
-            ("du", &self.defs.users_stream.name),
-            ("dg", &self.defs.groups_stream.name),
-        ] {
-            let name = previous_consumer(prefix, user, device);
-            let stream = self
-                .js
-                .get_stream_no_info(stream)
-                .await
-                .map_err(BusError::nats)?;
+        for (_, name, stream) in self.previous_consumers(user, device).await? {
             match stream.delete_consumer(&name).await {
                 Ok(_) => {
                     tracing::info!(consumer = %name, "consumer of the previous release deleted; the device's place is in CHAT_PLACES")
@@ -268,6 +249,25 @@ impl Bus {
             }
         }
         Ok(())
+    }
+
+    /// `device`'s consumer of the previous release on each stream, by name,
+    /// with the stream.
+    async fn previous_consumers(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+    ) -> Result<Vec<(Feed, String, async_nats::jetstream::stream::Stream<()>)>, BusError> {
+        let mut found = Vec::with_capacity(2);
+        for (feed, prefix) in [(Feed::User, "du"), (Feed::Groups, "dg")] {
+            let stream = self
+                .js
+                .get_stream_no_info(self.stream_name(feed))
+                .await
+                .map_err(BusError::nats)?;
+            found.push((feed, previous_consumer(prefix, user, device), stream));
+        }
+        Ok(found)
     }
 }
 

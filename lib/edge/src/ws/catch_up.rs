@@ -81,20 +81,31 @@ impl CatchUpTask {
     }
 
     /// The keys this connection covers that have a message after `start`.
+    /// Keys the hub cannot vouch for are looked up in the stream, all at
+    /// once.
     async fn missed(&self, start: u64) -> Vec<String> {
         let mut needed = Vec::new();
+        let mut unknown = Vec::new();
         for key in self.reg.loaded() {
-            let newest = match self.reg.newest(&key) {
-                Some(Newest::At(at)) => Ok(at),
-                Some(Newest::AtMost(at)) if at <= start => Ok(at),
-                // the hub has not seen it since it started: ask the stream
-                _ => {
-                    self.app
-                        .bus
-                        .newest_on(self.feed, &self.feed.message_subject(&key))
-                        .await
-                }
-            };
+            match self.reg.newest(&key) {
+                Some(Newest::At(at) | Newest::AtMost(at)) if at <= start => {}
+                Some(Newest::At(_)) => needed.push(key),
+                // the hub has not seen it since it started
+                _ => unknown.push(key),
+            }
+        }
+        let bus = &self.app.bus;
+        let subjects: Vec<String> = unknown
+            .iter()
+            .map(|k| self.feed.message_subject(k))
+            .collect();
+        let newest = futures::future::join_all(
+            subjects
+                .iter()
+                .map(|subject| bus.newest_on(self.feed, subject)),
+        )
+        .await;
+        for (key, newest) in unknown.into_iter().zip(newest) {
             match newest {
                 Ok(at) if at <= start => {}
                 Ok(_) => needed.push(key),
@@ -104,6 +115,7 @@ impl CatchUpTask {
                 }
             }
         }
+        needed.sort_unstable();
         needed
     }
 
@@ -195,12 +207,14 @@ impl CatchUpTask {
                             keys.extend(now);
                             keys.sort_unstable();
                             keys.dedup();
+                            // (`left` stays: what it holds was met up to
+                            // the old reader's place, which the new one
+                            // skips for those keys)
                             reader = self.app.bus.catch_up(
                                 self.feed,
                                 self.feed.catch_up_filters(&keys),
                                 start,
                             );
-                            left.clear();
                         }
                     }
                     Some(HandOver::Wait) => {}
