@@ -177,11 +177,22 @@ async fn an_image_goes_up_with_a_presigned_url_and_reaches_members_live_and_offl
         .await?;
     assert_eq!(res.status(), 200);
     assert_eq!(res.bytes().await?.to_vec(), bytes);
-    // others cannot, and the bucket is not public
-    let (status, _) = c
-        .get(0, "mallory", &format!("/groups/{g}/media/{object}"))
+    // the same URL as JSON, for browsers, which cannot read the redirect
+    let (status, link) = c
+        .get(0, "carol", &format!("/groups/{g}/media/{object}/url"))
         .await?;
-    assert_eq!(status, 403);
+    assert_eq!(status, 200, "{link}");
+    assert!(link["expiresAt"].is_string(), "{link}");
+    let url = link["url"].as_str().unwrap_or_default();
+    assert_eq!(reqwest::get(url).await?.bytes().await?.to_vec(), bytes);
+    // others cannot, either way, and the bucket is not public
+    for path in [
+        format!("/groups/{g}/media/{object}"),
+        format!("/groups/{g}/media/{object}/url"),
+    ] {
+        let (status, _) = c.get(0, "mallory", &path).await?;
+        assert_eq!(status, 403, "{path}");
+    }
     let public = format!("{}/{}/{key}", c.stack.s3.endpoint, c.stack.s3.bucket);
     assert_eq!(reqwest::get(public).await?.status(), 403);
     c.stop().await

@@ -1,5 +1,6 @@
 //! REST: group creation and management, auth, limits.
 
+use anyhow::Context;
 use chat_tests::{Cluster, SECRET, token};
 use mongodb::bson::doc;
 use serde_json::{Value, json};
@@ -375,6 +376,199 @@ async fn metrics_and_health_are_served() -> anyhow::Result<()> {
     assert_eq!(
         (status, ready["nats"].as_bool(), ready["workers"].as_bool()),
         (200, Some(true), Some(true))
+    );
+    c.stop().await
+}
+
+/// The caller's entry for group `g` in `GET /groups`.
+async fn listed(c: &Cluster, user: &str, g: &str) -> anyhow::Result<Value> {
+    let (status, page) = c.get(0, user, "/groups").await?;
+    assert_eq!(status, 200, "{page}");
+    let groups = page["groups"].as_array().cloned().unwrap_or_default();
+    groups
+        .into_iter()
+        .find(|x| x["id"] == g)
+        .ok_or_else(|| anyhow::anyhow!("{g} not listed for {user}: {page}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_list_counts_unread_from_the_read_watermark() -> anyhow::Result<()> {
+    use chat_tests::eventually;
+    use std::time::Duration;
+    let c = Cluster::start(1, 1).await?;
+    let g = c.room(&["alice", "bob"]).await?;
+    let empty = listed(&c, "bob", &g).await?;
+    assert_eq!(empty["unreadCount"], 0);
+    assert!(empty.get("lastMessage").is_none(), "{empty}");
+
+    let mut alice = c.connect(0, "alice", "phone").await?;
+    let mut last = Value::Null;
+    for i in 1..=3 {
+        last = alice
+            .send_text(&g, &format!("m{i}"), &format!("hello {i}"))
+            .await?;
+    }
+    // bob has three unread; alice none: her own messages count as read
+    let wait = Duration::from_secs(10);
+    let bob_view = eventually(wait, || async {
+        let v = listed(&c, "bob", &g).await?;
+        Ok((v["unreadCount"] == 3).then_some(v))
+    })
+    .await?;
+    assert_eq!(bob_view["lastMessage"]["text"], "hello 3");
+    assert_eq!(bob_view["lastMessage"]["seq"], last["seq"]);
+    eventually(wait, || async {
+        Ok((listed(&c, "alice", &g).await?["unreadCount"] == 0).then_some(()))
+    })
+    .await
+    .context("sending marks the sender's own messages read")?;
+
+    // bob reads up to the second: one left
+    let mut bob = c.connect(0, "bob", "laptop").await?;
+    let seen = c.history("bob", &g).await?; // newest first
+    bob.request(
+        "acknowledge_group_message",
+        json!({"groupId": g, "messageId": seen[1]["messageId"]}),
+    )
+    .await?;
+    assert_eq!(listed(&c, "bob", &g).await?["unreadCount"], 1);
+    // a reply marks everything before it read, for its sender
+    bob.send_text(&g, "r1", "thanks").await?;
+    eventually(wait, || async {
+        let v = listed(&c, "bob", &g).await?;
+        Ok((v["unreadCount"] == 0 && v["lastMessage"]["text"] == "thanks").then_some(()))
+    })
+    .await?;
+    assert_eq!(listed(&c, "alice", &g).await?["unreadCount"], 1);
+    c.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_counts_respect_joined_history() -> anyhow::Result<()> {
+    use chat_tests::eventually;
+    use std::time::Duration;
+    let c = Cluster::start(1, 1).await?;
+    let (status, g) = post(
+        &c,
+        "/groups",
+        Some("alice"),
+        json!({"name": "private", "members": ["bob"], "history": "joined"}),
+    )
+    .await?;
+    assert_eq!(status, 201, "{g}");
+    let g = g["id"].as_str().unwrap_or_default().to_owned();
+    let mut alice = c.connect(0, "alice", "phone").await?;
+    alice
+        .request("subscribe_to_group", json!({"groupId": g}))
+        .await?;
+    for i in 1..=4 {
+        alice
+            .send_text(&g, &format!("early{i}"), "before carol")
+            .await?;
+    }
+    let wait = Duration::from_secs(10);
+    eventually(wait, || async {
+        Ok((listed(&c, "bob", &g).await?["unreadCount"] == 4).then_some(()))
+    })
+    .await?;
+    let (status, _) = post(
+        &c,
+        &format!("/groups/{g}/members"),
+        Some("alice"),
+        json!({"userIds": ["carol"]}),
+    )
+    .await?;
+    assert_eq!(status, 200);
+    // carol sees nothing from before her addition: no unread, no last message
+    let carol = listed(&c, "carol", &g).await?;
+    assert_eq!(carol["unreadCount"], 0, "{carol}");
+    assert!(carol.get("lastMessage").is_none(), "{carol}");
+    alice.send_text(&g, "late", "after carol").await?;
+    let carol = eventually(wait, || async {
+        let v = listed(&c, "carol", &g).await?;
+        Ok((v["unreadCount"] == 1).then_some(v))
+    })
+    .await?;
+    assert_eq!(carol["lastMessage"]["text"], "after carol");
+    c.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_client_and_dev_tokens_are_served_only_as_configured() -> anyhow::Result<()> {
+    // a production-like edge: the client, no token minting
+    let c = Cluster::start(1, 1).await?;
+    let http = c.http();
+    let base = c.edge_url(0);
+    let page = http.get(format!("{base}/app/")).send().await?;
+    assert_eq!(page.status(), 200);
+    let csp = page
+        .headers()
+        .get("content-security-policy")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'"),
+        "{csp}"
+    );
+    assert!(page.text().await?.contains("app.js"));
+    let config: Value = http
+        .get(format!("{base}/app/config.json"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(config, json!({"devTokens": false}));
+    assert_eq!(
+        http.get(format!("{base}/app/nope.js"))
+            .send()
+            .await?
+            .status(),
+        404
+    );
+    let (status, body) = post(&c, "/dev/token", None, json!({"userId": "bob"})).await?;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (404, &json!("not_found")),
+        "{body}"
+    );
+    c.stop().await?;
+
+    // a development stack mints tokens that work; bad names are refused
+    let c = Cluster::start_with(1, 1, &["--dev-tokens", "--no-web-app"]).await?;
+    let base = c.edge_url(0);
+    let (status, body) = post(
+        &c,
+        "/dev/token",
+        None,
+        json!({"userId": "bob", "name": "Bob"}),
+    )
+    .await?;
+    assert_eq!(status, 200, "{body}");
+    let minted = body["token"].as_str().unwrap_or_default().to_owned();
+    let res = c
+        .http()
+        .get(format!("{base}/groups"))
+        .bearer_auth(&minted)
+        .send()
+        .await?;
+    assert_eq!(res.status(), 200, "a minted token is accepted");
+    for bad in [
+        json!({"userId": "not a user!"}),
+        json!({"userId": "x".repeat(65)}),
+        json!({"user": "bob"}),
+    ] {
+        let (status, body) = post(&c, "/dev/token", None, bad.clone()).await?;
+        assert_eq!(
+            (status, &body["error"]["code"]),
+            (400, &json!("invalid")),
+            "{bad}: {body}"
+        );
+    }
+    // the client is off here
+    assert_eq!(
+        c.http().get(format!("{base}/app/")).send().await?.status(),
+        404
     );
     c.stop().await
 }

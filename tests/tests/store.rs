@@ -212,8 +212,19 @@ async fn subscribing_costs_one_small_write_and_old_subscriptions_still_count() -
         .await?;
     let rev = store.groups.get(&group.id).await?.expect("group").rev;
 
-    assert!(store.groups.add_subscriber(&group.id, &new).await?);
-    assert!(!store.groups.add_subscriber(&group.id, &stranger).await?);
+    let member = chat_store::Membership::Member { visible_from: 0 };
+    assert_eq!(store.groups.add_subscriber(&group.id, &new).await?, member);
+    assert_eq!(
+        store.groups.add_subscriber(&group.id, &stranger).await?,
+        chat_store::Membership::NotMember
+    );
+    assert_eq!(
+        store
+            .groups
+            .add_subscriber(&GroupId::generate(), &new)
+            .await?,
+        chat_store::Membership::NoSuchGroup
+    );
     // the 1,000-member document was not rewritten
     assert_eq!(store.groups.get(&group.id).await?.expect("group").rev, rev);
     let just_this = vec![group.id.clone()];
@@ -221,7 +232,7 @@ async fn subscribing_costs_one_small_write_and_old_subscriptions_still_count() -
     assert_eq!(store.groups.subscribed_groups(&old).await?, just_this);
     assert!(store.groups.subscribed_groups(&stranger).await?.is_empty());
     // twice is once
-    assert!(store.groups.add_subscriber(&group.id, &new).await?);
+    assert_eq!(store.groups.add_subscriber(&group.id, &new).await?, member);
     assert_eq!(store.groups.subscribed_groups(&new).await?.len(), 1);
 
     // membership reads carry where the member's history starts, and read

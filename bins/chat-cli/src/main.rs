@@ -396,7 +396,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 page.groups
                     .iter()
-                    .map(group_line)
+                    .map(|g| match g.unread_count {
+                        0 => group_line(&g.group),
+                        n => format!("{}  [{n} unread]", group_line(&g.group)),
+                    })
                     .collect::<Vec<_>>()
                     .join("\n")
             });

@@ -71,19 +71,28 @@ async fn main() -> anyhow::Result<()> {
         &stack.s3.access_key,
         "--s3-secret-key",
         &stack.s3.secret_key,
+        // the web client's "sign in as" on this local stack
+        "--dev-tokens",
     ])?
     .serve;
     let node = chatd::Node::start(serve).await?;
     let http = node.http_addr.map(|a| a.to_string()).unwrap_or_default();
     let ops = node.ops_addr.map(|a| a.to_string()).unwrap_or_default();
-    let alice = chat_auth::mint_hs256(
-        args.jwt_secret.as_bytes(),
-        &chat_domain::UserId::parse("alice")?,
-        Some("Alice"),
-        86_400,
-    )?;
+    let mint = |user: &str, name: &str| -> anyhow::Result<String> {
+        Ok(chat_auth::mint_hs256(
+            args.jwt_secret.as_bytes(),
+            &chat_domain::UserId::parse(user)?,
+            Some(name),
+            86_400,
+        )?)
+    };
+    let alice = mint("alice", "Alice")?;
+    let bob = mint("bob", "Bob")?;
     println!(
         "\nchat is running\n\
+         \n  Web client: http://{http}/app/  (sign in as any user name: this stack mints dev tokens)\
+         \n    as alice: http://{http}/app/#token={alice}\
+         \n    as bob:   http://{http}/app/#token={bob}\
          \n  REST:       http://{http}  (POST /groups, GET /groups, ...)\
          \n  WebSocket:  ws://{http}/ws?token=<jwt>&device=<id>\
          \n  Metrics:    http://{ops}/metrics  (and /readyz)\

@@ -237,6 +237,15 @@ pub struct ServeArgs {
     /// PEM public key file for RS256, ES256 or EdDSA JWTs.
     #[arg(long, env = "CHATD_JWT_PUBLIC_KEY", conflicts_with = "jwt_secret")]
     pub jwt_public_key: Option<PathBuf>,
+    /// DEVELOPMENT ONLY: `POST /dev/token {userId}` mints a token for any
+    /// user, signed with --jwt-secret, so anyone who reaches the edge can
+    /// act as anyone. `scripts/dev` turns it on; never on a shared server.
+    #[arg(long, env = "CHATD_DEV_TOKENS", requires = "jwt_secret",
+        conflicts_with_all = ["jwt_issuer", "jwt_audience"])]
+    pub dev_tokens: bool,
+    /// Do not serve the web client at `/app/`.
+    #[arg(long, env = "CHATD_NO_WEB_APP")]
+    pub no_web_app: bool,
     /// More HS256 secrets accepted (comma-separated), while keys rotate:
     /// tokens signed with any of them or with --jwt-secret pass.
     #[arg(
@@ -646,8 +655,18 @@ impl Node {
                 max_connections: args.max_connections,
                 write_timeout: Duration::from_millis(args.ws_write_timeout_ms.max(1)),
                 service_secret,
+                web_app: !args.no_web_app,
+                dev_token_secret: args
+                    .dev_tokens
+                    .then(|| args.jwt_secret.as_ref().map(|s| s.as_bytes().to_vec()))
+                    .flatten(),
                 ..chat_edge::Config::default()
             };
+            if args.dev_tokens {
+                tracing::warn!(
+                    "--dev-tokens: POST /dev/token mints a token for any user; development only"
+                );
+            }
             let state = chat_edge::AppState::new(args.verifier()?, bus, keys, config)?;
             ops = Some(chat_edge::ops_app(state.clone()));
             let listener = TcpListener::bind(args.listen)

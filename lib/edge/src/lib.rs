@@ -26,6 +26,7 @@ mod live;
 pub mod openapi;
 mod rest;
 pub mod telemetry;
+mod web;
 mod workers;
 mod ws;
 
@@ -78,6 +79,11 @@ pub struct Config {
     pub max_errors_in_a_row: u32,
     /// The secret every worker call carries, once the worker proved it.
     pub service_secret: Option<chat_rpc::ServiceSecret>,
+    /// Serve the web client at `/app/`.
+    pub web_app: bool,
+    /// Development stacks only: `POST /dev/token` mints HS256 tokens for
+    /// any user with this secret.
+    pub dev_token_secret: Option<Vec<u8>>,
 }
 
 impl Default for Config {
@@ -99,6 +105,8 @@ impl Default for Config {
             request_burst: 100.0,
             max_errors_in_a_row: 50,
             service_secret: None,
+            web_app: true,
+            dev_token_secret: None,
         }
     }
 }
@@ -220,6 +228,7 @@ pub fn app(state: AppState) -> Router {
     let body_limit = state.config.max_body_bytes;
     let limited = axum::middleware::from_fn_with_state(state.clone(), limits::by_address);
     Router::new()
+        .merge(web::routes(&state))
         .route("/groups", post(rest::create_group).get(rest::list_groups))
         .route("/groups/{id}", get(rest::get_group))
         .route("/groups/{id}/owner", post(rest::transfer_owner))
@@ -231,6 +240,7 @@ pub fn app(state: AppState) -> Router {
         .route("/groups/{id}/messages", get(rest::history))
         .route("/groups/{id}/uploads", post(rest::create_upload))
         .route("/groups/{id}/media/{object}", get(rest::download_media))
+        .route("/groups/{id}/media/{object}/url", get(rest::media_url))
         .route(
             "/groups/{id}/messages/{message_id}/status",
             get(rest::message_status),

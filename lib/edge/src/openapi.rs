@@ -31,7 +31,9 @@ use crate::rest;
         rest::message_status,
         rest::create_upload,
         rest::download_media,
+        rest::media_url,
         rest::healthz,
+        crate::web::dev_token,
     ),
     modifiers(&Bearer),
     security(("bearer" = [])),
@@ -40,6 +42,7 @@ use crate::rest;
         (name = "messages", description = "history and receipts"),
         (name = "media", description = "pre-signed uploads and downloads"),
         (name = "operations", description = "liveness"),
+        (name = "development", description = "only on development stacks (`chatd --dev-tokens`)"),
     )
 )]
 struct ApiDoc;

@@ -8,9 +8,9 @@ use axum::{
 };
 use chat_domain::Group;
 use chat_protocol::{
-    AddMembersBody, CreateGroupBody, ErrorCode, GroupPage, GroupView, Health, MediaLink, MediaRef,
-    MemberStatus, MessagePage, MessageStatus, MessageView, Readiness, RestError, TransferOwnerBody,
-    UploadBody, UploadTicket, format_millis,
+    AddMembersBody, CreateGroupBody, ErrorCode, GroupPage, GroupSummary, GroupView, Health,
+    MediaLink, MediaRef, MemberStatus, MessagePage, MessageStatus, MessageView, Readiness,
+    RestError, TransferOwnerBody, UploadBody, UploadTicket, format_millis,
 };
 use chat_rpc::pb;
 use serde::{Deserialize, de::DeserializeOwned};
@@ -127,11 +127,20 @@ pub(crate) async fn list_groups(
         }
     )?
     .into_inner();
+    let mut activity = reply.activity.into_iter();
     let views = reply
         .groups
         .into_iter()
-        .map(|g| view(g).map(|Json(v)| v))
-        .collect::<Result<Vec<_>, _>>()?;
+        .map(|g| {
+            let Json(group) = view(g)?;
+            let a = activity.next().unwrap_or_default();
+            Ok(GroupSummary {
+                group,
+                unread_count: a.unread,
+                last_message: a.last_message.map(message_view),
+            })
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
     let next = Some(reply.next).filter(|n| !n.is_empty());
     Ok(Json(GroupPage {
         groups: views,
@@ -382,8 +391,38 @@ pub(crate) async fn create_upload(
     ))
 }
 
-/// `GET /groups/{id}/media/{objectId}`: a redirect to a short-lived
-/// pre-signed GET URL of the object `groups/{id}/{objectId}` (members only).
+/// A short-lived pre-signed GET URL of the object `groups/{id}/{objectId}`
+/// (members only).
+async fn media_link(
+    app: &AppState,
+    me: &chat_auth::Identity,
+    id: String,
+    object: String,
+) -> Result<MediaLink, ApiError> {
+    let key = format!("groups/{id}/{object}");
+    let r = rpc!(
+        app,
+        MediaClient,
+        media_url,
+        pb::MediaUrlRequest {
+            caller: me.user_id.to_string(),
+            group_id: id,
+            key,
+        }
+    )?
+    .into_inner();
+    Ok(MediaLink {
+        url: r.url,
+        expires_at: format_millis(r.expires_at_ms),
+    })
+}
+
+/// Neither the redirect nor the link may be cached: both carry a credential.
+const NO_STORE: (axum::http::HeaderName, &str) =
+    (axum::http::header::CACHE_CONTROL, "private, no-store");
+
+/// `GET /groups/{id}/media/{objectId}`: a redirect to the object's
+/// pre-signed GET URL.
 #[utoipa::path(get, path = "/groups/{id}/media/{object}", tag = "media",
     params(
         ("id" = String, Path, description = "group id"),
@@ -398,32 +437,33 @@ pub(crate) async fn download_media(
     Caller(me): Caller,
     Path((id, object)): Path<(String, String)>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let key = format!("groups/{id}/{object}");
-    let r = rpc!(
-        app,
-        MediaClient,
-        media_url,
-        pb::MediaUrlRequest {
-            caller: me.user_id.to_string(),
-            group_id: id,
-            key,
-        }
-    )?
-    .into_inner();
+    let link = media_link(&app, &me, id, object).await?;
     Ok((
         StatusCode::FOUND,
-        [
-            (axum::http::header::LOCATION, r.url.clone()),
-            (
-                axum::http::header::CACHE_CONTROL,
-                "private, no-store".into(),
-            ),
-        ],
-        Json(MediaLink {
-            url: r.url,
-            expires_at: format_millis(r.expires_at_ms),
-        }),
+        [(axum::http::header::LOCATION, link.url.clone())],
+        [NO_STORE],
+        Json(link),
     ))
+}
+
+/// `GET /groups/{id}/media/{objectId}/url`: the pre-signed GET URL as JSON,
+/// for clients that cannot read a cross-origin redirect (a browser's
+/// `fetch`) and show media with `<img src>` instead.
+#[utoipa::path(get, path = "/groups/{id}/media/{object}/url", tag = "media",
+    params(
+        ("id" = String, Path, description = "group id"),
+        ("object" = String, Path, description = "the last part of a message's media key"),
+    ),
+    responses(
+        (status = 200, description = "a pre-signed GET URL and when it expires", body = MediaLink),
+        crate::openapi::GroupErrors, crate::openapi::CallerErrors
+    ))]
+pub(crate) async fn media_url(
+    State(app): State<AppState>,
+    Caller(me): Caller,
+    Path((id, object)): Path<(String, String)>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(([NO_STORE], Json(media_link(&app, &me, id, object).await?)))
 }
 
 #[utoipa::path(get, path = "/healthz", tag = "operations", security(),

@@ -9,8 +9,9 @@ mod reply;
 mod view;
 
 pub use reply::{
-    AcknowledgeAck, GroupPage, Health, MediaLink, MemberStatus, MessagePage, MessageStatus,
-    MessageStatusPush, NotifyAck, Readiness, SendAck, SubscribeAck, UploadTicket,
+    AcknowledgeAck, DevToken, GroupPage, GroupSummary, Health, MediaLink, MemberStatus,
+    MessagePage, MessageStatus, MessageStatusPush, NotifyAck, Readiness, SendAck, SubscribeAck,
+    UploadTicket, WebConfig,
 };
 pub use view::{
     EVENT_MEMBERS_MAX, GroupChangeView, GroupView, MemberView, MessageView, format_millis,
@@ -179,6 +180,16 @@ pub struct CreateGroupBody {
     /// `shared` (the default) or `joined`.
     #[serde(default)]
     pub history: Option<String>,
+}
+
+/// `POST /dev/token` body (development stacks only).
+#[derive(Debug, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DevTokenBody {
+    pub user_id: String,
+    /// The display name the token carries.
+    #[serde(default)]
+    pub name: Option<String>,
 }
 
 /// `POST /groups/{id}/owner` body.

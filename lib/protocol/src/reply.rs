@@ -63,10 +63,26 @@ pub struct MessageStatusPush {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct GroupPage {
-    pub groups: Vec<GroupView>,
+    pub groups: Vec<GroupSummary>,
     /// Pass as `after` for the next page; absent on the last.
     #[serde(default)]
     pub next: Option<String>,
+}
+
+/// One group of `GET /groups`: the group and what the caller has not read
+/// in it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GroupSummary {
+    #[serde(flatten)]
+    pub group: GroupView,
+    /// Messages after the caller's read watermark (its last
+    /// `acknowledge_group_message`, or its own last message), and under
+    /// `joined` history only those after its addition.
+    pub unread_count: u64,
+    /// The newest message the caller may see; absent when there is none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_message: Option<MessageView>,
 }
 
 /// `GET /groups/{id}/messages`: newest first.
@@ -111,12 +127,28 @@ pub struct UploadTicket {
     pub expires_at: String,
 }
 
-/// `GET /groups/{id}/media/{objectId}` (with a 302 to `url`).
+/// `GET /groups/{id}/media/{objectId}` (with a 302 to `url`) and
+/// `GET /groups/{id}/media/{objectId}/url`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MediaLink {
     pub url: String,
     pub expires_at: String,
+}
+
+/// `POST /dev/token` (development stacks only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DevToken {
+    pub token: String,
+}
+
+/// `GET /app/config.json`: what the web client may offer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WebConfig {
+    /// Whether `POST /dev/token` is on.
+    pub dev_tokens: bool,
 }
 
 /// `GET /healthz`.

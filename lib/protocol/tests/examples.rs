@@ -38,6 +38,9 @@ fn data_as(name: &str, data: &Value) -> Result<(), String> {
         "MessageStatus" => round_trip::<MessageStatus>(data),
         "UploadTicket" => round_trip::<UploadTicket>(data),
         "MediaLink" => round_trip::<MediaLink>(data),
+        "DevTokenBody" => round_trip::<DevTokenBody>(data),
+        "DevToken" => round_trip::<DevToken>(data),
+        "WebConfig" => round_trip::<WebConfig>(data),
         "RestError" => round_trip::<RestError>(data),
         other => Err(format!("no type {other} in the test's list")),
     }

@@ -16,6 +16,10 @@ use std::{
 use anyhow::{Context, bail};
 use tempfile::TempDir;
 
+mod cors;
+
+pub use cors::CorsFront;
+
 const NATS_VERSION: &str = "2.15.1";
 const SECANTUS_VERSION: &str = "0.7.0b3";
 const S3S_FS_VERSION: &str = "0.14.1";
@@ -588,11 +592,16 @@ impl Mongo {
     }
 }
 
-/// `s3s-fs`, an S3 server that checks SigV4 signatures.
+/// `s3s-fs`, an S3 server that checks SigV4 signatures, behind a CORS
+/// front ([`CorsFront`]) so that browsers can use its pre-signed URLs.
 #[derive(Debug)]
 pub struct S3 {
     service: Service,
+    /// The front's address: what chatd and clients are given.
     pub endpoint: String,
+    /// `s3s-fs`'s own address.
+    pub backend: String,
+    _front: CorsFront,
     pub access_key: String,
     pub secret_key: String,
     pub bucket: String,
@@ -628,15 +637,18 @@ impl S3 {
             ])
             .arg(&root);
         let mut service = Service::spawn("s3s-fs", cmd, dir.path())?;
-        let endpoint = service
+        let backend = service
             .wait_for(|l| {
                 let rest = l.split("server is running at ").nth(1)?;
                 Some(rest.trim().to_owned())
             })
             .await?;
+        let front = CorsFront::start(&backend).await?;
         Ok(Self {
             service,
-            endpoint,
+            endpoint: front.endpoint.clone(),
+            backend,
+            _front: front,
             access_key,
             secret_key,
             bucket,

@@ -335,15 +335,17 @@ impl GroupRepo {
 
     /// Records that `user` subscribed to `group`, if `user` is a member:
     /// a membership read and one small upsert, whatever the group's size.
-    /// Returns whether the user is a member. A removal racing it may leave a
+    /// Returns the membership it read. A removal racing it may leave a
     /// subscription of a former member behind; every read of subscriptions
     /// checks membership, and the removal deletes it.
-    pub async fn add_subscriber(&self, group: &GroupId, user: &UserId) -> Result<bool, StoreError> {
-        if !matches!(
-            self.membership(group, user).await?,
-            Membership::Member { .. }
-        ) {
-            return Ok(false);
+    pub async fn add_subscriber(
+        &self,
+        group: &GroupId,
+        user: &UserId,
+    ) -> Result<Membership, StoreError> {
+        let membership = self.membership(group, user).await?;
+        if !matches!(membership, Membership::Member { .. }) {
+            return Ok(membership);
         }
         self.subscriptions
             .update_one(
@@ -354,7 +356,7 @@ impl GroupRepo {
             )
             .upsert(true)
             .await?;
-        Ok(true)
+        Ok(membership)
     }
 
     /// Forgets `user`'s subscription to `group` (after a leave or removal).

@@ -175,6 +175,9 @@ struct MemberReceipt {
     d: i64,
     #[serde(default)]
     r: i64,
+    /// The member's own newest message: what it sent, it has read.
+    #[serde(default)]
+    s: i64,
     #[serde(default)]
     t: Option<DateTime>,
 }
@@ -478,6 +481,66 @@ impl MessageRepo {
             })
             .await?;
         Ok(risen)
+    }
+
+    /// `user`'s read watermark in each of `groups` (absent: nothing read),
+    /// raised to its own newest message there, in one read of only that
+    /// member's entries.
+    pub async fn read_marks(
+        &self,
+        user: &UserId,
+        groups: &[GroupId],
+    ) -> Result<std::collections::HashMap<GroupId, u64>, StoreError> {
+        if groups.is_empty() {
+            return Ok(Default::default());
+        }
+        let ids: Vec<&str> = groups.iter().map(GroupId::as_str).collect();
+        // user ids are letters, digits, `-` and `_`: safe as field names
+        let docs: Vec<ReceiptDoc> = self
+            .receipts
+            .find(doc! { "_id": { "$in": ids } })
+            .projection(doc! { format!("m.{user}.r"): 1, format!("m.{user}.s"): 1 })
+            .await?
+            .try_collect()
+            .await?;
+        Ok(docs
+            .into_iter()
+            .filter_map(|d| {
+                let m = d.members.get(user.as_str())?;
+                let read = m.r.max(m.s).max(0) as u64;
+                Some((GroupId::parse(d.id).ok()?, read))
+            })
+            .collect())
+    }
+
+    /// Raises the sent watermark of each of `senders` (member, newest seq
+    /// it sent) in `group`: batched `$max`, like the receipts, and apart
+    /// from them, so a later acknowledgement still raises the read
+    /// watermark and is pushed to the senders it concerns.
+    pub async fn raise_sent(
+        &self,
+        group: &GroupId,
+        senders: &[(UserId, u64)],
+    ) -> Result<(), StoreError> {
+        if senders.is_empty() {
+            return Ok(());
+        }
+        let mut max = Document::new();
+        for (user, seq) in senders {
+            // user ids are letters, digits, `-` and `_`: safe as field names
+            max.insert(
+                format!("m.{user}.s"),
+                i64::try_from(*seq).unwrap_or(i64::MAX),
+            );
+        }
+        self.receipt_batch
+            .update(doc! {
+                "q": { "_id": group.as_str() },
+                "u": { "$max": max },
+                "upsert": true,
+            })
+            .await?;
+        Ok(())
     }
 
     /// Every member's watermarks in `group`.

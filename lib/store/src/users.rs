@@ -32,6 +32,8 @@ pub struct Device {
 #[derive(Debug, Clone, Default)]
 pub struct DeviceList {
     pub devices: Vec<Device>,
+    /// The profile's display name, if any.
+    pub display_name: Option<String>,
     /// `None`: no user document yet.
     rev: Option<i64>,
 }
@@ -146,6 +148,7 @@ impl UserRepo {
             .collect();
         Ok(DeviceList {
             devices,
+            display_name: doc.get_str("displayName").ok().map(str::to_owned),
             rev: Some(rev),
         })
     }
@@ -221,6 +224,7 @@ mod tests {
                     last_seen: *t,
                 })
                 .collect(),
+            display_name: None,
             rev: Some(3),
         }
     }

@@ -13,6 +13,10 @@ use crate::{State, WorkerError};
 
 /// Compare-and-set attempts at registering a device.
 const REGISTER_ATTEMPTS: usize = 8;
+/// How exact a device's last-seen time is: a session of a device seen
+/// less long ago than this writes nothing (eviction picks the least
+/// recently seen device and forgets devices idle for days).
+const SEEN_PRECISION: std::time::Duration = std::time::Duration::from_secs(300);
 
 fn busy(why: &str) -> WorkerError {
     WorkerError::Store(chat_store::StoreError::Unavailable(why.into()))
@@ -30,10 +34,20 @@ pub(crate) async fn register(
     let limits = &state.config.devices;
     for _ in 0..REGISTER_ATTEMPTS {
         let now = now_millis();
-        if users.seen(user, display_name, device, now).await? {
-            return Ok(true);
-        }
+        // one read decides: a known device seen lately with the same name
+        // costs nothing more, one seen longer ago a write, a new one the
+        // admission's write (a connection storm of new users was a write
+        // that matched nothing, then the read and the write)
         let read = users.device_list(user).await?;
+        if let Some(known) = read.devices.iter().find(|d| d.id == *device) {
+            let lately = now - known.last_seen < SEEN_PRECISION.as_millis() as i64;
+            let same_name = display_name.is_none_or(|n| Some(n) == read.display_name.as_deref());
+            if (lately && same_name) || users.seen(user, display_name, device, now).await? {
+                return Ok(true);
+            }
+            // evicted meanwhile: admitted again below, on a fresh read
+            continue;
+        }
         let idle_before = now - limits.idle.as_millis() as i64;
         let admission = read.admit(device, now, limits.max_per_user, idle_before);
         // evicted only once the registry says so: a compare-and-set that

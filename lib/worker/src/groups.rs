@@ -7,10 +7,10 @@ use bytes::Bytes;
 use chat_domain::{DomainError, Group, GroupChange, GroupId, History, UserId, now_millis};
 use chat_protocol::{GroupChangeView, GroupEvent, GroupView, event, push_json};
 use chat_rpc::pb::{self, groups_server::Groups};
-use chat_store::GroupRecord;
+use chat_store::{GroupRecord, Membership};
 use tonic::{Request, Response, Status};
 
-use crate::{State, WorkerError, parse_id};
+use crate::{State, WorkerError, messages, parse_id};
 
 /// How often a change is retried when another change to the same group won
 /// the race.
@@ -214,6 +214,43 @@ fn reply(group: &Group) -> Response<pb::Group> {
     Response::new(pb::Group::from(group))
 }
 
+/// `caller`'s unread count and newest visible message in each of `groups`:
+/// one read of its watermarks for the page, and one indexed read of the
+/// newest message per group (what MongoDB holds, so a message acknowledged
+/// a moment ago may count a moment later). No per-message counters.
+async fn activity(
+    s: &State,
+    caller: &UserId,
+    groups: &[&Group],
+) -> Result<Vec<pb::GroupActivity>, Status> {
+    let ids: Vec<GroupId> = groups.iter().map(|g| g.id.clone()).collect();
+    let reads = s
+        .store
+        .messages
+        .read_marks(caller, &ids)
+        .await
+        .map_err(WorkerError::from)?;
+    let newest = futures::future::try_join_all(groups.iter().map(|g| async move {
+        let from = g.visible_from(caller).unwrap_or_default();
+        let last = s.store.messages.history(&g.id, from, None, 1).await?;
+        Ok::<_, chat_store::StoreError>((from, last.into_iter().next()))
+    }))
+    .await
+    .map_err(WorkerError::from)?;
+    groups
+        .iter()
+        .zip(newest)
+        .map(|(g, (from, last))| {
+            let read = reads.get(&g.id).copied().unwrap_or_default().max(from);
+            let newest = last.as_ref().and_then(|m| m.seq).unwrap_or_default();
+            Ok(pb::GroupActivity {
+                unread: newest.saturating_sub(read),
+                last_message: last.as_ref().map(|m| messages::open(s, m)).transpose()?,
+            })
+        })
+        .collect()
+}
+
 #[tonic::async_trait]
 impl Groups for GroupsService {
     async fn create_group(
@@ -304,9 +341,11 @@ impl Groups for GroupsService {
             }
             page.push(g);
         }
+        let activity = activity(&self.0, &caller, &page).await?;
         Ok(Response::new(pb::ListGroupsResponse {
             groups: page.into_iter().map(pb::Group::from).collect(),
             next: next.unwrap_or_default(),
+            activity,
         }))
     }
 
@@ -421,8 +460,9 @@ impl Groups for GroupsService {
         let req = req.into_inner();
         let caller = parse_id::<UserId>(&req.caller)?;
         let id = parse_id::<GroupId>(&req.group_id)?;
-        self.0.check_member(&caller, &id).await?;
-        if !self
+        // one read of the membership, then the write: no cache in front of
+        // it, since a subscription must never outlive a removal it missed
+        match self
             .0
             .store
             .groups
@@ -430,11 +470,14 @@ impl Groups for GroupsService {
             .await
             .map_err(WorkerError::from)?
         {
-            // removed between the check and the write
-            return Err(WorkerError::Domain(DomainError::Forbidden(
-                "you are not a member of this group".into(),
-            ))
-            .into());
+            Membership::Member { .. } => {}
+            Membership::NotMember => {
+                return Err(WorkerError::Domain(DomainError::Forbidden(
+                    "you are not a member of this group".into(),
+                ))
+                .into());
+            }
+            Membership::NoSuchGroup => return Err(WorkerError::NotFound("group").into()),
         }
         // every edge writes the group to the member's connections from here
         self.0

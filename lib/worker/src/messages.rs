@@ -355,6 +355,74 @@ async fn senders_between(
     }
 }
 
+/// Raises members' watermarks, each (member, delivered, read), and
+/// tells the senders concerned; returns the members' read watermarks
+/// after.
+pub(crate) async fn raise(
+    s: &State,
+    group: &GroupId,
+    raises: &[(UserId, u64, u64)],
+) -> Result<Vec<(UserId, u64)>, WorkerError> {
+    let all = s
+        .store
+        .messages
+        .raise_receipts(group, raises, now_millis())
+        .await?;
+    let reads: Vec<(UserId, u64)> = all
+        .iter()
+        .map(|(u, _, a)| (u.clone(), a.read_seq))
+        .collect();
+    let risen: Vec<_> = all.into_iter().filter(|(_, b, a)| b != a).collect();
+    // every message newly covered, in one ranged read for all members
+    let range = |b: &chat_store::Receipt, a: &chat_store::Receipt| {
+        let lo = if a.read_seq > b.read_seq {
+            b.read_seq
+        } else {
+            b.delivered_seq
+        };
+        (lo, a.delivered_seq)
+    };
+    let lo = risen.iter().map(|(_, b, a)| range(b, a).0).min();
+    let hi = risen.iter().map(|(_, b, a)| range(b, a).1).max();
+    let senders = match (lo, hi) {
+        (Some(lo), Some(hi)) if hi > lo => senders_between(s, group, lo, hi).await?,
+        _ => Vec::new(),
+    };
+    for (user, before, after) in &risen {
+        let (lo, hi) = range(before, after);
+        let mut to: Vec<&UserId> = senders
+            .iter()
+            .filter(|(seq, sender)| *seq > lo && *seq <= hi && sender != user)
+            .map(|(_, sender)| sender)
+            .collect();
+        to.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
+        to.dedup();
+        if to.is_empty() {
+            continue;
+        }
+        let data = MessageStatusPush {
+            group_id: group.to_string(),
+            user_id: user.to_string(),
+            delivered_seq: after.delivered_seq,
+            read_seq: after.read_seq,
+        };
+        let payload = Bytes::from(
+            push_json(event::MESSAGE_STATUS, &data)
+                .map_err(|e| DomainError::Invalid(e.to_string()))?,
+        );
+        for sender in to {
+            let dedup = format!(
+                "st-{group}-{user}-{}-{}-{sender}",
+                after.delivered_seq, after.read_seq
+            );
+            s.bus
+                .publish_user_event(sender, &dedup, payload.clone())
+                .await?;
+        }
+    }
+    Ok(reads)
+}
+
 impl MessagesService {
     async fn send(
         &self,
@@ -484,75 +552,6 @@ impl MessagesService {
         Ok(ack(&m))
     }
 
-    /// Raises members' watermarks, each (member, delivered, read), and
-    /// tells the senders concerned; returns the members' read watermarks
-    /// after.
-    async fn raise(
-        &self,
-        group: &GroupId,
-        raises: &[(UserId, u64, u64)],
-    ) -> Result<Vec<(UserId, u64)>, WorkerError> {
-        let s = &self.0;
-        let all = s
-            .store
-            .messages
-            .raise_receipts(group, raises, now_millis())
-            .await?;
-        let reads: Vec<(UserId, u64)> = all
-            .iter()
-            .map(|(u, _, a)| (u.clone(), a.read_seq))
-            .collect();
-        let risen: Vec<_> = all.into_iter().filter(|(_, b, a)| b != a).collect();
-        // every message newly covered, in one ranged read for all members
-        let range = |b: &chat_store::Receipt, a: &chat_store::Receipt| {
-            let lo = if a.read_seq > b.read_seq {
-                b.read_seq
-            } else {
-                b.delivered_seq
-            };
-            (lo, a.delivered_seq)
-        };
-        let lo = risen.iter().map(|(_, b, a)| range(b, a).0).min();
-        let hi = risen.iter().map(|(_, b, a)| range(b, a).1).max();
-        let senders = match (lo, hi) {
-            (Some(lo), Some(hi)) if hi > lo => senders_between(s, group, lo, hi).await?,
-            _ => Vec::new(),
-        };
-        for (user, before, after) in &risen {
-            let (lo, hi) = range(before, after);
-            let mut to: Vec<&UserId> = senders
-                .iter()
-                .filter(|(seq, sender)| *seq > lo && *seq <= hi && sender != user)
-                .map(|(_, sender)| sender)
-                .collect();
-            to.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
-            to.dedup();
-            if to.is_empty() {
-                continue;
-            }
-            let data = MessageStatusPush {
-                group_id: group.to_string(),
-                user_id: user.to_string(),
-                delivered_seq: after.delivered_seq,
-                read_seq: after.read_seq,
-            };
-            let payload = Bytes::from(
-                push_json(event::MESSAGE_STATUS, &data)
-                    .map_err(|e| DomainError::Invalid(e.to_string()))?,
-            );
-            for sender in to {
-                let dedup = format!(
-                    "st-{group}-{user}-{}-{}-{sender}",
-                    after.delivered_seq, after.read_seq
-                );
-                s.bus
-                    .publish_user_event(sender, &dedup, payload.clone())
-                    .await?;
-            }
-        }
-        Ok(reads)
-    }
-
     async fn committed_in(
         &self,
         caller: &UserId,
@@ -585,6 +584,46 @@ impl MessagesService {
     }
 }
 
+/// A stored message as clients see it, decrypted.
+pub(crate) fn open(s: &State, m: &StoredMessage) -> Result<pb::ChatMessage, Status> {
+    let sealed = Sealed {
+        key_id: m.key_id.clone(),
+        nonce: m.nonce.clone(),
+        ciphertext: m.ciphertext.clone(),
+    };
+    let aad = binding(m, m.seq.unwrap_or_default()).aad(m.binding);
+    let content: Content = match s
+        .keys
+        .open(&sealed, &aad)
+        .map(|p| serde_json::from_slice(&p))
+    {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            return Err(status(
+                DomainError::Invalid(format!("message {} content: {e}", m.id)).into(),
+            ));
+        }
+        Err(e) => {
+            tracing::error!(message = %m.id, error = %e, "cannot decrypt a stored message");
+            return Err(Status::internal("internal error"));
+        }
+    };
+    Ok(pb::ChatMessage {
+        message_id: m.id.to_string(),
+        group_id: m.group_id.to_string(),
+        seq: m.seq.unwrap_or_default(),
+        sender_id: m.sender_id.to_string(),
+        r#type: m.kind.clone(),
+        text: content.text.unwrap_or_default(),
+        created_at_ms: m.created_at,
+        media: content.media.map(|m| pb::MediaRef {
+            key: m.key,
+            mime: m.mime,
+            size: m.size,
+        }),
+    })
+}
+
 fn status(e: WorkerError) -> Status {
     e.into()
 }
@@ -610,8 +649,7 @@ impl Messages for MessagesService {
         let m = self.committed_in(&caller, &group, &req.message_id).await?;
         let seq = m.seq.unwrap_or_default();
         // the watermark after, which an earlier, higher ack may have set
-        let read_seq = self
-            .raise(&group, &[(caller.clone(), seq, seq)])
+        let read_seq = raise(&self.0, &group, &[(caller.clone(), seq, seq)])
             .await?
             .first()
             .map_or(seq, |(_, r)| *r);
@@ -633,7 +671,7 @@ impl Messages for MessagesService {
                 .collect::<Result<_, WorkerError>>()?
         };
         // a former member may still flush what reached it before removal
-        self.raise(&group, &raises).await?;
+        raise(&self.0, &group, &raises).await?;
         Ok(Response::new(pb::MarkDeliveredResponse {}))
     }
 
@@ -677,45 +715,10 @@ impl Messages for MessagesService {
             },
         )
         .await?;
-        let mut messages = Vec::with_capacity(stored.len());
-        for m in stored {
-            let sealed = Sealed {
-                key_id: m.key_id.clone(),
-                nonce: m.nonce.clone(),
-                ciphertext: m.ciphertext.clone(),
-            };
-            let aad = binding(&m, m.seq.unwrap_or_default()).aad(m.binding);
-            let content: Content = match s
-                .keys
-                .open(&sealed, &aad)
-                .map(|p| serde_json::from_slice(&p))
-            {
-                Ok(Ok(c)) => c,
-                Ok(Err(e)) => {
-                    return Err(status(
-                        DomainError::Invalid(format!("message {} content: {e}", m.id)).into(),
-                    ));
-                }
-                Err(e) => {
-                    tracing::error!(message = %m.id, error = %e, "cannot decrypt a stored message");
-                    return Err(Status::internal("internal error"));
-                }
-            };
-            messages.push(pb::ChatMessage {
-                message_id: m.id.to_string(),
-                group_id: m.group_id.to_string(),
-                seq: m.seq.unwrap_or_default(),
-                sender_id: m.sender_id.to_string(),
-                r#type: m.kind,
-                text: content.text.unwrap_or_default(),
-                created_at_ms: m.created_at,
-                media: content.media.map(|m| pb::MediaRef {
-                    key: m.key,
-                    mime: m.mime,
-                    size: m.size,
-                }),
-            });
-        }
+        let messages = stored
+            .iter()
+            .map(|m| open(s, m))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Response::new(pb::HistoryResponse { messages }))
     }
 

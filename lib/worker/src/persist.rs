@@ -120,6 +120,36 @@ async fn store(s: &State, batch: Vec<Delivered>) {
             tracing::debug!(error = %e, "cannot acknowledge a persisted message");
         }
     }
+    senders_read(s, &rows).await;
+}
+
+/// Sending a message marks everything before it read for its sender: one
+/// raise of the senders' sent watermarks per group of the batch (a `$max`,
+/// batched with the receipts), which unread counts take as read. It is
+/// kept apart from the read watermark, so the sender's next
+/// acknowledgement still rises and is pushed as `a_message_status`. A
+/// raise that fails is logged: the next send raises past it.
+async fn senders_read(s: &State, rows: &[StoredMessage]) {
+    let mut newest: std::collections::BTreeMap<&GroupId, std::collections::BTreeMap<&UserId, u64>> =
+        Default::default();
+    for m in rows {
+        let Some(seq) = m.seq else { continue };
+        let top = newest
+            .entry(&m.group_id)
+            .or_default()
+            .entry(&m.sender_id)
+            .or_default();
+        *top = (*top).max(seq);
+    }
+    for (group, senders) in newest {
+        let sent: Vec<(UserId, u64)> = senders
+            .into_iter()
+            .map(|(u, seq)| (u.clone(), seq))
+            .collect();
+        if let Err(e) = s.store.messages.raise_sent(group, &sent).await {
+            tracing::warn!(group = %group, error = %e, "cannot mark the senders' own messages read");
+        }
+    }
 }
 
 /// The MongoDB record of a message as the stream holds it.

@@ -1,0 +1,435 @@
+//! The web client (`/app/`) in a real, headless Chromium driven over
+//! WebDriver, against the real stack: two users in two browsers create a
+//! group, talk, see each other live and in order, send and view an image,
+//! go away and catch up, and see read receipts change; a second tab of the
+//! same user receives too.
+//!
+//! Needs Debian's `chromium` and `chromium-driver` (`scripts/install-deps`
+//! installs them); without them the test fails and says so. Screenshots of
+//! the main screens go to `target/tmp/web-client/`.
+
+use std::{
+    net::TcpListener,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+use chat_tests::{Cluster, eventually};
+use fantoccini::{Client, ClientBuilder, Locator, elements::Element};
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A 2×2 PNG (red, green / blue, white).
+const PNG: &[u8] = &[
+    0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a, 0x00, 0x00, 0x00, 0x0d, 0x49, 0x48, 0x44, 0x52,
+    0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00, 0x02, 0x08, 0x02, 0x00, 0x00, 0x00, 0xfd, 0xd4, 0x9a,
+    0x73, 0x00, 0x00, 0x00, 0x16, 0x49, 0x44, 0x41, 0x54, 0x78, 0x9c, 0x63, 0xf8, 0xcf, 0xc0, 0xc0,
+    0xf0, 0x1f, 0x08, 0x19, 0x18, 0xfe, 0xff, 0xff, 0x0f, 0x00, 0x2a, 0xf3, 0x05, 0xfc, 0x53, 0xa1,
+    0x4e, 0xa9, 0x00, 0x00, 0x00, 0x00, 0x49, 0x45, 0x4e, 0x44, 0xae, 0x42, 0x60, 0x82,
+];
+
+/// `chromedriver` on a free port, stopped on drop.
+struct Driver {
+    child: Child,
+    url: String,
+    _profiles: tempfile::TempDir,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn installed(var: &str, default: &str) -> anyhow::Result<PathBuf> {
+    let path = PathBuf::from(std::env::var(var).unwrap_or_else(|_| default.to_owned()));
+    if !path.exists() {
+        bail!(
+            "{} not found: the browser tests need Debian's chromium and chromium-driver \
+             (run scripts/install-deps, or `apt-get install chromium chromium-driver`; \
+             or point {var} at it)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+impl Driver {
+    async fn start() -> anyhow::Result<Self> {
+        let driver = installed("CHAT_CHROMEDRIVER", "/usr/bin/chromedriver")?;
+        installed("CHAT_CHROMIUM", "/usr/bin/chromium")?;
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let child = Command::new(driver)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting chromedriver")?;
+        let url = format!("http://127.0.0.1:{port}");
+        let status = format!("{url}/status");
+        let http = reqwest::Client::new();
+        let d = Self {
+            child,
+            url,
+            _profiles: tempfile::Builder::new().prefix("chat-browser-").tempdir()?,
+        };
+        eventually(WAIT, || {
+            let r = http.get(&status).send();
+            async move { Ok(r.await.ok().filter(|r| r.status().is_success()).map(drop)) }
+        })
+        .await
+        .context("chromedriver did not come up")?;
+        Ok(d)
+    }
+
+    /// A new browser with its own profile.
+    async fn browser(&self, name: &str) -> anyhow::Result<Client> {
+        let profile = self._profiles.path().join(name);
+        let chromium = installed("CHAT_CHROMIUM", "/usr/bin/chromium")?;
+        let caps = json!({
+            "goog:chromeOptions": {
+                "binary": chromium,
+                "args": [
+                    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                    "--no-first-run", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync",
+                    "--disable-dev-shm-usage", "--window-size=1100,800",
+                    format!("--user-data-dir={}", profile.display()),
+                ]
+            }
+        });
+        let serde_json::Value::Object(caps) = caps else {
+            bail!("capabilities")
+        };
+        Ok(
+            ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+                .capabilities(caps)
+                .connect(&self.url)
+                .await?,
+        )
+    }
+}
+
+/// Evaluates `expr` (a JavaScript expression) in the page.
+async fn js(c: &Client, expr: &str) -> anyhow::Result<Value> {
+    Ok(c.execute(&format!("return ({expr});"), vec![]).await?)
+}
+
+/// Waits until `expr` is truthy in the page; fails with `what`.
+async fn until(c: &Client, what: &str, expr: &str) -> anyhow::Result<()> {
+    let r = eventually(WAIT, || async {
+        let v = js(c, expr).await?;
+        Ok((v.as_bool() == Some(true)).then_some(()))
+    })
+    .await;
+    if r.is_err() {
+        // what the page shows, for the failure's message
+        let page = js(
+            c,
+            "JSON.stringify({state: document.querySelector('#conn-state')?.dataset.state, \
+             error: document.querySelector('#error')?.textContent, \
+             messages: [...document.querySelectorAll('#messages .message')].map(e => e.textContent)})",
+        )
+        .await
+        .unwrap_or_default();
+        return r.with_context(|| format!("waiting for: {what}; the page: {page}"));
+    }
+    Ok(())
+}
+
+async fn el(c: &Client, css: &str) -> anyhow::Result<Element> {
+    c.wait()
+        .at_most(WAIT)
+        .for_element(Locator::Css(css))
+        .await
+        .with_context(|| format!("no {css}"))
+}
+
+async fn shot(c: &Client, name: &str) -> anyhow::Result<()> {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("web-client");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join(format!("{name}.png")), c.screenshot().await?)?;
+    Ok(())
+}
+
+/// Opens the client and signs in as `user` with a development token.
+async fn sign_in(c: &Client, base: &str, user: &str) -> anyhow::Result<()> {
+    c.goto(&format!("{base}/app/")).await?;
+    el(c, "#dev-user").await?.send_keys(user).await?;
+    el(c, "#dev-signin").await?.click().await?;
+    until(
+        c,
+        "live",
+        "document.querySelector('#conn-state')?.dataset.state === 'live'",
+    )
+    .await
+}
+
+/// The texts of the open group's messages, in page order.
+async fn texts(c: &Client) -> anyhow::Result<Vec<String>> {
+    let v = js(
+        c,
+        "[...document.querySelectorAll('#messages .message .text')].map(e => e.textContent)",
+    )
+    .await?;
+    Ok(serde_json::from_value(v)?)
+}
+
+async fn open_group(c: &Client, name: &str) -> anyhow::Result<()> {
+    let pick = format!(
+        "[...document.querySelectorAll('#groups li[data-group-id] button')]\
+         .find(b => b.textContent.includes({name:?}))"
+    );
+    until(c, &format!("group {name} listed"), &format!("!!{pick}")).await?;
+    js(c, &format!("{pick}.click()")).await?;
+    until(
+        c,
+        "chat view",
+        "!!document.querySelector('#composer') && document.querySelector('#composer').offsetParent !== null",
+    )
+    .await
+}
+
+async fn send(c: &Client, text: &str) -> anyhow::Result<()> {
+    let input = el(c, "#message-input").await?;
+    input.send_keys(text).await?;
+    // Enter sends
+    input.send_keys("\u{E007}").await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn two_users_chat_in_real_browsers() -> anyhow::Result<()> {
+    let driver = Driver::start().await?;
+    let mut c = Cluster::start_with(1, 1, &["--dev-tokens"]).await?;
+    let base = c.edge_url(0);
+    let alice = driver.browser("alice").await?;
+    let bob = driver.browser("bob").await?;
+
+    // the sign-in screen
+    alice.goto(&format!("{base}/app/")).await?;
+    el(&alice, "#signin-form").await?;
+    shot(&alice, "1-sign-in").await?;
+    sign_in(&alice, &base, "alice").await?;
+    sign_in(&bob, &base, "bob").await?;
+
+    // a server error is shown with its code
+    el(&alice, "#group-name").await?.send_keys("Bad").await?;
+    el(&alice, "#group-members")
+        .await?
+        .send_keys("not a user!")
+        .await?;
+    js(
+        &alice,
+        "document.querySelector('#create-group').requestSubmit()",
+    )
+    .await?;
+    until(
+        &alice,
+        "the server's invalid error shown",
+        "document.querySelector('#error')?.dataset.code === 'invalid'",
+    )
+    .await?;
+
+    // the error can be dismissed
+    el(&alice, "#error-close").await?.click().await?;
+    until(
+        &alice,
+        "the error dismissed",
+        "document.querySelector('#error').hidden",
+    )
+    .await?;
+
+    // alice creates a group with bob; bob hears of it live
+    js(
+        &alice,
+        "(() => { for (const id of ['#group-name', '#group-members']) document.querySelector(id).value = ''; })()",
+    )
+    .await?;
+    el(&alice, "#group-name")
+        .await?
+        .send_keys("Weekend trip")
+        .await?;
+    el(&alice, "#group-members").await?.send_keys("bob").await?;
+    js(
+        &alice,
+        "document.querySelector('#create-group').requestSubmit()",
+    )
+    .await?;
+    open_group(&alice, "Weekend trip").await?;
+    open_group(&bob, "Weekend trip").await?;
+
+    // messages both ways, live and in order
+    let from_alice: Vec<String> = (1..=5).map(|i| format!("alice says {i}")).collect();
+    for t in &from_alice {
+        send(&alice, t).await?;
+    }
+    let want = from_alice.clone();
+    eventually(WAIT, || async {
+        Ok((texts(&bob).await? == want).then_some(()))
+    })
+    .await
+    .context("bob sees alice's five messages in order")?;
+    send(&bob, "bob answers").await?;
+    let mut all = from_alice.clone();
+    all.push("bob answers".into());
+    let want = all.clone();
+    eventually(WAIT, || async {
+        Ok((texts(&alice).await? == want).then_some(()))
+    })
+    .await
+    .context("alice sees the whole conversation in order")?;
+
+    // bob has the group open and visible: alice's messages are read
+    until(
+        &alice,
+        "alice's last message read by bob",
+        "(() => { const r = [...document.querySelectorAll('#messages .message.mine .receipt')].pop(); \
+          return !!r && r.dataset.read === '1' && r.dataset.total === '1'; })()",
+    )
+    .await?;
+    shot(&alice, "2-chat-with-receipts").await?;
+
+    // an image through the pre-signed upload, shown to bob from the store
+    let dir = tempfile::tempdir()?;
+    let png = dir.path().join("dot.png");
+    std::fs::write(&png, PNG)?;
+    el(&alice, "#file-input")
+        .await?
+        .send_keys(&png.display().to_string())
+        .await?;
+    until(
+        &bob,
+        "bob sees alice's image, loaded",
+        "[...document.querySelectorAll('#messages .message img')].some(i => i.complete && i.naturalWidth === 2)",
+    )
+    .await?;
+    shot(&bob, "3-image").await?;
+
+    // bob goes away (once his client has marked the image read); alice
+    // writes on; bob comes back and catches up
+    eventually(WAIT, || async {
+        let (_, page) = c.get(0, "bob", "/groups").await?;
+        Ok((page["groups"][0]["unreadCount"] == json!(0)).then_some(()))
+    })
+    .await
+    .context("bob's client marks what it shows read")?;
+    let bob_device = js(&bob, "sessionStorage.getItem('chat.device')").await?;
+    bob.goto("about:blank").await?;
+    let away: Vec<String> = (1..=3)
+        .map(|i| format!("while you were away {i}"))
+        .collect();
+    for t in &away {
+        send(&alice, t).await?;
+    }
+    bob.goto(&format!("{base}/app/")).await?;
+    until(
+        &bob,
+        "bob back",
+        "document.querySelector('#conn-state')?.dataset.state === 'live'",
+    )
+    .await?;
+    assert_eq!(
+        js(&bob, "sessionStorage.getItem('chat.device')").await?,
+        bob_device,
+        "the tab keeps its device"
+    );
+    let unread = js(
+        &bob,
+        "[...document.querySelectorAll('#groups li[data-group-id] .unread')].map(e => e.dataset.count)",
+    )
+    .await?;
+    assert_eq!(unread, json!(["3"]), "bob's unread count while away");
+    open_group(&bob, "Weekend trip").await?;
+    let tail = away.clone();
+    eventually(WAIT, || async {
+        let t = texts(&bob).await?;
+        Ok(t.ends_with(&tail).then_some(()))
+    })
+    .await
+    .context("bob caught up, in order")?;
+    let t = texts(&bob).await?;
+    let mut sorted = t.clone();
+    sorted.dedup();
+    assert_eq!(t, sorted, "nothing twice");
+
+    // a second tab of alice: its own device, and it receives too
+    let first = alice.window().await?;
+    let tab = alice.new_window(true).await?;
+    alice.switch_to_window(tab.handle.clone()).await?;
+    alice.goto(&format!("{base}/app/")).await?;
+    until(
+        &alice,
+        "second tab live",
+        "document.querySelector('#conn-state')?.dataset.state === 'live'",
+    )
+    .await?;
+    let second_device = js(&alice, "sessionStorage.getItem('chat.device')").await?;
+    open_group(&alice, "Weekend trip").await?;
+    send(&bob, "to both tabs").await?;
+    until(
+        &alice,
+        "the second tab receives",
+        "[...document.querySelectorAll('#messages .message .text')].some(e => e.textContent === 'to both tabs')",
+    )
+    .await?;
+    alice.switch_to_window(first).await?;
+    until(
+        &alice,
+        "the first tab receives",
+        "[...document.querySelectorAll('#messages .message .text')].some(e => e.textContent === 'to both tabs')",
+    )
+    .await?;
+    let first_device = js(&alice, "sessionStorage.getItem('chat.device')").await?;
+    assert_ne!(first_device, second_device, "each tab has its own device");
+
+    // the connection drops (the edge restarts): bob's page shows it,
+    // reconnects by itself, catches up and is live again
+    js(
+        &bob,
+        "(() => { const el = document.querySelector('#conn-state'); window.__states = []; \
+          new MutationObserver(() => window.__states.push(el.dataset.state)) \
+          .observe(el, {attributes: true, attributeFilter: ['data-state']}); return true; })()",
+    )
+    .await?;
+    c.restart_edge(0).await?;
+    until(
+        &bob,
+        "offline, then catching up, then live again",
+        "(() => { const s = window.__states || []; const o = s.indexOf('offline'); \
+          const k = s.indexOf('catching-up', o); return o >= 0 && k > o && s.indexOf('live', k) > k; })()",
+    )
+    .await?;
+    until(
+        &alice,
+        "alice live again",
+        "document.querySelector('#conn-state')?.dataset.state === 'live'",
+    )
+    .await?;
+    send(&alice, "after the restart").await?;
+    until(
+        &bob,
+        "bob receives after reconnecting",
+        "[...document.querySelectorAll('#messages .message .text')].some(e => e.textContent === 'after the restart')",
+    )
+    .await?;
+
+    // at phone width the chat takes the screen, with a way back
+    bob.set_window_size(390, 844).await?;
+    until(
+        &bob,
+        "back button at phone width",
+        "document.querySelector('#back')?.offsetParent !== null",
+    )
+    .await?;
+    shot(&bob, "4-phone").await?;
+
+    alice.close().await?;
+    bob.close().await?;
+    c.stop().await?;
+    Ok(())
+}

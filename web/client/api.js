@@ -1,0 +1,84 @@
+// REST calls of the client contract (PROTOCOL.md, "REST"): every error is an
+// ApiError carrying the server's code.
+
+export class ApiError extends Error {
+  constructor(code, message, status = 0) {
+    super(message);
+    this.code = code;
+    this.status = status;
+  }
+}
+
+let token = null;
+
+export function setToken(t) {
+  token = t;
+}
+
+const enc = encodeURIComponent;
+
+export async function request(method, path, body) {
+  const headers = {};
+  if (token) headers.Authorization = `Bearer ${token}`;
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  let res;
+  try {
+    res = await fetch(path, {
+      method,
+      headers,
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+  } catch {
+    throw new ApiError("unavailable", "cannot reach the server");
+  }
+  const text = await res.text();
+  let data = null;
+  if (text) {
+    try {
+      data = JSON.parse(text);
+    } catch {
+      data = null;
+    }
+  }
+  if (!res.ok) {
+    const e = data && data.error;
+    const code = (e && e.code) || (res.status === 401 ? "unauthorized" : "internal");
+    throw new ApiError(code, (e && e.message) || res.statusText || "request failed", res.status);
+  }
+  return data;
+}
+
+export const config = () => request("GET", "/app/config.json");
+export const devToken = (userId) => request("POST", "/dev/token", { userId });
+export const listGroups = () => request("GET", "/groups?limit=100");
+export const createGroup = (name, members) => request("POST", "/groups", { name, members });
+export const history = (group, before, limit = 50) =>
+  request(
+    "GET",
+    `/groups/${enc(group)}/messages?limit=${limit}` + (before ? `&before=${before}` : ""),
+  );
+export const messageStatus = (group, id) =>
+  request("GET", `/groups/${enc(group)}/messages/${enc(id)}/status`);
+export const createUpload = (group, ticket) =>
+  request("POST", `/groups/${enc(group)}/uploads`, ticket);
+export const mediaUrl = (group, object) =>
+  request("GET", `/groups/${enc(group)}/media/${enc(object)}/url`);
+
+// PUTs `file` to a pre-signed upload URL with exactly the headers it names
+// (no credentials); XMLHttpRequest, for progress events.
+export function putFile(ticket, file, onProgress) {
+  return new Promise((resolve, reject) => {
+    const xhr = new XMLHttpRequest();
+    xhr.open(ticket.method || "PUT", ticket.uploadUrl);
+    for (const [k, v] of Object.entries(ticket.headers || {})) xhr.setRequestHeader(k, v);
+    xhr.upload.onprogress = (e) => {
+      if (e.lengthComputable) onProgress(e.loaded / e.total);
+    };
+    xhr.onload = () =>
+      xhr.status >= 200 && xhr.status < 300
+        ? resolve()
+        : reject(new ApiError("unavailable", `upload failed (${xhr.status})`, xhr.status));
+    xhr.onerror = () => reject(new ApiError("unavailable", "upload failed: network error"));
+    xhr.send(file);
+  });
+}

@@ -1,0 +1,699 @@
+// The web client's screens and state. User data only ever reaches the page
+// as textContent or attribute values, never as HTML.
+
+import * as api from "./api.js";
+import { claimDevice } from "./devices.js";
+import { Session } from "./socket.js";
+
+const $ = (sel) => document.querySelector(sel);
+const PAGE = 50;
+const SEND_ATTEMPTS = 5;
+const ACK_DELAY_MS = 300;
+
+const STATE_TEXT = {
+  connecting: "Connecting…",
+  "catching-up": "Catching up…",
+  live: "Live",
+  offline: "Offline — reconnecting",
+};
+
+const app = {
+  token: null,
+  me: null,
+  device: null,
+  session: null,
+  // groupId -> {group, unread, last}
+  groups: new Map(),
+  open: null,
+  // groupId -> Map(seq -> message)
+  messages: new Map(),
+  // groupId -> true once the oldest page was read
+  complete: new Map(),
+  // groupId -> Map(userId -> {d, r}): members' watermarks
+  marks: new Map(),
+  // groupId -> newest seq acknowledged by this tab
+  acked: new Map(),
+  // clientMsgId -> {groupId, data, attempts, el}
+  pending: new Map(),
+  // objectId -> {url, until}
+  links: new Map(),
+  ackTimer: null,
+};
+
+// ---------------------------------------------------------------- errors
+
+function showError(code, message) {
+  const box = $("#error");
+  box.dataset.code = code;
+  $("#error-text").textContent = `${code}: ${message}`;
+  box.hidden = false;
+}
+
+function failed(e) {
+  if (e instanceof api.ApiError) {
+    if (e.code === "unauthorized") {
+      signOut(`${e.code}: ${e.message}`);
+      return;
+    }
+    showError(e.code, e.message);
+  } else {
+    showError("internal", String(e && e.message ? e.message : e));
+  }
+}
+
+// ---------------------------------------------------------------- sign in
+
+function claims(token) {
+  try {
+    const part = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    const json = atob(part + "=".repeat((4 - (part.length % 4)) % 4));
+    return JSON.parse(json);
+  } catch {
+    return null;
+  }
+}
+
+function savedToken() {
+  const hash = new URLSearchParams(location.hash.slice(1));
+  const fromHash = hash.get("token");
+  if (fromHash) {
+    history.replaceState(null, "", location.pathname + location.search);
+    return fromHash;
+  }
+  return sessionStorage.getItem("chat.token") || localStorage.getItem("chat.token");
+}
+
+async function signIn(token) {
+  const c = claims(token);
+  if (!c || typeof c.sub !== "string") {
+    showError("invalid", "that is not a JWT");
+    return;
+  }
+  if (typeof c.exp === "number" && c.exp * 1000 <= Date.now()) {
+    showError("unauthorized", "that token has expired");
+    return;
+  }
+  api.setToken(token);
+  let page;
+  try {
+    page = await api.listGroups();
+  } catch (e) {
+    api.setToken(null);
+    if (e.code === "unauthorized") showError(e.code, "the server did not accept that token");
+    else failed(e);
+    return;
+  }
+  sessionStorage.setItem("chat.token", token);
+  localStorage.setItem("chat.token", token);
+  app.token = token;
+  app.me = c.sub;
+  app.device = claimDevice(c.sub);
+  loadGroups(page);
+  $("#signin").hidden = true;
+  $("#app").hidden = false;
+  $("#whoami").textContent = c.name ? `${c.name} (${c.sub})` : c.sub;
+  for (const id of ["#whoami", "#signout", "#conn-state"]) $(id).hidden = false;
+  app.session = new Session({
+    token,
+    device: app.device.id,
+    expiresAt: typeof c.exp === "number" ? c.exp * 1000 : 0,
+    onState: showState,
+    onOpen: caughtUp,
+    onPush: push,
+    onFatal: (code, message) =>
+      code === "unauthorized" ? signOut(`${code}: ${message}`) : showError(code, message),
+  });
+  app.session.start();
+}
+
+function signOut(why) {
+  if (app.session) app.session.stop();
+  if (app.device) app.device.release();
+  sessionStorage.removeItem("chat.token");
+  localStorage.removeItem("chat.token");
+  api.setToken(null);
+  Object.assign(app, { token: null, me: null, device: null, session: null, open: null });
+  for (const m of [app.groups, app.messages, app.complete, app.marks, app.acked, app.pending]) {
+    m.clear();
+  }
+  $("#app").hidden = true;
+  for (const id of ["#whoami", "#signout", "#conn-state"]) $(id).hidden = true;
+  $("#signin").hidden = false;
+  document.body.classList.remove("chat-open");
+  if (why) showError(why.split(":")[0], why.split(":").slice(1).join(":").trim());
+}
+
+function showState(s) {
+  const el = $("#conn-state");
+  el.dataset.state = s;
+  el.textContent = STATE_TEXT[s] || s;
+  if (s === "live") retryPending();
+}
+
+// ---------------------------------------------------------------- groups
+
+function loadGroups(page) {
+  for (const g of page.groups || []) {
+    app.groups.set(g.id, { group: g, unread: g.unreadCount || 0, last: g.lastMessage || null });
+  }
+  renderGroups();
+}
+
+function renderGroups() {
+  const list = $("#groups");
+  const entries = [...app.groups.values()].sort((a, b) =>
+    (b.last?.createdAt || b.group.updatedAt).localeCompare(a.last?.createdAt || a.group.updatedAt),
+  );
+  list.replaceChildren(
+    ...entries.map(({ group, unread, last }) => {
+      const li = document.createElement("li");
+      li.dataset.groupId = group.id;
+      if (group.id === app.open) li.className = "open";
+      const b = document.createElement("button");
+      b.type = "button";
+      const name = document.createElement("span");
+      name.className = "name";
+      name.textContent = group.name;
+      const badge = document.createElement("span");
+      badge.className = "unread";
+      badge.dataset.count = String(unread);
+      badge.textContent = String(unread);
+      badge.setAttribute("aria-label", `${unread} unread`);
+      const preview = document.createElement("span");
+      preview.className = "preview";
+      preview.textContent = last ? `${last.senderId}: ${summary(last)}` : "no messages yet";
+      b.append(name, badge, preview);
+      b.addEventListener("click", () => openGroup(group.id));
+      li.append(b);
+      return li;
+    }),
+  );
+  $("#no-groups").hidden = entries.length > 0;
+}
+
+function summary(m) {
+  return m.type === "text" ? m.text : `[${m.type}]`;
+}
+
+function groupChanged(data) {
+  const g = data.group;
+  const change = data.change || {};
+  const gone =
+    (change.kind === "member_removed" || change.kind === "member_left") &&
+    (change.userIds || []).includes(app.me);
+  if (gone) {
+    app.groups.delete(g.id);
+    app.messages.delete(g.id);
+    if (app.open === g.id) closeGroup();
+    renderGroups();
+    return;
+  }
+  const known = app.groups.get(g.id);
+  if (known) known.group = g;
+  else {
+    app.groups.set(g.id, { group: g, unread: 0, last: null });
+    subscribe(g.id);
+  }
+  renderGroups();
+  if (app.open === g.id) renderHeader();
+}
+
+function subscribe(groupId) {
+  return app.session.request("subscribe_to_group", { groupId }).catch((e) => {
+    if (e.code === "forbidden" || e.code === "not_found") app.groups.delete(groupId);
+  });
+}
+
+async function createGroup(ev) {
+  ev.preventDefault();
+  const name = $("#group-name").value.trim();
+  const members = $("#group-members")
+    .value.split(/[\s,]+/)
+    .map((m) => m.trim())
+    .filter(Boolean);
+  try {
+    const g = await api.createGroup(name, members);
+    app.groups.set(g.id, { group: g, unread: 0, last: null });
+    renderGroups();
+    $("#group-name").value = "";
+    $("#group-members").value = "";
+    await app.session.request("notify_create_group", { groupId: g.id }).catch(failed);
+    await subscribe(g.id);
+    openGroup(g.id);
+  } catch (e) {
+    failed(e);
+  }
+}
+
+// ---------------------------------------------------------------- messages
+
+function held(groupId) {
+  let m = app.messages.get(groupId);
+  if (!m) {
+    m = new Map();
+    app.messages.set(groupId, m);
+  }
+  return m;
+}
+
+function newestSeq(groupId) {
+  const m = app.messages.get(groupId);
+  return m && m.size ? Math.max(...m.keys()) : 0;
+}
+
+// Adds messages (deduplicated by seq) and redraws the open group.
+function merge(groupId, list) {
+  const m = held(groupId);
+  for (const msg of list) m.set(msg.seq, msg);
+  if (groupId === app.open) renderMessages();
+}
+
+async function openGroup(groupId) {
+  if (!app.groups.has(groupId)) return;
+  app.open = groupId;
+  document.body.classList.add("chat-open");
+  $("#no-chat").hidden = true;
+  $("#chat-body").hidden = false;
+  renderHeader();
+  renderGroups();
+  $("#messages").replaceChildren();
+  if (!app.messages.has(groupId)) {
+    try {
+      const page = await api.history(groupId, 0, PAGE);
+      if (page.messages.length < PAGE) app.complete.set(groupId, true);
+      merge(groupId, page.messages);
+    } catch (e) {
+      failed(e);
+    }
+  }
+  renderMessages(true);
+  seedReceipts(groupId);
+  markRead();
+  $("#message-input").focus();
+}
+
+function closeGroup() {
+  app.open = null;
+  document.body.classList.remove("chat-open");
+  $("#chat-body").hidden = true;
+  $("#no-chat").hidden = false;
+  renderGroups();
+}
+
+function renderHeader() {
+  const { group } = app.groups.get(app.open) || {};
+  if (!group) return;
+  $("#chat-title").textContent = group.name;
+  $("#chat-members").textContent = `${group.memberCount} members`;
+}
+
+async function loadOlder() {
+  const groupId = app.open;
+  if (!groupId || app.complete.get(groupId)) return;
+  const m = held(groupId);
+  const oldest = m.size ? Math.min(...m.keys()) : 0;
+  if (oldest === 1) {
+    app.complete.set(groupId, true);
+    renderMessages();
+    return;
+  }
+  const list = $("#messages");
+  const fromBottom = list.scrollHeight - list.scrollTop;
+  try {
+    const page = await api.history(groupId, oldest || undefined, PAGE);
+    if (page.messages.length < PAGE) app.complete.set(groupId, true);
+    merge(groupId, page.messages);
+    list.scrollTop = list.scrollHeight - fromBottom;
+  } catch (e) {
+    failed(e);
+  }
+}
+
+function renderMessages(toBottom = false) {
+  const groupId = app.open;
+  if (!groupId) return;
+  const list = $("#messages");
+  const atBottom = toBottom || list.scrollHeight - list.scrollTop - list.clientHeight < 40;
+  const msgs = [...held(groupId).values()].sort((a, b) => a.seq - b.seq);
+  const pending = [...app.pending.values()].filter((p) => p.groupId === groupId);
+  list.replaceChildren(...msgs.map(messageItem), ...pending.map((p) => p.el));
+  $("#load-older").hidden = !!app.complete.get(groupId) || (msgs.length > 0 && msgs[0].seq === 1);
+  if (atBottom) list.scrollTop = list.scrollHeight;
+}
+
+function messageItem(m) {
+  const li = document.createElement("li");
+  li.className = "message" + (m.senderId === app.me ? " mine" : "");
+  li.dataset.seq = String(m.seq);
+  li.dataset.messageId = m.messageId;
+  li.dataset.sender = m.senderId;
+  const meta = document.createElement("div");
+  meta.className = "meta";
+  const sender = document.createElement("span");
+  sender.className = "sender";
+  sender.textContent = m.senderId;
+  const time = document.createElement("time");
+  time.className = "time";
+  time.dateTime = m.createdAt;
+  time.textContent = new Date(m.createdAt).toLocaleTimeString();
+  meta.append(sender, time);
+  li.append(meta, body(m));
+  if (m.senderId === app.me) li.append(receipt(m));
+  return li;
+}
+
+function body(m) {
+  if (m.type === "text" || !m.media) {
+    const t = document.createElement("div");
+    t.className = "text";
+    t.textContent = m.text || "";
+    return t;
+  }
+  const box = document.createElement("div");
+  box.className = "media";
+  const el = document.createElement(
+    m.type === "image" ? "img" : m.type === "video" ? "video" : "audio",
+  );
+  if (m.type === "image") el.alt = `image from ${m.senderId}`;
+  else el.controls = true;
+  box.append(el);
+  const object = m.media.key.split("/").pop();
+  mediaLink(m.groupId, object)
+    .then((url) => {
+      el.src = url;
+    })
+    .catch(failed);
+  return box;
+}
+
+async function mediaLink(groupId, object) {
+  const hit = app.links.get(object);
+  if (hit && hit.until > Date.now()) return hit.url;
+  const link = await api.mediaUrl(groupId, object);
+  // reuse until shortly before it expires
+  const until = Date.parse(link.expiresAt) - 30000;
+  app.links.set(object, { url: link.url, until });
+  return link.url;
+}
+
+// ---------------------------------------------------------------- receipts
+
+function marksOf(groupId) {
+  let m = app.marks.get(groupId);
+  if (!m) {
+    m = new Map();
+    app.marks.set(groupId, m);
+  }
+  return m;
+}
+
+function raiseMark(groupId, userId, d, r) {
+  const m = marksOf(groupId);
+  const was = m.get(userId) || { d: 0, r: 0 };
+  m.set(userId, { d: Math.max(was.d, d, r), r: Math.max(was.r, r) });
+}
+
+function receipt(m) {
+  const span = document.createElement("span");
+  span.className = "receipt";
+  const { group } = app.groups.get(m.groupId) || {};
+  const total = Math.max(0, (group ? group.memberCount : 1) - 1);
+  let delivered = 0;
+  let read = 0;
+  for (const [user, w] of marksOf(m.groupId)) {
+    if (user === app.me) continue;
+    if (w.d >= m.seq) delivered += 1;
+    if (w.r >= m.seq) read += 1;
+  }
+  span.dataset.delivered = String(delivered);
+  span.dataset.read = String(read);
+  span.dataset.total = String(total);
+  span.textContent = `Delivered ${delivered}/${total} · Read ${read}/${total}`;
+  return span;
+}
+
+async function seedReceipts(groupId) {
+  const mine = [...held(groupId).values()].filter((m) => m.senderId === app.me);
+  if (!mine.length) return;
+  const newest = mine.reduce((a, b) => (a.seq > b.seq ? a : b));
+  try {
+    const st = await api.messageStatus(groupId, newest.messageId);
+    for (const mem of st.members || []) {
+      raiseMark(groupId, mem.userId, mem.delivered ? st.seq : 0, mem.read ? st.seq : 0);
+    }
+    if (groupId === app.open) renderMessages();
+  } catch (e) {
+    if (e.code !== "not_found") failed(e);
+  }
+}
+
+// Tells the server this tab showed the open group's newest message.
+function markRead() {
+  clearTimeout(app.ackTimer);
+  app.ackTimer = setTimeout(() => {
+    const groupId = app.open;
+    if (!groupId || document.visibilityState !== "visible" || !app.session) return;
+    const entry = app.groups.get(groupId);
+    if (entry && entry.unread) {
+      entry.unread = 0;
+      renderGroups();
+    }
+    // the newest message of someone else (the server counts our own as read)
+    const theirs = [...held(groupId).values()].filter((m) => m.senderId !== app.me);
+    if (!theirs.length) return;
+    const newest = theirs.reduce((a, b) => (a.seq > b.seq ? a : b));
+    if ((app.acked.get(groupId) || 0) >= newest.seq) return;
+    app.acked.set(groupId, newest.seq);
+    app.session
+      .request("acknowledge_group_message", { groupId, messageId: newest.messageId })
+      .catch((e) => {
+        app.acked.delete(groupId);
+        if (e.code !== "unavailable") failed(e);
+      });
+  }, ACK_DELAY_MS);
+}
+
+// ---------------------------------------------------------------- sending
+
+function clientMsgId() {
+  return crypto.randomUUID().replace(/-/g, "");
+}
+
+function pendingItem(text) {
+  const li = document.createElement("li");
+  li.className = "message mine pending";
+  const t = document.createElement("div");
+  t.className = "text";
+  t.textContent = text;
+  li.append(t);
+  return li;
+}
+
+function send(groupId, data, label) {
+  const id = clientMsgId();
+  const p = { groupId, data: { ...data, groupId, clientMsgId: id }, attempts: 0, el: pendingItem(label) };
+  app.pending.set(id, p);
+  renderMessages(true);
+  attempt(id);
+}
+
+function attempt(id) {
+  const p = app.pending.get(id);
+  if (!p || p.inFlight) return;
+  p.attempts += 1;
+  p.inFlight = true;
+  app.session
+    .request("send_group_message", p.data)
+    .then((ack) => {
+      app.pending.delete(id);
+      const msg = {
+        messageId: ack.messageId,
+        groupId: ack.groupId,
+        seq: ack.seq,
+        senderId: app.me,
+        type: p.data.type,
+        text: p.data.text,
+        media: p.data.media,
+        createdAt: ack.createdAt,
+      };
+      // the live copy may have come first: same seq, same message
+      if (!held(p.groupId).has(ack.seq)) merge(p.groupId, [msg]);
+      else renderMessages();
+      noteLast(p.groupId, msg);
+    })
+    .catch((e) => {
+      p.inFlight = false;
+      if (e.code === "unavailable" && p.attempts < SEND_ATTEMPTS) return; // again when live
+      app.pending.delete(id);
+      p.el.classList.remove("pending");
+      p.el.classList.add("failed");
+      failed(e);
+      renderMessages();
+    });
+}
+
+function retryPending() {
+  for (const id of app.pending.keys()) attempt(id);
+}
+
+function noteLast(groupId, msg) {
+  const entry = app.groups.get(groupId);
+  if (entry && (!entry.last || entry.last.seq <= msg.seq)) {
+    entry.last = msg;
+    renderGroups();
+  }
+}
+
+function sendText(ev) {
+  ev.preventDefault();
+  const input = $("#message-input");
+  const text = input.value;
+  if (!app.open || !text.trim()) return;
+  input.value = "";
+  send(app.open, { type: "text", text }, text);
+}
+
+async function sendFile() {
+  const input = $("#file-input");
+  const file = input.files && input.files[0];
+  input.value = "";
+  const groupId = app.open;
+  if (!file || !groupId) return;
+  const type = (file.type || "").split("/")[0];
+  if (!["image", "video", "audio"].includes(type)) {
+    showError("invalid", `${file.name} is not an image, video or audio file`);
+    return;
+  }
+  const bar = $("#upload-progress");
+  bar.value = 0;
+  bar.hidden = false;
+  try {
+    const ticket = await api.createUpload(groupId, { type, mime: file.type, size: file.size });
+    await api.putFile(ticket, file, (f) => {
+      bar.value = f;
+    });
+    send(groupId, { type, media: { key: ticket.key, mime: file.type, size: file.size } }, `[${type}]`);
+  } catch (e) {
+    failed(e);
+  } finally {
+    bar.hidden = true;
+  }
+}
+
+// ---------------------------------------------------------------- pushes
+
+function push(event, data) {
+  switch (event) {
+    case "a_group_message": {
+      const known = app.groups.get(data.groupId);
+      if (!known) return;
+      // newer than what the list knows: a catch-up after a reconnect
+      // replays messages the list's unread count already holds
+      const newer = !known.last || data.seq > known.last.seq;
+      merge(data.groupId, [data]);
+      noteLast(data.groupId, data);
+      if (data.senderId !== app.me && newer) {
+        if (data.groupId === app.open && document.visibilityState === "visible") markRead();
+        else if (data.seq > (app.acked.get(data.groupId) || 0)) {
+          known.unread += 1;
+          renderGroups();
+        }
+      }
+      break;
+    }
+    case "a_message_status":
+      raiseMark(data.groupId, data.userId, data.deliveredSeq, data.readSeq);
+      if (data.groupId === app.open) renderMessages();
+      break;
+    case "a_group_created":
+    case "a_group_updated":
+      groupChanged(data);
+      break;
+    case "error":
+      showError(data.code || "internal", data.message || "error");
+      break;
+    default:
+      break;
+  }
+}
+
+// After every `a_session`: subscribe to every group (idempotent), refresh
+// the list and its unread counts, and fetch what the loaded groups missed
+// while away (pushes of the same messages are deduplicated by seq).
+async function caughtUp() {
+  try {
+    loadGroups(await api.listGroups());
+  } catch (e) {
+    failed(e);
+  }
+  await Promise.all([...app.groups.keys()].map(subscribe));
+  for (const groupId of app.messages.keys()) {
+    const have = newestSeq(groupId);
+    let before;
+    for (;;) {
+      let page;
+      try {
+        page = await api.history(groupId, before, PAGE);
+      } catch (e) {
+        failed(e);
+        break;
+      }
+      const newer = page.messages.filter((m) => m.seq > have);
+      merge(groupId, newer);
+      if (newer.length < page.messages.length || page.messages.length < PAGE) break;
+      before = Math.min(...page.messages.map((m) => m.seq));
+    }
+  }
+  if (app.open) {
+    const entry = app.groups.get(app.open);
+    if (entry) entry.unread = 0;
+    renderGroups();
+    markRead();
+  }
+}
+
+// ---------------------------------------------------------------- start
+
+async function start() {
+  $("#signin-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    signIn($("#token").value.trim());
+  });
+  $("#dev-form").addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    try {
+      const { token } = await api.devToken($("#dev-user").value.trim());
+      await signIn(token);
+    } catch (e) {
+      failed(e);
+    }
+  });
+  $("#signout").addEventListener("click", () => signOut());
+  $("#error-close").addEventListener("click", () => {
+    $("#error").hidden = true;
+  });
+  $("#create-group").addEventListener("submit", createGroup);
+  $("#composer").addEventListener("submit", sendText);
+  $("#message-input").addEventListener("keydown", (ev) => {
+    if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing) sendText(ev);
+  });
+  $("#file-input").addEventListener("change", sendFile);
+  $("#load-older").addEventListener("click", loadOlder);
+  $("#messages").addEventListener("scroll", () => {
+    if ($("#messages").scrollTop === 0) loadOlder();
+  });
+  $("#back").addEventListener("click", closeGroup);
+  document.addEventListener("visibilitychange", markRead);
+
+  try {
+    const cfg = await api.config();
+    $("#dev-form").hidden = !cfg.devTokens;
+  } catch {
+    $("#dev-form").hidden = true;
+  }
+  const token = savedToken();
+  $("#signin").hidden = false;
+  if (token) await signIn(token);
+}
+
+start();
