@@ -33,6 +33,8 @@ const app = {
   marks: new Map(),
   // groupId -> newest seq acknowledged by this tab
   acked: new Map(),
+  // groups this page subscribed to
+  subscribed: new Set(),
   // clientMsgId -> {groupId, data, attempts, el}
   pending: new Map(),
   // objectId -> {url, until}
@@ -133,7 +135,7 @@ function signOut(why) {
   localStorage.removeItem("chat.token");
   api.setToken(null);
   Object.assign(app, { token: null, me: null, device: null, session: null, open: null });
-  for (const m of [app.groups, app.messages, app.complete, app.marks, app.acked, app.pending]) {
+  for (const m of [app.groups, app.messages, app.complete, app.marks, app.acked, app.pending, app.subscribed]) {
     m.clear();
   }
   $("#app").hidden = true;
@@ -218,10 +220,16 @@ function groupChanged(data) {
   if (app.open === g.id) renderHeader();
 }
 
+// Subscriptions are the server's (they outlast connections): once per
+// group per page load is enough.
 function subscribe(groupId) {
-  return app.session.request("subscribe_to_group", { groupId }).catch((e) => {
-    if (e.code === "forbidden" || e.code === "not_found") app.groups.delete(groupId);
-  });
+  if (app.subscribed.has(groupId)) return Promise.resolve();
+  return app.session
+    .request("subscribe_to_group", { groupId })
+    .then(() => app.subscribed.add(groupId))
+    .catch((e) => {
+      if (e.code === "forbidden" || e.code === "not_found") app.groups.delete(groupId);
+    });
 }
 
 async function createGroup(ev) {
@@ -617,7 +625,7 @@ function push(event, data) {
   }
 }
 
-// After every `a_session`: subscribe to every group (idempotent), refresh
+// After every `a_session`: subscribe to the groups this page has not yet, refresh
 // the list and its unread counts, and fetch what the loaded groups missed
 // while away (pushes of the same messages are deduplicated by seq).
 async function caughtUp() {
