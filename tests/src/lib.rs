@@ -840,6 +840,11 @@ impl Client {
         }
     }
 
+    /// The pushes kept aside while waiting for replies, taken.
+    pub fn take_kept(&mut self) -> Vec<Value> {
+        self.pushes.drain(..).collect()
+    }
+
     /// Closes the connection.
     pub async fn close(mut self) -> anyhow::Result<()> {
         self.ws.close(None).await?;

@@ -263,6 +263,20 @@ async fn two_users_chat_in_real_browsers() -> anyhow::Result<()> {
     open_group(&alice, "Weekend trip").await?;
     open_group(&bob, "Weekend trip").await?;
 
+    // alice types: bob sees it; sending stops it
+    el(&alice, "#message-input").await?.send_keys("hel").await?;
+    until(
+        &bob,
+        "alice shown typing to bob",
+        "document.querySelector('#typing').textContent === 'alice is typing…'",
+    )
+    .await?;
+    js(
+        &alice,
+        "(() => { document.querySelector('#message-input').value = ''; })()",
+    )
+    .await?;
+
     // messages both ways, live and in order
     let from_alice: Vec<String> = (1..=5).map(|i| format!("alice says {i}")).collect();
     for t in &from_alice {
@@ -274,6 +288,12 @@ async fn two_users_chat_in_real_browsers() -> anyhow::Result<()> {
     })
     .await
     .context("bob sees alice's five messages in order")?;
+    until(
+        &bob,
+        "alice no longer shown typing once she sent",
+        "document.querySelector('#typing').textContent === ''",
+    )
+    .await?;
     send(&bob, "bob answers").await?;
     let mut all = from_alice.clone();
     all.push("bob answers".into());

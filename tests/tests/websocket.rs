@@ -348,3 +348,180 @@ async fn reconnecting_while_messages_flow_hands_over_with_no_gap_or_repeat() -> 
     assert_eq!(bob.messages(1).await?[0]["seq"], N + 1);
     c.stop().await
 }
+
+/// The `a_typing` pushes among `frames`, as `(userId, state)`.
+fn typing_of(frames: &[Value]) -> Vec<(String, String)> {
+    frames
+        .iter()
+        .filter(|f| f["event"] == "a_typing")
+        .map(|f| {
+            let d = &f["data"];
+            (
+                d["userId"].as_str().unwrap_or_default().to_owned(),
+                d["state"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typing_reaches_the_group_s_other_members_on_every_edge_and_nobody_else()
+-> anyhow::Result<()> {
+    use std::time::{Duration, Instant};
+    let c = Cluster::start(2, 2).await?;
+    let g = c.room(&["alice", "bob", "carol"]).await?;
+    let other = c.room(&["dave", "alice"]).await?;
+    let mut alice = c.connect(0, "alice", "web").await?;
+    // alice's own second tab, on the other edge: it hears nothing of her
+    let mut alice_tab = c.connect(1, "alice", "tab").await?;
+    let mut bob = c.connect(1, "bob", "phone").await?;
+    let mut carol = c.connect(1, "carol", "web").await?;
+    let mut dave = c.connect(0, "dave", "web").await?;
+    let mut mallory = c.connect(0, "mallory", "web").await?;
+
+    let started = Instant::now();
+    let ack = alice
+        .request("typing", json!({"groupId": g, "state": "start"}))
+        .await?;
+    assert_eq!(
+        ack,
+        json!({"groupId": g, "state": "start", "forwarded": true})
+    );
+    for member in [&mut bob, &mut carol] {
+        let push = member.skip_to("a_typing").await?;
+        assert_eq!(
+            push["data"],
+            json!({"groupId": g, "userId": "alice", "state": "start", "expiresInMs": 6000})
+        );
+    }
+    // a start per keystroke: passed on at most once per 2 s
+    for _ in 0..3 {
+        let ack = alice
+            .request("typing", json!({"groupId": g, "state": "start"}))
+            .await?;
+        if started.elapsed() < Duration::from_millis(1500) {
+            assert_eq!(ack["forwarded"], false, "{ack}");
+        }
+    }
+    let ack = alice
+        .request("typing", json!({"groupId": g, "state": "stop"}))
+        .await?;
+    assert_eq!(ack["forwarded"], true);
+    let stop = bob.skip_to("a_typing").await?;
+    assert_eq!(stop["data"]["state"], "stop");
+    assert_eq!(stop["data"].get("expiresInMs"), None);
+    // a stop with no start before it is news to nobody
+    let ack = alice
+        .request("typing", json!({"groupId": g, "state": "stop"}))
+        .await?;
+    assert_eq!(ack["forwarded"], false);
+
+    // bob types back; alice's tab (on bob's edge, which handed bob every
+    // signal of alice's in the same pass) hears bob, never alice
+    bob.request("typing", json!({"groupId": g, "state": "start"}))
+        .await?;
+    let heard = alice_tab.skip_to("a_typing").await?;
+    assert_eq!(heard["data"]["userId"], "bob");
+    let heard = alice.skip_to("a_typing").await?;
+    assert_eq!(heard["data"]["userId"], "bob");
+    // nobody outside the group hears either
+    alice
+        .request("typing", json!({"groupId": other, "state": "start"}))
+        .await?;
+    let heard = dave.skip_to("a_typing").await?;
+    assert_eq!(heard["data"]["groupId"], other.as_str());
+
+    // outsiders may not type in the group, nor in anything malformed; and
+    // mallory, on dave's edge, heard nothing of what it handed dave
+    for (data, code) in [
+        (json!({"groupId": g, "state": "start"}), "forbidden"),
+        (
+            json!({"groupId": "no-such-group", "state": "start"}),
+            "forbidden",
+        ),
+        (json!({"groupId": g, "state": "shouting"}), "invalid"),
+        (json!({"groupId": "a.b", "state": "start"}), "invalid"),
+        (
+            json!({"groupId": g, "state": "start", "extra": 1}),
+            "invalid",
+        ),
+    ] {
+        assert_eq!(
+            mallory.request_error("typing", data.clone()).await?,
+            code,
+            "{data}"
+        );
+    }
+    assert!(typing_of(&mallory.take_kept()).is_empty());
+
+    // a removed member stops hearing the group and may not type in it
+    assert_eq!(c.remove_member(0, "alice", &g, "carol").await?, 200);
+    // the removal reaches carol's edge with the group's traffic: until then
+    // a stop (which passes nothing on) is still taken
+    let deadline = Instant::now() + chat_tests::PROMPTLY;
+    loop {
+        let id = carol
+            .send("typing", json!({"groupId": g, "state": "stop"}))
+            .await?;
+        let reply = carol.reply_to(&id).await?;
+        if reply["event"] == "error" {
+            assert_eq!(reply["data"]["code"], "forbidden", "{reply}");
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "carol still follows the group");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    carol.take_kept();
+    let ack = alice
+        .request("typing", json!({"groupId": g, "state": "start"}))
+        .await?;
+    assert_eq!(ack["forwarded"], true);
+    // bob and carol share an edge, which hands on a signal in one pass
+    let heard = bob.skip_to("a_typing").await?;
+    assert_eq!(heard["data"]["userId"], "alice");
+    // what carol's edge queued for her before this reply would come first
+    assert_eq!(
+        carol
+            .request_error("typing", json!({"groupId": g, "state": "stop"}))
+            .await?,
+        "forbidden"
+    );
+    assert!(
+        typing_of(&carol.take_kept()).is_empty(),
+        "a removed member heard typing"
+    );
+
+    // a start left open when the connection ends is stopped by the edge
+    alice.close().await?;
+    let stop = bob.skip_to("a_typing").await?;
+    assert_eq!(stop["data"]["userId"], "alice");
+    assert_eq!(stop["data"]["state"], "stop");
+    c.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_that_is_not_renewed_runs_out_with_a_stop() -> anyhow::Result<()> {
+    use std::time::{Duration, Instant};
+    let c = Cluster::start(1, 1).await?;
+    let g = c.room(&["alice", "bob"]).await?;
+    let mut alice = c.connect(0, "alice", "web").await?;
+    let mut bob = c.connect(0, "bob", "web").await?;
+    alice
+        .request("typing", json!({"groupId": g, "state": "start"}))
+        .await?;
+    let start = bob.skip_to("a_typing").await?;
+    let at = Instant::now();
+    assert_eq!(start["data"]["state"], "start");
+    // the edge looks every 5 s: the stop comes between 6 and 11 s later
+    let stop = loop {
+        let frame = bob.recv(Duration::from_secs(15)).await?.context("closed")?;
+        if frame["event"] == "a_typing" {
+            break frame;
+        }
+    };
+    assert_eq!(stop["data"]["state"], "stop");
+    assert!(at.elapsed() >= Duration::from_secs(5), "{:?}", at.elapsed());
+    // the connection that typed is still open and fine
+    alice.send_text(&g, "m1", "sent").await?;
+    c.stop().await
+}

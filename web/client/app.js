@@ -40,6 +40,10 @@ const app = {
   // objectId -> {url, until}
   links: new Map(),
   ackTimer: null,
+  // groupId -> Map(userId -> expiry timer): who is typing (a_typing)
+  typing: new Map(),
+  // groupId -> when this tab last told the group it is typing
+  typedAt: new Map(),
 };
 
 // ---------------------------------------------------------------- errors
@@ -295,6 +299,7 @@ async function openGroup(groupId) {
     }
   }
   renderMessages(true);
+  renderTyping();
   seedReceipts(groupId);
   markRead();
   $("#message-input").focus();
@@ -558,7 +563,53 @@ function sendText(ev) {
   const text = input.value;
   if (!app.open || !text.trim()) return;
   input.value = "";
+  stopTyping(app.open);
   send(app.open, { type: "text", text }, text);
+}
+
+// ---------------------------------------------------------------- typing
+
+// PROTOCOL.md, "Typing": a start holds for 6 s at the others, so it is
+// sent again every 3 s while the user types; the edge passes on at most
+// one per 2 s anyway.
+const TYPING_RENEW_MS = 3000;
+
+function typed() {
+  const groupId = app.open;
+  if (!groupId || !app.session || !$("#message-input").value.trim()) return;
+  const at = app.typedAt.get(groupId) || 0;
+  if (Date.now() - at < TYPING_RENEW_MS) return;
+  app.typedAt.set(groupId, Date.now());
+  app.session.request("typing", { groupId, state: "start" }).catch(() => {});
+}
+
+function stopTyping(groupId) {
+  if (!groupId || !app.typedAt.has(groupId)) return;
+  app.typedAt.delete(groupId);
+  if (app.session) app.session.request("typing", { groupId, state: "stop" }).catch(() => {});
+}
+
+function heardTyping(data) {
+  const who = app.typing.get(data.groupId) || new Map();
+  app.typing.set(data.groupId, who);
+  clearTimeout(who.get(data.userId));
+  if (data.state === "start") {
+    const expire = () => {
+      who.delete(data.userId);
+      renderTyping();
+    };
+    who.set(data.userId, setTimeout(expire, data.expiresInMs || 6000));
+  } else {
+    who.delete(data.userId);
+  }
+  renderTyping();
+}
+
+function renderTyping() {
+  const who = [...(app.typing.get(app.open) || new Map()).keys()].sort();
+  const line = $("#typing");
+  line.textContent =
+    who.length === 0 ? "" : who.length === 1 ? `${who[0]} is typing…` : `${who.join(", ")} are typing…`;
 }
 
 async function sendFile() {
@@ -600,6 +651,13 @@ function push(event, data) {
       const newer = !known.last || data.seq > known.last.seq;
       merge(data.groupId, [data]);
       noteLast(data.groupId, data);
+      // a member who sent has stopped typing
+      const typing = app.typing.get(data.groupId);
+      if (typing && typing.has(data.senderId)) {
+        clearTimeout(typing.get(data.senderId));
+        typing.delete(data.senderId);
+        renderTyping();
+      }
       if (data.senderId !== app.me && newer) {
         if (data.groupId === app.open && document.visibilityState === "visible") markRead();
         else if (data.seq > (app.acked.get(data.groupId) || 0)) {
@@ -609,6 +667,9 @@ function push(event, data) {
       }
       break;
     }
+    case "a_typing":
+      heardTyping(data);
+      break;
     case "a_message_status":
       raiseMark(data.groupId, data.userId, data.deliveredSeq, data.readSeq);
       if (data.groupId === app.open) renderMessages();
@@ -682,6 +743,8 @@ async function start() {
   });
   $("#create-group").addEventListener("submit", createGroup);
   $("#composer").addEventListener("submit", sendText);
+  $("#message-input").addEventListener("input", typed);
+  $("#message-input").addEventListener("blur", () => stopTyping(app.open));
   $("#message-input").addEventListener("keydown", (ev) => {
     if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing) sendText(ev);
   });

@@ -45,6 +45,9 @@ pub struct Plan {
     /// Users registered (one session each, subscribed to a group of their
     /// own) and then offline for the whole run.
     pub offline_users: usize,
+    /// Senders send `typing` (`start` and `stop` in turn, each passed on)
+    /// instead of messages; receivers count `a_typing`.
+    pub typing: bool,
 }
 
 impl Plan {
@@ -78,6 +81,12 @@ struct Shared {
     group_last: Vec<AtomicU64>,
     /// Per connection: every `seq` up to this one has arrived.
     seen: Vec<AtomicU64>,
+    /// Per connection: when it last sent `typing` (µs since `epoch`).
+    typed_at: Vec<AtomicU64>,
+    /// `typing` requests the edge passed on.
+    forwarded: AtomicU64,
+    /// `a_typing` frames received, all receivers.
+    typing_received: AtomicU64,
 }
 
 impl Shared {
@@ -176,6 +185,9 @@ struct Data<'a> {
     text: Option<Cow<'a, str>>,
     #[serde(borrow)]
     code: Option<Cow<'a, str>>,
+    #[serde(borrow, rename = "userId")]
+    user_id: Option<Cow<'a, str>>,
+    forwarded: Option<bool>,
 }
 
 /// Opens a session and waits for `a_session`.
@@ -433,6 +445,9 @@ pub async fn run(
         unique: AtomicU64::new(0),
         group_last: (0..plan.groups).map(|_| AtomicU64::new(0)).collect(),
         seen: (0..plan.connections()).map(|_| AtomicU64::new(0)).collect(),
+        typed_at: (0..plan.connections()).map(|_| AtomicU64::new(0)).collect(),
+        forwarded: AtomicU64::new(0),
+        typing_received: AtomicU64::new(0),
     });
     let (phase_tx, phase_rx) = watch::channel(Phase::Wait);
     let senders = plan.groups * plan.senders_per_group;
@@ -450,6 +465,7 @@ pub async fn run(
             sends: sends && (plan.rate.is_none() || period.is_some()),
             period,
             window: plan.window.max(1),
+            typing: plan.typing,
         };
         tasks.spawn(job.run(ws, shared.clone(), phase_rx.clone()));
     }
@@ -490,6 +506,13 @@ pub async fn run(
         shared.unique.load(Ordering::Relaxed) >= expected && shared.all_delivered(plan.members)
     })
     .await;
+    // every typing signal passed on reaches the group's other members
+    let typing_expected =
+        shared.forwarded.load(Ordering::Relaxed) * plan.members.saturating_sub(1) as u64;
+    wait_for("typing", Duration::from_secs(10), || {
+        shared.typing_received.load(Ordering::Relaxed) >= typing_expected
+    })
+    .await;
     phase_tx.send_replace(Phase::Done);
 
     let mut delivery = Latency::default();
@@ -509,6 +532,17 @@ pub async fn run(
         acked += r.acked;
         skipped += r.skipped;
         unexpected += r.unexpected;
+    }
+    let typing_received = shared.typing_received.load(Ordering::Relaxed);
+    // more is fine: a typer still typing when the run ends gets a stop
+    // from its edge as its connection closes
+    if plan.typing && typing_received < typing_expected {
+        // signals are not stored: a miss is a fact to report, not a loss
+        // of data, and not checked by the message integrity
+        errors.insert(
+            format!("typing_received_{typing_received}_of_{typing_expected}"),
+            1,
+        );
     }
     let window_secs = |t: &Timeline| -> Vec<u64> { t.per_second() };
     let sent_ps = window_secs(&shared.sent);
@@ -571,6 +605,7 @@ struct Job {
     sends: bool,
     period: Option<Duration>,
     window: usize,
+    typing: bool,
 }
 
 /// Most unacknowledged sends one connection keeps at a fixed rate; past it
@@ -650,6 +685,9 @@ impl Job {
                                 continue;
                             };
                             shared.outstanding.fetch_sub(1, Ordering::Relaxed);
+                            if data.forwarded == Some(true) {
+                                shared.forwarded.fetch_add(1, Ordering::Relaxed);
+                            }
                             if frame.event == "ack" {
                                 r.acked += 1;
                                 shared.acked.add(1);
@@ -667,6 +705,20 @@ impl Job {
                                 want_send = 1;
                             }
                         }
+                        "a_typing" => {
+                            shared.typing_received.fetch_add(1, Ordering::Relaxed);
+                            shared.delivered.add(1);
+                            let typer = data
+                                .user_id
+                                .as_deref()
+                                .and_then(|u| u.strip_prefix('u'))
+                                .and_then(|i| i.parse::<usize>().ok())
+                                .and_then(|i| shared.typed_at.get(i))
+                                .map(|t| t.load(Ordering::Relaxed));
+                            if let Some(t) = typer && t >= from && t <= to {
+                                r.delivery.record_us(now.saturating_sub(t));
+                            }
+                        }
                         // a_message_status and the like
                         _ => {}
                     }
@@ -679,6 +731,27 @@ impl Job {
                 text.push_str(&pad[..room.min(pad.len())]);
                 let id = next_id;
                 next_id += 1;
+                if self.typing {
+                    // start and stop in turn: each one is news, so each is
+                    // passed on (a typer's period is over the edge's 2 s
+                    // refresh only for starts, which stops separate)
+                    let state = if r.sent % 2 == 0 { "start" } else { "stop" };
+                    let frame = json!({
+                        "event": "typing",
+                        "id": id,
+                        "data": { "groupId": self.group_id, "state": state }
+                    })
+                    .to_string();
+                    pending.insert(id, t);
+                    shared.outstanding.fetch_add(1, Ordering::Relaxed);
+                    if let Some(at) = shared.typed_at.get(self.index) {
+                        at.store(t, Ordering::Relaxed);
+                    }
+                    ws.send(Message::Text(frame.into())).await?;
+                    r.sent += 1;
+                    shared.sent.add(1);
+                    continue;
+                }
                 let frame = json!({
                     "event": "send_group_message",
                     "id": id,

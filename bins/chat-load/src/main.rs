@@ -35,6 +35,9 @@ enum Scenario {
     /// 5,000 connections opened at a fixed rate, then idle: memory per
     /// connection.
     Storm,
+    /// One group of 1,000 members, 20 of them typing (`start` and `stop` in
+    /// turn, 40 signals/s in all): the fan-out of an ephemeral event.
+    Typing,
 }
 
 /// Load generator and benchmark for the chat system.
@@ -97,6 +100,7 @@ fn plan(a: &Args) -> anyhow::Result<load::Plan> {
             ManyUsers => (100, 10, 10, Some(500.0), 1, 256, 30, 200.0, 9_000),
             CatchUp => (1, 2, 1, None, 1, 256, 0, 10.0, 0),
             Storm => (500, 10, 0, Some(0.0), 1, 64, 5, 500.0, 0),
+            Typing => (1, 1000, 20, Some(40.0), 1, 64, 30, 200.0, 0),
         };
     let rate = match a.rate.as_deref() {
         None => rate,
@@ -114,6 +118,7 @@ fn plan(a: &Args) -> anyhow::Result<load::Plan> {
         duration: Duration::from_secs(a.duration_secs.unwrap_or(duration)),
         connect_rate: a.connect_rate.unwrap_or(connect_rate),
         offline_users: a.offline_users.unwrap_or(offline),
+        typing: a.scenario == Typing,
     })
 }
 

@@ -15,6 +15,8 @@
 //!   (`places.rs`);
 //! - `chat.ctl.members.<groupId>` (core NATS): "this group's membership
 //!   changed", between workers.
+//! - `chat.signal.<groupId>` (core NATS): ephemeral group events (typing)
+//!   from the sender's edge to every edge (`signals.rs`).
 //!
 //! Each edge reads both streams once through consumers of its own
 //! (`live.rs`) and writes them to its connections; a device's place in
@@ -46,6 +48,7 @@ mod messages;
 mod persist;
 mod places;
 mod sends;
+mod signals;
 
 pub use defs::Definitions;
 pub use live::{
@@ -58,6 +61,9 @@ pub use places::{
     DEVICE_NOTICES, PLACES_BUCKET, Place, Places, Saved, Stored, device_notice_subject, place_key,
 };
 pub use sends::{Claimed, SENDS_BUCKET, SendLog, SendRecord, send_key};
+pub use signals::{
+    BadSignal, GROUP_SIGNALS, SIGNAL_FROM, SIGNAL_MAX_BYTES, Signal, group_signal_subject,
+};
 
 /// The header JetStream uses to drop duplicate publishes.
 const MSG_ID: &str = "Nats-Msg-Id";

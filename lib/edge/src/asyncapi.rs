@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 
 use chat_protocol::{
     AcknowledgeAck, AcknowledgeMessage, ErrorBody, GroupEvent, GroupRef, MessageStatusPush,
-    MessageView, NotifyAck, SendAck, SendMessage, SessionInfo, SubscribeAck, event,
+    MessageView, NotifyAck, SendAck, SendMessage, SessionInfo, SubscribeAck, Typing, TypingAck,
+    TypingPush, event,
 };
 use serde_json::{Value, json};
 use utoipa::{
@@ -19,7 +20,7 @@ use utoipa::{
 use crate::ws;
 
 /// A request, the type of its `data`, and the type of its ack's `data`.
-const REQUESTS: [(&str, &str, &str, &str); 4] = [
+const REQUESTS: [(&str, &str, &str, &str); 5] = [
     (
         event::NOTIFY_CREATE_GROUP,
         "GroupRef",
@@ -45,10 +46,17 @@ const REQUESTS: [(&str, &str, &str, &str); 4] = [
         "AcknowledgeAck",
         "The member has read everything up to this message.",
     ),
+    (
+        event::TYPING,
+        "Typing",
+        "TypingAck",
+        "The group's other connected members get `a_typing`; a `start` is passed on at most once \
+         per 2 s per group and holds for 6 s. Never stored.",
+    ),
 ];
 
 /// A push, the type of its `data`, and what it says.
-const PUSHES: [(&str, &str, &str); 5] = [
+const PUSHES: [(&str, &str, &str); 6] = [
     (event::SESSION, "SessionInfo", "First on every connection."),
     (
         event::GROUP_CREATED,
@@ -69,6 +77,11 @@ const PUSHES: [(&str, &str, &str); 5] = [
         event::MESSAGE_STATUS,
         "MessageStatusPush",
         "To senders: a member's delivered and read watermarks moved.",
+    ),
+    (
+        event::USER_TYPING,
+        "TypingPush",
+        "A member started (holding for `expiresInMs`) or stopped typing; only while connected.",
     ),
 ];
 
@@ -113,6 +126,9 @@ fn schemas() -> BTreeMap<String, Value> {
     schema_of::<GroupEvent>(&mut all);
     schema_of::<MessageView>(&mut all);
     schema_of::<MessageStatusPush>(&mut all);
+    schema_of::<Typing>(&mut all);
+    schema_of::<TypingAck>(&mut all);
+    schema_of::<TypingPush>(&mut all);
     all.into_iter()
         .map(|(name, schema)| (name, serde_json::to_value(schema).unwrap_or_default()))
         .collect()
@@ -322,6 +338,7 @@ mod tests {
             chat_protocol::event::GROUP_UPDATED,
             chat_protocol::event::GROUP_MESSAGE,
             chat_protocol::event::MESSAGE_STATUS,
+            chat_protocol::event::USER_TYPING,
         ] {
             assert!(messages.contains_key(e), "{e}");
         }

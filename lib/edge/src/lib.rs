@@ -25,6 +25,7 @@ mod limits;
 mod live;
 pub mod openapi;
 mod rest;
+mod signals;
 pub mod telemetry;
 mod web;
 mod workers;
@@ -206,6 +207,7 @@ impl AppState {
         }));
         tokio::spawn(ws::report_delivered(Arc::downgrade(&state.0)));
         tokio::spawn(evictions::listen(Arc::downgrade(&state.0)));
+        tokio::spawn(signals::listen(Arc::downgrade(&state.0)));
         let feeds = [chat_bus::Feed::Groups, chat_bus::Feed::User]
             .map(|f| tokio::spawn(live::feed(Arc::downgrade(&state.0), f)).abort_handle());
         *state.feed_tasks.lock().unwrap_or_else(|e| e.into_inner()) = feeds.into();

@@ -60,6 +60,11 @@ pub(crate) trait Sink: Send + Sync {
     /// connection is closed as too slow), `Err(false)` if the connection is
     /// gone.
     fn offer(&self, frame: LiveFrame) -> Result<(), bool>;
+
+    /// Queues an ephemeral frame (a signal) if there is room; whether it
+    /// was queued. A full queue drops it and closes nothing: signals expire
+    /// on their own and nobody resumes them.
+    fn offer_signal(&self, frame: Utf8Bytes) -> bool;
 }
 
 /// Frames a catching-up connection may hold; past it, the catch-up goes on
@@ -282,6 +287,28 @@ impl LiveHub {
         }
     }
 
+    /// Queues a signal of `group` (typing) on every local connection that
+    /// follows the group, except those of `from`, whatever their phase: a
+    /// signal has no place in the stream, so a catching-up connection gets
+    /// it at once. Returns how many took it.
+    pub(crate) fn signal(&self, group: &str, from: &str, frame: &Utf8Bytes) -> usize {
+        let hub = self.lock();
+        let Some(ids) = hub.by_group.get(group) else {
+            return 0;
+        };
+        let mut queued = 0;
+        for id in ids {
+            let Some(conn) = hub.conns.get(id) else {
+                continue;
+            };
+            if &*conn.user == from || matches!(conn.phase, Phase::Closed) {
+                continue;
+            }
+            queued += usize::from(conn.sink.offer_signal(frame.clone()));
+        }
+        queued
+    }
+
     /// Moves on past `stream_seq` (traffic no connection needs).
     pub(crate) fn pass(&self, stream_seq: u64) {
         let _hub = self.lock();
@@ -408,6 +435,14 @@ impl Registration {
     /// what its catch-up looks at.
     pub(crate) fn loaded(&self) -> Vec<String> {
         self.keys(|c| &c.loaded)
+    }
+
+    /// Whether the connection follows `key` now.
+    pub(crate) fn follows(&self, key: &str) -> bool {
+        let hub = self.hub.lock();
+        hub.conns
+            .get(&self.id)
+            .is_some_and(|c| c.groups.contains(key))
     }
 
     /// The keys the connection follows now, sorted.
@@ -600,6 +635,7 @@ mod tests {
     #[derive(Default)]
     struct Kept {
         frames: Mutex<Vec<LiveFrame>>,
+        signals: Mutex<Vec<Utf8Bytes>>,
         room: Option<usize>,
     }
 
@@ -618,6 +654,11 @@ mod tests {
             }
             frames.push(frame);
             Ok(())
+        }
+
+        fn offer_signal(&self, frame: Utf8Bytes) -> bool {
+            self.signals.lock().expect("lock").push(frame);
+            true
         }
     }
 
@@ -671,6 +712,34 @@ mod tests {
         assert_eq!(b.seqs(), [1, 2]);
         assert_eq!(c.seqs(), [2]);
         assert_eq!(hub.position(), 3);
+    }
+
+    #[test]
+    fn a_signal_reaches_the_group_s_other_members_whatever_their_phase() {
+        let hub = hub();
+        let (_a, a) = live(&hub, "ann", &["g"]);
+        let (b_reg, b) = catching_up(&hub, "bob", &["g"]);
+        let (_c, c) = live(&hub, "cy", &["other"]);
+        let frame = Utf8Bytes::from("typing");
+        assert_eq!(hub.signal("g", "ann", &frame), 1);
+        assert!(
+            a.signals.lock().expect("lock").is_empty(),
+            "not to the sender"
+        );
+        assert_eq!(
+            b.signals.lock().expect("lock").len(),
+            1,
+            "while catching up too"
+        );
+        assert!(c.signals.lock().expect("lock").is_empty());
+        assert!(b_reg.follows("g") && !b_reg.follows("other"));
+        // a removed member no longer hears the group
+        hub.membership(1, "g", "bob", false);
+        assert_eq!(hub.signal("g", "ann", &frame), 0);
+        assert!(!b_reg.follows("g"));
+        // and signals move no position
+        assert_eq!(hub.position(), 1);
+        assert!(a.seqs().is_empty());
     }
 
     #[test]

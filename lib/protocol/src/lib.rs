@@ -11,7 +11,7 @@ mod view;
 pub use reply::{
     AcknowledgeAck, DevToken, GroupPage, GroupSummary, Health, MediaLink, MemberStatus,
     MessagePage, MessageStatus, MessageStatusPush, NotifyAck, Readiness, SendAck, SubscribeAck,
-    UploadTicket, WebConfig,
+    TYPING_EXPIRES_MS, TypingAck, TypingPush, UploadTicket, WebConfig,
 };
 pub use view::{
     EVENT_MEMBERS_MAX, GroupChangeView, GroupView, MemberView, MessageView, format_millis,
@@ -25,6 +25,7 @@ pub mod event {
     pub const SUBSCRIBE_TO_GROUP: &str = "subscribe_to_group";
     pub const SEND_GROUP_MESSAGE: &str = "send_group_message";
     pub const ACKNOWLEDGE_GROUP_MESSAGE: &str = "acknowledge_group_message";
+    pub const TYPING: &str = "typing";
     // server to client
     pub const ACK: &str = "ack";
     pub const ERROR: &str = "error";
@@ -33,6 +34,7 @@ pub mod event {
     pub const GROUP_UPDATED: &str = "a_group_updated";
     pub const GROUP_MESSAGE: &str = "a_group_message";
     pub const MESSAGE_STATUS: &str = "a_message_status";
+    pub const USER_TYPING: &str = "a_typing";
 }
 
 /// Stable, machine-readable error codes.
@@ -150,6 +152,22 @@ pub struct AcknowledgeMessage {
     pub message_id: String,
 }
 
+/// Whether a member started or stopped typing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TypingState {
+    Start,
+    Stop,
+}
+
+/// `data` of `typing`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Typing {
+    pub group_id: String,
+    pub state: TypingState,
+}
+
 /// `data` of `a_group_created` and `a_group_updated`.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GroupEvent {
@@ -213,6 +231,7 @@ pub enum Request {
     SubscribeToGroup(GroupRef),
     SendGroupMessage(SendMessage),
     AcknowledgeGroupMessage(AcknowledgeMessage),
+    Typing(Typing),
 }
 
 /// Why a frame is not a request.
@@ -235,11 +254,12 @@ impl std::fmt::Display for RequestError {
 
 impl Request {
     /// Every request's event name.
-    pub const EVENTS: [&'static str; 4] = [
+    pub const EVENTS: [&'static str; 5] = [
         event::NOTIFY_CREATE_GROUP,
         event::SUBSCRIBE_TO_GROUP,
         event::SEND_GROUP_MESSAGE,
         event::ACKNOWLEDGE_GROUP_MESSAGE,
+        event::TYPING,
     ];
 
     /// The request `event` names, with its `data` decoded.
@@ -252,6 +272,7 @@ impl Request {
             event::ACKNOWLEDGE_GROUP_MESSAGE => {
                 Self::AcknowledgeGroupMessage(decode_data(data).map_err(bad)?)
             }
+            event::TYPING => Self::Typing(decode_data(data).map_err(bad)?),
             other => {
                 let mut shown: String = other.chars().take(64).collect();
                 if shown.len() < other.len() {
@@ -269,6 +290,7 @@ impl Request {
             Self::SubscribeToGroup(_) => event::SUBSCRIBE_TO_GROUP,
             Self::SendGroupMessage(_) => event::SEND_GROUP_MESSAGE,
             Self::AcknowledgeGroupMessage(_) => event::ACKNOWLEDGE_GROUP_MESSAGE,
+            Self::Typing(_) => event::TYPING,
         }
     }
 }

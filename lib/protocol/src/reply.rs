@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{GroupView, MessageView};
+use crate::{GroupView, MessageView, TypingState};
 
 /// `ack` of `notify_create_group`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -46,6 +46,35 @@ pub struct AcknowledgeAck {
     /// The member's read watermark after this (an earlier, higher one
     /// stays).
     pub read_seq: u64,
+}
+
+/// `ack` of `typing`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TypingAck {
+    pub group_id: String,
+    pub state: TypingState,
+    /// Whether the other members were told: a `start` within 2 s of the
+    /// last one told, and a `stop` with no `start` told before it, are
+    /// taken but not passed on.
+    pub forwarded: bool,
+}
+
+/// How long an `a_typing` `start` holds, in milliseconds, unless a `stop`
+/// or another `start` comes first.
+pub const TYPING_EXPIRES_MS: u64 = 6_000;
+
+/// `a_typing`, to the group's other connected members: `userId` started or
+/// stopped typing in the group. Never stored: a connection receives it
+/// only while it is open. A `start` holds for `expiresInMs`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TypingPush {
+    pub group_id: String,
+    pub user_id: String,
+    pub state: TypingState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in_ms: Option<u64>,
 }
 
 /// `a_message_status`, to senders: member `userId` has received everything

@@ -25,6 +25,8 @@ fn data_as(name: &str, data: &Value) -> Result<(), String> {
         "SubscribeAck" => round_trip::<SubscribeAck>(data),
         "SendAck" => round_trip::<SendAck>(data),
         "AcknowledgeAck" => round_trip::<AcknowledgeAck>(data),
+        "TypingAck" => round_trip::<TypingAck>(data),
+        "TypingPush" => round_trip::<TypingPush>(data),
         "SessionInfo" => round_trip::<SessionInfo>(data),
         "GroupEvent" => round_trip::<GroupEvent>(data),
         "MessageView" => round_trip::<MessageView>(data),
@@ -53,6 +55,7 @@ fn push_event(name: &str) -> &'static [&'static str] {
         "GroupEvent" => &[event::GROUP_CREATED, event::GROUP_UPDATED],
         "MessageView" => &[event::GROUP_MESSAGE],
         "MessageStatusPush" => &[event::MESSAGE_STATUS],
+        "TypingPush" => &[event::USER_TYPING],
         _ => &[],
     }
 }
@@ -79,6 +82,7 @@ fn check(kind: &str, v: &Value) -> Result<(), String> {
                 }
                 Request::SendGroupMessage(m) => serde_json::to_value(m),
                 Request::AcknowledgeGroupMessage(m) => serde_json::to_value(m),
+                Request::Typing(t) => serde_json::to_value(t),
             }
             .map_err(|e| e.to_string())?;
             if back != frame.data {

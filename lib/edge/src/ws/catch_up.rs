@@ -368,7 +368,7 @@ mod tests {
             .map(|(out, _)| match out {
                 Outgoing::Live(f) => format!("{}@{}", f.group, f.stream_seq),
                 Outgoing::Through(feed, at) => format!("through {} {at}", feed.label()),
-                Outgoing::Frame(_) => "frame".into(),
+                Outgoing::Frame(_) | Outgoing::Signal(_) => "frame".into(),
                 Outgoing::Close(code, _) => format!("close {code}"),
             })
             .collect()

@@ -9,6 +9,8 @@
 //!   and the hand-over to the live feeds (`crate::live`);
 //! - `frames`: group messages opened once per edge;
 //! - `receipts`: what was written, reported as delivered;
+//! - `typing`: typing notices, checked and rate-limited, passed to every
+//!   edge;
 //! - `visibility`: where each group's history starts for the connection
 //!   (groups with `joined` history).
 //!
@@ -36,10 +38,10 @@ use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use chat_auth::{AuthError, Identity};
 use chat_bus::{Envelope, Feed};
 use chat_crypto::{MessageBinding, Sealed};
-use chat_domain::{DeviceId, UserId};
+use chat_domain::{DeviceId, GroupId, UserId};
 use chat_protocol::{
     AcknowledgeAck, ClientFrame, ErrorCode, GroupRef, MAX_REQUEST_ID_LEN, MessageView, NotifyAck,
-    Request, SendAck, ServerFrame, SessionInfo, SubscribeAck, event, format_millis,
+    Request, SendAck, ServerFrame, SessionInfo, SubscribeAck, TypingAck, event, format_millis,
 };
 use chat_rpc::pb;
 use futures::{SinkExt, StreamExt};
@@ -65,10 +67,13 @@ mod frames;
 mod outbox;
 mod receipts;
 mod session;
+mod typing;
 mod visibility;
 mod writer;
 
-use self::{catch_up::*, frames::*, outbox::*, session::*, visibility::*, writer::*};
+use self::{
+    catch_up::*, frames::*, outbox::*, session::*, typing::Typing, visibility::*, writer::*,
+};
 pub(crate) use self::{
     frames::{OpenedFrames, open_live},
     receipts::{DeliveredHub, flush_delivered, report_delivered},

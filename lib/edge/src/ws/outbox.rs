@@ -8,6 +8,9 @@ pub(super) enum Outgoing {
     Frame(String),
     /// A group message or notification, live or from a catch-up.
     Live(LiveFrame),
+    /// An ephemeral frame (typing) shared by every connection it goes to;
+    /// it moves no place.
+    Signal(Utf8Bytes),
     /// Everything of the feed up to this stream sequence is queued before
     /// this: once written, the device's place may move there.
     Through(Feed, u64),
@@ -20,6 +23,7 @@ impl Outgoing {
         match self {
             Outgoing::Frame(text) => text.len(),
             Outgoing::Live(f) => f.text.len(),
+            Outgoing::Signal(text) => text.len(),
             Outgoing::Through(..) => 0,
             Outgoing::Close(_, reason) => reason.len(),
         }
@@ -144,6 +148,19 @@ impl Sink for Outbox {
             Err(TrySendError::Closed(_)) => Err(false),
         }
     }
+
+    fn offer_signal(&self, frame: Utf8Bytes) -> bool {
+        let out = Outgoing::Signal(frame);
+        let n = out.size().clamp(1, self.budget_bytes);
+        let Ok(permit) = self
+            .budget
+            .clone()
+            .try_acquire_many_owned(u32::try_from(n).unwrap_or(u32::MAX))
+        else {
+            return false;
+        };
+        self.tx.try_send((out, permit)).is_ok()
+    }
 }
 
 #[cfg(test)]
@@ -187,6 +204,16 @@ mod tests {
         assert_eq!(tx.offer(frame(10, 1)), Ok(()));
         assert_eq!(tx.offer(frame(10, 2)), Ok(()));
         assert_eq!(tx.offer(frame(10, 3)), Err(true));
+    }
+
+    #[test]
+    fn a_signal_that_finds_no_room_is_dropped_and_closes_nothing() {
+        let (tx, mut inbox) = Outbox::new(1, 1024);
+        assert_eq!(tx.offer(frame(10, 1)), Ok(()));
+        assert!(!tx.offer_signal(Utf8Bytes::from("typing")));
+        assert_eq!(inbox.close.peek(), None);
+        let _ = inbox.rx.try_recv();
+        assert!(tx.offer_signal(Utf8Bytes::from("typing")));
     }
 
     #[test]

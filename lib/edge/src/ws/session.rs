@@ -13,6 +13,9 @@ pub(super) struct Session {
     pub(super) tx: Outbox,
     pub(super) bucket: TokenBucket,
     pub(super) errors_in_a_row: u32,
+    /// The connection's place in the group hub: the groups it follows.
+    pub(super) groups: Arc<Registration>,
+    pub(super) typing: Typing,
 }
 
 impl Session {
@@ -90,6 +93,8 @@ impl Session {
             device,
             tx,
             errors_in_a_row: 0,
+            groups: regs[0].clone(),
+            typing: Typing::default(),
         };
         let mut checkpoint =
             tokio::time::interval_at(tokio::time::Instant::now() + CHECKPOINT, CHECKPOINT);
@@ -115,6 +120,8 @@ impl Session {
                     None
                 }
                 _ = checkpoint.tick() => {
+                    let ran_out = session.typing.expired(std::time::Instant::now());
+                    typing::stop_all(&session.app, &session.me.user_id, ran_out);
                     // idle connections spawn nothing
                     if saver.due().is_some() {
                         let saver = saver.clone();
@@ -172,6 +179,7 @@ impl Session {
         for reg in &regs {
             reg.leave();
         }
+        typing::stop_all(&session.app, &session.me.user_id, session.typing.drain());
         drop(session);
         let aborts = [
             catch_ups[0].abort_handle(),
@@ -326,6 +334,33 @@ impl Session {
                     group_id: m.group_id,
                     message_id: m.message_id,
                     read_seq: r.read_seq,
+                })
+            }
+            Request::Typing(t) => {
+                let group =
+                    GroupId::parse(t.group_id).map_err(|e| ApiError::invalid(e.to_string()))?;
+                if !self.groups.follows(group.as_str()) {
+                    return Err(ApiError::new(
+                        ErrorCode::Forbidden,
+                        "you do not follow this group: subscribe_to_group first",
+                    ));
+                }
+                let forwarded = self
+                    .typing
+                    .on(&group, t.state, std::time::Instant::now())
+                    .map_err(|_| {
+                        ApiError::new(
+                            ErrorCode::RateLimited,
+                            format!("typing in more than {} groups at once", typing::GROUPS_MAX),
+                        )
+                    })?;
+                if forwarded {
+                    typing::publish(&self.app, &self.me.user_id, &group, t.state).await?;
+                }
+                ack_data(&TypingAck {
+                    group_id: group.into_string(),
+                    state: t.state,
+                    forwarded,
                 })
             }
             Request::SubscribeToGroup(GroupRef { group_id }) => {

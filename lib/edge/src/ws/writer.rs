@@ -5,7 +5,7 @@ use super::*;
 
 /// The name of a frame's event, for metrics (one of ours, or "other").
 pub(super) fn event_of(frame: &str) -> &'static str {
-    const NAMES: [&str; 7] = [
+    const NAMES: [&str; 8] = [
         event::ACK,
         event::ERROR,
         event::SESSION,
@@ -13,6 +13,7 @@ pub(super) fn event_of(frame: &str) -> &'static str {
         event::GROUP_UPDATED,
         event::GROUP_MESSAGE,
         event::MESSAGE_STATUS,
+        event::USER_TYPING,
     ];
     let name = frame
         .strip_prefix("{\"event\":\"")
@@ -64,6 +65,11 @@ pub(super) async fn write_loop(
                 metrics::counter!("chat_ws_events_out_total", "event" => event_of(&text))
                     .increment(1);
                 fed(&mut sink, Message::Text(text.into()), deadline).await
+            }
+            Outgoing::Signal(text) => {
+                metrics::counter!("chat_ws_events_out_total", "event" => event_of(&text))
+                    .increment(1);
+                fed(&mut sink, Message::Text(text), deadline).await
             }
             Outgoing::Live(f) => {
                 if f.caught_up {

@@ -1,0 +1,159 @@
+//! Signals: ephemeral group events (typing) passed between edges over core
+//! NATS, on `chat.signal.<groupId>`.
+//!
+//! Never stored and never acknowledged: an edge that is disconnected while
+//! one passes misses it, which is what an ephemeral event may do (each
+//! carries its own expiry). Every edge subscribes once to all of them
+//! ([`GROUP_SIGNALS`]), so one signal costs nats-server one delivery per
+//! edge, whatever the size of the group. The payload is the push frame as
+//! the receiving connections get it, written by the sender's edge from its
+//! verified identity; the sender rides in a header ([`SIGNAL_FROM`]) so that
+//! edges skip the sender's own connections without parsing the frame. Only
+//! edges may publish here (`nats/auth.conf`).
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use chat_domain::{GroupId, UserId};
+
+use crate::{Bus, BusError};
+
+/// Every group's signals.
+pub const GROUP_SIGNALS: &str = "chat.signal.*";
+/// The header naming the user a signal is from.
+pub const SIGNAL_FROM: &str = "Chat-From";
+/// The largest signal an edge passes on; larger ones are dropped.
+pub const SIGNAL_MAX_BYTES: usize = 1024;
+
+const PREFIX: &str = "chat.signal.";
+
+/// The subject of `group`'s signals (injective: ids never contain `.`).
+pub fn group_signal_subject(group: &GroupId) -> String {
+    format!("{PREFIX}{group}")
+}
+
+/// A signal as an edge received it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signal {
+    pub group: GroupId,
+    pub from: UserId,
+    /// The push frame, ready to write.
+    pub frame: Bytes,
+}
+
+/// Why a message on the signal subjects was dropped.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadSignal {
+    #[error("not a group signal subject")]
+    Subject,
+    #[error("no valid {SIGNAL_FROM} header")]
+    From,
+    #[error("larger than {SIGNAL_MAX_BYTES} bytes or not UTF-8")]
+    Payload,
+}
+
+impl Signal {
+    /// Reads a signal off its subject, header and payload.
+    pub fn read(
+        subject: &str,
+        headers: Option<&HeaderMap>,
+        payload: &Bytes,
+    ) -> Result<Self, BadSignal> {
+        let group = subject
+            .strip_prefix(PREFIX)
+            .and_then(|g| GroupId::parse(g).ok())
+            .ok_or(BadSignal::Subject)?;
+        let from = headers
+            .and_then(|h| h.get(SIGNAL_FROM))
+            .and_then(|v| UserId::parse(v.as_str()).ok())
+            .ok_or(BadSignal::From)?;
+        if payload.len() > SIGNAL_MAX_BYTES || std::str::from_utf8(payload).is_err() {
+            return Err(BadSignal::Payload);
+        }
+        Ok(Self {
+            group,
+            from,
+            frame: payload.clone(),
+        })
+    }
+}
+
+impl Bus {
+    /// Publishes `frame` to every edge as a signal of `group` from `from`.
+    /// Core NATS: it is buffered and sent, never confirmed.
+    pub async fn signal(
+        &self,
+        group: &GroupId,
+        from: &UserId,
+        frame: Bytes,
+    ) -> Result<(), BusError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(SIGNAL_FROM, from.as_str());
+        self.client
+            .publish_with_headers(group_signal_subject(group), headers, frame)
+            .await
+            .map_err(BusError::nats)
+    }
+
+    /// Every group's signals, for an edge's lifetime (the client subscribes
+    /// again by itself after a reconnect).
+    pub async fn signals(&self) -> Result<async_nats::Subscriber, BusError> {
+        self.client
+            .subscribe(GROUP_SIGNALS)
+            .await
+            .map_err(BusError::nats)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn from(user: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(SIGNAL_FROM, user);
+        h
+    }
+
+    #[test]
+    fn a_signal_is_read_back_from_its_subject_and_header() {
+        let g = GroupId::parse("g-1").expect("id");
+        let subject = group_signal_subject(&g);
+        let frame = Bytes::from_static(br#"{"event":"a_typing","data":{}}"#);
+        let s = Signal::read(&subject, Some(&from("alice")), &frame).expect("reads");
+        assert_eq!(s.group, g);
+        assert_eq!(s.from.as_str(), "alice");
+        assert_eq!(s.frame, frame);
+    }
+
+    #[test]
+    fn malformed_signals_are_refused() {
+        let ok = Bytes::from_static(b"{}");
+        let h = from("alice");
+        assert_eq!(
+            Signal::read("chat.signal.a.b", Some(&h), &ok),
+            Err(BadSignal::Subject)
+        );
+        assert_eq!(
+            Signal::read("chat.other.g", Some(&h), &ok),
+            Err(BadSignal::Subject)
+        );
+        assert_eq!(
+            Signal::read("chat.signal.g", None, &ok),
+            Err(BadSignal::From)
+        );
+        assert_eq!(
+            Signal::read("chat.signal.g", Some(&from("a.b")), &ok),
+            Err(BadSignal::From)
+        );
+        let big = Bytes::from(vec![b'x'; SIGNAL_MAX_BYTES + 1]);
+        assert_eq!(
+            Signal::read("chat.signal.g", Some(&h), &big),
+            Err(BadSignal::Payload)
+        );
+        let binary = Bytes::from_static(&[0xff, 0xfe]);
+        assert_eq!(
+            Signal::read("chat.signal.g", Some(&h), &binary),
+            Err(BadSignal::Payload)
+        );
+    }
+}
