@@ -525,3 +525,116 @@ async fn a_start_that_is_not_renewed_runs_out_with_a_stop() -> anyhow::Result<()
     alice.send_text(&g, "m1", "sent").await?;
     c.stop().await
 }
+
+/// `user`'s entry in `GET /groups/{group}/presence`, asked as `asker`.
+async fn presence_of(c: &Cluster, asker: &str, group: &str, user: &str) -> anyhow::Result<Value> {
+    let (status, body) = c
+        .get(0, asker, &format!("/groups/{group}/presence"))
+        .await?;
+    anyhow::ensure!(status == 200, "presence: {status} {body}");
+    body["members"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["userId"] == user))
+        .cloned()
+        .context("no such member")
+}
+
+/// The next `a_presence` of `user` that says `online`, skipping the rest.
+async fn next_presence(
+    client: &mut chat_tests::Client,
+    user: &str,
+    online: bool,
+) -> anyhow::Result<Value> {
+    loop {
+        let p = client.skip_to("a_presence").await?;
+        if p["data"]["userId"] == user && p["data"]["online"] == online {
+            return Ok(p["data"].clone());
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_follows_every_connection_of_a_user_on_every_edge() -> anyhow::Result<()> {
+    use std::time::Duration;
+    let c = Cluster::start(2, 2).await?;
+    let g = c.room(&["alice", "bob", "carol"]).await?;
+    // the room's setup connections came and went
+    for user in ["alice", "carol"] {
+        chat_tests::eventually(chat_tests::PROMPTLY, || async {
+            let p = presence_of(&c, "bob", &g, user).await?;
+            Ok((p["online"] == false && p["lastSeen"].is_string()).then_some(()))
+        })
+        .await?;
+    }
+    let mut bob = c.connect(1, "bob", "phone").await?;
+    chat_tests::eventually(chat_tests::PROMPTLY, || async {
+        let p = presence_of(&c, "carol", &g, "bob").await?;
+        Ok((p == json!({"userId": "bob", "online": true})).then_some(()))
+    })
+    .await?;
+
+    // alice's first connection: bob hears she is online
+    let web = c.connect(0, "alice", "web").await?;
+    let on = next_presence(&mut bob, "alice", true).await?;
+    assert_eq!(on, json!({"userId": "alice", "online": true}));
+    // a second one on the other edge, then the first closes: still online
+    let tab = c.connect(1, "alice", "tab").await?;
+    let bus = c.bus().await?.presence();
+    let alice = chat_domain::UserId::parse("alice")?;
+    chat_tests::eventually(chat_tests::PROMPTLY, || async {
+        Ok((bus.get(&alice).await?.edges.len() == 2).then_some(()))
+    })
+    .await?;
+    web.close().await?;
+    chat_tests::eventually(chat_tests::PROMPTLY, || async {
+        Ok((bus.get(&alice).await?.edges.len() == 1).then_some(()))
+    })
+    .await?;
+    assert_eq!(presence_of(&c, "bob", &g, "alice").await?["online"], true);
+    // carol comes (announced by the edge alice is still on): the next
+    // presence bob hears is carol's, nothing of alice
+    let _carol = c.connect(1, "carol", "web").await?;
+    let next = bob.skip_to("a_presence").await?;
+    assert_eq!(next["data"], json!({"userId": "carol", "online": true}));
+    // alice's last connection closes: offline, with when
+    tab.close().await?;
+    let off = next_presence(&mut bob, "alice", false).await?;
+    let seen = off["lastSeen"].as_str().context("lastSeen")?.to_owned();
+    let entry = presence_of(&c, "bob", &g, "alice").await?;
+    assert_eq!(
+        entry,
+        json!({"userId": "alice", "online": false, "lastSeen": seen})
+    );
+
+    // only members see a group's presence
+    let (status, _) = c
+        .get(0, "mallory", &format!("/groups/{g}/presence"))
+        .await?;
+    assert_eq!(status, 403);
+
+    // an edge that dies: its users go offline once the workers notice it
+    // stopped beating (15 s, swept every 5 s)
+    let mut doomed = c.spawn_process("edge").await?;
+    let _alice = c.connect_to(&doomed, "alice", "laptop").await?;
+    next_presence(&mut bob, "alice", true).await?;
+    let killed = std::time::Instant::now();
+    doomed.kill();
+    let mut within = Duration::from_secs(40);
+    let off = loop {
+        let frame = bob.recv(within).await?.context("bob's connection closed")?;
+        if frame["event"] == "a_presence"
+            && frame["data"]["userId"] == "alice"
+            && frame["data"]["online"] == false
+        {
+            break frame["data"].clone();
+        }
+        within = Duration::from_secs(40).saturating_sub(killed.elapsed());
+    };
+    assert!(off["lastSeen"].is_string(), "{off}");
+    assert!(
+        killed.elapsed() < Duration::from_secs(30),
+        "offline after {:?}",
+        killed.elapsed()
+    );
+    c.stop().await
+}

@@ -48,6 +48,8 @@ pub struct Plan {
     /// Senders send `typing` (`start` and `stop` in turn, each passed on)
     /// instead of messages; receivers count `a_typing`.
     pub typing: bool,
+    /// Count `a_presence` and time `GET /groups/{id}/presence`.
+    pub presence: bool,
 }
 
 impl Plan {
@@ -87,6 +89,9 @@ struct Shared {
     forwarded: AtomicU64,
     /// `a_typing` frames received, all receivers.
     typing_received: AtomicU64,
+    /// `a_presence` frames received once connected, and of those, in the
+    /// measured window.
+    presence_received: (AtomicU64, AtomicU64),
 }
 
 impl Shared {
@@ -151,6 +156,9 @@ pub struct ChatResult {
     /// nats-server's growth per connection (its client connection's
     /// share and whatever a device costs it), same window.
     pub nats_kib_per_connection: f64,
+    /// Presence figures (the presence scenario).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub presence: Option<PresenceFigures>,
 }
 
 pub fn token(user: &str) -> anyhow::Result<String> {
@@ -448,6 +456,7 @@ pub async fn run(
         typed_at: (0..plan.connections()).map(|_| AtomicU64::new(0)).collect(),
         forwarded: AtomicU64::new(0),
         typing_received: AtomicU64::new(0),
+        presence_received: (AtomicU64::new(0), AtomicU64::new(0)),
     });
     let (phase_tx, phase_rx) = watch::channel(Phase::Wait);
     let senders = plan.groups * plan.senders_per_group;
@@ -487,6 +496,11 @@ pub async fn run(
     shared.measure.1.store(to, Ordering::Relaxed);
     let usage = window.close();
     let measured_secs = measured_at.elapsed().as_secs_f64();
+    let presence = if plan.presence {
+        Some(presence_figures(addr, &groups[0], &shared).await?)
+    } else {
+        None
+    };
     phase_tx.send_replace(Phase::Stop);
 
     // every send answered, then every member has everything
@@ -581,8 +595,57 @@ pub async fn run(
         delivered_per_second: delivered_ps[..last_busy.min(delivered_ps.len())].to_vec(),
         chatd_kib_per_connection: per_conn(mem_before.0.rss_kib, mem_after.0.rss_kib),
         nats_kib_per_connection: per_conn(mem_before.1.rss_kib, mem_after.1.rss_kib),
+        presence,
     };
     Ok((result, usage))
+}
+
+/// What presence cost in a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct PresenceFigures {
+    /// `a_presence` frames received by all members once connected.
+    pub frames_after_connect: u64,
+    /// Of those, in the measured window (everyone connected, idle).
+    pub frames_while_idle: u64,
+    /// `GET /groups/{id}/presence` of the whole group, 20 times.
+    pub get_p50_ms: f64,
+    pub get_max_ms: f64,
+    pub members_listed: usize,
+    pub online_listed: usize,
+}
+
+async fn presence_figures(
+    addr: SocketAddr,
+    group: &str,
+    shared: &Shared,
+) -> anyhow::Result<PresenceFigures> {
+    let http = reqwest::Client::new();
+    let mut times = Vec::new();
+    let mut body = Value::Null;
+    for _ in 0..20 {
+        let t = Instant::now();
+        let r = http
+            .get(format!("http://{addr}/groups/{group}/presence"))
+            .bearer_auth(token(&user(0))?)
+            .send()
+            .await?;
+        let status = r.status();
+        body = r.json().await?;
+        if status != 200 {
+            bail!("presence: {status} {body}");
+        }
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    let members = body["members"].as_array().cloned().unwrap_or_default();
+    Ok(PresenceFigures {
+        frames_after_connect: shared.presence_received.0.load(Ordering::Relaxed),
+        frames_while_idle: shared.presence_received.1.load(Ordering::Relaxed),
+        get_p50_ms: times[times.len() / 2],
+        get_max_ms: times[times.len() - 1],
+        members_listed: members.len(),
+        online_listed: members.iter().filter(|m| m["online"] == true).count(),
+    })
 }
 
 async fn wait_for(what: &str, within: Duration, done: impl Fn() -> bool) {
@@ -703,6 +766,12 @@ impl Job {
                             }
                             if current == Phase::Send && self.sends && self.period.is_none() {
                                 want_send = 1;
+                            }
+                        }
+                        "a_presence" => {
+                            shared.presence_received.0.fetch_add(1, Ordering::Relaxed);
+                            if now >= from && now <= to {
+                                shared.presence_received.1.fetch_add(1, Ordering::Relaxed);
                             }
                         }
                         "a_typing" => {

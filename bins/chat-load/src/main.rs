@@ -38,6 +38,9 @@ enum Scenario {
     /// One group of 1,000 members, 20 of them typing (`start` and `stop` in
     /// turn, 40 signals/s in all): the fan-out of an ephemeral event.
     Typing,
+    /// One group of 1,000 members connecting, then idle: what presence
+    /// costs (`a_presence` frames, `GET /groups/{id}/presence`).
+    Presence,
 }
 
 /// Load generator and benchmark for the chat system.
@@ -101,6 +104,7 @@ fn plan(a: &Args) -> anyhow::Result<load::Plan> {
             CatchUp => (1, 2, 1, None, 1, 256, 0, 10.0, 0),
             Storm => (500, 10, 0, Some(0.0), 1, 64, 5, 500.0, 0),
             Typing => (1, 1000, 20, Some(40.0), 1, 64, 30, 200.0, 0),
+            Presence => (1, 1000, 0, Some(0.0), 1, 64, 10, 200.0, 0),
         };
     let rate = match a.rate.as_deref() {
         None => rate,
@@ -119,6 +123,7 @@ fn plan(a: &Args) -> anyhow::Result<load::Plan> {
         connect_rate: a.connect_rate.unwrap_or(connect_rate),
         offline_users: a.offline_users.unwrap_or(offline),
         typing: a.scenario == Typing,
+        presence: a.scenario == Presence,
     })
 }
 

@@ -196,6 +196,22 @@ impl Report {
                 "sent / acked / errors / skipped",
                 format!("{} / {} / {:?} / {}", c.sent, c.acked, c.errors, c.skipped),
             );
+            if let Some(p) = &c.presence {
+                row(
+                    "a_presence frames once connected / while idle",
+                    format!(
+                        "{} / {} (all members)",
+                        p.frames_after_connect, p.frames_while_idle
+                    ),
+                );
+                row(
+                    "GET /groups/{id}/presence p50 / max",
+                    format!(
+                        "{:.1} / {:.1} ms ({} members listed, {} online)",
+                        p.get_p50_ms, p.get_max_ms, p.members_listed, p.online_listed
+                    ),
+                );
+            }
             row(
                 "memory per idle connection",
                 format!(

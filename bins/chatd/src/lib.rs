@@ -597,6 +597,10 @@ impl Node {
                 .declare_places()
                 .await
                 .context("declaring the bucket of device places")?;
+            let presence = bus
+                .declare_presence()
+                .await
+                .context("declaring the presence bucket")?;
             let listener = TcpListener::bind(args.grpc_listen)
                 .await
                 .with_context(|| format!("binding {}", args.grpc_listen))?;
@@ -623,6 +627,7 @@ impl Node {
                 store,
                 sends,
                 places,
+                presence,
                 bus: bus.clone(),
                 keys: keys.clone(),
                 objects: args.objects()?,

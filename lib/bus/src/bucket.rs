@@ -97,6 +97,17 @@ impl Bucket {
         }
     }
 
+    /// Writes `value` under `key`, whatever is there.
+    pub(crate) async fn put(&self, key: &str, value: Bytes) -> Result<(), BusError> {
+        self.js
+            .publish(self.subject(key), value)
+            .await
+            .map_err(BusError::nats)?
+            .await
+            .map_err(BusError::nats)?;
+        Ok(())
+    }
+
     /// Writes a delete marker under `key`, whatever is there.
     pub(crate) async fn delete(&self, key: &str) -> Result<(), BusError> {
         let mut headers = async_nats::HeaderMap::new();

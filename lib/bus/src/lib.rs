@@ -15,6 +15,9 @@
 //!   (`places.rs`);
 //! - `chat.ctl.members.<groupId>` (core NATS): "this group's membership
 //!   changed", between workers.
+//! - `$KV.CHAT_PRESENCE.{u.<user>,at.<edge>.<user>,e.<edge>}`: who is
+//!   online on which edge, the edges' heartbeats; `chat.presence.<user>`
+//!   (core NATS): a user went on- or offline (`presence.rs`);
 //! - `chat.signal.<groupId>` (core NATS): ephemeral group events (typing)
 //!   from the sender's edge to every edge (`signals.rs`).
 //!
@@ -47,6 +50,7 @@ mod live;
 mod messages;
 mod persist;
 mod places;
+mod presence;
 mod sends;
 mod signals;
 
@@ -59,6 +63,10 @@ pub use messages::{Envelope, Position, Published, SEQ_HEADER};
 pub use persist::{Delivered, PersistFeed, Persisted, group_of_members_subject, members_subject};
 pub use places::{
     DEVICE_NOTICES, PLACES_BUCKET, Place, Places, Saved, Stored, device_notice_subject, place_key,
+};
+pub use presence::{
+    BEAT_EVERY, Beat, Change as PresenceChange, DEAD_AFTER, PRESENCE_BUCKET, PRESENCE_CHANGES,
+    Presence, Record as PresenceRecord, Update as PresenceUpdate, change_groups, presence_subject,
 };
 pub use sends::{Claimed, SENDS_BUCKET, SendLog, SendRecord, send_key};
 pub use signals::{

@@ -7,9 +7,9 @@
 use std::collections::BTreeMap;
 
 use chat_protocol::{
-    AcknowledgeAck, AcknowledgeMessage, ErrorBody, GroupEvent, GroupRef, MessageStatusPush,
-    MessageView, NotifyAck, SendAck, SendMessage, SessionInfo, SubscribeAck, Typing, TypingAck,
-    TypingPush, event,
+    AcknowledgeAck, AcknowledgeMessage, ErrorBody, GroupEvent, GroupRef, MemberPresence,
+    MessageStatusPush, MessageView, NotifyAck, SendAck, SendMessage, SessionInfo, SubscribeAck,
+    Typing, TypingAck, TypingPush, event,
 };
 use serde_json::{Value, json};
 use utoipa::{
@@ -56,7 +56,7 @@ const REQUESTS: [(&str, &str, &str, &str); 5] = [
 ];
 
 /// A push, the type of its `data`, and what it says.
-const PUSHES: [(&str, &str, &str); 6] = [
+const PUSHES: [(&str, &str, &str); 7] = [
     (event::SESSION, "SessionInfo", "First on every connection."),
     (
         event::GROUP_CREATED,
@@ -82,6 +82,12 @@ const PUSHES: [(&str, &str, &str); 6] = [
         event::USER_TYPING,
         "TypingPush",
         "A member started (holding for `expiresInMs`) or stopped typing; only while connected.",
+    ),
+    (
+        event::PRESENCE,
+        "MemberPresence",
+        "A user who shares a group with you opened a first connection or closed the last one \
+         (on any edge), or the edge it was on died.",
     ),
 ];
 
@@ -129,6 +135,7 @@ fn schemas() -> BTreeMap<String, Value> {
     schema_of::<Typing>(&mut all);
     schema_of::<TypingAck>(&mut all);
     schema_of::<TypingPush>(&mut all);
+    schema_of::<MemberPresence>(&mut all);
     all.into_iter()
         .map(|(name, schema)| (name, serde_json::to_value(schema).unwrap_or_default()))
         .collect()
@@ -339,6 +346,7 @@ mod tests {
             chat_protocol::event::GROUP_MESSAGE,
             chat_protocol::event::MESSAGE_STATUS,
             chat_protocol::event::USER_TYPING,
+            chat_protocol::event::PRESENCE,
         ] {
             assert!(messages.contains_key(e), "{e}");
         }

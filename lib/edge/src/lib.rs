@@ -24,6 +24,7 @@ mod evictions;
 mod limits;
 mod live;
 pub mod openapi;
+mod presence;
 mod rest;
 mod signals;
 pub mod telemetry;
@@ -147,6 +148,8 @@ pub struct Inner {
     pub(crate) delivered: ws::DeliveredHub,
     /// This edge's connections of each device, closed on eviction.
     pub(crate) devices: evictions::Devices,
+    /// Which users are connected here, written to the presence bucket.
+    pub(crate) presence: presence::EdgePresence,
     /// Per-user and per-address request limits.
     pub(crate) limits: limits::Limits,
     pub config: Config,
@@ -202,12 +205,16 @@ impl AppState {
             places,
             delivered: Default::default(),
             devices: Default::default(),
+            presence: Default::default(),
             limits: limits::Limits::new(&config),
             config,
         }));
         tokio::spawn(ws::report_delivered(Arc::downgrade(&state.0)));
         tokio::spawn(evictions::listen(Arc::downgrade(&state.0)));
         tokio::spawn(signals::listen(Arc::downgrade(&state.0)));
+        tokio::spawn(presence::write(Arc::downgrade(&state.0)));
+        tokio::spawn(presence::beat(Arc::downgrade(&state.0)));
+        tokio::spawn(presence::listen(Arc::downgrade(&state.0)));
         let feeds = [chat_bus::Feed::Groups, chat_bus::Feed::User]
             .map(|f| tokio::spawn(live::feed(Arc::downgrade(&state.0), f)).abort_handle());
         *state.feed_tasks.lock().unwrap_or_else(|e| e.into_inner()) = feeds.into();
@@ -240,6 +247,7 @@ pub fn app(state: AppState) -> Router {
             delete(rest::remove_member),
         )
         .route("/groups/{id}/messages", get(rest::history))
+        .route("/groups/{id}/presence", get(rest::group_presence))
         .route("/groups/{id}/uploads", post(rest::create_upload))
         .route("/groups/{id}/media/{object}", get(rest::download_media))
         .route("/groups/{id}/media/{object}/url", get(rest::media_url))

@@ -309,6 +309,49 @@ impl LiveHub {
         queued
     }
 
+    /// Queues `frame` once on every local connection that follows any of
+    /// `groups`, except those of `from` (presence: a member shares several
+    /// groups with the user and hears of it once). Returns how many took it.
+    pub(crate) fn signal_groups<'a>(
+        &self,
+        groups: impl IntoIterator<Item = &'a str>,
+        from: &str,
+        frame: &Utf8Bytes,
+    ) -> usize {
+        let hub = self.lock();
+        let mut told = HashSet::new();
+        for group in groups {
+            let Some(ids) = hub.by_group.get(group) else {
+                continue;
+            };
+            for id in ids {
+                let Some(conn) = hub.conns.get(id) else {
+                    continue;
+                };
+                if &*conn.user == from || matches!(conn.phase, Phase::Closed) || !told.insert(*id) {
+                    continue;
+                }
+                conn.sink.offer_signal(frame.clone());
+            }
+        }
+        told.len()
+    }
+
+    /// The groups `user`'s connections here follow (`None`: none here, or
+    /// not loaded yet).
+    pub(crate) fn groups_of(&self, user: &str) -> Option<Vec<String>> {
+        let hub = self.lock();
+        let conn = hub
+            .by_user
+            .get(user)?
+            .iter()
+            .filter_map(|id| hub.conns.get(id))
+            .find(|c| c.early.is_none())?;
+        let mut groups: Vec<String> = conn.groups.iter().map(|g| g.to_string()).collect();
+        groups.sort_unstable();
+        Some(groups)
+    }
+
     /// Moves on past `stream_seq` (traffic no connection needs).
     pub(crate) fn pass(&self, stream_seq: u64) {
         let _hub = self.lock();
@@ -614,7 +657,13 @@ pub(crate) async fn feed(app: Weak<crate::Inner>, feed: Feed) {
                 }
                 Some(GroupTraffic::Event(group)) => {
                     match serde_json::from_slice::<MembershipEvent>(&msg.payload) {
-                        Ok(e) => hub.membership(seq, group, &e.user_id, e.subscribed),
+                        Ok(e) => {
+                            hub.membership(seq, group, &e.user_id, e.subscribed);
+                            // whose members see the user changed
+                            if let Some(groups) = hub.groups_of(&e.user_id) {
+                                app.presence.groups_changed(&e.user_id, groups);
+                            }
+                        }
                         Err(e) => {
                             tracing::error!(group, stream_seq = seq, error = %e, "unreadable membership event; skipping it");
                             hub.pass(seq);
@@ -740,6 +789,24 @@ mod tests {
         // and signals move no position
         assert_eq!(hub.position(), 1);
         assert!(a.seqs().is_empty());
+    }
+
+    #[test]
+    fn presence_reaches_each_member_once_whatever_it_shares() {
+        let hub = hub();
+        let (_a, a) = live(&hub, "ann", &["g1", "g2"]);
+        let (_b, b) = live(&hub, "bob", &["g1", "g2", "g3"]);
+        let (_c, c) = live(&hub, "cy", &["g3"]);
+        let frame = Utf8Bytes::from("presence");
+        assert_eq!(hub.signal_groups(["g1", "g2"], "ann", &frame), 1);
+        assert!(a.signals.lock().expect("lock").is_empty());
+        assert_eq!(b.signals.lock().expect("lock").len(), 1);
+        assert!(c.signals.lock().expect("lock").is_empty());
+        assert_eq!(
+            hub.groups_of("bob").as_deref(),
+            Some(&["g1".to_owned(), "g2".into(), "g3".into()][..])
+        );
+        assert_eq!(hub.groups_of("nobody"), None);
     }
 
     #[test]

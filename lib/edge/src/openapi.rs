@@ -24,6 +24,7 @@ use crate::rest;
         rest::create_group,
         rest::list_groups,
         rest::get_group,
+        rest::group_presence,
         rest::transfer_owner,
         rest::add_members,
         rest::remove_member,

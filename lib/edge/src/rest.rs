@@ -6,11 +6,11 @@ use axum::{
     http::StatusCode,
     response::IntoResponse,
 };
-use chat_domain::Group;
+use chat_domain::{Group, UserId};
 use chat_protocol::{
-    AddMembersBody, CreateGroupBody, ErrorCode, GroupPage, GroupSummary, GroupView, Health,
-    MediaLink, MediaRef, MemberStatus, MessagePage, MessageStatus, MessageView, Readiness,
-    RestError, TransferOwnerBody, UploadBody, UploadTicket, format_millis,
+    AddMembersBody, CreateGroupBody, ErrorCode, GroupPage, GroupPresence, GroupSummary, GroupView,
+    Health, MediaLink, MediaRef, MemberPresence, MemberStatus, MessagePage, MessageStatus,
+    MessageView, Readiness, RestError, TransferOwnerBody, UploadBody, UploadTicket, format_millis,
 };
 use chat_rpc::pb;
 use serde::{Deserialize, de::DeserializeOwned};
@@ -170,6 +170,58 @@ pub(crate) async fn get_group(
     )?
     .into_inner();
     view(group)
+}
+
+#[utoipa::path(get, path = "/groups/{id}/presence", tag = "groups",
+    params(("id" = String, Path, description = "group id")),
+    responses(
+        (status = 200, description = "every member's presence (members only)", body = GroupPresence),
+        crate::openapi::GroupErrors, crate::openapi::CallerErrors
+    ))]
+pub(crate) async fn group_presence(
+    State(app): State<AppState>,
+    Caller(me): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<GroupPresence>, ApiError> {
+    use futures::StreamExt;
+    let group = rpc!(
+        app,
+        GroupsClient,
+        get_group,
+        pb::GroupRequest {
+            caller: me.user_id.to_string(),
+            group_id: id,
+        }
+    )?
+    .into_inner();
+    let bucket = app.bus.presence();
+    let members: Vec<MemberPresence> = futures::stream::iter(group.members)
+        .map(|m| {
+            let bucket = bucket.clone();
+            async move {
+                let user = UserId::parse(m.user_id.as_str())
+                    .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
+                let record = bucket.get(&user).await.map_err(|e| {
+                    tracing::warn!(error = %e, "presence unreadable");
+                    ApiError::new(ErrorCode::Unavailable, "presence is unavailable; retry")
+                })?;
+                Ok(MemberPresence {
+                    user_id: m.user_id,
+                    online: record.online(),
+                    last_seen: (!record.online() && record.last_seen > 0)
+                        .then(|| format_millis(record.last_seen)),
+                })
+            }
+        })
+        .buffered(32)
+        .collect::<Vec<Result<MemberPresence, ApiError>>>()
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()?;
+    Ok(Json(GroupPresence {
+        group_id: group.id,
+        members,
+    }))
 }
 
 #[utoipa::path(post, path = "/groups/{id}/owner", tag = "groups",

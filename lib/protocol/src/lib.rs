@@ -9,9 +9,10 @@ mod reply;
 mod view;
 
 pub use reply::{
-    AcknowledgeAck, DevToken, GroupPage, GroupSummary, Health, MediaLink, MemberStatus,
-    MessagePage, MessageStatus, MessageStatusPush, NotifyAck, Readiness, SendAck, SubscribeAck,
-    TYPING_EXPIRES_MS, TypingAck, TypingPush, UploadTicket, WebConfig,
+    AcknowledgeAck, DevToken, GroupPage, GroupPresence, GroupSummary, Health, MediaLink,
+    MemberPresence, MemberStatus, MessagePage, MessageStatus, MessageStatusPush, NotifyAck,
+    Readiness, SendAck, SubscribeAck, TYPING_EXPIRES_MS, TypingAck, TypingPush, UploadTicket,
+    WebConfig,
 };
 pub use view::{
     EVENT_MEMBERS_MAX, GroupChangeView, GroupView, MemberView, MessageView, format_millis,
@@ -35,6 +36,7 @@ pub mod event {
     pub const GROUP_MESSAGE: &str = "a_group_message";
     pub const MESSAGE_STATUS: &str = "a_message_status";
     pub const USER_TYPING: &str = "a_typing";
+    pub const PRESENCE: &str = "a_presence";
 }
 
 /// Stable, machine-readable error codes.

@@ -77,6 +77,29 @@ pub struct TypingPush {
     pub expires_in_ms: Option<u64>,
 }
 
+/// A member's presence: `a_presence` (to the members of every group the
+/// user follows, when the user's first connection opens or last one
+/// closes) and each entry of `GET /groups/{id}/presence`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberPresence {
+    pub user_id: String,
+    /// Whether the user has a connection open on some edge.
+    pub online: bool,
+    /// When the user's last connection closed; absent while online and for
+    /// users never seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<String>,
+}
+
+/// `GET /groups/{id}/presence`: every member's presence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GroupPresence {
+    pub group_id: String,
+    pub members: Vec<MemberPresence>,
+}
+
 /// `a_message_status`, to senders: member `userId` has received everything
 /// up to `deliveredSeq` and read everything up to `readSeq`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

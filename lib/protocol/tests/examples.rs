@@ -27,6 +27,8 @@ fn data_as(name: &str, data: &Value) -> Result<(), String> {
         "AcknowledgeAck" => round_trip::<AcknowledgeAck>(data),
         "TypingAck" => round_trip::<TypingAck>(data),
         "TypingPush" => round_trip::<TypingPush>(data),
+        "MemberPresence" => round_trip::<MemberPresence>(data),
+        "GroupPresence" => round_trip::<GroupPresence>(data),
         "SessionInfo" => round_trip::<SessionInfo>(data),
         "GroupEvent" => round_trip::<GroupEvent>(data),
         "MessageView" => round_trip::<MessageView>(data),
@@ -56,6 +58,7 @@ fn push_event(name: &str) -> &'static [&'static str] {
         "MessageView" => &[event::GROUP_MESSAGE],
         "MessageStatusPush" => &[event::MESSAGE_STATUS],
         "TypingPush" => &[event::USER_TYPING],
+        "MemberPresence" => &[event::PRESENCE],
         _ => &[],
     }
 }

@@ -145,6 +145,8 @@ pub struct Deps {
     pub sends: chat_bus::SendLog,
     /// Every device's place (`Bus::declare_places`), declared with the streams.
     pub places: chat_bus::Places,
+    /// Presence (`Bus::declare_presence`): the worker sweeps dead edges.
+    pub presence: chat_bus::Presence,
     pub keys: KeyRing,
     /// The media bucket; without it media calls answer `unavailable`.
     pub objects: Option<Objects>,
@@ -268,6 +270,7 @@ pub async fn serve(
         objects,
         sends,
         places,
+        presence,
     } = deps;
     let state = Arc::new(State {
         store,
@@ -284,6 +287,7 @@ pub async fn serve(
     let listener_of_members = tokio::spawn(forget_changed_groups(state.clone()));
     let auth = require_secret(state.config.service_secret.clone());
     let cleaner = tokio::spawn(media::clean_uploads(state.clone()));
+    let sweeper = tokio::spawn(sweep_presence(presence));
     let result = tonic::transport::Server::builder()
         // every call's logs carry the request id the edge sent
         .trace_fn(|req| {
@@ -322,7 +326,24 @@ pub async fn serve(
     persister.abort();
     listener_of_members.abort();
     cleaner.abort();
+    sweeper.abort();
     result
+}
+
+/// Takes edges that stopped beating out of presence, every
+/// [`chat_bus::BEAT_EVERY`], forever. Every worker sweeps: two sweeps of
+/// one dead edge change each record once (compare-and-set), and only the
+/// write that turned a user offline announces it.
+async fn sweep_presence(presence: chat_bus::Presence) {
+    let mut tick = tokio::time::interval(chat_bus::BEAT_EVERY);
+    loop {
+        tick.tick().await;
+        match presence.sweep(chat_domain::now_millis()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(users = n, "users of dead edges taken offline"),
+            Err(e) => tracing::warn!(error = %e, "presence sweep failed; trying again"),
+        }
+    }
 }
 
 /// Forgets the cached memberships of every group another worker announces

@@ -116,6 +116,8 @@ pub(super) struct Opened {
     stored: chat_bus::Stored,
     /// Where the group hub was when the connection registered.
     joined_at: Option<u64>,
+    /// The connection's share of its user's presence.
+    online: crate::presence::Online,
 }
 
 #[derive(Debug, Deserialize)]
@@ -192,12 +194,14 @@ pub(crate) async fn upgrade(
         .on_upgrade(move |socket| {
             let span = tracing::info_span!("session", user = %me.user_id, device = %device, conn = live.id());
             let tracker = app.sessions_running.clone();
+            let online = crate::presence::Online::new(&app, &me.user_id, live.following());
             let opened = Opened {
                 tx,
                 inbox,
                 regs: [live, notices],
                 stored,
                 joined_at,
+                online,
             };
             tracker.track_future(Session::run(app, me, device, socket, opened).instrument(span))
         }))

@@ -33,6 +33,7 @@ impl Session {
             regs,
             stored,
             joined_at,
+            online,
         } = opened;
         let (sink, mut stream) = socket.split();
         let saver = Arc::new(Saver::new(
@@ -201,6 +202,8 @@ impl Session {
                 task.abort();
             }
         }
+        // the user's last connection here: offline, unless elsewhere
+        drop(online);
         metrics::gauge!("chat_ws_connections").decrement(1);
     }
 

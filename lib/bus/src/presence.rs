@@ -1,0 +1,471 @@
+//! Presence: which users have a connection open on some edge, and when
+//! each was last seen, in the `CHAT_PRESENCE` bucket; changes announced on
+//! `chat.presence.<user>` (core NATS) to every edge.
+//!
+//! Keys (ids never contain `.`, so they are injective):
+//! - `u.<user>` → [`Record`]: the edges the user has connections on, when
+//!   the last one closed, and the groups whose members see the user;
+//! - `at.<edge>.<user>`: an index of the users an edge has, so that the
+//!   users of an edge that died can be found;
+//! - `e.<edge>` → [`Beat`]: the edge's heartbeat, written every
+//!   [`BEAT_EVERY`].
+//!
+//! An edge writes only on a user's first connection and last disconnection
+//! on it (and when the user's groups change): nothing per message and
+//! nothing per user while connected. The workers sweep edges whose
+//! heartbeat is older than [`DEAD_AFTER`]: they take the edge out of its
+//! users' records, and a user left with no edge goes offline then (last
+//! seen: the dead edge's last heartbeat). Every change of the record is a
+//! compare-and-set, so edges and sweepers never lose each other's writes,
+//! and only the write that turned a user on- or offline announces it.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, kv};
+use bytes::Bytes;
+use chat_domain::{GroupId, Millis, UserId};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use crate::{Bus, BusError, bucket::Bucket};
+
+/// The bucket's name.
+pub const PRESENCE_BUCKET: &str = "CHAT_PRESENCE";
+/// Every user's presence changes.
+pub const PRESENCE_CHANGES: &str = "chat.presence.*";
+/// How often an edge writes its heartbeat.
+pub const BEAT_EVERY: Duration = Duration::from_secs(5);
+/// An edge whose heartbeat is older than this is dead: its users are taken
+/// out of presence (so a crashed edge's users go offline within about
+/// `DEAD_AFTER` + one sweep, [`BEAT_EVERY`]).
+pub const DEAD_AFTER: Duration = Duration::from_secs(15);
+/// Most groups a record names (a user in more groups is shown to the
+/// members of the first ones only).
+pub const RECORD_GROUPS_MAX: usize = 10_000;
+/// Compare-and-set attempts on one record.
+const CAS_ATTEMPTS: usize = 32;
+
+/// A user's presence.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Record {
+    /// Edges with at least one connection of the user.
+    #[serde(default)]
+    pub edges: Vec<String>,
+    /// When the user's last connection closed (ms since the epoch); 0:
+    /// never seen offline.
+    #[serde(default)]
+    pub last_seen: Millis,
+    /// The groups the user follows, whose members see the user's presence.
+    #[serde(default)]
+    pub groups: Vec<String>,
+}
+
+impl Record {
+    /// Whether the user has a connection somewhere.
+    pub fn online(&self) -> bool {
+        !self.edges.is_empty()
+    }
+}
+
+/// An edge's heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Beat {
+    pub at: Millis,
+}
+
+/// A presence change, as announced to every edge.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Change {
+    pub user_id: String,
+    pub online: bool,
+    #[serde(default)]
+    pub last_seen: Millis,
+    /// Whose members are told.
+    pub groups: Vec<String>,
+    /// The record's revision: changes of one user that cross on the way
+    /// are put back in order by it.
+    pub rev: u64,
+}
+
+/// What a user's record becomes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Update {
+    /// The user has a connection on `edge` now, following `groups`.
+    Connected { edge: String, groups: Vec<String> },
+    /// The user's groups changed (still connected on `edge`).
+    Groups { edge: String, groups: Vec<String> },
+    /// The user's last connection on `edge` closed at `at`.
+    Disconnected { edge: String, at: Millis },
+}
+
+impl Update {
+    /// `record` after this update; `None` if it changes nothing.
+    pub fn apply(&self, record: &Record) -> Option<Record> {
+        let mut next = record.clone();
+        match self {
+            Update::Connected { edge, groups } | Update::Groups { edge, groups } => {
+                if !next.edges.contains(edge) {
+                    next.edges.push(edge.clone());
+                    next.edges.sort();
+                }
+                next.groups = groups.iter().take(RECORD_GROUPS_MAX).cloned().collect();
+            }
+            Update::Disconnected { edge, at } => {
+                next.edges.retain(|e| e != edge);
+                if next.edges.is_empty() && record.online() {
+                    next.last_seen = next.last_seen.max(*at);
+                }
+            }
+        }
+        (next != *record).then_some(next)
+    }
+}
+
+/// Handle on the bucket; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Presence {
+    bucket: Bucket,
+    client: async_nats::Client,
+    js: jetstream::Context,
+}
+
+fn user_key(user: &UserId) -> String {
+    format!("u.{user}")
+}
+
+fn index_key(edge: &str, user: &UserId) -> String {
+    format!("at.{edge}.{user}")
+}
+
+fn beat_key(edge: &str) -> String {
+    format!("e.{edge}")
+}
+
+/// The subject of `user`'s presence changes.
+pub fn presence_subject(user: &str) -> String {
+    format!("chat.presence.{user}")
+}
+
+impl Bus {
+    /// Creates the presence bucket, or updates it (workers, at start-up).
+    pub async fn declare_presence(&self) -> Result<Presence, BusError> {
+        let config = kv::Config {
+            bucket: PRESENCE_BUCKET.into(),
+            description: "Presence: u.<user> -> edges, last seen, groups; at.<edge>.<user>; e.<edge> -> heartbeat".into(),
+            history: 1,
+            max_value_size: 1 << 20,
+            storage: jetstream::stream::StorageType::File,
+            num_replicas: self.defs.groups_stream.num_replicas,
+            ..Default::default()
+        };
+        self.declare_bucket(PRESENCE_BUCKET, config).await?;
+        Ok(self.presence())
+    }
+
+    /// The presence bucket as it is (edges).
+    pub fn presence(&self) -> Presence {
+        Presence {
+            bucket: self.bind_bucket(PRESENCE_BUCKET),
+            client: self.client.clone(),
+            js: self.js.clone(),
+        }
+    }
+
+    /// Every presence change, for an edge's lifetime.
+    pub async fn presence_changes(&self) -> Result<async_nats::Subscriber, BusError> {
+        self.client
+            .subscribe(PRESENCE_CHANGES)
+            .await
+            .map_err(BusError::nats)
+    }
+}
+
+impl Presence {
+    /// `user`'s record (default: never seen).
+    pub async fn get(&self, user: &UserId) -> Result<Record, BusError> {
+        Ok(self
+            .bucket
+            .last(&user_key(user))
+            .await?
+            .and_then(|e| e.value)
+            .map(|v| parse(&v))
+            .transpose()?
+            .unwrap_or_default())
+    }
+
+    /// Applies `update` to `user`'s record (compare-and-set, retried);
+    /// announces the change if it turned the user on- or offline. Returns
+    /// the record as written.
+    pub async fn update(&self, user: &UserId, update: &Update) -> Result<Record, BusError> {
+        let key = user_key(user);
+        for _ in 0..CAS_ATTEMPTS {
+            let (record, revision) = match self.bucket.last(&key).await? {
+                Some(e) => (
+                    e.value.map(|v| parse(&v)).transpose()?.unwrap_or_default(),
+                    e.revision,
+                ),
+                None => (Record::default(), 0),
+            };
+            let Some(next) = update.apply(&record) else {
+                return Ok(record);
+            };
+            let value = Bytes::from(serde_json::to_vec(&next).map_err(BusError::nats)?);
+            let Some(rev) = self.bucket.put_if_last(&key, value, revision).await? else {
+                continue;
+            };
+            match update {
+                Update::Connected { edge, .. } => {
+                    self.bucket
+                        .put(&index_key(edge, user), Bytes::new())
+                        .await?;
+                }
+                Update::Disconnected { edge, .. } => {
+                    self.bucket.delete(&index_key(edge, user)).await?;
+                }
+                Update::Groups { .. } => {}
+            }
+            if record.online() != next.online() {
+                self.announce(user, &next, &next.groups, rev).await?;
+            } else if next.online() {
+                // the members of groups followed since hear the user is on
+                let joined: Vec<String> = next
+                    .groups
+                    .iter()
+                    .filter(|g| !record.groups.contains(g))
+                    .cloned()
+                    .collect();
+                if !joined.is_empty() {
+                    self.announce(user, &next, &joined, rev).await?;
+                }
+            }
+            return Ok(next);
+        }
+        Err(BusError::Unavailable(format!(
+            "presence of {user} keeps changing"
+        )))
+    }
+
+    async fn announce(
+        &self,
+        user: &UserId,
+        record: &Record,
+        groups: &[String],
+        rev: u64,
+    ) -> Result<(), BusError> {
+        let change = Change {
+            user_id: user.to_string(),
+            online: record.online(),
+            last_seen: record.last_seen,
+            groups: groups.to_vec(),
+            rev,
+        };
+        let payload = Bytes::from(serde_json::to_vec(&change).map_err(BusError::nats)?);
+        self.client
+            .publish(presence_subject(user.as_str()), payload)
+            .await
+            .map_err(BusError::nats)
+    }
+
+    /// Writes `edge`'s heartbeat.
+    pub async fn beat(&self, edge: &str, at: Millis) -> Result<(), BusError> {
+        let value = Bytes::from(serde_json::to_vec(&Beat { at }).map_err(BusError::nats)?);
+        self.bucket.put(&beat_key(edge), value).await
+    }
+
+    /// Takes the edges whose heartbeat is older than [`DEAD_AFTER`] at
+    /// `now` out of presence (workers). Returns how many users went
+    /// offline.
+    pub async fn sweep(&self, now: Millis) -> Result<usize, BusError> {
+        let mut offline = 0;
+        for (key, value) in self.entries("e.*").await? {
+            let Some(edge) = key.strip_prefix("e.") else {
+                continue;
+            };
+            let Ok(beat) = serde_json::from_slice::<Beat>(&value) else {
+                continue;
+            };
+            if now.saturating_sub(beat.at) < DEAD_AFTER.as_millis() as Millis {
+                continue;
+            }
+            tracing::info!(
+                edge,
+                "edge stopped beating; taking its users out of presence"
+            );
+            for (key, _) in self.entries(&format!("at.{edge}.*")).await? {
+                let Some(user) = key.rsplit('.').next().and_then(|u| UserId::parse(u).ok()) else {
+                    continue;
+                };
+                let update = Update::Disconnected {
+                    edge: edge.to_owned(),
+                    at: beat.at,
+                };
+                if !self.update(&user, &update).await?.online() {
+                    offline += 1;
+                }
+            }
+            self.bucket.delete(&beat_key(edge)).await?;
+        }
+        Ok(offline)
+    }
+
+    /// The entries (not deleted) whose keys match `filter` (NATS wildcards).
+    async fn entries(&self, filter: &str) -> Result<Vec<(String, Bytes)>, BusError> {
+        let prefix = format!("$KV.{PRESENCE_BUCKET}.");
+        let stream = self
+            .js
+            .get_stream_no_info(format!("KV_{PRESENCE_BUCKET}"))
+            .await
+            .map_err(BusError::nats)?;
+        let consumer = stream
+            .create_consumer(consumer::pull::Config {
+                filter_subject: format!("{prefix}{filter}"),
+                deliver_policy: consumer::DeliverPolicy::LastPerSubject,
+                ack_policy: consumer::AckPolicy::None,
+                inactive_threshold: Duration::from_secs(10),
+                memory_storage: true,
+                ..Default::default()
+            })
+            .await
+            .map_err(BusError::nats)?;
+        let mut pending = consumer.cached_info().num_pending;
+        let mut out = Vec::new();
+        while pending > 0 {
+            let mut batch = consumer
+                .fetch()
+                .max_messages(pending.min(256) as usize)
+                .expires(Duration::from_secs(2))
+                .messages()
+                .await
+                .map_err(BusError::nats)?;
+            let mut got = 0;
+            while let Some(msg) = batch.next().await {
+                let msg = msg.map_err(BusError::nats)?;
+                got += 1;
+                pending = msg.info().map(|i| i.pending).unwrap_or(0);
+                let deleted = msg
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get("KV-Operation"))
+                    .is_some();
+                if let Some(key) = msg.subject.strip_prefix(prefix.as_str())
+                    && !deleted
+                {
+                    out.push((key.to_owned(), msg.payload.clone()));
+                }
+            }
+            if got == 0 {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Reads the groups a change names.
+pub fn change_groups(change: &Change) -> impl Iterator<Item = GroupId> + '_ {
+    change
+        .groups
+        .iter()
+        .filter_map(|g| GroupId::parse(g.as_str()).ok())
+}
+
+fn parse(value: &[u8]) -> Result<Record, BusError> {
+    serde_json::from_slice(value)
+        .map_err(|e| BusError::Unavailable(format!("presence record is unreadable: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn groups(g: &[&str]) -> Vec<String> {
+        g.iter().map(|g| g.to_string()).collect()
+    }
+
+    #[test]
+    fn a_user_is_online_while_any_edge_has_a_connection() {
+        let r = Record::default();
+        let r = Update::Connected {
+            edge: "e1".into(),
+            groups: groups(&["g"]),
+        }
+        .apply(&r)
+        .expect("changed");
+        assert!(r.online());
+        let r = Update::Connected {
+            edge: "e2".into(),
+            groups: groups(&["g"]),
+        }
+        .apply(&r)
+        .expect("changed");
+        assert_eq!(r.edges, ["e1", "e2"]);
+        let r = Update::Disconnected {
+            edge: "e1".into(),
+            at: 10,
+        }
+        .apply(&r)
+        .expect("changed");
+        assert!(r.online(), "still on e2");
+        assert_eq!(r.last_seen, 0);
+        let r = Update::Disconnected {
+            edge: "e2".into(),
+            at: 20,
+        }
+        .apply(&r)
+        .expect("changed");
+        assert!(!r.online());
+        assert_eq!(r.last_seen, 20);
+        assert_eq!(r.groups, ["g"], "kept for the offline announcement");
+    }
+
+    #[test]
+    fn repeated_updates_change_nothing() {
+        let connected = Update::Connected {
+            edge: "e1".into(),
+            groups: groups(&["g"]),
+        };
+        let r = connected.apply(&Record::default()).expect("changed");
+        assert_eq!(connected.apply(&r), None);
+        let gone = Update::Disconnected {
+            edge: "e1".into(),
+            at: 5,
+        };
+        let off = gone.apply(&r).expect("changed");
+        assert_eq!(gone.apply(&off), None, "a sweep after the edge's own write");
+        // a late disconnection of an edge that is not there moves no time
+        let late = Update::Disconnected {
+            edge: "e9".into(),
+            at: 50,
+        };
+        assert_eq!(late.apply(&off), None);
+    }
+
+    #[test]
+    fn group_changes_keep_the_user_online() {
+        let r = Update::Connected {
+            edge: "e1".into(),
+            groups: groups(&["a"]),
+        }
+        .apply(&Record::default())
+        .expect("changed");
+        let r = Update::Groups {
+            edge: "e1".into(),
+            groups: groups(&["a", "b"]),
+        }
+        .apply(&r)
+        .expect("changed");
+        assert!(r.online());
+        assert_eq!(r.groups, ["a", "b"]);
+    }
+
+    #[test]
+    fn keys_are_injective() {
+        let u = UserId::parse("a_b").expect("id");
+        assert_eq!(user_key(&u), "u.a_b");
+        assert_eq!(index_key("e-1", &u), "at.e-1.a_b");
+        assert_eq!(beat_key("e-1"), "e.e-1");
+        assert_eq!(presence_subject("a_b"), "chat.presence.a_b");
+    }
+}
