@@ -200,6 +200,13 @@ impl Presence {
     /// the record as written.
     pub async fn update(&self, user: &UserId, update: &Update) -> Result<Record, BusError> {
         let key = user_key(user);
+        // indexed before the record names the edge, and unindexed after it
+        // no longer does: a sweep always finds every user a dead edge has
+        if let Update::Connected { edge, .. } = update {
+            self.bucket
+                .put(&index_key(edge, user), Bytes::new())
+                .await?;
+        }
         for _ in 0..CAS_ATTEMPTS {
             let (record, revision) = match self.bucket.last(&key).await? {
                 Some(e) => (
@@ -215,16 +222,8 @@ impl Presence {
             let Some(rev) = self.bucket.put_if_last(&key, value, revision).await? else {
                 continue;
             };
-            match update {
-                Update::Connected { edge, .. } => {
-                    self.bucket
-                        .put(&index_key(edge, user), Bytes::new())
-                        .await?;
-                }
-                Update::Disconnected { edge, .. } => {
-                    self.bucket.delete(&index_key(edge, user)).await?;
-                }
-                Update::Groups { .. } => {}
+            if let Update::Disconnected { edge, .. } = update {
+                self.bucket.delete(&index_key(edge, user)).await?;
             }
             if record.online() != next.online() {
                 self.announce(user, &next, &next.groups, rev).await?;

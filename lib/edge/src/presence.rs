@@ -115,6 +115,17 @@ impl EdgePresence {
         }
     }
 
+    /// Notes every local user as connected again, with the groups its
+    /// connections follow: after heartbeats failed, the workers may have
+    /// taken this edge's users out of presence.
+    fn renote(&self, hub: &crate::live::LiveHub) {
+        let users: Vec<UserId> = lock(&self.local).keys().cloned().collect();
+        for user in users {
+            let groups = hub.groups_of(user.as_str()).unwrap_or_default();
+            self.want(&user, Want::Connected(groups));
+        }
+    }
+
     /// Whether an announcement at `rev` of `user` is newer than the last
     /// one seen.
     fn newer(&self, user: &str, rev: u64) -> bool {
@@ -161,7 +172,20 @@ pub(crate) async fn write(app: Weak<crate::Inner>) {
     else {
         return;
     };
+    // the edge beats before it names itself in any record, so that the
+    // sweep finds its users should it die at once
+    let mut beaten = false;
     loop {
+        if !beaten {
+            let Some(edge) = app.upgrade().map(|a| a.presence.edge.clone()) else {
+                return;
+            };
+            beaten = bus.beat(&edge, now_millis()).await.is_ok();
+            if !beaten {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        }
         let Some(inner) = app.upgrade() else { return };
         let batch: Vec<(UserId, Want)> = lock(&inner.presence.dirty).drain().collect();
         if batch.is_empty() {
@@ -216,16 +240,28 @@ pub(crate) async fn write(app: Weak<crate::Inner>) {
     }
 }
 
-/// Writes this edge's heartbeat every [`BEAT_EVERY`].
+/// Writes this edge's heartbeat every [`BEAT_EVERY`]; after beats failed
+/// (NATS out of reach, perhaps long enough for the workers to take this
+/// edge's users offline), writes its users' presence again.
 pub(crate) async fn beat(app: Weak<crate::Inner>) {
     let mut tick = tokio::time::interval(BEAT_EVERY);
+    let mut failed = false;
     loop {
         tick.tick().await;
         let Some(inner) = app.upgrade() else { return };
         let (bus, edge) = (inner.bus.presence(), inner.presence.edge.clone());
         drop(inner);
-        if let Err(e) = bus.beat(&edge, now_millis()).await {
-            tracing::warn!(error = %e, "presence heartbeat not written");
+        match bus.beat(&edge, now_millis()).await {
+            Ok(()) if failed => {
+                failed = false;
+                let Some(inner) = app.upgrade() else { return };
+                inner.presence.renote(&inner.live);
+            }
+            Ok(()) => {}
+            Err(e) => {
+                failed = true;
+                tracing::warn!(error = %e, "presence heartbeat not written");
+            }
         }
     }
 }
