@@ -263,6 +263,16 @@ async fn two_users_chat_in_real_browsers() -> anyhow::Result<()> {
     open_group(&alice, "Weekend trip").await?;
     open_group(&bob, "Weekend trip").await?;
 
+    // both are online, and both see it
+    for page in [&alice, &bob] {
+        until(
+            page,
+            "both members shown online",
+            "document.querySelector('#chat-members').textContent === '2 members, 2 online'",
+        )
+        .await?;
+    }
+
     // alice types: bob sees it; sending stops it
     el(&alice, "#message-input").await?.send_keys("hel").await?;
     until(

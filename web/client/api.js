@@ -57,6 +57,7 @@ export const history = (group, before, limit = 50) =>
     "GET",
     `/groups/${enc(group)}/messages?limit=${limit}` + (before ? `&before=${before}` : ""),
   );
+export const groupPresence = (group) => request("GET", `/groups/${enc(group)}/presence`);
 export const messageStatus = (group, id) =>
   request("GET", `/groups/${enc(group)}/messages/${enc(id)}/status`);
 export const createUpload = (group, ticket) =>

@@ -44,6 +44,10 @@ const app = {
   typing: new Map(),
   // groupId -> when this tab last told the group it is typing
   typedAt: new Map(),
+  // userId -> online, for the members of the groups this page showed
+  online: new Map(),
+  // groupId -> its members' ids, from the last presence read
+  members: new Map(),
 };
 
 // ---------------------------------------------------------------- errors
@@ -300,6 +304,7 @@ async function openGroup(groupId) {
   }
   renderMessages(true);
   renderTyping();
+  loadPresence(groupId);
   seedReceipts(groupId);
   markRead();
   $("#message-input").focus();
@@ -317,7 +322,21 @@ function renderHeader() {
   const { group } = app.groups.get(app.open) || {};
   if (!group) return;
   $("#chat-title").textContent = group.name;
-  $("#chat-members").textContent = `${group.memberCount} members`;
+  const online = (app.members.get(app.open) || []).filter((u) => app.online.get(u)).length;
+  $("#chat-members").textContent = `${group.memberCount} members, ${online} online`;
+}
+
+// PROTOCOL.md, "Presence": the members' presence when a group opens, then
+// `a_presence` keeps it current.
+async function loadPresence(groupId) {
+  try {
+    const p = await api.groupPresence(groupId);
+    app.members.set(groupId, p.members.map((m) => m.userId));
+    for (const m of p.members) app.online.set(m.userId, m.online);
+    if (groupId === app.open) renderHeader();
+  } catch (e) {
+    failed(e);
+  }
 }
 
 async function loadOlder() {
@@ -669,6 +688,10 @@ function push(event, data) {
     }
     case "a_typing":
       heardTyping(data);
+      break;
+    case "a_presence":
+      app.online.set(data.userId, data.online);
+      if (app.open) renderHeader();
       break;
     case "a_message_status":
       raiseMark(data.groupId, data.userId, data.deliveredSeq, data.readSeq);
