@@ -638,3 +638,103 @@ async fn presence_follows_every_connection_of_a_user_on_every_edge() -> anyhow::
     );
     c.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mentions_reach_the_members_named_live_on_reconnect_and_in_their_list() -> anyhow::Result<()>
+{
+    let c = Cluster::start(2, 2).await?;
+    let g = c.room(&["alice", "bob", "carol"]).await?;
+    let mut alice = c.connect(0, "alice", "web").await?;
+    let mut bob = c.connect(1, "bob", "phone").await?;
+    let ack = alice
+        .send_text(
+            &g,
+            "m1",
+            "hi @bob and @carol, not @mallory nor bob@example.com, and not me: @alice",
+        )
+        .await?;
+    // live
+    let live = bob.skip_to("a_mention").await?;
+    assert_eq!(
+        live["data"],
+        json!({"groupId": g, "messageId": ack["messageId"], "seq": ack["seq"],
+               "senderId": "alice", "createdAt": ack["createdAt"]})
+    );
+    // carol was away: her device hears of it when it comes back
+    let mut carol = c.connect(0, "carol", "setup").await?;
+    let caught = carol.skip_to("a_mention").await?;
+    assert_eq!(caught["data"], live["data"]);
+    // and it is in their lists, not in anyone else's
+    let list = |user: &'static str, query: &'static str| {
+        let c = &c;
+        async move {
+            let (status, body) = c.get(0, user, &format!("/mentions{query}")).await?;
+            anyhow::ensure!(status == 200, "{user}: {status} {body}");
+            anyhow::Ok(body)
+        }
+    };
+    assert_eq!(list("carol", "").await?["mentions"], json!([live["data"]]));
+    for nobody in ["alice", "mallory"] {
+        assert_eq!(list(nobody, "").await?, json!({"mentions": []}), "{nobody}");
+    }
+
+    // pages, newest first
+    for i in 2..=4 {
+        alice
+            .send_text(&g, &format!("m{i}"), &format!("@bob number {i}"))
+            .await?;
+        bob.skip_to("a_mention").await?;
+    }
+    let first = list("bob", "?limit=2").await?;
+    let seqs = |page: &Value| -> Vec<u64> {
+        page["mentions"]
+            .as_array()
+            .map(|m| m.iter().filter_map(|m| m["seq"].as_u64()).collect())
+            .unwrap_or_default()
+    };
+    let top = ack["seq"].as_u64().context("seq")?;
+    assert_eq!(seqs(&first), [top + 3, top + 2]);
+    let next = first["next"].as_str().context("a next page")?;
+    let (status, second) = c
+        .get(0, "bob", &format!("/mentions?limit=2&before={next}"))
+        .await?;
+    assert_eq!(status, 200);
+    assert_eq!(seqs(&second), [top + 1, top]);
+    for bad in [
+        "?before=x",
+        "?before=12-not%20an%20id",
+        "?limit=0",
+        "?other=1",
+    ] {
+        let (status, body) = c.get(0, "bob", &format!("/mentions{bad}")).await?;
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert_eq!(body["error"]["code"], "invalid");
+    }
+
+    // a member removed is no longer mentioned
+    assert_eq!(c.remove_member(0, "alice", &g, "carol").await?, 200);
+    // every worker has heard of it once carol's own sends are refused
+    // through both, several times over
+    let deadline = std::time::Instant::now() + chat_tests::PROMPTLY;
+    let mut refused = 0;
+    let mut n = 0;
+    while refused < 4 {
+        n += 1;
+        let code = carol
+            .request_error(
+                "send_group_message",
+                json!({"groupId": g, "clientMsgId": format!("c{n}"), "type": "text", "text": "x"}),
+            )
+            .await
+            .unwrap_or_default();
+        refused = if code == "forbidden" { refused + 1 } else { 0 };
+        anyhow::ensure!(std::time::Instant::now() < deadline, "carol can still send");
+    }
+    alice
+        .send_text_until_ok(&g, "m5", "@carol @bob", chat_tests::PROMPTLY)
+        .await?;
+    // bob's mention of the same message is told after the batch is written
+    bob.skip_to("a_mention").await?;
+    assert_eq!(list("carol", "").await?["mentions"], json!([live["data"]]));
+    c.stop().await
+}

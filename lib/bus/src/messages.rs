@@ -39,6 +39,11 @@ pub struct Envelope {
     /// group, sender and seq); absent in envelopes of the first version.
     #[serde(default = "binding_v1", skip_serializing_if = "is_binding_v1")]
     pub binding: u8,
+    /// Members the message mentions (`@user`), checked at the send; in the
+    /// clear like the sender, so that the persist loop tells them without
+    /// opening the content.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mentions: Vec<String>,
 }
 
 fn binding_v1() -> u8 {

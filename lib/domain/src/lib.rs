@@ -45,4 +45,7 @@ pub fn now_millis() -> Millis {
 
 mod message;
 
-pub use message::{ClientMsgId, MediaPolicy, MessageId, MessageKind, check_text};
+pub use message::{
+    ClientMsgId, MENTION_CANDIDATES_MAX, MediaPolicy, MessageId, MessageKind, check_text,
+    mention_candidates,
+};

@@ -1,6 +1,6 @@
 //! Group messages (seed §2 and §4).
 
-use crate::{DomainError, Limits};
+use crate::{DomainError, Limits, UserId};
 
 pub use crate::id::{ClientMsgId, MessageId};
 
@@ -58,6 +58,72 @@ pub fn check_text(text: &str, limits: &Limits) -> Result<(), DomainError> {
         )));
     }
     Ok(())
+}
+
+/// Distinct `@user` candidates a message is looked at for.
+pub const MENTION_CANDIDATES_MAX: usize = 20;
+
+/// The users `text` names with `@user`, distinct, in order of first
+/// appearance, at most [`MENTION_CANDIDATES_MAX`]. A mention is `@` at the
+/// start of the text or after a character that cannot be in an id (so an
+/// address such as `bob@example.com` names nobody), followed by a valid
+/// user id, which runs to the first character that cannot be in one. Who
+/// of them is a member is for the caller to check.
+pub fn mention_candidates(text: &str) -> Vec<UserId> {
+    let id_char = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+    let mut out: Vec<UserId> = Vec::new();
+    let mut prev: Option<char> = None;
+    for (i, c) in text.char_indices() {
+        let starts = c == '@' && !prev.is_some_and(id_char);
+        prev = Some(c);
+        if !starts {
+            continue;
+        }
+        let rest = &text[i + 1..];
+        let end = rest.find(|c: char| !id_char(c)).unwrap_or(rest.len());
+        if let Ok(user) = UserId::parse(&rest[..end])
+            && !out.contains(&user)
+        {
+            out.push(user);
+            if out.len() == MENTION_CANDIDATES_MAX {
+                break;
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod mention_tests {
+    use super::*;
+
+    fn names(text: &str) -> Vec<String> {
+        mention_candidates(text)
+            .into_iter()
+            .map(UserId::into_string)
+            .collect()
+    }
+
+    #[test]
+    fn mentions_are_at_signs_before_ids() {
+        assert_eq!(names("@bob hi"), ["bob"]);
+        assert_eq!(names("hi @bob, @carol_1 and @bob!"), ["bob", "carol_1"]);
+        assert_eq!(names("(@a-b)"), ["a-b"]);
+        assert!(names("mail bob@example.com").is_empty());
+        assert!(names("@ alone, @@, @.x").is_empty());
+        assert_eq!(names("@@bob"), ["bob"], "the second @ follows a non-id");
+        assert_eq!(names("é@bob"), ["bob"]);
+    }
+
+    #[test]
+    fn overlong_names_and_too_many_candidates_are_bounded() {
+        let long = format!("@{}", "x".repeat(UserId::MAX_LEN + 1));
+        assert!(names(&long).is_empty());
+        let many: String = (0..50).map(|i| format!("@u{i} ")).collect();
+        let got = names(&many);
+        assert_eq!(got.len(), MENTION_CANDIDATES_MAX);
+        assert_eq!(got[0], "u0");
+    }
 }
 
 #[cfg(test)]

@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 
 use chat_protocol::{
     AcknowledgeAck, AcknowledgeMessage, ErrorBody, GroupEvent, GroupRef, MemberPresence,
-    MessageStatusPush, MessageView, NotifyAck, SendAck, SendMessage, SessionInfo, SubscribeAck,
-    Typing, TypingAck, TypingPush, event,
+    MentionView, MessageStatusPush, MessageView, NotifyAck, SendAck, SendMessage, SessionInfo,
+    SubscribeAck, Typing, TypingAck, TypingPush, event,
 };
 use serde_json::{Value, json};
 use utoipa::{
@@ -56,7 +56,7 @@ const REQUESTS: [(&str, &str, &str, &str); 5] = [
 ];
 
 /// A push, the type of its `data`, and what it says.
-const PUSHES: [(&str, &str, &str); 7] = [
+const PUSHES: [(&str, &str, &str); 8] = [
     (event::SESSION, "SessionInfo", "First on every connection."),
     (
         event::GROUP_CREATED,
@@ -88,6 +88,12 @@ const PUSHES: [(&str, &str, &str); 7] = [
         "MemberPresence",
         "A user who shares a group with you opened a first connection or closed the last one \
          (on any edge), or the edge it was on died.",
+    ),
+    (
+        event::MENTION,
+        "MentionView",
+        "A message mentions you (`@you`): live, or when your device reconnects. The content is \
+         in history.",
     ),
 ];
 
@@ -136,6 +142,7 @@ fn schemas() -> BTreeMap<String, Value> {
     schema_of::<TypingAck>(&mut all);
     schema_of::<TypingPush>(&mut all);
     schema_of::<MemberPresence>(&mut all);
+    schema_of::<MentionView>(&mut all);
     all.into_iter()
         .map(|(name, schema)| (name, serde_json::to_value(schema).unwrap_or_default()))
         .collect()
@@ -347,6 +354,7 @@ mod tests {
             chat_protocol::event::MESSAGE_STATUS,
             chat_protocol::event::USER_TYPING,
             chat_protocol::event::PRESENCE,
+            chat_protocol::event::MENTION,
         ] {
             assert!(messages.contains_key(e), "{e}");
         }

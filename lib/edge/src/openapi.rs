@@ -25,6 +25,7 @@ use crate::rest;
         rest::list_groups,
         rest::get_group,
         rest::group_presence,
+        rest::mentions,
         rest::transfer_owner,
         rest::add_members,
         rest::remove_member,

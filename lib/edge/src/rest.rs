@@ -9,8 +9,9 @@ use axum::{
 use chat_domain::{Group, UserId};
 use chat_protocol::{
     AddMembersBody, CreateGroupBody, ErrorCode, GroupPage, GroupPresence, GroupSummary, GroupView,
-    Health, MediaLink, MediaRef, MemberPresence, MemberStatus, MessagePage, MessageStatus,
-    MessageView, Readiness, RestError, TransferOwnerBody, UploadBody, UploadTicket, format_millis,
+    Health, MediaLink, MediaRef, MemberPresence, MemberStatus, MentionPage, MentionView,
+    MessagePage, MessageStatus, MessageView, Readiness, RestError, TransferOwnerBody, UploadBody,
+    UploadTicket, format_millis,
 };
 use chat_rpc::pb;
 use serde::{Deserialize, de::DeserializeOwned};
@@ -357,6 +358,63 @@ pub(crate) async fn history(
     .into_inner();
     let messages: Vec<MessageView> = r.messages.into_iter().map(message_view).collect();
     Ok(Json(MessagePage { messages }))
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct MentionsQuery {
+    before: Option<String>,
+    limit: Option<u32>,
+}
+
+/// `GET /mentions?before=CURSOR&limit=N`: the caller's mentions, newest
+/// first.
+#[utoipa::path(get, path = "/mentions", tag = "messages",
+    params(
+        ("before" = Option<String>, Query, description = "the `next` of the previous page"),
+        ("limit" = Option<u32>, Query, description = "1 to 100 (default 50)"),
+    ),
+    responses(
+        (status = 200, description = "the caller's mentions, newest first", body = MentionPage),
+        crate::openapi::CallerErrors
+    ))]
+pub(crate) async fn mentions(
+    State(app): State<AppState>,
+    Caller(me): Caller,
+    query: Result<axum::extract::Query<MentionsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<MentionPage>, ApiError> {
+    let axum::extract::Query(q) = query.map_err(|e| ApiError::invalid(e.body_text()))?;
+    if q.limit == Some(0) {
+        return Err(ApiError::invalid("limit must be at least 1"));
+    }
+    if q.before.as_ref().is_some_and(|b| b.len() > 128) {
+        return Err(ApiError::invalid("before is not a cursor this server gave"));
+    }
+    let r = rpc!(
+        app,
+        MessagesClient,
+        mentions,
+        pb::MentionsRequest {
+            caller: me.user_id.to_string(),
+            before: q.before.unwrap_or_default(),
+            limit: q.limit.unwrap_or(50),
+        }
+    )?
+    .into_inner();
+    Ok(Json(MentionPage {
+        mentions: r
+            .mentions
+            .into_iter()
+            .map(|m| MentionView {
+                group_id: m.group_id,
+                message_id: m.message_id,
+                seq: m.seq,
+                sender_id: m.sender_id,
+                created_at: format_millis(m.created_at_ms),
+            })
+            .collect(),
+        next: Some(r.next).filter(|n| !n.is_empty()),
+    }))
 }
 
 /// `GET /groups/{id}/messages/{messageId}/status`: delivered and read per

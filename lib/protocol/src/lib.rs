@@ -10,9 +10,9 @@ mod view;
 
 pub use reply::{
     AcknowledgeAck, DevToken, GroupPage, GroupPresence, GroupSummary, Health, MediaLink,
-    MemberPresence, MemberStatus, MessagePage, MessageStatus, MessageStatusPush, NotifyAck,
-    Readiness, SendAck, SubscribeAck, TYPING_EXPIRES_MS, TypingAck, TypingPush, UploadTicket,
-    WebConfig,
+    MemberPresence, MemberStatus, MentionPage, MentionView, MessagePage, MessageStatus,
+    MessageStatusPush, NotifyAck, Readiness, SendAck, SubscribeAck, TYPING_EXPIRES_MS, TypingAck,
+    TypingPush, UploadTicket, WebConfig,
 };
 pub use view::{
     EVENT_MEMBERS_MAX, GroupChangeView, GroupView, MemberView, MessageView, format_millis,
@@ -37,6 +37,7 @@ pub mod event {
     pub const MESSAGE_STATUS: &str = "a_message_status";
     pub const USER_TYPING: &str = "a_typing";
     pub const PRESENCE: &str = "a_presence";
+    pub const MENTION: &str = "a_mention";
 }
 
 /// Stable, machine-readable error codes.

@@ -100,6 +100,29 @@ pub struct GroupPresence {
     pub members: Vec<MemberPresence>,
 }
 
+/// `a_mention`, to a member a message mentions (`@user`), live or when
+/// its device reconnects, and each entry of `GET /mentions`. It names the
+/// message; its content is in history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MentionView {
+    pub group_id: String,
+    pub message_id: String,
+    pub seq: u64,
+    pub sender_id: String,
+    pub created_at: String,
+}
+
+/// `GET /mentions`: a page of the caller's mentions, newest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MentionPage {
+    pub mentions: Vec<MentionView>,
+    /// Pass as `before` for the next page; absent on the last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+}
+
 /// `a_message_status`, to senders: member `userId` has received everything
 /// up to `deliveredSeq` and read everything up to `readSeq`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

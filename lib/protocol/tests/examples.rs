@@ -29,6 +29,8 @@ fn data_as(name: &str, data: &Value) -> Result<(), String> {
         "TypingPush" => round_trip::<TypingPush>(data),
         "MemberPresence" => round_trip::<MemberPresence>(data),
         "GroupPresence" => round_trip::<GroupPresence>(data),
+        "MentionView" => round_trip::<MentionView>(data),
+        "MentionPage" => round_trip::<MentionPage>(data),
         "SessionInfo" => round_trip::<SessionInfo>(data),
         "GroupEvent" => round_trip::<GroupEvent>(data),
         "MessageView" => round_trip::<MessageView>(data),
@@ -59,6 +61,7 @@ fn push_event(name: &str) -> &'static [&'static str] {
         "MessageStatusPush" => &[event::MESSAGE_STATUS],
         "TypingPush" => &[event::USER_TYPING],
         "MemberPresence" => &[event::PRESENCE],
+        "MentionView" => &[event::MENTION],
         _ => &[],
     }
 }

@@ -9,12 +9,14 @@ use mongodb::{Client, Database, options::ClientOptions};
 
 mod batch;
 mod groups;
+mod mentions;
 mod messages;
 mod objects;
 mod uploads;
 mod users;
 
 pub use groups::{GroupRecord, GroupRepo, Membership};
+pub use mentions::{Mention, MentionCursor, MentionRepo};
 pub use messages::{MessageRepo, Receipt, StoredMessage};
 pub use objects::{ObjectInfo, Objects, ObjectsConfig};
 pub use uploads::{Upload, UploadRepo};
@@ -53,6 +55,7 @@ pub struct Store {
     pub groups: GroupRepo,
     pub users: UserRepo,
     pub messages: MessageRepo,
+    pub mentions: MentionRepo,
     pub uploads: UploadRepo,
     db: Database,
 }
@@ -82,6 +85,7 @@ impl Store {
             groups: GroupRepo::new(&db),
             users: UserRepo::new(&db),
             messages: MessageRepo::new(&db),
+            mentions: MentionRepo::new(&db),
             uploads: UploadRepo::new(&db),
             db,
         })
@@ -91,6 +95,7 @@ impl Store {
     pub async fn ensure_indexes(&self) -> Result<(), StoreError> {
         self.groups.ensure_indexes().await?;
         self.messages.ensure_indexes().await?;
+        self.mentions.ensure_indexes().await?;
         self.uploads.ensure_indexes().await?;
         Ok(())
     }

@@ -169,7 +169,13 @@ fn binding(m: &StoredMessage, seq: u64) -> MessageBinding<'_> {
 }
 
 /// `m` as the envelope published at `seq`, its content sealed for that seq.
-fn envelope(s: &State, m: &StoredMessage, plaintext: &[u8], seq: u64) -> Envelope {
+fn envelope(
+    s: &State,
+    m: &StoredMessage,
+    plaintext: &[u8],
+    seq: u64,
+    mentions: &[UserId],
+) -> Envelope {
     let sealed = s.keys.seal(plaintext, &binding(m, seq).aad(BINDING_V2));
     Envelope {
         message_id: m.id.to_string(),
@@ -183,6 +189,7 @@ fn envelope(s: &State, m: &StoredMessage, plaintext: &[u8], seq: u64) -> Envelop
         nonce: B64.encode(&sealed.nonce),
         ciphertext: B64.encode(&sealed.ciphertext),
         binding: BINDING_V2,
+        mentions: mentions.iter().map(UserId::to_string).collect(),
     }
 }
 
@@ -195,13 +202,14 @@ async fn publish(
     m: &StoredMessage,
     plaintext: &[u8],
     after: u64,
+    mentions: &[UserId],
 ) -> Result<Position, WorkerError> {
     let slot = s.positions.slot(&m.group_id);
     let mut cached = slot.position.lock().await;
     for _ in 0..CAS_ATTEMPTS {
         let last = known_position(s, &m.group_id, &slot, &mut cached).await?;
         let seq = last.seq + 1;
-        let env = envelope(s, m, plaintext, seq);
+        let env = envelope(s, m, plaintext, seq, mentions);
         let started = std::time::Instant::now();
         let published = s.bus.publish_group_message(&env, last.stream_seq).await;
         metrics::histogram!("chat_publish_seconds").record(started.elapsed());
@@ -241,6 +249,29 @@ async fn publish(
     }
     *cached = None;
     Err(unavailable("the group is too busy; retry"))
+}
+
+/// The members other than `sender` that `text` mentions (`@user`); a
+/// name that is no member is plain text. Each is one membership check
+/// (cached).
+async fn mentioned(
+    s: &State,
+    group: &GroupId,
+    sender: &UserId,
+    text: &str,
+) -> Result<Vec<UserId>, WorkerError> {
+    let mut out = Vec::new();
+    for user in chat_domain::mention_candidates(text) {
+        if &user == sender {
+            continue;
+        }
+        match s.check_member(&user, group).await {
+            Ok(_) => out.push(user),
+            Err(WorkerError::Domain(DomainError::Forbidden(_))) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
 }
 
 /// What became of an earlier attempt of a send.
@@ -449,6 +480,11 @@ impl MessagesService {
         }
         let started = std::time::Instant::now();
         s.check_member(&sender, &group).await?;
+        let mentions = if kind == MessageKind::Text {
+            mentioned(s, &group, &sender, &req.text).await?
+        } else {
+            Vec::new()
+        };
         let checked = started.elapsed();
 
         // the send log decides whether this is a retry: one JetStream write
@@ -523,7 +559,7 @@ impl MessagesService {
             created_at: now_millis(),
         };
         let prepared = started.elapsed();
-        let p = match publish(s, &m, &plaintext, after).await {
+        let p = match publish(s, &m, &plaintext, after, &mentions).await {
             Ok(p) => p,
             Err(e) => {
                 // uncertain: a retry with the same client id settles it
@@ -761,4 +797,52 @@ impl Messages for MessagesService {
             members,
         }))
     }
+
+    async fn mentions(
+        &self,
+        req: Request<pb::MentionsRequest>,
+    ) -> Result<Response<pb::MentionsResponse>, Status> {
+        let req = req.into_inner();
+        let caller = parse_id::<UserId>(&req.caller)?;
+        let before = if req.before.is_empty() {
+            None
+        } else {
+            Some(parse_mention_cursor(&req.before)?)
+        };
+        let limit = req.limit.clamp(1, MAX_HISTORY_PAGE);
+        let page = self
+            .0
+            .store
+            .mentions
+            .page(&caller, before.as_ref(), i64::from(limit))
+            .await
+            .map_err(WorkerError::from)?;
+        let next = match page.last() {
+            Some(m) if page.len() == limit as usize => {
+                format!("{}-{}", m.created_at, m.message)
+            }
+            _ => String::new(),
+        };
+        let mentions = page
+            .into_iter()
+            .map(|m| pb::Mention {
+                group_id: m.group.into_string(),
+                message_id: m.message.into_string(),
+                seq: m.seq,
+                sender_id: m.sender.into_string(),
+                created_at_ms: m.created_at,
+            })
+            .collect();
+        Ok(Response::new(pb::MentionsResponse { mentions, next }))
+    }
+}
+
+/// A page cursor of `GET /mentions`: `<createdAt ms>-<messageId>`.
+fn parse_mention_cursor(s: &str) -> Result<chat_store::MentionCursor, WorkerError> {
+    let bad = || DomainError::Invalid("before is not a cursor this server gave".into());
+    let (at, id) = s.split_once('-').ok_or_else(bad)?;
+    Ok(chat_store::MentionCursor {
+        created_at: at.parse().map_err(|_| bad())?,
+        message: MessageId::parse(id).map_err(|_| bad())?,
+    })
 }

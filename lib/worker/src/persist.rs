@@ -13,7 +13,8 @@ use std::{sync::Arc, time::Duration};
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use chat_bus::{BusError, Delivered, Persisted};
 use chat_domain::{ClientMsgId, GroupId, MessageId, UserId, now_millis};
-use chat_store::StoredMessage;
+use chat_protocol::{MentionView, event, format_millis, push_json};
+use chat_store::{Mention, StoredMessage};
 
 use crate::{State, WorkerError};
 
@@ -61,9 +62,14 @@ async fn store(s: &State, batch: Vec<Delivered>) {
     let mut rows = Vec::with_capacity(batch.len());
     let mut stored_at = Vec::with_capacity(batch.len());
     let mut keep = Vec::with_capacity(batch.len());
+    let mut mentions = Vec::new();
     for m in batch {
-        match m.read().and_then(|p| Ok((to_stored(&p)?, p.stored_at_ms))) {
-            Ok((row, at)) => {
+        match m
+            .read()
+            .and_then(|p| Ok((to_stored(&p)?, p.stored_at_ms, p)))
+        {
+            Ok((row, at, p)) => {
+                mentions.extend(mentions_of(&p, &row));
                 rows.push(row);
                 stored_at.push(at);
                 keep.push(m);
@@ -80,9 +86,9 @@ async fn store(s: &State, batch: Vec<Delivered>) {
     // on for these messages)
     let write = async {
         let mut wait = Duration::from_millis(100);
-        loop {
+        let new = loop {
             match s.store.messages.project(&rows).await {
-                Ok(new) => return new,
+                Ok(new) => break new,
                 Err(e) => {
                     metrics::counter!("chat_persist_failures_total").increment(1);
                     tracing::warn!(error = %e, n = rows.len(), "cannot persist a batch yet; holding it");
@@ -90,7 +96,17 @@ async fn store(s: &State, batch: Vec<Delivered>) {
                     wait = (wait * 2).min(Duration::from_secs(2));
                 }
             }
+        };
+        // the batch's mentions, recorded and told, both idempotent: a batch
+        // delivered again tells nobody twice within the stream's duplicate
+        // window, which is far longer than the consumer's `ack_wait`
+        while let Err(e) = mention(s, &mentions).await {
+            metrics::counter!("chat_persist_failures_total").increment(1);
+            tracing::warn!(error = %e, n = mentions.len(), "cannot record or tell a batch's mentions yet; holding it");
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(2));
         }
+        new
     };
     tokio::pin!(write);
     // meanwhile the batch stays with this worker: "in progress" well within
@@ -150,6 +166,52 @@ async fn senders_read(s: &State, rows: &[StoredMessage]) {
             tracing::warn!(group = %group, error = %e, "cannot mark the senders' own messages read");
         }
     }
+}
+
+/// The members `p` mentions, as the send checked them.
+fn mentions_of(p: &Persisted, row: &StoredMessage) -> Vec<Mention> {
+    p.envelope
+        .mentions
+        .iter()
+        .filter_map(|u| UserId::parse(u.as_str()).ok())
+        .map(|user| Mention {
+            user,
+            group: row.group_id.clone(),
+            message: row.id.clone(),
+            seq: row.seq.unwrap_or_default(),
+            sender: row.sender_id.clone(),
+            created_at: row.created_at,
+        })
+        .collect()
+}
+
+/// Records `mentions` and tells each member, live or on reconnect
+/// (`a_mention` in the member's notifications).
+async fn mention(s: &State, mentions: &[Mention]) -> Result<(), WorkerError> {
+    if mentions.is_empty() {
+        return Ok(());
+    }
+    s.store.mentions.record(mentions).await?;
+    for m in mentions {
+        let view = MentionView {
+            group_id: m.group.to_string(),
+            message_id: m.message.to_string(),
+            seq: m.seq,
+            sender_id: m.sender.to_string(),
+            created_at: format_millis(m.created_at),
+        };
+        let payload = push_json(event::MENTION, &view)
+            .map_err(|e| WorkerError::Domain(chat_domain::DomainError::Invalid(e.to_string())))?;
+        s.bus
+            .publish_user_event(
+                &m.user,
+                &format!("mention-{}-{}", m.message, m.user),
+                payload.into(),
+            )
+            .await?;
+        metrics::counter!("chat_mentions_total").increment(1);
+    }
+    Ok(())
 }
 
 /// The MongoDB record of a message as the stream holds it.

@@ -5,7 +5,7 @@ use super::*;
 
 /// The name of a frame's event, for metrics (one of ours, or "other").
 pub(super) fn event_of(frame: &str) -> &'static str {
-    const NAMES: [&str; 8] = [
+    const NAMES: [&str; 10] = [
         event::ACK,
         event::ERROR,
         event::SESSION,
@@ -14,6 +14,8 @@ pub(super) fn event_of(frame: &str) -> &'static str {
         event::GROUP_MESSAGE,
         event::MESSAGE_STATUS,
         event::USER_TYPING,
+        event::PRESENCE,
+        event::MENTION,
     ];
     let name = frame
         .strip_prefix("{\"event\":\"")
