@@ -738,3 +738,152 @@ async fn mentions_reach_the_members_named_live_on_reconnect_and_in_their_list() 
     assert_eq!(list("carol", "").await?["mentions"], json!([live["data"]]));
     c.stop().await
 }
+
+/// A webhook receiver on a free port: answers 503 to the first post, 200
+/// to the rest, and hands over each post's headers and body.
+async fn webhook_receiver() -> anyhow::Result<(
+    String,
+    tokio::sync::mpsc::Receiver<(std::collections::HashMap<String, String>, Vec<u8>)>,
+)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/hook", listener.local_addr()?);
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        let mut posts = 0;
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            // headers, then as much body as content-length says
+            let (head, body) = loop {
+                let Ok(n) = sock.read(&mut chunk).await else {
+                    break (None, vec![]);
+                };
+                if n == 0 {
+                    break (None, vec![]);
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                    continue;
+                };
+                let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                let headers: std::collections::HashMap<String, String> = head
+                    .lines()
+                    .skip(1)
+                    .filter_map(|l| l.split_once(':'))
+                    .map(|(k, v)| (k.trim().to_lowercase(), v.trim().to_owned()))
+                    .collect();
+                let len: usize = headers
+                    .get("content-length")
+                    .and_then(|l| l.parse().ok())
+                    .unwrap_or(0);
+                while buf.len() < end + 4 + len {
+                    match sock.read(&mut chunk).await {
+                        Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                        _ => break,
+                    }
+                }
+                break (Some(headers), buf[end + 4..].to_vec());
+            };
+            let Some(headers) = head else { continue };
+            posts += 1;
+            let status = if posts == 1 {
+                "503 Service Unavailable"
+            } else {
+                "200 OK"
+            };
+            let _ = sock
+                .write_all(
+                    format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                        .as_bytes(),
+                )
+                .await;
+            if posts > 1 && tx.send((headers, body)).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok((url, rx))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_with_no_connection_are_pushed_ids_only_through_nats_and_a_signed_webhook()
+-> anyhow::Result<()> {
+    use futures::StreamExt;
+    use std::time::Duration;
+    const SECRET: &str = "push-webhook-secret-0123456789abcdef";
+    let (url, mut posts) = webhook_receiver().await?;
+    let c = Cluster::start_with(
+        2,
+        2,
+        &["--push-webhook-url", &url, "--push-webhook-secret", SECRET],
+    )
+    .await?;
+    let g = c.room(&["alice", "bob", "carol"]).await?;
+    let bus = c.bus().await?;
+    let mut pushes = bus.client().subscribe("chat.push.*").await?;
+    let mut alice = c.connect(0, "alice", "web").await?;
+    let _bob = c.connect(1, "bob", "phone").await?;
+    // the workers know who is online once presence says so
+    for user in ["alice", "bob"] {
+        chat_tests::eventually(chat_tests::PROMPTLY, || async {
+            let (_, p) = c.get(0, "carol", &format!("/groups/{g}/presence")).await?;
+            Ok(p["members"]
+                .as_array()
+                .is_some_and(|m| m.iter().any(|m| m["userId"] == user && m["online"] == true))
+                .then_some(()))
+        })
+        .await?;
+    }
+    // carol, who has no connection, is pushed; alice and bob are not
+    let secret_text = "a secret for @carol";
+    let deadline = std::time::Instant::now() + chat_tests::PROMPTLY;
+    let (ack, event) = loop {
+        let ack = alice
+            .send_text(
+                &g,
+                &format!("p{}", deadline.elapsed().as_nanos()),
+                secret_text,
+            )
+            .await?;
+        let msg = tokio::time::timeout(Duration::from_secs(10), pushes.next())
+            .await?
+            .context("no push event")?;
+        let event: Value = serde_json::from_slice(&msg.payload)?;
+        if event["recipients"] == json!(["carol"]) {
+            break (ack, event);
+        }
+        // a worker that had not yet heard bob or alice come online
+        anyhow::ensure!(std::time::Instant::now() < deadline, "{event}");
+    };
+    assert_eq!(
+        event,
+        json!({"kind": "message", "groupId": g, "messageId": ack["messageId"], "seq": ack["seq"],
+               "senderId": "alice", "type": "text", "createdAt": ack["createdAt"],
+               "recipients": ["carol"], "mentioned": ["carol"]})
+    );
+    assert!(
+        !String::from_utf8_lossy(&serde_json::to_vec(&event)?).contains("secret"),
+        "no content in a push event"
+    );
+    // the webhook got it too (after a 503: retried), signed
+    let (headers, body) = loop {
+        let (headers, body) = tokio::time::timeout(Duration::from_secs(30), posts.recv())
+            .await?
+            .context("receiver gone")?;
+        let posted: Value = serde_json::from_slice(&body)?;
+        if posted["messageId"] == ack["messageId"] {
+            break (headers, body);
+        }
+    };
+    let ts: i64 = headers
+        .get("x-chat-timestamp")
+        .context("timestamp")?
+        .parse()?;
+    assert_eq!(
+        headers.get("x-chat-signature"),
+        Some(&chat_worker::signature(SECRET, ts, &body))
+    );
+    assert_eq!(serde_json::from_slice::<Value>(&body)?, event);
+    c.stop().await
+}

@@ -220,6 +220,24 @@ pub struct ServeArgs {
     /// (default with --role all: this process's own worker).
     #[arg(long, env = "CHATD_WORKERS", value_delimiter = ',')]
     pub workers: Vec<String>,
+    /// Worker: publish a push event (`chat.push.<group>`, the CHAT_PUSH
+    /// stream) for every message that members with no connection open
+    /// should hear of, for a push gateway. Ids only, never content.
+    #[arg(long, env = "CHATD_PUSH")]
+    pub push: bool,
+    /// Worker: also POST every push event to this URL (implies --push),
+    /// signed with --push-webhook-secret, retried with growing delays.
+    #[arg(long, env = "CHATD_PUSH_WEBHOOK_URL", requires = "push_webhook_secret")]
+    pub push_webhook_url: Option<String>,
+    /// Worker: the secret (at least 32 bytes) that signs webhook posts
+    /// (`X-Chat-Signature: sha256=HMAC(secret, "<X-Chat-Timestamp>.<body>")`).
+    #[arg(
+        long,
+        env = "CHATD_PUSH_WEBHOOK_SECRET",
+        hide_env_values = true,
+        requires = "push_webhook_url"
+    )]
+    pub push_webhook_secret: Option<String>,
     /// Edge: deadline of each worker call, in milliseconds.
     #[arg(long, env = "CHATD_RPC_TIMEOUT_MS", default_value_t = 10_000)]
     pub rpc_timeout_ms: u64,
@@ -461,6 +479,26 @@ impl ServeArgs {
         }
     }
 
+    /// The push webhook, if configured; its URL must be http(s) and its
+    /// secret at least 32 bytes.
+    fn webhook(&self) -> anyhow::Result<Option<chat_worker::Webhook>> {
+        let (Some(url), Some(secret)) = (&self.push_webhook_url, &self.push_webhook_secret) else {
+            return Ok(None);
+        };
+        anyhow::ensure!(
+            url.starts_with("http://") || url.starts_with("https://"),
+            "--push-webhook-url must be an http:// or https:// URL"
+        );
+        anyhow::ensure!(
+            secret.len() >= 32,
+            "--push-webhook-secret must be at least 32 bytes"
+        );
+        Ok(Some(chat_worker::Webhook {
+            url: url.clone(),
+            secret: secret.clone(),
+        }))
+    }
+
     fn objects(&self) -> anyhow::Result<Option<chat_store::Objects>> {
         let Some(endpoint) = &self.s3_endpoint else {
             return Ok(None);
@@ -620,6 +658,8 @@ impl Node {
                 service_secret: service_secret.clone(),
                 max_groups_per_user: args.max_groups_per_user,
                 max_listed_members: args.max_listed_members.max(1),
+                push: args.push,
+                webhook: args.webhook()?,
                 ..chat_worker::Config::default()
             };
             let shutdown = shutdown_signal(&stop_rx);
@@ -847,6 +887,50 @@ mod tests {
         let cli = Cli::try_parse_from(["chatd", "token", "--user", "alice", "--jwt-secret", "x"])
             .expect("parses");
         assert!(matches!(cli.command, Some(Command::Token(_))));
+    }
+
+    #[test]
+    fn the_push_webhook_needs_an_http_url_and_a_long_secret() {
+        let serve = |extra: &[&str]| {
+            let mut argv = vec!["chatd", "--role", "worker"];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv).map(|c| c.serve)
+        };
+        let long = "0123456789abcdef0123456789abcdef";
+        let ok = serve(&[
+            "--push-webhook-url",
+            "http://gw/hook",
+            "--push-webhook-secret",
+            long,
+        ])
+        .expect("parses");
+        assert!(ok.webhook().expect("valid").is_some());
+        assert!(
+            serve(&[])
+                .expect("parses")
+                .webhook()
+                .expect("none")
+                .is_none()
+        );
+        // each needs the other
+        assert!(serve(&["--push-webhook-url", "http://gw/hook"]).is_err());
+        assert!(serve(&["--push-webhook-secret", long]).is_err());
+        let short = serve(&[
+            "--push-webhook-url",
+            "http://gw/hook",
+            "--push-webhook-secret",
+            "short",
+        ])
+        .expect("parses");
+        assert!(short.webhook().is_err());
+        let ftp = serve(&[
+            "--push-webhook-url",
+            "ftp://gw/hook",
+            "--push-webhook-secret",
+            long,
+        ])
+        .expect("parses");
+        assert!(ftp.webhook().is_err());
     }
 
     #[test]

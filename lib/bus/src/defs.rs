@@ -7,6 +7,7 @@ use crate::BusError;
 
 const USERS_STREAM: &str = include_str!("../../../nats/streams/chat_users.json");
 const GROUPS_STREAM: &str = include_str!("../../../nats/streams/chat_groups.json");
+const PUSH_STREAM: &str = include_str!("../../../nats/streams/chat_push.json");
 const PERSIST_CONSUMER: &str = include_str!("../../../nats/consumers/persist.json");
 
 /// Parsed definitions, with the operator's overrides applied.
@@ -14,6 +15,8 @@ const PERSIST_CONSUMER: &str = include_str!("../../../nats/consumers/persist.jso
 pub struct Definitions {
     pub users_stream: stream::Config,
     pub groups_stream: stream::Config,
+    /// The push hook's events (`push.rs`).
+    pub push_stream: stream::Config,
     /// The consumer every worker shares to write the group messages into
     /// MongoDB behind the stream.
     pub persist_consumer: consumer::pull::Config,
@@ -32,12 +35,15 @@ impl Definitions {
         let mut users_stream: stream::Config = parse("nats/streams/chat_users.json", USERS_STREAM)?;
         let mut groups_stream: stream::Config =
             parse("nats/streams/chat_groups.json", GROUPS_STREAM)?;
+        let mut push_stream: stream::Config = parse("nats/streams/chat_push.json", PUSH_STREAM)?;
         let persist_consumer = parse("nats/consumers/persist.json", PERSIST_CONSUMER)?;
         users_stream.num_replicas = replicas;
         groups_stream.num_replicas = replicas;
+        push_stream.num_replicas = replicas;
         Ok(Self {
             users_stream,
             groups_stream,
+            push_stream,
             persist_consumer,
         })
     }

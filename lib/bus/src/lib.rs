@@ -18,6 +18,9 @@
 //! - `$KV.CHAT_PRESENCE.{u.<user>,at.<edge>.<user>,e.<edge>}`: who is
 //!   online on which edge, the edges' heartbeats; `chat.presence.<user>`
 //!   (core NATS): a user went on- or offline (`presence.rs`);
+//! - `chat.push.<groupId>`: the push hook, per message the members with no
+//!   connection open, for an operator's push gateway (`CHAT_PUSH`,
+//!   `push.rs`);
 //! - `chat.signal.<groupId>` (core NATS): ephemeral group events (typing)
 //!   from the sender's edge to every edge (`signals.rs`).
 //!
@@ -51,6 +54,7 @@ mod messages;
 mod persist;
 mod places;
 mod presence;
+mod push;
 mod sends;
 mod signals;
 
@@ -67,6 +71,9 @@ pub use places::{
 pub use presence::{
     BEAT_EVERY, Beat, Change as PresenceChange, DEAD_AFTER, PRESENCE_BUCKET, PRESENCE_CHANGES,
     Presence, Record as PresenceRecord, Update as PresenceUpdate, change_groups, presence_subject,
+};
+pub use push::{
+    PUSH_SUBJECTS, PushDelivery, PushEvent, WEBHOOK_ATTEMPTS, WEBHOOK_CONSUMER, push_subject,
 };
 pub use sends::{Claimed, SENDS_BUCKET, SendLog, SendRecord, send_key};
 pub use signals::{
@@ -256,7 +263,11 @@ impl Bus {
     /// is, so a definition an operator changed never stops every node at
     /// start-up (OPERATIONS.md, "Changing a stream's fixed fields").
     pub async fn ensure_streams(&self) -> Result<(), BusError> {
-        for config in [&self.defs.users_stream, &self.defs.groups_stream] {
+        for config in [
+            &self.defs.users_stream,
+            &self.defs.groups_stream,
+            &self.defs.push_stream,
+        ] {
             self.until_streams_answer(&config.name, || async {
                 match self.js.create_or_update_stream(config.clone()).await {
                     Err(e) if fixed_field(&e) => {

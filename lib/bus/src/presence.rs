@@ -278,7 +278,7 @@ impl Presence {
     /// offline.
     pub async fn sweep(&self, now: Millis) -> Result<usize, BusError> {
         let mut offline = 0;
-        for (key, value) in self.entries("e.*").await? {
+        for (key, value, _) in self.entries("e.*").await? {
             let Some(edge) = key.strip_prefix("e.") else {
                 continue;
             };
@@ -292,7 +292,7 @@ impl Presence {
                 edge,
                 "edge stopped beating; taking its users out of presence"
             );
-            for (key, _) in self.entries(&format!("at.{edge}.*")).await? {
+            for (key, _, _) in self.entries(&format!("at.{edge}.*")).await? {
                 let Some(user) = key.rsplit('.').next().and_then(|u| UserId::parse(u).ok()) else {
                     continue;
                 };
@@ -309,8 +309,24 @@ impl Presence {
         Ok(offline)
     }
 
-    /// The entries (not deleted) whose keys match `filter` (NATS wildcards).
-    async fn entries(&self, filter: &str) -> Result<Vec<(String, Bytes)>, BusError> {
+    /// Every user online now, with its record's revision (what an
+    /// announcement about it must pass to count).
+    pub async fn online_users(&self) -> Result<Vec<(String, u64)>, BusError> {
+        let mut out = Vec::new();
+        for (key, value, rev) in self.entries("u.*").await? {
+            let Some(user) = key.strip_prefix("u.") else {
+                continue;
+            };
+            if parse(&value).is_ok_and(|r| r.online()) {
+                out.push((user.to_owned(), rev));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The entries (not deleted) whose keys match `filter` (NATS
+    /// wildcards), with their revisions.
+    async fn entries(&self, filter: &str) -> Result<Vec<(String, Bytes, u64)>, BusError> {
         let prefix = format!("$KV.{PRESENCE_BUCKET}.");
         let stream = self
             .js
@@ -342,7 +358,11 @@ impl Presence {
             while let Some(msg) = batch.next().await {
                 let msg = msg.map_err(BusError::nats)?;
                 got += 1;
-                pending = msg.info().map(|i| i.pending).unwrap_or(0);
+                let (left, rev) = msg
+                    .info()
+                    .map(|i| (i.pending, i.stream_sequence))
+                    .unwrap_or((0, 0));
+                pending = left;
                 let deleted = msg
                     .headers
                     .as_ref()
@@ -351,7 +371,7 @@ impl Presence {
                 if let Some(key) = msg.subject.strip_prefix(prefix.as_str())
                     && !deleted
                 {
-                    out.push((key.to_owned(), msg.payload.clone()));
+                    out.push((key.to_owned(), msg.payload.clone(), rev));
                 }
             }
             if got == 0 {

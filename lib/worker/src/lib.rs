@@ -26,7 +26,10 @@ mod media;
 mod members;
 mod messages;
 mod persist;
+mod push;
 mod sessions;
+
+pub use push::{SIGNATURE_HEADER, TIMESTAMP_HEADER, Webhook, signature};
 
 /// What a worker needs to run.
 #[derive(Debug, Clone)]
@@ -60,6 +63,10 @@ pub struct Config {
     /// The secret edges present on every call (and the worker proves it
     /// knows when asked); `None` only on loopback.
     pub service_secret: Option<ServiceSecret>,
+    /// Publish push events (`push.rs`) for members with no connection.
+    pub push: bool,
+    /// Post push events to this webhook too (implies `push`).
+    pub webhook: Option<push::Webhook>,
 }
 
 /// Devices per user.
@@ -97,6 +104,8 @@ impl Default for Config {
             unreferenced_upload_ttl: std::time::Duration::from_secs(24 * 3600),
             devices: DeviceLimits::default(),
             service_secret: None,
+            push: false,
+            webhook: None,
         }
     }
 }
@@ -166,6 +175,8 @@ pub(crate) struct State {
     pub sends: chat_bus::SendLog,
     /// Every device's place in the streams.
     pub places: chat_bus::Places,
+    /// Who is online, for the push hook (`push.rs`).
+    pub online: push::Online,
 }
 
 impl State {
@@ -280,6 +291,7 @@ pub async fn serve(
         config,
         positions: Default::default(),
         members: Default::default(),
+        online: Default::default(),
         sends,
         places,
     });
@@ -288,6 +300,13 @@ pub async fn serve(
     let auth = require_secret(state.config.service_secret.clone());
     let cleaner = tokio::spawn(media::clean_uploads(state.clone()));
     let sweeper = tokio::spawn(sweep_presence(presence));
+    let pushing = state.config.push || state.config.webhook.is_some();
+    let follower = pushing.then(|| tokio::spawn(push::follow_presence(state.clone())));
+    let poster = state
+        .config
+        .webhook
+        .clone()
+        .map(|hook| tokio::spawn(push::post_webhooks(state.clone(), hook)));
     let result = tonic::transport::Server::builder()
         // every call's logs carry the request id the edge sent
         .trace_fn(|req| {
@@ -327,6 +346,9 @@ pub async fn serve(
     listener_of_members.abort();
     cleaner.abort();
     sweeper.abort();
+    for task in [follower, poster].into_iter().flatten() {
+        task.abort();
+    }
     result
 }
 

@@ -106,6 +106,14 @@ async fn store(s: &State, batch: Vec<Delivered>) {
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(Duration::from_secs(2));
         }
+        // and the push hook, once (the message id de-duplicates)
+        let pushing = s.config.push || s.config.webhook.is_some();
+        while pushing && let Err(e) = crate::push::push(s, &rows, &mentions).await {
+            metrics::counter!("chat_persist_failures_total").increment(1);
+            tracing::warn!(error = %e, n = rows.len(), "cannot publish a batch's push events yet; holding it");
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(2));
+        }
         new
     };
     tokio::pin!(write);
