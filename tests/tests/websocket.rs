@@ -887,3 +887,94 @@ async fn members_with_no_connection_are_pushed_ids_only_through_nats_and_a_signe
     assert_eq!(serde_json::from_slice::<Value>(&body)?, event);
     c.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_carries_a_preview_of_the_message_it_answers_everywhere() -> anyhow::Result<()> {
+    let c = Cluster::start(2, 2).await?;
+    let g = c.room(&["alice", "bob"]).await?;
+    let other = c.room(&["alice", "carol"]).await?;
+    let mut alice = c.connect(0, "alice", "web").await?;
+    let mut bob = c.connect(1, "bob", "phone").await?;
+    let long = format!("{} and then some", "word ".repeat(30));
+    let first = alice.send_text(&g, "q1", &long).await?;
+    bob.messages(1).await?;
+    let reply = bob
+        .request(
+            "send_group_message",
+            json!({"groupId": g, "clientMsgId": "a1", "type": "text", "text": "agreed",
+                   "replyTo": first["messageId"]}),
+        )
+        .await?;
+    let preview: String = long.chars().take(100).collect::<String>() + "…";
+    let expected = json!({"messageId": first["messageId"], "seq": first["seq"],
+                          "senderId": "alice", "type": "text", "preview": preview});
+    // live, on the other edge (after alice's own first message)
+    let live = alice.messages(2).await?;
+    assert_eq!(live[1]["messageId"], reply["messageId"]);
+    assert_eq!(live[1]["replyTo"], expected);
+    // in history
+    let history = c.history("alice", &g).await?;
+    let stored = history
+        .iter()
+        .find(|m| m["messageId"] == reply["messageId"])
+        .context("the reply in history")?;
+    assert_eq!(stored["replyTo"], expected);
+    assert!(
+        history
+            .iter()
+            .find(|m| m["messageId"] == first["messageId"])
+            .is_some_and(|m| m.get("replyTo").is_none()),
+        "a message that answers nothing has no replyTo"
+    );
+    // the preview is content: not in the clear in the stream
+    let bus = c.bus().await?;
+    let mut read = 0;
+    for seq in 1..=40 {
+        if let Ok(raw) = bus.group_stream_message(seq).await {
+            read += 1;
+            assert!(
+                !String::from_utf8_lossy(&raw).contains("word word"),
+                "{seq}"
+            );
+        }
+    }
+    assert!(read >= 2, "the stream holds both messages");
+    let docs = c
+        .mongo()
+        .await?
+        .collection::<mongodb::bson::Document>("messages");
+    let all: Vec<mongodb::bson::Document> =
+        futures::TryStreamExt::try_collect(docs.find(mongodb::bson::doc! {}).await?).await?;
+    assert!(
+        !format!("{all:?}").contains("word word"),
+        "plaintext at rest"
+    );
+
+    // answers only to messages of the group the sender can see
+    let elsewhere = alice.send_text(&other, "o1", "elsewhere").await?;
+    for (i, target) in [
+        json!(elsewhere["messageId"]),
+        json!("0192f3a45b6c7d8e9f0123456789abcd"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let code = bob
+            .request_error(
+                "send_group_message",
+                json!({"groupId": g, "clientMsgId": format!("bad{i}"),
+                       "type": "text", "text": "?", "replyTo": target}),
+            )
+            .await?;
+        assert_eq!(code, "not_found", "{target}");
+    }
+    let code = bob
+        .request_error(
+            "send_group_message",
+            json!({"groupId": g, "clientMsgId": "bad-id", "type": "text", "text": "?",
+                   "replyTo": "not an id"}),
+        )
+        .await?;
+    assert_eq!(code, "invalid");
+    c.stop().await
+}

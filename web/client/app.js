@@ -389,7 +389,15 @@ function messageItem(m) {
   time.dateTime = m.createdAt;
   time.textContent = new Date(m.createdAt).toLocaleTimeString();
   meta.append(sender, time);
-  li.append(meta, body(m));
+  li.append(meta);
+  if (m.replyTo) {
+    // PROTOCOL.md, "Replies": who wrote the answered message, and its start
+    const quote = document.createElement("blockquote");
+    quote.className = "reply-to";
+    quote.textContent = `${m.replyTo.senderId}: ${m.replyTo.preview || `[${m.replyTo.type}]`}`;
+    li.append(quote);
+  }
+  li.append(body(m));
   if (m.senderId === app.me) li.append(receipt(m));
   return li;
 }

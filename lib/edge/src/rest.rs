@@ -10,8 +10,8 @@ use chat_domain::{Group, UserId};
 use chat_protocol::{
     AddMembersBody, CreateGroupBody, ErrorCode, GroupPage, GroupPresence, GroupSummary, GroupView,
     Health, MediaLink, MediaRef, MemberPresence, MemberStatus, MentionPage, MentionView,
-    MessagePage, MessageStatus, MessageView, Readiness, RestError, TransferOwnerBody, UploadBody,
-    UploadTicket, format_millis,
+    MessagePage, MessageStatus, MessageView, Readiness, ReplyView, RestError, TransferOwnerBody,
+    UploadBody, UploadTicket, format_millis,
 };
 use chat_rpc::pb;
 use serde::{Deserialize, de::DeserializeOwned};
@@ -614,6 +614,13 @@ fn message_view(m: pb::ChatMessage) -> MessageView {
             size: x.size,
         }),
         created_at: format_millis(m.created_at_ms),
+        reply_to: m.reply_to.map(|r| ReplyView {
+            message_id: r.message_id,
+            seq: r.seq,
+            sender_id: r.sender_id,
+            kind: r.r#type,
+            preview: Some(r.preview).filter(|p| !p.is_empty()),
+        }),
     }
 }
 

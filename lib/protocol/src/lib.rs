@@ -15,8 +15,8 @@ pub use reply::{
     TypingPush, UploadTicket, WebConfig,
 };
 pub use view::{
-    EVENT_MEMBERS_MAX, GroupChangeView, GroupView, MemberView, MessageView, format_millis,
-    parse_millis,
+    EVENT_MEMBERS_MAX, GroupChangeView, GroupView, MemberView, MessageView, REPLY_PREVIEW_CHARS,
+    ReplyView, format_millis, parse_millis, reply_preview,
 };
 
 /// Event names, exactly as the seed and DESIGN.md spell them.
@@ -126,6 +126,9 @@ pub struct SendMessage {
     pub text: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub media: Option<MediaRef>,
+    /// The id of an earlier message of the group this one answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<String>,
 }
 
 /// `media` of a message: an uploaded object.

@@ -122,10 +122,53 @@ pub struct MessageView {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub media: Option<crate::MediaRef>,
     pub created_at: String,
+    /// The earlier message this one answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<ReplyView>,
+}
+
+/// The message a message answers: who wrote it, and the start of its text
+/// as it was when the answer was sent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplyView {
+    pub message_id: String,
+    pub seq: u64,
+    pub sender_id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Its first 100 characters (with `…` if there was more); absent for
+    /// media.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview: Option<String>,
+}
+
+/// Characters of the answered message's text a reply carries.
+pub const REPLY_PREVIEW_CHARS: usize = 100;
+
+/// The preview a reply carries of `text`.
+pub fn reply_preview(text: &str) -> String {
+    let mut chars = text.char_indices();
+    match chars.nth(REPLY_PREVIEW_CHARS) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_owned(),
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn reply_previews_are_cut_at_a_character_boundary() {
+        assert_eq!(super::reply_preview("short"), "short");
+        let exact = "é".repeat(super::REPLY_PREVIEW_CHARS);
+        assert_eq!(super::reply_preview(&exact), exact);
+        let long = "é".repeat(super::REPLY_PREVIEW_CHARS + 1);
+        assert_eq!(
+            super::reply_preview(&long),
+            format!("{}…", "é".repeat(super::REPLY_PREVIEW_CHARS))
+        );
+    }
+
     #[test]
     fn millis_format_as_rfc3339() {
         assert_eq!(

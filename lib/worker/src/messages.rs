@@ -18,7 +18,7 @@ use chat_crypto::{BINDING_V2, MessageBinding, Sealed};
 use chat_domain::{
     ClientMsgId, DomainError, GroupId, MessageId, MessageKind, UserId, check_text, now_millis,
 };
-use chat_protocol::{MessageStatusPush, event, push_json};
+use chat_protocol::{MessageStatusPush, ReplyView, event, push_json, reply_preview};
 use chat_rpc::pb::{self, messages_server::Messages};
 use chat_store::{StoreError, StoredMessage};
 use serde::{Deserialize, Serialize};
@@ -48,6 +48,10 @@ pub(crate) struct Content {
     pub text: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub media: Option<MediaContent>,
+    /// The message this one answers, with its preview: sealed with the
+    /// content, since the preview is content.
+    #[serde(default, rename = "replyTo", skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<ReplyView>,
 }
 
 /// Each group's newest known position, to publish without a lookup first,
@@ -511,15 +515,23 @@ impl MessagesService {
             },
         };
         let logged = started.elapsed();
+        // before the media is claimed: a reply to nothing claims nothing
+        let reply_to = if req.reply_to.is_empty() {
+            None
+        } else {
+            Some(self.answered(&sender, &group, &req.reply_to).await?)
+        };
         let content = if kind == MessageKind::Text {
             Content {
                 text: Some(req.text),
                 media: None,
+                reply_to,
             }
         } else {
             Content {
                 text: None,
                 media: Some(check_media(s, &group, kind, req.media).await?),
+                reply_to,
             }
         };
         // until the publish is under way, a failure gives the upload back
@@ -586,6 +598,33 @@ impl MessagesService {
         metrics::counter!("chat_messages_sent_total").increment(1);
         tracing::debug!(message = %m.id, group = %m.group_id, seq = p.seq, "message sent");
         Ok(ack(&m))
+    }
+
+    /// The message `id` of `group` that `caller` answers, as a reply
+    /// shows it: one read of the message (waiting for persistence if it is
+    /// that new). A message the caller cannot see is not found.
+    async fn answered(
+        &self,
+        caller: &UserId,
+        group: &GroupId,
+        id: &str,
+    ) -> Result<ReplyView, WorkerError> {
+        let m = match self.committed_in(caller, group, id).await {
+            Err(WorkerError::NotFound(_)) => {
+                return Err(WorkerError::NotFound("message to reply to"));
+            }
+            other => other?,
+        };
+        let opened = open(&self.0, &m).map_err(|e| unavailable(e.message().to_owned()))?;
+        Ok(ReplyView {
+            message_id: opened.message_id,
+            seq: opened.seq,
+            sender_id: opened.sender_id,
+            kind: opened.r#type,
+            preview: Some(opened.text)
+                .filter(|t| !t.is_empty())
+                .map(|t| reply_preview(&t)),
+        })
     }
 
     async fn committed_in(
@@ -656,6 +695,13 @@ pub(crate) fn open(s: &State, m: &StoredMessage) -> Result<pb::ChatMessage, Stat
             key: m.key,
             mime: m.mime,
             size: m.size,
+        }),
+        reply_to: content.reply_to.map(|r| pb::ReplyRef {
+            message_id: r.message_id,
+            seq: r.seq,
+            sender_id: r.sender_id,
+            r#type: r.kind,
+            preview: r.preview.unwrap_or_default(),
         }),
     })
 }

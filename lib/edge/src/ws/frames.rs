@@ -116,6 +116,7 @@ pub(super) fn open_envelope(app: &AppState, payload: &bytes::Bytes) -> Result<Op
         text: content["text"].as_str().map(str::to_owned),
         media: serde_json::from_value(content["media"].clone()).ok(),
         created_at: format_millis(env.created_at),
+        reply_to: serde_json::from_value(content["replyTo"].clone()).ok(),
     };
     let frame = to_json(&ServerFrame {
         event: event::GROUP_MESSAGE.into(),

@@ -311,6 +311,7 @@ impl Session {
                         r#type: m.kind,
                         text: m.text.unwrap_or_default(),
                         media,
+                        reply_to: m.reply_to.unwrap_or_default(),
                     }
                 )?
                 .into_inner();
