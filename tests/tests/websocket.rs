@@ -978,3 +978,116 @@ async fn a_reply_carries_a_preview_of_the_message_it_answers_everywhere() -> any
     assert_eq!(code, "invalid");
     c.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reactions_are_counted_per_emoji_live_and_in_history_within_limits() -> anyhow::Result<()> {
+    let c = Cluster::start(2, 2).await?;
+    let g = c.room(&["alice", "bob", "carol"]).await?;
+    let mut alice = c.connect(0, "alice", "web").await?;
+    let mut bob = c.connect(1, "bob", "phone").await?;
+    let mut carol = c.connect(1, "carol", "web").await?;
+    let mut mallory = c.connect(0, "mallory", "web").await?;
+    let m = alice.send_text(&g, "m1", "react to me").await?;
+    let id = m["messageId"].clone();
+    let react = |emoji: &str| json!({"groupId": g, "messageId": id, "emoji": emoji});
+
+    let ack = bob.request("add_reaction", react("👍")).await?;
+    assert_eq!(
+        ack,
+        json!({"groupId": g, "messageId": id, "emoji": "👍", "count": 1, "reacted": true})
+    );
+    // every connected member hears it, on both edges
+    let heard = alice.skip_to("a_reaction").await?;
+    assert_eq!(
+        heard["data"],
+        json!({"groupId": g, "messageId": id, "seq": m["seq"], "emoji": "👍",
+               "userId": "bob", "added": true, "count": 1})
+    );
+    assert_eq!(carol.skip_to("a_reaction").await?["data"], heard["data"]);
+    assert_eq!(
+        alice.request("add_reaction", react("👍")).await?["count"],
+        2
+    );
+    // again: nothing changes
+    assert_eq!(bob.request("add_reaction", react("👍")).await?["count"], 2);
+
+    let reactions_of = |user: &'static str| {
+        let (c, g, id) = (&c, g.clone(), id.clone());
+        async move {
+            let page = c.history(user, &g).await?;
+            let m = page
+                .into_iter()
+                .find(|m| m["messageId"] == id)
+                .context("in history")?;
+            anyhow::Ok(m["reactions"].clone())
+        }
+    };
+    assert_eq!(
+        reactions_of("bob").await?,
+        json!([{"emoji": "👍", "count": 2, "reacted": true}])
+    );
+    assert_eq!(
+        reactions_of("carol").await?,
+        json!([{"emoji": "👍", "count": 2, "reacted": false}])
+    );
+    let ack = bob.request("remove_reaction", react("👍")).await?;
+    assert_eq!(
+        (ack["count"].clone(), ack["reacted"].clone()),
+        (json!(1), json!(false))
+    );
+    assert_eq!(
+        reactions_of("bob").await?,
+        json!([{"emoji": "👍", "count": 1, "reacted": false}])
+    );
+
+    // limits: 10 per member, 20 different per message
+    let emoji: Vec<String> = (0..21u32)
+        .map(|i| {
+            char::from_u32(0x1F600 + i)
+                .map(String::from)
+                .unwrap_or_default()
+        })
+        .collect();
+    for e in &emoji[..10] {
+        bob.request("add_reaction", react(e)).await?;
+    }
+    assert_eq!(
+        bob.request_error("add_reaction", react(&emoji[10])).await?,
+        "too_large"
+    );
+    // alice has 👍; nine more of hers make 20 different on the message
+    for e in &emoji[10..19] {
+        alice.request("add_reaction", react(e)).await?;
+    }
+    assert_eq!(
+        carol
+            .request_error("add_reaction", react(&emoji[20]))
+            .await?,
+        "too_large"
+    );
+    // an emoji already there still takes one more member
+    assert_eq!(
+        carol.request("add_reaction", react("👍")).await?["count"],
+        2
+    );
+
+    // bad input and outsiders
+    for bad in ["+1", "", " ", "👍👍👍👍👍👍👍👍👍"] {
+        assert_eq!(
+            bob.request_error("add_reaction", react(bad)).await?,
+            "invalid",
+            "{bad:?}"
+        );
+    }
+    let unknown =
+        json!({"groupId": g, "messageId": "0192f3a45b6c7d8e9f0123456789abcd", "emoji": "👍"});
+    assert_eq!(
+        bob.request_error("add_reaction", unknown).await?,
+        "not_found"
+    );
+    assert_eq!(
+        mallory.request_error("add_reaction", react("👍")).await?,
+        "forbidden"
+    );
+    c.stop().await
+}

@@ -398,6 +398,13 @@ function messageItem(m) {
     li.append(quote);
   }
   li.append(body(m));
+  if (m.reactions && m.reactions.length) {
+    // PROTOCOL.md, "Reactions": each emoji with its count
+    const r = document.createElement("div");
+    r.className = "reactions";
+    r.textContent = m.reactions.map((x) => `${x.emoji} ${x.count}`).join("  ");
+    li.append(r);
+  }
   if (m.senderId === app.me) li.append(receipt(m));
   return li;
 }
@@ -697,6 +704,17 @@ function push(event, data) {
     case "a_typing":
       heardTyping(data);
       break;
+    case "a_reaction": {
+      const list = app.messages.get(data.groupId);
+      const m = list && list.get(data.seq);
+      if (!m) break;
+      const others = (m.reactions || []).filter((x) => x.emoji !== data.emoji);
+      const mine = (m.reactions || []).find((x) => x.emoji === data.emoji);
+      const reacted = data.userId === app.me ? data.added : !!(mine && mine.reacted);
+      m.reactions = data.count > 0 ? [...others, { emoji: data.emoji, count: data.count, reacted }] : others;
+      if (data.groupId === app.open) renderMessages();
+      break;
+    }
     case "a_presence":
       app.online.set(data.userId, data.online);
       if (app.open) renderHeader();

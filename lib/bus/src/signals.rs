@@ -1,5 +1,6 @@
-//! Signals: ephemeral group events (typing) passed between edges over core
-//! NATS, on `chat.signal.<groupId>`.
+//! Signals: ephemeral group events (typing from edges, reaction changes
+//! from workers) passed to every edge over core NATS, on
+//! `chat.signal.<groupId>`.
 //!
 //! Never stored and never acknowledged: an edge that is disconnected while
 //! one passes misses it, which is what an ephemeral event may do (each
@@ -8,8 +9,9 @@
 //! edge, whatever the size of the group. The payload is the push frame as
 //! the receiving connections get it, written by the sender's edge from its
 //! verified identity; the sender rides in a header ([`SIGNAL_FROM`]) so that
-//! edges skip the sender's own connections without parsing the frame. Only
-//! edges may publish here (`nats/auth.conf`).
+//! edges skip the sender's own connections without parsing the frame (a
+//! signal without it reaches every connection of the group). Only edges
+//! and workers may publish here (`nats/auth.conf`).
 
 use async_nats::HeaderMap;
 use bytes::Bytes;
@@ -35,7 +37,8 @@ pub fn group_signal_subject(group: &GroupId) -> String {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Signal {
     pub group: GroupId,
-    pub from: UserId,
+    /// Whose connections skip it, if anyone's.
+    pub from: Option<UserId>,
     /// The push frame, ready to write.
     pub frame: Bytes,
 }
@@ -62,10 +65,10 @@ impl Signal {
             .strip_prefix(PREFIX)
             .and_then(|g| GroupId::parse(g).ok())
             .ok_or(BadSignal::Subject)?;
-        let from = headers
-            .and_then(|h| h.get(SIGNAL_FROM))
-            .and_then(|v| UserId::parse(v.as_str()).ok())
-            .ok_or(BadSignal::From)?;
+        let from = match headers.and_then(|h| h.get(SIGNAL_FROM)) {
+            None => None,
+            Some(v) => Some(UserId::parse(v.as_str()).map_err(|_| BadSignal::From)?),
+        };
         if payload.len() > SIGNAL_MAX_BYTES || std::str::from_utf8(payload).is_err() {
             return Err(BadSignal::Payload);
         }
@@ -78,16 +81,19 @@ impl Signal {
 }
 
 impl Bus {
-    /// Publishes `frame` to every edge as a signal of `group` from `from`.
-    /// Core NATS: it is buffered and sent, never confirmed.
+    /// Publishes `frame` to every edge as a signal of `group`, skipping
+    /// `from`'s connections if given. Core NATS: it is buffered and sent,
+    /// never confirmed.
     pub async fn signal(
         &self,
         group: &GroupId,
-        from: &UserId,
+        from: Option<&UserId>,
         frame: Bytes,
     ) -> Result<(), BusError> {
         let mut headers = HeaderMap::new();
-        headers.insert(SIGNAL_FROM, from.as_str());
+        if let Some(from) = from {
+            headers.insert(SIGNAL_FROM, from.as_str());
+        }
         self.client
             .publish_with_headers(group_signal_subject(group), headers, frame)
             .await
@@ -121,7 +127,9 @@ mod tests {
         let frame = Bytes::from_static(br#"{"event":"a_typing","data":{}}"#);
         let s = Signal::read(&subject, Some(&from("alice")), &frame).expect("reads");
         assert_eq!(s.group, g);
-        assert_eq!(s.from.as_str(), "alice");
+        assert_eq!(s.from.as_ref().map(UserId::as_str), Some("alice"));
+        let to_all = Signal::read(&subject, None, &frame).expect("reads");
+        assert_eq!(to_all.from, None);
         assert_eq!(s.frame, frame);
     }
 
@@ -136,10 +144,6 @@ mod tests {
         assert_eq!(
             Signal::read("chat.other.g", Some(&h), &ok),
             Err(BadSignal::Subject)
-        );
-        assert_eq!(
-            Signal::read("chat.signal.g", None, &ok),
-            Err(BadSignal::From)
         );
         assert_eq!(
             Signal::read("chat.signal.g", Some(&from("a.b")), &ok),

@@ -46,6 +46,6 @@ pub fn now_millis() -> Millis {
 mod message;
 
 pub use message::{
-    ClientMsgId, MENTION_CANDIDATES_MAX, MediaPolicy, MessageId, MessageKind, check_text,
-    mention_candidates,
+    ClientMsgId, EMOJI_MAX_BYTES, MENTION_CANDIDATES_MAX, MediaPolicy, MessageId, MessageKind,
+    REACTIONS_PER_MESSAGE_MAX, REACTIONS_PER_USER_MAX, check_emoji, check_text, mention_candidates,
 };

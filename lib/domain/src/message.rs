@@ -60,6 +60,41 @@ pub fn check_text(text: &str, limits: &Limits) -> Result<(), DomainError> {
     Ok(())
 }
 
+/// Longest reaction, in bytes of UTF-8.
+pub const EMOJI_MAX_BYTES: usize = 32;
+/// Most different reactions one message can have.
+pub const REACTIONS_PER_MESSAGE_MAX: usize = 20;
+/// Most reactions one user can have on one message.
+pub const REACTIONS_PER_USER_MAX: usize = 10;
+
+/// Checks a reaction: an emoji (or a short sequence of them), 1 to
+/// [`EMOJI_MAX_BYTES`] bytes with no ASCII (so no letters, digits, `.`
+/// or `$`), no white space, no control characters and no invisible
+/// characters but the joiners and variation selectors emoji use.
+pub fn check_emoji(emoji: &str) -> Result<(), DomainError> {
+    let bad = || {
+        DomainError::Invalid(format!(
+            "a reaction is an emoji of 1 to {EMOJI_MAX_BYTES} bytes"
+        ))
+    };
+    if emoji.is_empty() || emoji.len() > EMOJI_MAX_BYTES {
+        return Err(bad());
+    }
+    let allowed = |c: char| {
+        let format_ok = matches!(c, '\u{200D}' | '\u{FE0E}' | '\u{FE0F}')
+            || ('\u{E0020}'..='\u{E007F}').contains(&c);
+        !c.is_ascii()
+            && !c.is_whitespace()
+            && !c.is_control()
+            && (!crate::text::is_format(c) || format_ok)
+    };
+    if emoji.chars().all(allowed) {
+        Ok(())
+    } else {
+        Err(bad())
+    }
+}
+
 /// Distinct `@user` candidates a message is looked at for.
 pub const MENTION_CANDIDATES_MAX: usize = 20;
 
@@ -91,6 +126,34 @@ pub fn mention_candidates(text: &str) -> Vec<UserId> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod emoji_tests {
+    use super::*;
+
+    #[test]
+    fn reactions_are_short_emoji() {
+        for ok in ["👍", "❤️", "👨‍👩‍👧", "🏳️‍🌈", "🇫🇷", "😂😂"]
+        {
+            assert_eq!(check_emoji(ok), Ok(()), "{ok}");
+        }
+        let long = "😀".repeat(EMOJI_MAX_BYTES / 4 + 1);
+        for bad in [
+            "",
+            "+1",
+            "a",
+            " ",
+            "👍 ",
+            "👍.",
+            "$👍",
+            "\u{202E}👍",
+            "\u{200B}",
+            &long,
+        ] {
+            assert!(check_emoji(bad).is_err(), "{bad:?}");
+        }
+    }
 }
 
 #[cfg(test)]

@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 
 use chat_protocol::{
     AcknowledgeAck, AcknowledgeMessage, ErrorBody, GroupEvent, GroupRef, MemberPresence,
-    MentionView, MessageStatusPush, MessageView, NotifyAck, SendAck, SendMessage, SessionInfo,
-    SubscribeAck, Typing, TypingAck, TypingPush, event,
+    MentionView, MessageStatusPush, MessageView, NotifyAck, Reaction, ReactionAck, ReactionPush,
+    SendAck, SendMessage, SessionInfo, SubscribeAck, Typing, TypingAck, TypingPush, event,
 };
 use serde_json::{Value, json};
 use utoipa::{
@@ -20,7 +20,7 @@ use utoipa::{
 use crate::ws;
 
 /// A request, the type of its `data`, and the type of its ack's `data`.
-const REQUESTS: [(&str, &str, &str, &str); 5] = [
+const REQUESTS: [(&str, &str, &str, &str); 7] = [
     (
         event::NOTIFY_CREATE_GROUP,
         "GroupRef",
@@ -53,10 +53,23 @@ const REQUESTS: [(&str, &str, &str, &str); 5] = [
         "The group's other connected members get `a_typing`; a `start` is passed on at most once \
          per 2 s per group and holds for 6 s. Never stored.",
     ),
+    (
+        event::ADD_REACTION,
+        "Reaction",
+        "ReactionAck",
+        "Adds the caller's emoji to a message it can see (idempotent); connected members get \
+         `a_reaction`. At most 20 different emoji per message and 10 per member.",
+    ),
+    (
+        event::REMOVE_REACTION,
+        "Reaction",
+        "ReactionAck",
+        "Takes the caller's emoji back (idempotent); connected members get `a_reaction`.",
+    ),
 ];
 
 /// A push, the type of its `data`, and what it says.
-const PUSHES: [(&str, &str, &str); 8] = [
+const PUSHES: [(&str, &str, &str); 9] = [
     (event::SESSION, "SessionInfo", "First on every connection."),
     (
         event::GROUP_CREATED,
@@ -94,6 +107,12 @@ const PUSHES: [(&str, &str, &str); 8] = [
         "MentionView",
         "A message mentions you (`@you`): live, or when your device reconnects. The content is \
          in history.",
+    ),
+    (
+        event::REACTION,
+        "ReactionPush",
+        "A member added or took back an emoji on a message, which `count` members react with now; \
+         only while connected (history carries every message's reactions).",
     ),
 ];
 
@@ -143,6 +162,9 @@ fn schemas() -> BTreeMap<String, Value> {
     schema_of::<TypingPush>(&mut all);
     schema_of::<MemberPresence>(&mut all);
     schema_of::<MentionView>(&mut all);
+    schema_of::<Reaction>(&mut all);
+    schema_of::<ReactionAck>(&mut all);
+    schema_of::<ReactionPush>(&mut all);
     all.into_iter()
         .map(|(name, schema)| (name, serde_json::to_value(schema).unwrap_or_default()))
         .collect()
@@ -355,6 +377,7 @@ mod tests {
             chat_protocol::event::USER_TYPING,
             chat_protocol::event::PRESENCE,
             chat_protocol::event::MENTION,
+            chat_protocol::event::REACTION,
         ] {
             assert!(messages.contains_key(e), "{e}");
         }

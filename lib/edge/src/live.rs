@@ -291,7 +291,7 @@ impl LiveHub {
     /// follows the group, except those of `from`, whatever their phase: a
     /// signal has no place in the stream, so a catching-up connection gets
     /// it at once. Returns how many took it.
-    pub(crate) fn signal(&self, group: &str, from: &str, frame: &Utf8Bytes) -> usize {
+    pub(crate) fn signal(&self, group: &str, from: Option<&str>, frame: &Utf8Bytes) -> usize {
         let hub = self.lock();
         let Some(ids) = hub.by_group.get(group) else {
             return 0;
@@ -301,7 +301,7 @@ impl LiveHub {
             let Some(conn) = hub.conns.get(id) else {
                 continue;
             };
-            if &*conn.user == from || matches!(conn.phase, Phase::Closed) {
+            if from == Some(&*conn.user) || matches!(conn.phase, Phase::Closed) {
                 continue;
             }
             queued += usize::from(conn.sink.offer_signal(frame.clone()));
@@ -770,7 +770,7 @@ mod tests {
         let (b_reg, b) = catching_up(&hub, "bob", &["g"]);
         let (_c, c) = live(&hub, "cy", &["other"]);
         let frame = Utf8Bytes::from("typing");
-        assert_eq!(hub.signal("g", "ann", &frame), 1);
+        assert_eq!(hub.signal("g", Some("ann"), &frame), 1);
         assert!(
             a.signals.lock().expect("lock").is_empty(),
             "not to the sender"
@@ -784,7 +784,12 @@ mod tests {
         assert!(b_reg.follows("g") && !b_reg.follows("other"));
         // a removed member no longer hears the group
         hub.membership(1, "g", "bob", false);
-        assert_eq!(hub.signal("g", "ann", &frame), 0);
+        assert_eq!(hub.signal("g", Some("ann"), &frame), 0);
+        assert_eq!(
+            hub.signal("g", None, &frame),
+            1,
+            "to everyone, the sender too"
+        );
         assert!(!b_reg.follows("g"));
         // and signals move no position
         assert_eq!(hub.position(), 1);

@@ -10,8 +10,8 @@ use chat_domain::{Group, UserId};
 use chat_protocol::{
     AddMembersBody, CreateGroupBody, ErrorCode, GroupPage, GroupPresence, GroupSummary, GroupView,
     Health, MediaLink, MediaRef, MemberPresence, MemberStatus, MentionPage, MentionView,
-    MessagePage, MessageStatus, MessageView, Readiness, ReplyView, RestError, TransferOwnerBody,
-    UploadBody, UploadTicket, format_millis,
+    MessagePage, MessageStatus, MessageView, ReactionView, Readiness, ReplyView, RestError,
+    TransferOwnerBody, UploadBody, UploadTicket, format_millis,
 };
 use chat_rpc::pb;
 use serde::{Deserialize, de::DeserializeOwned};
@@ -621,6 +621,15 @@ fn message_view(m: pb::ChatMessage) -> MessageView {
             kind: r.r#type,
             preview: Some(r.preview).filter(|p| !p.is_empty()),
         }),
+        reactions: m
+            .reactions
+            .into_iter()
+            .map(|r| ReactionView {
+                emoji: r.emoji,
+                count: r.count,
+                reacted: r.reacted,
+            })
+            .collect(),
     }
 }
 

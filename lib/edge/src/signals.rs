@@ -38,9 +38,11 @@ pub(crate) async fn listen(app: Weak<crate::Inner>) {
                 let Ok(frame) = Utf8Bytes::try_from(signal.frame) else {
                     continue;
                 };
-                let n = app
-                    .live
-                    .signal(signal.group.as_str(), signal.from.as_str(), &frame);
+                let n = app.live.signal(
+                    signal.group.as_str(),
+                    signal.from.as_ref().map(|u| u.as_str()),
+                    &frame,
+                );
                 written.increment(n as u64);
             }
             Err(e) => {

@@ -11,12 +11,12 @@ mod view;
 pub use reply::{
     AcknowledgeAck, DevToken, GroupPage, GroupPresence, GroupSummary, Health, MediaLink,
     MemberPresence, MemberStatus, MentionPage, MentionView, MessagePage, MessageStatus,
-    MessageStatusPush, NotifyAck, Readiness, SendAck, SubscribeAck, TYPING_EXPIRES_MS, TypingAck,
-    TypingPush, UploadTicket, WebConfig,
+    MessageStatusPush, NotifyAck, ReactionAck, ReactionPush, Readiness, SendAck, SubscribeAck,
+    TYPING_EXPIRES_MS, TypingAck, TypingPush, UploadTicket, WebConfig,
 };
 pub use view::{
     EVENT_MEMBERS_MAX, GroupChangeView, GroupView, MemberView, MessageView, REPLY_PREVIEW_CHARS,
-    ReplyView, format_millis, parse_millis, reply_preview,
+    ReactionView, ReplyView, format_millis, parse_millis, reply_preview,
 };
 
 /// Event names, exactly as the seed and DESIGN.md spell them.
@@ -27,6 +27,8 @@ pub mod event {
     pub const SEND_GROUP_MESSAGE: &str = "send_group_message";
     pub const ACKNOWLEDGE_GROUP_MESSAGE: &str = "acknowledge_group_message";
     pub const TYPING: &str = "typing";
+    pub const ADD_REACTION: &str = "add_reaction";
+    pub const REMOVE_REACTION: &str = "remove_reaction";
     // server to client
     pub const ACK: &str = "ack";
     pub const ERROR: &str = "error";
@@ -38,6 +40,7 @@ pub mod event {
     pub const USER_TYPING: &str = "a_typing";
     pub const PRESENCE: &str = "a_presence";
     pub const MENTION: &str = "a_mention";
+    pub const REACTION: &str = "a_reaction";
 }
 
 /// Stable, machine-readable error codes.
@@ -174,6 +177,15 @@ pub struct Typing {
     pub state: TypingState,
 }
 
+/// `data` of `add_reaction` and `remove_reaction`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Reaction {
+    pub group_id: String,
+    pub message_id: String,
+    pub emoji: String,
+}
+
 /// `data` of `a_group_created` and `a_group_updated`.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GroupEvent {
@@ -238,6 +250,8 @@ pub enum Request {
     SendGroupMessage(SendMessage),
     AcknowledgeGroupMessage(AcknowledgeMessage),
     Typing(Typing),
+    AddReaction(Reaction),
+    RemoveReaction(Reaction),
 }
 
 /// Why a frame is not a request.
@@ -260,12 +274,14 @@ impl std::fmt::Display for RequestError {
 
 impl Request {
     /// Every request's event name.
-    pub const EVENTS: [&'static str; 5] = [
+    pub const EVENTS: [&'static str; 7] = [
         event::NOTIFY_CREATE_GROUP,
         event::SUBSCRIBE_TO_GROUP,
         event::SEND_GROUP_MESSAGE,
         event::ACKNOWLEDGE_GROUP_MESSAGE,
         event::TYPING,
+        event::ADD_REACTION,
+        event::REMOVE_REACTION,
     ];
 
     /// The request `event` names, with its `data` decoded.
@@ -279,6 +295,8 @@ impl Request {
                 Self::AcknowledgeGroupMessage(decode_data(data).map_err(bad)?)
             }
             event::TYPING => Self::Typing(decode_data(data).map_err(bad)?),
+            event::ADD_REACTION => Self::AddReaction(decode_data(data).map_err(bad)?),
+            event::REMOVE_REACTION => Self::RemoveReaction(decode_data(data).map_err(bad)?),
             other => {
                 let mut shown: String = other.chars().take(64).collect();
                 if shown.len() < other.len() {
@@ -297,6 +315,8 @@ impl Request {
             Self::SendGroupMessage(_) => event::SEND_GROUP_MESSAGE,
             Self::AcknowledgeGroupMessage(_) => event::ACKNOWLEDGE_GROUP_MESSAGE,
             Self::Typing(_) => event::TYPING,
+            Self::AddReaction(_) => event::ADD_REACTION,
+            Self::RemoveReaction(_) => event::REMOVE_REACTION,
         }
     }
 }

@@ -60,6 +60,35 @@ pub struct TypingAck {
     pub forwarded: bool,
 }
 
+/// `ack` of `add_reaction` and `remove_reaction`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReactionAck {
+    pub group_id: String,
+    pub message_id: String,
+    pub emoji: String,
+    /// Members reacting with it now.
+    pub count: u64,
+    /// Whether the caller is one of them.
+    pub reacted: bool,
+}
+
+/// `a_reaction`, to the group's connected members (the reactor's other
+/// connections too): `userId` added or took back `emoji` on a message,
+/// which `count` members now react with. Not caught up on reconnect:
+/// history carries every message's reactions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReactionPush {
+    pub group_id: String,
+    pub message_id: String,
+    pub seq: u64,
+    pub emoji: String,
+    pub user_id: String,
+    pub added: bool,
+    pub count: u64,
+}
+
 /// How long an `a_typing` `start` holds, in milliseconds, unless a `stop`
 /// or another `start` comes first.
 pub const TYPING_EXPIRES_MS: u64 = 6_000;

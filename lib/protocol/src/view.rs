@@ -125,6 +125,19 @@ pub struct MessageView {
     /// The earlier message this one answers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply_to: Option<ReplyView>,
+    /// Its reactions (history only; live, `a_reaction` tells of changes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reactions: Vec<ReactionView>,
+}
+
+/// One emoji on a message: how many members react with it, and whether the
+/// caller does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReactionView {
+    pub emoji: String,
+    pub count: u64,
+    pub reacted: bool,
 }
 
 /// The message a message answers: who wrote it, and the start of its text

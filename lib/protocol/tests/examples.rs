@@ -26,6 +26,8 @@ fn data_as(name: &str, data: &Value) -> Result<(), String> {
         "SendAck" => round_trip::<SendAck>(data),
         "AcknowledgeAck" => round_trip::<AcknowledgeAck>(data),
         "TypingAck" => round_trip::<TypingAck>(data),
+        "ReactionAck" => round_trip::<ReactionAck>(data),
+        "ReactionPush" => round_trip::<ReactionPush>(data),
         "TypingPush" => round_trip::<TypingPush>(data),
         "MemberPresence" => round_trip::<MemberPresence>(data),
         "GroupPresence" => round_trip::<GroupPresence>(data),
@@ -60,6 +62,7 @@ fn push_event(name: &str) -> &'static [&'static str] {
         "MessageView" => &[event::GROUP_MESSAGE],
         "MessageStatusPush" => &[event::MESSAGE_STATUS],
         "TypingPush" => &[event::USER_TYPING],
+        "ReactionPush" => &[event::REACTION],
         "MemberPresence" => &[event::PRESENCE],
         "MentionView" => &[event::MENTION],
         _ => &[],
@@ -89,6 +92,7 @@ fn check(kind: &str, v: &Value) -> Result<(), String> {
                 Request::SendGroupMessage(m) => serde_json::to_value(m),
                 Request::AcknowledgeGroupMessage(m) => serde_json::to_value(m),
                 Request::Typing(t) => serde_json::to_value(t),
+                Request::AddReaction(r) | Request::RemoveReaction(r) => serde_json::to_value(r),
             }
             .map_err(|e| e.to_string())?;
             if back != frame.data {

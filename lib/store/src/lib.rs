@@ -12,6 +12,7 @@ mod groups;
 mod mentions;
 mod messages;
 mod objects;
+mod reactions;
 mod uploads;
 mod users;
 
@@ -19,6 +20,7 @@ pub use groups::{GroupRecord, GroupRepo, Membership};
 pub use mentions::{Mention, MentionCursor, MentionRepo};
 pub use messages::{MessageRepo, Receipt, StoredMessage};
 pub use objects::{ObjectInfo, Objects, ObjectsConfig};
+pub use reactions::{Reacted, ReactionLimit, ReactionRepo, Reactions};
 pub use uploads::{Upload, UploadRepo};
 pub use users::{Admission, Device, DeviceList, UserRepo};
 
@@ -56,6 +58,7 @@ pub struct Store {
     pub users: UserRepo,
     pub messages: MessageRepo,
     pub mentions: MentionRepo,
+    pub reactions: ReactionRepo,
     pub uploads: UploadRepo,
     db: Database,
 }
@@ -86,6 +89,7 @@ impl Store {
             users: UserRepo::new(&db),
             messages: MessageRepo::new(&db),
             mentions: MentionRepo::new(&db),
+            reactions: ReactionRepo::new(&db),
             uploads: UploadRepo::new(&db),
             db,
         })

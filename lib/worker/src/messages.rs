@@ -703,6 +703,8 @@ pub(crate) fn open(s: &State, m: &StoredMessage) -> Result<pb::ChatMessage, Stat
             r#type: r.kind,
             preview: r.preview.unwrap_or_default(),
         }),
+        // filled in by history, per caller
+        reactions: Vec::new(),
     })
 }
 
@@ -797,10 +799,31 @@ impl Messages for MessagesService {
             },
         )
         .await?;
-        let messages = stored
+        let mut messages = stored
             .iter()
             .map(|m| open(s, m))
             .collect::<Result<Vec<_>, _>>()?;
+        // the page's reactions: one read
+        let ids: Vec<&MessageId> = stored.iter().map(|m| &m.id).collect();
+        let reactions = s
+            .store
+            .reactions
+            .of(&ids)
+            .await
+            .map_err(WorkerError::from)?;
+        for m in &mut messages {
+            if let Some(r) = reactions.get(&m.message_id) {
+                m.reactions = r
+                    .seen_by(&caller)
+                    .into_iter()
+                    .map(|(emoji, count, reacted)| pb::ReactionCount {
+                        emoji,
+                        count,
+                        reacted,
+                    })
+                    .collect();
+            }
+        }
         Ok(Response::new(pb::HistoryResponse { messages }))
     }
 
@@ -842,6 +865,65 @@ impl Messages for MessagesService {
             seq,
             members,
         }))
+    }
+
+    async fn react(
+        &self,
+        req: Request<pb::ReactRequest>,
+    ) -> Result<Response<pb::ReactResponse>, Status> {
+        let req = req.into_inner();
+        let s = &self.0;
+        let caller = parse_id::<UserId>(&req.caller)?;
+        let group = parse_id::<GroupId>(&req.group_id)?;
+        chat_domain::check_emoji(&req.emoji).map_err(WorkerError::from)?;
+        // a member, and a message it can see
+        let m = self.committed_in(&caller, &group, &req.message_id).await?;
+        let count = match s
+            .store
+            .reactions
+            .set(&group, &m.id, &caller, &req.emoji, req.on)
+            .await
+            .map_err(WorkerError::from)?
+        {
+            chat_store::Reacted::Count(n) => n,
+            chat_store::Reacted::Limit(chat_store::ReactionLimit::Message) => {
+                return Err(WorkerError::from(DomainError::TooLarge(format!(
+                    "a message has at most {} different reactions",
+                    chat_domain::REACTIONS_PER_MESSAGE_MAX
+                )))
+                .into());
+            }
+            chat_store::Reacted::Limit(chat_store::ReactionLimit::User) => {
+                return Err(WorkerError::from(DomainError::TooLarge(format!(
+                    "you have at most {} reactions on a message",
+                    chat_domain::REACTIONS_PER_USER_MAX
+                )))
+                .into());
+            }
+        };
+        // every connected member hears of it (the reactor's other
+        // connections too); a signal lost on the way is made good by the
+        // next one (counts are absolute) or by history
+        let push = chat_protocol::ReactionPush {
+            group_id: group.to_string(),
+            message_id: m.id.to_string(),
+            seq: m.seq.unwrap_or_default(),
+            emoji: req.emoji.clone(),
+            user_id: caller.to_string(),
+            added: req.on,
+            count,
+        };
+        match push_json(event::REACTION, &push) {
+            Ok(frame) => {
+                if let Err(e) = s.bus.signal(&group, None, frame.into()).await {
+                    tracing::warn!(group = %group, error = %e, "reaction not announced");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "reaction push not serialised"),
+        }
+        metrics::counter!("chat_reactions_total", "on" => if req.on { "add" } else { "remove" })
+            .increment(1);
+        Ok(Response::new(pb::ReactResponse { count }))
     }
 
     async fn mentions(

@@ -117,6 +117,7 @@ pub(super) fn open_envelope(app: &AppState, payload: &bytes::Bytes) -> Result<Op
         media: serde_json::from_value(content["media"].clone()).ok(),
         created_at: format_millis(env.created_at),
         reply_to: serde_json::from_value(content["replyTo"].clone()).ok(),
+        reactions: Vec::new(),
     };
     let frame = to_json(&ServerFrame {
         event: event::GROUP_MESSAGE.into(),

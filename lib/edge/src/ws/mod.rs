@@ -41,7 +41,8 @@ use chat_crypto::{MessageBinding, Sealed};
 use chat_domain::{DeviceId, GroupId, UserId};
 use chat_protocol::{
     AcknowledgeAck, ClientFrame, ErrorCode, GroupRef, MAX_REQUEST_ID_LEN, MessageView, NotifyAck,
-    Request, SendAck, ServerFrame, SessionInfo, SubscribeAck, TypingAck, event, format_millis,
+    ReactionAck, Request, SendAck, ServerFrame, SessionInfo, SubscribeAck, TypingAck, event,
+    format_millis,
 };
 use chat_rpc::pb;
 use futures::{SinkExt, StreamExt};

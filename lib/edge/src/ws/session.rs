@@ -367,6 +367,29 @@ impl Session {
                     forwarded,
                 })
             }
+            Request::AddReaction(r) | Request::RemoveReaction(r) => {
+                let on = name == event::ADD_REACTION;
+                let reply = rpc!(
+                    self.app,
+                    MessagesClient,
+                    react,
+                    pb::ReactRequest {
+                        caller,
+                        group_id: r.group_id.clone(),
+                        message_id: r.message_id.clone(),
+                        emoji: r.emoji.clone(),
+                        on,
+                    }
+                )?
+                .into_inner();
+                ack_data(&ReactionAck {
+                    group_id: r.group_id,
+                    message_id: r.message_id,
+                    emoji: r.emoji,
+                    count: reply.count,
+                    reacted: on,
+                })
+            }
             Request::SubscribeToGroup(GroupRef { group_id }) => {
                 let r = rpc!(
                     self.app,

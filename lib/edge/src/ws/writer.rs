@@ -5,7 +5,7 @@ use super::*;
 
 /// The name of a frame's event, for metrics (one of ours, or "other").
 pub(super) fn event_of(frame: &str) -> &'static str {
-    const NAMES: [&str; 10] = [
+    const NAMES: [&str; 11] = [
         event::ACK,
         event::ERROR,
         event::SESSION,
@@ -16,6 +16,7 @@ pub(super) fn event_of(frame: &str) -> &'static str {
         event::USER_TYPING,
         event::PRESENCE,
         event::MENTION,
+        event::REACTION,
     ];
     let name = frame
         .strip_prefix("{\"event\":\"")
