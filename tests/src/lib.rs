@@ -207,8 +207,25 @@ impl Cluster {
         grpc: &str,
     ) -> anyhow::Result<chatd::Node> {
         let argv = self.node_argv(role, listen, grpc);
-        let cli = chatd::Cli::try_parse_from(argv)?;
-        chatd::Node::start(cli.serve).await
+        // a node started again on its old address can find it held for a
+        // moment by another test's short-lived socket (an outgoing
+        // connection's local port comes from the same range): that passes
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let cli = chatd::Cli::try_parse_from(argv.clone())?;
+            match chatd::Node::start(cli.serve).await {
+                Err(e)
+                    if tokio::time::Instant::now() < deadline
+                        && e.chain().any(|c| {
+                            c.downcast_ref::<std::io::Error>()
+                                .is_some_and(|io| io.kind() == std::io::ErrorKind::AddrInUse)
+                        }) =>
+                {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// `http://host:port` of worker `i`'s gRPC endpoint.
