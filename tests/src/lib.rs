@@ -343,6 +343,27 @@ impl Cluster {
             .database("chat"))
     }
 
+    /// Waits until MongoDB holds `messages` committed messages of `group`
+    /// and the group's receipts document: what a test waits for before it
+    /// kills the stand-in, which killed while creating a collection once
+    /// could not open its data again (its own crash recovery, not what
+    /// these tests are about).
+    pub async fn mongo_settled(&self, group: &str, messages: u64) -> anyhow::Result<()> {
+        let db = self.mongo().await?;
+        eventually(PROMPTLY, || async {
+            let stored = db
+                .collection::<mongodb::bson::Document>("messages")
+                .count_documents(mongodb::bson::doc! { "groupId": group, "state": "committed" })
+                .await?;
+            let receipts = db
+                .collection::<mongodb::bson::Document>("group_receipts")
+                .count_documents(mongodb::bson::doc! { "_id": group })
+                .await?;
+            Ok((stored == messages && receipts == 1).then_some(()))
+        })
+        .await
+    }
+
     /// A bus handle on the cluster's NATS, as the operators' user.
     pub async fn bus(&self) -> anyhow::Result<chat_bus::Bus> {
         self.bus_as(&self.stack.nats.users.ops).await

@@ -206,6 +206,8 @@ async fn a_worker_killed_between_the_stream_ack_and_the_mongodb_write_loses_noth
     for i in 0..WARM {
         alice.send_text(&g, &format!("warm{i}"), "warm").await?;
     }
+    c.mongo_settled(&g, WARM as u64).await?;
+    let db = c.mongo().await?;
 
     c.stack.mongo.kill();
     const N: usize = 30;
@@ -237,7 +239,6 @@ async fn a_worker_killed_between_the_stream_ack_and_the_mongodb_write_loses_noth
 
     // the survivor writes its own batches when MongoDB is back, and the dead
     // worker's after the consumer's ack wait
-    let db = c.mongo().await?;
     chat_tests::eventually(Duration::from_secs(45), || async {
         let n = db
             .collection::<mongodb::bson::Document>("messages")
@@ -700,6 +701,7 @@ async fn a_restore_from_backups_taken_in_order_loses_nothing_they_hold() -> anyh
             .await?;
     }
     persisted(&c, &g, 3).await?;
+    c.mongo_settled(&g, 3).await?;
     let backups = tempfile::tempdir()?;
 
     // 1. MongoDB (a cold copy here; mongodump or a volume snapshot in

@@ -259,6 +259,7 @@ async fn mongodb_down_still_acknowledges_and_delivers_and_history_catches_up() -
     let mut bob = c.connect(0, "bob", "setup").await?;
     let before = alice.send_text(&g, "before", "before").await?;
     assert_eq!(bob.messages(1).await?[0]["text"], "before");
+    c.mongo_settled(&g, 1).await?;
 
     // the stream is the write-ahead log: with MongoDB gone, sends are still
     // acknowledged (membership from the worker's cache) and delivered
