@@ -69,11 +69,13 @@ pub use places::{
     DEVICE_NOTICES, PLACES_BUCKET, Place, Places, Saved, Stored, device_notice_subject, place_key,
 };
 pub use presence::{
-    BEAT_EVERY, Beat, Change as PresenceChange, DEAD_AFTER, PRESENCE_BUCKET, PRESENCE_CHANGES,
-    Presence, Record as PresenceRecord, Update as PresenceUpdate, change_groups, presence_subject,
+    BEAT_EVERY, Beat, Beats, Change as PresenceChange, DEAD_AFTER, PRESENCE_BUCKET,
+    PRESENCE_CHANGES, Presence, Record as PresenceRecord, Update as PresenceUpdate, change_groups,
+    presence_subject,
 };
 pub use push::{
-    PUSH_SUBJECTS, PushDelivery, PushEvent, WEBHOOK_ATTEMPTS, WEBHOOK_CONSUMER, push_subject,
+    PUSH_RECIPIENTS_MAX, PUSH_SUBJECTS, PushDelivery, PushEvent, WEBHOOK_ATTEMPTS,
+    WEBHOOK_CONSUMER, push_subject,
 };
 pub use sends::{Claimed, SENDS_BUCKET, SendLog, SendRecord, send_key};
 pub use signals::{

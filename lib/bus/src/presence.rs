@@ -68,6 +68,11 @@ impl Record {
     }
 }
 
+/// What a sweeper has seen of each edge's heartbeat: its revision, and
+/// since when (by the sweeper's own clock) it has stood still.
+#[derive(Debug, Default)]
+pub struct Beats(std::collections::HashMap<String, (u64, std::time::Instant)>);
+
 /// An edge's heartbeat.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Beat {
@@ -268,24 +273,50 @@ impl Presence {
     }
 
     /// Writes `edge`'s heartbeat.
-    pub async fn beat(&self, edge: &str, at: Millis) -> Result<(), BusError> {
+    /// Writes `edge`'s heartbeat; `true` if its previous one was swept
+    /// meanwhile (the workers took the edge for dead: its users must be
+    /// written again). `first`: the edge has not beaten before.
+    pub async fn beat(&self, edge: &str, at: Millis, first: bool) -> Result<bool, BusError> {
+        let key = beat_key(edge);
+        let swept = !first
+            && self
+                .bucket
+                .last(&key)
+                .await?
+                .and_then(|e| e.value)
+                .is_none();
         let value = Bytes::from(serde_json::to_vec(&Beat { at }).map_err(BusError::nats)?);
-        self.bucket.put(&beat_key(edge), value).await
+        self.bucket.put(&key, value).await?;
+        Ok(swept)
     }
 
-    /// Takes the edges whose heartbeat is older than [`DEAD_AFTER`] at
-    /// `now` out of presence (workers). Returns how many users went
-    /// offline.
-    pub async fn sweep(&self, now: Millis) -> Result<usize, BusError> {
+    /// Takes out of presence the edges whose heartbeat `seen` has watched
+    /// stand still for [`DEAD_AFTER`] (workers; every clock compared is
+    /// the worker's own, so no skew between machines counts). Returns how
+    /// many users went offline.
+    pub async fn sweep(&self, seen: &mut Beats) -> Result<usize, BusError> {
         let mut offline = 0;
-        for (key, value, _) in self.entries("e.*").await? {
+        let beats = self.entries("e.*").await?;
+        seen.0.retain(|edge, _| {
+            beats
+                .iter()
+                .any(|(k, ..)| k.strip_prefix("e.") == Some(edge.as_str()))
+        });
+        for (key, value, rev) in beats {
             let Some(edge) = key.strip_prefix("e.") else {
                 continue;
             };
             let Ok(beat) = serde_json::from_slice::<Beat>(&value) else {
                 continue;
             };
-            if now.saturating_sub(beat.at) < DEAD_AFTER.as_millis() as Millis {
+            let since = seen
+                .0
+                .entry(edge.to_owned())
+                .or_insert((rev, std::time::Instant::now()));
+            if since.0 != rev {
+                *since = (rev, std::time::Instant::now());
+            }
+            if since.1.elapsed() < DEAD_AFTER {
                 continue;
             }
             tracing::info!(
@@ -304,7 +335,12 @@ impl Presence {
                     offline += 1;
                 }
             }
-            self.bucket.delete(&beat_key(edge)).await?;
+            // forgotten only once none of its users is left: a sweep that
+            // failed half-way is made again
+            if self.entries(&format!("at.{edge}.*")).await?.is_empty() {
+                self.bucket.delete(&beat_key(edge)).await?;
+                seen.0.remove(edge);
+            }
         }
         Ok(offline)
     }
@@ -375,7 +411,10 @@ impl Presence {
                 }
             }
             if got == 0 {
-                break;
+                // a short read is no listing: the caller would act on part
+                return Err(BusError::Unavailable(format!(
+                    "presence listing of {filter} stopped with {pending} left"
+                )));
             }
         }
         Ok(out)

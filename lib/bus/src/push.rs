@@ -52,7 +52,18 @@ pub struct PushEvent {
     /// Those of them the message mentions.
     #[serde(default)]
     pub mentioned: Vec<String>,
+    /// A message with more recipients than [`PUSH_RECIPIENTS_MAX`] is told
+    /// in several events, numbered from 0 (absent: 0).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub part: u32,
 }
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// Most recipients one event names (about 200 KB of ids).
+pub const PUSH_RECIPIENTS_MAX: usize = 10_000;
 
 /// One delivery of the webhook consumer.
 pub struct PushDelivery(jetstream::Message);
@@ -93,7 +104,10 @@ impl Bus {
         let group = GroupId::parse(event.group_id.as_str())
             .map_err(|e| BusError::Unavailable(e.to_string()))?;
         let mut headers = async_nats::HeaderMap::new();
-        headers.insert(MSG_ID, format!("push-{}", event.message_id).as_str());
+        headers.insert(
+            MSG_ID,
+            format!("push-{}-{}", event.message_id, event.part).as_str(),
+        );
         let payload = Bytes::from(serde_json::to_vec(event).map_err(BusError::nats)?);
         self.js
             .publish_with_headers(push_subject(&group), headers, payload)
@@ -151,6 +165,7 @@ mod tests {
             created_at: "2026-12-02T10:15:30.123Z".into(),
             recipients: vec!["bob".into()],
             mentioned: vec![],
+            part: 0,
         };
         assert_eq!(
             serde_json::to_value(&e).expect("json"),

@@ -180,7 +180,7 @@ pub(crate) async fn write(app: Weak<crate::Inner>) {
             let Some(edge) = app.upgrade().map(|a| a.presence.edge.clone()) else {
                 return;
             };
-            beaten = bus.beat(&edge, now_millis()).await.is_ok();
+            beaten = bus.beat(&edge, now_millis(), true).await.is_ok();
             if !beaten {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;
@@ -228,10 +228,22 @@ pub(crate) async fn write(app: Weak<crate::Inner>) {
         if !failed.is_empty() {
             let Some(inner) = app.upgrade() else { return };
             {
-                // a newer want of the same user wins over the failed one
+                // a newer want of the same user wins over the failed one,
+                // but a connection not yet written stays one (with the
+                // newer groups): only that write indexes the user
                 let mut dirty = lock(&inner.presence.dirty);
                 for (user, want) in failed {
-                    dirty.entry(user).or_insert(want);
+                    match (dirty.get_mut(&user), want) {
+                        (Some(newer @ Want::Groups(_)), Want::Connected(_)) => {
+                            if let Want::Groups(g) = newer {
+                                *newer = Want::Connected(std::mem::take(g));
+                            }
+                        }
+                        (Some(_), _) => {}
+                        (None, want) => {
+                            dirty.insert(user, want);
+                        }
+                    }
                 }
             }
             drop(inner);
@@ -246,18 +258,22 @@ pub(crate) async fn write(app: Weak<crate::Inner>) {
 pub(crate) async fn beat(app: Weak<crate::Inner>) {
     let mut tick = tokio::time::interval(BEAT_EVERY);
     let mut failed = false;
+    let mut first = true;
     loop {
         tick.tick().await;
         let Some(inner) = app.upgrade() else { return };
         let (bus, edge) = (inner.bus.presence(), inner.presence.edge.clone());
         drop(inner);
-        match bus.beat(&edge, now_millis()).await {
-            Ok(()) if failed => {
+        match bus.beat(&edge, now_millis(), first).await {
+            // beats failed, or the workers took this edge for dead (a
+            // stall): its users are written again
+            Ok(swept) if failed || swept => {
                 failed = false;
+                first = false;
                 let Some(inner) = app.upgrade() else { return };
                 inner.presence.renote(&inner.live);
             }
-            Ok(()) => {}
+            Ok(_) => first = false,
             Err(e) => {
                 failed = true;
                 tracing::warn!(error = %e, "presence heartbeat not written");

@@ -63,8 +63,10 @@ pub enum ReactionLimit {
 /// What changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reacted {
-    /// Done (or already so): the emoji's count now.
+    /// Done: the emoji's count now.
     Count(u64),
+    /// Already so: nothing changed; the emoji's count.
+    Unchanged(u64),
     /// Refused: a limit.
     Limit(ReactionLimit),
 }
@@ -105,7 +107,9 @@ impl ReactionRepo {
                 d.r.get(emoji)
                     .is_some_and(|u| u.iter().any(|x| x == user.as_str()));
             if has == on {
-                return Ok(Reacted::Count(d.r.get(emoji).map_or(0, |u| u.len() as u64)));
+                return Ok(Reacted::Unchanged(
+                    d.r.get(emoji).map_or(0, |u| u.len() as u64),
+                ));
             }
             if on {
                 if !d.r.contains_key(emoji) && d.r.len() >= REACTIONS_PER_MESSAGE_MAX {

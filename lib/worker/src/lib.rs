@@ -358,9 +358,10 @@ pub async fn serve(
 /// write that turned a user offline announces it.
 async fn sweep_presence(presence: chat_bus::Presence) {
     let mut tick = tokio::time::interval(chat_bus::BEAT_EVERY);
+    let mut seen = chat_bus::Beats::default();
     loop {
         tick.tick().await;
-        match presence.sweep(chat_domain::now_millis()).await {
+        match presence.sweep(&mut seen).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(users = n, "users of dead edges taken offline"),
             Err(e) => tracing::warn!(error = %e, "presence sweep failed; trying again"),

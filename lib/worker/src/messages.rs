@@ -616,13 +616,16 @@ impl MessagesService {
             other => other?,
         };
         let opened = open(&self.0, &m).map_err(|e| unavailable(e.message().to_owned()))?;
+        // under `joined` history a member who joined after the answered
+        // message must not read it through the reply: no preview there
+        let joined = self.0.load(group).await?.group.history == chat_domain::History::Joined;
         Ok(ReplyView {
             message_id: opened.message_id,
             seq: opened.seq,
             sender_id: opened.sender_id,
             kind: opened.r#type,
             preview: Some(opened.text)
-                .filter(|t| !t.is_empty())
+                .filter(|t| !t.is_empty() && !joined)
                 .map(|t| reply_preview(&t)),
         })
     }
@@ -803,6 +806,12 @@ impl Messages for MessagesService {
             .iter()
             .map(|m| open(s, m))
             .collect::<Result<Vec<_>, _>>()?;
+        // what a reply answers from before the caller's history is not shown
+        for m in &mut messages {
+            if m.reply_to.as_ref().is_some_and(|r| r.seq <= from) {
+                m.reply_to = None;
+            }
+        }
         // the page's reactions: one read
         let ids: Vec<&MessageId> = stored.iter().map(|m| &m.id).collect();
         let reactions = s
@@ -878,14 +887,16 @@ impl Messages for MessagesService {
         chat_domain::check_emoji(&req.emoji).map_err(WorkerError::from)?;
         // a member, and a message it can see
         let m = self.committed_in(&caller, &group, &req.message_id).await?;
-        let count = match s
+        let (count, changed) = match s
             .store
             .reactions
             .set(&group, &m.id, &caller, &req.emoji, req.on)
             .await
             .map_err(WorkerError::from)?
         {
-            chat_store::Reacted::Count(n) => n,
+            chat_store::Reacted::Count(n) => (n, true),
+            // a repeat tells nobody anything
+            chat_store::Reacted::Unchanged(n) => (n, false),
             chat_store::Reacted::Limit(chat_store::ReactionLimit::Message) => {
                 return Err(WorkerError::from(DomainError::TooLarge(format!(
                     "a message has at most {} different reactions",
@@ -914,6 +925,7 @@ impl Messages for MessagesService {
             count,
         };
         match push_json(event::REACTION, &push) {
+            Ok(_) if !changed => {}
             Ok(frame) => {
                 if let Err(e) = s.bus.signal(&group, None, frame.into()).await {
                     tracing::warn!(group = %group, error = %e, "reaction not announced");

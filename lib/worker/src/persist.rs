@@ -23,6 +23,8 @@ use crate::{State, WorkerError};
 /// progress", so it must be written within the consumer's `ack_wait` (10 s)
 /// or it comes again.
 const BATCH: usize = 256;
+/// Attempts at a batch's push events before it goes on without them.
+const PUSH_ATTEMPTS: usize = 5;
 /// How often a batch being written is reported in progress.
 const PROGRESS_EVERY: Duration = Duration::from_secs(3);
 /// How long a read waits for persistence to catch up before
@@ -106,11 +108,19 @@ async fn store(s: &State, batch: Vec<Delivered>) {
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(Duration::from_secs(2));
         }
-        // and the push hook, once (the message id de-duplicates)
+        // and the push hook, once (the message id de-duplicates); a
+        // notification is not worth holding every group's persistence
+        // for: after a few attempts the batch goes on without it
         let pushing = s.config.push || s.config.webhook.is_some();
+        let mut attempts = 0;
         while pushing && let Err(e) = crate::push::push(s, &rows, &mentions).await {
-            metrics::counter!("chat_persist_failures_total").increment(1);
-            tracing::warn!(error = %e, n = rows.len(), "cannot publish a batch's push events yet; holding it");
+            attempts += 1;
+            if attempts >= PUSH_ATTEMPTS {
+                metrics::counter!("chat_push_dropped_total").increment(rows.len() as u64);
+                tracing::error!(error = %e, n = rows.len(), "push events of a batch given up");
+                break;
+            }
+            tracing::warn!(error = %e, n = rows.len(), "cannot publish a batch's push events yet");
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(Duration::from_secs(2));
         }

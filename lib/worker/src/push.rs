@@ -150,24 +150,31 @@ pub(crate) async fn push(
             if recipients.is_empty() {
                 continue;
             }
-            let mentioned = mentions
-                .iter()
-                .filter(|x| x.message == m.id && recipients.iter().any(|r| r == x.user.as_str()))
-                .map(|x| x.user.to_string())
-                .collect();
-            let event = PushEvent {
-                kind: "message".into(),
-                group_id: m.group_id.to_string(),
-                message_id: m.id.to_string(),
-                seq: m.seq.unwrap_or_default(),
-                sender_id: m.sender_id.to_string(),
-                message_type: m.kind.clone(),
-                created_at: format_millis(m.created_at),
-                recipients,
-                mentioned,
-            };
-            s.bus.publish_push(&event).await?;
-            metrics::counter!("chat_push_events_total").increment(1);
+            // a group of more offline members than one event names is
+            // told in parts (a publish is at most 1 MiB)
+            for (part, recipients) in recipients.chunks(chat_bus::PUSH_RECIPIENTS_MAX).enumerate() {
+                let mentioned = mentions
+                    .iter()
+                    .filter(|x| {
+                        x.message == m.id && recipients.iter().any(|r| r == x.user.as_str())
+                    })
+                    .map(|x| x.user.to_string())
+                    .collect();
+                let event = PushEvent {
+                    kind: "message".into(),
+                    group_id: m.group_id.to_string(),
+                    message_id: m.id.to_string(),
+                    seq: m.seq.unwrap_or_default(),
+                    sender_id: m.sender_id.to_string(),
+                    message_type: m.kind.clone(),
+                    created_at: format_millis(m.created_at),
+                    recipients: recipients.to_vec(),
+                    mentioned,
+                    part: u32::try_from(part).unwrap_or(u32::MAX),
+                };
+                s.bus.publish_push(&event).await?;
+                metrics::counter!("chat_push_events_total").increment(1);
+            }
         }
     }
     Ok(())

@@ -150,6 +150,14 @@ impl Sink for Outbox {
     }
 
     fn offer_signal(&self, frame: Utf8Bytes) -> bool {
+        // signals take at most half the queue: they never fill it for the
+        // messages, whose next one would find it full and close the
+        // connection as too slow
+        if self.tx.capacity() * 2 < self.tx.max_capacity()
+            || self.budget.available_permits() * 2 < self.budget_bytes
+        {
+            return false;
+        }
         let out = Outgoing::Signal(frame);
         let n = out.size().clamp(1, self.budget_bytes);
         let Ok(permit) = self
@@ -214,6 +222,20 @@ mod tests {
         assert_eq!(inbox.close.peek(), None);
         let _ = inbox.rx.try_recv();
         assert!(tx.offer_signal(Utf8Bytes::from("typing")));
+    }
+
+    #[test]
+    fn signals_leave_half_the_queue_to_messages() {
+        let (tx, _inbox) = Outbox::new(4, 1024);
+        assert!(tx.offer_signal(Utf8Bytes::from("s1")));
+        assert!(tx.offer_signal(Utf8Bytes::from("s2")));
+        assert!(
+            tx.offer_signal(Utf8Bytes::from("s3")),
+            "half free before it"
+        );
+        assert!(!tx.offer_signal(Utf8Bytes::from("s4")));
+        // a message still finds room
+        assert_eq!(tx.offer(frame(10, 1)), Ok(()));
     }
 
     #[test]

@@ -32,10 +32,12 @@ fn expiry() -> Duration {
 pub(super) struct TooManyGroups;
 
 /// The groups a connection is typing in, and when each `start` was last
-/// passed on.
+/// passed on (kept after a `stop` too, so that `stop`, `start`, `stop`…
+/// passes on no more than one `start` per [`REFRESH`]).
 #[derive(Default)]
 pub(super) struct Typing {
     started: HashMap<GroupId, Instant>,
+    last_start: HashMap<GroupId, Instant>,
 }
 
 impl Typing {
@@ -49,19 +51,26 @@ impl Typing {
         match state {
             TypingState::Stop => Ok(self.started.remove(group).is_some()),
             TypingState::Start => {
-                let typing_in = self.started.len();
-                match self.started.get_mut(group) {
-                    Some(at) if now.duration_since(*at) < REFRESH => Ok(false),
-                    Some(at) => {
-                        *at = now;
-                        Ok(true)
-                    }
-                    None if typing_in >= GROUPS_MAX => Err(TooManyGroups),
-                    None => {
-                        self.started.insert(group.clone(), now);
-                        Ok(true)
-                    }
+                if !self.started.contains_key(group) && self.started.len() >= GROUPS_MAX {
+                    return Err(TooManyGroups);
                 }
+                let recent = self
+                    .last_start
+                    .get(group)
+                    .is_some_and(|at| now.duration_since(*at) < REFRESH);
+                if recent {
+                    // typing again, but a start was told within REFRESH
+                    // (a stop may have gone out since): the next start
+                    // after REFRESH is told
+                    return Ok(false);
+                }
+                if self.last_start.len() >= GROUPS_MAX * 4 {
+                    self.last_start
+                        .retain(|_, at| now.duration_since(*at) < REFRESH);
+                }
+                self.started.insert(group.clone(), now);
+                self.last_start.insert(group.clone(), now);
+                Ok(true)
             }
         }
     }
@@ -158,8 +167,14 @@ mod tests {
         assert_eq!(t.on(&g("a"), TypingState::Start, t0), Ok(true));
         assert_eq!(t.on(&g("a"), TypingState::Stop, t0), Ok(true));
         assert_eq!(t.on(&g("a"), TypingState::Stop, t0), Ok(false));
-        // and a start right after a stop is news
-        assert_eq!(t.on(&g("a"), TypingState::Start, t0), Ok(true));
+        // stop, start, stop… passes on one start per REFRESH, not more
+        assert_eq!(t.on(&g("a"), TypingState::Start, t0), Ok(false));
+        assert_eq!(
+            t.on(&g("a"), TypingState::Stop, t0),
+            Ok(false),
+            "its start was not told"
+        );
+        assert_eq!(t.on(&g("a"), TypingState::Start, t0 + REFRESH), Ok(true));
     }
 
     #[test]
