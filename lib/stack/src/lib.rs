@@ -249,7 +249,7 @@ impl Nats {
         const ATTEMPTS: usize = 3;
         let mut attempt = 1;
         loop {
-            let nats = Self::start_nodes(size, &default_config()).await?;
+            let nats = Self::start_nodes_on_free_ports(size, &default_config()).await?;
             if size == 1 {
                 return Ok(nats);
             }
@@ -272,7 +272,27 @@ impl Nats {
     /// moved to a free port and routed to itself. The configuration's own
     /// `store_dir` is used: point it at a temporary folder.
     pub async fn start_with_config(config: &Path) -> anyhow::Result<Self> {
-        Self::start_nodes(1, config).await
+        Self::start_nodes_on_free_ports(1, config).await
+    }
+
+    /// [`Self::start_nodes`], again on other ports if one of those it
+    /// picked was taken before nats-server could bind it (another test's
+    /// socket got it first: seen in CI with the monitor port).
+    async fn start_nodes_on_free_ports(size: usize, config: &Path) -> anyhow::Result<Self> {
+        const ATTEMPTS: usize = 4;
+        let mut attempt = 1;
+        loop {
+            match Self::start_nodes(size, config).await {
+                Err(e)
+                    if attempt < ATTEMPTS
+                        && format!("{e:#}").contains("address already in use") =>
+                {
+                    eprintln!("nats-server found a port taken; starting it on others");
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
     }
 
     async fn start_nodes(size: usize, config: &Path) -> anyhow::Result<Self> {

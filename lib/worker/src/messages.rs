@@ -446,8 +446,9 @@ pub(crate) async fn raise(
                 .map_err(|e| DomainError::Invalid(e.to_string()))?,
         );
         for sender in to {
+            // dots: ids never contain one, so the name is injective
             let dedup = format!(
-                "st-{group}-{user}-{}-{}-{sender}",
+                "st.{group}.{user}.{}.{}.{sender}",
                 after.delivered_seq, after.read_seq
             );
             s.bus
