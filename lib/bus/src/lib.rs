@@ -70,7 +70,7 @@ pub use places::{
 };
 pub use presence::{
     BEAT_EVERY, Beat, Beats, Change as PresenceChange, DEAD_AFTER, PRESENCE_BUCKET,
-    PRESENCE_CHANGES, Presence, Record as PresenceRecord, Update as PresenceUpdate, change_groups,
+    PRESENCE_CHANGES, Presence, Record as PresenceRecord, Update as PresenceUpdate,
     presence_subject,
 };
 pub use push::{

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, kv};
 use bytes::Bytes;
-use chat_domain::{GroupId, Millis, UserId};
+use chat_domain::{Millis, UserId};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
@@ -419,14 +419,6 @@ impl Presence {
         }
         Ok(out)
     }
-}
-
-/// Reads the groups a change names.
-pub fn change_groups(change: &Change) -> impl Iterator<Item = GroupId> + '_ {
-    change
-        .groups
-        .iter()
-        .filter_map(|g| GroupId::parse(g.as_str()).ok())
 }
 
 fn parse(value: &[u8]) -> Result<Record, BusError> {

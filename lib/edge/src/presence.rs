@@ -19,7 +19,7 @@ use std::{
 };
 
 use axum::extract::ws::Utf8Bytes;
-use chat_bus::{BEAT_EVERY, PresenceChange, PresenceUpdate, change_groups};
+use chat_bus::{BEAT_EVERY, PresenceChange, PresenceUpdate};
 use chat_domain::{UserId, now_millis};
 use chat_protocol::{MemberPresence, event, format_millis, push_json};
 use futures::StreamExt;
@@ -284,13 +284,18 @@ pub(crate) async fn beat(app: Weak<crate::Inner>) {
 
 /// The `a_presence` frame of `change`.
 fn frame(change: &PresenceChange) -> Option<Utf8Bytes> {
-    let data = MemberPresence {
-        user_id: change.user_id.clone(),
-        online: change.online,
-        last_seen: (!change.online && change.last_seen > 0)
-            .then(|| format_millis(change.last_seen)),
-    };
+    let data = view(change.user_id.clone(), change.online, change.last_seen);
     push_json(event::PRESENCE, &data).ok().map(Utf8Bytes::from)
+}
+
+/// A user's presence as clients see it: when it was last seen only while
+/// it is offline (and was ever seen).
+pub(crate) fn view(user_id: String, online: bool, last_seen: i64) -> MemberPresence {
+    MemberPresence {
+        user_id,
+        online,
+        last_seen: (!online && last_seen > 0).then(|| format_millis(last_seen)),
+    }
 }
 
 /// Writes every presence change to the local connections that share a
@@ -318,10 +323,12 @@ pub(crate) async fn listen(app: Weak<crate::Inner>) {
             continue;
         }
         let Some(text) = frame(&change) else { continue };
-        let groups: Vec<String> = change_groups(&change).map(|g| g.into_string()).collect();
-        let n = app
-            .live
-            .signal_groups(groups.iter().map(String::as_str), &change.user_id, &text);
+        // the hub knows only valid group ids: any other name finds nothing
+        let n = app.live.signal_groups(
+            change.groups.iter().map(String::as_str),
+            &change.user_id,
+            &text,
+        );
         written.increment(n as u64);
     }
 }

@@ -160,7 +160,16 @@ pub(crate) async fn get_group(
     Caller(me): Caller,
     Path(id): Path<String>,
 ) -> Result<Json<GroupView>, ApiError> {
-    let group = rpc!(
+    view(group_of(&app, &me, id).await?)
+}
+
+/// Group `id` with its members, as `me` may see it (members only).
+async fn group_of(
+    app: &AppState,
+    me: &chat_auth::Identity,
+    id: String,
+) -> Result<pb::Group, ApiError> {
+    Ok(rpc!(
         app,
         GroupsClient,
         get_group,
@@ -169,8 +178,7 @@ pub(crate) async fn get_group(
             group_id: id,
         }
     )?
-    .into_inner();
-    view(group)
+    .into_inner())
 }
 
 #[utoipa::path(get, path = "/groups/{id}/presence", tag = "groups",
@@ -185,16 +193,7 @@ pub(crate) async fn group_presence(
     Path(id): Path<String>,
 ) -> Result<Json<GroupPresence>, ApiError> {
     use futures::StreamExt;
-    let group = rpc!(
-        app,
-        GroupsClient,
-        get_group,
-        pb::GroupRequest {
-            caller: me.user_id.to_string(),
-            group_id: id,
-        }
-    )?
-    .into_inner();
+    let group = group_of(&app, &me, id).await?;
     let bucket = app.bus.presence();
     let members: Vec<MemberPresence> = futures::stream::iter(group.members)
         .map(|m| {
@@ -206,12 +205,11 @@ pub(crate) async fn group_presence(
                     tracing::warn!(error = %e, "presence unreadable");
                     ApiError::new(ErrorCode::Unavailable, "presence is unavailable; retry")
                 })?;
-                Ok(MemberPresence {
-                    user_id: m.user_id,
-                    online: record.online(),
-                    last_seen: (!record.online() && record.last_seen > 0)
-                        .then(|| format_millis(record.last_seen)),
-                })
+                Ok(crate::presence::view(
+                    m.user_id,
+                    record.online(),
+                    record.last_seen,
+                ))
             }
         })
         .buffered(32)

@@ -44,11 +44,6 @@ impl Reactions {
             })
             .collect()
     }
-
-    /// How many react with `emoji`.
-    pub fn count(&self, emoji: &str) -> u64 {
-        self.0.get(emoji).map_or(0, |u| u.len() as u64)
-    }
 }
 
 /// Why a reaction was refused.
