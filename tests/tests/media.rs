@@ -195,6 +195,36 @@ async fn an_image_goes_up_with_a_presigned_url_and_reaches_members_live_and_offl
     }
     let public = format!("{}/{}/{key}", c.stack.s3.endpoint, c.stack.s3.bucket);
     assert_eq!(reqwest::get(public).await?.status(), 403);
+
+    // a media message has no text to edit; deleting it removes its object
+    let change = json!({"groupId": g, "messageId": ack["messageId"]});
+    let mut edit = change.clone();
+    edit["text"] = json!("caption");
+    assert_eq!(
+        alice.request_error("edit_group_message", edit).await?,
+        "invalid"
+    );
+    alice
+        .request("delete_group_message", change.clone())
+        .await?;
+    assert_eq!(bob.skip_to("a_message_deleted").await?["data"]["seq"], 1);
+    // the URL signed before the delete finds nothing in the store, and no
+    // new one is given
+    eventually(PROMPTLY, || async {
+        Ok((reqwest::get(url).await?.status() == 404).then_some(()))
+    })
+    .await?;
+    let (status, _) = c
+        .get(0, "carol", &format!("/groups/{g}/media/{object}/url"))
+        .await?;
+    assert_eq!(status, 404);
+    // the object goes first, then the record becomes a tombstone
+    let tombstone = eventually(PROMPTLY, || async {
+        let first = c.history("carol", &g).await?.remove(0);
+        Ok((first["deleted"] == true).then_some(first))
+    })
+    .await?;
+    assert_eq!(tombstone.get("media"), None, "{tombstone}");
     c.stop().await
 }
 

@@ -20,7 +20,77 @@ fn message(group: &GroupId, client_id: &str, seq: u64) -> anyhow::Result<StoredM
         seq: Some(seq),
         stream_seq: Some(100 + seq),
         created_at: chat_domain::now_millis(),
+        edited_at: None,
+        deleted_at: None,
     })
+}
+
+/// Edits and deletes applied as two workers' batches may bring them: out
+/// of order and more than once. The newest edit by stream sequence wins,
+/// and a delete wins over every edit, before or after it.
+#[tokio::test]
+async fn changes_apply_in_stream_order_whatever_order_they_come_in() -> anyhow::Result<()> {
+    use chat_store::Resealed;
+    let mongo = chat_stack::Mongo::start().await?;
+    let store = Store::connect(&mongo.uri, "changes").await?;
+    store.ensure_indexes().await?;
+    let group = GroupId::generate();
+    let m = message(&group, "c1", 1)?;
+    store.messages.project(std::slice::from_ref(&m)).await?;
+    let sealed = |b: u8| Resealed {
+        key_id: "k".into(),
+        nonce: vec![b; 12],
+        ciphertext: vec![b; 3],
+        binding: 2,
+    };
+    // the edit stored at stream sequence 300 comes before the one at 200
+    assert!(
+        store
+            .messages
+            .apply_edit(&m.id, 300, &sealed(3), 3_000)
+            .await?
+    );
+    assert!(
+        !store
+            .messages
+            .apply_edit(&m.id, 200, &sealed(2), 2_000)
+            .await?
+    );
+    // again, as a redelivered batch: nothing changes
+    assert!(
+        !store
+            .messages
+            .apply_edit(&m.id, 300, &sealed(3), 3_000)
+            .await?
+    );
+    let got = store.messages.get(&m.id).await?.expect("stored");
+    assert_eq!((got.ciphertext, got.edited_at), (vec![3; 3], Some(3_000)));
+
+    let alice = UserId::parse("alice")?;
+    assert!(
+        store
+            .messages
+            .apply_delete(&m.id, 250, &alice, 4_000)
+            .await?
+    );
+    assert!(
+        !store
+            .messages
+            .apply_delete(&m.id, 250, &alice, 4_000)
+            .await?
+    );
+    // an edit after the delete (or one delivered late) brings nothing back
+    assert!(
+        !store
+            .messages
+            .apply_edit(&m.id, 400, &sealed(4), 5_000)
+            .await?
+    );
+    let got = store.messages.get(&m.id).await?.expect("stored");
+    assert!(got.is_deleted());
+    assert!(got.ciphertext.is_empty() && got.nonce.is_empty());
+    assert_eq!(got.seq, Some(1), "the tombstone keeps its place");
+    Ok(())
 }
 
 #[tokio::test]

@@ -325,6 +325,10 @@ pub struct ServeArgs {
     /// bucket's `max_age`; one small entry per send).
     #[arg(long, env = "CHATD_IDEMPOTENCY_WINDOW_SECS", default_value_t = 24 * 3600)]
     pub idempotency_window_secs: u64,
+    /// Worker: how long after sending it a sender may edit a text message,
+    /// in seconds (0: messages cannot be edited). Deleting has no window.
+    #[arg(long, env = "CHATD_EDIT_WINDOW_SECS", default_value_t = 3600)]
+    pub edit_window_secs: u64,
 
     /// Worker: S3-compatible endpoint for media (e.g. http://minio:9000).
     /// Without it, media requests answer `unavailable`.
@@ -647,6 +651,7 @@ impl Node {
                 limits: args.limits(),
                 resolve_pending_after: Duration::from_millis(args.resolve_pending_after_ms),
                 idempotency_window,
+                edit_window: Duration::from_secs(args.edit_window_secs),
                 media: args.media(),
                 upload_url_ttl: Duration::from_secs(args.upload_url_ttl_secs),
                 download_url_ttl: Duration::from_secs(args.download_url_ttl_secs),

@@ -44,6 +44,30 @@ pub struct Envelope {
     /// opening the content.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mentions: Vec<String>,
+    /// Set on a change of an earlier message, which takes no `seq` of its
+    /// own: the id, `seq`, sender and type are the changed message's, and
+    /// an edit's new content is sealed for them (as the original was);
+    /// `createdAt` is when the change was made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change: Option<Change>,
+    /// Who made the change (the sender, or for a delete the group's owner).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub changed_by: String,
+    /// The group shows each member only what was sent after it joined
+    /// (`joined` history): a change reaches a connection only once its
+    /// view of the group is checked.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub joined_only: bool,
+}
+
+/// What a change envelope does to the message it names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Change {
+    /// New text, sealed in the envelope.
+    Edit,
+    /// A tombstone: the content is gone.
+    Delete,
 }
 
 fn binding_v1() -> u8 {
@@ -115,9 +139,37 @@ impl Bus {
         envelope: &Envelope,
         expected_last: u64,
     ) -> Result<Published, BusError> {
+        self.publish_on_group(envelope, &envelope.message_id, envelope.seq, expected_last)
+            .await
+    }
+
+    /// Publishes a change of an earlier message (`envelope.change`) on the
+    /// group's message subject, so that it has its place in the group's
+    /// order for live delivery, catch-up and persistence alike, under
+    /// `msg_id` (de-duplication) and with the group's current seq as
+    /// `Chat-Seq` (a change takes no seq: the next message still gets
+    /// `current_seq + 1`); compare-and-set as for messages.
+    pub async fn publish_group_change(
+        &self,
+        envelope: &Envelope,
+        msg_id: &str,
+        current_seq: u64,
+        expected_last: u64,
+    ) -> Result<Published, BusError> {
+        self.publish_on_group(envelope, msg_id, current_seq, expected_last)
+            .await
+    }
+
+    async fn publish_on_group(
+        &self,
+        envelope: &Envelope,
+        msg_id: &str,
+        chat_seq: u64,
+        expected_last: u64,
+    ) -> Result<Published, BusError> {
         let mut headers = async_nats::HeaderMap::new();
-        headers.insert(MSG_ID, envelope.message_id.as_str());
-        headers.insert(SEQ_HEADER, envelope.seq.to_string().as_str());
+        headers.insert(MSG_ID, msg_id);
+        headers.insert(SEQ_HEADER, chat_seq.to_string().as_str());
         headers.insert(
             async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
             expected_last.to_string().as_str(),

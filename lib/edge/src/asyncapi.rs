@@ -7,9 +7,10 @@
 use std::collections::BTreeMap;
 
 use chat_protocol::{
-    AcknowledgeAck, AcknowledgeMessage, ErrorBody, GroupEvent, GroupRef, MemberPresence,
-    MentionView, MessageStatusPush, MessageView, NotifyAck, Reaction, ReactionAck, ReactionPush,
-    SendAck, SendMessage, SessionInfo, SubscribeAck, Typing, TypingAck, TypingPush, event,
+    AcknowledgeAck, AcknowledgeMessage, DeleteMessage, EditMessage, ErrorBody, GroupEvent,
+    GroupRef, MemberPresence, MentionView, MessageChangeAck, MessageDeletedView, MessageStatusPush,
+    MessageUpdatedView, MessageView, NotifyAck, Reaction, ReactionAck, ReactionPush, SendAck,
+    SendMessage, SessionInfo, SubscribeAck, Typing, TypingAck, TypingPush, event,
 };
 use serde_json::{Value, json};
 use utoipa::{
@@ -20,7 +21,7 @@ use utoipa::{
 use crate::ws;
 
 /// A request, the type of its `data`, and the type of its ack's `data`.
-const REQUESTS: [(&str, &str, &str, &str); 7] = [
+const REQUESTS: [(&str, &str, &str, &str); 9] = [
     (
         event::NOTIFY_CREATE_GROUP,
         "GroupRef",
@@ -66,10 +67,22 @@ const REQUESTS: [(&str, &str, &str, &str); 7] = [
         "ReactionAck",
         "Takes the caller's emoji back (idempotent); connected members get `a_reaction`.",
     ),
+    (
+        event::EDIT_GROUP_MESSAGE,
+        "EditMessage",
+        "MessageChangeAck",
+        "The sender replaces the text of its own text message, within the server's edit window          (an hour by default); members get `a_message_updated` in the group's order, live or on          reconnect. The same text again changes nothing.",
+    ),
+    (
+        event::DELETE_GROUP_MESSAGE,
+        "DeleteMessage",
+        "MessageChangeAck",
+        "The sender or the group's owner deletes a message: history keeps a tombstone with no          content (a media message's object is removed); members get `a_message_deleted` in the          group's order, live or on reconnect. Idempotent.",
+    ),
 ];
 
 /// A push, the type of its `data`, and what it says.
-const PUSHES: [(&str, &str, &str); 9] = [
+const PUSHES: [(&str, &str, &str); 11] = [
     (event::SESSION, "SessionInfo", "First on every connection."),
     (
         event::GROUP_CREATED,
@@ -113,6 +126,16 @@ const PUSHES: [(&str, &str, &str); 9] = [
         "ReactionPush",
         "A member added or took back an emoji on a message, which `count` members react with now; \
          only while connected (history carries every message's reactions).",
+    ),
+    (
+        event::MESSAGE_UPDATED,
+        "MessageUpdatedView",
+        "The sender edited message `seq`: live or on reconnect, in the group's order.",
+    ),
+    (
+        event::MESSAGE_DELETED,
+        "MessageDeletedView",
+        "Message `seq` was deleted (a tombstone now): live or on reconnect, in the group's order.",
     ),
 ];
 
@@ -165,6 +188,11 @@ fn schemas() -> BTreeMap<String, Value> {
     schema_of::<Reaction>(&mut all);
     schema_of::<ReactionAck>(&mut all);
     schema_of::<ReactionPush>(&mut all);
+    schema_of::<EditMessage>(&mut all);
+    schema_of::<DeleteMessage>(&mut all);
+    schema_of::<MessageChangeAck>(&mut all);
+    schema_of::<MessageUpdatedView>(&mut all);
+    schema_of::<MessageDeletedView>(&mut all);
     all.into_iter()
         .map(|(name, schema)| (name, serde_json::to_value(schema).unwrap_or_default()))
         .collect()

@@ -51,6 +51,10 @@ pub(crate) struct LiveFrame {
     pub feed: Feed,
     /// Read by a catch-up, not the live feed (for metrics).
     pub caught_up: bool,
+    /// A change in a group with `joined` history, from the live feed: the
+    /// writer checks the connection's view of the group before it goes
+    /// out (a catch-up checked it already).
+    pub restricted: bool,
 }
 
 /// Where the hub hands a connection its frames; implemented by the
@@ -219,13 +223,15 @@ impl LiveHub {
         }
     }
 
-    /// Hands on a group message at `stream_seq`; `open` makes its frame and
-    /// runs only if some connection follows the group.
+    /// Hands on a group message at `stream_seq`; `open` makes its frame
+    /// (with its seq, and whether it is restricted: see
+    /// [`LiveFrame::restricted`]) and runs only if some connection follows
+    /// the group.
     pub(crate) fn message<E>(
         &self,
         stream_seq: u64,
         group: &str,
-        open: impl FnOnce() -> Result<(Utf8Bytes, u64), E>,
+        open: impl FnOnce() -> Result<(Utf8Bytes, u64, bool), E>,
     ) -> Result<usize, E> {
         let mut hub = self.lock();
         let before = self.position.swap(stream_seq, Ordering::SeqCst);
@@ -238,7 +244,7 @@ impl LiveHub {
         let Some(ids) = by_group.get(group).filter(|c| !c.is_empty()) else {
             return Ok(0);
         };
-        let (text, seq) = open()?;
+        let (text, seq, restricted) = open()?;
         let frame = LiveFrame {
             text,
             group: group.into(),
@@ -246,6 +252,7 @@ impl LiveHub {
             stream_seq,
             feed: self.feed,
             caught_up: false,
+            restricted,
         };
         let mut written = 0;
         for id in ids {
@@ -641,7 +648,7 @@ pub(crate) async fn feed(app: Weak<crate::Inner>, feed: Feed) {
             Feed::User => match feed.key_of(&msg.subject) {
                 Some(user) => {
                     let text = std::str::from_utf8(&msg.payload).map(Utf8Bytes::from);
-                    if let Err(e) = hub.message(seq, user, || text.map(|t| (t, 0))) {
+                    if let Err(e) = hub.message(seq, user, || text.map(|t| (t, 0, false))) {
                         tracing::error!(user, stream_seq = seq, error = %e, "undeliverable notification on the bus; skipping it");
                     }
                 }
@@ -722,8 +729,10 @@ mod tests {
     }
 
     fn send(hub: &LiveHub, stream_seq: u64, group: &str) {
-        hub.message::<()>(stream_seq, group, || Ok((Utf8Bytes::from("m"), stream_seq)))
-            .expect("open");
+        hub.message::<()>(stream_seq, group, || {
+            Ok((Utf8Bytes::from("m"), stream_seq, false))
+        })
+        .expect("open");
     }
 
     /// A connection of `user` whose groups are loaded, still catching up.
@@ -751,7 +760,7 @@ mod tests {
         let mut opened = 0;
         hub.message::<()>(1, "g1", || {
             opened += 1;
-            Ok((Utf8Bytes::from("m"), 1))
+            Ok((Utf8Bytes::from("m"), 1, false))
         })
         .expect("open");
         send(&hub, 2, "g2");

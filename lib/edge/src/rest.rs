@@ -618,6 +618,7 @@ fn message_view(m: pb::ChatMessage) -> MessageView {
             sender_id: r.sender_id,
             kind: r.r#type,
             preview: Some(r.preview).filter(|p| !p.is_empty()),
+            deleted: r.deleted,
         }),
         reactions: m
             .reactions
@@ -628,6 +629,9 @@ fn message_view(m: pb::ChatMessage) -> MessageView {
                 reacted: r.reacted,
             })
             .collect(),
+        edited_at: (m.edited_at_ms > 0).then(|| format_millis(m.edited_at_ms)),
+        deleted: m.deleted,
+        deleted_at: m.deleted.then(|| format_millis(m.deleted_at_ms)),
     }
 }
 

@@ -10,13 +10,14 @@ mod view;
 
 pub use reply::{
     AcknowledgeAck, DevToken, GroupPage, GroupPresence, GroupSummary, Health, MediaLink,
-    MemberPresence, MemberStatus, MentionPage, MentionView, MessagePage, MessageStatus,
-    MessageStatusPush, NotifyAck, ReactionAck, ReactionPush, Readiness, SendAck, SubscribeAck,
-    TYPING_EXPIRES_MS, TypingAck, TypingPush, UploadTicket, WebConfig,
+    MemberPresence, MemberStatus, MentionPage, MentionView, MessageChangeAck, MessagePage,
+    MessageStatus, MessageStatusPush, NotifyAck, ReactionAck, ReactionPush, Readiness, SendAck,
+    SubscribeAck, TYPING_EXPIRES_MS, TypingAck, TypingPush, UploadTicket, WebConfig,
 };
 pub use view::{
-    EVENT_MEMBERS_MAX, GroupChangeView, GroupView, MemberView, MessageView, REPLY_PREVIEW_CHARS,
-    ReactionView, ReplyView, format_millis, parse_millis, reply_preview,
+    EVENT_MEMBERS_MAX, GroupChangeView, GroupView, MemberView, MessageDeletedView,
+    MessageUpdatedView, MessageView, REPLY_PREVIEW_CHARS, ReactionView, ReplyView, format_millis,
+    parse_millis, reply_preview,
 };
 
 /// Event names, exactly as the seed and DESIGN.md spell them.
@@ -29,6 +30,8 @@ pub mod event {
     pub const TYPING: &str = "typing";
     pub const ADD_REACTION: &str = "add_reaction";
     pub const REMOVE_REACTION: &str = "remove_reaction";
+    pub const EDIT_GROUP_MESSAGE: &str = "edit_group_message";
+    pub const DELETE_GROUP_MESSAGE: &str = "delete_group_message";
     // server to client
     pub const ACK: &str = "ack";
     pub const ERROR: &str = "error";
@@ -41,6 +44,8 @@ pub mod event {
     pub const PRESENCE: &str = "a_presence";
     pub const MENTION: &str = "a_mention";
     pub const REACTION: &str = "a_reaction";
+    pub const MESSAGE_UPDATED: &str = "a_message_updated";
+    pub const MESSAGE_DELETED: &str = "a_message_deleted";
 }
 
 /// Stable, machine-readable error codes.
@@ -186,6 +191,25 @@ pub struct Reaction {
     pub emoji: String,
 }
 
+/// `data` of `edit_group_message`: the caller's own text message gets new
+/// text (within the server's edit window).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EditMessage {
+    pub group_id: String,
+    pub message_id: String,
+    pub text: String,
+}
+
+/// `data` of `delete_group_message` (the message's sender, or the group's
+/// owner).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DeleteMessage {
+    pub group_id: String,
+    pub message_id: String,
+}
+
 /// `data` of `a_group_created` and `a_group_updated`.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GroupEvent {
@@ -252,6 +276,8 @@ pub enum Request {
     Typing(Typing),
     AddReaction(Reaction),
     RemoveReaction(Reaction),
+    EditGroupMessage(EditMessage),
+    DeleteGroupMessage(DeleteMessage),
 }
 
 /// Why a frame is not a request.
@@ -274,7 +300,7 @@ impl std::fmt::Display for RequestError {
 
 impl Request {
     /// Every request's event name.
-    pub const EVENTS: [&'static str; 7] = [
+    pub const EVENTS: [&'static str; 9] = [
         event::NOTIFY_CREATE_GROUP,
         event::SUBSCRIBE_TO_GROUP,
         event::SEND_GROUP_MESSAGE,
@@ -282,6 +308,8 @@ impl Request {
         event::TYPING,
         event::ADD_REACTION,
         event::REMOVE_REACTION,
+        event::EDIT_GROUP_MESSAGE,
+        event::DELETE_GROUP_MESSAGE,
     ];
 
     /// The request `event` names, with its `data` decoded.
@@ -297,6 +325,10 @@ impl Request {
             event::TYPING => Self::Typing(decode_data(data).map_err(bad)?),
             event::ADD_REACTION => Self::AddReaction(decode_data(data).map_err(bad)?),
             event::REMOVE_REACTION => Self::RemoveReaction(decode_data(data).map_err(bad)?),
+            event::EDIT_GROUP_MESSAGE => Self::EditGroupMessage(decode_data(data).map_err(bad)?),
+            event::DELETE_GROUP_MESSAGE => {
+                Self::DeleteGroupMessage(decode_data(data).map_err(bad)?)
+            }
             other => {
                 let mut shown: String = other.chars().take(64).collect();
                 if shown.len() < other.len() {
@@ -317,6 +349,8 @@ impl Request {
             Self::Typing(_) => event::TYPING,
             Self::AddReaction(_) => event::ADD_REACTION,
             Self::RemoveReaction(_) => event::REMOVE_REACTION,
+            Self::EditGroupMessage(_) => event::EDIT_GROUP_MESSAGE,
+            Self::DeleteGroupMessage(_) => event::DELETE_GROUP_MESSAGE,
         }
     }
 }

@@ -60,6 +60,22 @@ pub struct TypingAck {
     pub forwarded: bool,
 }
 
+/// `ack` of `edit_group_message` (with `editedAt`) and
+/// `delete_group_message` (with `deletedAt`): the change is durable in the
+/// group's stream, and members hear of it in the group's order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MessageChangeAck {
+    pub group_id: String,
+    pub message_id: String,
+    /// The changed message's seq.
+    pub seq: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edited_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deleted_at: Option<String>,
+}
+
 /// `ack` of `add_reaction` and `remove_reaction`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]

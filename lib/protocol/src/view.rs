@@ -128,6 +128,43 @@ pub struct MessageView {
     /// Its reactions (history only; live, `a_reaction` tells of changes).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reactions: Vec<ReactionView>,
+    /// When its sender last edited it (history; live, `a_message_updated`
+    /// tells of an edit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edited_at: Option<String>,
+    /// A tombstone (history): the message was deleted, and neither its
+    /// text, media nor reply is kept.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleted: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deleted_at: Option<String>,
+}
+
+/// `a_message_updated`, to the group's members live and on catch-up, in the
+/// group's order: the sender edited message `seq`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MessageUpdatedView {
+    pub group_id: String,
+    pub message_id: String,
+    pub seq: u64,
+    pub sender_id: String,
+    /// The new text.
+    pub text: String,
+    pub edited_at: String,
+}
+
+/// `a_message_deleted`, to the group's members live and on catch-up, in the
+/// group's order: message `seq` is a tombstone now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MessageDeletedView {
+    pub group_id: String,
+    pub message_id: String,
+    pub seq: u64,
+    /// Its sender, or the group's owner.
+    pub deleted_by: String,
+    pub deleted_at: String,
 }
 
 /// One emoji on a message: how many members react with it, and whether the
@@ -141,7 +178,8 @@ pub struct ReactionView {
 }
 
 /// The message a message answers: who wrote it, and the start of its text
-/// as it was when the answer was sent.
+/// (live, as it was when the answer was sent; in history, as it is now,
+/// edited or deleted).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ReplyView {
@@ -154,6 +192,9 @@ pub struct ReplyView {
     /// media.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preview: Option<String>,
+    /// The answered message was deleted since (history): no preview.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleted: bool,
 }
 
 /// Characters of the answered message's text a reply carries.

@@ -27,6 +27,9 @@ fn data_as(name: &str, data: &Value) -> Result<(), String> {
         "AcknowledgeAck" => round_trip::<AcknowledgeAck>(data),
         "TypingAck" => round_trip::<TypingAck>(data),
         "ReactionAck" => round_trip::<ReactionAck>(data),
+        "MessageChangeAck" => round_trip::<MessageChangeAck>(data),
+        "MessageUpdatedView" => round_trip::<MessageUpdatedView>(data),
+        "MessageDeletedView" => round_trip::<MessageDeletedView>(data),
         "ReactionPush" => round_trip::<ReactionPush>(data),
         "TypingPush" => round_trip::<TypingPush>(data),
         "MemberPresence" => round_trip::<MemberPresence>(data),
@@ -65,6 +68,8 @@ fn push_event(name: &str) -> &'static [&'static str] {
         "ReactionPush" => &[event::REACTION],
         "MemberPresence" => &[event::PRESENCE],
         "MentionView" => &[event::MENTION],
+        "MessageUpdatedView" => &[event::MESSAGE_UPDATED],
+        "MessageDeletedView" => &[event::MESSAGE_DELETED],
         _ => &[],
     }
 }
@@ -93,6 +98,8 @@ fn check(kind: &str, v: &Value) -> Result<(), String> {
                 Request::AcknowledgeGroupMessage(m) => serde_json::to_value(m),
                 Request::Typing(t) => serde_json::to_value(t),
                 Request::AddReaction(r) | Request::RemoveReaction(r) => serde_json::to_value(r),
+                Request::EditGroupMessage(e) => serde_json::to_value(e),
+                Request::DeleteGroupMessage(d) => serde_json::to_value(d),
             }
             .map_err(|e| e.to_string())?;
             if back != frame.data {

@@ -18,7 +18,7 @@ mod users;
 
 pub use groups::{GroupRecord, GroupRepo, Membership};
 pub use mentions::{Mention, MentionCursor, MentionRepo};
-pub use messages::{MessageRepo, Receipt, StoredMessage};
+pub use messages::{MessageRepo, Receipt, Resealed, StoredMessage};
 pub use objects::{ObjectInfo, Objects, ObjectsConfig};
 pub use reactions::{Reacted, ReactionLimit, ReactionRepo, Reactions};
 pub use uploads::{Upload, UploadRepo};

@@ -48,6 +48,18 @@ struct MessageDoc {
     binding: i32,
     created_at: DateTime,
     updated_at: DateTime,
+    /// The stream sequence of the last change applied (edit or delete):
+    /// changes applied out of order (two workers' batches) never undo a
+    /// newer one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    version: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    edited_at: Option<DateTime>,
+    /// A tombstone: the sealed content is emptied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    deleted_at: Option<DateTime>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    deleted_by: Option<String>,
 }
 
 fn binding_v1() -> i32 {
@@ -76,12 +88,30 @@ pub struct StoredMessage {
     pub seq: Option<u64>,
     pub stream_seq: Option<u64>,
     pub created_at: Millis,
+    /// When its sender last edited it.
+    pub edited_at: Option<Millis>,
+    /// When it was deleted: a tombstone, with no content.
+    pub deleted_at: Option<Millis>,
 }
 
 impl StoredMessage {
     pub fn is_committed(&self) -> bool {
         self.seq.is_some()
     }
+
+    pub fn is_deleted(&self) -> bool {
+        self.deleted_at.is_some()
+    }
+}
+
+/// New sealed content for a message (an edit), sealed for the same
+/// binding as the original.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resealed {
+    pub key_id: String,
+    pub nonce: Vec<u8>,
+    pub ciphertext: Vec<u8>,
+    pub binding: u8,
 }
 
 fn binary(bytes: &[u8]) -> Binary {
@@ -118,6 +148,10 @@ fn committed_doc(m: &StoredMessage) -> MessageDoc {
         binding: i32::from(m.binding),
         created_at: created,
         updated_at: DateTime::now(),
+        version: None,
+        edited_at: None,
+        deleted_at: None,
+        deleted_by: None,
     }
 }
 
@@ -148,6 +182,8 @@ impl MessageDoc {
             },
             stream_seq: self.stream_seq.map(|s| s as u64),
             created_at: self.created_at.timestamp_millis(),
+            edited_at: self.edited_at.map(|t| t.timestamp_millis()),
+            deleted_at: self.deleted_at.map(|t| t.timestamp_millis()),
         })
     }
 }
@@ -328,6 +364,76 @@ impl MessageRepo {
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Applies an edit stored at stream sequence `version`: the new sealed
+    /// content and its time, unless the message is deleted or a newer
+    /// change is applied already. Idempotent; whether it changed anything.
+    pub async fn apply_edit(
+        &self,
+        id: &MessageId,
+        version: u64,
+        content: &Resealed,
+        edited_at: Millis,
+    ) -> Result<bool, StoreError> {
+        let version = i64::try_from(version).unwrap_or(i64::MAX);
+        let r = self
+            .coll
+            .update_one(
+                doc! {
+                    "_id": id.as_str(),
+                    "deletedAt": { "$exists": false },
+                    "$or": [ { "version": { "$exists": false } }, { "version": { "$lt": version } } ],
+                },
+                doc! { "$set": {
+                    "keyId": &content.key_id, "nonce": binary(&content.nonce),
+                    "ciphertext": binary(&content.ciphertext), "binding": i32::from(content.binding),
+                    "version": version, "editedAt": to_bson_time(edited_at),
+                    "updatedAt": DateTime::now(),
+                } },
+            )
+            .await?;
+        Ok(r.modified_count > 0)
+    }
+
+    /// Applies a delete stored at stream sequence `version`: the message
+    /// becomes a tombstone (its sealed content emptied), whatever edits
+    /// come before or after it. Idempotent; whether it changed anything.
+    pub async fn apply_delete(
+        &self,
+        id: &MessageId,
+        version: u64,
+        by: &UserId,
+        deleted_at: Millis,
+    ) -> Result<bool, StoreError> {
+        let version = i64::try_from(version).unwrap_or(i64::MAX);
+        let r = self
+            .coll
+            .update_one(
+                doc! { "_id": id.as_str(), "deletedAt": { "$exists": false } },
+                doc! { "$set": {
+                    "nonce": binary(&[]), "ciphertext": binary(&[]),
+                    "version": version, "deletedAt": to_bson_time(deleted_at),
+                    "deletedBy": by.as_str(), "updatedAt": DateTime::now(),
+                } },
+            )
+            .await?;
+        Ok(r.modified_count > 0)
+    }
+
+    /// The messages `ids` that are stored (one read).
+    pub async fn get_many(&self, ids: &[&MessageId]) -> Result<Vec<StoredMessage>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<&str> = ids.iter().map(|id| id.as_str()).collect();
+        let docs: Vec<MessageDoc> = self
+            .coll
+            .find(doc! { "_id": { "$in": ids } })
+            .await?
+            .try_collect()
+            .await?;
+        docs.into_iter().map(MessageDoc::into_message).collect()
     }
 
     /// The message `id`, pending or committed.

@@ -50,6 +50,9 @@ pub struct Config {
     /// How long a send's `clientMsgId` is remembered (the send log's
     /// `max_age`): a retry within it returns the original message.
     pub idempotency_window: std::time::Duration,
+    /// How long after sending it a sender may edit a text message (zero:
+    /// never).
+    pub edit_window: std::time::Duration,
     /// What media may be uploaded.
     pub media: MediaPolicy,
     /// How long an upload URL is valid.
@@ -98,6 +101,7 @@ impl Default for Config {
             max_groups_per_user: 1_000,
             resolve_pending_after: std::time::Duration::from_secs(30),
             idempotency_window: std::time::Duration::from_secs(24 * 3600),
+            edit_window: std::time::Duration::from_secs(3600),
             media: MediaPolicy::default(),
             upload_url_ttl: std::time::Duration::from_secs(15 * 60),
             download_url_ttl: std::time::Duration::from_secs(5 * 60),

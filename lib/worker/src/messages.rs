@@ -96,6 +96,10 @@ impl Positions {
 
 pub(crate) struct MessagesService(pub Arc<State>);
 
+fn forbidden(why: impl Into<String>) -> WorkerError {
+    WorkerError::Domain(DomainError::Forbidden(why.into()))
+}
+
 fn unavailable(why: impl Into<String>) -> WorkerError {
     WorkerError::Store(StoreError::Unavailable(why.into()))
 }
@@ -194,28 +198,63 @@ fn envelope(
         ciphertext: B64.encode(&sealed.ciphertext),
         binding: BINDING_V2,
         mentions: mentions.iter().map(UserId::to_string).collect(),
+        change: None,
+        changed_by: String::new(),
+        joined_only: false,
     }
 }
 
-/// Publishes `m` as the group's next message, retrying on conflicts with
-/// concurrent senders (each attempt sealed for its seq); returns where it
-/// landed. `after` is a stream sequence the message cannot be at or before
-/// (to find it if an earlier attempt landed).
+/// What goes on a group's message subject.
+enum Publishing<'a> {
+    /// A new message, sealed at each attempt for the seq it would get.
+    Message {
+        m: &'a StoredMessage,
+        plaintext: &'a [u8],
+        mentions: &'a [UserId],
+    },
+    /// A change of an earlier message, under its own de-duplication id:
+    /// it takes no seq.
+    Change {
+        envelope: &'a Envelope,
+        msg_id: &'a str,
+    },
+}
+
+/// Publishes on `group`'s message subject, retrying on conflicts with
+/// concurrent senders; returns where it landed. `after` is a stream
+/// sequence a message cannot be at or before (to find it if an earlier
+/// attempt landed).
 async fn publish(
     s: &State,
-    m: &StoredMessage,
-    plaintext: &[u8],
+    group: &GroupId,
+    what: Publishing<'_>,
     after: u64,
-    mentions: &[UserId],
 ) -> Result<Position, WorkerError> {
-    let slot = s.positions.slot(&m.group_id);
+    let slot = s.positions.slot(group);
     let mut cached = slot.position.lock().await;
     for _ in 0..CAS_ATTEMPTS {
-        let last = known_position(s, &m.group_id, &slot, &mut cached).await?;
-        let seq = last.seq + 1;
-        let env = envelope(s, m, plaintext, seq, mentions);
+        let last = known_position(s, group, &slot, &mut cached).await?;
         let started = std::time::Instant::now();
-        let published = s.bus.publish_group_message(&env, last.stream_seq).await;
+        let (seq, published) = match &what {
+            Publishing::Message {
+                m,
+                plaintext,
+                mentions,
+            } => {
+                let seq = last.seq + 1;
+                let env = envelope(s, m, plaintext, seq, mentions);
+                (
+                    seq,
+                    s.bus.publish_group_message(&env, last.stream_seq).await,
+                )
+            }
+            Publishing::Change { envelope, msg_id } => (
+                last.seq,
+                s.bus
+                    .publish_group_change(envelope, msg_id, last.seq, last.stream_seq)
+                    .await,
+            ),
+        };
         metrics::histogram!("chat_publish_seconds").record(started.elapsed());
         let published = match published {
             Ok(p) => p,
@@ -235,12 +274,16 @@ async fn publish(
                 return Ok(p);
             }
             Stored::Stored {
-                duplicate: true, ..
+                duplicate: true,
+                stream_seq,
             } => {
-                // an earlier attempt of this very message landed
+                // an earlier attempt of this very message (or change) landed
+                let Publishing::Message { m, .. } = &what else {
+                    return Ok(Position { seq, stream_seq });
+                };
                 let (p, _) = s
                     .bus
-                    .find_group_message(&m.group_id, &m.id, after, None)
+                    .find_group_message(group, &m.id, after, None)
                     .await?
                     .ok_or_else(|| unavailable("duplicate publish not found in the stream"))?;
                 return Ok(p);
@@ -570,9 +613,16 @@ impl MessagesService {
             seq: None,
             stream_seq: None,
             created_at: now_millis(),
+            edited_at: None,
+            deleted_at: None,
         };
         let prepared = started.elapsed();
-        let p = match publish(s, &m, &plaintext, after, &mentions).await {
+        let outgoing = Publishing::Message {
+            m: &m,
+            plaintext: &plaintext,
+            mentions: &mentions,
+        };
+        let p = match publish(s, &m.group_id, outgoing, after).await {
             Ok(p) => p,
             Err(e) => {
                 // uncertain: a retry with the same client id settles it
@@ -614,6 +664,7 @@ impl MessagesService {
             Err(WorkerError::NotFound(_)) => {
                 return Err(WorkerError::NotFound("message to reply to"));
             }
+            Ok(m) if m.is_deleted() => return Err(WorkerError::NotFound("message to reply to")),
             other => other?,
         };
         let opened = open(&self.0, &m).map_err(|e| unavailable(e.message().to_owned()))?;
@@ -628,7 +679,133 @@ impl MessagesService {
             preview: Some(opened.text)
                 .filter(|t| !t.is_empty() && !joined)
                 .map(|t| reply_preview(&t)),
+            deleted: false,
         })
+    }
+
+    /// Edits (`Some(text)`) or deletes message `id` of `group` for
+    /// `caller`: checks who may, then publishes the change on the group's
+    /// message subject, where it has its place in the group's order (live,
+    /// catch-up, and the persist loop that applies it to MongoDB).
+    /// Idempotent: deleting a deleted message, or setting the text it
+    /// has, publishes nothing again.
+    async fn change(
+        &self,
+        caller: &UserId,
+        group: &GroupId,
+        id: &str,
+        text: Option<String>,
+    ) -> Result<pb::ChangeResponse, WorkerError> {
+        let s = &self.0;
+        if let Some(text) = &text {
+            check_text(text, &s.config.limits)?;
+        }
+        // a member, and a message it can see, persisted
+        let m = self.committed_in(caller, group, id).await?;
+        let seq = m.seq.unwrap_or_default();
+        let done = |at: i64| pb::ChangeResponse {
+            message_id: m.id.to_string(),
+            group_id: group.to_string(),
+            seq,
+            changed_at_ms: at,
+        };
+        let record = s.load(group).await?;
+        let now = now_millis();
+        // an edit's de-duplication id names its text, so a retry of the
+        // same edit is one change in the stream (within its duplicate
+        // window; after that the text is already there, below)
+        let (change, sealed, msg_id) = match text {
+            Some(text) => {
+                if m.is_deleted() {
+                    return Err(WorkerError::NotFound("message"));
+                }
+                if &m.sender_id != caller {
+                    return Err(forbidden("only its sender edits a message"));
+                }
+                if m.kind != MessageKind::Text.as_str() {
+                    return Err(
+                        DomainError::Invalid("only text messages can be edited".into()).into(),
+                    );
+                }
+                let window = s.config.edit_window;
+                if window.is_zero() || now.saturating_sub(m.created_at) > window.as_millis() as i64
+                {
+                    return Err(forbidden(format!(
+                        "a message can be edited for {} s after it was sent",
+                        window.as_secs()
+                    )));
+                }
+                let mut content = open_content(s, &m)?;
+                if content.text.as_deref() == Some(text.as_str()) {
+                    return Ok(done(m.edited_at.unwrap_or(m.created_at)));
+                }
+                let msg_id = {
+                    use sha2::Digest;
+                    let digest = sha2::Sha256::digest(text.as_bytes());
+                    let hex: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
+                    format!("{}.edit.{hex}", m.id)
+                };
+                content.text = Some(text);
+                let plaintext = serde_json::to_vec(&content)
+                    .map_err(|e| DomainError::Invalid(e.to_string()))?;
+                let sealed = s.keys.seal(&plaintext, &binding(&m, seq).aad(BINDING_V2));
+                (chat_bus::Change::Edit, Some(sealed), msg_id)
+            }
+            None => {
+                if let Some(at) = m.deleted_at {
+                    return Ok(done(at));
+                }
+                if &m.sender_id != caller && &record.group.owner_id != caller {
+                    return Err(forbidden(
+                        "only its sender or the group's owner deletes a message",
+                    ));
+                }
+                (chat_bus::Change::Delete, None, format!("{}.delete", m.id))
+            }
+        };
+        let (key_id, nonce, ciphertext) = match sealed {
+            Some(sealed) => (
+                sealed.key_id,
+                B64.encode(&sealed.nonce),
+                B64.encode(&sealed.ciphertext),
+            ),
+            None => Default::default(),
+        };
+        let envelope = Envelope {
+            message_id: m.id.to_string(),
+            group_id: group.to_string(),
+            seq,
+            sender_id: m.sender_id.to_string(),
+            client_msg_id: String::new(),
+            kind: m.kind.clone(),
+            created_at: now,
+            key_id,
+            nonce,
+            ciphertext,
+            binding: BINDING_V2,
+            mentions: Vec::new(),
+            change: Some(change),
+            changed_by: caller.to_string(),
+            joined_only: record.group.history == chat_domain::History::Joined,
+        };
+        let after = lower_bound(s, group).await?;
+        publish(
+            s,
+            group,
+            Publishing::Change {
+                envelope: &envelope,
+                msg_id: &msg_id,
+            },
+            after,
+        )
+        .await?;
+        metrics::counter!("chat_message_changes_total", "change" => match change {
+            chat_bus::Change::Edit => "edit",
+            chat_bus::Change::Delete => "delete",
+        })
+        .increment(1);
+        tracing::debug!(message = %m.id, group = %group, ?change, "message changed");
+        Ok(done(now))
     }
 
     async fn committed_in(
@@ -663,29 +840,79 @@ impl MessagesService {
     }
 }
 
-/// A stored message as clients see it, decrypted.
-pub(crate) fn open(s: &State, m: &StoredMessage) -> Result<pb::ChatMessage, Status> {
+/// Replies in a page show what they answer as it is now: a preview of the
+/// edited text, or none for a deleted message (one read, for pages with
+/// replies).
+async fn answered_now(s: &State, page: &mut [pb::ChatMessage]) -> Result<(), WorkerError> {
+    let ids: Vec<MessageId> = page
+        .iter()
+        .filter_map(|m| m.reply_to.as_ref())
+        .filter_map(|r| MessageId::parse(r.message_id.as_str()).ok())
+        .collect();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let refs: Vec<&MessageId> = ids.iter().collect();
+    let changed: HashMap<String, StoredMessage> = s
+        .store
+        .messages
+        .get_many(&refs)
+        .await?
+        .into_iter()
+        .filter(|t| t.is_deleted() || t.edited_at.is_some())
+        .map(|t| (t.id.to_string(), t))
+        .collect();
+    for r in page.iter_mut().filter_map(|m| m.reply_to.as_mut()) {
+        let Some(t) = changed.get(&r.message_id) else {
+            continue;
+        };
+        if t.is_deleted() {
+            r.preview = String::new();
+            r.deleted = true;
+        } else if !r.preview.is_empty() {
+            // (a reply under `joined` history carries no preview at all)
+            r.preview = reply_preview(&open_content(s, t)?.text.unwrap_or_default());
+        }
+    }
+    Ok(())
+}
+
+/// The sealed content of a stored message, opened.
+pub(crate) fn open_content(s: &State, m: &StoredMessage) -> Result<Content, WorkerError> {
     let sealed = Sealed {
         key_id: m.key_id.clone(),
         nonce: m.nonce.clone(),
         ciphertext: m.ciphertext.clone(),
     };
     let aad = binding(m, m.seq.unwrap_or_default()).aad(m.binding);
-    let content: Content = match s
+    match s
         .keys
         .open(&sealed, &aad)
         .map(|p| serde_json::from_slice(&p))
     {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
-            return Err(status(
-                DomainError::Invalid(format!("message {} content: {e}", m.id)).into(),
-            ));
-        }
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(DomainError::Invalid(format!("message {} content: {e}", m.id)).into()),
         Err(e) => {
             tracing::error!(message = %m.id, error = %e, "cannot decrypt a stored message");
-            return Err(Status::internal("internal error"));
+            Err(WorkerError::Store(StoreError::Corrupt {
+                id: m.id.to_string(),
+                message: "cannot be decrypted".into(),
+            }))
         }
+    }
+}
+
+/// A stored message as clients see it, decrypted (a deleted one as its
+/// tombstone).
+pub(crate) fn open(s: &State, m: &StoredMessage) -> Result<pb::ChatMessage, Status> {
+    let content = if m.is_deleted() {
+        Content {
+            text: None,
+            media: None,
+            reply_to: None,
+        }
+    } else {
+        open_content(s, m).map_err(status)?
     };
     Ok(pb::ChatMessage {
         message_id: m.id.to_string(),
@@ -706,9 +933,13 @@ pub(crate) fn open(s: &State, m: &StoredMessage) -> Result<pb::ChatMessage, Stat
             sender_id: r.sender_id,
             r#type: r.kind,
             preview: r.preview.unwrap_or_default(),
+            deleted: r.deleted,
         }),
         // filled in by history, per caller
         reactions: Vec::new(),
+        edited_at_ms: m.edited_at.unwrap_or_default(),
+        deleted: m.is_deleted(),
+        deleted_at_ms: m.deleted_at.unwrap_or_default(),
     })
 }
 
@@ -813,6 +1044,7 @@ impl Messages for MessagesService {
                 m.reply_to = None;
             }
         }
+        answered_now(s, &mut messages).await?;
         // the page's reactions: one read
         let ids: Vec<&MessageId> = stored.iter().map(|m| &m.id).collect();
         let reactions = s
@@ -886,8 +1118,11 @@ impl Messages for MessagesService {
         let caller = parse_id::<UserId>(&req.caller)?;
         let group = parse_id::<GroupId>(&req.group_id)?;
         chat_domain::check_emoji(&req.emoji).map_err(WorkerError::from)?;
-        // a member, and a message it can see
+        // a member, and a message it can see (not a tombstone)
         let m = self.committed_in(&caller, &group, &req.message_id).await?;
+        if m.is_deleted() {
+            return Err(WorkerError::NotFound("message").into());
+        }
         let (count, changed) = match s
             .store
             .reactions
@@ -937,6 +1172,30 @@ impl Messages for MessagesService {
         metrics::counter!("chat_reactions_total", "on" => if req.on { "add" } else { "remove" })
             .increment(1);
         Ok(Response::new(pb::ReactResponse { count }))
+    }
+
+    async fn edit(
+        &self,
+        req: Request<pb::EditRequest>,
+    ) -> Result<Response<pb::ChangeResponse>, Status> {
+        let req = req.into_inner();
+        let caller = parse_id::<UserId>(&req.caller)?;
+        let group = parse_id::<GroupId>(&req.group_id)?;
+        let done = self
+            .change(&caller, &group, &req.message_id, Some(req.text))
+            .await?;
+        Ok(Response::new(done))
+    }
+
+    async fn delete(
+        &self,
+        req: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::ChangeResponse>, Status> {
+        let req = req.into_inner();
+        let caller = parse_id::<UserId>(&req.caller)?;
+        let group = parse_id::<GroupId>(&req.group_id)?;
+        let done = self.change(&caller, &group, &req.message_id, None).await?;
+        Ok(Response::new(done))
     }
 
     async fn mentions(

@@ -11,10 +11,10 @@
 use std::{sync::Arc, time::Duration};
 
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
-use chat_bus::{BusError, Delivered, Persisted};
+use chat_bus::{BusError, Change, Delivered, Persisted};
 use chat_domain::{ClientMsgId, GroupId, MessageId, UserId, now_millis};
 use chat_protocol::{MentionView, event, format_millis, push_json};
-use chat_store::{Mention, StoredMessage};
+use chat_store::{Mention, Resealed, StoredMessage};
 
 use crate::{State, WorkerError};
 
@@ -65,11 +65,26 @@ async fn store(s: &State, batch: Vec<Delivered>) {
     let mut stored_at = Vec::with_capacity(batch.len());
     let mut keep = Vec::with_capacity(batch.len());
     let mut mentions = Vec::new();
+    let mut changes = Vec::new();
     for m in batch {
-        match m
-            .read()
-            .and_then(|p| Ok((to_stored(&p)?, p.stored_at_ms, p)))
+        let read = m.read();
+        if let Ok(p) = &read
+            && p.envelope.change.is_some()
         {
+            match to_change(p) {
+                Ok(c) => {
+                    changes.push(c);
+                    keep.push(m);
+                }
+                Err(e) => {
+                    metrics::counter!("chat_persist_rejected_total").increment(1);
+                    tracing::error!(error = %e, "not a change envelope; left out of MongoDB");
+                    let _ = m.reject().await;
+                }
+            }
+            continue;
+        }
+        match read.and_then(|p| Ok((to_stored(&p)?, p.stored_at_ms, p))) {
             Ok((row, at, p)) => {
                 mentions.extend(mentions_of(&p, &row));
                 rows.push(row);
@@ -99,6 +114,15 @@ async fn store(s: &State, batch: Vec<Delivered>) {
                 }
             }
         };
+        // then the batch's edits and deletes, in stream order (their
+        // messages were in MongoDB before they were published: the change
+        // waited for that); each applies once, whatever comes again
+        while let Err(e) = apply_changes(s, &changes).await {
+            metrics::counter!("chat_persist_failures_total").increment(1);
+            tracing::warn!(error = %e, n = changes.len(), "cannot apply a batch's changes yet; holding it");
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(2));
+        }
         // the batch's mentions, recorded and told, both idempotent: a batch
         // delivered again tells nobody twice within the stream's duplicate
         // window, which is far longer than the consumer's `ack_wait`
@@ -232,6 +256,77 @@ async fn mention(s: &State, mentions: &[Mention]) -> Result<(), WorkerError> {
     Ok(())
 }
 
+/// An edit or delete as the stream holds it.
+struct ChangeRow {
+    id: MessageId,
+    change: Change,
+    /// Its stream sequence: a newer change is never undone by an older one.
+    version: u64,
+    by: UserId,
+    at: chat_domain::Millis,
+    /// An edit's new content.
+    content: Resealed,
+}
+
+fn to_change(p: &Persisted) -> Result<ChangeRow, BusError> {
+    let e = &p.envelope;
+    let bad = |what: &str, why: String| {
+        BusError::Unavailable(format!("change {} {what}: {why}", p.stream_seq))
+    };
+    Ok(ChangeRow {
+        id: MessageId::parse(e.message_id.as_str()).map_err(|x| bad("id", x.to_string()))?,
+        change: e.change.ok_or_else(|| bad("kind", "none".into()))?,
+        version: p.stream_seq,
+        by: UserId::parse(e.changed_by.as_str()).map_err(|x| bad("author", x.to_string()))?,
+        at: e.created_at,
+        content: Resealed {
+            key_id: e.key_id.clone(),
+            nonce: B64
+                .decode(&e.nonce)
+                .map_err(|x| bad("nonce", x.to_string()))?,
+            ciphertext: B64
+                .decode(&e.ciphertext)
+                .map_err(|x| bad("ciphertext", x.to_string()))?,
+            binding: e.binding,
+        },
+    })
+}
+
+/// Applies edits and deletes to MongoDB, in order. A deleted media
+/// message's object is removed from the store first (so a failure leaves
+/// the message to be deleted again, never an object no message names).
+async fn apply_changes(s: &State, changes: &[ChangeRow]) -> Result<(), WorkerError> {
+    for c in changes {
+        match c.change {
+            Change::Edit => {
+                s.store
+                    .messages
+                    .apply_edit(&c.id, c.version, &c.content, c.at)
+                    .await?;
+            }
+            Change::Delete => {
+                if let Some(m) = s.store.messages.get(&c.id).await?
+                    && !m.is_deleted()
+                    && let Some(media) = crate::messages::open_content(s, &m)?.media
+                {
+                    match s.objects.as_ref() {
+                        Some(objects) => objects.delete(&media.key).await?,
+                        None => {
+                            tracing::warn!(message = %c.id, "media storage is not configured: a deleted message's object stays");
+                        }
+                    }
+                }
+                s.store
+                    .messages
+                    .apply_delete(&c.id, c.version, &c.by, c.at)
+                    .await?;
+            }
+        }
+        metrics::counter!("chat_changes_applied_total").increment(1);
+    }
+    Ok(())
+}
+
 /// The MongoDB record of a message as the stream holds it.
 fn to_stored(p: &Persisted) -> Result<StoredMessage, BusError> {
     let e = &p.envelope;
@@ -263,6 +358,8 @@ fn to_stored(p: &Persisted) -> Result<StoredMessage, BusError> {
         seq: Some(e.seq),
         stream_seq: Some(p.stream_seq),
         created_at: e.created_at,
+        edited_at: None,
+        deleted_at: None,
     })
 }
 

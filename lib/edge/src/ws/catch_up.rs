@@ -241,6 +241,7 @@ impl CatchUpTask {
                     stream_seq,
                     feed: Feed::User,
                     caught_up: true,
+                    restricted: false,
                 }),
                 Err(e) => {
                     tracing::error!(stream_seq, error = %e, "undeliverable notification on the bus; skipping it");
@@ -294,6 +295,8 @@ impl CatchUpTask {
             stream_seq,
             feed: Feed::Groups,
             caught_up: true,
+            // checked above
+            restricted: false,
         }))
     }
 
@@ -382,7 +385,7 @@ mod tests {
         let reg = hub.register("ann", Arc::new(tx.clone()));
         reg.load(&["a".to_owned(), "h".to_owned()]).expect("load");
         let send = |at: u64, group: &str| {
-            hub.message::<()>(at, group, || Ok((Utf8Bytes::from("m"), at)))
+            hub.message::<()>(at, group, || Ok((Utf8Bytes::from("m"), at, false)))
                 .expect("open");
         };
         send(2, "a");
@@ -417,7 +420,7 @@ mod tests {
         );
         hub.start(0);
         for at in 1..=5000 {
-            hub.message::<()>(at, "ann", || Ok((Utf8Bytes::from("n"), 0)))
+            hub.message::<()>(at, "ann", || Ok((Utf8Bytes::from("n"), 0, false)))
                 .expect("open");
         }
         assert_eq!(

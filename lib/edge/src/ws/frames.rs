@@ -9,6 +9,9 @@ pub(super) struct Opened {
     pub(super) text: Utf8Bytes,
     pub(super) seq: u64,
     pub(super) created_at: i64,
+    /// A change in a group with `joined` history: each connection's view
+    /// of the group is checked before it goes out.
+    pub(super) restricted: bool,
 }
 
 /// Group messages this edge has opened recently, by stream sequence: the
@@ -52,19 +55,20 @@ impl OpenedFrames {
     }
 }
 
-/// The frame and group seq of a group message the live feed read.
+/// The frame, group seq and restriction (see [`Opened`]) of a group
+/// message the live feed read.
 pub(crate) fn open_live(
     app: &AppState,
     stream_seq: u64,
     payload: &bytes::Bytes,
-) -> Result<(Utf8Bytes, u64), String> {
+) -> Result<(Utf8Bytes, u64, bool), String> {
     let opened = opened_at(app, stream_seq, payload)?;
     // live only: a catch-up hands on messages as old as the device's absence
     let age_ms = chat_domain::now_millis()
         .saturating_sub(opened.created_at)
         .max(0);
     metrics::histogram!("chat_delivery_latency_seconds").record(age_ms as f64 / 1000.0);
-    Ok((opened.text, opened.seq))
+    Ok((opened.text, opened.seq, opened.restricted))
 }
 
 /// The message at `stream_seq`, opened once per edge whichever path reads
@@ -85,10 +89,52 @@ pub(super) fn opened_at(
     Ok(opened)
 }
 
-/// Turns a sealed envelope into an `a_group_message` frame.
+/// Turns a sealed envelope into its frame: `a_group_message`, or for a
+/// change `a_message_updated` or `a_message_deleted`.
 pub(super) fn open_envelope(app: &AppState, payload: &bytes::Bytes) -> Result<Opened, String> {
     let env: Envelope =
         serde_json::from_slice(payload).map_err(|e| format!("bad envelope: {e}"))?;
+    let (created_at, seq, restricted) = (env.created_at, env.seq, env.joined_only);
+    let text = match env.change {
+        None => message_frame(app, env)?,
+        Some(Change::Edit) => {
+            let content = open_content(app, &env)?;
+            to_json(&ServerFrame {
+                event: event::MESSAGE_UPDATED.into(),
+                id: None,
+                data: MessageUpdatedView {
+                    group_id: env.group_id,
+                    message_id: env.message_id,
+                    seq: env.seq,
+                    sender_id: env.sender_id,
+                    text: content["text"].as_str().unwrap_or_default().to_owned(),
+                    edited_at: format_millis(env.created_at),
+                },
+            })
+        }
+        Some(Change::Delete) => to_json(&ServerFrame {
+            event: event::MESSAGE_DELETED.into(),
+            id: None,
+            data: MessageDeletedView {
+                group_id: env.group_id,
+                message_id: env.message_id,
+                seq: env.seq,
+                deleted_by: env.changed_by,
+                deleted_at: format_millis(env.created_at),
+            },
+        }),
+    };
+    Ok(Opened {
+        payload: payload.clone(),
+        text: text.into(),
+        seq,
+        created_at,
+        restricted,
+    })
+}
+
+/// The sealed content of an envelope, opened.
+fn open_content(app: &AppState, env: &Envelope) -> Result<Value, String> {
     let sealed = Sealed {
         key_id: env.key_id.clone(),
         nonce: B64.decode(&env.nonce).map_err(|e| e.to_string())?,
@@ -104,9 +150,12 @@ pub(super) fn open_envelope(app: &AppState, payload: &bytes::Bytes) -> Result<Op
         .keys
         .open(&sealed, &binding.aad(env.binding))
         .map_err(|e| e.to_string())?;
-    let content: Value = serde_json::from_slice(&plain).map_err(|e| e.to_string())?;
-    let created_at = env.created_at;
-    let seq = env.seq;
+    serde_json::from_slice(&plain).map_err(|e| e.to_string())
+}
+
+/// The `a_group_message` frame of a message's envelope.
+fn message_frame(app: &AppState, env: Envelope) -> Result<String, String> {
+    let content = open_content(app, &env)?;
     let view = MessageView {
         message_id: env.message_id,
         group_id: env.group_id,
@@ -118,16 +167,13 @@ pub(super) fn open_envelope(app: &AppState, payload: &bytes::Bytes) -> Result<Op
         created_at: format_millis(env.created_at),
         reply_to: serde_json::from_value(content["replyTo"].clone()).ok(),
         reactions: Vec::new(),
+        edited_at: None,
+        deleted: false,
+        deleted_at: None,
     };
-    let frame = to_json(&ServerFrame {
+    Ok(to_json(&ServerFrame {
         event: event::GROUP_MESSAGE.into(),
         id: None,
         data: view,
-    });
-    Ok(Opened {
-        payload: payload.clone(),
-        text: frame.into(),
-        seq,
-        created_at,
-    })
+    }))
 }

@@ -36,13 +36,13 @@ use axum::{
 };
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use chat_auth::{AuthError, Identity};
-use chat_bus::{Envelope, Feed};
+use chat_bus::{Change, Envelope, Feed};
 use chat_crypto::{MessageBinding, Sealed};
 use chat_domain::{DeviceId, GroupId, UserId};
 use chat_protocol::{
-    AcknowledgeAck, ClientFrame, ErrorCode, GroupRef, MAX_REQUEST_ID_LEN, MessageView, NotifyAck,
-    ReactionAck, Request, SendAck, ServerFrame, SessionInfo, SubscribeAck, TypingAck, event,
-    format_millis,
+    AcknowledgeAck, ClientFrame, ErrorCode, GroupRef, MAX_REQUEST_ID_LEN, MessageChangeAck,
+    MessageDeletedView, MessageUpdatedView, MessageView, NotifyAck, ReactionAck, Request, SendAck,
+    ServerFrame, SessionInfo, SubscribeAck, TypingAck, event, format_millis,
 };
 use chat_rpc::pb;
 use futures::{SinkExt, StreamExt};

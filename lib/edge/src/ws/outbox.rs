@@ -183,6 +183,7 @@ mod tests {
             stream_seq: seq,
             feed: Feed::Groups,
             caught_up: false,
+            restricted: false,
         }
     }
 

@@ -42,11 +42,13 @@ impl Session {
             (me.user_id.clone(), device.clone()),
             stored,
         ));
+        let visibility: Arc<Visibility> = Arc::default();
         let mut writer = tokio::spawn(write_loop(
             sink,
             inbox,
             app.clone(),
-            Arc::from(me.user_id.as_str()),
+            me.user_id.clone(),
+            visibility.clone(),
             saver.clone(),
         ));
         let mut writer_done = false;
@@ -63,7 +65,6 @@ impl Session {
         let _ = tx.send(Outgoing::Frame(to_json(&hello))).await;
 
         let (stop, stopped) = watch::channel(false);
-        let visibility: Arc<Visibility> = Arc::default();
         let [group_reg, user_reg] = regs.clone();
         let catch_ups = [
             (Feed::Groups, group_reg, stored.place.map(|p| p.groups)),
@@ -388,6 +389,47 @@ impl Session {
                     emoji: r.emoji,
                     count: reply.count,
                     reacted: on,
+                })
+            }
+            Request::EditGroupMessage(e) => {
+                let r = rpc!(
+                    self.app,
+                    MessagesClient,
+                    edit,
+                    pb::EditRequest {
+                        caller,
+                        group_id: e.group_id,
+                        message_id: e.message_id,
+                        text: e.text,
+                    }
+                )?
+                .into_inner();
+                ack_data(&MessageChangeAck {
+                    group_id: r.group_id,
+                    message_id: r.message_id,
+                    seq: r.seq,
+                    edited_at: Some(format_millis(r.changed_at_ms)),
+                    deleted_at: None,
+                })
+            }
+            Request::DeleteGroupMessage(d) => {
+                let r = rpc!(
+                    self.app,
+                    MessagesClient,
+                    delete,
+                    pb::DeleteRequest {
+                        caller,
+                        group_id: d.group_id,
+                        message_id: d.message_id,
+                    }
+                )?
+                .into_inner();
+                ack_data(&MessageChangeAck {
+                    group_id: r.group_id,
+                    message_id: r.message_id,
+                    seq: r.seq,
+                    edited_at: None,
+                    deleted_at: Some(format_millis(r.changed_at_ms)),
                 })
             }
             Request::SubscribeToGroup(GroupRef { group_id }) => {

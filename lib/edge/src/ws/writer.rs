@@ -5,7 +5,7 @@ use super::*;
 
 /// The name of a frame's event, for metrics (one of ours, or "other").
 pub(super) fn event_of(frame: &str) -> &'static str {
-    const NAMES: [&str; 11] = [
+    const NAMES: [&str; 13] = [
         event::ACK,
         event::ERROR,
         event::SESSION,
@@ -17,6 +17,8 @@ pub(super) fn event_of(frame: &str) -> &'static str {
         event::PRESENCE,
         event::MENTION,
         event::REACTION,
+        event::MESSAGE_UPDATED,
+        event::MESSAGE_DELETED,
     ];
     let name = frame
         .strip_prefix("{\"event\":\"")
@@ -34,12 +36,14 @@ pub(super) async fn write_loop(
     mut sink: futures::stream::SplitSink<WebSocket, Message>,
     mut inbox: Inbox,
     app: AppState,
-    user: Arc<str>,
+    user: UserId,
+    visibility: Arc<Visibility>,
     saver: Arc<Saver>,
 ) {
+    let user_key: Arc<str> = Arc::from(user.as_str());
     let delivered = Written {
         hub: &app.delivered,
-        user: &user,
+        user: &user_key,
         saver: &saver,
     };
     let mut pending = Unflushed::default();
@@ -82,6 +86,13 @@ pub(super) async fn write_loop(
                     live_deliveries.increment(1);
                 }
                 match f.feed {
+                    Feed::Groups if f.restricted && hidden(&app, &visibility, &user, &f).await => {
+                        // not for this member: passed over, in its place
+                        if !f.caught_up {
+                            pending.through(Feed::Groups, f.stream_seq);
+                        }
+                        true
+                    }
                     Feed::Groups => {
                         let ok = fed(&mut sink, Message::Text(f.text), deadline).await;
                         if ok {
@@ -150,6 +161,20 @@ pub(super) async fn write_loop(
         within(CLOSE_HANDSHAKE, sink.send(Message::Close(Some(frame)))).await;
     }
     within(CLOSE_HANDSHAKE, sink.close()).await;
+}
+
+/// Whether a change of a message in a group with `joined` history is
+/// hidden from this connection's member (the message is from before it
+/// joined). A member whose view cannot be read now is not told either:
+/// history has the change.
+async fn hidden(app: &AppState, visibility: &Visibility, user: &UserId, f: &LiveFrame) -> bool {
+    match visibility.hides(app, user, &f.group, f.seq).await {
+        Ok(hides) => hides,
+        Err(e) => {
+            tracing::warn!(group = %f.group, error = %e, "cannot tell whether a change predates the member; not passed on");
+            true
+        }
+    }
 }
 
 /// Feeds `msg` to the socket within `deadline`.

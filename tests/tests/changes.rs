@@ -1,0 +1,399 @@
+//! Edits and deletes (issue 15, item 1) across two edges and two workers:
+//! who may make them, what members receive live and on reconnect, in the
+//! group's order, and what history keeps.
+
+use anyhow::Context;
+use chat_tests::{Client, Cluster, PROMPTLY, eventually};
+use serde_json::{Value, json};
+
+/// The `(event, seq)` of every message and change push until `n` of them
+/// have arrived, skipping other pushes.
+async fn changes_and_messages(client: &mut Client, n: usize) -> anyhow::Result<Vec<(String, u64)>> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        let push = client
+            .next_any_push()
+            .await
+            .with_context(|| format!("after {got:?}"))?;
+        let event = push["event"].as_str().unwrap_or_default();
+        if matches!(
+            event,
+            "a_group_message" | "a_message_updated" | "a_message_deleted"
+        ) {
+            got.push((event.to_owned(), push["data"]["seq"].as_u64().unwrap_or(0)));
+        }
+    }
+    Ok(got)
+}
+
+fn pairs(list: &[(&str, u64)]) -> Vec<(String, u64)> {
+    list.iter().map(|(e, s)| (e.to_string(), *s)).collect()
+}
+
+/// The message `seq` in `user`'s history once `ready` holds for it.
+async fn in_history(
+    c: &Cluster,
+    user: &str,
+    g: &str,
+    seq: u64,
+    ready: impl Fn(&Value) -> bool,
+) -> anyhow::Result<Value> {
+    eventually(PROMPTLY, || async {
+        let page = c.history(user, g).await?;
+        Ok(page.into_iter().find(|m| m["seq"] == seq && ready(m)))
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edits_and_deletes_reach_every_member_live_and_on_reconnect_in_order() -> anyhow::Result<()>
+{
+    let c = Cluster::start(2, 2).await?;
+    let g = c.room(&["alice", "bob", "carol"]).await?;
+    // carol's device has a place before anything is sent, then goes away
+    c.connect(1, "carol", "phone").await?.close().await?;
+    let mut alice = c.connect(0, "alice", "web").await?;
+    let mut bob = c.connect(1, "bob", "web").await?;
+
+    let m1 = alice.send_text(&g, "m1", "hello").await?;
+    let m2 = bob.send_text(&g, "m2", "second").await?;
+    let edit = json!({"groupId": g, "messageId": m1["messageId"], "text": "hello, all"});
+    let ack = alice.request("edit_group_message", edit.clone()).await?;
+    assert_eq!(
+        (&ack["groupId"], &ack["messageId"], &ack["seq"]),
+        (&json!(g), &m1["messageId"], &json!(1))
+    );
+    assert!(ack["editedAt"].is_string(), "{ack}");
+    // the owner deletes someone else's message
+    let delete = json!({"groupId": g, "messageId": m2["messageId"]});
+    let deleted = alice
+        .request("delete_group_message", delete.clone())
+        .await?;
+    assert_eq!(deleted["seq"], 2);
+    // a change takes no seq: the next message is 3
+    assert_eq!(alice.send_text(&g, "m3", "third").await?["seq"], 3);
+
+    let expected = pairs(&[
+        ("a_group_message", 1),
+        ("a_group_message", 2),
+        ("a_message_updated", 1),
+        ("a_message_deleted", 2),
+        ("a_group_message", 3),
+    ]);
+    // live, on the other edge
+    assert_eq!(changes_and_messages(&mut bob, 5).await?, expected);
+    // and on reconnect, in the same order
+    let mut carol = c.connect(0, "carol", "phone").await?;
+    assert_eq!(changes_and_messages(&mut carol, 5).await?, expected);
+
+    // retries change nothing and tell nobody again
+    assert_eq!(alice.request("edit_group_message", edit).await?["seq"], 1);
+    assert_eq!(
+        alice.request("delete_group_message", delete).await?["seq"],
+        2
+    );
+    alice.send_text(&g, "m4", "fourth").await?;
+    assert_eq!(
+        changes_and_messages(&mut bob, 1).await?,
+        pairs(&[("a_group_message", 4)])
+    );
+
+    // what history keeps
+    let edited = in_history(&c, "carol", &g, 1, |m| m["editedAt"].is_string()).await?;
+    assert_eq!(edited["text"], "hello, all");
+    let tombstone = in_history(&c, "carol", &g, 2, |m| m["deleted"] == true).await?;
+    assert!(tombstone["deletedAt"].is_string(), "{tombstone}");
+    assert_eq!(tombstone.get("text"), None, "no content kept: {tombstone}");
+    assert_eq!(tombstone["senderId"], "bob");
+    c.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn change_pushes_carry_the_new_text_and_who_deleted() -> anyhow::Result<()> {
+    let c = Cluster::start(1, 1).await?;
+    let g = c.room(&["alice", "bob"]).await?;
+    let mut alice = c.connect(0, "alice", "web").await?;
+    let mut bob = c.connect(0, "bob", "web").await?;
+    let m = bob.send_text(&g, "m1", "typo").await?;
+    bob.request(
+        "edit_group_message",
+        json!({"groupId": g, "messageId": m["messageId"], "text": "fixed"}),
+    )
+    .await?;
+    let updated = alice.skip_to("a_message_updated").await?["data"].clone();
+    assert_eq!(
+        (
+            &updated["messageId"],
+            &updated["seq"],
+            &updated["senderId"],
+            &updated["text"]
+        ),
+        (&m["messageId"], &json!(1), &json!("bob"), &json!("fixed"))
+    );
+    assert!(updated["editedAt"].is_string(), "{updated}");
+    // the sender deletes its own message
+    bob.request(
+        "delete_group_message",
+        json!({"groupId": g, "messageId": m["messageId"]}),
+    )
+    .await?;
+    let deleted = alice.skip_to("a_message_deleted").await?["data"].clone();
+    assert_eq!(
+        (
+            &deleted["messageId"],
+            &deleted["seq"],
+            &deleted["deletedBy"]
+        ),
+        (&m["messageId"], &json!(1), &json!("bob"))
+    );
+    // the sender's own connection hears it too
+    assert_eq!(bob.skip_to("a_message_deleted").await?["data"], deleted);
+    c.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_sender_edits_and_only_the_sender_or_owner_deletes() -> anyhow::Result<()> {
+    let c = Cluster::start(2, 2).await?;
+    let g = c.room(&["alice", "bob", "carol"]).await?;
+    let mut alice = c.connect(0, "alice", "web").await?;
+    let mut bob = c.connect(1, "bob", "web").await?;
+    let mut mallory = c.connect(0, "mallory", "web").await?;
+    let m = alice.send_text(&g, "m1", "mine").await?;
+    let id = m["messageId"].clone();
+    let edit = |text: &str| json!({"groupId": g, "messageId": id, "text": text});
+    let delete = json!({"groupId": g, "messageId": id});
+
+    assert_eq!(
+        bob.request_error("edit_group_message", edit("theirs"))
+            .await?,
+        "forbidden"
+    );
+    assert_eq!(
+        bob.request_error("delete_group_message", delete.clone())
+            .await?,
+        "forbidden",
+        "neither sender nor owner"
+    );
+    for event in ["edit_group_message", "delete_group_message"] {
+        let mut data = edit("x");
+        if event == "delete_group_message" {
+            data = delete.clone();
+        }
+        assert_eq!(mallory.request_error(event, data).await?, "forbidden");
+    }
+    // bad input
+    let too_long = "x".repeat(16 * 1024 + 1);
+    assert_eq!(
+        alice
+            .request_error("edit_group_message", edit(&too_long))
+            .await?,
+        "too_large"
+    );
+    assert_eq!(
+        alice
+            .request_error("edit_group_message", edit(" \n"))
+            .await?,
+        "invalid"
+    );
+    assert_eq!(
+        alice
+            .request_error("edit_group_message", edit("\u{202E}evil"))
+            .await?,
+        "invalid"
+    );
+    let unknown = json!({"groupId": g, "messageId": "0192f3a45b6c7d8e9f0123456789abcd"});
+    assert_eq!(
+        alice.request_error("delete_group_message", unknown).await?,
+        "not_found"
+    );
+    let bad_id = json!({"groupId": g, "messageId": "not an id"});
+    assert_eq!(
+        alice.request_error("delete_group_message", bad_id).await?,
+        "invalid"
+    );
+    let extra = json!({"groupId": g, "messageId": id, "text": "x", "seq": 1});
+    assert_eq!(
+        alice.request_error("edit_group_message", extra).await?,
+        "invalid"
+    );
+
+    // a removed member can change nothing of its own
+    let b = bob.send_text(&g, "b1", "bob's").await?;
+    assert_eq!(c.remove_member(0, "alice", &g, "bob").await?, 200);
+    let bobs = json!({"groupId": g, "messageId": b["messageId"]});
+    assert_eq!(
+        bob.request_error("delete_group_message", bobs.clone())
+            .await?,
+        "forbidden"
+    );
+
+    // once deleted: no edit, no reaction, no reply
+    alice
+        .request("delete_group_message", delete.clone())
+        .await?;
+    assert_eq!(
+        alice
+            .request_error("edit_group_message", edit("back"))
+            .await?,
+        "not_found"
+    );
+    let mut carol = c.connect(1, "carol", "web").await?;
+    assert_eq!(
+        carol
+            .request_error(
+                "add_reaction",
+                json!({"groupId": g, "messageId": id, "emoji": "👍"})
+            )
+            .await?,
+        "not_found"
+    );
+    assert_eq!(
+        carol
+            .request_error(
+                "send_group_message",
+                json!({"groupId": g, "clientMsgId": "r1", "type": "text", "text": "?", "replyTo": id})
+            )
+            .await?,
+        "not_found"
+    );
+    c.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edits_end_with_the_window_and_replies_show_the_answered_message_as_it_is_now()
+-> anyhow::Result<()> {
+    // no edit window at all: nothing can be edited, everything deleted
+    let c = Cluster::start_with(1, 1, &["--edit-window-secs=0"]).await?;
+    let g = c.room(&["alice", "bob"]).await?;
+    let mut alice = c.connect(0, "alice", "web").await?;
+    let mut bob = c.connect(0, "bob", "web").await?;
+    let m = alice.send_text(&g, "m1", "first").await?;
+    assert_eq!(
+        alice
+            .request_error(
+                "edit_group_message",
+                json!({"groupId": g, "messageId": m["messageId"], "text": "again"})
+            )
+            .await?,
+        "forbidden"
+    );
+    let reply = bob
+        .request(
+            "send_group_message",
+            json!({"groupId": g, "clientMsgId": "r1", "type": "text", "text": "what?",
+                   "replyTo": m["messageId"]}),
+        )
+        .await?;
+    alice
+        .request(
+            "delete_group_message",
+            json!({"groupId": g, "messageId": m["messageId"]}),
+        )
+        .await?;
+    let shown = in_history(&c, "bob", &g, reply["seq"].as_u64().unwrap_or(0), |r| {
+        r["replyTo"]["deleted"] == true
+    })
+    .await?;
+    assert_eq!(shown["replyTo"].get("preview"), None, "{shown}");
+    c.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edited_message_s_replies_preview_the_new_text_in_history() -> anyhow::Result<()> {
+    let c = Cluster::start(1, 2).await?;
+    let g = c.room(&["alice", "bob"]).await?;
+    let mut alice = c.connect(0, "alice", "web").await?;
+    let mut bob = c.connect(0, "bob", "web").await?;
+    let m = alice.send_text(&g, "m1", "lunch at 12?").await?;
+    let reply = bob
+        .request(
+            "send_group_message",
+            json!({"groupId": g, "clientMsgId": "r1", "type": "text", "text": "yes",
+                   "replyTo": m["messageId"]}),
+        )
+        .await?;
+    alice
+        .request(
+            "edit_group_message",
+            json!({"groupId": g, "messageId": m["messageId"], "text": "lunch at 1?"}),
+        )
+        .await?;
+    let shown = in_history(&c, "bob", &g, reply["seq"].as_u64().unwrap_or(0), |r| {
+        r["replyTo"]["preview"] == "lunch at 1?"
+    })
+    .await?;
+    assert_eq!(shown["replyTo"].get("deleted"), None, "{shown}");
+    c.stop().await
+}
+
+/// Under `joined` history a member who joined after a message hears of no
+/// change to it: an edit would hand it the text of a message it cannot see.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_joined_history_a_late_member_hears_no_change_of_what_it_cannot_see()
+-> anyhow::Result<()> {
+    let c = Cluster::start(2, 2).await?;
+    let (status, group) = c
+        .call(
+            reqwest::Method::POST,
+            0,
+            Some("alice"),
+            "/groups",
+            Some(&json!({"name": "j", "members": ["bob"], "history": "joined"})),
+        )
+        .await?;
+    anyhow::ensure!(status == 201, "{group}");
+    let g = group["id"].as_str().context("group id")?.to_owned();
+    let mut alice = c.connect(0, "alice", "web").await?;
+    let mut bob = c.connect(1, "bob", "web").await?;
+    bob.request("subscribe_to_group", json!({"groupId": g}))
+        .await?;
+    let early = alice.send_text(&g, "m1", "before dave").await?;
+    let (status, body) = c
+        .call(
+            reqwest::Method::POST,
+            0,
+            Some("alice"),
+            &format!("/groups/{g}/members"),
+            Some(&json!({"userIds": ["dave"]})),
+        )
+        .await?;
+    anyhow::ensure!(status == 200, "{body}");
+    let mut dave = c.connect(1, "dave", "web").await?;
+    dave.request("subscribe_to_group", json!({"groupId": g}))
+        .await?;
+    alice
+        .request(
+            "edit_group_message",
+            json!({"groupId": g, "messageId": early["messageId"], "text": "secret"}),
+        )
+        .await?;
+    alice.send_text(&g, "m2", "after dave").await?;
+    assert_eq!(
+        changes_and_messages(&mut bob, 3).await?,
+        pairs(&[
+            ("a_group_message", 1),
+            ("a_message_updated", 1),
+            ("a_group_message", 2)
+        ])
+    );
+    // dave: only what was sent after it joined, and no edit before it
+    assert_eq!(
+        changes_and_messages(&mut dave, 1).await?,
+        pairs(&[("a_group_message", 2)])
+    );
+    // nor on reconnect through a catch-up
+    c.connect(0, "dave", "phone").await?.close().await?;
+    alice
+        .request(
+            "delete_group_message",
+            json!({"groupId": g, "messageId": early["messageId"]}),
+        )
+        .await?;
+    alice.send_text(&g, "m3", "later").await?;
+    let mut back = c.connect(0, "dave", "phone").await?;
+    assert_eq!(
+        changes_and_messages(&mut back, 1).await?,
+        pairs(&[("a_group_message", 3)])
+    );
+    c.stop().await
+}
