@@ -159,6 +159,25 @@ async fn the_cli_runs_the_readme_tour_against_a_real_stack() -> anyhow::Result<(
     .await?;
     assert!(text(&status).contains("bob read"), "{}", text(&status));
 
+    // alice edits her text and deletes the message to both; history shows it
+    let sent_id = sent["messageId"].as_str().unwrap_or_default();
+    let edited = chat_json(&c, "alice", &["edit", &id, sent_id, "hello", "again"]).await?;
+    assert_eq!(edited["seq"], sent["seq"]);
+    let both_id = both["messageId"].as_str().unwrap_or_default();
+    let deleted = chat(&c, "alice", &["delete", &id, both_id]).await?;
+    assert!(text(&deleted).contains("deleted #"), "{}", text(&deleted));
+    let refused = chat(&c, "bob", &["edit", &id, sent_id, "mine now"]).await?;
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("forbidden"));
+    let shown = chat_tests::eventually(PROMPTLY, || async {
+        let page = text(&chat(&c, "bob", &["history", &id]).await?);
+        Ok(
+            (page.contains("alice: hello again (edited)") && page.contains("alice: [deleted]"))
+                .then_some(page),
+        )
+    })
+    .await?;
+    assert!(!shown.contains("to both"), "{shown}");
+
     // members: add, remove; errors carry the server's code
     chat_json(&c, "alice", &["add", &id, "carol"]).await?;
     let refused = chat(&c, "carol", &["remove", &id, "bob"]).await?;

@@ -169,6 +169,20 @@ async fn sign_in(c: &Client, base: &str, user: &str) -> anyhow::Result<()> {
     .await
 }
 
+/// Waits until the open group's messages show `want`, in page order;
+/// fails with `what` and what the page shows.
+async fn shows(c: &Client, want: &[String], what: &str) -> anyhow::Result<()> {
+    let r = eventually(WAIT, || async {
+        Ok((texts(c).await? == want).then_some(()))
+    })
+    .await;
+    if r.is_err() {
+        let shown = texts(c).await.unwrap_or_default();
+        return r.with_context(|| format!("{what}: want {want:?}, the page shows {shown:?}"));
+    }
+    Ok(())
+}
+
 /// The texts of the open group's messages, in page order.
 async fn texts(c: &Client) -> anyhow::Result<Vec<String>> {
     let v = js(
@@ -292,12 +306,7 @@ async fn two_users_chat_in_real_browsers() -> anyhow::Result<()> {
     for t in &from_alice {
         send(&alice, t).await?;
     }
-    let want = from_alice.clone();
-    eventually(WAIT, || async {
-        Ok((texts(&bob).await? == want).then_some(()))
-    })
-    .await
-    .context("bob sees alice's five messages in order")?;
+    shows(&bob, &from_alice, "bob sees alice's five messages in order").await?;
     until(
         &bob,
         "alice no longer shown typing once she sent",
@@ -307,12 +316,55 @@ async fn two_users_chat_in_real_browsers() -> anyhow::Result<()> {
     send(&bob, "bob answers").await?;
     let mut all = from_alice.clone();
     all.push("bob answers".into());
-    let want = all.clone();
-    eventually(WAIT, || async {
-        Ok((texts(&alice).await? == want).then_some(()))
-    })
-    .await
-    .context("alice sees the whole conversation in order")?;
+    shows(&alice, &all, "alice sees the whole conversation in order").await?;
+
+    // alice edits one of her messages and deletes another: bob sees both
+    // at their places, live
+    let mine = |text: &str| {
+        format!(
+            "[...document.querySelectorAll('#messages .message.mine')]\
+             .find(e => e.querySelector('.text')?.textContent === {text:?})"
+        )
+    };
+    js(
+        &alice,
+        &format!(
+            "{}.querySelector('button.edit').click()",
+            mine("alice says 5")
+        ),
+    )
+    .await?;
+    until(
+        &alice,
+        "the composer edits the message",
+        "!document.querySelector('#editing').hidden && \
+         document.querySelector('#message-input').value === 'alice says 5'",
+    )
+    .await?;
+    js(
+        &alice,
+        "(() => { document.querySelector('#message-input').value = ''; })()",
+    )
+    .await?;
+    send(&alice, "alice says five").await?;
+    let delete = format!(
+        "{}.querySelector('button.delete').click()",
+        mine("alice says 4")
+    );
+    js(&alice, &delete).await?;
+    js(&alice, &delete).await?;
+    all[4] = "alice says five".into();
+    all[3] = "This message was deleted".into();
+    shows(&bob, &all, "bob sees the edit and the tombstone in place").await?;
+    until(
+        &bob,
+        "the edited message is marked",
+        "[...document.querySelectorAll('#messages .message')]\
+         .some(e => e.querySelector('.text')?.textContent === 'alice says five' && !!e.querySelector('.edited'))",
+    )
+    .await?;
+    shows(&alice, &all, "alice's own page shows them too").await?;
+    shot(&bob, "2b-edited-and-deleted").await?;
 
     // bob has the group open and visible: alice's messages are read
     until(

@@ -48,6 +48,11 @@ const app = {
   online: new Map(),
   // groupId -> its members' ids, from the last presence read
   members: new Map(),
+  // the message the composer edits, {groupId, messageId}, or null
+  editing: null,
+  // the message whose Delete was clicked once (a second click deletes);
+  // kept here, since every render makes the buttons anew
+  deleting: null,
 };
 
 // ---------------------------------------------------------------- errors
@@ -286,6 +291,7 @@ function merge(groupId, list) {
 
 async function openGroup(groupId) {
   if (!app.groups.has(groupId)) return;
+  if (app.editing) stopEditing();
   app.open = groupId;
   document.body.classList.add("chat-open");
   $("#no-chat").hidden = true;
@@ -389,12 +395,29 @@ function messageItem(m) {
   time.dateTime = m.createdAt;
   time.textContent = new Date(m.createdAt).toLocaleTimeString();
   meta.append(sender, time);
+  if (m.editedAt && !m.deleted) {
+    const edited = document.createElement("span");
+    edited.className = "edited";
+    edited.title = new Date(m.editedAt).toLocaleString();
+    edited.textContent = "(edited)";
+    meta.append(edited);
+  }
   li.append(meta);
+  if (m.deleted) {
+    // PROTOCOL.md, "Edits and deletes": a tombstone keeps its place
+    li.classList.add("deleted");
+    const t = document.createElement("div");
+    t.className = "text tombstone";
+    t.textContent = "This message was deleted";
+    li.append(t);
+    return li;
+  }
   if (m.replyTo) {
     // PROTOCOL.md, "Replies": who wrote the answered message, and its start
     const quote = document.createElement("blockquote");
     quote.className = "reply-to";
-    quote.textContent = `${m.replyTo.senderId}: ${m.replyTo.preview || `[${m.replyTo.type}]`}`;
+    const shown = m.replyTo.deleted ? "[deleted]" : m.replyTo.preview || `[${m.replyTo.type}]`;
+    quote.textContent = `${m.replyTo.senderId}: ${shown}`;
     li.append(quote);
   }
   li.append(body(m));
@@ -406,7 +429,94 @@ function messageItem(m) {
     li.append(r);
   }
   if (m.senderId === app.me) li.append(receipt(m));
+  li.append(actions(m));
   return li;
+}
+
+// Edit (own text messages) and delete (own messages, or any as the owner).
+function actions(m) {
+  const box = document.createElement("div");
+  box.className = "actions";
+  const { group } = app.groups.get(m.groupId) || {};
+  if (m.senderId === app.me && m.type === "text") {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.className = "edit";
+    b.textContent = "Edit";
+    b.addEventListener("click", () => startEditing(m));
+    box.append(b);
+  }
+  if (m.senderId === app.me || (group && group.ownerId === app.me)) {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.className = "delete";
+    const armed = app.deleting === m.messageId;
+    b.textContent = armed ? "Delete for everyone?" : "Delete";
+    // a second click confirms: no modal dialog
+    b.addEventListener("click", () => {
+      if (app.deleting !== m.messageId) {
+        app.deleting = m.messageId;
+        renderMessages();
+        return;
+      }
+      app.deleting = null;
+      b.disabled = true;
+      app.session
+        .request("delete_group_message", { groupId: m.groupId, messageId: m.messageId })
+        .then(() => messageDeleted({ groupId: m.groupId, seq: m.seq, messageId: m.messageId }))
+        .catch(failed);
+    });
+    box.append(b);
+  }
+  return box;
+}
+
+function startEditing(m) {
+  app.editing = { groupId: m.groupId, messageId: m.messageId, seq: m.seq };
+  const input = $("#message-input");
+  input.value = m.text || "";
+  $("#editing").hidden = false;
+  $("#send").textContent = "Save";
+  input.focus();
+}
+
+function stopEditing() {
+  app.editing = null;
+  $("#editing").hidden = true;
+  $("#send").textContent = "Send";
+}
+
+function messageUpdated(data) {
+  const m = held(data.groupId).get(data.seq);
+  if (m && !m.deleted) {
+    m.text = data.text;
+    m.editedAt = data.editedAt;
+  }
+  for (const other of held(data.groupId).values()) {
+    if (other.replyTo && other.replyTo.messageId === data.messageId && other.replyTo.preview) {
+      other.replyTo.preview = data.text.length > 100 ? `${[...data.text].slice(0, 100).join("")}…` : data.text;
+    }
+  }
+  if (data.groupId === app.open) renderMessages();
+}
+
+function messageDeleted(data) {
+  const m = held(data.groupId).get(data.seq);
+  if (m) {
+    m.deleted = true;
+    delete m.text;
+    delete m.media;
+    delete m.replyTo;
+    delete m.reactions;
+  }
+  for (const other of held(data.groupId).values()) {
+    if (other.replyTo && other.replyTo.messageId === data.messageId) {
+      other.replyTo.deleted = true;
+      delete other.replyTo.preview;
+    }
+  }
+  if (app.editing && app.editing.messageId === data.messageId) stopEditing();
+  if (data.groupId === app.open) renderMessages();
 }
 
 function body(m) {
@@ -598,6 +708,15 @@ function sendText(ev) {
   if (!app.open || !text.trim()) return;
   input.value = "";
   stopTyping(app.open);
+  const editing = app.editing;
+  if (editing) {
+    stopEditing();
+    app.session
+      .request("edit_group_message", { groupId: editing.groupId, messageId: editing.messageId, text })
+      .then((ack) => messageUpdated({ ...editing, text, editedAt: ack.editedAt }))
+      .catch(failed);
+    return;
+  }
   send(app.open, { type: "text", text }, text);
 }
 
@@ -704,6 +823,12 @@ function push(event, data) {
     case "a_typing":
       heardTyping(data);
       break;
+    case "a_message_updated":
+      messageUpdated(data);
+      break;
+    case "a_message_deleted":
+      messageDeleted(data);
+      break;
     case "a_reaction": {
       const list = app.messages.get(data.groupId);
       const m = list && list.get(data.seq);
@@ -796,6 +921,10 @@ async function start() {
   $("#message-input").addEventListener("blur", () => stopTyping(app.open));
   $("#message-input").addEventListener("keydown", (ev) => {
     if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing) sendText(ev);
+    if (ev.key === "Escape" && app.editing) {
+      stopEditing();
+      $("#message-input").value = "";
+    }
   });
   $("#file-input").addEventListener("change", sendFile);
   $("#load-older").addEventListener("click", loadOlder);

@@ -117,6 +117,16 @@ enum Command {
     },
     /// Mark everything up to a message as read.
     Read { group: String, message_id: String },
+    /// Replace the text of your own message (within the server's edit
+    /// window).
+    Edit {
+        group: String,
+        message_id: String,
+        #[arg(required = true, num_args = 1..)]
+        text: Vec<String>,
+    },
+    /// Delete a message (yours, or any as the group's owner).
+    Delete { group: String, message_id: String },
     /// Delivered and read, per member, of one message.
     Status { group: String, message_id: String },
 }
@@ -310,11 +320,38 @@ fn group_line(g: &GroupView) -> String {
 
 fn message_line(m: &MessageView) -> String {
     let body = match (&m.text, &m.media) {
+        _ if m.deleted => "[deleted]".to_owned(),
         (Some(t), _) => t.clone(),
         (None, Some(media)) => format!("[{} {} bytes: {}]", media.mime, media.size, media.key),
         (None, None) => String::new(),
     };
-    format!("#{} {} {}: {}", m.seq, m.created_at, m.sender_id, body)
+    let edited = if m.edited_at.is_some() {
+        " (edited)"
+    } else {
+        ""
+    };
+    format!(
+        "#{} {} {}: {body}{edited}",
+        m.seq, m.created_at, m.sender_id
+    )
+}
+
+/// An edit or delete as `tail` prints it.
+fn change_line(f: &Value) -> Option<String> {
+    let d = &f["data"];
+    let seq = d["seq"].as_u64().unwrap_or_default();
+    match f["event"].as_str()? {
+        "a_message_updated" => Some(format!(
+            "#{seq} edited by {}: {}",
+            d["senderId"].as_str().unwrap_or_default(),
+            d["text"].as_str().unwrap_or_default()
+        )),
+        "a_message_deleted" => Some(format!(
+            "#{seq} deleted by {}",
+            d["deletedBy"].as_str().unwrap_or_default()
+        )),
+        _ => None,
+    }
 }
 
 /// A client id nobody else picks.
@@ -547,6 +584,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 format!("read up to #{}", v["readSeq"].as_u64().unwrap_or_default())
             });
         }
+        Command::Edit {
+            group,
+            message_id,
+            text,
+        } => {
+            let mut ws = c.connect(COMMAND_DEVICE).await?;
+            let v = ws
+                .request(
+                    "edit_group_message",
+                    json!({ "groupId": group, "messageId": message_id, "text": text.join(" ") }),
+                )
+                .await?;
+            c.out(&v, || {
+                format!("edited #{}", v["seq"].as_u64().unwrap_or_default())
+            });
+        }
+        Command::Delete { group, message_id } => {
+            let mut ws = c.connect(COMMAND_DEVICE).await?;
+            let v = ws
+                .request(
+                    "delete_group_message",
+                    json!({ "groupId": group, "messageId": message_id }),
+                )
+                .await?;
+            c.out(&v, || {
+                format!("deleted #{}", v["seq"].as_u64().unwrap_or_default())
+            });
+        }
         Command::Status { group, message_id } => {
             let (v, s): (_, MessageStatus) = c
                 .get(&format!("/groups/{group}/messages/{message_id}/status"))
@@ -647,7 +712,15 @@ async fn tail(c: &Client, group: &str, device: &str, count: Option<usize>) -> an
             eprintln!("following {group} as device {device}");
             loop {
                 let f = ws.next_frame().await?;
-                if f["event"] != "a_group_message" || f["data"]["groupId"] != group {
+                if f["data"]["groupId"] != group {
+                    continue;
+                }
+                // changes of earlier messages are shown, not counted
+                if let Some(line) = change_line(&f) {
+                    c.out(&f["data"], || line);
+                    continue;
+                }
+                if f["event"] != "a_group_message" {
                     continue;
                 }
                 let m: MessageView = serde_json::from_value(f["data"].clone())?;
