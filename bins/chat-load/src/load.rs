@@ -50,6 +50,9 @@ pub struct Plan {
     pub typing: bool,
     /// Count `a_presence` and time `GET /groups/{id}/presence`.
     pub presence: bool,
+    /// Senders send one message, then edit it again and again (a new text
+    /// each time); receivers count `a_message_updated`.
+    pub edits: bool,
 }
 
 impl Plan {
@@ -89,6 +92,10 @@ struct Shared {
     forwarded: AtomicU64,
     /// `a_typing` frames received, all receivers.
     typing_received: AtomicU64,
+    /// Edits acknowledged, and `a_message_updated` frames received by all
+    /// receivers.
+    edits_acked: AtomicU64,
+    updates_received: AtomicU64,
     /// `a_presence` frames received once connected, and of those, in the
     /// measured window.
     presence_received: (AtomicU64, AtomicU64),
@@ -156,6 +163,10 @@ pub struct ChatResult {
     /// nats-server's growth per connection (its client connection's
     /// share and whatever a device costs it), same window.
     pub nats_kib_per_connection: f64,
+    /// Edits acknowledged and `a_message_updated` frames received (the
+    /// edits scenario).
+    pub edits_acked: u64,
+    pub updates_received: u64,
     /// Presence figures (the presence scenario).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub presence: Option<PresenceFigures>,
@@ -196,6 +207,8 @@ struct Data<'a> {
     #[serde(borrow, rename = "userId")]
     user_id: Option<Cow<'a, str>>,
     forwarded: Option<bool>,
+    #[serde(borrow, rename = "messageId")]
+    message_id: Option<Cow<'a, str>>,
 }
 
 /// Opens a session and waits for `a_session`.
@@ -456,6 +469,8 @@ pub async fn run(
         typed_at: (0..plan.connections()).map(|_| AtomicU64::new(0)).collect(),
         forwarded: AtomicU64::new(0),
         typing_received: AtomicU64::new(0),
+        edits_acked: AtomicU64::new(0),
+        updates_received: AtomicU64::new(0),
         presence_received: (AtomicU64::new(0), AtomicU64::new(0)),
     });
     let (phase_tx, phase_rx) = watch::channel(Phase::Wait);
@@ -475,6 +490,7 @@ pub async fn run(
             period,
             window: plan.window.max(1),
             typing: plan.typing,
+            edits: plan.edits,
         };
         tasks.spawn(job.run(ws, shared.clone(), phase_rx.clone()));
     }
@@ -527,6 +543,13 @@ pub async fn run(
         shared.typing_received.load(Ordering::Relaxed) >= typing_expected
     })
     .await;
+    // every acknowledged edit reaches every member's connection (the
+    // editor's own too)
+    let updates_expected = shared.edits_acked.load(Ordering::Relaxed) * plan.members as u64;
+    wait_for("edits", Duration::from_secs(60), || {
+        shared.updates_received.load(Ordering::Relaxed) >= updates_expected
+    })
+    .await;
     phase_tx.send_replace(Phase::Done);
 
     let mut delivery = Latency::default();
@@ -555,6 +578,13 @@ pub async fn run(
         // of data, and not checked by the message integrity
         errors.insert(
             format!("typing_received_{typing_received}_of_{typing_expected}"),
+            1,
+        );
+    }
+    let updates_received = shared.updates_received.load(Ordering::Relaxed);
+    if plan.edits && updates_received != updates_expected {
+        errors.insert(
+            format!("updates_received_{updates_received}_of_{updates_expected}"),
             1,
         );
     }
@@ -596,6 +626,8 @@ pub async fn run(
         chatd_kib_per_connection: per_conn(mem_before.0.rss_kib, mem_after.0.rss_kib),
         nats_kib_per_connection: per_conn(mem_before.1.rss_kib, mem_after.1.rss_kib),
         presence,
+        edits_acked: shared.edits_acked.load(Ordering::Relaxed),
+        updates_received,
     };
     Ok((result, usage))
 }
@@ -669,6 +701,7 @@ struct Job {
     period: Option<Duration>,
     window: usize,
     typing: bool,
+    edits: bool,
 }
 
 /// Most unacknowledged sends one connection keeps at a fixed rate; past it
@@ -685,6 +718,10 @@ impl Job {
     ) -> anyhow::Result<(usize, ConnResult)> {
         let mut r = ConnResult::default();
         let mut pending: BTreeMap<u64, u64> = BTreeMap::new();
+        // the edits scenario: the message this connection edits, and which
+        // requests in flight are edits
+        let mut own: Option<String> = None;
+        let mut edit_ids = std::collections::HashSet::new();
         let mut next_id = 10u64;
         let mut current = *phase.borrow();
         let period = self.period.unwrap_or(Duration::from_secs(3600));
@@ -751,6 +788,12 @@ impl Job {
                             if data.forwarded == Some(true) {
                                 shared.forwarded.fetch_add(1, Ordering::Relaxed);
                             }
+                            let was_edit = edit_ids.remove(&frame.id.unwrap_or_default());
+                            if frame.event == "ack" && was_edit {
+                                shared.edits_acked.fetch_add(1, Ordering::Relaxed);
+                            } else if frame.event == "ack" && self.edits && own.is_none() {
+                                own = data.message_id.as_deref().map(str::to_owned);
+                            }
                             if frame.event == "ack" {
                                 r.acked += 1;
                                 shared.acked.add(1);
@@ -772,6 +815,18 @@ impl Job {
                             shared.presence_received.0.fetch_add(1, Ordering::Relaxed);
                             if now >= from && now <= to {
                                 shared.presence_received.1.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        "a_message_updated" => {
+                            shared.updates_received.fetch_add(1, Ordering::Relaxed);
+                            shared.delivered.add(1);
+                            let edited_at = data
+                                .text
+                                .as_deref()
+                                .and_then(|t| t.split(' ').next())
+                                .and_then(|t| t.parse::<u64>().ok());
+                            if let Some(t) = edited_at && t >= from && t <= to {
+                                r.delivery.record_us(now.saturating_sub(t));
                             }
                         }
                         "a_typing" => {
@@ -816,6 +871,21 @@ impl Job {
                     if let Some(at) = shared.typed_at.get(self.index) {
                         at.store(t, Ordering::Relaxed);
                     }
+                    ws.send(Message::Text(frame.into())).await?;
+                    r.sent += 1;
+                    shared.sent.add(1);
+                    continue;
+                }
+                if let Some(message) = own.as_deref().filter(|_| self.edits) {
+                    let frame = json!({
+                        "event": "edit_group_message",
+                        "id": id,
+                        "data": { "groupId": self.group_id, "messageId": message, "text": text }
+                    })
+                    .to_string();
+                    pending.insert(id, t);
+                    edit_ids.insert(id);
+                    shared.outstanding.fetch_add(1, Ordering::Relaxed);
                     ws.send(Message::Text(frame.into())).await?;
                     r.sent += 1;
                     shared.sent.add(1);

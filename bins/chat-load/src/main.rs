@@ -41,6 +41,9 @@ enum Scenario {
     /// One group of 1,000 members connecting, then idle: what presence
     /// costs (`a_presence` frames, `GET /groups/{id}/presence`).
     Presence,
+    /// One group of 1,000 members, 20 of them editing a message of their
+    /// own (40 edits/s in all): the fan-out of `a_message_updated`.
+    Edits,
 }
 
 /// Load generator and benchmark for the chat system.
@@ -105,6 +108,7 @@ fn plan(a: &Args) -> anyhow::Result<load::Plan> {
             Storm => (500, 10, 0, Some(0.0), 1, 64, 5, 500.0, 0),
             Typing => (1, 1000, 20, Some(40.0), 1, 64, 30, 200.0, 0),
             Presence => (1, 1000, 0, Some(0.0), 1, 64, 10, 200.0, 0),
+            Edits => (1, 1000, 20, Some(40.0), 1, 64, 30, 200.0, 0),
         };
     let rate = match a.rate.as_deref() {
         None => rate,
@@ -124,6 +128,7 @@ fn plan(a: &Args) -> anyhow::Result<load::Plan> {
         offline_users: a.offline_users.unwrap_or(offline),
         typing: a.scenario == Typing,
         presence: a.scenario == Presence,
+        edits: a.scenario == Edits,
     })
 }
 
@@ -175,7 +180,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if report.chat.as_ref().is_some_and(|c| c.acked > 0) {
         eprintln!("checking that MongoDB caught up with the stream");
-        report.persistence = Some(persistence::check(&system).await?);
+        // edits are on the messages' subjects too, but are no messages
+        let changes = report.chat.as_ref().map_or(0, |c| c.edits_acked);
+        report.persistence = Some(persistence::check(&system, changes).await?);
     }
     report.load_generator_cpu_percent = own.close().first().map_or(0.0, |u| u.cpu_percent);
     let sends = report.chat.as_ref().is_some_and(|c| c.sent > 0);

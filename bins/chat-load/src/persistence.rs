@@ -37,7 +37,9 @@ impl Persistence {
     }
 }
 
-pub async fn check(system: &System) -> anyhow::Result<Persistence> {
+/// `changes`: edits acknowledged during the run, which the messages'
+/// subjects carry too (as changes of messages, not messages).
+pub async fn check(system: &System, changes: u64) -> anyhow::Result<Persistence> {
     let nats = crate::baseline::connect_options(&system.stack.nats.users.ops)
         .connect(system.stack.nats.url.as_str())
         .await?;
@@ -53,6 +55,7 @@ pub async fn check(system: &System) -> anyhow::Result<Persistence> {
     while let Some(subject) = futures::StreamExt::next(&mut subjects).await {
         in_stream += subject?.1 as u64;
     }
+    let in_stream = in_stream.saturating_sub(changes);
     let messages = mongodb::Client::with_uri_str(&system.stack.mongo.uri)
         .await?
         .database("chat")

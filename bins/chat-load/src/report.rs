@@ -196,6 +196,12 @@ impl Report {
                 "sent / acked / errors / skipped",
                 format!("{} / {} / {:?} / {}", c.sent, c.acked, c.errors, c.skipped),
             );
+            if c.edits_acked > 0 {
+                row(
+                    "edits acknowledged / a_message_updated frames received",
+                    format!("{} / {}", c.edits_acked, c.updates_received),
+                );
+            }
             if let Some(p) = &c.presence {
                 row(
                     "a_presence frames once connected / while idle",
