@@ -323,6 +323,57 @@ async fn an_edited_message_s_replies_preview_the_new_text_in_history() -> anyhow
     })
     .await?;
     assert_eq!(shown["replyTo"].get("deleted"), None, "{shown}");
+    // the group list's last message is that reply: it shows the same
+    let last = |user: &'static str| {
+        let c = &c;
+        async move {
+            let (status, page) = c.get(0, user, "/groups").await?;
+            anyhow::ensure!(status == 200, "{page}");
+            anyhow::Ok(page["groups"][0]["lastMessage"]["replyTo"].clone())
+        }
+    };
+    assert_eq!(last("alice").await?["preview"], "lunch at 1?");
+
+    // back to an earlier text, then the same again: each is a change
+    for text in ["lunch at 12?", "lunch at 1?", "lunch at 12?"] {
+        alice
+            .request(
+                "edit_group_message",
+                json!({"groupId": g, "messageId": m["messageId"], "text": text}),
+            )
+            .await?;
+    }
+    let mut texts = Vec::new();
+    while texts.len() < 4 {
+        texts.push(bob.skip_to("a_message_updated").await?["data"]["text"].clone());
+    }
+    assert_eq!(
+        texts,
+        [
+            json!("lunch at 1?"),
+            json!("lunch at 12?"),
+            json!("lunch at 1?"),
+            json!("lunch at 12?")
+        ]
+    );
+    // acknowledged once applied: history shows it at once
+    let now = c.history("bob", &g).await?;
+    let first = now.iter().find(|x| x["seq"] == 1).context("in history")?;
+    assert_eq!(first["text"], "lunch at 12?");
+
+    // deleted: no preview anywhere, the group list included
+    alice
+        .request(
+            "delete_group_message",
+            json!({"groupId": g, "messageId": m["messageId"]}),
+        )
+        .await?;
+    let gone = last("bob").await?;
+    assert_eq!(
+        (gone["deleted"].clone(), gone.get("preview")),
+        (json!(true), None),
+        "{gone}"
+    );
     c.stop().await
 }
 

@@ -22,6 +22,7 @@ fn message(group: &GroupId, client_id: &str, seq: u64) -> anyhow::Result<StoredM
         created_at: chat_domain::now_millis(),
         edited_at: None,
         deleted_at: None,
+        version: 0,
     })
 }
 

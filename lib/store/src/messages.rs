@@ -92,6 +92,8 @@ pub struct StoredMessage {
     pub edited_at: Option<Millis>,
     /// When it was deleted: a tombstone, with no content.
     pub deleted_at: Option<Millis>,
+    /// The stream sequence of the last change applied to it (0: none).
+    pub version: u64,
 }
 
 impl StoredMessage {
@@ -184,6 +186,7 @@ impl MessageDoc {
             created_at: self.created_at.timestamp_millis(),
             edited_at: self.edited_at.map(|t| t.timestamp_millis()),
             deleted_at: self.deleted_at.map(|t| t.timestamp_millis()),
+            version: self.version.map_or(0, |v| v.max(0) as u64),
         })
     }
 }

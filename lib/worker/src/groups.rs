@@ -237,18 +237,32 @@ async fn activity(
     }))
     .await
     .map_err(WorkerError::from)?;
-    groups
-        .iter()
-        .zip(newest)
-        .map(|(g, (from, last))| {
-            let read = reads.get(&g.id).copied().unwrap_or_default().max(from);
-            let newest = last.as_ref().and_then(|m| m.seq).unwrap_or_default();
-            Ok(pb::GroupActivity {
-                unread: newest.saturating_sub(read),
-                last_message: last.as_ref().map(|m| messages::open(s, m)).transpose()?,
-            })
+    let mut unread = Vec::with_capacity(groups.len());
+    let mut last_messages = Vec::with_capacity(groups.len());
+    for (g, (from, last)) in groups.iter().zip(newest) {
+        let read = reads.get(&g.id).copied().unwrap_or_default().max(from);
+        let newest = last.as_ref().and_then(|m| m.seq).unwrap_or_default();
+        unread.push(newest.saturating_sub(read));
+        let mut opened = last.as_ref().map(|m| messages::open(s, m)).transpose()?;
+        // what a reply answers from before the caller's history: not shown
+        if let Some(m) = opened.as_mut()
+            && m.reply_to.as_ref().is_some_and(|r| r.seq <= from)
+        {
+            m.reply_to = None;
+        }
+        last_messages.push(opened.unwrap_or_default());
+    }
+    // replies show what they answer as it is now (deleted: no preview),
+    // one read for the page
+    messages::answered_now(s, &mut last_messages).await?;
+    Ok(unread
+        .into_iter()
+        .zip(last_messages)
+        .map(|(unread, m)| pb::GroupActivity {
+            unread,
+            last_message: (!m.message_id.is_empty()).then_some(m),
         })
-        .collect()
+        .collect())
 }
 
 #[tonic::async_trait]

@@ -29,7 +29,7 @@ use crate::{
     State, WorkerError,
     media::{self, MediaContent, check_media},
     parse_id,
-    persist::{CATCH_UP, read_caught_up},
+    persist::{self, CATCH_UP, read_caught_up},
 };
 
 /// Compare-and-set attempts before a send gives up as `unavailable`.
@@ -72,6 +72,10 @@ pub(crate) struct GroupSlot {
     /// the next message lands, readable without waiting for a publish in
     /// progress (the send log records it before the publish).
     floor: std::sync::atomic::AtomicU64,
+    /// The stream sequence of the last change (edit, delete) this worker
+    /// published in the group: the next change is decided only once
+    /// MongoDB holds it.
+    last_change: std::sync::atomic::AtomicU64,
 }
 
 impl GroupSlot {
@@ -232,8 +236,20 @@ async fn publish(
 ) -> Result<Position, WorkerError> {
     let slot = s.positions.slot(group);
     let mut cached = slot.position.lock().await;
+    publish_locked(s, group, &slot, &mut cached, what, after).await
+}
+
+/// [`publish`], with the group's slot held.
+async fn publish_locked(
+    s: &State,
+    group: &GroupId,
+    slot: &GroupSlot,
+    cached: &mut Option<Position>,
+    what: Publishing<'_>,
+    after: u64,
+) -> Result<Position, WorkerError> {
     for _ in 0..CAS_ATTEMPTS {
-        let last = known_position(s, group, &slot, &mut cached).await?;
+        let last = known_position(s, group, slot, cached).await?;
         let started = std::time::Instant::now();
         let (seq, published) = match &what {
             Publishing::Message {
@@ -270,7 +286,7 @@ async fn publish(
                 duplicate: false,
             } => {
                 let p = Position { seq, stream_seq };
-                slot.known(&mut cached, p);
+                slot.known(cached, p);
                 return Ok(p);
             }
             Stored::Stored {
@@ -615,6 +631,7 @@ impl MessagesService {
             created_at: now_millis(),
             edited_at: None,
             deleted_at: None,
+            version: 0,
         };
         let prepared = started.elapsed();
         let outgoing = Publishing::Message {
@@ -700,6 +717,20 @@ impl MessagesService {
         if let Some(text) = &text {
             check_text(text, &s.config.limits)?;
         }
+        // decided on what MongoDB holds, so it must hold every change
+        // published before this one: those before the request (persistence
+        // past the group's tail), then, under the group's slot, those this
+        // worker published meanwhile. (Two workers changing one message in
+        // the same few milliseconds can still cross: the stream's order is
+        // what MongoDB ends with, and clients ignore an edit of a
+        // tombstone.)
+        persist::persisted_to_tail_now(s, group).await?;
+        let slot = s.positions.slot(group);
+        let mut cached = slot.position.lock().await;
+        let own = slot.last_change.load(std::sync::atomic::Ordering::Relaxed);
+        if own > 0 {
+            persist::persisted_through(s, own).await?;
+        }
         // a member, and a message it can see, persisted
         let m = self.committed_in(caller, group, id).await?;
         let seq = m.seq.unwrap_or_default();
@@ -711,9 +742,10 @@ impl MessagesService {
         };
         let record = s.load(group).await?;
         let now = now_millis();
-        // an edit's de-duplication id names its text, so a retry of the
-        // same edit is one change in the stream (within its duplicate
-        // window; after that the text is already there, below)
+        // an edit's de-duplication id names the version it changes and its
+        // text, so a retry of the same edit is one change in the stream
+        // (within its duplicate window; after that the text is already
+        // there, below), and going back to an earlier text is another
         let (change, sealed, msg_id) = match text {
             Some(text) => {
                 if m.is_deleted() {
@@ -743,7 +775,7 @@ impl MessagesService {
                     use sha2::Digest;
                     let digest = sha2::Sha256::digest(text.as_bytes());
                     let hex: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
-                    format!("{}.edit.{hex}", m.id)
+                    format!("{}.edit.{}.{hex}", m.id, m.version)
                 };
                 content.text = Some(text);
                 let plaintext = serde_json::to_vec(&content)
@@ -788,17 +820,25 @@ impl MessagesService {
             changed_by: caller.to_string(),
             joined_only: record.group.history == chat_domain::History::Joined,
         };
-        let after = lower_bound(s, group).await?;
-        publish(
+        let published = publish_locked(
             s,
             group,
+            &slot,
+            &mut cached,
             Publishing::Change {
                 envelope: &envelope,
                 msg_id: &msg_id,
             },
-            after,
+            0,
         )
         .await?;
+        slot.last_change
+            .fetch_max(published.stream_seq, std::sync::atomic::Ordering::Relaxed);
+        drop(cached);
+        // acknowledged once applied, so that what the caller reads next
+        // (history, a download of deleted media) shows it: a change takes
+        // no seq, so history cannot tell by its page that one is missing
+        persist::persisted_through(s, published.stream_seq).await?;
         metrics::counter!("chat_message_changes_total", "change" => match change {
             chat_bus::Change::Edit => "edit",
             chat_bus::Change::Delete => "delete",
@@ -842,8 +882,11 @@ impl MessagesService {
 
 /// Replies in a page show what they answer as it is now: a preview of the
 /// edited text, or none for a deleted message (one read, for pages with
-/// replies).
-async fn answered_now(s: &State, page: &mut [pb::ChatMessage]) -> Result<(), WorkerError> {
+/// replies; history and `GET /groups`' last messages).
+pub(crate) async fn answered_now(
+    s: &State,
+    page: &mut [pb::ChatMessage],
+) -> Result<(), WorkerError> {
     let ids: Vec<MessageId> = page
         .iter()
         .filter_map(|m| m.reply_to.as_ref())
@@ -1007,7 +1050,8 @@ impl Messages for MessagesService {
         let limit = req.limit.clamp(1, MAX_HISTORY_PAGE);
         let before = (req.before > 0).then_some(req.before);
         // read-your-writes: the page must hold every message the stream has
-        // in its range, so wait for persistence to catch up with it
+        // in its range, so wait for persistence to catch up with it (an
+        // edit or delete is acknowledged only once applied: see `change`)
         let tail_seq = s
             .bus
             .last_group_position(&group)

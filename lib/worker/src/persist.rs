@@ -23,7 +23,8 @@ use crate::{State, WorkerError};
 /// progress", so it must be written within the consumer's `ack_wait` (10 s)
 /// or it comes again.
 const BATCH: usize = 256;
-/// Attempts at a batch's push events before it goes on without them.
+/// Attempts at a batch's push events (and at a deleted message's object)
+/// before it goes on without them.
 const PUSH_ATTEMPTS: usize = 5;
 /// How often a batch being written is reported in progress.
 const PROGRESS_EVERY: Duration = Duration::from_secs(3);
@@ -292,9 +293,13 @@ fn to_change(p: &Persisted) -> Result<ChangeRow, BusError> {
     })
 }
 
-/// Applies edits and deletes to MongoDB, in order. A deleted media
-/// message's object is removed from the store first (so a failure leaves
-/// the message to be deleted again, never an object no message names).
+/// Applies edits and deletes to MongoDB, in order (a failure of MongoDB
+/// holds the batch, as for messages). A deleted media message's object is
+/// removed from the store first, so that the record that names it goes
+/// last; an object store that keeps refusing (or content that cannot be
+/// opened) does not hold every group's persistence: after a few attempts
+/// the tombstone is written anyway and the object left, logged with its
+/// key for the operator.
 async fn apply_changes(s: &State, changes: &[ChangeRow]) -> Result<(), WorkerError> {
     for c in changes {
         match c.change {
@@ -307,14 +312,9 @@ async fn apply_changes(s: &State, changes: &[ChangeRow]) -> Result<(), WorkerErr
             Change::Delete => {
                 if let Some(m) = s.store.messages.get(&c.id).await?
                     && !m.is_deleted()
-                    && let Some(media) = crate::messages::open_content(s, &m)?.media
+                    && m.kind != chat_domain::MessageKind::Text.as_str()
                 {
-                    match s.objects.as_ref() {
-                        Some(objects) => objects.delete(&media.key).await?,
-                        None => {
-                            tracing::warn!(message = %c.id, "media storage is not configured: a deleted message's object stays");
-                        }
-                    }
+                    delete_object_of(s, &m).await;
                 }
                 s.store
                     .messages
@@ -325,6 +325,38 @@ async fn apply_changes(s: &State, changes: &[ChangeRow]) -> Result<(), WorkerErr
         metrics::counter!("chat_changes_applied_total").increment(1);
     }
     Ok(())
+}
+
+/// Removes a media message's object from the store, trying a few times.
+async fn delete_object_of(s: &State, m: &StoredMessage) {
+    let key = match crate::messages::open_content(s, m).map(|c| c.media) {
+        Ok(Some(media)) => media.key,
+        Ok(None) => return,
+        Err(e) => {
+            metrics::counter!("chat_media_delete_failures_total").increment(1);
+            tracing::error!(message = %m.id, error = %e, "a deleted media message cannot be opened: its object stays");
+            return;
+        }
+    };
+    let Some(objects) = s.objects.as_ref() else {
+        tracing::warn!(message = %m.id, key, "media storage is not configured: a deleted message's object stays");
+        return;
+    };
+    let mut wait = Duration::from_millis(100);
+    for attempt in 1..=PUSH_ATTEMPTS {
+        match objects.delete(&key).await {
+            Ok(()) => return,
+            Err(e) if attempt == PUSH_ATTEMPTS => {
+                metrics::counter!("chat_media_delete_failures_total").increment(1);
+                tracing::error!(message = %m.id, key, error = %e, "cannot delete a deleted message's object: it stays");
+            }
+            Err(e) => {
+                tracing::warn!(message = %m.id, key, error = %e, "cannot delete a deleted message's object yet");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
 }
 
 /// The MongoDB record of a message as the stream holds it.
@@ -360,6 +392,7 @@ fn to_stored(p: &Persisted) -> Result<StoredMessage, BusError> {
         created_at: e.created_at,
         edited_at: None,
         deleted_at: None,
+        version: 0,
     })
 }
 
@@ -390,6 +423,24 @@ where
             return Ok(None);
         }
         Ok(Some(read().await?))
+    })
+    .await
+}
+
+/// Waits until persistence has passed `group`'s newest entry in the stream
+/// (message or change) as it is now; `unavailable` after `CATCH_UP`.
+pub(crate) async fn persisted_to_tail_now(s: &State, group: &GroupId) -> Result<(), WorkerError> {
+    caught_up_within(CATCH_UP, || async {
+        Ok(persisted_to_tail(s, group).await?.then_some(()))
+    })
+    .await
+}
+
+/// Waits until persistence has passed stream sequence `stream_seq`;
+/// `unavailable` after `CATCH_UP`.
+pub(crate) async fn persisted_through(s: &State, stream_seq: u64) -> Result<(), WorkerError> {
+    caught_up_within(CATCH_UP, || async {
+        Ok((s.bus.persisted_through().await? >= stream_seq).then_some(()))
     })
     .await
 }

@@ -85,8 +85,24 @@ pub(super) async fn write_loop(
                 } else {
                     live_deliveries.increment(1);
                 }
+                let hides = if f.restricted {
+                    hidden(&app, &visibility, &user, &f).await
+                } else {
+                    Some(false)
+                };
                 match f.feed {
-                    Feed::Groups if f.restricted && hidden(&app, &visibility, &user, &f).await => {
+                    _ if hides.is_none() => {
+                        // cannot tell: not passed over (that would lose
+                        // it), so the connection resumes from before it
+                        closing = Some(CloseFrame {
+                            code: CLOSE_TOO_SLOW,
+                            reason: Utf8Bytes::from_static(
+                                "cannot check your view of a group; reconnect",
+                            ),
+                        });
+                        break;
+                    }
+                    Feed::Groups if hides == Some(true) => {
                         // not for this member: passed over, in its place
                         if !f.caught_up {
                             pending.through(Feed::Groups, f.stream_seq);
@@ -165,14 +181,18 @@ pub(super) async fn write_loop(
 
 /// Whether a change of a message in a group with `joined` history is
 /// hidden from this connection's member (the message is from before it
-/// joined). A member whose view cannot be read now is not told either:
-/// history has the change.
-async fn hidden(app: &AppState, visibility: &Visibility, user: &UserId, f: &LiveFrame) -> bool {
+/// joined); `None` if that cannot be read now.
+async fn hidden(
+    app: &AppState,
+    visibility: &Visibility,
+    user: &UserId,
+    f: &LiveFrame,
+) -> Option<bool> {
     match visibility.hides(app, user, &f.group, f.seq).await {
-        Ok(hides) => hides,
+        Ok(hides) => Some(hides),
         Err(e) => {
-            tracing::warn!(group = %f.group, error = %e, "cannot tell whether a change predates the member; not passed on");
-            true
+            tracing::warn!(group = %f.group, error = %e, "cannot tell whether a change predates the member; the connection resumes from before it");
+            None
         }
     }
 }
