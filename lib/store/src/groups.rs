@@ -251,6 +251,33 @@ impl GroupRepo {
             .transpose()
     }
 
+    /// Group `id`'s owner and history setting, without its member list
+    /// (an edit or delete in a group of 1,000 needs no more).
+    pub async fn settings(&self, id: &GroupId) -> Result<Option<(UserId, History)>, StoreError> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Settings {
+            #[serde(rename = "_id")]
+            id: String,
+            owner_id: String,
+            #[serde(default)]
+            history: String,
+        }
+        let found = self
+            .coll
+            .clone_with_type::<Settings>()
+            .find_one(doc! { "_id": id.as_str() })
+            .projection(doc! { "_id": 1, "ownerId": 1, "history": 1 })
+            .await?;
+        found
+            .map(|g| {
+                let owner = UserId::parse(g.owner_id.as_str()).map_err(|e| corrupt(&g.id, e))?;
+                let history = History::parse(&g.history).map_err(|e| corrupt(&g.id, e))?;
+                Ok((owner, history))
+            })
+            .transpose()
+    }
+
     /// What `user` is to group `id`, without loading the group: one read
     /// that carries only that member, so a send to a group of 1,000 members
     /// does not move its whole document for one membership check.

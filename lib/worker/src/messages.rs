@@ -73,9 +73,40 @@ pub(crate) struct GroupSlot {
     /// progress (the send log records it before the publish).
     floor: std::sync::atomic::AtomicU64,
     /// The stream sequence of the last change (edit, delete) this worker
-    /// published in the group: the next change is decided only once
-    /// MongoDB holds it.
-    last_change: std::sync::atomic::AtomicU64,
+    /// published of each message of the group (the newest few): the next
+    /// change of that message is decided only once MongoDB holds it.
+    changes: std::sync::Mutex<HashMap<MessageId, u64>>,
+}
+
+/// Messages per group whose last change a worker remembers.
+const CHANGES_KEPT: usize = 1024;
+
+impl GroupSlot {
+    /// Where this worker last published a change of `id`, if it remembers.
+    fn last_change(&self, id: &MessageId) -> Option<u64> {
+        let changes = self.changes.lock().unwrap_or_else(|e| e.into_inner());
+        changes.get(id).copied()
+    }
+
+    fn changed(&self, id: &MessageId, stream_seq: u64) {
+        let mut changes = self.changes.lock().unwrap_or_else(|e| e.into_inner());
+        if changes.len() >= CHANGES_KEPT && !changes.contains_key(id) {
+            // each was acknowledged only once applied: forgetting one
+            // leaves a change in flight at most
+            changes.clear();
+        }
+        let at = changes.entry(id.clone()).or_default();
+        *at = (*at).max(stream_seq);
+    }
+
+    /// The change of `id` at `stream_seq` is applied: nothing to wait for,
+    /// unless a newer one is in flight.
+    fn applied(&self, id: &MessageId, stream_seq: u64) {
+        let mut changes = self.changes.lock().unwrap_or_else(|e| e.into_inner());
+        if changes.get(id) == Some(&stream_seq) {
+            changes.remove(id);
+        }
+    }
 }
 
 impl GroupSlot {
@@ -687,7 +718,7 @@ impl MessagesService {
         let opened = open(&self.0, &m).map_err(|e| unavailable(e.message().to_owned()))?;
         // under `joined` history a member who joined after the answered
         // message must not read it through the reply: no preview there
-        let joined = self.0.load(group).await?.group.history == chat_domain::History::Joined;
+        let joined = settings(&self.0, group).await?.1 == chat_domain::History::Joined;
         Ok(ReplyView {
             message_id: opened.message_id,
             seq: opened.seq,
@@ -717,20 +748,28 @@ impl MessagesService {
         if let Some(text) = &text {
             check_text(text, &s.config.limits)?;
         }
-        // decided on what MongoDB holds, so it must hold every change
-        // published before this one: those before the request (persistence
-        // past the group's tail), then, under the group's slot, those this
-        // worker published meanwhile. (Two workers changing one message in
-        // the same few milliseconds can still cross: the stream's order is
-        // what MongoDB ends with, and clients ignore an edit of a
-        // tombstone.)
-        persist::persisted_to_tail_now(s, group).await?;
+        // decided on what MongoDB holds, so it must hold every earlier
+        // change of the message: each change is acknowledged only once
+        // applied, and under the group's slot this worker waits for its
+        // own change of the message still in flight. (Two requests on two
+        // workers for one message in the same few milliseconds can still
+        // cross: MongoDB ends with the stream's order, and clients ignore
+        // an edit of a tombstone.)
+        let message_id = parse_id::<MessageId>(id)?;
         let slot = s.positions.slot(group);
-        let mut cached = slot.position.lock().await;
-        let own = slot.last_change.load(std::sync::atomic::Ordering::Relaxed);
-        if own > 0 {
-            persist::persisted_through(s, own).await?;
-        }
+        // waiting outside the slot, which the group's sends share
+        let mut waited = 0;
+        let mut cached = loop {
+            let own = slot.last_change(&message_id).unwrap_or(0);
+            if own > waited {
+                persist::persisted_through(s, own).await?;
+                waited = own;
+            }
+            let cached = slot.position.lock().await;
+            if slot.last_change(&message_id).unwrap_or(0) <= waited {
+                break cached;
+            }
+        };
         // a member, and a message it can see, persisted
         let m = self.committed_in(caller, group, id).await?;
         let seq = m.seq.unwrap_or_default();
@@ -740,7 +779,7 @@ impl MessagesService {
             seq,
             changed_at_ms: at,
         };
-        let record = s.load(group).await?;
+        let (owner, history) = settings(s, group).await?;
         let now = now_millis();
         // an edit's de-duplication id names the version it changes and its
         // text, so a retry of the same edit is one change in the stream
@@ -787,7 +826,7 @@ impl MessagesService {
                 if let Some(at) = m.deleted_at {
                     return Ok(done(at));
                 }
-                if &m.sender_id != caller && &record.group.owner_id != caller {
+                if &m.sender_id != caller && &owner != caller {
                     return Err(forbidden(
                         "only its sender or the group's owner deletes a message",
                     ));
@@ -818,7 +857,7 @@ impl MessagesService {
             mentions: Vec::new(),
             change: Some(change),
             changed_by: caller.to_string(),
-            joined_only: record.group.history == chat_domain::History::Joined,
+            joined_only: history == chat_domain::History::Joined,
         };
         let published = publish_locked(
             s,
@@ -832,13 +871,13 @@ impl MessagesService {
             0,
         )
         .await?;
-        slot.last_change
-            .fetch_max(published.stream_seq, std::sync::atomic::Ordering::Relaxed);
+        slot.changed(&m.id, published.stream_seq);
         drop(cached);
         // acknowledged once applied, so that what the caller reads next
         // (history, a download of deleted media) shows it: a change takes
         // no seq, so history cannot tell by its page that one is missing
         persist::persisted_through(s, published.stream_seq).await?;
+        slot.applied(&m.id, published.stream_seq);
         metrics::counter!("chat_message_changes_total", "change" => match change {
             chat_bus::Change::Edit => "edit",
             chat_bus::Change::Delete => "delete",
@@ -878,6 +917,18 @@ impl MessagesService {
             .filter(|m| m.seq.is_some_and(|seq| seq > from))
             .ok_or(WorkerError::NotFound("message"))
     }
+}
+
+/// `group`'s owner and history setting (one small read).
+async fn settings(
+    s: &State,
+    group: &GroupId,
+) -> Result<(UserId, chat_domain::History), WorkerError> {
+    s.store
+        .groups
+        .settings(group)
+        .await?
+        .ok_or(WorkerError::NotFound("group"))
 }
 
 /// Replies in a page show what they answer as it is now: a preview of the

@@ -414,7 +414,7 @@ where
     Fut: Future<Output = Result<T, WorkerError>>,
 {
     let (read, complete) = (&read, &complete);
-    caught_up_within(within, || async move {
+    caught_up_within(within, Duration::from_millis(200), || async move {
         let v = read().await?;
         if complete(&v) {
             return Ok(Some(v));
@@ -427,19 +427,11 @@ where
     .await
 }
 
-/// Waits until persistence has passed `group`'s newest entry in the stream
-/// (message or change) as it is now; `unavailable` after `CATCH_UP`.
-pub(crate) async fn persisted_to_tail_now(s: &State, group: &GroupId) -> Result<(), WorkerError> {
-    caught_up_within(CATCH_UP, || async {
-        Ok(persisted_to_tail(s, group).await?.then_some(()))
-    })
-    .await
-}
-
-/// Waits until persistence has passed stream sequence `stream_seq`;
-/// `unavailable` after `CATCH_UP`.
+/// Waits until persistence has passed stream sequence `stream_seq` (an
+/// edit or delete being applied: asked every 20 ms at most, since a
+/// change's answer waits on it); `unavailable` after `CATCH_UP`.
 pub(crate) async fn persisted_through(s: &State, stream_seq: u64) -> Result<(), WorkerError> {
-    caught_up_within(CATCH_UP, || async {
+    caught_up_within(CATCH_UP, Duration::from_millis(20), || async {
         Ok((s.bus.persisted_through().await? >= stream_seq).then_some(()))
     })
     .await
@@ -454,8 +446,13 @@ async fn persisted_to_tail(s: &State, group: &GroupId) -> Result<bool, WorkerErr
 }
 
 /// Waits until `ready` says persistence has caught up far enough, for up to
-/// `within`; `unavailable` after that (MongoDB is down or far behind).
-async fn caught_up_within<T, F, Fut>(within: Duration, mut ready: F) -> Result<T, WorkerError>
+/// `within`, asking at growing intervals up to `most`; `unavailable` after
+/// that (MongoDB is down or far behind).
+async fn caught_up_within<T, F, Fut>(
+    within: Duration,
+    most: Duration,
+    mut ready: F,
+) -> Result<T, WorkerError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<Option<T>, WorkerError>>,
@@ -474,6 +471,6 @@ where
             )));
         }
         tokio::time::sleep(wait).await;
-        wait = (wait * 2).min(Duration::from_millis(200));
+        wait = (wait * 2).min(most);
     }
 }
