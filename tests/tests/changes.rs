@@ -448,3 +448,61 @@ async fn under_joined_history_a_late_member_hears_no_change_of_what_it_cannot_se
     );
     c.stop().await
 }
+
+/// Under `joined` history a member removed and added again sees the group
+/// from its new addition on: a connection that knew where its view started
+/// before asks again, and hears no edit of what was sent while it was out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_added_again_hears_no_change_of_what_was_sent_while_it_was_out()
+-> anyhow::Result<()> {
+    let c = Cluster::start(1, 1).await?;
+    let (status, group) = c
+        .call(
+            reqwest::Method::POST,
+            0,
+            Some("alice"),
+            "/groups",
+            Some(&json!({"name": "j", "members": ["dave"], "history": "joined"})),
+        )
+        .await?;
+    anyhow::ensure!(status == 201, "{group}");
+    let g = group["id"].as_str().context("group id")?.to_owned();
+    let mut alice = c.connect(0, "alice", "web").await?;
+    let mut dave = c.connect(0, "dave", "web").await?;
+    dave.request("subscribe_to_group", json!({"groupId": g}))
+        .await?;
+    let first = alice.send_text(&g, "m1", "one").await?;
+    let edit =
+        |m: &Value, text: &str| json!({"groupId": g, "messageId": m["messageId"], "text": text});
+    // dave's connection learns where its view starts (0: from the start)
+    alice
+        .request("edit_group_message", edit(&first, "one!"))
+        .await?;
+    assert_eq!(
+        changes_and_messages(&mut dave, 2).await?,
+        pairs(&[("a_group_message", 1), ("a_message_updated", 1)])
+    );
+    assert_eq!(c.remove_member(0, "alice", &g, "dave").await?, 200);
+    let second = alice.send_text(&g, "m2", "while dave is out").await?;
+    let (status, body) = c
+        .call(
+            reqwest::Method::POST,
+            0,
+            Some("alice"),
+            &format!("/groups/{g}/members"),
+            Some(&json!({"userIds": ["dave"]})),
+        )
+        .await?;
+    anyhow::ensure!(status == 200, "{body}");
+    dave.request("subscribe_to_group", json!({"groupId": g}))
+        .await?;
+    alice
+        .request("edit_group_message", edit(&second, "secret"))
+        .await?;
+    alice.send_text(&g, "m3", "back").await?;
+    assert_eq!(
+        changes_and_messages(&mut dave, 1).await?,
+        pairs(&[("a_group_message", 3)])
+    );
+    c.stop().await
+}

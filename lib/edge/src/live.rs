@@ -69,6 +69,10 @@ pub(crate) trait Sink: Send + Sync {
     /// was queued. A full queue drops it and closes nothing: signals expire
     /// on their own and nobody resumes them.
     fn offer_signal(&self, frame: Utf8Bytes) -> bool;
+
+    /// The connection follows `group` from here (again, perhaps: what was
+    /// known of its view of the group's history may be out of date).
+    fn followed(&self, _group: &str) {}
 }
 
 /// Frames a catching-up connection may hold; past it, the catch-up goes on
@@ -389,6 +393,7 @@ fn hub_follow(hub: &mut Hub, id: u64, group: &Arc<str>, follow: bool) {
     };
     if follow {
         if conn.groups.insert(group.clone()) {
+            conn.sink.followed(group);
             hub.by_group.entry(group.clone()).or_default().insert(id);
         }
     } else if conn.groups.remove(group)
@@ -693,6 +698,7 @@ mod tests {
         frames: Mutex<Vec<LiveFrame>>,
         signals: Mutex<Vec<Utf8Bytes>>,
         room: Option<usize>,
+        followed: Mutex<Vec<String>>,
     }
 
     impl Kept {
@@ -715,6 +721,10 @@ mod tests {
         fn offer_signal(&self, frame: Utf8Bytes) -> bool {
             self.signals.lock().expect("lock").push(frame);
             true
+        }
+
+        fn followed(&self, group: &str) {
+            self.followed.lock().expect("lock").push(group.to_owned());
         }
     }
 
@@ -850,6 +860,12 @@ mod tests {
         hub.membership(4, "g", "ann", true);
         send(&hub, 5, "g");
         assert_eq!(a.seqs(), [1, 5]);
+        // followed on load and again after the addition (its view of the
+        // group's history is asked again), never for what it already follows
+        assert_eq!(*a.followed.lock().expect("lock"), ["g", "g"]);
+        hub.membership(6, "g", "ann", true);
+        assert_eq!(a.followed.lock().expect("lock").len(), 2);
+        assert_eq!(*c.followed.lock().expect("lock"), ["g"]);
     }
 
     #[test]

@@ -40,6 +40,9 @@ pub(super) struct Outbox {
     pub(super) budget: Arc<Semaphore>,
     pub(super) budget_bytes: usize,
     pub(super) close: Closer,
+    /// Where the connection's view of each group starts (shared with its
+    /// catch-ups and writer), forgotten for a group it follows anew.
+    pub(super) visibility: Arc<Visibility>,
 }
 
 /// The writer's end of an [`Outbox`].
@@ -94,6 +97,7 @@ impl Outbox {
                 budget: Arc::new(Semaphore::new(bytes)),
                 budget_bytes: bytes,
                 close: close.clone(),
+                visibility: Arc::default(),
             },
             Inbox { rx, close },
         )
@@ -121,6 +125,12 @@ impl Outbox {
 }
 
 impl Sink for Outbox {
+    /// A member removed and added again may see the group from a later
+    /// `seq` now (`joined` history): what was known of its view goes.
+    fn followed(&self, group: &str) {
+        self.visibility.forget(group);
+    }
+
     /// Queues a live frame without waiting: a connection whose queue is full
     /// fell too far behind and is closed (it resumes from its position).
     fn offer(&self, frame: LiveFrame) -> Result<(), bool> {

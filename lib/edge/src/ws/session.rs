@@ -42,7 +42,7 @@ impl Session {
             (me.user_id.clone(), device.clone()),
             stored,
         ));
-        let visibility: Arc<Visibility> = Arc::default();
+        let visibility = tx.visibility.clone();
         let mut writer = tokio::spawn(write_loop(
             sink,
             inbox,

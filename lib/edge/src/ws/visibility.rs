@@ -32,6 +32,14 @@ pub(super) struct Visibility {
 }
 
 impl Visibility {
+    /// Forgets where `group`'s view starts: asked again when next needed.
+    pub(super) fn forget(&self, group: &str) {
+        self.known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(group);
+    }
+
     fn lookup(&self, group: &str) -> Option<u64> {
         self.known
             .lock()
