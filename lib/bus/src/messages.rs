@@ -243,6 +243,24 @@ impl Bus {
         }
     }
 
+    /// Erases the group message at `stream_seq` from the stream (its bytes
+    /// overwritten, not only its index entry: nats-server's default): a
+    /// deleted message's sealed content leaves JetStream too, and a device
+    /// that catches up later never receives it. Erased already: fine.
+    pub async fn erase_group_message(&self, stream_seq: u64) -> Result<(), BusError> {
+        let stream = self.groups_stream().await?;
+        match stream.delete_message(stream_seq).await {
+            Ok(_) => Ok(()),
+            Err(e)
+                if matches!(e.kind(), async_nats::jetstream::stream::DeleteMessageErrorKind::JetStream(j)
+                    if j.error_code() == async_nats::jetstream::ErrorCode::NO_MESSAGE_FOUND) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(BusError::nats(e)),
+        }
+    }
+
     /// The raw stored message at `stream_seq` (tests and tools).
     pub async fn group_stream_message(&self, stream_seq: u64) -> Result<Bytes, BusError> {
         let stream = self.groups_stream().await?;

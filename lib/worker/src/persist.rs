@@ -310,16 +310,21 @@ async fn apply_changes(s: &State, changes: &[ChangeRow]) -> Result<(), WorkerErr
                     .await?;
             }
             Change::Delete => {
-                if let Some(m) = s.store.messages.get(&c.id).await?
+                let stored = s.store.messages.get(&c.id).await?;
+                if let Some(m) = &stored
                     && !m.is_deleted()
                     && m.kind != chat_domain::MessageKind::Text.as_str()
                 {
-                    delete_object_of(s, &m).await;
+                    delete_object_of(s, m).await;
                 }
                 s.store
                     .messages
                     .apply_delete(&c.id, c.version, &c.by, c.at)
                     .await?;
+                // and out of the stream (again, if this batch comes again)
+                if let Some(at) = stored.and_then(|m| m.stream_seq) {
+                    s.bus.erase_group_message(at).await?;
+                }
             }
         }
         metrics::counter!("chat_changes_applied_total").increment(1);
