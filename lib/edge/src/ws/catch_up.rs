@@ -81,15 +81,21 @@ impl CatchUpTask {
     }
 
     /// The keys this connection covers that have a message after `start`.
-    /// Keys the hub cannot vouch for are looked up in the stream, all at
-    /// once.
     async fn missed(&self, start: u64) -> Vec<String> {
+        self.newer(self.reg.loaded(), start, u64::MAX).await
+    }
+
+    /// Of `keys`, those whose newest message is after `after` and at or
+    /// before `upto`. Keys the hub cannot vouch for are looked up in the
+    /// stream, all at once.
+    async fn newer(&self, keys: Vec<String>, after: u64, upto: u64) -> Vec<String> {
         let mut needed = Vec::new();
         let mut unknown = Vec::new();
-        for key in self.reg.loaded() {
+        for key in keys {
             match self.reg.newest(&key) {
-                Some(Newest::At(at) | Newest::AtMost(at)) if at <= start => {}
-                Some(Newest::At(_)) => needed.push(key),
+                Some(Newest::At(at) | Newest::AtMost(at)) if at <= after => {}
+                Some(Newest::At(at)) if at <= upto => needed.push(key),
+                Some(Newest::At(_)) => {}
                 // the hub has not seen it since it started
                 _ => unknown.push(key),
             }
@@ -107,7 +113,7 @@ impl CatchUpTask {
         .await;
         for (key, newest) in unknown.into_iter().zip(newest) {
             match newest {
-                Ok(at) if at <= start => {}
+                Ok(at) if at <= after || at > upto => {}
                 Ok(_) => needed.push(key),
                 Err(e) => {
                     tracing::debug!(error = %e, key, "cannot tell what a key has after the device's place; reading it");
@@ -131,6 +137,8 @@ impl CatchUpTask {
         // groups the user left or was removed from, as met in the stream
         let mut left: HashSet<String> = HashSet::new();
         let mut backoff = Duration::from_millis(100);
+        // short reads that ended before a message the hub has seen
+        let mut lagging = 0u32;
         loop {
             // read before the stream answers: with nothing more after the
             // read, the device has everything of its keys up to here
@@ -194,6 +202,39 @@ impl CatchUpTask {
                 handed = Some(msg.stream_seq);
             }
             if batch.caught_up && !rewound {
+                // a short read says "nothing more" as the consumer's own
+                // replica sees the stream: on a NATS node that came back
+                // and is still catching up, that is short of the stream.
+                // A key whose newest message (as the hub saw it live, or
+                // the stream's leader says) lies between the read and the
+                // hub's position would be skipped by the attach: read on
+                // (seen in a fault test: 30 messages lost to a device)
+                let through = reader.position();
+                if through < feed_was_at
+                    && !Box::pin(self.newer(keys.clone(), through, feed_was_at))
+                        .await
+                        .is_empty()
+                {
+                    lagging += 1;
+                    metrics::counter!("chat_catch_up_lagging_reads_total").increment(1);
+                    tracing::warn!(
+                        through,
+                        feed_was_at,
+                        lagging,
+                        feed = self.feed.label(),
+                        "a catch-up read ended before the stream's end; reading on"
+                    );
+                    if lagging % 5 == 0 {
+                        // another consumer, perhaps on an up-to-date replica
+                        reader.rewind(through);
+                    }
+                    if !pause(backoff, &mut self.stop).await {
+                        return;
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+                lagging = 0;
                 match self.attach(reader.position().max(feed_was_at), &keys).await {
                     Some(HandOver::Done) | None => return,
                     Some(HandOver::More) => {
