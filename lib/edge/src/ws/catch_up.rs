@@ -224,7 +224,7 @@ impl CatchUpTask {
                         feed = self.feed.label(),
                         "a catch-up read ended before the stream's end; reading on"
                     );
-                    if lagging % 5 == 0 {
+                    if lagging.is_multiple_of(5) {
                         // another consumer, perhaps on an up-to-date replica
                         reader.rewind(through);
                     }
