@@ -313,6 +313,45 @@ impl Cluster {
         Ok(res.json().await?)
     }
 
+    /// Creates a group over REST on edge 0 as `owner`, with `members` and
+    /// `history` (`shared` or `joined`); returns its id.
+    pub async fn group_with_history(
+        &self,
+        owner: &str,
+        members: &[&str],
+        history: &str,
+    ) -> anyhow::Result<String> {
+        let body = json!({ "name": "team", "members": members, "history": history });
+        let (status, g) = self
+            .call(
+                reqwest::Method::POST,
+                0,
+                Some(owner),
+                "/groups",
+                Some(&body),
+            )
+            .await?;
+        if status != 201 {
+            bail!("create group: {status} {g}");
+        }
+        Ok(g["id"].as_str().context("group without id")?.to_owned())
+    }
+
+    /// `owner` adds `users` to `group` over REST on edge 0: the status.
+    pub async fn add_members(
+        &self,
+        owner: &str,
+        group: &str,
+        users: &[&str],
+    ) -> anyhow::Result<u16> {
+        let path = format!("/groups/{group}/members");
+        let body = json!({ "userIds": users });
+        let (status, _) = self
+            .call(reqwest::Method::POST, 0, Some(owner), &path, Some(&body))
+            .await?;
+        Ok(status)
+    }
+
     /// Creates a group of `members` (the first is the owner) and subscribes
     /// every member from device `setup`, connecting on the edges in turn.
     pub async fn room(&self, members: &[&str]) -> anyhow::Result<String> {

@@ -407,32 +407,13 @@ async fn an_edited_message_s_replies_preview_the_new_text_in_history() -> anyhow
 async fn under_joined_history_a_late_member_hears_no_change_of_what_it_cannot_see()
 -> anyhow::Result<()> {
     let c = Cluster::start(2, 2).await?;
-    let (status, group) = c
-        .call(
-            reqwest::Method::POST,
-            0,
-            Some("alice"),
-            "/groups",
-            Some(&json!({"name": "j", "members": ["bob"], "history": "joined"})),
-        )
-        .await?;
-    anyhow::ensure!(status == 201, "{group}");
-    let g = group["id"].as_str().context("group id")?.to_owned();
+    let g = c.group_with_history("alice", &["bob"], "joined").await?;
     let mut alice = c.connect(0, "alice", "web").await?;
     let mut bob = c.connect(1, "bob", "web").await?;
     bob.request("subscribe_to_group", json!({"groupId": g}))
         .await?;
     let early = alice.send_text(&g, "m1", "before dave").await?;
-    let (status, body) = c
-        .call(
-            reqwest::Method::POST,
-            0,
-            Some("alice"),
-            &format!("/groups/{g}/members"),
-            Some(&json!({"userIds": ["dave"]})),
-        )
-        .await?;
-    anyhow::ensure!(status == 200, "{body}");
+    assert_eq!(c.add_members("alice", &g, &["dave"]).await?, 200);
     let mut dave = c.connect(1, "dave", "web").await?;
     dave.request("subscribe_to_group", json!({"groupId": g}))
         .await?;
@@ -480,17 +461,7 @@ async fn under_joined_history_a_late_member_hears_no_change_of_what_it_cannot_se
 async fn a_member_added_again_hears_no_change_of_what_was_sent_while_it_was_out()
 -> anyhow::Result<()> {
     let c = Cluster::start(1, 1).await?;
-    let (status, group) = c
-        .call(
-            reqwest::Method::POST,
-            0,
-            Some("alice"),
-            "/groups",
-            Some(&json!({"name": "j", "members": ["dave"], "history": "joined"})),
-        )
-        .await?;
-    anyhow::ensure!(status == 201, "{group}");
-    let g = group["id"].as_str().context("group id")?.to_owned();
+    let g = c.group_with_history("alice", &["dave"], "joined").await?;
     let mut alice = c.connect(0, "alice", "web").await?;
     let mut dave = c.connect(0, "dave", "web").await?;
     dave.request("subscribe_to_group", json!({"groupId": g}))
@@ -508,16 +479,7 @@ async fn a_member_added_again_hears_no_change_of_what_was_sent_while_it_was_out(
     );
     assert_eq!(c.remove_member(0, "alice", &g, "dave").await?, 200);
     let second = alice.send_text(&g, "m2", "while dave is out").await?;
-    let (status, body) = c
-        .call(
-            reqwest::Method::POST,
-            0,
-            Some("alice"),
-            &format!("/groups/{g}/members"),
-            Some(&json!({"userIds": ["dave"]})),
-        )
-        .await?;
-    anyhow::ensure!(status == 200, "{body}");
+    assert_eq!(c.add_members("alice", &g, &["dave"]).await?, 200);
     dave.request("subscribe_to_group", json!({"groupId": g}))
         .await?;
     alice

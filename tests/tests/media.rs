@@ -601,16 +601,7 @@ async fn under_joined_history_a_late_member_sees_nothing_from_before_it_joined()
         before.push(texts_and_image(&c, &mut alice, g, "before").await?);
     }
     for g in [&joined, &shared] {
-        let (status, _) = c
-            .call(
-                reqwest::Method::POST,
-                0,
-                Some("alice"),
-                &format!("/groups/{g}/members"),
-                Some(&json!({"userIds": ["carol"]})),
-            )
-            .await?;
-        assert_eq!(status, 200);
+        assert_eq!(c.add_members("alice", g, &["carol"]).await?, 200);
     }
     let mut after = Vec::new();
     for g in [&joined, &shared] {

@@ -988,17 +988,7 @@ async fn a_reply_carries_a_preview_of_the_message_it_answers_everywhere() -> any
 
     // `joined` history: no preview, and a member who joined after the
     // answered message does not see what it answers
-    let (status, group) = c
-        .call(
-            reqwest::Method::POST,
-            0,
-            Some("alice"),
-            "/groups",
-            Some(&json!({"name": "j", "members": ["bob"], "history": "joined"})),
-        )
-        .await?;
-    assert_eq!(status, 201, "{group}");
-    let j = group["id"].as_str().context("id")?.to_owned();
+    let j = c.group_with_history("alice", &["bob"], "joined").await?;
     for (user, edge) in [("alice", 0), ("bob", 1)] {
         let mut ws = c.connect(edge, user, "sub").await?;
         ws.request("subscribe_to_group", json!({"groupId": j}))
@@ -1006,16 +996,7 @@ async fn a_reply_carries_a_preview_of_the_message_it_answers_everywhere() -> any
         ws.close().await?;
     }
     let old = alice.send_text(&j, "j1", "before carol").await?;
-    let (status, _) = c
-        .call(
-            reqwest::Method::POST,
-            0,
-            Some("alice"),
-            &format!("/groups/{j}/members"),
-            Some(&json!({"userIds": ["carol"]})),
-        )
-        .await?;
-    assert_eq!(status, 200);
+    assert_eq!(c.add_members("alice", &j, &["carol"]).await?, 200);
     let answer = bob
         .request(
             "send_group_message",

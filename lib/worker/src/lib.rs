@@ -192,6 +192,19 @@ impl State {
             .ok_or(WorkerError::NotFound("group"))
     }
 
+    /// Group `id`'s owner and history setting: [`State::load`] without the
+    /// member list (an edit in a group of 1,000 needs no more).
+    pub(crate) async fn settings(
+        &self,
+        id: &GroupId,
+    ) -> Result<(UserId, chat_domain::History), WorkerError> {
+        self.store
+            .groups
+            .settings(id)
+            .await?
+            .ok_or(WorkerError::NotFound("group"))
+    }
+
     /// Fails unless `caller` is a member of group `id`; reads no more than
     /// that. Returns the `seq` the caller's view of the group's history
     /// starts after (0: all of it).

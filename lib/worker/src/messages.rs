@@ -718,7 +718,7 @@ impl MessagesService {
         let opened = open(&self.0, &m).map_err(|e| unavailable(e.message().to_owned()))?;
         // under `joined` history a member who joined after the answered
         // message must not read it through the reply: no preview there
-        let joined = settings(&self.0, group).await?.1 == chat_domain::History::Joined;
+        let joined = self.0.settings(group).await?.1 == chat_domain::History::Joined;
         Ok(ReplyView {
             message_id: opened.message_id,
             seq: opened.seq,
@@ -738,6 +738,18 @@ impl MessagesService {
     /// Idempotent: deleting a deleted message, or setting the text it
     /// has, publishes nothing again.
     async fn change(
+        &self,
+        caller: &str,
+        group: &str,
+        id: &str,
+        text: Option<String>,
+    ) -> Result<pb::ChangeResponse, Status> {
+        let caller = &parse_id::<UserId>(caller)?;
+        let group = &parse_id::<GroupId>(group)?;
+        Ok(self.change_as(caller, group, id, text).await?)
+    }
+
+    async fn change_as(
         &self,
         caller: &UserId,
         group: &GroupId,
@@ -779,7 +791,7 @@ impl MessagesService {
             seq,
             changed_at_ms: at,
         };
-        let (owner, history) = settings(s, group).await?;
+        let (owner, history) = s.settings(group).await?;
         let now = now_millis();
         // an edit's de-duplication id names the version it changes and its
         // text, so a retry of the same edit is one change in the stream
@@ -917,18 +929,6 @@ impl MessagesService {
             .filter(|m| m.seq.is_some_and(|seq| seq > from))
             .ok_or(WorkerError::NotFound("message"))
     }
-}
-
-/// `group`'s owner and history setting (one small read).
-async fn settings(
-    s: &State,
-    group: &GroupId,
-) -> Result<(UserId, chat_domain::History), WorkerError> {
-    s.store
-        .groups
-        .settings(group)
-        .await?
-        .ok_or(WorkerError::NotFound("group"))
 }
 
 /// Replies in a page show what they answer as it is now: a preview of the
@@ -1274,10 +1274,8 @@ impl Messages for MessagesService {
         req: Request<pb::EditRequest>,
     ) -> Result<Response<pb::ChangeResponse>, Status> {
         let req = req.into_inner();
-        let caller = parse_id::<UserId>(&req.caller)?;
-        let group = parse_id::<GroupId>(&req.group_id)?;
         let done = self
-            .change(&caller, &group, &req.message_id, Some(req.text))
+            .change(&req.caller, &req.group_id, &req.message_id, Some(req.text))
             .await?;
         Ok(Response::new(done))
     }
@@ -1287,9 +1285,9 @@ impl Messages for MessagesService {
         req: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::ChangeResponse>, Status> {
         let req = req.into_inner();
-        let caller = parse_id::<UserId>(&req.caller)?;
-        let group = parse_id::<GroupId>(&req.group_id)?;
-        let done = self.change(&caller, &group, &req.message_id, None).await?;
+        let done = self
+            .change(&req.caller, &req.group_id, &req.message_id, None)
+            .await?;
         Ok(Response::new(done))
     }
 

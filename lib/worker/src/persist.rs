@@ -269,27 +269,35 @@ struct ChangeRow {
     content: Resealed,
 }
 
+/// Why a delivery of the persist consumer is no envelope of ours.
+fn unreadable(p: &Persisted, what: &str, why: impl std::fmt::Display) -> BusError {
+    BusError::Unavailable(format!("stream message {} {what}: {why}", p.stream_seq))
+}
+
+/// The sealed content an envelope carries, decoded.
+fn sealed_in(p: &Persisted) -> Result<Resealed, BusError> {
+    let e = &p.envelope;
+    Ok(Resealed {
+        key_id: e.key_id.clone(),
+        nonce: B64
+            .decode(&e.nonce)
+            .map_err(|x| unreadable(p, "nonce", x))?,
+        ciphertext: B64
+            .decode(&e.ciphertext)
+            .map_err(|x| unreadable(p, "ciphertext", x))?,
+        binding: e.binding,
+    })
+}
+
 fn to_change(p: &Persisted) -> Result<ChangeRow, BusError> {
     let e = &p.envelope;
-    let bad = |what: &str, why: String| {
-        BusError::Unavailable(format!("change {} {what}: {why}", p.stream_seq))
-    };
     Ok(ChangeRow {
-        id: MessageId::parse(e.message_id.as_str()).map_err(|x| bad("id", x.to_string()))?,
-        change: e.change.ok_or_else(|| bad("kind", "none".into()))?,
+        id: MessageId::parse(e.message_id.as_str()).map_err(|x| unreadable(p, "id", x))?,
+        change: e.change.ok_or_else(|| unreadable(p, "change", "none"))?,
         version: p.stream_seq,
-        by: UserId::parse(e.changed_by.as_str()).map_err(|x| bad("author", x.to_string()))?,
+        by: UserId::parse(e.changed_by.as_str()).map_err(|x| unreadable(p, "author", x))?,
         at: e.created_at,
-        content: Resealed {
-            key_id: e.key_id.clone(),
-            nonce: B64
-                .decode(&e.nonce)
-                .map_err(|x| bad("nonce", x.to_string()))?,
-            ciphertext: B64
-                .decode(&e.ciphertext)
-                .map_err(|x| bad("ciphertext", x.to_string()))?,
-            binding: e.binding,
-        },
+        content: sealed_in(p)?,
     })
 }
 
@@ -367,9 +375,7 @@ async fn delete_object_of(s: &State, m: &StoredMessage) {
 /// The MongoDB record of a message as the stream holds it.
 fn to_stored(p: &Persisted) -> Result<StoredMessage, BusError> {
     let e = &p.envelope;
-    let bad = |what: &str, why: String| {
-        BusError::Unavailable(format!("message {} {what}: {why}", p.stream_seq))
-    };
+    let bad = |what: &str, why: String| unreadable(p, what, why);
     let id = MessageId::parse(e.message_id.as_str()).map_err(|x| bad("id", x.to_string()))?;
     // envelopes from before the send log carry no client id; their records
     // were written by the send itself and are kept as they are
@@ -378,20 +384,17 @@ fn to_stored(p: &Persisted) -> Result<StoredMessage, BusError> {
     } else {
         e.client_msg_id.as_str()
     };
+    let sealed = sealed_in(p)?;
     Ok(StoredMessage {
         client_msg_id: ClientMsgId::parse(client).map_err(|x| bad("client id", x.to_string()))?,
         group_id: GroupId::parse(e.group_id.as_str()).map_err(|x| bad("group", x.to_string()))?,
         sender_id: UserId::parse(e.sender_id.as_str()).map_err(|x| bad("sender", x.to_string()))?,
         id,
         kind: e.kind.clone(),
-        key_id: e.key_id.clone(),
-        nonce: B64
-            .decode(&e.nonce)
-            .map_err(|x| bad("nonce", x.to_string()))?,
-        ciphertext: B64
-            .decode(&e.ciphertext)
-            .map_err(|x| bad("ciphertext", x.to_string()))?,
-        binding: e.binding,
+        key_id: sealed.key_id,
+        nonce: sealed.nonce,
+        ciphertext: sealed.ciphertext,
+        binding: sealed.binding,
         seq: Some(e.seq),
         stream_seq: Some(p.stream_seq),
         created_at: e.created_at,

@@ -404,13 +404,7 @@ impl Session {
                     }
                 )?
                 .into_inner();
-                ack_data(&MessageChangeAck {
-                    group_id: r.group_id,
-                    message_id: r.message_id,
-                    seq: r.seq,
-                    edited_at: Some(format_millis(r.changed_at_ms)),
-                    deleted_at: None,
-                })
+                ack_data(&change_ack(r, true))
             }
             Request::DeleteGroupMessage(d) => {
                 let r = rpc!(
@@ -424,13 +418,7 @@ impl Session {
                     }
                 )?
                 .into_inner();
-                ack_data(&MessageChangeAck {
-                    group_id: r.group_id,
-                    message_id: r.message_id,
-                    seq: r.seq,
-                    edited_at: None,
-                    deleted_at: Some(format_millis(r.changed_at_ms)),
-                })
+                ack_data(&change_ack(r, false))
             }
             Request::SubscribeToGroup(GroupRef { group_id }) => {
                 let r = rpc!(
@@ -515,6 +503,18 @@ pub(super) fn request_id_ok(id: &Value) -> bool {
 /// An ack's `data` as JSON (our own types always serialise).
 fn ack_data<T: serde::Serialize>(ack: &T) -> Value {
     serde_json::to_value(ack).unwrap_or_default()
+}
+
+/// The ack of an edit (`edited`) or a delete.
+fn change_ack(r: pb::ChangeResponse, edited: bool) -> MessageChangeAck {
+    let at = Some(format_millis(r.changed_at_ms));
+    MessageChangeAck {
+        group_id: r.group_id,
+        message_id: r.message_id,
+        seq: r.seq,
+        edited_at: at.clone().filter(|_| edited),
+        deleted_at: at.filter(|_| !edited),
+    }
 }
 
 pub(super) fn to_json<T: serde::Serialize>(frame: &ServerFrame<T>) -> String {
