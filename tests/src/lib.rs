@@ -284,7 +284,7 @@ impl Cluster {
 
     /// An HTTP client for REST calls.
     pub fn http(&self) -> reqwest::Client {
-        reqwest::Client::new()
+        chat_http::client()
     }
 
     /// Connects `user` on `device` to edge `edge`.

@@ -433,7 +433,9 @@ async fn the_shipped_nginx_config_balances_websockets_over_real_edges() -> anyho
                 chat_tests::Client::connect(&front, &token("alice"), &format!("d{i}")).await?,
             );
         }
-        let metrics = reqwest::get(format!("{}/metrics", c.ops_url(0)))
+        let metrics = chat_http::client()
+            .get(format!("{}/metrics", c.ops_url(0)))
+            .send()
             .await?
             .text()
             .await?;
@@ -449,7 +451,7 @@ async fn the_shipped_nginx_config_balances_websockets_over_real_edges() -> anyho
         );
 
         // the operator's routes are not served through it
-        let http = reqwest::Client::new();
+        let http = chat_http::client();
         for path in ["/metrics", "/readyz"] {
             let status = http
                 .get(format!("http://{front}{path}"))
@@ -628,7 +630,9 @@ async fn the_contract_documents_validate_and_are_served() -> anyhow::Result<()> 
     )?;
     let c = chat_tests::Cluster::start(1, 1).await?;
     for doc in ["openapi.json", "asyncapi.json"] {
-        let served = reqwest::get(format!("{}/{doc}", c.edge_url(0)))
+        let served = chat_http::client()
+            .get(format!("{}/{doc}", c.edge_url(0)))
+            .send()
             .await?
             .text()
             .await?;

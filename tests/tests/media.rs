@@ -27,7 +27,7 @@ async fn upload_url(c: &Cluster, user: &str, g: &str, body: Value) -> anyhow::Re
 /// PUTs `bytes` to a pre-signed URL the way a browser would: no credentials,
 /// just the URL and the headers the server said to send.
 async fn put(url: &Value, bytes: Vec<u8>) -> anyhow::Result<u16> {
-    let mut req = reqwest::Client::new().put(url["uploadUrl"].as_str().unwrap_or_default());
+    let mut req = chat_http::client().put(url["uploadUrl"].as_str().unwrap_or_default());
     for (k, v) in url["headers"].as_object().into_iter().flatten() {
         if !k.eq_ignore_ascii_case("content-length") {
             req = req.header(k, v.as_str().unwrap_or_default());
@@ -184,7 +184,16 @@ async fn an_image_goes_up_with_a_presigned_url_and_reaches_members_live_and_offl
     assert_eq!(status, 200, "{link}");
     assert!(link["expiresAt"].is_string(), "{link}");
     let url = link["url"].as_str().unwrap_or_default();
-    assert_eq!(reqwest::get(url).await?.bytes().await?.to_vec(), bytes);
+    assert_eq!(
+        chat_http::client()
+            .get(url)
+            .send()
+            .await?
+            .bytes()
+            .await?
+            .to_vec(),
+        bytes
+    );
     // others cannot, either way, and the bucket is not public
     for path in [
         format!("/groups/{g}/media/{object}"),
@@ -194,7 +203,7 @@ async fn an_image_goes_up_with_a_presigned_url_and_reaches_members_live_and_offl
         assert_eq!(status, 403, "{path}");
     }
     let public = format!("{}/{}/{key}", c.stack.s3.endpoint, c.stack.s3.bucket);
-    assert_eq!(reqwest::get(public).await?.status(), 403);
+    assert_eq!(chat_http::client().get(public).send().await?.status(), 403);
 
     // a media message has no text to edit; deleting it removes its object
     let change = json!({"groupId": g, "messageId": ack["messageId"]});
@@ -211,7 +220,7 @@ async fn an_image_goes_up_with_a_presigned_url_and_reaches_members_live_and_offl
     // the URL signed before the delete finds nothing in the store, and no
     // new one is given
     eventually(PROMPTLY, || async {
-        Ok((reqwest::get(url).await?.status() == 404).then_some(()))
+        Ok((chat_http::client().get(url).send().await?.status() == 404).then_some(()))
     })
     .await?;
     let (status, _) = c

@@ -71,7 +71,7 @@ impl Driver {
             .context("starting chromedriver")?;
         let url = format!("http://127.0.0.1:{port}");
         let status = format!("{url}/status");
-        let http = reqwest::Client::new();
+        let http = chat_http::client();
         let d = Self {
             child,
             url,

@@ -406,7 +406,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .context("no token: pass --token, set CHAT_TOKEN, or run `chat login <token>`")?,
     };
     let c = Client {
-        http: reqwest::Client::builder()
+        http: chat_http::builder()
             .redirect(reqwest::redirect::Policy::none())
             .build()?,
         server: cli.server.clone(),

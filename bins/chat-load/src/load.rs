@@ -308,7 +308,7 @@ async fn create_groups(
     count: usize,
     members: usize,
 ) -> anyhow::Result<Vec<String>> {
-    let http = reqwest::Client::new();
+    let http = chat_http::client();
     futures::stream::iter(0..count)
         .map(|g| {
             let http = http.clone();
@@ -651,7 +651,7 @@ async fn presence_figures(
     group: &str,
     shared: &Shared,
 ) -> anyhow::Result<PresenceFigures> {
-    let http = reqwest::Client::new();
+    let http = chat_http::client();
     let mut times = Vec::new();
     let mut body = Value::Null;
     for _ in 0..20 {
@@ -938,7 +938,7 @@ pub struct CatchUpResult {
 /// A member offline for `missed` messages reconnects: how long until all
 /// have arrived, in order.
 pub async fn catch_up(addr: SocketAddr, missed: u64, size: usize) -> anyhow::Result<CatchUpResult> {
-    let http = reqwest::Client::new();
+    let http = chat_http::client();
     let (alice, bob) = ("catchup-a".to_owned(), "catchup-b".to_owned());
     let group = create_group(&http, addr, &alice, &[alice.clone(), bob.clone()]).await?;
     let mut reader = connect(addr, &bob).await?;

@@ -73,7 +73,9 @@ pub async fn check(system: &System, changes: u64) -> anyhow::Result<Persistence>
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let metrics = reqwest::get(format!("http://{}/metrics", system.ops))
+    let metrics = chat_http::client()
+        .get(format!("http://{}/metrics", system.ops))
+        .send()
         .await?
         .text()
         .await?;

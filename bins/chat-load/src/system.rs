@@ -86,7 +86,7 @@ impl System {
             _dir: dir,
         };
         let ready = format!("http://{ops}/readyz");
-        let http_client = reqwest::Client::new();
+        let http_client = chat_http::client();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = system.chatd.try_wait()? {

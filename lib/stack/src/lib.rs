@@ -3,9 +3,13 @@
 //! that checks signatures), each on a free port with its own temporary data
 //! folder, and stops them on drop.
 //!
-//! Used by the end-to-end tests and by `chat-dev`. The binaries come from
-//! `scripts/install-deps`, found through `CHAT_NATS_SERVER`, `CHAT_MONGOD` and
-//! `CHAT_S3S_FS`, or in the default cache folder that script installs to.
+//! Used by the end-to-end tests, `chat-dev` and `chat-load`. NATS and
+//! SecantusDB are processes of binaries from `scripts/install-deps`, found
+//! through `CHAT_NATS_SERVER` and `CHAT_MONGOD` or in the default cache folder
+//! that script installs to. `s3s-fs` is the same crate's server (its
+//! `FileSystem` behind `s3s`' signature-checking service) run in this process
+//! (`s3.rs`): built with the workspace, it shares its dependencies instead of
+//! a second compile of them on a fresh machine.
 
 use std::{
     path::{Path, PathBuf},
@@ -17,12 +21,13 @@ use anyhow::{Context, bail};
 use tempfile::TempDir;
 
 mod cors;
+mod s3;
 
 pub use cors::CorsFront;
+pub use s3::S3;
 
 const NATS_VERSION: &str = "2.15.1";
 const SECANTUS_VERSION: &str = "0.7.0b3";
-const S3S_FS_VERSION: &str = "0.14.1";
 
 /// How long a service may take to become ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -609,81 +614,6 @@ impl Mongo {
         let cmd = Self::command(self._dir.path(), &port_of(&self.uri)?, self.durable)?;
         self.service = Service::spawn("secantusd", cmd, self._dir.path())?;
         Self::wait_ready(&mut self.service).await.map(drop)
-    }
-}
-
-/// `s3s-fs`, an S3 server that checks SigV4 signatures, behind a CORS
-/// front ([`CorsFront`]) so that browsers can use its pre-signed URLs.
-#[derive(Debug)]
-pub struct S3 {
-    service: Service,
-    /// The front's address: what chatd and clients are given.
-    pub endpoint: String,
-    /// `s3s-fs`'s own address.
-    pub backend: String,
-    _front: CorsFront,
-    pub access_key: String,
-    pub secret_key: String,
-    pub bucket: String,
-    /// The folder the server stores into: a bucket is a folder of it.
-    pub root: PathBuf,
-    _dir: TempDir,
-}
-
-impl S3 {
-    pub async fn start() -> anyhow::Result<Self> {
-        let bin = binary(
-            "CHAT_S3S_FS",
-            cache_dir().join(format!("s3s-fs-{S3S_FS_VERSION}/bin/s3s-fs")),
-        )?;
-        let dir = tempfile::Builder::new().prefix("chat-s3-").tempdir()?;
-        let root = dir.path().join("root");
-        let bucket = "chat-media".to_owned();
-        // a bucket is a top-level folder of the root
-        std::fs::create_dir_all(root.join(&bucket))?;
-        let access_key = "chat-local".to_owned();
-        let secret_key = format!("secret-{}", std::process::id());
-        let mut cmd = Command::new(bin);
-        cmd.env("RUST_LOG", "info")
-            .args([
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--access-key",
-                &access_key,
-                "--secret-key",
-                &secret_key,
-            ])
-            .arg(&root);
-        let mut service = Service::spawn("s3s-fs", cmd, dir.path())?;
-        let backend = service
-            .wait_for(|l| {
-                let rest = l.split("server is running at ").nth(1)?;
-                Some(rest.trim().to_owned())
-            })
-            .await?;
-        let front = CorsFront::start(&backend).await?;
-        Ok(Self {
-            service,
-            endpoint: front.endpoint.clone(),
-            backend,
-            _front: front,
-            access_key,
-            secret_key,
-            bucket,
-            root,
-            _dir: dir,
-        })
-    }
-
-    /// Kills the server at once (SIGKILL).
-    pub fn kill(&mut self) {
-        self.service.kill();
-    }
-
-    pub fn pid(&self) -> Option<u32> {
-        self.service.pid()
     }
 }
 

@@ -77,6 +77,8 @@ fn object_error(e: object_store::Error) -> StoreError {
 impl Objects {
     /// Builds the client; no request is made until it is used.
     pub fn new(c: &ObjectsConfig) -> Result<Self, StoreError> {
+        // object_store builds its reqwest client itself
+        chat_http::install_tls();
         let build = |endpoint: &str| {
             let (retry, options) = patience();
             AmazonS3Builder::new()

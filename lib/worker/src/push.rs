@@ -198,10 +198,16 @@ pub fn signature(secret: &str, timestamp: i64, body: &[u8]) -> String {
 /// anything else is tried again later (growing delays, up to
 /// `chat_bus::WEBHOOK_ATTEMPTS` deliveries in all).
 pub(crate) async fn post_webhooks(s: Arc<State>, hook: Webhook) {
-    let http = reqwest::Client::builder()
+    let http = match chat_http::builder()
         .timeout(Duration::from_secs(10))
         .build()
-        .unwrap_or_default();
+    {
+        Ok(http) => http,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the webhook's HTTP client: no push events are posted");
+            return;
+        }
+    };
     loop {
         let mut feed = match s.bus.webhook_feed().await {
             Ok(f) => f,
