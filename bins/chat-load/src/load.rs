@@ -211,12 +211,30 @@ struct Data<'a> {
     message_id: Option<Cow<'a, str>>,
 }
 
+/// Bytes a client reads from its socket at most per read. tungstenite
+/// zero-fills this much of its buffer before every read: at its default
+/// (128 KiB) that fill was a third of the load generator's CPU in the
+/// fan-out scenario (`perf`, December 4), taken from the system it
+/// measures on the same two cores. Chat frames are a few hundred bytes.
+const CLIENT_READ_BUFFER: usize = 16 * 1024;
+
+fn client_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(CLIENT_READ_BUFFER)
+}
+
 /// Opens a session and waits for `a_session`.
 pub async fn connect(addr: SocketAddr, user: &str) -> anyhow::Result<Ws> {
     let url = format!("ws://{addr}/ws?token={}&device=load", token(user)?);
     let mut attempts = 0;
     let (mut ws, _) = loop {
-        match tokio_tungstenite::connect_async_with_config(url.as_str(), None, true).await {
+        match tokio_tungstenite::connect_async_with_config(
+            url.as_str(),
+            Some(client_config()),
+            true,
+        )
+        .await
+        {
             // the server sheds load with 503 while busy: back off, as a
             // client would
             Err(tokio_tungstenite::tungstenite::Error::Http(r))
