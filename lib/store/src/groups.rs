@@ -65,10 +65,6 @@ struct SubscriptionDoc {
     at: DateTime,
 }
 
-fn subscription_id(group: &GroupId, user: &UserId) -> String {
-    format!("{group}:{user}")
-}
-
 /// BSON has no unsigned integers; a `seq` never reaches 2^63.
 fn seq_to_bson(seq: u64) -> i64 {
     i64::try_from(seq).unwrap_or(i64::MAX)
@@ -376,7 +372,7 @@ impl GroupRepo {
         }
         self.subscriptions
             .update_one(
-                doc! { "_id": subscription_id(group, user) },
+                doc! { "_id": crate::member_key(group, user) },
                 doc! { "$setOnInsert": {
                     "groupId": group.as_str(), "userId": user.as_str(), "at": DateTime::now(),
                 } },
@@ -393,7 +389,7 @@ impl GroupRepo {
         user: &UserId,
     ) -> Result<(), StoreError> {
         self.subscriptions
-            .delete_one(doc! { "_id": subscription_id(group, user) })
+            .delete_one(doc! { "_id": crate::member_key(group, user) })
             .await?;
         Ok(())
     }

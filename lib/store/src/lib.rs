@@ -113,6 +113,31 @@ impl Store {
     }
 }
 
+/// The `_id` of a document about one member of one group
+/// (`subscriptions`, `sent_marks`): `<group>:<user>`. Ids are letters,
+/// digits, `-` and `_`, never `:`, so no two pairs share one.
+pub(crate) fn member_key(group: &chat_domain::GroupId, user: &chat_domain::UserId) -> String {
+    format!("{group}:{user}")
+}
+
 pub(crate) fn to_bson_time(ms: chat_domain::Millis) -> mongodb::bson::DateTime {
     mongodb::bson::DateTime::from_millis(ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use chat_domain::{GroupId, UserId};
+
+    #[test]
+    fn member_keys_are_injective_since_ids_have_no_colon() {
+        let k = |g: &str, u: &str| {
+            super::member_key(
+                &GroupId::parse(g).expect("group"),
+                &UserId::parse(u).expect("user"),
+            )
+        };
+        assert_eq!(k("g-1", "u_2"), "g-1:u_2");
+        assert_ne!(k("g", "a_b"), k("g_a", "b"));
+        assert!(GroupId::parse("a:b").is_err() && UserId::parse("a:b").is_err());
+    }
 }

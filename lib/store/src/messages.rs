@@ -191,6 +191,10 @@ impl MessageDoc {
     }
 }
 
+/// Up to this many members, a read of some members' watermarks projects
+/// their fields; past it, it reads the group's whole document.
+const PROJECTED_MEMBERS: usize = 32;
+
 /// One member's watermarks in one group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Receipt {
@@ -221,6 +225,18 @@ struct MemberReceipt {
     t: Option<DateTime>,
 }
 
+/// One member's sent watermark in one group: the seq of its own newest
+/// message there. `{_id: "<group>:<user>", g, s}`: a document of its own, so a persisted batch raises it at O(1) cost, where a field of the
+/// group's receipts document made every batch rewrite (and diff) an entry
+/// per member (earlier versions kept it there as `m.<user>.s`, still read).
+#[derive(Debug, Serialize, Deserialize)]
+struct SentDoc {
+    /// The group, as in the key.
+    g: String,
+    #[serde(default)]
+    s: i64,
+}
+
 /// Messages and receipts in MongoDB.
 #[derive(Debug, Clone)]
 pub struct MessageRepo {
@@ -228,6 +244,9 @@ pub struct MessageRepo {
     receipts: Collection<ReceiptDoc>,
     /// Watermark raises, batched across concurrent calls.
     receipt_batch: Batcher,
+    /// The sent watermarks (`SentDoc`).
+    sent: Collection<SentDoc>,
+    sent_batch: Batcher,
 }
 
 impl MessageRepo {
@@ -237,10 +256,13 @@ impl MessageRepo {
         // one document per group (`ReceiptDoc`); the per-member documents
         // of earlier versions lived in `receipts`
         let receipts = db.collection("group_receipts");
+        let sent = db.collection("sent_marks");
         Self {
             receipt_batch: Batcher::start(db, &receipts),
+            sent_batch: Batcher::start(db, &sent),
             coll,
             receipts,
+            sent,
         }
     }
 
@@ -259,6 +281,18 @@ impl MessageRepo {
             .options(IndexOptions::builder().name("history".to_owned()).build())
             .build();
         self.coll.create_indexes([idempotency, history]).await?;
+        // the watermarks' collections exist before the first raise (a
+        // database stopped while creating one on the fly is one failure
+        // mode less); `_id` is their only index
+        let db = self.sent.client().database(&self.sent.namespace().db);
+        for name in [self.receipts.name(), self.sent.name()] {
+            match db.create_collection(name).await {
+                Ok(()) => {}
+                // NamespaceExists: created before
+                Err(e) if matches!(&*e.kind, ErrorKind::Command(c) if c.code == 48) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         Ok(())
     }
 
@@ -573,9 +607,18 @@ impl MessageRepo {
                 risen.push((user.clone(), b, b));
                 continue;
             }
+            // only what rose: a field that did not is already at least
+            // this high, and every path costs the server (the stand-in
+            // checks an update's paths against each other, quadratic in
+            // their number: a group of 1,000 raising delivered once a
+            // second was a third of its CPU with all three per member)
             // user ids are letters, digits, `-` and `_`: safe as field names
-            max.insert(format!("m.{user}.d"), delivered as i64);
-            max.insert(format!("m.{user}.r"), *read as i64);
+            if after.delivered_seq > b.delivered_seq {
+                max.insert(format!("m.{user}.d"), delivered as i64);
+            }
+            if after.read_seq > b.read_seq {
+                max.insert(format!("m.{user}.r"), *read as i64);
+            }
             set.insert(format!("m.{user}.t"), to_bson_time(now));
             risen.push((user.clone(), b, after));
         }
@@ -604,51 +647,63 @@ impl MessageRepo {
             return Ok(Default::default());
         }
         let ids: Vec<&str> = groups.iter().map(GroupId::as_str).collect();
+        let keys: Vec<String> = groups.iter().map(|g| crate::member_key(g, user)).collect();
         // user ids are letters, digits, `-` and `_`: safe as field names
-        let docs: Vec<ReceiptDoc> = self
-            .receipts
-            .find(doc! { "_id": { "$in": ids } })
-            .projection(doc! { format!("m.{user}.r"): 1, format!("m.{user}.s"): 1 })
-            .await?
-            .try_collect()
-            .await?;
-        Ok(docs
-            .into_iter()
-            .filter_map(|d| {
-                let m = d.members.get(user.as_str())?;
-                let read = m.r.max(m.s).max(0) as u64;
-                Some((GroupId::parse(d.id).ok()?, read))
-            })
-            .collect())
+        let reads = async {
+            self.receipts
+                .find(doc! { "_id": { "$in": &ids } })
+                .projection(doc! { format!("m.{user}.r"): 1, format!("m.{user}.s"): 1 })
+                .await?
+                .try_collect::<Vec<ReceiptDoc>>()
+                .await
+        };
+        let sent = async {
+            self.sent
+                .find(doc! { "_id": { "$in": keys } })
+                .await?
+                .try_collect::<Vec<SentDoc>>()
+                .await
+        };
+        let (reads, sent) = futures::try_join!(reads, sent)?;
+        let mut marks = std::collections::HashMap::new();
+        let mut raise = |group: String, seq: i64| {
+            if let Ok(group) = GroupId::parse(group) {
+                let mark = marks.entry(group).or_insert(0);
+                *mark = (*mark).max(seq.max(0) as u64);
+            }
+        };
+        for d in reads {
+            if let Some(m) = d.members.get(user.as_str()) {
+                raise(d.id, m.r.max(m.s));
+            }
+        }
+        for d in sent {
+            raise(d.g, d.s);
+        }
+        Ok(marks)
     }
 
     /// Raises the sent watermark of each of `senders` (member, newest seq
-    /// it sent) in `group`: batched `$max`, like the receipts, and apart
-    /// from them, so a later acknowledgement still raises the read
-    /// watermark and is pushed to the senders it concerns.
+    /// it sent) in `group`: a batched `$max` on the member's own document
+    /// (`SentDoc`), apart from the read watermark, so a later
+    /// acknowledgement still raises that and is pushed to the senders it
+    /// concerns.
     pub async fn raise_sent(
         &self,
         group: &GroupId,
         senders: &[(UserId, u64)],
     ) -> Result<(), StoreError> {
-        if senders.is_empty() {
-            return Ok(());
-        }
-        let mut max = Document::new();
-        for (user, seq) in senders {
-            // user ids are letters, digits, `-` and `_`: safe as field names
-            max.insert(
-                format!("m.{user}.s"),
-                i64::try_from(*seq).unwrap_or(i64::MAX),
-            );
-        }
-        self.receipt_batch
-            .update(doc! {
-                "q": { "_id": group.as_str() },
-                "u": { "$max": max },
+        futures::future::try_join_all(senders.iter().map(|(user, seq)| {
+            self.sent_batch.update(doc! {
+                "q": { "_id": crate::member_key(group, user) },
+                "u": {
+                    "$max": { "s": i64::try_from(*seq).unwrap_or(i64::MAX) },
+                    "$setOnInsert": { "g": group.as_str() },
+                },
                 "upsert": true,
             })
-            .await?;
+        }))
+        .await?;
         Ok(())
     }
 
@@ -666,7 +721,13 @@ impl MessageRepo {
         users: Option<&[&UserId]>,
     ) -> Result<Vec<(UserId, Receipt)>, StoreError> {
         let mut find = self.receipts.find_one(doc! { "_id": group.as_str() });
-        if let Some(users) = users {
+        // a projection of many fields costs more than it saves (the
+        // stand-in checks its paths against each other): past a few
+        // members the whole document is read and filtered here
+        let wanted: Option<std::collections::HashSet<&str>> = users
+            .filter(|u| u.len() > PROJECTED_MEMBERS)
+            .map(|u| u.iter().map(|u| u.as_str()).collect());
+        if let Some(users) = users.filter(|u| u.len() <= PROJECTED_MEMBERS) {
             let mut fields = Document::new();
             for u in users {
                 // user ids are letters, digits, `-` and `_`: safe as field names
@@ -680,6 +741,7 @@ impl MessageRepo {
         Ok(doc
             .members
             .into_iter()
+            .filter(|(user, _)| wanted.as_ref().is_none_or(|w| w.contains(user.as_str())))
             .filter_map(|(user, r)| {
                 Some((
                     UserId::parse(user.as_str()).ok()?,

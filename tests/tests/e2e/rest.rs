@@ -443,6 +443,51 @@ async fn group_list_counts_unread_from_the_read_watermark() -> anyhow::Result<()
     c.stop().await
 }
 
+/// Sent watermarks have a collection of their own (`sent_marks`); the
+/// ones earlier versions kept in the group's receipts document
+/// (`m.<user>.s`) still count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_counts_take_sent_marks_from_both_places() -> anyhow::Result<()> {
+    use chat_tests::eventually;
+    use std::time::Duration;
+    let c = Cluster::start(1, 1).await?;
+    let g = c.room(&["alice", "bob"]).await?;
+    let mut alice = c.connect(0, "alice", "phone").await?;
+    for i in 1..=3 {
+        alice
+            .send_text(&g, &format!("m{i}"), &format!("hello {i}"))
+            .await?;
+    }
+    let wait = Duration::from_secs(10);
+    let unread = |user: &'static str, n: u64| {
+        let (c, g) = (&c, &g);
+        async move {
+            eventually(wait, || async {
+                Ok((listed(c, user, g).await?["unreadCount"] == n).then_some(()))
+            })
+            .await
+            .with_context(|| format!("{user} has {n} unread"))
+        }
+    };
+    unread("bob", 3).await?;
+    unread("alice", 0).await?;
+    let db = c.mongo().await?;
+    let alice_sent = db
+        .collection::<mongodb::bson::Document>("sent_marks")
+        .find_one(doc! { "_id": format!("{g}:alice") })
+        .await?
+        .context("alice's sent watermark")?;
+    assert_eq!(alice_sent.get_i64("s")?, 3, "{alice_sent}");
+    // an earlier version's sent watermark of bob's, in the receipts
+    // document: his count starts after it
+    db.collection::<mongodb::bson::Document>("group_receipts")
+        .update_one(doc! { "_id": &g }, doc! { "$max": { "m.bob.s": 2_i64 } })
+        .upsert(true)
+        .await?;
+    unread("bob", 1).await?;
+    c.stop().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unread_counts_respect_joined_history() -> anyhow::Result<()> {
     use chat_tests::eventually;
