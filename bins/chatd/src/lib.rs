@@ -417,6 +417,12 @@ pub struct ServeArgs {
     /// counts as gone (closed with 1013; it resumes from its position).
     #[arg(long, env = "CHATD_WS_WRITE_TIMEOUT_MS", default_value_t = 10_000)]
     pub ws_write_timeout_ms: u64,
+    /// Edge: a busy connection (a frame or more per this many
+    /// milliseconds, sustained) that wrote less than this ago gathers its next frames
+    /// until then and writes them at once: fewer socket writes, at most this
+    /// much more latency (0: write whenever the queue runs dry).
+    #[arg(long, env = "CHATD_WS_WRITE_COALESCE_MS", default_value_t = chat_edge::Config::default().write_coalesce.as_millis() as u64)]
+    pub ws_write_coalesce_ms: u64,
     /// Edge: requests per second allowed per connection.
     #[arg(long, env = "CHATD_REQUESTS_PER_SEC", default_value_t = 50.0)]
     pub requests_per_sec: f64,
@@ -704,6 +710,7 @@ impl Node {
                 header_read_timeout: Duration::from_millis(args.header_read_timeout_ms.max(1)),
                 max_connections: args.max_connections,
                 write_timeout: Duration::from_millis(args.ws_write_timeout_ms.max(1)),
+                write_coalesce: Duration::from_millis(args.ws_write_coalesce_ms),
                 service_secret,
                 web_app: !args.no_web_app,
                 dev_token_secret: args

@@ -62,6 +62,13 @@ pub struct Config {
     /// reading is closed after it (1013), its unwritten deliveries handed
     /// back.
     pub write_timeout: Duration,
+    /// A busy connection (a frame or more per this, sustained over ten of
+    /// them) that flushed less than this ago lets the next frames gather
+    /// for the rest of it and writes them at once (replies to requests
+    /// excepted);
+    /// `ZERO`: a write whenever its queue runs dry. Costs a busy connection
+    /// at most this much latency.
+    pub write_coalesce: Duration,
     /// Requests per second per connection, sustained.
     pub requests_per_sec: f64,
     /// REST calls and WebSocket upgrades per second per user (burst: twice
@@ -99,6 +106,7 @@ impl Default for Config {
             outbox_frames: 1024,
             outbox_bytes: 1024 * 1024,
             write_timeout: Duration::from_secs(10),
+            write_coalesce: Duration::from_millis(10),
             requests_per_sec: 50.0,
             user_requests_per_sec: 50.0,
             address_requests_per_sec: 500.0,
