@@ -233,6 +233,22 @@ impl Cluster {
         format!("http://{}", self.workers[i].1)
     }
 
+    /// The value of metric `name` (a series without labels) on edge
+    /// `i`'s `/metrics`, 0 if it is not there yet.
+    pub async fn metric(&self, i: usize, name: &str) -> anyhow::Result<f64> {
+        let text = chat_http::client()
+            .get(format!("{}/metrics", self.ops_url(i)))
+            .send()
+            .await?
+            .text()
+            .await?;
+        Ok(text
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_default())
+    }
+
     /// `http://host:port` of edge `i`'s operator routes (`/metrics`,
     /// `/readyz`).
     pub fn ops_url(&self, i: usize) -> String {

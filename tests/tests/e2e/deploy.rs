@@ -433,18 +433,7 @@ async fn the_shipped_nginx_config_balances_websockets_over_real_edges() -> anyho
                 chat_tests::Client::connect(&front, &token("alice"), &format!("d{i}")).await?,
             );
         }
-        let metrics = chat_http::client()
-            .get(format!("{}/metrics", c.ops_url(0)))
-            .send()
-            .await?
-            .text()
-            .await?;
-        let on_first: f64 = metrics
-            .lines()
-            .find(|l| l.starts_with("chat_ws_connections "))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_default();
+        let on_first = c.metric(0, "chat_ws_connections").await?;
         assert!(
             (1.0..=5.0).contains(&on_first),
             "6 connections, {on_first} on one edge: not spread"
