@@ -418,9 +418,10 @@ pub struct ServeArgs {
     #[arg(long, env = "CHATD_WS_WRITE_TIMEOUT_MS", default_value_t = 10_000)]
     pub ws_write_timeout_ms: u64,
     /// Edge: a busy connection (a frame or more per this many
-    /// milliseconds, sustained) that wrote less than this ago gathers its next frames
-    /// until then and writes them at once: fewer socket writes, at most this
-    /// much more latency (0: write whenever the queue runs dry).
+    /// milliseconds, sustained) that wrote less than this ago gathers its
+    /// next frames until then and writes them at once: fewer socket writes,
+    /// at most this much more latency (0: write whenever the queue runs
+    /// dry).
     #[arg(long, env = "CHATD_WS_WRITE_COALESCE_MS", default_value_t = chat_edge::Config::default().write_coalesce.as_millis() as u64)]
     pub ws_write_coalesce_ms: u64,
     /// Edge: requests per second allowed per connection.

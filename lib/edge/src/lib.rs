@@ -65,9 +65,8 @@ pub struct Config {
     /// A busy connection (a frame or more per this, sustained over ten of
     /// them) that flushed less than this ago lets the next frames gather
     /// for the rest of it and writes them at once (replies to requests
-    /// excepted);
-    /// `ZERO`: a write whenever its queue runs dry. Costs a busy connection
-    /// at most this much latency.
+    /// excepted); `ZERO`: a write whenever its queue runs dry. Costs a busy
+    /// connection at most this much latency.
     pub write_coalesce: Duration,
     /// Requests per second per connection, sustained.
     pub requests_per_sec: f64,

@@ -226,7 +226,8 @@ struct MemberReceipt {
 }
 
 /// One member's sent watermark in one group: the seq of its own newest
-/// message there. `{_id: "<group>:<user>", g, s}`: a document of its own, so a persisted batch raises it at O(1) cost, where a field of the
+/// message there. `{_id: "<group>:<user>", g, s}`: a document of its
+/// own, so a persisted batch raises it at O(1) cost, where a field of the
 /// group's receipts document made every batch rewrite (and diff) an entry
 /// per member (earlier versions kept it there as `m.<user>.s`, still read).
 #[derive(Debug, Serialize, Deserialize)]

@@ -227,14 +227,15 @@ async fn hidden(
 
 /// When the writer flushes: at once when the queue runs dry, unless the
 /// connection is busy (its queue ran dry at least once per `window` over
-/// the last `PERIOD_WINDOWS` windows, counting dry spells closer than
-/// `window / 10` as one: a sustained rate, which a burst of notifications
-/// does not make) and it flushed less than `window` ago; then at
+/// the last `PERIOD_WINDOWS` windows, counting the dry spells within
+/// `window / 10` of a counted one as part of it: a sustained rate, which a
+/// burst of notifications does not make) and it flushed less than `window` ago; then at
 /// `window` after that flush, with whatever came meanwhile. A connection
 /// with a frame now and then writes each at once; a busy one writes at
-/// most once per `window`, several frames per write (`perf`, fan-out at capacity: 1.6 frames per
-/// socket write, and the writes were most of the edge's time, in the
-/// kernel). `ZERO`: a write every time the queue runs dry.
+/// most once per `window`, several frames per write (`perf`, fan-out at
+/// capacity: 1.6 frames per socket write, and the writes were most of the
+/// edge's time, in the kernel). `ZERO`: a write every time the queue runs
+/// dry (nothing is counted, so the connection is never busy).
 struct Coalesce {
     window: Duration,
     last: Option<tokio::time::Instant>,
@@ -243,8 +244,8 @@ struct Coalesce {
     period: Option<tokio::time::Instant>,
     dry: u32,
     busy: bool,
-    /// When the queue last ran dry.
-    last_dry: Option<tokio::time::Instant>,
+    /// When the queue last ran dry and it was counted.
+    counted: Option<tokio::time::Instant>,
     /// Armed while frames wait for their flush; boxed and made on first
     /// use, so an idle connection does not carry a timer.
     timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
@@ -259,7 +260,7 @@ impl Coalesce {
             period: None,
             dry: 0,
             busy: false,
-            last_dry: None,
+            counted: None,
             timer: None,
             waiting: false,
         }
@@ -273,14 +274,15 @@ impl Coalesce {
     }
 
     fn ran_dry_at(&mut self, now: tokio::time::Instant) {
-        // part of the same burst
+        // part of the burst the last counted one began (measured from its
+        // start, so a steady stream faster than this still counts)
         if self
-            .last_dry
-            .replace(now)
+            .counted
             .is_some_and(|t| now.saturating_duration_since(t) < self.window / 10)
         {
             return;
         }
+        self.counted = Some(now);
         let period = self.window * PERIOD_WINDOWS;
         let start = *self.period.get_or_insert(now);
         let gone = now.saturating_duration_since(start);
@@ -317,7 +319,7 @@ impl Coalesce {
 
     /// When frames that find the queue dry at `now` go out, if not at once.
     fn due_at(&self, now: tokio::time::Instant) -> Option<tokio::time::Instant> {
-        if self.window.is_zero() || !self.busy {
+        if !self.busy {
             return None;
         }
         self.last.map(|t| t + self.window).filter(|due| *due > now)
@@ -673,14 +675,26 @@ mod tests {
     fn bursts_count_once() {
         let t0 = tokio::time::Instant::now();
         let mut c = Coalesce::new(Duration::from_millis(10));
-        // every 20 ms, thirty dry spells 0.1 ms apart: one each
+        // every 20 ms, ten dry spells 0.1 ms apart: one each
         for i in 1..=50 {
-            for j in 0..30 {
+            for j in 0..10 {
                 c.ran_dry_at(at(t0, 20 * i) + Duration::from_micros(100 * j));
             }
         }
-        c.last = Some(at(t0, 1004));
-        assert_eq!(c.due_at(at(t0, 1005)), None);
+        c.last = Some(at(t0, 1001));
+        assert_eq!(c.due_at(at(t0, 1002)), None);
+    }
+
+    #[test]
+    fn a_steady_stream_faster_than_a_burst_is_busy() {
+        let t0 = tokio::time::Instant::now();
+        let mut c = Coalesce::new(Duration::from_millis(10));
+        // a dry spell every 0.5 ms for 250 ms: one counted per ms
+        for i in 1..=500 {
+            c.ran_dry_at(t0 + Duration::from_micros(500 * i));
+        }
+        c.last = Some(at(t0, 250));
+        assert_eq!(c.due_at(at(t0, 251)), Some(at(t0, 260)));
     }
 
     #[test]
