@@ -233,22 +233,6 @@ impl Cluster {
         format!("http://{}", self.workers[i].1)
     }
 
-    /// The value of metric `name` (a series without labels) on edge
-    /// `i`'s `/metrics`, 0 if it is not there yet.
-    pub async fn metric(&self, i: usize, name: &str) -> anyhow::Result<f64> {
-        let text = chat_http::client()
-            .get(format!("{}/metrics", self.ops_url(i)))
-            .send()
-            .await?
-            .text()
-            .await?;
-        Ok(text
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_default())
-    }
-
     /// `http://host:port` of edge `i`'s operator routes (`/metrics`,
     /// `/readyz`).
     pub fn ops_url(&self, i: usize) -> String {
@@ -529,7 +513,8 @@ impl Cluster {
         if let Some(i) = argv.iter().position(|a| a == "--metrics-listen") {
             argv.remove(i);
         }
-        argv.push(format!("--metrics-listen={}", free()?));
+        let metrics = free()?;
+        argv.push(format!("--metrics-listen={metrics}"));
         let bin = chat_stack::chatd_binary()?;
         let dir = tempfile::tempdir()?;
         let log = dir.path().join("chatd.log");
@@ -545,6 +530,7 @@ impl Cluster {
             child,
             http,
             grpc,
+            metrics,
             log,
             _dir: dir,
         };
@@ -617,11 +603,31 @@ pub struct Process {
     pub http: SocketAddr,
     /// Worker: where edges connect.
     pub grpc: SocketAddr,
+    /// Its operator routes (`/metrics`, `/readyz`).
+    pub metrics: SocketAddr,
     log: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
 
 impl Process {
+    /// The value of metric `name` (a series without labels) on this
+    /// process's `/metrics`, 0 if it is not there yet. (The nodes a
+    /// `Cluster` runs in the test process share one metrics registry with
+    /// every other test's: only a process of its own counts alone.)
+    pub async fn metric(&self, name: &str) -> anyhow::Result<f64> {
+        let text = chat_http::client()
+            .get(format!("http://{}/metrics", self.metrics))
+            .send()
+            .await?
+            .text()
+            .await?;
+        Ok(text
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_default())
+    }
+
     /// SIGKILL: the process dies at once, mid-whatever.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

@@ -421,8 +421,10 @@ pub struct ServeArgs {
     /// milliseconds, sustained) that wrote less than this ago gathers its
     /// next frames until then and writes them at once: fewer socket writes,
     /// at most this much more latency (0: write whenever the queue runs
-    /// dry).
-    #[arg(long, env = "CHATD_WS_WRITE_COALESCE_MS", default_value_t = chat_edge::Config::default().write_coalesce.as_millis() as u64)]
+    /// dry; at most 1,000).
+    #[arg(long, env = "CHATD_WS_WRITE_COALESCE_MS",
+          default_value_t = chat_edge::Config::default().write_coalesce.as_millis() as u64,
+          value_parser = clap::value_parser!(u64).range(0..=1000))]
     pub ws_write_coalesce_ms: u64,
     /// Edge: requests per second allowed per connection.
     #[arg(long, env = "CHATD_REQUESTS_PER_SEC", default_value_t = 50.0)]
@@ -900,6 +902,20 @@ mod tests {
         let cli = Cli::try_parse_from(["chatd", "token", "--user", "alice", "--jwt-secret", "x"])
             .expect("parses");
         assert!(matches!(cli.command, Some(Command::Token(_))));
+    }
+
+    #[test]
+    fn write_coalescing_is_at_most_a_second() {
+        let window = |ms: &str| {
+            Cli::try_parse_from(["chatd", "--role", "edge", "--ws-write-coalesce-ms", ms])
+                .map(|c| c.serve.ws_write_coalesce_ms)
+        };
+        assert_eq!(window("0").expect("off"), 0);
+        assert_eq!(window("1000").expect("the most"), 1000);
+        assert!(window("1001").is_err());
+        assert!(window("-1").is_err());
+        let default = Cli::try_parse_from(["chatd", "--role", "edge"]).expect("parses");
+        assert_eq!(default.serve.ws_write_coalesce_ms, 10);
     }
 
     #[test]

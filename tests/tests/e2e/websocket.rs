@@ -1160,11 +1160,13 @@ async fn a_busy_connection_gets_everything_in_order_with_coalesced_writes() -> a
     )
     .await?;
     let g = c.room(&["alice", "bob"]).await?;
-    let mut bob = c.connect(0, "bob", "laptop").await?;
-    let mut alice = c.connect(0, "alice", "phone").await?;
+    // an edge process of its own: its metrics count its connections only
+    let edge = c.spawn_process("edge").await?;
+    let mut bob = c.connect_to(&edge, "bob", "laptop").await?;
+    let mut alice = c.connect_to(&edge, "alice", "phone").await?;
     let mut acked = Vec::new();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while c.metric(0, "chat_ws_coalesced_flushes_total").await? == 0.0 {
+    while edge.metric("chat_ws_coalesced_flushes_total").await? == 0.0 {
         anyhow::ensure!(
             std::time::Instant::now() < deadline,
             "no write waited for its window after {} messages",

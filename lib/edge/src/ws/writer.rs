@@ -61,6 +61,8 @@ pub(super) async fn write_loop(
     let deadline = app.config.write_timeout;
     let mut burst = 0usize;
     let mut coalesce = Coalesce::new(app.config.write_coalesce);
+    // whether group messages came since the queue last ran dry
+    let mut messages = false;
     let coalesced = metrics::counter!("chat_ws_coalesced_flushes_total");
     loop {
         // a close asked for out of band goes ahead of everything queued
@@ -85,6 +87,9 @@ pub(super) async fn write_loop(
         };
         // a reply to a request goes out at once: its client is waiting
         let urgent = matches!(out, Outgoing::Frame(_));
+        // only the group messages' rate makes a connection busy: a burst
+        // of notifications (status pushes come one publish apart) does not
+        messages |= matches!(&out, Outgoing::Live(f) if f.feed == Feed::Groups);
         let ok = match out {
             Outgoing::Frame(text) => {
                 metrics::counter!("chat_ws_events_out_total", "event" => event_of(&text))
@@ -170,7 +175,9 @@ pub(super) async fn write_loop(
         }
         burst += 1;
         if inbox.rx.is_empty() || burst >= WRITE_BURST {
-            coalesce.ran_dry();
+            if std::mem::take(&mut messages) {
+                coalesce.ran_dry();
+            }
             if !urgent && burst < WRITE_BURST && coalesce.wait() {
                 // more may come before it is due
                 continue;
@@ -226,10 +233,11 @@ async fn hidden(
 }
 
 /// When the writer flushes: at once when the queue runs dry, unless the
-/// connection is busy (its queue ran dry at least once per `window` over
-/// the last `PERIOD_WINDOWS` windows, counting the dry spells within
-/// `window / 10` of a counted one as part of it: a sustained rate, which a
-/// burst of notifications does not make) and it flushed less than `window` ago; then at
+/// connection is busy (its queue ran dry after group messages at least
+/// once per `window` over the last `PERIOD_WINDOWS` windows, counting the
+/// dry spells within `window / 10` of a counted one as part of it: a
+/// sustained rate of messages, which a burst of notifications or replies
+/// does not make) and it flushed less than `window` ago; then at
 /// `window` after that flush, with whatever came meanwhile. A connection
 /// with a frame now and then writes each at once; a busy one writes at
 /// most once per `window`, several frames per write (`perf`, fan-out at
@@ -266,7 +274,7 @@ impl Coalesce {
         }
     }
 
-    /// The queue ran dry (or a burst is full): frames wait to be flushed.
+    /// The queue ran dry (or a burst is full) after group messages.
     fn ran_dry(&mut self) {
         if !self.window.is_zero() {
             self.ran_dry_at(tokio::time::Instant::now());
