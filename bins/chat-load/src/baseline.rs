@@ -95,7 +95,7 @@ pub async fn core_fanout(
         for got in slots {
             let client = connect_options(user)
                 .subscription_capacity(65_536)
-                .connect(url)
+                .connect(servers(url))
                 .await?;
             let mut sub = client.subscribe(format!("bench.core.{s}")).await?;
             client.flush().await?;
@@ -126,7 +126,7 @@ pub async fn core_fanout(
     }
     let mut pubs = JoinSet::new();
     for (s, published) in published.iter().enumerate() {
-        let client = connect_options(user).connect(url).await?;
+        let client = connect_options(user).connect(servers(url)).await?;
         let stop = stop.clone();
         let published = published.clone();
         let slowest = received[s].clone();
@@ -206,11 +206,18 @@ pub async fn core_fanout(
     })
 }
 
-/// JetStream publishes to a file-backed stream (as `CHAT_GROUPS`), each
-/// awaited for its ack, `window` in flight, round-robin over `subjects`.
+/// The servers of a NATS URL (comma-separated for a cluster).
+pub fn servers(url: &str) -> Vec<&str> {
+    url.split(',').map(str::trim).collect()
+}
+
+/// JetStream publishes to a file-backed stream (as `CHAT_GROUPS`, with as
+/// many `replicas`), each awaited for its ack, `window` in flight,
+/// round-robin over `subjects`.
 pub async fn jetstream(
     url: &str,
     user: &NatsUser,
+    replicas: usize,
     subjects: usize,
     size: usize,
     window: usize,
@@ -220,7 +227,7 @@ pub async fn jetstream(
         "nats jetstream: acked publishes, {size} bytes, {window} in flight, {} s",
         duration.as_secs()
     );
-    let client = connect_options(user).connect(url).await?;
+    let client = connect_options(user).connect(servers(url)).await?;
     let js = async_nats::jetstream::new(client);
     let name = "BENCH_JS";
     let _ = js.delete_stream(name).await;
@@ -228,6 +235,7 @@ pub async fn jetstream(
         name: name.into(),
         subjects: vec!["bench.js.>".into()],
         storage: async_nats::jetstream::stream::StorageType::File,
+        num_replicas: replicas,
         ..Default::default()
     })
     .await?;

@@ -90,6 +90,10 @@ struct Args {
     /// Where the report goes.
     #[arg(long, default_value = "bench-results")]
     out: std::path::PathBuf,
+    /// NATS nodes: more than one makes a cluster with the streams
+    /// replicated on every node (`chatd --nats-replicas`).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=5))]
+    nats_nodes: u64,
     /// Extra flags for chatd (repeatable), e.g. `--chatd-arg=--requests-per-sec=100`.
     #[arg(long = "chatd-arg", allow_hyphen_values = true)]
     chatd_args: Vec<String>,
@@ -146,9 +150,17 @@ async fn main() -> anyhow::Result<()> {
     // clients of a benchmark send faster than the default 50 requests/s
     // per connection; everything else is chatd's defaults
     let mut chatd_args = vec!["--requests-per-sec=100000".to_owned()];
+    if args.nats_nodes > 1 {
+        chatd_args.push(format!("--nats-replicas={}", args.nats_nodes));
+    }
     chatd_args.extend(args.chatd_args.iter().cloned());
     eprintln!("starting nats-server, SecantusDB, s3s-fs and chatd");
-    let system = system::System::start(&chatd_args, !args.no_sync_on_commit).await?;
+    let system = system::System::start(
+        &chatd_args,
+        !args.no_sync_on_commit,
+        args.nats_nodes as usize,
+    )
+    .await?;
     let processes = system.processes();
     let nats_pid = system.stack.nats.pid().unwrap_or(0);
     let me = std::process::id();
@@ -203,6 +215,7 @@ async fn main() -> anyhow::Result<()> {
             baseline::jetstream(
                 &system.stack.nats.url,
                 &system.stack.nats.users.ops,
+                args.nats_nodes as usize,
                 plan.groups,
                 plan.size,
                 256,

@@ -41,7 +41,7 @@ impl Persistence {
 /// subjects carry too (as changes of messages, not messages).
 pub async fn check(system: &System, changes: u64) -> anyhow::Result<Persistence> {
     let nats = crate::baseline::connect_options(&system.stack.nats.users.ops)
-        .connect(system.stack.nats.url.as_str())
+        .connect(crate::baseline::servers(&system.stack.nats.url))
         .await?;
     let js = async_nats::jetstream::new(nats);
     // the group stream also carries membership events, which MongoDB does

@@ -28,10 +28,15 @@ pub struct System {
 }
 
 impl System {
-    /// Starts the services and `chatd` (the binary next to this one, or
-    /// `CHATD_BIN`), and waits until `/readyz` answers.
-    pub async fn start(extra: &[String], durable_mongo: bool) -> anyhow::Result<Self> {
-        let stack = Stack::start_with(1, durable_mongo).await?;
+    /// Starts the services (`nats_nodes` NATS nodes) and `chatd` (the
+    /// binary next to this one, or `CHATD_BIN`), and waits until `/readyz`
+    /// answers.
+    pub async fn start(
+        extra: &[String],
+        durable_mongo: bool,
+        nats_nodes: usize,
+    ) -> anyhow::Result<Self> {
+        let stack = Stack::start_with(nats_nodes, durable_mongo).await?;
         let free = || -> anyhow::Result<SocketAddr> {
             Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
         };
@@ -116,7 +121,14 @@ impl System {
     /// The server processes, by name.
     pub fn processes(&self) -> Vec<(&'static str, u32)> {
         let mut out = vec![("chatd", self.chatd.id())];
-        out.extend(self.stack.nats.pid().map(|p| ("nats-server", p)));
+        const NATS: [&str; 5] = [
+            "nats-server",
+            "nats-server 2",
+            "nats-server 3",
+            "nats-server 4",
+            "nats-server 5",
+        ];
+        out.extend(NATS.into_iter().zip(self.stack.nats.pids()));
         out.extend(self.stack.mongo.pid().map(|p| ("secantusdb", p)));
         out
     }

@@ -320,6 +320,15 @@ pub struct ServeArgs {
     /// publish buffered through a NATS disconnect may land until then).
     #[arg(long, env = "CHATD_RESOLVE_PENDING_AFTER_MS", default_value_t = 30_000)]
     pub resolve_pending_after_ms: u64,
+    /// Worker: most new messages of one group published together as one
+    /// JetStream atomic batch (group commit: what queued for the group
+    /// while its previous publish was under way); 1 publishes each message
+    /// on its own. Default: 64 on replicated streams (`--nats-replicas` 2
+    /// or more), else 1, since nats-server stages each batch of a
+    /// one-replica file stream in a file store of its own (BENCHMARKS.md).
+    #[arg(long, env = "CHATD_PUBLISH_BATCH_MAX",
+          value_parser = clap::value_parser!(u64).range(1..=chat_bus::MAX_BATCH as u64))]
+    pub publish_batch_max: Option<u64>,
     /// Worker: how long a send's `clientMsgId` is remembered, in seconds: a
     /// retry within it returns the original message (the `CHAT_SENDS`
     /// bucket's `max_age`; one small entry per send).
@@ -470,6 +479,15 @@ impl ServeArgs {
             .map(chat_rpc::ServiceSecret::new)
             .transpose()
             .context("--service-secret")
+    }
+
+    /// Most messages per publish of a group (`--publish-batch-max`).
+    fn publish_batch_max(&self) -> usize {
+        match self.publish_batch_max {
+            Some(n) => n as usize,
+            None if self.nats.nats_replicas > 1 => chat_worker::Config::default().publish_batch_max,
+            None => 1,
+        }
     }
 
     fn limits(&self) -> Limits {
@@ -659,6 +677,7 @@ impl Node {
             let config = chat_worker::Config {
                 limits: args.limits(),
                 resolve_pending_after: Duration::from_millis(args.resolve_pending_after_ms),
+                publish_batch_max: args.publish_batch_max(),
                 idempotency_window,
                 edit_window: Duration::from_secs(args.edit_window_secs),
                 media: args.media(),
@@ -916,6 +935,30 @@ mod tests {
         assert!(window("-1").is_err());
         let default = Cli::try_parse_from(["chatd", "--role", "edge"]).expect("parses");
         assert_eq!(default.serve.ws_write_coalesce_ms, 10);
+    }
+
+    #[test]
+    fn a_publish_batch_is_one_to_a_thousand_messages() {
+        let most = |n: &str| {
+            Cli::try_parse_from(["chatd", "--role", "worker", "--publish-batch-max", n])
+                .map(|c| c.serve.publish_batch_max)
+        };
+        assert_eq!(most("1").expect("off"), Some(1));
+        assert_eq!(most("1000").expect("the most"), Some(1000));
+        assert!(most("0").is_err());
+        assert!(most("1001").is_err());
+        // by default, batches only where nats-server stages them cheaply
+        let default = |replicas: &str| {
+            Cli::try_parse_from(["chatd", "--role", "worker", "--nats-replicas", replicas])
+                .expect("parses")
+                .serve
+                .publish_batch_max()
+        };
+        assert_eq!(default("1"), 1);
+        assert_eq!(default("3"), 64);
+        let forced = Cli::try_parse_from(["chatd", "--role", "worker", "--publish-batch-max", "8"])
+            .expect("parses");
+        assert_eq!(forced.serve.publish_batch_max(), 8);
     }
 
     #[test]

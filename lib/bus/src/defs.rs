@@ -58,6 +58,8 @@ mod tests {
         let d = Definitions::load(3).expect("definitions parse");
         assert_eq!(d.users_stream.name, "CHAT_USERS");
         assert_eq!(d.users_stream.num_replicas, 3);
+        // group commit publishes atomic batches
+        assert!(d.groups_stream.allow_atomic_publish);
         // the default of 1,000 consumers per stream is too few for a
         // catch-up consumer per reconnecting device at once
         assert!(d.users_stream.max_consumers >= 100_000);

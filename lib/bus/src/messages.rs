@@ -95,6 +95,38 @@ pub enum Published {
     Conflict,
 }
 
+/// The result of publishing a batch of new messages atomically.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchPublished {
+    /// All stored, the first at this stream sequence and each of the others
+    /// right after the one before it.
+    Stored { first_stream_seq: u64 },
+    /// Another message was published to the group first: nothing stored.
+    Conflict,
+    /// The server did not take the batch (atomic publishes off or
+    /// unsupported, too many batches open, a message of it stored already):
+    /// nothing stored; publish the messages one by one instead.
+    Refused(String),
+}
+
+/// Most messages nats-server takes in one atomic batch by default.
+pub const MAX_BATCH: usize = 1000;
+
+/// Whether a nats-server of `version` (`major.minor.patch`) stores an
+/// atomic batch as one: earlier ones ignore the batch headers and would
+/// store each message on its own, the compare-and-set on the first only.
+fn atomic_batches_in(version: &str) -> bool {
+    let mut parts = version.split('.').map(|p| {
+        p.chars()
+            .take_while(char::is_ascii_digit)
+            .collect::<String>()
+            .parse::<u64>()
+            .unwrap_or(0)
+    });
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (major, minor) >= (2, 12)
+}
+
 fn seq_of(msg: &async_nats::jetstream::message::StreamMessage) -> Result<u64, BusError> {
     msg.headers
         .get(SEQ_HEADER)
@@ -198,6 +230,124 @@ impl Bus {
         }
     }
 
+    /// Publishes `envelopes` (new messages of one group, with consecutive
+    /// `seq`s) as one atomic batch, only if the group's newest message is
+    /// still at stream sequence `expected_last`: all are stored, one after
+    /// the other, or none. Each keeps its message id as de-duplication id
+    /// (a batch holding one stored already is refused whole). One
+    /// acknowledgement for the batch: the messages before the last go out
+    /// without a reply subject.
+    pub async fn publish_group_batch(
+        &self,
+        envelopes: &[Envelope],
+        expected_last: u64,
+    ) -> Result<BatchPublished, BusError> {
+        use async_nats::header::{
+            NATS_BATCH_COMMIT, NATS_BATCH_ID, NATS_BATCH_SEQUENCE,
+            NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+        };
+        use async_nats::jetstream::ErrorCode;
+        let (Some(first), n) = (envelopes.first(), envelopes.len()) else {
+            return Err(BusError::Unavailable("an empty batch".to_owned()));
+        };
+        if n > MAX_BATCH {
+            return Ok(BatchPublished::Refused(format!(
+                "{n} messages in one batch, above {MAX_BATCH}"
+            )));
+        }
+        let version = self.client.server_info().version;
+        if !atomic_batches_in(&version) {
+            return Ok(BatchPublished::Refused(format!(
+                "nats-server {version} has no atomic batches"
+            )));
+        }
+        let group = GroupId::parse(first.group_id.as_str())
+            .map_err(|e| BusError::Unavailable(e.to_string()))?;
+        let subject = group_msg_subject(&group);
+        // unique among open batches: the first message's fresh id
+        let batch_id = first.message_id.as_str();
+        let mut ack = None;
+        for (i, envelope) in envelopes.iter().enumerate() {
+            if envelope.group_id != first.group_id {
+                return Err(BusError::Unavailable(
+                    "a batch of messages of more than one group".to_owned(),
+                ));
+            }
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(MSG_ID, envelope.message_id.as_str());
+            headers.insert(SEQ_HEADER, envelope.seq.to_string().as_str());
+            headers.insert(NATS_BATCH_ID, batch_id);
+            headers.insert(NATS_BATCH_SEQUENCE, (i + 1).to_string().as_str());
+            if i == 0 {
+                headers.insert(
+                    NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+                    expected_last.to_string().as_str(),
+                );
+            }
+            let payload = Bytes::from(
+                serde_json::to_vec(envelope).map_err(|e| BusError::Unavailable(e.to_string()))?,
+            );
+            if i + 1 < n {
+                self.client
+                    .publish_with_headers(subject.clone(), headers, payload)
+                    .await
+                    .map_err(BusError::nats)?;
+            } else {
+                headers.insert(NATS_BATCH_COMMIT, "1");
+                let future = self
+                    .js
+                    .publish_with_headers(subject.clone(), headers, payload)
+                    .await
+                    .map_err(BusError::nats)?;
+                ack = Some(future.await);
+            }
+        }
+        let Some(ack) = ack else {
+            return Err(BusError::Unavailable("a batch without a commit".to_owned()));
+        };
+        let refused_codes = [
+            ErrorCode::ATOMIC_PUBLISH_DISABLED,
+            ErrorCode::ATOMIC_PUBLISH_INCOMPLETE_BATCH,
+            ErrorCode::ATOMIC_PUBLISH_UNSUPPORTED_HEADER,
+            ErrorCode::ATOMIC_PUBLISH_TOO_LARGE_BATCH,
+            ErrorCode::ATOMIC_PUBLISH_CONTAINS_DUPLICATE_MESSAGE,
+            ErrorCode::ATOMIC_PUBLISH_TOO_MANY_INFLIGHT,
+        ];
+        match ack {
+            Ok(ack) => {
+                let stored = ack.batch_size.unwrap_or(0);
+                if stored != n as u64 || ack.duplicate {
+                    // what was stored cannot be told apart: a retry settles it
+                    return Err(BusError::Unavailable(format!(
+                        "a batch of {n} acknowledged as {stored} stored (duplicate: {})",
+                        ack.duplicate
+                    )));
+                }
+                let first_stream_seq = ack.sequence.checked_sub(n as u64 - 1).ok_or_else(|| {
+                    BusError::Unavailable(format!(
+                        "a batch of {n} acknowledged at stream sequence {}",
+                        ack.sequence
+                    ))
+                })?;
+                Ok(BatchPublished::Stored { first_stream_seq })
+            }
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                Ok(BatchPublished::Conflict)
+            }
+            Err(e) => {
+                let code = std::error::Error::source(&e)
+                    .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>())
+                    .map(|j| j.error_code());
+                match code {
+                    Some(code) if refused_codes.contains(&code) => {
+                        Ok(BatchPublished::Refused(e.to_string()))
+                    }
+                    _ => Err(BusError::nats(e)),
+                }
+            }
+        }
+    }
+
     /// Looks for message `id` among `group`'s messages after stream sequence
     /// `after`, stored no later than `until_ms` if given (ms since the epoch,
     /// nats-server's clock): did an uncertain publish land? If so, where, and
@@ -269,5 +419,20 @@ impl Bus {
             .await
             .map_err(BusError::nats)?;
         Ok(msg.payload)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::atomic_batches_in;
+
+    #[test]
+    fn atomic_batches_from_nats_server_2_12() {
+        for v in ["2.12.0", "2.15.1", "2.14.0-RC.1", "3.0.0"] {
+            assert!(atomic_batches_in(v), "{v}");
+        }
+        for v in ["2.11.9", "2.10.22", "1.4.1", "", "garbage"] {
+            assert!(!atomic_batches_in(v), "{v}");
+        }
     }
 }

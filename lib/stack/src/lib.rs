@@ -430,6 +430,11 @@ impl Nats {
         self.nodes[0].service.pid()
     }
 
+    /// The process ids of the running nodes, node 0 first.
+    pub fn pids(&self) -> Vec<u32> {
+        self.nodes.iter().filter_map(|n| n.service.pid()).collect()
+    }
+
     /// Node `i`'s JetStream store directory (copy it only while the node is
     /// stopped).
     pub fn store_dir(&self, i: usize) -> PathBuf {

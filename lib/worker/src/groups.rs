@@ -133,7 +133,7 @@ impl GroupsService {
             let change = match &change {
                 GroupChange::AddMembers { user_ids, .. } => GroupChange::AddMembers {
                     user_ids: user_ids.clone(),
-                    at_seq: crate::messages::newest_seq(&self.0, id).await?,
+                    at_seq: crate::publish::newest_seq(&self.0, id).await?,
                 },
                 other => other.clone(),
             };

@@ -26,6 +26,7 @@ mod media;
 mod members;
 mod messages;
 mod persist;
+mod publish;
 mod push;
 mod sessions;
 
@@ -47,6 +48,9 @@ pub struct Config {
     /// stream is taken as lost and published again (a publish buffered
     /// through a disconnect may land until then).
     pub resolve_pending_after: std::time::Duration,
+    /// Most new messages of one group published as one atomic batch
+    /// (`publish.rs`); 1: each on its own.
+    pub publish_batch_max: usize,
     /// How long a send's `clientMsgId` is remembered (the send log's
     /// `max_age`): a retry within it returns the original message.
     pub idempotency_window: std::time::Duration,
@@ -100,6 +104,7 @@ impl Default for Config {
             max_listed_members: 20_000,
             max_groups_per_user: 1_000,
             resolve_pending_after: std::time::Duration::from_secs(30),
+            publish_batch_max: 64,
             idempotency_window: std::time::Duration::from_secs(24 * 3600),
             edit_window: std::time::Duration::from_secs(3600),
             media: MediaPolicy::default(),
@@ -172,7 +177,7 @@ pub(crate) struct State {
     /// The media bucket, if configured.
     pub objects: Option<Objects>,
     pub config: Config,
-    pub positions: messages::Positions,
+    pub positions: publish::Positions,
     /// Who is a member of which group (`members.rs`).
     pub members: members::Members,
     /// One entry per send for the idempotency window.

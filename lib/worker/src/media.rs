@@ -110,7 +110,7 @@ pub(crate) async fn check_media(
     let media_key = new_key(group);
     // the message this copy goes with gets a seq above this: a member who
     // joined after it may download the copy (media_url)
-    let after_seq = crate::messages::newest_seq(s, group).await?;
+    let after_seq = crate::publish::newest_seq(s, group).await?;
     if !s
         .store
         .uploads

@@ -13,7 +13,7 @@ use std::{collections::HashMap, sync::Arc};
 
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use bytes::Bytes;
-use chat_bus::{Claimed, Envelope, Position, Published as Stored, SendLog, SendRecord, send_key};
+use chat_bus::{Claimed, Envelope, SendLog, SendRecord, send_key};
 use chat_crypto::{BINDING_V2, MessageBinding, Sealed};
 use chat_domain::{
     ClientMsgId, DomainError, GroupId, MessageId, MessageKind, UserId, check_text, now_millis,
@@ -22,7 +22,6 @@ use chat_protocol::{MessageStatusPush, ReplyView, event, push_json, reply_previe
 use chat_rpc::pb::{self, messages_server::Messages};
 use chat_store::{StoreError, StoredMessage};
 use serde::{Deserialize, Serialize};
-use tokio::sync::Mutex;
 use tonic::{Request, Response, Status};
 
 use crate::{
@@ -30,12 +29,9 @@ use crate::{
     media::{self, MediaContent, check_media},
     parse_id,
     persist::{self, CATCH_UP, read_caught_up},
+    publish::{Publishing, lower_bound, publish_locked, publish_new},
 };
 
-/// Compare-and-set attempts before a send gives up as `unavailable`.
-const CAS_ATTEMPTS: usize = 64;
-/// Most positions remembered; past it the cache starts over.
-const POSITION_CACHE: usize = 100_000;
 /// Largest history page.
 const MAX_HISTORY_PAGE: u32 = 100;
 /// How long a receipt waits for the messages it covers to be persisted.
@@ -54,88 +50,13 @@ pub(crate) struct Content {
     pub reply_to: Option<ReplyView>,
 }
 
-/// Each group's newest known position, to publish without a lookup first,
-/// behind one lock per group: a worker publishes one message of a group at
-/// a time, so its own sends never race each other's compare-and-set (which
-/// under load turned most publishes into conflicts and retries). Other
-/// workers' publishes are still caught by the compare-and-set.
-#[derive(Default)]
-pub(crate) struct Positions(std::sync::Mutex<HashMap<GroupId, Slot>>);
-
-type Slot = Arc<GroupSlot>;
-
-#[derive(Default)]
-pub(crate) struct GroupSlot {
-    /// The newest known position, held across a publish.
-    position: Mutex<Option<Position>>,
-    /// The newest stream sequence ever known here: a lower bound of where
-    /// the next message lands, readable without waiting for a publish in
-    /// progress (the send log records it before the publish).
-    floor: std::sync::atomic::AtomicU64,
-    /// The stream sequence of the last change (edit, delete) this worker
-    /// published of each message of the group (the newest few): the next
-    /// change of that message is decided only once MongoDB holds it.
-    changes: std::sync::Mutex<HashMap<MessageId, u64>>,
-}
-
-/// Messages per group whose last change a worker remembers.
-const CHANGES_KEPT: usize = 1024;
-
-impl GroupSlot {
-    /// Where this worker last published a change of `id`, if it remembers.
-    fn last_change(&self, id: &MessageId) -> Option<u64> {
-        let changes = self.changes.lock().unwrap_or_else(|e| e.into_inner());
-        changes.get(id).copied()
-    }
-
-    fn changed(&self, id: &MessageId, stream_seq: u64) {
-        let mut changes = self.changes.lock().unwrap_or_else(|e| e.into_inner());
-        if changes.len() >= CHANGES_KEPT && !changes.contains_key(id) {
-            // each was acknowledged only once applied: forgetting one
-            // leaves a change in flight at most
-            changes.clear();
-        }
-        let at = changes.entry(id.clone()).or_default();
-        *at = (*at).max(stream_seq);
-    }
-
-    /// The change of `id` at `stream_seq` is applied: nothing to wait for,
-    /// unless a newer one is in flight.
-    fn applied(&self, id: &MessageId, stream_seq: u64) {
-        let mut changes = self.changes.lock().unwrap_or_else(|e| e.into_inner());
-        if changes.get(id) == Some(&stream_seq) {
-            changes.remove(id);
-        }
-    }
-}
-
-impl GroupSlot {
-    fn known(&self, cached: &mut Option<Position>, p: Position) {
-        *cached = Some(p);
-        self.floor
-            .fetch_max(p.stream_seq, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-impl Positions {
-    fn slot(&self, g: &GroupId) -> Slot {
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if map.len() >= POSITION_CACHE {
-            // a slot still held elsewhere stays valid: the worst case is two
-            // holders for one group, which the compare-and-set resolves
-            map.clear();
-        }
-        map.entry(g.clone()).or_default().clone()
-    }
-}
-
 pub(crate) struct MessagesService(pub Arc<State>);
 
 fn forbidden(why: impl Into<String>) -> WorkerError {
     WorkerError::Domain(DomainError::Forbidden(why.into()))
 }
 
-fn unavailable(why: impl Into<String>) -> WorkerError {
+pub(crate) fn unavailable(why: impl Into<String>) -> WorkerError {
     WorkerError::Store(StoreError::Unavailable(why.into()))
 }
 
@@ -148,201 +69,14 @@ fn ack(m: &StoredMessage) -> pb::SendMessageResponse {
     }
 }
 
-/// A stream sequence the next message of `group` cannot be at or before:
-/// known without waiting for a publish of the group in progress, looked up
-/// (under the group's lock) only the first time.
-async fn lower_bound(s: &State, group: &GroupId) -> Result<u64, WorkerError> {
-    let slot = s.positions.slot(group);
-    let floor = slot.floor.load(std::sync::atomic::Ordering::Relaxed);
-    if floor > 0 {
-        return Ok(floor);
-    }
-    let mut cached = slot.position.lock().await;
-    Ok(known_position(s, group, &slot, &mut cached)
-        .await?
-        .stream_seq)
-}
-
-/// The newest position of `group`: from the cache, else the stream, else
-/// (messages aged out of the stream) the last committed message.
-async fn known_position(
-    s: &State,
-    group: &GroupId,
-    slot: &GroupSlot,
-    cached: &mut Option<Position>,
-) -> Result<Position, WorkerError> {
-    if let Some(p) = *cached {
-        return Ok(p);
-    }
-    let p = match s.bus.last_group_position(group).await? {
-        Some(p) => p,
-        None => match s.store.messages.last_committed(group).await? {
-            Some((seq, _)) => Position { seq, stream_seq: 0 },
-            None => Position {
-                seq: 0,
-                stream_seq: 0,
-            },
-        },
-    };
-    slot.known(cached, p);
-    Ok(p)
-}
-
-/// The newest `seq` of `group` now: from the stream, else (messages aged
-/// out of it) the last committed message, else 0.
-pub(crate) async fn newest_seq(s: &State, group: &GroupId) -> Result<u64, WorkerError> {
-    if let Some(p) = s.bus.last_group_position(group).await? {
-        return Ok(p.seq);
-    }
-    Ok(s.store
-        .messages
-        .last_committed(group)
-        .await?
-        .map_or(0, |(seq, _)| seq))
-}
-
 /// What `m`'s content is bound to at `seq`.
-fn binding(m: &StoredMessage, seq: u64) -> MessageBinding<'_> {
+pub(crate) fn binding(m: &StoredMessage, seq: u64) -> MessageBinding<'_> {
     MessageBinding {
         message_id: m.id.as_str(),
         group_id: m.group_id.as_str(),
         sender_id: m.sender_id.as_str(),
         seq,
     }
-}
-
-/// `m` as the envelope published at `seq`, its content sealed for that seq.
-fn envelope(
-    s: &State,
-    m: &StoredMessage,
-    plaintext: &[u8],
-    seq: u64,
-    mentions: &[UserId],
-) -> Envelope {
-    let sealed = s.keys.seal(plaintext, &binding(m, seq).aad(BINDING_V2));
-    Envelope {
-        message_id: m.id.to_string(),
-        group_id: m.group_id.to_string(),
-        seq,
-        sender_id: m.sender_id.to_string(),
-        client_msg_id: m.client_msg_id.to_string(),
-        kind: m.kind.clone(),
-        created_at: m.created_at,
-        key_id: sealed.key_id,
-        nonce: B64.encode(&sealed.nonce),
-        ciphertext: B64.encode(&sealed.ciphertext),
-        binding: BINDING_V2,
-        mentions: mentions.iter().map(UserId::to_string).collect(),
-        change: None,
-        changed_by: String::new(),
-        joined_only: false,
-    }
-}
-
-/// What goes on a group's message subject.
-enum Publishing<'a> {
-    /// A new message, sealed at each attempt for the seq it would get.
-    Message {
-        m: &'a StoredMessage,
-        plaintext: &'a [u8],
-        mentions: &'a [UserId],
-    },
-    /// A change of an earlier message, under its own de-duplication id:
-    /// it takes no seq.
-    Change {
-        envelope: &'a Envelope,
-        msg_id: &'a str,
-    },
-}
-
-/// Publishes on `group`'s message subject, retrying on conflicts with
-/// concurrent senders; returns where it landed. `after` is a stream
-/// sequence a message cannot be at or before (to find it if an earlier
-/// attempt landed).
-async fn publish(
-    s: &State,
-    group: &GroupId,
-    what: Publishing<'_>,
-    after: u64,
-) -> Result<Position, WorkerError> {
-    let slot = s.positions.slot(group);
-    let mut cached = slot.position.lock().await;
-    publish_locked(s, group, &slot, &mut cached, what, after).await
-}
-
-/// [`publish`], with the group's slot held.
-async fn publish_locked(
-    s: &State,
-    group: &GroupId,
-    slot: &GroupSlot,
-    cached: &mut Option<Position>,
-    what: Publishing<'_>,
-    after: u64,
-) -> Result<Position, WorkerError> {
-    for _ in 0..CAS_ATTEMPTS {
-        let last = known_position(s, group, slot, cached).await?;
-        let started = std::time::Instant::now();
-        let (seq, published) = match &what {
-            Publishing::Message {
-                m,
-                plaintext,
-                mentions,
-            } => {
-                let seq = last.seq + 1;
-                let env = envelope(s, m, plaintext, seq, mentions);
-                (
-                    seq,
-                    s.bus.publish_group_message(&env, last.stream_seq).await,
-                )
-            }
-            Publishing::Change { envelope, msg_id } => (
-                last.seq,
-                s.bus
-                    .publish_group_change(envelope, msg_id, last.seq, last.stream_seq)
-                    .await,
-            ),
-        };
-        metrics::histogram!("chat_publish_seconds").record(started.elapsed());
-        let published = match published {
-            Ok(p) => p,
-            Err(e) => {
-                // uncertain: the next send looks the position up again
-                *cached = None;
-                return Err(e.into());
-            }
-        };
-        match published {
-            Stored::Stored {
-                stream_seq,
-                duplicate: false,
-            } => {
-                let p = Position { seq, stream_seq };
-                slot.known(cached, p);
-                return Ok(p);
-            }
-            Stored::Stored {
-                duplicate: true,
-                stream_seq,
-            } => {
-                // an earlier attempt of this very message (or change) landed
-                let Publishing::Message { m, .. } = &what else {
-                    return Ok(Position { seq, stream_seq });
-                };
-                let (p, _) = s
-                    .bus
-                    .find_group_message(group, &m.id, after, None)
-                    .await?
-                    .ok_or_else(|| unavailable("duplicate publish not found in the stream"))?;
-                return Ok(p);
-            }
-            Stored::Conflict => {
-                metrics::counter!("chat_send_conflicts_total").increment(1);
-                *cached = None;
-            }
-        }
-    }
-    *cached = None;
-    Err(unavailable("the group is too busy; retry"))
 }
 
 /// The members other than `sender` that `text` mentions (`@user`); a
@@ -665,12 +399,7 @@ impl MessagesService {
             version: 0,
         };
         let prepared = started.elapsed();
-        let outgoing = Publishing::Message {
-            m: &m,
-            plaintext: &plaintext,
-            mentions: &mentions,
-        };
-        let p = match publish(s, &m.group_id, outgoing, after).await {
+        let p = match publish_new(s, &m, plaintext, mentions, after).await {
             Ok(p) => p,
             Err(e) => {
                 // uncertain: a retry with the same client id settles it

@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 
-use chat_tests::{Client, Cluster, PROMPTLY, eventually};
+use chat_tests::{Client, Cluster, PROMPTLY, SERVICE_SECRET, eventually};
 use mongodb::bson::{Document, doc};
 use serde_json::{Value, json};
 
@@ -426,4 +426,199 @@ async fn bad_messages_get_precise_errors_and_the_socket_stays() -> anyhow::Resul
         .await?;
     assert_eq!(status, 400);
     c.stop().await
+}
+
+/// Group commit: sends to one group that arrive while a publish of it is
+/// under way go out together, as one JetStream atomic batch. Two worker
+/// processes batch at once for one group: every send is acknowledged once,
+/// the seqs are 1..=N with no gap or repeat, the stream holds the messages
+/// in seq order, and each opens to the text that was sent (sealed for the
+/// seq it got in its batch).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_queued_for_a_group_commit_together_gapless_across_two_workers() -> anyhow::Result<()>
+{
+    use chat_rpc::pb::{self, messages_client::MessagesClient};
+    use futures::TryStreamExt;
+    // batches on a one-replica stream too (by default only replicated ones)
+    let c = Cluster::start_with(1, 1, &["--publish-batch-max", "64"]).await?;
+    let g = c.room(&["alice", "bob"]).await?;
+    let workers = [
+        c.spawn_process("worker").await?,
+        c.spawn_process("worker").await?,
+    ];
+    let mut channels = Vec::new();
+    for w in &workers {
+        let url = format!("http://{}", w.grpc);
+        channels.push(
+            tonic::transport::Endpoint::from_shared(url)?
+                .connect()
+                .await?,
+        );
+    }
+    let send = |channel: tonic::transport::Channel, who: &'static str, n: usize| {
+        let text = format!("{who} says {n}");
+        let mut req = tonic::Request::new(pb::SendMessageRequest {
+            caller: who.into(),
+            group_id: g.clone(),
+            client_msg_id: format!("{who}-{n}"),
+            r#type: "text".into(),
+            text: text.clone(),
+            media: None,
+            reply_to: String::new(),
+        });
+        async move {
+            req.metadata_mut()
+                .insert(chat_rpc::SECRET_HEADER, SERVICE_SECRET.parse()?);
+            let ack = MessagesClient::new(channel).send(req).await?.into_inner();
+            anyhow::Ok((ack, text))
+        }
+    };
+    const BURST: usize = 40;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut acks = Vec::new();
+    loop {
+        let from = acks.len();
+        let burst = (from..from + BURST).flat_map(|n| {
+            [
+                send(channels[0].clone(), "alice", n),
+                send(channels[1].clone(), "bob", n),
+            ]
+        });
+        for sent in futures::future::join_all(burst).await {
+            acks.push(sent?);
+        }
+        if batched(&workers[0]).await? && batched(&workers[1]).await? {
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "no batch of more than one message in 60 s"
+        );
+    }
+    for w in &workers {
+        let refused = w.metric("chat_publish_batches_refused_total").await?;
+        assert_eq!(refused, 0.0, "every batch went out as one");
+    }
+    let n = acks.len() as u64;
+    let mut seqs: Vec<u64> = acks.iter().map(|(a, _)| a.seq).collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=n).collect::<Vec<_>>(), "gapless, none twice");
+    let ids: HashSet<&str> = acks.iter().map(|(a, _)| a.message_id.as_str()).collect();
+    assert_eq!(ids.len() as u64, n, "one message per send");
+
+    // the stream (and MongoDB behind it) in seq order
+    c.mongo_settled(&g, n).await?;
+    let docs: Vec<Document> = c
+        .mongo()
+        .await?
+        .collection::<Document>("messages")
+        .find(doc! { "groupId": &g })
+        .sort(doc! { "seq": 1 })
+        .await?
+        .try_collect()
+        .await?;
+    let stream_seqs: Vec<i64> = docs
+        .iter()
+        .map(|d| d.get_i64("streamSeq"))
+        .collect::<Result<_, _>>()?;
+    assert!(
+        stream_seqs.windows(2).all(|w| w[0] < w[1]),
+        "stream order is seq order: {stream_seqs:?}"
+    );
+    // each opens to what was sent
+    let sent: std::collections::HashMap<&str, &str> = acks
+        .iter()
+        .map(|(a, text)| (a.message_id.as_str(), text.as_str()))
+        .collect();
+    let history = c.history("alice", &g).await?;
+    assert_eq!(history.len() as u64, n.min(100));
+    for m in &history {
+        let id = m["messageId"].as_str().unwrap_or_default();
+        assert_eq!(sent.get(id).copied(), m["text"].as_str(), "message {id}");
+    }
+    c.stop().await
+}
+
+/// An atomic batch lands whole or not at all: a stale compare-and-set
+/// stores none of it, a message id stored already refuses the whole batch
+/// (the worker then publishes one by one, where the duplicate is found),
+/// and a stored batch takes consecutive stream sequences in its order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_messages_lands_whole_or_not_at_all() -> anyhow::Result<()> {
+    use chat_bus::{BatchPublished, Envelope, Position};
+    use chat_domain::{GroupId, MessageId};
+    let c = Cluster::start(1, 1).await?;
+    let bus = c.bus().await?;
+    let g = GroupId::generate();
+    let envelope = |seq: u64, id: &str| Envelope {
+        message_id: id.to_owned(),
+        group_id: g.to_string(),
+        seq,
+        sender_id: "alice".into(),
+        client_msg_id: format!("c{seq}"),
+        kind: "text".into(),
+        created_at: 1,
+        key_id: "t1".into(),
+        nonce: "AAAAAAAAAAAAAAAA".into(),
+        ciphertext: "AAAA".into(),
+        binding: 2,
+        mentions: Vec::new(),
+        change: None,
+        changed_by: String::new(),
+        joined_only: false,
+    };
+    let fresh = || MessageId::generate().to_string();
+    let first: Vec<Envelope> = (1..=3).map(|s| envelope(s, &fresh())).collect();
+    let BatchPublished::Stored { first_stream_seq } = bus.publish_group_batch(&first, 0).await?
+    else {
+        anyhow::bail!("a fresh batch was not stored");
+    };
+    for (i, sent) in (0..).zip(&first) {
+        let stored = bus.group_stream_message(first_stream_seq + i).await?;
+        assert_eq!(&serde_json::from_slice::<Envelope>(&stored)?, sent);
+    }
+    let newest = Position {
+        seq: 3,
+        stream_seq: first_stream_seq + 2,
+    };
+    assert_eq!(bus.last_group_position(&g).await?, Some(newest));
+
+    // a stale compare-and-set: nothing of the batch
+    let next: Vec<Envelope> = (4..=5).map(|s| envelope(s, &fresh())).collect();
+    assert_eq!(
+        bus.publish_group_batch(&next, first_stream_seq).await?,
+        BatchPublished::Conflict
+    );
+    assert_eq!(bus.last_group_position(&g).await?, Some(newest));
+    // a message stored already: the whole batch refused
+    let with_old = [envelope(4, &fresh()), envelope(5, &first[0].message_id)];
+    let refused = bus
+        .publish_group_batch(&with_old, newest.stream_seq)
+        .await?;
+    assert!(matches!(refused, BatchPublished::Refused(_)), "{refused:?}");
+    assert_eq!(bus.last_group_position(&g).await?, Some(newest));
+    // the right position: stored after the first batch
+    let BatchPublished::Stored {
+        first_stream_seq: at,
+    } = bus.publish_group_batch(&next, newest.stream_seq).await?
+    else {
+        anyhow::bail!("the second batch was not stored");
+    };
+    assert!(at > newest.stream_seq);
+    assert_eq!(
+        bus.last_group_position(&g).await?,
+        Some(Position {
+            seq: 5,
+            stream_seq: at + 1
+        })
+    );
+    c.stop().await
+}
+
+/// Whether worker process `p` committed a batch of more than one message:
+/// its mean batch holds more than one.
+async fn batched(p: &chat_tests::Process) -> anyhow::Result<bool> {
+    let sum = p.metric("chat_publish_batch_messages_sum").await?;
+    let count = p.metric("chat_publish_batch_messages_count").await?;
+    Ok(count > 0.0 && sum > count)
 }

@@ -1,0 +1,550 @@
+//! Publishing a group's messages: each group's position (its newest `seq`
+//! and stream sequence), the compare-and-set that keeps `seq` gapless and
+//! in stream order across workers, and group commit.
+//!
+//! Group commit: a worker publishes one batch of a group at a time, under
+//! the group's slot, and waits for its acknowledgement (the next batch's
+//! compare-and-set needs the stream sequence it got). New messages that
+//! arrive meanwhile queue in the slot; whoever takes the slot next
+//! publishes everything queued as one JetStream atomic batch (ADR-50) with
+//! the compare-and-set on its first message: all land, with consecutive
+//! `seq`s and stream sequences, or none do. A group then takes many
+//! messages per round trip instead of one, which is what held a busy
+//! group's sends back. A batch the server does not take (atomic publishes
+//! off, too many batches open, a retried message in it) goes out message
+//! by message instead.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::Arc,
+};
+
+use base64::{Engine, engine::general_purpose::STANDARD as B64};
+use chat_bus::{BatchPublished, Envelope, Position, Published as Stored};
+use chat_crypto::BINDING_V2;
+use chat_domain::{GroupId, MessageId, UserId};
+use chat_store::StoredMessage;
+use tokio::sync::{Mutex, oneshot};
+
+use crate::{
+    State, WorkerError,
+    messages::{binding, unavailable},
+};
+
+/// Most plaintext bytes of one batch (its first message may be larger).
+const BATCH_BYTES: usize = 1 << 20;
+/// Atomic batches a worker has open at once.
+const BATCHES_OPEN: usize = 16;
+
+/// Compare-and-set attempts before a send gives up as `unavailable`.
+const CAS_ATTEMPTS: usize = 64;
+/// Most positions remembered; past it the cache starts over.
+const POSITION_CACHE: usize = 100_000;
+
+/// Each group's newest known position, to publish without a lookup first,
+/// behind one lock per group: a worker has one publish of a group under
+/// way at a time, so its own sends never race each other's compare-and-set
+/// (which under load turned most publishes into conflicts and retries);
+/// what queued meanwhile goes out together next (group commit). Other
+/// workers' publishes are still caught by the compare-and-set.
+pub(crate) struct Positions {
+    slots: std::sync::Mutex<HashMap<GroupId, Slot>>,
+    /// Atomic batches this worker may have open at once (nats-server
+    /// refuses more than 50 per stream by default, across workers).
+    batches: tokio::sync::Semaphore,
+}
+
+impl Default for Positions {
+    fn default() -> Self {
+        Self {
+            slots: Default::default(),
+            batches: tokio::sync::Semaphore::new(BATCHES_OPEN),
+        }
+    }
+}
+
+type Slot = Arc<GroupSlot>;
+
+#[derive(Default)]
+pub(crate) struct GroupSlot {
+    /// The newest known position, held across a publish.
+    pub(crate) position: Mutex<Option<Position>>,
+    /// New messages waiting for the next publish of the group.
+    queue: std::sync::Mutex<VecDeque<Queued>>,
+    /// The newest stream sequence ever known here: a lower bound of where
+    /// the next message lands, readable without waiting for a publish in
+    /// progress (the send log records it before the publish).
+    floor: std::sync::atomic::AtomicU64,
+    /// The stream sequence of the last change (edit, delete) this worker
+    /// published of each message of the group (the newest few): the next
+    /// change of that message is decided only once MongoDB holds it.
+    changes: std::sync::Mutex<HashMap<MessageId, u64>>,
+}
+
+/// Messages per group whose last change a worker remembers.
+const CHANGES_KEPT: usize = 1024;
+
+impl GroupSlot {
+    /// Where this worker last published a change of `id`, if it remembers.
+    pub(crate) fn last_change(&self, id: &MessageId) -> Option<u64> {
+        let changes = self.changes.lock().unwrap_or_else(|e| e.into_inner());
+        changes.get(id).copied()
+    }
+
+    pub(crate) fn changed(&self, id: &MessageId, stream_seq: u64) {
+        let mut changes = self.changes.lock().unwrap_or_else(|e| e.into_inner());
+        if changes.len() >= CHANGES_KEPT && !changes.contains_key(id) {
+            // each was acknowledged only once applied: forgetting one
+            // leaves a change in flight at most
+            changes.clear();
+        }
+        let at = changes.entry(id.clone()).or_default();
+        *at = (*at).max(stream_seq);
+    }
+
+    /// The change of `id` at `stream_seq` is applied: nothing to wait for,
+    /// unless a newer one is in flight.
+    pub(crate) fn applied(&self, id: &MessageId, stream_seq: u64) {
+        let mut changes = self.changes.lock().unwrap_or_else(|e| e.into_inner());
+        if changes.get(id) == Some(&stream_seq) {
+            changes.remove(id);
+        }
+    }
+}
+
+impl GroupSlot {
+    fn known(&self, cached: &mut Option<Position>, p: Position) {
+        *cached = Some(p);
+        self.floor
+            .fetch_max(p.stream_seq, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Positions {
+    pub(crate) fn slot(&self, g: &GroupId) -> Slot {
+        let mut map = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= POSITION_CACHE {
+            // a slot still held elsewhere stays valid: the worst case is two
+            // holders for one group, which the compare-and-set resolves
+            map.clear();
+        }
+        map.entry(g.clone()).or_default().clone()
+    }
+}
+
+/// A stream sequence the next message of `group` cannot be at or before:
+/// known without waiting for a publish of the group in progress, looked up
+/// (under the group's lock) only the first time.
+pub(crate) async fn lower_bound(s: &State, group: &GroupId) -> Result<u64, WorkerError> {
+    let slot = s.positions.slot(group);
+    let floor = slot.floor.load(std::sync::atomic::Ordering::Relaxed);
+    if floor > 0 {
+        return Ok(floor);
+    }
+    let mut cached = slot.position.lock().await;
+    Ok(known_position(s, group, &slot, &mut cached)
+        .await?
+        .stream_seq)
+}
+
+/// The newest position of `group`: from the cache, else the stream, else
+/// (messages aged out of the stream) the last committed message.
+async fn known_position(
+    s: &State,
+    group: &GroupId,
+    slot: &GroupSlot,
+    cached: &mut Option<Position>,
+) -> Result<Position, WorkerError> {
+    if let Some(p) = *cached {
+        return Ok(p);
+    }
+    let p = match s.bus.last_group_position(group).await? {
+        Some(p) => p,
+        None => match s.store.messages.last_committed(group).await? {
+            Some((seq, _)) => Position { seq, stream_seq: 0 },
+            None => Position {
+                seq: 0,
+                stream_seq: 0,
+            },
+        },
+    };
+    slot.known(cached, p);
+    Ok(p)
+}
+
+/// The newest `seq` of `group` now: from the stream, else (messages aged
+/// out of it) the last committed message, else 0.
+pub(crate) async fn newest_seq(s: &State, group: &GroupId) -> Result<u64, WorkerError> {
+    if let Some(p) = s.bus.last_group_position(group).await? {
+        return Ok(p.seq);
+    }
+    Ok(s.store
+        .messages
+        .last_committed(group)
+        .await?
+        .map_or(0, |(seq, _)| seq))
+}
+
+/// `m` as the envelope published at `seq`, its content sealed for that seq.
+fn envelope(
+    s: &State,
+    m: &StoredMessage,
+    plaintext: &[u8],
+    seq: u64,
+    mentions: &[UserId],
+) -> Envelope {
+    let sealed = s.keys.seal(plaintext, &binding(m, seq).aad(BINDING_V2));
+    Envelope {
+        message_id: m.id.to_string(),
+        group_id: m.group_id.to_string(),
+        seq,
+        sender_id: m.sender_id.to_string(),
+        client_msg_id: m.client_msg_id.to_string(),
+        kind: m.kind.clone(),
+        created_at: m.created_at,
+        key_id: sealed.key_id,
+        nonce: B64.encode(&sealed.nonce),
+        ciphertext: B64.encode(&sealed.ciphertext),
+        binding: BINDING_V2,
+        mentions: mentions.iter().map(UserId::to_string).collect(),
+        change: None,
+        changed_by: String::new(),
+        joined_only: false,
+    }
+}
+
+/// What goes on a group's message subject.
+pub(crate) enum Publishing<'a> {
+    /// A new message, sealed at each attempt for the seq it would get.
+    Message {
+        m: &'a StoredMessage,
+        plaintext: &'a [u8],
+        mentions: &'a [UserId],
+    },
+    /// A change of an earlier message, under its own de-duplication id:
+    /// it takes no seq.
+    Change {
+        envelope: &'a Envelope,
+        msg_id: &'a str,
+    },
+}
+
+/// Publishes `what` on `group`'s message subject, with the group's slot
+/// held, retrying on conflicts with other workers; returns where it landed.
+/// `after` is a stream sequence a message cannot be at or before (to find
+/// it if an earlier attempt landed).
+pub(crate) async fn publish_locked(
+    s: &State,
+    group: &GroupId,
+    slot: &GroupSlot,
+    cached: &mut Option<Position>,
+    what: Publishing<'_>,
+    after: u64,
+) -> Result<Position, WorkerError> {
+    for _ in 0..CAS_ATTEMPTS {
+        let last = known_position(s, group, slot, cached).await?;
+        let started = std::time::Instant::now();
+        let (seq, published) = match &what {
+            Publishing::Message {
+                m,
+                plaintext,
+                mentions,
+            } => {
+                let seq = last.seq + 1;
+                let env = envelope(s, m, plaintext, seq, mentions);
+                (
+                    seq,
+                    s.bus.publish_group_message(&env, last.stream_seq).await,
+                )
+            }
+            Publishing::Change { envelope, msg_id } => (
+                last.seq,
+                s.bus
+                    .publish_group_change(envelope, msg_id, last.seq, last.stream_seq)
+                    .await,
+            ),
+        };
+        metrics::histogram!("chat_publish_seconds").record(started.elapsed());
+        let published = match published {
+            Ok(p) => p,
+            Err(e) => {
+                // uncertain: the next send looks the position up again
+                *cached = None;
+                return Err(e.into());
+            }
+        };
+        match published {
+            Stored::Stored {
+                stream_seq,
+                duplicate: false,
+            } => {
+                let p = Position { seq, stream_seq };
+                slot.known(cached, p);
+                return Ok(p);
+            }
+            Stored::Stored {
+                duplicate: true,
+                stream_seq,
+            } => {
+                // an earlier attempt of this very message (or change) landed
+                let Publishing::Message { m, .. } = &what else {
+                    return Ok(Position { seq, stream_seq });
+                };
+                let (p, _) = s
+                    .bus
+                    .find_group_message(group, &m.id, after, None)
+                    .await?
+                    .ok_or_else(|| unavailable("duplicate publish not found in the stream"))?;
+                return Ok(p);
+            }
+            Stored::Conflict => {
+                metrics::counter!("chat_send_conflicts_total").increment(1);
+                *cached = None;
+            }
+        }
+    }
+    *cached = None;
+    Err(unavailable("the group is too busy; retry"))
+}
+
+/// A new message waiting in its group's queue.
+struct Queued {
+    m: StoredMessage,
+    plaintext: Vec<u8>,
+    mentions: Vec<UserId>,
+    /// A stream sequence it cannot be at or before.
+    after: u64,
+    done: oneshot::Sender<Result<Position, WorkerError>>,
+}
+
+impl Queued {
+    fn settle(self, result: Result<Position, WorkerError>) {
+        // a sender that went away learns nothing: its retry will
+        let _ = self.done.send(result);
+    }
+}
+
+/// Publishes the new message `m` (content `plaintext`, sealed for the seq
+/// it gets) with whatever else queued for its group meanwhile; returns
+/// where it landed. `after` is a stream sequence it cannot be at or before.
+pub(crate) async fn publish_new(
+    s: &State,
+    m: &StoredMessage,
+    plaintext: Vec<u8>,
+    mentions: Vec<UserId>,
+    after: u64,
+) -> Result<Position, WorkerError> {
+    let slot = s.positions.slot(&m.group_id);
+    let (done, mut outcome) = oneshot::channel();
+    lock(&slot.queue).push_back(Queued {
+        m: m.clone(),
+        plaintext,
+        mentions,
+        after,
+        done,
+    });
+    loop {
+        let mut cached = slot.position.lock().await;
+        match outcome.try_recv() {
+            Ok(result) => return result,
+            Err(oneshot::error::TryRecvError::Closed) => {
+                // the publish that took it was abandoned midway
+                return Err(unavailable("the publish was interrupted; retry"));
+            }
+            Err(oneshot::error::TryRecvError::Empty) => {}
+        }
+        // lead: everything queued before this message, and it, goes now
+        let batch = take_batch(&slot, s.config.publish_batch_max.max(1));
+        publish_queued(s, &m.group_id, &slot, &mut cached, batch).await;
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The next batch from `slot`'s queue: up to `most` messages and
+/// [`BATCH_BYTES`] of content (at least one message).
+fn take_batch(slot: &GroupSlot, most: usize) -> Vec<Queued> {
+    let mut queue = lock(&slot.queue);
+    let mut batch = Vec::new();
+    let mut bytes = 0;
+    while let Some(next) = queue.front() {
+        let full = batch.len() >= most
+            || (!batch.is_empty() && bytes + next.plaintext.len() > BATCH_BYTES);
+        if full {
+            break;
+        }
+        bytes += next.plaintext.len();
+        batch.extend(queue.pop_front());
+    }
+    batch
+}
+
+/// Publishes `batch` (new messages of `group`, oldest first) with the
+/// group's slot held, and settles each with where it landed.
+async fn publish_queued(
+    s: &State,
+    group: &GroupId,
+    slot: &GroupSlot,
+    cached: &mut Option<Position>,
+    batch: Vec<Queued>,
+) {
+    metrics::histogram!("chat_publish_batch_messages").record(batch.len() as f64);
+    if batch.len() > 1 {
+        let permit = s.positions.batches.acquire().await;
+        let refused = match permit {
+            Ok(_permit) => match publish_batch(s, group, slot, cached, &batch).await {
+                Ok(positions) => {
+                    for (q, p) in batch.into_iter().zip(positions) {
+                        q.settle(Ok(p));
+                    }
+                    return;
+                }
+                Err(BatchFailed::Refused(why)) => why,
+                Err(BatchFailed::Error(why)) => {
+                    tracing::warn!(group = %group, messages = batch.len(), error = %why, "batch publish failed or is uncertain");
+                    for q in batch {
+                        q.settle(Err(unavailable(why.clone())));
+                    }
+                    return;
+                }
+            },
+            Err(_) => "no batches".to_owned(),
+        };
+        metrics::counter!("chat_publish_batches_refused_total").increment(1);
+        tracing::debug!(group = %group, reason = %refused, "batch refused; publishing its messages one by one");
+    }
+    for q in batch {
+        let outgoing = Publishing::Message {
+            m: &q.m,
+            plaintext: &q.plaintext,
+            mentions: &q.mentions,
+        };
+        let result = publish_locked(s, group, slot, cached, outgoing, q.after).await;
+        q.settle(result);
+    }
+}
+
+/// Why a batch did not land.
+enum BatchFailed {
+    /// Not taken, nothing stored: publish one by one.
+    Refused(String),
+    /// Failed or uncertain: each sender retries.
+    Error(String),
+}
+
+/// Publishes `batch` as one atomic batch at the group's next seqs,
+/// retrying on conflicts with other workers; where each landed.
+async fn publish_batch(
+    s: &State,
+    group: &GroupId,
+    slot: &GroupSlot,
+    cached: &mut Option<Position>,
+    batch: &[Queued],
+) -> Result<Vec<Position>, BatchFailed> {
+    let error = |e: WorkerError| BatchFailed::Error(e.to_string());
+    for _ in 0..CAS_ATTEMPTS {
+        let last = known_position(s, group, slot, cached)
+            .await
+            .map_err(error)?;
+        let envelopes: Vec<Envelope> = (1..)
+            .zip(batch)
+            .map(|(i, q)| envelope(s, &q.m, &q.plaintext, last.seq + i, &q.mentions))
+            .collect();
+        let started = std::time::Instant::now();
+        let published = s.bus.publish_group_batch(&envelopes, last.stream_seq).await;
+        metrics::histogram!("chat_publish_seconds").record(started.elapsed());
+        match published {
+            Ok(BatchPublished::Stored { first_stream_seq }) => {
+                let positions: Vec<Position> = (0..)
+                    .zip(&envelopes)
+                    .map(|(i, e)| Position {
+                        seq: e.seq,
+                        stream_seq: first_stream_seq + i,
+                    })
+                    .collect();
+                if let Some(newest) = positions.last() {
+                    slot.known(cached, *newest);
+                }
+                return Ok(positions);
+            }
+            Ok(BatchPublished::Conflict) => {
+                metrics::counter!("chat_send_conflicts_total").increment(1);
+                *cached = None;
+            }
+            Ok(BatchPublished::Refused(why)) => return Err(BatchFailed::Refused(why)),
+            Err(e) => {
+                // uncertain: the next send looks the position up again
+                *cached = None;
+                return Err(BatchFailed::Error(e.to_string()));
+            }
+        }
+    }
+    *cached = None;
+    Err(BatchFailed::Error(
+        "the group is too busy; retry".to_owned(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chat_domain::ClientMsgId;
+
+    fn queued(bytes: usize) -> Queued {
+        let m = StoredMessage {
+            id: MessageId::generate(),
+            group_id: GroupId::generate(),
+            sender_id: UserId::parse("alice").expect("id"),
+            client_msg_id: ClientMsgId::parse("c1").expect("id"),
+            kind: "text".into(),
+            key_id: "k".into(),
+            nonce: Vec::new(),
+            ciphertext: Vec::new(),
+            binding: BINDING_V2,
+            seq: None,
+            stream_seq: None,
+            created_at: 0,
+            edited_at: None,
+            deleted_at: None,
+            version: 0,
+        };
+        Queued {
+            m,
+            plaintext: vec![b'x'; bytes],
+            mentions: Vec::new(),
+            after: 0,
+            done: oneshot::channel().0,
+        }
+    }
+
+    fn slot_with(sizes: &[usize]) -> GroupSlot {
+        let slot = GroupSlot::default();
+        lock(&slot.queue).extend(sizes.iter().map(|&b| queued(b)));
+        slot
+    }
+
+    fn sizes(batch: &[Queued]) -> Vec<usize> {
+        batch.iter().map(|q| q.plaintext.len()).collect()
+    }
+
+    #[test]
+    fn a_batch_takes_the_oldest_up_to_the_most_messages() {
+        let slot = slot_with(&[1, 2, 3, 4, 5]);
+        assert_eq!(sizes(&take_batch(&slot, 2)), [1, 2]);
+        assert_eq!(sizes(&take_batch(&slot, 64)), [3, 4, 5]);
+        assert!(take_batch(&slot, 64).is_empty());
+        // one at a time when batches are off
+        let slot = slot_with(&[1, 2]);
+        assert_eq!(sizes(&take_batch(&slot, 1)), [1]);
+    }
+
+    #[test]
+    fn a_batch_stops_before_a_mebibyte_but_always_takes_one() {
+        let slot = slot_with(&[BATCH_BYTES + 1, 10, BATCH_BYTES - 10, 1, 1]);
+        assert_eq!(sizes(&take_batch(&slot, 64)), [BATCH_BYTES + 1]);
+        assert_eq!(sizes(&take_batch(&slot, 64)), [10, BATCH_BYTES - 10]);
+        assert_eq!(sizes(&take_batch(&slot, 64)), [1, 1]);
+    }
+}
