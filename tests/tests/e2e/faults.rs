@@ -637,6 +637,99 @@ async fn nats_nodes_killed_under_load_lose_nothing_for_any_member() -> anyhow::R
     c.stop().await
 }
 
+/// Group commit through a NATS node failure: eight members of one group
+/// send at once through two worker processes, so that their messages go
+/// out as atomic batches of the replicated stream, while a NATS node is
+/// killed and brought back. Each send is one message, the group's seqs are
+/// gapless, and a member receives every one in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_sends_through_a_nats_node_failure_lose_nothing() -> anyhow::Result<()> {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    };
+    const SENDERS: usize = 8;
+    const N: usize = 25;
+    let total = SENDERS * N;
+    let mut c = Cluster::start_clustered(3, 1, 1).await?;
+    let names: Vec<String> = (0..SENDERS).map(|j| format!("s{j}")).collect();
+    let mut members: Vec<&str> = names.iter().map(String::as_str).collect();
+    members.push("reader");
+    let g = c.room(&members).await?;
+    let workers = [
+        c.spawn_process("worker").await?,
+        c.spawn_process("worker").await?,
+    ];
+    let edge = c.add_edge_for(&[workers[0].grpc, workers[1].grpc]).await?;
+    let mut reader = reconnect(&c, edge, "reader").await?;
+    let reading = tokio::spawn(async move {
+        let mut view = View::default();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(150);
+        view.read_through_failover(&mut reader, total, deadline)
+            .await?;
+        anyhow::Ok(view.order)
+    });
+    let acked = Arc::new(AtomicUsize::new(0));
+    let mut senders = Vec::new();
+    for name in &names {
+        let mut sender = reconnect(&c, edge, name).await?;
+        let (acked, g, name) = (acked.clone(), g.clone(), name.clone());
+        senders.push(tokio::spawn(async move {
+            let started = tokio::time::Instant::now();
+            let mut seqs = Vec::new();
+            for i in 0..N {
+                // retried with the same client id until acknowledged
+                let ack = loop {
+                    match sender.send_text(&g, &format!("{name}-{i}"), "x").await {
+                        Ok(ack) => break ack,
+                        Err(_) if started.elapsed() < Duration::from_secs(120) => {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                };
+                seqs.push(ack["seq"].as_u64().unwrap_or(0));
+                acked.fetch_add(1, Ordering::SeqCst);
+            }
+            anyhow::Ok(seqs)
+        }));
+    }
+    let reached = |n: usize| {
+        let acked = acked.clone();
+        chat_tests::eventually(Duration::from_secs(120), move || {
+            let now = acked.load(Ordering::SeqCst);
+            async move { Ok((now >= n).then_some(())) }
+        })
+    };
+    reached(total / 3).await?;
+    c.stack.nats.kill_node(0);
+    reached(2 * total / 3).await?;
+    c.stack.nats.restart_node(0).await?;
+    let mut seqs = Vec::new();
+    for s in senders {
+        seqs.extend(s.await??);
+    }
+    seqs.sort_unstable();
+    assert_eq!(
+        seqs,
+        (1..=total as u64).collect::<Vec<_>>(),
+        "one message per send, gapless"
+    );
+    assert_eq!(
+        reading.await??,
+        (1..=total as u64).collect::<Vec<_>>(),
+        "the reader missed or reordered messages"
+    );
+    let mut batched = false;
+    for w in &workers {
+        let sum = w.metric("chat_publish_batch_messages_sum").await?;
+        let count = w.metric("chat_publish_batch_messages_count").await?;
+        batched |= count > 0.0 && sum > count;
+    }
+    assert!(batched, "no worker published a batch of more than one");
+    c.stop().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_id_follows_a_message_from_edge_to_worker_logs() -> anyhow::Result<()> {
     let mut c = Cluster::start(0, 0).await?;
