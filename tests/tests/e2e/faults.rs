@@ -79,6 +79,36 @@ async fn collect(client: &mut Client, want: usize) -> anyhow::Result<(Vec<u64>, 
     Ok((view.order, view.repeats.len()))
 }
 
+/// Sends `n` texts to `g` from `sender` (client ids `<prefix><i>`), each
+/// retried with the same client id until acknowledged (for up to 120 s in
+/// all), counting acknowledgements in `acked`: the seqs acknowledged, in
+/// order.
+async fn send_through_failures(
+    mut sender: Client,
+    g: String,
+    prefix: String,
+    n: usize,
+    acked: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> anyhow::Result<Vec<u64>> {
+    let started = tokio::time::Instant::now();
+    let mut seqs = Vec::new();
+    for i in 0..n {
+        let ack = loop {
+            match sender.send_text(&g, &format!("{prefix}{i}"), "x").await {
+                Ok(ack) => break ack,
+                Err(_) if started.elapsed() < Duration::from_secs(120) => {
+                    // a retry's pause, not a wait for a condition
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        seqs.push(ack["seq"].as_u64().unwrap_or(0));
+        acked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+    Ok(seqs)
+}
+
 /// Reconnects `user` to `edge`, retrying while it is not accepting yet.
 async fn reconnect(c: &Cluster, edge: usize, user: &str) -> anyhow::Result<Client> {
     let deadline = tokio::time::Instant::now() + PROMPTLY;
@@ -578,27 +608,14 @@ async fn nats_nodes_killed_under_load_lose_nothing_for_any_member() -> anyhow::R
                 anyhow::Ok((name, view.order))
             }));
         }
-        let mut sender = reconnect(&c, k % 2, &names[0]).await?;
-        let acked = acked.clone();
-        senders.push(tokio::spawn(async move {
-            let started = tokio::time::Instant::now();
-            let mut seqs = Vec::new();
-            for i in 0..N {
-                // a sender retries with the same client id until acknowledged
-                let ack = loop {
-                    match sender.send_text(&g, &format!("m{i}"), "x").await {
-                        Ok(ack) => break ack,
-                        Err(_) if started.elapsed() < Duration::from_secs(120) => {
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
-                        Err(e) => return Err(e),
-                    }
-                };
-                seqs.push(ack["seq"].as_u64().unwrap_or(0));
-                acked.fetch_add(1, Ordering::SeqCst);
-            }
-            anyhow::Ok(seqs)
-        }));
+        let sender = reconnect(&c, k % 2, &names[0]).await?;
+        senders.push(tokio::spawn(send_through_failures(
+            sender,
+            g,
+            "m".to_owned(),
+            N,
+            acked.clone(),
+        )));
     }
     // kill a node, bring it back, kill another: each while traffic runs
     let total = GROUPS * N;
@@ -672,27 +689,14 @@ async fn batched_sends_through_a_nats_node_failure_lose_nothing() -> anyhow::Res
     let acked = Arc::new(AtomicUsize::new(0));
     let mut senders = Vec::new();
     for name in &names {
-        let mut sender = reconnect(&c, edge, name).await?;
-        let (acked, g, name) = (acked.clone(), g.clone(), name.clone());
-        senders.push(tokio::spawn(async move {
-            let started = tokio::time::Instant::now();
-            let mut seqs = Vec::new();
-            for i in 0..N {
-                // retried with the same client id until acknowledged
-                let ack = loop {
-                    match sender.send_text(&g, &format!("{name}-{i}"), "x").await {
-                        Ok(ack) => break ack,
-                        Err(_) if started.elapsed() < Duration::from_secs(120) => {
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
-                        Err(e) => return Err(e),
-                    }
-                };
-                seqs.push(ack["seq"].as_u64().unwrap_or(0));
-                acked.fetch_add(1, Ordering::SeqCst);
-            }
-            anyhow::Ok(seqs)
-        }));
+        let sender = reconnect(&c, edge, name).await?;
+        senders.push(tokio::spawn(send_through_failures(
+            sender,
+            g.clone(),
+            format!("{name}-"),
+            N,
+            acked.clone(),
+        )));
     }
     let reached = |n: usize| {
         let acked = acked.clone();
