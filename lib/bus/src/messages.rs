@@ -3,7 +3,7 @@
 //! gapless and in the same order as the stream.
 
 use async_nats::jetstream::{
-    context::PublishErrorKind,
+    context::{PublishError, PublishErrorKind},
     stream::{LastRawMessageErrorKind, Stream},
 };
 use bytes::Bytes;
@@ -103,10 +103,36 @@ pub enum BatchPublished {
     Stored { first_stream_seq: u64 },
     /// Another message was published to the group first: nothing stored.
     Conflict,
-    /// The server did not take the batch (atomic publishes off or
-    /// unsupported, too many batches open, a message of it stored already):
-    /// nothing stored; publish the messages one by one instead.
+    /// The server did not take the batch (too many batches open, a
+    /// message of it stored already, the connection down before the
+    /// commit went out): nothing stored; publish the messages one by one
+    /// instead.
     Refused(String),
+    /// Atomic publishes are off on the stream or unknown to the server:
+    /// nothing stored; they will stay so for a while.
+    Unsupported(String),
+}
+
+/// The JetStream error code of a failed publish, if the server answered.
+fn error_code(e: &PublishError) -> Option<async_nats::jetstream::ErrorCode> {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>())
+        .map(|j| j.error_code())
+}
+
+/// Whether a publish failed for another one of the same subject, nothing
+/// stored: the compare-and-set lost (10071), a publish of the subject or
+/// the same id is still being replicated (10164, 10158).
+fn conflicts(e: &PublishError) -> bool {
+    use async_nats::jetstream::ErrorCode;
+    e.kind() == PublishErrorKind::WrongLastSequence
+        || matches!(
+            error_code(e),
+            Some(
+                ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT
+                    | ErrorCode::STREAM_DUPLICATE_MESSAGE_CONFLICT
+            )
+        )
 }
 
 /// Most messages nats-server takes in one atomic batch by default.
@@ -225,7 +251,7 @@ impl Bus {
                 stream_seq: ack.sequence,
                 duplicate: ack.duplicate,
             }),
-            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(Published::Conflict),
+            Err(e) if conflicts(&e) => Ok(Published::Conflict),
             Err(e) => Err(BusError::nats(e)),
         }
     }
@@ -257,7 +283,7 @@ impl Bus {
         }
         let version = self.client.server_info().version;
         if !atomic_batches_in(&version) {
-            return Ok(BatchPublished::Refused(format!(
+            return Ok(BatchPublished::Unsupported(format!(
                 "nats-server {version} has no atomic batches"
             )));
         }
@@ -287,18 +313,27 @@ impl Bus {
             let payload = Bytes::from(
                 serde_json::to_vec(envelope).map_err(|e| BusError::Unavailable(e.to_string()))?,
             );
+            // until the commit has gone out, nothing can be stored
+            let unsent =
+                |e: &dyn std::fmt::Display| Ok(BatchPublished::Refused(format!("not sent: {e}")));
             if i + 1 < n {
-                self.client
+                if let Err(e) = self
+                    .client
                     .publish_with_headers(subject.clone(), headers, payload)
                     .await
-                    .map_err(BusError::nats)?;
+                {
+                    return unsent(&e);
+                }
             } else {
                 headers.insert(NATS_BATCH_COMMIT, "1");
-                let future = self
+                let future = match self
                     .js
                     .publish_with_headers(subject.clone(), headers, payload)
                     .await
-                    .map_err(BusError::nats)?;
+                {
+                    Ok(future) => future,
+                    Err(e) => return unsent(&e),
+                };
                 ack = Some(future.await);
             }
         }
@@ -331,20 +366,16 @@ impl Bus {
                 })?;
                 Ok(BatchPublished::Stored { first_stream_seq })
             }
-            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
-                Ok(BatchPublished::Conflict)
-            }
-            Err(e) => {
-                let code = std::error::Error::source(&e)
-                    .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>())
-                    .map(|j| j.error_code());
-                match code {
-                    Some(code) if refused_codes.contains(&code) => {
-                        Ok(BatchPublished::Refused(e.to_string()))
-                    }
-                    _ => Err(BusError::nats(e)),
+            Err(e) if conflicts(&e) => Ok(BatchPublished::Conflict),
+            Err(e) => match error_code(&e) {
+                Some(ErrorCode::ATOMIC_PUBLISH_DISABLED) => {
+                    Ok(BatchPublished::Unsupported(e.to_string()))
                 }
-            }
+                Some(code) if refused_codes.contains(&code) => {
+                    Ok(BatchPublished::Refused(e.to_string()))
+                }
+                _ => Err(BusError::nats(e)),
+            },
         }
     }
 

@@ -16,7 +16,7 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    sync::Arc,
+    sync::{Arc, atomic::Ordering},
 };
 
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
@@ -52,6 +52,9 @@ pub(crate) struct Positions {
     /// Atomic batches this worker may have open at once (nats-server
     /// refuses more than 50 per stream by default, across workers).
     batches: tokio::sync::Semaphore,
+    /// Until when (ms since the epoch) atomic batches are taken as off
+    /// (the server said so): each batch would cost a round trip for nothing.
+    no_batches_until: std::sync::atomic::AtomicI64,
 }
 
 impl Default for Positions {
@@ -59,16 +62,34 @@ impl Default for Positions {
         Self {
             slots: Default::default(),
             batches: tokio::sync::Semaphore::new(BATCHES_OPEN),
+            no_batches_until: Default::default(),
         }
+    }
+}
+
+/// How long atomic batches are not tried again after the server said they
+/// are off.
+const NO_BATCHES_FOR_MS: i64 = 60_000;
+
+impl Positions {
+    fn batches_supported(&self) -> bool {
+        chat_domain::now_millis() >= self.no_batches_until.load(Ordering::Relaxed)
+    }
+
+    fn batches_unsupported(&self) {
+        self.no_batches_until.store(
+            chat_domain::now_millis() + NO_BATCHES_FOR_MS,
+            Ordering::Relaxed,
+        );
     }
 }
 
 type Slot = Arc<GroupSlot>;
 
-#[derive(Default)]
 pub(crate) struct GroupSlot {
+    group: GroupId,
     /// The newest known position, held across a publish.
-    pub(crate) position: Mutex<Option<Position>>,
+    pub(crate) position: Arc<Mutex<Option<Position>>>,
     /// New messages waiting for the next publish of the group.
     queue: std::sync::Mutex<VecDeque<Queued>>,
     /// The newest stream sequence ever known here: a lower bound of where
@@ -113,6 +134,16 @@ impl GroupSlot {
 }
 
 impl GroupSlot {
+    fn new(group: GroupId) -> Self {
+        Self {
+            group,
+            position: Default::default(),
+            queue: Default::default(),
+            floor: Default::default(),
+            changes: Default::default(),
+        }
+    }
+
     fn known(&self, cached: &mut Option<Position>, p: Position) {
         *cached = Some(p);
         self.floor
@@ -128,7 +159,9 @@ impl Positions {
             // holders for one group, which the compare-and-set resolves
             map.clear();
         }
-        map.entry(g.clone()).or_default().clone()
+        map.entry(g.clone())
+            .or_insert_with(|| Arc::new(GroupSlot::new(g.clone())))
+            .clone()
     }
 }
 
@@ -327,8 +360,13 @@ impl Queued {
 /// Publishes the new message `m` (content `plaintext`, sealed for the seq
 /// it gets) with whatever else queued for its group meanwhile; returns
 /// where it landed. `after` is a stream sequence it cannot be at or before.
+///
+/// The publish runs in a task of its own, so a sender that goes away (its
+/// call cancelled) abandons neither its own message once taken nor the
+/// others of its batch; a message still queued when its sender went away
+/// is dropped, never published late.
 pub(crate) async fn publish_new(
-    s: &State,
+    s: &Arc<State>,
     m: &StoredMessage,
     plaintext: Vec<u8>,
     mentions: Vec<UserId>,
@@ -344,18 +382,36 @@ pub(crate) async fn publish_new(
         done,
     });
     loop {
-        let mut cached = slot.position.lock().await;
-        match outcome.try_recv() {
-            Ok(result) => return result,
-            Err(oneshot::error::TryRecvError::Closed) => {
-                // the publish that took it was abandoned midway
-                return Err(unavailable("the publish was interrupted; retry"));
+        // published by another sender's turn, or this one's turn comes
+        let held = tokio::select! {
+            biased;
+            result = &mut outcome => {
+                return result.unwrap_or_else(|_| {
+                    Err(unavailable("the publish was interrupted; retry"))
+                });
             }
-            Err(oneshot::error::TryRecvError::Empty) => {}
+            held = slot.position.clone().lock_owned() => held,
+        };
+        if let Ok(result) = outcome.try_recv() {
+            return result;
         }
         // lead: everything queued before this message, and it, goes now
         let batch = take_batch(&slot, s.config.publish_batch_max.max(1));
-        publish_queued(s, &m.group_id, &slot, &mut cached, batch).await;
+        let (s, slot) = (s.clone(), slot.clone());
+        let publishing = tokio::spawn(async move {
+            let mut held = held;
+            publish_queued(&s, &slot.group, &slot, &mut held, batch).await;
+        });
+        // its end (with the slot free again), or this message's outcome
+        tokio::select! {
+            biased;
+            result = &mut outcome => {
+                return result.unwrap_or_else(|_| {
+                    Err(unavailable("the publish was interrupted; retry"))
+                });
+            }
+            _ = publishing => {}
+        }
     }
 }
 
@@ -370,6 +426,12 @@ fn take_batch(slot: &GroupSlot, most: usize) -> Vec<Queued> {
     let mut batch = Vec::new();
     let mut bytes = 0;
     while let Some(next) = queue.front() {
+        if next.done.is_closed() {
+            // its sender went away before its turn: it is not sent, and
+            // its retry finds it never landed
+            queue.pop_front();
+            continue;
+        }
         let full = batch.len() >= most
             || (!batch.is_empty() && bytes + next.plaintext.len() > BATCH_BYTES);
         if full {
@@ -391,7 +453,7 @@ async fn publish_queued(
     batch: Vec<Queued>,
 ) {
     metrics::histogram!("chat_publish_batch_messages").record(batch.len() as f64);
-    if batch.len() > 1 {
+    if batch.len() > 1 && s.positions.batches_supported() {
         let permit = s.positions.batches.acquire().await;
         let refused = match permit {
             Ok(_permit) => match publish_batch(s, group, slot, cached, &batch).await {
@@ -402,6 +464,11 @@ async fn publish_queued(
                     return;
                 }
                 Err(BatchFailed::Refused(why)) => why,
+                Err(BatchFailed::Unsupported(why)) => {
+                    s.positions.batches_unsupported();
+                    tracing::warn!(reason = %why, "atomic batches unsupported; publishing one by one for a minute");
+                    why
+                }
                 Err(BatchFailed::Error(why)) => {
                     tracing::warn!(group = %group, messages = batch.len(), error = %why, "batch publish failed or is uncertain");
                     for q in batch {
@@ -415,13 +482,23 @@ async fn publish_queued(
         metrics::counter!("chat_publish_batches_refused_total").increment(1);
         tracing::debug!(group = %group, reason = %refused, "batch refused; publishing its messages one by one");
     }
+    let mut failed: Option<String> = None;
     for q in batch {
+        if let Some(why) = &failed {
+            // the service just failed: the rest fail with it at once
+            // rather than hold the group for a timeout each
+            q.settle(Err(unavailable(why.clone())));
+            continue;
+        }
         let outgoing = Publishing::Message {
             m: &q.m,
             plaintext: &q.plaintext,
             mentions: &q.mentions,
         };
         let result = publish_locked(s, group, slot, cached, outgoing, q.after).await;
+        if let Err(e) = &result {
+            failed = Some(e.to_string());
+        }
         q.settle(result);
     }
 }
@@ -430,6 +507,9 @@ async fn publish_queued(
 enum BatchFailed {
     /// Not taken, nothing stored: publish one by one.
     Refused(String),
+    /// Atomic batches are off or unknown: nothing stored; one by one, and
+    /// no batch for a while.
+    Unsupported(String),
     /// Failed or uncertain: each sender retries.
     Error(String),
 }
@@ -474,6 +554,7 @@ async fn publish_batch(
                 *cached = None;
             }
             Ok(BatchPublished::Refused(why)) => return Err(BatchFailed::Refused(why)),
+            Ok(BatchPublished::Unsupported(why)) => return Err(BatchFailed::Unsupported(why)),
             Err(e) => {
                 // uncertain: the next send looks the position up again
                 *cached = None;
@@ -492,7 +573,7 @@ mod tests {
     use super::*;
     use chat_domain::ClientMsgId;
 
-    fn queued(bytes: usize) -> Queued {
+    fn queued(bytes: usize) -> (Queued, oneshot::Receiver<Result<Position, WorkerError>>) {
         let m = StoredMessage {
             id: MessageId::generate(),
             group_id: GroupId::generate(),
@@ -510,19 +591,29 @@ mod tests {
             deleted_at: None,
             version: 0,
         };
-        Queued {
+        let (done, outcome) = oneshot::channel();
+        let q = Queued {
             m,
             plaintext: vec![b'x'; bytes],
             mentions: Vec::new(),
             after: 0,
-            done: oneshot::channel().0,
-        }
+            done,
+        };
+        (q, outcome)
     }
 
-    fn slot_with(sizes: &[usize]) -> GroupSlot {
-        let slot = GroupSlot::default();
-        lock(&slot.queue).extend(sizes.iter().map(|&b| queued(b)));
-        slot
+    type Waiting = Vec<oneshot::Receiver<Result<Position, WorkerError>>>;
+
+    /// A slot with messages of these sizes queued, and their senders.
+    fn slot_with(sizes: &[usize]) -> (GroupSlot, Waiting) {
+        let slot = GroupSlot::new(GroupId::generate());
+        let mut waiting = Vec::new();
+        for &b in sizes {
+            let (q, outcome) = queued(b);
+            lock(&slot.queue).push_back(q);
+            waiting.push(outcome);
+        }
+        (slot, waiting)
     }
 
     fn sizes(batch: &[Queued]) -> Vec<usize> {
@@ -531,20 +622,30 @@ mod tests {
 
     #[test]
     fn a_batch_takes_the_oldest_up_to_the_most_messages() {
-        let slot = slot_with(&[1, 2, 3, 4, 5]);
+        let (slot, _waiting) = slot_with(&[1, 2, 3, 4, 5]);
         assert_eq!(sizes(&take_batch(&slot, 2)), [1, 2]);
         assert_eq!(sizes(&take_batch(&slot, 64)), [3, 4, 5]);
         assert!(take_batch(&slot, 64).is_empty());
         // one at a time when batches are off
-        let slot = slot_with(&[1, 2]);
+        let (slot, _waiting) = slot_with(&[1, 2]);
         assert_eq!(sizes(&take_batch(&slot, 1)), [1]);
     }
 
     #[test]
     fn a_batch_stops_before_a_mebibyte_but_always_takes_one() {
-        let slot = slot_with(&[BATCH_BYTES + 1, 10, BATCH_BYTES - 10, 1, 1]);
+        let (slot, _waiting) = slot_with(&[BATCH_BYTES + 1, 10, BATCH_BYTES - 10, 1, 1]);
         assert_eq!(sizes(&take_batch(&slot, 64)), [BATCH_BYTES + 1]);
         assert_eq!(sizes(&take_batch(&slot, 64)), [10, BATCH_BYTES - 10]);
         assert_eq!(sizes(&take_batch(&slot, 64)), [1, 1]);
+    }
+
+    #[test]
+    fn a_message_whose_sender_went_away_before_its_turn_is_never_sent() {
+        let (slot, mut waiting) = slot_with(&[1, 2, 3, 4]);
+        // the senders of the second and fourth went away
+        drop(waiting.remove(3));
+        drop(waiting.remove(1));
+        assert_eq!(sizes(&take_batch(&slot, 64)), [1, 3]);
+        assert!(lock(&slot.queue).is_empty(), "dropped, not left behind");
     }
 }

@@ -437,7 +437,6 @@ async fn bad_messages_get_precise_errors_and_the_socket_stays() -> anyhow::Resul
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sends_queued_for_a_group_commit_together_gapless_across_two_workers() -> anyhow::Result<()>
 {
-    use chat_rpc::pb::{self, messages_client::MessagesClient};
     use futures::TryStreamExt;
     // batches on a one-replica stream too (by default only replicated ones)
     let c = Cluster::start_with(1, 1, &["--publish-batch-max", "64"]).await?;
@@ -456,22 +455,7 @@ async fn sends_queued_for_a_group_commit_together_gapless_across_two_workers() -
         );
     }
     let send = |channel: tonic::transport::Channel, who: &'static str, n: usize| {
-        let text = format!("{who} says {n}");
-        let mut req = tonic::Request::new(pb::SendMessageRequest {
-            caller: who.into(),
-            group_id: g.clone(),
-            client_msg_id: format!("{who}-{n}"),
-            r#type: "text".into(),
-            text: text.clone(),
-            media: None,
-            reply_to: String::new(),
-        });
-        async move {
-            req.metadata_mut()
-                .insert(chat_rpc::SECRET_HEADER, SERVICE_SECRET.parse()?);
-            let ack = MessagesClient::new(channel).send(req).await?.into_inner();
-            anyhow::Ok((ack, text))
-        }
+        send_to_worker(channel, who, g.clone(), n)
     };
     const BURST: usize = 40;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
@@ -621,4 +605,63 @@ async fn batched(p: &chat_tests::Process) -> anyhow::Result<bool> {
     let sum = p.metric("chat_publish_batch_messages_sum").await?;
     let count = p.metric("chat_publish_batch_messages_count").await?;
     Ok(count > 0.0 && sum > count)
+}
+
+/// Sends text number `n` of `who` to group `g` straight to a worker (as an
+/// edge would): its acknowledgement and the text.
+async fn send_to_worker(
+    channel: tonic::transport::Channel,
+    who: &'static str,
+    g: String,
+    n: usize,
+) -> anyhow::Result<(chat_rpc::pb::SendMessageResponse, String)> {
+    use chat_rpc::pb::{self, messages_client::MessagesClient};
+    let text = format!("{who} says {n}");
+    let mut req = tonic::Request::new(pb::SendMessageRequest {
+        caller: who.into(),
+        group_id: g,
+        client_msg_id: format!("{who}-{n}"),
+        r#type: "text".into(),
+        text: text.clone(),
+        media: None,
+        reply_to: String::new(),
+    });
+    req.metadata_mut()
+        .insert(chat_rpc::SECRET_HEADER, SERVICE_SECRET.parse()?);
+    let ack = MessagesClient::new(channel).send(req).await?.into_inner();
+    Ok((ack, text))
+}
+
+/// A stream with atomic publishes off (an operator's own definition, or a
+/// server that refuses them): the worker's batches are refused, it
+/// publishes the messages one by one instead, and the group stays gapless.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_atomic_publishes_off_sends_go_one_by_one_and_stay_gapless() -> anyhow::Result<()> {
+    let c = Cluster::start_with(1, 1, &["--publish-batch-max", "64"]).await?;
+    let g = c.room(&["alice", "bob"]).await?;
+    let worker = c.spawn_process("worker").await?;
+    // off after the workers declared the stream (they turn it on)
+    let bus = c.bus().await?;
+    let mut stream = bus.jetstream().get_stream("CHAT_GROUPS").await?;
+    let mut config = stream.info().await?.config.clone();
+    config.allow_atomic_publish = false;
+    bus.jetstream().update_stream(config).await?;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", worker.grpc))?
+        .connect()
+        .await?;
+    const N: usize = 60;
+    let sends = (0..N).map(|n| send_to_worker(channel.clone(), "alice", g.clone(), n));
+    let mut seqs = Vec::new();
+    for sent in futures::future::join_all(sends).await {
+        seqs.push(sent?.0.seq);
+    }
+    seqs.sort_unstable();
+    assert_eq!(
+        seqs,
+        (1..=N as u64).collect::<Vec<_>>(),
+        "gapless, none twice"
+    );
+    let refused = worker.metric("chat_publish_batches_refused_total").await?;
+    assert!(refused >= 1.0, "no batch was tried and refused");
+    c.stop().await
 }
