@@ -151,6 +151,17 @@ pub(crate) async fn upgrade(
     // registered before the session opens: membership changes from then
     // on are replayed over the groups the session reads
     let (tx, inbox) = Outbox::new(app.config.outbox_frames, app.config.outbox_bytes);
+    // `a_session` is first on every connection: queued before any hub can
+    // offer the connection a frame (a presence change came first once)
+    let hello = ServerFrame {
+        event: event::SESSION.to_owned(),
+        id: None,
+        data: SessionInfo {
+            user_id: me.user_id.to_string(),
+            device_id: device.to_string(),
+        },
+    };
+    let _ = tx.send(Outgoing::Frame(to_json(&hello))).await;
     let user = me.user_id.as_str();
     let live = Arc::new(app.live.register(user, Arc::new(tx.clone())));
     let notices = Arc::new(app.notices.register(user, Arc::new(tx.clone())));

@@ -54,16 +54,6 @@ impl Session {
         let mut writer_done = false;
         tracing::debug!("connected");
 
-        let hello = ServerFrame {
-            event: event::SESSION.to_owned(),
-            id: None,
-            data: SessionInfo {
-                user_id: me.user_id.to_string(),
-                device_id: device.to_string(),
-            },
-        };
-        let _ = tx.send(Outgoing::Frame(to_json(&hello))).await;
-
         let (stop, stopped) = watch::channel(false);
         let [group_reg, user_reg] = regs.clone();
         let catch_ups = [
