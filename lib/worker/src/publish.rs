@@ -347,10 +347,20 @@ struct Queued {
     mentions: Vec<UserId>,
     /// A stream sequence it cannot be at or before.
     after: u64,
+    /// When its send queued it.
+    queued_at: std::time::Instant,
     done: oneshot::Sender<Result<Position, WorkerError>>,
 }
 
 impl Queued {
+    /// Whether it must not be published any more: its sender went away, or
+    /// it waited longer than `limit` (a retry takes an attempt as lost once
+    /// `--resolve-pending-after-ms` passed, so one must land well within
+    /// that or never). Settles it with an error if its sender still waits.
+    fn expired(&self, limit: std::time::Duration) -> bool {
+        self.done.is_closed() || self.queued_at.elapsed() > limit
+    }
+
     fn settle(self, result: Result<Position, WorkerError>) {
         // a sender that went away learns nothing: its retry will
         let _ = self.done.send(result);
@@ -379,6 +389,7 @@ pub(crate) async fn publish_new(
         plaintext,
         mentions,
         after,
+        queued_at: std::time::Instant::now(),
         done,
     });
     loop {
@@ -392,11 +403,15 @@ pub(crate) async fn publish_new(
             }
             held = slot.position.clone().lock_owned() => held,
         };
-        if let Ok(result) = outcome.try_recv() {
-            return result;
+        match outcome.try_recv() {
+            Ok(result) => return result,
+            Err(oneshot::error::TryRecvError::Closed) => {
+                return Err(unavailable("the publish was interrupted; retry"));
+            }
+            Err(oneshot::error::TryRecvError::Empty) => {}
         }
         // lead: everything queued before this message, and it, goes now
-        let batch = take_batch(&slot, s.config.publish_batch_max.max(1));
+        let batch = take_batch(&slot, s.config.publish_batch_max.max(1), queued_limit(s));
         let (s, slot) = (s.clone(), slot.clone());
         let publishing = tokio::spawn(async move {
             let mut held = held;
@@ -419,17 +434,31 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// How long a message may wait for its publish to start.
+fn queued_limit(s: &State) -> std::time::Duration {
+    s.config.resolve_pending_after / 2
+}
+
+/// Settles `q` with "not sent", if its sender still waits.
+fn not_sent(q: Queued) {
+    q.settle(Err(unavailable(
+        "the message waited too long to be sent and was not; retry",
+    )));
+}
+
 /// The next batch from `slot`'s queue: up to `most` messages and
-/// [`BATCH_BYTES`] of content (at least one message).
-fn take_batch(slot: &GroupSlot, most: usize) -> Vec<Queued> {
+/// [`BATCH_BYTES`] of content (at least one message). A message whose
+/// sender went away, or that waited longer than `limit`, is taken out and
+/// not sent (its retry finds it never landed).
+fn take_batch(slot: &GroupSlot, most: usize, limit: std::time::Duration) -> Vec<Queued> {
     let mut queue = lock(&slot.queue);
     let mut batch = Vec::new();
     let mut bytes = 0;
     while let Some(next) = queue.front() {
-        if next.done.is_closed() {
-            // its sender went away before its turn: it is not sent, and
-            // its retry finds it never landed
-            queue.pop_front();
+        if next.expired(limit) {
+            if let Some(q) = queue.pop_front() {
+                not_sent(q);
+            }
             continue;
         }
         let full = batch.len() >= most
@@ -484,6 +513,10 @@ async fn publish_queued(
     }
     let mut failed: Option<String> = None;
     for q in batch {
+        if q.expired(queued_limit(s)) {
+            not_sent(q);
+            continue;
+        }
         if let Some(why) = &failed {
             // the service just failed: the rest fail with it at once
             // rather than hold the group for a timeout each
@@ -597,12 +630,15 @@ mod tests {
             plaintext: vec![b'x'; bytes],
             mentions: Vec::new(),
             after: 0,
+            queued_at: std::time::Instant::now(),
             done,
         };
         (q, outcome)
     }
 
     type Waiting = Vec<oneshot::Receiver<Result<Position, WorkerError>>>;
+
+    const HOUR: std::time::Duration = std::time::Duration::from_secs(3600);
 
     /// A slot with messages of these sizes queued, and their senders.
     fn slot_with(sizes: &[usize]) -> (GroupSlot, Waiting) {
@@ -623,20 +659,20 @@ mod tests {
     #[test]
     fn a_batch_takes_the_oldest_up_to_the_most_messages() {
         let (slot, _waiting) = slot_with(&[1, 2, 3, 4, 5]);
-        assert_eq!(sizes(&take_batch(&slot, 2)), [1, 2]);
-        assert_eq!(sizes(&take_batch(&slot, 64)), [3, 4, 5]);
-        assert!(take_batch(&slot, 64).is_empty());
+        assert_eq!(sizes(&take_batch(&slot, 2, HOUR)), [1, 2]);
+        assert_eq!(sizes(&take_batch(&slot, 64, HOUR)), [3, 4, 5]);
+        assert!(take_batch(&slot, 64, HOUR).is_empty());
         // one at a time when batches are off
         let (slot, _waiting) = slot_with(&[1, 2]);
-        assert_eq!(sizes(&take_batch(&slot, 1)), [1]);
+        assert_eq!(sizes(&take_batch(&slot, 1, HOUR)), [1]);
     }
 
     #[test]
     fn a_batch_stops_before_a_mebibyte_but_always_takes_one() {
         let (slot, _waiting) = slot_with(&[BATCH_BYTES + 1, 10, BATCH_BYTES - 10, 1, 1]);
-        assert_eq!(sizes(&take_batch(&slot, 64)), [BATCH_BYTES + 1]);
-        assert_eq!(sizes(&take_batch(&slot, 64)), [10, BATCH_BYTES - 10]);
-        assert_eq!(sizes(&take_batch(&slot, 64)), [1, 1]);
+        assert_eq!(sizes(&take_batch(&slot, 64, HOUR)), [BATCH_BYTES + 1]);
+        assert_eq!(sizes(&take_batch(&slot, 64, HOUR)), [10, BATCH_BYTES - 10]);
+        assert_eq!(sizes(&take_batch(&slot, 64, HOUR)), [1, 1]);
     }
 
     #[test]
@@ -645,7 +681,20 @@ mod tests {
         // the senders of the second and fourth went away
         drop(waiting.remove(3));
         drop(waiting.remove(1));
-        assert_eq!(sizes(&take_batch(&slot, 64)), [1, 3]);
+        assert_eq!(sizes(&take_batch(&slot, 64, HOUR)), [1, 3]);
         assert!(lock(&slot.queue).is_empty(), "dropped, not left behind");
+    }
+
+    #[test]
+    fn a_message_that_waited_too_long_is_not_sent_and_its_sender_told() {
+        let (slot, mut waiting) = slot_with(&[1, 2]);
+        let long_ago = std::time::Instant::now()
+            .checked_sub(std::time::Duration::from_secs(20))
+            .expect("the clock is past 20 s");
+        lock(&slot.queue)[0].queued_at = long_ago;
+        let limit = std::time::Duration::from_secs(15);
+        assert_eq!(sizes(&take_batch(&slot, 64, limit)), [2]);
+        let told = waiting.remove(0).try_recv().expect("settled");
+        assert!(told.is_err(), "not sent: {told:?}");
     }
 }
