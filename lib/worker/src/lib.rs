@@ -20,6 +20,10 @@ use chat_rpc::{
 use chat_store::{GroupRecord, Membership, Objects, Store, StoreError};
 use tokio::net::TcpListener;
 
+/// gRPC calls one edge connection may have in flight at once; more wait
+/// on the edge's side.
+const MAX_CALLS_PER_CONNECTION: u32 = 1024;
+
 mod devices;
 mod groups;
 mod media;
@@ -330,6 +334,9 @@ pub async fn serve(
         .clone()
         .map(|hook| tokio::spawn(push::post_webhooks(state.clone(), hook)));
     let result = tonic::transport::Server::builder()
+        // calls in flight per edge connection: what a group's publish queue
+        // and its waiters can hold is bounded by these
+        .max_concurrent_streams(Some(MAX_CALLS_PER_CONNECTION))
         // every call's logs carry the request id the edge sent
         .trace_fn(|req| {
             let id = req

@@ -602,7 +602,6 @@ impl MessagesService {
         };
         let published = publish_locked(
             s,
-            group,
             &slot,
             &mut cached,
             Publishing::Change {

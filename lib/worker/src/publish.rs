@@ -108,12 +108,12 @@ const CHANGES_KEPT: usize = 1024;
 impl GroupSlot {
     /// Where this worker last published a change of `id`, if it remembers.
     pub(crate) fn last_change(&self, id: &MessageId) -> Option<u64> {
-        let changes = self.changes.lock().unwrap_or_else(|e| e.into_inner());
+        let changes = lock(&self.changes);
         changes.get(id).copied()
     }
 
     pub(crate) fn changed(&self, id: &MessageId, stream_seq: u64) {
-        let mut changes = self.changes.lock().unwrap_or_else(|e| e.into_inner());
+        let mut changes = lock(&self.changes);
         if changes.len() >= CHANGES_KEPT && !changes.contains_key(id) {
             // each was acknowledged only once applied: forgetting one
             // leaves a change in flight at most
@@ -126,7 +126,7 @@ impl GroupSlot {
     /// The change of `id` at `stream_seq` is applied: nothing to wait for,
     /// unless a newer one is in flight.
     pub(crate) fn applied(&self, id: &MessageId, stream_seq: u64) {
-        let mut changes = self.changes.lock().unwrap_or_else(|e| e.into_inner());
+        let mut changes = lock(&self.changes);
         if changes.get(id) == Some(&stream_seq) {
             changes.remove(id);
         }
@@ -153,7 +153,7 @@ impl GroupSlot {
 
 impl Positions {
     pub(crate) fn slot(&self, g: &GroupId) -> Slot {
-        let mut map = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = lock(&self.slots);
         if map.len() >= POSITION_CACHE {
             // a slot still held elsewhere stays valid: the worst case is two
             // holders for one group, which the compare-and-set resolves
@@ -175,22 +175,20 @@ pub(crate) async fn lower_bound(s: &State, group: &GroupId) -> Result<u64, Worke
         return Ok(floor);
     }
     let mut cached = slot.position.lock().await;
-    Ok(known_position(s, group, &slot, &mut cached)
-        .await?
-        .stream_seq)
+    Ok(known_position(s, &slot, &mut cached).await?.stream_seq)
 }
 
 /// The newest position of `group`: from the cache, else the stream, else
 /// (messages aged out of the stream) the last committed message.
 async fn known_position(
     s: &State,
-    group: &GroupId,
     slot: &GroupSlot,
     cached: &mut Option<Position>,
 ) -> Result<Position, WorkerError> {
     if let Some(p) = *cached {
         return Ok(p);
     }
+    let group = &slot.group;
     let p = match s.bus.last_group_position(group).await? {
         Some(p) => p,
         None => match s.store.messages.last_committed(group).await? {
@@ -268,14 +266,13 @@ pub(crate) enum Publishing<'a> {
 /// it if an earlier attempt landed).
 pub(crate) async fn publish_locked(
     s: &State,
-    group: &GroupId,
     slot: &GroupSlot,
     cached: &mut Option<Position>,
     what: Publishing<'_>,
     after: u64,
 ) -> Result<Position, WorkerError> {
     for _ in 0..CAS_ATTEMPTS {
-        let last = known_position(s, group, slot, cached).await?;
+        let last = known_position(s, slot, cached).await?;
         let started = std::time::Instant::now();
         let (seq, published) = match &what {
             Publishing::Message {
@@ -325,7 +322,7 @@ pub(crate) async fn publish_locked(
                 };
                 let (p, _) = s
                     .bus
-                    .find_group_message(group, &m.id, after, None)
+                    .find_group_message(&slot.group, &m.id, after, None)
                     .await?
                     .ok_or_else(|| unavailable("duplicate publish not found in the stream"))?;
                 return Ok(p);
@@ -415,7 +412,7 @@ pub(crate) async fn publish_new(
         let (s, slot) = (s.clone(), slot.clone());
         let publishing = tokio::spawn(async move {
             let mut held = held;
-            publish_queued(&s, &slot.group, &slot, &mut held, batch).await;
+            publish_queued(&s, &slot, &mut held, batch).await;
         });
         // its end (with the slot free again), or this message's outcome
         tokio::select! {
@@ -476,7 +473,6 @@ fn take_batch(slot: &GroupSlot, most: usize, limit: std::time::Duration) -> Vec<
 /// group's slot held, and settles each with where it landed.
 async fn publish_queued(
     s: &State,
-    group: &GroupId,
     slot: &GroupSlot,
     cached: &mut Option<Position>,
     batch: Vec<Queued>,
@@ -485,7 +481,7 @@ async fn publish_queued(
     if batch.len() > 1 && s.positions.batches_supported() {
         let permit = s.positions.batches.acquire().await;
         let refused = match permit {
-            Ok(_permit) => match publish_batch(s, group, slot, cached, &batch).await {
+            Ok(_permit) => match publish_batch(s, slot, cached, &batch).await {
                 Ok(positions) => {
                     for (q, p) in batch.into_iter().zip(positions) {
                         q.settle(Ok(p));
@@ -499,7 +495,7 @@ async fn publish_queued(
                     why
                 }
                 Err(BatchFailed::Error(why)) => {
-                    tracing::warn!(group = %group, messages = batch.len(), error = %why, "batch publish failed or is uncertain");
+                    tracing::warn!(group = %slot.group, messages = batch.len(), error = %why, "batch publish failed or is uncertain");
                     for q in batch {
                         q.settle(Err(unavailable(why.clone())));
                     }
@@ -509,7 +505,7 @@ async fn publish_queued(
             Err(_) => "no batches".to_owned(),
         };
         metrics::counter!("chat_publish_batches_refused_total").increment(1);
-        tracing::debug!(group = %group, reason = %refused, "batch refused; publishing its messages one by one");
+        tracing::debug!(group = %slot.group, reason = %refused, "batch refused; publishing its messages one by one");
     }
     let mut failed: Option<String> = None;
     for q in batch {
@@ -528,7 +524,7 @@ async fn publish_queued(
             plaintext: &q.plaintext,
             mentions: &q.mentions,
         };
-        let result = publish_locked(s, group, slot, cached, outgoing, q.after).await;
+        let result = publish_locked(s, slot, cached, outgoing, q.after).await;
         if let Err(e) = &result {
             failed = Some(e.to_string());
         }
@@ -551,16 +547,13 @@ enum BatchFailed {
 /// retrying on conflicts with other workers; where each landed.
 async fn publish_batch(
     s: &State,
-    group: &GroupId,
     slot: &GroupSlot,
     cached: &mut Option<Position>,
     batch: &[Queued],
 ) -> Result<Vec<Position>, BatchFailed> {
     let error = |e: WorkerError| BatchFailed::Error(e.to_string());
     for _ in 0..CAS_ATTEMPTS {
-        let last = known_position(s, group, slot, cached)
-            .await
-            .map_err(error)?;
+        let last = known_position(s, slot, cached).await.map_err(error)?;
         let envelopes: Vec<Envelope> = (1..)
             .zip(batch)
             .map(|(i, q)| envelope(s, &q.m, &q.plaintext, last.seq + i, &q.mentions))
