@@ -435,6 +435,15 @@ pub struct ServeArgs {
           default_value_t = chat_edge::Config::default().write_coalesce.as_millis() as u64,
           value_parser = clap::value_parser!(u64).range(0..=1000))]
     pub ws_write_coalesce_ms: u64,
+    /// Edge: socket writes per second its busy connections aim to stay
+    /// near: while group frames come faster than this, a busy
+    /// connection's window stretches to connections ÷ this (at most five
+    /// times `--ws-write-coalesce-ms`), so frames share writes where the
+    /// edge is short of CPU (0: the window never stretches).
+    #[arg(long, env = "CHATD_WS_WRITE_BUDGET",
+          default_value_t = chat_edge::Config::default().write_budget,
+          value_parser = clap::value_parser!(u64).range(0..=100_000_000))]
+    pub ws_write_budget: u64,
     /// Edge: requests per second allowed per connection.
     #[arg(long, env = "CHATD_REQUESTS_PER_SEC", default_value_t = 50.0)]
     pub requests_per_sec: f64,
@@ -733,6 +742,7 @@ impl Node {
                 max_connections: args.max_connections,
                 write_timeout: Duration::from_millis(args.ws_write_timeout_ms.max(1)),
                 write_coalesce: Duration::from_millis(args.ws_write_coalesce_ms),
+                write_budget: args.ws_write_budget,
                 service_secret,
                 web_app: !args.no_web_app,
                 dev_token_secret: args
@@ -935,6 +945,20 @@ mod tests {
         assert!(window("-1").is_err());
         let default = Cli::try_parse_from(["chatd", "--role", "edge"]).expect("parses");
         assert_eq!(default.serve.ws_write_coalesce_ms, 10);
+    }
+
+    #[test]
+    fn the_write_budget_is_bounded_and_zero_turns_it_off() {
+        let budget = |n: &str| {
+            Cli::try_parse_from(["chatd", "--role", "edge", "--ws-write-budget", n])
+                .map(|c| c.serve.ws_write_budget)
+        };
+        assert_eq!(budget("0").expect("off"), 0);
+        assert_eq!(budget("100000000").expect("the most"), 100_000_000);
+        assert!(budget("100000001").is_err());
+        assert!(budget("-1").is_err());
+        let default = Cli::try_parse_from(["chatd", "--role", "edge"]).expect("parses");
+        assert_eq!(default.serve.ws_write_budget, 20_000);
     }
 
     #[test]

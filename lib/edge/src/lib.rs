@@ -68,6 +68,11 @@ pub struct Config {
     /// excepted); `ZERO`: a write whenever its queue runs dry. Costs a busy
     /// connection at most this much latency.
     pub write_coalesce: Duration,
+    /// Socket writes per second the edge's busy connections aim to stay
+    /// near: while group frames come faster than this, a busy connection's
+    /// window stretches to connections ÷ this (at most five times
+    /// `write_coalesce`); 0: it never stretches.
+    pub write_budget: u64,
     /// Requests per second per connection, sustained.
     pub requests_per_sec: f64,
     /// REST calls and WebSocket upgrades per second per user (burst: twice
@@ -106,6 +111,7 @@ impl Default for Config {
             outbox_bytes: 1024 * 1024,
             write_timeout: Duration::from_secs(10),
             write_coalesce: Duration::from_millis(10),
+            write_budget: 20_000,
             requests_per_sec: 50.0,
             user_requests_per_sec: 50.0,
             address_requests_per_sec: 500.0,
@@ -153,6 +159,8 @@ pub struct Inner {
     pub(crate) places: chat_bus::Places,
     /// Deliveries not yet reported (see `ws::report_delivered`).
     pub(crate) delivered: ws::DeliveredHub,
+    /// The writers' window, stretched over the write budget.
+    pub(crate) write_load: Arc<ws::WriteLoad>,
     /// This edge's connections of each device, closed on eviction.
     pub(crate) devices: evictions::Devices,
     /// Which users are connected here, written to the presence bucket.
@@ -211,12 +219,17 @@ impl AppState {
             feed_tasks: Default::default(),
             places,
             delivered: Default::default(),
+            write_load: Arc::new(ws::WriteLoad::new(
+                config.write_coalesce,
+                config.write_budget,
+            )),
             devices: Default::default(),
             presence: Default::default(),
             limits: limits::Limits::new(&config),
             config,
         }));
         tokio::spawn(ws::report_delivered(Arc::downgrade(&state.0)));
+        tokio::spawn(ws::pace_writes(Arc::downgrade(&state.0)));
         tokio::spawn(evictions::listen(Arc::downgrade(&state.0)));
         tokio::spawn(signals::listen(Arc::downgrade(&state.0)));
         tokio::spawn(presence::write(Arc::downgrade(&state.0)));

@@ -1141,6 +1141,62 @@ async fn reactions_are_counted_per_emoji_live_and_in_history_within_limits() -> 
     c.stop().await
 }
 
+/// Over its write budget an edge stretches the window its busy
+/// connections gather frames in (here to the most, five windows, since two
+/// connections over a budget of one write a second want two seconds), and
+/// every message still arrives once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_the_write_budget_the_window_stretches_and_nothing_is_lost() -> anyhow::Result<()> {
+    const BATCH: usize = 20;
+    let c = Cluster::start_with(
+        1,
+        1,
+        &[
+            "--ws-write-coalesce-ms",
+            "10",
+            "--ws-write-budget",
+            "1",
+            "--requests-per-sec",
+            "100000",
+        ],
+    )
+    .await?;
+    let g = c.room(&["alice", "bob"]).await?;
+    let edge = c.spawn_process("edge").await?;
+    let mut bob = c.connect_to(&edge, "bob", "laptop").await?;
+    let mut alice = c.connect_to(&edge, "alice", "phone").await?;
+    let mut acked = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while edge.metric("chat_ws_write_window_seconds").await? < 0.050 {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the window did not stretch after {} messages",
+            acked.len()
+        );
+        for _ in 0..BATCH {
+            let i = acked.len();
+            let ack = alice
+                .send_text(&g, &format!("c{i}"), &format!("m{i}"))
+                .await?;
+            acked.push(ack["seq"].clone());
+        }
+    }
+    let n = acked.len();
+    let got = bob.messages(n).await?;
+    let seqs: Vec<Value> = got.iter().map(|m| m["seq"].clone()).collect();
+    assert_eq!(seqs, acked, "every message once, in order");
+    // the load gone, the window is the configured one again
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while edge.metric("chat_ws_write_window_seconds").await? != 0.010 {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the window stayed stretched with nothing sent"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    c.stop().await
+}
+
 /// A busy connection's frames gather for up to `--ws-write-coalesce-ms`
 /// and go out in one write: alice sends until bob's connection is busy and
 /// a write of his waited for its window, then every message has arrived,

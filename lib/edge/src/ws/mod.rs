@@ -5,6 +5,8 @@
 //! - `session`: the reader loop, requests to workers, errors, lifecycle;
 //! - `outbox`: the bounded queue into the writer (and the live feeds' way in);
 //! - `writer`: frames to the socket, and the device's place once flushed;
+//! - `load`: the edge's socket-write budget, which stretches how long a
+//!   busy connection gathers frames while the edge is over it;
 //! - `catch_up`: what the device missed since its place, read on connect,
 //!   and the hand-over to the live feeds (`crate::live`);
 //! - `frames`: group messages opened once per edge;
@@ -65,6 +67,7 @@ use crate::{
 
 mod catch_up;
 mod frames;
+mod load;
 mod outbox;
 mod receipts;
 mod session;
@@ -77,6 +80,7 @@ use self::{
 };
 pub(crate) use self::{
     frames::{OpenedFrames, open_live},
+    load::{WriteLoad, pace as pace_writes},
     receipts::{DeliveredHub, flush_delivered, report_delivered},
 };
 

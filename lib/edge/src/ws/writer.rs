@@ -60,7 +60,7 @@ pub(super) async fn write_loop(
     let mut tally = Tally::default();
     let deadline = app.config.write_timeout;
     let mut burst = 0usize;
-    let mut coalesce = Coalesce::new(app.config.write_coalesce);
+    let mut coalesce = Coalesce::new(app.write_load.clone());
     // whether group messages came since the queue last ran dry
     let mut messages = false;
     let coalesced = metrics::counter!("chat_ws_coalesced_flushes_total");
@@ -72,7 +72,7 @@ pub(super) async fn write_loop(
             () = coalesce.elapsed(), if coalesce.waiting() => {
                 coalesced.increment(1);
                 burst = 0;
-                tally.add_to(&live_deliveries, &live_out);
+                tally.add_to(&live_deliveries, &live_out, &app.write_load);
                 if !coalesce.flush(&mut pending, &mut sink, &delivered, deadline).await {
                     gave_up();
                     failed = true;
@@ -183,7 +183,7 @@ pub(super) async fn write_loop(
                 continue;
             }
             burst = 0;
-            tally.add_to(&live_deliveries, &live_out);
+            tally.add_to(&live_deliveries, &live_out, &app.write_load);
             if !coalesce
                 .flush(&mut pending, &mut sink, &delivered, deadline)
                 .await
@@ -198,7 +198,7 @@ pub(super) async fn write_loop(
     // after a failure: the frame that failed may have left the split sink's
     // slot, and a later flush that succeeds says nothing of it (a client's
     // close racing a delivery lost that delivery this way)
-    tally.add_to(&live_deliveries, &live_out);
+    tally.add_to(&live_deliveries, &live_out, &app.write_load);
     if !failed {
         pending.flush(&mut sink, &delivered, deadline).await;
     }
@@ -245,7 +245,8 @@ async fn hidden(
 /// edge's time, in the kernel). `ZERO`: a write every time the queue runs
 /// dry (nothing is counted, so the connection is never busy).
 struct Coalesce {
-    window: Duration,
+    /// The window, stretched while the edge is over its write budget.
+    load: Arc<WriteLoad>,
     last: Option<tokio::time::Instant>,
     /// The period the queue's dry spells are being counted in: its start
     /// and the count so far; and whether the period before was busy.
@@ -261,9 +262,9 @@ struct Coalesce {
 }
 
 impl Coalesce {
-    fn new(window: Duration) -> Self {
+    fn new(load: Arc<WriteLoad>) -> Self {
         Self {
-            window,
+            load,
             last: None,
             period: None,
             dry: 0,
@@ -276,22 +277,23 @@ impl Coalesce {
 
     /// The queue ran dry (or a burst is full) after group messages.
     fn ran_dry(&mut self) {
-        if !self.window.is_zero() {
+        if !self.window().is_zero() {
             self.ran_dry_at(tokio::time::Instant::now());
         }
     }
 
     fn ran_dry_at(&mut self, now: tokio::time::Instant) {
+        let window = self.window();
         // part of the burst the last counted one began (measured from its
         // start, so a steady stream faster than this still counts)
         if self
             .counted
-            .is_some_and(|t| now.saturating_duration_since(t) < self.window / 10)
+            .is_some_and(|t| now.saturating_duration_since(t) < window / 10)
         {
             return;
         }
         self.counted = Some(now);
-        let period = self.window * PERIOD_WINDOWS;
+        let period = window * PERIOD_WINDOWS;
         let start = *self.period.get_or_insert(now);
         let gone = now.saturating_duration_since(start);
         if gone >= period {
@@ -301,6 +303,10 @@ impl Coalesce {
             self.dry = 0;
         }
         self.dry += 1;
+    }
+
+    fn window(&self) -> Duration {
+        self.load.window()
     }
 
     /// Whether frames wait for the timer.
@@ -330,7 +336,8 @@ impl Coalesce {
         if !self.busy {
             return None;
         }
-        self.last.map(|t| t + self.window).filter(|due| *due > now)
+        let window = self.window();
+        self.last.map(|t| t + window).filter(|due| *due > now)
     }
 
     /// Until the armed timer fires (never, if none is armed).
@@ -351,7 +358,7 @@ impl Coalesce {
     ) -> bool {
         self.waiting = false;
         let ok = pending.flush(sink, to, deadline).await;
-        if !self.window.is_zero() {
+        if !self.window().is_zero() {
             self.last = Some(tokio::time::Instant::now());
         }
         ok
@@ -366,14 +373,17 @@ const PERIOD_WINDOWS: u32 = 10;
 struct Tally {
     deliveries: u64,
     out: u64,
+    /// The write budget's period this connection last counted itself in.
+    seen: u64,
 }
 
 impl Tally {
-    fn add_to(&mut self, deliveries: &metrics::Counter, out: &metrics::Counter) {
+    fn add_to(&mut self, deliveries: &metrics::Counter, out: &metrics::Counter, load: &WriteLoad) {
         if self.deliveries > 0 {
             deliveries.increment(std::mem::take(&mut self.deliveries));
         }
         if self.out > 0 {
+            load.wrote(self.out, &mut self.seen);
             out.increment(std::mem::take(&mut self.out));
         }
     }
@@ -622,6 +632,11 @@ mod tests {
         assert_eq!(event_of("not json"), "other");
     }
 
+    /// A writer whose window never stretches.
+    fn fixed(window: Duration) -> Coalesce {
+        Coalesce::new(Arc::new(WriteLoad::new(window, 0)))
+    }
+
     /// `ran_dry` and a flush at the given milliseconds after `t0`.
     fn at(t0: tokio::time::Instant, ms: u64) -> tokio::time::Instant {
         t0 + Duration::from_millis(ms)
@@ -630,7 +645,7 @@ mod tests {
     #[test]
     fn a_connection_with_a_frame_now_and_then_writes_each_at_once() {
         let t0 = tokio::time::Instant::now();
-        let mut c = Coalesce::new(Duration::from_millis(10));
+        let mut c = fixed(Duration::from_millis(10));
         assert_eq!(c.due_at(t0), None);
         // frames 30 ms apart (300 sends/s over 10 groups), and once a
         // second a burst of ten status notifications
@@ -649,7 +664,7 @@ mod tests {
     #[test]
     fn a_busy_connection_writes_at_most_once_per_window() {
         let t0 = tokio::time::Instant::now();
-        let mut c = Coalesce::new(Duration::from_millis(10));
+        let mut c = fixed(Duration::from_millis(10));
         // frames 2 ms apart: busy once a whole period shows it
         let mut ms = 0;
         while ms <= 200 {
@@ -670,7 +685,7 @@ mod tests {
     #[test]
     fn a_rate_just_below_one_per_window_is_not_busy() {
         let t0 = tokio::time::Instant::now();
-        let mut c = Coalesce::new(Duration::from_millis(10));
+        let mut c = fixed(Duration::from_millis(10));
         // one every 12 ms: 9 in each period of 100 ms
         for i in 1..=100 {
             c.ran_dry_at(at(t0, 12 * i));
@@ -682,7 +697,7 @@ mod tests {
     #[test]
     fn bursts_count_once() {
         let t0 = tokio::time::Instant::now();
-        let mut c = Coalesce::new(Duration::from_millis(10));
+        let mut c = fixed(Duration::from_millis(10));
         // every 20 ms, ten dry spells 0.1 ms apart: one each
         for i in 1..=50 {
             for j in 0..10 {
@@ -696,7 +711,7 @@ mod tests {
     #[test]
     fn a_steady_stream_faster_than_a_burst_is_busy() {
         let t0 = tokio::time::Instant::now();
-        let mut c = Coalesce::new(Duration::from_millis(10));
+        let mut c = fixed(Duration::from_millis(10));
         // a dry spell every 0.5 ms for 250 ms: one counted per ms
         for i in 1..=500 {
             c.ran_dry_at(t0 + Duration::from_micros(500 * i));
@@ -708,9 +723,37 @@ mod tests {
     #[test]
     fn a_zero_window_never_waits() {
         let t0 = tokio::time::Instant::now();
-        let mut c = Coalesce::new(Duration::ZERO);
+        let mut c = fixed(Duration::ZERO);
         c.ran_dry();
         c.last = Some(t0);
         assert_eq!(c.due_at(at(t0, 0)), None);
+    }
+
+    #[test]
+    fn over_the_write_budget_a_slower_connection_is_busy_and_waits_longer() {
+        let t0 = tokio::time::Instant::now();
+        let load = Arc::new(WriteLoad::new(Duration::from_millis(10), 20_000));
+        let mut c = Coalesce::new(load.clone());
+        // a frame every 12 ms: below one per 10 ms window, written at once
+        for i in 1..=100 {
+            c.ran_dry_at(at(t0, 12 * i));
+        }
+        c.last = Some(at(t0, 1200));
+        assert_eq!(c.due_at(at(t0, 1201)), None);
+        // the edge's 1,000 writers go over 20,000 frames a second: the
+        // window stretches to 50 ms, and the same rate is busy
+        let mut seen = vec![0; 1_000];
+        for s in &mut seen {
+            load.wrote(100, s);
+        }
+        assert_eq!(load.tick(Duration::from_secs(1)), Duration::from_millis(50));
+        for i in 101..=200 {
+            c.ran_dry_at(at(t0, 12 * i));
+        }
+        c.last = Some(at(t0, 2400));
+        assert_eq!(c.due_at(at(t0, 2401)), Some(at(t0, 2450)));
+        // the load goes: the window is 10 ms again
+        assert_eq!(load.tick(Duration::from_secs(1)), Duration::from_millis(10));
+        assert_eq!(c.due_at(at(t0, 2401)), Some(at(t0, 2410)));
     }
 }
