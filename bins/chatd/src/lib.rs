@@ -435,11 +435,11 @@ pub struct ServeArgs {
           default_value_t = chat_edge::Config::default().write_coalesce.as_millis() as u64,
           value_parser = clap::value_parser!(u64).range(0..=1000))]
     pub ws_write_coalesce_ms: u64,
-    /// Edge: socket writes per second its busy connections aim to stay
-    /// near: while group frames come faster than this, a busy
-    /// connection's window stretches to connections ÷ this (at most five
-    /// times `--ws-write-coalesce-ms`), so frames share writes where the
-    /// edge is short of CPU (0: the window never stretches).
+    /// Edge: live group frames per second past which its connections'
+    /// coalescing window stretches to (connections writing them ÷ this),
+    /// at most five times `--ws-write-coalesce-ms`, so frames share socket
+    /// writes; costs latency while it is passed (0: the window never
+    /// stretches).
     #[arg(long, env = "CHATD_WS_WRITE_BUDGET",
           default_value_t = chat_edge::Config::default().write_budget,
           value_parser = clap::value_parser!(u64).range(0..=100_000_000))]

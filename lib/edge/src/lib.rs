@@ -68,10 +68,10 @@ pub struct Config {
     /// excepted); `ZERO`: a write whenever its queue runs dry. Costs a busy
     /// connection at most this much latency.
     pub write_coalesce: Duration,
-    /// Socket writes per second the edge's busy connections aim to stay
-    /// near: while group frames come faster than this, a busy connection's
-    /// window stretches to connections ÷ this (at most five times
-    /// `write_coalesce`); 0: it never stretches.
+    /// Live group frames per second past which the edge's coalescing
+    /// window stretches to (connections writing them ÷ this), at most five
+    /// times `write_coalesce`, so that its writes stay near this many a
+    /// second; 0: it never stretches (`ws/load.rs`).
     pub write_budget: u64,
     /// Requests per second per connection, sustained.
     pub requests_per_sec: f64,

@@ -1143,11 +1143,13 @@ async fn reactions_are_counted_per_emoji_live_and_in_history_within_limits() -> 
 
 /// Over its write budget an edge stretches the window its busy
 /// connections gather frames in (here to the most, five windows, since two
-/// connections over a budget of one write a second want two seconds), and
-/// every message still arrives once, in order.
+/// connections over a budget of one write a second want two seconds): a
+/// message every 30 ms, too slow to make a connection busy with the
+/// configured 10 ms window, makes it busy with the stretched 50 ms one, so
+/// writes wait for it; every message still arrives once, in order, and
+/// with the load gone the window is the configured one again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_the_write_budget_the_window_stretches_and_nothing_is_lost() -> anyhow::Result<()> {
-    const BATCH: usize = 20;
     let c = Cluster::start_with(
         1,
         1,
@@ -1166,28 +1168,35 @@ async fn over_the_write_budget_the_window_stretches_and_nothing_is_lost() -> any
     let mut bob = c.connect_to(&edge, "bob", "laptop").await?;
     let mut alice = c.connect_to(&edge, "alice", "phone").await?;
     let mut acked = Vec::new();
+    // the pace of the load, not a wait for anything
+    let mut pace = tokio::time::interval(std::time::Duration::from_millis(30));
+    pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while edge.metric("chat_ws_write_window_seconds").await? < 0.050 {
+    loop {
+        if acked.len() % 10 == 0
+            && edge.metric("chat_ws_write_window_seconds").await? >= 0.050
+            && edge.metric("chat_ws_coalesced_flushes_total").await? > 0.0
+        {
+            break;
+        }
         anyhow::ensure!(
             std::time::Instant::now() < deadline,
-            "the window did not stretch after {} messages",
+            "no write waited for a stretched window after {} messages",
             acked.len()
         );
-        for _ in 0..BATCH {
-            let i = acked.len();
-            let ack = alice
-                .send_text(&g, &format!("c{i}"), &format!("m{i}"))
-                .await?;
-            acked.push(ack["seq"].clone());
-        }
+        pace.tick().await;
+        let i = acked.len();
+        let ack = alice
+            .send_text(&g, &format!("c{i}"), &format!("m{i}"))
+            .await?;
+        acked.push(ack["seq"].clone());
     }
     let n = acked.len();
     let got = bob.messages(n).await?;
     let seqs: Vec<Value> = got.iter().map(|m| m["seq"].clone()).collect();
     assert_eq!(seqs, acked, "every message once, in order");
-    // the load gone, the window is the configured one again
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while edge.metric("chat_ws_write_window_seconds").await? != 0.010 {
+    while (edge.metric("chat_ws_write_window_seconds").await? - 0.010).abs() > 1e-9 {
         anyhow::ensure!(
             std::time::Instant::now() < deadline,
             "the window stayed stretched with nothing sent"

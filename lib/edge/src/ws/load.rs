@@ -8,12 +8,22 @@
 //! carries), the writes take the CPU the frames need, and the edge stays
 //! at that rate (fan-out, one group of 1,000, on a slower day: 92,000
 //! deliveries a second at one frame per write, where a 50 ms window
-//! carried 294,000). So the writers count the group frames they write and
-//! the connections that wrote them; each `PERIOD`, if the frames came
-//! faster than `--ws-write-budget` a second, the window becomes what keeps
-//! those connections' writes near the budget (connections ÷ budget), at
-//! least the configured window and at most `MAX_STRETCH` times it. Below
-//! the budget nothing changes: a lightly loaded edge writes as before.
+//! carried 294,000). So the writers count the live group frames they write
+//! and the connections that wrote them; each period (`PERIOD`, or the
+//! window if that is longer, so that every busy connection writes in it),
+//! if the frames came faster than `--ws-write-budget` a second, the window
+//! becomes what keeps those connections' writes near the budget
+//! (connections ÷ budget), at least the configured window and at most
+//! `MAX_STRETCH` times it; it goes back only once the frames are below
+//! `RELEASE` of the budget, so a rate near the budget does not flip it
+//! every period. Below the budget nothing changes: a lightly loaded edge
+//! writes as before. The budget is a rate, not a reading of the CPU: an
+//! edge with CPU to spare pays the stretched window's latency too, and its
+//! operator raises the budget (or sets 0).
+//!
+//! The counters are read and reset while writers add to them: a writer
+//! that adds across a tick is counted in one period or the next, a few
+//! out of thousands, which moves the window by as little.
 
 use std::{
     sync::{
@@ -27,6 +37,9 @@ use std::{
 pub(crate) const PERIOD: Duration = Duration::from_millis(100);
 /// The longest window, in configured windows.
 pub(crate) const MAX_STRETCH: u32 = 5;
+/// A stretched window goes back once frames come slower than this share
+/// of the budget.
+const RELEASE: f64 = 0.8;
 
 /// Shared by the edge's writers; see the module's comment.
 #[derive(Debug)]
@@ -78,7 +91,8 @@ impl WriteLoad {
         self.period.fetch_add(1, Ordering::Relaxed);
         let frames = self.frames.swap(0, Ordering::Relaxed);
         let writers = self.writers.swap(0, Ordering::Relaxed);
-        let window = window_for(self.base, self.budget, frames, writers, elapsed);
+        let stretched = self.window() > self.base;
+        let window = window_for(self.base, self.budget, frames, writers, elapsed, stretched);
         self.window_ns.store(nanos(window), Ordering::Relaxed);
         window
     }
@@ -89,40 +103,52 @@ fn nanos(d: Duration) -> u64 {
 }
 
 /// The window after a period of `elapsed` in which `writers` connections
-/// wrote `frames` group frames.
+/// wrote `frames` group frames (`stretched`: the window was above `base`).
 fn window_for(
     base: Duration,
     budget: u64,
     frames: u64,
     writers: u64,
     elapsed: Duration,
+    stretched: bool,
 ) -> Duration {
     if budget == 0 || base.is_zero() || elapsed.is_zero() {
         return base;
     }
     let rate = frames as f64 / elapsed.as_secs_f64();
-    if rate <= budget as f64 {
+    let over = if stretched {
+        rate > budget as f64 * RELEASE
+    } else {
+        rate > budget as f64
+    };
+    if !over {
         return base;
     }
     // each connection writing once per window: writers ÷ window writes a second
-    let wanted = Duration::from_secs_f64(writers as f64 / budget as f64);
-    wanted.clamp(base, base * MAX_STRETCH)
+    let wanted = Duration::from_nanos(writers.saturating_mul(1_000_000_000) / budget);
+    wanted.clamp(base, base.saturating_mul(MAX_STRETCH))
 }
 
-/// Decides the window every `PERIOD` while the edge runs.
-pub(crate) async fn pace(state: Weak<crate::Inner>) {
-    let mut ticks = tokio::time::interval(PERIOD);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticks.tick().await;
-    let mut last = tokio::time::Instant::now();
+/// Decides the window every period while the edge runs (`PERIOD`, or the
+/// window if longer: a busy connection then writes in every period, so
+/// each is counted); nothing to decide without a budget or a window.
+pub(crate) async fn pace(inner: Weak<crate::Inner>) {
     let gauge = metrics::gauge!("chat_ws_write_window_seconds");
+    let Some(load) = inner.upgrade().map(|app| app.write_load.clone()) else {
+        return;
+    };
+    gauge.set(load.window().as_secs_f64());
+    if load.budget == 0 || load.base.is_zero() {
+        return;
+    }
+    let mut last = tokio::time::Instant::now();
     loop {
-        ticks.tick().await;
-        let Some(state) = state.upgrade() else {
+        tokio::time::sleep(PERIOD.max(load.window())).await;
+        if inner.strong_count() == 0 {
             return;
-        };
+        }
         let now = tokio::time::Instant::now();
-        let window = state.write_load.tick(now.saturating_duration_since(last));
+        let window = load.tick(now.saturating_duration_since(last));
         gauge.set(window.as_secs_f64());
         last = now;
     }
@@ -137,32 +163,76 @@ mod tests {
 
     #[test]
     fn below_the_budget_the_window_is_the_configured_one() {
-        assert_eq!(window_for(10 * MS, 20_000, 19_000, 1_000, SEC), 10 * MS);
-        assert_eq!(window_for(10 * MS, 20_000, 20_000, 1_000, SEC), 10 * MS);
+        assert_eq!(
+            window_for(10 * MS, 20_000, 19_000, 1_000, SEC, false),
+            10 * MS
+        );
+        assert_eq!(
+            window_for(10 * MS, 20_000, 20_000, 1_000, SEC, false),
+            10 * MS
+        );
         // the same frames in a tenth of the time are over it
-        assert!(window_for(10 * MS, 20_000, 19_000, 1_000, SEC / 10) > 10 * MS);
+        assert!(window_for(10 * MS, 20_000, 19_000, 1_000, SEC / 10, false) > 10 * MS);
     }
 
     #[test]
     fn over_the_budget_the_writers_share_it() {
         // 1,000 connections, 20,000 writes a second: one each per 50 ms
-        assert_eq!(window_for(10 * MS, 20_000, 100_000, 1_000, SEC), 50 * MS);
-        assert_eq!(window_for(10 * MS, 40_000, 100_000, 1_000, SEC), 25 * MS);
+        assert_eq!(
+            window_for(10 * MS, 20_000, 100_000, 1_000, SEC, false),
+            50 * MS
+        );
+        assert_eq!(
+            window_for(10 * MS, 40_000, 100_000, 1_000, SEC, false),
+            25 * MS
+        );
         // few connections: what they write is not the edge's load
-        assert_eq!(window_for(10 * MS, 20_000, 60_000, 100, SEC), 10 * MS);
+        assert_eq!(
+            window_for(10 * MS, 20_000, 60_000, 100, SEC, false),
+            10 * MS
+        );
         // many: no more than five windows
-        assert_eq!(window_for(10 * MS, 20_000, 900_000, 10_000, SEC), 50 * MS);
+        assert_eq!(
+            window_for(10 * MS, 20_000, 900_000, 10_000, SEC, false),
+            50 * MS
+        );
+    }
+
+    #[test]
+    fn a_stretched_window_goes_back_only_well_below_the_budget() {
+        // 18,000 frames a second: not enough to stretch, enough to stay
+        assert_eq!(
+            window_for(10 * MS, 20_000, 18_000, 1_000, SEC, false),
+            10 * MS
+        );
+        assert_eq!(
+            window_for(10 * MS, 20_000, 18_000, 1_000, SEC, true),
+            50 * MS
+        );
+        assert_eq!(
+            window_for(10 * MS, 20_000, 16_000, 1_000, SEC, true),
+            10 * MS
+        );
+    }
+
+    #[test]
+    fn the_longest_window_saturates_rather_than_overflows() {
+        let huge = Duration::MAX / 2;
+        assert_eq!(window_for(huge, 1, u64::MAX, u64::MAX, SEC, false), huge);
     }
 
     #[test]
     fn no_budget_or_no_window_never_stretches() {
-        assert_eq!(window_for(10 * MS, 0, 1_000_000, 1_000, SEC), 10 * MS);
         assert_eq!(
-            window_for(Duration::ZERO, 20_000, 1_000_000, 1_000, SEC),
+            window_for(10 * MS, 0, 1_000_000, 1_000, SEC, false),
+            10 * MS
+        );
+        assert_eq!(
+            window_for(Duration::ZERO, 20_000, 1_000_000, 1_000, SEC, false),
             Duration::ZERO
         );
         assert_eq!(
-            window_for(10 * MS, 20_000, 1_000_000, 1_000, Duration::ZERO),
+            window_for(10 * MS, 20_000, 1_000_000, 1_000, Duration::ZERO, false),
             10 * MS
         );
     }
@@ -179,6 +249,11 @@ mod tests {
         // 100,000 frames from 1,000 writers in a second
         assert_eq!(load.tick(SEC), 50 * MS);
         assert_eq!(load.window(), 50 * MS);
+        // 18,000 a second holds it (a rate near the budget does not flip it)
+        for s in &mut seen {
+            load.wrote(18, s);
+        }
+        assert_eq!(load.tick(SEC), 50 * MS);
         // the next period is quiet: back to the configured window
         for s in &mut seen[..10] {
             load.wrote(1, s);

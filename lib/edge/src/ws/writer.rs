@@ -136,6 +136,7 @@ pub(super) async fn write_loop(
                         let ok = fed(&mut sink, Message::Text(f.text), deadline).await;
                         if ok {
                             tally.out += 1;
+                            tally.live += u64::from(!f.caught_up);
                             pending.group_frame(&f.group, f.seq);
                             // a catch-up's frames move no place: frames of
                             // other groups below them may still come from
@@ -244,13 +245,20 @@ async fn hidden(
 /// capacity: 1.6 frames per socket write, and the writes were most of the
 /// edge's time, in the kernel). `ZERO`: a write every time the queue runs
 /// dry (nothing is counted, so the connection is never busy).
+///
+/// `window` is the edge's (`WriteLoad`): while the edge is over its write
+/// budget it is longer, so a connection is busy at a lower rate (a frame
+/// per stretched window) and gathers for longer. A counting period keeps
+/// the length it started with; an armed timer is brought forward when the
+/// window shrinks.
 struct Coalesce {
     /// The window, stretched while the edge is over its write budget.
     load: Arc<WriteLoad>,
     last: Option<tokio::time::Instant>,
-    /// The period the queue's dry spells are being counted in: its start
-    /// and the count so far; and whether the period before was busy.
-    period: Option<tokio::time::Instant>,
+    /// The period the queue's dry spells are being counted in: its start,
+    /// its length, and the count so far; and whether the period before was
+    /// busy.
+    period: Option<(tokio::time::Instant, Duration)>,
     dry: u32,
     busy: bool,
     /// When the queue last ran dry and it was counted.
@@ -258,7 +266,8 @@ struct Coalesce {
     /// Armed while frames wait for their flush; boxed and made on first
     /// use, so an idle connection does not carry a timer.
     timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
-    waiting: bool,
+    /// When the armed timer fires, while frames wait for it.
+    armed: Option<tokio::time::Instant>,
 }
 
 impl Coalesce {
@@ -271,7 +280,7 @@ impl Coalesce {
             busy: false,
             counted: None,
             timer: None,
-            waiting: false,
+            armed: None,
         }
     }
 
@@ -293,13 +302,14 @@ impl Coalesce {
             return;
         }
         self.counted = Some(now);
-        let period = window * PERIOD_WINDOWS;
-        let start = *self.period.get_or_insert(now);
+        let (start, period) = *self
+            .period
+            .get_or_insert((now, window.saturating_mul(PERIOD_WINDOWS)));
         let gone = now.saturating_duration_since(start);
         if gone >= period {
             // busy if the period just ended was (a later one was empty)
-            self.busy = gone < period * 2 && self.dry >= PERIOD_WINDOWS;
-            self.period = Some(now);
+            self.busy = gone < period.saturating_mul(2) && self.dry >= PERIOD_WINDOWS;
+            self.period = Some((now, window.saturating_mul(PERIOD_WINDOWS)));
             self.dry = 0;
         }
         self.dry += 1;
@@ -311,23 +321,24 @@ impl Coalesce {
 
     /// Whether frames wait for the timer.
     fn waiting(&self) -> bool {
-        self.waiting
+        self.armed.is_some()
     }
 
     /// Decides for frames written while the queue ran dry: true if they
-    /// wait (the timer is armed), false if they go now.
+    /// wait (the timer is armed), false if they go now. Frames already
+    /// waiting go when the window now says, if that is sooner.
     fn wait(&mut self) -> bool {
-        if self.waiting {
-            return true;
-        }
         let Some(due) = self.due_at(tokio::time::Instant::now()) else {
             return false;
         };
+        if self.armed.is_some_and(|armed| armed <= due) {
+            return true;
+        }
         match &mut self.timer {
             Some(t) => t.as_mut().reset(due),
             None => self.timer = Some(Box::pin(tokio::time::sleep_until(due))),
         }
-        self.waiting = true;
+        self.armed = Some(due);
         true
     }
 
@@ -337,7 +348,9 @@ impl Coalesce {
             return None;
         }
         let window = self.window();
-        self.last.map(|t| t + window).filter(|due| *due > now)
+        self.last
+            .and_then(|t| t.checked_add(window))
+            .filter(|due| *due > now)
     }
 
     /// Until the armed timer fires (never, if none is armed).
@@ -356,7 +369,7 @@ impl Coalesce {
         to: &Written<'_>,
         deadline: Duration,
     ) -> bool {
-        self.waiting = false;
+        self.armed = None;
         let ok = pending.flush(sink, to, deadline).await;
         if !self.window().is_zero() {
             self.last = Some(tokio::time::Instant::now());
@@ -373,6 +386,9 @@ const PERIOD_WINDOWS: u32 = 10;
 struct Tally {
     deliveries: u64,
     out: u64,
+    /// Of `out`, the live ones: what the write budget counts (a catch-up
+    /// writes in bursts whatever the window).
+    live: u64,
     /// The write budget's period this connection last counted itself in.
     seen: u64,
 }
@@ -383,7 +399,7 @@ impl Tally {
             deliveries.increment(std::mem::take(&mut self.deliveries));
         }
         if self.out > 0 {
-            load.wrote(self.out, &mut self.seen);
+            load.wrote(std::mem::take(&mut self.live), &mut self.seen);
             out.increment(std::mem::take(&mut self.out));
         }
     }
@@ -755,5 +771,32 @@ mod tests {
         // the load goes: the window is 10 ms again
         assert_eq!(load.tick(Duration::from_secs(1)), Duration::from_millis(10));
         assert_eq!(c.due_at(at(t0, 2401)), Some(at(t0, 2410)));
+    }
+
+    #[tokio::test]
+    async fn frames_waiting_for_a_window_that_shrinks_go_when_it_now_ends() {
+        let load = Arc::new(WriteLoad::new(Duration::from_millis(10), 20_000));
+        let mut seen = vec![0; 1_000];
+        for s in &mut seen {
+            load.wrote(100, s);
+        }
+        assert_eq!(load.tick(Duration::from_secs(1)), Duration::from_millis(50));
+        let mut c = Coalesce::new(load.clone());
+        c.busy = true;
+        let last = tokio::time::Instant::now();
+        c.last = Some(last);
+        assert!(c.wait());
+        assert_eq!(c.armed, Some(last + Duration::from_millis(50)));
+        // the load goes: what waits goes 10 ms after the last write
+        assert_eq!(load.tick(Duration::from_secs(1)), Duration::from_millis(10));
+        assert!(c.wait());
+        assert_eq!(c.armed, Some(last + Duration::from_millis(10)));
+        // a longer window again does not hold it back further
+        for s in &mut seen {
+            load.wrote(100, s);
+        }
+        load.tick(Duration::from_secs(1));
+        assert!(c.wait());
+        assert_eq!(c.armed, Some(last + Duration::from_millis(10)));
     }
 }
