@@ -10,6 +10,8 @@
 //! JetStream), `messages_sent_total`, `send_stage_seconds{stage}` (the
 //! worker's share of a send: `membership`, `send_log`, `publish`, `total`),
 //! `persist_lag_seconds` (stored in the stream to written in MongoDB),
+//! `persist_batch_seconds` and `persist_batch_size` (one persist loop's
+//! batches: their sum over time is how busy the loop is),
 //! `persisted_total`, `persist_failures_total`, `persist_rejected_total`,
 //! `persist_waits_timed_out_total`.
 
