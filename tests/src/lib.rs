@@ -394,12 +394,26 @@ impl Cluster {
                 .collection::<mongodb::bson::Document>("messages")
                 .count_documents(mongodb::bson::doc! { "groupId": group, "state": "committed" })
                 .await?;
-            // the persist loop's last step for a batch: its senders' marks
-            let sent = db
-                .collection::<mongodb::bson::Document>("sent_marks")
-                .count_documents(mongodb::bson::doc! { "g": group })
+            // raised behind the persist loop: every sender's mark at its
+            // newest message
+            let mut newest = std::collections::HashMap::<String, i64>::new();
+            let mut rows = db
+                .collection::<mongodb::bson::Document>("messages")
+                .find(mongodb::bson::doc! { "groupId": group, "state": "committed" })
                 .await?;
-            Ok((stored == messages && sent >= 1).then_some(()))
+            while let Some(m) = futures::TryStreamExt::try_next(&mut rows).await? {
+                let top = newest.entry(m.get_str("senderId")?.to_owned()).or_default();
+                *top = (*top).max(m.get_i64("seq")?);
+            }
+            let mut marked = 0;
+            for (sender, seq) in &newest {
+                let mark = db
+                    .collection::<mongodb::bson::Document>("sent_marks")
+                    .find_one(mongodb::bson::doc! { "_id": format!("{group}:{sender}") })
+                    .await?;
+                marked += usize::from(mark.is_some_and(|m| m.get_i64("s").ok() == Some(*seq)));
+            }
+            Ok((stored == messages && marked == newest.len()).then_some(()))
         })
         .await
     }

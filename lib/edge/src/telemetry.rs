@@ -40,6 +40,13 @@ pub fn prometheus() -> PrometheusHandle {
                         &[0.0, 1.0, 10.0, 100.0, 1000.0, 10000.0],
                     )
                 })
+                .and_then(|b| {
+                    // messages per persist batch (at most 256)
+                    b.set_buckets_for_metric(
+                        Matcher::Full("chat_persist_batch_size".into()),
+                        &[1.0, 16.0, 64.0, 128.0, 192.0, 255.0, 256.0],
+                    )
+                })
                 .map(PrometheusBuilder::build_recorder);
             match recorder {
                 Ok(recorder) => {

@@ -321,7 +321,9 @@ pub async fn serve(
         sends,
         places,
     });
-    let persister = tokio::spawn(persist::persist(state.clone()));
+    let marks = Arc::new(persist::SentMarks::default());
+    let persister = tokio::spawn(persist::persist(state.clone(), marks.clone()));
+    let stopping = state.clone();
     let listener_of_members = tokio::spawn(forget_changed_groups(state.clone()));
     let auth = require_secret(state.config.service_secret.clone());
     let cleaner = tokio::spawn(media::clean_uploads(state.clone()));
@@ -372,6 +374,15 @@ pub async fn serve(
         )
         .await;
     persister.abort();
+    // the sent marks the persist loop gathered and did not write yet
+    if tokio::time::timeout(persist::FINAL_RAISE, marks.raise(&stopping))
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "sent marks left unwritten at shutdown; the senders' next messages raise past them"
+        );
+    }
     listener_of_members.abort();
     cleaner.abort();
     sweeper.abort();

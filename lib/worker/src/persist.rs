@@ -33,22 +33,24 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(3);
 /// the consumer's `ack_wait`, 10 s: reads answer `unavailable` meanwhile).
 pub(crate) const CATCH_UP: Duration = Duration::from_secs(5);
 
-/// Runs the persist loop forever, starting it again after any failure.
-pub(crate) async fn persist(s: Arc<State>) {
-    let marks = Arc::new(SentMarks::default());
-    let raiser = tokio::spawn(raise_sent_marks(s.clone(), marks.clone()));
-    let _raiser = AbortOnDrop(raiser);
-    let mut wait = Duration::from_millis(100);
-    loop {
-        match run(&s, &marks).await {
-            Ok(()) => wait = Duration::from_millis(100),
-            Err(e) => {
-                tracing::warn!(error = %e, "persist loop stopped; starting it again");
-                wait = (wait * 2).min(Duration::from_secs(5));
+/// Runs the persist loop forever, starting it again after any failure,
+/// and beside it, in the same task (a panic of either ends both, visibly),
+/// the raise of the sent marks it gathers in `marks`.
+pub(crate) async fn persist(s: Arc<State>, marks: Arc<SentMarks>) {
+    let persisting = async {
+        let mut wait = Duration::from_millis(100);
+        loop {
+            match run(&s, &marks).await {
+                Ok(()) => wait = Duration::from_millis(100),
+                Err(e) => {
+                    tracing::warn!(error = %e, "persist loop stopped; starting it again");
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
             }
+            tokio::time::sleep(wait).await;
         }
-        tokio::time::sleep(wait).await;
-    }
+    };
+    tokio::join!(persisting, raise_sent_marks(&s, &marks));
 }
 
 async fn run(s: &State, marks: &SentMarks) -> Result<(), WorkerError> {
@@ -198,24 +200,38 @@ async fn store(s: &State, batch: Vec<Delivered>, marks: &SentMarks) {
 /// watermark, so the sender's next acknowledgement still rises and is
 /// pushed as `a_message_status`.
 ///
-/// The persist loop adds its batches' marks here and goes on; a task of
-/// their own raises what gathered, all of it in one write command
-/// ([`raise_sent_marks`]). Raised by the loop, one group after the other,
-/// each waiting for its own journal flush, they took four fifths of the
-/// loop's time and persistence fell ten seconds behind at 2,000 sends/s
-/// on three replicas; gathered, a raise costs one statement per sender
-/// and group however many messages came. A raise that fails, or one lost
-/// with its worker, is logged: the sender's next message raises past it.
-#[derive(Default)]
-struct SentMarks {
-    newest: std::sync::Mutex<BTreeMap<GroupId, BTreeMap<UserId, u64>>>,
+/// The persist loop adds its batches' marks here and goes on; beside it,
+/// [`raise_sent_marks`] raises what gathered, every group at once (the
+/// write batcher makes that one command, up to 256 statements). Raised by
+/// the loop, one group after the other, each waiting for its own journal
+/// flush, they took four fifths of the loop's time and persistence fell
+/// ten seconds behind at 2,000 sends/s on three replicas; gathered, a
+/// raise costs one statement per sender and group however many messages
+/// came. A mark leaves the map only once written: a raise that failed is
+/// tried again, and what a stopping worker still holds is written on its
+/// way out ([`SentMarks::raise`] within `FINAL_RAISE`). Only a worker
+/// killed outright loses the marks it held; the sender's next message
+/// raises past them.
+#[derive(Debug, Default)]
+pub(crate) struct SentMarks {
+    newest: std::sync::Mutex<Marks>,
     gathered: tokio::sync::Notify,
 }
 
+/// Newest seq by group and sender.
+type Marks = BTreeMap<GroupId, BTreeMap<UserId, u64>>;
+
+/// How long a stopping worker tries to write the sent marks it holds.
+pub(crate) const FINAL_RAISE: Duration = Duration::from_secs(2);
+
 impl SentMarks {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Marks> {
+        self.newest.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Gathers the marks of a persisted batch: (group, sender, seq).
     fn add<'a>(&self, sent: impl IntoIterator<Item = (&'a GroupId, &'a UserId, u64)>) {
-        let mut newest = self.newest.lock().unwrap_or_else(|e| e.into_inner());
+        let mut newest = self.lock();
         let mut any = false;
         for (group, sender, seq) in sent {
             let top = match newest.get_mut(group) {
@@ -234,37 +250,63 @@ impl SentMarks {
         }
     }
 
-    /// Everything gathered so far.
-    fn take(&self) -> BTreeMap<GroupId, BTreeMap<UserId, u64>> {
-        std::mem::take(&mut *self.newest.lock().unwrap_or_else(|e| e.into_inner()))
+    /// Writes what is gathered with `write` (one group's senders at a
+    /// time, all groups at once); what was written leaves the map unless it
+    /// rose meanwhile, what failed stays for the next attempt. True if
+    /// everything was written.
+    async fn raise_with<F, Fut>(&self, write: F) -> bool
+    where
+        F: Fn(GroupId, Vec<(UserId, u64)>) -> Fut,
+        Fut: Future<Output = Result<(), WorkerError>>,
+    {
+        let gathered = self.lock().clone();
+        let writes = gathered.iter().map(|(group, senders)| {
+            let sent = senders.iter().map(|(u, seq)| (u.clone(), *seq)).collect();
+            let done = write(group.clone(), sent);
+            async move {
+                let done = done.await;
+                if let Err(e) = &done {
+                    tracing::warn!(group = %group, error = %e, "cannot mark the senders' own messages read yet");
+                }
+                done.is_ok()
+            }
+        });
+        let written = futures::future::join_all(writes).await;
+        let mut newest = self.lock();
+        for ((group, senders), ok) in gathered.iter().zip(&written) {
+            if !ok {
+                continue;
+            }
+            if let Some(now) = newest.get_mut(group) {
+                now.retain(|user, seq| senders.get(user).is_none_or(|w| *seq > *w));
+                if now.is_empty() {
+                    newest.remove(group);
+                }
+            }
+        }
+        written.into_iter().all(|ok| ok)
+    }
+
+    /// Writes what is gathered into `sent_marks`.
+    pub(crate) async fn raise(&self, s: &State) -> bool {
+        self.raise_with(|group, sent| async move {
+            Ok(s.store.messages.raise_sent(&group, &sent).await?)
+        })
+        .await
     }
 }
 
 /// Raises the gathered sent marks, one write at a time, for as long as the
-/// persist loop runs.
-async fn raise_sent_marks(s: Arc<State>, marks: Arc<SentMarks>) {
+/// persist loop runs; a failed write is tried again, backing off.
+async fn raise_sent_marks(s: &State, marks: &SentMarks) {
+    let mut wait = Duration::from_millis(100);
     loop {
         marks.gathered.notified().await;
-        let raises = marks.take().into_iter().map(|(group, senders)| {
-            let s = &s;
-            async move {
-                let sent: Vec<(UserId, u64)> = senders.into_iter().collect();
-                if let Err(e) = s.store.messages.raise_sent(&group, &sent).await {
-                    tracing::warn!(group = %group, error = %e, "cannot mark the senders' own messages read");
-                }
-            }
-        });
-        // every group's at once: the write batcher makes them one command
-        futures::future::join_all(raises).await;
-    }
-}
-
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
+        while !marks.raise(s).await {
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(5));
+        }
+        wait = Duration::from_millis(100);
     }
 }
 
@@ -544,28 +586,79 @@ where
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn sent_marks_gather_the_newest_seq_per_sender_and_group_until_taken() {
-        let marks = SentMarks::default();
+    fn ids() -> (GroupId, GroupId, UserId, UserId) {
         let g = |s: &str| GroupId::parse(s).expect("group");
         let u = |s: &str| UserId::parse(s).expect("user");
-        let (g1, g2, alice, bob) = (g("g1"), g("g2"), u("alice"), u("bob"));
+        (g("g1"), g("g2"), u("alice"), u("bob"))
+    }
+
+    #[tokio::test]
+    async fn sent_marks_gather_the_newest_seq_per_sender_and_group() {
+        let marks = SentMarks::default();
+        let (g1, g2, alice, bob) = ids();
         marks.add([(&g1, &alice, 3), (&g1, &alice, 2), (&g1, &bob, 4)]);
         marks.add([(&g2, &alice, 1), (&g1, &alice, 5)]);
         // the raiser is woken for what gathered
         tokio::time::timeout(Duration::from_secs(5), marks.gathered.notified())
             .await
             .expect("told");
-        let taken = marks.take();
-        assert_eq!(taken[&g1], BTreeMap::from([(alice.clone(), 5), (bob, 4)]));
-        assert_eq!(taken[&g2], BTreeMap::from([(alice, 1)]));
-        assert!(marks.take().is_empty(), "taken whole");
+        let written = std::sync::Mutex::new(Vec::new());
+        let all = marks
+            .raise_with(|group, sent| {
+                written.lock().expect("lock").push((group, sent));
+                async { Ok(()) }
+            })
+            .await;
+        assert!(all);
+        let mut written = written.into_inner().expect("lock");
+        written.sort();
+        assert_eq!(
+            written,
+            [
+                (g1, vec![(alice.clone(), 5), (bob, 4)]),
+                (g2, vec![(alice, 1)])
+            ]
+        );
+        assert!(marks.lock().is_empty(), "written marks are forgotten");
         // nothing to raise: nobody is woken
         marks.add([]);
         assert!(
             tokio::time::timeout(Duration::from_millis(50), marks.gathered.notified())
                 .await
                 .is_err()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_raise_keeps_its_marks_and_one_risen_meanwhile_stays() {
+        let marks = SentMarks::default();
+        let (g1, g2, alice, bob) = ids();
+        marks.add([(&g1, &alice, 3), (&g2, &bob, 7)]);
+        // g1's write fails; while g2's is under way, bob sends again there
+        let all = marks
+            .raise_with(|group, _| {
+                let failed = group == g1;
+                if !failed {
+                    marks.add([(&g2, &bob, 9)]);
+                }
+                async move {
+                    if failed {
+                        Err(WorkerError::Store(chat_store::StoreError::Unavailable(
+                            "mongodb is down".into(),
+                        )))
+                    } else {
+                        Ok(())
+                    }
+                }
+            })
+            .await;
+        assert!(!all);
+        let left = marks.lock().clone();
+        assert_eq!(left[&g1], BTreeMap::from([(alice, 3)]), "kept to try again");
+        assert_eq!(
+            left[&g2],
+            BTreeMap::from([(bob, 9)]),
+            "the newer mark stays"
         );
     }
 }
