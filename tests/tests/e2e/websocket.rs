@@ -2,7 +2,7 @@
 //! bad frames get precise errors and the socket stays usable, abuse closes it.
 
 use anyhow::Context;
-use chat_tests::{Cluster, token};
+use chat_tests::{Client, Cluster, Process, token};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -1141,6 +1141,25 @@ async fn reactions_are_counted_per_emoji_live_and_in_history_within_limits() -> 
     c.stop().await
 }
 
+/// A cluster with `flags` (and no request rate limit), a group of alice and
+/// bob, and both connected to an edge process of its own (its metrics count
+/// their connections only).
+async fn alice_and_bob_on_an_edge(
+    flags: &[&str],
+) -> anyhow::Result<(Cluster, String, Process, Client, Client)> {
+    let flags: Vec<&str> = flags
+        .iter()
+        .copied()
+        .chain(["--requests-per-sec", "100000"])
+        .collect();
+    let c = Cluster::start_with(1, 1, &flags).await?;
+    let g = c.room(&["alice", "bob"]).await?;
+    let edge = c.spawn_process("edge").await?;
+    let bob = c.connect_to(&edge, "bob", "laptop").await?;
+    let alice = c.connect_to(&edge, "alice", "phone").await?;
+    Ok((c, g, edge, alice, bob))
+}
+
 /// Over its write budget an edge stretches the window its busy
 /// connections gather frames in (here to the most, five windows, since two
 /// connections over a budget of one write a second want two seconds): a
@@ -1150,23 +1169,9 @@ async fn reactions_are_counted_per_emoji_live_and_in_history_within_limits() -> 
 /// with the load gone the window is the configured one again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_the_write_budget_the_window_stretches_and_nothing_is_lost() -> anyhow::Result<()> {
-    let c = Cluster::start_with(
-        1,
-        1,
-        &[
-            "--ws-write-coalesce-ms",
-            "10",
-            "--ws-write-budget",
-            "1",
-            "--requests-per-sec",
-            "100000",
-        ],
-    )
-    .await?;
-    let g = c.room(&["alice", "bob"]).await?;
-    let edge = c.spawn_process("edge").await?;
-    let mut bob = c.connect_to(&edge, "bob", "laptop").await?;
-    let mut alice = c.connect_to(&edge, "alice", "phone").await?;
+    let (c, g, edge, mut alice, mut bob) =
+        alice_and_bob_on_an_edge(&["--ws-write-coalesce-ms", "10", "--ws-write-budget", "1"])
+            .await?;
     let mut acked = Vec::new();
     // the pace of the load, not a wait for anything
     let mut pace = tokio::time::interval(std::time::Duration::from_millis(30));
@@ -1213,22 +1218,8 @@ async fn over_the_write_budget_the_window_stretches_and_nothing_is_lost() -> any
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_connection_gets_everything_in_order_with_coalesced_writes() -> anyhow::Result<()> {
     const BATCH: usize = 50;
-    let c = Cluster::start_with(
-        1,
-        1,
-        &[
-            "--ws-write-coalesce-ms",
-            "50",
-            "--requests-per-sec",
-            "100000",
-        ],
-    )
-    .await?;
-    let g = c.room(&["alice", "bob"]).await?;
-    // an edge process of its own: its metrics count its connections only
-    let edge = c.spawn_process("edge").await?;
-    let mut bob = c.connect_to(&edge, "bob", "laptop").await?;
-    let mut alice = c.connect_to(&edge, "alice", "phone").await?;
+    let (c, g, edge, mut alice, mut bob) =
+        alice_and_bob_on_an_edge(&["--ws-write-coalesce-ms", "50"]).await?;
     let mut acked = Vec::new();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while edge.metric("chat_ws_coalesced_flushes_total").await? == 0.0 {

@@ -162,79 +162,49 @@ mod tests {
     const SEC: Duration = Duration::from_secs(1);
 
     #[test]
-    fn below_the_budget_the_window_is_the_configured_one() {
-        assert_eq!(
-            window_for(10 * MS, 20_000, 19_000, 1_000, SEC, false),
-            10 * MS
-        );
-        assert_eq!(
-            window_for(10 * MS, 20_000, 20_000, 1_000, SEC, false),
-            10 * MS
-        );
-        // the same frames in a tenth of the time are over it
-        assert!(window_for(10 * MS, 20_000, 19_000, 1_000, SEC / 10, false) > 10 * MS);
-    }
-
-    #[test]
-    fn over_the_budget_the_writers_share_it() {
-        // 1,000 connections, 20,000 writes a second: one each per 50 ms
-        assert_eq!(
-            window_for(10 * MS, 20_000, 100_000, 1_000, SEC, false),
-            50 * MS
-        );
-        assert_eq!(
-            window_for(10 * MS, 40_000, 100_000, 1_000, SEC, false),
-            25 * MS
-        );
-        // few connections: what they write is not the edge's load
-        assert_eq!(
-            window_for(10 * MS, 20_000, 60_000, 100, SEC, false),
-            10 * MS
-        );
-        // many: no more than five windows
-        assert_eq!(
-            window_for(10 * MS, 20_000, 900_000, 10_000, SEC, false),
-            50 * MS
-        );
-    }
-
-    #[test]
-    fn a_stretched_window_goes_back_only_well_below_the_budget() {
-        // 18,000 frames a second: not enough to stretch, enough to stay
-        assert_eq!(
-            window_for(10 * MS, 20_000, 18_000, 1_000, SEC, false),
-            10 * MS
-        );
-        assert_eq!(
-            window_for(10 * MS, 20_000, 18_000, 1_000, SEC, true),
-            50 * MS
-        );
-        assert_eq!(
-            window_for(10 * MS, 20_000, 16_000, 1_000, SEC, true),
-            10 * MS
-        );
-    }
-
-    #[test]
-    fn the_longest_window_saturates_rather_than_overflows() {
-        let huge = Duration::MAX / 2;
-        assert_eq!(window_for(huge, 1, u64::MAX, u64::MAX, SEC, false), huge);
-    }
-
-    #[test]
-    fn no_budget_or_no_window_never_stretches() {
-        assert_eq!(
-            window_for(10 * MS, 0, 1_000_000, 1_000, SEC, false),
-            10 * MS
-        );
-        assert_eq!(
-            window_for(Duration::ZERO, 20_000, 1_000_000, 1_000, SEC, false),
-            Duration::ZERO
-        );
-        assert_eq!(
-            window_for(10 * MS, 20_000, 1_000_000, 1_000, Duration::ZERO, false),
-            10 * MS
-        );
+    fn the_window_for_each_load() {
+        // (window, budget, frames, writers, elapsed, stretched before) -> window
+        let cases = [
+            // below the budget: the configured window
+            ((10 * MS, 20_000, 19_000, 1_000, SEC, false), 10 * MS),
+            ((10 * MS, 20_000, 20_000, 1_000, SEC, false), 10 * MS),
+            // the same frames in a tenth of the time are over it
+            ((10 * MS, 20_000, 19_000, 1_000, SEC / 10, false), 50 * MS),
+            // over it, the writers share it: 1,000 connections at 20,000
+            // writes a second write once per 50 ms each
+            ((10 * MS, 20_000, 100_000, 1_000, SEC, false), 50 * MS),
+            ((10 * MS, 40_000, 100_000, 1_000, SEC, false), 25 * MS),
+            // few connections: what they write is not the edge's load
+            ((10 * MS, 20_000, 60_000, 100, SEC, false), 10 * MS),
+            // many: no more than five windows
+            ((10 * MS, 20_000, 900_000, 10_000, SEC, false), 50 * MS),
+            // 18,000 a second: not enough to stretch, enough to stay
+            ((10 * MS, 20_000, 18_000, 1_000, SEC, false), 10 * MS),
+            ((10 * MS, 20_000, 18_000, 1_000, SEC, true), 50 * MS),
+            ((10 * MS, 20_000, 16_000, 1_000, SEC, true), 10 * MS),
+            // no budget, no window, or no time: never stretched
+            ((10 * MS, 0, 1_000_000, 1_000, SEC, true), 10 * MS),
+            (
+                (Duration::ZERO, 20_000, 1_000_000, 1_000, SEC, true),
+                Duration::ZERO,
+            ),
+            (
+                (10 * MS, 20_000, 1_000_000, 1_000, Duration::ZERO, true),
+                10 * MS,
+            ),
+            // the longest window saturates rather than overflows
+            (
+                (Duration::MAX / 2, 1, u64::MAX, u64::MAX, SEC, false),
+                Duration::MAX / 2,
+            ),
+        ];
+        for ((base, budget, frames, writers, elapsed, stretched), want) in cases {
+            assert_eq!(
+                window_for(base, budget, frames, writers, elapsed, stretched),
+                want,
+                "{base:?} {budget} {frames} {writers} {elapsed:?} {stretched}"
+            );
+        }
     }
 
     #[test]
