@@ -1160,6 +1160,24 @@ async fn alice_and_bob_on_an_edge(
     Ok((c, g, edge, alice, bob))
 }
 
+/// Sends message number `acked.len()` (`m<i>`) and records its seq.
+async fn send_next(alice: &mut Client, g: &str, acked: &mut Vec<Value>) -> anyhow::Result<()> {
+    let i = acked.len();
+    let ack = alice
+        .send_text(g, &format!("c{i}"), &format!("m{i}"))
+        .await?;
+    acked.push(ack["seq"].clone());
+    Ok(())
+}
+
+/// What `bob` receives for `acked`: each once, in order.
+async fn got_in_order(bob: &mut Client, acked: &[Value]) -> anyhow::Result<Vec<Value>> {
+    let got = bob.messages(acked.len()).await?;
+    let seqs: Vec<Value> = got.iter().map(|m| m["seq"].clone()).collect();
+    assert_eq!(seqs, acked, "every message once, in order");
+    Ok(got)
+}
+
 /// Over its write budget an edge stretches the window its busy
 /// connections gather frames in (here to the most, five windows, since two
 /// connections over a budget of one write a second want two seconds): a
@@ -1190,16 +1208,9 @@ async fn over_the_write_budget_the_window_stretches_and_nothing_is_lost() -> any
             acked.len()
         );
         pace.tick().await;
-        let i = acked.len();
-        let ack = alice
-            .send_text(&g, &format!("c{i}"), &format!("m{i}"))
-            .await?;
-        acked.push(ack["seq"].clone());
+        send_next(&mut alice, &g, &mut acked).await?;
     }
-    let n = acked.len();
-    let got = bob.messages(n).await?;
-    let seqs: Vec<Value> = got.iter().map(|m| m["seq"].clone()).collect();
-    assert_eq!(seqs, acked, "every message once, in order");
+    got_in_order(&mut bob, &acked).await?;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while (edge.metric("chat_ws_write_window_seconds").await? - 0.010).abs() > 1e-9 {
         anyhow::ensure!(
@@ -1229,18 +1240,12 @@ async fn a_busy_connection_gets_everything_in_order_with_coalesced_writes() -> a
             acked.len()
         );
         for _ in 0..BATCH {
-            let i = acked.len();
-            let ack = alice
-                .send_text(&g, &format!("c{i}"), &format!("m{i}"))
-                .await?;
-            acked.push(ack["seq"].clone());
+            send_next(&mut alice, &g, &mut acked).await?;
         }
     }
     // the last frames go out when the window ends, not with a later frame
+    let got = got_in_order(&mut bob, &acked).await?;
     let n = acked.len();
-    let got = bob.messages(n).await?;
-    let seqs: Vec<Value> = got.iter().map(|m| m["seq"].clone()).collect();
-    assert_eq!(seqs, acked, "every message once, in order");
     assert_eq!(got[n - 1]["text"], format!("m{}", n - 1));
     c.stop().await
 }
