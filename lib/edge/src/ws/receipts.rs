@@ -15,9 +15,12 @@ pub(crate) struct DeliveredHub(std::sync::Mutex<Delivered>);
 type Delivered = HashMap<Arc<str>, HashMap<Arc<str>, u64>>;
 
 impl DeliveredHub {
-    pub(super) fn record(&self, user: &Arc<str>, written: &mut HashMap<Arc<str>, u64>) {
+    pub(super) fn record(&self, user: &Arc<str>, written: &mut Vec<(Arc<str>, u64)>) {
+        if written.is_empty() {
+            return;
+        }
         let mut hub = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        for (group, seq) in written.drain() {
+        for (group, seq) in written.drain(..) {
             let members = hub.entry(group).or_default();
             match members.get_mut(user) {
                 Some(e) => *e = (*e).max(seq),
