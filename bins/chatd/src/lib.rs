@@ -933,32 +933,31 @@ mod tests {
         assert!(matches!(cli.command, Some(Command::Token(_))));
     }
 
-    #[test]
-    fn write_coalescing_is_at_most_a_second() {
-        let window = |ms: &str| {
-            Cli::try_parse_from(["chatd", "--role", "edge", "--ws-write-coalesce-ms", ms])
-                .map(|c| c.serve.ws_write_coalesce_ms)
-        };
-        assert_eq!(window("0").expect("off"), 0);
-        assert_eq!(window("1000").expect("the most"), 1000);
-        assert!(window("1001").is_err());
-        assert!(window("-1").is_err());
-        let default = Cli::try_parse_from(["chatd", "--role", "edge"]).expect("parses");
-        assert_eq!(default.serve.ws_write_coalesce_ms, 10);
+    /// `chatd <args>`'s serving flags.
+    fn serve(args: &[&str]) -> Result<ServeArgs, clap::Error> {
+        Cli::try_parse_from(std::iter::once("chatd").chain(args.iter().copied())).map(|c| c.serve)
     }
 
     #[test]
-    fn the_write_budget_is_bounded_and_zero_turns_it_off() {
-        let budget = |n: &str| {
-            Cli::try_parse_from(["chatd", "--role", "edge", "--ws-write-budget", n])
-                .map(|c| c.serve.ws_write_budget)
-        };
-        assert_eq!(budget("0").expect("off"), 0);
-        assert_eq!(budget("100000000").expect("the most"), 100_000_000);
+    fn the_edge_write_flags_are_bounded_and_zero_turns_them_off() {
+        let window = |ms| serve(&["--role", "edge", "--ws-write-coalesce-ms", ms]);
+        let budget = |n| serve(&["--role", "edge", "--ws-write-budget", n]);
+        let default = serve(&["--role", "edge"]).expect("parses");
+        // the coalescing window: at most a second
+        assert_eq!(window("0").expect("off").ws_write_coalesce_ms, 0);
+        assert_eq!(window("1000").expect("the most").ws_write_coalesce_ms, 1000);
+        assert!(window("1001").is_err());
+        assert!(window("-1").is_err());
+        assert_eq!(default.ws_write_coalesce_ms, 10);
+        // the write budget
+        assert_eq!(budget("0").expect("off").ws_write_budget, 0);
+        assert_eq!(
+            budget("100000000").expect("the most").ws_write_budget,
+            100_000_000
+        );
         assert!(budget("100000001").is_err());
         assert!(budget("-1").is_err());
-        let default = Cli::try_parse_from(["chatd", "--role", "edge"]).expect("parses");
-        assert_eq!(default.serve.ws_write_budget, 20_000);
+        assert_eq!(default.ws_write_budget, 20_000);
     }
 
     #[test]

@@ -153,6 +153,33 @@ fn atomic_batches_in(version: &str) -> bool {
     (major, minor) >= (2, 12)
 }
 
+/// What publishing `envelope` on its group's message subject sends: the
+/// subject, the headers (de-duplication id `msg_id`, `Chat-Seq` `chat_seq`,
+/// and the compare-and-set on the group's last stream sequence, if
+/// `expected_last`), and the payload.
+fn on_group(
+    envelope: &Envelope,
+    msg_id: &str,
+    chat_seq: u64,
+    expected_last: Option<u64>,
+) -> Result<(String, async_nats::HeaderMap, Bytes), BusError> {
+    let group = GroupId::parse(envelope.group_id.as_str())
+        .map_err(|e| BusError::Unavailable(e.to_string()))?;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(MSG_ID, msg_id);
+    headers.insert(SEQ_HEADER, chat_seq.to_string().as_str());
+    if let Some(expected) = expected_last {
+        headers.insert(
+            async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+            expected.to_string().as_str(),
+        );
+    }
+    let payload = Bytes::from(
+        serde_json::to_vec(envelope).map_err(|e| BusError::Unavailable(e.to_string()))?,
+    );
+    Ok((group_msg_subject(&group), headers, payload))
+}
+
 fn seq_of(msg: &async_nats::jetstream::message::StreamMessage) -> Result<u64, BusError> {
     msg.headers
         .get(SEQ_HEADER)
@@ -225,19 +252,8 @@ impl Bus {
         chat_seq: u64,
         expected_last: u64,
     ) -> Result<Published, BusError> {
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(MSG_ID, msg_id);
-        headers.insert(SEQ_HEADER, chat_seq.to_string().as_str());
-        headers.insert(
-            async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
-            expected_last.to_string().as_str(),
-        );
-        let payload = Bytes::from(
-            serde_json::to_vec(envelope).map_err(|e| BusError::Unavailable(e.to_string()))?,
-        );
-        let group = GroupId::parse(envelope.group_id.as_str())
-            .map_err(|e| BusError::Unavailable(e.to_string()))?;
-        let subject = group_msg_subject(&group);
+        let (subject, headers, payload) =
+            on_group(envelope, msg_id, chat_seq, Some(expected_last))?;
         let ack = self
             .js
             .publish_with_headers(subject, headers, payload)
@@ -268,10 +284,7 @@ impl Bus {
         envelopes: &[Envelope],
         expected_last: u64,
     ) -> Result<BatchPublished, BusError> {
-        use async_nats::header::{
-            NATS_BATCH_COMMIT, NATS_BATCH_ID, NATS_BATCH_SEQUENCE,
-            NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
-        };
+        use async_nats::header::{NATS_BATCH_COMMIT, NATS_BATCH_ID, NATS_BATCH_SEQUENCE};
         use async_nats::jetstream::ErrorCode;
         let (Some(first), n) = (envelopes.first(), envelopes.len()) else {
             return Err(BusError::Unavailable("an empty batch".to_owned()));
@@ -287,9 +300,6 @@ impl Bus {
                 "nats-server {version} has no atomic batches"
             )));
         }
-        let group = GroupId::parse(first.group_id.as_str())
-            .map_err(|e| BusError::Unavailable(e.to_string()))?;
-        let subject = group_msg_subject(&group);
         // unique among open batches: the first message's fresh id
         let batch_id = first.message_id.as_str();
         let mut ack = None;
@@ -299,27 +309,19 @@ impl Bus {
                     "a batch of messages of more than one group".to_owned(),
                 ));
             }
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert(MSG_ID, envelope.message_id.as_str());
-            headers.insert(SEQ_HEADER, envelope.seq.to_string().as_str());
+            // the compare-and-set on the first message only
+            let expected = (i == 0).then_some(expected_last);
+            let (subject, mut headers, payload) =
+                on_group(envelope, &envelope.message_id, envelope.seq, expected)?;
             headers.insert(NATS_BATCH_ID, batch_id);
             headers.insert(NATS_BATCH_SEQUENCE, (i + 1).to_string().as_str());
-            if i == 0 {
-                headers.insert(
-                    NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
-                    expected_last.to_string().as_str(),
-                );
-            }
-            let payload = Bytes::from(
-                serde_json::to_vec(envelope).map_err(|e| BusError::Unavailable(e.to_string()))?,
-            );
             // until the commit has gone out, nothing can be stored
             let unsent =
                 |e: &dyn std::fmt::Display| Ok(BatchPublished::Refused(format!("not sent: {e}")));
             if i + 1 < n {
                 if let Err(e) = self
                     .client
-                    .publish_with_headers(subject.clone(), headers, payload)
+                    .publish_with_headers(subject, headers, payload)
                     .await
                 {
                     return unsent(&e);
@@ -328,7 +330,7 @@ impl Bus {
                 headers.insert(NATS_BATCH_COMMIT, "1");
                 let future = match self
                     .js
-                    .publish_with_headers(subject.clone(), headers, payload)
+                    .publish_with_headers(subject, headers, payload)
                     .await
                 {
                     Ok(future) => future,
@@ -341,7 +343,6 @@ impl Bus {
             return Err(BusError::Unavailable("a batch without a commit".to_owned()));
         };
         let refused_codes = [
-            ErrorCode::ATOMIC_PUBLISH_DISABLED,
             ErrorCode::ATOMIC_PUBLISH_INCOMPLETE_BATCH,
             ErrorCode::ATOMIC_PUBLISH_UNSUPPORTED_HEADER,
             ErrorCode::ATOMIC_PUBLISH_TOO_LARGE_BATCH,

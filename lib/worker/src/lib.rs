@@ -375,10 +375,8 @@ pub async fn serve(
         .await;
     persister.abort();
     // the sent marks the persist loop gathered and did not write yet
-    if tokio::time::timeout(persist::FINAL_RAISE, marks.raise(&stopping))
-        .await
-        .is_err()
-    {
+    let raised = tokio::time::timeout(persist::FINAL_RAISE, marks.raise(&stopping)).await;
+    if !matches!(raised, Ok(true)) {
         tracing::warn!(
             "sent marks left unwritten at shutdown; the senders' next messages raise past them"
         );

@@ -131,9 +131,7 @@ impl GroupSlot {
             changes.remove(id);
         }
     }
-}
 
-impl GroupSlot {
     fn new(group: GroupId) -> Self {
         Self {
             group,
@@ -146,8 +144,7 @@ impl GroupSlot {
 
     fn known(&self, cached: &mut Option<Position>, p: Position) {
         *cached = Some(p);
-        self.floor
-            .fetch_max(p.stream_seq, std::sync::atomic::Ordering::Relaxed);
+        self.floor.fetch_max(p.stream_seq, Ordering::Relaxed);
     }
 }
 
@@ -170,7 +167,7 @@ impl Positions {
 /// (under the group's lock) only the first time.
 pub(crate) async fn lower_bound(s: &State, group: &GroupId) -> Result<u64, WorkerError> {
     let slot = s.positions.slot(group);
-    let floor = slot.floor.load(std::sync::atomic::Ordering::Relaxed);
+    let floor = slot.floor.load(Ordering::Relaxed);
     if floor > 0 {
         return Ok(floor);
     }
@@ -188,32 +185,29 @@ async fn known_position(
     if let Some(p) = *cached {
         return Ok(p);
     }
-    let group = &slot.group;
-    let p = match s.bus.last_group_position(group).await? {
-        Some(p) => p,
-        None => match s.store.messages.last_committed(group).await? {
-            Some((seq, _)) => Position { seq, stream_seq: 0 },
-            None => Position {
-                seq: 0,
-                stream_seq: 0,
-            },
-        },
-    };
+    let p = looked_up(s, &slot.group).await?;
     slot.known(cached, p);
     Ok(p)
 }
 
-/// The newest `seq` of `group` now: from the stream, else (messages aged
-/// out of it) the last committed message, else 0.
-pub(crate) async fn newest_seq(s: &State, group: &GroupId) -> Result<u64, WorkerError> {
+/// The newest position of `group` now: from the stream, else (messages
+/// aged out of it) the last committed message's seq, else nothing.
+async fn looked_up(s: &State, group: &GroupId) -> Result<Position, WorkerError> {
     if let Some(p) = s.bus.last_group_position(group).await? {
-        return Ok(p.seq);
+        return Ok(p);
     }
-    Ok(s.store
+    let seq = s
+        .store
         .messages
         .last_committed(group)
         .await?
-        .map_or(0, |(seq, _)| seq))
+        .map_or(0, |(seq, _)| seq);
+    Ok(Position { seq, stream_seq: 0 })
+}
+
+/// The newest `seq` of `group` now.
+pub(crate) async fn newest_seq(s: &State, group: &GroupId) -> Result<u64, WorkerError> {
+    Ok(looked_up(s, group).await?.seq)
 }
 
 /// `m` as the envelope published at `seq`, its content sealed for that seq.
@@ -389,15 +383,14 @@ pub(crate) async fn publish_new(
         queued_at: std::time::Instant::now(),
         done,
     });
+    let settled = |result: Result<_, oneshot::error::RecvError>| {
+        result.unwrap_or_else(|_| Err(unavailable("the publish was interrupted; retry")))
+    };
     loop {
         // published by another sender's turn, or this one's turn comes
         let held = tokio::select! {
             biased;
-            result = &mut outcome => {
-                return result.unwrap_or_else(|_| {
-                    Err(unavailable("the publish was interrupted; retry"))
-                });
-            }
+            result = &mut outcome => return settled(result),
             held = slot.position.clone().lock_owned() => held,
         };
         match outcome.try_recv() {
@@ -417,11 +410,7 @@ pub(crate) async fn publish_new(
         // its end (with the slot free again), or this message's outcome
         tokio::select! {
             biased;
-            result = &mut outcome => {
-                return result.unwrap_or_else(|_| {
-                    Err(unavailable("the publish was interrupted; retry"))
-                });
-            }
+            result = &mut outcome => return settled(result),
             _ = publishing => {}
         }
     }

@@ -574,6 +574,24 @@ async fn a_nats_node_killed_and_restarted_loses_and_duplicates_nothing() -> anyh
     c.stop().await
 }
 
+/// Until at least `n` sends were acknowledged (2 minutes at most).
+async fn until_acked(acked: &std::sync::atomic::AtomicUsize, n: usize) -> anyhow::Result<()> {
+    chat_tests::eventually(Duration::from_secs(120), || {
+        let now = acked.load(std::sync::atomic::Ordering::SeqCst);
+        async move { Ok((now >= n).then_some(())) }
+    })
+    .await
+}
+
+/// The seqs `client` receives, reconnecting through failures, until it has
+/// `n` messages (150 s at most).
+async fn read_through_failover(mut client: Client, n: usize) -> anyhow::Result<Vec<u64>> {
+    let mut view = View::default();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(150);
+    view.read_through_failover(&mut client, n, deadline).await?;
+    Ok(view.order)
+}
+
 /// The loss seen with an independent client, played at scale: several
 /// groups, every member on its own connection across two edges, senders
 /// running, and NATS nodes killed (SIGKILL) one after the other while sends
@@ -581,10 +599,7 @@ async fn a_nats_node_killed_and_restarted_loses_and_duplicates_nothing() -> anyh
 /// message of its group, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_nodes_killed_under_load_lose_nothing_for_any_member() -> anyhow::Result<()> {
-    use std::sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    };
+    use std::sync::{Arc, atomic::AtomicUsize};
     const GROUPS: usize = 3;
     const MEMBERS: usize = 5;
     const N: usize = 40;
@@ -597,15 +612,13 @@ async fn nats_nodes_killed_under_load_lose_nothing_for_any_member() -> anyhow::R
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
         let g = c.room(&refs).await?;
         for (j, name) in names.iter().enumerate().skip(1) {
-            let mut client = reconnect(&c, j % 2, name).await?;
+            let client = reconnect(&c, j % 2, name).await?;
             let name = name.clone();
             readers.push(tokio::spawn(async move {
-                let mut view = View::default();
-                let deadline = tokio::time::Instant::now() + Duration::from_secs(150);
-                view.read_through_failover(&mut client, N, deadline)
+                let order = read_through_failover(client, N)
                     .await
                     .with_context(|| format!("{name} reading"))?;
-                anyhow::Ok((name, view.order))
+                anyhow::Ok((name, order))
             }));
         }
         let sender = reconnect(&c, k % 2, &names[0]).await?;
@@ -620,20 +633,9 @@ async fn nats_nodes_killed_under_load_lose_nothing_for_any_member() -> anyhow::R
     // kill a node, bring it back, kill another: each while traffic runs
     let total = GROUPS * N;
     for (node, at) in [(0, total / 5), (1, total / 2)] {
-        let acked = acked.clone();
-        chat_tests::eventually(Duration::from_secs(120), || {
-            let n = acked.load(Ordering::SeqCst);
-            async move { Ok((n >= at).then_some(())) }
-        })
-        .await?;
+        until_acked(&acked, at).await?;
         c.stack.nats.kill_node(node);
-        let acked2 = acked.clone();
-        let until = (at + total / 8).min(total);
-        chat_tests::eventually(Duration::from_secs(120), || {
-            let n = acked2.load(Ordering::SeqCst);
-            async move { Ok((n >= until).then_some(())) }
-        })
-        .await?;
+        until_acked(&acked, (at + total / 8).min(total)).await?;
         c.stack.nats.restart_node(node).await?;
     }
     for s in senders {
@@ -661,10 +663,7 @@ async fn nats_nodes_killed_under_load_lose_nothing_for_any_member() -> anyhow::R
 /// gapless, and a member receives every one in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batched_sends_through_a_nats_node_failure_lose_nothing() -> anyhow::Result<()> {
-    use std::sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    };
+    use std::sync::{Arc, atomic::AtomicUsize};
     const SENDERS: usize = 8;
     const N: usize = 25;
     let total = SENDERS * N;
@@ -678,14 +677,8 @@ async fn batched_sends_through_a_nats_node_failure_lose_nothing() -> anyhow::Res
         c.spawn_process("worker").await?,
     ];
     let edge = c.add_edge_for(&[workers[0].grpc, workers[1].grpc]).await?;
-    let mut reader = reconnect(&c, edge, "reader").await?;
-    let reading = tokio::spawn(async move {
-        let mut view = View::default();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(150);
-        view.read_through_failover(&mut reader, total, deadline)
-            .await?;
-        anyhow::Ok(view.order)
-    });
+    let reader = reconnect(&c, edge, "reader").await?;
+    let reading = tokio::spawn(read_through_failover(reader, total));
     let acked = Arc::new(AtomicUsize::new(0));
     let mut senders = Vec::new();
     for name in &names {
@@ -698,16 +691,9 @@ async fn batched_sends_through_a_nats_node_failure_lose_nothing() -> anyhow::Res
             acked.clone(),
         )));
     }
-    let reached = |n: usize| {
-        let acked = acked.clone();
-        chat_tests::eventually(Duration::from_secs(120), move || {
-            let now = acked.load(Ordering::SeqCst);
-            async move { Ok((now >= n).then_some(())) }
-        })
-    };
-    reached(total / 3).await?;
+    until_acked(&acked, total / 3).await?;
     c.stack.nats.kill_node(0);
-    reached(2 * total / 3).await?;
+    until_acked(&acked, 2 * total / 3).await?;
     c.stack.nats.restart_node(0).await?;
     let mut seqs = Vec::new();
     for s in senders {
