@@ -408,7 +408,7 @@ mod tests {
     /// What the writer would get, in order: frames by stream sequence, and
     /// place markers.
     fn queued(inbox: &mut Inbox) -> Vec<String> {
-        std::iter::from_fn(|| inbox.rx.try_recv().ok())
+        std::iter::from_fn(|| inbox.rx.try_recv())
             .map(|(out, _)| match out {
                 Outgoing::Live(f) => format!("{}@{}", f.group, f.stream_seq),
                 Outgoing::Through(feed, at) => format!("through {} {at}", feed.label()),

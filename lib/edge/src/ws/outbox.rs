@@ -31,12 +31,12 @@ impl Outgoing {
 }
 
 /// The way into a connection's writer: frames in order, bounded in count
-/// (`outbox_frames`) and in bytes (`outbox_bytes`), and a close channel that
+/// (`outbox_frames`) and in bytes (`outbox_bytes`), and a close that
 /// never waits behind them, so a connection whose client stopped reading can
 /// still be closed.
 #[derive(Clone)]
 pub(super) struct Outbox {
-    pub(super) tx: mpsc::Sender<(Outgoing, OwnedSemaphorePermit)>,
+    pub(super) tx: Sender,
     pub(super) budget: Arc<Semaphore>,
     pub(super) budget_bytes: usize,
     pub(super) close: Closer,
@@ -47,7 +47,7 @@ pub(super) struct Outbox {
 
 /// The writer's end of an [`Outbox`].
 pub(super) struct Inbox {
-    pub(super) rx: mpsc::Receiver<(Outgoing, OwnedSemaphorePermit)>,
+    pub(super) rx: Receiver,
     pub(super) close: Closer,
 }
 
@@ -108,9 +108,205 @@ impl Closer {
     }
 }
 
+/// What a queued frame holds: the frame and its share of the byte budget.
+type Queued = (Outgoing, OwnedSemaphorePermit);
+
+/// Why a frame was not queued.
+pub(super) enum TrySendError {
+    /// The queue holds its bound: the writer is that far behind.
+    Full,
+    /// The writer is gone.
+    Closed,
+}
+
+/// The frames between a connection's senders and its writer, bounded in
+/// count. A list under a lock that allocates only once frames are queued:
+/// a tokio channel allocates a block of 32 slots (about 3 KiB here) when
+/// it is made, a sixth of an idle connection's memory.
+struct Queue {
+    items: std::sync::Mutex<Items>,
+    bound: usize,
+    /// The one receiver, woken by a frame, the last sender's drop or a close.
+    writer: futures::task::AtomicWaker,
+    /// Senders waiting for a slot, woken one at a time as slots free up.
+    room: tokio::sync::Notify,
+    senders: std::sync::atomic::AtomicUsize,
+}
+
+#[derive(Default)]
+struct Items {
+    list: std::collections::VecDeque<Queued>,
+    closed: bool,
+}
+
+/// Above this many slots, an emptied queue gives its memory back.
+const KEPT_SLOTS: usize = 64;
+
+fn queue(bound: usize) -> (Sender, Receiver) {
+    let q = Arc::new(Queue {
+        items: std::sync::Mutex::default(),
+        bound,
+        writer: futures::task::AtomicWaker::new(),
+        room: tokio::sync::Notify::new(),
+        senders: std::sync::atomic::AtomicUsize::new(1),
+    });
+    (Sender(q.clone()), Receiver(q))
+}
+
+impl Queue {
+    fn items(&self) -> std::sync::MutexGuard<'_, Items> {
+        self.items.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A sending end; the writer's [`Receiver`] ends once the last is dropped.
+pub(super) struct Sender(Arc<Queue>);
+
+impl Clone for Sender {
+    fn clone(&self) -> Self {
+        self.0.senders.fetch_add(1, Ordering::Relaxed);
+        Self(self.0.clone())
+    }
+}
+
+impl Drop for Sender {
+    fn drop(&mut self) {
+        if self.0.senders.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.writer.wake();
+        }
+    }
+}
+
+impl Sender {
+    /// Queues `item` if there is a slot; whether one is left after it.
+    fn push(&self, item: Queued) -> Result<bool, (TrySendError, Queued)> {
+        let more = {
+            let mut items = self.0.items();
+            if items.closed {
+                return Err((TrySendError::Closed, item));
+            }
+            if items.list.len() >= self.0.bound {
+                return Err((TrySendError::Full, item));
+            }
+            items.list.push_back(item);
+            items.list.len() < self.0.bound
+        };
+        self.0.writer.wake();
+        Ok(more)
+    }
+
+    pub(super) fn try_send(&self, item: Queued) -> Result<(), TrySendError> {
+        self.push(item).map(drop).map_err(|(why, _)| why)
+    }
+
+    /// Queues `item` once there is a slot; an error if the writer is gone.
+    pub(super) async fn send(&self, mut item: Queued) -> Result<(), ()> {
+        loop {
+            let room = self.0.room.notified();
+            tokio::pin!(room);
+            // registered before the check: a slot freed between the check
+            // and the wait still wakes it
+            room.as_mut().enable();
+            match self.push(item) {
+                Ok(more) => {
+                    if more {
+                        // the wake-up that brought it may have been the
+                        // only one for several free slots: pass it on
+                        self.0.room.notify_one();
+                    }
+                    return Ok(());
+                }
+                Err((TrySendError::Closed, _)) => return Err(()),
+                Err((TrySendError::Full, back)) => item = back,
+            }
+            room.await;
+        }
+    }
+
+    /// Free slots.
+    pub(super) fn room(&self) -> usize {
+        self.0.bound.saturating_sub(self.0.items().list.len())
+    }
+
+    pub(super) fn bound(&self) -> usize {
+        self.0.bound
+    }
+}
+
+/// The writer's end.
+pub(super) struct Receiver(Arc<Queue>);
+
+impl Receiver {
+    /// The next frame; `None` once every sender is gone and nothing is left,
+    /// or after [`Receiver::close`].
+    pub(super) fn recv(&mut self) -> impl Future<Output = Option<Queued>> + '_ {
+        std::future::poll_fn(|cx| {
+            if let Some(next) = self.taken() {
+                return std::task::Poll::Ready(next);
+            }
+            self.0.writer.register(cx.waker());
+            match self.taken() {
+                Some(next) => std::task::Poll::Ready(next),
+                None => std::task::Poll::Pending,
+            }
+        })
+    }
+
+    /// The next frame if there is one (`Some(None)`: there will be none).
+    fn taken(&self) -> Option<Option<Queued>> {
+        let mut items = self.0.items();
+        if items.closed {
+            return Some(None);
+        }
+        let was_full = items.list.len() >= self.0.bound;
+        match items.list.pop_front() {
+            Some(next) => {
+                if items.list.is_empty() && items.list.capacity() > KEPT_SLOTS {
+                    items.list.shrink_to(KEPT_SLOTS);
+                }
+                drop(items);
+                if was_full {
+                    self.0.room.notify_one();
+                }
+                Some(Some(next))
+            }
+            None if self.0.senders.load(Ordering::Acquire) == 0 => Some(None),
+            None => None,
+        }
+    }
+
+    /// The next frame if one is queued now.
+    #[cfg(test)]
+    pub(super) fn try_recv(&mut self) -> Option<Queued> {
+        self.taken().flatten()
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.0.items().list.is_empty()
+    }
+
+    /// No frame is queued from now on; what was queued is dropped (its
+    /// budget freed) and waiting senders are told.
+    pub(super) fn close(&mut self) {
+        let dropped = {
+            let mut items = self.0.items();
+            items.closed = true;
+            std::mem::take(&mut items.list)
+        };
+        drop(dropped);
+        self.0.room.notify_waiters();
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
 impl Outbox {
     pub(super) fn new(frames: usize, bytes: usize) -> (Self, Inbox) {
-        let (tx, rx) = mpsc::channel(frames.max(1));
+        let (tx, rx) = queue(frames.max(1));
         let close = Closer::default();
         let bytes = bytes.clamp(1, Semaphore::MAX_PERMITS);
         (
@@ -135,7 +331,7 @@ impl Outbox {
             .acquire_many_owned(u32::try_from(n).unwrap_or(u32::MAX))
             .await
             .map_err(|_| ())?;
-        self.tx.send((out, permit)).await.map_err(|_| ())
+        self.tx.send((out, permit)).await
     }
 }
 
@@ -156,7 +352,7 @@ impl Sink for Outbox {
     /// Queues a live frame without waiting: a connection whose queue is full
     /// fell too far behind and is closed (it resumes from its position).
     fn offer(&self, frame: LiveFrame) -> Result<(), bool> {
-        use tokio::sync::{TryAcquireError, mpsc::error::TrySendError};
+        use tokio::sync::TryAcquireError;
         let out = Outgoing::Live(frame);
         let n = out.size().clamp(1, self.budget_bytes);
         let permit = match self
@@ -173,11 +369,11 @@ impl Sink for Outbox {
         };
         match self.tx.try_send((out, permit)) {
             Ok(()) => Ok(()),
-            Err(TrySendError::Full(_)) => {
+            Err(TrySendError::Full) => {
                 self.close_now(CLOSE_TOO_SLOW, "client too slow; reconnect");
                 Err(true)
             }
-            Err(TrySendError::Closed(_)) => Err(false),
+            Err(TrySendError::Closed) => Err(false),
         }
     }
 
@@ -185,7 +381,7 @@ impl Sink for Outbox {
         // signals take at most half the queue: they never fill it for the
         // messages, whose next one would find it full and close the
         // connection as too slow
-        if self.tx.capacity() * 2 < self.tx.max_capacity()
+        if self.tx.room() * 2 < self.tx.bound()
             || self.budget.available_permits() * 2 < self.budget_bytes
         {
             return false;
@@ -238,6 +434,105 @@ mod tests {
         }
     }
 
+    fn live(bytes: usize, seq: u64) -> Queued {
+        let budget = Arc::new(Semaphore::new(bytes));
+        let permit = budget.try_acquire_many_owned(1).expect("a permit");
+        (Outgoing::Live(frame(bytes, seq)), permit)
+    }
+
+    fn seq_of((out, _): Queued) -> u64 {
+        match out {
+            Outgoing::Live(f) => f.seq,
+            _ => 0,
+        }
+    }
+
+    #[test]
+    fn an_idle_queue_holds_no_slots_and_an_emptied_one_gives_them_back() {
+        let (tx, mut rx) = queue(1024);
+        assert_eq!(rx.0.items().list.capacity(), 0);
+        for seq in 0..500 {
+            assert!(tx.try_send(live(10, seq)).is_ok());
+        }
+        assert!(rx.0.items().list.capacity() >= 500);
+        let seqs: Vec<u64> = std::iter::from_fn(|| rx.try_recv()).map(seq_of).collect();
+        assert_eq!(seqs, (0..500).collect::<Vec<_>>());
+        assert!(rx.0.items().list.capacity() <= KEPT_SLOTS);
+    }
+
+    #[tokio::test]
+    async fn senders_waiting_for_slots_all_get_through_in_turn() {
+        let (tx, mut rx) = queue(2);
+        assert!(tx.try_send(live(1, 0)).is_ok());
+        assert!(tx.try_send(live(1, 1)).is_ok());
+        assert!(matches!(tx.try_send(live(1, 9)), Err(TrySendError::Full)));
+        let waiting: Vec<_> = (2..6)
+            .map(|seq| {
+                let tx = tx.clone();
+                tokio::spawn(async move { tx.send(live(1, seq)).await })
+            })
+            .collect();
+        drop(tx);
+        // the writer takes frames several at a time: every waiter gets a
+        // slot, none waits for a wake-up that went to another
+        let mut got = Vec::new();
+        while let Some(next) = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("no sender is stuck")
+        {
+            got.push(seq_of(next));
+            if let Some(next) = rx.try_recv() {
+                got.push(seq_of(next));
+            }
+        }
+        for w in waiting {
+            assert_eq!(w.await.expect("ran"), Ok(()));
+        }
+        got.sort_unstable();
+        assert_eq!(got, [0, 1, 2, 3, 4, 5]);
+    }
+
+    #[tokio::test]
+    async fn the_writer_ends_once_the_last_sender_is_gone_and_its_frames_are_taken() {
+        let (tx, mut rx) = queue(4);
+        let other = tx.clone();
+        assert!(tx.try_send(live(1, 1)).is_ok());
+        drop(tx);
+        let ended = tokio::spawn(async move {
+            let mut seqs = Vec::new();
+            while let Some(next) = rx.recv().await {
+                seqs.push(seq_of(next));
+            }
+            seqs
+        });
+        tokio::task::yield_now().await;
+        assert!(other.try_send(live(1, 2)).is_ok());
+        drop(other);
+        let seqs = tokio::time::timeout(Duration::from_secs(5), ended)
+            .await
+            .expect("ended")
+            .expect("ran");
+        assert_eq!(seqs, [1, 2]);
+    }
+
+    #[tokio::test]
+    async fn a_sender_waiting_for_a_slot_is_told_when_the_writer_closes() {
+        let (tx, mut rx) = queue(1);
+        assert!(tx.try_send(live(1, 1)).is_ok());
+        let waiting = tokio::spawn({
+            let tx = tx.clone();
+            async move { tx.send(live(1, 2)).await }
+        });
+        tokio::task::yield_now().await;
+        rx.close();
+        let sent = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("woken")
+            .expect("ran");
+        assert_eq!(sent, Err(()));
+        assert!(matches!(tx.try_send(live(1, 3)), Err(TrySendError::Closed)));
+    }
+
     #[test]
     fn a_full_queue_refuses_a_live_frame_and_asks_for_a_close() {
         let (tx, mut inbox) = Outbox::new(2, 1024);
@@ -249,7 +544,7 @@ mod tests {
             Some((CLOSE_TOO_SLOW, "client too slow; reconnect"))
         );
         // what was queued stays, in order
-        let seqs: Vec<u64> = std::iter::from_fn(|| inbox.rx.try_recv().ok())
+        let seqs: Vec<u64> = std::iter::from_fn(|| inbox.rx.try_recv())
             .filter_map(|(out, _)| match out {
                 Outgoing::Live(f) => Some(f.seq),
                 _ => None,
