@@ -463,6 +463,56 @@ async fn a_worker_refuses_calls_without_the_service_secret() -> anyhow::Result<(
     c.stop().await
 }
 
+/// A worker takes at most 1,024 calls in flight on one connection: what a
+/// group's publish queue and its waiters can hold rests on it. It says so
+/// in its HTTP/2 settings, and a call past the bound waits on the caller's
+/// side until one of the calls in flight ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_takes_at_most_1024_calls_in_flight_per_connection() -> anyhow::Result<()> {
+    const BOUND: usize = 1024;
+    let c = Cluster::start(1, 1).await?;
+    let url = c.worker_url(0);
+    let addr = url.trim_start_matches("http://").trim_end_matches('/');
+    let (client, connection) =
+        h2::client::handshake(tokio::net::TcpStream::connect(addr).await?).await?;
+    let driver = tokio::spawn(connection);
+    // the health check needs no secret; a call whose request never ends
+    // holds its slot while the worker waits for the rest of it
+    let call = || {
+        http::Request::post(format!("{url}/chat.v1.Health/Ready"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+    };
+    let empty_message = bytes::Bytes::from_static(&[0, 0, 0, 0, 0]);
+    let mut client = client.ready().await?;
+    let (answer, mut body) = client.send_request(call()?, false)?;
+    body.send_data(empty_message.clone(), true)?;
+    let answer = tokio::time::timeout(Duration::from_secs(10), answer).await??;
+    assert_eq!(answer.status(), 200);
+    // by its answer, the worker's settings are in
+    assert_eq!(client.current_max_send_streams(), BOUND);
+    let mut held = Vec::with_capacity(BOUND);
+    for _ in 0..BOUND {
+        client = client.ready().await?;
+        held.push(client.send_request(call()?, false)?);
+    }
+    client = client.ready().await?;
+    let (mut past, mut past_body) = client.send_request(call()?, false)?;
+    past_body.send_data(empty_message, true)?;
+    // every slot is taken: it stays on this side, unanswered
+    let waited = tokio::time::timeout(Duration::from_millis(500), &mut past).await;
+    assert!(waited.is_err(), "a call past the bound was answered");
+    // one call in flight ends: the waiting one goes and is answered
+    let (_, mut first) = held.swap_remove(0);
+    first.send_reset(h2::Reason::CANCEL);
+    let answer = tokio::time::timeout(Duration::from_secs(10), past).await??;
+    assert_eq!(answer.status(), 200);
+    drop(held);
+    driver.abort();
+    c.stop().await
+}
+
 /// A worker will not listen beyond loopback without a secret, and an edge
 /// never calls (and so never shows its secret to) a worker that cannot prove
 /// it knows the secret.
