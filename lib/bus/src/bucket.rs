@@ -110,15 +110,35 @@ impl Bucket {
 
     /// Writes a delete marker under `key`, whatever is there.
     pub(crate) async fn delete(&self, key: &str) -> Result<(), BusError> {
+        self.delete_marker(key, None).await.map(drop)
+    }
+
+    /// Writes a delete marker under `key` if the key's last stream
+    /// sequence is `expected`; whether it did.
+    pub(crate) async fn delete_if_last(&self, key: &str, expected: u64) -> Result<bool, BusError> {
+        self.delete_marker(key, Some(expected)).await
+    }
+
+    async fn delete_marker(&self, key: &str, expected: Option<u64>) -> Result<bool, BusError> {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(KV_OPERATION, "DEL");
-        self.js
+        if let Some(expected) = expected {
+            headers.insert(
+                async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+                expected.to_string().as_str(),
+            );
+        }
+        let ack = self
+            .js
             .publish_with_headers(self.subject(key), headers, Bytes::new())
             .await
             .map_err(BusError::nats)?
-            .await
-            .map_err(BusError::nats)?;
-        Ok(())
+            .await;
+        match ack {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(false),
+            Err(e) => Err(BusError::nats(e)),
+        }
     }
 
     /// The key's newest entry, if it has one.

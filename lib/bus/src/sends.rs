@@ -42,8 +42,9 @@ pub struct SendRecord {
 /// The outcome of [`SendLog::claim`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claimed {
-    /// No earlier send with this client id: this one goes ahead.
-    New,
+    /// No earlier send with this client id: this one goes ahead, its
+    /// entry at `revision`.
+    New { revision: u64 },
     /// An earlier attempt of this send, as recorded.
     Earlier(SendRecord),
 }
@@ -83,13 +84,8 @@ impl SendLog {
         // at most: created, taken (read it), deleted (create over the marker)
         let mut expected = 0;
         for _ in 0..3 {
-            if self
-                .0
-                .put_if_last(key, value.clone(), expected)
-                .await?
-                .is_some()
-            {
-                return Ok(Claimed::New);
+            if let Some(revision) = self.0.put_if_last(key, value.clone(), expected).await? {
+                return Ok(Claimed::New { revision });
             }
             match self.0.last(key).await? {
                 Some(Entry {
@@ -114,9 +110,10 @@ impl SendLog {
 
     /// Forgets a send that certainly never went out, so that a retry with
     /// the same client id starts afresh (a delete marker, as the key-value
-    /// client writes).
-    pub async fn release(&self, key: &str) -> Result<(), BusError> {
-        self.0.delete(key).await
+    /// client writes), if its entry is still the one made at `revision`
+    /// (whether it was): an entry made since belongs to another attempt.
+    pub async fn release(&self, key: &str, revision: u64) -> Result<bool, BusError> {
+        self.0.delete_if_last(key, revision).await
     }
 }
 

@@ -176,6 +176,12 @@ impl Claim {
     pub(crate) fn keep(mut self) {
         self.armed = false;
     }
+
+    /// Gives the upload back now.
+    pub(crate) async fn give_back(mut self) {
+        self.armed = false;
+        give_back(&self.objects, &self.uploads, &self.upload, &self.copy).await;
+    }
 }
 
 impl Drop for Claim {
@@ -189,16 +195,18 @@ impl Drop for Claim {
             std::mem::take(&mut self.copy),
         );
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                let given_back = async {
-                    objects.delete(&copy).await?;
-                    uploads.unclaim(&upload).await
-                };
-                if let Err(e) = given_back.await {
-                    tracing::warn!(upload, error = %e, "cannot give back an upload of a failed send");
-                }
-            });
+            rt.spawn(async move { give_back(&objects, &uploads, &upload, &copy).await });
         }
+    }
+}
+
+async fn give_back(objects: &Objects, uploads: &chat_store::UploadRepo, upload: &str, copy: &str) {
+    let given_back = async {
+        objects.delete(copy).await?;
+        uploads.unclaim(upload).await
+    };
+    if let Err(e) = given_back.await {
+        tracing::warn!(upload, error = %e, "cannot give back an upload of a failed send");
     }
 }
 

@@ -13,7 +13,7 @@ use std::{collections::HashMap, sync::Arc};
 
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use bytes::Bytes;
-use chat_bus::{Claimed, Envelope, SendLog, SendRecord, send_key};
+use chat_bus::{Claimed, Envelope, SendRecord, send_key};
 use chat_crypto::{BINDING_V2, MessageBinding, Sealed};
 use chat_domain::{
     ClientMsgId, DomainError, GroupId, MessageId, MessageKind, UserId, check_text, now_millis,
@@ -29,7 +29,7 @@ use crate::{
     media::{self, MediaContent, check_media},
     parse_id,
     persist::{self, CATCH_UP, read_caught_up},
-    publish::{Publishing, lower_bound, publish_locked, publish_new},
+    publish::{Publishing, Reservation, Taken, lower_bound, publish_locked, publish_new},
 };
 
 /// Largest history page.
@@ -151,38 +151,6 @@ async fn earlier_attempt(
         return Err(unavailable("this message is still being sent; retry later"));
     }
     Ok(Earlier::Lost(id))
-}
-
-/// A send recorded in the send log and not published yet: dropped without
-/// [`Reservation::keep`] (the send failed before publishing), it takes the
-/// entry out again, in a task of its own, so that a retry starts afresh.
-struct Reservation {
-    log: SendLog,
-    key: String,
-    armed: bool,
-}
-
-impl Reservation {
-    fn keep(mut self) {
-        self.armed = false;
-    }
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        let (log, key) = (self.log.clone(), std::mem::take(&mut self.key));
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                if let Err(e) = log.release(&key).await {
-                    // the retry then waits for the settle delay
-                    tracing::warn!(key = %key, error = %e, "cannot take a failed send out of the send log");
-                }
-            });
-        }
-    }
 }
 
 /// The senders of `group`'s messages with seq in `(lo, hi]`, once
@@ -325,14 +293,10 @@ impl MessagesService {
             at: now_millis(),
         };
         let (id, after, reservation) = match s.sends.claim(&key, &record).await? {
-            Claimed::New => (
+            Claimed::New { revision } => (
                 parse_id::<MessageId>(&record.message_id)?,
                 after,
-                Some(Reservation {
-                    log: s.sends.clone(),
-                    key,
-                    armed: true,
-                }),
+                Some(Reservation::new(s.sends.clone(), key, revision)),
             ),
             Claimed::Earlier(earlier) => match earlier_attempt(s, &group, &earlier).await? {
                 Earlier::Landed(done) => return Ok(done),
@@ -372,14 +336,13 @@ impl MessagesService {
             // once rather than let the client buffer a publish for later
             return Err(unavailable("nats is not connected"));
         }
-        // from here the outcome may be uncertain: the upload and the send
-        // log entry stay with the message, and a retry finds out
-        if let Some(claim) = claim {
-            claim.keep();
-        }
-        if let Some(r) = reservation {
-            r.keep();
-        }
+        // the upload and the send log entry go with the message: kept once
+        // it goes out (the outcome may be uncertain from there, and a retry
+        // finds out), given back if it certainly never does
+        let taken = Taken {
+            entry: reservation,
+            upload: claim,
+        };
         let mut m = StoredMessage {
             id,
             group_id: group,
@@ -399,7 +362,7 @@ impl MessagesService {
             version: 0,
         };
         let prepared = started.elapsed();
-        let p = match publish_new(s, &m, plaintext, mentions, after).await {
+        let p = match publish_new(s, &m, plaintext, mentions, after, taken).await {
             Ok(p) => p,
             Err(e) => {
                 // uncertain: a retry with the same client id settles it

@@ -20,14 +20,14 @@ use std::{
 };
 
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
-use chat_bus::{BatchPublished, Envelope, Position, Published as Stored};
+use chat_bus::{BatchPublished, Envelope, Position, Published as Stored, SendLog};
 use chat_crypto::BINDING_V2;
 use chat_domain::{GroupId, MessageId, UserId};
 use chat_store::StoredMessage;
 use tokio::sync::{Mutex, oneshot};
 
 use crate::{
-    State, WorkerError,
+    State, WorkerError, media,
     messages::{binding, unavailable},
 };
 
@@ -331,6 +331,94 @@ pub(crate) async fn publish_locked(
     Err(unavailable("the group is too busy; retry"))
 }
 
+/// A send recorded in the send log and not published yet: dropped without
+/// [`Reservation::keep`] (the send failed before publishing), it takes the
+/// entry out again, in a task of its own, so that a retry starts afresh.
+pub(crate) struct Reservation {
+    log: SendLog,
+    key: String,
+    /// The entry's revision: an entry made since is another attempt's.
+    revision: u64,
+    armed: bool,
+}
+
+impl Reservation {
+    pub(crate) fn new(log: SendLog, key: String, revision: u64) -> Self {
+        Self {
+            log,
+            key,
+            revision,
+            armed: true,
+        }
+    }
+
+    fn keep(mut self) {
+        self.armed = false;
+    }
+
+    /// Takes the entry out now.
+    async fn release(mut self) {
+        self.armed = false;
+        release(&self.log, &self.key, self.revision).await;
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let (log, key) = (self.log.clone(), std::mem::take(&mut self.key));
+        let revision = self.revision;
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move { release(&log, &key, revision).await });
+        }
+    }
+}
+
+async fn release(log: &SendLog, key: &str, revision: u64) {
+    if let Err(e) = log.release(key, revision).await {
+        // the retry then waits for the settle delay
+        tracing::warn!(key = %key, error = %e, "cannot take a failed send out of the send log");
+    }
+}
+
+/// What a new message took before its publish, its send log entry and its
+/// upload: kept once it goes out (the outcome may be uncertain from there,
+/// and a retry finds out), given back if it certainly never does, so that
+/// a retry starts afresh at once instead of waiting out the settle delay.
+#[derive(Default)]
+pub(crate) struct Taken {
+    pub(crate) entry: Option<Reservation>,
+    pub(crate) upload: Option<media::Claim>,
+}
+
+impl Taken {
+    /// It goes out: it stays taken whatever happens.
+    fn keep(&mut self) {
+        if let Some(entry) = self.entry.take() {
+            entry.keep();
+        }
+        if let Some(upload) = self.upload.take() {
+            upload.keep();
+        }
+    }
+
+    /// Gives everything back; done when this returns.
+    async fn give_back(&mut self) {
+        if let Some(entry) = self.entry.take() {
+            entry.release().await;
+        }
+        if let Some(upload) = self.upload.take() {
+            upload.give_back().await;
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.entry.is_none() && self.upload.is_none()
+    }
+}
+
 /// A new message waiting in its group's queue.
 struct Queued {
     m: StoredMessage,
@@ -340,6 +428,7 @@ struct Queued {
     after: u64,
     /// When its send queued it.
     queued_at: std::time::Instant,
+    taken: Taken,
     done: oneshot::Sender<Result<Position, WorkerError>>,
 }
 
@@ -356,11 +445,26 @@ impl Queued {
         // a sender that went away learns nothing: its retry will
         let _ = self.done.send(result);
     }
+
+    /// Settles it as certainly not sent (`why`), once what it took is
+    /// given back: a retry that follows the answer starts afresh.
+    fn unsent(mut self, why: String) {
+        if self.taken.is_empty() {
+            self.settle(Err(unavailable(why)));
+            return;
+        }
+        tokio::spawn(async move {
+            self.taken.give_back().await;
+            self.settle(Err(unavailable(why)));
+        });
+    }
 }
 
 /// Publishes the new message `m` (content `plaintext`, sealed for the seq
 /// it gets) with whatever else queued for its group meanwhile; returns
-/// where it landed. `after` is a stream sequence it cannot be at or before.
+/// where it landed. `after` is a stream sequence it cannot be at or before;
+/// `taken` (its send log entry, its upload) is kept once it goes out and
+/// given back if it certainly never does.
 ///
 /// The publish runs in a task of its own, so a sender that goes away (its
 /// call cancelled) abandons neither its own message once taken nor the
@@ -372,6 +476,7 @@ pub(crate) async fn publish_new(
     plaintext: Vec<u8>,
     mentions: Vec<UserId>,
     after: u64,
+    taken: Taken,
 ) -> Result<Position, WorkerError> {
     let slot = s.positions.slot(&m.group_id);
     let (done, mut outcome) = oneshot::channel();
@@ -381,6 +486,7 @@ pub(crate) async fn publish_new(
         mentions,
         after,
         queued_at: std::time::Instant::now(),
+        taken,
         done,
     });
     let settled = |result: Result<_, oneshot::error::RecvError>| {
@@ -427,9 +533,7 @@ fn queued_limit(s: &State) -> std::time::Duration {
 
 /// Settles `q` with "not sent", if its sender still waits.
 fn not_sent(q: Queued) {
-    q.settle(Err(unavailable(
-        "the message waited too long to be sent and was not; retry",
-    )));
+    q.unsent("the message waited too long to be sent and was not; retry".to_owned());
 }
 
 /// The next batch from `slot`'s queue: up to `most` messages and
@@ -464,13 +568,13 @@ async fn publish_queued(
     s: &State,
     slot: &GroupSlot,
     cached: &mut Option<Position>,
-    batch: Vec<Queued>,
+    mut batch: Vec<Queued>,
 ) {
     metrics::histogram!("chat_publish_batch_messages").record(batch.len() as f64);
     if batch.len() > 1 && s.positions.batches_supported() {
         let permit = s.positions.batches.acquire().await;
         let refused = match permit {
-            Ok(_permit) => match publish_batch(s, slot, cached, &batch).await {
+            Ok(_permit) => match publish_batch(s, slot, cached, &mut batch).await {
                 Ok(positions) => {
                     for (q, p) in batch.into_iter().zip(positions) {
                         q.settle(Ok(p));
@@ -497,17 +601,18 @@ async fn publish_queued(
         tracing::debug!(group = %slot.group, reason = %refused, "batch refused; publishing its messages one by one");
     }
     let mut failed: Option<String> = None;
-    for q in batch {
+    for mut q in batch {
         if q.expired(queued_limit(s)) {
             not_sent(q);
             continue;
         }
         if let Some(why) = &failed {
             // the service just failed: the rest fail with it at once
-            // rather than hold the group for a timeout each
-            q.settle(Err(unavailable(why.clone())));
+            // rather than hold the group for a timeout each (never sent)
+            q.unsent(why.clone());
             continue;
         }
+        q.taken.keep();
         let outgoing = Publishing::Message {
             m: &q.m,
             plaintext: &q.plaintext,
@@ -538,15 +643,18 @@ async fn publish_batch(
     s: &State,
     slot: &GroupSlot,
     cached: &mut Option<Position>,
-    batch: &[Queued],
+    batch: &mut [Queued],
 ) -> Result<Vec<Position>, BatchFailed> {
     let error = |e: WorkerError| BatchFailed::Error(e.to_string());
     for _ in 0..CAS_ATTEMPTS {
         let last = known_position(s, slot, cached).await.map_err(error)?;
         let envelopes: Vec<Envelope> = (1..)
-            .zip(batch)
+            .zip(batch.iter())
             .map(|(i, q)| envelope(s, &q.m, &q.plaintext, last.seq + i, &q.mentions))
             .collect();
+        for q in batch.iter_mut() {
+            q.taken.keep();
+        }
         let started = std::time::Instant::now();
         let published = s.bus.publish_group_batch(&envelopes, last.stream_seq).await;
         metrics::histogram!("chat_publish_seconds").record(started.elapsed());
@@ -613,6 +721,7 @@ mod tests {
             mentions: Vec::new(),
             after: 0,
             queued_at: std::time::Instant::now(),
+            taken: Taken::default(),
             done,
         };
         (q, outcome)
@@ -665,6 +774,87 @@ mod tests {
         drop(waiting.remove(1));
         assert_eq!(sizes(&take_batch(&slot, 64, HOUR)), [1, 3]);
         assert!(lock(&slot.queue).is_empty(), "dropped, not left behind");
+    }
+
+    /// A message certainly never sent gives its send log entry back before
+    /// its sender hears so: the retry that follows starts afresh at once
+    /// (it waited out the settle delay before). One that went out keeps it.
+    #[tokio::test]
+    async fn a_message_never_sent_gives_its_send_log_entry_back_before_its_sender_hears() {
+        use chat_bus::{Claimed, SendRecord};
+        let nats = chat_stack::Nats::start().await.expect("nats-server");
+        let user = nats.users.for_role("worker");
+        let bus = chat_bus::Bus::connect(
+            &nats.url,
+            "test",
+            Some(chat_bus::Credentials {
+                user: user.user.to_owned(),
+                password: user.password.clone(),
+            }),
+            chat_bus::Definitions::load(1).expect("definitions"),
+        )
+        .await
+        .expect("connected");
+        let log = bus
+            .send_log(std::time::Duration::from_secs(60))
+            .await
+            .expect("send log");
+        let record = SendRecord {
+            message_id: MessageId::generate().to_string(),
+            after_stream_seq: 0,
+            at: 0,
+        };
+        let claim = |key: &'static str| {
+            let (log, record) = (log.clone(), record.clone());
+            async move { log.claim(key, &record).await.expect("claimed") }
+        };
+        let reserved = |key: &'static str, revision| {
+            Some(Reservation::new(log.clone(), key.to_owned(), revision))
+        };
+
+        let Claimed::New { revision } = claim("g.alice.c1").await else {
+            panic!("a new key");
+        };
+        let (slot, mut waiting) = slot_with(&[1]);
+        {
+            let mut queue = lock(&slot.queue);
+            queue[0].taken.entry = reserved("g.alice.c1", revision);
+            queue[0].queued_at = std::time::Instant::now()
+                .checked_sub(std::time::Duration::from_secs(20))
+                .expect("the clock is past 20 s");
+        }
+        let limit = std::time::Duration::from_secs(15);
+        assert!(take_batch(&slot, 64, limit).is_empty());
+        let told = tokio::time::timeout(std::time::Duration::from_secs(10), waiting.remove(0))
+            .await
+            .expect("told in time")
+            .expect("settled");
+        assert!(told.is_err(), "not sent: {told:?}");
+        assert!(
+            matches!(claim("g.alice.c1").await, Claimed::New { .. }),
+            "the retry finds no earlier attempt"
+        );
+
+        // one that went out keeps its entry, whatever happens after
+        let Claimed::New { revision } = claim("g.alice.c2").await else {
+            panic!("a new key");
+        };
+        let mut taken = Taken {
+            entry: reserved("g.alice.c2", revision),
+            upload: None,
+        };
+        taken.keep();
+        drop(taken);
+        assert!(matches!(claim("g.alice.c2").await, Claimed::Earlier(_)));
+
+        // a release of an entry that another attempt made since leaves it
+        let Claimed::New { revision: first } = claim("g.alice.c3").await else {
+            panic!("a new key");
+        };
+        assert!(log.release("g.alice.c3", first).await.expect("released"));
+        assert!(matches!(claim("g.alice.c3").await, Claimed::New { .. }));
+        assert!(!log.release("g.alice.c3", first).await.expect("answered"));
+        assert!(matches!(claim("g.alice.c3").await, Claimed::Earlier(_)));
     }
 
     #[test]
