@@ -131,6 +131,10 @@ struct Queue {
     /// Senders waiting for a slot, woken one at a time as slots free up.
     room: tokio::sync::Notify,
     senders: std::sync::atomic::AtomicUsize,
+    /// Set by the writer while it gathers frames for a flush its timer
+    /// will make: a frame that is not a reply then does not wake it (the
+    /// timer does, and it takes them all at once) until [`WAKE_AT`] wait.
+    gathering: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -142,6 +146,11 @@ struct Items {
 /// Above this many slots, an emptied queue gives its memory back.
 const KEPT_SLOTS: usize = 64;
 
+/// Frames that wake a gathering writer all the same: it feeds them to the
+/// socket's buffer, so the queue (and its byte budget) does not fill up
+/// behind a long window.
+const WAKE_AT: usize = 16;
+
 fn queue(bound: usize) -> (Sender, Receiver) {
     let q = Arc::new(Queue {
         items: std::sync::Mutex::default(),
@@ -149,6 +158,7 @@ fn queue(bound: usize) -> (Sender, Receiver) {
         writer: futures::task::AtomicWaker::new(),
         room: tokio::sync::Notify::new(),
         senders: std::sync::atomic::AtomicUsize::new(1),
+        gathering: std::sync::atomic::AtomicBool::new(false),
     });
     (Sender(q.clone()), Receiver(q))
 }
@@ -180,7 +190,9 @@ impl Drop for Sender {
 impl Sender {
     /// Queues `item` if there is a slot; whether one is left after it.
     fn push(&self, item: Queued) -> Result<bool, (TrySendError, Queued)> {
-        let more = {
+        // a reply's client waits for it
+        let urgent = matches!(item.0, Outgoing::Frame(_) | Outgoing::Close(..));
+        let queued = {
             let mut items = self.0.items();
             if items.closed {
                 return Err((TrySendError::Closed, item));
@@ -189,10 +201,15 @@ impl Sender {
                 return Err((TrySendError::Full, item));
             }
             items.list.push_back(item);
-            items.list.len() < self.0.bound
+            items.list.len()
         };
-        self.0.writer.wake();
-        Ok(more)
+        // read after the push: a writer that stops gathering looks at the
+        // queue after it says so, under the same lock, so one of the two
+        // sees the other
+        if urgent || queued >= WAKE_AT || !self.0.gathering.load(Ordering::SeqCst) {
+            self.0.writer.wake();
+        }
+        Ok(queued < self.0.bound)
     }
 
     pub(super) fn try_send(&self, item: Queued) -> Result<(), TrySendError> {
@@ -283,6 +300,12 @@ impl Receiver {
 
     pub(super) fn is_empty(&self) -> bool {
         self.0.items().list.is_empty()
+    }
+
+    /// Whether the writer gathers frames for a flush its armed timer will
+    /// make (only then may frames not wake it).
+    pub(super) fn gathering(&self, on: bool) {
+        self.0.gathering.store(on, Ordering::SeqCst);
     }
 
     /// No frame is queued from now on; what was queued is dropped (its
@@ -458,6 +481,52 @@ mod tests {
         let seqs: Vec<u64> = std::iter::from_fn(|| rx.try_recv()).map(seq_of).collect();
         assert_eq!(seqs, (0..500).collect::<Vec<_>>());
         assert!(rx.0.items().list.capacity() <= KEPT_SLOTS);
+    }
+
+    /// Counts its wake-ups.
+    #[derive(Default)]
+    struct Wakes(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_gathering_writer_is_woken_by_replies_and_a_full_handful_only() {
+        let (tx, mut rx) = queue(1024);
+        let wakes = Arc::new(Wakes::default());
+        let waker = std::task::Waker::from(wakes.clone());
+        let mut cx = std::task::Context::from_waker(&waker);
+        let mut sleep = |rx: &mut Receiver| {
+            let mut next = std::pin::pin!(rx.recv());
+            assert!(next.as_mut().poll(&mut cx).is_pending(), "nothing queued");
+        };
+        let woken = || wakes.0.load(Ordering::SeqCst);
+        sleep(&mut rx);
+        rx.gathering(true);
+        for seq in 0..WAKE_AT as u64 - 1 {
+            assert!(tx.try_send(live(10, seq)).is_ok());
+        }
+        assert_eq!(woken(), 0, "frames the timer takes wake nobody");
+        assert!(tx.try_send(live(10, 99)).is_ok());
+        assert_eq!(woken(), 1, "a full handful wakes the writer");
+        std::iter::from_fn(|| rx.try_recv()).for_each(drop);
+        sleep(&mut rx);
+        let reply = Arc::new(Semaphore::new(10))
+            .try_acquire_many_owned(1)
+            .expect("permit");
+        assert!(
+            tx.try_send((Outgoing::Frame("reply".into()), reply))
+                .is_ok()
+        );
+        assert_eq!(woken(), 2, "a reply wakes it at once");
+        std::iter::from_fn(|| rx.try_recv()).for_each(drop);
+        sleep(&mut rx);
+        rx.gathering(false);
+        assert!(tx.try_send(live(10, 100)).is_ok());
+        assert_eq!(woken(), 3, "not gathering, every frame wakes it");
     }
 
     #[tokio::test]

@@ -66,10 +66,18 @@ pub(super) async fn write_loop(
     let coalesced = metrics::counter!("chat_ws_coalesced_flushes_total");
     let Inbox { mut rx, close } = inbox;
     loop {
-        // a close asked for out of band goes ahead of everything queued
+        // while the timer is armed, frames other than replies need not wake
+        // the writer: it takes them all when the timer fires
+        rx.gathering(coalesce.waiting());
+        // a close asked for out of band goes ahead of everything queued;
+        // what is queued goes into the flush the timer makes
         let (out, _permit) = tokio::select! {
             biased;
             (code, reason) = close.asked() => (Outgoing::Close(code, reason), None),
+            next = rx.recv() => match next {
+                Some((out, permit)) => (out, Some(permit)),
+                None => break,
+            },
             () = coalesce.elapsed(), if coalesce.waiting() => {
                 coalesced.increment(1);
                 burst = 0;
@@ -81,10 +89,6 @@ pub(super) async fn write_loop(
                 }
                 continue;
             }
-            next = rx.recv() => match next {
-                Some((out, permit)) => (out, Some(permit)),
-                None => break,
-            },
         };
         // a reply to a request goes out at once: its client is waiting
         let urgent = matches!(out, Outgoing::Frame(_));
