@@ -45,8 +45,9 @@ pub enum Claimed {
     /// No earlier send with this client id: this one goes ahead, its
     /// entry at `revision`.
     New { revision: u64 },
-    /// An earlier attempt of this send, as recorded.
-    Earlier(SendRecord),
+    /// An earlier attempt of this send, as recorded, its entry at
+    /// `revision`.
+    Earlier { record: SendRecord, revision: u64 },
 }
 
 /// The key of one send.
@@ -90,12 +91,12 @@ impl SendLog {
             match self.0.last(key).await? {
                 Some(Entry {
                     value: Some(earlier),
-                    ..
+                    revision,
                 }) => {
                     let record = serde_json::from_slice(&earlier).map_err(|e| {
                         BusError::Unavailable(format!("send log entry {key} is unreadable: {e}"))
                     })?;
-                    return Ok(Claimed::Earlier(record));
+                    return Ok(Claimed::Earlier { record, revision });
                 }
                 // a delete marker (a send that never went out): take its place
                 Some(Entry { revision, .. }) => expected = revision,
@@ -106,6 +107,21 @@ impl SendLog {
         Err(BusError::Unavailable(format!(
             "send log entry {key} keeps changing"
         )))
+    }
+
+    /// Writes `record` again under `key` if its entry is still at
+    /// `revision`: its new revision, or `None` if another attempt changed
+    /// it. A send that publishes a lost attempt again renews its entry
+    /// first, so that a late give-back of that attempt (which expects the
+    /// old revision) cannot take it out.
+    pub async fn renew(
+        &self,
+        key: &str,
+        record: &SendRecord,
+        revision: u64,
+    ) -> Result<Option<u64>, BusError> {
+        let value = Bytes::from(serde_json::to_vec(record).map_err(BusError::nats)?);
+        self.0.put_if_last(key, value, revision).await
     }
 
     /// Forgets a send that certainly never went out, so that a retry with

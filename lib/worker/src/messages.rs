@@ -298,9 +298,20 @@ impl MessagesService {
                 after,
                 Some(Reservation::new(s.sends.clone(), key, revision)),
             ),
-            Claimed::Earlier(earlier) => match earlier_attempt(s, &group, &earlier).await? {
+            Claimed::Earlier {
+                record: earlier,
+                revision,
+            } => match earlier_attempt(s, &group, &earlier).await? {
                 Earlier::Landed(done) => return Ok(done),
-                Earlier::Lost(id) => (id, earlier.after_stream_seq, None),
+                Earlier::Lost(id) => {
+                    // a new revision before it goes out again: a late
+                    // give-back of the lost attempt can no longer take the
+                    // entry out (a retry after that would be a duplicate)
+                    if s.sends.renew(&key, &earlier, revision).await?.is_none() {
+                        return Err(unavailable("this message is being sent again; retry later"));
+                    }
+                    (id, earlier.after_stream_seq, None)
+                }
             },
         };
         let logged = started.elapsed();

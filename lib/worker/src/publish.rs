@@ -446,9 +446,10 @@ impl Queued {
         let _ = self.done.send(result);
     }
 
-    /// Settles it as certainly not sent (`why`), once what it took is
-    /// given back: a retry that follows the answer starts afresh.
-    fn unsent(mut self, why: String) {
+    /// Settles it with the error `why`, once what it still holds is given
+    /// back (only a message never handed to NATS holds anything): a retry
+    /// that follows the answer starts afresh.
+    fn fail(mut self, why: String) {
         if self.taken.is_empty() {
             self.settle(Err(unavailable(why)));
             return;
@@ -508,6 +509,12 @@ pub(crate) async fn publish_new(
         }
         // lead: everything queued before this message, and it, goes now
         let batch = take_batch(&slot, s.config.publish_batch_max.max(1), queued_limit(s));
+        if batch.is_empty() {
+            // this message is out of the queue, so whoever took it settles
+            // it (a message not sent is given back first): no turn to take
+            drop(held);
+            return settled(outcome.await);
+        }
         let (s, slot) = (s.clone(), slot.clone());
         let publishing = tokio::spawn(async move {
             let mut held = held;
@@ -533,7 +540,7 @@ fn queued_limit(s: &State) -> std::time::Duration {
 
 /// Settles `q` with "not sent", if its sender still waits.
 fn not_sent(q: Queued) {
-    q.unsent("the message waited too long to be sent and was not; retry".to_owned());
+    q.fail("the message waited too long to be sent and was not; retry".to_owned());
 }
 
 /// The next batch from `slot`'s queue: up to `most` messages and
@@ -590,7 +597,7 @@ async fn publish_queued(
                 Err(BatchFailed::Error(why)) => {
                     tracing::warn!(group = %slot.group, messages = batch.len(), error = %why, "batch publish failed or is uncertain");
                     for q in batch {
-                        q.settle(Err(unavailable(why.clone())));
+                        q.fail(why.clone());
                     }
                     return;
                 }
@@ -609,7 +616,7 @@ async fn publish_queued(
         if let Some(why) = &failed {
             // the service just failed: the rest fail with it at once
             // rather than hold the group for a timeout each (never sent)
-            q.unsent(why.clone());
+            q.fail(why.clone());
             continue;
         }
         q.taken.keep();
@@ -845,7 +852,7 @@ mod tests {
         };
         taken.keep();
         drop(taken);
-        assert!(matches!(claim("g.alice.c2").await, Claimed::Earlier(_)));
+        assert!(matches!(claim("g.alice.c2").await, Claimed::Earlier { .. }));
 
         // a release of an entry that another attempt made since leaves it
         let Claimed::New { revision: first } = claim("g.alice.c3").await else {
@@ -854,7 +861,22 @@ mod tests {
         assert!(log.release("g.alice.c3", first).await.expect("released"));
         assert!(matches!(claim("g.alice.c3").await, Claimed::New { .. }));
         assert!(!log.release("g.alice.c3", first).await.expect("answered"));
-        assert!(matches!(claim("g.alice.c3").await, Claimed::Earlier(_)));
+        assert!(matches!(claim("g.alice.c3").await, Claimed::Earlier { .. }));
+
+        // an attempt published again as lost renews its entry first: the
+        // lost attempt's give-back, however late, leaves it
+        let Claimed::New { revision: lost } = claim("g.alice.c4").await else {
+            panic!("a new key");
+        };
+        let Claimed::Earlier { revision, .. } = claim("g.alice.c4").await else {
+            panic!("the earlier attempt");
+        };
+        assert_eq!(revision, lost);
+        let renewed = log.renew("g.alice.c4", &record, revision).await;
+        assert!(matches!(renewed, Ok(Some(r)) if r > lost), "{renewed:?}");
+        let late = Reservation::new(log.clone(), "g.alice.c4".into(), lost);
+        late.release().await;
+        assert!(matches!(claim("g.alice.c4").await, Claimed::Earlier { .. }));
     }
 
     #[test]

@@ -126,6 +126,7 @@ pub(super) enum TrySendError {
 struct Queue {
     items: std::sync::Mutex<Items>,
     bound: usize,
+    wake_bytes: usize,
     /// The one receiver, woken by a frame, the last sender's drop or a close.
     writer: futures::task::AtomicWaker,
     /// Senders waiting for a slot, woken one at a time as slots free up.
@@ -140,6 +141,8 @@ struct Queue {
 #[derive(Default)]
 struct Items {
     list: std::collections::VecDeque<Queued>,
+    /// Of the byte budget, what the queued frames hold.
+    bytes: usize,
     closed: bool,
 }
 
@@ -148,13 +151,17 @@ const KEPT_SLOTS: usize = 64;
 
 /// Frames that wake a gathering writer all the same: it feeds them to the
 /// socket's buffer, so the queue (and its byte budget) does not fill up
-/// behind a long window.
+/// behind a long window. So do queued frames holding a quarter of the
+/// connection's byte budget.
 const WAKE_AT: usize = 16;
 
-fn queue(bound: usize) -> (Sender, Receiver) {
+/// A queue of at most `bound` frames, whose writer is woken while it
+/// gathers once the frames hold `wake_bytes`.
+fn queue(bound: usize, wake_bytes: usize) -> (Sender, Receiver) {
     let q = Arc::new(Queue {
         items: std::sync::Mutex::default(),
         bound,
+        wake_bytes,
         writer: futures::task::AtomicWaker::new(),
         room: tokio::sync::Notify::new(),
         senders: std::sync::atomic::AtomicUsize::new(1),
@@ -192,7 +199,7 @@ impl Sender {
     fn push(&self, item: Queued) -> Result<bool, (TrySendError, Queued)> {
         // a reply's client waits for it
         let urgent = matches!(item.0, Outgoing::Frame(_) | Outgoing::Close(..));
-        let queued = {
+        let (queued, bytes) = {
             let mut items = self.0.items();
             if items.closed {
                 return Err((TrySendError::Closed, item));
@@ -200,13 +207,18 @@ impl Sender {
             if items.list.len() >= self.0.bound {
                 return Err((TrySendError::Full, item));
             }
+            items.bytes += item.1.num_permits();
             items.list.push_back(item);
-            items.list.len()
+            (items.list.len(), items.bytes)
         };
         // read after the push: a writer that stops gathering looks at the
         // queue after it says so, under the same lock, so one of the two
         // sees the other
-        if urgent || queued >= WAKE_AT || !self.0.gathering.load(Ordering::SeqCst) {
+        if urgent
+            || queued >= WAKE_AT
+            || bytes >= self.0.wake_bytes
+            || !self.0.gathering.load(Ordering::SeqCst)
+        {
             self.0.writer.wake();
         }
         Ok(queued < self.0.bound)
@@ -278,6 +290,7 @@ impl Receiver {
         let was_full = items.list.len() >= self.0.bound;
         match items.list.pop_front() {
             Some(next) => {
+                items.bytes = items.bytes.saturating_sub(next.1.num_permits());
                 if items.list.is_empty() && items.list.capacity() > KEPT_SLOTS {
                     items.list.shrink_to(KEPT_SLOTS);
                 }
@@ -314,6 +327,7 @@ impl Receiver {
         let dropped = {
             let mut items = self.0.items();
             items.closed = true;
+            items.bytes = 0;
             std::mem::take(&mut items.list)
         };
         drop(dropped);
@@ -329,9 +343,9 @@ impl Drop for Receiver {
 
 impl Outbox {
     pub(super) fn new(frames: usize, bytes: usize) -> (Self, Inbox) {
-        let (tx, rx) = queue(frames.max(1));
-        let close = Closer::default();
         let bytes = bytes.clamp(1, Semaphore::MAX_PERMITS);
+        let (tx, rx) = queue(frames.max(1), (bytes / 4).max(1));
+        let close = Closer::default();
         (
             Self {
                 tx,
@@ -459,7 +473,8 @@ mod tests {
 
     fn live(bytes: usize, seq: u64) -> Queued {
         let budget = Arc::new(Semaphore::new(bytes));
-        let permit = budget.try_acquire_many_owned(1).expect("a permit");
+        let n = u32::try_from(bytes).expect("small");
+        let permit = budget.try_acquire_many_owned(n).expect("its bytes");
         (Outgoing::Live(frame(bytes, seq)), permit)
     }
 
@@ -472,7 +487,7 @@ mod tests {
 
     #[test]
     fn an_idle_queue_holds_no_slots_and_an_emptied_one_gives_them_back() {
-        let (tx, mut rx) = queue(1024);
+        let (tx, mut rx) = queue(1024, usize::MAX);
         assert_eq!(rx.0.items().list.capacity(), 0);
         for seq in 0..500 {
             assert!(tx.try_send(live(10, seq)).is_ok());
@@ -495,7 +510,7 @@ mod tests {
 
     #[test]
     fn a_gathering_writer_is_woken_by_replies_and_a_full_handful_only() {
-        let (tx, mut rx) = queue(1024);
+        let (tx, mut rx) = queue(1024, 1000);
         let wakes = Arc::new(Wakes::default());
         let waker = std::task::Waker::from(wakes.clone());
         let mut cx = std::task::Context::from_waker(&waker);
@@ -524,14 +539,21 @@ mod tests {
         assert_eq!(woken(), 2, "a reply wakes it at once");
         std::iter::from_fn(|| rx.try_recv()).for_each(drop);
         sleep(&mut rx);
-        rx.gathering(false);
+        // frames holding a quarter of the byte budget wake it too
         assert!(tx.try_send(live(10, 100)).is_ok());
-        assert_eq!(woken(), 3, "not gathering, every frame wakes it");
+        assert_eq!(woken(), 2);
+        assert!(tx.try_send(live(990, 101)).is_ok());
+        assert_eq!(woken(), 3, "the queued frames hold 1,000 bytes");
+        std::iter::from_fn(|| rx.try_recv()).for_each(drop);
+        sleep(&mut rx);
+        rx.gathering(false);
+        assert!(tx.try_send(live(10, 102)).is_ok());
+        assert_eq!(woken(), 4, "not gathering, every frame wakes it");
     }
 
     #[tokio::test]
     async fn senders_waiting_for_slots_all_get_through_in_turn() {
-        let (tx, mut rx) = queue(2);
+        let (tx, mut rx) = queue(2, usize::MAX);
         assert!(tx.try_send(live(1, 0)).is_ok());
         assert!(tx.try_send(live(1, 1)).is_ok());
         assert!(matches!(tx.try_send(live(1, 9)), Err(TrySendError::Full)));
@@ -563,7 +585,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_writer_ends_once_the_last_sender_is_gone_and_its_frames_are_taken() {
-        let (tx, mut rx) = queue(4);
+        let (tx, mut rx) = queue(4, usize::MAX);
         let other = tx.clone();
         assert!(tx.try_send(live(1, 1)).is_ok());
         drop(tx);
@@ -586,7 +608,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_sender_waiting_for_a_slot_is_told_when_the_writer_closes() {
-        let (tx, mut rx) = queue(1);
+        let (tx, mut rx) = queue(1, usize::MAX);
         assert!(tx.try_send(live(1, 1)).is_ok());
         let waiting = tokio::spawn({
             let tx = tx.clone();
