@@ -36,6 +36,10 @@ const BATCH_BYTES: usize = 1 << 20;
 /// Atomic batches a worker has open at once.
 const BATCHES_OPEN: usize = 16;
 
+/// How long a message not sent may take to give back what it took before
+/// its sender hears.
+const GIVE_BACK: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Compare-and-set attempts before a send gives up as `unavailable`.
 const CAS_ATTEMPTS: usize = 64;
 /// Most positions remembered; past it the cache starts over.
@@ -455,7 +459,9 @@ impl Queued {
             return;
         }
         tokio::spawn(async move {
-            self.taken.give_back().await;
+            // not for long: its sender waits (a retry then waits for the
+            // settle delay, as before)
+            let _ = tokio::time::timeout(GIVE_BACK, self.taken.give_back()).await;
             self.settle(Err(unavailable(why)));
         });
     }
