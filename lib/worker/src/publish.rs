@@ -476,7 +476,8 @@ impl Queued {
 /// The publish runs in a task of its own, so a sender that goes away (its
 /// call cancelled) abandons neither its own message once taken nor the
 /// others of its batch; a message still queued when its sender went away
-/// is dropped, never published late.
+/// leaves the queue at once and gives back what it took, never published
+/// late.
 pub(crate) async fn publish_new(
     s: &Arc<State>,
     m: &StoredMessage,
@@ -496,42 +497,79 @@ pub(crate) async fn publish_new(
         taken,
         done,
     });
+    let mut withdraw = Withdraw {
+        slot: &slot,
+        id: &m.id,
+        armed: true,
+    };
     let settled = |result: Result<_, oneshot::error::RecvError>| {
         result.unwrap_or_else(|_| Err(unavailable("the publish was interrupted; retry")))
     };
-    loop {
-        // published by another sender's turn, or this one's turn comes
-        let held = tokio::select! {
-            biased;
-            result = &mut outcome => return settled(result),
-            held = slot.position.clone().lock_owned() => held,
-        };
-        match outcome.try_recv() {
-            Ok(result) => return result,
-            Err(oneshot::error::TryRecvError::Closed) => {
-                return Err(unavailable("the publish was interrupted; retry"));
+    let result = async {
+        loop {
+            // published by another sender's turn, or this one's turn comes
+            let held = tokio::select! {
+                biased;
+                result = &mut outcome => return settled(result),
+                held = slot.position.clone().lock_owned() => held,
+            };
+            match outcome.try_recv() {
+                Ok(result) => return result,
+                Err(oneshot::error::TryRecvError::Closed) => {
+                    return Err(unavailable("the publish was interrupted; retry"));
+                }
+                Err(oneshot::error::TryRecvError::Empty) => {}
             }
-            Err(oneshot::error::TryRecvError::Empty) => {}
+            // lead: everything queued before this message, and it, goes now
+            let batch = take_batch(&slot, s.config.publish_batch_max.max(1), queued_limit(s));
+            if batch.is_empty() {
+                // this message is out of the queue, so whoever took it settles
+                // it (a message not sent is given back first): no turn to take
+                drop(held);
+                return settled(outcome.await);
+            }
+            let (s, slot) = (s.clone(), slot.clone());
+            let publishing = tokio::spawn(async move {
+                let mut held = held;
+                publish_queued(&s, &slot, &mut held, batch).await;
+            });
+            // its end (with the slot free again), or this message's outcome
+            tokio::select! {
+                biased;
+                result = &mut outcome => return settled(result),
+                _ = publishing => {}
+            }
         }
-        // lead: everything queued before this message, and it, goes now
-        let batch = take_batch(&slot, s.config.publish_batch_max.max(1), queued_limit(s));
-        if batch.is_empty() {
-            // this message is out of the queue, so whoever took it settles
-            // it (a message not sent is given back first): no turn to take
-            drop(held);
-            return settled(outcome.await);
+    }
+    .await;
+    withdraw.armed = false;
+    result
+}
+
+/// Takes a message out of its group's queue if its sender goes away while
+/// it still waits there (the send's call was cancelled): never published,
+/// it gives back what it took at once, instead of at the group's next
+/// publish on this worker, which in a quiet group may be hours away.
+struct Withdraw<'a> {
+    slot: &'a GroupSlot,
+    id: &'a MessageId,
+    armed: bool,
+}
+
+impl Drop for Withdraw<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
         }
-        let (s, slot) = (s.clone(), slot.clone());
-        let publishing = tokio::spawn(async move {
-            let mut held = held;
-            publish_queued(&s, &slot, &mut held, batch).await;
-        });
-        // its end (with the slot free again), or this message's outcome
-        tokio::select! {
-            biased;
-            result = &mut outcome => return settled(result),
-            _ = publishing => {}
-        }
+        let withdrawn = {
+            let mut queue = lock(&self.slot.queue);
+            queue
+                .iter()
+                .position(|q| &q.m.id == self.id)
+                .and_then(|i| queue.remove(i))
+        };
+        // outside the lock: what it took is given back in a task of its own
+        drop(withdrawn);
     }
 }
 
@@ -883,6 +921,30 @@ mod tests {
         let late = Reservation::new(log.clone(), "g.alice.c4".into(), lost);
         late.release().await;
         assert!(matches!(claim("g.alice.c4").await, Claimed::Earlier { .. }));
+    }
+
+    #[test]
+    fn a_message_whose_sender_went_away_leaves_the_queue_at_once() {
+        let (slot, _waiting) = slot_with(&[1, 2, 3]);
+        let id = lock(&slot.queue)[1].m.id.clone();
+        drop(Withdraw {
+            slot: &slot,
+            id: &id,
+            armed: true,
+        });
+        assert_eq!(
+            sizes(&lock(&slot.queue).drain(..).collect::<Vec<_>>()),
+            [1, 3]
+        );
+        // a sender that got its answer withdraws nothing
+        let (slot, _waiting) = slot_with(&[1]);
+        let id = lock(&slot.queue)[0].m.id.clone();
+        drop(Withdraw {
+            slot: &slot,
+            id: &id,
+            armed: false,
+        });
+        assert_eq!(lock(&slot.queue).len(), 1);
     }
 
     #[test]
