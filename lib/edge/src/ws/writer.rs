@@ -63,6 +63,9 @@ pub(super) async fn write_loop(
     let mut coalesce = Coalesce::new(app.write_load.clone());
     // whether group messages came since the queue last ran dry
     let mut messages = false;
+    // whether a reply came since the last flush: it goes out with the
+    // frames taken after it, at once, however many follow it
+    let mut urgent = false;
     let coalesced = metrics::counter!("chat_ws_coalesced_flushes_total");
     let Inbox { mut rx, close } = inbox;
     loop {
@@ -81,6 +84,7 @@ pub(super) async fn write_loop(
             () = coalesce.elapsed(), if coalesce.waiting() => {
                 coalesced.increment(1);
                 burst = 0;
+                urgent = false;
                 tally.add_to(&live_deliveries, &live_out, &app.write_load);
                 if !coalesce.flush(&mut pending, &mut sink, &delivered, deadline).await {
                     gave_up();
@@ -91,7 +95,7 @@ pub(super) async fn write_loop(
             }
         };
         // a reply to a request goes out at once: its client is waiting
-        let urgent = matches!(out, Outgoing::Frame(_));
+        urgent |= matches!(out, Outgoing::Frame(_));
         // only the group messages' rate makes a connection busy: a burst
         // of notifications (status pushes come one publish apart) does not
         messages |= matches!(&out, Outgoing::Live(f) if f.feed == Feed::Groups);
@@ -189,6 +193,7 @@ pub(super) async fn write_loop(
                 continue;
             }
             burst = 0;
+            urgent = false;
             tally.add_to(&live_deliveries, &live_out, &app.write_load);
             if !coalesce
                 .flush(&mut pending, &mut sink, &delivered, deadline)
