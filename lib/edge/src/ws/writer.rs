@@ -59,13 +59,10 @@ pub(super) async fn write_loop(
     // the counters' shared cache lines was 2 % of the edge in fan-out
     let mut tally = Tally::default();
     let deadline = app.config.write_timeout;
-    let mut burst = 0usize;
+    let mut burst = Burst::default();
     let mut coalesce = Coalesce::new(app.write_load.clone());
     // whether group messages came since the queue last ran dry
     let mut messages = false;
-    // whether a reply came since the last flush: it goes out with the
-    // frames taken after it, at once, however many follow it
-    let mut urgent = false;
     let coalesced = metrics::counter!("chat_ws_coalesced_flushes_total");
     let Inbox { mut rx, close } = inbox;
     loop {
@@ -83,8 +80,7 @@ pub(super) async fn write_loop(
             },
             () = coalesce.elapsed(), if coalesce.waiting() => {
                 coalesced.increment(1);
-                burst = 0;
-                urgent = false;
+                burst = Burst::default();
                 tally.add_to(&live_deliveries, &live_out, &app.write_load);
                 if !coalesce.flush(&mut pending, &mut sink, &delivered, deadline).await {
                     gave_up();
@@ -94,8 +90,7 @@ pub(super) async fn write_loop(
                 continue;
             }
         };
-        // a reply to a request goes out at once: its client is waiting
-        urgent |= matches!(out, Outgoing::Frame(_));
+        burst.took(&out);
         // only the group messages' rate makes a connection busy: a burst
         // of notifications (status pushes come one publish apart) does not
         messages |= matches!(&out, Outgoing::Live(f) if f.feed == Feed::Groups);
@@ -183,17 +178,15 @@ pub(super) async fn write_loop(
             failed = true;
             break;
         }
-        burst += 1;
-        if rx.is_empty() || burst >= WRITE_BURST {
+        if rx.is_empty() || burst.full() {
             if std::mem::take(&mut messages) {
                 coalesce.ran_dry();
             }
-            if !urgent && burst < WRITE_BURST && coalesce.wait() {
+            if !burst.due() && coalesce.wait() {
                 // more may come before it is due
                 continue;
             }
-            burst = 0;
-            urgent = false;
+            burst = Burst::default();
             tally.add_to(&live_deliveries, &live_out, &app.write_load);
             if !coalesce
                 .flush(&mut pending, &mut sink, &delivered, deadline)
@@ -240,6 +233,32 @@ async fn hidden(
             tracing::warn!(group = %f.group, error = %e, "cannot tell whether a change predates the member; the connection resumes from before it");
             None
         }
+    }
+}
+
+/// What the writer took since its last flush.
+#[derive(Default)]
+struct Burst {
+    frames: usize,
+    /// A reply was among them: its client is waiting, so it goes out at
+    /// once, with whatever was taken after it.
+    reply: bool,
+}
+
+impl Burst {
+    fn took(&mut self, out: &Outgoing) {
+        self.frames += 1;
+        self.reply |= matches!(out, Outgoing::Frame(_));
+    }
+
+    /// Flushed even if frames keep coming.
+    fn full(&self) -> bool {
+        self.frames >= WRITE_BURST
+    }
+
+    /// Flushed now, whatever the window says.
+    fn due(&self) -> bool {
+        self.reply || self.full()
     }
 }
 
@@ -723,6 +742,33 @@ mod tests {
         }
         c.last = Some(at(t0, 1200));
         assert_eq!(c.due_at(at(t0, 1201)), None);
+    }
+
+    #[test]
+    fn a_reply_goes_at_once_even_with_frames_taken_after_it() {
+        let live = || {
+            Outgoing::Live(LiveFrame {
+                text: Utf8Bytes::from_static("m"),
+                group: "g".into(),
+                seq: 1,
+                stream_seq: 1,
+                feed: Feed::Groups,
+                caught_up: false,
+                restricted: false,
+            })
+        };
+        let mut burst = Burst::default();
+        burst.took(&live());
+        assert!(!burst.due(), "group messages may wait for the window");
+        burst.took(&Outgoing::Frame("reply".into()));
+        burst.took(&live());
+        assert!(burst.due(), "the reply taken before still goes now");
+        let mut burst = Burst::default();
+        for _ in 0..WRITE_BURST {
+            assert!(!burst.full());
+            burst.took(&live());
+        }
+        assert!(burst.full() && burst.due(), "a full burst goes too");
     }
 
     #[test]
