@@ -89,16 +89,7 @@ impl Closer {
     /// The close asked for, once there is one (for the writer only: it
     /// wakes one waiter).
     pub(super) fn asked(&self) -> impl Future<Output = (u16, &'static str)> + '_ {
-        std::future::poll_fn(|cx| {
-            if let Some(close) = self.taken() {
-                return std::task::Poll::Ready(close);
-            }
-            self.0.writer.register(cx.waker());
-            match self.taken() {
-                Some(close) => std::task::Poll::Ready(close),
-                None => std::task::Poll::Pending,
-            }
-        })
+        woken_when(&self.0.writer, || self.taken())
     }
 
     /// The close asked for, if any (tests).
@@ -106,6 +97,25 @@ impl Closer {
     pub(super) fn peek(&self) -> Option<(u16, &'static str)> {
         self.taken()
     }
+}
+
+/// What `ready` gives, once it gives something: checked, then again after
+/// `waker` holds the task's waker, so that a wake-up between the two is not
+/// missed. For the writer only (one waiter per waker).
+fn woken_when<'a, T>(
+    waker: &'a futures::task::AtomicWaker,
+    ready: impl Fn() -> Option<T> + 'a,
+) -> impl Future<Output = T> + 'a {
+    std::future::poll_fn(move |cx| {
+        if let Some(v) = ready() {
+            return std::task::Poll::Ready(v);
+        }
+        waker.register(cx.waker());
+        match ready() {
+            Some(v) => std::task::Poll::Ready(v),
+            None => std::task::Poll::Pending,
+        }
+    })
 }
 
 /// What a queued frame holds: the frame and its share of the byte budget.
@@ -269,16 +279,7 @@ impl Receiver {
     /// The next frame; `None` once every sender is gone and nothing is left,
     /// or after [`Receiver::close`].
     pub(super) fn recv(&mut self) -> impl Future<Output = Option<Queued>> + '_ {
-        std::future::poll_fn(|cx| {
-            if let Some(next) = self.taken() {
-                return std::task::Poll::Ready(next);
-            }
-            self.0.writer.register(cx.waker());
-            match self.taken() {
-                Some(next) => std::task::Poll::Ready(next),
-                None => std::task::Poll::Pending,
-            }
-        })
+        woken_when(&self.0.writer, || self.taken())
     }
 
     /// The next frame if there is one (`Some(None)`: there will be none).
@@ -318,7 +319,11 @@ impl Receiver {
     /// Whether the writer gathers frames for a flush its armed timer will
     /// make (only then may frames not wake it).
     pub(super) fn gathering(&self, on: bool) {
-        self.0.gathering.store(on, Ordering::SeqCst);
+        // read first: the writer asks before every frame, and a store is
+        // a locked instruction where a load is not
+        if self.0.gathering.load(Ordering::Relaxed) != on {
+            self.0.gathering.store(on, Ordering::SeqCst);
+        }
     }
 
     /// No frame is queued from now on; what was queued is dropped (its
