@@ -4,9 +4,10 @@
 //! Subjects:
 //! - `chat.user.<userId>.event`: notifications for one user, captured by the
 //!   `CHAT_USERS` stream so that offline devices get them on reconnect;
-//! - `chat.group.<groupId>.msg` / `.event`: group traffic, `CHAT_GROUPS`:
-//!   messages, and membership events (a member subscribed, left or was
-//!   removed) that decide live delivery in the group's order (`live.rs`);
+//! - `chat.group.<groupId>.msg` / `.event.<userId>`: group traffic,
+//!   `CHAT_GROUPS`: messages, and each member's membership events (it
+//!   subscribed, left or was removed) that decide live delivery in the
+//!   group's order (`live.rs`);
 //!   the stream is the write-ahead log of the messages, and the shared
 //!   `persist` consumer writes them into MongoDB behind it (`persist.rs`);
 //! - `$KV.CHAT_SENDS.<group>.<sender>.<clientMsgId>`: the send log, one entry
@@ -61,7 +62,7 @@ mod signals;
 pub use defs::Definitions;
 pub use live::{
     Batch, CatchUp, Feed, GroupTraffic, LiveMessage, LiveReader, MembershipEvent,
-    group_event_subject,
+    member_event_subject,
 };
 pub use messages::{BatchPublished, Change, Envelope, MAX_BATCH, Position, Published, SEQ_HEADER};
 pub use persist::{Delivered, PersistFeed, Persisted, group_of_members_subject, members_subject};

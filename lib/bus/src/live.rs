@@ -78,13 +78,12 @@ impl Feed {
 
     /// What a catch-up of `keys` reads: their messages and, for groups,
     /// their membership events (a removal met during a catch-up ends the
-    /// group there, as it does live).
+    /// group there, as it does live): one filter per key.
     pub fn catch_up_filters(self, keys: &[String]) -> Vec<String> {
-        let mut filters: Vec<String> = keys.iter().map(|k| self.message_subject(k)).collect();
-        if self == Feed::Groups {
-            filters.extend(keys.iter().map(|k| format!("chat.group.{k}.event")));
+        match self {
+            Feed::User => keys.iter().map(|k| self.message_subject(k)).collect(),
+            Feed::Groups => keys.iter().map(|k| format!("chat.group.{k}.>")).collect(),
         }
-        filters
     }
 
     /// The key a subject of this feed's stream is about.
@@ -101,9 +100,13 @@ impl Feed {
     }
 }
 
-/// The subject of `group`'s membership events.
-pub fn group_event_subject(group: &GroupId) -> String {
-    format!("chat.group.{group}.event")
+/// The subject of `user`'s membership events in `group`. One subject per
+/// member, so that a subscribe is published only if no event of that
+/// member (a removal) landed since it read the membership: see
+/// [`Bus::publish_membership_after`]. Ids never hold a `.`, so the subject
+/// names one member of one group.
+pub fn member_event_subject(group: &GroupId, user: &UserId) -> String {
+    format!("chat.group.{group}.event.{user}")
 }
 
 /// What one subject of the group stream carries.
@@ -125,8 +128,13 @@ impl<'a> GroupTraffic<'a> {
         }
         match kind {
             "msg" => Some(Self::Message(group)),
+            // `event` alone: written by versions before one subject per
+            // member, still read
             "event" => Some(Self::Event(group)),
-            _ => None,
+            _ => {
+                let user = kind.strip_prefix("event.")?;
+                (!user.is_empty() && !user.contains('.')).then_some(Self::Event(group))
+            }
         }
     }
 }
@@ -168,37 +176,80 @@ struct Current {
 }
 
 impl Bus {
-    /// Publishes a membership event of `group` (a JetStream write: edges
-    /// cannot miss it), retrying a few times.
+    /// Publishes a membership event of `user` in `group` (a JetStream
+    /// write: edges cannot miss it), retrying a few times. Removals go out
+    /// this way, whatever came before them.
     pub async fn publish_membership(
         &self,
         group: &GroupId,
         user: &UserId,
         subscribed: bool,
     ) -> Result<u64, BusError> {
+        let mut last = None;
+        for _ in 0..EVENT_ATTEMPTS {
+            match self.membership_event(group, user, subscribed, None).await {
+                Ok(Some(seq)) => return Ok(seq),
+                // no compare-and-set to lose: refused as a conflict anyway
+                Ok(None) => last = Some(BusError::Unavailable("membership event refused".into())),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| BusError::Unavailable("membership event".into())))
+    }
+
+    /// The stream sequence of `user`'s newest membership event in `group`
+    /// (0: none), for [`Bus::publish_membership_after`].
+    pub async fn membership_tail(&self, group: &GroupId, user: &UserId) -> Result<u64, BusError> {
+        self.newest_on(Feed::Groups, &member_event_subject(group, user))
+            .await
+    }
+
+    /// Publishes a membership event of `user` in `group` only if `user`'s
+    /// newest one is still at stream sequence `tail` (from
+    /// [`Bus::membership_tail`]): `None` if another one landed meanwhile
+    /// (a removal that the membership read before this publish may have
+    /// missed), nothing published.
+    pub async fn publish_membership_after(
+        &self,
+        group: &GroupId,
+        user: &UserId,
+        subscribed: bool,
+        tail: u64,
+    ) -> Result<Option<u64>, BusError> {
+        self.membership_event(group, user, subscribed, Some(tail))
+            .await
+    }
+
+    async fn membership_event(
+        &self,
+        group: &GroupId,
+        user: &UserId,
+        subscribed: bool,
+        tail: Option<u64>,
+    ) -> Result<Option<u64>, BusError> {
         let body = serde_json::to_vec(&MembershipEvent {
             user_id: user.to_string(),
             subscribed,
         })
         .map_err(|e| BusError::Unavailable(e.to_string()))?;
-        let subject = group_event_subject(group);
-        let mut last = None;
-        for _ in 0..EVENT_ATTEMPTS {
-            let sent = async {
-                self.js
-                    .publish(subject.clone(), body.clone().into())
-                    .await
-                    .map_err(BusError::nats)?
-                    .await
-                    .map_err(BusError::nats)
-            }
-            .await;
-            match sent {
-                Ok(ack) => return Ok(ack.sequence),
-                Err(e) => last = Some(e),
-            }
+        let mut headers = async_nats::HeaderMap::new();
+        if let Some(tail) = tail {
+            headers.insert(
+                async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+                tail.to_string().as_str(),
+            );
         }
-        Err(last.unwrap_or_else(|| BusError::Unavailable("membership event".into())))
+        let sent = self
+            .js
+            .publish_with_headers(member_event_subject(group, user), headers, body.into())
+            .await
+            .map_err(BusError::nats)?
+            .await;
+        match sent {
+            Ok(ack) => Ok(Some(ack.sequence)),
+            Err(e) if crate::messages::conflicts(&e) => Ok(None),
+            Err(e) => Err(BusError::nats(e)),
+        }
     }
 
     pub(crate) fn stream_name(&self, feed: Feed) -> &str {
@@ -605,14 +656,43 @@ mod tests {
             GroupTraffic::of("chat.group.g.event"),
             Some(GroupTraffic::Event("g"))
         );
+        assert_eq!(
+            GroupTraffic::of("chat.group.g.event.u_1"),
+            Some(GroupTraffic::Event("g"))
+        );
         assert_eq!(GroupTraffic::of("chat.group.g.other"), None);
         assert_eq!(GroupTraffic::of("chat.group..msg"), None);
+        assert_eq!(GroupTraffic::of("chat.group.g.event."), None);
+        assert_eq!(GroupTraffic::of("chat.group.g.event.u.v"), None);
         assert_eq!(GroupTraffic::of("chat.user.u.event"), None);
         let g = GroupId::parse("abc").expect("group");
+        let u = UserId::parse("u_1").expect("user");
         assert_eq!(
-            GroupTraffic::of(&group_event_subject(&g)),
+            GroupTraffic::of(&member_event_subject(&g, &u)),
             Some(GroupTraffic::Event("abc"))
         );
+    }
+
+    #[test]
+    fn member_event_subjects_are_injective() {
+        let pairs = [("a", "b_c"), ("a_b", "c"), ("a-b", "c"), ("a", "b-c")];
+        let subjects: std::collections::HashSet<String> = pairs
+            .iter()
+            .map(|(g, u)| {
+                let g = GroupId::parse(*g).expect("group");
+                let u = UserId::parse(*u).expect("user");
+                member_event_subject(&g, &u)
+            })
+            .collect();
+        assert_eq!(subjects.len(), pairs.len());
+        for (g, u) in pairs {
+            let subject = member_event_subject(
+                &GroupId::parse(g).expect("group"),
+                &UserId::parse(u).expect("user"),
+            );
+            assert_eq!(GroupTraffic::of(&subject), Some(GroupTraffic::Event(g)));
+            assert!(subject.ends_with(&format!(".event.{u}")));
+        }
     }
 
     #[test]
@@ -621,15 +701,7 @@ mod tests {
             assert_eq!(feed.key_of(&feed.message_subject(key)), Some(key));
         }
         let filters = Feed::Groups.catch_up_filters(&["a".into(), "b".into()]);
-        assert_eq!(
-            filters,
-            [
-                "chat.group.a.msg",
-                "chat.group.b.msg",
-                "chat.group.a.event",
-                "chat.group.b.event"
-            ]
-        );
+        assert_eq!(filters, ["chat.group.a.>", "chat.group.b.>"]);
         assert_eq!(
             Feed::User.catch_up_filters(&["u".into()]),
             ["chat.user.u.event"]

@@ -123,7 +123,7 @@ fn error_code(e: &PublishError) -> Option<async_nats::jetstream::ErrorCode> {
 /// Whether a publish failed for another one of the same subject, nothing
 /// stored: the compare-and-set lost (10071), a publish of the subject or
 /// the same id is still being replicated (10164, 10158).
-fn conflicts(e: &PublishError) -> bool {
+pub(crate) fn conflicts(e: &PublishError) -> bool {
     use async_nats::jetstream::ErrorCode;
     e.kind() == PublishErrorKind::WrongLastSequence
         || matches!(

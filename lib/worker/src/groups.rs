@@ -159,6 +159,49 @@ impl GroupsService {
     }
 }
 
+/// Attempts at subscribing before a member whose membership events keep
+/// landing meanwhile is told to retry.
+const FOLLOW_ATTEMPTS: usize = 16;
+
+/// Makes every edge write `group` to `user`'s connections from here on, if
+/// `read` finds `user` a member: its event is published only if no event of
+/// `user` in `group` landed between the read and the publish. Otherwise a
+/// removal committed just after the read, and published before this
+/// subscribe, would be followed by it in the stream: every edge would
+/// apply the removal and then the subscribe, and the removed member would
+/// go on receiving the group live. Returns the membership of the last read
+/// and whether a race was lost on the way.
+async fn follow_live<F, Fut>(
+    bus: &chat_bus::Bus,
+    group: &GroupId,
+    user: &UserId,
+    mut read: F,
+) -> Result<(Membership, bool), WorkerError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Membership, WorkerError>>,
+{
+    let mut raced = false;
+    for _ in 0..FOLLOW_ATTEMPTS {
+        let tail = bus.membership_tail(group, user).await?;
+        let membership = read().await?;
+        if !matches!(membership, Membership::Member { .. }) {
+            return Ok((membership, raced));
+        }
+        if bus
+            .publish_membership_after(group, user, true, tail)
+            .await?
+            .is_some()
+        {
+            return Ok((membership, raced));
+        }
+        raced = true;
+    }
+    Err(WorkerError::Bus(chat_bus::BusError::Unavailable(
+        "membership of this group keeps changing; retry".into(),
+    )))
+}
+
 /// The delta `a_group_updated` carries for `change` by `caller`.
 fn change_view(caller: &UserId, change: &GroupChange) -> GroupChangeView {
     let (kind, users): (&str, Vec<&UserId>) = match change {
@@ -474,16 +517,21 @@ impl Groups for GroupsService {
         let req = req.into_inner();
         let caller = parse_id::<UserId>(&req.caller)?;
         let id = parse_id::<GroupId>(&req.group_id)?;
-        // one read of the membership, then the write: no cache in front of
-        // it, since a subscription must never outlive a removal it missed
-        match self
-            .0
-            .store
-            .groups
-            .add_subscriber(&id, &caller)
-            .await
-            .map_err(WorkerError::from)?
-        {
+        // one read of the membership and the write each time: no cache in
+        // front of it, since a subscription must never outlive a removal
+        // it missed
+        let store = &self.0.store.groups;
+        let (membership, raced) = follow_live(&self.0.bus, &id, &caller, || async {
+            Ok(store.add_subscriber(&id, &caller).await?)
+        })
+        .await?;
+        if raced && !matches!(membership, Membership::Member { .. }) {
+            // the subscription a read before the removal wrote
+            if let Err(e) = store.remove_subscriber(&id, &caller).await {
+                tracing::warn!(group = %id, user = %caller, error = %e, "cannot forget a subscription");
+            }
+        }
+        match membership {
             Membership::Member { .. } => {}
             Membership::NotMember => {
                 return Err(WorkerError::Domain(DomainError::Forbidden(
@@ -493,12 +541,6 @@ impl Groups for GroupsService {
             }
             Membership::NoSuchGroup => return Err(WorkerError::NotFound("group").into()),
         }
-        // every edge writes the group to the member's connections from here
-        self.0
-            .bus
-            .publish_membership(&id, &caller, true)
-            .await
-            .map_err(WorkerError::from)?;
         Ok(Response::new(pb::SubscribeResponse {
             group_id: id.into_string(),
         }))
@@ -513,5 +555,87 @@ impl Groups for GroupsService {
         let id = parse_id::<GroupId>(&req.group_id)?;
         let seq = self.0.check_member(&caller, &id).await?;
         Ok(Response::new(pb::VisibleFromResponse { seq }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// A subscribe that read the membership just before a removal committed,
+    /// and whose publish would land after the removal's event, is not
+    /// published: it reads again, finds the user removed, and the removal
+    /// stays the member's last event (which every edge applies last).
+    #[tokio::test]
+    async fn a_subscribe_that_read_membership_before_a_removal_is_not_published_after_it() {
+        let nats = chat_stack::Nats::start().await.expect("nats-server");
+        let bus = crate::test_bus(&nats).await;
+        let group = GroupId::parse("g1").expect("group");
+        let user = UserId::parse("mallory").expect("user");
+        let member = || Membership::Member { visible_from: 0 };
+
+        // no race: one read, one event
+        let reads = AtomicUsize::new(0);
+        let (membership, raced) = follow_live(&bus, &group, &user, || async {
+            reads.fetch_add(1, Ordering::SeqCst);
+            Ok(member())
+        })
+        .await
+        .expect("followed");
+        assert!(matches!(membership, Membership::Member { .. }) && !raced);
+        assert_eq!(reads.load(Ordering::SeqCst), 1);
+        let subscribed = bus.membership_tail(&group, &user).await.expect("tail");
+        assert!(subscribed > 0, "published");
+
+        // the removal commits and is published between the read and the
+        // publish of the subscribe
+        let reads = AtomicUsize::new(0);
+        let removed = AtomicU64::new(0);
+        let (membership, raced) = follow_live(&bus, &group, &user, || async {
+            if reads.fetch_add(1, Ordering::SeqCst) == 0 {
+                let seq = bus
+                    .publish_membership(&group, &user, false)
+                    .await
+                    .expect("removal published");
+                removed.store(seq, Ordering::SeqCst);
+                Ok(member())
+            } else {
+                Ok(Membership::NotMember)
+            }
+        })
+        .await
+        .expect("answered");
+        assert!(matches!(membership, Membership::NotMember), "read again");
+        assert!(raced);
+        assert_eq!(reads.load(Ordering::SeqCst), 2);
+        assert_eq!(
+            bus.membership_tail(&group, &user).await.expect("tail"),
+            removed.load(Ordering::SeqCst),
+            "the removal is the member's last event"
+        );
+
+        // another member's events are no race
+        let other = UserId::parse("bob").expect("user");
+        let reads = AtomicUsize::new(0);
+        let bobs = AtomicU64::new(0);
+        let (_, raced) = follow_live(&bus, &group, &user, || async {
+            if reads.fetch_add(1, Ordering::SeqCst) == 0 {
+                let seq = bus
+                    .publish_membership(&group, &other, true)
+                    .await
+                    .expect("published");
+                bobs.store(seq, Ordering::SeqCst);
+            }
+            Ok(member())
+        })
+        .await
+        .expect("followed");
+        assert!(!raced, "bob's subscribe does not hold up mallory's");
+        assert!(
+            bus.membership_tail(&group, &user).await.expect("tail") > bobs.load(Ordering::SeqCst),
+            "published after bob's"
+        );
     }
 }

@@ -455,3 +455,23 @@ pub(crate) fn parse_id<T: std::str::FromStr<Err = DomainError>>(
 ) -> Result<T, WorkerError> {
     Ok(value.parse()?)
 }
+
+/// A bus on `nats` (a test's own nats-server) as a worker connects, with
+/// the streams declared.
+#[cfg(test)]
+pub(crate) async fn test_bus(nats: &chat_stack::Nats) -> Bus {
+    let user = nats.users.for_role("worker");
+    let bus = Bus::connect(
+        &nats.url,
+        "test",
+        Some(chat_bus::Credentials {
+            user: user.user.to_owned(),
+            password: user.password.clone(),
+        }),
+        chat_bus::Definitions::load(1).expect("definitions"),
+    )
+    .await
+    .expect("connected");
+    bus.ensure_streams().await.expect("streams");
+    bus
+}

@@ -834,18 +834,7 @@ mod tests {
     async fn a_message_never_sent_gives_its_send_log_entry_back_before_its_sender_hears() {
         use chat_bus::{Claimed, SendRecord};
         let nats = chat_stack::Nats::start().await.expect("nats-server");
-        let user = nats.users.for_role("worker");
-        let bus = chat_bus::Bus::connect(
-            &nats.url,
-            "test",
-            Some(chat_bus::Credentials {
-                user: user.user.to_owned(),
-                password: user.password.clone(),
-            }),
-            chat_bus::Definitions::load(1).expect("definitions"),
-        )
-        .await
-        .expect("connected");
+        let bus = crate::test_bus(&nats).await;
         let log = bus
             .send_log(std::time::Duration::from_secs(60))
             .await
