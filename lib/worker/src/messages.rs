@@ -211,10 +211,26 @@ pub(crate) async fn raise(
     };
     let lo = risen.iter().map(|(_, b, a)| range(b, a).0).min();
     let hi = risen.iter().map(|(_, b, a)| range(b, a).1).max();
-    let senders = match (lo, hi) {
+    let mut senders = match (lo, hi) {
         (Some(lo), Some(hi)) if hi > lo => senders_between(s, group, lo, hi).await?,
         _ => Vec::new(),
     };
+    // a sender no longer a member hears nothing more of the group: not
+    // even how far the others read (membership from the cache, once per
+    // sender)
+    let mut gone = HashMap::<UserId, bool>::new();
+    for (_, sender) in &senders {
+        if gone.contains_key(sender) {
+            continue;
+        }
+        let left = match s.check_member(sender, group).await {
+            Ok(_) => false,
+            Err(WorkerError::Domain(DomainError::Forbidden(_)) | WorkerError::NotFound(_)) => true,
+            Err(e) => return Err(e),
+        };
+        gone.insert(sender.clone(), left);
+    }
+    senders.retain(|(_, sender)| gone.get(sender) == Some(&false));
     for (user, before, after) in &risen {
         let (lo, hi) = range(before, after);
         let mut to: Vec<&UserId> = senders
@@ -471,6 +487,10 @@ impl MessagesService {
         // cross: MongoDB ends with the stream's order, and clients ignore
         // an edit of a tombstone.)
         let message_id = parse_id::<MessageId>(id)?;
+        // a member before anything is kept for the group: a stranger's
+        // requests naming made-up groups would fill the positions (and
+        // clear them, with every group's change order) otherwise
+        s.check_member(caller, group).await?;
         let slot = s.positions.slot(group);
         // waiting outside the slot, which the group's sends share
         let mut waited = 0;

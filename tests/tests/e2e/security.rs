@@ -253,6 +253,57 @@ async fn a_removed_member_receives_nothing_on_any_device() -> anyhow::Result<()>
     c.stop().await
 }
 
+/// A member removed from a group hears nothing more of it, not even how
+/// far the others read the messages it sent while a member: the senders a
+/// read receipt is pushed to are members still.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_sender_hears_no_more_read_receipts() -> anyhow::Result<()> {
+    let c = Cluster::start(1, 1).await?;
+    let g = c.room(&["alice", "bob", "mallory", "zoe"]).await?;
+    let mut mallory = c.connect(0, "mallory", "m").await?;
+    let mut zoe = c.connect(0, "zoe", "z").await?;
+    let mut bob = c.connect(0, "bob", "b").await?;
+    mallory.send_text(&g, "m1", "from mallory").await?;
+    let z1 = zoe.send_text(&g, "z1", "from zoe").await?;
+    bob.messages(2).await?;
+    // while a member, mallory hears that bob and zoe have her message
+    let mut heard = std::collections::HashSet::new();
+    while heard.len() < 2 {
+        let s = mallory.skip_to("a_message_status").await?;
+        if s["data"]["deliveredSeq"].as_u64().unwrap_or(0) >= 1 {
+            heard.insert(s["data"]["userId"].as_str().unwrap_or("").to_owned());
+        }
+    }
+    assert_eq!(c.remove_member(0, "alice", &g, "mallory").await?, 200);
+
+    // bob reads both messages: of their senders, only zoe is told
+    let ack = bob
+        .request(
+            "acknowledge_group_message",
+            json!({ "groupId": g, "messageId": z1["messageId"] }),
+        )
+        .await?;
+    assert_eq!(ack["readSeq"], 2);
+    loop {
+        let s = zoe.skip_to("a_message_status").await?;
+        if s["data"]["userId"] == "bob" && s["data"]["readSeq"] == 2 {
+            break;
+        }
+    }
+    // senders are told in id order, mallory before zoe, through the same
+    // edge: had mallory been told, it would be on her socket by now
+    let deadline = tokio::time::Instant::now() + QUIET;
+    while let Ok(push) = tokio::time::timeout_at(deadline, mallory.next_any_push()).await {
+        let push = push?;
+        assert!(
+            push["event"] != "a_message_status"
+                || push["data"]["readSeq"].as_u64().unwrap_or(0) == 0,
+            "the removed sender heard of a read: {push}"
+        );
+    }
+    c.stop().await
+}
+
 /// Live delivery is decided per edge (one read of the group stream per
 /// edge, not a consumer per member): a removal is an event in the group's
 /// stream that every edge applies in the group's order. Bob, live on two
@@ -625,19 +676,24 @@ async fn nats_refuses_anonymous_clients_and_limits_each_role() -> anyhow::Result
     .await;
     assert!(message.is_err(), "an edge's user stored a group message");
     // membership events decide every edge's live delivery: a forged one
-    // would subscribe anyone to any group
-    let event = async {
-        js.publish(
-            format!("chat.group.{}.event", "0".repeat(32)),
-            json!({"userId": "mallory", "subscribed": true})
-                .to_string()
-                .into(),
-        )
-        .await?
-        .await
+    // would subscribe anyone to any group (in either subject form)
+    for subject in [
+        format!("chat.group.{}.event.mallory", "0".repeat(32)),
+        format!("chat.group.{}.event", "0".repeat(32)),
+    ] {
+        let event = async {
+            js.publish(
+                subject.clone(),
+                json!({"userId": "mallory", "subscribed": true})
+                    .to_string()
+                    .into(),
+            )
+            .await?
+            .await
+        }
+        .await;
+        assert!(event.is_err(), "an edge's user stored {subject}");
     }
-    .await;
-    assert!(event.is_err(), "an edge's user stored a membership event");
     // an edge may make its live reader, but never one named `persist`
     let persist_again = js
         .get_stream("CHAT_GROUPS")
