@@ -211,11 +211,18 @@ impl Verifier {
             ErrorKind::InvalidAudience => AuthError::Invalid("wrong audience".into()),
             _ => AuthError::Invalid("malformed token".into()),
         })?;
+        let now = jsonwebtoken::get_current_timestamp();
+        if data
+            .claims
+            .iat
+            .is_some_and(|iat| iat > now + self.validation.leeway)
+        {
+            return Err(AuthError::Invalid("token issued in the future".into()));
+        }
         if let Some(max) = self.max_lifetime_secs {
-            let from = data
-                .claims
-                .iat
-                .unwrap_or_else(jsonwebtoken::get_current_timestamp);
+            // from when it was issued, or from now if that is earlier: a
+            // token is never usable for longer than `max` from here
+            let from = data.claims.iat.map_or(now, |iat| iat.min(now));
             if data.claims.exp.saturating_sub(from) > max + self.validation.leeway {
                 return Err(AuthError::Invalid(format!(
                     "token lifetime is longer than {max} seconds"
@@ -406,12 +413,28 @@ mod tests {
                 c.as_object_mut().expect("object").remove("iat");
                 sign(c)
             }),
+            // an hour's lifetime, issued in a year: usable for a year
+            ("issued in the future", {
+                let mut c = good.clone();
+                c["iat"] = (now + 365 * 86_400).into();
+                c["exp"] = (now + 365 * 86_400 + 600).into();
+                sign(c)
+            }),
         ] {
             assert!(strict.verify(&token).is_err(), "{why} accepted");
         }
         // the leeway is what was configured: 10 s past exp is too late at 5 s
         let late = with("exp", (now - 10).into());
         assert!(matches!(strict.verify(&late), Err(AuthError::Expired)));
+        // a token from the future is refused with no lifetime required too;
+        // one a few seconds ahead (clock skew) is not
+        let future = sign(serde_json::json!({"sub": "a", "exp": now + 7200, "iat": now + 3600}));
+        assert!(
+            matches!(plain.verify(&future), Err(AuthError::Invalid(m)) if m.contains("future"))
+        );
+        let skewed = sign(serde_json::json!({"sub": "a", "exp": now + 600, "iat": now + 2}));
+        assert!(plain.verify(&skewed).is_ok());
+        assert!(strict.verify(&with("iat", (now + 2).into())).is_ok());
     }
 
     #[test]
