@@ -460,6 +460,12 @@ pub struct ServeArgs {
     /// accepted); keep it under the open-file limit.
     #[arg(long, env = "CHATD_MAX_CONNECTIONS", default_value_t = chat_edge::Config::default().max_connections)]
     pub max_connections: usize,
+    /// Edge: most WebSocket connections one user may have open on this
+    /// edge (more upgrades get 429).
+    #[arg(long, env = "CHATD_MAX_CONNECTIONS_PER_USER",
+          default_value_t = chat_edge::Config::default().max_connections_per_user as u64,
+          value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub max_connections_per_user: u64,
     /// Edge: milliseconds a client may take to send a request's headers.
     #[arg(long, env = "CHATD_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
     pub header_read_timeout_ms: u64,
@@ -740,6 +746,7 @@ impl Node {
                 address_requests_per_sec: args.address_requests_per_sec,
                 header_read_timeout: Duration::from_millis(args.header_read_timeout_ms.max(1)),
                 max_connections: args.max_connections,
+                max_connections_per_user: args.max_connections_per_user as usize,
                 write_timeout: Duration::from_millis(args.ws_write_timeout_ms.max(1)),
                 write_coalesce: Duration::from_millis(args.ws_write_coalesce_ms),
                 write_budget: args.ws_write_budget,

@@ -86,6 +86,9 @@ pub struct Config {
     pub header_read_timeout: Duration,
     /// Most connections served at once; more wait to be accepted.
     pub max_connections: usize,
+    /// Most WebSocket connections one user may have open on this edge;
+    /// past it an upgrade gets `429`.
+    pub max_connections_per_user: usize,
     /// Requests a connection may burst above the sustained rate.
     pub request_burst: f64,
     /// Error replies in a row after which a connection is closed as abusive.
@@ -117,6 +120,7 @@ impl Default for Config {
             address_requests_per_sec: 500.0,
             header_read_timeout: Duration::from_secs(10),
             max_connections: 100_000,
+            max_connections_per_user: 32,
             request_burst: 100.0,
             max_errors_in_a_row: 50,
             service_secret: None,

@@ -123,6 +123,51 @@ impl<K: Hash + Eq + Clone> Keyed<K> {
 pub(crate) struct Limits {
     per_user: Keyed<UserId>,
     per_address: Keyed<IpAddr>,
+    connections: std::sync::Arc<Connections>,
+}
+
+/// Each user's connections open on this edge, against a cap: one account
+/// must not take the edge's connection slots from everyone else.
+#[derive(Debug)]
+struct Connections {
+    max: usize,
+    open: Mutex<HashMap<UserId, usize>>,
+}
+
+/// One of a user's connections, counted until dropped.
+#[derive(Debug)]
+pub(crate) struct UserConnection {
+    of: std::sync::Arc<Connections>,
+    user: UserId,
+}
+
+impl Drop for UserConnection {
+    fn drop(&mut self) {
+        let mut open = self.of.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.user) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.user);
+            }
+        }
+    }
+}
+
+/// A user already at its cap of connections on this edge.
+#[derive(Debug)]
+pub(crate) struct TooManyConnections(pub(crate) usize);
+
+impl From<TooManyConnections> for ApiError {
+    fn from(e: TooManyConnections) -> Self {
+        metrics::counter!("chat_ws_refused_total", "why" => "user_connections").increment(1);
+        ApiError::new(
+            ErrorCode::RateLimited,
+            format!(
+                "you have {} connections open on this server; close one first",
+                e.0
+            ),
+        )
+    }
 }
 
 /// `429` with the contract's body and a `Retry-After` in whole seconds.
@@ -147,7 +192,28 @@ impl Limits {
                 config.address_requests_per_sec,
                 config.address_requests_per_sec * 2.0,
             ),
+            connections: std::sync::Arc::new(Connections {
+                max: config.max_connections_per_user.max(1),
+                open: Mutex::default(),
+            }),
         }
+    }
+
+    /// Counts a new connection of `user`, unless it has its cap open here;
+    /// the count drops with the returned guard.
+    pub(crate) fn connection(&self, user: &UserId) -> Result<UserConnection, TooManyConnections> {
+        let of = &self.connections;
+        let mut open = of.open.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(user.clone()).or_default();
+        if *n >= of.max {
+            return Err(TooManyConnections(*n));
+        }
+        *n += 1;
+        drop(open);
+        Ok(UserConnection {
+            of: of.clone(),
+            user: user.clone(),
+        })
     }
 
     /// Counts a request of `user`; a `429` to answer if over the limit.
@@ -207,6 +273,35 @@ pub(crate) async fn by_address(State(app): State<AppState>, req: Request, next: 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_user_has_at_most_its_cap_of_connections_and_a_closed_one_frees_a_slot() {
+        let limits = Limits::new(&crate::Config {
+            max_connections_per_user: 2,
+            ..crate::Config::default()
+        });
+        let (alice, bob) = (
+            UserId::parse("alice").expect("id"),
+            UserId::parse("bob").expect("id"),
+        );
+        let first = limits.connection(&alice).expect("first");
+        let _second = limits.connection(&alice).expect("second");
+        assert!(matches!(
+            limits.connection(&alice),
+            Err(TooManyConnections(2))
+        ));
+        // another user is counted apart
+        let _bobs = limits.connection(&bob).expect("bob's");
+        drop(first);
+        let _third = limits.connection(&alice).expect("a slot freed");
+        assert!(limits.connection(&alice).is_err());
+        drop(_bobs);
+        let open = limits.connections.open.lock().expect("lock");
+        assert!(
+            !open.contains_key(&bob),
+            "a user with none open is forgotten"
+        );
+    }
 
     #[test]
     fn a_bucket_allows_its_burst_then_says_when() {

@@ -201,6 +201,21 @@ fn compose_pins_images_restarts_services_and_publishes_only_the_front() -> anyho
         "nginx worker_connections {connections}"
     );
     assert!(nginx.contains(" resolve"), "nginx looks the edges up again");
+    // behind lb every client has its address: the edges' per-address
+    // limit is off, and lb limits per client address instead
+    assert!(
+        edge.iter().any(|a| a == "--address-requests-per-sec=0"),
+        "{edge:?}"
+    );
+    for directive in [
+        "limit_req_zone $binary_remote_addr",
+        "limit_req zone=per_client",
+        "limit_conn_zone $binary_remote_addr",
+        "limit_conn conns_per_client",
+        "limit_req_status 429",
+    ] {
+        assert!(nginx.contains(directive), "nginx lacks {directive}");
+    }
     assert!(
         nginx.contains("$uri") && !nginx.contains("$request "),
         "tokens in query strings stay out of the access log"

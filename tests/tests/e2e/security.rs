@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use async_nats::jetstream::consumer;
 use chat_domain::{DeviceId, UserId};
-use chat_tests::{Client, Cluster, PROMPTLY, SERVICE_SECRET, token};
+use chat_tests::{Client, Cluster, PROMPTLY, SERVICE_SECRET, eventually, token};
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 
@@ -1024,6 +1024,45 @@ async fn oversized_frames_close_with_1009_and_every_frame_is_rate_limited() -> a
     .await?;
     assert_eq!(code, Some(1009));
     let _ = writer.await;
+    c.stop().await
+}
+
+/// One account cannot take an edge's connection slots from everyone else:
+/// past `--max-connections-per-user` open on the edge, an upgrade gets
+/// `429` (before any session opens); another user is not affected, and a
+/// closed connection frees its slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_opens_at_most_its_cap_of_connections_on_an_edge() -> anyhow::Result<()> {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    let c = Cluster::start(1, 1).await?;
+    let edge = c
+        .start_extra_node("edge", &[("--max-connections-per-user", "2")])
+        .await?;
+    let http = edge
+        .http_addr
+        .ok_or_else(|| anyhow::anyhow!("no address"))?;
+    let upgrade = |user: &'static str, device: &'static str| async move {
+        let url = format!("ws://{http}/ws?token={}&device={device}", token(user));
+        match tokio_tungstenite::connect_async(url).await {
+            Ok((ws, _)) => Ok(Ok(ws)),
+            Err(WsError::Http(res)) => Ok(Err(res.status().as_u16())),
+            Err(e) => Err(anyhow::Error::from(e)),
+        }
+    };
+    let first = Client::connect(&http, &token("mallory"), "a").await?;
+    let _second = Client::connect(&http, &token("mallory"), "b").await?;
+    assert_eq!(upgrade("mallory", "c").await?.err(), Some(429));
+    let _bob = Client::connect(&http, &token("bob"), "a").await?;
+    first.close().await?;
+    // the slot is free once the session has ended
+    eventually(PROMPTLY, || async {
+        match upgrade("mallory", "c").await? {
+            Ok(_) => Ok(Some(())),
+            Err(429) => Ok(None),
+            Err(status) => anyhow::bail!("upgrade answered {status}"),
+        }
+    })
+    .await?;
     c.stop().await
 }
 

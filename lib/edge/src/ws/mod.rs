@@ -148,6 +148,8 @@ pub(crate) async fn upgrade(
     if let Err(limited) = app.limits.user(&me.user_id) {
         return Ok(limited.into_response());
     }
+    // counted from here until the connection ends (or the upgrade fails)
+    let counted = app.limits.connection(&me.user_id)?;
     let device = match q.device {
         Some(d) => DeviceId::parse(d).map_err(|e| ApiError::invalid(e.to_string()))?,
         None => DeviceId::default_device(),
@@ -219,6 +221,10 @@ pub(crate) async fn upgrade(
                 joined_at,
                 online,
             };
-            tracker.track_future(Session::run(app, me, device, socket, opened).instrument(span))
+            let session = async move {
+                let _counted = counted;
+                Session::run(app, me, device, socket, opened).await
+            };
+            tracker.track_future(session.instrument(span))
         }))
 }
