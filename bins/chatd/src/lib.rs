@@ -111,6 +111,14 @@ pub struct NatsArgs {
     /// allows it (OPERATIONS.md, "Changing a stream's fixed fields").
     #[arg(long, env = "CHATD_NATS_MAX_CONSUMERS", default_value_t = 200_000)]
     pub nats_max_consumers: i32,
+    /// Worker: most bytes the group stream (the message log) holds, set at
+    /// every start-up of a worker. Past 90 % of it in messages not yet in
+    /// MongoDB, workers refuse new messages (`unavailable`) rather than let
+    /// nats-server discard unpersisted ones: size it for the longest
+    /// MongoDB outage to ride out at the busiest send rate.
+    #[arg(long, env = "CHATD_NATS_GROUPS_MAX_BYTES", default_value_t = 8 << 30,
+          value_parser = clap::value_parser!(i64).range(1 << 16..))]
+    pub nats_groups_max_bytes: i64,
     /// The NATS user this node connects as: `chat-edge` for edges,
     /// `chat-worker` for workers and `--role all` (see nats/auth.conf).
     #[arg(long, env = "CHATD_NATS_USER")]
@@ -141,6 +149,7 @@ impl NatsArgs {
         let mut defs = Definitions::load(self.nats_replicas)?;
         defs.users_stream.max_consumers = self.nats_max_consumers;
         defs.groups_stream.max_consumers = self.nats_max_consumers;
+        defs.groups_stream.max_bytes = self.nats_groups_max_bytes;
         Ok(defs)
     }
 

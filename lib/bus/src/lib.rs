@@ -65,7 +65,9 @@ pub use live::{
     member_event_subject,
 };
 pub use messages::{BatchPublished, Change, Envelope, MAX_BATCH, Position, Published, SEQ_HEADER};
-pub use persist::{Delivered, PersistFeed, Persisted, group_of_members_subject, members_subject};
+pub use persist::{
+    Backlog, Delivered, PersistFeed, Persisted, group_of_members_subject, members_subject,
+};
 pub use places::{
     DEVICE_NOTICES, PLACES_BUCKET, Place, Places, Saved, Stored, device_notice_subject, place_key,
 };

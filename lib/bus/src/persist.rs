@@ -145,6 +145,43 @@ impl Bus {
         Ok(info.ack_floor.stream_sequence)
     }
 
+    /// How much of the group stream's room the messages not yet in MongoDB
+    /// take: two JetStream API calls (the stream's state and limits, the
+    /// persist consumer's acknowledgement floor).
+    pub async fn persist_backlog(&self) -> Result<Backlog, BusError> {
+        let mut stream = self
+            .js
+            .get_stream(&self.defs.groups_stream.name)
+            .await
+            .map_err(BusError::nats)?;
+        let info = stream.info().await.map_err(BusError::nats)?.clone();
+        let floor = stream
+            .consumer_info(self.persist_name())
+            .await
+            .map_err(BusError::nats)?
+            .ack_floor
+            .stream_sequence;
+        let state = &info.state;
+        // everything past the floor (membership events among them: an
+        // estimate on the safe side), at the stream's mean message size
+        let behind = state
+            .last_sequence
+            .saturating_sub(floor.max(state.first_sequence.saturating_sub(1)))
+            .min(state.messages);
+        let bytes = if state.messages == 0 {
+            0
+        } else {
+            (state.bytes as u128 * behind as u128 / state.messages as u128) as u64
+        };
+        let limit = |v: i64| u64::try_from(v).ok().filter(|&v| v > 0);
+        Ok(Backlog {
+            messages: behind,
+            bytes,
+            max_messages: limit(info.config.max_messages),
+            max_bytes: limit(info.config.max_bytes),
+        })
+    }
+
     /// Makes the persist consumer deliver again from stream sequence `from`
     /// (`None`: the oldest message the stream holds), so that MongoDB gets
     /// every message from there once more: after MongoDB was restored from a
@@ -196,10 +233,64 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_backlog_is_full_at_nine_tenths_of_either_limit() {
+        let b = Backlog {
+            messages: 80,
+            bytes: 800,
+            max_messages: Some(100),
+            max_bytes: Some(1_000),
+        };
+        assert!(!b.full_with(0, 0));
+        assert!(b.full_with(10, 0) && b.full_with(0, 100));
+        assert!(!b.full_with(9, 99));
+        assert!((b.ratio() - 0.8).abs() < 1e-9);
+        let unlimited = Backlog {
+            messages: u64::MAX / 2,
+            bytes: u64::MAX / 2,
+            ..Backlog::default()
+        };
+        assert!(!unlimited.full_with(1, 1));
+    }
+
+    #[test]
     fn membership_subjects_carry_their_group() {
         let g = GroupId::parse("g_1-x").expect("group");
         assert_eq!(group_of_members_subject(&members_subject(&g)), Some(g));
         assert_eq!(group_of_members_subject("chat.ctl.members.a.b"), None);
         assert_eq!(group_of_members_subject("chat.group.g.msg"), None);
+    }
+}
+
+/// The group stream's messages not yet written into MongoDB, against the
+/// stream's limits: past a limit nats-server discards the oldest messages,
+/// and an unpersisted one discarded would be lost. Workers refuse new
+/// messages before that (`Backlog::full`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Backlog {
+    pub messages: u64,
+    pub bytes: u64,
+    pub max_messages: Option<u64>,
+    pub max_bytes: Option<u64>,
+}
+
+impl Backlog {
+    /// The share of a limit past which new messages are refused: the rest
+    /// is room for what other workers publish before they see it too.
+    pub const FULL_AT: f64 = 0.9;
+
+    /// The share of the nearer limit the backlog takes (0 with none).
+    pub fn ratio(&self) -> f64 {
+        let of = |n: u64, max: Option<u64>| max.map_or(0.0, |max| n as f64 / max as f64);
+        of(self.messages, self.max_messages).max(of(self.bytes, self.max_bytes))
+    }
+
+    /// Whether `messages` and `bytes` more would take the backlog past
+    /// [`Backlog::FULL_AT`] of a limit.
+    pub fn full_with(&self, messages: u64, bytes: u64) -> bool {
+        let past = |n: u64, max: Option<u64>| {
+            max.is_some_and(|max| n as f64 >= max as f64 * Self::FULL_AT)
+        };
+        past(self.messages + messages, self.max_messages)
+            || past(self.bytes + bytes, self.max_bytes)
     }
 }

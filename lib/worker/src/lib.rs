@@ -24,6 +24,7 @@ use tokio::net::TcpListener;
 /// on the edge's side.
 const MAX_CALLS_PER_CONNECTION: u32 = 1024;
 
+mod backlog;
 mod devices;
 mod groups;
 mod media;
@@ -190,6 +191,9 @@ pub(crate) struct State {
     pub places: chat_bus::Places,
     /// Who is online, for the push hook (`push.rs`).
     pub online: push::Online,
+    /// Room in the message log for messages not yet in MongoDB
+    /// (`backlog.rs`).
+    pub log_room: backlog::LogRoom,
 }
 
 impl State {
@@ -320,8 +324,10 @@ pub async fn serve(
         online: Default::default(),
         sends,
         places,
+        log_room: Default::default(),
     });
     let marks = Arc::new(persist::SentMarks::default());
+    let backlog = tokio::spawn(backlog::watch(state.clone()));
     let persister = tokio::spawn(persist::persist(state.clone(), marks.clone()));
     let stopping = state.clone();
     let listener_of_members = tokio::spawn(forget_changed_groups(state.clone()));
@@ -382,6 +388,7 @@ pub async fn serve(
         );
     }
     listener_of_members.abort();
+    backlog.abort();
     cleaner.abort();
     sweeper.abort();
     for task in [follower, poster].into_iter().flatten() {

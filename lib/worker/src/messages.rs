@@ -293,6 +293,9 @@ impl MessagesService {
         }
         let started = std::time::Instant::now();
         s.check_member(&sender, &group).await?;
+        // room in the log for it, before anything is taken for it
+        let cost = crate::backlog::LogRoom::cost(req.text.len());
+        s.log_room.check(cost)?;
         let mentions = if kind == MessageKind::Text {
             mentioned(s, &group, &sender, &req.text).await?
         } else {
@@ -397,6 +400,7 @@ impl MessagesService {
                 return Err(e);
             }
         };
+        s.log_room.published(cost);
         let total = started.elapsed();
         // where a send's time goes (BENCHMARKS.md reads these)
         let stage = |name: &'static str, d: std::time::Duration| {
@@ -594,6 +598,12 @@ impl MessagesService {
             changed_by: caller.to_string(),
             joined_only: history == chat_domain::History::Joined,
         };
+        // an edit needs room in the log; a delete is let through (small,
+        // and what a user asks to be gone should go)
+        let cost = crate::backlog::LogRoom::cost(envelope.ciphertext.len() * 3 / 4);
+        if change == chat_bus::Change::Edit {
+            s.log_room.check(cost)?;
+        }
         let published = publish_locked(
             s,
             &slot,
@@ -605,6 +615,7 @@ impl MessagesService {
             0,
         )
         .await?;
+        s.log_room.published(cost);
         slot.changed(&m.id, published.stream_seq);
         drop(cached);
         // acknowledged once applied, so that what the caller reads next

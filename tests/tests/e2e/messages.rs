@@ -296,6 +296,78 @@ async fn mongodb_down_still_acknowledges_and_delivers_and_history_catches_up() -
     c.stop().await
 }
 
+/// With MongoDB down the stream holds everything acknowledged, and past
+/// its byte limit nats-server would discard the oldest messages, the
+/// unpersisted among them. Workers refuse new messages (`unavailable`,
+/// nothing stored) before that: nothing acknowledged is discarded, history
+/// has all of it once MongoDB is back, and sends are taken again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_message_log_refuses_sends_rather_than_discard_unpersisted_ones()
+-> anyhow::Result<()> {
+    const LOG_BYTES: i64 = 1 << 20;
+    let mut c = Cluster::start_with(
+        1,
+        1,
+        &[
+            "--rpc-timeout-ms",
+            "15000",
+            "--nats-groups-max-bytes",
+            &LOG_BYTES.to_string(),
+            "--requests-per-sec",
+            "100000",
+        ],
+    )
+    .await?;
+    let g = c.room(&["alice", "bob"]).await?;
+    let mut alice = c.connect(0, "alice", "web").await?;
+    alice.send_text(&g, "first", "first").await?;
+    c.mongo_settled(&g, 1).await?;
+    c.stack.mongo.kill();
+
+    // 1 KiB texts until one is refused: about 500 fit below the mark
+    let text = "x".repeat(1024);
+    let mut acked: u64 = 1;
+    let refused = loop {
+        anyhow::ensure!(acked < 2_000, "the log never filled");
+        match alice
+            .request(
+                "send_group_message",
+                json!({"groupId": g, "clientMsgId": format!("m{acked}"), "type": "text", "text": text}),
+            )
+            .await
+        {
+            Ok(_) => acked += 1,
+            Err(e) => break e.to_string(),
+        }
+    };
+    assert!(refused.contains("unavailable"), "{refused}");
+    assert!(acked > 100, "refused after {acked} only");
+    // nothing was discarded: the stream still starts at its first message
+    let ops = &c.stack.nats.users.ops;
+    let nats =
+        async_nats::ConnectOptions::with_user_and_password(ops.user.into(), ops.password.clone())
+            .connect(&c.stack.nats.url)
+            .await?;
+    let mut stream = async_nats::jetstream::new(nats)
+        .get_stream("CHAT_GROUPS")
+        .await?;
+    let state = stream.info().await?.state.clone();
+    assert_eq!(state.first_sequence, 1, "{state:?}");
+    assert!(state.bytes <= LOG_BYTES as u64, "{state:?}");
+
+    c.stack.mongo.restart().await?;
+    // every acknowledged message reaches MongoDB
+    c.mongo_settled(&g, acked).await?;
+    let newest = c.history("bob", &g).await?;
+    assert_eq!(newest.first().and_then(|m| m["seq"].as_u64()), Some(acked));
+    // persistence caught up: sends are taken again
+    let again = alice
+        .send_text_until_ok(&g, "again", "again", PROMPTLY)
+        .await?;
+    assert_eq!(again["seq"].as_u64(), Some(acked + 1));
+    c.stop().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receipts_mark_delivered_and_read_and_reach_the_sender() -> anyhow::Result<()> {
     let c = Cluster::start(1, 1).await?;

@@ -1,0 +1,148 @@
+//! Room in the message log: the group stream is the write-ahead log, and
+//! MongoDB is written behind it (`persist.rs`). Past its limits nats-server
+//! discards the oldest messages, so a persistence held up long enough (a
+//! MongoDB outage under heavy traffic, or a flood) would see acknowledged
+//! messages discarded before they reached MongoDB: lost. A worker refuses
+//! new messages (`unavailable`, nothing stored) once the messages not yet
+//! in MongoDB would take [`chat_bus::Backlog::FULL_AT`] of a stream limit,
+//! and takes them again as persistence catches up.
+//!
+//! What the server says is read every [`EVERY`]; between two reads the
+//! worker adds what it published itself, so one worker never runs past the
+//! mark however fast it is sent to. Other workers' publishes count from
+//! their next read: the 10 % left is their room.
+
+use std::sync::{
+    Mutex,
+    atomic::{AtomicU64, Ordering},
+};
+
+use chat_bus::Backlog;
+
+use crate::{State, WorkerError, messages::unavailable};
+
+/// How often the stream's backlog is read.
+pub(crate) const EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// What a message costs in the stream beyond its text: subject, headers,
+/// the envelope's fields (an estimate on the large side).
+const OVERHEAD_BYTES: u64 = 512;
+
+/// The stream's backlog as last read, and what this worker published since.
+#[derive(Debug, Default)]
+pub(crate) struct LogRoom {
+    read: Mutex<Backlog>,
+    messages: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl LogRoom {
+    /// What a message of `text_bytes` takes in the stream, about.
+    pub(crate) fn cost(text_bytes: usize) -> u64 {
+        // sealed and base64-encoded
+        (text_bytes as u64).div_ceil(3) * 4 + OVERHEAD_BYTES
+    }
+
+    /// Fails if one more message of `bytes` would take the backlog past
+    /// the mark.
+    pub(crate) fn check(&self, bytes: u64) -> Result<(), WorkerError> {
+        let read = *self.read.lock().unwrap_or_else(|e| e.into_inner());
+        let messages = self.messages.load(Ordering::Relaxed) + 1;
+        let bytes = self.bytes.load(Ordering::Relaxed) + bytes;
+        if read.full_with(messages, bytes) {
+            metrics::counter!("chat_sends_refused_log_full_total").increment(1);
+            return Err(unavailable(
+                "the message log is full until persistence catches up",
+            ));
+        }
+        Ok(())
+    }
+
+    /// One message of `bytes` went into the stream.
+    pub(crate) fn published(&self, bytes: u64) {
+        self.messages.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// The server's figures, which include what was published before.
+    fn refresh(&self, backlog: Backlog) -> bool {
+        let mut read = self.read.lock().unwrap_or_else(|e| e.into_inner());
+        let was_full = read.full_with(0, 0);
+        *read = backlog;
+        self.messages.store(0, Ordering::Relaxed);
+        self.bytes.store(0, Ordering::Relaxed);
+        was_full
+    }
+}
+
+/// Reads the stream's backlog every [`EVERY`], forever.
+pub(crate) async fn watch(state: std::sync::Arc<State>) {
+    let mut tick = tokio::time::interval(EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let backlog = match state.bus.persist_backlog().await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read the message log's backlog");
+                continue;
+            }
+        };
+        metrics::gauge!("chat_persist_backlog_messages").set(backlog.messages as f64);
+        metrics::gauge!("chat_persist_backlog_bytes").set(backlog.bytes as f64);
+        metrics::gauge!("chat_persist_backlog_ratio").set(backlog.ratio());
+        let was_full = state.log_room.refresh(backlog);
+        match (was_full, backlog.full_with(0, 0)) {
+            (false, true) => tracing::error!(
+                ?backlog,
+                "the message log is nearly full of messages not yet in MongoDB: new messages are refused until persistence catches up"
+            ),
+            (true, false) => tracing::warn!(
+                ?backlog,
+                "persistence caught up: new messages are taken again"
+            ),
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_refuses_past_the_mark_counting_its_own_publishes_between_reads() {
+        let room = LogRoom::default();
+        // no limit known yet: nothing refused
+        assert!(room.check(1 << 30).is_ok());
+        room.refresh(Backlog {
+            messages: 0,
+            bytes: 0,
+            max_messages: None,
+            max_bytes: Some(10_000),
+        });
+        for _ in 0..8 {
+            room.check(1_000).expect("room left");
+            room.published(1_000);
+        }
+        // 9,000 of 10,000 is the mark
+        assert!(room.check(1_000).is_err());
+        // the next read says persistence caught up
+        room.refresh(Backlog {
+            messages: 0,
+            bytes: 500,
+            max_messages: None,
+            max_bytes: Some(10_000),
+        });
+        assert!(room.check(1_000).is_ok());
+        // a message limit counts too
+        room.refresh(Backlog {
+            messages: 89,
+            bytes: 0,
+            max_messages: Some(100),
+            max_bytes: None,
+        });
+        assert!(room.check(1).is_err());
+        assert_eq!(LogRoom::cost(3), 4 + OVERHEAD_BYTES);
+    }
+}
