@@ -14,7 +14,7 @@
 //! seconds after the device went live.
 //!
 //! Membership changes that decide live delivery (a member subscribed, left
-//! or was removed) are events on `chat.group.<g>.event` in the same stream,
+//! or was removed) are events on `chat.group.<g>.event.<user>` in the same stream,
 //! so every edge applies them in the group's order: nothing published after
 //! a removal's event reaches the removed member's connections, on any edge.
 
@@ -239,16 +239,36 @@ impl Bus {
                 tail.to_string().as_str(),
             );
         }
-        let sent = self
-            .js
-            .publish_with_headers(member_event_subject(group, user), headers, body.into())
-            .await
-            .map_err(BusError::nats)?
-            .await;
-        match sent {
-            Ok(ack) => Ok(Some(ack.sequence)),
-            Err(e) if crate::messages::conflicts(&e) => Ok(None),
-            Err(e) => Err(BusError::nats(e)),
+        let subject = member_event_subject(group, user);
+        let body = bytes::Bytes::from(body);
+        let mut declared = false;
+        loop {
+            let sent = self
+                .js
+                .publish_with_headers(subject.clone(), headers.clone(), body.clone())
+                .await
+                .map_err(BusError::nats)?
+                .await;
+            match sent {
+                Ok(ack) => return Ok(Some(ack.sequence)),
+                Err(e) if crate::messages::conflicts(&e) => return Ok(None),
+                Err(e)
+                    if e.kind()
+                        == async_nats::jetstream::context::PublishErrorKind::StreamNotFound
+                        && !declared =>
+                {
+                    // a worker of the previous release started since and
+                    // declared the stream without the member subjects: put
+                    // them back (workers only publish these)
+                    tracing::warn!(
+                        subject,
+                        "the group stream lacks member subjects; declaring it again"
+                    );
+                    self.ensure_streams().await?;
+                    declared = true;
+                }
+                Err(e) => return Err(BusError::nats(e)),
+            }
         }
     }
 

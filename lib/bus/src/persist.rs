@@ -147,14 +147,15 @@ impl Bus {
 
     /// How much of the group stream's room the messages not yet in MongoDB
     /// take: two JetStream API calls (the stream's state and limits, the
-    /// persist consumer's acknowledgement floor).
+    /// persist consumer's acknowledgement floor). Their bytes are an
+    /// estimate at the stream's mean message size.
     pub async fn persist_backlog(&self) -> Result<Backlog, BusError> {
-        let mut stream = self
+        let stream = self
             .js
             .get_stream(&self.defs.groups_stream.name)
             .await
             .map_err(BusError::nats)?;
-        let info = stream.info().await.map_err(BusError::nats)?.clone();
+        let info = stream.cached_info().clone();
         let floor = stream
             .consumer_info(self.persist_name())
             .await

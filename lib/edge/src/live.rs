@@ -10,7 +10,7 @@
 //! connection follows its group, and queued on each of those connections
 //! without waiting: a connection whose queue is full is closed as too slow
 //! and resumes from its place on reconnect. Membership events
-//! (`chat.group.<g>.event`) change who follows a group, in the group's order.
+//! (`chat.group.<g>.event.<user>`) change who follows a group, in the group's order.
 //!
 //! A connection goes through three phases: it **registers** before its
 //! session opens (membership events from then on are kept and replayed over

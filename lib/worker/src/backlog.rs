@@ -34,7 +34,15 @@ pub(crate) struct LogRoom {
     read: Mutex<Backlog>,
     messages: AtomicU64,
     bytes: AtomicU64,
+    /// The mean cost of the messages this worker published lately: the
+    /// backlog's bytes are counted at it when it is above the stream's
+    /// mean (a flood of large messages behind a long history of small
+    /// ones would be counted far too small at the stream's).
+    recent_mean: AtomicU64,
 }
+
+/// Weight of the newest message in [`LogRoom::recent_mean`]: 1 / this.
+const MEAN_OVER: u64 = 64;
 
 impl LogRoom {
     /// What a message of `text_bytes` takes in the stream, about.
@@ -62,16 +70,29 @@ impl LogRoom {
     pub(crate) fn published(&self, bytes: u64) {
         self.messages.fetch_add(1, Ordering::Relaxed);
         self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        // racing updates lose one another's share, which a mean can spare
+        let mean = self.recent_mean.load(Ordering::Relaxed);
+        let next = if mean == 0 {
+            bytes
+        } else {
+            (mean * (MEAN_OVER - 1) + bytes) / MEAN_OVER
+        };
+        self.recent_mean.store(next, Ordering::Relaxed);
     }
 
-    /// The server's figures, which include what was published before.
-    fn refresh(&self, backlog: Backlog) -> bool {
+    /// The server's figures, which include what was published before;
+    /// returns whether the backlog was full, and the backlog as counted.
+    fn refresh(&self, mut backlog: Backlog) -> (bool, Backlog) {
+        let recent = backlog
+            .messages
+            .saturating_mul(self.recent_mean.load(Ordering::Relaxed));
+        backlog.bytes = backlog.bytes.max(recent);
         let mut read = self.read.lock().unwrap_or_else(|e| e.into_inner());
         let was_full = read.full_with(0, 0);
         *read = backlog;
         self.messages.store(0, Ordering::Relaxed);
         self.bytes.store(0, Ordering::Relaxed);
-        was_full
+        (was_full, backlog)
     }
 }
 
@@ -88,10 +109,10 @@ pub(crate) async fn watch(state: std::sync::Arc<State>) {
                 continue;
             }
         };
+        let (was_full, backlog) = state.log_room.refresh(backlog);
         metrics::gauge!("chat_persist_backlog_messages").set(backlog.messages as f64);
         metrics::gauge!("chat_persist_backlog_bytes").set(backlog.bytes as f64);
         metrics::gauge!("chat_persist_backlog_ratio").set(backlog.ratio());
-        let was_full = state.log_room.refresh(backlog);
         match (was_full, backlog.full_with(0, 0)) {
             (false, true) => tracing::error!(
                 ?backlog,
@@ -135,6 +156,20 @@ mod tests {
             max_bytes: Some(10_000),
         });
         assert!(room.check(1_000).is_ok());
+        // large messages lately, behind a stream of small ones: the
+        // backlog counts at their size, not the stream's mean
+        let room = LogRoom::default();
+        for _ in 0..10 {
+            room.published(2_000);
+        }
+        let (_, counted) = room.refresh(Backlog {
+            messages: 5,
+            bytes: 500,
+            max_messages: None,
+            max_bytes: Some(10_000),
+        });
+        assert_eq!(counted.bytes, 10_000);
+        assert!(room.check(1).is_err());
         // a message limit counts too
         room.refresh(Backlog {
             messages: 89,

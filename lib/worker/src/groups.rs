@@ -79,7 +79,7 @@ impl GroupsService {
             _ => None,
         };
         let Some(leaving) = leaving else {
-            return self.apply(&caller, &id, change).await;
+            return self.apply(&caller, &id, change, None).await;
         };
         // in a task of its own: a cancelled call must not stop it between
         // the commit and the event that ends live delivery
@@ -107,22 +107,19 @@ impl GroupsService {
         change: GroupChange,
         leaving: &UserId,
     ) -> Result<Group, WorkerError> {
-        let result = self.apply(caller, id, change).await;
-        if result.is_ok() {
-            if let Err(e) = self.0.store.groups.remove_subscriber(id, leaving).await {
-                // harmless: subscriptions are read with membership
-                tracing::warn!(group = %id, user = %leaving, error = %e, "cannot forget a subscription");
-            }
-            self.0.unsubscribed_live(id, leaving).await;
-        }
-        result
+        self.apply(caller, id, change, Some(leaving)).await
     }
 
+    /// `leaving`: the member a leave or removal takes out, whose live
+    /// delivery ends as soon as the change commits, before anyone is told
+    /// (a notification that cannot go out fails the call, but must not
+    /// leave the removed member receiving the group).
     async fn apply(
         &self,
         caller: &UserId,
         id: &GroupId,
         change: GroupChange,
+        leaving: Option<&UserId>,
     ) -> Result<Group, WorkerError> {
         for _ in 0..CAS_ATTEMPTS {
             let mut record = self.load(id).await?;
@@ -147,6 +144,13 @@ impl GroupsService {
             record.rev += 1;
             let group = record.group;
             self.0.members_changed(&group.id).await;
+            if let Some(leaving) = leaving {
+                if let Err(e) = self.0.store.groups.remove_subscriber(id, leaving).await {
+                    // harmless: subscriptions are read with membership
+                    tracing::warn!(group = %id, user = %leaving, error = %e, "cannot forget a subscription");
+                }
+                self.0.unsubscribed_live(id, leaving).await;
+            }
             let prefix = format!("upd-{}-{}", group.id, record.rev);
             let delta = change_view(caller, &change);
             self.publish_to_users(&audience, event::GROUP_UPDATED, &group, delta, &prefix)

@@ -216,21 +216,9 @@ pub(crate) async fn raise(
         _ => Vec::new(),
     };
     // a sender no longer a member hears nothing more of the group: not
-    // even how far the others read (membership from the cache, once per
-    // sender)
-    let mut gone = HashMap::<UserId, bool>::new();
-    for (_, sender) in &senders {
-        if gone.contains_key(sender) {
-            continue;
-        }
-        let left = match s.check_member(sender, group).await {
-            Ok(_) => false,
-            Err(WorkerError::Domain(DomainError::Forbidden(_)) | WorkerError::NotFound(_)) => true,
-            Err(e) => return Err(e),
-        };
-        gone.insert(sender.clone(), left);
-    }
-    senders.retain(|(_, sender)| gone.get(sender) == Some(&false));
+    // even how far the others read
+    let members = still_members(s, group, senders.iter().map(|(_, u)| u)).await;
+    senders.retain(|(_, sender)| members.contains(sender));
     for (user, before, after) in &risen {
         let (lo, hi) = range(before, after);
         let mut to: Vec<&UserId> = senders
@@ -267,6 +255,40 @@ pub(crate) async fn raise(
     Ok(reads)
 }
 
+/// Which of `users` are members of `group`: from the membership cache,
+/// and one read of the group for those it does not hold. If that read
+/// fails, the ones it was for count as gone (they miss a receipt, nothing
+/// more: the watermarks are stored already).
+async fn still_members<'a>(
+    s: &State,
+    group: &GroupId,
+    users: impl Iterator<Item = &'a UserId>,
+) -> std::collections::HashSet<UserId> {
+    let generation = s.bus.generation();
+    let mut members = std::collections::HashSet::new();
+    let mut unknown = std::collections::HashSet::new();
+    for user in users {
+        if members.contains(user) || unknown.contains(user) {
+            continue;
+        }
+        if s.members.visible_from(group, user, generation).is_some() {
+            members.insert(user.clone());
+        } else {
+            unknown.insert(user.clone());
+        }
+    }
+    if unknown.is_empty() {
+        return members;
+    }
+    match s.load(group).await {
+        Ok(record) => members.extend(unknown.into_iter().filter(|u| record.group.is_member(u))),
+        Err(e) => {
+            tracing::warn!(group = %group, error = %e, "cannot tell which senders are members; their receipts are not pushed");
+        }
+    }
+    members
+}
+
 impl MessagesService {
     async fn send(
         &self,
@@ -293,9 +315,6 @@ impl MessagesService {
         }
         let started = std::time::Instant::now();
         s.check_member(&sender, &group).await?;
-        // room in the log for it, before anything is taken for it
-        let cost = crate::backlog::LogRoom::cost(req.text.len());
-        s.log_room.check(cost)?;
         let mentions = if kind == MessageKind::Text {
             mentioned(s, &group, &sender, &req.text).await?
         } else {
@@ -333,6 +352,15 @@ impl MessagesService {
                 }
             },
         };
+        // room in the log for a new message (a retry of one that landed
+        // has its answer above, full or not)
+        let cost = crate::backlog::LogRoom::cost(req.text.len());
+        if let Err(e) = s.log_room.check(cost) {
+            if let Some(r) = reservation {
+                r.release().await;
+            }
+            return Err(e);
+        }
         let logged = started.elapsed();
         // before the media is claimed: a reply to nothing claims nothing
         let reply_to = if req.reply_to.is_empty() {

@@ -361,7 +361,7 @@ impl Reservation {
     }
 
     /// Takes the entry out now.
-    async fn release(mut self) {
+    pub(crate) async fn release(mut self) {
         self.armed = false;
         release(&self.log, &self.key, self.revision).await;
     }

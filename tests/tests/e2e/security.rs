@@ -1045,7 +1045,12 @@ async fn a_user_opens_at_most_its_cap_of_connections_on_an_edge() -> anyhow::Res
         let url = format!("ws://{http}/ws?token={}&device={device}", token(user));
         match tokio_tungstenite::connect_async(url).await {
             Ok((ws, _)) => Ok(Ok(ws)),
-            Err(WsError::Http(res)) => Ok(Err(res.status().as_u16())),
+            Err(WsError::Http(res)) => {
+                let body = String::from_utf8_lossy(res.body().as_deref().unwrap_or_default());
+                // the cap's answer, not the per-user request limit's
+                anyhow::ensure!(body.contains("connections open"), "{body}");
+                Ok(Err(res.status().as_u16()))
+            }
             Err(e) => Err(anyhow::Error::from(e)),
         }
     };
