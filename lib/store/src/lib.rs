@@ -12,6 +12,7 @@ mod groups;
 mod mentions;
 mod messages;
 mod objects;
+mod presign;
 mod reactions;
 mod uploads;
 mod users;

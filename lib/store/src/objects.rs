@@ -9,7 +9,7 @@ use object_store::{
     BackoffConfig, ClientOptions, GetOptions, ObjectStore, ObjectStoreExt, RetryConfig,
     aws::{AmazonS3, AmazonS3Builder},
     path::Path,
-    signer::{SignedUrlOptions, Signer},
+    signer::Signer,
 };
 
 use crate::StoreError;
@@ -41,6 +41,8 @@ pub struct Objects {
     /// Signs URLs for clients (the same client unless a public endpoint is
     /// configured).
     signer: Arc<AmazonS3>,
+    /// Signs uploads, with their size (`presign.rs`).
+    uploads: Arc<crate::presign::PutSigner>,
 }
 
 impl std::fmt::Debug for Objects {
@@ -100,30 +102,36 @@ impl Objects {
             Some(public) => build(public)?,
             None => s3.clone(),
         };
-        Ok(Self { s3, signer })
+        let uploads =
+            crate::presign::PutSigner::new(c.public_endpoint.as_deref().unwrap_or(&c.endpoint), c)?;
+        Ok(Self {
+            s3,
+            signer,
+            uploads: Arc::new(uploads),
+        })
     }
 
-    /// A URL for one PUT of `mime` to `key`, valid for `ttl`. The content
-    /// type is part of the signature: the store refuses the upload if the
-    /// client sends another. (The size cannot be: the S3 signer of
-    /// `object_store` does not sign `content-length`, so the worker checks
-    /// the stored size before a message may use the object.) Returns the URL
-    /// and the headers the client must send.
-    pub async fn sign_put(
+    /// A URL for one PUT of exactly `size` bytes of `mime` to `key`, valid
+    /// for `ttl`. Both the content type and the length are part of the
+    /// signature: the store refuses an upload of another type or size, so
+    /// a ticket for a small file cannot carry gigabytes. (`object_store`'s
+    /// signer leaves `content-length` out, hence a signer of our own.) The
+    /// worker still checks the stored size before a message may use the
+    /// object. Returns the URL and the headers the client must send (its
+    /// HTTP library sets `Content-Length` from the body).
+    pub fn sign_put(
         &self,
         key: &str,
         mime: &str,
+        size: u64,
         ttl: Duration,
     ) -> Result<(String, Vec<(String, String)>), StoreError> {
-        let value = HeaderValue::from_str(mime).map_err(|e| StoreError::Database(e.to_string()))?;
-        let options = SignedUrlOptions::new().with_signed_header(header::CONTENT_TYPE, value);
+        HeaderValue::from_str(mime).map_err(|e| StoreError::Database(e.to_string()))?;
         let url = self
-            .signer
-            .signed_url_opts(Method::PUT, &Path::from(key), ttl, &options)
-            .await
-            .map_err(object_error)?;
+            .uploads
+            .sign(key, mime, size, ttl, std::time::SystemTime::now());
         Ok((
-            url.to_string(),
+            url,
             vec![(header::CONTENT_TYPE.as_str().to_owned(), mime.to_owned())],
         ))
     }

@@ -286,8 +286,7 @@ impl Media for MediaService {
         let ttl = s.config.upload_url_ttl;
         let now = now_millis();
         let (url, headers) = objects
-            .sign_put(&key, &req.mime, ttl)
-            .await
+            .sign_put(&key, &req.mime, req.size, ttl)
             .map_err(WorkerError::from)?;
         let upload = Upload {
             key: key.clone(),

@@ -313,8 +313,10 @@ async fn bad_uploads_and_media_get_precise_errors() -> anyhow::Result<()> {
     let mut wrong_type = url.clone();
     wrong_type["headers"]["content-type"] = json!("image/gif");
     assert_eq!(put(&wrong_type, png(100)).await?, 403);
-    // a different size gets in, but no message may use it, and it is deleted
-    assert_eq!(put(&url, png(150)).await?, 200);
+    // and another length: a ticket for 100 bytes carries no more (nor
+    // less), so it cannot fill the store with gigabytes
+    assert_eq!(put(&url, png(150)).await?, 403, "a longer body");
+    assert_eq!(put(&url, png(50)).await?, 403, "a shorter body");
     let code = alice
         .request_error(
             "send_group_message",
@@ -325,7 +327,7 @@ async fn bad_uploads_and_media_get_precise_errors() -> anyhow::Result<()> {
     let stored = std::path::Path::new(&c.stack.s3.root)
         .join(&c.stack.s3.bucket)
         .join(&key);
-    assert!(!stored.exists(), "the mismatched object is gone");
+    assert!(!stored.exists(), "nothing of the refused uploads is kept");
     let (_, url) = upload_url(
         &c,
         "alice",
