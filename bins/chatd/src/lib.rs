@@ -456,6 +456,11 @@ pub struct ServeArgs {
     /// Edge: requests per second allowed per connection.
     #[arg(long, env = "CHATD_REQUESTS_PER_SEC", default_value_t = 50.0)]
     pub requests_per_sec: f64,
+    /// Edge: WebSocket requests per second of all of one user's
+    /// connections on the edge together (burst twice that; 0: no limit).
+    /// Default: four times `--requests-per-sec`.
+    #[arg(long, env = "CHATD_USER_WS_REQUESTS_PER_SEC")]
+    pub user_ws_requests_per_sec: Option<f64>,
     /// Edge: REST calls and WebSocket upgrades per second per user (burst
     /// twice that; 0: no limit).
     #[arg(long, env = "CHATD_USER_REQUESTS_PER_SEC", default_value_t = chat_edge::Config::default().user_requests_per_sec)]
@@ -750,6 +755,9 @@ impl Node {
                 rpc_timeout: Duration::from_millis(args.rpc_timeout_ms),
                 max_frame_bytes: args.max_frame_bytes,
                 requests_per_sec: args.requests_per_sec,
+                user_ws_requests_per_sec: args
+                    .user_ws_requests_per_sec
+                    .unwrap_or(args.requests_per_sec * 4.0),
                 outbox_bytes: args.ws_outbox_bytes,
                 user_requests_per_sec: args.user_requests_per_sec,
                 address_requests_per_sec: args.address_requests_per_sec,

@@ -75,6 +75,9 @@ pub struct Config {
     pub write_budget: u64,
     /// Requests per second per connection, sustained.
     pub requests_per_sec: f64,
+    /// WebSocket requests per second of all of one user's connections on
+    /// this edge together (burst: twice that); 0 for no limit.
+    pub user_ws_requests_per_sec: f64,
     /// REST calls and WebSocket upgrades per second per user (burst: twice
     /// that); 0 for no limit.
     pub user_requests_per_sec: f64,
@@ -116,6 +119,7 @@ impl Default for Config {
             write_coalesce: Duration::from_millis(10),
             write_budget: 20_000,
             requests_per_sec: 50.0,
+            user_ws_requests_per_sec: 200.0,
             user_requests_per_sec: 50.0,
             address_requests_per_sec: 500.0,
             header_read_timeout: Duration::from_secs(10),

@@ -1,5 +1,6 @@
 //! Request rate limits: per connection (WebSocket requests), per user (REST
-//! calls and WebSocket upgrades, once the token is verified) and per client
+//! calls and WebSocket upgrades, once the token is verified; and, apart,
+//! WebSocket requests of all its connections together) and per client
 //! address (every request, before the token is even looked at, so floods of
 //! bad tokens cost little). Limits are per edge; an operator with N edges
 //! behind a balancer allows N times the rate.
@@ -122,6 +123,8 @@ impl<K: Hash + Eq + Clone> Keyed<K> {
 #[derive(Debug)]
 pub(crate) struct Limits {
     per_user: Keyed<UserId>,
+    /// WebSocket requests of all of a user's connections here.
+    per_user_ws: Keyed<UserId>,
     per_address: Keyed<IpAddr>,
     connections: std::sync::Arc<Connections>,
 }
@@ -188,6 +191,10 @@ impl Limits {
                 config.user_requests_per_sec,
                 config.user_requests_per_sec * 2.0,
             ),
+            per_user_ws: Keyed::new(
+                config.user_ws_requests_per_sec,
+                config.user_ws_requests_per_sec * 2.0,
+            ),
             per_address: Keyed::new(
                 config.address_requests_per_sec,
                 config.address_requests_per_sec * 2.0,
@@ -219,6 +226,12 @@ impl Limits {
     /// Counts a request of `user`; a `429` to answer if over the limit.
     pub(crate) fn user(&self, user: &UserId) -> Result<(), RateLimited> {
         self.per_user.take(user).map_err(RateLimited)
+    }
+
+    /// Counts a WebSocket request of `user` on any of its connections:
+    /// whether it is within the user's budget.
+    pub(crate) fn user_ws(&self, user: &UserId) -> bool {
+        self.per_user_ws.take(user).is_ok()
     }
 }
 

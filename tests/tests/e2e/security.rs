@@ -1071,6 +1071,66 @@ async fn a_user_opens_at_most_its_cap_of_connections_on_an_edge() -> anyhow::Res
     c.stop().await
 }
 
+/// A user's connections on an edge share one request budget: opening more
+/// connections does not multiply what one account may send. Each of two
+/// connections stays well within its own budget; together they pass the
+/// user's, and get `rate_limited`; another user is not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_connections_share_one_request_budget() -> anyhow::Result<()> {
+    use tokio_tungstenite::tungstenite::Message;
+    let c = Cluster::start_with(
+        1,
+        1,
+        &[
+            "--requests-per-sec",
+            "100",
+            "--user-ws-requests-per-sec",
+            "5",
+        ],
+    )
+    .await?;
+    let g = c.create_group("mallory", &["bob"]).await?;
+    let frame = |i: usize| {
+        json!({"event": "subscribe_to_group", "id": format!("r{i}"), "data": {"groupId": g["id"]}})
+            .to_string()
+    };
+    let mut one = c.connect(0, "mallory", "a").await?;
+    let mut two = c.connect(0, "mallory", "b").await?;
+    // 30 each, at once: under a connection's burst of 100, over the
+    // user's burst of 10 (plus 5/s)
+    for i in 0..30 {
+        one.send_raw(Message::Text(frame(i).into())).await?;
+        two.send_raw(Message::Text(frame(i).into())).await?;
+    }
+    let mut limited = 0;
+    for ws in [&mut one, &mut two] {
+        let mut replies = 0;
+        while replies < 30 {
+            let Some(reply) = ws.recv(PROMPTLY).await? else {
+                anyhow::bail!("closed after {replies} replies");
+            };
+            if reply["id"].is_string() {
+                replies += 1;
+                if reply["event"] == "error" && reply["data"]["code"] == "rate_limited" {
+                    limited += 1;
+                }
+            }
+        }
+    }
+    // alone, neither connection would see one (each is far under its own
+    // burst); at most the user's burst of 10 (plus 5/s while they are
+    // handled) gets through
+    assert!(
+        (10..=50).contains(&limited),
+        "{limited} of 60 limited: the user's budget is 10 at once plus 5/s"
+    );
+    // bob has his own budget
+    let mut bob = c.connect(0, "bob", "a").await?;
+    bob.request("subscribe_to_group", json!({"groupId": g["id"]}))
+        .await?;
+    c.stop().await
+}
+
 /// REST had no rate limit: now per user (after the token) and per address
 /// (before it), with `429` and `Retry-After`; and a client that sends half a
 /// request's headers is cut off instead of holding the connection forever.

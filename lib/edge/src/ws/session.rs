@@ -202,7 +202,9 @@ impl Session {
     /// Every frame counts against the rate limit, and the size is checked
     /// before anything is parsed.
     pub(super) async fn on_text(&mut self, text: &str) -> bool {
-        let limited = !self.bucket.take();
+        // the connection's own budget, then its user's (all its
+        // connections here together)
+        let limited = !self.bucket.take() || !self.app.limits.user_ws(&self.me.user_id);
         let max = self.app.config.max_frame_bytes;
         if limited || text.len() > max {
             // only the id is read, to answer it: the rest is skipped without
