@@ -191,9 +191,10 @@ impl Limits {
                 config.user_requests_per_sec,
                 config.user_requests_per_sec * 2.0,
             ),
+            // a user may at least burst as one connection may
             per_user_ws: Keyed::new(
                 config.user_ws_requests_per_sec,
-                config.user_ws_requests_per_sec * 2.0,
+                (config.user_ws_requests_per_sec * 2.0).max(config.request_burst),
             ),
             per_address: Keyed::new(
                 config.address_requests_per_sec,
