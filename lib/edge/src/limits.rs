@@ -1,6 +1,7 @@
 //! Request rate limits: per connection (WebSocket requests), per user (REST
 //! calls and WebSocket upgrades, once the token is verified; and, apart,
-//! WebSocket requests of all its connections together) and per client
+//! the WebSocket connections it may hold and the requests of all of them
+//! together) and per client
 //! address (every request, before the token is even looked at, so floods of
 //! bad tokens cost little). Limits are per edge; an operator with N edges
 //! behind a balancer allows N times the rate.
@@ -11,7 +12,7 @@ use std::{
     collections::HashMap,
     hash::Hash,
     net::{IpAddr, SocketAddr},
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -123,33 +124,53 @@ impl<K: Hash + Eq + Clone> Keyed<K> {
 #[derive(Debug)]
 pub(crate) struct Limits {
     per_user: Keyed<UserId>,
-    /// WebSocket requests of all of a user's connections here.
-    per_user_ws: Keyed<UserId>,
     per_address: Keyed<IpAddr>,
-    connections: std::sync::Arc<Connections>,
+    connections: Arc<Connections>,
 }
 
-/// Each user's connections open on this edge, against a cap: one account
-/// must not take the edge's connection slots from everyone else.
+/// Each user's connections open on this edge, against a cap (one account
+/// must not take the edge's connection slots from everyone else), and the
+/// request budget they share (more connections must not mean more
+/// requests). An entry lives while the user has a connection here.
 #[derive(Debug)]
 struct Connections {
     max: usize,
-    open: Mutex<HashMap<UserId, usize>>,
+    /// The shared budget: requests per second (0: none) and burst.
+    rate: f64,
+    burst: f64,
+    open: Mutex<HashMap<UserId, Open>>,
 }
 
-/// One of a user's connections, counted until dropped.
+#[derive(Debug)]
+struct Open {
+    count: usize,
+    budget: Arc<Mutex<TokenBucket>>,
+}
+
+/// One of a user's connections, counted until dropped, with the budget its
+/// user's connections share: a frame costs one lock of the user's own
+/// bucket, no lookup.
 #[derive(Debug)]
 pub(crate) struct UserConnection {
-    of: std::sync::Arc<Connections>,
+    of: Arc<Connections>,
     user: UserId,
+    budget: Arc<Mutex<TokenBucket>>,
+}
+
+impl UserConnection {
+    /// Counts one request against the user's shared budget: whether it is
+    /// within it.
+    pub(crate) fn take(&self) -> bool {
+        self.of.rate <= 0.0 || self.budget.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
 }
 
 impl Drop for UserConnection {
     fn drop(&mut self) {
         let mut open = self.of.open.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = open.get_mut(&self.user) {
-            *n -= 1;
-            if *n == 0 {
+        if let Some(o) = open.get_mut(&self.user) {
+            o.count -= 1;
+            if o.count == 0 {
                 open.remove(&self.user);
             }
         }
@@ -191,48 +212,46 @@ impl Limits {
                 config.user_requests_per_sec,
                 config.user_requests_per_sec * 2.0,
             ),
-            // a user may at least burst as one connection may
-            per_user_ws: Keyed::new(
-                config.user_ws_requests_per_sec,
-                (config.user_ws_requests_per_sec * 2.0).max(config.request_burst),
-            ),
             per_address: Keyed::new(
                 config.address_requests_per_sec,
                 config.address_requests_per_sec * 2.0,
             ),
-            connections: std::sync::Arc::new(Connections {
+            connections: Arc::new(Connections {
                 max: config.max_connections_per_user.max(1),
+                rate: config.user_ws_requests_per_sec,
+                // a user may at least burst as one connection may
+                burst: (config.user_ws_requests_per_sec * 2.0).max(config.request_burst),
                 open: Mutex::default(),
             }),
         }
     }
 
     /// Counts a new connection of `user`, unless it has its cap open here;
-    /// the count drops with the returned guard.
+    /// the count drops with the returned guard, which also holds the
+    /// user's shared request budget.
     pub(crate) fn connection(&self, user: &UserId) -> Result<UserConnection, TooManyConnections> {
         let of = &self.connections;
         let mut open = of.open.lock().unwrap_or_else(|e| e.into_inner());
-        let n = open.entry(user.clone()).or_default();
-        if *n >= of.max {
-            return Err(TooManyConnections(*n));
+        let o = open.entry(user.clone()).or_insert_with(|| Open {
+            count: 0,
+            budget: Arc::new(Mutex::new(TokenBucket::new(of.rate, of.burst))),
+        });
+        if o.count >= of.max {
+            return Err(TooManyConnections(o.count));
         }
-        *n += 1;
+        o.count += 1;
+        let budget = o.budget.clone();
         drop(open);
         Ok(UserConnection {
             of: of.clone(),
             user: user.clone(),
+            budget,
         })
     }
 
     /// Counts a request of `user`; a `429` to answer if over the limit.
     pub(crate) fn user(&self, user: &UserId) -> Result<(), RateLimited> {
         self.per_user.take(user).map_err(RateLimited)
-    }
-
-    /// Counts a WebSocket request of `user` on any of its connections:
-    /// whether it is within the user's budget.
-    pub(crate) fn user_ws(&self, user: &UserId) -> bool {
-        self.per_user_ws.take(user).is_ok()
     }
 }
 
@@ -310,6 +329,24 @@ mod tests {
         let _third = limits.connection(&alice).expect("a slot freed");
         assert!(limits.connection(&alice).is_err());
         drop(_bobs);
+        // alice's connections share one budget, fresh for each user
+        let budget = |user: &UserId, rate: f64| {
+            let limits = Limits::new(&crate::Config {
+                user_ws_requests_per_sec: rate,
+                request_burst: 3.0,
+                ..crate::Config::default()
+            });
+            let (a, b) = (
+                limits.connection(user).expect("a"),
+                limits.connection(user).expect("b"),
+            );
+            (0..10)
+                .filter(|i| if i % 2 == 0 { a.take() } else { b.take() })
+                .count()
+        };
+        // a burst of 3 between both (the rate refills nothing meanwhile)
+        assert_eq!(budget(&alice, 1.0), 3);
+        assert_eq!(budget(&alice, 0.0), 10, "0: no budget");
         let open = limits.connections.open.lock().expect("lock");
         assert!(
             !open.contains_key(&bob),

@@ -45,10 +45,16 @@ pub(crate) struct LogRoom {
 const MEAN_OVER: u64 = 64;
 
 impl LogRoom {
-    /// What a message of `text_bytes` takes in the stream, about.
+    /// What a message of `text_bytes` takes in the stream, about: sealed
+    /// and base64-encoded.
     pub(crate) fn cost(text_bytes: usize) -> u64 {
-        // sealed and base64-encoded
-        (text_bytes as u64).div_ceil(3) * 4 + OVERHEAD_BYTES
+        Self::cost_sealed((text_bytes as u64).div_ceil(3) * 4)
+    }
+
+    /// What a message whose sealed content is `sealed_bytes` (as stored)
+    /// takes in the stream, about.
+    pub(crate) fn cost_sealed(sealed_bytes: u64) -> u64 {
+        sealed_bytes + OVERHEAD_BYTES
     }
 
     /// Fails if one more message of `bytes` would take the backlog past

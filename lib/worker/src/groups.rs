@@ -84,36 +84,20 @@ impl GroupsService {
         // in a task of its own: a cancelled call must not stop it between
         // the commit and the event that ends live delivery
         let service = GroupsService(self.0.clone());
-        tokio::spawn(async move {
-            service
-                .leave_or_remove(&caller, &id, change, &leaving)
-                .await
-        })
-        .await
-        .map_err(|e| {
-            WorkerError::Store(chat_store::StoreError::Unavailable(format!(
-                "membership change task: {e}"
-            )))
-        })?
+        tokio::spawn(async move { service.apply(&caller, &id, change, Some(&leaving)).await })
+            .await
+            .map_err(|e| {
+                WorkerError::Store(chat_store::StoreError::Unavailable(format!(
+                    "membership change task: {e}"
+                )))
+            })?
     }
 
-    /// A member leaves or is removed: once the change commits, its
-    /// subscription is forgotten and every edge stops writing the group to
-    /// its connections at the event published then.
-    async fn leave_or_remove(
-        &self,
-        caller: &UserId,
-        id: &GroupId,
-        change: GroupChange,
-        leaving: &UserId,
-    ) -> Result<Group, WorkerError> {
-        self.apply(caller, id, change, Some(leaving)).await
-    }
-
-    /// `leaving`: the member a leave or removal takes out, whose live
-    /// delivery ends as soon as the change commits, before anyone is told
-    /// (a notification that cannot go out fails the call, but must not
-    /// leave the removed member receiving the group).
+    /// `leaving`: the member a leave or removal takes out. Once the change
+    /// commits, its subscription is forgotten and every edge stops writing
+    /// the group to its connections at the event published then, before
+    /// anyone is told (a notification that cannot go out fails the call,
+    /// but must not leave the removed member receiving the group).
     async fn apply(
         &self,
         caller: &UserId,

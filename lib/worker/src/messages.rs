@@ -628,7 +628,7 @@ impl MessagesService {
         };
         // an edit needs room in the log; a delete is let through (small,
         // and what a user asks to be gone should go)
-        let cost = crate::backlog::LogRoom::cost(envelope.ciphertext.len() * 3 / 4);
+        let cost = crate::backlog::LogRoom::cost_sealed(envelope.ciphertext.len() as u64);
         if change == chat_bus::Change::Edit {
             s.log_room.check(cost)?;
         }

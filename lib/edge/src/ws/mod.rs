@@ -123,6 +123,9 @@ pub(super) struct Opened {
     joined_at: Option<u64>,
     /// The connection's share of its user's presence.
     online: crate::presence::Online,
+    /// Counted among its user's connections here until it ends, with the
+    /// request budget they share.
+    counted: crate::limits::UserConnection,
 }
 
 #[derive(Debug, Deserialize)]
@@ -220,11 +223,8 @@ pub(crate) async fn upgrade(
                 stored,
                 joined_at,
                 online,
+                counted,
             };
-            let session = async move {
-                let _counted = counted;
-                Session::run(app, me, device, socket, opened).await
-            };
-            tracker.track_future(session.instrument(span))
+            tracker.track_future(Session::run(app, me, device, socket, opened).instrument(span))
         }))
 }

@@ -12,6 +12,9 @@ pub(super) struct Session {
     pub(super) device: DeviceId,
     pub(super) tx: Outbox,
     pub(super) bucket: TokenBucket,
+    /// Its place among its user's connections here, and their shared
+    /// request budget.
+    pub(super) counted: crate::limits::UserConnection,
     pub(super) errors_in_a_row: u32,
     /// The connection's place in the group hub: the groups it follows.
     pub(super) groups: Arc<Registration>,
@@ -34,6 +37,7 @@ impl Session {
             stored,
             joined_at,
             online,
+            counted,
         } = opened;
         let (sink, mut stream) = socket.split();
         let saver = Arc::new(Saver::new(
@@ -80,6 +84,7 @@ impl Session {
         let config = &app.config;
         let mut session = Session {
             bucket: TokenBucket::new(config.requests_per_sec, config.request_burst),
+            counted,
             app: app.clone(),
             me,
             device,
@@ -204,7 +209,7 @@ impl Session {
     pub(super) async fn on_text(&mut self, text: &str) -> bool {
         // the connection's own budget, then its user's (all its
         // connections here together)
-        let limited = !self.bucket.take() || !self.app.limits.user_ws(&self.me.user_id);
+        let limited = !self.bucket.take() || !self.counted.take();
         let max = self.app.config.max_frame_bytes;
         if limited || text.len() > max {
             // only the id is read, to answer it: the rest is skipped without
