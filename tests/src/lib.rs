@@ -518,16 +518,12 @@ impl Cluster {
     /// Runs a node as a separate `chatd` process (so that it can be killed
     /// for real) on free ports; waits until it serves.
     pub async fn spawn_process(&self, role: &str) -> anyhow::Result<Process> {
-        let free = || -> anyhow::Result<SocketAddr> {
-            Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-        };
-        let (http, grpc) = (free()?, free()?);
+        let [http, grpc, metrics] = chat_stack::free_addrs::<3>()?;
         let mut argv = self.node_argv(role, &http.to_string(), &grpc.to_string());
         argv.retain(|a| a != "127.0.0.1:0");
         if let Some(i) = argv.iter().position(|a| a == "--metrics-listen") {
             argv.remove(i);
         }
-        let metrics = free()?;
         argv.push(format!("--metrics-listen={metrics}"));
         let bin = chat_stack::chatd_binary()?;
         let dir = tempfile::tempdir()?;

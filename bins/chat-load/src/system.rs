@@ -37,10 +37,7 @@ impl System {
         nats_nodes: usize,
     ) -> anyhow::Result<Self> {
         let stack = Stack::start_with(nats_nodes, durable_mongo).await?;
-        let free = || -> anyhow::Result<SocketAddr> {
-            Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-        };
-        let (http, grpc, ops) = (free()?, free()?, free()?);
+        let [http, grpc, ops] = chat_stack::free_addrs::<3>()?;
         let dir = tempfile::Builder::new().prefix("chat-load-").tempdir()?;
         let log = dir.path().join("chatd.log");
         let out = std::fs::File::create(&log)?;

@@ -234,10 +234,20 @@ fn port_of(url: &str) -> anyhow::Result<String> {
     Ok(rest.split(['/', '?']).next().unwrap_or_default().to_owned())
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+/// `N` distinct free local addresses. Each is held until all are chosen:
+/// a port let go at once can come back for the next call (a node's two
+/// listeners once got the same port, and it could not start).
+pub fn free_addrs<const N: usize>() -> anyhow::Result<[std::net::SocketAddr; N]> {
+    let held = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()?;
+    let addrs = held
+        .iter()
+        .map(|l| l.local_addr())
+        .collect::<Result<Vec<_>, _>>()?;
+    addrs
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("{N} addresses expected"))
 }
 
 impl Nats {
@@ -311,7 +321,7 @@ impl Nats {
             .to_owned();
         let mut nodes = Vec::with_capacity(size);
         for i in 0..size {
-            let (port, monitor, cluster) = (free_port()?, free_port()?, free_port()?);
+            let [port, monitor, cluster] = free_addrs::<3>()?.map(|a| a.port());
             std::fs::create_dir_all(dir.path().join(format!("n{i}")))?;
             nodes.push((format!("nats-{i}"), port, monitor, cluster));
         }
