@@ -632,8 +632,18 @@ function markRead() {
 
 // ---------------------------------------------------------------- sending
 
+// A UUID v7 (32 hex digits): it says when it was minted, so the server
+// keeps its send log entry for minutes rather than a day (PROTOCOL.md).
 function clientMsgId() {
-  return crypto.randomUUID().replace(/-/g, "");
+  const b = crypto.getRandomValues(new Uint8Array(16));
+  let ms = Date.now();
+  for (let i = 5; i >= 0; i--) {
+    b[i] = ms % 256;
+    ms = Math.floor(ms / 256);
+  }
+  b[6] = (b[6] & 0x0f) | 0x70;
+  b[8] = (b[8] & 0x3f) | 0x80;
+  return Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
 }
 
 function pendingItem(text) {

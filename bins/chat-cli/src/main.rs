@@ -356,10 +356,8 @@ fn change_line(f: &Value) -> Option<String> {
 
 /// A client id nobody else picks.
 fn fresh_id() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    format!("cli-{nanos:x}-{}", std::process::id())
+    // a UUID v7: the server keeps its send log entry briefly (PROTOCOL.md)
+    chat_domain::ClientMsgId::generate().into_string()
 }
 
 fn mime_of(path: &std::path::Path) -> Option<&'static str> {

@@ -14,6 +14,7 @@ use std::{
 };
 
 use anyhow::{Context, bail};
+use chat_domain::ClientMsgId;
 use futures::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -914,7 +915,7 @@ impl Job {
                     "id": id,
                     "data": {
                         "groupId": self.group_id,
-                        "clientMsgId": format!("m{id}"),
+                        "clientMsgId": ClientMsgId::generate().as_str(),
                         "type": "text",
                         "text": text,
                     }
@@ -982,7 +983,7 @@ pub async fn catch_up(addr: SocketAddr, missed: u64, size: usize) -> anyhow::Res
         while inflight < window && next <= missed {
             let frame = json!({
                 "event": "send_group_message", "id": next,
-                "data": {"groupId": group, "clientMsgId": format!("c{next}"), "type": "text", "text": pad}
+                "data": {"groupId": group, "clientMsgId": ClientMsgId::generate().as_str(), "type": "text", "text": pad}
             });
             sender.send(Message::Text(frame.to_string().into())).await?;
             next += 1;

@@ -16,6 +16,26 @@ use crate::{Bus, BusError};
 /// The header a key-value delete marker carries.
 const KV_OPERATION: &str = "KV-Operation";
 
+/// The header that gives one message a lifetime of its own, in seconds
+/// (nats-server 2.11; the stream must allow it: [`Bus::declare_bucket_with_ttls`]).
+const NATS_TTL: &str = "Nats-TTL";
+
+/// Adds the headers of a conditional write (`expected`) and of a message
+/// that nats-server removes after `ttl` (whole seconds, at least one).
+fn write_headers(expected: Option<u64>, ttl: Option<Duration>) -> async_nats::HeaderMap {
+    let mut headers = async_nats::HeaderMap::new();
+    if let Some(expected) = expected {
+        headers.insert(
+            async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+            expected.to_string().as_str(),
+        );
+    }
+    if let Some(ttl) = ttl {
+        headers.insert(NATS_TTL, ttl.as_secs().max(1).to_string().as_str());
+    }
+    headers
+}
+
 /// One bucket; cheap to clone.
 #[derive(Debug, Clone)]
 pub(crate) struct Bucket {
@@ -40,11 +60,30 @@ impl Bus {
         name: &'static str,
         config: kv::Config,
     ) -> Result<Bucket, BusError> {
+        self.declare_bucket_as(name, config, false).await
+    }
+
+    /// [`Bus::declare_bucket`] for a bucket whose entries may carry
+    /// lifetimes of their own (`Nats-TTL`), shorter than its `max_age`.
+    pub(crate) async fn declare_bucket_with_ttls(
+        &self,
+        name: &'static str,
+        config: kv::Config,
+    ) -> Result<Bucket, BusError> {
+        self.declare_bucket_as(name, config, true).await
+    }
+
+    async fn declare_bucket_as(
+        &self,
+        name: &'static str,
+        config: kv::Config,
+        ttls: bool,
+    ) -> Result<Bucket, BusError> {
         let mut wait = Duration::from_millis(100);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
-            match self.js.create_or_update_key_value(config.clone()).await {
-                Ok(_) => return Ok(self.bind_bucket(name)),
+            match self.try_declare_bucket(name, &config, ttls).await {
+                Ok(()) => return Ok(self.bind_bucket(name)),
                 Err(e) if tokio::time::Instant::now() < deadline => {
                     tracing::debug!(bucket = name, error = %e, "bucket not ready yet");
                     tokio::time::sleep(wait).await;
@@ -53,6 +92,55 @@ impl Bus {
                 Err(e) => return Err(BusError::Unavailable(format!("bucket {name}: {e}"))),
             }
         }
+    }
+
+    /// The key-value configuration cannot say that entries may carry
+    /// lifetimes, and nats-server refuses an update that would turn that
+    /// off: such a bucket is created through the key-value client and then
+    /// given them, and updated through its stream's configuration.
+    async fn try_declare_bucket(
+        &self,
+        name: &'static str,
+        config: &kv::Config,
+        ttls: bool,
+    ) -> Result<(), String> {
+        let stream_name = format!("KV_{name}");
+        let existing = if ttls {
+            self.js.get_stream(&stream_name).await.ok()
+        } else {
+            None
+        };
+        let mut stream = match existing {
+            Some(stream) => {
+                let mut stream = stream.cached_info().config.clone();
+                stream.description = Some(config.description.clone());
+                stream.max_age = config.max_age;
+                stream.max_message_size = config.max_value_size;
+                stream.num_replicas = config.num_replicas.max(1);
+                stream
+            }
+            None => {
+                self.js
+                    .create_or_update_key_value(config.clone())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if !ttls {
+                    return Ok(());
+                }
+                let created = self
+                    .js
+                    .get_stream(&stream_name)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                created.cached_info().config.clone()
+            }
+        };
+        stream.allow_message_ttl = true;
+        self.js
+            .update_stream(stream)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(())
     }
 
     /// Bucket `name` as it is (edges, which may not declare it); nothing
@@ -79,11 +167,19 @@ impl Bucket {
         value: Bytes,
         expected: u64,
     ) -> Result<Option<u64>, BusError> {
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(
-            async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
-            expected.to_string().as_str(),
-        );
+        self.put_if_last_for(key, value, expected, None).await
+    }
+
+    /// [`Bucket::put_if_last`], for an entry that nats-server removes after
+    /// `ttl` if nothing replaces it first (`None`: the bucket's `max_age`).
+    pub(crate) async fn put_if_last_for(
+        &self,
+        key: &str,
+        value: Bytes,
+        expected: u64,
+        ttl: Option<Duration>,
+    ) -> Result<Option<u64>, BusError> {
+        let headers = write_headers(Some(expected), ttl);
         let ack = self
             .js
             .publish_with_headers(self.subject(key), headers, value)
@@ -110,24 +206,29 @@ impl Bucket {
 
     /// Writes a delete marker under `key`, whatever is there.
     pub(crate) async fn delete(&self, key: &str) -> Result<(), BusError> {
-        self.delete_marker(key, None).await.map(drop)
+        self.delete_marker(key, None, None).await.map(drop)
     }
 
     /// Writes a delete marker under `key` if the key's last stream
-    /// sequence is `expected`; whether it did.
-    pub(crate) async fn delete_if_last(&self, key: &str, expected: u64) -> Result<bool, BusError> {
-        self.delete_marker(key, Some(expected)).await
+    /// sequence is `expected`, removed after `ttl` (`None`: the bucket's
+    /// `max_age`); whether it did.
+    pub(crate) async fn delete_if_last(
+        &self,
+        key: &str,
+        expected: u64,
+        ttl: Option<Duration>,
+    ) -> Result<bool, BusError> {
+        self.delete_marker(key, Some(expected), ttl).await
     }
 
-    async fn delete_marker(&self, key: &str, expected: Option<u64>) -> Result<bool, BusError> {
-        let mut headers = async_nats::HeaderMap::new();
+    async fn delete_marker(
+        &self,
+        key: &str,
+        expected: Option<u64>,
+        ttl: Option<Duration>,
+    ) -> Result<bool, BusError> {
+        let mut headers = write_headers(expected, ttl);
         headers.insert(KV_OPERATION, "DEL");
-        if let Some(expected) = expected {
-            headers.insert(
-                async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
-                expected.to_string().as_str(),
-            );
-        }
         let ack = self
             .js
             .publish_with_headers(self.subject(key), headers, Bytes::new())

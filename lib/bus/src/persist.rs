@@ -145,6 +145,31 @@ impl Bus {
         Ok(info.ack_floor.stream_sequence)
     }
 
+    /// Whether every message the group stream took before `before` (ms since
+    /// the epoch, nats-server's clock) is in MongoDB: the persist consumer's
+    /// oldest message not yet acknowledged is younger, or there is none.
+    /// Three JetStream API calls; for the rare send that must ask MongoDB
+    /// whether it was sent before (crate::sends).
+    pub async fn persisted_before(&self, before: i64) -> Result<bool, BusError> {
+        let stream = self
+            .js
+            .get_stream(&self.defs.groups_stream.name)
+            .await
+            .map_err(BusError::nats)?;
+        let state = stream.cached_info().state.clone();
+        let floor = self.persisted_through().await?;
+        let next = floor.saturating_add(1).max(state.first_sequence);
+        if next > state.last_sequence {
+            return Ok(true);
+        }
+        // a message missing at `next` (none are deleted one by one): not
+        // known, so not persisted
+        let Ok(msg) = stream.get_raw_message(next).await else {
+            return Ok(false);
+        };
+        Ok(msg.time.unix_timestamp_nanos() / 1_000_000 >= i128::from(before))
+    }
+
     /// How much of the group stream's room the messages not yet in MongoDB
     /// take: two JetStream API calls (the stream's state and limits, the
     /// persist consumer's acknowledgement floor). Their bytes are an

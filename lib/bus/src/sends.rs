@@ -5,8 +5,25 @@
 //!
 //! Why not the stream's own de-duplication: its window is held in
 //! nats-server's memory for every message of the stream and is two minutes
-//! here; a key per send in a bucket of its own costs a small file-backed
-//! entry instead, and ages out with the bucket's `max_age`.
+//! here; a key per send in a bucket of its own costs a file-backed entry
+//! instead, and ages out.
+//!
+//! But nats-server holds every key of a stream in memory too: about 430
+//! bytes per key of this shape, measured (BENCHMARKS.md, "The send log's
+//! memory"), so 24 hours of keys at 100 sends/s would take 3.7 GB on every
+//! node. So an entry lives only as long as it must:
+//! - an id that says when it was minted (a UUID v7, what this workspace's
+//!   clients send) keeps its entry until `minted + short` (at least `short`
+//!   from its write, at most the whole window): 15 minutes by default. A
+//!   send whose id was minted longer ago than that (a late retry, or a
+//!   client whose clock is behind) cannot trust a missing entry
+//!   ([`SendLog::conclusive`]), and the worker asks MongoDB, where every
+//!   message is by then, whether it was sent;
+//! - any other id keeps its entry for the whole window, as before.
+//!
+//! The rule holds whatever the client's clock says: an entry lives at least
+//! until `minted + short` by the server's clock, and a missing entry is
+//! trusted only before then (less a minute for the servers' clocks).
 //!
 //! A key is `<group>.<sender>.<clientMsgId>`: ids never contain `.`, so no two
 //! sends share one.
@@ -55,14 +72,25 @@ pub fn send_key(group: &GroupId, sender: &UserId, client: &ClientMsgId) -> Strin
     format!("{group}.{sender}.{client}")
 }
 
+/// How far apart the servers' clocks may be (worker and nats-server):
+/// a missing entry is trusted only this long before it could have expired.
+pub const CLOCK_MARGIN: Duration = Duration::from_secs(60);
+
 /// Handle on the bucket; cheap to clone.
 #[derive(Debug, Clone)]
-pub struct SendLog(Bucket);
+pub struct SendLog {
+    bucket: Bucket,
+    /// The idempotency window: how long any entry may live.
+    window: Duration,
+    /// How long the entry of a time-stamped id lives past its minting.
+    short: Duration,
+}
 
 impl Bus {
     /// Creates the send log, or updates it to keep entries for `window`
-    /// (workers only, at start-up, like the streams).
-    pub async fn send_log(&self, window: Duration) -> Result<SendLog, BusError> {
+    /// (workers only, at start-up, like the streams); entries of ids that
+    /// say when they were minted live `short` past that (module docs).
+    pub async fn send_log(&self, window: Duration, short: Duration) -> Result<SendLog, BusError> {
         let config = kv::Config {
             bucket: SENDS_BUCKET.into(),
             description: "One entry per send for the idempotency window: <group>.<sender>.<clientMsgId> -> message id".into(),
@@ -73,22 +101,83 @@ impl Bus {
             num_replicas: self.defs.groups_stream.num_replicas,
             ..Default::default()
         };
-        self.declare_bucket(SENDS_BUCKET, config).await.map(SendLog)
+        let bucket = self.declare_bucket_with_ttls(SENDS_BUCKET, config).await?;
+        Ok(SendLog {
+            bucket,
+            window,
+            short: short.min(window),
+        })
     }
 }
 
+/// How long the entry of an id minted at `minted` (client's clock, ms since
+/// the epoch; `None`: the id does not say) and written at `now` lives:
+/// `None` for the whole window.
+fn lifetime(minted: Option<i64>, now: i64, short: Duration, window: Duration) -> Option<Duration> {
+    let minted = minted?;
+    let (short_ms, window_ms) = (millis(short), millis(window));
+    let until = minted.saturating_add(short_ms).saturating_sub(now);
+    let ms = until.clamp(short_ms, window_ms);
+    // whole seconds, rounded up: nats-server counts TTLs in seconds
+    (ms < window_ms).then(|| Duration::from_secs((ms as u64).div_ceil(1000)))
+}
+
+/// Whether a missing entry for an id minted at `minted` proves that no
+/// attempt of it was made at `now` or up to the window before: every entry
+/// of it lives until `minted + short` at least.
+fn conclusive(minted: Option<i64>, now: i64, short: Duration) -> bool {
+    minted
+        .is_none_or(|m| m.saturating_add(millis(short)) > now.saturating_add(millis(CLOCK_MARGIN)))
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
 impl SendLog {
+    /// How long the entry of `client`'s send written at `now` (ms since the
+    /// epoch) lives; `None`: the whole window.
+    pub fn lifetime(&self, client: &ClientMsgId, now: i64) -> Option<Duration> {
+        lifetime(client.minted_at(), now, self.short, self.window)
+    }
+
+    /// Whether no entry for `client` at `now` proves it was never sent in
+    /// the window; if not, MongoDB answers (module docs).
+    pub fn conclusive(&self, client: &ClientMsgId, now: i64) -> bool {
+        conclusive(client.minted_at(), now, self.short)
+    }
+
+    /// What a send that finds no entry, and cannot trust that
+    /// ([`SendLog::conclusive`]), must know is in MongoDB before it trusts
+    /// MongoDB's answer: every message the stream took up to this long ago.
+    /// An earlier attempt whose entry is gone was written at least `short`
+    /// ago and lands within `settle` of its write or never; a clock margin
+    /// each for the worker that wrote it and for nats-server.
+    pub fn persisted_until_ago(&self, settle: Duration) -> Duration {
+        self.short.saturating_sub(settle + CLOCK_MARGIN * 2)
+    }
+
     /// Records a send unless one with the same key exists: one JetStream
-    /// write on the normal path, plus a read when the key is taken.
-    pub async fn claim(&self, key: &str, record: &SendRecord) -> Result<Claimed, BusError> {
+    /// write on the normal path, plus a read when the key is taken. The
+    /// entry lives `ttl` ([`SendLog::lifetime`]).
+    pub async fn claim(
+        &self,
+        key: &str,
+        record: &SendRecord,
+        ttl: Option<Duration>,
+    ) -> Result<Claimed, BusError> {
         let value = Bytes::from(serde_json::to_vec(record).map_err(BusError::nats)?);
         // at most: created, taken (read it), deleted (create over the marker)
         let mut expected = 0;
         for _ in 0..3 {
-            if let Some(revision) = self.0.put_if_last(key, value.clone(), expected).await? {
+            if let Some(revision) = self
+                .bucket
+                .put_if_last_for(key, value.clone(), expected, ttl)
+                .await?
+            {
                 return Ok(Claimed::New { revision });
             }
-            match self.0.last(key).await? {
+            match self.bucket.last(key).await? {
                 Some(Entry {
                     value: Some(earlier),
                     revision,
@@ -119,23 +208,84 @@ impl SendLog {
         key: &str,
         record: &SendRecord,
         revision: u64,
+        ttl: Option<Duration>,
     ) -> Result<Option<u64>, BusError> {
         let value = Bytes::from(serde_json::to_vec(record).map_err(BusError::nats)?);
-        self.0.put_if_last(key, value, revision).await
+        self.bucket.put_if_last_for(key, value, revision, ttl).await
     }
 
     /// Forgets a send that certainly never went out, so that a retry with
     /// the same client id starts afresh (a delete marker, as the key-value
     /// client writes), if its entry is still the one made at `revision`
     /// (whether it was): an entry made since belongs to another attempt.
+    /// The marker lives the short while only: without it a retry goes ahead
+    /// just as well.
     pub async fn release(&self, key: &str, revision: u64) -> Result<bool, BusError> {
-        self.0.delete_if_last(key, revision).await
+        self.bucket
+            .delete_if_last(key, revision, Some(self.short))
+            .await
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const MIN: i64 = 60_000;
+
+    #[test]
+    fn an_entry_lives_until_its_id_is_short_old_and_no_longer_than_the_window() {
+        let (short, window) = (Duration::from_secs(15 * 60), Duration::from_secs(24 * 3600));
+        let now = 1_796_342_400_000;
+        let at = |minted: Option<i64>| lifetime(minted, now, short, window);
+        // an id that does not say when it was minted: the whole window
+        assert_eq!(at(None), None);
+        // minted just now: the short while
+        assert_eq!(at(Some(now)), Some(short));
+        // minted long ago (or a clock far behind): still the short while
+        assert_eq!(at(Some(now - 600 * MIN)), Some(short));
+        // a clock 30 min ahead: until minted + short by the server's clock
+        assert_eq!(at(Some(now + 30 * MIN)), Some(Duration::from_secs(45 * 60)));
+        // rounded up to whole seconds
+        assert_eq!(
+            at(Some(now + 30 * MIN + 1)),
+            Some(Duration::from_secs(45 * 60 + 1))
+        );
+        // a stamp past the window: the whole window, like an id without one
+        assert_eq!(at(Some(now + 24 * 60 * MIN)), None);
+    }
+
+    #[test]
+    fn a_missing_entry_is_trusted_only_while_every_entry_of_its_id_must_live() {
+        let short = Duration::from_secs(15 * 60);
+        let now = 1_796_342_400_000;
+        let trusted = |minted: Option<i64>| conclusive(minted, now, short);
+        assert!(trusted(None));
+        assert!(trusted(Some(now)));
+        assert!(trusted(Some(now + 600 * MIN)), "a clock ahead");
+        assert!(trusted(Some(now - 13 * MIN)));
+        // within the servers' clock margin of expiring, or past it
+        assert!(!trusted(Some(now - 14 * MIN)));
+        assert!(!trusted(Some(now - 15 * MIN)));
+        assert!(
+            !trusted(Some(now - 600 * MIN)),
+            "a late retry, or a clock behind"
+        );
+        // whatever the clock: an entry written at any time up to now lives
+        // until minted + short at least, so a trusted miss is never one
+        // whose entry expired
+        for minted in [now - 14 * MIN + 1, now - 5 * MIN, now + 90 * MIN] {
+            for written in [now - 24 * 60 * MIN, now - 20 * MIN, now - MIN, now] {
+                let ttl = lifetime(Some(minted), written, short, Duration::from_secs(24 * 3600))
+                    .map_or(i64::MAX, |d| d.as_millis() as i64);
+                assert!(
+                    !trusted(Some(minted))
+                        || written.saturating_add(ttl) > now + CLOCK_MARGIN.as_millis() as i64,
+                    "minted {minted}, written {written}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn send_keys_are_injective_since_ids_have_no_dots() {

@@ -111,6 +111,30 @@ impl MessageId {
     }
 }
 
+impl ClientMsgId {
+    /// A fresh client message id: a UUID v7, which says when it was minted
+    /// (what the clients of this workspace send; see [`Self::minted_at`]).
+    pub fn generate() -> Self {
+        Self(uuid::Uuid::now_v7().as_hyphenated().to_string())
+    }
+
+    /// When the client minted this id, by the client's clock, in
+    /// milliseconds since the epoch, if it is a UUID v7 (hyphenated or 32 hex
+    /// digits); `None` for any other id. The send log keeps the entries of
+    /// such ids for a short while only (chat_bus::sends).
+    pub fn minted_at(&self) -> Option<i64> {
+        let u = uuid::Uuid::try_parse(&self.0).ok()?;
+        if u.get_version_num() != 7 || u.get_variant() != uuid::Variant::RFC4122 {
+            return None;
+        }
+        let (secs, nanos) = u.get_timestamp()?.to_unix();
+        i64::try_from(secs)
+            .ok()?
+            .checked_mul(1000)?
+            .checked_add(i64::from(nanos / 1_000_000))
+    }
+}
+
 impl GroupId {
     /// A fresh, unguessable group id (UUID v4, 32 hex digits).
     pub fn generate() -> Self {
@@ -128,6 +152,34 @@ impl DeviceId {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_uuid_v7_client_id_says_when_it_was_minted() {
+        let id = uuid::Uuid::now_v7();
+        let ms = |s: String| ClientMsgId::parse(s).expect("id").minted_at();
+        let when = ms(id.as_hyphenated().to_string()).expect("hyphenated v7");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_millis() as i64;
+        assert!((now - when).abs() < 5_000, "{when} is not about {now}");
+        assert_eq!(ms(id.simple().to_string()), Some(when));
+        assert_eq!(
+            ms(id.as_hyphenated().to_string().to_uppercase()),
+            Some(when)
+        );
+        // 2026-12-04T00:00:00Z is 1,796,342,400,000 ms: 0x01a2_3e59_c400
+        assert_eq!(
+            ms("01a23e59-c400-7000-8000-000000000000".into()),
+            Some(1_796_342_400_000)
+        );
+        // a v4 id, a v7 with the wrong variant, ids that are not UUIDs
+        assert_eq!(ms(uuid::Uuid::new_v4().simple().to_string()), None);
+        assert_eq!(ms("01a23e59-c400-7000-c000-000000000000".into()), None);
+        assert_eq!(ms("c-1".into()), None);
+        assert_eq!(ms("01a1e6a63c0070008000000000000000aa".into()), None);
+        assert!(ClientMsgId::generate().minted_at().is_some());
+    }
 
     #[test]
     fn accepts_safe_ids() {

@@ -483,6 +483,25 @@ impl MessageRepo {
             .transpose()
     }
 
+    /// The message `sender` sent to `group` under client id `client`, if it
+    /// is in history (the `idempotency` index): for a send the send log
+    /// cannot vouch for (chat_bus::sends).
+    pub async fn sent_with(
+        &self,
+        group: &GroupId,
+        sender: &UserId,
+        client: &ClientMsgId,
+    ) -> Result<Option<StoredMessage>, StoreError> {
+        self.coll
+            .find_one(doc! {
+                "groupId": group.as_str(), "senderId": sender.as_str(),
+                "clientMsgId": client.as_str(), "state": COMMITTED,
+            })
+            .await?
+            .map(MessageDoc::into_message)
+            .transpose()
+    }
+
     /// Each encryption key id with the number of stored messages it seals
     /// (an operator's question, answered with a scan).
     pub async fn key_usage(&self) -> Result<Vec<(String, u64)>, StoreError> {

@@ -153,6 +153,56 @@ async fn earlier_attempt(
     Ok(Earlier::Lost(id))
 }
 
+/// For a send whose missing send log entry proves nothing
+/// ([`chat_bus::SendLog::conclusive`]: a late retry, or a client clock
+/// behind): the message MongoDB holds under its client id, or `None` if it
+/// was never sent. First makes sure MongoDB holds every message an earlier
+/// attempt could be (else `unavailable`: the retry is answered once it
+/// does), then reads it: in that order, so a message persisted between the
+/// two cannot be missed.
+async fn sent_before(
+    s: &State,
+    group: &GroupId,
+    sender: &UserId,
+    client: &ClientMsgId,
+    now: i64,
+) -> Result<Option<StoredMessage>, WorkerError> {
+    let check = |outcome: &'static str| {
+        metrics::counter!("chat_send_log_history_checks_total", "outcome" => outcome).increment(1);
+    };
+    let ago = s.sends.persisted_until_ago(s.config.resolve_pending_after);
+    let until = now.saturating_sub(i64::try_from(ago.as_millis()).unwrap_or(i64::MAX));
+    if !s.bus.persisted_before(until).await? {
+        check("behind");
+        return Err(unavailable(
+            "cannot tell yet whether this message was sent before; retry later",
+        ));
+    }
+    let found = s.store.messages.sent_with(group, sender, client).await?;
+    check(if found.is_some() { "sent" } else { "new" });
+    Ok(found)
+}
+
+/// Points the send log entry at `revision` to `m`, found in MongoDB, so
+/// that the next retry finds it there: best effort (without it, that retry
+/// asks MongoDB again).
+async fn remember(
+    s: &State,
+    key: &str,
+    m: &StoredMessage,
+    revision: u64,
+    ttl: Option<std::time::Duration>,
+) {
+    let record = SendRecord {
+        message_id: m.id.to_string(),
+        after_stream_seq: m.stream_seq.unwrap_or(0).saturating_sub(1),
+        at: m.created_at,
+    };
+    if let Err(e) = s.sends.renew(key, &record, revision, ttl).await {
+        tracing::debug!(message = %m.id, error = %e, "send log entry not renewed");
+    }
+}
+
 /// The senders of `group`'s messages with seq in `(lo, hi]`, once
 /// persistence has caught up with them, or after a short wait what is there:
 /// the watermarks themselves are stored exactly either way, but while
@@ -325,17 +375,37 @@ impl MessagesService {
         // the send log decides whether this is a retry: one JetStream write
         let key = send_key(&group, &sender, &client_id);
         let after = lower_bound(s, &group).await?;
+        let now = now_millis();
+        let ttl = s.sends.lifetime(&client_id, now);
         let record = SendRecord {
             message_id: MessageId::generate().to_string(),
             after_stream_seq: after,
-            at: now_millis(),
+            at: now,
         };
-        let (id, after, reservation) = match s.sends.claim(&key, &record).await? {
-            Claimed::New { revision } => (
-                parse_id::<MessageId>(&record.message_id)?,
-                after,
-                Some(Reservation::new(s.sends.clone(), key, revision)),
-            ),
+        let (id, after, reservation) = match s.sends.claim(&key, &record, ttl).await? {
+            Claimed::New { revision } => {
+                let reservation = Reservation::new(s.sends.clone(), key.clone(), revision);
+                // an earlier attempt's entry may have expired: MongoDB knows
+                if !s.sends.conclusive(&client_id, now) {
+                    match sent_before(s, &group, &sender, &client_id, now).await {
+                        Ok(None) => {}
+                        Ok(Some(m)) => {
+                            reservation.keep();
+                            remember(s, &key, &m, revision, ttl).await;
+                            return Ok(ack(&m));
+                        }
+                        Err(e) => {
+                            reservation.release().await;
+                            return Err(e);
+                        }
+                    }
+                }
+                (
+                    parse_id::<MessageId>(&record.message_id)?,
+                    after,
+                    Some(reservation),
+                )
+            }
             Claimed::Earlier {
                 record: earlier,
                 revision,
@@ -345,7 +415,11 @@ impl MessagesService {
                     // a new revision before it goes out again: a late
                     // give-back of the lost attempt can no longer take the
                     // entry out (a retry after that would be a duplicate)
-                    if s.sends.renew(&key, &earlier, revision).await?.is_none() {
+                    if s.sends
+                        .renew(&key, &earlier, revision, ttl)
+                        .await?
+                        .is_none()
+                    {
                         return Err(unavailable("this message is being sent again; retry later"));
                     }
                     (id, earlier.after_stream_seq, None)

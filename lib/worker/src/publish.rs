@@ -356,7 +356,7 @@ impl Reservation {
         }
     }
 
-    fn keep(mut self) {
+    pub(crate) fn keep(mut self) {
         self.armed = false;
     }
 
@@ -836,7 +836,10 @@ mod tests {
         let nats = chat_stack::Nats::start().await.expect("nats-server");
         let bus = crate::test_bus(&nats).await;
         let log = bus
-            .send_log(std::time::Duration::from_secs(60))
+            .send_log(
+                std::time::Duration::from_secs(60),
+                std::time::Duration::from_secs(60),
+            )
             .await
             .expect("send log");
         let record = SendRecord {
@@ -846,7 +849,7 @@ mod tests {
         };
         let claim = |key: &'static str| {
             let (log, record) = (log.clone(), record.clone());
-            async move { log.claim(key, &record).await.expect("claimed") }
+            async move { log.claim(key, &record, None).await.expect("claimed") }
         };
         let reserved = |key: &'static str, revision| {
             Some(Reservation::new(log.clone(), key.to_owned(), revision))
@@ -905,7 +908,7 @@ mod tests {
             panic!("the earlier attempt");
         };
         assert_eq!(revision, lost);
-        let renewed = log.renew("g.alice.c4", &record, revision).await;
+        let renewed = log.renew("g.alice.c4", &record, revision, None).await;
         assert!(matches!(renewed, Ok(Some(r)) if r > lost), "{renewed:?}");
         let late = Reservation::new(log.clone(), "g.alice.c4".into(), lost);
         late.release().await;

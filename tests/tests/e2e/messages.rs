@@ -1,7 +1,7 @@
 //! Text messages (seed §2): ordered, gapless, delivered live and offline,
 //! idempotent, encrypted at rest, rolled back on failure, with receipts.
 
-use std::collections::HashSet;
+use std::{collections::HashSet, time::Duration};
 
 use chat_tests::{Client, Cluster, PROMPTLY, SERVICE_SECRET, eventually};
 use mongodb::bson::{Document, doc};
@@ -141,6 +141,104 @@ async fn a_retried_send_creates_one_message_even_across_edges() -> anyhow::Resul
     assert_eq!(seqs(&got), [1, 2]);
     assert_eq!(got[1]["senderId"], "bob");
     assert_eq!(c.history("bob", &g).await?.len(), 2);
+    c.stop().await
+}
+
+/// A client id that is a UUID v7 minted `ago` before now.
+fn v7_minted_ago(ago: Duration) -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    let ms = now.map_or(0, |d| d.saturating_sub(ago).as_millis() as u64);
+    let hex = format!("{ms:012x}");
+    format!("{}-{}-7abc-8def-0123456789ab", &hex[..8], &hex[8..12])
+}
+
+/// The send log keeps the entry of a UUID v7 client id only minutes past its
+/// minting (nats-server holds every entry in memory): a retry after that
+/// is answered from MongoDB, with the original ack and nothing created; and
+/// with MongoDB down, `unavailable` rather than a second message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_its_send_log_entry_expired_is_answered_from_history() -> anyhow::Result<()> {
+    let mut c = Cluster::start(1, 1).await?;
+    let g = c.room(&["alice", "bob"]).await?;
+    let mut alice = c.connect(0, "alice", "web").await?;
+    let ops = &c.stack.nats.users.ops;
+    let nats =
+        async_nats::ConnectOptions::with_user_and_password(ops.user.into(), ops.password.clone())
+            .connect(&c.stack.nats.url)
+            .await?;
+    let log = async_nats::jetstream::new(nats)
+        .get_stream("KV_CHAT_SENDS")
+        .await?;
+    let subject = |client: &str| format!("$KV.CHAT_SENDS.{g}.alice.{client}");
+    let ttl = |client: String| {
+        let (log, subject) = (log.clone(), subject(&client));
+        async move {
+            let entry = log.get_last_raw_message_by_subject(&subject).await?;
+            anyhow::Ok(entry.headers.get("Nats-TTL").map(|v| v.as_str().to_owned()))
+        }
+    };
+
+    // a freshly minted id: its entry lives the short window (15 min)
+    let fresh = chat_domain::ClientMsgId::generate().into_string();
+    alice.send_text(&g, &fresh, "fresh").await?;
+    assert_eq!(ttl(fresh).await?.as_deref(), Some("900"));
+    // an id that does not say when it was minted: the whole window
+    alice.send_text(&g, "legacy-1", "legacy").await?;
+    assert_eq!(ttl("legacy-1".into()).await?, None);
+
+    // an id minted two hours ago (sent late, or a clock behind): the log
+    // cannot vouch for it, so MongoDB is asked too; it is new
+    let late = v7_minted_ago(Duration::from_secs(2 * 3600));
+    let checks = |outcome: &'static str| {
+        let url = format!("{}/metrics", c.ops_url(0));
+        let http = c.http();
+        async move {
+            let text = http.get(url).send().await?.text().await?;
+            let line = format!("chat_send_log_history_checks_total{{outcome=\"{outcome}\"}} ");
+            anyhow::Ok(
+                text.lines()
+                    .find_map(|l| l.strip_prefix(&line)?.trim().parse::<f64>().ok())
+                    .unwrap_or_default(),
+            )
+        }
+    };
+    let first = alice.send_text(&g, &late, "late").await?;
+    assert_eq!(first["seq"].as_u64(), Some(3));
+    assert!(checks("new").await? >= 1.0, "MongoDB was not asked");
+    assert_eq!(ttl(late.clone()).await?.as_deref(), Some("900"));
+    c.mongo_settled(&g, 3).await?;
+
+    // its entry expires (as nats-server removes it when its TTL is up): the
+    // retry finds the message in MongoDB and gets the original ack
+    log.purge().filter(subject(&late)).await?;
+    assert_eq!(alice.send_text(&g, &late, "late").await?, first);
+    assert!(checks("sent").await? >= 1.0);
+    // the entry points at it again: the next retry is the log's to answer
+    assert!(
+        log.get_last_raw_message_by_subject(&subject(&late))
+            .await
+            .is_ok()
+    );
+    assert_eq!(alice.send_text(&g, &late, "late").await?, first);
+
+    // with MongoDB down, an expired entry leaves the worker unable to tell:
+    // `unavailable`, never a second message; the answer comes once it is back
+    log.purge().filter(subject(&late)).await?;
+    c.stack.mongo.kill();
+    let refused = alice.send_text(&g, &late, "late").await;
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("unavailable")),
+        "{refused:?}"
+    );
+    c.stack.mongo.restart().await?;
+    let after = alice
+        .send_text_until_ok(&g, &late, "late", PROMPTLY)
+        .await?;
+    assert_eq!(after, first);
+    let history = c.history("bob", &g).await?;
+    assert_eq!(seqs(&history), [3, 2, 1], "one message per client id");
     c.stop().await
 }
 
@@ -544,7 +642,7 @@ async fn sends_queued_for_a_group_commit_together_gapless_across_two_workers() -
         send_to_worker(channel, who, g.clone(), n)
     };
     const BURST: usize = 40;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let mut acks = Vec::new();
     loop {
         let from = acks.len();
