@@ -343,14 +343,6 @@ pub struct ServeArgs {
     /// bucket's `max_age`; one small entry per send).
     #[arg(long, env = "CHATD_IDEMPOTENCY_WINDOW_SECS", default_value_t = 24 * 3600)]
     pub idempotency_window_secs: u64,
-    /// Worker: how long past its minting the send log keeps the entry of a
-    /// send whose `clientMsgId` is a UUID v7, in seconds (at least 300, at
-    /// most the idempotency window). nats-server holds every entry in
-    /// memory (about 430 bytes each); a retry later than this is answered
-    /// from MongoDB instead (one read). Other ids keep their entry for the
-    /// whole idempotency window.
-    #[arg(long, env = "CHATD_SEND_LOG_WINDOW_SECS", default_value_t = 15 * 60)]
-    pub send_log_window_secs: u64,
     /// Worker: how long after sending it a sender may edit a text message,
     /// in seconds (0: messages cannot be edited). Deleting has no window.
     #[arg(long, env = "CHATD_EDIT_WINDOW_SECS", default_value_t = 3600)]
@@ -698,7 +690,7 @@ impl Node {
             let sends = bus
                 .send_log(
                     idempotency_window,
-                    Duration::from_secs(args.send_log_window_secs.max(300)),
+                    Duration::from_millis(args.resolve_pending_after_ms),
                 )
                 .await
                 .context("declaring the send log")?;

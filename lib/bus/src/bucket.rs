@@ -94,10 +94,13 @@ impl Bus {
         }
     }
 
-    /// The key-value configuration cannot say that entries may carry
-    /// lifetimes, and nats-server refuses an update that would turn that
-    /// off: such a bucket is created through the key-value client and then
-    /// given them, and updated through its stream's configuration.
+    /// The key-value configuration allows entries lifetimes of their own
+    /// only together with markers for expired entries (`limit_markers`: one
+    /// more write per expired entry), and nats-server refuses an update that
+    /// would turn them off: such a bucket is created through the key-value
+    /// client and then given them, and updated through its stream's
+    /// configuration. (nats-server before 2.11 ignores both the setting and
+    /// the header: entries then live the whole window, as before.)
     async fn try_declare_bucket(
         &self,
         name: &'static str,

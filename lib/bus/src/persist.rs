@@ -3,7 +3,7 @@
 //! notices with which workers tell each other that a group's membership
 //! changed (so that their membership caches stay current).
 
-use async_nats::jetstream::{self, AckKind, consumer::pull};
+use async_nats::jetstream::{self, AckKind, consumer::pull, stream::RawMessageErrorKind};
 use chat_domain::GroupId;
 use futures::{StreamExt, stream::ReadyChunks};
 
@@ -145,35 +145,11 @@ impl Bus {
         Ok(info.ack_floor.stream_sequence)
     }
 
-    /// Whether every message the group stream took before `before` (ms since
-    /// the epoch, nats-server's clock) is in MongoDB: the persist consumer's
-    /// oldest message not yet acknowledged is younger, or there is none.
-    /// Three JetStream API calls; for the rare send that must ask MongoDB
-    /// whether it was sent before (crate::sends).
-    pub async fn persisted_before(&self, before: i64) -> Result<bool, BusError> {
-        let stream = self
-            .js
-            .get_stream(&self.defs.groups_stream.name)
-            .await
-            .map_err(BusError::nats)?;
-        let state = stream.cached_info().state.clone();
-        let floor = self.persisted_through().await?;
-        let next = floor.saturating_add(1).max(state.first_sequence);
-        if next > state.last_sequence {
-            return Ok(true);
-        }
-        // a message missing at `next` (none are deleted one by one): not
-        // known, so not persisted
-        let Ok(msg) = stream.get_raw_message(next).await else {
-            return Ok(false);
-        };
-        Ok(msg.time.unix_timestamp_nanos() / 1_000_000 >= i128::from(before))
-    }
-
     /// How much of the group stream's room the messages not yet in MongoDB
-    /// take: two JetStream API calls (the stream's state and limits, the
-    /// persist consumer's acknowledgement floor). Their bytes are an
-    /// estimate at the stream's mean message size.
+    /// take, and since when: three JetStream API calls (the stream's state
+    /// and limits, the persist consumer's acknowledgement floor, the first
+    /// group message past it). Their bytes are an estimate at the stream's
+    /// mean message size.
     pub async fn persist_backlog(&self) -> Result<Backlog, BusError> {
         let stream = self
             .js
@@ -199,12 +175,34 @@ impl Bus {
         } else {
             (state.bytes as u128 * behind as u128 / state.messages as u128) as u64
         };
+        // the oldest group message past the floor (the persist consumer's
+        // subjects only: membership events and erased messages are not
+        // waited for)
+        let oldest_unpersisted = if behind == 0 {
+            None
+        } else {
+            let filter = self.defs.persist_consumer.filter_subject.clone();
+            match stream
+                .raw_message_builder()
+                .sequence(floor.saturating_add(1))
+                .next_by_subject(filter)
+                .send()
+                .await
+            {
+                Ok(m) => {
+                    Some(i64::try_from(m.time.unix_timestamp_nanos() / 1_000_000).unwrap_or(0))
+                }
+                Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => None,
+                Err(e) => return Err(BusError::nats(e)),
+            }
+        };
         let limit = |v: i64| u64::try_from(v).ok().filter(|&v| v > 0);
         Ok(Backlog {
             messages: behind,
             bytes,
             max_messages: limit(info.config.max_messages),
             max_bytes: limit(info.config.max_bytes),
+            oldest_unpersisted,
         })
     }
 
@@ -265,6 +263,7 @@ mod tests {
             bytes: 800,
             max_messages: Some(100),
             max_bytes: Some(1_000),
+            ..Backlog::default()
         };
         assert!(!b.full_with(0, 0));
         assert!(b.full_with(10, 0) && b.full_with(0, 100));
@@ -297,6 +296,9 @@ pub struct Backlog {
     pub bytes: u64,
     pub max_messages: Option<u64>,
     pub max_bytes: Option<u64>,
+    /// When the stream took the oldest group message not yet in MongoDB
+    /// (ms since the epoch, nats-server's clock); `None`: every one is.
+    pub oldest_unpersisted: Option<i64>,
 }
 
 impl Backlog {

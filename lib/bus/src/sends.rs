@@ -14,11 +14,12 @@
 //! node. So an entry lives only as long as it must:
 //! - an id that says when it was minted (a UUID v7, what this workspace's
 //!   clients send) keeps its entry until `minted + short` (at least `short`
-//!   from its write, at most the whole window): 15 minutes by default. A
+//!   from its write, at most the whole window), `short` being
+//!   [`SHORT_WINDOW`], 15 minutes. A
 //!   send whose id was minted longer ago than that (a late retry, or a
 //!   client whose clock is behind) cannot trust a missing entry
-//!   ([`SendLog::conclusive`]), and the worker asks MongoDB, where every
-//!   message is by then, whether it was sent;
+//!   ([`SendLog::conclusive`]), and the worker asks MongoDB, once it holds
+//!   every message such an attempt could be, whether it was sent;
 //! - any other id keeps its entry for the whole window, as before.
 //!
 //! The rule holds whatever the client's clock says: an entry lives at least
@@ -76,21 +77,32 @@ pub fn send_key(group: &GroupId, sender: &UserId, client: &ClientMsgId) -> Strin
 /// a missing entry is trusted only this long before it could have expired.
 pub const CLOCK_MARGIN: Duration = Duration::from_secs(60);
 
+/// How long past its minting the entry of a time-stamped id lives. One
+/// figure for every worker, not a setting: a worker trusts a missing entry
+/// by the lifetime it would have given it, so two workers with different
+/// figures could each publish one attempt.
+pub const SHORT_WINDOW: Duration = Duration::from_secs(15 * 60);
+
 /// Handle on the bucket; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct SendLog {
     bucket: Bucket,
     /// The idempotency window: how long any entry may live.
     window: Duration,
-    /// How long the entry of a time-stamped id lives past its minting.
-    short: Duration,
+    /// How long the entry of a time-stamped id lives past its minting;
+    /// `None`: as long as any other ([`Bus::send_log`]).
+    short: Option<Duration>,
+    /// How long after its write an attempt lands or never does.
+    settle: Duration,
 }
 
 impl Bus {
     /// Creates the send log, or updates it to keep entries for `window`
     /// (workers only, at start-up, like the streams); entries of ids that
-    /// say when they were minted live `short` past that (module docs).
-    pub async fn send_log(&self, window: Duration, short: Duration) -> Result<SendLog, BusError> {
+    /// say when they were minted live [`SHORT_WINDOW`] past that (module
+    /// docs), unless `window` is no longer, or an attempt may land as late
+    /// as `settle` after its write that the rule has no room left.
+    pub async fn send_log(&self, window: Duration, settle: Duration) -> Result<SendLog, BusError> {
         let config = kv::Config {
             bucket: SENDS_BUCKET.into(),
             description: "One entry per send for the idempotency window: <group>.<sender>.<clientMsgId> -> message id".into(),
@@ -105,9 +117,18 @@ impl Bus {
         Ok(SendLog {
             bucket,
             window,
-            short: short.min(window),
+            short: short_window(window, settle),
+            settle,
         })
     }
+}
+
+/// [`SHORT_WINDOW`] if it is shorter than the window and leaves more than a
+/// minute once the settle delay and the clocks' margins are taken off it
+/// ([`SendLog::persisted_before`]); else `None`: every entry lives the
+/// whole window.
+fn short_window(window: Duration, settle: Duration) -> Option<Duration> {
+    Some(SHORT_WINDOW).filter(|&s| s < window && s > settle + CLOCK_MARGIN * 3)
 }
 
 /// How long the entry of an id minted at `minted` (client's clock, ms since
@@ -138,23 +159,30 @@ impl SendLog {
     /// How long the entry of `client`'s send written at `now` (ms since the
     /// epoch) lives; `None`: the whole window.
     pub fn lifetime(&self, client: &ClientMsgId, now: i64) -> Option<Duration> {
-        lifetime(client.minted_at(), now, self.short, self.window)
+        let short = self.short?;
+        lifetime(client.minted_at(), now, short, self.window)
     }
 
     /// Whether no entry for `client` at `now` proves it was never sent in
     /// the window; if not, MongoDB answers (module docs).
     pub fn conclusive(&self, client: &ClientMsgId, now: i64) -> bool {
-        conclusive(client.minted_at(), now, self.short)
+        self.short
+            .is_none_or(|short| conclusive(client.minted_at(), now, short))
     }
 
     /// What a send that finds no entry, and cannot trust that
     /// ([`SendLog::conclusive`]), must know is in MongoDB before it trusts
-    /// MongoDB's answer: every message the stream took up to this long ago.
-    /// An earlier attempt whose entry is gone was written at least `short`
-    /// ago and lands within `settle` of its write or never; a clock margin
-    /// each for the worker that wrote it and for nats-server.
-    pub fn persisted_until_ago(&self, settle: Duration) -> Duration {
-        self.short.saturating_sub(settle + CLOCK_MARGIN * 2)
+    /// MongoDB's answer: every group message the stream took before `now`
+    /// (ms since the epoch) less this. An earlier attempt whose entry is
+    /// gone was written at least the short window ago and lands within
+    /// `settle` of its write or never; a clock margin each for the worker
+    /// that wrote it and for nats-server (more than a minute is left:
+    /// [`Bus::send_log`]).
+    pub fn persisted_before(&self, now: i64) -> i64 {
+        let ago = self.short.map_or(Duration::ZERO, |s| {
+            s.saturating_sub(self.settle + CLOCK_MARGIN * 2)
+        });
+        now.saturating_sub(millis(ago))
     }
 
     /// Records a send unless one with the same key exists: one JetStream
@@ -221,9 +249,7 @@ impl SendLog {
     /// The marker lives the short while only: without it a retry goes ahead
     /// just as well.
     pub async fn release(&self, key: &str, revision: u64) -> Result<bool, BusError> {
-        self.bucket
-            .delete_if_last(key, revision, Some(self.short))
-            .await
+        self.bucket.delete_if_last(key, revision, self.short).await
     }
 }
 
@@ -253,6 +279,20 @@ mod tests {
         );
         // a stamp past the window: the whole window, like an id without one
         assert_eq!(at(Some(now + 24 * 60 * MIN)), None);
+    }
+
+    #[test]
+    fn the_short_window_is_used_only_where_it_is_shorter_and_leaves_room() {
+        let secs = Duration::from_secs;
+        assert_eq!(short_window(secs(24 * 3600), secs(30)), Some(SHORT_WINDOW));
+        assert_eq!(short_window(secs(15 * 60), secs(30)), None, "no shorter");
+        assert_eq!(short_window(secs(60), secs(30)), None);
+        assert_eq!(
+            short_window(secs(24 * 3600), secs(12 * 60)),
+            None,
+            "no room"
+        );
+        assert!(short_window(secs(24 * 3600), secs(11 * 60)).is_some());
     }
 
     #[test]

@@ -14,7 +14,7 @@
 
 use std::sync::{
     Mutex,
-    atomic::{AtomicU64, Ordering},
+    atomic::{AtomicI64, AtomicU64, Ordering},
 };
 
 use chat_bus::Backlog;
@@ -39,6 +39,9 @@ pub(crate) struct LogRoom {
     /// mean (a flood of large messages behind a long history of small
     /// ones would be counted far too small at the stream's).
     recent_mean: AtomicU64,
+    /// Every group message the stream took before this (ms since the
+    /// epoch) is in MongoDB, as last read; 0: not read yet.
+    persisted_until: AtomicI64,
 }
 
 /// Weight of the newest message in [`LogRoom::recent_mean`]: 1 / this.
@@ -86,9 +89,23 @@ impl LogRoom {
         self.recent_mean.store(next, Ordering::Relaxed);
     }
 
-    /// The server's figures, which include what was published before;
-    /// returns whether the backlog was full, and the backlog as counted.
-    fn refresh(&self, mut backlog: Backlog) -> (bool, Backlog) {
+    /// Every group message the stream took before the time returned (ms
+    /// since the epoch) is in MongoDB, as of the last read (at most
+    /// [`EVERY`] old, and never ahead of the truth); `None` before the
+    /// first read.
+    pub(crate) fn persisted_until(&self) -> Option<i64> {
+        Some(self.persisted_until.load(Ordering::Relaxed)).filter(|&t| t > 0)
+    }
+
+    /// The server's figures as read from `read_at` on (ms since the
+    /// epoch), which include what was published before; returns whether
+    /// the backlog was full, and the backlog as counted.
+    fn refresh(&self, mut backlog: Backlog, read_at: i64) -> (bool, Backlog) {
+        // nothing waiting when read: everything taken before the read began
+        self.persisted_until.store(
+            backlog.oldest_unpersisted.unwrap_or(read_at),
+            Ordering::Relaxed,
+        );
         let recent = backlog
             .messages
             .saturating_mul(self.recent_mean.load(Ordering::Relaxed));
@@ -108,6 +125,7 @@ pub(crate) async fn watch(state: std::sync::Arc<State>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        let read_at = chat_domain::now_millis();
         let backlog = match state.bus.persist_backlog().await {
             Ok(b) => b,
             Err(e) => {
@@ -115,7 +133,7 @@ pub(crate) async fn watch(state: std::sync::Arc<State>) {
                 continue;
             }
         };
-        let (was_full, backlog) = state.log_room.refresh(backlog);
+        let (was_full, backlog) = state.log_room.refresh(backlog, read_at);
         metrics::gauge!("chat_persist_backlog_messages").set(backlog.messages as f64);
         metrics::gauge!("chat_persist_backlog_bytes").set(backlog.bytes as f64);
         metrics::gauge!("chat_persist_backlog_ratio").set(backlog.ratio());
@@ -142,12 +160,16 @@ mod tests {
         let room = LogRoom::default();
         // no limit known yet: nothing refused
         assert!(room.check(1 << 30).is_ok());
-        room.refresh(Backlog {
-            messages: 0,
-            bytes: 0,
-            max_messages: None,
-            max_bytes: Some(10_000),
-        });
+        room.refresh(
+            Backlog {
+                messages: 0,
+                bytes: 0,
+                max_messages: None,
+                max_bytes: Some(10_000),
+                ..Backlog::default()
+            },
+            0,
+        );
         for _ in 0..8 {
             room.check(1_000).expect("room left");
             room.published(1_000);
@@ -155,12 +177,16 @@ mod tests {
         // 9,000 of 10,000 is the mark
         assert!(room.check(1_000).is_err());
         // the next read says persistence caught up
-        room.refresh(Backlog {
-            messages: 0,
-            bytes: 500,
-            max_messages: None,
-            max_bytes: Some(10_000),
-        });
+        room.refresh(
+            Backlog {
+                messages: 0,
+                bytes: 500,
+                max_messages: None,
+                max_bytes: Some(10_000),
+                ..Backlog::default()
+            },
+            0,
+        );
         assert!(room.check(1_000).is_ok());
         // large messages lately, behind a stream of small ones: the
         // backlog counts at their size, not the stream's mean
@@ -168,22 +194,47 @@ mod tests {
         for _ in 0..10 {
             room.published(2_000);
         }
-        let (_, counted) = room.refresh(Backlog {
-            messages: 5,
-            bytes: 500,
-            max_messages: None,
-            max_bytes: Some(10_000),
-        });
+        let (_, counted) = room.refresh(
+            Backlog {
+                messages: 5,
+                bytes: 500,
+                max_messages: None,
+                max_bytes: Some(10_000),
+                ..Backlog::default()
+            },
+            0,
+        );
         assert_eq!(counted.bytes, 10_000);
         assert!(room.check(1).is_err());
         // a message limit counts too
-        room.refresh(Backlog {
-            messages: 89,
-            bytes: 0,
-            max_messages: Some(100),
-            max_bytes: None,
-        });
+        room.refresh(
+            Backlog {
+                messages: 89,
+                bytes: 0,
+                max_messages: Some(100),
+                max_bytes: None,
+                ..Backlog::default()
+            },
+            0,
+        );
         assert!(room.check(1).is_err());
         assert_eq!(LogRoom::cost(3), 4 + OVERHEAD_BYTES);
+    }
+
+    #[test]
+    fn persistence_is_known_up_to_the_oldest_message_waiting_or_the_read() {
+        let room = LogRoom::default();
+        assert_eq!(room.persisted_until(), None, "not read yet");
+        room.refresh(
+            Backlog {
+                messages: 3,
+                oldest_unpersisted: Some(1_000),
+                ..Backlog::default()
+            },
+            5_000,
+        );
+        assert_eq!(room.persisted_until(), Some(1_000));
+        room.refresh(Backlog::default(), 6_000);
+        assert_eq!(room.persisted_until(), Some(6_000), "nothing waiting");
     }
 }

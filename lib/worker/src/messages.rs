@@ -170,9 +170,10 @@ async fn sent_before(
     let check = |outcome: &'static str| {
         metrics::counter!("chat_send_log_history_checks_total", "outcome" => outcome).increment(1);
     };
-    let ago = s.sends.persisted_until_ago(s.config.resolve_pending_after);
-    let until = now.saturating_sub(i64::try_from(ago.as_millis()).unwrap_or(i64::MAX));
-    if !s.bus.persisted_before(until).await? {
+    // as of the last read of the backlog (every second): no JetStream call
+    // per send, however many such sends come
+    let until = s.sends.persisted_before(now);
+    if s.log_room.persisted_until().is_none_or(|t| t < until) {
         check("behind");
         return Err(unavailable(
             "cannot tell yet whether this message was sent before; retry later",
@@ -184,8 +185,9 @@ async fn sent_before(
 }
 
 /// Points the send log entry at `revision` to `m`, found in MongoDB, so
-/// that the next retry finds it there: best effort (without it, that retry
-/// asks MongoDB again).
+/// that the next retry is answered from the entry: best effort (without
+/// it, the entry names an attempt that never went out, which that retry
+/// finds lost and asks MongoDB about again).
 async fn remember(
     s: &State,
     key: &str,
@@ -412,6 +414,14 @@ impl MessagesService {
             } => match earlier_attempt(s, &group, &earlier).await? {
                 Earlier::Landed(done) => return Ok(done),
                 Earlier::Lost(id) => {
+                    // the entry may be a late retry's that never went out,
+                    // left behind an expired one's that did: MongoDB knows
+                    if !s.sends.conclusive(&client_id, now)
+                        && let Some(m) = sent_before(s, &group, &sender, &client_id, now).await?
+                    {
+                        remember(s, &key, &m, revision, ttl).await;
+                        return Ok(ack(&m));
+                    }
                     // a new revision before it goes out again: a late
                     // give-back of the lost attempt can no longer take the
                     // entry out (a retry after that would be a duplicate)

@@ -838,7 +838,7 @@ mod tests {
         let log = bus
             .send_log(
                 std::time::Duration::from_secs(60),
-                std::time::Duration::from_secs(60),
+                std::time::Duration::from_secs(30),
             )
             .await
             .expect("send log");

@@ -166,9 +166,8 @@ async fn a_retry_after_its_send_log_entry_expired_is_answered_from_history() -> 
         async_nats::ConnectOptions::with_user_and_password(ops.user.into(), ops.password.clone())
             .connect(&c.stack.nats.url)
             .await?;
-    let log = async_nats::jetstream::new(nats)
-        .get_stream("KV_CHAT_SENDS")
-        .await?;
+    let js = async_nats::jetstream::new(nats);
+    let log = js.get_stream("KV_CHAT_SENDS").await?;
     let subject = |client: &str| format!("$KV.CHAT_SENDS.{g}.alice.{client}");
     let ttl = |client: String| {
         let (log, subject) = (log.clone(), subject(&client));
@@ -202,7 +201,10 @@ async fn a_retry_after_its_send_log_entry_expired_is_answered_from_history() -> 
             )
         }
     };
-    let first = alice.send_text(&g, &late, "late").await?;
+    // (`unavailable` until the worker has read the persist backlog once)
+    let first = alice
+        .send_text_until_ok(&g, &late, "late", PROMPTLY)
+        .await?;
     assert_eq!(first["seq"].as_u64(), Some(3));
     assert!(checks("new").await? >= 1.0, "MongoDB was not asked");
     assert_eq!(ttl(late.clone()).await?.as_deref(), Some("900"));
@@ -220,6 +222,25 @@ async fn a_retry_after_its_send_log_entry_expired_is_answered_from_history() -> 
             .is_ok()
     );
     assert_eq!(alice.send_text(&g, &late, "late").await?, first);
+
+    // an entry left naming an attempt that never went out (a late retry
+    // that failed after its claim): the next retry finds that attempt lost,
+    // and asks MongoDB before it would publish it
+    log.purge().filter(subject(&late)).await?;
+    let stale = json!({
+        "messageId": chat_domain::MessageId::generate().to_string(),
+        "afterStreamSeq": 0,
+        "at": chat_domain::now_millis() - 120_000,
+    });
+    js.publish(subject(&late), stale.to_string().into())
+        .await?
+        .await?;
+    // (`unavailable` until the worker has been connected for the settle
+    // delay: a publish buffered through a disconnect could still land)
+    let answered = alice
+        .send_text_until_ok(&g, &late, "late", PROMPTLY)
+        .await?;
+    assert_eq!(answered, first);
 
     // with MongoDB down, an expired entry leaves the worker unable to tell:
     // `unavailable`, never a second message; the answer comes once it is back
