@@ -687,11 +687,14 @@ impl Node {
                 .context("creating mongodb indexes")?;
             // before the listener: a bound port is taken for a serving one
             let idempotency_window = Duration::from_secs(args.idempotency_window_secs.max(60));
+            let settle = Duration::from_millis(args.resolve_pending_after_ms);
+            if !chat_bus::settle_fits(settle) {
+                anyhow::bail!(
+                    "--resolve-pending-after-ms must be under 12 minutes: the send log's rule for late retries needs the rest of its 15"
+                );
+            }
             let sends = bus
-                .send_log(
-                    idempotency_window,
-                    Duration::from_millis(args.resolve_pending_after_ms),
-                )
+                .send_log(idempotency_window, settle)
                 .await
                 .context("declaring the send log")?;
             let places = bus

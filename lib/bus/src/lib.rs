@@ -66,7 +66,7 @@ pub use live::{
 };
 pub use messages::{BatchPublished, Change, Envelope, MAX_BATCH, Position, Published, SEQ_HEADER};
 pub use persist::{
-    Backlog, Delivered, PersistFeed, Persisted, group_of_members_subject, members_subject,
+    Backlog, Delivered, PersistFeed, Persisted, Waiting, group_of_members_subject, members_subject,
 };
 pub use places::{
     DEVICE_NOTICES, PLACES_BUCKET, Place, Places, Saved, Stored, device_notice_subject, place_key,
@@ -80,7 +80,7 @@ pub use push::{
     PUSH_RECIPIENTS_MAX, PUSH_SUBJECTS, PushDelivery, PushEvent, WEBHOOK_ATTEMPTS,
     WEBHOOK_CONSUMER, push_subject,
 };
-pub use sends::{Claimed, SENDS_BUCKET, SendLog, SendRecord, send_key};
+pub use sends::{Claimed, SENDS_BUCKET, SendLog, SendRecord, send_key, settle_fits};
 pub use signals::{
     BadSignal, GROUP_SIGNALS, SIGNAL_FROM, SIGNAL_MAX_BYTES, Signal, group_signal_subject,
 };

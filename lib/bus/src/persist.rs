@@ -177,9 +177,10 @@ impl Bus {
         };
         // the oldest group message past the floor (the persist consumer's
         // subjects only: membership events and erased messages are not
-        // waited for)
-        let oldest_unpersisted = if behind == 0 {
-            None
+        // waited for); not known if that read fails, while the counts above
+        // still are
+        let waiting = if behind == 0 {
+            Waiting::Nothing
         } else {
             let filter = self.defs.persist_consumer.filter_subject.clone();
             match stream
@@ -189,11 +190,14 @@ impl Bus {
                 .send()
                 .await
             {
-                Ok(m) => {
-                    Some(i64::try_from(m.time.unix_timestamp_nanos() / 1_000_000).unwrap_or(0))
+                Ok(m) => Waiting::Since(
+                    i64::try_from(m.time.unix_timestamp_nanos() / 1_000_000).unwrap_or(0),
+                ),
+                Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => Waiting::Nothing,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot read the oldest message not yet in MongoDB");
+                    Waiting::Unknown
                 }
-                Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => None,
-                Err(e) => return Err(BusError::nats(e)),
             }
         };
         let limit = |v: i64| u64::try_from(v).ok().filter(|&v| v > 0);
@@ -202,7 +206,7 @@ impl Bus {
             bytes,
             max_messages: limit(info.config.max_messages),
             max_bytes: limit(info.config.max_bytes),
-            oldest_unpersisted,
+            waiting,
         })
     }
 
@@ -296,9 +300,20 @@ pub struct Backlog {
     pub bytes: u64,
     pub max_messages: Option<u64>,
     pub max_bytes: Option<u64>,
-    /// When the stream took the oldest group message not yet in MongoDB
-    /// (ms since the epoch, nats-server's clock); `None`: every one is.
-    pub oldest_unpersisted: Option<i64>,
+    /// Since when group messages wait for MongoDB.
+    pub waiting: Waiting,
+}
+
+/// Since when the group messages not yet in MongoDB wait.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Waiting {
+    /// None waits: every one the stream took before the read is in MongoDB.
+    #[default]
+    Nothing,
+    /// The oldest was taken then (ms since the epoch, nats-server's clock).
+    Since(i64),
+    /// The read of the oldest failed.
+    Unknown,
 }
 
 impl Backlog {

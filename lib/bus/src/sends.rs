@@ -89,9 +89,9 @@ pub struct SendLog {
     bucket: Bucket,
     /// The idempotency window: how long any entry may live.
     window: Duration,
-    /// How long the entry of a time-stamped id lives past its minting;
-    /// `None`: as long as any other ([`Bus::send_log`]).
-    short: Option<Duration>,
+    /// Whether entries of time-stamped ids live [`SHORT_WINDOW`] past
+    /// their minting (the window is longer than that).
+    short: bool,
     /// How long after its write an attempt lands or never does.
     settle: Duration,
 }
@@ -100,8 +100,9 @@ impl Bus {
     /// Creates the send log, or updates it to keep entries for `window`
     /// (workers only, at start-up, like the streams); entries of ids that
     /// say when they were minted live [`SHORT_WINDOW`] past that (module
-    /// docs), unless `window` is no longer, or an attempt may land as late
-    /// as `settle` after its write that the rule has no room left.
+    /// docs), unless `window` is no longer. An attempt lands within
+    /// `settle` of its write or never, which must leave the rule room:
+    /// [`settle_fits`].
     pub async fn send_log(&self, window: Duration, settle: Duration) -> Result<SendLog, BusError> {
         let config = kv::Config {
             bucket: SENDS_BUCKET.into(),
@@ -117,18 +118,18 @@ impl Bus {
         Ok(SendLog {
             bucket,
             window,
-            short: short_window(window, settle),
+            short: SHORT_WINDOW < window,
             settle,
         })
     }
 }
 
-/// [`SHORT_WINDOW`] if it is shorter than the window and leaves more than a
-/// minute once the settle delay and the clocks' margins are taken off it
-/// ([`SendLog::persisted_before`]); else `None`: every entry lives the
-/// whole window.
-fn short_window(window: Duration, settle: Duration) -> Option<Duration> {
-    Some(SHORT_WINDOW).filter(|&s| s < window && s > settle + CLOCK_MARGIN * 3)
+/// Whether an attempt that lands within `settle` of its write or never
+/// leaves the rule room: more than a minute of [`SHORT_WINDOW`] once the
+/// settle delay and the clocks' margins are taken off it
+/// ([`SendLog::persisted_before`]). Workers refuse to start otherwise.
+pub fn settle_fits(settle: Duration) -> bool {
+    SHORT_WINDOW > settle + CLOCK_MARGIN * 3
 }
 
 /// How long the entry of an id minted at `minted` (client's clock, ms since
@@ -159,15 +160,18 @@ impl SendLog {
     /// How long the entry of `client`'s send written at `now` (ms since the
     /// epoch) lives; `None`: the whole window.
     pub fn lifetime(&self, client: &ClientMsgId, now: i64) -> Option<Duration> {
-        let short = self.short?;
-        lifetime(client.minted_at(), now, short, self.window)
+        if !self.short {
+            return None;
+        }
+        lifetime(client.minted_at(), now, SHORT_WINDOW, self.window)
     }
 
     /// Whether no entry for `client` at `now` proves it was never sent in
     /// the window; if not, MongoDB answers (module docs).
+    /// The same rule on every worker, whatever its own window: an entry
+    /// another worker wrote may have the short lifetime.
     pub fn conclusive(&self, client: &ClientMsgId, now: i64) -> bool {
-        self.short
-            .is_none_or(|short| conclusive(client.minted_at(), now, short))
+        conclusive(client.minted_at(), now, SHORT_WINDOW)
     }
 
     /// What a send that finds no entry, and cannot trust that
@@ -179,9 +183,7 @@ impl SendLog {
     /// that wrote it and for nats-server (more than a minute is left:
     /// [`Bus::send_log`]).
     pub fn persisted_before(&self, now: i64) -> i64 {
-        let ago = self.short.map_or(Duration::ZERO, |s| {
-            s.saturating_sub(self.settle + CLOCK_MARGIN * 2)
-        });
+        let ago = SHORT_WINDOW.saturating_sub(self.settle + CLOCK_MARGIN * 2);
         now.saturating_sub(millis(ago))
     }
 
@@ -249,7 +251,9 @@ impl SendLog {
     /// The marker lives the short while only: without it a retry goes ahead
     /// just as well.
     pub async fn release(&self, key: &str, revision: u64) -> Result<bool, BusError> {
-        self.bucket.delete_if_last(key, revision, self.short).await
+        self.bucket
+            .delete_if_last(key, revision, self.short.then_some(SHORT_WINDOW))
+            .await
     }
 }
 
@@ -282,17 +286,12 @@ mod tests {
     }
 
     #[test]
-    fn the_short_window_is_used_only_where_it_is_shorter_and_leaves_room() {
+    fn a_settle_delay_must_leave_the_rule_room() {
         let secs = Duration::from_secs;
-        assert_eq!(short_window(secs(24 * 3600), secs(30)), Some(SHORT_WINDOW));
-        assert_eq!(short_window(secs(15 * 60), secs(30)), None, "no shorter");
-        assert_eq!(short_window(secs(60), secs(30)), None);
-        assert_eq!(
-            short_window(secs(24 * 3600), secs(12 * 60)),
-            None,
-            "no room"
-        );
-        assert!(short_window(secs(24 * 3600), secs(11 * 60)).is_some());
+        assert!(settle_fits(secs(30)));
+        assert!(settle_fits(secs(11 * 60)));
+        assert!(!settle_fits(secs(12 * 60)), "no room left");
+        assert!(!settle_fits(secs(3600)));
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::sync::{
     atomic::{AtomicI64, AtomicU64, Ordering},
 };
 
-use chat_bus::Backlog;
+use chat_bus::{Backlog, Waiting};
 
 use crate::{State, WorkerError, messages::unavailable};
 
@@ -101,11 +101,13 @@ impl LogRoom {
     /// epoch), which include what was published before; returns whether
     /// the backlog was full, and the backlog as counted.
     fn refresh(&self, mut backlog: Backlog, read_at: i64) -> (bool, Backlog) {
-        // nothing waiting when read: everything taken before the read began
-        self.persisted_until.store(
-            backlog.oldest_unpersisted.unwrap_or(read_at),
-            Ordering::Relaxed,
-        );
+        match backlog.waiting {
+            // nothing waiting when read: everything taken before it began
+            Waiting::Nothing => self.persisted_until.store(read_at, Ordering::Relaxed),
+            Waiting::Since(at) => self.persisted_until.store(at, Ordering::Relaxed),
+            // what was known stays true: persistence only moves on
+            Waiting::Unknown => {}
+        }
         let recent = backlog
             .messages
             .saturating_mul(self.recent_mean.load(Ordering::Relaxed));
@@ -228,7 +230,7 @@ mod tests {
         room.refresh(
             Backlog {
                 messages: 3,
-                oldest_unpersisted: Some(1_000),
+                waiting: Waiting::Since(1_000),
                 ..Backlog::default()
             },
             5_000,
@@ -236,5 +238,61 @@ mod tests {
         assert_eq!(room.persisted_until(), Some(1_000));
         room.refresh(Backlog::default(), 6_000);
         assert_eq!(room.persisted_until(), Some(6_000), "nothing waiting");
+        let unknown = Backlog {
+            waiting: Waiting::Unknown,
+            ..Backlog::default()
+        };
+        room.refresh(unknown, 7_000);
+        assert_eq!(room.persisted_until(), Some(6_000), "what was known");
+    }
+
+    /// The oldest message waiting is the persist consumer's to take: a
+    /// membership event past the floor is not waited for (else a stream
+    /// ending in one would look behind for good), a group message is.
+    #[tokio::test]
+    async fn only_group_messages_are_waited_for() {
+        let nats = chat_stack::Nats::start().await.expect("nats-server");
+        let bus = crate::test_bus(&nats).await;
+        drop(bus.persist_feed(1).await.expect("the persist consumer"));
+        let group = chat_domain::GroupId::parse("g1").expect("group");
+        let alice = chat_domain::UserId::parse("alice").expect("user");
+        bus.publish_membership(&group, &alice, true)
+            .await
+            .expect("membership event");
+        let backlog = bus.persist_backlog().await.expect("backlog");
+        assert!(backlog.messages >= 1, "{backlog:?}");
+        assert_eq!(backlog.waiting, Waiting::Nothing);
+
+        let before = chat_domain::now_millis();
+        let envelope = chat_bus::Envelope {
+            message_id: "m1".into(),
+            group_id: group.to_string(),
+            seq: 1,
+            sender_id: alice.to_string(),
+            client_msg_id: "c1".into(),
+            kind: "text".into(),
+            created_at: before,
+            key_id: "k".into(),
+            nonce: String::new(),
+            ciphertext: String::new(),
+            binding: chat_crypto::BINDING_V2,
+            mentions: Vec::new(),
+            change: None,
+            changed_by: String::new(),
+            joined_only: false,
+        };
+        bus.publish_group_message(&envelope, 0)
+            .await
+            .expect("group message");
+        let backlog = bus.persist_backlog().await.expect("backlog");
+        let Waiting::Since(at) = backlog.waiting else {
+            panic!("the group message is not waited for: {backlog:?}");
+        };
+        let after = chat_domain::now_millis();
+        // nats-server's clock, here the same machine's
+        assert!(
+            before - 1_000 <= at && at <= after + 1_000,
+            "{before} {at} {after}"
+        );
     }
 }
