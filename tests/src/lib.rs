@@ -239,6 +239,13 @@ impl Cluster {
         format!("http://{}", self.edge_ops[i])
     }
 
+    /// The value of metric series `series` (with its labels, as
+    /// `/metrics` prints them) on edge `i`'s operator routes, 0 if it is
+    /// not there yet: the registry every node in the test process shares.
+    pub async fn metric(&self, i: usize, series: &str) -> anyhow::Result<f64> {
+        metric_at(&self.ops_url(i), series).await
+    }
+
     /// How many edges run.
     pub fn edge_count(&self) -> usize {
         self.edge_addrs.len()
@@ -625,17 +632,7 @@ impl Process {
     /// `Cluster` runs in the test process share one metrics registry with
     /// every other test's: only a process of its own counts alone.)
     pub async fn metric(&self, name: &str) -> anyhow::Result<f64> {
-        let text = chat_http::client()
-            .get(format!("http://{}/metrics", self.metrics))
-            .send()
-            .await?
-            .text()
-            .await?;
-        Ok(text
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_default())
+        metric_at(&format!("http://{}", self.metrics), name).await
     }
 
     /// SIGKILL: the process dies at once, mid-whatever.
@@ -678,6 +675,22 @@ impl Drop for Process {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The value of metric series `series` on the `/metrics` of `base`
+/// (`http://host:port`), 0 if it is not there yet.
+async fn metric_at(base: &str, series: &str) -> anyhow::Result<f64> {
+    let text = chat_http::client()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_default())
 }
 
 /// Runs `chatd <args>` (an operator's command) to success; its stdout.

@@ -123,19 +123,15 @@ impl Bus {
                 stream
             }
             None => {
-                self.js
+                let created = self
+                    .js
                     .create_or_update_key_value(config.clone())
                     .await
                     .map_err(|e| e.to_string())?;
                 if !ttls {
                     return Ok(());
                 }
-                let created = self
-                    .js
-                    .get_stream(&stream_name)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                created.cached_info().config.clone()
+                created.stream.cached_info().config.clone()
             }
         };
         stream.allow_message_ttl = true;

@@ -153,56 +153,58 @@ async fn earlier_attempt(
     Ok(Earlier::Lost(id))
 }
 
-/// For a send whose missing send log entry proves nothing
+/// For a send whose send log entry proves nothing
 /// ([`chat_bus::SendLog::conclusive`]: a late retry, or a client clock
-/// behind): the message MongoDB holds under its client id, or `None` if it
-/// was never sent. First makes sure MongoDB holds every message an earlier
+/// behind; the entry is new, or names an attempt found lost): the original
+/// ack if MongoDB holds the message under its client id, with the entry at
+/// `revision` pointed at it; `None` if it was never sent (or the entry
+/// proves that). First makes sure MongoDB holds every message an earlier
 /// attempt could be (else `unavailable`: the retry is answered once it
 /// does), then reads it: in that order, so a message persisted between the
 /// two cannot be missed.
-async fn sent_before(
+async fn sent_earlier(
     s: &State,
     group: &GroupId,
     sender: &UserId,
     client: &ClientMsgId,
     now: i64,
-) -> Result<Option<StoredMessage>, WorkerError> {
+    revision: u64,
+) -> Result<Option<pb::SendMessageResponse>, WorkerError> {
+    if s.sends.conclusive(client, now) {
+        return Ok(None);
+    }
     let check = |outcome: &'static str| {
         metrics::counter!("chat_send_log_history_checks_total", "outcome" => outcome).increment(1);
     };
     // as of the last read of the backlog (every second): no JetStream call
     // per send, however many such sends come
-    let until = s.sends.persisted_before(now);
-    if s.log_room.persisted_until().is_none_or(|t| t < until) {
+    if s.log_room
+        .persisted_until()
+        .is_none_or(|t| t < s.sends.persisted_before(now))
+    {
         check("behind");
         return Err(unavailable(
             "cannot tell yet whether this message was sent before; retry later",
         ));
     }
-    let found = s.store.messages.sent_with(group, sender, client).await?;
-    check(if found.is_some() { "sent" } else { "new" });
-    Ok(found)
-}
-
-/// Points the send log entry at `revision` to `m`, found in MongoDB, so
-/// that the next retry is answered from the entry: best effort (without
-/// it, the entry names an attempt that never went out, which that retry
-/// finds lost and asks MongoDB about again).
-async fn remember(
-    s: &State,
-    key: &str,
-    m: &StoredMessage,
-    revision: u64,
-    ttl: Option<std::time::Duration>,
-) {
+    let Some(m) = s.store.messages.sent_with(group, sender, client).await? else {
+        check("new");
+        return Ok(None);
+    };
+    check("sent");
+    // best effort: without it, the entry names an attempt that never went
+    // out, which the next retry finds lost and asks MongoDB about again
     let record = SendRecord {
         message_id: m.id.to_string(),
         after_stream_seq: m.stream_seq.unwrap_or(0).saturating_sub(1),
         at: m.created_at,
     };
-    if let Err(e) = s.sends.renew(key, &record, revision, ttl).await {
+    let key = send_key(group, sender, client);
+    let ttl = s.sends.lifetime(client, now);
+    if let Err(e) = s.sends.renew(&key, &record, revision, ttl).await {
         tracing::debug!(message = %m.id, error = %e, "send log entry not renewed");
     }
+    Ok(Some(ack(&m)))
 }
 
 /// The senders of `group`'s messages with seq in `(lo, hi]`, once
@@ -388,18 +390,15 @@ impl MessagesService {
             Claimed::New { revision } => {
                 let reservation = Reservation::new(s.sends.clone(), key.clone(), revision);
                 // an earlier attempt's entry may have expired: MongoDB knows
-                if !s.sends.conclusive(&client_id, now) {
-                    match sent_before(s, &group, &sender, &client_id, now).await {
-                        Ok(None) => {}
-                        Ok(Some(m)) => {
-                            reservation.keep();
-                            remember(s, &key, &m, revision, ttl).await;
-                            return Ok(ack(&m));
-                        }
-                        Err(e) => {
-                            reservation.release().await;
-                            return Err(e);
-                        }
+                match sent_earlier(s, &group, &sender, &client_id, now, revision).await {
+                    Ok(None) => {}
+                    Ok(Some(done)) => {
+                        reservation.keep();
+                        return Ok(done);
+                    }
+                    Err(e) => {
+                        reservation.release().await;
+                        return Err(e);
                     }
                 }
                 (
@@ -416,11 +415,10 @@ impl MessagesService {
                 Earlier::Lost(id) => {
                     // the entry may be a late retry's that never went out,
                     // left behind an expired one's that did: MongoDB knows
-                    if !s.sends.conclusive(&client_id, now)
-                        && let Some(m) = sent_before(s, &group, &sender, &client_id, now).await?
+                    if let Some(done) =
+                        sent_earlier(s, &group, &sender, &client_id, now, revision).await?
                     {
-                        remember(s, &key, &m, revision, ttl).await;
-                        return Ok(ack(&m));
+                        return Ok(done);
                     }
                     // a new revision before it goes out again: a late
                     // give-back of the lost attempt can no longer take the

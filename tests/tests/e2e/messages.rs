@@ -188,25 +188,17 @@ async fn a_retry_after_its_send_log_entry_expired_is_answered_from_history() -> 
     // an id minted two hours ago (sent late, or a clock behind): the log
     // cannot vouch for it, so MongoDB is asked too; it is new
     let late = v7_minted_ago(Duration::from_secs(2 * 3600));
-    let checks = |outcome: &'static str| {
-        let url = format!("{}/metrics", c.ops_url(0));
-        let http = c.http();
-        async move {
-            let text = http.get(url).send().await?.text().await?;
-            let line = format!("chat_send_log_history_checks_total{{outcome=\"{outcome}\"}} ");
-            anyhow::Ok(
-                text.lines()
-                    .find_map(|l| l.strip_prefix(&line)?.trim().parse::<f64>().ok())
-                    .unwrap_or_default(),
-            )
-        }
-    };
+    let checks =
+        |outcome: &str| format!("chat_send_log_history_checks_total{{outcome=\"{outcome}\"}}");
     // (`unavailable` until the worker has read the persist backlog once)
     let first = alice
         .send_text_until_ok(&g, &late, "late", PROMPTLY)
         .await?;
     assert_eq!(first["seq"].as_u64(), Some(3));
-    assert!(checks("new").await? >= 1.0, "MongoDB was not asked");
+    assert!(
+        c.metric(0, &checks("new")).await? >= 1.0,
+        "MongoDB was not asked"
+    );
     assert_eq!(ttl(late.clone()).await?.as_deref(), Some("900"));
     c.mongo_settled(&g, 3).await?;
 
@@ -214,7 +206,7 @@ async fn a_retry_after_its_send_log_entry_expired_is_answered_from_history() -> 
     // retry finds the message in MongoDB and gets the original ack
     log.purge().filter(subject(&late)).await?;
     assert_eq!(alice.send_text(&g, &late, "late").await?, first);
-    assert!(checks("sent").await? >= 1.0);
+    assert!(c.metric(0, &checks("sent")).await? >= 1.0);
     // the entry points at it again: the next retry is the log's to answer
     assert!(
         log.get_last_raw_message_by_subject(&subject(&late))
@@ -463,18 +455,7 @@ async fn a_full_message_log_refuses_sends_rather_than_discard_unpersisted_ones()
     assert!(acked > 100, "refused after {acked} only");
     // refused for the log's room (no other test fills a log, so the
     // process-wide counter is this test's)
-    let metrics = c
-        .http()
-        .get(format!("{}/metrics", c.ops_url(0)))
-        .send()
-        .await?
-        .text()
-        .await?;
-    let refusals: f64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("chat_sends_refused_log_full_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_default();
+    let refusals = c.metric(0, "chat_sends_refused_log_full_total").await?;
     assert!(refusals >= 1.0, "not refused for the log's room: {refused}");
     // nothing was discarded: the stream still starts at its first message
     let ops = &c.stack.nats.users.ops;
