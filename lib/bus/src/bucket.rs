@@ -52,6 +52,16 @@ pub(crate) struct Entry {
     pub value: Option<Bytes>,
 }
 
+/// What a bucket holds, as its stream reports it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BucketSize {
+    /// Entries and delete markers held: nats-server keeps every key of a
+    /// stream in memory, a few hundred bytes each (OPERATIONS.md).
+    pub keys: u64,
+    /// Bytes on disk.
+    pub bytes: u64,
+}
+
 impl Bus {
     /// Creates bucket `config.bucket` or updates it to `config` (workers,
     /// at start-up), trying for up to 60 s while JetStream has no leader.
@@ -71,6 +81,20 @@ impl Bus {
         config: kv::Config,
     ) -> Result<Bucket, BusError> {
         self.declare_bucket_as(name, config, true).await
+    }
+
+    /// What bucket `name` holds now: one JetStream API request.
+    pub async fn bucket_size(&self, name: &str) -> Result<BucketSize, BusError> {
+        let stream = self
+            .js
+            .get_stream(format!("KV_{name}"))
+            .await
+            .map_err(BusError::nats)?;
+        let state = &stream.cached_info().state;
+        Ok(BucketSize {
+            keys: state.messages,
+            bytes: state.bytes,
+        })
     }
 
     async fn declare_bucket_as(

@@ -59,6 +59,7 @@ mod push;
 mod sends;
 mod signals;
 
+pub use bucket::BucketSize;
 pub use defs::Definitions;
 pub use live::{
     Batch, CatchUp, Feed, GroupTraffic, LiveMessage, LiveReader, MembershipEvent,

@@ -153,6 +153,36 @@ pub(crate) async fn watch(state: std::sync::Arc<State>) {
     }
 }
 
+/// How often the buckets' sizes are read.
+const BUCKETS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Reads what each key-value bucket holds every [`BUCKETS_EVERY`], forever,
+/// into `chat_bucket_keys{bucket}` and `chat_bucket_bytes{bucket}`:
+/// nats-server holds every key in memory on every node, and the send log's
+/// keys are bounded only by the idempotency window for clients whose ids
+/// do not say when they were minted (OPERATIONS.md).
+pub(crate) async fn watch_buckets(bus: chat_bus::Bus) {
+    const BUCKETS: [&str; 3] = [
+        chat_bus::SENDS_BUCKET,
+        chat_bus::PLACES_BUCKET,
+        chat_bus::PRESENCE_BUCKET,
+    ];
+    let mut tick = tokio::time::interval(BUCKETS_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        for bucket in BUCKETS {
+            match bus.bucket_size(bucket).await {
+                Ok(size) => {
+                    metrics::gauge!("chat_bucket_keys", "bucket" => bucket).set(size.keys as f64);
+                    metrics::gauge!("chat_bucket_bytes", "bucket" => bucket).set(size.bytes as f64);
+                }
+                Err(e) => tracing::debug!(bucket, error = %e, "cannot read the bucket's size"),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -328,6 +328,7 @@ pub async fn serve(
     });
     let marks = Arc::new(persist::SentMarks::default());
     let backlog = tokio::spawn(backlog::watch(state.clone()));
+    let buckets = tokio::spawn(backlog::watch_buckets(state.bus.clone()));
     let persister = tokio::spawn(persist::persist(state.clone(), marks.clone()));
     let stopping = state.clone();
     let listener_of_members = tokio::spawn(forget_changed_groups(state.clone()));
@@ -389,6 +390,7 @@ pub async fn serve(
     }
     listener_of_members.abort();
     backlog.abort();
+    buckets.abort();
     cleaner.abort();
     sweeper.abort();
     for task in [follower, poster].into_iter().flatten() {

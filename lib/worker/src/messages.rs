@@ -388,6 +388,10 @@ impl MessagesService {
         };
         let (id, after, reservation) = match s.sends.claim(&key, &record, ttl).await? {
             Claimed::New { revision } => {
+                // which clients keep keys in nats-server's memory all window
+                let lifetime = if ttl.is_some() { "short" } else { "window" };
+                metrics::counter!("chat_send_log_entries_total", "lifetime" => lifetime)
+                    .increment(1);
                 let reservation = Reservation::new(s.sends.clone(), key.clone(), revision);
                 // an earlier attempt's entry may have expired: MongoDB knows
                 match sent_earlier(s, &group, &sender, &client_id, now, revision).await {

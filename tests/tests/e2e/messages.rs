@@ -255,6 +255,49 @@ async fn a_retry_after_its_send_log_entry_expired_is_answered_from_history() -> 
     c.stop().await
 }
 
+/// What the send log holds is on the workers' `/metrics`, with which sends
+/// keep their entry the whole window (ids that do not say when they were
+/// minted): nats-server holds every key in memory, and an operator needs
+/// to see it grow before it fills a node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_send_logs_size_and_long_lived_entries_are_measured() -> anyhow::Result<()> {
+    let c = Cluster::start(1, 1).await?;
+    let g = c.room(&["alice", "bob"]).await?;
+    // a worker of its own: its registry counts only these sends
+    let worker = c.spawn_process("worker").await?;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", worker.grpc))?
+        .connect()
+        .await?;
+    const N: usize = 3;
+    for n in 0..N {
+        send_to_worker(channel.clone(), "alice", g.clone(), n).await?;
+    }
+    // a retry adds no entry
+    send_to_worker(channel.clone(), "alice", g.clone(), 0).await?;
+    let window = worker
+        .metric("chat_send_log_entries_total{lifetime=\"window\"}")
+        .await?;
+    assert_eq!(window, N as f64);
+    assert_eq!(
+        worker
+            .metric("chat_send_log_entries_total{lifetime=\"short\"}")
+            .await?,
+        0.0
+    );
+    // read every few seconds: one key per send
+    eventually(PROMPTLY, || async {
+        let keys = worker
+            .metric("chat_bucket_keys{bucket=\"CHAT_SENDS\"}")
+            .await?;
+        let bytes = worker
+            .metric("chat_bucket_bytes{bucket=\"CHAT_SENDS\"}")
+            .await?;
+        Ok((keys == N as f64 && bytes > 0.0).then_some(()))
+    })
+    .await?;
+    c.stop().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn content_is_never_stored_in_plaintext_and_rotated_keys_still_decrypt() -> anyhow::Result<()>
 {
