@@ -119,6 +119,14 @@ pub struct NatsArgs {
     #[arg(long, env = "CHATD_NATS_GROUPS_MAX_BYTES", default_value_t = 8 << 30,
           value_parser = clap::value_parser!(i64).range(1 << 16..))]
     pub nats_groups_max_bytes: i64,
+    /// Worker: most bytes the notification stream (`CHAT_USERS`) holds,
+    /// set at every start-up of a worker. Each user keeps at most 2,000
+    /// notifications; past this cap on all of them together, nats-server
+    /// discards the oldest, so that notifications to made-up members
+    /// cannot fill JetStream's store (and stop every stream) instead.
+    #[arg(long, env = "CHATD_NATS_USERS_MAX_BYTES", default_value_t = 4 << 30,
+          value_parser = clap::value_parser!(i64).range(1 << 16..))]
+    pub nats_users_max_bytes: i64,
     /// The NATS user this node connects as: `chat-edge` for edges,
     /// `chat-worker` for workers and `--role all` (see nats/auth.conf).
     #[arg(long, env = "CHATD_NATS_USER")]
@@ -150,6 +158,7 @@ impl NatsArgs {
         defs.users_stream.max_consumers = self.nats_max_consumers;
         defs.groups_stream.max_consumers = self.nats_max_consumers;
         defs.groups_stream.max_bytes = self.nats_groups_max_bytes;
+        defs.users_stream.max_bytes = self.nats_users_max_bytes;
         Ok(defs)
     }
 

@@ -65,10 +65,10 @@ mod tests {
         assert!(d.users_stream.max_consumers >= 100_000);
         assert!(d.groups_stream.max_consumers >= 100_000);
         assert_eq!(d.users_stream.duplicate_window.as_secs(), 120);
-        // notifications are bounded per user, never stream-wide: a stream
-        // cap with discard-old let one user's churn evict everyone else's
-        assert_eq!(d.users_stream.max_bytes, -1);
+        // notifications are bounded per user; the stream-wide cap is the
+        // workers' (`--nats-users-max-bytes`), discarding the oldest
         assert!(d.users_stream.max_messages_per_subject > 0);
+        assert_eq!(d.users_stream.discard, stream::DiscardPolicy::Old);
         // several workers share the persist consumer: each acknowledges its
         // own messages, never everything below them
         assert_eq!(d.persist_consumer.ack_policy, consumer::AckPolicy::Explicit);

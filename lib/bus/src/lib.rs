@@ -62,7 +62,7 @@ mod signals;
 pub use bucket::BucketSize;
 pub use defs::Definitions;
 pub use live::{
-    Batch, CatchUp, Feed, GroupTraffic, LiveMessage, LiveReader, MembershipEvent,
+    Batch, CatchUp, Feed, GroupTraffic, LiveMessage, LiveReader, MembershipEvent, MembershipTail,
     member_event_subject,
 };
 pub use messages::{BatchPublished, Change, Envelope, MAX_BATCH, Position, Published, SEQ_HEADER};

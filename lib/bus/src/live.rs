@@ -139,6 +139,15 @@ impl<'a> GroupTraffic<'a> {
     }
 }
 
+/// A member's newest membership event in a group, as read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MembershipTail {
+    /// Its stream sequence (0: none).
+    pub seq: u64,
+    /// What it says, if there is one and it reads.
+    pub subscribed: Option<bool>,
+}
+
 /// A member's live delivery of a group starts or stops here, in the group's
 /// order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -197,11 +206,25 @@ impl Bus {
         Err(last.unwrap_or_else(|| BusError::Unavailable("membership event".into())))
     }
 
-    /// The stream sequence of `user`'s newest membership event in `group`
-    /// (0: none), for [`Bus::publish_membership_after`].
-    pub async fn membership_tail(&self, group: &GroupId, user: &UserId) -> Result<u64, BusError> {
-        self.newest_on(Feed::Groups, &member_event_subject(group, user))
-            .await
+    /// `user`'s newest membership event in `group`, for
+    /// [`Bus::publish_membership_after`].
+    pub async fn membership_tail(
+        &self,
+        group: &GroupId,
+        user: &UserId,
+    ) -> Result<MembershipTail, BusError> {
+        let newest = self
+            .newest_message_on(Feed::Groups, &member_event_subject(group, user))
+            .await?;
+        Ok(
+            newest.map_or_else(MembershipTail::default, |m| MembershipTail {
+                seq: m.sequence,
+                // an unreadable event says nothing: publish over it
+                subscribed: serde_json::from_slice::<MembershipEvent>(&m.payload)
+                    .ok()
+                    .map(|e| e.subscribed),
+            }),
+        )
     }
 
     /// Publishes a membership event of `user` in `group` only if `user`'s
@@ -297,6 +320,16 @@ impl Bus {
     /// The stream sequence of the newest message on `subject` of `feed`'s
     /// stream (0: none): one read from the stream's leader.
     pub async fn newest_on(&self, feed: Feed, subject: &str) -> Result<u64, BusError> {
+        let newest = self.newest_message_on(feed, subject).await?;
+        Ok(newest.map_or(0, |m| m.sequence))
+    }
+
+    /// The newest message on `subject` in `feed`'s stream, if any.
+    async fn newest_message_on(
+        &self,
+        feed: Feed,
+        subject: &str,
+    ) -> Result<Option<async_nats::jetstream::message::StreamMessage>, BusError> {
         use async_nats::jetstream::stream::LastRawMessageErrorKind;
         let stream = self
             .js
@@ -304,8 +337,8 @@ impl Bus {
             .await
             .map_err(BusError::nats)?;
         match stream.get_last_raw_message_by_subject(subject).await {
-            Ok(m) => Ok(m.sequence),
-            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(0),
+            Ok(m) => Ok(Some(m)),
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
             Err(e) => Err(BusError::nats(e)),
         }
     }

@@ -157,15 +157,19 @@ impl Group {
         self.members.iter().map(|m| &m.user_id)
     }
 
+    /// Adds those of `user_ids` who are not members yet, once each, and
+    /// returns them.
     fn add(
         &mut self,
         user_ids: Vec<UserId>,
         at_seq: u64,
         limits: &Limits,
         now: Millis,
-    ) -> Result<(), DomainError> {
+    ) -> Result<Vec<UserId>, DomainError> {
+        let mut added = Vec::new();
         for user_id in user_ids {
             if !self.is_member(&user_id) {
+                added.push(user_id.clone());
                 self.members.push(Member {
                     user_id,
                     joined_at: now,
@@ -180,18 +184,20 @@ impl Group {
                 self.members.len()
             )));
         }
-        Ok(())
+        Ok(added)
     }
 
-    /// Applies `change` asked by `caller`, checking who may do it. Returns the
-    /// users who were members before or after: everyone who must hear of it.
+    /// Applies `change` asked by `caller`, checking who may do it. A change
+    /// that changes nothing (adding only members, making the owner owner)
+    /// leaves the group as it was: [`Applied::Unchanged`], nothing to store
+    /// or tell anyone.
     pub fn apply(
         &mut self,
         caller: &UserId,
         change: GroupChange,
         limits: &Limits,
         now: Millis,
-    ) -> Result<Vec<UserId>, DomainError> {
+    ) -> Result<Applied, DomainError> {
         if !self.is_member(caller) {
             return Err(DomainError::Forbidden(
                 "you are not a member of this group".into(),
@@ -206,7 +212,7 @@ impl Group {
             Ok(())
         };
         let mut audience: Vec<UserId> = self.member_ids().cloned().collect();
-        match change {
+        let change = match change {
             GroupChange::TransferOwner { new_owner } => {
                 owner_only()?;
                 if !self.is_member(&new_owner) {
@@ -214,18 +220,25 @@ impl Group {
                         "the new owner must be a member of the group".into(),
                     ));
                 }
-                self.owner_id = new_owner;
+                if new_owner == self.owner_id {
+                    return Ok(Applied::Unchanged);
+                }
+                self.owner_id = new_owner.clone();
+                GroupChange::TransferOwner { new_owner }
             }
             GroupChange::AddMembers { user_ids, at_seq } => {
                 owner_only()?;
                 if user_ids.is_empty() {
                     return Err(DomainError::Invalid("userIds must not be empty".into()));
                 }
-                self.add(user_ids, at_seq, limits, now)?;
-                for m in &self.members {
-                    if !audience.contains(&m.user_id) {
-                        audience.push(m.user_id.clone());
-                    }
+                let added = self.add(user_ids, at_seq, limits, now)?;
+                if added.is_empty() {
+                    return Ok(Applied::Unchanged);
+                }
+                audience.extend(added.iter().cloned());
+                GroupChange::AddMembers {
+                    user_ids: added,
+                    at_seq,
                 }
             }
             GroupChange::RemoveMember { user_id } => {
@@ -239,6 +252,7 @@ impl Group {
                     return Err(DomainError::Invalid(format!("{user_id} is not a member")));
                 }
                 self.members.retain(|m| m.user_id != user_id);
+                GroupChange::RemoveMember { user_id }
             }
             GroupChange::Leave => {
                 if &self.owner_id == caller {
@@ -247,10 +261,36 @@ impl Group {
                     ));
                 }
                 self.members.retain(|m| &m.user_id != caller);
+                GroupChange::Leave
             }
-        }
+        };
         self.updated_at = now.max(self.updated_at);
-        Ok(audience)
+        Ok(Applied::Changed { audience, change })
+    }
+}
+
+/// What [`Group::apply`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    /// Nothing: the group is as it was.
+    Unchanged,
+    Changed {
+        /// The users who were members before or after: everyone who must
+        /// hear of it.
+        audience: Vec<UserId>,
+        /// What changed: for an addition, only the users who were not
+        /// members yet, once each.
+        change: GroupChange,
+    },
+}
+
+impl Applied {
+    /// The audience of a change, empty if nothing changed.
+    pub fn audience(&self) -> &[UserId] {
+        match self {
+            Self::Unchanged => &[],
+            Self::Changed { audience, .. } => audience,
+        }
     }
 }
 
@@ -338,11 +378,61 @@ mod tests {
         .expect("transfer");
         assert_eq!(g.owner_id, uid("a"));
         assert_eq!(g.updated_at, 12);
-        let audience = g
+        let applied = g
             .apply(&uid("owner"), GroupChange::Leave, &limits, 13)
             .expect("leave");
-        assert!(audience.contains(&uid("owner")), "the leaver hears of it");
+        assert!(
+            applied.audience().contains(&uid("owner")),
+            "the leaver hears of it"
+        );
         assert!(!g.is_member(&uid("owner")));
+    }
+
+    /// Changes that change nothing are told apart, so that nothing is
+    /// stored or published for them (a loop of them would otherwise notify
+    /// every member each time); an addition names only who was new.
+    #[test]
+    fn changes_that_change_nothing_are_unchanged_and_additions_name_only_the_new() {
+        let limits = Limits::default();
+        let mut g = group(&["a", "b"]);
+        let before = g.clone();
+        let again = GroupChange::AddMembers {
+            user_ids: vec![uid("a"), uid("b"), uid("owner"), uid("a")],
+            at_seq: 3,
+        };
+        assert_eq!(
+            g.apply(&uid("owner"), again, &limits, 20),
+            Ok(Applied::Unchanged)
+        );
+        let to_self = GroupChange::TransferOwner {
+            new_owner: uid("owner"),
+        };
+        assert_eq!(
+            g.apply(&uid("owner"), to_self, &limits, 20),
+            Ok(Applied::Unchanged)
+        );
+        assert_eq!(g, before, "untouched, updatedAt too");
+
+        let some_new = GroupChange::AddMembers {
+            user_ids: vec![uid("a"), uid("c"), uid("c"), uid("d")],
+            at_seq: 3,
+        };
+        let Applied::Changed { audience, change } = g
+            .apply(&uid("owner"), some_new, &limits, 21)
+            .expect("added")
+        else {
+            panic!("c and d are new");
+        };
+        assert_eq!(
+            change,
+            GroupChange::AddMembers {
+                user_ids: vec![uid("c"), uid("d")],
+                at_seq: 3
+            }
+        );
+        let mut audience: Vec<&str> = audience.iter().map(UserId::as_str).collect();
+        audience.sort_unstable();
+        assert_eq!(audience, ["a", "b", "c", "d", "owner"]);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use chat_domain::{DomainError, Group, GroupChange, GroupId, History, UserId, now_millis};
+use chat_domain::{Applied, DomainError, Group, GroupChange, GroupId, History, UserId, now_millis};
 use chat_protocol::{GroupChangeView, GroupEvent, GroupView, event, push_json};
 use chat_rpc::pb::{self, groups_server::Groups};
 use chat_store::{GroupRecord, Membership};
@@ -112,16 +112,28 @@ impl GroupsService {
             // higher seq may predate the commit by one write, none at or
             // below it follows it
             let change = match &change {
-                GroupChange::AddMembers { user_ids, .. } => GroupChange::AddMembers {
-                    user_ids: user_ids.clone(),
-                    at_seq: crate::publish::newest_seq(&self.0, id).await?,
-                },
+                // (anyone else is refused by `apply`, at no cost)
+                GroupChange::AddMembers { user_ids, .. } if &record.group.owner_id == caller => {
+                    GroupChange::AddMembers {
+                        user_ids: user_ids.clone(),
+                        at_seq: crate::publish::newest_seq(&self.0, id).await?,
+                    }
+                }
                 other => other.clone(),
             };
-            let audience =
+            let applied =
                 record
                     .group
                     .apply(caller, change.clone(), &self.0.config.limits, now_millis())?;
+            let (audience, change) = match applied {
+                // nothing stored, nobody told: repeating a change costs a read
+                Applied::Unchanged => return Ok(record.group),
+                Applied::Changed { audience, change } => (audience, change),
+            };
+            // only once the caller may: the new members have room
+            if let GroupChange::AddMembers { user_ids, .. } = &change {
+                self.check_room_for(user_ids).await?;
+            }
             if !self.0.store.groups.replace_if_rev(&record).await? {
                 continue;
             }
@@ -176,8 +188,15 @@ where
         if !matches!(membership, Membership::Member { .. }) {
             return Ok((membership, raced));
         }
+        // followed already (every connection of the user's loads the
+        // group or applies that event): a subscribe repeated in a loop
+        // adds nothing to the stream. A removal after the tail's read
+        // publishes its own event after that one.
+        if tail.subscribed == Some(true) {
+            return Ok((membership, raced));
+        }
         if bus
-            .publish_membership_after(group, user, true, tail)
+            .publish_membership_after(group, user, true, tail.seq)
             .await?
             .is_some()
         {
@@ -427,10 +446,10 @@ impl Groups for GroupsService {
             .iter()
             .map(|u| parse_id::<UserId>(u))
             .collect::<Result<Vec<_>, _>>()?;
-        // members already in the group count nothing new, and are checked
-        // like the others: a soft cap (two adds at once may pass it by one)
-        self.check_room_for(&user_ids).await?;
-        // `at_seq` is read by `apply`, right before each attempt's write
+        // `at_seq` is read by `apply`, right before each attempt's write,
+        // and the new members' room is checked there, once the caller is
+        // known to be the owner: a soft cap (two adds at once may pass it
+        // by one)
         let group = self
             .change(
                 &req.caller,
@@ -575,10 +594,48 @@ mod tests {
         assert!(matches!(membership, Membership::Member { .. }) && !raced);
         assert_eq!(reads.load(Ordering::SeqCst), 1);
         let subscribed = bus.membership_tail(&group, &user).await.expect("tail");
-        assert!(subscribed > 0, "published");
+        assert!(subscribed.seq > 0, "published");
+        assert_eq!(subscribed.subscribed, Some(true));
 
-        // the removal commits and is published between the read and the
-        // publish of the subscribe
+        // subscribed already: a subscribe repeated (in a loop, say) adds
+        // nothing to the stream
+        for _ in 0..3 {
+            let (membership, raced) = follow_live(&bus, &group, &user, || async { Ok(member()) })
+                .await
+                .expect("followed");
+            assert!(matches!(membership, Membership::Member { .. }) && !raced);
+        }
+        assert_eq!(
+            bus.membership_tail(&group, &user).await.expect("tail"),
+            subscribed,
+            "nothing published again"
+        );
+
+        // subscribed already, and the removal is published during the read
+        // (which still found the member): nothing goes out after it
+        let removal = AtomicU64::new(0);
+        follow_live(&bus, &group, &user, || async {
+            let seq = bus
+                .publish_membership(&group, &user, false)
+                .await
+                .expect("removal published");
+            removal.store(seq, Ordering::SeqCst);
+            Ok(member())
+        })
+        .await
+        .expect("answered");
+        assert_eq!(
+            bus.membership_tail(&group, &user).await.expect("tail"),
+            chat_bus::MembershipTail {
+                seq: removal.load(Ordering::SeqCst),
+                subscribed: Some(false)
+            },
+            "the removal stays the member's last event"
+        );
+
+        // not subscribed (the member was removed), and a second removal
+        // commits and is published between the read and the publish of
+        // the subscribe
         let reads = AtomicUsize::new(0);
         let removed = AtomicU64::new(0);
         let (membership, raced) = follow_live(&bus, &group, &user, || async {
@@ -599,7 +656,7 @@ mod tests {
         assert!(raced);
         assert_eq!(reads.load(Ordering::SeqCst), 2);
         assert_eq!(
-            bus.membership_tail(&group, &user).await.expect("tail"),
+            bus.membership_tail(&group, &user).await.expect("tail").seq,
             removed.load(Ordering::SeqCst),
             "the removal is the member's last event"
         );
@@ -622,7 +679,8 @@ mod tests {
         .expect("followed");
         assert!(!raced, "bob's subscribe does not hold up mallory's");
         assert!(
-            bus.membership_tail(&group, &user).await.expect("tail") > bobs.load(Ordering::SeqCst),
+            bus.membership_tail(&group, &user).await.expect("tail").seq
+                > bobs.load(Ordering::SeqCst),
             "published after bob's"
         );
     }

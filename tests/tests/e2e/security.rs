@@ -1325,3 +1325,61 @@ async fn membership_events_carry_the_change_not_a_large_member_list() -> anyhow:
     }
     c.stop().await
 }
+
+/// A change that changes nothing was stored and told to every member again
+/// (and `subscribe_to_group` in a loop grew the group stream): one owner's
+/// loop of "add the members already in" fanned out to the whole group each
+/// time. Now nothing is stored or published for them; an addition names
+/// only who was new; and the notification stream has a stream-wide cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_that_change_nothing_notify_no_one_and_repeated_subscribes_publish_nothing()
+-> anyhow::Result<()> {
+    let c = Cluster::start(1, 1).await?;
+    let g = c.room(&["alice", "bob"]).await?;
+    let mut bob = c.connect(0, "bob", "web").await?;
+    let add = |ids: Value| {
+        c.http()
+            .post(format!("{}/groups/{g}/members", c.edge_url(0)))
+            .bearer_auth(token("alice"))
+            .json(&json!({ "userIds": ids }))
+            .send()
+    };
+    let transfer = |to: &str| {
+        c.http()
+            .post(format!("{}/groups/{g}/owner", c.edge_url(0)))
+            .bearer_auth(token("alice"))
+            .json(&json!({ "userId": to }))
+            .send()
+    };
+    let before = c.get(0, "alice", &format!("/groups/{g}")).await?.1;
+    for _ in 0..3 {
+        let res = add(json!(["bob", "alice", "bob"])).await?;
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.json::<Value>().await?, before, "the group as it was");
+        assert_eq!(transfer("alice").await?.status(), 200);
+    }
+    // the first update bob hears of is the one that changed something, and
+    // it names only who was new
+    assert_eq!(add(json!(["bob", "carol", "carol"])).await?.status(), 200);
+    let update = bob.skip_to("a_group_updated").await?;
+    assert_eq!(
+        update["data"]["change"],
+        json!({"kind": "members_added", "userIds": ["carol"], "by": "alice"})
+    );
+
+    // subscribing again and again publishes nothing more
+    let bus = c.bus().await?;
+    let (group, user) = (chat_domain::GroupId::parse(&g)?, UserId::parse("bob")?);
+    let tail = bus.membership_tail(&group, &user).await?;
+    assert_eq!(tail.subscribed, Some(true));
+    for _ in 0..5 {
+        bob.request("subscribe_to_group", json!({ "groupId": g }))
+            .await?;
+    }
+    assert_eq!(bus.membership_tail(&group, &user).await?, tail);
+
+    // the notification stream is capped as a whole (`--nats-users-max-bytes`)
+    let users = bus.jetstream().get_stream("CHAT_USERS").await?;
+    assert_eq!(users.cached_info().config.max_bytes, 4 << 30);
+    c.stop().await
+}
