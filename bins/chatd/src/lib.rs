@@ -416,6 +416,14 @@ pub struct ServeArgs {
     /// Largest audio clip, in bytes.
     #[arg(long, env = "CHATD_MAX_AUDIO_BYTES", default_value_t = MediaPolicy::default().audio_max_bytes)]
     pub max_audio_bytes: u64,
+    /// Most uploads one user may hold that no message uses yet (they stay
+    /// until `--unreferenced-upload-ttl-secs`).
+    #[arg(long, env = "CHATD_MAX_OPEN_UPLOADS_PER_USER", default_value_t = MediaPolicy::default().open_uploads_per_user,
+          value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub max_open_uploads_per_user: u64,
+    /// Most bytes of the uploads one user may hold that no message uses yet.
+    #[arg(long, env = "CHATD_MAX_OPEN_UPLOAD_BYTES_PER_USER", default_value_t = MediaPolicy::default().open_upload_bytes_per_user)]
+    pub max_open_upload_bytes_per_user: u64,
 
     /// Most members in one group.
     #[arg(long, env = "CHATD_MAX_GROUP_MEMBERS", default_value_t = Limits::default().group_members)]
@@ -545,6 +553,8 @@ impl ServeArgs {
             image_max_bytes: self.max_image_bytes,
             video_max_bytes: self.max_video_bytes,
             audio_max_bytes: self.max_audio_bytes,
+            open_uploads_per_user: self.max_open_uploads_per_user,
+            open_upload_bytes_per_user: self.max_open_upload_bytes_per_user,
         }
     }
 

@@ -230,6 +230,10 @@ pub struct MediaPolicy {
     pub image_max_bytes: u64,
     pub video_max_bytes: u64,
     pub audio_max_bytes: u64,
+    /// Uploads one user may hold that no message uses yet (each stays in
+    /// the object store until the cleaner deletes it), and their bytes.
+    pub open_uploads_per_user: u64,
+    pub open_upload_bytes_per_user: u64,
 }
 
 impl Default for MediaPolicy {
@@ -248,6 +252,8 @@ impl Default for MediaPolicy {
             image_max_bytes: 10 * 1024 * 1024,
             video_max_bytes: 100 * 1024 * 1024,
             audio_max_bytes: 20 * 1024 * 1024,
+            open_uploads_per_user: 50,
+            open_upload_bytes_per_user: 2 * 1024 * 1024 * 1024,
         }
     }
 }
@@ -277,6 +283,24 @@ impl MediaPolicy {
             return Err(DomainError::TooLarge(format!(
                 "{} media may be at most {max} bytes; this is {size}",
                 kind.as_str()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks that a user who holds `open` unused uploads of `open_bytes`
+    /// in all may have one more of `size` bytes.
+    pub fn check_open(&self, open: u64, open_bytes: u64, size: u64) -> Result<(), DomainError> {
+        if open >= self.open_uploads_per_user {
+            return Err(DomainError::TooLarge(format!(
+                "you hold {open} uploads no message uses yet, the most allowed: send them, or wait until unused ones are deleted"
+            )));
+        }
+        if open_bytes.saturating_add(size) > self.open_upload_bytes_per_user {
+            return Err(DomainError::TooLarge(format!(
+                "your uploads no message uses yet would take {} bytes, over the {} allowed: send them, or wait until unused ones are deleted",
+                open_bytes.saturating_add(size),
+                self.open_upload_bytes_per_user
             )));
         }
         Ok(())
@@ -311,5 +335,24 @@ mod media_tests {
             Err(DomainError::Invalid(_))
         ));
         assert!(p.check(MessageKind::Audio, "audio/ogg", 5).is_ok());
+    }
+
+    #[test]
+    fn a_user_holds_a_bounded_number_and_size_of_unused_uploads() {
+        let p = MediaPolicy {
+            open_uploads_per_user: 3,
+            open_upload_bytes_per_user: 100,
+            ..MediaPolicy::default()
+        };
+        assert!(p.check_open(0, 0, 100).is_ok());
+        assert!(p.check_open(2, 60, 40).is_ok());
+        assert!(matches!(
+            p.check_open(3, 0, 1),
+            Err(DomainError::TooLarge(_))
+        ));
+        assert!(matches!(
+            p.check_open(2, 60, 41),
+            Err(DomainError::TooLarge(_))
+        ));
     }
 }

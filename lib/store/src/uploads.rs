@@ -101,8 +101,33 @@ impl UploadRepo {
             .keys(doc! { "mediaKey": 1 })
             .options(IndexOptions::builder().name("media_key".to_owned()).build())
             .build();
-        self.coll.create_indexes([stale, media]).await?;
+        let uploader = IndexModel::builder()
+            .keys(doc! { "uploaderId": 1, "referenced": 1 })
+            .options(IndexOptions::builder().name("uploader".to_owned()).build())
+            .build();
+        self.coll.create_indexes([stale, media, uploader]).await?;
         Ok(())
+    }
+
+    /// How many uploads `uploader` holds that no message uses and the
+    /// cleaner has not taken, and their declared bytes, counting at most
+    /// `limit` of them (one indexed read).
+    pub async fn open_of(&self, uploader: &str, limit: i64) -> Result<(u64, u64), StoreError> {
+        #[derive(Deserialize)]
+        struct Size {
+            size: i64,
+        }
+        let sizes: Vec<Size> = self
+            .coll
+            .clone_with_type::<Size>()
+            .find(doc! { "uploaderId": uploader, "referenced": false, "deleting": false })
+            .projection(doc! { "_id": 0, "size": 1 })
+            .limit(limit)
+            .await?
+            .try_collect()
+            .await?;
+        let bytes = sizes.iter().map(|s| s.size.max(0) as u64).sum();
+        Ok((sizes.len() as u64, bytes))
     }
 
     /// Records an issued upload.

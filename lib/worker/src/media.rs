@@ -282,6 +282,18 @@ impl Media for MediaService {
             .map_err(WorkerError::from)?;
         s.check_member(&caller, &group).await?;
         let objects = objects(s)?;
+        // what the caller holds unused, counting one past the cap at most
+        // (a soft cap: two tickets at once may pass it by one)
+        let policy = &s.config.media;
+        let (open, open_bytes) = s
+            .store
+            .uploads
+            .open_of(caller.as_str(), policy.open_uploads_per_user as i64 + 1)
+            .await
+            .map_err(WorkerError::from)?;
+        policy
+            .check_open(open, open_bytes, req.size)
+            .map_err(WorkerError::from)?;
         let key = new_key(&group);
         let ttl = s.config.upload_url_ttl;
         let now = now_millis();

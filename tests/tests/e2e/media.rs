@@ -696,3 +696,53 @@ async fn under_joined_history_a_late_member_sees_nothing_from_before_it_joined()
     assert_eq!(media("carol", &shared, &before[1]).await?, 200);
     c.stop().await
 }
+
+/// Upload URLs were issued without end: each held up to its size in the
+/// object store for a day. A user holds a bounded number and size of
+/// uploads no message uses; sending one frees its place, and the cap is
+/// the user's, not the group's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_holds_a_bounded_number_and_size_of_unused_uploads() -> anyhow::Result<()> {
+    let c = Cluster::start_with(
+        1,
+        1,
+        &[
+            "--max-open-uploads-per-user",
+            "2",
+            "--max-open-upload-bytes-per-user",
+            "1000",
+        ],
+    )
+    .await?;
+    let g = c.room(&["alice", "bob"]).await?;
+    let image = |size: usize| json!({"type": "image", "mime": "image/png", "size": size});
+    let refused = |(s, e): (u16, Value)| {
+        assert_eq!(
+            (s, e["error"]["code"].as_str()),
+            (400, Some("too_large")),
+            "{e}"
+        );
+    };
+    // bytes: 600 held, 500 more would pass 1,000
+    let first = upload(&c, &g, &image(600), &png(600)).await?;
+    refused(upload_url(&c, "alice", &g, image(500)).await?);
+    // count: two held, a third refused however small
+    let (s, _) = upload_url(&c, "alice", &g, image(300)).await?;
+    assert_eq!(s, 201);
+    refused(upload_url(&c, "alice", &g, image(1)).await?);
+    // another user's are their own
+    let (s, _) = upload_url(&c, "bob", &g, image(900)).await?;
+    assert_eq!(s, 201);
+    // a message uses the first: its place is free again
+    let mut alice = c.connect(0, "alice", "web").await?;
+    let key = first["key"].as_str().context("key")?;
+    alice
+        .request(
+            "send_group_message",
+            media_msg(&g, "m1", "image", key, "image/png", 600),
+        )
+        .await?;
+    let (s, e) = upload_url(&c, "alice", &g, image(700)).await?;
+    assert_eq!(s, 201, "{e}");
+    c.stop().await
+}
