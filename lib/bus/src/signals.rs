@@ -10,8 +10,12 @@
 //! the receiving connections get it, written by the sender's edge from its
 //! verified identity; the sender rides in a header ([`SIGNAL_FROM`]) so that
 //! edges skip the sender's own connections without parsing the frame (a
-//! signal without it reaches every connection of the group). Only edges
-//! and workers may publish here (`nats/auth.conf`).
+//! signal without it reaches every connection of the group). A signal
+//! about one message (a reaction) names its `seq` in a header
+//! ([`SIGNAL_ABOUT`]) when the group shows members only what follows their
+//! joining: an edge then passes it only to connections whose member's view
+//! of the history holds that message. Only edges and workers may publish
+//! here (`nats/auth.conf`).
 
 use async_nats::HeaderMap;
 use bytes::Bytes;
@@ -23,6 +27,9 @@ use crate::{Bus, BusError};
 pub const GROUP_SIGNALS: &str = "chat.signal.*";
 /// The header naming the user a signal is from.
 pub const SIGNAL_FROM: &str = "Chat-From";
+/// The header naming the `seq` of the message a signal is about, for
+/// connections whose view of the history starts after it to skip.
+pub const SIGNAL_ABOUT: &str = "Chat-Seq";
 /// The largest signal an edge passes on; larger ones are dropped.
 pub const SIGNAL_MAX_BYTES: usize = 1024;
 
@@ -39,6 +46,9 @@ pub struct Signal {
     pub group: GroupId,
     /// Whose connections skip it, if anyone's.
     pub from: Option<UserId>,
+    /// The `seq` of the message it is about, if members who joined after
+    /// that message must not see it.
+    pub about: Option<u64>,
     /// The push frame, ready to write.
     pub frame: Bytes,
 }
@@ -50,6 +60,8 @@ pub enum BadSignal {
     Subject,
     #[error("no valid {SIGNAL_FROM} header")]
     From,
+    #[error("no valid {SIGNAL_ABOUT} header")]
+    About,
     #[error("larger than {SIGNAL_MAX_BYTES} bytes or not UTF-8")]
     Payload,
 }
@@ -69,12 +81,17 @@ impl Signal {
             None => None,
             Some(v) => Some(UserId::parse(v.as_str()).map_err(|_| BadSignal::From)?),
         };
+        let about = match headers.and_then(|h| h.get(SIGNAL_ABOUT)) {
+            None => None,
+            Some(v) => Some(v.as_str().parse().map_err(|_| BadSignal::About)?),
+        };
         if payload.len() > SIGNAL_MAX_BYTES || std::str::from_utf8(payload).is_err() {
             return Err(BadSignal::Payload);
         }
         Ok(Self {
             group,
             from,
+            about,
             frame: payload.clone(),
         })
     }
@@ -82,17 +99,22 @@ impl Signal {
 
 impl Bus {
     /// Publishes `frame` to every edge as a signal of `group`, skipping
-    /// `from`'s connections if given. Core NATS: it is buffered and sent,
+    /// `from`'s connections if given, and those whose view of the history
+    /// starts after `about` if given. Core NATS: it is buffered and sent,
     /// never confirmed.
     pub async fn signal(
         &self,
         group: &GroupId,
         from: Option<&UserId>,
+        about: Option<u64>,
         frame: Bytes,
     ) -> Result<(), BusError> {
         let mut headers = HeaderMap::new();
         if let Some(from) = from {
             headers.insert(SIGNAL_FROM, from.as_str());
+        }
+        if let Some(seq) = about {
+            headers.insert(SIGNAL_ABOUT, seq.to_string().as_str());
         }
         self.client
             .publish_with_headers(group_signal_subject(group), headers, frame)
@@ -131,6 +153,11 @@ mod tests {
         let to_all = Signal::read(&subject, None, &frame).expect("reads");
         assert_eq!(to_all.from, None);
         assert_eq!(s.frame, frame);
+        assert_eq!(s.about, None);
+        let mut h = HeaderMap::new();
+        h.insert(SIGNAL_ABOUT, "42");
+        let about = Signal::read(&subject, Some(&h), &frame).expect("reads");
+        assert_eq!((about.from, about.about), (None, Some(42)));
     }
 
     #[test]
@@ -148,6 +175,12 @@ mod tests {
         assert_eq!(
             Signal::read("chat.signal.g", Some(&from("a.b")), &ok),
             Err(BadSignal::From)
+        );
+        let mut bad_seq = from("alice");
+        bad_seq.insert(SIGNAL_ABOUT, "-1");
+        assert_eq!(
+            Signal::read("chat.signal.g", Some(&bad_seq), &ok),
+            Err(BadSignal::About)
         );
         let big = Bytes::from(vec![b'x'; SIGNAL_MAX_BYTES + 1]);
         assert_eq!(

@@ -57,6 +57,23 @@ pub(crate) struct LiveFrame {
     pub restricted: bool,
 }
 
+/// An ephemeral frame (typing, presence, a reaction) as queued on a
+/// connection.
+#[derive(Clone, Debug)]
+pub(crate) struct SignalFrame {
+    pub text: Utf8Bytes,
+    /// The group and `seq` of the message it is about, if members whose
+    /// view of the group's history starts after it must not see it: the
+    /// writer checks the connection's view before it goes out.
+    pub about: Option<(Arc<str>, u64)>,
+}
+
+impl From<Utf8Bytes> for SignalFrame {
+    fn from(text: Utf8Bytes) -> Self {
+        Self { text, about: None }
+    }
+}
+
 /// Where the hub hands a connection its frames; implemented by the
 /// connection's outbox.
 pub(crate) trait Sink: Send + Sync {
@@ -68,7 +85,7 @@ pub(crate) trait Sink: Send + Sync {
     /// Queues an ephemeral frame (a signal) if there is room; whether it
     /// was queued. A full queue drops it and closes nothing: signals expire
     /// on their own and nobody resumes them.
-    fn offer_signal(&self, frame: Utf8Bytes) -> bool;
+    fn offer_signal(&self, frame: SignalFrame) -> bool;
 
     /// The connection follows `group` from here (again, perhaps: what was
     /// known of its view of the group's history may be out of date).
@@ -302,10 +319,20 @@ impl LiveHub {
     /// follows the group, except those of `from`, whatever their phase: a
     /// signal has no place in the stream, so a catching-up connection gets
     /// it at once. Returns how many took it.
-    pub(crate) fn signal(&self, group: &str, from: Option<&str>, frame: &Utf8Bytes) -> usize {
+    pub(crate) fn signal(
+        &self,
+        group: &str,
+        from: Option<&str>,
+        about: Option<u64>,
+        frame: &Utf8Bytes,
+    ) -> usize {
         let hub = self.lock();
         let Some(ids) = hub.by_group.get(group) else {
             return 0;
+        };
+        let frame = SignalFrame {
+            text: frame.clone(),
+            about: about.map(|seq| (Arc::from(group), seq)),
         };
         let mut queued = 0;
         for id in ids {
@@ -342,7 +369,7 @@ impl LiveHub {
                 if &*conn.user == from || matches!(conn.phase, Phase::Closed) || !told.insert(*id) {
                     continue;
                 }
-                conn.sink.offer_signal(frame.clone());
+                conn.sink.offer_signal(frame.clone().into());
             }
         }
         told.len()
@@ -718,8 +745,8 @@ mod tests {
             Ok(())
         }
 
-        fn offer_signal(&self, frame: Utf8Bytes) -> bool {
-            self.signals.lock().expect("lock").push(frame);
+        fn offer_signal(&self, frame: SignalFrame) -> bool {
+            self.signals.lock().expect("lock").push(frame.text);
             true
         }
 
@@ -789,7 +816,7 @@ mod tests {
         let (b_reg, b) = catching_up(&hub, "bob", &["g"]);
         let (_c, c) = live(&hub, "cy", &["other"]);
         let frame = Utf8Bytes::from("typing");
-        assert_eq!(hub.signal("g", Some("ann"), &frame), 1);
+        assert_eq!(hub.signal("g", Some("ann"), None, &frame), 1);
         assert!(
             a.signals.lock().expect("lock").is_empty(),
             "not to the sender"
@@ -803,9 +830,9 @@ mod tests {
         assert!(b_reg.follows("g") && !b_reg.follows("other"));
         // a removed member no longer hears the group
         hub.membership(1, "g", "bob", false);
-        assert_eq!(hub.signal("g", Some("ann"), &frame), 0);
+        assert_eq!(hub.signal("g", Some("ann"), None, &frame), 0);
         assert_eq!(
-            hub.signal("g", None, &frame),
+            hub.signal("g", None, None, &frame),
             1,
             "to everyone, the sender too"
         );

@@ -41,6 +41,7 @@ pub(crate) async fn listen(app: Weak<crate::Inner>) {
                 let n = app.live.signal(
                     signal.group.as_str(),
                     signal.from.as_ref().map(|u| u.as_str()),
+                    signal.about,
                     &frame,
                 );
                 written.increment(n as u64);

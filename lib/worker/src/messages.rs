@@ -1104,11 +1104,16 @@ impl Messages for MessagesService {
         };
         match push_json(event::REACTION, &push) {
             Ok(_) if !changed => {}
-            Ok(frame) => {
-                if let Err(e) = s.bus.signal(&group, None, frame.into()).await {
-                    tracing::warn!(group = %group, error = %e, "reaction not announced");
+            // members who joined after the message must not learn of it
+            Ok(frame) => match s.settings(&group).await {
+                Ok((_, history)) => {
+                    let about = m.seq.filter(|_| history == chat_domain::History::Joined);
+                    if let Err(e) = s.bus.signal(&group, None, about, frame.into()).await {
+                        tracing::warn!(group = %group, error = %e, "reaction not announced");
+                    }
                 }
-            }
+                Err(e) => tracing::warn!(group = %group, error = %e, "reaction not announced"),
+            },
             Err(e) => tracing::error!(error = %e, "reaction push not serialised"),
         }
         metrics::counter!("chat_reactions_total", "on" => if req.on { "add" } else { "remove" })

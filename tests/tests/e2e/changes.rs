@@ -454,6 +454,38 @@ async fn under_joined_history_a_late_member_hears_no_change_of_what_it_cannot_se
     c.stop().await
 }
 
+/// Under `joined` history a member who joined after a message hears of no
+/// reaction to it either: the signal would tell it the message's id, seq and
+/// who reacted. Members who can see it, and later messages, are told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_joined_history_a_late_member_hears_no_reaction_to_what_it_cannot_see()
+-> anyhow::Result<()> {
+    let c = Cluster::start(2, 2).await?;
+    let g = c.group_with_history("alice", &["bob"], "joined").await?;
+    let mut alice = c.connect(0, "alice", "web").await?;
+    let mut bob = c.connect(1, "bob", "web").await?;
+    bob.request("subscribe_to_group", json!({"groupId": g}))
+        .await?;
+    let early = alice.send_text(&g, "m1", "before dave").await?;
+    assert_eq!(c.add_members("alice", &g, &["dave"]).await?, 200);
+    let mut dave = c.connect(1, "dave", "web").await?;
+    dave.request("subscribe_to_group", json!({"groupId": g}))
+        .await?;
+    let react = |m: &Value| json!({"groupId": g, "messageId": m["messageId"], "emoji": "👍"});
+    alice.request("add_reaction", react(&early)).await?;
+    // bob, a member since before it, is told
+    assert_eq!(
+        bob.skip_to("a_reaction").await?["data"]["seq"],
+        early["seq"]
+    );
+    let late = alice.send_text(&g, "m2", "after dave").await?;
+    alice.request("add_reaction", react(&late)).await?;
+    // the first reaction dave hears of is the one to what it can see
+    let heard = dave.skip_to("a_reaction").await?;
+    assert_eq!(heard["data"]["messageId"], late["messageId"], "{heard}");
+    c.stop().await
+}
+
 /// Under `joined` history a member removed and added again sees the group
 /// from its new addition on: a connection that knew where its view started
 /// before asks again, and hears no edit of what was sent while it was out.

@@ -8,9 +8,9 @@ pub(super) enum Outgoing {
     Frame(String),
     /// A group message or notification, live or from a catch-up.
     Live(LiveFrame),
-    /// An ephemeral frame (typing) shared by every connection it goes to;
-    /// it moves no place.
-    Signal(Utf8Bytes),
+    /// An ephemeral frame (typing, presence, a reaction) shared by every
+    /// connection it goes to; it moves no place.
+    Signal(SignalFrame),
     /// Everything of the feed up to this stream sequence is queued before
     /// this: once written, the device's place may move there.
     Through(Feed, u64),
@@ -23,7 +23,7 @@ impl Outgoing {
         match self {
             Outgoing::Frame(text) => text.len(),
             Outgoing::Live(f) => f.text.len(),
-            Outgoing::Signal(text) => text.len(),
+            Outgoing::Signal(s) => s.text.len(),
             Outgoing::Through(..) => 0,
             Outgoing::Close(_, reason) => reason.len(),
         }
@@ -419,7 +419,7 @@ impl Sink for Outbox {
         }
     }
 
-    fn offer_signal(&self, frame: Utf8Bytes) -> bool {
+    fn offer_signal(&self, frame: SignalFrame) -> bool {
         // signals take at most half the queue: they never fill it for the
         // messages, whose next one would find it full and close the
         // connection as too slow
@@ -661,22 +661,22 @@ mod tests {
     fn a_signal_that_finds_no_room_is_dropped_and_closes_nothing() {
         let (tx, mut inbox) = Outbox::new(1, 1024);
         assert_eq!(tx.offer(frame(10, 1)), Ok(()));
-        assert!(!tx.offer_signal(Utf8Bytes::from("typing")));
+        assert!(!tx.offer_signal(Utf8Bytes::from("typing").into()));
         assert_eq!(inbox.close.peek(), None);
         let _ = inbox.rx.try_recv();
-        assert!(tx.offer_signal(Utf8Bytes::from("typing")));
+        assert!(tx.offer_signal(Utf8Bytes::from("typing").into()));
     }
 
     #[test]
     fn signals_leave_half_the_queue_to_messages() {
         let (tx, _inbox) = Outbox::new(4, 1024);
-        assert!(tx.offer_signal(Utf8Bytes::from("s1")));
-        assert!(tx.offer_signal(Utf8Bytes::from("s2")));
+        assert!(tx.offer_signal(Utf8Bytes::from("s1").into()));
+        assert!(tx.offer_signal(Utf8Bytes::from("s2").into()));
         assert!(
-            tx.offer_signal(Utf8Bytes::from("s3")),
+            tx.offer_signal(Utf8Bytes::from("s3").into()),
             "half free before it"
         );
-        assert!(!tx.offer_signal(Utf8Bytes::from("s4")));
+        assert!(!tx.offer_signal(Utf8Bytes::from("s4").into()));
         // a message still finds room
         assert_eq!(tx.offer(frame(10, 1)), Ok(()));
     }

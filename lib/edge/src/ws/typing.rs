@@ -111,7 +111,7 @@ pub(super) async fn publish(
     let frame = push_json(event::USER_TYPING, &push)
         .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
     app.bus
-        .signal(group, Some(user), frame.into())
+        .signal(group, Some(user), None, frame.into())
         .await
         .map_err(|e| {
             tracing::warn!(error = %e, group = %group, "typing not passed on");

@@ -100,10 +100,22 @@ pub(super) async fn write_loop(
                     .increment(1);
                 fed(&mut sink, Message::Text(text.into()), deadline).await
             }
-            Outgoing::Signal(text) => {
-                metrics::counter!("chat_ws_events_out_total", "event" => event_of(&text))
-                    .increment(1);
-                fed(&mut sink, Message::Text(text), deadline).await
+            Outgoing::Signal(SignalFrame { text, about }) => {
+                // about a message the member may not see: passed over (a
+                // signal may be lost), and so is one whose view is unknown
+                let hidden = match &about {
+                    Some((group, seq)) => {
+                        !matches!(visibility.hides(&app, &user, group, *seq).await, Ok(false))
+                    }
+                    None => false,
+                };
+                if hidden {
+                    true
+                } else {
+                    metrics::counter!("chat_ws_events_out_total", "event" => event_of(&text))
+                        .increment(1);
+                    fed(&mut sink, Message::Text(text), deadline).await
+                }
             }
             Outgoing::Live(f) => {
                 if f.caught_up {
