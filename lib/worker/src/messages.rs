@@ -9,7 +9,10 @@
 //! in the stream, once persistence has caught up; reads that must see the
 //! newest messages (history, receipts, status) wait for it.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
 
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use bytes::Bytes;
@@ -317,10 +320,10 @@ async fn still_members<'a>(
     s: &State,
     group: &GroupId,
     users: impl Iterator<Item = &'a UserId>,
-) -> std::collections::HashSet<UserId> {
+) -> HashSet<UserId> {
     let generation = s.bus.generation();
-    let mut members = std::collections::HashSet::new();
-    let mut unknown = std::collections::HashSet::new();
+    let mut members = HashSet::new();
+    let mut unknown = HashSet::new();
     for user in users {
         if members.contains(user) || unknown.contains(user) {
             continue;
@@ -970,8 +973,7 @@ impl Messages for MessagesService {
                     .await?)
             },
             |page| {
-                let seqs: std::collections::HashSet<u64> =
-                    page.iter().filter_map(|m| m.seq).collect();
+                let seqs: HashSet<u64> = page.iter().filter_map(|m| m.seq).collect();
                 (0..want).all(|i| seqs.contains(&(top - i)))
             },
         )
@@ -1168,6 +1170,7 @@ impl Messages for MessagesService {
             }
             _ => String::new(),
         };
+        let page = still_seen(&self.0, &caller, page).await?;
         let mentions = page
             .into_iter()
             .map(|m| pb::Mention {
@@ -1180,6 +1183,52 @@ impl Messages for MessagesService {
             .collect();
         Ok(Response::new(pb::MentionsResponse { mentions, next }))
     }
+}
+
+/// The mentions of `page` that `caller` may still see: in groups it is
+/// still in, within its view of their history (a member removed and added
+/// under `joined` history sees only what followed), of messages not
+/// deleted. A membership read per group of the page (cached) and one read
+/// of the page's messages; the page may come out shorter than asked, its
+/// cursor unchanged.
+async fn still_seen(
+    s: &State,
+    caller: &UserId,
+    page: Vec<chat_store::Mention>,
+) -> Result<Vec<chat_store::Mention>, WorkerError> {
+    let mut views: HashMap<GroupId, Option<u64>> = HashMap::new();
+    for m in &page {
+        if views.contains_key(&m.group) {
+            continue;
+        }
+        let view = match s.check_member(caller, &m.group).await {
+            Ok(from) => Some(from),
+            Err(WorkerError::Domain(DomainError::Forbidden(_)) | WorkerError::NotFound(_)) => None,
+            Err(e) => return Err(e),
+        };
+        views.insert(m.group.clone(), view);
+    }
+    let ids: Vec<&MessageId> = page.iter().map(|m| &m.message).collect();
+    let deleted: HashSet<MessageId> = s
+        .store
+        .messages
+        .get_many(&ids)
+        .await?
+        .into_iter()
+        .filter(StoredMessage::is_deleted)
+        .map(|m| m.id)
+        .collect();
+    Ok(page
+        .into_iter()
+        .filter(|m| {
+            views
+                .get(&m.group)
+                .copied()
+                .flatten()
+                .is_some_and(|from| m.seq > from)
+                && !deleted.contains(&m.message)
+        })
+        .collect())
 }
 
 /// A page cursor of `GET /mentions`: `<createdAt ms>-<messageId>`.

@@ -743,8 +743,21 @@ async fn mentions_reach_the_members_named_live_on_reconnect_and_in_their_list() 
         .send_text_until_ok(&g, "m5", "@carol @bob", chat_tests::PROMPTLY)
         .await?;
     // bob's mention of the same message is told after the batch is written
-    bob.skip_to("a_mention").await?;
-    assert_eq!(list("carol", "").await?["mentions"], json!([live["data"]]));
+    let newest = bob.skip_to("a_mention").await?;
+    // and her list no longer shows the group she left
+    assert_eq!(list("carol", "").await?["mentions"], json!([]));
+
+    // a deleted message's mention is gone from the list
+    let (status, before) = c.get(0, "bob", "/mentions?limit=2").await?;
+    assert_eq!(status, 200);
+    assert_eq!(before["mentions"][0], newest["data"]);
+    alice
+        .request(
+            "delete_group_message",
+            json!({"groupId": g, "messageId": newest["data"]["messageId"]}),
+        )
+        .await?;
+    assert_eq!(seqs(&list("bob", "?limit=2").await?), [top + 3]);
     c.stop().await
 }
 
