@@ -239,6 +239,18 @@ async fn senders_between(
     }
 }
 
+/// Most messages whose senders one raise of watermarks reads to tell them:
+/// a member's first receipt after a long absence covers everything since,
+/// and only the senders of the newest this many hear of it (the status
+/// endpoint stays exact for all).
+const PUSHED_AT_MOST: u64 = 10_000;
+
+/// Where the messages whose senders are told of a raise over `(lo, hi]`
+/// start: at most [`PUSHED_AT_MOST`] of them, the newest.
+fn pushed_from(lo: u64, hi: u64) -> u64 {
+    lo.max(hi.saturating_sub(PUSHED_AT_MOST))
+}
+
 /// Raises members' watermarks, each (member, delivered, read), and
 /// tells the senders concerned; returns the members' read watermarks
 /// after.
@@ -269,7 +281,9 @@ pub(crate) async fn raise(
     let lo = risen.iter().map(|(_, b, a)| range(b, a).0).min();
     let hi = risen.iter().map(|(_, b, a)| range(b, a).1).max();
     let mut senders = match (lo, hi) {
-        (Some(lo), Some(hi)) if hi > lo => senders_between(s, group, lo, hi).await?,
+        (Some(lo), Some(hi)) if hi > lo => {
+            senders_between(s, group, pushed_from(lo, hi), hi).await?
+        }
         _ => Vec::new(),
     };
     // a sender no longer a member hears nothing more of the group: not
@@ -1239,4 +1253,18 @@ fn parse_mention_cursor(s: &str) -> Result<chat_store::MentionCursor, WorkerErro
         created_at: at.parse().map_err(|_| bad())?,
         message: MessageId::parse(id).map_err(|_| bad())?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_raise_reads_the_senders_of_at_most_the_newest_ten_thousand_messages() {
+        assert_eq!(pushed_from(5, 20), 5);
+        assert_eq!(pushed_from(0, PUSHED_AT_MOST), 0);
+        // a member back after a million messages
+        assert_eq!(pushed_from(0, 1_000_000), 1_000_000 - PUSHED_AT_MOST);
+        assert_eq!(pushed_from(999_000, 1_000_000), 999_000);
+    }
 }
