@@ -59,14 +59,21 @@ impl TokenBucket {
 
     /// Takes one token, or says how long until there is one.
     fn try_take(&mut self) -> Result<(), Duration> {
+        self.try_take_n(1.0)
+    }
+
+    /// Takes `n` tokens (at most the burst), or says how long until there
+    /// are as many; takes none then.
+    fn try_take_n(&mut self, n: f64) -> Result<(), Duration> {
+        let n = n.min(self.burst);
         self.refill(Instant::now());
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        if self.tokens >= n {
+            self.tokens -= n;
             Ok(())
         } else if self.rate <= 0.0 {
             Err(Duration::from_secs(60))
         } else {
-            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+            Err(Duration::from_secs_f64((n - self.tokens) / self.rate))
         }
     }
 
@@ -81,6 +88,10 @@ impl TokenBucket {
 /// new key is refused while none is idle (memory stays bounded under a flood
 /// of new users or addresses).
 const MAX_KEYS: usize = 100_000;
+
+/// Reads of a fanning-out request (a group's presence: one per member)
+/// that cost as much of a user's budget as one request.
+pub(crate) const FAN_OUT_PER_REQUEST: usize = 10;
 
 /// One bucket per key.
 #[derive(Debug)]
@@ -102,6 +113,11 @@ impl<K: Hash + Eq + Clone> Keyed<K> {
 
     /// Counts one request of `key`; how long to wait if over the limit.
     pub(crate) fn take(&self, key: &K) -> Result<(), Duration> {
+        self.take_n(key, 1.0)
+    }
+
+    /// Counts `n` requests of `key` at once (at most a burst).
+    pub(crate) fn take_n(&self, key: &K, n: f64) -> Result<(), Duration> {
         if self.rate <= 0.0 {
             return Ok(());
         }
@@ -116,7 +132,7 @@ impl<K: Hash + Eq + Clone> Keyed<K> {
         buckets
             .entry(key.clone())
             .or_insert_with(|| TokenBucket::new(self.rate, self.burst))
-            .try_take()
+            .try_take_n(n)
     }
 }
 
@@ -253,6 +269,18 @@ impl Limits {
     pub(crate) fn user(&self, user: &UserId) -> Result<(), RateLimited> {
         self.per_user.take(user).map_err(RateLimited)
     }
+
+    /// Counts what a request of `user` that fans out costs beyond the one
+    /// request counted already: one more per [`FAN_OUT_PER_REQUEST`] reads
+    /// it makes, never so many that a full budget could not pay for it.
+    pub(crate) fn user_fan_out(&self, user: &UserId, reads: usize) -> Result<(), RateLimited> {
+        let extra = (reads / FAN_OUT_PER_REQUEST) as f64;
+        let extra = extra.min(self.per_user.burst - 1.0);
+        if extra < 1.0 {
+            return Ok(());
+        }
+        self.per_user.take_n(user, extra).map_err(RateLimited)
+    }
 }
 
 /// A caller over its limit, with how long to wait.
@@ -306,6 +334,31 @@ pub(crate) async fn by_address(State(app): State<AppState>, req: Request, next: 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_that_fans_out_costs_its_reads_within_one_burst() {
+        // 10 a second, bursts of 20
+        let limits = Limits::new(&crate::Config {
+            user_requests_per_sec: 10.0,
+            ..crate::Config::default()
+        });
+        let (alice, bob) = (
+            UserId::parse("alice").expect("id"),
+            UserId::parse("bob").expect("id"),
+        );
+        limits.user(&alice).expect("the request itself");
+        // 150 reads: 15 more
+        limits.user_fan_out(&alice, 150).expect("within the budget");
+        assert!(limits.user_fan_out(&alice, 150).is_err(), "4 left");
+        limits.user(&alice).expect("a plain request still goes");
+        limits
+            .user_fan_out(&alice, 9)
+            .expect("under 10 reads: free");
+        // however many reads, a full budget pays for one such request
+        limits.user(&bob).expect("the request itself");
+        limits.user_fan_out(&bob, 100_000).expect("19 of 19");
+        assert!(limits.user(&bob).is_err());
+    }
 
     #[test]
     fn a_user_has_at_most_its_cap_of_connections_and_a_closed_one_frees_a_slot() {

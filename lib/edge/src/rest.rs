@@ -4,7 +4,7 @@ use axum::{
     Json,
     extract::{FromRequest, Path, Query, Request, State, rejection::QueryRejection},
     http::StatusCode,
-    response::IntoResponse,
+    response::{IntoResponse, Response},
 };
 use chat_domain::{Group, UserId};
 use chat_protocol::{
@@ -191,9 +191,13 @@ pub(crate) async fn group_presence(
     State(app): State<AppState>,
     Caller(me): Caller,
     Path(id): Path<String>,
-) -> Result<Json<GroupPresence>, ApiError> {
+) -> Result<Response, ApiError> {
     use futures::StreamExt;
     let group = group_of(&app, &me, id).await?;
+    // one read per member: charged to the caller's budget by the reads
+    if let Err(refused) = app.limits.user_fan_out(&me.user_id, group.members.len()) {
+        return Ok(refused.into_response());
+    }
     let bucket = app.bus.presence();
     let members: Vec<MemberPresence> = futures::stream::iter(group.members)
         .map(|m| {
@@ -220,7 +224,8 @@ pub(crate) async fn group_presence(
     Ok(Json(GroupPresence {
         group_id: group.id,
         members,
-    }))
+    })
+    .into_response())
 }
 
 #[utoipa::path(post, path = "/groups/{id}/owner", tag = "groups",

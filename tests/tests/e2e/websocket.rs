@@ -648,6 +648,35 @@ async fn presence_follows_every_connection_of_a_user_on_every_edge() -> anyhow::
     c.stop().await
 }
 
+/// A group's presence is one read per member: a member asking for it in a
+/// loop made a thousand reads a call. The call costs the caller's request
+/// budget one more request per ten members.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_group_s_presence_costs_its_reads_from_the_caller_s_budget() -> anyhow::Result<()> {
+    // 10 calls a second, bursts of 20
+    let c = Cluster::start_with(1, 1, &["--user-requests-per-sec", "10"]).await?;
+    let many: Vec<String> = (0..149).map(|i| format!("m{i}")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    let big = c.create_group("owner", &many).await?;
+    let big = big["id"].as_str().context("id")?;
+    let presence = || {
+        c.http()
+            .get(format!("{}/groups/{big}/presence", c.edge_url(0)))
+            .bearer_auth(token("m0"))
+            .send()
+    };
+    // 150 members: the call and 15 more
+    let first = presence().await?;
+    assert_eq!(first.status(), 200);
+    let again = presence().await?;
+    assert_eq!(again.status(), 429, "4 left of 20");
+    assert!(again.headers().get("retry-after").is_some());
+    // what is left still pays for a plain call
+    let (status, _) = c.get(0, "m0", "/groups").await?;
+    assert_eq!(status, 200);
+    c.stop().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mentions_reach_the_members_named_live_on_reconnect_and_in_their_list() -> anyhow::Result<()>
 {
