@@ -62,7 +62,11 @@ pub(crate) async fn create_group(
     State(app): State<AppState>,
     Caller(me): Caller,
     Body(body): Body<CreateGroupBody>,
-) -> Result<impl IntoResponse, ApiError> {
+) -> Result<Response, ApiError> {
+    // the worker checks each member's room (a read each)
+    if let Err(refused) = app.limits.user_fan_out(&me.user_id, body.members.len()) {
+        return Ok(refused.into_response());
+    }
     let group = rpc!(
         app,
         GroupsClient,
@@ -76,7 +80,7 @@ pub(crate) async fn create_group(
         }
     )?
     .into_inner();
-    Ok((StatusCode::CREATED, view(group)?))
+    Ok((StatusCode::CREATED, view(group)?).into_response())
 }
 
 /// `GET /groups?limit=&after=`: one page of the caller's groups, most
@@ -267,7 +271,11 @@ pub(crate) async fn add_members(
     Caller(me): Caller,
     Path(id): Path<String>,
     Body(body): Body<AddMembersBody>,
-) -> Result<Json<GroupView>, ApiError> {
+) -> Result<Response, ApiError> {
+    // the worker checks each new member's room (a read each)
+    if let Err(refused) = app.limits.user_fan_out(&me.user_id, body.user_ids.len()) {
+        return Ok(refused.into_response());
+    }
     let group = rpc!(
         app,
         GroupsClient,
@@ -279,7 +287,7 @@ pub(crate) async fn add_members(
         }
     )?
     .into_inner();
-    view(group)
+    Ok(view(group)?.into_response())
 }
 
 /// `DELETE /groups/{id}/members/{userId}`; `me` (or one's own id) leaves.

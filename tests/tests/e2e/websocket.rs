@@ -650,7 +650,7 @@ async fn presence_follows_every_connection_of_a_user_on_every_edge() -> anyhow::
 
 /// A group's presence is one read per member: a member asking for it in a
 /// loop made a thousand reads a call. The call costs the caller's request
-/// budget one more request per ten members.
+/// budget one more request per ten members, as does creating a group.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_group_s_presence_costs_its_reads_from_the_caller_s_budget() -> anyhow::Result<()> {
     // 10 calls a second, bursts of 20
@@ -674,6 +674,19 @@ async fn a_large_group_s_presence_costs_its_reads_from_the_caller_s_budget() -> 
     // what is left still pays for a plain call
     let (status, _) = c.get(0, "m0", "/groups").await?;
     assert_eq!(status, 200);
+    // so does creating a group, whose members' room the worker checks one
+    // by one, and adding members
+    let create = || {
+        c.http()
+            .post(format!("{}/groups", c.edge_url(0)))
+            .bearer_auth(token("m1"))
+            .json(&json!({"name": "many", "members": many}))
+            .send()
+    };
+    assert_eq!(create().await?.status(), 201);
+    let refused = create().await?;
+    assert_eq!(refused.status(), 429);
+    assert!(refused.headers().get("retry-after").is_some());
     c.stop().await
 }
 
