@@ -51,6 +51,19 @@ struct GroupDoc {
     /// Set once `a_group_created` has been published to every member.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     created_notified_at: Option<DateTime>,
+    /// The last change, until its `a_group_updated` has gone out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    unnotified: Option<UnnotifiedDoc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct UnnotifiedDoc {
+    kind: String,
+    user_ids: Vec<String>,
+    by: String,
+    #[serde(default)]
+    also: Vec<String>,
 }
 
 /// One member's subscription: `_id` is `<group>:<user>` (ids never contain
@@ -121,6 +134,21 @@ pub struct GroupRecord {
     pub rev: i64,
     pub subscribers: Vec<UserId>,
     pub created_notified: bool,
+    /// The last change, written with it, until its `a_group_updated` has
+    /// gone out to everyone ([`GroupRepo::mark_notified`]): a retry of the
+    /// change, which now changes nothing, sends it then.
+    pub unnotified: Option<Unnotified>,
+}
+
+/// A change whose notification may not have reached everyone.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Unnotified {
+    /// As `a_group_updated`'s `change`: its kind, who, and by whom.
+    pub kind: String,
+    pub user_ids: Vec<String>,
+    pub by: String,
+    /// Who hears of it besides the members (one who left or was removed).
+    pub also: Vec<String>,
 }
 
 fn corrupt(id: &str, e: impl std::fmt::Display) -> StoreError {
@@ -153,6 +181,7 @@ impl GroupDoc {
             updated_at: to_bson_time(g.updated_at),
             rev,
             created_notified_at: None,
+            unnotified: None,
         }
     }
 
@@ -189,6 +218,12 @@ impl GroupDoc {
                 .map(user)
                 .collect::<Result<_, _>>()?,
             created_notified: self.created_notified_at.is_some(),
+            unnotified: self.unnotified.map(|u| Unnotified {
+                kind: u.kind,
+                user_ids: u.user_ids,
+                by: u.by,
+                also: u.also,
+            }),
         })
     }
 }
@@ -346,6 +381,12 @@ impl GroupRepo {
         if record.created_notified {
             doc.created_notified_at = Some(DateTime::now());
         }
+        doc.unnotified = record.unnotified.clone().map(|u| UnnotifiedDoc {
+            kind: u.kind,
+            user_ids: u.user_ids,
+            by: u.by,
+            also: u.also,
+        });
         let res = self
             .coll
             .replace_one(
@@ -445,6 +486,18 @@ impl GroupRepo {
         groups.sort_unstable();
         groups.dedup();
         Ok(groups)
+    }
+
+    /// Marks the notification of the change that made revision `rev` as
+    /// sent (nothing if another change came since: it carries its own).
+    pub async fn mark_notified(&self, group: &GroupId, rev: i64) -> Result<(), StoreError> {
+        self.coll
+            .update_one(
+                doc! { "_id": group.as_str(), "rev": rev },
+                doc! { "$unset": { "unnotified": "" } },
+            )
+            .await?;
+        Ok(())
     }
 
     /// Marks the creation notification as sent; returns whether this call

@@ -17,7 +17,7 @@ mod reactions;
 mod uploads;
 mod users;
 
-pub use groups::{GroupRecord, GroupRepo, Membership};
+pub use groups::{GroupRecord, GroupRepo, Membership, Unnotified};
 pub use mentions::{Mention, MentionCursor, MentionRepo};
 pub use messages::{MessageRepo, Receipt, Resealed, StoredMessage};
 pub use objects::{ObjectInfo, Objects, ObjectsConfig};

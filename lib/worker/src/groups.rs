@@ -7,7 +7,7 @@ use bytes::Bytes;
 use chat_domain::{Applied, DomainError, Group, GroupChange, GroupId, History, UserId, now_millis};
 use chat_protocol::{GroupChangeView, GroupEvent, GroupView, event, push_json};
 use chat_rpc::pb::{self, groups_server::Groups};
-use chat_store::{GroupRecord, Membership};
+use chat_store::{GroupRecord, Membership, Unnotified};
 use tonic::{Request, Response, Status};
 
 use crate::{State, WorkerError, messages, parse_id};
@@ -126,14 +126,32 @@ impl GroupsService {
                     .group
                     .apply(caller, change.clone(), &self.0.config.limits, now_millis())?;
             let (audience, change) = match applied {
-                // nothing stored, nobody told: repeating a change costs a read
-                Applied::Unchanged => return Ok(record.group),
+                // nothing stored, nobody told: repeating a change costs a
+                // read, unless the last change's notification did not go
+                // out (its call failed, and this is the client's retry)
+                Applied::Unchanged => {
+                    if let Some(notice) = record.unnotified.take() {
+                        self.notify_again(&record, notice).await?;
+                    }
+                    return Ok(record.group);
+                }
                 Applied::Changed { audience, change } => (audience, change),
             };
             // only once the caller may: the new members have room
             if let GroupChange::AddMembers { user_ids, .. } = &change {
                 self.check_room_for(user_ids).await?;
             }
+            let delta = change_view(caller, &change);
+            record.unnotified = Some(Unnotified {
+                kind: delta.kind.clone(),
+                user_ids: delta.user_ids.clone(),
+                by: delta.by.clone(),
+                also: audience
+                    .iter()
+                    .filter(|u| !record.group.is_member(u))
+                    .map(ToString::to_string)
+                    .collect(),
+            });
             if !self.0.store.groups.replace_if_rev(&record).await? {
                 continue;
             }
@@ -148,14 +166,52 @@ impl GroupsService {
                 self.0.unsubscribed_live(id, leaving).await;
             }
             let prefix = format!("upd-{}-{}", group.id, record.rev);
-            let delta = change_view(caller, &change);
             self.publish_to_users(&audience, event::GROUP_UPDATED, &group, delta, &prefix)
                 .await?;
+            self.notified(id, record.rev).await;
             return Ok(group);
         }
         Err(WorkerError::Store(chat_store::StoreError::Unavailable(
             "too many concurrent changes to this group".into(),
         )))
+    }
+}
+
+impl GroupsService {
+    /// Sends the notification of the change that made `record` as it is,
+    /// which did not go out when it was made, under the same ids (JetStream
+    /// drops what reached it within its duplicate window).
+    async fn notify_again(
+        &self,
+        record: &GroupRecord,
+        notice: Unnotified,
+    ) -> Result<(), WorkerError> {
+        let group = &record.group;
+        let mut audience: Vec<UserId> = group.member_ids().cloned().collect();
+        audience.extend(
+            notice
+                .also
+                .iter()
+                .filter_map(|u| UserId::parse(u.as_str()).ok()),
+        );
+        let delta = GroupChangeView {
+            kind: notice.kind,
+            user_ids: notice.user_ids,
+            by: notice.by,
+        };
+        let prefix = format!("upd-{}-{}", group.id, record.rev);
+        self.publish_to_users(&audience, event::GROUP_UPDATED, group, delta, &prefix)
+            .await?;
+        self.notified(&group.id, record.rev).await;
+        Ok(())
+    }
+
+    /// The change that made revision `rev` of `group` is told: a later
+    /// retry need not tell it again (if this fails, it does, harmlessly).
+    async fn notified(&self, group: &GroupId, rev: i64) {
+        if let Err(e) = self.0.store.groups.mark_notified(group, rev).await {
+            tracing::debug!(group = %group, error = %e, "change not marked notified");
+        }
     }
 }
 

@@ -1383,3 +1383,49 @@ async fn changes_that_change_nothing_notify_no_one_and_repeated_subscribes_publi
     assert_eq!(users.cached_info().config.max_bytes, 4 << 30);
     c.stop().await
 }
+
+/// A change that committed but whose notification did not go out (NATS
+/// failed between the two: the call failed) is told when the client
+/// retries, though the retry itself changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_change_tells_what_its_first_attempt_could_not() -> anyhow::Result<()> {
+    use mongodb::bson::{DateTime, doc};
+    let c = Cluster::start(1, 1).await?;
+    let g = c.room(&["alice", "bob"]).await?;
+    let mut bob = c.connect(0, "bob", "web").await?;
+    // as the first attempt left it: carol added, the change noted as not
+    // told yet, and no event published
+    let groups = c
+        .mongo()
+        .await?
+        .collection::<mongodb::bson::Document>("groups");
+    groups
+        .update_one(
+            doc! { "_id": &g },
+            doc! {
+                "$push": { "members": { "userId": "carol", "joinedAt": DateTime::now(), "joinedSeq": 0_i64 } },
+                "$inc": { "rev": 1 },
+                "$set": { "unnotified": { "kind": "members_added", "userIds": ["carol"], "by": "alice", "also": [] } },
+            },
+        )
+        .await?;
+    // the retry
+    assert_eq!(c.add_members("alice", &g, &["carol"]).await?, 200);
+    let update = bob.skip_to("a_group_updated").await?;
+    assert_eq!(
+        update["data"]["change"],
+        json!({"kind": "members_added", "userIds": ["carol"], "by": "alice"})
+    );
+    let doc = groups
+        .find_one(doc! { "_id": &g })
+        .await?
+        .context("the group")?;
+    assert!(!doc.contains_key("unnotified"), "told: {doc}");
+    // a retry after that tells nothing more: the next update bob hears of
+    // is the next change
+    assert_eq!(c.add_members("alice", &g, &["carol"]).await?, 200);
+    assert_eq!(c.add_members("alice", &g, &["dave"]).await?, 200);
+    let next = bob.skip_to("a_group_updated").await?;
+    assert_eq!(next["data"]["change"]["userIds"], json!(["dave"]));
+    c.stop().await
+}
