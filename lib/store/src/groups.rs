@@ -399,19 +399,21 @@ impl GroupRepo {
 
     /// Records that `user` subscribed to `group`, if `user` is a member:
     /// a membership read and one small upsert, whatever the group's size.
-    /// Returns the membership it read. A removal racing it may leave a
-    /// subscription of a former member behind; every read of subscriptions
-    /// checks membership, and the removal deletes it.
+    /// Returns the membership it read, and whether the subscription was
+    /// there already. A removal racing it may leave a subscription of a
+    /// former member behind; every read of subscriptions checks membership,
+    /// and the removal deletes it.
     pub async fn add_subscriber(
         &self,
         group: &GroupId,
         user: &UserId,
-    ) -> Result<Membership, StoreError> {
+    ) -> Result<(Membership, bool), StoreError> {
         let membership = self.membership(group, user).await?;
         if !matches!(membership, Membership::Member { .. }) {
-            return Ok(membership);
+            return Ok((membership, false));
         }
-        self.subscriptions
+        let res = self
+            .subscriptions
             .update_one(
                 doc! { "_id": crate::member_key(group, user) },
                 doc! { "$setOnInsert": {
@@ -420,7 +422,7 @@ impl GroupRepo {
             )
             .upsert(true)
             .await?;
-        Ok(membership)
+        Ok((membership, res.upserted_id.is_none()))
     }
 
     /// Forgets `user`'s subscription to `group` (after a leave or removal).

@@ -220,7 +220,8 @@ impl GroupsService {
 const FOLLOW_ATTEMPTS: usize = 16;
 
 /// Makes every edge write `group` to `user`'s connections from here on, if
-/// `read` finds `user` a member: its event is published only if no event of
+/// `read` finds `user` a member (`read` also says whether the store had
+/// the subscription already): its event is published only if no event of
 /// `user` in `group` landed between the read and the publish. Otherwise a
 /// removal committed just after the read, and published before this
 /// subscribe, would be followed by it in the stream: every edge would
@@ -235,20 +236,22 @@ async fn follow_live<F, Fut>(
 ) -> Result<(Membership, bool), WorkerError>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<Membership, WorkerError>>,
+    Fut: std::future::Future<Output = Result<(Membership, bool), WorkerError>>,
 {
     let mut raced = false;
     for _ in 0..FOLLOW_ATTEMPTS {
         let tail = bus.membership_tail(group, user).await?;
-        let membership = read().await?;
+        let (membership, already) = read().await?;
         if !matches!(membership, Membership::Member { .. }) {
             return Ok((membership, raced));
         }
-        // followed already (every connection of the user's loads the
-        // group or applies that event): a subscribe repeated in a loop
+        // subscribed already, in the store (a removal deletes that) and in
+        // the member's last event (every connection of the user's loads
+        // the group or applies that event): a subscribe repeated in a loop
         // adds nothing to the stream. A removal after the tail's read
-        // publishes its own event after that one.
-        if tail.subscribed == Some(true) {
+        // publishes its own event after that one. After a removal and a
+        // new addition the subscription is new: published, as the first.
+        if already && tail.subscribed == Some(true) {
             return Ok((membership, raced));
         }
         if bus
@@ -643,7 +646,7 @@ mod tests {
         let reads = AtomicUsize::new(0);
         let (membership, raced) = follow_live(&bus, &group, &user, || async {
             reads.fetch_add(1, Ordering::SeqCst);
-            Ok(member())
+            Ok((member(), false))
         })
         .await
         .expect("followed");
@@ -656,9 +659,10 @@ mod tests {
         // subscribed already: a subscribe repeated (in a loop, say) adds
         // nothing to the stream
         for _ in 0..3 {
-            let (membership, raced) = follow_live(&bus, &group, &user, || async { Ok(member()) })
-                .await
-                .expect("followed");
+            let (membership, raced) =
+                follow_live(&bus, &group, &user, || async { Ok((member(), true)) })
+                    .await
+                    .expect("followed");
             assert!(matches!(membership, Membership::Member { .. }) && !raced);
         }
         assert_eq!(
@@ -666,6 +670,14 @@ mod tests {
             subscribed,
             "nothing published again"
         );
+        // but a subscription new in the store (the member was removed and
+        // added again, its removal's event not landed yet) is published
+        let (_, raced) = follow_live(&bus, &group, &user, || async { Ok((member(), false)) })
+            .await
+            .expect("followed");
+        assert!(!raced);
+        let again = bus.membership_tail(&group, &user).await.expect("tail");
+        assert!(again.seq > subscribed.seq, "published");
 
         // subscribed already, and the removal is published during the read
         // (which still found the member): nothing goes out after it
@@ -676,7 +688,7 @@ mod tests {
                 .await
                 .expect("removal published");
             removal.store(seq, Ordering::SeqCst);
-            Ok(member())
+            Ok((member(), true))
         })
         .await
         .expect("answered");
@@ -701,9 +713,9 @@ mod tests {
                     .await
                     .expect("removal published");
                 removed.store(seq, Ordering::SeqCst);
-                Ok(member())
+                Ok((member(), false))
             } else {
-                Ok(Membership::NotMember)
+                Ok((Membership::NotMember, false))
             }
         })
         .await
@@ -729,7 +741,7 @@ mod tests {
                     .expect("published");
                 bobs.store(seq, Ordering::SeqCst);
             }
-            Ok(member())
+            Ok((member(), false))
         })
         .await
         .expect("followed");

@@ -284,17 +284,21 @@ async fn subscribing_costs_one_small_write_and_old_subscriptions_still_count() -
     let rev = store.groups.get(&group.id).await?.expect("group").rev;
 
     let member = chat_store::Membership::Member { visible_from: 0 };
-    assert_eq!(store.groups.add_subscriber(&group.id, &new).await?, member);
+    assert_eq!(
+        store.groups.add_subscriber(&group.id, &new).await?,
+        (member, false),
+        "new"
+    );
     assert_eq!(
         store.groups.add_subscriber(&group.id, &stranger).await?,
-        chat_store::Membership::NotMember
+        (chat_store::Membership::NotMember, false)
     );
     assert_eq!(
         store
             .groups
             .add_subscriber(&GroupId::generate(), &new)
             .await?,
-        chat_store::Membership::NoSuchGroup
+        (chat_store::Membership::NoSuchGroup, false)
     );
     // the 1,000-member document was not rewritten
     assert_eq!(store.groups.get(&group.id).await?.expect("group").rev, rev);
@@ -302,8 +306,11 @@ async fn subscribing_costs_one_small_write_and_old_subscriptions_still_count() -
     assert_eq!(store.groups.subscribed_groups(&new).await?, just_this);
     assert_eq!(store.groups.subscribed_groups(&old).await?, just_this);
     assert!(store.groups.subscribed_groups(&stranger).await?.is_empty());
-    // twice is once
-    assert_eq!(store.groups.add_subscriber(&group.id, &new).await?, member);
+    // twice is once, and says it was there
+    assert_eq!(
+        store.groups.add_subscriber(&group.id, &new).await?,
+        (member, true)
+    );
     assert_eq!(store.groups.subscribed_groups(&new).await?.len(), 1);
 
     // membership reads carry where the member's history starts, and read
