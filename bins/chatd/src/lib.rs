@@ -422,7 +422,8 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub max_open_uploads_per_user: u64,
     /// Most bytes of the uploads one user may hold that no message uses yet.
-    #[arg(long, env = "CHATD_MAX_OPEN_UPLOAD_BYTES_PER_USER", default_value_t = MediaPolicy::default().open_upload_bytes_per_user)]
+    #[arg(long, env = "CHATD_MAX_OPEN_UPLOAD_BYTES_PER_USER", default_value_t = MediaPolicy::default().open_upload_bytes_per_user,
+          value_parser = clap::value_parser!(u64).range(1..))]
     pub max_open_upload_bytes_per_user: u64,
 
     /// Most members in one group.

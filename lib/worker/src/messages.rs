@@ -1122,6 +1122,8 @@ impl Messages for MessagesService {
             Ok(_) if !changed => {}
             // members who joined after the message must not learn of it
             Ok(frame) => match s.settings(&group).await {
+                // (a committed message always has its seq)
+                Ok((_, chat_domain::History::Joined)) if m.seq.is_none() => {}
                 Ok((_, history)) => {
                     let about = m.seq.filter(|_| history == chat_domain::History::Joined);
                     if let Err(e) = s.bus.signal(&group, None, about, frame.into()).await {
@@ -1202,7 +1204,8 @@ impl Messages for MessagesService {
 /// The mentions of `page` that `caller` may still see: in groups it is
 /// still in, within its view of their history (a member removed and added
 /// under `joined` history sees only what followed), of messages not
-/// deleted. A membership read per group of the page (cached) and one read
+/// deleted. A membership read per group of the page (cached; all at once)
+/// and one read
 /// of the page's messages; the page may come out shorter than asked, its
 /// cursor unchanged.
 async fn still_seen(
@@ -1210,18 +1213,19 @@ async fn still_seen(
     caller: &UserId,
     page: Vec<chat_store::Mention>,
 ) -> Result<Vec<chat_store::Mention>, WorkerError> {
-    let mut views: HashMap<GroupId, Option<u64>> = HashMap::new();
-    for m in &page {
-        if views.contains_key(&m.group) {
-            continue;
+    let groups: HashSet<&GroupId> = page.iter().map(|m| &m.group).collect();
+    let views = futures::future::join_all(groups.into_iter().map(|g| async move {
+        match s.check_member(caller, g).await {
+            Ok(from) => Ok((g.clone(), Some(from))),
+            Err(WorkerError::Domain(DomainError::Forbidden(_)) | WorkerError::NotFound(_)) => {
+                Ok((g.clone(), None))
+            }
+            Err(e) => Err(e),
         }
-        let view = match s.check_member(caller, &m.group).await {
-            Ok(from) => Some(from),
-            Err(WorkerError::Domain(DomainError::Forbidden(_)) | WorkerError::NotFound(_)) => None,
-            Err(e) => return Err(e),
-        };
-        views.insert(m.group.clone(), view);
-    }
+    }))
+    .await
+    .into_iter()
+    .collect::<Result<HashMap<GroupId, Option<u64>>, WorkerError>>()?;
     let ids: Vec<&MessageId> = page.iter().map(|m| &m.message).collect();
     let deleted: HashSet<MessageId> = s
         .store

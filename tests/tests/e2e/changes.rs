@@ -471,6 +471,12 @@ async fn under_joined_history_a_late_member_hears_no_reaction_to_what_it_cannot_
     let mut dave = c.connect(1, "dave", "web").await?;
     dave.request("subscribe_to_group", json!({"groupId": g}))
         .await?;
+    // dave's connection follows the group (its edge applied the subscribe)
+    let late = alice.send_text(&g, "m2", "after dave").await?;
+    assert_eq!(
+        dave.skip_to("a_group_message").await?["data"]["seq"],
+        late["seq"]
+    );
     let react = |m: &Value| json!({"groupId": g, "messageId": m["messageId"], "emoji": "👍"});
     alice.request("add_reaction", react(&early)).await?;
     // bob, a member since before it, is told
@@ -478,7 +484,6 @@ async fn under_joined_history_a_late_member_hears_no_reaction_to_what_it_cannot_
         bob.skip_to("a_reaction").await?["data"]["seq"],
         early["seq"]
     );
-    let late = alice.send_text(&g, "m2", "after dave").await?;
     alice.request("add_reaction", react(&late)).await?;
     // the first reaction dave hears of is the one to what it can see
     let heard = dave.skip_to("a_reaction").await?;

@@ -675,12 +675,14 @@ async fn a_large_group_s_presence_costs_its_reads_from_the_caller_s_budget() -> 
     let (status, _) = c.get(0, "m0", "/groups").await?;
     assert_eq!(status, 200);
     // so does creating a group, whose members' room the worker checks one
-    // by one, and adding members
+    // by one: 199 members cost a whole burst, so the second is refused
+    // unless the first took two seconds
+    let more: Vec<String> = (0..199).map(|i| format!("n{i}")).collect();
     let create = || {
         c.http()
             .post(format!("{}/groups", c.edge_url(0)))
-            .bearer_auth(token("m1"))
-            .json(&json!({"name": "many", "members": many}))
+            .bearer_auth(token("creator"))
+            .json(&json!({"name": "many", "members": more}))
             .send()
     };
     assert_eq!(create().await?.status(), 201);
