@@ -69,6 +69,8 @@ mod tests {
         // workers' (`--nats-users-max-bytes`), discarding the oldest
         assert!(d.users_stream.max_messages_per_subject > 0);
         assert_eq!(d.users_stream.discard, stream::DiscardPolicy::Old);
+        // a worker that does not set it (an older release) keeps this one
+        assert_eq!(d.users_stream.max_bytes, 4 << 30);
         // several workers share the persist consumer: each acknowledges its
         // own messages, never everything below them
         assert_eq!(d.persist_consumer.ack_policy, consumer::AckPolicy::Explicit);

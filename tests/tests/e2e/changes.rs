@@ -401,12 +401,11 @@ async fn an_edited_message_s_replies_preview_the_new_text_in_history() -> anyhow
     c.stop().await
 }
 
-/// Under `joined` history a member who joined after a message hears of no
-/// change to it: an edit would hand it the text of a message it cannot see.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn under_joined_history_a_late_member_hears_no_change_of_what_it_cannot_see()
--> anyhow::Result<()> {
-    let c = Cluster::start(2, 2).await?;
+/// A group with `joined` history where bob (on edge 1) was a member before
+/// alice's message `m1` and dave (on edge 1) was added after it; both
+/// subscribed. Returns the group, alice's, bob's and dave's connections and
+/// `m1`'s ack.
+async fn joined_late(c: &Cluster) -> anyhow::Result<(String, Client, Client, Client, Value)> {
     let g = c.group_with_history("alice", &["bob"], "joined").await?;
     let mut alice = c.connect(0, "alice", "web").await?;
     let mut bob = c.connect(1, "bob", "web").await?;
@@ -417,6 +416,16 @@ async fn under_joined_history_a_late_member_hears_no_change_of_what_it_cannot_se
     let mut dave = c.connect(1, "dave", "web").await?;
     dave.request("subscribe_to_group", json!({"groupId": g}))
         .await?;
+    Ok((g, alice, bob, dave, early))
+}
+
+/// Under `joined` history a member who joined after a message hears of no
+/// change to it: an edit would hand it the text of a message it cannot see.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_joined_history_a_late_member_hears_no_change_of_what_it_cannot_see()
+-> anyhow::Result<()> {
+    let c = Cluster::start(2, 2).await?;
+    let (g, mut alice, mut bob, mut dave, early) = joined_late(&c).await?;
     alice
         .request(
             "edit_group_message",
@@ -461,16 +470,7 @@ async fn under_joined_history_a_late_member_hears_no_change_of_what_it_cannot_se
 async fn under_joined_history_a_late_member_hears_no_reaction_to_what_it_cannot_see()
 -> anyhow::Result<()> {
     let c = Cluster::start(2, 2).await?;
-    let g = c.group_with_history("alice", &["bob"], "joined").await?;
-    let mut alice = c.connect(0, "alice", "web").await?;
-    let mut bob = c.connect(1, "bob", "web").await?;
-    bob.request("subscribe_to_group", json!({"groupId": g}))
-        .await?;
-    let early = alice.send_text(&g, "m1", "before dave").await?;
-    assert_eq!(c.add_members("alice", &g, &["dave"]).await?, 200);
-    let mut dave = c.connect(1, "dave", "web").await?;
-    dave.request("subscribe_to_group", json!({"groupId": g}))
-        .await?;
+    let (g, mut alice, mut bob, mut dave, early) = joined_late(&c).await?;
     // dave's connection follows the group (its edge applied the subscribe)
     let late = alice.send_text(&g, "m2", "after dave").await?;
     assert_eq!(
