@@ -284,16 +284,6 @@ pub enum Applied {
     },
 }
 
-impl Applied {
-    /// The audience of a change, empty if nothing changed.
-    pub fn audience(&self) -> &[UserId] {
-        match self {
-            Self::Unchanged => &[],
-            Self::Changed { audience, .. } => audience,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -378,13 +368,13 @@ mod tests {
         .expect("transfer");
         assert_eq!(g.owner_id, uid("a"));
         assert_eq!(g.updated_at, 12);
-        let applied = g
+        let Applied::Changed { audience, .. } = g
             .apply(&uid("owner"), GroupChange::Leave, &limits, 13)
-            .expect("leave");
-        assert!(
-            applied.audience().contains(&uid("owner")),
-            "the leaver hears of it"
-        );
+            .expect("leave")
+        else {
+            panic!("the owner left");
+        };
+        assert!(audience.contains(&uid("owner")), "the leaver hears of it");
         assert!(!g.is_member(&uid("owner")));
     }
 

@@ -53,17 +53,7 @@ struct GroupDoc {
     created_notified_at: Option<DateTime>,
     /// The last change, until its `a_group_updated` has gone out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    unnotified: Option<UnnotifiedDoc>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct UnnotifiedDoc {
-    kind: String,
-    user_ids: Vec<String>,
-    by: String,
-    #[serde(default)]
-    also: Vec<String>,
+    unnotified: Option<Unnotified>,
 }
 
 /// One member's subscription: `_id` is `<group>:<user>` (ids never contain
@@ -140,14 +130,17 @@ pub struct GroupRecord {
     pub unnotified: Option<Unnotified>,
 }
 
-/// A change whose notification may not have reached everyone.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+/// A change whose notification may not have reached everyone (stored as
+/// it is: plain strings, like the notification it stands for).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Unnotified {
     /// As `a_group_updated`'s `change`: its kind, who, and by whom.
     pub kind: String,
     pub user_ids: Vec<String>,
     pub by: String,
     /// Who hears of it besides the members (one who left or was removed).
+    #[serde(default)]
     pub also: Vec<String>,
 }
 
@@ -218,12 +211,7 @@ impl GroupDoc {
                 .map(user)
                 .collect::<Result<_, _>>()?,
             created_notified: self.created_notified_at.is_some(),
-            unnotified: self.unnotified.map(|u| Unnotified {
-                kind: u.kind,
-                user_ids: u.user_ids,
-                by: u.by,
-                also: u.also,
-            }),
+            unnotified: self.unnotified,
         })
     }
 }
@@ -381,12 +369,7 @@ impl GroupRepo {
         if record.created_notified {
             doc.created_notified_at = Some(DateTime::now());
         }
-        doc.unnotified = record.unnotified.clone().map(|u| UnnotifiedDoc {
-            kind: u.kind,
-            user_ids: u.user_ids,
-            by: u.by,
-            also: u.also,
-        });
+        doc.unnotified.clone_from(&record.unnotified);
         let res = self
             .coll
             .replace_one(
