@@ -51,6 +51,10 @@ pub(crate) struct LiveFrame {
     pub feed: Feed,
     /// Read by a catch-up, not the live feed (for metrics).
     pub caught_up: bool,
+    /// The device's place in its feed once this is written: the stream
+    /// sequence of a live frame; for a caught-up one, short of any frame
+    /// the hub holds for the attach (see [`Registration::unheld_through`]).
+    pub place: u64,
     /// A change in a group with `joined` history, from the live feed: the
     /// writer checks the connection's view of the group before it goes
     /// out (a catch-up checked it already).
@@ -125,6 +129,9 @@ struct Conn {
     /// More than `EARLY_MAX` early events: the loaded groups can't be fixed.
     early_overflow: bool,
     phase: Phase,
+    /// The stream sequence of the first frame held while catching up (kept
+    /// after an overflow let go of it): a catch-up's place stays before it.
+    first_held: Option<u64>,
     sink: Arc<dyn Sink>,
 }
 
@@ -233,6 +240,7 @@ impl LiveHub {
                 early: Some(Vec::new()),
                 early_overflow: false,
                 phase: Phase::Holding(VecDeque::new()),
+                first_held: None,
                 sink,
             },
         );
@@ -240,7 +248,6 @@ impl LiveHub {
         Registration {
             hub: self.clone(),
             id,
-            attached: AtomicBool::new(false),
         }
     }
 
@@ -273,6 +280,7 @@ impl LiveHub {
             stream_seq,
             feed: self.feed,
             caught_up: false,
+            place: stream_seq,
             restricted,
         };
         let mut written = 0;
@@ -441,6 +449,7 @@ impl Conn {
         let read = self.read.contains(&frame.group);
         match &mut self.phase {
             Phase::Holding(held) => {
+                self.first_held.get_or_insert(frame.stream_seq);
                 if held.len() >= HOLD_MAX {
                     self.phase = Phase::Overflowed;
                 } else {
@@ -476,7 +485,6 @@ impl Conn {
 pub(crate) struct Registration {
     hub: Arc<LiveHub>,
     id: u64,
-    attached: AtomicBool,
 }
 
 impl Registration {
@@ -561,6 +569,21 @@ impl Registration {
         self.hub.running()
     }
 
+    /// Before attaching: the furthest place a catch-up that handed on
+    /// everything of its keys may claim. Every frame the hub handed on up
+    /// to here, of any key, was held: the place stays before the first of
+    /// them, which only the attach writes. `None` once the connection left.
+    pub(crate) fn unheld_through(&self) -> Option<u64> {
+        let hub = self.hub.lock();
+        // under the lock: the position moves with the frames it holds
+        let position = self.hub.position();
+        let conn = hub.conns.get(&self.id)?;
+        Some(match conn.first_held {
+            Some(first) => position.min(first.saturating_sub(1)),
+            None => position,
+        })
+    }
+
     /// Attaches once the catch-up has written everything of the keys it
     /// `read` up to stream sequence `through`: what was held of them after
     /// it, and everything held of other keys, goes out in order, and from
@@ -601,13 +624,7 @@ impl Registration {
                 return Err(NotYet::Closed);
             }
         }
-        self.attached.store(true, Ordering::SeqCst);
         Ok(self.hub.position())
-    }
-
-    /// Whether the connection receives live.
-    pub(crate) fn attached(&self) -> bool {
-        self.attached.load(Ordering::SeqCst)
     }
 }
 
@@ -932,7 +949,6 @@ mod tests {
         reg.attach(3, &read(&["g"])).expect("attach");
         send(&hub, 6, "g");
         assert_eq!(sink.seqs(), [4, 5, 6]);
-        assert!(reg.attached());
     }
 
     #[test]
@@ -979,6 +995,28 @@ mod tests {
         // the catch-up went on up to the feed's position before the send
         reg.attach(next - 1, &read(&["g"])).expect("attach");
         assert_eq!(sink.seqs(), [next]);
+    }
+
+    #[test]
+    fn a_catch_up_s_place_stops_before_the_first_frame_the_hub_held_for_it() {
+        let hub = hub();
+        let (reg, _sink) = catching_up(&hub, "ann", &["g", "h"]);
+        // traffic the connection does not follow moves the hub on
+        send(&hub, 4, "other");
+        assert_eq!(reg.unheld_through(), Some(4));
+        // held for the attach: a caught-up frame after it may not claim it
+        send(&hub, 5, "h");
+        send(&hub, 6, "g");
+        send(&hub, 9, "other");
+        assert_eq!(reg.unheld_through(), Some(4));
+        // an overflow lets go of the held frames, not of where they began
+        for s in 10..=(HOLD_MAX as u64 + 10) {
+            send(&hub, s, "g");
+        }
+        assert_eq!(reg.attach(6, &read(&["g"])), Err(NotYet::Overflowed));
+        assert_eq!(reg.unheld_through(), Some(4));
+        reg.leave();
+        assert_eq!(reg.unheld_through(), None);
     }
 
     #[test]

@@ -155,6 +155,11 @@ impl CatchUpTask {
                 }
             };
             backoff = Duration::from_millis(100);
+            // taken before the batch's frames are queued, so each carries a
+            // place of its own: a session that ends before the attach (a
+            // client that closes once it has what it missed) keeps what it
+            // was written. Frames the hub holds later are all after this.
+            let unheld = self.reg.unheld_through().unwrap_or(0);
             let mut rewound = false;
             let mut handed = None;
             for msg in batch.messages {
@@ -168,7 +173,7 @@ impl CatchUpTask {
                     handed = Some(msg.stream_seq);
                     continue;
                 }
-                let frame = match self.frame(&msg, &mut left).await {
+                let frame = match self.frame(&msg, &mut left, unheld).await {
                     Ok(Some(frame)) => frame,
                     Ok(None) => {
                         handed = Some(msg.stream_seq);
@@ -264,13 +269,15 @@ impl CatchUpTask {
         }
     }
 
-    /// The frame of a message the catch-up read; `Ok(None)`: nothing to
-    /// write (an event, a group the user left, a message from before it
-    /// joined); `Err`: it cannot be told yet whether the user may see it.
+    /// The frame of a message the catch-up read, whose place stops at
+    /// `unheld`; `Ok(None)`: nothing to write (an event, a group the user
+    /// left, a message from before it joined); `Err`: it cannot be told yet
+    /// whether the user may see it.
     async fn frame(
         &self,
         msg: &chat_bus::LiveMessage,
         left: &mut HashSet<String>,
+        unheld: u64,
     ) -> Result<Option<LiveFrame>, ()> {
         let stream_seq = msg.stream_seq;
         if self.feed == Feed::User {
@@ -282,6 +289,7 @@ impl CatchUpTask {
                     stream_seq,
                     feed: Feed::User,
                     caught_up: true,
+                    place: stream_seq.min(unheld),
                     restricted: false,
                 }),
                 Err(e) => {
@@ -336,6 +344,7 @@ impl CatchUpTask {
             stream_seq,
             feed: Feed::Groups,
             caught_up: true,
+            place: stream_seq.min(unheld),
             // checked above
             restricted: false,
         }))

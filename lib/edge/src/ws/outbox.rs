@@ -472,6 +472,7 @@ mod tests {
             stream_seq: seq,
             feed: Feed::Groups,
             caught_up: false,
+            place: seq,
             restricted: false,
         }
     }

@@ -41,7 +41,6 @@ impl Session {
         } = opened;
         let (sink, mut stream) = socket.split();
         let saver = Arc::new(Saver::new(
-            regs.clone(),
             app.places.clone(),
             (me.user_id.clone(), device.clone()),
             stored,

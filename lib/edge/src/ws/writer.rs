@@ -143,9 +143,7 @@ pub(super) async fn write_loop(
                     }
                     Feed::Groups if hides == Some(true) => {
                         // not for this member: passed over, in its place
-                        if !f.caught_up {
-                            pending.through(Feed::Groups, f.stream_seq);
-                        }
+                        pending.through(Feed::Groups, f.place);
                         true
                     }
                     Feed::Groups => {
@@ -154,12 +152,10 @@ pub(super) async fn write_loop(
                             tally.out += 1;
                             tally.live += u64::from(!f.caught_up);
                             pending.group_frame(&f.group, f.seq);
-                            // a catch-up's frames move no place: frames of
-                            // other groups below them may still come from
-                            // the hub (the attach marker moves it past them)
-                            if !f.caught_up {
-                                pending.through(Feed::Groups, f.stream_seq);
-                            }
+                            // a caught-up frame's place stops short of the
+                            // frames of other groups the hub holds for the
+                            // attach (the attach marker moves it past them)
+                            pending.through(Feed::Groups, f.place);
                         }
                         ok
                     }
@@ -167,8 +163,8 @@ pub(super) async fn write_loop(
                         metrics::counter!("chat_ws_events_out_total", "event" => event_of(&f.text))
                             .increment(1);
                         let ok = fed(&mut sink, Message::Text(f.text), deadline).await;
-                        if ok && !f.caught_up {
-                            pending.through(Feed::User, f.stream_seq);
+                        if ok {
+                            pending.through(Feed::User, f.place);
                         }
                         ok
                     }
@@ -552,8 +548,6 @@ pub(super) fn slot(feed: Feed) -> usize {
 /// on any edge, resumes right after what this connection wrote (after an
 /// edge crash: after the last checkpoint, and `seq` shows the repeats).
 pub(crate) struct Saver {
-    /// The connection's place in each hub (groups, notifications).
-    pub(super) regs: [Arc<Registration>; 2],
     /// Where each feed's catch-up started: a place the device had.
     pub(super) start: [AtomicU64; 2],
     /// Whether the device's place is known in both feeds (a new device's
@@ -586,7 +580,6 @@ pub(super) const FINAL_SAVE: Duration = Duration::from_secs(2);
 
 impl Saver {
     pub(super) fn new(
-        regs: [Arc<Registration>; 2],
         places: chat_bus::Places,
         (user, device): (UserId, DeviceId),
         stored: chat_bus::Stored,
@@ -594,7 +587,6 @@ impl Saver {
         let place = stored.place.unwrap_or_default();
         let known = stored.place.is_some();
         Self {
-            regs,
             start: [AtomicU64::new(place.groups), AtomicU64::new(place.users)],
             known: [known.into(), known.into()],
             position: Default::default(),
@@ -615,17 +607,15 @@ impl Saver {
         self.known[slot(feed)].store(true, Ordering::SeqCst);
     }
 
-    /// The place to save in `feed`: what was written once the connection
-    /// receives it live (before, a catch-up may still owe a group followed
-    /// since it began), else where its catch-up started.
+    /// The place to save in `feed`: where its catch-up started, or further
+    /// once frames or markers were written. Before the attach only the
+    /// catch-up's frames move `position` (the hub hands no frame on yet),
+    /// and their places stop short of anything the hub holds.
     fn place_of(&self, feed: Feed) -> u64 {
         let i = slot(feed);
-        let start = self.start[i].load(Ordering::SeqCst);
-        if self.regs[i].attached() {
-            start.max(self.position[i].load(Ordering::SeqCst))
-        } else {
-            start
-        }
+        self.start[i]
+            .load(Ordering::SeqCst)
+            .max(self.position[i].load(Ordering::SeqCst))
     }
 
     /// The place to save, if it moved since the last save.
@@ -766,6 +756,7 @@ mod tests {
                 stream_seq: 1,
                 feed: Feed::Groups,
                 caught_up: false,
+                place: 1,
                 restricted: false,
             })
         };
