@@ -185,6 +185,8 @@ pub(crate) struct State {
     pub positions: publish::Positions,
     /// Who is a member of which group (`members.rs`).
     pub members: members::Members,
+    /// Each group's history setting (`members.rs`).
+    pub histories: members::Histories,
     /// One entry per send for the idempotency window.
     pub sends: chat_bus::SendLog,
     /// Every device's place in the streams.
@@ -216,6 +218,17 @@ impl State {
             .settings(id)
             .await?
             .ok_or(WorkerError::NotFound("group"))
+    }
+
+    /// Group `id`'s history setting, remembered once read (it never
+    /// changes).
+    pub(crate) async fn history(&self, id: &GroupId) -> Result<chat_domain::History, WorkerError> {
+        if let Some(history) = self.histories.get(id) {
+            return Ok(history);
+        }
+        let (_, history) = self.settings(id).await?;
+        self.histories.remember(id, history);
+        Ok(history)
     }
 
     /// Fails unless `caller` is a member of group `id`; reads no more than
@@ -321,6 +334,7 @@ pub async fn serve(
         config,
         positions: Default::default(),
         members: Default::default(),
+        histories: Default::default(),
         online: Default::default(),
         sends,
         places,

@@ -19,7 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use chat_domain::{GroupId, UserId};
+use chat_domain::{GroupId, History, UserId};
 
 /// How long a membership is trusted without hearing of its group.
 pub(crate) const TTL: Duration = Duration::from_secs(30);
@@ -128,6 +128,34 @@ impl Members {
     }
 }
 
+/// Most groups whose history setting is remembered; past it the map starts
+/// over.
+const MAX_HISTORIES: usize = 100_000;
+
+/// Each group's history setting, which is fixed when the group is created
+/// (and groups are never deleted), so an entry is never stale: a reaction
+/// or a reply under `joined` history reads no database for it.
+#[derive(Default)]
+pub(crate) struct Histories(Mutex<HashMap<GroupId, History>>);
+
+impl Histories {
+    fn inner(&self) -> std::sync::MutexGuard<'_, HashMap<GroupId, History>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn get(&self, group: &GroupId) -> Option<History> {
+        self.inner().get(group).copied()
+    }
+
+    pub(crate) fn remember(&self, group: &GroupId, history: History) {
+        let mut inner = self.inner();
+        if inner.len() >= MAX_HISTORIES {
+            inner.clear();
+        }
+        inner.insert(group.clone(), history);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,5 +198,25 @@ mod tests {
         m.remember(&g, &u, 0, t);
         // the bus reconnected: notices may have been missed
         assert_eq!(m.visible_from(&g, &u, 2), None);
+    }
+
+    #[test]
+    fn histories_are_remembered_within_a_bound() {
+        let h = Histories::default();
+        let (g, _) = ids();
+        assert_eq!(h.get(&g), None);
+        h.remember(&g, History::Joined);
+        assert_eq!(h.get(&g), Some(History::Joined));
+        for i in 1..MAX_HISTORIES {
+            h.remember(
+                &GroupId::parse(format!("g{i}")).expect("id"),
+                History::Shared,
+            );
+        }
+        // full: it starts over, and holds what it was told last
+        let last = GroupId::parse("last").expect("id");
+        h.remember(&last, History::Shared);
+        assert_eq!(h.inner().len(), 1);
+        assert_eq!((h.get(&g), h.get(&last)), (None, Some(History::Shared)));
     }
 }

@@ -572,7 +572,7 @@ impl MessagesService {
         let opened = open(&self.0, &m).map_err(|e| unavailable(e.message().to_owned()))?;
         // under `joined` history a member who joined after the answered
         // message must not read it through the reply: no preview there
-        let joined = self.0.settings(group).await?.1 == chat_domain::History::Joined;
+        let joined = self.0.history(group).await? == chat_domain::History::Joined;
         Ok(ReplyView {
             message_id: opened.message_id,
             seq: opened.seq,
@@ -1121,10 +1121,10 @@ impl Messages for MessagesService {
         match push_json(event::REACTION, &push) {
             Ok(_) if !changed => {}
             // members who joined after the message must not learn of it
-            Ok(frame) => match s.settings(&group).await {
+            Ok(frame) => match s.history(&group).await {
                 // (a committed message always has its seq)
-                Ok((_, chat_domain::History::Joined)) if m.seq.is_none() => {}
-                Ok((_, history)) => {
+                Ok(chat_domain::History::Joined) if m.seq.is_none() => {}
+                Ok(history) => {
                     let about = m.seq.filter(|_| history == chat_domain::History::Joined);
                     if let Err(e) = s.bus.signal(&group, None, about, frame.into()).await {
                         tracing::warn!(group = %group, error = %e, "reaction not announced");
