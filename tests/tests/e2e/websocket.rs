@@ -354,12 +354,17 @@ async fn reconnecting_while_messages_flow_hands_over_with_no_gap_or_repeat() -> 
 /// where the last one began. (Before, only the hand-over to the live feed
 /// moved a catching-up device's place: a client that closed right after
 /// its missed frames arrived got them all again, seen as a rare duplicate
-/// notification in CI.)
+/// notification in CI.) The only repeats are the last burst the edge had
+/// put on the wire but not yet flushed when the client's close made its
+/// next write fail: frames not counted as written, which `seq` shows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_that_leaves_while_catching_up_resumes_after_what_it_was_written()
 -> anyhow::Result<()> {
-    const N: u64 = 160;
-    const READ: usize = 20;
+    const N: u64 = 300;
+    // more than a burst (`WRITE_BURST`, 64 frames) and a few in flight:
+    // starting again from the beginning repeats frames outside the tail
+    const READ: usize = 100;
+    const TAIL: usize = 80;
     let c = Cluster::start_with(
         1,
         1,
@@ -417,9 +422,10 @@ async fn a_device_that_leaves_while_catching_up_resumes_after_what_it_was_writte
         rest.push(m["data"]["seq"].as_u64().unwrap_or(0));
     }
     assert!(rest.windows(2).all(|w| w[0] < w[1]), "{rest:?}");
+    let tail = &first[first.len().saturating_sub(TAIL)..];
     assert!(
-        rest.iter().all(|s| !first.contains(s)),
-        "written to the first connection and again to the second: {rest:?}"
+        rest.iter().all(|s| !first.contains(s) || tail.contains(s)),
+        "written to the first connection ({first:?}) and again to the second: {rest:?}"
     );
     c.stop().await
 }
