@@ -278,6 +278,10 @@ pub fn app(state: AppState) -> Router {
         .route("/groups/{id}/presence", get(rest::group_presence))
         .route("/mentions", get(rest::mentions))
         .route("/groups/{id}/uploads", post(rest::create_upload))
+        .route(
+            "/groups/{id}/uploads/{object}",
+            delete(rest::release_upload),
+        )
         .route("/groups/{id}/media/{object}", get(rest::download_media))
         .route("/groups/{id}/media/{object}/url", get(rest::media_url))
         .route(

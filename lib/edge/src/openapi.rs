@@ -32,6 +32,7 @@ use crate::rest;
         rest::history,
         rest::message_status,
         rest::create_upload,
+        rest::release_upload,
         rest::download_media,
         rest::media_url,
         rest::healthz,

@@ -512,6 +512,39 @@ pub(crate) async fn create_upload(
     ))
 }
 
+/// `DELETE /groups/{id}/uploads/{objectId}`: gives back the caller's own
+/// upload that no message uses (an attachment dropped before sending). Its
+/// object goes now; it stops counting against the caller's open uploads
+/// once its URL has expired, as that can still write until then.
+#[utoipa::path(delete, path = "/groups/{id}/uploads/{object}", tag = "media",
+    params(
+        ("id" = String, Path, description = "group id"),
+        ("object" = String, Path, description = "the last part of the upload's key"),
+    ),
+    responses(
+        (status = 204, description = "given back"),
+        (status = 404, description = "no unused upload of the caller's with this key", body = RestError),
+        crate::openapi::CallerErrors
+    ))]
+pub(crate) async fn release_upload(
+    State(app): State<AppState>,
+    Caller(me): Caller,
+    Path((id, object)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let key = format!("groups/{id}/{object}");
+    rpc!(
+        app,
+        MediaClient,
+        release_upload,
+        pb::ReleaseUploadRequest {
+            caller: me.user_id.to_string(),
+            group_id: id,
+            key,
+        }
+    )?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 /// A short-lived pre-signed GET URL of the object `groups/{id}/{objectId}`
 /// (members only).
 async fn media_link(

@@ -47,6 +47,11 @@ struct UploadDoc {
     /// expired when it was deleted).
     #[serde(default)]
     purged: bool,
+    /// Given back by its uploader: no message may use it, and the cleaner
+    /// deletes it once its URL has expired (until then it still counts
+    /// against the uploader's open uploads, since the URL can still write).
+    #[serde(default)]
+    released: bool,
 }
 
 /// An issued upload.
@@ -146,6 +151,7 @@ impl UploadRepo {
                 media_key: None,
                 after_seq: 0,
                 purged: false,
+                released: false,
             })
             .await?;
         Ok(())
@@ -173,13 +179,38 @@ impl UploadRepo {
         let res = self
             .coll
             .update_one(
-                doc! { "_id": key, "deleting": false, "referenced": false },
+                doc! {
+                    "_id": key, "deleting": false, "referenced": false,
+                    "released": { "$ne": true },
+                },
                 doc! { "$set": {
                     "referenced": true, "mediaKey": media_key, "afterSeq": after_seq,
                 } },
             )
             .await?;
         Ok(res.matched_count == 1)
+    }
+
+    /// Gives back `uploader`'s upload `key` of `group` that no message
+    /// uses; false if there is no such upload (someone else's, used, being
+    /// deleted, or given back already).
+    pub async fn release(
+        &self,
+        group: &GroupId,
+        key: &str,
+        uploader: &str,
+    ) -> Result<bool, StoreError> {
+        let res = self
+            .coll
+            .update_one(
+                doc! {
+                    "_id": key, "groupId": group.as_str(), "uploaderId": uploader,
+                    "referenced": false, "deleting": false, "released": { "$ne": true },
+                },
+                doc! { "$set": { "released": true } },
+            )
+            .await?;
+        Ok(res.modified_count == 1)
     }
 
     /// Gives back a claim whose copy failed.
@@ -236,12 +267,21 @@ impl UploadRepo {
         Ok(())
     }
 
-    /// Claims up to `limit` unreferenced uploads issued before `before` for
-    /// deletion.
-    pub async fn claim_stale(&self, before: Millis, limit: i64) -> Result<Vec<Upload>, StoreError> {
+    /// Claims for deletion up to `limit` unreferenced uploads issued before
+    /// `before`, and given back ones issued before `released_before` (their
+    /// URLs have expired).
+    pub async fn claim_stale(
+        &self,
+        before: Millis,
+        released_before: Millis,
+        limit: i64,
+    ) -> Result<Vec<Upload>, StoreError> {
         let candidates: Vec<UploadDoc> = self
             .coll
-            .find(doc! { "referenced": false, "deleting": false, "createdAt": { "$lt": to_bson_time(before) } })
+            .find(doc! { "referenced": false, "deleting": false, "$or": [
+                { "createdAt": { "$lt": to_bson_time(before) } },
+                { "released": true, "createdAt": { "$lt": to_bson_time(released_before) } },
+            ] })
             .limit(limit)
             .await?
             .try_collect()

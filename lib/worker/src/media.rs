@@ -216,8 +216,13 @@ pub(crate) async fn clean_uploads(s: Arc<State>) {
     let Some(objects) = s.objects.clone() else {
         return;
     };
-    let every = (s.config.unreferenced_upload_ttl / 4)
-        .clamp(Duration::from_millis(100), Duration::from_secs(60));
+    // a given back upload is due once its URL expires
+    let every = (s
+        .config
+        .unreferenced_upload_ttl
+        .min(s.config.upload_url_ttl)
+        / 4)
+    .clamp(Duration::from_millis(100), Duration::from_secs(60));
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
@@ -229,13 +234,14 @@ pub(crate) async fn clean_uploads(s: Arc<State>) {
                 continue;
             }
         };
-        match s.store.uploads.claim_stale(before, 100).await {
+        // issued before this, an upload's URL has expired
+        let expired = now_millis() - s.config.upload_url_ttl.as_millis() as i64 - 1000;
+        match s.store.uploads.claim_stale(before, expired, 100).await {
             Ok(v) => batch.extend(v),
             Err(e) => tracing::debug!(error = %e, "cannot claim stale uploads"),
         }
         // claimed uploads whose URL has expired: whatever was put at their
         // own key after the claim goes, for good
-        let expired = now_millis() - s.config.upload_url_ttl.as_millis() as i64 - 1000;
         match s.store.uploads.expired_claimed(expired, 100).await {
             Ok(claimed) => {
                 for u in claimed {
@@ -321,6 +327,34 @@ impl Media for MediaService {
             headers: headers.into_iter().collect(),
             expires_at_ms: url_expiry(now, ttl),
         }))
+    }
+
+    async fn release_upload(
+        &self,
+        req: Request<pb::ReleaseUploadRequest>,
+    ) -> Result<Response<pb::ReleaseUploadResponse>, Status> {
+        let req = req.into_inner();
+        let s = &self.0;
+        let caller = parse_id::<UserId>(&req.caller)?;
+        let group = parse_id::<GroupId>(&req.group_id)?;
+        check_key(&group, &req.key)?;
+        let objects = objects(s)?;
+        // the uploader's own, unused: no membership needed to give it back
+        let released = s
+            .store
+            .uploads
+            .release(&group, &req.key, caller.as_str())
+            .await
+            .map_err(WorkerError::from)?;
+        if !released {
+            return Err(WorkerError::NotFound("upload").into());
+        }
+        // the storage now; the URL may still write until it expires, and the
+        // cleaner deletes again then
+        if let Err(e) = objects.delete(&req.key).await {
+            tracing::warn!(key = %req.key, error = %e, "cannot delete a given back upload yet; the cleaner will");
+        }
+        Ok(Response::new(pb::ReleaseUploadResponse {}))
     }
 
     async fn media_url(
