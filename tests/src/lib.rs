@@ -299,6 +299,24 @@ impl Cluster {
         Client::connect(&self.edge_addrs[edge], &token(user), device).await
     }
 
+    /// Connects `user` on `device` to edge `edge` over a socket with a tiny
+    /// receive buffer (4 KiB): a client that reads slowly, or not at all.
+    /// Reads nothing until asked, not even `a_session`.
+    pub async fn connect_slow_reader(
+        &self,
+        edge: usize,
+        user: &str,
+        device: &str,
+    ) -> anyhow::Result<Client> {
+        let addr = self.edge_addrs[edge];
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.set_recv_buffer_size(4096)?;
+        let tcp = MaybeTlsStream::Plain(socket.connect(addr).await?);
+        let url = format!("ws://{addr}/ws?token={}&device={device}", token(user));
+        let (ws, _) = tokio_tungstenite::client_async(url, tcp).await?;
+        Ok(Client::from_stream(ws))
+    }
+
     /// A WebSocket client of `user` on edge `edge` that names no device (it
     /// gets the user's default one), as a client of the seed's flow.
     pub async fn connect_without_device(&self, edge: usize, user: &str) -> anyhow::Result<Client> {

@@ -915,13 +915,7 @@ async fn a_client_that_stops_reading_is_closed_and_resumes_losing_nothing() -> a
     .await?;
     let g = c.room(&["alice", "bob"]).await?;
     // bob's device, with a tiny receive buffer, never reads
-    let addr: std::net::SocketAddr = c.edge_url(0).trim_start_matches("http://").parse()?;
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.set_recv_buffer_size(4096)?;
-    let tcp = socket.connect(addr).await?;
-    let url = format!("ws://{addr}/ws?token={}&device=setup", token("bob"));
-    let tcp = tokio_tungstenite::MaybeTlsStream::Plain(tcp);
-    let (stalled, _) = tokio_tungstenite::client_async(url, tcp).await?;
+    let mut old = c.connect_slow_reader(0, "bob", "setup").await?;
     let mut alice = c.connect(0, "alice", "web").await?;
     let text = "x".repeat(59_000);
     for i in 0..N {
@@ -929,7 +923,6 @@ async fn a_client_that_stops_reading_is_closed_and_resumes_losing_nothing() -> a
     }
     // the edge closes it: reading it to the end finishes (a zombie would
     // keep it open with nothing more to read)
-    let mut old = Client::from_stream(stalled);
     let frames = old.until_closed().await?;
     let first: Vec<u64> = frames
         .iter()

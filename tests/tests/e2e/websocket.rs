@@ -388,13 +388,7 @@ async fn a_device_that_leaves_while_catching_up_resumes_after_what_it_was_writte
     }
     // back on a socket with a tiny receive buffer: the catch-up waits for
     // room, far from the hand-over, when the client leaves
-    let addr: std::net::SocketAddr = c.edge_url(0).trim_start_matches("http://").parse()?;
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.set_recv_buffer_size(4096)?;
-    let tcp = tokio_tungstenite::MaybeTlsStream::Plain(socket.connect(addr).await?);
-    let url = format!("ws://{addr}/ws?token={}&device=phone", token("bob"));
-    let (ws, _) = tokio_tungstenite::client_async(url, tcp).await?;
-    let mut phone = Client::from_stream(ws);
+    let mut phone = c.connect_slow_reader(0, "bob", "phone").await?;
     let mut first = Vec::new();
     while first.len() < READ {
         let m = phone.skip_to("a_group_message").await?;
