@@ -129,10 +129,19 @@ struct Conn {
     /// More than `EARLY_MAX` early events: the loaded groups can't be fixed.
     early_overflow: bool,
     phase: Phase,
-    /// The stream sequence of the first frame held while catching up (kept
-    /// after an overflow let go of it): a catch-up's place stays before it.
-    first_held: Option<u64>,
+    /// What holding too much let go of, until the attach.
+    dropped: Option<Box<Dropped>>,
     sink: Arc<dyn Sink>,
+}
+
+/// Frames a catching-up connection's hold let go of.
+struct Dropped {
+    /// The stream sequence of the first: a catch-up's place stays before
+    /// it until the attach.
+    first: u64,
+    /// Their keys: the catch-up reads them again, followed still or not
+    /// (the user followed them when they were sent).
+    keys: HashSet<Arc<str>>,
 }
 
 #[derive(Default)]
@@ -240,7 +249,7 @@ impl LiveHub {
                 early: Some(Vec::new()),
                 early_overflow: false,
                 phase: Phase::Holding(VecDeque::new()),
-                first_held: None,
+                dropped: None,
                 sink,
             },
         );
@@ -449,15 +458,30 @@ impl Conn {
         let read = self.read.contains(&frame.group);
         match &mut self.phase {
             Phase::Holding(held) => {
-                self.first_held.get_or_insert(frame.stream_seq);
                 if held.len() >= HOLD_MAX {
+                    let first = held.front().map_or(frame.stream_seq, |f| f.stream_seq);
+                    let dropped = self.dropped.get_or_insert_with(|| {
+                        Box::new(Dropped {
+                            first,
+                            keys: HashSet::new(),
+                        })
+                    });
+                    dropped.first = dropped.first.min(first);
+                    dropped.keys.extend(held.iter().map(|f| f.group.clone()));
+                    dropped.keys.insert(frame.group.clone());
                     self.phase = Phase::Overflowed;
                 } else {
                     held.push_back(frame.clone());
                 }
                 false
             }
-            Phase::Overflowed | Phase::Closed => false,
+            Phase::Overflowed => {
+                if let Some(dropped) = &mut self.dropped {
+                    dropped.keys.insert(frame.group.clone());
+                }
+                false
+            }
+            Phase::Closed => false,
             Phase::Live { skip_through } => {
                 if read && frame.stream_seq <= *skip_through {
                     return false;
@@ -570,18 +594,48 @@ impl Registration {
     }
 
     /// Before attaching: the furthest place a catch-up that handed on
-    /// everything of its keys may claim. Every frame the hub handed on up
-    /// to here, of any key, was held: the place stays before the first of
-    /// them, which only the attach writes. `None` once the connection left.
-    pub(crate) fn unheld_through(&self) -> Option<u64> {
+    /// everything of the keys it `read` (sorted) may claim. Every frame the
+    /// hub handed on up to here was held: the place stays before the first
+    /// held of any other key (only the attach writes it; held frames of the
+    /// keys read repeat what the catch-up writes in order) and before the
+    /// first frame the hold let go of. `None` once the connection left.
+    pub(crate) fn unheld_through(&self, read: &[String]) -> Option<u64> {
         let hub = self.hub.lock();
         // under the lock: the position moves with the frames it holds
-        let position = self.hub.position();
+        let mut at = self.hub.position();
         let conn = hub.conns.get(&self.id)?;
-        Some(match conn.first_held {
-            Some(first) => position.min(first.saturating_sub(1)),
-            None => position,
-        })
+        if let Some(dropped) = &conn.dropped {
+            at = at.min(dropped.first.saturating_sub(1));
+        }
+        if let Phase::Holding(held) = &conn.phase
+            && let Some(first) = held
+                .iter()
+                .find(|f| read.binary_search_by(|k| k.as_str().cmp(&f.group)).is_err())
+        {
+            at = at.min(first.stream_seq.saturating_sub(1));
+        }
+        Some(at)
+    }
+
+    /// The keys a catch-up reads after its hold overflowed: those followed
+    /// now and those of every frame the hold let go of, sorted.
+    pub(crate) fn to_read_again(&self) -> Vec<String> {
+        let hub = self.hub.lock();
+        let mut keys: Vec<String> = hub
+            .conns
+            .get(&self.id)
+            .map(|c| {
+                let dropped = c.dropped.iter().flat_map(|d| d.keys.iter());
+                c.groups
+                    .iter()
+                    .chain(dropped)
+                    .map(|k| k.to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        keys.sort_unstable();
+        keys.dedup();
+        keys
     }
 
     /// Attaches once the catch-up has written everything of the keys it
@@ -618,6 +672,7 @@ impl Registration {
             }
         };
         conn.read = read.iter().map(|k| Arc::from(k.as_str())).collect();
+        conn.dropped = None;
         for frame in held {
             let skip = frame.stream_seq <= through && conn.read.contains(&frame.group);
             if !skip && !conn.offer(frame) {
@@ -998,25 +1053,50 @@ mod tests {
     }
 
     #[test]
-    fn a_catch_up_s_place_stops_before_the_first_frame_the_hub_held_for_it() {
+    fn a_catch_up_s_place_stops_before_what_the_hub_holds_of_other_keys() {
         let hub = hub();
         let (reg, _sink) = catching_up(&hub, "ann", &["g", "h"]);
+        let g = read(&["g"]);
         // traffic the connection does not follow moves the hub on
         send(&hub, 4, "other");
-        assert_eq!(reg.unheld_through(), Some(4));
-        // held for the attach: a caught-up frame after it may not claim it
-        send(&hub, 5, "h");
-        send(&hub, 6, "g");
+        assert_eq!(reg.unheld_through(&g), Some(4));
+        // held for the attach: frames of the keys read repeat the catch-up,
+        // a frame of another key may not be claimed
+        send(&hub, 5, "g");
+        assert_eq!(reg.unheld_through(&g), Some(5));
+        send(&hub, 6, "h");
         send(&hub, 9, "other");
-        assert_eq!(reg.unheld_through(), Some(4));
+        assert_eq!(reg.unheld_through(&g), Some(5));
+        assert_eq!(reg.unheld_through(&read(&["g", "h"])), Some(9));
         // an overflow lets go of the held frames, not of where they began
         for s in 10..=(HOLD_MAX as u64 + 10) {
             send(&hub, s, "g");
         }
-        assert_eq!(reg.attach(6, &read(&["g"])), Err(NotYet::Overflowed));
-        assert_eq!(reg.unheld_through(), Some(4));
+        assert_eq!(reg.attach(6, &g), Err(NotYet::Overflowed));
+        assert_eq!(reg.unheld_through(&read(&["g", "h"])), Some(4));
         reg.leave();
-        assert_eq!(reg.unheld_through(), None);
+        assert_eq!(reg.unheld_through(&g), None);
+    }
+
+    #[test]
+    fn after_an_overflow_the_catch_up_reads_again_what_was_let_go_of() {
+        let hub = hub();
+        let (reg, sink) = catching_up(&hub, "ann", &["g", "h"]);
+        send(&hub, 1, "h");
+        for s in 2..=(HOLD_MAX as u64 + 1) {
+            send(&hub, s, "g");
+        }
+        // ann leaves `h`: its frame was let go of when she followed it
+        hub.membership(HOLD_MAX as u64 + 2, "h", "ann", false);
+        assert_eq!(reg.following(), read(&["g"]));
+        assert_eq!(reg.to_read_again(), read(&["g", "h"]));
+        assert_eq!(reg.attach(1, &read(&["g"])), Err(NotYet::Overflowed));
+        // read again from the start, then attached: nothing more owed
+        let at = HOLD_MAX as u64 + 2;
+        reg.attach(at, &read(&["g", "h"])).expect("attach");
+        assert_eq!(reg.to_read_again(), read(&["g"]));
+        send(&hub, at + 1, "g");
+        assert_eq!(sink.seqs(), [at + 1]);
     }
 
     #[test]

@@ -73,7 +73,7 @@ impl CatchUpTask {
             }
         }
         let keys = if needed.is_empty() {
-            self.reg.following()
+            self.reg.to_read_again()
         } else {
             needed
         };
@@ -159,7 +159,7 @@ impl CatchUpTask {
             // place of its own: a session that ends before the attach (a
             // client that closes once it has what it missed) keeps what it
             // was written. Frames the hub holds later are all after this.
-            let unheld = self.reg.unheld_through().unwrap_or(0);
+            let unheld = self.reg.unheld_through(&keys).unwrap_or(0);
             let mut rewound = false;
             let mut handed = None;
             for msg in batch.messages {
@@ -246,7 +246,7 @@ impl CatchUpTask {
                         // the hub let go of what it held, of every key: a
                         // key this reader does not read (followed since it
                         // began) must be read from the start too
-                        let now = self.reg.following();
+                        let now = self.reg.to_read_again();
                         if !now.iter().all(|k| keys.contains(k)) {
                             let before: HashSet<String> = keys.iter().cloned().collect();
                             sent = Some((before, reader.position()));

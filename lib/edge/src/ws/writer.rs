@@ -489,7 +489,7 @@ pub(super) struct Unflushed {
     /// a group's frames share its name) costs less than hashing the name
     /// of each frame (2 % of the edge in fan-out).
     receipts: Vec<(Arc<str>, u64)>,
-    /// The newest stream sequence written, by feed.
+    /// The furthest place written, by feed.
     through: [u64; 2],
 }
 
@@ -554,8 +554,8 @@ pub(crate) struct Saver {
     /// is known once its catch-ups chose where to start): nothing is saved
     /// before, since a place of 0 would mean "everything".
     pub(super) known: [std::sync::atomic::AtomicBool; 2],
-    /// The newest stream sequence written, by feed: everything of the
-    /// device's keys up to it reached the socket.
+    /// The furthest place written, by feed: everything of the device's
+    /// keys up to it reached the socket.
     pub(super) position: [AtomicU64; 2],
     pub(super) saved: [AtomicU64; 2],
     /// A save succeeded (a new device's first place is saved even at 0:
