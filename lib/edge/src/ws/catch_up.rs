@@ -245,7 +245,8 @@ impl CatchUpTask {
                     Some(HandOver::More) => {
                         // the hub let go of what it held, of every key: a
                         // key this reader does not read (followed since it
-                        // began) must be read from the start too
+                        // began, or one whose frames were let go of, even
+                        // if left since) must be read from the start too
                         let now = self.reg.to_read_again();
                         if !now.iter().all(|k| keys.contains(k)) {
                             let before: HashSet<String> = keys.iter().cloned().collect();
