@@ -466,20 +466,41 @@ impl Cluster {
     /// notification of the user: nothing would come again on reconnect.
     pub async fn place_covers_notifications(&self, user: &str, device: &str) -> anyhow::Result<()> {
         let bus = self.bus().await?;
-        let (user_id, device_id) = (UserId::parse(user)?, chat_domain::DeviceId::parse(device)?);
         let newest = bus
-            .newest_on(chat_bus::Feed::User, &chat_bus::user_subject(&user_id))
+            .newest_on(
+                chat_bus::Feed::User,
+                &chat_bus::user_subject(&UserId::parse(user)?),
+            )
             .await?;
+        self.place_reaches(user, device, chat_bus::Feed::User, newest)
+            .await
+    }
+
+    /// Waits until the saved place of `user`'s `device` in `feed` is at
+    /// stream sequence `at` or past it.
+    pub async fn place_reaches(
+        &self,
+        user: &str,
+        device: &str,
+        feed: chat_bus::Feed,
+        at: u64,
+    ) -> anyhow::Result<()> {
+        let bus = self.bus().await?;
+        let (user_id, device_id) = (UserId::parse(user)?, chat_domain::DeviceId::parse(device)?);
         let places = bus.places();
         eventually(PROMPTLY, || {
             let (places, user_id, device_id) = (places.clone(), user_id.clone(), device_id.clone());
             async move {
                 let stored = places.get(&user_id, &device_id).await?;
-                Ok(stored.place.filter(|p| p.users >= newest).map(drop))
+                let place = stored.place.map(|p| match feed {
+                    chat_bus::Feed::User => p.users,
+                    chat_bus::Feed::Groups => p.groups,
+                });
+                Ok(place.filter(|p| *p >= at).map(drop))
             }
         })
         .await
-        .with_context(|| format!("the place of {user}'s {device} never reached {newest}"))
+        .with_context(|| format!("the place of {user}'s {device} never reached {at}"))
     }
 
     /// A REST call on edge `edge`, as `user` if given (else without a

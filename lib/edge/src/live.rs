@@ -52,8 +52,9 @@ pub(crate) struct LiveFrame {
     /// Read by a catch-up, not the live feed (for metrics).
     pub caught_up: bool,
     /// The device's place in its feed once this is written: the stream
-    /// sequence of a live frame; for a caught-up one, short of any frame
-    /// the hub holds for the attach (see [`Registration::unheld_through`]).
+    /// sequence of a live frame; for a caught-up one, short of the frames
+    /// of other keys the hub holds for the attach (see
+    /// [`Registration::unheld_through`]).
     pub place: u64,
     /// A change in a group with `joined` history, from the live feed: the
     /// writer checks the connection's view of the group before it goes
@@ -129,19 +130,10 @@ struct Conn {
     /// More than `EARLY_MAX` early events: the loaded groups can't be fixed.
     early_overflow: bool,
     phase: Phase,
-    /// What holding too much let go of, until the attach.
-    dropped: Option<Box<Dropped>>,
+    /// The stream sequence of the first frame holding too much let go of,
+    /// until the attach: a catch-up's place stays before it.
+    first_dropped: Option<u64>,
     sink: Arc<dyn Sink>,
-}
-
-/// Frames a catching-up connection's hold let go of.
-struct Dropped {
-    /// The stream sequence of the first: a catch-up's place stays before
-    /// it until the attach.
-    first: u64,
-    /// Their keys: the catch-up reads them again, followed still or not
-    /// (the user followed them when they were sent).
-    keys: HashSet<Arc<str>>,
 }
 
 #[derive(Default)]
@@ -249,7 +241,7 @@ impl LiveHub {
                 early: Some(Vec::new()),
                 early_overflow: false,
                 phase: Phase::Holding(VecDeque::new()),
-                dropped: None,
+                first_dropped: None,
                 sink,
             },
         );
@@ -459,29 +451,16 @@ impl Conn {
         match &mut self.phase {
             Phase::Holding(held) => {
                 if held.len() >= HOLD_MAX {
+                    // (a later overflow lets go of later frames)
                     let first = held.front().map_or(frame.stream_seq, |f| f.stream_seq);
-                    let dropped = self.dropped.get_or_insert_with(|| {
-                        Box::new(Dropped {
-                            first,
-                            keys: HashSet::new(),
-                        })
-                    });
-                    dropped.first = dropped.first.min(first);
-                    dropped.keys.extend(held.iter().map(|f| f.group.clone()));
-                    dropped.keys.insert(frame.group.clone());
+                    self.first_dropped.get_or_insert(first);
                     self.phase = Phase::Overflowed;
                 } else {
                     held.push_back(frame.clone());
                 }
                 false
             }
-            Phase::Overflowed => {
-                if let Some(dropped) = &mut self.dropped {
-                    dropped.keys.insert(frame.group.clone());
-                }
-                false
-            }
-            Phase::Closed => false,
+            Phase::Overflowed | Phase::Closed => false,
             Phase::Live { skip_through } => {
                 if read && frame.stream_seq <= *skip_through {
                     return false;
@@ -604,8 +583,8 @@ impl Registration {
         // under the lock: the position moves with the frames it holds
         let mut at = self.hub.position();
         let conn = hub.conns.get(&self.id)?;
-        if let Some(dropped) = &conn.dropped {
-            at = at.min(dropped.first.saturating_sub(1));
+        if let Some(first) = conn.first_dropped {
+            at = at.min(first.saturating_sub(1));
         }
         if let Phase::Holding(held) = &conn.phase
             && let Some(first) = held
@@ -615,27 +594,6 @@ impl Registration {
             at = at.min(first.stream_seq.saturating_sub(1));
         }
         Some(at)
-    }
-
-    /// The keys a catch-up reads after its hold overflowed: those followed
-    /// now and those of every frame the hold let go of, sorted.
-    pub(crate) fn to_read_again(&self) -> Vec<String> {
-        let hub = self.hub.lock();
-        let mut keys: Vec<String> = hub
-            .conns
-            .get(&self.id)
-            .map(|c| {
-                let dropped = c.dropped.iter().flat_map(|d| d.keys.iter());
-                c.groups
-                    .iter()
-                    .chain(dropped)
-                    .map(|k| k.to_string())
-                    .collect()
-            })
-            .unwrap_or_default();
-        keys.sort_unstable();
-        keys.dedup();
-        keys
     }
 
     /// Attaches once the catch-up has written everything of the keys it
@@ -672,7 +630,7 @@ impl Registration {
             }
         };
         conn.read = read.iter().map(|k| Arc::from(k.as_str())).collect();
-        conn.dropped = None;
+        conn.first_dropped = None;
         for frame in held {
             let skip = frame.stream_seq <= through && conn.read.contains(&frame.group);
             if !skip && !conn.offer(frame) {
@@ -1076,27 +1034,6 @@ mod tests {
         assert_eq!(reg.unheld_through(&read(&["g", "h"])), Some(4));
         reg.leave();
         assert_eq!(reg.unheld_through(&g), None);
-    }
-
-    #[test]
-    fn after_an_overflow_the_catch_up_reads_again_what_was_let_go_of() {
-        let hub = hub();
-        let (reg, sink) = catching_up(&hub, "ann", &["g", "h"]);
-        send(&hub, 1, "h");
-        for s in 2..=(HOLD_MAX as u64 + 1) {
-            send(&hub, s, "g");
-        }
-        // ann leaves `h`: its frame was let go of when she followed it
-        hub.membership(HOLD_MAX as u64 + 2, "h", "ann", false);
-        assert_eq!(reg.following(), read(&["g"]));
-        assert_eq!(reg.to_read_again(), read(&["g", "h"]));
-        assert_eq!(reg.attach(1, &read(&["g"])), Err(NotYet::Overflowed));
-        // read again from the start, then attached: nothing more owed
-        let at = HOLD_MAX as u64 + 2;
-        reg.attach(at, &read(&["g", "h"])).expect("attach");
-        assert_eq!(reg.to_read_again(), read(&["g"]));
-        send(&hub, at + 1, "g");
-        assert_eq!(sink.seqs(), [at + 1]);
     }
 
     #[test]

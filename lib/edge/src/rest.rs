@@ -514,8 +514,9 @@ pub(crate) async fn create_upload(
 
 /// `DELETE /groups/{id}/uploads/{objectId}`: gives back the caller's own
 /// upload that no message uses (an attachment dropped before sending). Its
-/// object goes now; it stops counting against the caller's open uploads
-/// once its URL has expired, as that can still write until then.
+/// object goes now and no message may use it; it counts against the
+/// caller's open uploads until the cleaner removes it, like any unused
+/// upload (its URL cannot be revoked).
 #[utoipa::path(delete, path = "/groups/{id}/uploads/{object}", tag = "media",
     params(
         ("id" = String, Path, description = "group id"),

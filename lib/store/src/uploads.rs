@@ -47,9 +47,10 @@ struct UploadDoc {
     /// expired when it was deleted).
     #[serde(default)]
     purged: bool,
-    /// Given back by its uploader: no message may use it, and the cleaner
-    /// deletes it once its URL has expired (until then it still counts
-    /// against the uploader's open uploads, since the URL can still write).
+    /// Given back by its uploader: no message may use it. It is otherwise
+    /// an unused upload: it counts against its uploader's open uploads and
+    /// goes with the cleaner (its URL cannot be revoked, and a PUT that
+    /// started before the URL expired may still land).
     #[serde(default)]
     released: bool,
 }
@@ -267,21 +268,12 @@ impl UploadRepo {
         Ok(())
     }
 
-    /// Claims for deletion up to `limit` unreferenced uploads issued before
-    /// `before`, and given back ones issued before `released_before` (their
-    /// URLs have expired).
-    pub async fn claim_stale(
-        &self,
-        before: Millis,
-        released_before: Millis,
-        limit: i64,
-    ) -> Result<Vec<Upload>, StoreError> {
+    /// Claims up to `limit` unreferenced uploads issued before `before` for
+    /// deletion.
+    pub async fn claim_stale(&self, before: Millis, limit: i64) -> Result<Vec<Upload>, StoreError> {
         let candidates: Vec<UploadDoc> = self
             .coll
-            .find(doc! { "referenced": false, "deleting": false, "$or": [
-                { "createdAt": { "$lt": to_bson_time(before) } },
-                { "released": true, "createdAt": { "$lt": to_bson_time(released_before) } },
-            ] })
+            .find(doc! { "referenced": false, "deleting": false, "createdAt": { "$lt": to_bson_time(before) } })
             .limit(limit)
             .await?
             .try_collect()

@@ -216,13 +216,8 @@ pub(crate) async fn clean_uploads(s: Arc<State>) {
     let Some(objects) = s.objects.clone() else {
         return;
     };
-    // a given back upload is due once its URL expires
-    let every = (s
-        .config
-        .unreferenced_upload_ttl
-        .min(s.config.upload_url_ttl)
-        / 4)
-    .clamp(Duration::from_millis(100), Duration::from_secs(60));
+    let every = (s.config.unreferenced_upload_ttl / 4)
+        .clamp(Duration::from_millis(100), Duration::from_secs(60));
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
@@ -234,14 +229,13 @@ pub(crate) async fn clean_uploads(s: Arc<State>) {
                 continue;
             }
         };
-        // issued before this, an upload's URL has expired
-        let expired = now_millis() - s.config.upload_url_ttl.as_millis() as i64 - 1000;
-        match s.store.uploads.claim_stale(before, expired, 100).await {
+        match s.store.uploads.claim_stale(before, 100).await {
             Ok(v) => batch.extend(v),
             Err(e) => tracing::debug!(error = %e, "cannot claim stale uploads"),
         }
         // claimed uploads whose URL has expired: whatever was put at their
         // own key after the claim goes, for good
+        let expired = now_millis() - s.config.upload_url_ttl.as_millis() as i64 - 1000;
         match s.store.uploads.expired_claimed(expired, 100).await {
             Ok(claimed) => {
                 for u in claimed {
@@ -349,8 +343,8 @@ impl Media for MediaService {
         if !released {
             return Err(WorkerError::NotFound("upload").into());
         }
-        // the storage now; the URL may still write until it expires, and the
-        // cleaner deletes again then
+        // the storage now; what the URL writes until it expires goes with
+        // the cleaner, as for any unused upload
         if let Err(e) = objects.delete(&req.key).await {
             tracing::warn!(key = %req.key, error = %e, "cannot delete a given back upload yet; the cleaner will");
         }

@@ -748,9 +748,10 @@ async fn a_user_holds_a_bounded_number_and_size_of_unused_uploads() -> anyhow::R
 }
 
 /// An attachment dropped before sending is given back by its uploader, and
-/// only by it: its object goes at once and no message may use it. Its URL
-/// can still write until it expires, so it counts against the uploader's
-/// open uploads until then, and what it wrote meanwhile is cleaned after.
+/// only by it: its object goes at once and no message may use it, even if
+/// its URL (which cannot be revoked) writes it again. It counts against
+/// the uploader's open uploads until the cleaner deletes it, with what the
+/// URL wrote, like any unused upload. A used upload cannot be given back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unused_upload_is_given_back_by_its_uploader_only() -> anyhow::Result<()> {
     let c = Cluster::start_with(
@@ -760,7 +761,9 @@ async fn an_unused_upload_is_given_back_by_its_uploader_only() -> anyhow::Result
             "--max-open-uploads-per-user",
             "1",
             "--upload-url-ttl-secs",
-            "5",
+            "120",
+            "--unreferenced-upload-ttl-secs",
+            "10",
         ],
     )
     .await?;
@@ -768,10 +771,13 @@ async fn an_unused_upload_is_given_back_by_its_uploader_only() -> anyhow::Result
     let body = json!({"type": "image", "mime": "image/png", "size": 600});
     let ticket = upload(&c, &g, &body, &png(600)).await?;
     let key = ticket["key"].as_str().context("key")?.to_owned();
-    let object = key.rsplit('/').next().unwrap_or_default().to_owned();
-    let path = std::path::Path::new(&c.stack.s3.root)
-        .join(&c.stack.s3.bucket)
-        .join(&key);
+    let object_of = |key: &str| key.rsplit('/').next().unwrap_or_default().to_owned();
+    let stored = |key: &str| {
+        std::path::Path::new(&c.stack.s3.root)
+            .join(&c.stack.s3.bucket)
+            .join(key)
+    };
+    let path = stored(&key);
     assert!(path.exists(), "{}", path.display());
     let give_back = |user: &'static str, object: String| {
         let c = &c;
@@ -791,7 +797,7 @@ async fn an_unused_upload_is_given_back_by_its_uploader_only() -> anyhow::Result
     };
     let not_found = (404, Some("not_found".to_owned()));
     // another member's, a key of no upload, a malformed one: refused
-    assert_eq!(give_back("bob", object.clone()).await?, not_found);
+    assert_eq!(give_back("bob", object_of(&key)).await?, not_found);
     assert_eq!(
         give_back("alice", "0123456789abcdef0123456789abcdef".into()).await?,
         not_found
@@ -799,10 +805,12 @@ async fn an_unused_upload_is_given_back_by_its_uploader_only() -> anyhow::Result
     assert_eq!(give_back("alice", "x".into()).await?.0, 400);
     assert!(path.exists(), "refused, yet deleted");
     // the uploader's: the object goes now, and only once
-    assert_eq!(give_back("alice", object.clone()).await?, (204, None));
+    assert_eq!(give_back("alice", object_of(&key)).await?, (204, None));
     assert!(!path.exists(), "given back, yet kept");
-    assert_eq!(give_back("alice", object.clone()).await?, not_found);
-    // no message may use it
+    assert_eq!(give_back("alice", object_of(&key)).await?, not_found);
+    // its URL still writes, but no message may use what it wrote
+    assert_eq!(put(&ticket, png(600)).await?, 200);
+    assert!(path.exists());
     let mut alice = c.connect(0, "alice", "web").await?;
     let code = alice
         .request_error(
@@ -811,21 +819,34 @@ async fn an_unused_upload_is_given_back_by_its_uploader_only() -> anyhow::Result
         )
         .await?;
     assert_eq!(code, "invalid");
-    // its URL can still write: it still counts
-    assert_eq!(put(&ticket, png(600)).await?, 200, "the URL expired early");
+    // it counts until the cleaner deletes it, with what the URL wrote
     let (s, e) = upload_url(&c, "alice", &g, body.clone()).await?;
     assert_eq!((s, e["error"]["code"].as_str()), (400, Some("too_large")));
-    // once the URL has expired, what it wrote goes, and the place is free
-    eventually(std::time::Duration::from_secs(30), || {
+    let next = eventually(std::time::Duration::from_secs(30), || {
         let (c, g, body, path) = (&c, g.clone(), body.clone(), path.clone());
         async move {
             if path.exists() {
                 return Ok(None);
             }
-            let (s, _) = upload_url(c, "alice", &g, body).await?;
-            Ok((s == 201).then_some(()))
+            let (s, ticket) = upload_url(c, "alice", &g, body).await?;
+            Ok((s == 201).then_some(ticket))
         }
     })
     .await?;
+    // a used upload is not given back, and its media stays
+    assert_eq!(put(&next, png(600)).await?, 200);
+    let next_key = next["key"].as_str().context("key")?;
+    alice
+        .request(
+            "send_group_message",
+            media_msg(&g, "m2", "image", next_key, "image/png", 600),
+        )
+        .await?;
+    assert_eq!(give_back("alice", object_of(next_key)).await?, not_found);
+    let media = c.history("alice", &g).await?[0]["media"]["key"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(stored(&media).exists(), "a message's media was deleted");
     c.stop().await
 }

@@ -73,7 +73,7 @@ impl CatchUpTask {
             }
         }
         let keys = if needed.is_empty() {
-            self.reg.to_read_again()
+            self.reg.following()
         } else {
             needed
         };
@@ -245,9 +245,8 @@ impl CatchUpTask {
                     Some(HandOver::More) => {
                         // the hub let go of what it held, of every key: a
                         // key this reader does not read (followed since it
-                        // began, or one whose frames were let go of, even
-                        // if left since) must be read from the start too
-                        let now = self.reg.to_read_again();
+                        // began) must be read from the start too
+                        let now = self.reg.following();
                         if !now.iter().all(|k| keys.contains(k)) {
                             let before: HashSet<String> = keys.iter().cloned().collect();
                             sent = Some((before, reader.position()));

@@ -610,7 +610,7 @@ impl Saver {
     /// The place to save in `feed`: where its catch-up started, or further
     /// once frames or markers were written. Before the attach only the
     /// catch-up's frames move `position` (the hub hands no frame on yet),
-    /// and their places stop short of anything the hub holds.
+    /// and their places stop short of what the hub holds of other keys.
     fn place_of(&self, feed: Feed) -> u64 {
         let i = slot(feed);
         self.start[i]
