@@ -215,8 +215,11 @@ pub(super) async fn write_loop(
         pending.flush(&mut sink, &delivered, deadline).await;
     }
     rx.close();
-    // before the close goes out: a client that reconnects once it sees the
-    // close finds its device's position saved
+    // before the server's close goes out: a client that reconnects once it
+    // sees the close finds its device's position saved. (A close the
+    // client started is answered by the socket on the next flush, which
+    // may be the last one above: a client that reconnects at once may then
+    // find the place before this save and get the last frames again.)
     // boxed: the save's NATS requests would otherwise be part of every
     // idle writer's state
     let _ = tokio::time::timeout(FINAL_SAVE, Box::pin(saver.save())).await;
