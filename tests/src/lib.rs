@@ -30,6 +30,18 @@ pub const KEY: &str = "t1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
 /// How long a test waits for something that should happen promptly.
 pub const PROMPTLY: Duration = Duration::from_secs(10);
 
+/// Flags for a flood of large messages that a slow reader cannot keep up
+/// with: a small outbox (256 KiB), texts up to 60,000 bytes, and a request
+/// budget the flood stays within.
+pub const FLOOD: &[&str] = &[
+    "--ws-outbox-bytes",
+    "262144",
+    "--max-text-bytes",
+    "60000",
+    "--requests-per-sec",
+    "1000",
+];
+
 /// Real services plus chatd nodes.
 pub struct Cluster {
     pub stack: Stack,

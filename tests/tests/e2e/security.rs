@@ -898,21 +898,8 @@ async fn ciphertext_replayed_under_another_group_or_sender_does_not_open() -> an
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_is_closed_and_resumes_losing_nothing() -> anyhow::Result<()> {
     const N: u64 = 160;
-    let c = Cluster::start_with(
-        1,
-        1,
-        &[
-            "--ws-write-timeout-ms",
-            "1000",
-            "--ws-outbox-bytes",
-            "262144",
-            "--max-text-bytes",
-            "60000",
-            "--requests-per-sec",
-            "1000",
-        ],
-    )
-    .await?;
+    let flags = [&["--ws-write-timeout-ms", "1000"], chat_tests::FLOOD].concat();
+    let c = Cluster::start_with(1, 1, &flags).await?;
     let g = c.room(&["alice", "bob"]).await?;
     // bob's device, with a tiny receive buffer, never reads
     let mut old = c.connect_slow_reader(0, "bob", "setup").await?;

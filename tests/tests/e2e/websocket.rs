@@ -366,19 +366,7 @@ async fn a_device_that_leaves_while_catching_up_resumes_after_what_it_was_writte
     // starting again from the beginning repeats frames outside the tail
     const READ: usize = 100;
     const TAIL: usize = 80;
-    let c = Cluster::start_with(
-        1,
-        1,
-        &[
-            "--ws-outbox-bytes",
-            "262144",
-            "--max-text-bytes",
-            "60000",
-            "--requests-per-sec",
-            "1000",
-        ],
-    )
-    .await?;
+    let c = Cluster::start_with(1, 1, chat_tests::FLOOD).await?;
     let g = c.room(&["alice", "bob"]).await?;
     // bob's phone has a place, then is away while the group is busy
     c.connect(0, "bob", "phone").await?.close().await?;
