@@ -47,6 +47,11 @@ struct UploadDoc {
     /// expired when it was deleted).
     #[serde(default)]
     purged: bool,
+    /// The object at the upload's own key was deleted once, after its URL
+    /// expired; it is deleted again once no PUT can be under way (S3 checks
+    /// a URL's expiry when a PUT starts, so a slow one may land later).
+    #[serde(default)]
+    purged_once: bool,
     /// Given back by its uploader: no message may use it. It is otherwise
     /// an unused upload: it counts against its uploader's open uploads and
     /// goes with the cleaner (its URL cannot be revoked, and a PUT that
@@ -152,6 +157,7 @@ impl UploadRepo {
                 media_key: None,
                 after_seq: 0,
                 purged: false,
+                purged_once: false,
                 released: false,
             })
             .await?;
@@ -239,31 +245,45 @@ impl UploadRepo {
         Ok(found.map(|d| u64::try_from(d.after_seq).unwrap_or(0)))
     }
 
-    /// Claimed uploads issued before `before` (their URLs have expired)
-    /// whose own object may still be there.
+    /// Claimed uploads whose own object may still be there: those issued
+    /// before `expired` (their URLs have expired) not purged yet, and those
+    /// issued before `settled` (no PUT can be under way) purged once. Each
+    /// with whether its purge is the last.
     pub async fn expired_claimed(
         &self,
-        before: Millis,
+        expired: Millis,
+        settled: Millis,
         limit: i64,
-    ) -> Result<Vec<Upload>, StoreError> {
+    ) -> Result<Vec<(Upload, bool)>, StoreError> {
         let docs: Vec<UploadDoc> = self
             .coll
             .find(doc! {
                 "referenced": true, "purged": { "$ne": true },
                 "mediaKey": { "$exists": true },
-                "createdAt": { "$lt": to_bson_time(before) },
+                "$or": [
+                    { "purgedOnce": { "$ne": true }, "createdAt": { "$lt": to_bson_time(expired) } },
+                    { "purgedOnce": true, "createdAt": { "$lt": to_bson_time(settled) } },
+                ],
             })
             .limit(limit)
             .await?
             .try_collect()
             .await?;
-        Ok(docs.into_iter().map(Upload::from).collect())
+        Ok(docs
+            .into_iter()
+            .map(|d| {
+                let last = d.purged_once;
+                (Upload::from(d), last)
+            })
+            .collect())
     }
 
-    /// Records that the upload's own object is gone for good.
-    pub async fn mark_purged(&self, key: &str) -> Result<(), StoreError> {
+    /// Records that the upload's own object was deleted: once (`last`
+    /// false), or for good.
+    pub async fn mark_purged(&self, key: &str, last: bool) -> Result<(), StoreError> {
+        let field = if last { "purged" } else { "purgedOnce" };
         self.coll
-            .update_one(doc! { "_id": key }, doc! { "$set": { "purged": true } })
+            .update_one(doc! { "_id": key }, doc! { "$set": { field: true } })
             .await?;
         Ok(())
     }

@@ -234,14 +234,17 @@ pub(crate) async fn clean_uploads(s: Arc<State>) {
             Err(e) => tracing::debug!(error = %e, "cannot claim stale uploads"),
         }
         // claimed uploads whose URL has expired: whatever was put at their
-        // own key after the claim goes, for good
+        // own key after the claim goes, and once more when no PUT begun
+        // before the expiry can still be under way (as long as an unused
+        // upload is kept), for good
         let expired = now_millis() - s.config.upload_url_ttl.as_millis() as i64 - 1000;
-        match s.store.uploads.expired_claimed(expired, 100).await {
+        let settled = before.min(expired);
+        match s.store.uploads.expired_claimed(expired, settled, 100).await {
             Ok(claimed) => {
-                for u in claimed {
+                for (u, last) in claimed {
                     let purged = async {
                         objects.delete(&u.key).await?;
-                        s.store.uploads.mark_purged(&u.key).await
+                        s.store.uploads.mark_purged(&u.key, last).await
                     };
                     if let Err(e) = purged.await {
                         tracing::debug!(key = %u.key, error = %e, "cannot purge a claimed upload yet");

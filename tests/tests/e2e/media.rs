@@ -850,3 +850,87 @@ async fn an_unused_upload_is_given_back_by_its_uploader_only() -> anyhow::Result
     assert!(stored(&media).exists(), "a message's media was deleted");
     c.stop().await
 }
+
+/// A PUT that starts while its URL is valid may land long after (S3 checks
+/// the expiry when a PUT starts): after the cleaner deleted a used
+/// upload's own key once its URL expired, the slow PUT puts an object
+/// there again, and the cleaner deletes it once more when no PUT can be
+/// under way any longer, so nothing is left that nothing would delete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_put_that_lands_after_the_purge_of_a_used_upload_is_purged_again()
+-> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let c = Cluster::start_with(
+        1,
+        1,
+        &[
+            "--upload-url-ttl-secs",
+            "4",
+            "--unreferenced-upload-ttl-secs",
+            "10",
+        ],
+    )
+    .await?;
+    let g = c.room(&["alice"]).await?;
+    let body = json!({"type": "audio", "mime": "audio/ogg", "size": 64});
+    let ticket = upload(&c, &g, &body, &[1; 64]).await?;
+    let key = ticket["key"].as_str().context("key")?.to_owned();
+    let path = std::path::Path::new(&c.stack.s3.root)
+        .join(&c.stack.s3.bucket)
+        .join(&key);
+    // a PUT of the same URL begins while it is valid: headers and half the
+    // body now, the rest later
+    let url = reqwest::Url::parse(ticket["uploadUrl"].as_str().context("url")?)?;
+    let host = format!(
+        "{}:{}",
+        url.host_str().context("host")?,
+        url.port().context("port")?
+    );
+    let mut head = format!(
+        "PUT {}?{} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 64\r\nConnection: close\r\n",
+        url.path(),
+        url.query().unwrap_or_default()
+    );
+    for (k, v) in ticket["headers"].as_object().into_iter().flatten() {
+        if !k.eq_ignore_ascii_case("content-length") {
+            head.push_str(&format!("{k}: {}\r\n", v.as_str().unwrap_or_default()));
+        }
+    }
+    head.push_str("\r\n");
+    let mut slow = tokio::net::TcpStream::connect(&host).await?;
+    slow.write_all(head.as_bytes()).await?;
+    slow.write_all(&[2; 32]).await?;
+    // a message uses the upload: its own key is deleted
+    let mut alice = c.connect(0, "alice", "web").await?;
+    alice
+        .request(
+            "send_group_message",
+            media_msg(&g, "a1", "audio", &key, "audio/ogg", 64),
+        )
+        .await?;
+    // the URL expires and the cleaner deletes the own key once
+    let uploads = c
+        .mongo()
+        .await?
+        .collection::<mongodb::bson::Document>("uploads");
+    let purged = |field: &'static str| {
+        let (uploads, key) = (uploads.clone(), key.clone());
+        async move {
+            let found = uploads
+                .find_one(mongodb::bson::doc! { "_id": &key, field: true })
+                .await?;
+            anyhow::Ok(found.map(drop))
+        }
+    };
+    eventually(std::time::Duration::from_secs(30), || purged("purgedOnce")).await?;
+    // only now does the slow PUT end: it lands
+    slow.write_all(&[2; 32]).await?;
+    let mut answer = String::new();
+    slow.read_to_string(&mut answer).await?;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(path.exists(), "the slow PUT did not land");
+    // and is deleted again, for good
+    eventually(std::time::Duration::from_secs(30), || purged("purged")).await?;
+    assert!(!path.exists(), "an object nothing would delete");
+    c.stop().await
+}
