@@ -546,6 +546,23 @@ impl ServeArgs {
         }
     }
 
+    /// The upload TTLs, refused if an unused upload would be deleted while
+    /// its URL can still write (what it wrote then would be deleted by
+    /// nothing).
+    fn upload_ttls(&self) -> anyhow::Result<(Duration, Duration)> {
+        if self.unreferenced_upload_ttl_secs < self.upload_url_ttl_secs {
+            anyhow::bail!(
+                "--unreferenced-upload-ttl-secs ({}) must be at least --upload-url-ttl-secs ({}): an unused upload would be deleted while its URL can still write",
+                self.unreferenced_upload_ttl_secs,
+                self.upload_url_ttl_secs
+            );
+        }
+        Ok((
+            Duration::from_secs(self.upload_url_ttl_secs),
+            Duration::from_secs(self.unreferenced_upload_ttl_secs),
+        ))
+    }
+
     fn media(&self) -> MediaPolicy {
         MediaPolicy {
             image_types: self.image_types.clone(),
@@ -707,6 +724,7 @@ impl Node {
                 .context("creating mongodb indexes")?;
             // before the listener: a bound port is taken for a serving one
             let idempotency_window = Duration::from_secs(args.idempotency_window_secs.max(60));
+            let (upload_url_ttl, unreferenced_upload_ttl) = args.upload_ttls()?;
             let settle = Duration::from_millis(args.resolve_pending_after_ms);
             if !chat_bus::settle_fits(settle) {
                 anyhow::bail!(
@@ -736,9 +754,9 @@ impl Node {
                 idempotency_window,
                 edit_window: Duration::from_secs(args.edit_window_secs),
                 media: args.media(),
-                upload_url_ttl: Duration::from_secs(args.upload_url_ttl_secs),
+                upload_url_ttl,
                 download_url_ttl: Duration::from_secs(args.download_url_ttl_secs),
-                unreferenced_upload_ttl: Duration::from_secs(args.unreferenced_upload_ttl_secs),
+                unreferenced_upload_ttl,
                 devices: chat_worker::DeviceLimits {
                     max_per_user: args.max_devices_per_user.max(1),
                     idle: args.device_idle(),
@@ -986,6 +1004,27 @@ mod tests {
     /// `chatd <args>`'s serving flags.
     fn serve(args: &[&str]) -> Result<ServeArgs, clap::Error> {
         Cli::try_parse_from(std::iter::once("chatd").chain(args.iter().copied())).map(|c| c.serve)
+    }
+
+    #[test]
+    fn an_unused_upload_outlives_its_url() {
+        let ttls = |url: &str, unused: &str| {
+            serve(&[
+                "--role",
+                "worker",
+                "--upload-url-ttl-secs",
+                url,
+                "--unreferenced-upload-ttl-secs",
+                unused,
+            ])
+            .expect("parses")
+            .upload_ttls()
+        };
+        let default = serve(&["--role", "worker"]).expect("parses");
+        assert!(default.upload_ttls().is_ok());
+        assert!(ttls("10", "10").is_ok());
+        let e = ttls("11", "10").expect_err("refused");
+        assert!(e.to_string().contains("--upload-url-ttl-secs (11)"), "{e}");
     }
 
     #[test]

@@ -761,9 +761,9 @@ async fn an_unused_upload_is_given_back_by_its_uploader_only() -> anyhow::Result
             "--max-open-uploads-per-user",
             "1",
             "--upload-url-ttl-secs",
-            "120",
-            "--unreferenced-upload-ttl-secs",
             "10",
+            "--unreferenced-upload-ttl-secs",
+            "12",
         ],
     )
     .await?;
