@@ -579,6 +579,7 @@ impl Registration {
     /// keys read repeat what the catch-up writes in order) and before the
     /// first frame the hold let go of. `None` once the connection left.
     pub(crate) fn unheld_through(&self, read: &[String]) -> Option<u64> {
+        debug_assert!(read.is_sorted(), "binary searched");
         let hub = self.hub.lock();
         // under the lock: the position moves with the frames it holds
         let mut at = self.hub.position();

@@ -83,14 +83,10 @@ pub(crate) async fn check_media(
         .ok_or_else(|| invalid("the object has not been uploaded"))?;
     if info.size != media.size {
         // not what was declared (possibly far larger): no message will ever
-        // use it, so it goes now rather than with the cleaner
-        if let Err(e) = async {
-            objects.delete(&media.key).await?;
-            s.store.uploads.remove(&media.key).await
-        }
-        .await
-        {
-            tracing::warn!(key = %media.key, error = %e, "cannot delete a mismatched upload; the cleaner will");
+        // use it, so its object goes now; its record stays for the cleaner
+        // (forgetting it would leave what its URL writes later to nobody)
+        if let Err(e) = withdraw(s, objects, group, &media.key, &upload.uploader_id).await {
+            tracing::warn!(key = %media.key, error = %e, "cannot withdraw a mismatched upload; the cleaner will delete it");
         }
         return Err(invalid(format!(
             "the uploaded object is {} bytes, not {}",
@@ -198,6 +194,27 @@ impl Drop for Claim {
             rt.spawn(async move { give_back(&objects, &uploads, &upload, &copy).await });
         }
     }
+}
+
+/// Withdraws `uploader`'s upload `key` of `group` that no message uses: no
+/// message may claim it from now on, and its object goes now. Its record
+/// stays, counted against the uploader, until the cleaner deletes it with
+/// whatever its URL (which cannot be revoked) writes meanwhile. False if
+/// there is no such upload.
+async fn withdraw(
+    s: &State,
+    objects: &Objects,
+    group: &GroupId,
+    key: &str,
+    uploader: &str,
+) -> Result<bool, StoreError> {
+    if !s.store.uploads.release(group, key, uploader).await? {
+        return Ok(false);
+    }
+    if let Err(e) = objects.delete(key).await {
+        tracing::warn!(key, error = %e, "cannot delete a withdrawn upload yet; the cleaner will");
+    }
+    Ok(true)
 }
 
 async fn give_back(objects: &Objects, uploads: &chat_store::UploadRepo, upload: &str, copy: &str) {
@@ -337,19 +354,11 @@ impl Media for MediaService {
         check_key(&group, &req.key)?;
         let objects = objects(s)?;
         // the uploader's own, unused: no membership needed to give it back
-        let released = s
-            .store
-            .uploads
-            .release(&group, &req.key, caller.as_str())
+        let withdrawn = withdraw(s, objects, &group, &req.key, caller.as_str())
             .await
             .map_err(WorkerError::from)?;
-        if !released {
+        if !withdrawn {
             return Err(WorkerError::NotFound("upload").into());
-        }
-        // the storage now; what the URL writes until it expires goes with
-        // the cleaner, as for any unused upload
-        if let Err(e) = objects.delete(&req.key).await {
-            tracing::warn!(key = %req.key, error = %e, "cannot delete a given back upload yet; the cleaner will");
         }
         Ok(Response::new(pb::ReleaseUploadResponse {}))
     }

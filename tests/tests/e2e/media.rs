@@ -28,12 +28,21 @@ async fn upload_url(c: &Cluster, user: &str, g: &str, body: Value) -> anyhow::Re
 /// just the URL and the headers the server said to send.
 async fn put(url: &Value, bytes: Vec<u8>) -> anyhow::Result<u16> {
     let mut req = chat_http::client().put(url["uploadUrl"].as_str().unwrap_or_default());
-    for (k, v) in url["headers"].as_object().into_iter().flatten() {
-        if !k.eq_ignore_ascii_case("content-length") {
-            req = req.header(k, v.as_str().unwrap_or_default());
-        }
+    for (k, v) in signed_headers(url) {
+        req = req.header(k, v);
     }
     Ok(req.body(bytes).send().await?.status().as_u16())
+}
+
+/// The headers an upload ticket says to send, but the length (which the
+/// client's HTTP stack sets from the body).
+fn signed_headers(url: &Value) -> impl Iterator<Item = (&str, &str)> {
+    url["headers"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(k, _)| !k.eq_ignore_ascii_case("content-length"))
+        .map(|(k, v)| (k.as_str(), v.as_str().unwrap_or_default()))
 }
 
 /// When the signature of `url` stops working: its `X-Amz-Date` (whole
@@ -891,10 +900,8 @@ async fn a_slow_put_that_lands_after_the_purge_of_a_used_upload_is_purged_again(
         url.path(),
         url.query().unwrap_or_default()
     );
-    for (k, v) in ticket["headers"].as_object().into_iter().flatten() {
-        if !k.eq_ignore_ascii_case("content-length") {
-            head.push_str(&format!("{k}: {}\r\n", v.as_str().unwrap_or_default()));
-        }
+    for (k, v) in signed_headers(&ticket) {
+        head.push_str(&format!("{k}: {v}\r\n"));
     }
     head.push_str("\r\n");
     let mut slow = tokio::net::TcpStream::connect(&host).await?;
