@@ -29,6 +29,8 @@ pub struct Persistence {
     /// Where a send's time went, as means over the run (ms): the edge's call
     /// to the worker, and the worker's stages (`chat_send_stage_seconds`).
     pub send_profile_ms: Vec<(String, f64)>,
+    /// Mean messages per group publish (group commit), if any.
+    pub publish_batch: Option<f64>,
 }
 
 impl Persistence {
@@ -89,22 +91,30 @@ pub async fn check(system: &System, changes: u64) -> anyhow::Result<Persistence>
         lag_p99_ms: quantile(&buckets, 0.99).map(|s| s * 1e3),
         lag_count: count,
         send_profile_ms: profile(&metrics),
+        publish_batch: mean(&metrics, "chat_publish_batch_messages"),
     })
+}
+
+/// The mean of the histogram `series` (a name, with its labels if it has
+/// any) in `text`, from its sum and count.
+fn mean(text: &str, series: &str) -> Option<f64> {
+    let value = |suffix: &str| {
+        let key = match series.split_once('{') {
+            Some((name, labels)) => format!("{name}{suffix}{{{labels}"),
+            None => format!("{series}{suffix} "),
+        };
+        text.lines()
+            .find(|l| l.starts_with(&key))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    };
+    let (sum, count) = (value("_sum")?, value("_count")?);
+    (count > 0.0).then(|| sum / count)
 }
 
 /// Mean milliseconds of the send's stages, from the histograms' sums and
 /// counts.
 fn profile(text: &str) -> Vec<(String, f64)> {
-    let mean = |series: &str| -> Option<f64> {
-        let value = |suffix: &str| {
-            let key = series.replacen('{', &format!("{suffix}{{"), 1);
-            text.lines()
-                .find(|l| l.starts_with(&key))
-                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        };
-        let (sum, count) = (value("_sum")?, value("_count")?);
-        (count > 0.0).then(|| sum / count * 1e3)
-    };
+    let mean = |series: &str| mean(text, series).map(|s| s * 1e3);
     [
         ("edge → worker call", "chat_rpc_seconds{method=\"send\"}"),
         (
@@ -188,5 +198,18 @@ mod tests {
         assert_eq!(p[0].0, "edge → worker call");
         assert!((p[0].1 - 2.0).abs() < 1e-9);
         assert!((p[1].1 - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn means_of_unlabelled_histograms() {
+        let text = "chat_publish_batch_messages_sum 30\n\
+            chat_publish_batch_messages_count 10\n\
+            chat_publish_batch_messages_more_sum 7\n\
+            chat_empty_count 0\n\
+            chat_empty_sum 0\n";
+        let m = mean(text, "chat_publish_batch_messages").expect("a mean");
+        assert!((m - 3.0).abs() < 1e-9);
+        assert_eq!(mean(text, "chat_empty"), None, "no observations");
+        assert_eq!(mean(text, "chat_missing"), None);
     }
 }

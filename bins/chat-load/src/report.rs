@@ -253,6 +253,12 @@ impl Report {
                         .join("; "),
                 );
             }
+            if let Some(n) = p.publish_batch {
+                row(
+                    "messages per group publish (mean; group commit)",
+                    format!("{n:.1}"),
+                );
+            }
         }
         if let Some(c) = &self.catch_up {
             row(
