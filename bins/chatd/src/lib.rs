@@ -127,6 +127,14 @@ pub struct NatsArgs {
     #[arg(long, env = "CHATD_NATS_USERS_MAX_BYTES", default_value_t = 4 << 30,
           value_parser = clap::value_parser!(i64).range(1 << 16..))]
     pub nats_users_max_bytes: i64,
+    /// Edge and worker: how long the presence record of a user who went
+    /// offline is kept, in seconds (its last-seen time; past it the user
+    /// reads as never seen). nats-server holds every key of the presence
+    /// bucket in memory, so this bounds it by the users seen within it.
+    #[arg(long, env = "CHATD_PRESENCE_FORGET_AFTER_SECS",
+          default_value_t = chat_bus::PRESENCE_FORGET_AFTER.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub presence_forget_after_secs: u64,
     /// The NATS user this node connects as: `chat-edge` for edges,
     /// `chat-worker` for workers and `--role all` (see nats/auth.conf).
     #[arg(long, env = "CHATD_NATS_USER")]
@@ -159,6 +167,7 @@ impl NatsArgs {
         defs.groups_stream.max_consumers = self.nats_max_consumers;
         defs.groups_stream.max_bytes = self.nats_groups_max_bytes;
         defs.users_stream.max_bytes = self.nats_users_max_bytes;
+        defs.presence_forget_after = Duration::from_secs(self.presence_forget_after_secs);
         Ok(defs)
     }
 
@@ -1025,6 +1034,26 @@ mod tests {
         assert!(ttls("10", "10").is_ok());
         let e = ttls("11", "10").expect_err("refused");
         assert!(e.to_string().contains("--upload-url-ttl-secs (11)"), "{e}");
+    }
+
+    #[test]
+    fn an_offline_user_s_presence_is_forgotten_after_thirty_days_or_as_set() {
+        let forget = |role: &str, extra: &[&str]| {
+            let mut argv = vec!["--role", role];
+            argv.extend_from_slice(extra);
+            serve(&argv).map(|s| {
+                s.nats
+                    .definitions()
+                    .expect("definitions")
+                    .presence_forget_after
+            })
+        };
+        let day = Duration::from_secs(24 * 3600);
+        assert_eq!(forget("edge", &[]).expect("parses"), day * 30);
+        assert_eq!(forget("worker", &[]).expect("parses"), day * 30);
+        let set = forget("edge", &["--presence-forget-after-secs", "3600"]).expect("parses");
+        assert_eq!(set, Duration::from_secs(3600));
+        assert!(forget("worker", &["--presence-forget-after-secs", "0"]).is_err());
     }
 
     #[test]

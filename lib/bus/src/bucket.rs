@@ -232,6 +232,13 @@ impl Bucket {
         self.delete_marker(key, None, None).await.map(drop)
     }
 
+    /// [`Bucket::delete`], the marker removed after `ttl` (the bucket must
+    /// allow lifetimes: [`Bus::declare_bucket_with_ttls`]), and with it the
+    /// key: nats-server holds every key of a stream in memory, markers too.
+    pub(crate) async fn delete_for(&self, key: &str, ttl: Duration) -> Result<(), BusError> {
+        self.delete_marker(key, None, Some(ttl)).await.map(drop)
+    }
+
     /// Writes a delete marker under `key` if the key's last stream
     /// sequence is `expected`, removed after `ttl` (`None`: the bucket's
     /// `max_age`); whether it did.

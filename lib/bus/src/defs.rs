@@ -1,6 +1,8 @@
 //! The stream and consumer definitions in `nats/`, compiled into the binary so
 //! that every node declares exactly the same thing.
 
+use std::time::Duration;
+
 use async_nats::jetstream::{consumer, stream};
 
 use crate::BusError;
@@ -20,7 +22,14 @@ pub struct Definitions {
     /// The consumer every worker shares to write the group messages into
     /// MongoDB behind the stream.
     pub persist_consumer: consumer::pull::Config,
+    /// How long the presence record of a user who went offline is kept
+    /// (its last-seen time), [`PRESENCE_FORGET_AFTER`] unless the operator
+    /// says otherwise: nats-server holds every key in memory.
+    pub presence_forget_after: Duration,
 }
+
+/// How long an offline user's presence record is kept by default: 30 days.
+pub const PRESENCE_FORGET_AFTER: Duration = Duration::from_secs(30 * 24 * 3600);
 
 fn parse<T: serde::de::DeserializeOwned>(file: &'static str, text: &str) -> Result<T, BusError> {
     serde_json::from_str(text).map_err(|e| BusError::Definition {
@@ -45,6 +54,7 @@ impl Definitions {
             groups_stream,
             push_stream,
             persist_consumer,
+            presence_forget_after: PRESENCE_FORGET_AFTER,
         })
     }
 }

@@ -60,7 +60,7 @@ mod sends;
 mod signals;
 
 pub use bucket::BucketSize;
-pub use defs::Definitions;
+pub use defs::{Definitions, PRESENCE_FORGET_AFTER};
 pub use live::{
     Batch, CatchUp, Feed, GroupTraffic, LiveMessage, LiveReader, MembershipEvent, MembershipTail,
     member_event_subject,

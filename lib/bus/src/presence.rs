@@ -44,6 +44,9 @@ pub const DEAD_AFTER: Duration = Duration::from_secs(15);
 pub const RECORD_GROUPS_MAX: usize = 10_000;
 /// Compare-and-set attempts on one record.
 const CAS_ATTEMPTS: usize = 32;
+/// How long a delete marker of the bucket lives: nothing reads one as
+/// anything but a missing key.
+pub const MARKER_TTL: Duration = Duration::from_secs(15);
 
 /// A user's presence.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -134,6 +137,8 @@ pub struct Presence {
     bucket: Bucket,
     client: async_nats::Client,
     js: jetstream::Context,
+    /// How long a record written offline lives.
+    forget_after: Duration,
 }
 
 fn user_key(user: &UserId) -> String {
@@ -165,7 +170,8 @@ impl Bus {
             num_replicas: self.defs.groups_stream.num_replicas,
             ..Default::default()
         };
-        self.declare_bucket(PRESENCE_BUCKET, config).await?;
+        self.declare_bucket_with_ttls(PRESENCE_BUCKET, config)
+            .await?;
         Ok(self.presence())
     }
 
@@ -175,6 +181,7 @@ impl Bus {
             bucket: self.bind_bucket(PRESENCE_BUCKET),
             client: self.client.clone(),
             js: self.js.clone(),
+            forget_after: self.defs.presence_forget_after,
         }
     }
 
@@ -224,11 +231,19 @@ impl Presence {
                 return Ok(record);
             };
             let value = Bytes::from(serde_json::to_vec(&next).map_err(BusError::nats)?);
-            let Some(rev) = self.bucket.put_if_last(&key, value, revision).await? else {
+            // offline, it is forgotten in time; online, it lives
+            let ttl = (!next.online()).then_some(self.forget_after);
+            let Some(rev) = self
+                .bucket
+                .put_if_last_for(&key, value, revision, ttl)
+                .await?
+            else {
                 continue;
             };
             if let Update::Disconnected { edge, .. } = update {
-                self.bucket.delete(&index_key(edge, user)).await?;
+                self.bucket
+                    .delete_for(&index_key(edge, user), MARKER_TTL)
+                    .await?;
             }
             if record.online() != next.online() {
                 self.announce(user, &next, &next.groups, rev).await?;
@@ -338,7 +353,7 @@ impl Presence {
             // forgotten only once none of its users is left: a sweep that
             // failed half-way is made again
             if self.entries(&format!("at.{edge}.*")).await?.is_empty() {
-                self.bucket.delete(&beat_key(edge)).await?;
+                self.bucket.delete_for(&beat_key(edge), MARKER_TTL).await?;
                 seen.0.remove(edge);
             }
         }

@@ -131,8 +131,9 @@ pub struct MemberPresence {
     pub user_id: String,
     /// Whether the user has a connection open on some edge.
     pub online: bool,
-    /// When the user's last connection closed; absent while online and for
-    /// users never seen.
+    /// When the user's last connection closed; absent while online, for
+    /// users never seen, and for users offline longer than the server
+    /// keeps presence (30 days by default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_seen: Option<String>,
 }

@@ -724,6 +724,55 @@ async fn presence_follows_every_connection_of_a_user_on_every_edge() -> anyhow::
     c.stop().await
 }
 
+/// nats-server holds every key of the presence bucket in memory, and an
+/// edge takes a new name at every start, so keys that stayed for ever grew
+/// with every user and every deployment: a user who went offline is
+/// forgotten after `--presence-forget-after-secs` (reads as never seen
+/// then), the delete markers of an edge's index go with their keys, and a
+/// user still online is kept however long.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_forgets_offline_users_in_time_and_keeps_no_markers() -> anyhow::Result<()> {
+    use std::time::Duration;
+    let c = Cluster::start_with(1, 1, &["--presence-forget-after-secs", "3"]).await?;
+    let g = c.room(&["alice", "bob"]).await?;
+    let bus = c.bus().await?;
+    let presence = bus.presence();
+    let (alice, bob) = (
+        chat_domain::UserId::parse("alice")?,
+        chat_domain::UserId::parse("bob")?,
+    );
+    let _bob = c.connect(0, "bob", "phone").await?;
+    let web = c.connect(0, "alice", "web").await?;
+    chat_tests::eventually(chat_tests::PROMPTLY, || async {
+        let both = presence.get(&alice).await?.online() && presence.get(&bob).await?.online();
+        Ok(both.then_some(()))
+    })
+    .await?;
+    web.close().await?;
+    let seen = chat_tests::eventually(chat_tests::PROMPTLY, || async {
+        let p = presence_of(&c, "bob", &g, "alice").await?;
+        Ok((p["online"] == false).then(|| p["lastSeen"].clone()))
+    })
+    .await?;
+    assert!(seen.is_string(), "offline, with when: {seen}");
+
+    // then forgotten, and the markers gone: left are bob's record, his
+    // entry in the edge's index and the edge's heartbeat
+    let left = chat_tests::eventually(Duration::from_secs(60), || async {
+        let p = presence_of(&c, "bob", &g, "alice").await?;
+        let keys = bus.bucket_size(chat_bus::PRESENCE_BUCKET).await?.keys;
+        let forgotten = p == json!({"userId": "alice", "online": false});
+        Ok((forgotten && keys == 3).then_some(keys))
+    })
+    .await;
+    let keys = bus.bucket_size(chat_bus::PRESENCE_BUCKET).await?.keys;
+    left.with_context(|| format!("{keys} keys in the presence bucket"))?;
+    // bob has been online longer than alice's record lived
+    assert_eq!(presence_of(&c, "alice", &g, "bob").await?["online"], true);
+    assert!(presence.get(&bob).await?.online());
+    c.stop().await
+}
+
 /// A group's presence is one read per member: a member asking for it in a
 /// loop made a thousand reads a call. The call costs the caller's request
 /// budget one more request per ten members, as does creating a group.
