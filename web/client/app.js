@@ -902,6 +902,9 @@ async function caughtUp() {
     if (entry) entry.unread = 0;
     renderGroups();
     markRead();
+    // statuses are live only: what members received or read while this
+    // tab was away comes from the status endpoint
+    seedReceipts(app.open);
   }
 }
 

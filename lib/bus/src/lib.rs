@@ -23,7 +23,9 @@
 //!   connection open, for an operator's push gateway (`CHAT_PUSH`,
 //!   `push.rs`);
 //! - `chat.signal.<groupId>` (core NATS): ephemeral group events (typing)
-//!   from the sender's edge to every edge (`signals.rs`).
+//!   from the sender's edge to every edge (`signals.rs`);
+//! - `chat.status.<groupId>` (core NATS, workers only): message statuses
+//!   for the senders a header names, to every edge (`signals.rs`).
 //!
 //! Each edge reads both streams once through consumers of its own
 //! (`live.rs`) and writes them to its connections; a device's place in
@@ -83,7 +85,8 @@ pub use push::{
 };
 pub use sends::{Claimed, SENDS_BUCKET, SendLog, SendRecord, send_key, settle_fits};
 pub use signals::{
-    BadSignal, GROUP_SIGNALS, SIGNAL_FROM, SIGNAL_MAX_BYTES, Signal, group_signal_subject,
+    BadSignal, GROUP_SIGNALS, GROUP_STATUSES, SIGNAL_FROM, SIGNAL_MAX_BYTES, SIGNAL_TO,
+    SIGNAL_TO_MAX, Signal, group_signal_subject, group_status_subject,
 };
 
 /// The header JetStream uses to drop duplicate publishes.

@@ -1,6 +1,8 @@
 //! Signals: ephemeral group events (typing from edges, reaction changes
 //! from workers) passed to every edge over core NATS, on
-//! `chat.signal.<groupId>`.
+//! `chat.signal.<groupId>`; and message statuses (`a_message_status`, from
+//! workers only) for some members of a group, on `chat.status.<groupId>`
+//! with the members named in a header ([`SIGNAL_TO`]).
 //!
 //! Never stored and never acknowledged: an edge that is disconnected while
 //! one passes misses it, which is what an ephemeral event may do (each
@@ -15,7 +17,10 @@
 //! ([`SIGNAL_ABOUT`]) when the group shows members only what follows their
 //! joining: an edge then passes it only to connections whose member's view
 //! of the history holds that message. Only edges and workers may publish
-//! here (`nats/auth.conf`).
+//! signals, and only workers statuses (`nats/auth.conf`): an edge cannot
+//! tell a sender that someone read its message. A status on a subject of
+//! its own also keeps it from edges of a release before it, which would
+//! have passed it to every member.
 
 use async_nats::HeaderMap;
 use bytes::Bytes;
@@ -25,6 +30,14 @@ use crate::{Bus, BusError};
 
 /// Every group's signals.
 pub const GROUP_SIGNALS: &str = "chat.signal.*";
+/// Every group's message statuses.
+pub const GROUP_STATUSES: &str = "chat.status.*";
+/// The header naming the only users whose connections take a status
+/// (comma-separated; ids never contain a comma).
+pub const SIGNAL_TO: &str = "Chat-To";
+/// Most users one status names ([`SIGNAL_TO`]); a worker sends more as
+/// several.
+pub const SIGNAL_TO_MAX: usize = 100;
 /// The header naming the user a signal is from.
 pub const SIGNAL_FROM: &str = "Chat-From";
 /// The header naming the `seq` of the message a signal is about, for
@@ -34,10 +47,16 @@ pub const SIGNAL_ABOUT: &str = "Chat-Seq";
 pub const SIGNAL_MAX_BYTES: usize = 1024;
 
 const PREFIX: &str = "chat.signal.";
+const STATUS_PREFIX: &str = "chat.status.";
 
 /// The subject of `group`'s signals (injective: ids never contain `.`).
 pub fn group_signal_subject(group: &GroupId) -> String {
     format!("{PREFIX}{group}")
+}
+
+/// The subject of `group`'s message statuses.
+pub fn group_status_subject(group: &GroupId) -> String {
+    format!("{STATUS_PREFIX}{group}")
 }
 
 /// A signal as an edge received it.
@@ -49,6 +68,9 @@ pub struct Signal {
     /// The `seq` of the message it is about, if members who joined after
     /// that message must not see it.
     pub about: Option<u64>,
+    /// The only users whose connections take it (a status); empty: every
+    /// connection that follows the group (a signal).
+    pub to: Vec<UserId>,
     /// The push frame, ready to write.
     pub frame: Bytes,
 }
@@ -62,6 +84,8 @@ pub enum BadSignal {
     From,
     #[error("no valid {SIGNAL_ABOUT} header")]
     About,
+    #[error("a status without a valid {SIGNAL_TO} header of 1 to {SIGNAL_TO_MAX} users")]
+    To,
     #[error("larger than {SIGNAL_MAX_BYTES} bytes or not UTF-8")]
     Payload,
 }
@@ -73,10 +97,31 @@ impl Signal {
         headers: Option<&HeaderMap>,
         payload: &Bytes,
     ) -> Result<Self, BadSignal> {
-        let group = subject
-            .strip_prefix(PREFIX)
-            .and_then(|g| GroupId::parse(g).ok())
-            .ok_or(BadSignal::Subject)?;
+        let (group, status) = match subject.strip_prefix(STATUS_PREFIX) {
+            Some(g) => (g, true),
+            None => (
+                subject.strip_prefix(PREFIX).ok_or(BadSignal::Subject)?,
+                false,
+            ),
+        };
+        let group = GroupId::parse(group).map_err(|_| BadSignal::Subject)?;
+        // a status names whom it is for; a signal names no one
+        let to = match (status, headers.and_then(|h| h.get(SIGNAL_TO))) {
+            (true, Some(v)) => {
+                let to = v
+                    .as_str()
+                    .split(',')
+                    .map(UserId::parse)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|_| BadSignal::To)?;
+                if to.len() > SIGNAL_TO_MAX {
+                    return Err(BadSignal::To);
+                }
+                to
+            }
+            (true, None) => return Err(BadSignal::To),
+            (false, _) => Vec::new(),
+        };
         let from = match headers.and_then(|h| h.get(SIGNAL_FROM)) {
             None => None,
             Some(v) => Some(UserId::parse(v.as_str()).map_err(|_| BadSignal::From)?),
@@ -92,6 +137,7 @@ impl Signal {
             group,
             from,
             about,
+            to,
             frame: payload.clone(),
         })
     }
@@ -122,13 +168,44 @@ impl Bus {
             .map_err(BusError::nats)
     }
 
-    /// Every group's signals, for an edge's lifetime (the client subscribes
-    /// again by itself after a reconnect).
-    pub async fn signals(&self) -> Result<async_nats::Subscriber, BusError> {
-        self.client
+    /// Publishes the status `frame` of `group` to the connections of `to`
+    /// that follow the group (workers), as many statuses as it takes to
+    /// name at most [`SIGNAL_TO_MAX`] users in each. Core NATS, like a
+    /// signal: buffered and sent, never confirmed, never stored.
+    pub async fn status(
+        &self,
+        group: &GroupId,
+        to: &[&UserId],
+        frame: Bytes,
+    ) -> Result<(), BusError> {
+        for some in to.chunks(SIGNAL_TO_MAX) {
+            let names: Vec<&str> = some.iter().map(|u| u.as_str()).collect();
+            let mut headers = HeaderMap::new();
+            headers.insert(SIGNAL_TO, names.join(",").as_str());
+            self.client
+                .publish_with_headers(group_status_subject(group), headers, frame.clone())
+                .await
+                .map_err(BusError::nats)?;
+        }
+        Ok(())
+    }
+
+    /// Every group's signals and statuses, for an edge's lifetime (the
+    /// client subscribes again by itself after a reconnect).
+    pub async fn signals(
+        &self,
+    ) -> Result<impl futures::Stream<Item = async_nats::Message> + Unpin + use<>, BusError> {
+        let signals = self
+            .client
             .subscribe(GROUP_SIGNALS)
             .await
-            .map_err(BusError::nats)
+            .map_err(BusError::nats)?;
+        let statuses = self
+            .client
+            .subscribe(GROUP_STATUSES)
+            .await
+            .map_err(BusError::nats)?;
+        Ok(futures::stream::select(signals, statuses))
     }
 }
 
@@ -158,6 +235,49 @@ mod tests {
         h.insert(SIGNAL_ABOUT, "42");
         let about = Signal::read(&subject, Some(&h), &frame).expect("reads");
         assert_eq!((about.from, about.about), (None, Some(42)));
+        // a signal names no one, whatever its headers say
+        let mut h = from("alice");
+        h.insert(SIGNAL_TO, "bob");
+        assert!(
+            Signal::read(&subject, Some(&h), &frame)
+                .expect("reads")
+                .to
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_status_is_for_the_users_it_names_only() {
+        let g = GroupId::parse("g-1").expect("id");
+        let subject = group_status_subject(&g);
+        assert_eq!(subject, "chat.status.g-1");
+        let frame = Bytes::from_static(br#"{"event":"a_message_status","data":{}}"#);
+        let to = |names: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(SIGNAL_TO, names);
+            Signal::read(&subject, Some(&h), &frame)
+        };
+        let s = to("alice,bob_2").expect("reads");
+        assert_eq!(s.group, g);
+        let names: Vec<&str> = s.to.iter().map(UserId::as_str).collect();
+        assert_eq!(names, ["alice", "bob_2"]);
+        assert_eq!(s.from, None);
+        // for no one, or anyone: refused
+        assert_eq!(Signal::read(&subject, None, &frame), Err(BadSignal::To));
+        assert_eq!(to(""), Err(BadSignal::To));
+        assert_eq!(to("alice,"), Err(BadSignal::To));
+        assert_eq!(to("alice,b.c"), Err(BadSignal::To));
+        let most: Vec<String> = (0..SIGNAL_TO_MAX).map(|i| format!("u{i}")).collect();
+        assert_eq!(
+            to(&most.join(",")).expect("the most").to.len(),
+            SIGNAL_TO_MAX
+        );
+        let over = format!("{},extra", most.join(","));
+        assert_eq!(to(&over), Err(BadSignal::To));
+        assert_eq!(
+            Signal::read("chat.status.a.b", Some(&from("x")), &frame),
+            Err(BadSignal::Subject)
+        );
     }
 
     #[test]

@@ -38,6 +38,7 @@ use std::{
 
 use axum::extract::ws::Utf8Bytes;
 use chat_bus::{Feed, GroupTraffic, MembershipEvent};
+use chat_domain::UserId;
 
 /// A group message as written to a connection.
 #[derive(Clone, Debug)]
@@ -352,6 +353,31 @@ impl LiveHub {
                 continue;
             }
             queued += usize::from(conn.sink.offer_signal(frame.clone()));
+        }
+        queued
+    }
+
+    /// Queues a status of `group` (`a_message_status`) on the local
+    /// connections of the users `to` that follow the group, whatever their
+    /// phase, as a signal. Returns how many took it.
+    pub(crate) fn status(&self, group: &str, to: &[UserId], frame: &Utf8Bytes) -> usize {
+        let hub = self.lock();
+        let Some(following) = hub.by_group.get(group) else {
+            return 0;
+        };
+        let mut queued = 0;
+        for user in to {
+            let Some(ids) = hub.by_user.get(user.as_str()) else {
+                continue;
+            };
+            for id in ids.iter().filter(|id| following.contains(id)) {
+                let Some(conn) = hub.conns.get(id) else {
+                    continue;
+                };
+                if !matches!(conn.phase, Phase::Closed) {
+                    queued += usize::from(conn.sink.offer_signal(frame.clone().into()));
+                }
+            }
         }
         queued
     }
@@ -871,6 +897,34 @@ mod tests {
         // and signals move no position
         assert_eq!(hub.position(), 1);
         assert!(a.seqs().is_empty());
+    }
+
+    #[test]
+    fn a_status_reaches_only_the_named_users_connections_that_follow_the_group() {
+        let hub = hub();
+        let (_a, a) = live(&hub, "ann", &["g"]);
+        let (_a2, a2) = catching_up(&hub, "ann", &["g"]);
+        let (_b, b) = live(&hub, "bob", &["g"]);
+        let (_c, c) = live(&hub, "cy", &["other"]);
+        let frame = Utf8Bytes::from("status");
+        let user = |u: &str| UserId::parse(u).expect("id");
+        assert_eq!(hub.status("g", &[user("ann"), user("cy")], &frame), 2);
+        assert_eq!(a.signals.lock().expect("lock").len(), 1);
+        assert_eq!(
+            a2.signals.lock().expect("lock").len(),
+            1,
+            "while catching up too"
+        );
+        assert!(b.signals.lock().expect("lock").is_empty(), "not named");
+        assert!(
+            c.signals.lock().expect("lock").is_empty(),
+            "not following the group"
+        );
+        // a removed member no longer hears the group
+        hub.membership(1, "g", "ann", false);
+        assert_eq!(hub.status("g", &[user("ann")], &frame), 0);
+        assert_eq!(hub.status("nothing", &[user("bob")], &frame), 0);
+        assert_eq!(hub.position(), 1);
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Signals from every edge (typing), written to this edge's connections.
+//! Signals from every edge (typing) and worker (reactions), and message
+//! statuses from workers, written to this edge's connections.
 //!
 //! One core NATS subscription per edge on every group's signals
 //! (`chat_bus::GROUP_SIGNALS`): a signal costs nats-server one delivery per
@@ -22,7 +23,7 @@ pub(crate) async fn listen(app: Weak<crate::Inner>) {
     let mut sub = match bus.signals().await {
         Ok(sub) => sub,
         Err(e) => {
-            tracing::error!(error = %e, "cannot listen for typing signals; this edge's connections will not see who is typing");
+            tracing::error!(error = %e, "cannot listen for signals; this edge's connections will not see who is typing, reactions or message statuses");
             return;
         }
     };
@@ -38,12 +39,16 @@ pub(crate) async fn listen(app: Weak<crate::Inner>) {
                 let Ok(frame) = Utf8Bytes::try_from(signal.frame) else {
                     continue;
                 };
-                let n = app.live.signal(
-                    signal.group.as_str(),
-                    signal.from.as_ref().map(|u| u.as_str()),
-                    signal.about,
-                    &frame,
-                );
+                let n = if signal.to.is_empty() {
+                    app.live.signal(
+                        signal.group.as_str(),
+                        signal.from.as_ref().map(|u| u.as_str()),
+                        signal.about,
+                        &frame,
+                    )
+                } else {
+                    app.live.status(signal.group.as_str(), &signal.to, &frame)
+                };
                 written.increment(n as u64);
             }
             Err(e) => {

@@ -170,7 +170,9 @@ pub struct MentionPage {
 }
 
 /// `a_message_status`, to senders: member `userId` has received everything
-/// up to `deliveredSeq` and read everything up to `readSeq`.
+/// up to `deliveredSeq` and read everything up to `readSeq`. Live only, to
+/// the sender's connections that follow the group; not caught up on
+/// reconnect (the status endpoint is the record).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MessageStatusPush {

@@ -312,16 +312,10 @@ pub(crate) async fn raise(
             push_json(event::MESSAGE_STATUS, &data)
                 .map_err(|e| DomainError::Invalid(e.to_string()))?,
         );
-        for sender in to {
-            // dots: ids never contain one, so the name is injective
-            let dedup = format!(
-                "st.{group}.{user}.{}.{}.{sender}",
-                after.delivered_seq, after.read_seq
-            );
-            s.bus
-                .publish_user_event(sender, &dedup, payload.clone())
-                .await?;
-        }
+        // one core NATS message per member risen (per 100 senders), not a
+        // stored notification per member and sender: a status is a
+        // watermark, live only (the status endpoint is the record)
+        s.bus.status(group, &to, payload).await?;
     }
     Ok(reads)
 }

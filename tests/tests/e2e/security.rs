@@ -626,6 +626,41 @@ async fn workers_need_a_secret_beyond_loopback_and_must_prove_it() -> anyhow::Re
     c.stop().await
 }
 
+/// Message statuses are core NATS messages that edges pass on to the
+/// senders they name: only workers may publish them, so an edge's user
+/// cannot tell a sender that anyone read its message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_workers_may_tell_a_sender_its_message_was_read() -> anyhow::Result<()> {
+    let c = Cluster::start(1, 1).await?;
+    let g = c.room(&["alice", "bob"]).await?;
+    let mut alice = c.connect(0, "alice", "phone").await?;
+    let group = chat_domain::GroupId::parse(&g)?;
+    let frame = |reader: &str| {
+        json!({"event": "a_message_status", "data": {
+            "groupId": g, "userId": reader, "deliveredSeq": 7, "readSeq": 7}})
+        .to_string()
+    };
+    let alice_id = UserId::parse("alice")?;
+    let edge = c.bus_as(&c.stack.nats.users.edge).await?;
+    // nats-server drops it for the permission; the client does not know
+    edge.status(&group, &[&alice_id], frame("forged").into())
+        .await?;
+    let worker = c.bus_as(&c.stack.nats.users.worker).await?;
+    worker
+        .status(&group, &[&alice_id], frame("bob").into())
+        .await?;
+    // sent after the forged one on another connection: wait for the
+    // worker's, then for anything more
+    let first = alice.skip_to("a_message_status").await?;
+    assert_eq!(first["data"]["userId"], "bob", "{first}");
+    let deadline = tokio::time::Instant::now() + QUIET;
+    while let Ok(push) = tokio::time::timeout_at(deadline, alice.next_any_push()).await {
+        let push = push?;
+        assert_ne!(push["event"], "a_message_status", "{push}");
+    }
+    c.stop().await
+}
+
 /// NATS had no authorisation: an anonymous client closed a user's socket
 /// through `chat.session.<user>.<device>` and injected a forged
 /// `a_group_created`. Now anonymous clients are refused, and an edge's user
