@@ -31,6 +31,8 @@ pub struct Persistence {
     pub send_profile_ms: Vec<(String, f64)>,
     /// Mean messages per group publish (group commit), if any.
     pub publish_batch: Option<f64>,
+    /// Notifications stored in `CHAT_USERS` by the end of the run.
+    pub notifications: u64,
 }
 
 impl Persistence {
@@ -58,6 +60,15 @@ pub async fn check(system: &System, changes: u64) -> anyhow::Result<Persistence>
         in_stream += subject?.1 as u64;
     }
     let in_stream = in_stream.saturating_sub(changes);
+    // what the run stored in the users' notification stream (statuses,
+    // mentions, group events): the bucket of per-member costs
+    let notifications = js
+        .get_stream("CHAT_USERS")
+        .await?
+        .info()
+        .await?
+        .state
+        .messages;
     let messages = mongodb::Client::with_uri_str(&system.stack.mongo.uri)
         .await?
         .database("chat")
@@ -92,6 +103,7 @@ pub async fn check(system: &System, changes: u64) -> anyhow::Result<Persistence>
         lag_count: count,
         send_profile_ms: profile(&metrics),
         publish_batch: mean(&metrics, "chat_publish_batch_messages"),
+        notifications,
     })
 }
 

@@ -253,6 +253,10 @@ impl Report {
                         .join("; "),
                 );
             }
+            row(
+                "notifications stored (CHAT_USERS, whole run)",
+                p.notifications.to_string(),
+            );
             if let Some(n) = p.publish_batch {
                 row(
                     "messages per group publish (mean; group commit)",
