@@ -129,11 +129,12 @@ pub struct NatsArgs {
     pub nats_users_max_bytes: i64,
     /// Edge and worker: how long the presence record of a user who went
     /// offline is kept, in seconds (its last-seen time; past it the user
-    /// reads as never seen). nats-server holds every key of the presence
-    /// bucket in memory, so this bounds it by the users seen within it.
+    /// reads as never seen; at most ten years). nats-server holds every key
+    /// of the presence bucket in memory, so this bounds it by the users
+    /// seen within it.
     #[arg(long, env = "CHATD_PRESENCE_FORGET_AFTER_SECS",
           default_value_t = chat_bus::PRESENCE_FORGET_AFTER.as_secs(),
-          value_parser = clap::value_parser!(u64).range(1..))]
+          value_parser = clap::value_parser!(u64).range(1..=315_360_000))]
     pub presence_forget_after_secs: u64,
     /// The NATS user this node connects as: `chat-edge` for edges,
     /// `chat-worker` for workers and `--role all` (see nats/auth.conf).
@@ -518,6 +519,13 @@ pub struct ServeArgs {
     /// Days after which an idle device may be evicted by a new one.
     #[arg(long, env = "CHATD_DEVICE_IDLE_DAYS", default_value_t = 30)]
     pub device_idle_days: u64,
+    /// Worker: most new devices a user may register per hour (`rate_limited`,
+    /// HTTP 429, past it): each new device id costs a key in nats-server's
+    /// memory, and each eviction it causes a delete marker, for 60 days.
+    #[arg(long, env = "CHATD_MAX_NEW_DEVICES_PER_HOUR",
+          default_value_t = chat_worker::DeviceLimits::default().new_per_hour,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_new_devices_per_hour: u32,
 
     /// Seconds to finish in-flight work after a shutdown signal.
     #[arg(long, env = "CHATD_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
@@ -769,6 +777,7 @@ impl Node {
                 devices: chat_worker::DeviceLimits {
                     max_per_user: args.max_devices_per_user.max(1),
                     idle: args.device_idle(),
+                    new_per_hour: args.max_new_devices_per_hour,
                 },
                 service_secret: service_secret.clone(),
                 max_groups_per_user: args.max_groups_per_user,
@@ -1054,6 +1063,9 @@ mod tests {
         let set = forget("edge", &["--presence-forget-after-secs", "3600"]).expect("parses");
         assert_eq!(set, Duration::from_secs(3600));
         assert!(forget("worker", &["--presence-forget-after-secs", "0"]).is_err());
+        let ten_years = "315360000";
+        assert!(forget("worker", &["--presence-forget-after-secs", ten_years]).is_ok());
+        assert!(forget("worker", &["--presence-forget-after-secs", "315360001"]).is_err());
     }
 
     #[test]

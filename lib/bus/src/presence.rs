@@ -228,6 +228,15 @@ impl Presence {
                 None => (Record::default(), 0),
             };
             let Some(next) = update.apply(&record) else {
+                // the record no longer names the edge (a write of it
+                // failed half-way, or the edge died between indexing the
+                // user and writing the record): its index entry goes all
+                // the same, or the edge's sweep would never end
+                if let Update::Disconnected { edge, .. } = update {
+                    self.bucket
+                        .delete_for(&index_key(edge, user), MARKER_TTL)
+                        .await?;
+                }
                 return Ok(record);
             };
             let value = Bytes::from(serde_json::to_vec(&next).map_err(BusError::nats)?);

@@ -17,7 +17,8 @@
 //! ([`SIGNAL_ABOUT`]) when the group shows members only what follows their
 //! joining: an edge then passes it only to connections whose member's view
 //! of the history holds that message. Only edges and workers may publish
-//! signals, and only workers statuses (`nats/auth.conf`): an edge cannot
+//! signals, and only workers statuses (`nats/auth.conf`); edges drop a
+//! signal that carries anything but typing or a reaction: an edge cannot
 //! tell a sender that someone read its message. A status on a subject of
 //! its own also keeps it from edges of a release before it, which would
 //! have passed it to every member.

@@ -1,8 +1,12 @@
 //! Signals from every edge (typing) and worker (reactions), and message
 //! statuses from workers, written to this edge's connections.
 //!
-//! One core NATS subscription per edge on every group's signals
-//! (`chat_bus::GROUP_SIGNALS`): a signal costs nats-server one delivery per
+//! Two core NATS subscriptions per edge, on every group's signals and
+//! statuses (`chat_bus::GROUP_SIGNALS`, `chat_bus::GROUP_STATUSES`); a
+//! signal may carry only `a_typing` or `a_reaction` and a status only
+//! `a_message_status` (anything else is dropped as malformed: NATS lets
+//! edges publish signals, and a leaked edge credential must not write
+//! other frames, a message or a status, to connections): a signal costs nats-server one delivery per
 //! edge, and this edge one hash lookup plus one queue push per local
 //! connection that follows the group (the group hub's table, so a removed
 //! member's connections hear nothing more from the group at once). A full
@@ -33,6 +37,10 @@ pub(crate) async fn listen(app: Weak<crate::Inner>) {
     while let Some(msg) = sub.next().await {
         let Some(app) = app.upgrade() else { return };
         match Signal::read(&msg.subject, msg.headers.as_ref(), &msg.payload) {
+            Ok(signal) if !carries_what_it_may(&signal) => {
+                dropped.increment(1);
+                tracing::warn!(subject = %msg.subject, "a signal carrying an event it may not: dropped");
+            }
             Ok(signal) => {
                 received.increment(1);
                 // checked UTF-8 by `Signal::read`
@@ -56,5 +64,60 @@ pub(crate) async fn listen(app: Weak<crate::Inner>) {
                 tracing::debug!(error = %e, subject = %msg.subject, "signal dropped");
             }
         }
+    }
+}
+
+/// Whether `signal` carries an event of its kind: a status only
+/// `a_message_status`, a signal only `a_typing` (from edges) or
+/// `a_reaction` (from workers).
+fn carries_what_it_may(signal: &Signal) -> bool {
+    use chat_protocol::event;
+    let Ok(frame) = std::str::from_utf8(&signal.frame) else {
+        return false;
+    };
+    let name = crate::ws::event_of(frame);
+    if signal.to.is_empty() {
+        name == event::USER_TYPING || name == event::REACTION
+    } else {
+        name == event::MESSAGE_STATUS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signal(to: &[&str], frame: &'static str) -> Signal {
+        Signal {
+            group: chat_domain::GroupId::parse("g").expect("id"),
+            from: None,
+            about: None,
+            to: to
+                .iter()
+                .map(|u| chat_domain::UserId::parse(*u).expect("id"))
+                .collect(),
+            frame: bytes::Bytes::from_static(frame.as_bytes()),
+        }
+    }
+
+    #[test]
+    fn signals_and_statuses_carry_only_their_own_events() {
+        let typing = r#"{"event":"a_typing","data":{}}"#;
+        let reaction = r#"{"event":"a_reaction","data":{}}"#;
+        let status = r#"{"event":"a_message_status","data":{}}"#;
+        let message = r#"{"event":"a_group_message","data":{}}"#;
+        assert!(carries_what_it_may(&signal(&[], typing)));
+        assert!(carries_what_it_may(&signal(&[], reaction)));
+        assert!(
+            !carries_what_it_may(&signal(&[], status)),
+            "a status as a signal"
+        );
+        assert!(
+            !carries_what_it_may(&signal(&[], message)),
+            "a message as a signal"
+        );
+        assert!(carries_what_it_may(&signal(&["alice"], status)));
+        assert!(!carries_what_it_may(&signal(&["alice"], typing)));
+        assert!(!carries_what_it_may(&signal(&[], "not json")));
     }
 }

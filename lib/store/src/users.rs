@@ -3,7 +3,10 @@
 //! streams.
 //!
 //! The registry is capped; a new device beyond the cap evicts the least
-//! recently seen one, whose place the worker forgets first.
+//! recently seen one, whose place the worker forgets first. New devices
+//! are also counted per window of time (`newDevices {s, n}`), so that a
+//! user cannot churn through device ids: each costs a key in nats-server's
+//! memory for its place, and an eviction a delete marker.
 
 use chat_domain::{DeviceId, Millis, UserId};
 use mongodb::{
@@ -34,6 +37,8 @@ pub struct DeviceList {
     pub devices: Vec<Device>,
     /// The profile's display name, if any.
     pub display_name: Option<String>,
+    /// New devices admitted in the current window: (its start, how many).
+    pub admitted: (Millis, u32),
     /// `None`: no user document yet.
     rev: Option<i64>,
 }
@@ -49,6 +54,27 @@ pub struct Admission {
 }
 
 impl DeviceList {
+    /// The count of new devices once one more is admitted at `now`, in
+    /// windows of `window` ms of which each admits `most`: `Err` with when
+    /// (ms since the epoch) the next one may come if this window is full.
+    pub fn one_more(
+        &self,
+        now: Millis,
+        window: Millis,
+        most: u32,
+    ) -> Result<(Millis, u32), Millis> {
+        let (since, n) = self.admitted;
+        // a window that has ended, or one "started" in the future (a clock
+        // set back): a new window from now
+        if now >= since.saturating_add(window) || since > now {
+            return Ok((now, 1));
+        }
+        if n >= most {
+            return Err(since.saturating_add(window));
+        }
+        Ok((since, n + 1))
+    }
+
     /// Admits `device` (not yet registered) at `now`: devices idle since
     /// before `idle_before` are evicted, then the least recently seen until
     /// there is room under `max`.
@@ -146,9 +172,18 @@ impl UserRepo {
                 })
             })
             .collect();
+        let admitted = doc
+            .get_document("newDevices")
+            .map(|a| {
+                let since = a.get_i64("s").unwrap_or_default();
+                let n = a.get_i64("n").unwrap_or_default();
+                (since, u32::try_from(n).unwrap_or(u32::MAX))
+            })
+            .unwrap_or_default();
         Ok(DeviceList {
             devices,
             display_name: doc.get_str("displayName").ok().map(str::to_owned),
+            admitted,
             rev: Some(rev),
         })
     }
@@ -164,13 +199,15 @@ impl UserRepo {
             .collect())
     }
 
-    /// Replaces `user`'s registry with `devices` if it is still as `read`
-    /// found it (compare-and-set); returns whether it was.
+    /// Replaces `user`'s registry with `devices`, and its count of new
+    /// devices with `admitted` ([`DeviceList::one_more`]), if it is still
+    /// as `read` found it (compare-and-set); returns whether it was.
     pub async fn replace_devices(
         &self,
         user: &UserId,
         read: &DeviceList,
         devices: &[Device],
+        admitted: (Millis, u32),
         display_name: Option<&str>,
         now: Millis,
     ) -> Result<bool, StoreError> {
@@ -180,6 +217,10 @@ impl UserRepo {
             .collect();
         let mut set = Self::profile(display_name, now);
         set.insert("devices", list);
+        set.insert(
+            "newDevices",
+            doc! { "s": admitted.0, "n": i64::from(admitted.1) },
+        );
         match read.rev {
             None => {
                 set.insert("_id", user.as_str());
@@ -225,12 +266,32 @@ mod tests {
                 })
                 .collect(),
             display_name: None,
+            admitted: (0, 0),
             rev: Some(3),
         }
     }
 
     fn names(ids: &[DeviceId]) -> Vec<&str> {
         ids.iter().map(DeviceId::as_str).collect()
+    }
+
+    #[test]
+    fn new_devices_are_counted_per_window() {
+        const HOUR: Millis = 3_600_000;
+        let mut read = list(&[]);
+        let now = 1_796_342_400_000;
+        // the first opens a window
+        assert_eq!(read.one_more(now, HOUR, 3), Ok((now, 1)));
+        read.admitted = (now, 1);
+        assert_eq!(read.one_more(now + 10, HOUR, 3), Ok((now, 2)));
+        read.admitted = (now, 3);
+        // full: the next may come when the window ends
+        assert_eq!(read.one_more(now + 10, HOUR, 3), Err(now + HOUR));
+        assert_eq!(read.one_more(now + HOUR - 1, HOUR, 3), Err(now + HOUR));
+        // a new window then
+        assert_eq!(read.one_more(now + HOUR, HOUR, 3), Ok((now + HOUR, 1)));
+        // a window that starts in the future (a clock set back) starts over
+        assert_eq!(read.one_more(now - 5, HOUR, 3), Ok((now - 5, 1)));
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! A user's devices: the capped registry in `users`, and eviction.
 //!
 //! A device not registered yet is admitted under the cap: idle devices and,
-//! past the cap, the least recently seen are evicted. An evicted device's
+//! past the cap, the least recently seen are evicted; at most
+//! `new_per_hour` new devices an hour per user (`rate_limited` past it). An evicted device's
 //! place is forgotten (a delete marker in `CHAT_PLACES`, which no late save
 //! writes over) and every open connection of it, on any edge, is closed
 //! (4410). The registry is changed with compare-and-set, so concurrent
@@ -13,6 +14,8 @@ use crate::{State, WorkerError};
 
 /// Compare-and-set attempts at registering a device.
 const REGISTER_ATTEMPTS: usize = 8;
+/// The window in which a user's new devices are counted (ms).
+const NEW_DEVICES_WINDOW: i64 = 3_600_000;
 /// How exact a device's last-seen time is: a session of a device seen
 /// less long ago than this writes nothing (eviction picks the least
 /// recently seen device and forgets devices idle for days).
@@ -48,12 +51,23 @@ pub(crate) async fn register(
             // evicted meanwhile: admitted again below, on a fresh read
             continue;
         }
+        // a budget of new devices: a user churning through device ids
+        // would fill CHAT_PLACES with keys and delete markers
+        let admitted = read
+            .one_more(now, NEW_DEVICES_WINDOW, limits.new_per_hour)
+            .map_err(|next| {
+                let secs = (next - now).max(1000) / 1000;
+                WorkerError::RateLimited(format!(
+                    "more than {} new devices within an hour: connect with a device id used before, or retry in {secs} s",
+                    limits.new_per_hour
+                ))
+            })?;
         let idle_before = now - limits.idle.as_millis() as i64;
         let admission = read.admit(device, now, limits.max_per_user, idle_before);
         // evicted only once the registry says so: a compare-and-set that
         // lost (the list changed meanwhile) evicts no one
         if users
-            .replace_devices(user, &read, &admission.keep, display_name, now)
+            .replace_devices(user, &read, &admission.keep, admitted, display_name, now)
             .await?
         {
             for old in &admission.evicted {

@@ -90,11 +90,16 @@ pub struct DeviceLimits {
     /// A device not seen for this long is forgotten when the user registers
     /// another, and its consumers expire by themselves after as long.
     pub idle: std::time::Duration,
+    /// Most new devices a user may register per hour (`rate_limited` past
+    /// it): each costs a key of `CHAT_PLACES` in nats-server's memory, and
+    /// each eviction a delete marker, for the bucket's 60 days.
+    pub new_per_hour: u32,
 }
 
 impl Default for DeviceLimits {
     fn default() -> Self {
         Self {
+            new_per_hour: 30,
             max_per_user: 16,
             idle: std::time::Duration::from_secs(30 * 24 * 3600),
         }
@@ -135,6 +140,9 @@ pub enum WorkerError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Bus(#[from] BusError),
+    /// The caller did this too often: retry later (the message says when).
+    #[error("{0}")]
+    RateLimited(String),
 }
 
 impl From<WorkerError> for tonic::Status {
@@ -146,6 +154,7 @@ impl From<WorkerError> for tonic::Status {
             WorkerError::Domain(DomainError::Forbidden(m)) => Status::permission_denied(m),
             WorkerError::Domain(DomainError::Conflict(m)) => Status::failed_precondition(m),
             WorkerError::NotFound(what) => Status::not_found(format!("{what} not found")),
+            WorkerError::RateLimited(m) => Status::resource_exhausted(m),
             WorkerError::Store(StoreError::Unavailable(m))
             | WorkerError::Bus(BusError::Unavailable(m)) => {
                 tracing::warn!(error = %m, "dependency unavailable");

@@ -290,8 +290,9 @@ async fn a_removed_sender_hears_no_more_read_receipts() -> anyhow::Result<()> {
             break;
         }
     }
-    // senders are told in id order, mallory before zoe, through the same
-    // edge: had mallory been told, it would be on her socket by now
+    // one status names every sender told and the edge hands it to each at
+    // once: had mallory been named, it would be on her socket by now (the
+    // quiet period covers the rest)
     let deadline = tokio::time::Instant::now() + QUIET;
     while let Ok(push) = tokio::time::timeout_at(deadline, mallory.next_any_push()).await {
         let push = push?;
@@ -628,7 +629,9 @@ async fn workers_need_a_secret_beyond_loopback_and_must_prove_it() -> anyhow::Re
 
 /// Message statuses are core NATS messages that edges pass on to the
 /// senders they name: only workers may publish them, so an edge's user
-/// cannot tell a sender that anyone read its message.
+/// cannot tell a sender that anyone read its message, neither as a status
+/// (NATS refuses it) nor as a signal of the group, which edges may publish
+/// but which may carry only typing and reactions (every edge drops it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_workers_may_tell_a_sender_its_message_was_read() -> anyhow::Result<()> {
     let c = Cluster::start(1, 1).await?;
@@ -644,6 +647,9 @@ async fn only_workers_may_tell_a_sender_its_message_was_read() -> anyhow::Result
     let edge = c.bus_as(&c.stack.nats.users.edge).await?;
     // nats-server drops it for the permission; the client does not know
     edge.status(&group, &[&alice_id], frame("forged").into())
+        .await?;
+    // allowed on the signal subject, and dropped by the edge
+    edge.signal(&group, None, None, frame("forged as a signal").into())
         .await?;
     let worker = c.bus_as(&c.stack.nats.users.worker).await?;
     worker
@@ -1039,6 +1045,44 @@ async fn oversized_frames_close_with_1009_and_every_frame_is_rate_limited() -> a
     .await?;
     assert_eq!(code, Some(1009));
     let _ = writer.await;
+    c.stop().await
+}
+
+/// Every new device id costs a key of `CHAT_PLACES` in nats-server's memory
+/// and each eviction it causes a delete marker, both for 60 days: a user
+/// churning through ids grew the bucket without bound. Past
+/// `--max-new-devices-per-hour` a new device's upgrade gets `429`
+/// (`rate_limited`, saying when to retry); devices seen before still
+/// connect, and another user is not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_registers_at_most_its_budget_of_new_devices_an_hour() -> anyhow::Result<()> {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    let c = Cluster::start_with(1, 1, &["--max-new-devices-per-hour", "3"]).await?;
+    let url = |user: &str, device: &str| {
+        format!(
+            "ws://{}/ws?token={}&device={device}",
+            c.edge_url(0).trim_start_matches("http://"),
+            token(user)
+        )
+    };
+    for device in ["d1", "d2", "d3"] {
+        c.connect(0, "mallory", device).await?.close().await?;
+    }
+    match tokio_tungstenite::connect_async(url("mallory", "d4")).await {
+        Err(WsError::Http(res)) => {
+            let body = String::from_utf8_lossy(res.body().as_deref().unwrap_or_default());
+            assert_eq!(res.status(), 429, "{body}");
+            assert!(
+                body.contains("rate_limited") && body.contains("new devices"),
+                "{body}"
+            );
+        }
+        Ok(_) => panic!("a fourth new device within the hour connected"),
+        Err(e) => return Err(e.into()),
+    }
+    // known devices come back; others are not touched
+    c.connect(0, "mallory", "d2").await?.close().await?;
+    c.connect(0, "zoe", "d4").await?.close().await?;
     c.stop().await
 }
 

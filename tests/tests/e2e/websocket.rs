@@ -773,6 +773,68 @@ async fn presence_forgets_offline_users_in_time_and_keeps_no_markers() -> anyhow
     c.stop().await
 }
 
+/// An edge that died between indexing a user and naming itself in the
+/// user's record (or whose index removal failed) left an index entry the
+/// record does not back: the sweep took the user "out" (nothing to
+/// change), kept the entry, and so swept the dead edge every 5 s for ever,
+/// its heartbeat never deleted. Now the entry goes all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_edge_s_orphaned_index_entries_are_swept_with_it() -> anyhow::Result<()> {
+    use std::time::Duration;
+    let c = Cluster::start(1, 1).await?;
+    let bus = c.bus().await?;
+    let presence = bus.presence();
+    // a dead edge "ghost": a heartbeat that will never move, and an index
+    // entry for alice, whose record never named it
+    assert!(
+        !presence
+            .beat("ghost", chat_domain::now_millis(), true)
+            .await?
+    );
+    let js = async_nats::jetstream::new(
+        async_nats::ConnectOptions::with_user_and_password(
+            c.stack.nats.users.ops.user.into(),
+            c.stack.nats.users.ops.password.clone(),
+        )
+        .connect(c.stack.nats.url.as_str())
+        .await?,
+    );
+    js.publish("$KV.CHAT_PRESENCE.at.ghost.alice", "".into())
+        .await?
+        .await?;
+    let stream = js.get_stream("KV_CHAT_PRESENCE").await?;
+    let gone = |subject: &'static str| {
+        let stream = stream.clone();
+        async move {
+            match stream.get_last_raw_message_by_subject(subject).await {
+                Ok(m) => Ok(m.headers.get("KV-Operation").is_some()),
+                Err(e)
+                    if e.kind()
+                        == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
+                {
+                    Ok(true)
+                }
+                Err(e) => Err(anyhow::Error::from(e)),
+            }
+        }
+    };
+    // swept once its heartbeat stood still for 15 s (sweeps every 5 s)
+    chat_tests::eventually(Duration::from_secs(60), || async {
+        let both = gone("$KV.CHAT_PRESENCE.at.ghost.alice").await?
+            && gone("$KV.CHAT_PRESENCE.e.ghost").await?;
+        Ok(both.then_some(()))
+    })
+    .await
+    .context("the dead edge's index entry and heartbeat are gone")?;
+    assert!(
+        !presence
+            .get(&chat_domain::UserId::parse("alice")?)
+            .await?
+            .online()
+    );
+    c.stop().await
+}
+
 /// A group's presence is one read per member: a member asking for it in a
 /// loop made a thousand reads a call. The call costs the caller's request
 /// budget one more request per ten members, as does creating a group.

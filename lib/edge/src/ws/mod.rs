@@ -82,6 +82,7 @@ pub(crate) use self::{
     frames::{OpenedFrames, open_live},
     load::{WriteLoad, pace as pace_writes},
     receipts::{DeliveredHub, flush_delivered, report_delivered},
+    writer::event_of,
 };
 
 /// Close code sent when a client abuses the connection (RFC 6455 1008).

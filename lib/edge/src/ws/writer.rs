@@ -3,8 +3,9 @@
 
 use super::*;
 
-/// The name of a frame's event, for metrics (one of ours, or "other").
-pub(super) fn event_of(frame: &str) -> &'static str {
+/// The name of a frame's event (one of ours, or "other"): for metrics, and
+/// to check what a signal carries.
+pub(crate) fn event_of(frame: &str) -> &'static str {
     const NAMES: [&str; 13] = [
         event::ACK,
         event::ERROR,
