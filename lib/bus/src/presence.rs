@@ -228,15 +228,11 @@ impl Presence {
                 None => (Record::default(), 0),
             };
             let Some(next) = update.apply(&record) else {
-                // the record no longer names the edge (a write of it
+                // the record may no longer name the edge (a write of it
                 // failed half-way, or the edge died between indexing the
                 // user and writing the record): its index entry goes all
                 // the same, or the edge's sweep would never end
-                if let Update::Disconnected { edge, .. } = update {
-                    self.bucket
-                        .delete_for(&index_key(edge, user), MARKER_TTL)
-                        .await?;
-                }
+                self.unindex(user, update).await?;
                 return Ok(record);
             };
             let value = Bytes::from(serde_json::to_vec(&next).map_err(BusError::nats)?);
@@ -249,11 +245,7 @@ impl Presence {
             else {
                 continue;
             };
-            if let Update::Disconnected { edge, .. } = update {
-                self.bucket
-                    .delete_for(&index_key(edge, user), MARKER_TTL)
-                    .await?;
-            }
+            self.unindex(user, update).await?;
             if record.online() != next.online() {
                 self.announce(user, &next, &next.groups, rev).await?;
             } else if next.online() {
@@ -273,6 +265,18 @@ impl Presence {
         Err(BusError::Unavailable(format!(
             "presence of {user} keeps changing"
         )))
+    }
+
+    /// After a disconnection from an edge: the edge's index no longer
+    /// lists the user (indexed before the record names the edge, and
+    /// unindexed after it no longer does).
+    async fn unindex(&self, user: &UserId, update: &Update) -> Result<(), BusError> {
+        if let Update::Disconnected { edge, .. } = update {
+            self.bucket
+                .delete_for(&index_key(edge, user), MARKER_TTL)
+                .await?;
+        }
+        Ok(())
     }
 
     async fn announce(

@@ -37,16 +37,17 @@ pub(crate) async fn listen(app: Weak<crate::Inner>) {
     while let Some(msg) = sub.next().await {
         let Some(app) = app.upgrade() else { return };
         match Signal::read(&msg.subject, msg.headers.as_ref(), &msg.payload) {
-            Ok(signal) if !carries_what_it_may(&signal) => {
-                dropped.increment(1);
-                tracing::warn!(subject = %msg.subject, "a signal carrying an event it may not: dropped");
-            }
             Ok(signal) => {
-                received.increment(1);
                 // checked UTF-8 by `Signal::read`
-                let Ok(frame) = Utf8Bytes::try_from(signal.frame) else {
+                let Ok(frame) = Utf8Bytes::try_from(signal.frame.clone()) else {
                     continue;
                 };
+                if !carries_what_it_may(&signal, &frame) {
+                    dropped.increment(1);
+                    tracing::warn!(subject = %msg.subject, "a signal carrying an event it may not: dropped");
+                    continue;
+                }
+                received.increment(1);
                 let n = if signal.to.is_empty() {
                     app.live.signal(
                         signal.group.as_str(),
@@ -70,11 +71,8 @@ pub(crate) async fn listen(app: Weak<crate::Inner>) {
 /// Whether `signal` carries an event of its kind: a status only
 /// `a_message_status`, a signal only `a_typing` (from edges) or
 /// `a_reaction` (from workers).
-fn carries_what_it_may(signal: &Signal) -> bool {
+fn carries_what_it_may(signal: &Signal, frame: &str) -> bool {
     use chat_protocol::event;
-    let Ok(frame) = std::str::from_utf8(&signal.frame) else {
-        return false;
-    };
     let name = crate::ws::event_of(frame);
     if signal.to.is_empty() {
         name == event::USER_TYPING || name == event::REACTION
@@ -87,8 +85,8 @@ fn carries_what_it_may(signal: &Signal) -> bool {
 mod tests {
     use super::*;
 
-    fn signal(to: &[&str], frame: &'static str) -> Signal {
-        Signal {
+    fn carries(to: &[&str], frame: &'static str) -> bool {
+        let signal = Signal {
             group: chat_domain::GroupId::parse("g").expect("id"),
             from: None,
             about: None,
@@ -97,7 +95,8 @@ mod tests {
                 .map(|u| chat_domain::UserId::parse(*u).expect("id"))
                 .collect(),
             frame: bytes::Bytes::from_static(frame.as_bytes()),
-        }
+        };
+        carries_what_it_may(&signal, frame)
     }
 
     #[test]
@@ -106,18 +105,12 @@ mod tests {
         let reaction = r#"{"event":"a_reaction","data":{}}"#;
         let status = r#"{"event":"a_message_status","data":{}}"#;
         let message = r#"{"event":"a_group_message","data":{}}"#;
-        assert!(carries_what_it_may(&signal(&[], typing)));
-        assert!(carries_what_it_may(&signal(&[], reaction)));
-        assert!(
-            !carries_what_it_may(&signal(&[], status)),
-            "a status as a signal"
-        );
-        assert!(
-            !carries_what_it_may(&signal(&[], message)),
-            "a message as a signal"
-        );
-        assert!(carries_what_it_may(&signal(&["alice"], status)));
-        assert!(!carries_what_it_may(&signal(&["alice"], typing)));
-        assert!(!carries_what_it_may(&signal(&[], "not json")));
+        assert!(carries(&[], typing));
+        assert!(carries(&[], reaction));
+        assert!(!carries(&[], status), "a status as a signal");
+        assert!(!carries(&[], message), "a message as a signal");
+        assert!(carries(&["alice"], status));
+        assert!(!carries(&["alice"], typing));
+        assert!(!carries(&[], "not json"));
     }
 }
