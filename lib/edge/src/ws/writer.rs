@@ -64,7 +64,6 @@ pub(super) async fn write_loop(
     let mut coalesce = Coalesce::new(app.write_load.clone());
     // whether group messages came since the queue last ran dry
     let mut messages = false;
-    let coalesced = metrics::counter!("chat_ws_coalesced_flushes_total");
     let Inbox { mut rx, close } = inbox;
     loop {
         // while the timer is armed, frames other than replies need not wake
@@ -80,7 +79,6 @@ pub(super) async fn write_loop(
                 None => break,
             },
             () = coalesce.elapsed(), if coalesce.waiting() => {
-                coalesced.increment(1);
                 burst = Burst::default();
                 tally.add_to(&live_deliveries, &live_out, &app.write_load);
                 if !coalesce.flush(&mut pending, &mut sink, &delivered, deadline).await {
@@ -309,6 +307,8 @@ struct Coalesce {
     timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     /// When the armed timer fires, while frames wait for it.
     armed: Option<tokio::time::Instant>,
+    /// `chat_ws_coalesced_flushes_total`.
+    coalesced: metrics::Counter,
 }
 
 impl Coalesce {
@@ -322,6 +322,7 @@ impl Coalesce {
             counted: None,
             timer: None,
             armed: None,
+            coalesced: metrics::counter!("chat_ws_coalesced_flushes_total"),
         }
     }
 
@@ -402,7 +403,11 @@ impl Coalesce {
         }
     }
 
-    /// Flushes what was written (see [`Unflushed::flush`]).
+    /// Flushes what was written (see [`Unflushed::flush`]). Counted as
+    /// coalesced if frames waited for a window that has ended: the timer's
+    /// flush, and the one after the writer took what gathered while it
+    /// waited (the timer wakes it, and the queue goes first), which is the
+    /// usual one for a connection that keeps getting frames.
     async fn flush(
         &mut self,
         pending: &mut Unflushed,
@@ -410,7 +415,13 @@ impl Coalesce {
         to: &Written<'_>,
         deadline: Duration,
     ) -> bool {
-        self.armed = None;
+        if self
+            .armed
+            .take()
+            .is_some_and(|due| due <= tokio::time::Instant::now())
+        {
+            self.coalesced.increment(1);
+        }
         let ok = pending.flush(sink, to, deadline).await;
         if !self.window().is_zero() {
             self.last = Some(tokio::time::Instant::now());
