@@ -8,7 +8,8 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context, bail};
 use chat_protocol::{
-    GroupPage, GroupView, MessagePage, MessageStatus, MessageView, RestError, SendAck, UploadTicket,
+    BlockList, BlockView, GroupPage, GroupView, MessagePage, MessageStatus, MessageView, RestError,
+    SendAck, UploadTicket,
 };
 use clap::{Parser, Subcommand};
 use futures::{SinkExt, StreamExt};
@@ -129,6 +130,12 @@ enum Command {
     Delete { group: String, message_id: String },
     /// Delivered and read, per member, of one message.
     Status { group: String, message_id: String },
+    /// Stop a user from adding you to groups.
+    Block { user: String },
+    /// Let a blocked user add you to groups again.
+    Unblock { user: String },
+    /// Everyone you block.
+    Blocks,
 }
 
 /// The device one-shot commands (send, read, create) connect as: never the
@@ -490,6 +497,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 )
                 .await?;
             c.out(&v, || format!("removed {user}"));
+        }
+        Command::Block { user } => {
+            let v = c
+                .call(reqwest::Method::PUT, &format!("/blocks/{user}"), None)
+                .await?;
+            let b: BlockView = serde_json::from_value(v.clone()).context("unexpected answer")?;
+            c.out(&v, || format!("blocked {} (since {})", b.user_id, b.since));
+        }
+        Command::Unblock { user } => {
+            let v = c
+                .call(reqwest::Method::DELETE, &format!("/blocks/{user}"), None)
+                .await?;
+            c.out(&v, || format!("unblocked {user}"));
+        }
+        Command::Blocks => {
+            let (v, list): (_, BlockList) = c.get("/blocks").await?;
+            c.out(&v, || {
+                list.blocks
+                    .iter()
+                    .map(|b| format!("{} (since {})", b.user_id, b.since))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
         }
         Command::Leave { group } => {
             let v = c

@@ -443,6 +443,10 @@ pub struct ServeArgs {
     /// beyond it is refused.
     #[arg(long, env = "CHATD_MAX_GROUPS_PER_USER", default_value_t = chat_worker::Config::default().max_groups_per_user)]
     pub max_groups_per_user: u64,
+    /// Worker: most users one user can block from adding them to groups.
+    #[arg(long, env = "CHATD_MAX_BLOCKS_PER_USER", default_value_t = chat_worker::Config::default().max_blocks_per_user,
+          value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub max_blocks_per_user: u64,
     /// Worker: most members, summed over its groups, in one page of
     /// `GET /groups` (a page ends early rather than grow past it).
     #[arg(long, env = "CHATD_MAX_LISTED_MEMBERS", default_value_t = chat_worker::Config::default().max_listed_members)]
@@ -781,6 +785,7 @@ impl Node {
                 },
                 service_secret: service_secret.clone(),
                 max_groups_per_user: args.max_groups_per_user,
+                max_blocks_per_user: args.max_blocks_per_user,
                 max_listed_members: args.max_listed_members.max(1),
                 push: args.push,
                 webhook: args.webhook()?,

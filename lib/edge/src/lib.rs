@@ -10,7 +10,7 @@ use std::{future::Future, sync::Arc, time::Duration};
 use axum::{
     Router,
     extract::DefaultBodyLimit,
-    routing::{delete, get, post},
+    routing::{delete, get, post, put},
 };
 use chat_auth::Verifier;
 use chat_bus::Bus;
@@ -277,6 +277,11 @@ pub fn app(state: AppState) -> Router {
         .route("/groups/{id}/messages", get(rest::history))
         .route("/groups/{id}/presence", get(rest::group_presence))
         .route("/mentions", get(rest::mentions))
+        .route("/blocks", get(rest::list_blocks))
+        .route(
+            "/blocks/{user_id}",
+            put(rest::block_user).delete(rest::unblock_user),
+        )
         .route("/groups/{id}/uploads", post(rest::create_upload))
         .route(
             "/groups/{id}/uploads/{object}",

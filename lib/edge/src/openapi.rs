@@ -26,6 +26,9 @@ use crate::rest;
         rest::get_group,
         rest::group_presence,
         rest::mentions,
+        rest::list_blocks,
+        rest::block_user,
+        rest::unblock_user,
         rest::transfer_owner,
         rest::add_members,
         rest::remove_member,
@@ -43,6 +46,7 @@ use crate::rest;
     tags(
         (name = "groups", description = "groups, members and ownership"),
         (name = "messages", description = "history and receipts"),
+        (name = "users", description = "whom the caller blocks from adding them to groups"),
         (name = "media", description = "pre-signed uploads and downloads"),
         (name = "operations", description = "liveness"),
         (name = "development", description = "only on development stacks (`chatd --dev-tokens`)"),

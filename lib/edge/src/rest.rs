@@ -8,10 +8,10 @@ use axum::{
 };
 use chat_domain::{Group, UserId};
 use chat_protocol::{
-    AddMembersBody, CreateGroupBody, ErrorCode, GroupPage, GroupPresence, GroupSummary, GroupView,
-    Health, MediaLink, MediaRef, MemberPresence, MemberStatus, MentionPage, MentionView,
-    MessagePage, MessageStatus, MessageView, ReactionView, Readiness, ReplyView, RestError,
-    TransferOwnerBody, UploadBody, UploadTicket, format_millis,
+    AddMembersBody, BlockList, BlockView, CreateGroupBody, ErrorCode, GroupPage, GroupPresence,
+    GroupSummary, GroupView, Health, MediaLink, MediaRef, MemberPresence, MemberStatus,
+    MentionPage, MentionView, MessagePage, MessageStatus, MessageView, ReactionView, Readiness,
+    ReplyView, RestError, TransferOwnerBody, UploadBody, UploadTicket, format_millis,
 };
 use chat_rpc::pb;
 use serde::{Deserialize, de::DeserializeOwned};
@@ -56,6 +56,7 @@ fn view(group: pb::Group) -> Result<Json<GroupView>, ApiError> {
     request_body = CreateGroupBody,
     responses(
         (status = 201, description = "the group; the caller is its owner and a member", body = GroupView),
+        (status = 403, description = "`forbidden`: a member blocks the caller (`PUT /blocks/{user_id}`)", body = RestError),
         crate::openapi::CallerErrors
     ))]
 pub(crate) async fn create_group(
@@ -264,7 +265,8 @@ pub(crate) async fn transfer_owner(
     request_body = AddMembersBody,
     responses(
         (status = 200, description = "the group with the new members (owner only)", body = GroupView),
-        crate::openapi::GroupErrors, crate::openapi::CallerErrors
+        crate::openapi::GroupErrors, crate::openapi::CallerErrors,
+        (status = 403, description = "`forbidden`: not the owner, or a new member blocks the caller", body = RestError)
     ))]
 pub(crate) async fn add_members(
     State(app): State<AppState>,
@@ -376,6 +378,88 @@ pub(crate) async fn history(
 pub(crate) struct MentionsQuery {
     before: Option<String>,
     limit: Option<u32>,
+}
+
+fn block_view(b: pb::Block) -> BlockView {
+    BlockView {
+        user_id: b.user_id,
+        since: format_millis(b.since_ms),
+    }
+}
+
+/// `GET /blocks`: everyone the caller blocks, newest first.
+#[utoipa::path(get, path = "/blocks", tag = "users",
+    responses(
+        (status = 200, description = "everyone the caller blocks, newest first", body = BlockList),
+        crate::openapi::CallerErrors
+    ))]
+pub(crate) async fn list_blocks(
+    State(app): State<AppState>,
+    Caller(me): Caller,
+) -> Result<Json<BlockList>, ApiError> {
+    let r = rpc!(
+        app,
+        GroupsClient,
+        list_blocks,
+        pb::ListBlocksRequest {
+            caller: me.user_id.to_string(),
+        }
+    )?
+    .into_inner();
+    Ok(Json(BlockList {
+        blocks: r.blocks.into_iter().map(block_view).collect(),
+    }))
+}
+
+/// `PUT /blocks/{user_id}`: the caller blocks a user, who can then no
+/// longer add the caller to a group. Blocking again changes nothing.
+#[utoipa::path(put, path = "/blocks/{user_id}", tag = "users",
+    params(("user_id" = String, Path, description = "the user to block")),
+    responses(
+        (status = 200, description = "blocked, since when", body = BlockView),
+        crate::openapi::CallerErrors
+    ))]
+pub(crate) async fn block_user(
+    State(app): State<AppState>,
+    Caller(me): Caller,
+    Path(user_id): Path<String>,
+) -> Result<Json<BlockView>, ApiError> {
+    let b = rpc!(
+        app,
+        GroupsClient,
+        block_user,
+        pb::BlockRequest {
+            caller: me.user_id.to_string(),
+            user_id,
+        }
+    )?
+    .into_inner();
+    Ok(Json(block_view(b)))
+}
+
+/// `DELETE /blocks/{user_id}`: the caller unblocks a user (204 whether or
+/// not they were blocked).
+#[utoipa::path(delete, path = "/blocks/{user_id}", tag = "users",
+    params(("user_id" = String, Path, description = "the user to unblock")),
+    responses(
+        (status = 204, description = "not blocked (any more)"),
+        crate::openapi::CallerErrors
+    ))]
+pub(crate) async fn unblock_user(
+    State(app): State<AppState>,
+    Caller(me): Caller,
+    Path(user_id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    rpc!(
+        app,
+        GroupsClient,
+        unblock_user,
+        pb::BlockRequest {
+            caller: me.user_id.to_string(),
+            user_id,
+        }
+    )?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// `GET /mentions?before=CURSOR&limit=N`: the caller's mentions, newest

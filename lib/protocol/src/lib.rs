@@ -9,10 +9,10 @@ mod reply;
 mod view;
 
 pub use reply::{
-    AcknowledgeAck, DevToken, GroupPage, GroupPresence, GroupSummary, Health, MediaLink,
-    MemberPresence, MemberStatus, MentionPage, MentionView, MessageChangeAck, MessagePage,
-    MessageStatus, MessageStatusPush, NotifyAck, ReactionAck, ReactionPush, Readiness, SendAck,
-    SubscribeAck, TYPING_EXPIRES_MS, TypingAck, TypingPush, UploadTicket, WebConfig,
+    AcknowledgeAck, BlockList, BlockView, DevToken, GroupPage, GroupPresence, GroupSummary, Health,
+    MediaLink, MemberPresence, MemberStatus, MentionPage, MentionView, MessageChangeAck,
+    MessagePage, MessageStatus, MessageStatusPush, NotifyAck, ReactionAck, ReactionPush, Readiness,
+    SendAck, SubscribeAck, TYPING_EXPIRES_MS, TypingAck, TypingPush, UploadTicket, WebConfig,
 };
 pub use view::{
     EVENT_MEMBERS_MAX, GroupChangeView, GroupView, MemberView, MessageDeletedView,

@@ -159,6 +159,22 @@ pub struct MentionView {
     pub created_at: String,
 }
 
+/// A user the caller blocks: they cannot add the caller to a group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BlockView {
+    pub user_id: String,
+    /// When the caller first blocked them.
+    pub since: String,
+}
+
+/// `GET /blocks`: everyone the caller blocks, newest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BlockList {
+    pub blocks: Vec<BlockView>,
+}
+
 /// `GET /mentions`: a page of the caller's mentions, newest first.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]

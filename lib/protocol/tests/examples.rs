@@ -36,6 +36,7 @@ fn data_as(name: &str, data: &Value) -> Result<(), String> {
         "GroupPresence" => round_trip::<GroupPresence>(data),
         "MentionView" => round_trip::<MentionView>(data),
         "MentionPage" => round_trip::<MentionPage>(data),
+        "BlockList" => round_trip::<BlockList>(data),
         "SessionInfo" => round_trip::<SessionInfo>(data),
         "GroupEvent" => round_trip::<GroupEvent>(data),
         "MessageView" => round_trip::<MessageView>(data),

@@ -8,6 +8,7 @@ use std::time::Duration;
 use mongodb::{Client, Database, options::ClientOptions};
 
 mod batch;
+mod blocks;
 mod groups;
 mod mentions;
 mod messages;
@@ -17,6 +18,7 @@ mod reactions;
 mod uploads;
 mod users;
 
+pub use blocks::{BlockRepo, Blocked};
 pub use groups::{GroupRecord, GroupRepo, Membership, Unnotified};
 pub use mentions::{Mention, MentionCursor, MentionRepo};
 pub use messages::{MessageRepo, Receipt, Resealed, StoredMessage};
@@ -55,6 +57,7 @@ impl From<mongodb::error::Error> for StoreError {
 /// The repositories over one database.
 #[derive(Debug, Clone)]
 pub struct Store {
+    pub blocks: BlockRepo,
     pub groups: GroupRepo,
     pub users: UserRepo,
     pub messages: MessageRepo,
@@ -86,6 +89,7 @@ impl Store {
         let client = Client::with_options(options)?;
         let db = client.database(db_name);
         Ok(Self {
+            blocks: BlockRepo::new(&db),
             groups: GroupRepo::new(&db),
             users: UserRepo::new(&db),
             messages: MessageRepo::new(&db),
@@ -98,6 +102,7 @@ impl Store {
 
     /// Creates the indexes every query relies on. Idempotent.
     pub async fn ensure_indexes(&self) -> Result<(), StoreError> {
+        self.blocks.ensure_indexes().await?;
         self.groups.ensure_indexes().await?;
         self.messages.ensure_indexes().await?;
         self.mentions.ensure_indexes().await?;

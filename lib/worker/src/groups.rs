@@ -137,9 +137,10 @@ impl GroupsService {
                 }
                 Applied::Changed { audience, change } => (audience, change),
             };
-            // only once the caller may: the new members have room
+            // only once the caller may: the new members accept being
+            // added by the caller, and have room
             if let GroupChange::AddMembers { user_ids, .. } = &change {
-                self.check_room_for(user_ids).await?;
+                self.check_may_add(caller, user_ids).await?;
             }
             let delta = change_view(caller, &change);
             record.unnotified = Some(Unnotified {
@@ -300,8 +301,15 @@ fn parse_cursor(s: &str) -> Result<Option<(chat_domain::Millis, GroupId)>, Worke
 }
 
 impl GroupsService {
-    /// Refuses `users` who are already in as many groups as allowed.
-    async fn check_room_for(&self, users: &[UserId]) -> Result<(), WorkerError> {
+    /// Refuses to let `caller` add `users` if one of them blocks `caller`
+    /// (one indexed read) or is already in as many groups as allowed.
+    async fn check_may_add(&self, caller: &UserId, users: &[UserId]) -> Result<(), WorkerError> {
+        let others: Vec<UserId> = users.iter().filter(|u| *u != caller).cloned().collect();
+        if let Some(blocker) = self.0.store.blocks.one_blocking(caller, &others).await? {
+            return Err(WorkerError::Domain(DomainError::Forbidden(format!(
+                "{blocker} does not accept being added to groups by you"
+            ))));
+        }
         let max = self.0.config.max_groups_per_user;
         let repo = &self.0.store.groups;
         for chunk in users.chunks(16) {
@@ -413,7 +421,7 @@ impl Groups for GroupsService {
         .map_err(WorkerError::from)?
         .with_history(history);
         let everyone: Vec<UserId> = group.member_ids().cloned().collect();
-        self.check_room_for(&everyone).await?;
+        self.check_may_add(&group.owner_id, &everyone).await?;
         self.0
             .store
             .groups
@@ -609,6 +617,83 @@ impl Groups for GroupsService {
         }
         Ok(Response::new(pb::SubscribeResponse {
             group_id: id.into_string(),
+        }))
+    }
+
+    async fn block_user(
+        &self,
+        req: Request<pb::BlockRequest>,
+    ) -> Result<Response<pb::Block>, Status> {
+        let req = req.into_inner();
+        let caller = parse_id::<UserId>(&req.caller)?;
+        let user = parse_id::<UserId>(&req.user_id)?;
+        if user == caller {
+            return Err(WorkerError::Domain(DomainError::Invalid(
+                "you cannot block yourself".into(),
+            ))
+            .into());
+        }
+        let most = self.0.config.max_blocks_per_user;
+        match self
+            .0
+            .store
+            .blocks
+            .block(&caller, &user, now_millis(), most)
+            .await
+            .map_err(WorkerError::from)?
+        {
+            chat_store::Blocked::Since(since_ms) => {
+                tracing::info!(user = %caller, blocked = %user, "user blocked");
+                Ok(Response::new(pb::Block {
+                    user_id: user.to_string(),
+                    since_ms,
+                }))
+            }
+            chat_store::Blocked::Full { most } => Err(WorkerError::Domain(DomainError::TooLarge(
+                format!("you block {most} users already, the most allowed: unblock one first"),
+            ))
+            .into()),
+        }
+    }
+
+    async fn unblock_user(
+        &self,
+        req: Request<pb::BlockRequest>,
+    ) -> Result<Response<pb::UnblockResponse>, Status> {
+        let req = req.into_inner();
+        let caller = parse_id::<UserId>(&req.caller)?;
+        let user = parse_id::<UserId>(&req.user_id)?;
+        let was_blocked = self
+            .0
+            .store
+            .blocks
+            .unblock(&caller, &user)
+            .await
+            .map_err(WorkerError::from)?;
+        Ok(Response::new(pb::UnblockResponse { was_blocked }))
+    }
+
+    async fn list_blocks(
+        &self,
+        req: Request<pb::ListBlocksRequest>,
+    ) -> Result<Response<pb::ListBlocksResponse>, Status> {
+        let caller = parse_id::<UserId>(&req.into_inner().caller)?;
+        let most = i64::try_from(self.0.config.max_blocks_per_user).unwrap_or(i64::MAX);
+        let blocks = self
+            .0
+            .store
+            .blocks
+            .list(&caller, most)
+            .await
+            .map_err(WorkerError::from)?;
+        Ok(Response::new(pb::ListBlocksResponse {
+            blocks: blocks
+                .into_iter()
+                .map(|(user, since_ms)| pb::Block {
+                    user_id: user.to_string(),
+                    since_ms,
+                })
+                .collect(),
         }))
     }
 

@@ -49,6 +49,8 @@ pub struct Config {
     /// Most groups a user can be a member of: adding someone beyond it is
     /// refused (so no one can be buried under groups others add them to).
     pub max_groups_per_user: u64,
+    /// Most users one user can block from adding them to groups.
+    pub max_blocks_per_user: u64,
     /// Age after which a retried send whose first attempt is not in the
     /// stream is taken as lost and published again (a publish buffered
     /// through a disconnect may land until then).
@@ -113,6 +115,7 @@ impl Default for Config {
             max_listed_groups: 100,
             max_listed_members: 20_000,
             max_groups_per_user: 1_000,
+            max_blocks_per_user: 1_000,
             resolve_pending_after: std::time::Duration::from_secs(30),
             publish_batch_max: 64,
             idempotency_window: std::time::Duration::from_secs(24 * 3600),

@@ -191,6 +191,23 @@ async fn the_cli_runs_the_readme_tour_against_a_real_stack() -> anyhow::Result<(
     let outsider = chat(&c, "carol", &["history", &id]).await?;
     assert!(String::from_utf8_lossy(&outsider.stderr).contains("forbidden"));
 
+    // carol blocks alice, who can then not add her back; then unblocks
+    let blocked = chat_json(&c, "carol", &["block", "alice"]).await?;
+    assert_eq!(blocked["userId"], "alice");
+    assert!(text(&chat(&c, "carol", &["blocks"]).await?).starts_with("alice (since "));
+    let refused = chat(&c, "alice", &["add", &id, "carol"]).await?;
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(why.contains("forbidden (403)"), "{why}");
+    assert_eq!(
+        text(&chat(&c, "carol", &["unblock", "alice"]).await?).trim(),
+        "unblocked alice"
+    );
+    assert_eq!(
+        chat_json(&c, "carol", &["blocks"]).await?["blocks"],
+        serde_json::json!([])
+    );
+    chat_json(&c, "alice", &["add", &id, "carol"]).await?;
+
     // a bad token is refused before anything happens
     let bad = tokio::process::Command::new(chat_stack::workspace_binary("chat", "chat-cli")?)
         .args(["groups"])

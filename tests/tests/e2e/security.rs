@@ -1337,6 +1337,92 @@ async fn groups_per_user_are_capped_and_listed_in_bounded_pages() -> anyhow::Res
     c.stop().await
 }
 
+/// Anyone could add anyone to groups, as often as they liked, up to the
+/// victim's allowance of groups (after which no real group could add the
+/// victim). Now a user blocks whoever does that: the blocked user can
+/// neither create a group with them nor add them to one, while everyone
+/// else still can; blocks are listed, capped, and lifted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_user_cannot_add_the_blocker_to_any_group() -> anyhow::Result<()> {
+    use reqwest::Method;
+    let c = Cluster::start_with(1, 1, &["--max-blocks-per-user", "2"]).await?;
+    let block = |user: &'static str, who: &'static str| {
+        let path = format!("/blocks/{who}");
+        let c = &c;
+        async move { c.call(Method::PUT, 0, Some(user), &path, None).await }
+    };
+    let (status, first) = block("victim", "mallory").await?;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["userId"], "mallory");
+    assert!(first["since"].is_string(), "{first}");
+    // blocking again changes nothing
+    let (status, again) = block("victim", "mallory").await?;
+    assert_eq!((status, &again), (200, &first));
+
+    // mallory can create no group with the victim in it, alone or not
+    let create = json!({ "name": "spam", "members": ["x", "victim"] });
+    let (status, refused) = c
+        .call(Method::POST, 0, Some("mallory"), "/groups", Some(&create))
+        .await?;
+    assert_eq!(status, 403, "{refused}");
+    assert_eq!(refused["error"]["code"], "forbidden");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("victim")),
+        "{refused}"
+    );
+    let (_, theirs) = c.get(0, "x", "/groups").await?;
+    assert_eq!(theirs["groups"], json!([]), "nothing was created");
+    // nor add the victim to a group of theirs
+    let g = c.create_group("mallory", &["x"]).await?;
+    let id = g["id"].as_str().context("group id")?;
+    let add = json!({ "userIds": ["victim"] });
+    let members = format!("/groups/{id}/members");
+    let (status, refused) = c
+        .call(Method::POST, 0, Some("mallory"), &members, Some(&add))
+        .await?;
+    assert_eq!(status, 403, "{refused}");
+    assert_eq!(refused["error"]["code"], "forbidden");
+    let (_, group) = c.get(0, "mallory", &format!("/groups/{id}")).await?;
+    assert_eq!(
+        group["members"].as_array().map(Vec::len),
+        Some(2),
+        "{group}"
+    );
+    // others still can
+    c.create_group("eve", &["victim"]).await?;
+
+    // listed; capped at two; never oneself or a malformed id
+    let (_, b) = block("victim", "x").await?;
+    let (status, list) = c.get(0, "victim", "/blocks").await?;
+    assert_eq!(status, 200);
+    assert_eq!(list, json!({ "blocks": [b, first] }), "newest first");
+    let (status, full) = block("victim", "y").await?;
+    assert_eq!((status, &full["error"]["code"]), (400, &json!("too_large")));
+    let (status, own) = block("victim", "victim").await?;
+    assert_eq!((status, &own["error"]["code"]), (400, &json!("invalid")));
+    let (status, bad) = block("victim", "a:b").await?;
+    assert_eq!((status, &bad["error"]["code"]), (400, &json!("invalid")));
+    let (status, _) = c.call(Method::PUT, 0, None, "/blocks/x", None).await?;
+    assert_eq!(status, 401);
+
+    // lifted: mallory may add the victim again; lifting twice is no error
+    for _ in 0..2 {
+        let (status, _) = c
+            .call(Method::DELETE, 0, Some("victim"), "/blocks/mallory", None)
+            .await?;
+        assert_eq!(status, 204);
+    }
+    let (_, list) = c.get(0, "victim", "/blocks").await?;
+    assert_eq!(list, json!({ "blocks": [b] }));
+    let (status, added) = c
+        .call(Method::POST, 0, Some("mallory"), &members, Some(&add))
+        .await?;
+    assert_eq!(status, 200, "{added}");
+    c.stop().await
+}
+
 /// Every membership change sent the whole member list to every member
 /// (110 MiB a change in a group of 1,000). Now events carry the change, and
 /// the list only for groups of up to 100 members.
