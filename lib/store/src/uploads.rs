@@ -10,7 +10,7 @@ use chat_domain::{GroupId, Millis};
 use futures::TryStreamExt;
 use mongodb::{
     Collection, IndexModel,
-    bson::{DateTime, doc},
+    bson::{Bson, DateTime, doc},
     options::IndexOptions,
 };
 use serde::{Deserialize, Serialize};
@@ -116,7 +116,20 @@ impl UploadRepo {
             .keys(doc! { "uploaderId": 1, "referenced": 1 })
             .options(IndexOptions::builder().name("uploader".to_owned()).build())
             .build();
-        self.coll.create_indexes([stale, media, uploader]).await?;
+        // the cleaner's reads, every minute on every worker: bounded by what
+        // is left to do (uploads used in the last day or so, and deletions
+        // under way), not by every upload ever used
+        let unpurged = IndexModel::builder()
+            .keys(doc! { "referenced": 1, "purged": 1, "createdAt": 1 })
+            .options(IndexOptions::builder().name("unpurged".to_owned()).build())
+            .build();
+        let deleting = IndexModel::builder()
+            .keys(doc! { "deleting": 1 })
+            .options(IndexOptions::builder().name("deleting".to_owned()).build())
+            .build();
+        self.coll
+            .create_indexes([stale, media, uploader, unpurged, deleting])
+            .await?;
         Ok(())
     }
 
@@ -258,7 +271,10 @@ impl UploadRepo {
         let docs: Vec<UploadDoc> = self
             .coll
             .find(doc! {
-                "referenced": true, "purged": { "$ne": true },
+                // an equality (false, or absent in documents of releases
+                // before the field), so that the `unpurged` index bounds
+                // the read; `$ne: true` would read every purged one too
+                "referenced": true, "purged": { "$in": [false, Bson::Null] },
                 "mediaKey": { "$exists": true },
                 "$or": [
                     { "purgedOnce": { "$ne": true }, "createdAt": { "$lt": to_bson_time(expired) } },
