@@ -15,6 +15,14 @@ use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, tungstenite::Message};
 
+mod audit;
+
+/// Where the query audit is reported (`CHAT_QUERY_AUDIT`), if it runs:
+/// see `audit.rs` and `scripts/audit-queries`.
+fn query_audit() -> Option<std::path::PathBuf> {
+    std::env::var_os("CHAT_QUERY_AUDIT").map(Into::into)
+}
+
 pub use chat_stack::Stack;
 
 /// The HS256 secret every test node uses.
@@ -96,6 +104,11 @@ impl Cluster {
             )
             .with_test_writer()
             .try_init();
+        if let Some(report) = query_audit() {
+            audit::start(&stack.mongo.uri)
+                .await
+                .with_context(|| format!("query audit to {}", report.display()))?;
+        }
         let mut cluster = Self {
             stack,
             workers: Vec::new(),
@@ -650,8 +663,12 @@ impl Cluster {
         Client::connect(&edge.http, &token(user), device).await
     }
 
-    /// Stops every node, then the services.
+    /// Stops every node, then the services (first reporting the nodes'
+    /// queries that scan a whole collection, under `CHAT_QUERY_AUDIT`).
     pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(report) = query_audit() {
+            audit::report(&self.mongo().await?, &report).await?;
+        }
         for node in self.edges.drain(..).flatten() {
             node.stop().await?;
         }
