@@ -562,15 +562,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 )
                 .await?;
             let ticket: UploadTicket = serde_json::from_value(v)?;
-            put_with_progress(&c, &ticket, bytes.clone(), !c.json).await?;
-            let mut ws = c.connect(COMMAND_DEVICE).await?;
-            let data = json!({
-                "groupId": group,
-                "clientMsgId": fresh_id(),
-                "type": kind,
-                "media": { "key": ticket.key, "mime": mime, "size": bytes.len() },
-            });
-            let v = ws.request("send_group_message", data).await?;
+            let sent = async {
+                put_with_progress(&c, &ticket, bytes.clone(), !c.json).await?;
+                let mut ws = c.connect(COMMAND_DEVICE).await?;
+                let data = json!({
+                    "groupId": group,
+                    "clientMsgId": fresh_id(),
+                    "type": kind,
+                    "media": { "key": ticket.key, "mime": mime, "size": bytes.len() },
+                });
+                ws.request("send_group_message", data).await
+            };
+            let v = match sent.await {
+                Ok(v) => v,
+                Err(e) => {
+                    // no message uses the upload (or, if the send got through
+                    // after all, the server refuses to give it back): its
+                    // object goes now rather than with the cleaner
+                    let object = ticket.key.rsplit('/').next().unwrap_or_default();
+                    let path = format!("/groups/{group}/uploads/{object}");
+                    let _ = c.call(reqwest::Method::DELETE, &path, None).await;
+                    return Err(e);
+                }
+            };
             let ack: SendAck = serde_json::from_value(v.clone())?;
             c.out(&v, || {
                 format!("sent #{} ({}, {} bytes)", ack.seq, mime, bytes.len())

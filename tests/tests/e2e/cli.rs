@@ -248,3 +248,40 @@ async fn the_cli_runs_the_readme_tour_against_a_real_stack() -> anyhow::Result<(
     assert_eq!(text(&groups).trim(), "no groups");
     c.stop().await
 }
+
+/// A file whose message cannot be sent is given back: its object goes at
+/// once and no message may use the upload. (Here the send fails because
+/// the CLI's device is one more new device than the user may register
+/// this hour, after the upload was put.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_file_gives_back_an_upload_whose_message_fails() -> anyhow::Result<()> {
+    let c = Cluster::start_with(1, 1, &["--max-new-devices-per-hour", "1"]).await?;
+    // (alice's one new device this hour subscribes her)
+    let g = c.room(&["alice"]).await?;
+    let file = tempfile::Builder::new().suffix(".ogg").tempfile()?;
+    std::fs::write(file.path(), [5u8; 64])?;
+    let out = chat(
+        &c,
+        "alice",
+        &["send-file", &g, file.path().to_str().context("path")?],
+    )
+    .await?;
+    assert!(!out.status.success(), "{}", text(&out));
+    let why = String::from_utf8_lossy(&out.stderr);
+    assert!(why.contains("429"), "{why}");
+    let uploads = c
+        .mongo()
+        .await?
+        .collection::<mongodb::bson::Document>("uploads");
+    let upload = uploads
+        .find_one(mongodb::bson::doc! { "groupId": &g })
+        .await?
+        .context("the upload was issued")?;
+    assert_eq!(upload.get_bool("released"), Ok(true), "{upload}");
+    let key = upload.get_str("_id")?;
+    let object = std::path::Path::new(&c.stack.s3.root)
+        .join(&c.stack.s3.bucket)
+        .join(key);
+    assert!(!object.exists(), "the object of a given-back upload stays");
+    c.stop().await
+}
