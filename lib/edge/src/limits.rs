@@ -77,6 +77,14 @@ impl TokenBucket {
         }
     }
 
+    /// Takes `n` tokens whether or not there are as many, for work already
+    /// done: the bucket may go into debt, down to minus a burst, which
+    /// later requests wait out.
+    fn charge(&mut self, n: f64) {
+        self.refill(Instant::now());
+        self.tokens = (self.tokens - n).max(-self.burst);
+    }
+
     /// Whether the bucket is full again: its key can be forgotten.
     fn idle(&mut self, now: Instant) -> bool {
         self.refill(now);
@@ -133,6 +141,24 @@ impl<K: Hash + Eq + Clone> Keyed<K> {
             .entry(key.clone())
             .or_insert_with(|| TokenBucket::new(self.rate, self.burst))
             .try_take_n(n)
+    }
+}
+
+impl<K: Hash + Eq + Clone> Keyed<K> {
+    /// Charges `n` requests of `key` for work already done (see
+    /// [`TokenBucket::charge`]); nothing for a key it has no room to keep.
+    pub(crate) fn charge(&self, key: &K, n: f64) {
+        if self.rate <= 0.0 {
+            return;
+        }
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = buckets.get_mut(key) {
+            b.charge(n);
+        } else if buckets.len() < MAX_KEYS {
+            let mut b = TokenBucket::new(self.rate, self.burst);
+            b.charge(n);
+            buckets.insert(key.clone(), b);
+        }
     }
 }
 
@@ -281,6 +307,18 @@ impl Limits {
         }
         self.per_user.take_n(user, extra).map_err(RateLimited)
     }
+
+    /// Charges `user` for a membership change just made, which told each of
+    /// `told` users (the group's members): one more request per 10 of them
+    /// (at most a burst less one), owed if the budget is spent, so that
+    /// changing a large group's members over and over costs its owner in
+    /// proportion to the notifications it makes (each a stored write).
+    pub(crate) fn user_told(&self, user: &UserId, told: usize) {
+        let extra = ((told / FAN_OUT_PER_REQUEST) as f64).min(self.per_user.burst - 1.0);
+        if extra >= 1.0 {
+            self.per_user.charge(user, extra);
+        }
+    }
 }
 
 /// A caller over its limit, with how long to wait.
@@ -358,6 +396,36 @@ mod tests {
         limits.user(&bob).expect("the request itself");
         limits.user_fan_out(&bob, 100_000).expect("19 of 19");
         assert!(limits.user(&bob).is_err());
+    }
+
+    #[test]
+    fn telling_a_large_group_is_owed_when_the_budget_is_spent() {
+        // 10 a second, bursts of 20
+        let limits = Limits::new(&crate::Config {
+            user_requests_per_sec: 10.0,
+            ..crate::Config::default()
+        });
+        let alice = UserId::parse("alice").expect("id");
+        limits.user(&alice).expect("the change itself");
+        // 1,000 told: 19 more (a burst less one), which leaves 0
+        limits.user_told(&alice, 1_000);
+        let Err(RateLimited(wait)) = limits.user(&alice) else {
+            panic!("nothing left")
+        };
+        assert!(wait > Duration::from_millis(50), "{wait:?}");
+        // owed past zero, down to minus a burst: 20 tokens, 2 s at 10/s
+        limits.user_told(&alice, 1_000);
+        limits.user_told(&alice, 1_000);
+        let Err(RateLimited(wait)) = limits.user(&alice) else {
+            panic!("in debt")
+        };
+        assert!(wait > Duration::from_millis(1_900), "{wait:?}");
+        // a small group costs nothing more
+        let bob = UserId::parse("bob").expect("id");
+        limits.user_told(&bob, 9);
+        for _ in 0..20 {
+            limits.user(&bob).expect("the whole burst is left");
+        }
     }
 
     #[test]

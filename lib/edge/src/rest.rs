@@ -257,6 +257,7 @@ pub(crate) async fn transfer_owner(
         }
     )?
     .into_inner();
+    app.limits.user_told(&me.user_id, group.members.len());
     view(group)
 }
 
@@ -289,6 +290,7 @@ pub(crate) async fn add_members(
         }
     )?
     .into_inner();
+    app.limits.user_told(&me.user_id, group.members.len());
     Ok(view(group)?.into_response())
 }
 
@@ -324,6 +326,8 @@ pub(crate) async fn remove_member(
         }
     )?
     .into_inner();
+    // the one who left is told too
+    app.limits.user_told(&me.user_id, group.members.len() + 1);
     view(group)
 }
 

@@ -1423,6 +1423,49 @@ async fn a_blocked_user_cannot_add_the_blocker_to_any_group() -> anyhow::Result<
     c.stop().await
 }
 
+/// Each membership change tells every member (a stored notification
+/// each), and an owner could make 50 a second: 50,000 stored writes a
+/// second from one user with a group of 1,000. Now a change is charged to
+/// its caller's budget like a read of each member it tells (one request
+/// per 10, at most a burst less one), owed when the budget is spent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changing_a_large_group_costs_its_owner_in_proportion() -> anyhow::Result<()> {
+    use reqwest::Method;
+    // 5 requests a second, bursts of 10, per user and edge
+    let c = Cluster::start_with(2, 1, &["--user-requests-per-sec", "5"]).await?;
+    let members: Vec<String> = (0..99).map(|i| format!("m{i}")).collect();
+    // created through the other edge, whose budget this spends
+    let body = json!({ "name": "big", "members": members });
+    let (status, g) = c
+        .call(Method::POST, 1, Some("owner"), "/groups", Some(&body))
+        .await?;
+    assert_eq!(status, 201, "{g}");
+    let id = g["id"].as_str().context("group id")?;
+    // a full budget on edge 0: the removal is 1, telling 99 more members 9
+    let (status, _) = c
+        .call(
+            Method::DELETE,
+            0,
+            Some("owner"),
+            &format!("/groups/{id}/members/m0"),
+            None,
+        )
+        .await?;
+    assert_eq!(status, 200);
+    let res = c
+        .http()
+        .delete(format!("{}/groups/{id}/members/m1", c.edge_url(0)))
+        .bearer_auth(token("owner"))
+        .send()
+        .await?;
+    assert_eq!(res.status(), 429);
+    assert!(res.headers().contains_key("retry-after"));
+    // another user's budget is untouched
+    let (status, _) = c.get(0, "m2", &format!("/groups/{id}")).await?;
+    assert_eq!(status, 200);
+    c.stop().await
+}
+
 /// Every membership change sent the whole member list to every member
 /// (110 MiB a change in a group of 1,000). Now events carry the change, and
 /// the list only for groups of up to 100 members.
