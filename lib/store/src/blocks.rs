@@ -120,14 +120,7 @@ impl BlockRepo {
             .try_collect()
             .await?;
         docs.into_iter()
-            .map(|d| {
-                UserId::parse(d.of.as_str())
-                    .map(|u| (u, d.at))
-                    .map_err(|e| StoreError::Corrupt {
-                        id: d.id.clone(),
-                        message: e.to_string(),
-                    })
-            })
+            .map(|d| Ok((user_of(&d, &d.of)?, d.at)))
             .collect()
     }
 
@@ -146,15 +139,16 @@ impl BlockRepo {
             .coll
             .find_one(doc! { "of": of.as_str(), "by": { "$in": among } })
             .await?;
-        found
-            .map(|d| {
-                UserId::parse(d.by.as_str()).map_err(|e| StoreError::Corrupt {
-                    id: d.id.clone(),
-                    message: e.to_string(),
-                })
-            })
-            .transpose()
+        found.map(|d| user_of(&d, &d.by)).transpose()
     }
+}
+
+/// `id`, one of the ids of `d`, as a user id.
+fn user_of(d: &BlockDoc, id: &str) -> Result<UserId, StoreError> {
+    UserId::parse(id).map_err(|e| StoreError::Corrupt {
+        id: d.id.clone(),
+        message: e.to_string(),
+    })
 }
 
 fn is_duplicate(e: &mongodb::error::Error) -> bool {
