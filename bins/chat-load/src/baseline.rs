@@ -19,6 +19,8 @@ use tokio::task::JoinSet;
 
 use chat_stack::NatsUser;
 
+use crate::system::{NatsCounts, Window};
+
 use crate::stats::{Integrity, Latency, Order, Percentiles, micros_since};
 
 #[derive(Debug, Serialize)]
@@ -42,6 +44,11 @@ pub struct JetStreamResult {
     pub secs: f64,
     pub acked_per_sec: f64,
     pub latency: Percentiles,
+    /// nats-server's CPU over the measured window, percent of one core
+    /// (all nodes).
+    pub nats_cpu_percent: f64,
+    /// The messages nats-server took in and sent out in that window.
+    pub nats_counts: NatsCounts,
 }
 
 fn payload(seq: u64, epoch: Instant, size: usize) -> Bytes {
@@ -213,10 +220,14 @@ pub fn servers(url: &str) -> Vec<&str> {
 
 /// JetStream publishes to a file-backed stream (as `CHAT_GROUPS`, with as
 /// many `replicas`), each awaited for its ack, `window` in flight,
-/// round-robin over `subjects`.
+/// round-robin over `subjects`; `nats` are the server's processes and
+/// `monitors` their monitoring URLs, for what the publishes cost it.
+#[allow(clippy::too_many_arguments)]
 pub async fn jetstream(
     url: &str,
     user: &NatsUser,
+    nats: &[(&str, u32)],
+    monitors: &[String],
     replicas: usize,
     subjects: usize,
     size: usize,
@@ -247,6 +258,7 @@ pub async fn jetstream(
         .collect();
     let warm_until = Instant::now() + Duration::from_secs(1);
     let mut started: Option<(Instant, u64)> = None;
+    let mut server: Option<(Window, NatsCounts)> = None;
     let mut acked = 0u64;
     let mut i = 0usize;
     let end = warm_until + duration;
@@ -254,6 +266,7 @@ pub async fn jetstream(
         let now = Instant::now();
         if started.is_none() && now >= warm_until {
             started = Some((now, acked));
+            server = Some((Window::open(nats), NatsCounts::read(monitors).await?));
         }
         if now >= end {
             break;
@@ -279,6 +292,13 @@ pub async fn jetstream(
     }
     let (t0, a0) = started.unwrap_or((warm_until, 0));
     let secs = t0.elapsed().as_secs_f64();
+    let (nats_cpu_percent, nats_counts) = match &server {
+        Some((window, before)) => (
+            window.close().iter().map(|u| u.cpu_percent).sum(),
+            NatsCounts::read(monitors).await?.since(*before),
+        ),
+        None => (0.0, NatsCounts::default()),
+    };
     let result = JetStreamResult {
         subjects,
         size,
@@ -286,6 +306,8 @@ pub async fn jetstream(
         secs,
         acked_per_sec: (acked - a0) as f64 / secs,
         latency: lat.summary(),
+        nats_cpu_percent,
+        nats_counts,
     };
     while let Some((r, _)) = inflight.next().await {
         r?;

@@ -171,6 +171,9 @@ pub struct ChatResult {
     /// Presence figures (the presence scenario).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub presence: Option<PresenceFigures>,
+    /// The messages nats-server took in and sent out in the measured
+    /// window, all nodes.
+    pub nats_counts: crate::system::NatsCounts,
 }
 
 pub fn token(user: &str) -> anyhow::Result<String> {
@@ -409,6 +412,7 @@ pub async fn run(
     chatd: u32,
     nats: u32,
     server: &[(&str, u32)],
+    monitors: &[String],
 ) -> anyhow::Result<(ChatResult, Vec<crate::system::ProcUsage>)> {
     let n = plan.connections();
     eprintln!(
@@ -526,9 +530,13 @@ pub async fn run(
     shared.measure.0.store(from, Ordering::Relaxed);
     shared.measure.1.store(u64::MAX, Ordering::Relaxed);
     let measured_at = Instant::now();
+    let counts_before = crate::system::NatsCounts::read(monitors).await?;
     tokio::time::sleep(plan.duration).await;
     let to = micros_since(epoch);
     shared.measure.1.store(to, Ordering::Relaxed);
+    let nats_counts = crate::system::NatsCounts::read(monitors)
+        .await?
+        .since(counts_before);
     let usage = window.close();
     let measured_secs = measured_at.elapsed().as_secs_f64();
     let presence = if plan.presence {
@@ -647,6 +655,7 @@ pub async fn run(
         presence,
         edits_acked: shared.edits_acked.load(Ordering::Relaxed),
         updates_received,
+        nats_counts,
     };
     Ok((result, usage))
 }

@@ -162,6 +162,11 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     let processes = system.processes();
+    let nats_processes: Vec<(&str, u32)> = processes
+        .iter()
+        .filter(|(name, _)| name.starts_with("nats-server"))
+        .copied()
+        .collect();
     let nats_pid = system.stack.nats.pid().unwrap_or(0);
     let me = std::process::id();
     let own = system::Window::open(&[("chat-load", me)]);
@@ -179,14 +184,23 @@ async fn main() -> anyhow::Result<()> {
         nats_core: None,
         jetstream: None,
         ratios: report::Ratios::default(),
+        costs: report::Costs::default(),
     };
     if args.scenario == Scenario::CatchUp {
         let w = system::Window::open(&processes);
         report.catch_up = Some(load::catch_up(system.http, args.missed, plan.size).await?);
         report.server = w.close();
     } else {
-        let (chat, usage) =
-            load::run(&plan, system.http, system.chatd_pid(), nats_pid, &processes).await?;
+        let monitors = system.stack.nats.monitor_urls();
+        let (chat, usage) = load::run(
+            &plan,
+            system.http,
+            system.chatd_pid(),
+            nats_pid,
+            &processes,
+            &monitors,
+        )
+        .await?;
         report.chat = Some(chat);
         report.server = usage;
     }
@@ -215,6 +229,8 @@ async fn main() -> anyhow::Result<()> {
             baseline::jetstream(
                 &system.stack.nats.url,
                 &system.stack.nats.users.ops,
+                &nats_processes,
+                &system.stack.nats.monitor_urls(),
                 args.nats_nodes as usize,
                 plan.groups,
                 plan.size,

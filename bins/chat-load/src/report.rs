@@ -9,7 +9,7 @@ use crate::{
     baseline::{CoreResult, JetStreamResult},
     load::{CatchUpResult, ChatResult},
     stats::Percentiles,
-    system::ProcUsage,
+    system::{NatsCounts, ProcUsage},
 };
 
 #[derive(Debug, Serialize)]
@@ -61,6 +61,29 @@ pub struct Ratios {
     pub ack_p50_vs_jetstream: Option<f64>,
 }
 
+/// What one acknowledged send cost the servers, against what one raw
+/// JetStream publish cost nats-server in the same run: the profile behind
+/// "sends ÷ JetStream acked publishes".
+#[derive(Debug, Default, Serialize)]
+pub struct Costs {
+    /// CPU microseconds per acknowledged send, per server process (its CPU
+    /// over the window of warm-up and measurement ÷ the acked rate).
+    pub cpu_us_per_send: Vec<(String, f64)>,
+    /// The messages nats-server took in and sent out per acknowledged send
+    /// (all nodes, `/varz`).
+    pub nats_msgs_per_send: Option<(f64, f64)>,
+    /// nats-server's CPU microseconds per raw JetStream acked publish.
+    pub nats_cpu_us_per_publish: Option<f64>,
+    /// The messages it took in and sent out per raw publish.
+    pub nats_msgs_per_publish: Option<(f64, f64)>,
+    /// nats-server's CPU per raw publish ÷ its CPU per send, in a run at
+    /// capacity (sends as fast as acks allow): the ratio of sends to raw
+    /// publishes if nothing but nats-server cost anything and it had the CPU
+    /// it had in the raw run. Below capacity a send's share of the idle
+    /// work (timers, polls) makes it no bound.
+    pub sends_vs_jetstream_bound_by_nats: Option<f64>,
+}
+
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub scenario: String,
@@ -78,6 +101,48 @@ pub struct Report {
     pub nats_core: Option<CoreResult>,
     pub jetstream: Option<JetStreamResult>,
     pub ratios: Ratios,
+    pub costs: Costs,
+}
+
+impl Costs {
+    /// `sends_per_sec` acked over `secs` (`at_capacity`: as fast as acks
+    /// allowed), with `counts` of nats-server's messages in those seconds
+    /// and `server` the processes' usage.
+    fn of(
+        at_capacity: bool,
+        sends_per_sec: f64,
+        secs: f64,
+        counts: &NatsCounts,
+        server: &[ProcUsage],
+        js: Option<&JetStreamResult>,
+    ) -> Self {
+        let div = |a: f64, b: f64| (b > 0.0).then(|| a / b);
+        let per_send = |cpu_percent: f64| div(cpu_percent * 1e4, sends_per_sec);
+        let cpu_us_per_send = server
+            .iter()
+            .filter_map(|p| Some((p.name.clone(), per_send(p.cpu_percent)?)))
+            .collect();
+        let nats_cpu: f64 = server
+            .iter()
+            .filter(|p| p.name.starts_with("nats-server"))
+            .map(|p| p.cpu_percent)
+            .sum();
+        let msgs =
+            |c: &NatsCounts, n: f64| Some((div(c.in_msgs as f64, n)?, div(c.out_msgs as f64, n)?));
+        let nats_per_send = per_send(nats_cpu);
+        let nats_cpu_us_per_publish =
+            js.and_then(|j| div(j.nats_cpu_percent * 1e4, j.acked_per_sec));
+        Self {
+            cpu_us_per_send,
+            nats_msgs_per_send: msgs(counts, sends_per_sec * secs),
+            nats_cpu_us_per_publish,
+            nats_msgs_per_publish: js.and_then(|j| msgs(&j.nats_counts, j.acked_per_sec * j.secs)),
+            sends_vs_jetstream_bound_by_nats: nats_cpu_us_per_publish
+                .zip(nats_per_send)
+                .filter(|_| at_capacity)
+                .and_then(|(p, s)| div(p, s)),
+        }
+    }
 }
 
 impl Report {
@@ -94,6 +159,14 @@ impl Report {
                 self.ratios.sends_vs_jetstream = div(chat.sends_per_sec, js.acked_per_sec);
                 self.ratios.ack_p50_vs_jetstream = div(chat.ack.p50_ms, js.latency.p50_ms);
             }
+            self.costs = Costs::of(
+                chat.plan.rate.is_none(),
+                chat.sends_per_sec,
+                chat.measured_secs,
+                &chat.nats_counts,
+                &self.server,
+                self.jetstream.as_ref(),
+            );
         }
     }
 
@@ -338,6 +411,34 @@ impl Report {
                     .map_or("–".into(), |v| format!("{v:.1}×")),
             );
         }
+        let c = &self.costs;
+        if !c.cpu_us_per_send.is_empty() {
+            let cpu = c
+                .cpu_us_per_send
+                .iter()
+                .map(|(name, us)| format!("{name} {us:.0} µs"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let msgs = c.nats_msgs_per_send.map_or(String::new(), |(i, o)| {
+                format!("; nats-server messages in / out {i:.1} / {o:.1}")
+            });
+            row("CPU per acked send", format!("{cpu}{msgs}"));
+        }
+        if let Some(us) = c.nats_cpu_us_per_publish {
+            let msgs = c.nats_msgs_per_publish.map_or(String::new(), |(i, o)| {
+                format!("; messages in / out {i:.1} / {o:.1}")
+            });
+            row(
+                "nats-server CPU per raw JetStream publish",
+                format!("{us:.1} µs{msgs}"),
+            );
+        }
+        if let Some(b) = c.sends_vs_jetstream_bound_by_nats {
+            row(
+                "sends ÷ JetStream, bound by nats-server's CPU alone (at capacity)",
+                format!("{:.1} %", b * 100.0),
+            );
+        }
         s
     }
 
@@ -508,6 +609,7 @@ mod tests {
             }),
             jetstream: None,
             ratios: Ratios::default(),
+            costs: Costs::default(),
         };
         r.compute_ratios();
         assert!(
@@ -516,5 +618,62 @@ mod tests {
         );
         assert!(r.svg().starts_with("<svg"));
         assert!(r.markdown().contains("raw NATS core fan-out"));
+    }
+
+    #[test]
+    fn a_send_s_cost_is_its_process_s_cpu_over_the_acked_rate() {
+        let usage = |name: &str, cpu_percent: f64| ProcUsage {
+            name: name.into(),
+            cpu_percent,
+            rss_mib: 0.0,
+            peak_rss_mib: 0.0,
+        };
+        let js = JetStreamResult {
+            subjects: 1,
+            size: 64,
+            window: 256,
+            secs: 10.0,
+            acked_per_sec: 100_000.0,
+            latency: Percentiles::default(),
+            // 5 µs a publish
+            nats_cpu_percent: 50.0,
+            nats_counts: NatsCounts {
+                in_msgs: 1_000_000,
+                out_msgs: 2_000_000,
+            },
+        };
+        let server = [
+            usage("chatd", 80.0),
+            usage("nats-server", 30.0),
+            usage("nats-server 2", 10.0),
+        ];
+        let counts = NatsCounts {
+            in_msgs: 60_000,
+            out_msgs: 150_000,
+        };
+        // 4,000 sends/s for 5 s
+        let c = Costs::of(true, 4_000.0, 5.0, &counts, &server, Some(&js));
+        assert_eq!(
+            c.cpu_us_per_send,
+            vec![
+                ("chatd".to_owned(), 200.0),
+                ("nats-server".to_owned(), 75.0),
+                ("nats-server 2".to_owned(), 25.0)
+            ]
+        );
+        assert_eq!(c.nats_msgs_per_send, Some((3.0, 7.5)));
+        assert_eq!(c.nats_cpu_us_per_publish, Some(5.0));
+        assert_eq!(c.nats_msgs_per_publish, Some((1.0, 2.0)));
+        // 5 µs a publish against 100 µs of every node's CPU a send
+        assert_eq!(c.sends_vs_jetstream_bound_by_nats, Some(0.05));
+        let below = Costs::of(false, 4_000.0, 5.0, &counts, &server, Some(&js));
+        assert_eq!(below.cpu_us_per_send, c.cpu_us_per_send);
+        assert!(
+            below.sends_vs_jetstream_bound_by_nats.is_none(),
+            "below capacity there is no bound"
+        );
+        let none = Costs::of(true, 0.0, 5.0, &counts, &server, None);
+        assert!(none.cpu_us_per_send.is_empty() && none.nats_msgs_per_send.is_none());
+        assert!(none.sends_vs_jetstream_bound_by_nats.is_none());
     }
 }

@@ -232,3 +232,42 @@ impl Window {
             .collect()
     }
 }
+
+/// nats-server's own counts of the messages it took in and sent out
+/// (`/varz`: client connections, routes and its internal JetStream clients
+/// alike), summed over the nodes.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct NatsCounts {
+    pub in_msgs: u64,
+    pub out_msgs: u64,
+}
+
+impl NatsCounts {
+    /// Reads every node's `/varz` (`monitors`: their monitoring URLs).
+    pub async fn read(monitors: &[String]) -> anyhow::Result<Self> {
+        let http = chat_http::client();
+        let mut sum = Self::default();
+        for m in monitors {
+            let varz: serde_json::Value = http
+                .get(format!("{m}/varz"))
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await
+                .with_context(|| format!("{m}/varz"))?;
+            let n = |k: &str| varz.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+            sum.in_msgs += n("in_msgs");
+            sum.out_msgs += n("out_msgs");
+        }
+        Ok(sum)
+    }
+
+    /// What was counted after `before`.
+    pub fn since(self, before: Self) -> Self {
+        Self {
+            in_msgs: self.in_msgs.saturating_sub(before.in_msgs),
+            out_msgs: self.out_msgs.saturating_sub(before.out_msgs),
+        }
+    }
+}

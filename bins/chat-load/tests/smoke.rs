@@ -57,8 +57,29 @@ fn a_small_rooms_run_reports_clean_deliveries_and_a_baseline()
     for p in report["server"].as_array().into_iter().flatten() {
         assert!(p["rss_mib"].as_f64().unwrap_or(0.0) > 0.0, "{p}");
     }
+    // what a send cost nats-server, read from its /varz: at least the
+    // message itself in and its ack out, each send
+    let counts = &chat["nats_counts"];
+    let at_least = |k: &str| counts[k].as_u64().unwrap_or(0) >= acked / 2;
+    assert!(at_least("in_msgs") && at_least("out_msgs"), "{counts}");
+    let costs = &report["costs"];
+    assert!(
+        costs["nats_cpu_us_per_publish"].as_f64().unwrap_or(0.0) > 0.0,
+        "{costs}"
+    );
+    assert!(
+        costs["cpu_us_per_send"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty())
+    );
+    // a fixed rate is not capacity: no bound from it
+    assert!(
+        costs["sends_vs_jetstream_bound_by_nats"].is_null(),
+        "{costs}"
+    );
     let md = std::fs::read_to_string(out.path().join("rooms.md"))?;
     assert!(md.contains("lost / duplicated / out of order"));
+    assert!(md.contains("CPU per acked send"));
     let svg = std::fs::read_to_string(out.path().join("rooms.svg"))?;
     assert!(svg.starts_with("<svg") && svg.contains("polyline"));
     Ok(())

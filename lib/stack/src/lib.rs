@@ -440,6 +440,14 @@ impl Nats {
         self.nodes[0].service.pid()
     }
 
+    /// Every node's monitoring URL, node 0 first.
+    pub fn monitor_urls(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| format!("http://127.0.0.1:{}", n.monitor))
+            .collect()
+    }
+
     /// The process ids of the running nodes, node 0 first.
     pub fn pids(&self) -> Vec<u32> {
         self.nodes.iter().filter_map(|n| n.service.pid()).collect()
