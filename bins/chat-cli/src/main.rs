@@ -130,9 +130,9 @@ enum Command {
     Delete { group: String, message_id: String },
     /// Delivered and read, per member, of one message.
     Status { group: String, message_id: String },
-    /// Stop a user from adding you to groups.
+    /// Stop a user from adding you to groups or handing you one.
     Block { user: String },
-    /// Let a blocked user add you to groups again.
+    /// Let a blocked user add you to groups (and hand you one) again.
     Unblock { user: String },
     /// Everyone you block.
     Blocks,

@@ -238,7 +238,8 @@ pub(crate) async fn group_presence(
     request_body = TransferOwnerBody,
     responses(
         (status = 200, description = "the group with its new owner (owner only)", body = GroupView),
-        crate::openapi::GroupErrors, crate::openapi::CallerErrors
+        crate::openapi::GroupErrors, crate::openapi::CallerErrors,
+        (status = 403, description = "`forbidden`: not the owner, or the new owner blocks the caller", body = RestError)
     ))]
 pub(crate) async fn transfer_owner(
     State(app): State<AppState>,
@@ -416,7 +417,8 @@ pub(crate) async fn list_blocks(
 }
 
 /// `PUT /blocks/{user_id}`: the caller blocks a user, who can then no
-/// longer add the caller to a group. Blocking again changes nothing.
+/// longer add the caller to a group or hand them one. Blocking again
+/// changes nothing.
 #[utoipa::path(put, path = "/blocks/{user_id}", tag = "users",
     params(("user_id" = String, Path, description = "the user to block")),
     responses(

@@ -138,9 +138,21 @@ impl GroupsService {
                 Applied::Changed { audience, change } => (audience, change),
             };
             // only once the caller may: the new members accept being
-            // added by the caller, and have room
-            if let GroupChange::AddMembers { user_ids, .. } = &change {
-                self.check_may_add(caller, user_ids).await?;
+            // added by the caller, and have room; a new owner accepts
+            // the group from the caller
+            match &change {
+                GroupChange::AddMembers { user_ids, .. } => {
+                    self.check_may_add(caller, user_ids).await?;
+                }
+                GroupChange::TransferOwner { new_owner } => {
+                    self.check_not_blocked(
+                        caller,
+                        std::slice::from_ref(new_owner),
+                        "handed groups",
+                    )
+                    .await?;
+                }
+                _ => {}
             }
             let delta = change_view(caller, &change);
             record.unnotified = Some(Unnotified {
@@ -301,15 +313,29 @@ fn parse_cursor(s: &str) -> Result<Option<(chat_domain::Millis, GroupId)>, Worke
 }
 
 impl GroupsService {
-    /// Refuses to let `caller` add `users` if one of them blocks `caller`
-    /// (one indexed read) or is already in as many groups as allowed.
-    async fn check_may_add(&self, caller: &UserId, users: &[UserId]) -> Result<(), WorkerError> {
+    /// Refuses `caller` a change that `what` (as in "does not accept being
+    /// added to groups") to `users` if one of them blocks `caller` (one
+    /// indexed read, however many they are).
+    async fn check_not_blocked(
+        &self,
+        caller: &UserId,
+        users: &[UserId],
+        what: &str,
+    ) -> Result<(), WorkerError> {
         let others: Vec<UserId> = users.iter().filter(|u| *u != caller).cloned().collect();
-        if let Some(blocker) = self.0.store.blocks.one_blocking(caller, &others).await? {
-            return Err(WorkerError::Domain(DomainError::Forbidden(format!(
-                "{blocker} does not accept being added to groups by you"
-            ))));
+        match self.0.store.blocks.one_blocking(caller, &others).await? {
+            Some(blocker) => Err(WorkerError::Domain(DomainError::Forbidden(format!(
+                "{blocker} does not accept being {what} by you"
+            )))),
+            None => Ok(()),
         }
+    }
+
+    /// Refuses to let `caller` add `users` if one of them blocks `caller`
+    /// or is already in as many groups as allowed.
+    async fn check_may_add(&self, caller: &UserId, users: &[UserId]) -> Result<(), WorkerError> {
+        self.check_not_blocked(caller, users, "added to groups")
+            .await?;
         let max = self.0.config.max_groups_per_user;
         let repo = &self.0.store.groups;
         for chunk in users.chunks(16) {

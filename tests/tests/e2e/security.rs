@@ -1343,7 +1343,8 @@ async fn groups_per_user_are_capped_and_listed_in_bounded_pages() -> anyhow::Res
 /// neither create a group with them nor add them to one, while everyone
 /// else still can; blocks are listed, capped, and lifted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_blocked_user_cannot_add_the_blocker_to_any_group() -> anyhow::Result<()> {
+async fn a_blocked_user_can_neither_add_the_blocker_to_a_group_nor_hand_them_one()
+-> anyhow::Result<()> {
     use reqwest::Method;
     let c = Cluster::start_with(1, 1, &["--max-blocks-per-user", "2"]).await?;
     let block = |user: &'static str, who: &'static str| {
@@ -1420,6 +1421,25 @@ async fn a_blocked_user_cannot_add_the_blocker_to_any_group() -> anyhow::Result<
         .call(Method::POST, 0, Some("mallory"), &members, Some(&add))
         .await?;
     assert_eq!(status, 200, "{added}");
+
+    // a member who blocks the owner is not handed the group either
+    let (status, _) = block("victim", "mallory").await?;
+    assert_eq!(status, 200);
+    let owner = format!("/groups/{id}/owner");
+    let to_victim = json!({ "userId": "victim" });
+    let (status, refused) = c
+        .call(Method::POST, 0, Some("mallory"), &owner, Some(&to_victim))
+        .await?;
+    assert_eq!(status, 403, "{refused}");
+    assert_eq!(refused["error"]["code"], "forbidden");
+    let (_, group) = c.get(0, "mallory", &format!("/groups/{id}")).await?;
+    assert_eq!(group["ownerId"], "mallory", "{group}");
+    // to someone else, as before
+    let to_x = json!({ "userId": "x" });
+    let (status, handed) = c
+        .call(Method::POST, 0, Some("mallory"), &owner, Some(&to_x))
+        .await?;
+    assert_eq!((status, &handed["ownerId"]), (200, &json!("x")), "{handed}");
     c.stop().await
 }
 
