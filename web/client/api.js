@@ -51,6 +51,9 @@ export async function request(method, path, body) {
 export const config = () => request("GET", "/app/config.json");
 export const devToken = (userId) => request("POST", "/dev/token", { userId });
 export const listGroups = () => request("GET", "/groups?limit=100");
+export const listBlocks = () => request("GET", "/blocks");
+export const block = (userId) => request("PUT", `/blocks/${enc(userId)}`);
+export const unblock = (userId) => request("DELETE", `/blocks/${enc(userId)}`);
 export const createGroup = (name, members) => request("POST", "/groups", { name, members });
 export const history = (group, before, limit = 50) =>
   request(

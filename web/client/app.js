@@ -50,6 +50,8 @@ const app = {
   members: new Map(),
   // the message the composer edits, {groupId, messageId}, or null
   editing: null,
+  // userIds this user blocks, newest first (GET /blocks)
+  blocks: [],
   // the message whose Delete was clicked once (a second click deletes);
   // kept here, since every render makes the buttons anew
   deleting: null,
@@ -124,6 +126,7 @@ async function signIn(token) {
   app.me = c.sub;
   app.device = claimDevice(c.sub);
   loadGroups(page);
+  loadBlocks();
   $("#signin").hidden = true;
   $("#app").hidden = false;
   $("#whoami").textContent = c.name ? `${c.name} (${c.sub})` : c.sub;
@@ -147,7 +150,8 @@ function signOut(why) {
   sessionStorage.removeItem("chat.token");
   localStorage.removeItem("chat.token");
   api.setToken(null);
-  Object.assign(app, { token: null, me: null, device: null, session: null, open: null });
+  Object.assign(app, { token: null, me: null, device: null, session: null, open: null, blocks: [] });
+  renderBlocks();
   for (const m of [app.groups, app.messages, app.complete, app.marks, app.acked, app.pending, app.subscribed]) {
     m.clear();
   }
@@ -261,6 +265,57 @@ async function createGroup(ev) {
     await app.session.request("notify_create_group", { groupId: g.id }).catch(failed);
     await subscribe(g.id);
     openGroup(g.id);
+  } catch (e) {
+    failed(e);
+  }
+}
+
+// ---------------------------------------------------------------- blocks
+
+async function loadBlocks() {
+  try {
+    const list = await api.listBlocks();
+    app.blocks = (list.blocks || []).map((b) => b.userId);
+    renderBlocks();
+  } catch (e) {
+    failed(e);
+  }
+}
+
+function renderBlocks() {
+  $("#blocks").replaceChildren(
+    ...app.blocks.map((userId) => {
+      const li = document.createElement("li");
+      li.dataset.userId = userId;
+      const name = document.createElement("span");
+      name.textContent = userId;
+      const b = document.createElement("button");
+      b.type = "button";
+      b.textContent = "Unblock";
+      b.setAttribute("aria-label", `Unblock ${userId}`);
+      b.addEventListener("click", async () => {
+        try {
+          await api.unblock(userId);
+          app.blocks = app.blocks.filter((u) => u !== userId);
+          renderBlocks();
+        } catch (e) {
+          failed(e);
+        }
+      });
+      li.append(name, b);
+      return li;
+    }),
+  );
+}
+
+async function blockUser(ev) {
+  ev.preventDefault();
+  const userId = $("#block-user").value.trim();
+  try {
+    await api.block(userId);
+    app.blocks = [userId, ...app.blocks.filter((u) => u !== userId)];
+    renderBlocks();
+    $("#block-user").value = "";
   } catch (e) {
     failed(e);
   }
@@ -929,6 +984,7 @@ async function start() {
     $("#error").hidden = true;
   });
   $("#create-group").addEventListener("submit", createGroup);
+  $("#block-form").addEventListener("submit", blockUser);
   $("#composer").addEventListener("submit", sendText);
   $("#message-input").addEventListener("input", typed);
   $("#message-input").addEventListener("blur", () => stopTyping(app.open));

@@ -515,3 +515,80 @@ async fn two_users_chat_in_real_browsers() -> anyhow::Result<()> {
     c.stop().await?;
     Ok(())
 }
+
+/// A user blocks and unblocks someone in the web client: the block is the
+/// server's (the blocked user's group creation with them is refused, it is
+/// listed again after a reload), and a refused block shows its error.
+#[tokio::test]
+async fn a_user_blocks_and_unblocks_someone_in_a_real_browser() -> anyhow::Result<()> {
+    use reqwest::Method;
+    let driver = Driver::start().await?;
+    let c = Cluster::start_with(1, 1, &["--dev-tokens"]).await?;
+    let base = c.edge_url(0);
+    let bob = driver.browser("bob").await?;
+    sign_in(&bob, &base, "bob").await?;
+    let listed = "document.querySelector('#blocks li[data-user-id=\"mallory\"]')";
+    let mallory_creates = || async {
+        let body = json!({ "name": "spam", "members": ["bob"] });
+        let (status, _) = c
+            .call(Method::POST, 0, Some("mallory"), "/groups", Some(&body))
+            .await?;
+        anyhow::Ok(status)
+    };
+
+    el(&bob, "#block-user").await?.send_keys("mallory").await?;
+    js(
+        &bob,
+        "document.querySelector('#block-form').requestSubmit()",
+    )
+    .await?;
+    until(&bob, "mallory listed as blocked", &format!("!!{listed}")).await?;
+    eventually(WAIT, || async {
+        let (_, list) = c.get(0, "bob", "/blocks").await?;
+        Ok((list["blocks"][0]["userId"] == "mallory").then_some(()))
+    })
+    .await
+    .context("the server holds the block")?;
+    assert_eq!(mallory_creates().await?, 403, "mallory may not add bob");
+    shot(&bob, "5-blocked").await?;
+
+    // the list is the server's: still there after a reload
+    bob.goto(&format!("{base}/app/")).await?;
+    until(
+        &bob,
+        "mallory listed after a reload",
+        &format!("!!{listed}"),
+    )
+    .await?;
+
+    // blocking oneself is refused, with the server's code shown
+    el(&bob, "#block-user").await?.send_keys("bob").await?;
+    js(
+        &bob,
+        "document.querySelector('#block-form').requestSubmit()",
+    )
+    .await?;
+    until(
+        &bob,
+        "the server's invalid error shown",
+        "document.querySelector('#error')?.dataset.code === 'invalid'",
+    )
+    .await?;
+    until(
+        &bob,
+        "only mallory listed",
+        "document.querySelectorAll('#blocks li').length === 1",
+    )
+    .await?;
+
+    // unblocked: gone from the list and from the server
+    js(&bob, &format!("{listed}.querySelector('button').click()")).await?;
+    until(&bob, "mallory no longer listed", &format!("!{listed}")).await?;
+    let (_, list) = c.get(0, "bob", "/blocks").await?;
+    assert_eq!(list, json!({ "blocks": [] }));
+    assert_eq!(mallory_creates().await?, 201, "mallory may add bob again");
+
+    bob.close().await?;
+    c.stop().await?;
+    Ok(())
+}
