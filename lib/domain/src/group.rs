@@ -152,6 +152,16 @@ impl Group {
         })
     }
 
+    /// The group's newest `seq` when `user` was added (0 for the members
+    /// it was created with), or `None` if it is not a member: its unread
+    /// count starts there, whatever it sees of the history.
+    pub fn joined_seq(&self, user: &UserId) -> Option<u64> {
+        self.members
+            .iter()
+            .find(|m| &m.user_id == user)
+            .map(|m| m.joined_seq)
+    }
+
     /// The member ids, in join order.
     pub fn member_ids(&self) -> impl Iterator<Item = &UserId> {
         self.members.iter().map(|m| &m.user_id)

@@ -216,8 +216,8 @@ pub struct GroupSummary {
     #[serde(flatten)]
     pub group: GroupView,
     /// Messages after the caller's read watermark (its last
-    /// `acknowledge_group_message`, or its own last message), and under
-    /// `joined` history only those after its addition.
+    /// `acknowledge_group_message`, or its own last message), and only
+    /// those after its addition (whatever it sees of the history).
     pub unread_count: u64,
     /// The newest message the caller may see; absent when there is none.
     #[serde(default, skip_serializing_if = "Option::is_none")]

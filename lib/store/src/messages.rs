@@ -727,6 +727,25 @@ impl MessageRepo {
         Ok(())
     }
 
+    /// Forgets `user`'s watermarks in `group` (its entry of the group's
+    /// receipts document and its sent watermark): after a leave or
+    /// removal, so that the group's document holds its members' entries,
+    /// not everyone's who ever was one. A member added again starts
+    /// afresh, as its history does (unread counts start at its join
+    /// either way). Idempotent.
+    pub async fn forget_member(&self, group: &GroupId, user: &UserId) -> Result<(), StoreError> {
+        // user ids are letters, digits, `-` and `_`: safe as field names
+        let unset = self.receipts.update_one(
+            doc! { "_id": group.as_str() },
+            doc! { "$unset": { format!("m.{user}"): "" } },
+        );
+        let sent = self
+            .sent
+            .delete_one(doc! { "_id": crate::member_key(group, user) });
+        futures::try_join!(unset.into_future(), sent.into_future())?;
+        Ok(())
+    }
+
     /// Every member's watermarks in `group`.
     pub async fn receipts(&self, group: &GroupId) -> Result<Vec<(UserId, Receipt)>, StoreError> {
         self.receipts_of(group, None).await

@@ -176,6 +176,10 @@ impl GroupsService {
                     // harmless: subscriptions are read with membership
                     tracing::warn!(group = %id, user = %leaving, error = %e, "cannot forget a subscription");
                 }
+                if let Err(e) = self.0.store.messages.forget_member(id, leaving).await {
+                    // harmless: receipts are read for members only
+                    tracing::warn!(group = %id, user = %leaving, error = %e, "cannot forget a former member's receipts");
+                }
                 self.0.unsubscribed_live(id, leaving).await;
             }
             let prefix = format!("upd-{}-{}", group.id, record.rev);
@@ -357,7 +361,8 @@ fn reply(group: &Group) -> Response<pb::Group> {
     Response::new(pb::Group::from(group))
 }
 
-/// `caller`'s unread count and newest visible message in each of `groups`:
+/// `caller`'s unread count (the messages since the later of its read
+/// watermark and its addition) and newest visible message in each of `groups`:
 /// one read of its watermarks for the page, and one indexed read of the
 /// newest message per group (what MongoDB holds, so a message acknowledged
 /// a moment ago may count a moment later). No per-message counters.
@@ -383,7 +388,11 @@ async fn activity(
     let mut unread = Vec::with_capacity(groups.len());
     let mut last_messages = Vec::with_capacity(groups.len());
     for (g, (from, last)) in groups.iter().zip(newest) {
-        let read = reads.get(&g.id).copied().unwrap_or_default().max(from);
+        // unread starts at the caller's addition, whatever it sees of the
+        // history before it (and a member added again starts afresh: its
+        // watermarks went with its removal)
+        let joined = g.joined_seq(caller).unwrap_or_default();
+        let read = reads.get(&g.id).copied().unwrap_or_default().max(joined);
         let newest = last.as_ref().and_then(|m| m.seq).unwrap_or_default();
         unread.push(newest.saturating_sub(read));
         let mut opened = last.as_ref().map(|m| messages::open(s, m)).transpose()?;

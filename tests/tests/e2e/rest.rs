@@ -538,6 +538,98 @@ async fn unread_counts_respect_joined_history() -> anyhow::Result<()> {
     c.stop().await
 }
 
+/// A member's receipts go with its membership: a removal forgets its entry
+/// of the group's receipts document and its sent watermark (the document
+/// holds members, not everyone who ever was one); unread counts start at
+/// a member's addition, so one added again starts afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_members_receipts_are_forgotten() -> anyhow::Result<()> {
+    use chat_tests::eventually;
+    use mongodb::bson::Document;
+    use std::time::Duration;
+    let c = Cluster::start(1, 1).await?;
+    let g = c.room(&["alice", "bob", "carol"]).await?;
+    let mut alice = c.connect(0, "alice", "phone").await?;
+    let mut bob = c.connect(0, "bob", "phone").await?;
+    let mut carol = c.connect(0, "carol", "phone").await?;
+    let sent = alice.send_text(&g, "a1", "hello").await?;
+    let mid = sent["messageId"].as_str().unwrap_or_default().to_owned();
+    for ws in [&mut bob, &mut carol] {
+        ws.request(
+            "acknowledge_group_message",
+            json!({ "groupId": g, "messageId": mid }),
+        )
+        .await?;
+    }
+    bob.send_text(&g, "b1", "hi").await?;
+    let db = c.mongo().await?;
+    let receipts = db.collection::<Document>("group_receipts");
+    let marks = db.collection::<Document>("sent_marks");
+    let wait = Duration::from_secs(10);
+    // both readers' entries, and bob's sent watermark once his message
+    // is persisted
+    eventually(wait, || async {
+        let doc = receipts.find_one(doc! { "_id": &g }).await?;
+        let m = doc.as_ref().and_then(|d| d.get_document("m").ok());
+        let read = m.is_some_and(|m| m.contains_key("bob") && m.contains_key("carol"));
+        let mark = marks
+            .find_one(doc! { "_id": format!("{g}:bob") })
+            .await?
+            .is_some();
+        Ok((read && mark).then_some(()))
+    })
+    .await
+    .context("bob's and carol's watermarks")?;
+
+    assert_eq!(c.remove_member(0, "alice", &g, "bob").await?, 200);
+    let doc = receipts
+        .find_one(doc! { "_id": &g })
+        .await?
+        .context("the group's receipts")?;
+    let m = doc.get_document("m")?;
+    assert!(!m.contains_key("bob"), "bob's entry is forgotten: {doc}");
+    assert!(m.contains_key("carol"), "carol's stays: {doc}");
+    assert!(
+        marks
+            .find_one(doc! { "_id": format!("{g}:bob") })
+            .await?
+            .is_none(),
+        "bob's sent watermark is forgotten"
+    );
+    // carol's read of the message still shows; bob is no member to show
+    let (status, body) = c
+        .get(0, "alice", &format!("/groups/{g}/messages/{mid}/status"))
+        .await?;
+    assert_eq!(status, 200, "{body}");
+    let members = body["members"].as_array().cloned().unwrap_or_default();
+    let of = |u: &str| members.iter().find(|m| m["userId"] == u).cloned();
+    assert_eq!(
+        of("carol").map(|m| m["read"].clone()),
+        Some(json!(true)),
+        "{body}"
+    );
+    assert!(of("bob").is_none(), "{body}");
+
+    // added again, bob starts at his addition, as dave, new to the group,
+    // does: the history is theirs to read (shared), but none of it is
+    // unread; a new message is
+    assert_eq!(c.add_members("alice", &g, &["bob", "dave"]).await?, 200);
+    for user in ["bob", "dave"] {
+        let entry = listed(&c, user, &g).await?;
+        assert_eq!(entry["unreadCount"], 0, "{user}: {entry}");
+        assert_eq!(entry["lastMessage"]["text"], "hi", "{user}: {entry}");
+    }
+    alice.send_text(&g, "a2", "welcome back").await?;
+    for user in ["bob", "dave"] {
+        eventually(wait, || async {
+            Ok((listed(&c, user, &g).await?["unreadCount"] == 1).then_some(()))
+        })
+        .await
+        .with_context(|| format!("{user} has one unread"))?;
+    }
+    c.stop().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_web_client_and_dev_tokens_are_served_only_as_configured() -> anyhow::Result<()> {
     // a production-like edge: the client, no token minting
