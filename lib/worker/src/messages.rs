@@ -1044,7 +1044,13 @@ impl Messages for MessagesService {
             .group
             .member_ids()
             .map(|u| {
-                let r = receipts.get(u).copied().unwrap_or_default();
+                // a member that cannot see the message (added after it,
+                // under `joined` history) has neither received nor read
+                // it, however far its watermarks rose since
+                let r = match record.group.visible_from(u) {
+                    Some(from) if from < seq => receipts.get(u).copied().unwrap_or_default(),
+                    _ => chat_store::Receipt::default(),
+                };
                 let own = u == &m.sender_id;
                 pb::MemberStatus {
                     user_id: u.to_string(),

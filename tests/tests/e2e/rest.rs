@@ -506,10 +506,12 @@ async fn unread_counts_respect_joined_history() -> anyhow::Result<()> {
     alice
         .request("subscribe_to_group", json!({"groupId": g}))
         .await?;
+    let mut early = Vec::new();
     for i in 1..=4 {
-        alice
+        let ack = alice
             .send_text(&g, &format!("early{i}"), "before carol")
             .await?;
+        early.push(ack["messageId"].as_str().unwrap_or_default().to_owned());
     }
     let wait = Duration::from_secs(10);
     eventually(wait, || async {
@@ -535,6 +537,41 @@ async fn unread_counts_respect_joined_history() -> anyhow::Result<()> {
     })
     .await?;
     assert_eq!(carol["lastMessage"]["text"], "after carol");
+    // carol reads it: her watermarks rise past the messages she cannot
+    // see, which still show her as having neither received nor read them
+    let late = carol["lastMessage"]["messageId"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let mut carol_ws = c.connect(0, "carol", "phone").await?;
+    carol_ws
+        .request(
+            "acknowledge_group_message",
+            json!({ "groupId": g, "messageId": late }),
+        )
+        .await?;
+    let carol_in = |body: &Value| {
+        body["members"]
+            .as_array()
+            .and_then(|ms| ms.iter().find(|m| m["userId"] == "carol"))
+            .map(|m| (m["delivered"].clone(), m["read"].clone()))
+    };
+    let status_of = |id: &str| {
+        let (c, path) = (&c, format!("/groups/{g}/messages/{id}/status"));
+        async move {
+            let (status, body) = c.get(0, "alice", &path).await?;
+            anyhow::ensure!(status == 200, "{status} {body}");
+            Ok::<_, anyhow::Error>(body)
+        }
+    };
+    let body = status_of(&late).await?;
+    assert_eq!(carol_in(&body), Some((json!(true), json!(true))), "{body}");
+    let body = status_of(&early[3]).await?;
+    assert_eq!(
+        carol_in(&body),
+        Some((json!(false), json!(false))),
+        "{body}"
+    );
     c.stop().await
 }
 
