@@ -229,7 +229,7 @@ impl Verifier {
                 )));
             }
         }
-        let user_id = UserId::parse(data.claims.sub)
+        let user_id = UserId::parse_new(data.claims.sub)
             .map_err(|e| AuthError::Invalid(format!("bad sub claim: {e}")))?;
         let name = data
             .claims

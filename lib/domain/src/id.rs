@@ -77,6 +77,27 @@ id_type!(
     "user id",
     64
 );
+impl UserId {
+    /// What a request path says for "the caller"
+    /// (`DELETE /groups/{id}/members/me`): reserved, so that no user has it
+    /// (a member called `me` could never be removed).
+    pub const ME: &'static str = "me";
+
+    /// [`UserId::parse`] for an id that becomes a user or a member (a
+    /// token's `sub`, a group's new members): refuses [`UserId::ME`].
+    /// Stored ids are read with `parse`, so nothing stored before is lost.
+    pub fn parse_new(s: impl Into<String>) -> Result<Self, DomainError> {
+        let id = Self::parse(s)?;
+        if id.0 == Self::ME {
+            return Err(DomainError::Invalid(format!(
+                "user id {:?} is reserved (it names the caller in paths)",
+                Self::ME
+            )));
+        }
+        Ok(id)
+    }
+}
+
 id_type!(
     /// A group, chosen by the server at creation.
     GroupId,
@@ -198,5 +219,15 @@ mod tests {
         assert!(UserId::parse("x".repeat(64)).is_ok());
         assert!(UserId::parse("x".repeat(65)).is_err());
         assert!(DeviceId::parse("d".repeat(33)).is_err());
+    }
+
+    #[test]
+    fn no_new_user_is_called_me() {
+        assert!(UserId::parse_new("me").is_err());
+        // stored ids still read, and ids that merely contain it are users
+        assert!(UserId::parse("me").is_ok());
+        for ok in ["Me", "me_", "meg", "name"] {
+            assert!(UserId::parse_new(ok).is_ok(), "{ok:?} refused");
+        }
     }
 }

@@ -311,7 +311,8 @@ pub(crate) async fn remove_member(
     Caller(me): Caller,
     Path((id, user_id)): Path<(String, String)>,
 ) -> Result<Json<GroupView>, ApiError> {
-    let user_id = if user_id == "me" {
+    // no user is called `me` (`UserId::parse_new`)
+    let user_id = if user_id == UserId::ME {
         me.user_id.to_string()
     } else {
         user_id

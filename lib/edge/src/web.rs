@@ -121,7 +121,7 @@ pub(crate) async fn dev_token(
     let Some(secret) = app.config.dev_token_secret.as_deref() else {
         return Err(ApiError::new(ErrorCode::NotFound, "no such endpoint"));
     };
-    let user = UserId::parse(body.user_id).map_err(|e| ApiError::invalid(e.to_string()))?;
+    let user = UserId::parse_new(body.user_id).map_err(|e| ApiError::invalid(e.to_string()))?;
     let name = body.name.filter(|n| !n.trim().is_empty());
     if name.as_ref().is_some_and(|n| n.chars().count() > 128) {
         return Err(ApiError::invalid("name must be at most 128 characters"));

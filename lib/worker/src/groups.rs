@@ -438,7 +438,7 @@ impl Groups for GroupsService {
             .member_ids
             .iter()
             .map(|m| {
-                UserId::parse(m.as_str())
+                UserId::parse_new(m.as_str())
                     .map_err(|e| DomainError::Invalid(format!("member {m:?}: {e}")))
             })
             .collect::<Result<Vec<_>, _>>()
@@ -520,7 +520,7 @@ impl Groups for GroupsService {
         req: Request<pb::TransferOwnerRequest>,
     ) -> Result<Response<pb::Group>, Status> {
         let req = req.into_inner();
-        let new_owner = parse_id::<UserId>(&req.new_owner_id)?;
+        let new_owner = UserId::parse_new(req.new_owner_id.as_str()).map_err(WorkerError::from)?;
         let group = self
             .change(
                 &req.caller,
@@ -546,7 +546,7 @@ impl Groups for GroupsService {
         let user_ids = req
             .user_ids
             .iter()
-            .map(|u| parse_id::<UserId>(u))
+            .map(|u| UserId::parse_new(u.as_str()).map_err(WorkerError::from))
             .collect::<Result<Vec<_>, _>>()?;
         // `at_seq` is read by `apply`, right before each attempt's write,
         // and the new members' room is checked there, once the caller is

@@ -1637,3 +1637,46 @@ async fn a_retried_change_tells_what_its_first_attempt_could_not() -> anyhow::Re
     assert_eq!(next["data"]["change"]["userIds"], json!(["dave"]));
     c.stop().await
 }
+
+/// `me` names the caller in a path (`DELETE /groups/{id}/members/me` is a
+/// leave), so a member whose id was `me` could never be removed by the
+/// owner: no token, new member or new owner may have it, and the alias
+/// still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_user_is_called_me() -> anyhow::Result<()> {
+    let c = Cluster::start(1, 1).await?;
+    let (status, body) = c.get(0, "me", "/groups").await?;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (401, &json!("unauthorized")),
+        "{body}"
+    );
+    let post = |path: &str, body: Value| {
+        let (c, path) = (&c, path.to_owned());
+        async move {
+            c.call(reqwest::Method::POST, 0, Some("alice"), &path, Some(&body))
+                .await
+        }
+    };
+    let (status, body) = post("/groups", json!({"name": "team", "members": ["me"]})).await?;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (400, &json!("invalid")),
+        "{body}"
+    );
+    let g = c.room(&["alice", "bob"]).await?;
+    let (status, body) = post(&format!("/groups/{g}/members"), json!({"userIds": ["me"]})).await?;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (400, &json!("invalid")),
+        "{body}"
+    );
+    let (status, body) = post(&format!("/groups/{g}/owner"), json!({"userId": "me"})).await?;
+    assert_eq!(status, 400, "{body}");
+    // bob leaves with the alias
+    assert_eq!(c.remove_member(0, "bob", &g, "me").await?, 200);
+    let (status, body) = c.get(0, "alice", &format!("/groups/{g}")).await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["memberCount"], 1, "{body}");
+    c.stop().await
+}
