@@ -436,18 +436,21 @@ impl MessageRepo {
 
     /// Applies a delete stored at stream sequence `version`: the message
     /// becomes a tombstone (its sealed content emptied), whatever edits
-    /// come before or after it. Idempotent; whether it changed anything.
+    /// come before or after it. Idempotent: `Some` of the version it had
+    /// (the stream sequence of its last edit, 0 if none) if it made the
+    /// tombstone, `None` if there was nothing to delete.
     pub async fn apply_delete(
         &self,
         id: &MessageId,
         version: u64,
         by: &UserId,
         deleted_at: Millis,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<u64>, StoreError> {
         let version = i64::try_from(version).unwrap_or(i64::MAX);
-        let r = self
+        let before = self
             .coll
-            .update_one(
+            .clone_with_type::<Document>()
+            .find_one_and_update(
                 doc! { "_id": id.as_str(), "deletedAt": { "$exists": false } },
                 doc! { "$set": {
                     "nonce": binary(&[]), "ciphertext": binary(&[]),
@@ -455,8 +458,15 @@ impl MessageRepo {
                     "deletedBy": by.as_str(), "updatedAt": DateTime::now(),
                 } },
             )
+            .projection(doc! { "version": 1 })
+            .return_document(mongodb::options::ReturnDocument::Before)
             .await?;
-        Ok(r.modified_count > 0)
+        Ok(before.map(|d| {
+            d.get_i64("version")
+                .ok()
+                .and_then(|v| u64::try_from(v).ok())
+                .unwrap_or(0)
+        }))
     }
 
     /// The messages `ids` that are stored (one read).

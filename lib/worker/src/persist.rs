@@ -410,12 +410,7 @@ fn to_change(p: &Persisted) -> Result<ChangeRow, BusError> {
 async fn apply_changes(s: &State, changes: &[ChangeRow]) -> Result<(), WorkerError> {
     for c in changes {
         match c.change {
-            Change::Edit => {
-                s.store
-                    .messages
-                    .apply_edit(&c.id, c.version, &c.content, c.at)
-                    .await?;
-            }
+            Change::Edit => apply_edit(s, c).await?,
             Change::Delete => {
                 let stored = s.store.messages.get(&c.id).await?;
                 if let Some(m) = &stored
@@ -424,19 +419,72 @@ async fn apply_changes(s: &State, changes: &[ChangeRow]) -> Result<(), WorkerErr
                 {
                     delete_object_of(s, m).await;
                 }
-                s.store
+                // out of the stream first (again, if this batch comes
+                // again): the message and the one edit of it the stream
+                // still holds (`apply_edit`)
+                if let Some(m) = &stored
+                    && !m.is_deleted()
+                {
+                    for at in [m.stream_seq.unwrap_or(0), m.version] {
+                        if at > 0 {
+                            s.bus.erase_group_message(at).await?;
+                        }
+                    }
+                }
+                // an edit applied since the read above: its envelope too
+                if let Some(edit) = s
+                    .store
                     .messages
                     .apply_delete(&c.id, c.version, &c.by, c.at)
-                    .await?;
-                // and out of the stream (again, if this batch comes again)
-                if let Some(at) = stored.and_then(|m| m.stream_seq) {
-                    s.bus.erase_group_message(at).await?;
+                    .await?
+                    && edit > 0
+                    && stored.as_ref().is_none_or(|m| m.version != edit)
+                {
+                    s.bus.erase_group_message(edit).await?;
                 }
             }
         }
         metrics::counter!("chat_changes_applied_total").increment(1);
     }
     Ok(())
+}
+
+/// Applies an edit so that the stream holds at most one edit of a message,
+/// the newest: the one it replaces leaves the stream before it is written
+/// (a device that catches up needs only the newest, and a delete then
+/// erases the message and that one edit, so that no deleted text stays in
+/// the stream), and an edit that comes too late to apply (a newer one, or
+/// the delete, is already there) leaves the stream itself. Each erase
+/// happens before what makes it due is written, so a batch delivered again
+/// finds it to do again or done.
+async fn apply_edit(s: &State, c: &ChangeRow) -> Result<(), WorkerError> {
+    // a newer change applied between the read and the write: the next
+    // round sees it (the version only rises, so two rounds decide)
+    for _ in 0..3 {
+        let Some(m) = s.store.messages.get(&c.id).await? else {
+            // never stored: nothing to edit (the edit waited for the message)
+            return Ok(());
+        };
+        if m.version == c.version {
+            return Ok(());
+        }
+        if m.is_deleted() || m.version > c.version {
+            return Ok(s.bus.erase_group_message(c.version).await?);
+        }
+        if m.version > 0 {
+            s.bus.erase_group_message(m.version).await?;
+        }
+        if s.store
+            .messages
+            .apply_edit(&c.id, c.version, &c.content, c.at)
+            .await?
+        {
+            return Ok(());
+        }
+    }
+    Err(WorkerError::Store(chat_store::StoreError::Unavailable(
+        format!("too many concurrent changes to message {}", c.id),
+    )))
 }
 
 /// Removes a media message's object from the store, trying a few times.

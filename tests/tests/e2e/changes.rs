@@ -529,3 +529,73 @@ async fn a_member_added_again_hears_no_change_of_what_was_sent_while_it_was_out(
     );
     c.stop().await
 }
+
+/// The stream keeps only a message's newest edit, and a delete erases it
+/// with the message: a device that catches up after the delete receives
+/// none of the deleted text, from the message or from any of its edits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_message_leaves_no_edit_of_it_in_the_stream() -> anyhow::Result<()> {
+    let c = Cluster::start(1, 1).await?;
+    let g = c.room(&["alice", "bob", "carol"]).await?;
+    // devices with a place before anything is sent, then away
+    c.connect(0, "bob", "tablet").await?.close().await?;
+    c.connect(0, "carol", "phone").await?.close().await?;
+    let mut alice = c.connect(0, "alice", "web").await?;
+    let m1 = alice.send_text(&g, "m1", "hello").await?;
+    for text in ["secret one", "secret two"] {
+        let edit = json!({"groupId": g, "messageId": m1["messageId"], "text": text});
+        alice.request("edit_group_message", edit).await?;
+    }
+    in_history(&c, "alice", &g, 1, |m| m["text"] == "secret two").await?;
+    // bob's tablet catches up on the message and its newest edit only
+    let mut tablet = c.connect(0, "bob", "tablet").await?;
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let push = tablet
+            .next_any_push()
+            .await
+            .with_context(|| format!("{got:?}"))?;
+        if matches!(
+            push["event"].as_str(),
+            Some("a_group_message" | "a_message_updated")
+        ) {
+            got.push((push["event"].clone(), push["data"]["text"].clone()));
+        }
+    }
+    assert_eq!(
+        got,
+        vec![
+            (json!("a_group_message"), json!("hello")),
+            (json!("a_message_updated"), json!("secret two")),
+        ]
+    );
+    tablet.close().await?;
+
+    let delete = json!({"groupId": g, "messageId": m1["messageId"]});
+    alice.request("delete_group_message", delete).await?;
+    alice.send_text(&g, "m2", "after").await?;
+    in_history(&c, "alice", &g, 1, |m| m["deleted"] == true).await?;
+    // carol's phone: the delete and the next message, no text of m1
+    let mut carol = c.connect(0, "carol", "phone").await?;
+    let mut seen = Vec::new();
+    loop {
+        let push = carol
+            .next_any_push()
+            .await
+            .with_context(|| format!("{seen:?}"))?;
+        let text = push.to_string();
+        assert!(
+            !text.contains("secret") && !text.contains("hello"),
+            "{text}"
+        );
+        let event = push["event"].as_str().unwrap_or_default().to_owned();
+        if event == "a_group_message" && push["data"]["seq"] == 2 {
+            break;
+        }
+        if event.starts_with("a_message") || event == "a_group_message" {
+            seen.push(event);
+        }
+    }
+    assert_eq!(seen, vec!["a_message_deleted".to_owned()]);
+    c.stop().await
+}

@@ -68,17 +68,20 @@ async fn changes_apply_in_stream_order_whatever_order_they_come_in() -> anyhow::
     assert_eq!((got.ciphertext, got.edited_at), (vec![3; 3], Some(3_000)));
 
     let alice = UserId::parse("alice")?;
-    assert!(
+    // the delete says which edit it found (the stream sequence to erase)
+    assert_eq!(
         store
             .messages
             .apply_delete(&m.id, 250, &alice, 4_000)
-            .await?
+            .await?,
+        Some(300)
     );
-    assert!(
-        !store
+    assert_eq!(
+        store
             .messages
             .apply_delete(&m.id, 250, &alice, 4_000)
-            .await?
+            .await?,
+        None
     );
     // an edit after the delete (or one delivered late) brings nothing back
     assert!(
