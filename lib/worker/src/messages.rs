@@ -1040,16 +1040,19 @@ impl Messages for MessagesService {
             .map_err(WorkerError::from)?
             .into_iter()
             .collect();
-        let members = record
-            .group
-            .member_ids()
-            .map(|u| {
+        let g = &record.group;
+        let members = g
+            .members
+            .iter()
+            .map(|member| {
+                let u = &member.user_id;
                 // a member that cannot see the message (added after it,
                 // under `joined` history) has neither received nor read
                 // it, however far its watermarks rose since
-                let r = match record.group.visible_from(u) {
-                    Some(from) if from < seq => receipts.get(u).copied().unwrap_or_default(),
-                    _ => chat_store::Receipt::default(),
+                let r = if g.view_of(member) < seq {
+                    receipts.get(u).copied().unwrap_or_default()
+                } else {
+                    chat_store::Receipt::default()
                 };
                 let own = u == &m.sender_id;
                 pb::MemberStatus {
