@@ -96,6 +96,9 @@ struct Shared {
     /// Edits acknowledged, and `a_message_updated` frames received by all
     /// receivers.
     edits_acked: AtomicU64,
+    /// Messages with at least one edit acknowledged (each sender edits
+    /// its own one message).
+    messages_edited: AtomicU64,
     updates_received: AtomicU64,
     /// `a_presence` frames received once connected, and of those, in the
     /// measured window.
@@ -167,6 +170,9 @@ pub struct ChatResult {
     /// Edits acknowledged and `a_message_updated` frames received (the
     /// edits scenario).
     pub edits_acked: u64,
+    /// Messages with at least one edit acknowledged: the stream keeps the
+    /// newest edit of each (the persistence check counts them out).
+    pub messages_edited: u64,
     pub updates_received: u64,
     /// Presence figures (the presence scenario).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -493,6 +499,7 @@ pub async fn run(
         forwarded: AtomicU64::new(0),
         typing_received: AtomicU64::new(0),
         edits_acked: AtomicU64::new(0),
+        messages_edited: AtomicU64::new(0),
         updates_received: AtomicU64::new(0),
         presence_received: (AtomicU64::new(0), AtomicU64::new(0)),
     });
@@ -654,6 +661,7 @@ pub async fn run(
         nats_kib_per_connection: per_conn(mem_before.1.rss_kib, mem_after.1.rss_kib),
         presence,
         edits_acked: shared.edits_acked.load(Ordering::Relaxed),
+        messages_edited: shared.messages_edited.load(Ordering::Relaxed),
         updates_received,
         nats_counts,
     };
@@ -749,6 +757,7 @@ impl Job {
         // the edits scenario: the message this connection edits, and which
         // requests in flight are edits
         let mut own: Option<String> = None;
+        let mut edited = false;
         let mut edit_ids = std::collections::HashSet::new();
         let mut next_id = 10u64;
         let mut current = *phase.borrow();
@@ -819,6 +828,9 @@ impl Job {
                             let was_edit = edit_ids.remove(&frame.id.unwrap_or_default());
                             if frame.event == "ack" && was_edit {
                                 shared.edits_acked.fetch_add(1, Ordering::Relaxed);
+                                if !std::mem::replace(&mut edited, true) {
+                                    shared.messages_edited.fetch_add(1, Ordering::Relaxed);
+                                }
                             } else if frame.event == "ack" && self.edits && own.is_none() {
                                 own = data.message_id.as_deref().map(str::to_owned);
                             }

@@ -207,7 +207,7 @@ async fn main() -> anyhow::Result<()> {
     if report.chat.as_ref().is_some_and(|c| c.acked > 0) {
         eprintln!("checking that MongoDB caught up with the stream");
         // edits are on the messages' subjects too, but are no messages
-        let changes = report.chat.as_ref().map_or(0, |c| c.edits_acked);
+        let changes = report.chat.as_ref().map_or(0, |c| c.messages_edited);
         report.persistence = Some(persistence::check(&system, changes).await?);
     }
     report.load_generator_cpu_percent = own.close().first().map_or(0.0, |u| u.cpu_percent);

@@ -41,25 +41,28 @@ impl Persistence {
     }
 }
 
-/// `changes`: edits acknowledged during the run, which the messages'
-/// subjects carry too (as changes of messages, not messages).
-pub async fn check(system: &System, changes: u64) -> anyhow::Result<Persistence> {
+/// `edited`: messages edited during the run. The messages' subjects carry
+/// their edits too, as changes of messages, not messages; the stream keeps
+/// the newest edit of each (the persist loop erases the one an edit
+/// replaces), so once persistence has caught up it holds one change per
+/// edited message.
+pub async fn check(system: &System, edited: u64) -> anyhow::Result<Persistence> {
     let nats = crate::baseline::connect_options(&system.stack.nats.users.ops)
         .connect(crate::baseline::servers(&system.stack.nats.url))
         .await?;
     let js = async_nats::jetstream::new(nats);
+    let groups = js.get_stream("CHAT_GROUPS").await?;
     // the group stream also carries membership events, which MongoDB does
-    // not hold: count the messages' subjects only
-    let mut in_stream = 0u64;
-    let mut subjects = js
-        .get_stream("CHAT_GROUPS")
-        .await?
-        .info_with_subjects("chat.group.*.msg")
-        .await?;
-    while let Some(subject) = futures::StreamExt::next(&mut subjects).await {
-        in_stream += subject?.1 as u64;
-    }
-    let in_stream = in_stream.saturating_sub(changes);
+    // not hold: count the messages' subjects only; counted again at each
+    // look, as edits being persisted still erase the ones they replace
+    let in_stream = || async {
+        let mut n = 0u64;
+        let mut subjects = groups.info_with_subjects("chat.group.*.msg").await?;
+        while let Some(subject) = futures::StreamExt::next(&mut subjects).await {
+            n += subject?.1 as u64;
+        }
+        Ok::<_, anyhow::Error>(n.saturating_sub(edited))
+    };
     // what the run stored in the users' notification stream (statuses,
     // mentions, group events): the bucket of per-member costs
     let notifications = js
@@ -74,15 +77,16 @@ pub async fn check(system: &System, changes: u64) -> anyhow::Result<Persistence>
         .database("chat")
         .collection::<mongodb::bson::Document>("messages");
     let started = Instant::now();
-    let (in_mongodb, caught_up_after_secs) = loop {
+    let (in_stream, in_mongodb, caught_up_after_secs) = loop {
         let n = messages
             .count_documents(doc! { "state": "committed" })
             .await?;
-        if n >= in_stream {
-            break (n, Some(started.elapsed().as_secs_f64()));
+        let stream = in_stream().await?;
+        if n >= stream {
+            break (stream, n, Some(started.elapsed().as_secs_f64()));
         }
         if started.elapsed() > CATCH_UP {
-            break (n, None);
+            break (stream, n, None);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
