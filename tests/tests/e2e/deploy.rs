@@ -480,8 +480,17 @@ async fn the_shipped_nginx_config_balances_websockets_over_real_edges() -> anyho
             .get(format!("http://{front}/groups?token={secret}"))
             .send()
             .await?;
-        let log = std::fs::read_to_string(dir.path().join("access.log"))?;
-        assert!(log.contains("/groups"), "requests are logged: {log}");
+        // nginx writes the line after the response has gone out: wait for it
+        let path = dir.path().join("access.log");
+        let log = eventually(PROMPTLY, || async {
+            let log = std::fs::read_to_string(&path)?;
+            Ok(log.contains("/groups").then_some(log))
+        })
+        .await
+        .map_err(|e| {
+            let log = std::fs::read_to_string(&path).unwrap_or_default();
+            e.context(format!("the request was not logged: {log}"))
+        })?;
         assert!(!log.contains(&secret), "a token reached the access log");
         assert!(
             !log.contains("token="),
