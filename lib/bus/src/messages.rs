@@ -55,7 +55,9 @@ pub struct Envelope {
     pub changed_by: String,
     /// The group shows each member only what was sent after it joined
     /// (`joined` history): a change reaches a connection only once its
-    /// view of the group is checked.
+    /// view of the group is checked; a reply (set only on one) reaches a
+    /// connection whose view starts after the message it answers without
+    /// what it answers.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub joined_only: bool,
 }

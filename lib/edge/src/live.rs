@@ -57,10 +57,26 @@ pub(crate) struct LiveFrame {
     /// of other keys the hub holds for the attach (see
     /// [`Registration::unheld_through`]).
     pub place: u64,
-    /// A change in a group with `joined` history, from the live feed: the
-    /// writer checks the connection's view of the group before it goes
-    /// out (a catch-up checked it already).
-    pub restricted: bool,
+    /// What the writer checks of the connection's view of the group
+    /// before it goes out (a catch-up checked it already).
+    pub restricted: Restriction,
+}
+
+/// What a group message from the live feed shows only to some of the
+/// group's members, in a group with `joined` history (each sees only what
+/// followed its addition).
+#[derive(Clone, Debug, Default)]
+pub(crate) enum Restriction {
+    /// Nothing: it goes to every connection that follows the group.
+    #[default]
+    None,
+    /// All of it: a change of the message at the frame's `seq` reaches
+    /// only connections whose view of the group starts at or before it.
+    Change,
+    /// What it answers: a reply to the message at `seq` goes as `bare`,
+    /// the frame without what it answers, to a connection whose view of
+    /// the group starts after that message.
+    Reply { seq: u64, bare: Utf8Bytes },
 }
 
 /// An ephemeral frame (typing, presence, a reaction) as queued on a
@@ -254,14 +270,13 @@ impl LiveHub {
     }
 
     /// Hands on a group message at `stream_seq`; `open` makes its frame
-    /// (with its seq, and whether it is restricted: see
-    /// [`LiveFrame::restricted`]) and runs only if some connection follows
-    /// the group.
+    /// (with its seq and [`Restriction`]) and runs only if some connection
+    /// follows the group.
     pub(crate) fn message<E>(
         &self,
         stream_seq: u64,
         group: &str,
-        open: impl FnOnce() -> Result<(Utf8Bytes, u64, bool), E>,
+        open: impl FnOnce() -> Result<(Utf8Bytes, u64, Restriction), E>,
     ) -> Result<usize, E> {
         let mut hub = self.lock();
         let before = self.position.swap(stream_seq, Ordering::SeqCst);
@@ -737,7 +752,9 @@ pub(crate) async fn feed(app: Weak<crate::Inner>, feed: Feed) {
             Feed::User => match feed.key_of(&msg.subject) {
                 Some(user) => {
                     let text = std::str::from_utf8(&msg.payload).map(Utf8Bytes::from);
-                    if let Err(e) = hub.message(seq, user, || text.map(|t| (t, 0, false))) {
+                    if let Err(e) =
+                        hub.message(seq, user, || text.map(|t| (t, 0, Restriction::None)))
+                    {
                         tracing::error!(user, stream_seq = seq, error = %e, "undeliverable notification on the bus; skipping it");
                     }
                 }
@@ -824,7 +841,7 @@ mod tests {
 
     fn send(hub: &LiveHub, stream_seq: u64, group: &str) {
         hub.message::<()>(stream_seq, group, || {
-            Ok((Utf8Bytes::from("m"), stream_seq, false))
+            Ok((Utf8Bytes::from("m"), stream_seq, Restriction::None))
         })
         .expect("open");
     }
@@ -854,7 +871,7 @@ mod tests {
         let mut opened = 0;
         hub.message::<()>(1, "g1", || {
             opened += 1;
-            Ok((Utf8Bytes::from("m"), 1, false))
+            Ok((Utf8Bytes::from("m"), 1, Restriction::None))
         })
         .expect("open");
         send(&hub, 2, "g2");

@@ -32,7 +32,7 @@ use crate::{
     media::{self, MediaContent, check_media},
     parse_id,
     persist::{self, CATCH_UP, read_caught_up},
-    publish::{Publishing, Reservation, Taken, lower_bound, publish_locked, publish_new},
+    publish::{Publishing, Reservation, Taken, Unsealed, lower_bound, publish_locked, publish_new},
 };
 
 /// Largest history page.
@@ -465,6 +465,13 @@ impl MessagesService {
         } else {
             Some(self.answered(&sender, &group, &req.reply_to).await?)
         };
+        let unsealed = Unsealed {
+            mentions,
+            // the edge writes it without the reply for a member who joined
+            // after the message it answers
+            joined_only: reply_to.is_some()
+                && s.history(&group).await? == chat_domain::History::Joined,
+        };
         let content = if kind == MessageKind::Text {
             Content {
                 text: Some(req.text),
@@ -517,7 +524,7 @@ impl MessagesService {
             version: 0,
         };
         let prepared = started.elapsed();
-        let p = match publish_new(s, &m, plaintext, mentions, after, taken).await {
+        let p = match publish_new(s, &m, plaintext, unsealed, after, taken).await {
             Ok(p) => p,
             Err(e) => {
                 // uncertain: a retry with the same client id settles it

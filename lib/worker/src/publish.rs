@@ -214,13 +214,25 @@ pub(crate) async fn newest_seq(s: &State, group: &GroupId) -> Result<u64, Worker
     Ok(looked_up(s, group).await?.seq)
 }
 
+/// What a new message's envelope says in the clear beside its sealed
+/// content.
+#[derive(Debug, Default)]
+pub(crate) struct Unsealed {
+    /// The members it mentions.
+    pub(crate) mentions: Vec<UserId>,
+    /// A reply in a group with `joined` history: a connection whose view of
+    /// the group starts after the message it answers gets it without what
+    /// it answers.
+    pub(crate) joined_only: bool,
+}
+
 /// `m` as the envelope published at `seq`, its content sealed for that seq.
 fn envelope(
     s: &State,
     m: &StoredMessage,
     plaintext: &[u8],
     seq: u64,
-    mentions: &[UserId],
+    unsealed: &Unsealed,
 ) -> Envelope {
     let sealed = s.keys.seal(plaintext, &binding(m, seq).aad(BINDING_V2));
     Envelope {
@@ -235,10 +247,10 @@ fn envelope(
         nonce: B64.encode(&sealed.nonce),
         ciphertext: B64.encode(&sealed.ciphertext),
         binding: BINDING_V2,
-        mentions: mentions.iter().map(UserId::to_string).collect(),
+        mentions: unsealed.mentions.iter().map(UserId::to_string).collect(),
         change: None,
         changed_by: String::new(),
-        joined_only: false,
+        joined_only: unsealed.joined_only,
     }
 }
 
@@ -248,7 +260,7 @@ pub(crate) enum Publishing<'a> {
     Message {
         m: &'a StoredMessage,
         plaintext: &'a [u8],
-        mentions: &'a [UserId],
+        unsealed: &'a Unsealed,
     },
     /// A change of an earlier message, under its own de-duplication id:
     /// it takes no seq.
@@ -276,10 +288,10 @@ pub(crate) async fn publish_locked(
             Publishing::Message {
                 m,
                 plaintext,
-                mentions,
+                unsealed,
             } => {
                 let seq = last.seq + 1;
-                let env = envelope(s, m, plaintext, seq, mentions);
+                let env = envelope(s, m, plaintext, seq, unsealed);
                 (
                     seq,
                     s.bus.publish_group_message(&env, last.stream_seq).await,
@@ -427,7 +439,7 @@ impl Taken {
 struct Queued {
     m: StoredMessage,
     plaintext: Vec<u8>,
-    mentions: Vec<UserId>,
+    unsealed: Unsealed,
     /// A stream sequence it cannot be at or before.
     after: u64,
     /// When its send queued it.
@@ -482,7 +494,7 @@ pub(crate) async fn publish_new(
     s: &Arc<State>,
     m: &StoredMessage,
     plaintext: Vec<u8>,
-    mentions: Vec<UserId>,
+    unsealed: Unsealed,
     after: u64,
     taken: Taken,
 ) -> Result<Position, WorkerError> {
@@ -491,7 +503,7 @@ pub(crate) async fn publish_new(
     lock(&slot.queue).push_back(Queued {
         m: m.clone(),
         plaintext,
-        mentions,
+        unsealed,
         after,
         queued_at: std::time::Instant::now(),
         taken,
@@ -667,7 +679,7 @@ async fn publish_queued(
         let outgoing = Publishing::Message {
             m: &q.m,
             plaintext: &q.plaintext,
-            mentions: &q.mentions,
+            unsealed: &q.unsealed,
         };
         let result = publish_locked(s, slot, cached, outgoing, q.after).await;
         if let Err(e) = &result {
@@ -701,7 +713,7 @@ async fn publish_batch(
         let last = known_position(s, slot, cached).await.map_err(error)?;
         let envelopes: Vec<Envelope> = (1..)
             .zip(batch.iter())
-            .map(|(i, q)| envelope(s, &q.m, &q.plaintext, last.seq + i, &q.mentions))
+            .map(|(i, q)| envelope(s, &q.m, &q.plaintext, last.seq + i, &q.unsealed))
             .collect();
         for q in batch.iter_mut() {
             q.taken.keep();
@@ -769,7 +781,7 @@ mod tests {
         let q = Queued {
             m,
             plaintext: vec![b'x'; bytes],
-            mentions: Vec::new(),
+            unsealed: Unsealed::default(),
             after: 0,
             queued_at: std::time::Instant::now(),
             taken: Taken::default(),

@@ -1241,6 +1241,14 @@ async fn a_reply_carries_a_preview_of_the_message_it_answers_everywhere() -> any
     }
     let old = alice.send_text(&j, "j1", "before carol").await?;
     assert_eq!(c.add_members("alice", &j, &["carol"]).await?, 200);
+    // carol follows it on a device away during the answer (it catches up
+    // on it) and on one online; bob too, online
+    let mut away = c.connect(1, "carol", "away").await?;
+    away.request("subscribe_to_group", json!({"groupId": j}))
+        .await?;
+    away.close().await?;
+    let mut carol_online = c.connect(0, "carol", "online").await?;
+    let mut bob_online = c.connect(1, "bob", "online").await?;
     let answer = bob
         .request(
             "send_group_message",
@@ -1248,16 +1256,25 @@ async fn a_reply_carries_a_preview_of_the_message_it_answers_everywhere() -> any
                    "replyTo": old["messageId"]}),
         )
         .await?;
+    let ids_only = json!({"messageId": old["messageId"], "seq": old["seq"], "senderId": "alice", "type": "text"});
+    let live = message_with(&mut bob_online, &answer["messageId"]).await?;
+    assert_eq!(live["replyTo"], ids_only, "bob saw the answered message");
+    let mut away = c.connect(1, "carol", "away").await?;
+    for (how, ws) in [("live", &mut carol_online), ("on reconnect", &mut away)] {
+        let m = message_with(ws, &answer["messageId"]).await?;
+        assert_eq!(m["text"], "late answer", "{how}: {m}");
+        assert_eq!(
+            m.get("replyTo"),
+            None,
+            "{how}: carol learns what it answers"
+        );
+    }
     let for_bob = c.history("bob", &j).await?;
     let reply = for_bob
         .iter()
         .find(|m| m["messageId"] == answer["messageId"])
         .context("reply in bob's history")?;
-    assert_eq!(
-        reply["replyTo"],
-        json!({"messageId": old["messageId"], "seq": old["seq"], "senderId": "alice", "type": "text"}),
-        "ids only under joined history"
-    );
+    assert_eq!(reply["replyTo"], ids_only, "ids only under joined history");
     let for_carol = c.history("carol", &j).await?;
     let reply = for_carol
         .iter()
@@ -1270,6 +1287,16 @@ async fn a_reply_carries_a_preview_of_the_message_it_answers_everywhere() -> any
     );
     assert!(for_carol.iter().all(|m| m["messageId"] != old["messageId"]));
     c.stop().await
+}
+
+/// The `a_group_message` push of message `id`, skipping others.
+async fn message_with(ws: &mut Client, id: &Value) -> anyhow::Result<Value> {
+    loop {
+        let m = ws.messages(1).await?.remove(0);
+        if &m["messageId"] == id {
+            return Ok(m);
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

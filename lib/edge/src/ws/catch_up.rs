@@ -290,7 +290,7 @@ impl CatchUpTask {
                     feed: Feed::User,
                     caught_up: true,
                     place: stream_seq.min(unheld),
-                    restricted: false,
+                    restricted: Restriction::None,
                 }),
                 Err(e) => {
                     tracing::error!(stream_seq, error = %e, "undeliverable notification on the bus; skipping it");
@@ -325,11 +325,8 @@ impl CatchUpTask {
             }
         };
         // from before the user joined a group with `joined` history
-        match self
-            .visibility
-            .hides(&self.app, &self.user, group, opened.seq)
-            .await
-        {
+        let hides = |seq| self.visibility.hides(&self.app, &self.user, group, seq);
+        match hides(opened.seq).await {
             Ok(true) => return Ok(None),
             Ok(false) => {}
             Err(e) => {
@@ -337,8 +334,20 @@ impl CatchUpTask {
                 return Err(());
             }
         }
+        // a reply to a message from before then goes without it
+        let text = match opened.restriction {
+            Restriction::Reply { seq, bare } => match hides(seq).await {
+                Ok(false) => opened.text,
+                Ok(true) => bare,
+                Err(e) => {
+                    tracing::warn!(error = %e, group, "cannot tell whether an answered message predates the member; reading it again");
+                    return Err(());
+                }
+            },
+            Restriction::None | Restriction::Change => opened.text,
+        };
         Ok(Some(LiveFrame {
-            text: opened.text,
+            text,
             group: Arc::from(group),
             seq: opened.seq,
             stream_seq,
@@ -346,7 +355,7 @@ impl CatchUpTask {
             caught_up: true,
             place: stream_seq.min(unheld),
             // checked above
-            restricted: false,
+            restricted: Restriction::None,
         }))
     }
 
@@ -435,8 +444,10 @@ mod tests {
         let reg = hub.register("ann", Arc::new(tx.clone()));
         reg.load(&["a".to_owned(), "h".to_owned()]).expect("load");
         let send = |at: u64, group: &str| {
-            hub.message::<()>(at, group, || Ok((Utf8Bytes::from("m"), at, false)))
-                .expect("open");
+            hub.message::<()>(at, group, || {
+                Ok((Utf8Bytes::from("m"), at, Restriction::None))
+            })
+            .expect("open");
         };
         send(2, "a");
         send(3, "h");
@@ -470,8 +481,10 @@ mod tests {
         );
         hub.start(0);
         for at in 1..=5000 {
-            hub.message::<()>(at, "ann", || Ok((Utf8Bytes::from("n"), 0, false)))
-                .expect("open");
+            hub.message::<()>(at, "ann", || {
+                Ok((Utf8Bytes::from("n"), 0, Restriction::None))
+            })
+            .expect("open");
         }
         assert_eq!(
             attach(&reg, Feed::User, (0, &[]), &tx).await,

@@ -9,9 +9,9 @@ pub(super) struct Opened {
     pub(super) text: Utf8Bytes,
     pub(super) seq: u64,
     pub(super) created_at: i64,
-    /// A change in a group with `joined` history: each connection's view
-    /// of the group is checked before it goes out.
-    pub(super) restricted: bool,
+    /// What only some members may see, in a group with `joined` history:
+    /// each connection's view of the group is checked before it goes out.
+    pub(super) restriction: Restriction,
 }
 
 /// Group messages this edge has opened recently, by stream sequence: the
@@ -61,14 +61,14 @@ pub(crate) fn open_live(
     app: &AppState,
     stream_seq: u64,
     payload: &bytes::Bytes,
-) -> Result<(Utf8Bytes, u64, bool), String> {
+) -> Result<(Utf8Bytes, u64, Restriction), String> {
     let opened = opened_at(app, stream_seq, payload)?;
     // live only: a catch-up hands on messages as old as the device's absence
     let age_ms = chat_domain::now_millis()
         .saturating_sub(opened.created_at)
         .max(0);
     metrics::histogram!("chat_delivery_latency_seconds").record(age_ms as f64 / 1000.0);
-    Ok((opened.text, opened.seq, opened.restricted))
+    Ok((opened.text, opened.seq, opened.restriction))
 }
 
 /// The message at `stream_seq`, opened once per edge whichever path reads
@@ -94,10 +94,30 @@ pub(super) fn opened_at(
 pub(super) fn open_envelope(app: &AppState, payload: &bytes::Bytes) -> Result<Opened, String> {
     let env: Envelope =
         serde_json::from_slice(payload).map_err(|e| format!("bad envelope: {e}"))?;
-    let (created_at, seq, restricted) = (env.created_at, env.seq, env.joined_only);
-    let text = match env.change {
+    let (created_at, seq, joined_only) = (env.created_at, env.seq, env.joined_only);
+    let (text, restriction) = match env.change {
         None => message_frame(app, env)?,
-        Some(Change::Edit) => {
+        Some(change) => (change_frame(app, env, change)?, Restriction::Change),
+    };
+    let restriction = if joined_only {
+        restriction
+    } else {
+        Restriction::None
+    };
+    Ok(Opened {
+        payload: payload.clone(),
+        text: text.into(),
+        seq,
+        created_at,
+        restriction,
+    })
+}
+
+/// The `a_message_updated` or `a_message_deleted` frame of a change's
+/// envelope.
+fn change_frame(app: &AppState, env: Envelope, change: Change) -> Result<String, String> {
+    Ok(match change {
+        Change::Edit => {
             let content = open_content(app, &env)?;
             to_json(&ServerFrame {
                 event: event::MESSAGE_UPDATED.into(),
@@ -112,7 +132,7 @@ pub(super) fn open_envelope(app: &AppState, payload: &bytes::Bytes) -> Result<Op
                 },
             })
         }
-        Some(Change::Delete) => to_json(&ServerFrame {
+        Change::Delete => to_json(&ServerFrame {
             event: event::MESSAGE_DELETED.into(),
             id: None,
             data: MessageDeletedView {
@@ -123,13 +143,6 @@ pub(super) fn open_envelope(app: &AppState, payload: &bytes::Bytes) -> Result<Op
                 deleted_at: format_millis(env.created_at),
             },
         }),
-    };
-    Ok(Opened {
-        payload: payload.clone(),
-        text: text.into(),
-        seq,
-        created_at,
-        restricted,
     })
 }
 
@@ -153,8 +166,10 @@ fn open_content(app: &AppState, env: &Envelope) -> Result<Value, String> {
     serde_json::from_slice(&plain).map_err(|e| e.to_string())
 }
 
-/// The `a_group_message` frame of a message's envelope.
-fn message_frame(app: &AppState, env: Envelope) -> Result<String, String> {
+/// The `a_group_message` frame of a message's envelope, and if it is a
+/// reply, the frame without what it answers for those who may not see
+/// that (what restricts it, if the envelope says it is restricted).
+fn message_frame(app: &AppState, env: Envelope) -> Result<(String, Restriction), String> {
     let content = open_content(app, &env)?;
     let view = MessageView {
         message_id: env.message_id,
@@ -171,9 +186,22 @@ fn message_frame(app: &AppState, env: Envelope) -> Result<String, String> {
         deleted: false,
         deleted_at: None,
     };
-    Ok(to_json(&ServerFrame {
+    let answers = view.reply_to.as_ref().map(|r| r.seq);
+    let mut frame = ServerFrame {
         event: event::GROUP_MESSAGE.into(),
         id: None,
         data: view,
-    }))
+    };
+    let text = to_json(&frame);
+    let restriction = match answers {
+        Some(seq) if env.joined_only => {
+            frame.data.reply_to = None;
+            Restriction::Reply {
+                seq,
+                bare: to_json(&frame).into(),
+            }
+        }
+        _ => Restriction::None,
+    };
+    Ok((text, restriction))
 }

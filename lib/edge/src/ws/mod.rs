@@ -61,7 +61,7 @@ use crate::{
     auth::{WS_PROTOCOL, bearer, subprotocol_bearer},
     evictions,
     limits::TokenBucket,
-    live::{LiveFrame, NotYet, Registration, SignalFrame, Sink},
+    live::{LiveFrame, NotYet, Registration, Restriction, SignalFrame, Sink},
     workers::rpc,
 };
 

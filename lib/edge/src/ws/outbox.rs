@@ -473,7 +473,7 @@ mod tests {
             feed: Feed::Groups,
             caught_up: false,
             place: seq,
-            restricted: false,
+            restricted: Restriction::None,
         }
     }
 

@@ -116,17 +116,25 @@ pub(super) async fn write_loop(
                     fed(&mut sink, Message::Text(text), deadline).await
                 }
             }
-            Outgoing::Live(f) => {
+            Outgoing::Live(mut f) => {
                 if f.caught_up {
                     metrics::counter!("chat_ws_deliveries_total", "feed" => f.feed.label())
                         .increment(1);
                 } else {
                     tally.deliveries += 1;
                 }
-                let hides = if f.restricted {
-                    hidden(&app, &visibility, &user, &f).await
-                } else {
-                    Some(false)
+                let hides = match std::mem::take(&mut f.restricted) {
+                    Restriction::None => Some(false),
+                    Restriction::Change => hidden(&app, &visibility, &user, &f.group, f.seq).await,
+                    Restriction::Reply { seq, bare } => {
+                        // what it answers is left out unless the member
+                        // can be seen to see that (the message goes either
+                        // way)
+                        if hidden(&app, &visibility, &user, &f.group, seq).await != Some(false) {
+                            f.text = bare;
+                        }
+                        Some(false)
+                    }
                 };
                 match f.feed {
                     _ if hides.is_none() => {
@@ -228,19 +236,21 @@ pub(super) async fn write_loop(
     within(CLOSE_HANDSHAKE, sink.close()).await;
 }
 
-/// Whether a change of a message in a group with `joined` history is
-/// hidden from this connection's member (the message is from before it
-/// joined); `None` if that cannot be read now.
+/// Whether the message at `seq` of a group with `joined` history (one a
+/// change changes, or a reply answers) is hidden from this connection's
+/// member (it is from before the member joined); `None` if that cannot be
+/// read now.
 async fn hidden(
     app: &AppState,
     visibility: &Visibility,
     user: &UserId,
-    f: &LiveFrame,
+    group: &str,
+    seq: u64,
 ) -> Option<bool> {
-    match visibility.hides(app, user, &f.group, f.seq).await {
+    match visibility.hides(app, user, group, seq).await {
         Ok(hides) => Some(hides),
         Err(e) => {
-            tracing::warn!(group = %f.group, error = %e, "cannot tell whether a change predates the member; the connection resumes from before it");
+            tracing::warn!(group, seq, error = %e, "cannot tell whether a message predates the member");
             None
         }
     }
@@ -772,7 +782,7 @@ mod tests {
                 feed: Feed::Groups,
                 caught_up: false,
                 place: 1,
-                restricted: false,
+                restricted: Restriction::None,
             })
         };
         let mut burst = Burst::default();
