@@ -73,10 +73,11 @@ pub(crate) enum Restriction {
     /// All of it: a change of the message at the frame's `seq` reaches
     /// only connections whose view of the group starts at or before it.
     Change,
-    /// What it answers: a reply to the message at `seq` goes as `bare`,
-    /// the frame without what it answers, to a connection whose view of
-    /// the group starts after that message.
-    Reply { seq: u64, bare: Utf8Bytes },
+    /// What it answers: a reply to the message at the `seq` this holds
+    /// goes as the frame it holds, without what it answers, to a
+    /// connection whose view of the group starts after that message
+    /// (shared: a queued frame stays small).
+    Reply(Arc<(u64, Utf8Bytes)>),
 }
 
 /// An ephemeral frame (typing, presence, a reaction) as queued on a

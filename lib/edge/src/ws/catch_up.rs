@@ -336,9 +336,9 @@ impl CatchUpTask {
         }
         // a reply to a message from before then goes without it
         let text = match opened.restriction {
-            Restriction::Reply { seq, bare } => match hides(seq).await {
+            Restriction::Reply(reply) => match hides(reply.0).await {
                 Ok(false) => opened.text,
-                Ok(true) => bare,
+                Ok(true) => reply.1.clone(),
                 Err(e) => {
                     tracing::warn!(error = %e, group, "cannot tell whether an answered message predates the member; reading it again");
                     return Err(());

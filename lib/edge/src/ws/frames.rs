@@ -196,10 +196,7 @@ fn message_frame(app: &AppState, env: Envelope) -> Result<(String, Restriction),
     let restriction = match answers {
         Some(seq) if env.joined_only => {
             frame.data.reply_to = None;
-            Restriction::Reply {
-                seq,
-                bare: to_json(&frame).into(),
-            }
+            Restriction::Reply(Arc::new((seq, to_json(&frame).into())))
         }
         _ => Restriction::None,
     };

@@ -126,12 +126,13 @@ pub(super) async fn write_loop(
                 let hides = match std::mem::take(&mut f.restricted) {
                     Restriction::None => Some(false),
                     Restriction::Change => hidden(&app, &visibility, &user, &f.group, f.seq).await,
-                    Restriction::Reply { seq, bare } => {
+                    Restriction::Reply(reply) => {
                         // what it answers is left out unless the member
                         // can be seen to see that (the message goes either
                         // way)
-                        if hidden(&app, &visibility, &user, &f.group, seq).await != Some(false) {
-                            f.text = bare;
+                        if hidden(&app, &visibility, &user, &f.group, reply.0).await != Some(false)
+                        {
+                            f.text = reply.1.clone();
                         }
                         Some(false)
                     }
