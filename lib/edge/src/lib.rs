@@ -157,6 +157,8 @@ pub struct Inner {
     pub sessions_running: tokio_util::task::TaskTracker,
     /// Group messages recently opened for delivery (see `ws`).
     pub(crate) opened: ws::OpenedFrames,
+    /// What became of messages replies answer, asked by catch-ups.
+    pub(crate) answers: ws::Answers,
     /// This edge's live connections and the groups they follow (`live`).
     pub(crate) live: Arc<live::LiveHub>,
     /// The same for notifications, by user.
@@ -222,6 +224,7 @@ impl AppState {
             closing: tokio::sync::watch::channel(false).0,
             sessions_running: tokio_util::task::TaskTracker::new(),
             opened: Default::default(),
+            answers: Default::default(),
             live: Arc::new(live::LiveHub::new(chat_bus::Feed::Groups)),
             notices: Arc::new(live::LiveHub::new(chat_bus::Feed::User)),
             feed_tasks: Default::default(),

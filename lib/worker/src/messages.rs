@@ -808,32 +808,55 @@ pub(crate) async fn answered_now(
         .filter_map(|m| m.reply_to.as_ref())
         .filter_map(|r| MessageId::parse(r.message_id.as_str()).ok())
         .collect();
-    if ids.is_empty() {
-        return Ok(());
-    }
-    let refs: Vec<&MessageId> = ids.iter().collect();
-    let changed: HashMap<String, StoredMessage> = s
-        .store
-        .messages
-        .get_many(&refs)
+    let changed: HashMap<String, (StoredMessage, Option<String>)> = changed_answers(s, &ids)
         .await?
         .into_iter()
-        .filter(|t| t.is_deleted() || t.edited_at.is_some())
-        .map(|t| (t.id.to_string(), t))
+        .map(|c| (c.0.id.to_string(), c))
         .collect();
-    for r in page.iter_mut().filter_map(|m| m.reply_to.as_mut()) {
-        let Some(t) = changed.get(&r.message_id) else {
+    for m in page.iter_mut() {
+        let Some(r) = m.reply_to.as_mut() else {
             continue;
         };
-        if t.is_deleted() {
-            r.preview = String::new();
-            r.deleted = true;
-        } else if !r.preview.is_empty() {
+        match changed.get(&r.message_id) {
+            // (replies answer messages of their own group)
+            Some((t, _)) if t.group_id.as_str() != m.group_id => {}
+            Some((_, None)) => {
+                r.preview = String::new();
+                r.deleted = true;
+            }
             // (a reply under `joined` history carries no preview at all)
-            r.preview = reply_preview(&open_content(s, t)?.text.unwrap_or_default());
+            Some((_, Some(preview))) if !r.preview.is_empty() => r.preview = preview.clone(),
+            Some(_) | None => {}
         }
     }
     Ok(())
+}
+
+/// The messages among `ids` edited or deleted since they were sent, each
+/// with the preview a reply shows of it now (`None`: deleted). One read;
+/// none for no ids.
+async fn changed_answers(
+    s: &State,
+    ids: &[MessageId],
+) -> Result<Vec<(StoredMessage, Option<String>)>, WorkerError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let refs: Vec<&MessageId> = ids.iter().collect();
+    let mut changed = Vec::new();
+    for t in s.store.messages.get_many(&refs).await? {
+        let now = if t.is_deleted() {
+            None
+        } else if t.edited_at.is_some() {
+            Some(reply_preview(
+                &open_content(s, &t)?.text.unwrap_or_default(),
+            ))
+        } else {
+            continue;
+        };
+        changed.push((t, now));
+    }
+    Ok(changed)
 }
 
 /// The sealed content of a stored message, opened.
@@ -1169,6 +1192,46 @@ impl Messages for MessagesService {
             .change(&req.caller, &req.group_id, &req.message_id, None)
             .await?;
         Ok(Response::new(done))
+    }
+
+    async fn answered(
+        &self,
+        req: Request<pb::AnsweredRequest>,
+    ) -> Result<Response<pb::AnsweredResponse>, Status> {
+        let req = req.into_inner();
+        let s = &self.0;
+        let caller = parse_id::<UserId>(&req.caller)?;
+        let group = parse_id::<GroupId>(&req.group_id)?;
+        if req.message_ids.len() > MAX_HISTORY_PAGE as usize {
+            return Err(status(
+                DomainError::Invalid(format!(
+                    "at most {MAX_HISTORY_PAGE} answered messages at once"
+                ))
+                .into(),
+            ));
+        }
+        let from = s.check_member(&caller, &group).await.map_err(status)?;
+        let ids = req
+            .message_ids
+            .iter()
+            .map(|id| parse_id::<MessageId>(id))
+            .collect::<Result<Vec<_>, _>>()?;
+        let changed = changed_answers(s, &ids)
+            .await
+            .map_err(status)?
+            .into_iter()
+            // what the caller can see of its group; nothing of another
+            .filter(|(m, _)| m.group_id == group && m.seq.is_some_and(|seq| seq > from))
+            .map(|(m, now)| pb::ReplyRef {
+                message_id: m.id.to_string(),
+                seq: m.seq.unwrap_or_default(),
+                sender_id: m.sender_id.to_string(),
+                r#type: m.kind,
+                deleted: now.is_none(),
+                preview: now.unwrap_or_default(),
+            })
+            .collect();
+        Ok(Response::new(pb::AnsweredResponse { changed }))
     }
 
     async fn mentions(

@@ -289,6 +289,8 @@ async fn edits_end_with_the_window_and_replies_show_the_answered_message_as_it_i
     // no edit window at all: nothing can be edited, everything deleted
     let c = Cluster::start_with(1, 1, &["--edit-window-secs=0"]).await?;
     let g = c.room(&["alice", "bob"]).await?;
+    // bob's phone is away from before the reply until after the delete
+    c.connect(0, "bob", "phone").await?.close().await?;
     let mut alice = c.connect(0, "alice", "web").await?;
     let mut bob = c.connect(0, "bob", "web").await?;
     let m = alice.send_text(&g, "m1", "first").await?;
@@ -319,13 +321,33 @@ async fn edits_end_with_the_window_and_replies_show_the_answered_message_as_it_i
     })
     .await?;
     assert_eq!(shown["replyTo"].get("preview"), None, "{shown}");
+    // catching up, the phone gets the reply as history shows it: the text
+    // taken back is not in it
+    let mut phone = c.connect(0, "bob", "phone").await?;
+    let caught = reply_in(&mut phone, &reply["messageId"]).await?;
+    assert_eq!(
+        caught["replyTo"],
+        json!({"messageId": m["messageId"], "seq": m["seq"], "senderId": "alice",
+               "type": "text", "deleted": true}),
+    );
     c.stop().await
+}
+
+/// The `a_group_message` push of message `id`, skipping others.
+async fn reply_in(ws: &mut Client, id: &Value) -> anyhow::Result<Value> {
+    loop {
+        let m = ws.messages(1).await?.remove(0);
+        if &m["messageId"] == id {
+            return Ok(m);
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edited_message_s_replies_preview_the_new_text_in_history() -> anyhow::Result<()> {
     let c = Cluster::start(1, 2).await?;
     let g = c.room(&["alice", "bob"]).await?;
+    c.connect(0, "bob", "phone").await?.close().await?;
     let mut alice = c.connect(0, "alice", "web").await?;
     let mut bob = c.connect(0, "bob", "web").await?;
     let m = alice.send_text(&g, "m1", "lunch at 12?").await?;
@@ -347,6 +369,11 @@ async fn an_edited_message_s_replies_preview_the_new_text_in_history() -> anyhow
     })
     .await?;
     assert_eq!(shown["replyTo"].get("deleted"), None, "{shown}");
+    // and so does a device catching up on the reply
+    let mut phone = c.connect(0, "bob", "phone").await?;
+    let caught = reply_in(&mut phone, &reply["messageId"]).await?;
+    assert_eq!(caught["replyTo"]["preview"], "lunch at 1?", "{caught}");
+    assert_eq!(caught["text"], "yes");
     // the group list's last message is that reply: it shows the same
     let last = |user: &'static str| {
         let c = &c;
@@ -597,5 +624,79 @@ async fn a_deleted_message_leaves_no_edit_of_it_in_the_stream() -> anyhow::Resul
         }
     }
     assert_eq!(seen, vec!["a_message_deleted".to_owned()]);
+    c.stop().await
+}
+
+/// What replies answer, as a catch-up asks a worker: only for a member,
+/// only of its group, at most 100 at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_tells_what_became_of_answered_messages_only_to_members() -> anyhow::Result<()> {
+    use chat_rpc::pb::{self, messages_client::MessagesClient};
+    let c = Cluster::start(1, 1).await?;
+    let g = c.room(&["alice", "bob"]).await?;
+    let other = c.room(&["alice", "carol"]).await?;
+    let mut alice = c.connect(0, "alice", "web").await?;
+    let kept = alice.send_text(&g, "m1", "kept").await?;
+    let edited = alice.send_text(&g, "m2", "before").await?;
+    let gone = alice.send_text(&g, "m3", "taken back").await?;
+    let elsewhere = alice.send_text(&other, "m4", "elsewhere").await?;
+    alice
+        .request(
+            "edit_group_message",
+            json!({"groupId": g, "messageId": edited["messageId"], "text": "after"}),
+        )
+        .await?;
+    for m in [&gone, &elsewhere] {
+        alice
+            .request(
+                "delete_group_message",
+                json!({"groupId": m["groupId"], "messageId": m["messageId"]}),
+            )
+            .await?;
+    }
+    let channel = tonic::transport::Endpoint::from_shared(c.worker_url(0))?
+        .connect()
+        .await?;
+    let ask = |caller: &str, ids: Vec<String>| {
+        let mut req = tonic::Request::new(pb::AnsweredRequest {
+            caller: caller.into(),
+            group_id: g.clone(),
+            message_ids: ids,
+        });
+        req.metadata_mut().insert(
+            chat_rpc::SECRET_HEADER,
+            chat_tests::SERVICE_SECRET.parse().expect("ascii"),
+        );
+        let mut client = MessagesClient::new(channel.clone());
+        async move { client.answered(req).await }
+    };
+    let id = |m: &Value| m["messageId"].as_str().unwrap_or_default().to_owned();
+    let all: Vec<String> = [&kept, &edited, &gone, &elsewhere].map(id).into();
+    let mut changed = ask("bob", all.clone()).await?.into_inner().changed;
+    changed.sort_by_key(|r| r.seq);
+    let changed: Vec<(String, String, bool)> = changed
+        .into_iter()
+        .map(|r| (r.message_id, r.preview, r.deleted))
+        .collect();
+    assert_eq!(
+        changed,
+        [
+            (id(&edited), "after".to_owned(), false),
+            (id(&gone), String::new(), true),
+        ],
+        "the unchanged one and the other group's are not told"
+    );
+    let refused = ask("carol", all).await.map(|_| ()).map_err(|s| s.code());
+    assert_eq!(refused, Err(tonic::Code::PermissionDenied), "not a member");
+    let too_many = ask("bob", vec![id(&kept); 101])
+        .await
+        .map(|_| ())
+        .map_err(|s| s.code());
+    assert_eq!(too_many, Err(tonic::Code::InvalidArgument));
+    let bad = ask("bob", vec!["not an id".into()])
+        .await
+        .map(|_| ())
+        .map_err(|s| s.code());
+    assert_eq!(bad, Err(tonic::Code::InvalidArgument));
     c.stop().await
 }

@@ -346,6 +346,11 @@ impl CatchUpTask {
             },
             Restriction::None | Restriction::Change => opened.text,
         };
+        // and one sent before what it answers changed shows that as it is
+        let text = match &opened.answers {
+            Some(view) => answered_now(&self.app, &self.user, group, view, text).await,
+            None => text,
+        };
         Ok(Some(LiveFrame {
             text,
             group: Arc::from(group),

@@ -12,6 +12,9 @@ pub(super) struct Opened {
     /// What only some members may see, in a group with `joined` history:
     /// each connection's view of the group is checked before it goes out.
     pub(super) restriction: Restriction,
+    /// A reply with a preview of what it answers: its view, for a
+    /// catch-up to show that as it is now (see `answers.rs`).
+    pub(super) answers: Option<Arc<MessageView>>,
 }
 
 /// Group messages this edge has opened recently, by stream sequence: the
@@ -95,9 +98,9 @@ pub(super) fn open_envelope(app: &AppState, payload: &bytes::Bytes) -> Result<Op
     let env: Envelope =
         serde_json::from_slice(payload).map_err(|e| format!("bad envelope: {e}"))?;
     let (created_at, seq, joined_only) = (env.created_at, env.seq, env.joined_only);
-    let (text, restriction) = match env.change {
+    let (text, restriction, answers) = match env.change {
         None => message_frame(app, env)?,
-        Some(change) => (change_frame(app, env, change)?, Restriction::Change),
+        Some(change) => (change_frame(app, env, change)?, Restriction::Change, None),
     };
     let restriction = if joined_only {
         restriction
@@ -110,6 +113,7 @@ pub(super) fn open_envelope(app: &AppState, payload: &bytes::Bytes) -> Result<Op
         seq,
         created_at,
         restriction,
+        answers,
     })
 }
 
@@ -166,10 +170,14 @@ fn open_content(app: &AppState, env: &Envelope) -> Result<Value, String> {
     serde_json::from_slice(&plain).map_err(|e| e.to_string())
 }
 
-/// The `a_group_message` frame of a message's envelope, and if it is a
-/// reply, the frame without what it answers for those who may not see
-/// that (what restricts it, if the envelope says it is restricted).
-fn message_frame(app: &AppState, env: Envelope) -> Result<(String, Restriction), String> {
+/// The `a_group_message` frame of a message's envelope; if it is a reply,
+/// the frame without what it answers for those who may not see that (what
+/// restricts it, if the envelope says it is restricted), and if it shows a
+/// preview of what it answers, its view.
+fn message_frame(
+    app: &AppState,
+    env: Envelope,
+) -> Result<(String, Restriction, Option<Arc<MessageView>>), String> {
     let content = open_content(app, &env)?;
     let view = MessageView {
         message_id: env.message_id,
@@ -187,6 +195,11 @@ fn message_frame(app: &AppState, env: Envelope) -> Result<(String, Restriction),
         deleted_at: None,
     };
     let answers = view.reply_to.as_ref().map(|r| r.seq);
+    let previews = view
+        .reply_to
+        .as_ref()
+        .is_some_and(|r| r.preview.is_some())
+        .then(|| Arc::new(view.clone()));
     let mut frame = ServerFrame {
         event: event::GROUP_MESSAGE.into(),
         id: None,
@@ -200,5 +213,5 @@ fn message_frame(app: &AppState, env: Envelope) -> Result<(String, Restriction),
         }
         _ => Restriction::None,
     };
-    Ok((text, restriction))
+    Ok((text, restriction, previews))
 }

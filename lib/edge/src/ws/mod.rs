@@ -65,6 +65,7 @@ use crate::{
     workers::rpc,
 };
 
+mod answers;
 mod catch_up;
 mod frames;
 mod load;
@@ -75,14 +76,16 @@ mod typing;
 mod visibility;
 mod writer;
 
-use self::{
-    catch_up::*, frames::*, outbox::*, session::*, typing::Typing, visibility::*, writer::*,
-};
 pub(crate) use self::{
+    answers::Answers,
     frames::{OpenedFrames, open_live},
     load::{WriteLoad, pace as pace_writes},
     receipts::{DeliveredHub, flush_delivered, report_delivered},
     writer::event_of,
+};
+use self::{
+    answers::answered_now, catch_up::*, frames::*, outbox::*, session::*, typing::Typing,
+    visibility::*, writer::*,
 };
 
 /// Close code sent when a client abuses the connection (RFC 6455 1008).
