@@ -988,6 +988,17 @@ impl Client {
         Ok(out)
     }
 
+    /// The `a_group_message` push of message `id`, skipping other pushes
+    /// and messages.
+    pub async fn message_with(&mut self, id: &Value) -> anyhow::Result<Value> {
+        loop {
+            let m = self.messages(1).await?.remove(0);
+            if &m["messageId"] == id {
+                return Ok(m);
+            }
+        }
+    }
+
     /// The next push of `event`, skipping others.
     pub async fn skip_to(&mut self, event: &str) -> anyhow::Result<Value> {
         loop {

@@ -324,23 +324,13 @@ async fn edits_end_with_the_window_and_replies_show_the_answered_message_as_it_i
     // catching up, the phone gets the reply as history shows it: the text
     // taken back is not in it
     let mut phone = c.connect(0, "bob", "phone").await?;
-    let caught = reply_in(&mut phone, &reply["messageId"]).await?;
+    let caught = phone.message_with(&reply["messageId"]).await?;
     assert_eq!(
         caught["replyTo"],
         json!({"messageId": m["messageId"], "seq": m["seq"], "senderId": "alice",
                "type": "text", "deleted": true}),
     );
     c.stop().await
-}
-
-/// The `a_group_message` push of message `id`, skipping others.
-async fn reply_in(ws: &mut Client, id: &Value) -> anyhow::Result<Value> {
-    loop {
-        let m = ws.messages(1).await?.remove(0);
-        if &m["messageId"] == id {
-            return Ok(m);
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -371,7 +361,7 @@ async fn an_edited_message_s_replies_preview_the_new_text_in_history() -> anyhow
     assert_eq!(shown["replyTo"].get("deleted"), None, "{shown}");
     // and so does a device catching up on the reply
     let mut phone = c.connect(0, "bob", "phone").await?;
-    let caught = reply_in(&mut phone, &reply["messageId"]).await?;
+    let caught = phone.message_with(&reply["messageId"]).await?;
     assert_eq!(caught["replyTo"]["preview"], "lunch at 1?", "{caught}");
     assert_eq!(caught["text"], "yes");
     // the group list's last message is that reply: it shows the same

@@ -1257,11 +1257,11 @@ async fn a_reply_carries_a_preview_of_the_message_it_answers_everywhere() -> any
         )
         .await?;
     let ids_only = json!({"messageId": old["messageId"], "seq": old["seq"], "senderId": "alice", "type": "text"});
-    let live = message_with(&mut bob_online, &answer["messageId"]).await?;
+    let live = bob_online.message_with(&answer["messageId"]).await?;
     assert_eq!(live["replyTo"], ids_only, "bob saw the answered message");
     let mut away = c.connect(1, "carol", "away").await?;
     for (how, ws) in [("live", &mut carol_online), ("on reconnect", &mut away)] {
-        let m = message_with(ws, &answer["messageId"]).await?;
+        let m = ws.message_with(&answer["messageId"]).await?;
         assert_eq!(m["text"], "late answer", "{how}: {m}");
         assert_eq!(
             m.get("replyTo"),
@@ -1287,16 +1287,6 @@ async fn a_reply_carries_a_preview_of_the_message_it_answers_everywhere() -> any
     );
     assert!(for_carol.iter().all(|m| m["messageId"] != old["messageId"]));
     c.stop().await
-}
-
-/// The `a_group_message` push of message `id`, skipping others.
-async fn message_with(ws: &mut Client, id: &Value) -> anyhow::Result<Value> {
-    loop {
-        let m = ws.messages(1).await?.remove(0);
-        if &m["messageId"] == id {
-            return Ok(m);
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
