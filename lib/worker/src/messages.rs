@@ -460,17 +460,17 @@ impl MessagesService {
         }
         let logged = started.elapsed();
         // before the media is claimed: a reply to nothing claims nothing
-        let reply_to = if req.reply_to.is_empty() {
-            None
+        let (reply_to, joined_only) = if req.reply_to.is_empty() {
+            (None, false)
         } else {
-            Some(self.answered(&sender, &group, &req.reply_to).await?)
+            let (reply, joined) = self.answered(&sender, &group, &req.reply_to).await?;
+            (Some(reply), joined)
         };
         let unsealed = Unsealed {
             mentions,
             // the edge writes it without the reply for a member who joined
             // after the message it answers
-            joined_only: reply_to.is_some()
-                && s.history(&group).await? == chat_domain::History::Joined,
+            joined_only,
         };
         let content = if kind == MessageKind::Text {
             Content {
@@ -555,14 +555,15 @@ impl MessagesService {
     }
 
     /// The message `id` of `group` that `caller` answers, as a reply
-    /// shows it: one read of the message (waiting for persistence if it is
-    /// that new). A message the caller cannot see is not found.
+    /// shows it, and whether the group has `joined` history: one read of
+    /// the message (waiting for persistence if it is that new). A message
+    /// the caller cannot see is not found.
     async fn answered(
         &self,
         caller: &UserId,
         group: &GroupId,
         id: &str,
-    ) -> Result<ReplyView, WorkerError> {
+    ) -> Result<(ReplyView, bool), WorkerError> {
         let m = match self.committed_in(caller, group, id).await {
             Err(WorkerError::NotFound(_)) => {
                 return Err(WorkerError::NotFound("message to reply to"));
@@ -574,7 +575,7 @@ impl MessagesService {
         // under `joined` history a member who joined after the answered
         // message must not read it through the reply: no preview there
         let joined = self.0.history(group).await? == chat_domain::History::Joined;
-        Ok(ReplyView {
+        let reply = ReplyView {
             message_id: opened.message_id,
             seq: opened.seq,
             sender_id: opened.sender_id,
@@ -583,7 +584,8 @@ impl MessagesService {
                 .filter(|t| !t.is_empty() && !joined)
                 .map(|t| reply_preview(&t)),
             deleted: false,
-        })
+        };
+        Ok((reply, joined))
     }
 
     /// Edits (`Some(text)`) or deletes message `id` of `group` for

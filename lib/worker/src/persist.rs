@@ -415,16 +415,13 @@ async fn apply_changes(s: &State, changes: &[ChangeRow]) -> Result<(), WorkerErr
                 let stored = s.store.messages.get(&c.id).await?;
                 if let Some(m) = &stored
                     && !m.is_deleted()
-                    && m.kind != chat_domain::MessageKind::Text.as_str()
                 {
-                    delete_object_of(s, m).await;
-                }
-                // out of the stream first (again, if this batch comes
-                // again): the message and the one edit of it the stream
-                // still holds (`apply_edit`)
-                if let Some(m) = &stored
-                    && !m.is_deleted()
-                {
+                    if m.kind != chat_domain::MessageKind::Text.as_str() {
+                        delete_object_of(s, m).await;
+                    }
+                    // out of the stream first (again, if this batch comes
+                    // again): the message and the one edit of it the
+                    // stream still holds (`apply_edit`)
                     for at in [m.stream_seq.unwrap_or(0), m.version] {
                         if at > 0 {
                             s.bus.erase_group_message(at).await?;

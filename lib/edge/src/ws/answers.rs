@@ -10,7 +10,7 @@
 //! preview ask (a group with `joined` history has none), and answers are
 //! shared by every catch-up on this edge for a moment.
 
-use std::{sync::Mutex, time::Instant};
+use std::time::Instant;
 
 use super::*;
 
@@ -31,40 +31,24 @@ enum Now {
     Deleted,
 }
 
-/// Answers recently given, by group and answered message.
-#[derive(Default)]
-pub(crate) struct Answers(Mutex<AnswersInner>);
+/// Answers recently given, by group and answered message, with when.
+pub(crate) struct Answers(Recent<(String, String), (Instant, Now)>);
 
-#[derive(Default)]
-struct AnswersInner {
-    by_key: HashMap<(String, String), (Instant, Now)>,
-    order: std::collections::VecDeque<(String, String)>,
+impl Default for Answers {
+    fn default() -> Self {
+        Self(Recent::new(MAX_ANSWERS))
+    }
 }
 
 impl Answers {
     fn get(&self, key: &(String, String)) -> Option<Now> {
-        let inner = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        inner
-            .by_key
-            .get(key)
-            .filter(|(at, _)| at.elapsed() < SHARED_FOR)
-            .map(|(_, now)| now.clone())
+        self.0
+            .get(key, |(at, _)| at.elapsed() < SHARED_FOR)
+            .map(|(_, now)| now)
     }
 
     fn put(&self, key: (String, String), now: Now) {
-        let mut inner = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if inner
-            .by_key
-            .insert(key.clone(), (Instant::now(), now))
-            .is_none()
-        {
-            inner.order.push_back(key);
-        }
-        while inner.order.len() > MAX_ANSWERS {
-            if let Some(old) = inner.order.pop_front() {
-                inner.by_key.remove(&old);
-            }
-        }
+        self.0.put(key, (Instant::now(), now));
     }
 }
 
@@ -151,8 +135,6 @@ mod tests {
         }
         assert_eq!(answers.get(&key("g", 0)), None, "the oldest went");
         assert_eq!(answers.get(&key("g", MAX_ANSWERS)), Some(Now::Unchanged));
-        let inner = answers.0.lock().expect("lock");
-        assert_eq!(inner.by_key.len(), MAX_ANSWERS);
-        assert_eq!(inner.order.len(), MAX_ANSWERS);
+        assert_eq!(answers.0.len(), MAX_ANSWERS);
     }
 }

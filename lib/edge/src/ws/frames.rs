@@ -22,39 +22,25 @@ pub(super) struct Opened {
 /// one decryption and serialisation (in a group of 1,000 members catching
 /// up after an outage, that was 1,000 AES-GCM opens and JSON encodings per
 /// message).
-#[derive(Default)]
-pub(crate) struct OpenedFrames(std::sync::Mutex<OpenedInner>);
-
-#[derive(Default)]
-pub(super) struct OpenedInner {
-    pub(super) by_seq: HashMap<u64, Opened>,
-    pub(super) order: std::collections::VecDeque<u64>,
-}
+pub(crate) struct OpenedFrames(Recent<u64, Opened>);
 
 /// Messages kept opened; a few seconds of traffic at the rates measured.
-pub(super) const OPENED_FRAMES: usize = 4096;
+const OPENED_FRAMES: usize = 4096;
+
+impl Default for OpenedFrames {
+    fn default() -> Self {
+        Self(Recent::new(OPENED_FRAMES))
+    }
+}
 
 impl OpenedFrames {
     pub(super) fn get(&self, stream_seq: u64, payload: &[u8]) -> Option<Opened> {
-        let inner = self.0.lock().unwrap_or_else(|e| e.into_inner());
         // the payload check guards against a stream recreated under the edge
-        inner
-            .by_seq
-            .get(&stream_seq)
-            .filter(|o| o.payload == payload)
-            .cloned()
+        self.0.get(&stream_seq, |o| o.payload == payload)
     }
 
     pub(super) fn put(&self, stream_seq: u64, opened: Opened) {
-        let mut inner = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if inner.by_seq.insert(stream_seq, opened).is_none() {
-            inner.order.push_back(stream_seq);
-        }
-        while inner.order.len() > OPENED_FRAMES {
-            if let Some(old) = inner.order.pop_front() {
-                inner.by_seq.remove(&old);
-            }
-        }
+        self.0.put(stream_seq, opened);
     }
 }
 
@@ -100,12 +86,14 @@ pub(super) fn open_envelope(app: &AppState, payload: &bytes::Bytes) -> Result<Op
     let (created_at, seq, joined_only) = (env.created_at, env.seq, env.joined_only);
     let (text, restriction, answers) = match env.change {
         None => message_frame(app, env)?,
-        Some(change) => (change_frame(app, env, change)?, Restriction::Change, None),
-    };
-    let restriction = if joined_only {
-        restriction
-    } else {
-        Restriction::None
+        Some(change) => {
+            let restriction = if joined_only {
+                Restriction::Change
+            } else {
+                Restriction::None
+            };
+            (change_frame(app, env, change)?, restriction, None)
+        }
     };
     Ok(Opened {
         payload: payload.clone(),

@@ -71,6 +71,7 @@ mod frames;
 mod load;
 mod outbox;
 mod receipts;
+mod recent;
 mod session;
 mod typing;
 mod visibility;
@@ -84,8 +85,8 @@ pub(crate) use self::{
     writer::event_of,
 };
 use self::{
-    answers::answered_now, catch_up::*, frames::*, outbox::*, session::*, typing::Typing,
-    visibility::*, writer::*,
+    answers::answered_now, catch_up::*, frames::*, outbox::*, recent::Recent, session::*,
+    typing::Typing, visibility::*, writer::*,
 };
 
 /// Close code sent when a client abuses the connection (RFC 6455 1008).
