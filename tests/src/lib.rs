@@ -35,6 +35,18 @@ pub const SERVICE_SECRET: &str = "end-to-end-service-secret-0123456789abcdef";
 /// for tests; production keys come from `chatd keygen`).
 pub const KEY: &str = "t1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
 
+/// A channel to the worker at `url` whose calls are signed with
+/// [`SERVICE_SECRET`], as an edge's are.
+pub async fn signed_channel(
+    url: &str,
+) -> anyhow::Result<chat_rpc::Signed<tonic::transport::Channel>> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())?
+        .connect()
+        .await?;
+    let secret = chat_rpc::ServiceSecret::new(SERVICE_SECRET)?;
+    Ok(chat_rpc::Signed::new(channel, Some(secret)))
+}
+
 /// How long a test waits for something that should happen promptly.
 pub const PROMPTLY: Duration = Duration::from_secs(10);
 

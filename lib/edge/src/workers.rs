@@ -13,8 +13,8 @@
 //!
 //! With a service secret, a worker is called only once its health check has
 //! proved that it knows the secret (see `chat_rpc::ServiceSecret`), and every
-//! call carries the secret; an edge never sends it to a process that could
-//! not prove it already had it.
+//! call is signed with it (`chat_rpc::Signed`); the secret itself never
+//! leaves the edge.
 
 use std::{
     future::Future,
@@ -30,7 +30,7 @@ pub(crate) use chat_rpc::pb::{
     groups_client::GroupsClient, health_client::HealthClient, media_client::MediaClient,
     messages_client::MessagesClient, sessions_client::SessionsClient,
 };
-use chat_rpc::{SECRET_HEADER, ServiceSecret, pb};
+use chat_rpc::{ServiceSecret, Signed, pb};
 use tonic::{
     Status,
     transport::{Channel, Endpoint, Uri},
@@ -51,7 +51,10 @@ const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 
 struct Worker {
     url: String,
-    channel: Channel,
+    /// Signs every call with the secret, if there is one.
+    channel: Signed<Channel>,
+    /// The same, unsigned: the health check's.
+    health: Channel,
     healthy: AtomicBool,
     /// Has proved the service secret (always, without one).
     verified: AtomicBool,
@@ -177,9 +180,11 @@ impl Workers {
                 .timeout(self.timeout)
                 .connect_timeout(Duration::from_secs(2))
                 .tcp_nodelay(true);
+            let channel = endpoint.connect_lazy();
             workers.push(Arc::new(Worker {
                 url,
-                channel: endpoint.connect_lazy(),
+                channel: Signed::new(channel.clone(), self.secret.clone()),
+                health: channel,
                 healthy: AtomicBool::new(healthy),
                 verified: AtomicBool::new(self.secret.is_none()),
             }));
@@ -235,7 +240,7 @@ impl Workers {
     /// fresh nonce.
     async fn check(&self, w: &Worker) {
         let nonce = uuid::Uuid::new_v4().as_bytes().to_vec();
-        let mut client = HealthClient::new(w.channel.clone());
+        let mut client = HealthClient::new(w.health.clone());
         let check = client.ready(pb::ReadyRequest {
             nonce: nonce.clone(),
         });
@@ -285,17 +290,11 @@ impl Workers {
             .any(|w| w.healthy.load(Ordering::Relaxed) && w.verified.load(Ordering::Relaxed))
     }
 
-    /// `req` with `id` in its metadata, so the worker's logs carry it too,
-    /// and the service secret.
+    /// `req` with `id` in its metadata, so the worker's logs carry it too.
     pub fn request<T>(&self, req: T, id: &str) -> tonic::Request<T> {
         let mut r = tonic::Request::new(req);
         if let Ok(v) = id.parse() {
             r.metadata_mut().insert(REQUEST_ID, v);
-        }
-        if let Some(secret) = &self.secret
-            && let Ok(v) = secret.header_value().parse()
-        {
-            r.metadata_mut().insert(SECRET_HEADER, v);
         }
         r
     }
@@ -335,7 +334,7 @@ impl Workers {
     /// unhealthy and tries another, each worker once at most.
     pub async fn call<T, F, Fut>(&self, call: F) -> Result<T, Status>
     where
-        F: Fn(Channel) -> Fut,
+        F: Fn(Signed<Channel>) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
         let pool = self.snapshot();

@@ -7,8 +7,10 @@ pub mod pb {
 }
 
 mod service_auth;
+pub mod signed;
 
-pub use service_auth::{SECRET_HEADER, SecretError, ServiceSecret};
+pub use service_auth::{Call, SecretError, ServiceSecret};
+pub use signed::{Checked, Checker, SIGNATURE_HEADER, Signed};
 
 use chat_domain::{DomainError, Group, GroupId, History, Member, UserId};
 

@@ -11,7 +11,7 @@ use chat_bus::{Bus, BusError};
 use chat_crypto::KeyRing;
 use chat_domain::{DomainError, GroupId, Limits, MediaPolicy, UserId};
 use chat_rpc::{
-    SECRET_HEADER, ServiceSecret,
+    Checked, Checker, ServiceSecret,
     pb::{
         groups_server::GroupsServer, health_server::HealthServer, media_server::MediaServer,
         messages_server::MessagesServer, sessions_server::SessionsServer,
@@ -358,7 +358,8 @@ pub async fn serve(
     let persister = tokio::spawn(persist::persist(state.clone(), marks.clone()));
     let stopping = state.clone();
     let listener_of_members = tokio::spawn(forget_changed_groups(state.clone()));
-    let auth = require_secret(state.config.service_secret.clone());
+    // every call but the health check is signed with the secret
+    let checker = state.config.service_secret.clone().map(Checker::new);
     let cleaner = tokio::spawn(media::clean_uploads(state.clone()));
     let sweeper = tokio::spawn(sweep_presence(presence));
     let pushing = state.config.push || state.config.webhook.is_some();
@@ -382,24 +383,24 @@ pub async fn serve(
                 .to_owned();
             tracing::info_span!("rpc", path = %req.uri().path(), request_id = %id)
         })
-        .add_service(GroupsServer::with_interceptor(
-            groups::GroupsService(state.clone()),
-            auth.clone(),
+        .add_service(Checked::new(
+            GroupsServer::new(groups::GroupsService(state.clone())),
+            checker.clone(),
         ))
-        .add_service(SessionsServer::with_interceptor(
-            sessions::SessionsService(state.clone()),
-            auth.clone(),
+        .add_service(Checked::new(
+            SessionsServer::new(sessions::SessionsService(state.clone())),
+            checker.clone(),
         ))
-        .add_service(MessagesServer::with_interceptor(
-            messages::MessagesService(state.clone()),
-            auth.clone(),
+        .add_service(Checked::new(
+            MessagesServer::new(messages::MessagesService(state.clone())),
+            checker.clone(),
         ))
-        .add_service(MediaServer::with_interceptor(
-            media::MediaService(state.clone()),
-            auth,
+        .add_service(Checked::new(
+            MediaServer::new(media::MediaService(state.clone())),
+            checker,
         ))
         // the health check only: edges verify the worker's proof before they
-        // send the secret
+        // call it
         .add_service(HealthServer::new(sessions::HealthService(state)))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
@@ -458,29 +459,6 @@ async fn forget_changed_groups(s: Arc<State>) {
             Err(e) => tracing::warn!(error = %e, "cannot listen for membership changes"),
         }
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    }
-}
-
-/// Refuses every call that does not carry the service secret (with none
-/// configured, which the node allows on loopback only, every call passes).
-fn require_secret(
-    secret: Option<ServiceSecret>,
-) -> impl Fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
-    move |req: tonic::Request<()>| {
-        let Some(secret) = &secret else {
-            return Ok(req);
-        };
-        let presented = req.metadata().get(SECRET_HEADER).map(|v| v.as_bytes());
-        if presented.is_some_and(|p| secret.matches(p)) {
-            Ok(req)
-        } else {
-            metrics::counter!("chat_rpc_unauthenticated_total").increment(1);
-            tracing::warn!(
-                remote = ?req.remote_addr(),
-                "refused a call without the service secret"
-            );
-            Err(tonic::Status::unauthenticated("service secret required"))
-        }
     }
 }
 

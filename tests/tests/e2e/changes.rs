@@ -644,19 +644,13 @@ async fn a_worker_tells_what_became_of_answered_messages_only_to_members() -> an
             )
             .await?;
     }
-    let channel = tonic::transport::Endpoint::from_shared(c.worker_url(0))?
-        .connect()
-        .await?;
+    let channel = chat_tests::signed_channel(&c.worker_url(0)).await?;
     let ask = |caller: &str, ids: Vec<String>| {
-        let mut req = tonic::Request::new(pb::AnsweredRequest {
+        let req = tonic::Request::new(pb::AnsweredRequest {
             caller: caller.into(),
             group_id: g.clone(),
             message_ids: ids,
         });
-        req.metadata_mut().insert(
-            chat_rpc::SECRET_HEADER,
-            chat_tests::SERVICE_SECRET.parse().expect("ascii"),
-        );
         let mut client = MessagesClient::new(channel.clone());
         async move { client.answered(req).await }
     };

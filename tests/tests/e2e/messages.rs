@@ -3,9 +3,11 @@
 
 use std::{collections::HashSet, time::Duration};
 
-use chat_tests::{Client, Cluster, PROMPTLY, SERVICE_SECRET, eventually};
+use chat_rpc::Signed;
+use chat_tests::{Client, Cluster, PROMPTLY, eventually};
 use mongodb::bson::{Document, doc};
 use serde_json::{Value, json};
+use tonic::transport::Channel;
 
 fn seqs(messages: &[Value]) -> Vec<u64> {
     messages
@@ -265,9 +267,7 @@ async fn the_send_logs_size_and_long_lived_entries_are_measured() -> anyhow::Res
     let g = c.room(&["alice", "bob"]).await?;
     // a worker of its own: its registry counts only these sends
     let worker = c.spawn_process("worker").await?;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", worker.grpc))?
-        .connect()
-        .await?;
+    let channel = chat_tests::signed_channel(&format!("http://{}", worker.grpc)).await?;
     const N: usize = 3;
     for n in 0..N {
         send_to_worker(channel.clone(), "alice", g.clone(), n).await?;
@@ -677,13 +677,9 @@ async fn sends_queued_for_a_group_commit_together_gapless_across_two_workers() -
     let mut channels = Vec::new();
     for w in &workers {
         let url = format!("http://{}", w.grpc);
-        channels.push(
-            tonic::transport::Endpoint::from_shared(url)?
-                .connect()
-                .await?,
-        );
+        channels.push(chat_tests::signed_channel(&url).await?);
     }
-    let send = |channel: tonic::transport::Channel, who: &'static str, n: usize| {
+    let send = |channel: Signed<Channel>, who: &'static str, n: usize| {
         send_to_worker(channel, who, g.clone(), n)
     };
     const BURST: usize = 40;
@@ -839,14 +835,14 @@ async fn batched(p: &chat_tests::Process) -> anyhow::Result<bool> {
 /// Sends text number `n` of `who` to group `g` straight to a worker (as an
 /// edge would): its acknowledgement and the text.
 async fn send_to_worker(
-    channel: tonic::transport::Channel,
+    channel: Signed<Channel>,
     who: &'static str,
     g: String,
     n: usize,
 ) -> anyhow::Result<(chat_rpc::pb::SendMessageResponse, String)> {
     use chat_rpc::pb::{self, messages_client::MessagesClient};
     let text = format!("{who} says {n}");
-    let mut req = tonic::Request::new(pb::SendMessageRequest {
+    let req = tonic::Request::new(pb::SendMessageRequest {
         caller: who.into(),
         group_id: g,
         client_msg_id: format!("{who}-{n}"),
@@ -855,8 +851,6 @@ async fn send_to_worker(
         media: None,
         reply_to: String::new(),
     });
-    req.metadata_mut()
-        .insert(chat_rpc::SECRET_HEADER, SERVICE_SECRET.parse()?);
     let ack = MessagesClient::new(channel).send(req).await?.into_inner();
     Ok((ack, text))
 }
@@ -875,9 +869,7 @@ async fn with_atomic_publishes_off_sends_go_one_by_one_and_stay_gapless() -> any
     let mut config = stream.info().await?.config.clone();
     config.allow_atomic_publish = false;
     bus.jetstream().update_stream(config).await?;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", worker.grpc))?
-        .connect()
-        .await?;
+    let channel = chat_tests::signed_channel(&format!("http://{}", worker.grpc)).await?;
     const N: usize = 60;
     let sends = (0..N).map(|n| send_to_worker(channel.clone(), "alice", g.clone(), n));
     let mut seqs = Vec::new();

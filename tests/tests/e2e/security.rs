@@ -478,10 +478,18 @@ async fn removal_racing_subscribe_and_session_opens_leaves_nothing_behind() -> a
 }
 
 /// The worker's port trusted the `caller` field: a made-up caller read
-/// decrypted history. Now a call without the service secret is refused.
+/// decrypted history. Then every call carried the secret itself, so a process
+/// at a worker's address that relayed the edge's health check to a real
+/// worker (which proves any nonce) received the secret and could act as
+/// anyone. Now the secret never travels: each call is signed over its method,
+/// time, nonce and body, and a worker takes each signature once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_refuses_calls_without_the_service_secret() -> anyhow::Result<()> {
-    use chat_rpc::pb::{self, messages_client::MessagesClient};
+async fn a_worker_takes_only_signed_calls_each_once_and_the_secret_never_travels()
+-> anyhow::Result<()> {
+    use chat_rpc::{
+        ServiceSecret, Signed,
+        pb::{self, messages_client::MessagesClient},
+    };
     let c = Cluster::start(1, 1).await?;
     let g = c.room(&["alice", "bob"]).await?;
     let mut alice = c.connect(0, "alice", "web").await?;
@@ -489,30 +497,165 @@ async fn a_worker_refuses_calls_without_the_service_secret() -> anyhow::Result<(
     let channel = tonic::transport::Endpoint::from_shared(c.worker_url(0))?
         .connect()
         .await?;
-    let history = |secret: Option<&str>| {
-        let mut req = tonic::Request::new(pb::HistoryRequest {
-            caller: "alice".into(),
-            group_id: g.clone(),
-            before: 0,
-            limit: 10,
-        });
-        if let Some(s) = secret {
-            req.metadata_mut()
-                .insert(chat_rpc::SECRET_HEADER, s.parse().expect("ascii"));
-        }
-        let mut client = MessagesClient::new(channel.clone());
-        async move { client.history(req).await }
+    let history = |caller: &str| pb::HistoryRequest {
+        caller: caller.into(),
+        group_id: g.clone(),
+        before: 0,
+        limit: 10,
     };
-    for secret in [None, Some("wrong-secret-of-the-right-length-0123456789")] {
-        let refused = history(secret).await;
-        assert_eq!(
-            refused.map(|_| ()).map_err(|s| s.code()),
-            Err(tonic::Code::Unauthenticated)
-        );
-    }
-    let allowed = history(Some(SERVICE_SECRET)).await?.into_inner();
-    assert_eq!(allowed.messages.len(), 1, "the right secret still works");
+    let code = |r: Result<tonic::Response<pb::HistoryResponse>, tonic::Status>| {
+        r.map(|_| ()).map_err(|s| s.code())
+    };
+    // unsigned; the secret itself as the old header; signed with another
+    // secret
+    let unsigned = MessagesClient::new(channel.clone())
+        .history(history("alice"))
+        .await;
+    assert_eq!(code(unsigned), Err(tonic::Code::Unauthenticated));
+    let mut bearer = tonic::Request::new(history("alice"));
+    bearer
+        .metadata_mut()
+        .insert("x-chat-service-secret", SERVICE_SECRET.parse()?);
+    let bearer = MessagesClient::new(channel.clone()).history(bearer).await;
+    assert_eq!(code(bearer), Err(tonic::Code::Unauthenticated));
+    let other = ServiceSecret::new("another-secret-of-the-right-length-0123456789")?;
+    let wrong = MessagesClient::new(Signed::new(channel.clone(), Some(other)))
+        .history(history("alice"))
+        .await;
+    assert_eq!(code(wrong), Err(tonic::Code::Unauthenticated));
+
+    // a good call, and what an impostor in the edge's path would see of it
+    let seen = recorder::Seen::default();
+    let secret = ServiceSecret::new(SERVICE_SECRET)?;
+    let recording = Signed::new(
+        recorder::Recorder::new(channel.clone(), seen.clone()),
+        Some(secret),
+    );
+    let allowed = MessagesClient::new(recording)
+        .history(history("alice"))
+        .await?
+        .into_inner();
+    assert_eq!(allowed.messages.len(), 1, "a signed call is taken");
+    let (uri, headers, body) = seen.take().context("the call was recorded")?;
+    let secret_bytes = SERVICE_SECRET.as_bytes();
+    assert!(
+        !headers.values().any(|v| v
+            .as_bytes()
+            .windows(secret_bytes.len())
+            .any(|w| w == secret_bytes)),
+        "no header carries the secret"
+    );
+    // its signature on another caller's request (same length, so the frame
+    // holds): refused, and its nonce is not spent by the refusal
+    let caller_at = body
+        .windows(5)
+        .position(|w| w == b"alice")
+        .context("the caller is in the body")?;
+    let mut forged = body.to_vec();
+    forged[caller_at..caller_at + 5].copy_from_slice(b"carol");
+    let refused = recorder::replay(&channel, &uri, &headers, forged.into()).await?;
+    assert_eq!(
+        refused.as_ref().map(|s| s.code()),
+        Some(tonic::Code::Unauthenticated),
+        "{refused:?}"
+    );
+    assert!(
+        refused.is_some_and(|s| !s.message().contains("used before")),
+        "refused for its signature"
+    );
+    // the very call again: refused as a replay
+    let replayed = recorder::replay(&channel, &uri, &headers, body).await?;
+    assert_eq!(
+        replayed.as_ref().map(|s| s.code()),
+        Some(tonic::Code::Unauthenticated),
+        "{replayed:?}"
+    );
+    assert!(
+        replayed.is_some_and(|s| s.message().contains("used before")),
+        "refused as used before"
+    );
     c.stop().await
+}
+
+/// A transport that keeps the last call it carried, as a process in the
+/// edge's path would see it, and replays such a call.
+mod recorder {
+    use std::{
+        future::Future,
+        pin::Pin,
+        sync::{Arc, Mutex},
+        task::{Context, Poll},
+    };
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use tonic::{body::Body, transport::Channel};
+    use tower::{Service, ServiceExt};
+
+    type Call = (http::Uri, http::HeaderMap, Bytes);
+
+    #[derive(Clone, Default)]
+    pub struct Seen(Arc<Mutex<Option<Call>>>);
+
+    impl Seen {
+        pub fn take(&self) -> Option<Call> {
+            self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+        }
+    }
+
+    #[derive(Clone)]
+    pub struct Recorder {
+        inner: Channel,
+        seen: Seen,
+    }
+
+    impl Recorder {
+        pub fn new(inner: Channel, seen: Seen) -> Self {
+            Self { inner, seen }
+        }
+    }
+
+    type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+    impl Service<http::Request<Body>> for Recorder {
+        type Response = http::Response<Body>;
+        type Error = BoxError;
+        type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+            self.inner.poll_ready(cx).map_err(Into::into)
+        }
+
+        fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+            let fresh = self.inner.clone();
+            let mut inner = std::mem::replace(&mut self.inner, fresh);
+            let seen = self.seen.clone();
+            Box::pin(async move {
+                let (parts, body) = req.into_parts();
+                let body = body.collect().await?.to_bytes();
+                *seen.0.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some((parts.uri.clone(), parts.headers.clone(), body.clone()));
+                let req = http::Request::from_parts(parts, Body::new(Full::new(body)));
+                Ok(inner.call(req).await?)
+            })
+        }
+    }
+
+    /// Sends `body` to `uri` with `headers` as they are; the call's gRPC
+    /// status if it was refused at once.
+    pub async fn replay(
+        channel: &Channel,
+        uri: &http::Uri,
+        headers: &http::HeaderMap,
+        body: Bytes,
+    ) -> anyhow::Result<Option<tonic::Status>> {
+        let mut req = http::Request::new(Body::new(Full::new(body)));
+        *req.uri_mut() = uri.clone();
+        *req.method_mut() = http::Method::POST;
+        *req.headers_mut() = headers.clone();
+        let response = channel.clone().oneshot(req).await?;
+        Ok(tonic::Status::from_header_map(response.headers()))
+    }
 }
 
 /// A worker takes at most 1,024 calls in flight on one connection: what a
