@@ -333,7 +333,17 @@ impl Cluster {
 
     /// Connects `user` on `device` to edge `edge`.
     pub async fn connect(&self, edge: usize, user: &str, device: &str) -> anyhow::Result<Client> {
-        Client::connect(&self.edge_addrs[edge], &token(user), device).await
+        self.connect_with(edge, &token(user), device).await
+    }
+
+    /// Connects with `token` on `device` to edge `edge`.
+    pub async fn connect_with(
+        &self,
+        edge: usize,
+        token: &str,
+        device: &str,
+    ) -> anyhow::Result<Client> {
+        Client::connect(&self.edge_addrs[edge], token, device).await
     }
 
     /// Connects `user` on `device` to edge `edge` over a socket with a tiny

@@ -93,6 +93,13 @@ export class Session {
       this.onFatal("forbidden", reason || "closed by the server after repeated errors");
       return;
     }
+    if (code === 4401) {
+      // the token expired: the same one would be refused
+      this.stopped = true;
+      this.setState("offline");
+      this.onFatal("unauthorized", "your token has expired: sign in again");
+      return;
+    }
     this.retry();
   }
 

@@ -273,8 +273,9 @@ impl Socket {
                     let code = c.as_ref().map_or(0, |c| u16::from(c.code));
                     let reason = c.map(|c| c.reason.to_string()).unwrap_or_default();
                     // the device was evicted (its user has too many):
-                    // reconnecting would only evict another one
-                    if code == 4410 {
+                    // reconnecting would only evict another one; or the
+                    // token expired, which the same token cannot mend
+                    if code == 4410 || code == 4401 {
                         return Err(ServerError {
                             status: None,
                             code: code.to_string(),

@@ -50,6 +50,9 @@ pub struct Identity {
     pub user_id: UserId,
     /// The optional `name` claim, kept in the user's profile.
     pub name: Option<String>,
+    /// When the token stops being valid (`exp`, seconds since the epoch):
+    /// what it opened ends then too.
+    pub expires_at: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -241,7 +244,11 @@ impl Verifier {
                     .collect::<String>()
             })
             .filter(|n| !n.trim().is_empty());
-        Ok(Identity { user_id, name })
+        Ok(Identity {
+            user_id,
+            name,
+            expires_at: data.claims.exp,
+        })
     }
 }
 

@@ -140,7 +140,7 @@ const PUSHES: [(&str, &str, &str); 11] = [
 ];
 
 /// Close codes a client must handle.
-const CLOSE_CODES: [(u16, &str); 5] = [
+const CLOSE_CODES: [(u16, &str); 6] = [
     (
         ws::CLOSE_POLICY,
         "50 error replies in a row for the client's own mistakes: fix the client",
@@ -153,6 +153,10 @@ const CLOSE_CODES: [(u16, &str); 5] = [
     (
         ws::CLOSE_TOO_SLOW,
         "the client fell behind: read the old socket to its end, reconnect with the same device",
+    ),
+    (
+        ws::CLOSE_EXPIRED,
+        "the token the connection opened with expired: get a fresh token, reconnect with the same device",
     ),
     (
         ws::CLOSE_EVICTED,

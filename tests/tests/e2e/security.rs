@@ -1229,6 +1229,29 @@ async fn a_user_registers_at_most_its_budget_of_new_devices_an_hour() -> anyhow:
     c.stop().await
 }
 
+/// A token was checked once, when the WebSocket opened: a stolen or
+/// short-lived one kept its connection sending and receiving forever. Now
+/// the connection closes with 4401 when the token expires, and the device
+/// loses nothing by reconnecting with a fresh one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_ends_when_its_token_expires() -> anyhow::Result<()> {
+    let c = Cluster::start(1, 1).await?;
+    let g = c.room(&["alice", "bob"]).await?;
+    let bob_id = UserId::parse("bob")?;
+    let short = chat_auth::mint_hs256(chat_tests::SECRET.as_bytes(), &bob_id, None, 5)?;
+    let mut bob = c.connect_with(0, &short, "web").await?;
+    let mut alice = c.connect(0, "alice", "web").await?;
+    alice.send_text(&g, "before", "while valid").await?;
+    assert_eq!(bob.messages(1).await?[0]["text"], "while valid");
+    let started = std::time::Instant::now();
+    assert_eq!(bob.closed_with().await?, Some(4401), "closed at expiry");
+    assert!(started.elapsed() < Duration::from_secs(6));
+    alice.send_text(&g, "after", "after expiry").await?;
+    let mut again = c.connect(0, "bob", "web").await?;
+    assert_eq!(again.messages(1).await?[0]["text"], "after expiry");
+    c.stop().await
+}
+
 /// One account cannot take an edge's connection slots from everyone else:
 /// past `--max-connections-per-user` open on the edge, an upgrade gets
 /// `429` (before any session opens); another user is not affected, and a

@@ -107,6 +107,10 @@ const WS_WRITE_BUFFER: usize = 4 * 1024;
 /// devices than allowed and this one was the least recently seen): its
 /// position is gone; reconnecting registers it again.
 pub const CLOSE_EVICTED: u16 = 4410;
+/// Close code sent when the token the connection opened with expires: a
+/// connection lasts no longer than its credential; reconnect with a fresh
+/// token (and the same device, to lose nothing).
+pub const CLOSE_EXPIRED: u16 = 4401;
 /// Close code sent when a client sends a message past the hard limit
 /// (RFC 6455 1009, message too big).
 pub const CLOSE_TOO_LARGE: u16 = 1009;

@@ -97,6 +97,8 @@ impl Session {
         checkpoint.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         let mut closing = app.closing.subscribe();
+        let expires = tokio::time::sleep_until(expiry(session.me.expires_at));
+        tokio::pin!(expires);
         let mut device_watch = evictions::watch(&app, &session.me.user_id, &session.device);
         loop {
             let msg = tokio::select! {
@@ -107,6 +109,11 @@ impl Session {
                 }
                 Ok(_) = device_watch.evicted.wait_for(|e| *e) => {
                     session.tx.close_now(CLOSE_EVICTED, "device evicted; reconnect");
+                    None
+                }
+                () = &mut expires => {
+                    tracing::debug!("token expired; closing");
+                    session.tx.close_now(CLOSE_EXPIRED, "token expired; reconnect with a fresh one");
                     None
                 }
                 // the writer gave up (a client that stopped reading, a
@@ -473,6 +480,17 @@ pub(super) fn too_large(e: &axum::Error) -> bool {
             CapacityError::MessageTooLong { .. } | CapacityError::TooManyHeaders
         ))
     )
+}
+
+/// The instant a token that expires at `exp` (seconds since the epoch)
+/// does.
+fn expiry(exp: u64) -> tokio::time::Instant {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let left = Duration::from_secs(exp).saturating_sub(now);
+    // far enough for any real token, short of overflowing an instant
+    tokio::time::Instant::now() + left.min(Duration::from_secs(10 * 365 * 24 * 3600))
 }
 
 /// Waits (bounded) for the writer to put a close frame out; returns whether
