@@ -308,13 +308,13 @@ impl Limits {
         self.per_user.take_n(user, extra).map_err(RateLimited)
     }
 
-    /// Charges `user` for a membership change just made, which told each of
-    /// `told` users (the group's members): one more request per 10 of them
-    /// (at most a burst less one), owed if the budget is spent, so that
-    /// changing a large group's members over and over costs its owner in
-    /// proportion to the notifications it makes (each a stored write).
-    pub(crate) fn user_told(&self, user: &UserId, told: usize) {
-        let extra = ((told / FAN_OUT_PER_REQUEST) as f64).min(self.per_user.burst - 1.0);
+    /// Charges `user` for work a request just did, `done` reads or writes
+    /// (the members a membership change told, each a stored write; the
+    /// groups and members a page of groups read): one more request per 10
+    /// of them (at most a burst less one), owed if the budget is spent, so
+    /// that doing it over and over costs the caller in proportion.
+    pub(crate) fn user_owes(&self, user: &UserId, done: usize) {
+        let extra = ((done / FAN_OUT_PER_REQUEST) as f64).min(self.per_user.burst - 1.0);
         if extra >= 1.0 {
             self.per_user.charge(user, extra);
         }
@@ -408,21 +408,21 @@ mod tests {
         let alice = UserId::parse("alice").expect("id");
         limits.user(&alice).expect("the change itself");
         // 1,000 told: 19 more (a burst less one), which leaves 0
-        limits.user_told(&alice, 1_000);
+        limits.user_owes(&alice, 1_000);
         let Err(RateLimited(wait)) = limits.user(&alice) else {
             panic!("nothing left")
         };
         assert!(wait > Duration::from_millis(50), "{wait:?}");
         // owed past zero, down to minus a burst: 20 tokens, 2 s at 10/s
-        limits.user_told(&alice, 1_000);
-        limits.user_told(&alice, 1_000);
+        limits.user_owes(&alice, 1_000);
+        limits.user_owes(&alice, 1_000);
         let Err(RateLimited(wait)) = limits.user(&alice) else {
             panic!("in debt")
         };
         assert!(wait > Duration::from_millis(1_900), "{wait:?}");
         // a small group costs nothing more
         let bob = UserId::parse("bob").expect("id");
-        limits.user_told(&bob, 9);
+        limits.user_owes(&bob, 9);
         for _ in 0..20 {
             limits.user(&bob).expect("the whole burst is left");
         }

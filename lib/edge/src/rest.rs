@@ -110,7 +110,7 @@ pub(crate) async fn list_groups(
     State(app): State<AppState>,
     Caller(me): Caller,
     page: Result<Query<GroupsPage>, QueryRejection>,
-) -> Result<impl IntoResponse, ApiError> {
+) -> Result<Response, ApiError> {
     let Query(page) = page.map_err(|e| ApiError::invalid(e.body_text()))?;
     let limit = page.limit.unwrap_or(GROUPS_PAGE);
     if !(1..=MAX_GROUPS_PAGE).contains(&limit) {
@@ -121,6 +121,10 @@ pub(crate) async fn list_groups(
     let after = page.after.unwrap_or_default();
     if after.len() > 128 {
         return Err(ApiError::invalid("bad page cursor"));
+    }
+    // a read of each group's newest message and read mark: up to `limit`
+    if let Err(refused) = app.limits.user_fan_out(&me.user_id, limit as usize) {
+        return Ok(refused.into_response());
     }
     let reply = rpc!(
         app,
@@ -133,6 +137,10 @@ pub(crate) async fn list_groups(
         }
     )?
     .into_inner();
+    // and the members it listed, up to the worker's cap a page (20,000)
+    let members: usize = reply.groups.iter().map(|g| g.members.len()).sum();
+    app.limits
+        .user_owes(&me.user_id, members / crate::limits::FAN_OUT_PER_REQUEST);
     let mut activity = reply.activity.into_iter();
     let views = reply
         .groups
@@ -151,7 +159,8 @@ pub(crate) async fn list_groups(
     Ok(Json(GroupPage {
         groups: views,
         next,
-    }))
+    })
+    .into_response())
 }
 
 #[utoipa::path(get, path = "/groups/{id}", tag = "groups",
@@ -258,7 +267,7 @@ pub(crate) async fn transfer_owner(
         }
     )?
     .into_inner();
-    app.limits.user_told(&me.user_id, group.members.len());
+    app.limits.user_owes(&me.user_id, group.members.len());
     view(group)
 }
 
@@ -291,7 +300,7 @@ pub(crate) async fn add_members(
         }
     )?
     .into_inner();
-    app.limits.user_told(&me.user_id, group.members.len());
+    app.limits.user_owes(&me.user_id, group.members.len());
     Ok(view(group)?.into_response())
 }
 
@@ -329,7 +338,7 @@ pub(crate) async fn remove_member(
     )?
     .into_inner();
     // the one who left is told too
-    app.limits.user_told(&me.user_id, group.members.len() + 1);
+    app.limits.user_owes(&me.user_id, group.members.len() + 1);
     view(group)
 }
 

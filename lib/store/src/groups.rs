@@ -317,13 +317,19 @@ impl GroupRepo {
     }
 
     /// The groups `user` is a member of, most recently updated first (ties
-    /// by id), starting after `after` (a group's `(updatedAt, id)`).
+    /// by id), starting after `after` (a group's `(updatedAt, id)`): at
+    /// most `limit`, and none after the one that takes their members past
+    /// `max_members` (it is the last returned), so a page of large groups
+    /// reads a few of them, not `limit`.
     pub async fn list_for_member(
         &self,
         user: &UserId,
         limit: i64,
         after: Option<(Millis, &GroupId)>,
+        max_members: usize,
     ) -> Result<Vec<Group>, StoreError> {
+        /// Groups read from MongoDB at a time.
+        const BATCH: u32 = 8;
         let mut filter = doc! { "members.userId": user.as_str() };
         if let Some((at, id)) = after {
             let at = to_bson_time(at);
@@ -335,17 +341,25 @@ impl GroupRepo {
                 ],
             );
         }
-        let docs: Vec<GroupDoc> = self
+        let mut cursor = self
             .coll
             .find(filter)
             .sort(doc! { "updatedAt": -1, "_id": -1 })
             .limit(limit)
-            .await?
-            .try_collect()
+            .batch_size(BATCH)
             .await?;
-        docs.into_iter()
-            .map(|d| d.into_record().map(|r| r.group))
-            .collect()
+        let mut groups = Vec::new();
+        let mut members = 0;
+        while let Some(d) = cursor.try_next().await? {
+            let group = d.into_record()?.group;
+            let past = members > max_members;
+            members += group.members.len();
+            groups.push(group);
+            if past {
+                break;
+            }
+        }
+        Ok(groups)
     }
 
     /// How many groups `user` is a member of.

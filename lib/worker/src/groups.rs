@@ -490,7 +490,12 @@ impl Groups for GroupsService {
             .0
             .store
             .groups
-            .list_for_member(&caller, limit, after.as_ref().map(|(t, g)| (*t, g)))
+            .list_for_member(
+                &caller,
+                limit,
+                after.as_ref().map(|(t, g)| (*t, g)),
+                config.max_listed_members,
+            )
             .await
             .map_err(WorkerError::from)?;
         // a full page has more after it; so does one cut short by size

@@ -1503,6 +1503,28 @@ async fn groups_per_user_are_capped_and_listed_in_bounded_pages() -> anyhow::Res
     c.stop().await
 }
 
+/// A page of 100 groups cost its caller one request, however many groups
+/// and members it read. Now it costs one more per 10 groups it may read
+/// (taken before) and per 100 members it lists (owed after).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_page_of_groups_costs_its_caller_in_proportion() -> anyhow::Result<()> {
+    // 1 a second, bursts of 2
+    let c = Cluster::start_with(1, 1, &["--user-requests-per-sec", "1"]).await?;
+    c.create_group("owner", &["victim", "other"]).await?;
+    let (first, _) = c.get(0, "other", "/groups?limit=1").await?;
+    let (second, _) = c.get(0, "other", "/groups?limit=1").await?;
+    assert_eq!((first, second), (200, 200), "a small page costs one");
+    // a page of 20 may read 20 groups: the whole burst
+    let at = std::time::Instant::now();
+    let (large, _) = c.get(0, "victim", "/groups?limit=20").await?;
+    let (after, _) = c.get(0, "victim", "/groups?limit=1").await?;
+    assert_eq!(large, 200);
+    if at.elapsed() < Duration::from_millis(900) {
+        assert_eq!(after, 429, "the large page took the whole burst");
+    }
+    c.stop().await
+}
+
 /// Anyone could add anyone to groups, as often as they liked, up to the
 /// victim's allowance of groups (after which no real group could add the
 /// victim). Now a user blocks whoever does that: the blocked user can

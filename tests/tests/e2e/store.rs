@@ -373,3 +373,61 @@ async fn subscribing_costs_one_small_write_and_old_subscriptions_still_count() -
     assert_eq!(left, 0, "the removal's subscription is deleted");
     Ok(())
 }
+
+/// A page of `GET /groups` read every group it might list, members and
+/// all (100 groups of 1,000 members: about 7 MB of MongoDB a request), to
+/// list as many as fit the members cap. Now it reads at most one group past
+/// the cap, whatever the page's limit.
+#[tokio::test]
+async fn a_page_of_large_groups_reads_no_more_groups_than_it_can_list() -> anyhow::Result<()> {
+    let mongo = chat_stack::Mongo::start().await?;
+    let store = Store::connect(&mongo.uri, "listing").await?;
+    store.ensure_indexes().await?;
+    let victim = UserId::parse("victim")?;
+    for g in 0..20 {
+        let members = (0..9)
+            .map(|i| UserId::parse(format!("m{g}x{i}")))
+            .chain([Ok(victim.clone())])
+            .collect::<Result<_, _>>()?;
+        let group = chat_domain::Group::create(
+            GroupId::generate(),
+            UserId::parse("owner")?,
+            &format!("g{g}"),
+            "",
+            members,
+            &chat_domain::Limits::default(),
+            chat_domain::now_millis() + g,
+        )?;
+        store.groups.insert(&group).await?;
+    }
+    // 11 members a group (owner, 9, victim): the third takes them past 25,
+    // and the fourth tells there is more
+    let page = store.groups.list_for_member(&victim, 100, None, 25).await?;
+    assert_eq!(
+        page.len(),
+        4,
+        "{:?}",
+        page.iter().map(|g| &g.name).collect::<Vec<_>>()
+    );
+    let names: Vec<&str> = page.iter().map(|g| g.name.as_str()).collect();
+    assert_eq!(names, ["g19", "g18", "g17", "g16"], "newest first");
+    // a cap no group passes: the limit
+    assert_eq!(
+        store
+            .groups
+            .list_for_member(&victim, 7, None, 1_000)
+            .await?
+            .len(),
+        7
+    );
+    // the first group alone past the cap, and one more
+    assert_eq!(
+        store
+            .groups
+            .list_for_member(&victim, 100, None, 5)
+            .await?
+            .len(),
+        2
+    );
+    Ok(())
+}
