@@ -5,7 +5,13 @@
 //! path, query, headers including `Host`, and the body, streamed), so the
 //! server still checks every signature against what the client signed.
 
-use std::net::SocketAddr;
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
 
 use axum::{
     Router,
@@ -26,6 +32,7 @@ pub struct CorsFront {
     /// `http://127.0.0.1:PORT`: give this to clients instead of the server's.
     pub endpoint: String,
     task: JoinHandle<()>,
+    refuse_deletes: Arc<AtomicBool>,
 }
 
 impl Drop for CorsFront {
@@ -38,6 +45,7 @@ impl Drop for CorsFront {
 struct Upstream {
     client: Client<HttpConnector, Body>,
     authority: String,
+    refuse_deletes: Arc<AtomicBool>,
 }
 
 impl CorsFront {
@@ -49,9 +57,11 @@ impl CorsFront {
             .authority()
             .ok_or_else(|| anyhow::anyhow!("no host in {upstream}"))?
             .to_string();
+        let refuse_deletes = Arc::new(AtomicBool::new(false));
         let state = Upstream {
             client: Client::builder(TokioExecutor::new()).build_http(),
             authority,
+            refuse_deletes: refuse_deletes.clone(),
         };
         let app = Router::new().fallback(forward).with_state(state);
         let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
@@ -61,7 +71,18 @@ impl CorsFront {
                 tracing::warn!(error = %e, "the S3 CORS front stopped");
             }
         });
-        Ok(Self { endpoint, task })
+        Ok(Self {
+            endpoint,
+            task,
+            refuse_deletes,
+        })
+    }
+
+    /// From now on (or no longer), answers every delete with 403 Access
+    /// Denied, as a bucket policy that forbids deletes would: an object
+    /// store that keeps an object the system asked it to delete.
+    pub fn refuse_deletes(&self, on: bool) {
+        self.refuse_deletes.store(on, Ordering::Relaxed);
     }
 }
 
@@ -96,6 +117,17 @@ async fn forward(State(up): State<Upstream>, mut req: Request) -> Response {
             HeaderValue::from_static("600"),
         );
         return r;
+    }
+    // a delete is a DELETE, or a POST of `?delete` (DeleteObjects, which
+    // object_store sends for one key too)
+    let deletes = req.method() == Method::DELETE
+        || (req.method() == Method::POST && req.uri().query() == Some("delete"));
+    if deletes && up.refuse_deletes.load(Ordering::Relaxed) {
+        return (
+            StatusCode::FORBIDDEN,
+            "<Error><Code>AccessDenied</Code><Message>deletes are refused</Message></Error>",
+        )
+            .into_response();
     }
     let path = req
         .uri()

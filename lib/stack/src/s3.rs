@@ -32,7 +32,7 @@ pub struct S3 {
     pub endpoint: String,
     /// The server's own address (`http://127.0.0.1:PORT`).
     pub backend: String,
-    _front: CorsFront,
+    front: CorsFront,
     pub access_key: String,
     pub secret_key: String,
     pub bucket: String,
@@ -67,13 +67,19 @@ impl S3 {
             server: Some(server),
             endpoint: front.endpoint.clone(),
             backend,
-            _front: front,
+            front,
             access_key,
             secret_key,
             bucket,
             root,
             _dir: dir,
         })
+    }
+
+    /// From now on (or no longer), every delete is refused (403), as by a
+    /// bucket policy: objects outlive what asked to delete them.
+    pub fn refuse_deletes(&self, on: bool) {
+        self.front.refuse_deletes(on);
     }
 
     /// Stops the server at once: its port refuses connections and open

@@ -10,7 +10,7 @@ use chat_domain::{GroupId, Millis};
 use futures::TryStreamExt;
 use mongodb::{
     Collection, IndexModel,
-    bson::{Bson, DateTime, doc},
+    bson::{Bson, DateTime, Document, doc},
     options::IndexOptions,
 };
 use serde::{Deserialize, Serialize};
@@ -58,6 +58,10 @@ struct UploadDoc {
     /// started before the URL expired may still land).
     #[serde(default)]
     released: bool,
+    /// The message that used it was deleted: its media is served to no
+    /// one, whether or not its object could be deleted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    media_deleted: bool,
 }
 
 /// An issued upload.
@@ -172,6 +176,7 @@ impl UploadRepo {
                 purged: false,
                 purged_once: false,
                 released: false,
+                media_deleted: false,
             })
             .await?;
         Ok(())
@@ -247,15 +252,25 @@ impl UploadRepo {
     /// If `key` names media a message of `group` uses (a message's copy, or
     /// (first release) an upload a message claimed): a `seq` the message's
     /// is above (0 for claims of earlier versions).
+    /// Not once that message was deleted ([`Self::media_deleted`]).
     pub async fn media_after(&self, group: &GroupId, key: &str) -> Result<Option<u64>, StoreError> {
-        let found = self
-            .coll
-            .find_one(doc! { "groupId": group.as_str(), "$or": [
-                { "mediaKey": key },
-                { "_id": key, "referenced": true, "mediaKey": { "$exists": false } },
-            ] })
+        let found = self.coll.find_one(used_as_media(group, key)).await?;
+        Ok(found
+            .filter(|d| !d.media_deleted)
+            .map(|d| u64::try_from(d.after_seq).unwrap_or(0)))
+    }
+
+    /// Records that the message of `group` whose media is `key` was
+    /// deleted: [`Self::media_after`] finds it no more, even if its object
+    /// outlives the delete (an object store that refused it).
+    pub async fn media_deleted(&self, group: &GroupId, key: &str) -> Result<(), StoreError> {
+        self.coll
+            .update_many(
+                used_as_media(group, key),
+                doc! { "$set": { "mediaDeleted": true } },
+            )
             .await?;
-        Ok(found.map(|d| u64::try_from(d.after_seq).unwrap_or(0)))
+        Ok(())
     }
 
     /// Claimed uploads whose own object may still be there: those issued
@@ -347,4 +362,13 @@ impl UploadRepo {
         self.coll.delete_one(doc! { "_id": key }).await?;
         Ok(())
     }
+}
+
+/// The upload whose object a message of `group` uses as `key`: a
+/// message's copy, or (first release) an upload a message claimed.
+fn used_as_media(group: &GroupId, key: &str) -> Document {
+    doc! { "groupId": group.as_str(), "$or": [
+        { "mediaKey": key },
+        { "_id": key, "referenced": true, "mediaKey": { "$exists": false } },
+    ] }
 }

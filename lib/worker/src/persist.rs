@@ -417,7 +417,7 @@ async fn apply_changes(s: &State, changes: &[ChangeRow]) -> Result<(), WorkerErr
                     && !m.is_deleted()
                 {
                     if m.kind != chat_domain::MessageKind::Text.as_str() {
-                        delete_object_of(s, m).await;
+                        delete_object_of(s, m).await?;
                     }
                     // out of the stream first (again, if this batch comes
                     // again): the message and the one edit of it the
@@ -484,25 +484,28 @@ async fn apply_edit(s: &State, c: &ChangeRow) -> Result<(), WorkerError> {
     )))
 }
 
-/// Removes a media message's object from the store, trying a few times.
-async fn delete_object_of(s: &State, m: &StoredMessage) {
+/// Serves a deleted media message's object to no one any more (a MongoDB
+/// failure holds the batch), then removes it from the store, trying a few
+/// times: an object that outlives its message is never given out again.
+async fn delete_object_of(s: &State, m: &StoredMessage) -> Result<(), WorkerError> {
     let key = match crate::messages::open_content(s, m).map(|c| c.media) {
         Ok(Some(media)) => media.key,
-        Ok(None) => return,
+        Ok(None) => return Ok(()),
         Err(e) => {
             metrics::counter!("chat_media_delete_failures_total").increment(1);
             tracing::error!(message = %m.id, error = %e, "a deleted media message cannot be opened: its object stays");
-            return;
+            return Ok(());
         }
     };
+    s.store.uploads.media_deleted(&m.group_id, &key).await?;
     let Some(objects) = s.objects.as_ref() else {
         tracing::warn!(message = %m.id, key, "media storage is not configured: a deleted message's object stays");
-        return;
+        return Ok(());
     };
     let mut wait = Duration::from_millis(100);
     for attempt in 1..=PUSH_ATTEMPTS {
         match objects.delete(&key).await {
-            Ok(()) => return,
+            Ok(()) => return Ok(()),
             Err(e) if attempt == PUSH_ATTEMPTS => {
                 metrics::counter!("chat_media_delete_failures_total").increment(1);
                 tracing::error!(message = %m.id, key, error = %e, "cannot delete a deleted message's object: it stays");
@@ -514,6 +517,7 @@ async fn delete_object_of(s: &State, m: &StoredMessage) {
             }
         }
     }
+    Ok(())
 }
 
 /// The MongoDB record of a message as the stream holds it.

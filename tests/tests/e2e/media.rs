@@ -3,6 +3,8 @@
 use anyhow::Context;
 use chat_domain::now_millis;
 use chat_protocol::parse_millis;
+use std::time::Duration;
+
 use chat_tests::{Cluster, PROMPTLY, eventually, token};
 use serde_json::{Value, json};
 
@@ -939,5 +941,48 @@ async fn a_slow_put_that_lands_after_the_purge_of_a_used_upload_is_purged_again(
     // and is deleted again, for good
     eventually(std::time::Duration::from_secs(30), || purged("purged")).await?;
     assert!(!path.exists(), "an object nothing would delete");
+    c.stop().await
+}
+
+/// A deleted media message's object was served to anyone who kept its key
+/// when the object store refused to delete it (the tombstone is written
+/// anyway, so one store cannot hold every group's persistence). Now the
+/// delete first marks the media as served to no one: the object outlives
+/// its message in the store, never in what members can fetch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_message_s_media_is_served_to_no_one_even_if_its_object_stays()
+-> anyhow::Result<()> {
+    let c = Cluster::start(1, 1).await?;
+    let g = c.room(&["alice", "bob"]).await?;
+    let mut alice = c.connect(0, "alice", "web").await?;
+    let object = texts_and_image(&c, &mut alice, &g, "d").await?;
+    let url_path = format!("/groups/{g}/media/{object}/url");
+    let (status, _) = c.get(0, "bob", &url_path).await?;
+    assert_eq!(status, 200, "served while its message stands");
+    c.stack.s3.refuse_deletes(true);
+    let image = c.history("alice", &g).await?.remove(0);
+    alice
+        .request(
+            "delete_group_message",
+            json!({"groupId": g, "messageId": image["messageId"]}),
+        )
+        .await?;
+    // the tombstone comes once the store's refusals are given up on
+    eventually(Duration::from_secs(60), || async {
+        let newest = c.history("bob", &g).await?.remove(0);
+        Ok((newest["deleted"] == true).then_some(()))
+    })
+    .await?;
+    let key = image["media"]["key"].as_str().context("media key")?;
+    let kept = c.stack.s3.root.join(&c.stack.s3.bucket).join(key);
+    assert!(kept.exists(), "the store kept what it was asked to delete");
+    for user in ["bob", "alice"] {
+        let (status, body) = c.get(0, user, &url_path).await?;
+        assert_eq!(status, 404, "{user}: {body}");
+        let (status, _) = c
+            .get(0, user, &format!("/groups/{g}/media/{object}"))
+            .await?;
+        assert_eq!(status, 404, "{user}");
+    }
     c.stop().await
 }
