@@ -109,10 +109,18 @@ impl OneMember {
 
     /// `None` if the user is not a member.
     fn visible_from(&self) -> Result<Option<u64>, StoreError> {
+        Ok(self.views()?.next().map(|(_, from)| from))
+    }
+
+    /// Each member read, with the `seq` its view starts after.
+    fn views(&self) -> Result<impl Iterator<Item = (&str, u64)>, StoreError> {
         let history = History::parse(&self.history).map_err(|e| corrupt(&self.id, e))?;
-        Ok(self.members.first().map(|m| match history {
-            History::Shared => 0,
-            History::Joined => seq_from_bson(m.joined_seq),
+        Ok(self.members.iter().map(move |m| {
+            let from = match history {
+                History::Shared => 0,
+                History::Joined => seq_from_bson(m.joined_seq),
+            };
+            (m.user_id.as_str(), from)
         }))
     }
 }
@@ -316,11 +324,40 @@ impl GroupRepo {
         })
     }
 
+    /// Those of `users` who are members of group `id`, each with the `seq`
+    /// its view of the history starts after: one read of the group's
+    /// members, for a check of several users at once (a message's
+    /// mentions). `None` if there is no such group.
+    pub async fn members_among(
+        &self,
+        id: &GroupId,
+        users: &[UserId],
+    ) -> Result<Option<Vec<(UserId, u64)>>, StoreError> {
+        let found = self
+            .coll
+            .clone_with_type::<OneMember>()
+            .find_one(doc! { "_id": id.as_str() })
+            .projection(doc! { "_id": 1, "history": 1, "members": 1 })
+            .await?;
+        let Some(group) = found else {
+            return Ok(None);
+        };
+        Ok(Some(
+            group
+                .views()?
+                .filter_map(|(member, from)| {
+                    let user = users.iter().find(|u| u.as_str() == member)?;
+                    Some((user.clone(), from))
+                })
+                .collect(),
+        ))
+    }
+
     /// The groups `user` is a member of, most recently updated first (ties
     /// by id), starting after `after` (a group's `(updatedAt, id)`): at
-    /// most `limit`, and none after the one that takes their members past
-    /// `max_members` (it is the last returned), so a page of large groups
-    /// reads a few of them, not `limit`.
+    /// most `limit`, and at most one after the group that takes their
+    /// members past `max_members` (so the caller knows there is more): a
+    /// page of large groups reads a few of them, not `limit`.
     pub async fn list_for_member(
         &self,
         user: &UserId,

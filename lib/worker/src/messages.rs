@@ -83,26 +83,49 @@ pub(crate) fn binding(m: &StoredMessage, seq: u64) -> MessageBinding<'_> {
 }
 
 /// The members other than `sender` that `text` mentions (`@user`); a
-/// name that is no member is plain text. Each is one membership check
-/// (cached).
+/// name that is no member is plain text. Members cached are not read
+/// again; one name that is not is one membership check, more are one read
+/// of the group's members, so a text of many made-up names costs one read.
 async fn mentioned(
     s: &State,
     group: &GroupId,
     sender: &UserId,
     text: &str,
 ) -> Result<Vec<UserId>, WorkerError> {
-    let mut out = Vec::new();
+    let generation = s.bus.generation();
+    let (mut known, mut unknown) = (Vec::new(), Vec::new());
     for user in chat_domain::mention_candidates(text) {
         if &user == sender {
             continue;
         }
-        match s.check_member(&user, group).await {
-            Ok(_) => out.push(user),
-            Err(WorkerError::Domain(DomainError::Forbidden(_))) => {}
-            Err(e) => return Err(e),
+        if s.members.visible_from(group, &user, generation).is_some() {
+            known.push(user);
+        } else {
+            unknown.push(user);
         }
     }
-    Ok(out)
+    match unknown.as_slice() {
+        [] => {}
+        [user] => match s.check_member(user, group).await {
+            Ok(_) => known.extend(unknown),
+            Err(WorkerError::Domain(DomainError::Forbidden(_))) => {}
+            Err(e) => return Err(e),
+        },
+        _ => {
+            let ticket = s.members.ticket(generation);
+            let found = s
+                .store
+                .groups
+                .members_among(group, &unknown)
+                .await?
+                .ok_or(WorkerError::NotFound("group"))?;
+            for (user, visible_from) in found {
+                s.members.remember(group, &user, visible_from, ticket);
+                known.push(user);
+            }
+        }
+    }
+    Ok(known)
 }
 
 /// What became of an earlier attempt of a send.

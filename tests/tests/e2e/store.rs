@@ -431,3 +431,53 @@ async fn a_page_of_large_groups_reads_no_more_groups_than_it_can_list() -> anyho
     );
     Ok(())
 }
+
+/// The members among several users, in one read: those who are not are
+/// left out, and each member's view starts where its group's history
+/// setting says.
+#[tokio::test]
+async fn members_among_several_users_are_read_at_once() -> anyhow::Result<()> {
+    let mongo = chat_stack::Mongo::start().await?;
+    let store = Store::connect(&mongo.uri, "among").await?;
+    store.ensure_indexes().await?;
+    let id = |u: &str| UserId::parse(u);
+    let (owner, bob, carol) = (id("owner")?, id("bob")?, id("carol")?);
+    let create = |history| {
+        chat_domain::Group::create(
+            GroupId::generate(),
+            owner.clone(),
+            "g",
+            "",
+            vec![bob.clone(), carol.clone()],
+            &chat_domain::Limits::default(),
+            chat_domain::now_millis(),
+        )
+        .map(|g| g.with_history(history))
+    };
+    let shared = create(chat_domain::History::Shared)?;
+    store.groups.insert(&shared).await?;
+    let asked = [bob.clone(), id("mallory")?, carol.clone(), id("eve")?];
+    let mut found = store
+        .groups
+        .members_among(&shared.id, &asked)
+        .await?
+        .expect("the group");
+    found.sort();
+    assert_eq!(found, [(bob.clone(), 0), (carol.clone(), 0)]);
+    let mut joined = create(chat_domain::History::Joined)?;
+    joined.members[1].joined_seq = 7;
+    store.groups.insert(&joined).await?;
+    let found = store
+        .groups
+        .members_among(&joined.id, &[joined.members[1].user_id.clone()])
+        .await?;
+    assert_eq!(found, Some(vec![(joined.members[1].user_id.clone(), 7)]));
+    assert_eq!(
+        store
+            .groups
+            .members_among(&GroupId::generate(), &asked)
+            .await?,
+        None
+    );
+    Ok(())
+}

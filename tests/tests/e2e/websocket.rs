@@ -918,10 +918,15 @@ async fn mentions_reach_the_members_named_live_on_reconnect_and_in_their_list() 
         assert_eq!(list(nobody, "").await?, json!({"mentions": []}), "{nobody}");
     }
 
-    // pages, newest first
+    // pages, newest first; names no worker holds as members (made up) are
+    // checked together, in one read, with any that it does not hold yet
     for i in 2..=4 {
         alice
-            .send_text(&g, &format!("m{i}"), &format!("@bob number {i}"))
+            .send_text(
+                &g,
+                &format!("m{i}"),
+                &format!("@bob number {i}, not @made-up{i} nor @eve{i}"),
+            )
             .await?;
         bob.skip_to("a_mention").await?;
     }
