@@ -609,26 +609,47 @@ impl Cluster {
     }
 
     /// Runs a node as a separate `chatd` process (so that it can be killed
-    /// for real) on free ports; waits until it serves.
+    /// for real) on free ports; waits until it serves. A port taken by
+    /// another test between its pick and chatd's bind is picked again.
     pub async fn spawn_process(&self, role: &str) -> anyhow::Result<Process> {
-        let [http, grpc, metrics] = chat_stack::free_addrs::<3>()?;
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match self.spawn_process_once(role).await {
+                Err((e, log)) if attempts < 3 && log.contains("address already in use") => {
+                    eprintln!("chatd {role}: a port was taken; again on new ones ({e:#})");
+                }
+                Err((e, log)) => {
+                    return Err(e.context(format!("chatd {role} did not start; log:\n{log}")));
+                }
+                Ok(p) => return Ok(p),
+            }
+        }
+    }
+
+    async fn spawn_process_once(&self, role: &str) -> Result<Process, (anyhow::Error, String)> {
+        let no_log = |e: anyhow::Error| (e, String::new());
+        let [http, grpc, metrics] = chat_stack::free_addrs::<3>().map_err(no_log)?;
         let mut argv = self.node_argv(role, &http.to_string(), &grpc.to_string());
         argv.retain(|a| a != "127.0.0.1:0");
         if let Some(i) = argv.iter().position(|a| a == "--metrics-listen") {
             argv.remove(i);
         }
         argv.push(format!("--metrics-listen={metrics}"));
-        let bin = chat_stack::chatd_binary()?;
-        let dir = tempfile::tempdir()?;
+        let bin = chat_stack::chatd_binary().map_err(no_log)?;
+        let dir = tempfile::tempdir().map_err(|e| no_log(e.into()))?;
         let log = dir.path().join("chatd.log");
-        let out = std::fs::File::create(&log)?;
-        let child = std::process::Command::new(bin)
-            .args(&argv[1..])
-            .env("NO_COLOR", "1")
-            .env("RUST_LOG", "info,chat_worker=debug,async_nats=warn")
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()?;
+        let spawn = || -> anyhow::Result<std::process::Child> {
+            let out = std::fs::File::create(&log)?;
+            Ok(std::process::Command::new(bin)
+                .args(&argv[1..])
+                .env("NO_COLOR", "1")
+                .env("RUST_LOG", "info,chat_worker=debug,async_nats=warn")
+                .stdout(out.try_clone()?)
+                .stderr(out)
+                .spawn()?)
+        };
+        let child = spawn().map_err(no_log)?;
         let mut p = Process {
             child,
             http,
@@ -638,18 +659,30 @@ impl Cluster {
             _dir: dir,
         };
         let probe = if role == "worker" { grpc } else { http };
-        eventually(Duration::from_secs(30), || {
+        // its own line, not only an open port (which another program may hold)
+        let listening = if role == "worker" {
+            "worker listening"
+        } else {
+            "edge listening"
+        };
+        let started = eventually(Duration::from_secs(30), || {
             let exited = p.child.try_wait().ok().flatten();
+            let logged = p.log_text().contains(listening);
             async move {
                 if let Some(status) = exited {
                     bail!("chatd exited with {status}");
                 }
+                if !logged {
+                    return Ok(None);
+                }
                 Ok(tokio::net::TcpStream::connect(probe).await.ok().map(drop))
             }
         })
-        .await
-        .with_context(|| format!("chatd {role} did not start; log:\n{}", p.log_text()))?;
-        Ok(p)
+        .await;
+        match started {
+            Ok(()) => Ok(p),
+            Err(e) => Err((e, p.log_text())),
+        }
     }
 
     /// Starts one more in-process edge using exactly these workers.

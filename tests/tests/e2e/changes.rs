@@ -244,6 +244,24 @@ async fn only_the_sender_edits_and_only_the_sender_or_owner_deletes() -> anyhow:
     // a removed member can change nothing of its own
     let b = bob.send_text(&g, "b1", "bob's").await?;
     assert_eq!(c.remove_member(0, "alice", &g, "bob").await?, 200);
+    // the other worker hears of the removal a moment after it returns:
+    // once two sends in a row (one through each worker) are refused, both
+    // know
+    let deadline = tokio::time::Instant::now() + PROMPTLY;
+    let (mut refused, mut i) = (0, 0);
+    while refused < 2 {
+        i += 1;
+        let probe =
+            json!({"groupId": g, "clientMsgId": format!("probe{i}"), "type": "text", "text": "?"});
+        match bob.request("send_group_message", probe).await {
+            Ok(_) => refused = 0,
+            Err(_) => refused += 1,
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the removal never reached both workers"
+        );
+    }
     let bobs = json!({"groupId": g, "messageId": b["messageId"]});
     assert_eq!(
         bob.request_error("delete_group_message", bobs.clone())

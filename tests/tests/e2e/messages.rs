@@ -439,13 +439,15 @@ async fn mongodb_down_still_acknowledges_and_delivers_and_history_catches_up() -
     c.stack.mongo.restart().await?;
     alice.send_text(&g, "after", "after").await?;
     // nothing acknowledged is missing once persistence has caught up, and
-    // history reads its own writes
-    let texts: Vec<String> = c
-        .history("bob", &g)
-        .await?
-        .iter()
-        .filter_map(|m| m["text"].as_str().map(String::from))
-        .collect();
+    // history reads its own writes (a read answers 503 while the worker's
+    // driver finds the restarted server again)
+    let texts: Vec<String> = eventually(3 * PROMPTLY, || async {
+        Ok(c.history("bob", &g).await.ok())
+    })
+    .await?
+    .iter()
+    .filter_map(|m| m["text"].as_str().map(String::from))
+    .collect();
     assert_eq!(texts, ["after", "during", "before"]);
     c.stop().await
 }

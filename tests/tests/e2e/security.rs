@@ -88,14 +88,16 @@ async fn ids_that_join_to_the_same_name_never_share_a_consumer() -> anyhow::Resu
     // group's messages while the attacker's never moved past them
     attacker.close().await?;
     victim.close().await?;
-    let (a, v) = (
-        place_of(&c, "bob", "smith_d").await?,
-        place_of(&c, "bob_smith", "d").await?,
-    );
-    let (a, v) = (
-        a.place.context("the attacker's place")?,
-        v.place.context("the victim's place")?,
-    );
+    // the final saves may land a moment after the sockets end
+    let (a, v) = eventually(PROMPTLY, || async {
+        let (a, v) = (
+            place_of(&c, "bob", "smith_d").await?.place,
+            place_of(&c, "bob_smith", "d").await?.place,
+        );
+        Ok(a.zip(v).filter(|(a, v)| v.groups > a.groups))
+    })
+    .await
+    .context("the victim's place covers the group's messages, the attacker's does not")?;
     assert!(v.groups > a.groups, "victim {v:?}, attacker {a:?}");
     // and the attacker, back, gets nothing of the group
     let mut attacker = c.connect(0, "bob", "smith_d").await?;
@@ -1310,7 +1312,7 @@ async fn a_users_connections_share_one_request_budget() -> anyhow::Result<()> {
             "--requests-per-sec",
             "100",
             "--user-ws-requests-per-sec",
-            "5",
+            "1",
         ],
     )
     .await?;
@@ -1322,7 +1324,7 @@ async fn a_users_connections_share_one_request_budget() -> anyhow::Result<()> {
     let mut one = c.connect(0, "mallory", "a").await?;
     let mut two = c.connect(0, "mallory", "b").await?;
     // 70 each, at once: under a connection's burst of 100, over the
-    // user's (a connection's burst too, plus 5/s); even if one connection
+    // user's (a connection's burst too, plus 1/s); even if one connection
     // were handled first, the other's errors in a row stay under the 50
     // that close a connection
     for i in 0..70 {
@@ -1345,11 +1347,11 @@ async fn a_users_connections_share_one_request_budget() -> anyhow::Result<()> {
         }
     }
     // alone, neither connection would see one (each is under its own
-    // burst); together at most the user's burst of 100 (plus 5/s while
+    // burst); together at most the user's burst of 100 (plus 1/s while
     // they are handled) gets through
     assert!(
         (10..=40).contains(&limited),
-        "{limited} of 140 limited: the user's budget is 100 at once plus 5/s"
+        "{limited} of 140 limited: the user's budget is 100 at once plus 1/s"
     );
     // bob has his own budget
     let mut bob = c.connect(0, "bob", "a").await?;
@@ -1639,8 +1641,9 @@ async fn a_blocked_user_can_neither_add_the_blocker_to_a_group_nor_hand_them_one
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changing_a_large_group_costs_its_owner_in_proportion() -> anyhow::Result<()> {
     use reqwest::Method;
-    // 5 requests a second, bursts of 10, per user and edge
-    let c = Cluster::start_with(2, 1, &["--user-requests-per-sec", "5"]).await?;
+    // 1 request a second, bursts of 2, per user and edge: the charge is a
+    // burst less one, 1
+    let c = Cluster::start_with(2, 1, &["--user-requests-per-sec", "1"]).await?;
     let members: Vec<String> = (0..99).map(|i| format!("m{i}")).collect();
     // created through the other edge, whose budget this spends
     let body = json!({ "name": "big", "members": members });
@@ -1649,7 +1652,9 @@ async fn changing_a_large_group_costs_its_owner_in_proportion() -> anyhow::Resul
         .await?;
     assert_eq!(status, 201, "{g}");
     let id = g["id"].as_str().context("group id")?;
-    // a full budget on edge 0: the removal is 1, telling 99 more members 9
+    // a full budget on edge 0: the removal is 1, telling 99 more members
+    // 1 more (at most a burst less one); a second a second comes back
+    let started = std::time::Instant::now();
     let (status, _) = c
         .call(
             Method::DELETE,
@@ -1666,8 +1671,15 @@ async fn changing_a_large_group_costs_its_owner_in_proportion() -> anyhow::Resul
         .bearer_auth(token("owner"))
         .send()
         .await?;
-    assert_eq!(res.status(), 429);
-    assert!(res.headers().contains_key("retry-after"));
+    // without the charge one request is left whatever the time; with it,
+    // none until a second has passed (a machine too busy for that proves
+    // nothing either way)
+    if started.elapsed() < Duration::from_millis(900) {
+        assert_eq!(res.status(), 429);
+        assert!(res.headers().contains_key("retry-after"));
+    } else {
+        println!("too slow to tell: {:?}", started.elapsed());
+    }
     // another user's budget is untouched
     let (status, _) = c.get(0, "m2", &format!("/groups/{id}")).await?;
     assert_eq!(status, 200);

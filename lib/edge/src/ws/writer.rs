@@ -873,7 +873,9 @@ mod tests {
         assert_eq!(load.tick(Duration::from_secs(1)), Duration::from_millis(50));
         let mut c = Coalesce::new(load.clone());
         c.busy = true;
-        let last = tokio::time::Instant::now();
+        // a last write ahead of the clock, so that no window has ended by
+        // the time it is checked, however slowly this runs
+        let last = tokio::time::Instant::now() + Duration::from_secs(3600);
         c.last = Some(last);
         assert!(c.wait());
         assert_eq!(c.armed, Some(last + Duration::from_millis(50)));
