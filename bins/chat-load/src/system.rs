@@ -64,6 +64,12 @@ impl System {
             // the application is idempotent without them (BENCHMARKS.md)
             .args(["--mongodb-uri", &no_retryable_writes(&stack.mongo.uri)])
             .args(["--jwt-secret", SECRET, "--encryption-keys", &key])
+            // as in production, where a worker on a non-loopback address
+            // needs one: every call between the roles is signed
+            .args([
+                "--service-secret",
+                &chat_crypto::KeyRing::generate_entry("service"),
+            ])
             .args(["--s3-endpoint", &stack.s3.endpoint])
             .args(["--s3-bucket", &stack.s3.bucket])
             .args(["--s3-access-key", &stack.s3.access_key])

@@ -49,7 +49,13 @@ fn now_ms() -> u64 {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(2 * bytes.len());
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    out
 }
 
 fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
@@ -311,7 +317,8 @@ where
             let Some(checker) = checker else {
                 return inner.call(req).await;
             };
-            let path = req.uri().path().to_owned();
+            // for the log of a refusal (a clone of the URI shares its bytes)
+            let uri = req.uri().clone();
             let remote = req
                 .extensions()
                 .get::<tonic::transport::server::TcpConnectInfo>()
@@ -321,7 +328,8 @@ where
                 Err(refusal) => {
                     metrics::counter!("chat_rpc_unauthenticated_total", "reason" => refusal.as_str())
                         .increment(1);
-                    tracing::warn!(?remote, %path, reason = refusal.as_str(), "refused a call");
+                    let path = uri.path();
+                    tracing::warn!(?remote, path, reason = refusal.as_str(), "refused a call");
                     Ok(refusal.status().into_http())
                 }
             }
