@@ -44,7 +44,7 @@ pub async fn signed_channel(
         .connect()
         .await?;
     let secret = chat_rpc::ServiceSecret::new(SERVICE_SECRET)?;
-    Ok(chat_rpc::Signed::new(channel, Some(secret)))
+    Ok(chat_rpc::Signed::to_worker(channel, secret).await?)
 }
 
 /// How long a test waits for something that should happen promptly.

@@ -309,9 +309,9 @@ impl Limits {
     }
 
     /// Charges `user` for work a request just did, `done` reads or writes
-    /// (the members a membership change told, each a stored write; the
-    /// groups and members a page of groups read): one more request per 10
-    /// of them (at most a burst less one), owed if the budget is spent, so
+    /// (the members a membership change told, each a stored write; a tenth
+    /// of the members a page of groups listed): one more request per 10 of
+    /// them (at most a burst less one), owed if the budget is spent, so
     /// that doing it over and over costs the caller in proportion.
     pub(crate) fn user_owes(&self, user: &UserId, done: usize) {
         let extra = ((done / FAN_OUT_PER_REQUEST) as f64).min(self.per_user.burst - 1.0);

@@ -27,10 +27,10 @@ use std::{
 };
 
 pub(crate) use chat_rpc::pb::{
-    groups_client::GroupsClient, health_client::HealthClient, media_client::MediaClient,
-    messages_client::MessagesClient, sessions_client::SessionsClient,
+    groups_client::GroupsClient, media_client::MediaClient, messages_client::MessagesClient,
+    sessions_client::SessionsClient,
 };
-use chat_rpc::{ServiceSecret, Signed, pb};
+use chat_rpc::{ServiceSecret, Signed, WorkerInstance};
 use tonic::{
     Status,
     transport::{Channel, Endpoint, Uri},
@@ -51,10 +51,12 @@ const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 
 struct Worker {
     url: String,
-    /// Signs every call with the secret, if there is one.
+    /// Signs every call with the secret, if there is one, for the worker
+    /// process the last health check proved.
     channel: Signed<Channel>,
     /// The same, unsigned: the health check's.
     health: Channel,
+    instance: WorkerInstance,
     healthy: AtomicBool,
     /// Has proved the service secret (always, without one).
     verified: AtomicBool,
@@ -181,10 +183,12 @@ impl Workers {
                 .connect_timeout(Duration::from_secs(2))
                 .tcp_nodelay(true);
             let channel = endpoint.connect_lazy();
+            let instance = WorkerInstance::default();
             workers.push(Arc::new(Worker {
                 url,
-                channel: Signed::new(channel.clone(), self.secret.clone()),
+                channel: Signed::new(channel.clone(), self.secret.clone(), instance.clone()),
                 health: channel,
+                instance,
                 healthy: AtomicBool::new(healthy),
                 verified: AtomicBool::new(self.secret.is_none()),
             }));
@@ -237,22 +241,15 @@ impl Workers {
     }
 
     /// Checks one worker: ready, and (with a secret) proving it over a
-    /// fresh nonce.
+    /// fresh nonce, which tells the worker process calls are signed for.
     async fn check(&self, w: &Worker) {
-        let nonce = uuid::Uuid::new_v4().as_bytes().to_vec();
-        let mut client = HealthClient::new(w.health.clone());
-        let check = client.ready(pb::ReadyRequest {
-            nonce: nonce.clone(),
-        });
+        let check = chat_rpc::signed::ready(w.health.clone(), self.secret.as_ref());
         let (up, proved) = match tokio::time::timeout(HEALTH_TIMEOUT, check).await {
-            Ok(Ok(r)) => {
-                let proof = r.into_inner().proof;
-                let proved = self
-                    .secret
-                    .as_ref()
-                    .is_none_or(|s| s.verify_proof(&nonce, &proof));
-                (proved, Some(proved))
+            Ok(Ok(Some(instance))) => {
+                w.instance.set(instance);
+                (true, Some(true))
             }
+            Ok(Ok(None)) => (false, Some(false)),
             _ => (false, None),
         };
         if let Some(proved) = proved
@@ -343,12 +340,34 @@ impl Workers {
         while let Some(i) = self.pick(&pool, &tried) {
             tried.push(i);
             let w = &pool[i];
-            match call(w.channel.clone()).await {
+            let mut outcome = call(w.channel.clone()).await;
+            if outcome
+                .as_ref()
+                .is_err_and(|s| s.code() == tonic::Code::Unauthenticated)
+            {
+                // most likely restarted since its last check, as another
+                // process: checked again at once, and asked again if it
+                // proves itself
+                self.check(w).await;
+                if w.healthy.load(Ordering::Relaxed) && w.verified.load(Ordering::Relaxed) {
+                    outcome = call(w.channel.clone()).await;
+                }
+            }
+            match outcome {
                 Err(status) if transport_failure(&status) => {
                     if w.healthy.swap(false, Ordering::Relaxed) {
                         tracing::warn!(worker = %w.url, error = %status, "worker unreachable; trying another");
                     }
                     last = Some(status);
+                }
+                // the worker refused the edge's signature (restarted since
+                // its last health check, clocks apart, another secret): its
+                // fault, never the client's; out of rotation until its next
+                // health check proves it again
+                Err(status) if status.code() == tonic::Code::Unauthenticated => {
+                    w.healthy.store(false, Ordering::Relaxed);
+                    tracing::error!(worker = %w.url, error = %status, "worker refused a signed call; trying another");
+                    last = Some(Status::unavailable("no worker took the call"));
                 }
                 other => return other,
             }
@@ -465,5 +484,45 @@ mod tests {
         assert!(second[0].healthy.load(Ordering::Relaxed));
         // a call made on the earlier list still has its channels
         assert_eq!(first.len(), 2);
+    }
+
+    /// A worker that refuses the edge's signature (restarted since its last
+    /// check, say) is out of rotation and the call goes to another; with
+    /// none left it is `unavailable`, never `unauthenticated`, which the
+    /// edge would pass on as its client's fault (a 401 signs a web client
+    /// out).
+    #[tokio::test]
+    async fn a_worker_that_refuses_the_signature_is_passed_over_never_the_client_blamed() {
+        let urls = [
+            "http://10.0.0.1:1".to_owned(),
+            "http://10.0.0.2:1".to_owned(),
+        ];
+        let pool = Workers::new(&urls, Duration::from_secs(1), None).expect("pool");
+        let asked = std::sync::Mutex::new(0);
+        let first = pool
+            .call(|_| {
+                let mut n = asked.lock().expect("count");
+                *n += 1;
+                let refused = *n == 1;
+                async move {
+                    if refused {
+                        Err(Status::unauthenticated("signed for another worker"))
+                    } else {
+                        Ok("taken")
+                    }
+                }
+            })
+            .await;
+        assert_eq!(first.ok(), Some("taken"), "the other worker took it");
+        let healthy: Vec<bool> = pool
+            .snapshot()
+            .iter()
+            .map(|w| w.healthy.load(Ordering::Relaxed))
+            .collect();
+        assert_eq!(healthy.iter().filter(|h| !**h).count(), 1, "{healthy:?}");
+        let none = pool
+            .call(|_| async { Err::<(), _>(Status::unauthenticated("no")) })
+            .await;
+        assert_eq!(none.map_err(|s| s.code()), Err(tonic::Code::Unavailable));
     }
 }

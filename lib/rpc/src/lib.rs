@@ -9,8 +9,8 @@ pub mod pb {
 mod service_auth;
 pub mod signed;
 
-pub use service_auth::{Call, SecretError, ServiceSecret};
-pub use signed::{Checked, Checker, SIGNATURE_HEADER, Signed};
+pub use service_auth::{Call, Instance, SecretError, ServiceSecret};
+pub use signed::{Checked, Checker, SIGNATURE_HEADER, Signed, WorkerInstance};
 
 use chat_domain::{DomainError, Group, GroupId, History, Member, UserId};
 

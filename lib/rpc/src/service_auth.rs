@@ -1,21 +1,28 @@
 //! Authentication between edge and worker: a shared secret that never
 //! travels.
 //!
-//! Every call from an edge is signed: an HMAC-SHA256 under the secret over
-//! the call's method, the time it was made, a fresh random nonce and the
-//! digest of its body (see [`crate::signed`]), which the worker checks before
-//! anything else. A signature is good for one call only: it names its body,
-//! and a worker refuses it again or once it is older than the window. So a
-//! process that reaches a worker's port without the secret is refused, and
-//! one that takes over a worker's address, even one that relays the edge's
-//! health check to a real worker to pass it, learns nothing it could use to
-//! act as anyone.
+//! Every worker process draws a random instance id when it starts. Before
+//! an edge calls a worker at all, the worker proves it knows the secret:
+//! the edge's health check (`Health/Ready`, the one service without a
+//! signature) carries a fresh random nonce, and the worker answers with its
+//! instance id and the HMAC under the secret of both; only a worker that
+//! does is called.
 //!
-//! Before an edge calls a worker at all, the worker proves it knows the
-//! secret: the edge's health check (`Health/Ready`, the one service without a
-//! signature) carries a fresh random nonce, and only a worker that answers
-//! with the nonce's HMAC under the secret is called. The two MACs are kept
-//! apart by their prefixes, so no proof is ever a call's signature.
+//! Every call is then signed (see [`crate::signed`]): an HMAC under the
+//! secret over the call's method, the time it was made, a fresh nonce, the
+//! instance id of the worker it is for and the digest of its body. A
+//! worker checks the signature on the headers alone before it reads a byte
+//! of the body, and takes a signature once: only for itself (not another
+//! worker, nor itself once restarted), within a window of its clock, and
+//! never again. So a process that reaches a worker's port without the
+//! secret is refused, and one that takes over a worker's address, even one
+//! that relays the edge's health check to a real worker to pass it, learns
+//! nothing it could use to act as anyone.
+//!
+//! The MACs are kept apart by their prefixes, so no proof is ever a call's
+//! signature; both prefixes name their version, so an edge never takes a
+//! worker of an earlier release (which expects the secret itself) as
+//! proved, nor the other way round.
 
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
@@ -32,11 +39,14 @@ pub enum SecretError {
     NotAscii,
 }
 
-/// The secret edges and workers share.
+/// The secret edges and workers share, as the HMAC keyed with it.
 #[derive(Clone)]
 pub struct ServiceSecret {
-    secret: String,
+    mac: Hmac<Sha256>,
 }
+
+/// A worker process's id, drawn when it starts.
+pub type Instance = [u8; 16];
 
 impl std::fmt::Debug for ServiceSecret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -54,44 +64,49 @@ impl ServiceSecret {
         if !secret.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(SecretError::NotAscii);
         }
-        Ok(Self {
-            secret: secret.to_owned(),
-        })
-    }
-
-    fn mac(&self) -> Hmac<Sha256> {
         // HMAC takes keys of any length
-        <Hmac<Sha256> as Mac>::new_from_slice(self.secret.as_bytes())
-            .unwrap_or_else(|_| unreachable!("hmac accepts any key length"))
+        let mac = <Hmac<Sha256> as Mac>::new_from_slice(secret.as_bytes())
+            .unwrap_or_else(|_| unreachable!("hmac accepts any key length"));
+        Ok(Self { mac })
     }
 
-    /// A worker's proof that it knows the secret, over an edge's `nonce`.
-    pub fn proof(&self, nonce: &[u8]) -> Vec<u8> {
-        let mut mac = self.mac();
-        mac.update(b"chatd worker ready\0");
+    /// The MAC of a worker's readiness: its instance, then the edge's nonce
+    /// (the one part of no fixed length, last).
+    fn ready_mac(&self, instance: &Instance, nonce: &[u8]) -> Hmac<Sha256> {
+        let mut mac = self.mac.clone();
+        mac.update(b"chatd worker ready v2\0");
+        mac.update(instance);
         mac.update(nonce);
-        mac.finalize().into_bytes().to_vec()
+        mac
     }
 
-    /// Whether `proof` is the proof over `nonce` (constant time).
-    pub fn verify_proof(&self, nonce: &[u8], proof: &[u8]) -> bool {
-        let mut mac = self.mac();
-        mac.update(b"chatd worker ready\0");
-        mac.update(nonce);
-        mac.verify_slice(proof).is_ok()
+    /// A worker's proof that it knows the secret, over its `instance` and
+    /// an edge's `nonce`.
+    pub fn proof(&self, instance: &Instance, nonce: &[u8]) -> Vec<u8> {
+        self.ready_mac(instance, nonce)
+            .finalize()
+            .into_bytes()
+            .to_vec()
     }
 
-    /// The MAC of one call: its path, its time, its nonce and its body's
-    /// digest, each of a fixed length but the path, which ends at a NUL (no
-    /// URI path holds one), so no two calls share an input.
+    /// Whether `proof` is the proof over `instance` and `nonce` (constant
+    /// time).
+    pub fn verify_proof(&self, instance: &Instance, nonce: &[u8], proof: &[u8]) -> bool {
+        self.ready_mac(instance, nonce).verify_slice(proof).is_ok()
+    }
+
+    /// The MAC of one call: its path, then parts of fixed lengths (its
+    /// time, its nonce, its worker, its body's digest); the path ends at a
+    /// NUL (no URI path holds one), so no two calls share an input.
     fn call_mac(&self, call: &Call<'_>) -> Hmac<Sha256> {
-        let mut mac = self.mac();
-        mac.update(b"chatd call v1\0");
+        let mut mac = self.mac.clone();
+        mac.update(b"chatd call v2\0");
         mac.update(call.path.as_bytes());
         mac.update(b"\0");
         mac.update(&call.at_ms.to_be_bytes());
         mac.update(&call.nonce);
-        mac.update(&Sha256::digest(call.body));
+        mac.update(&call.instance);
+        mac.update(&call.digest);
         mac
     }
 
@@ -115,8 +130,15 @@ pub struct Call<'a> {
     pub at_ms: u64,
     /// Fresh for every call.
     pub nonce: [u8; 16],
-    /// The call's HTTP body, as sent.
-    pub body: &'a [u8],
+    /// The worker it is for.
+    pub instance: Instance,
+    /// The SHA-256 of the call's HTTP body, as sent.
+    pub digest: [u8; 32],
+}
+
+/// The SHA-256 of `body`.
+pub fn digest(body: &[u8]) -> [u8; 32] {
+    Sha256::digest(body).into()
 }
 
 #[cfg(test)]
@@ -146,13 +168,29 @@ mod tests {
     }
 
     #[test]
+    fn proofs_bind_the_instance_the_nonce_and_the_secret() {
+        let s = ServiceSecret::new(SECRET).expect("secret");
+        let other = ServiceSecret::new(&SECRET.replace('0', "1")).expect("secret");
+        let proof = s.proof(&[1; 16], b"nonce-1");
+        assert!(s.verify_proof(&[1; 16], b"nonce-1", &proof));
+        assert!(!s.verify_proof(&[1; 16], b"nonce-2", &proof));
+        assert!(
+            !s.verify_proof(&[2; 16], b"nonce-1", &proof),
+            "another worker"
+        );
+        assert!(!other.verify_proof(&[1; 16], b"nonce-1", &proof));
+        assert!(!s.verify_proof(&[1; 16], b"nonce-1", &[]));
+    }
+
+    #[test]
     fn a_signature_binds_the_secret_and_everything_about_the_call() {
         let s = ServiceSecret::new(SECRET).expect("secret");
         let call = Call {
             path: "/chat.v1.Messages/History",
             at_ms: 1_000,
             nonce: [7; 16],
-            body: b"caller alice",
+            instance: [3; 16],
+            digest: digest(b"caller alice"),
         };
         let tag = s.sign(&call);
         assert!(s.verify(&call, &tag));
@@ -172,7 +210,11 @@ mod tests {
                 ..call
             },
             Call {
-                body: b"caller bobby",
+                instance: [4; 16],
+                ..call
+            },
+            Call {
+                digest: digest(b"caller bobby"),
                 ..call
             },
         ] {
@@ -190,23 +232,15 @@ mod tests {
             path: "/p",
             at_ms: 0,
             nonce: [0; 16],
-            body: b"",
+            instance: [0; 16],
+            digest: digest(b""),
         };
         let tag = s.sign(&call);
-        let mut as_nonce = b"chatd call v1\0/p\0".to_vec();
-        as_nonce.extend_from_slice(&[0; 24]);
-        as_nonce.extend_from_slice(&Sha256::digest(b""));
-        assert_ne!(s.proof(&as_nonce), tag.to_vec());
-    }
-
-    #[test]
-    fn proofs_bind_the_nonce_and_the_secret() {
-        let s = ServiceSecret::new(SECRET).expect("secret");
-        let other = ServiceSecret::new(&SECRET.replace('0', "1")).expect("secret");
-        let proof = s.proof(b"nonce-1");
-        assert!(s.verify_proof(b"nonce-1", &proof));
-        assert!(!s.verify_proof(b"nonce-2", &proof));
-        assert!(!other.verify_proof(b"nonce-1", &proof));
-        assert!(!s.verify_proof(b"nonce-1", &[]));
+        // the proof's input is its prefix, the instance, the nonce: here
+        // all of the call's input after that prefix
+        let mut as_nonce = b"chatd call v2\0/p\0".to_vec();
+        as_nonce.extend_from_slice(&[0; 40]);
+        as_nonce.extend_from_slice(&digest(b""));
+        assert_ne!(s.proof(&[0; 16], &as_nonce), tag.to_vec());
     }
 }

@@ -1,13 +1,15 @@
 //! Signed calls between edge and worker, as two tower services around the
 //! gRPC transport: [`Signed`] on the edge's channel signs each call as it
 //! leaves, [`Checked`] around each of the worker's services (not its health
-//! check) refuses any call without a good, fresh, first-seen signature. The
-//! generated clients and servers see neither.
+//! check) refuses any call without a good, fresh, first-seen signature made
+//! for it. The generated clients and servers see neither.
 //!
 //! The signature travels in [`SIGNATURE_HEADER`] as
-//! `<milliseconds>.<nonce, hex>.<HMAC, hex>` and covers the method's path,
-//! the time, the nonce and the digest of the body as sent (see
-//! [`ServiceSecret::sign`]). A worker takes a call made at most
+//! `<milliseconds>.<nonce>.<instance>.<digest>.<HMAC>` (hex) and covers
+//! the method's path, the time, the nonce, the worker's instance id and the
+//! digest of the body as sent (see [`ServiceSecret::sign`]). A worker
+//! checks it before it reads the body, so a caller without the secret never
+//! has a body read; it takes a call for its own instance only, made at most
 //! [`WINDOW`] before or after its own clock, and each nonce once: it keeps
 //! the nonces of the window, at most [`MAX_SEEN`] of them.
 
@@ -26,12 +28,16 @@ use http_body_util::{BodyExt, Full, Limited};
 use tonic::{Status, body::Body, server::NamedService};
 use tower::Service;
 
-use crate::service_auth::{Call, ServiceSecret};
+use crate::{
+    pb::{ReadyRequest, health_client::HealthClient},
+    service_auth::{Call, Instance, ServiceSecret, digest},
+};
 
 /// The header carrying a call's signature.
 pub const SIGNATURE_HEADER: &str = "x-chat-signature";
 /// How far a call's time may be from the worker's clock either way.
-pub const WINDOW: Duration = Duration::from_secs(30);
+pub const WINDOW: Duration = Duration::from_millis(WINDOW_MS);
+const WINDOW_MS: u64 = 30_000;
 /// Most nonces a worker keeps: at this many calls in a window it refuses
 /// more (`unavailable`) rather than forget one it could see again.
 pub const MAX_SEEN: usize = 4_000_000;
@@ -69,18 +75,90 @@ fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
     Some(out)
 }
 
+/// The instance id of the worker a channel reaches, as its last proof of
+/// the secret gave it: shared by the channel that signs calls and the
+/// health check that learns it.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerInstance(Arc<Mutex<Option<Instance>>>);
+
+impl WorkerInstance {
+    /// Known to be `id`.
+    pub fn known(id: Instance) -> Self {
+        Self(Arc::new(Mutex::new(Some(id))))
+    }
+
+    /// The worker proved itself as `id`.
+    pub fn set(&self, id: Instance) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(id);
+    }
+
+    fn get(&self) -> Option<Instance> {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Asks the worker on `channel` whether it is ready, over a fresh nonce:
+/// `Some(its instance)` if it proved `secret` (or there is none), `None` if
+/// it answered without the proof (another secret, or a release before
+/// signed calls).
+pub async fn ready(
+    channel: tonic::transport::Channel,
+    secret: Option<&ServiceSecret>,
+) -> Result<Option<Instance>, Status> {
+    let nonce: [u8; 16] = rand::random();
+    let answer = HealthClient::new(channel)
+        .ready(ReadyRequest {
+            nonce: nonce.to_vec(),
+        })
+        .await?
+        .into_inner();
+    let instance = <Instance>::try_from(answer.instance.as_slice()).ok();
+    Ok(match (secret, instance) {
+        (None, found) => Some(found.unwrap_or_default()),
+        (Some(secret), Some(instance)) => secret
+            .verify_proof(&instance, &nonce, &answer.proof)
+            .then_some(instance),
+        (Some(_), None) => None,
+    })
+}
+
 /// The edge's side: a transport (tonic's `Channel`) whose calls are signed
-/// with the secret, or go as they are without one.
+/// with the secret for the worker it reaches, or go as they are without a
+/// secret.
 #[derive(Debug, Clone)]
 pub struct Signed<S> {
     inner: S,
     secret: Option<ServiceSecret>,
+    instance: WorkerInstance,
 }
 
 impl<S> Signed<S> {
-    /// Calls on `inner`, signed with `secret` if there is one.
-    pub fn new(inner: S, secret: Option<ServiceSecret>) -> Self {
-        Self { inner, secret }
+    /// Calls on `inner`, signed with `secret` if there is one, for the
+    /// worker `instance` names.
+    pub fn new(inner: S, secret: Option<ServiceSecret>, instance: WorkerInstance) -> Self {
+        Self {
+            inner,
+            secret,
+            instance,
+        }
+    }
+}
+
+impl Signed<tonic::transport::Channel> {
+    /// Calls on `channel`, signed with `secret` for the worker it reaches
+    /// once that worker has proved the secret (a health check).
+    pub async fn to_worker(
+        channel: tonic::transport::Channel,
+        secret: ServiceSecret,
+    ) -> Result<Self, Status> {
+        let instance = ready(channel.clone(), Some(&secret))
+            .await?
+            .ok_or_else(|| Status::unauthenticated("the worker did not prove the secret"))?;
+        Ok(Self::new(
+            channel,
+            Some(secret),
+            WorkerInstance::known(instance),
+        ))
     }
 }
 
@@ -102,21 +180,32 @@ where
         // the instance polled ready makes the call
         let fresh = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, fresh);
-        let secret = self.secret.clone();
+        let key = self.secret.clone().map(|s| (s, self.instance.get()));
         Box::pin(async move {
-            let Some(secret) = secret else {
+            let Some((secret, instance)) = key else {
                 return inner.call(req).await.map_err(Into::into);
             };
+            // never called before its proof (the edge picks proved workers)
+            let instance = instance.ok_or_else(|| {
+                Status::unavailable("the worker has not proved the service secret yet")
+            })?;
             let (mut parts, body) = req.into_parts();
             let body = body.collect().await?.to_bytes();
-            let (at_ms, nonce) = (now_ms(), rand::random::<[u8; 16]>());
             let call = Call {
                 path: parts.uri.path(),
-                at_ms,
-                nonce,
-                body: &body,
+                at_ms: now_ms(),
+                nonce: rand::random(),
+                instance,
+                digest: digest(&body),
             };
-            let value = format!("{at_ms}.{}.{}", hex(&nonce), hex(&secret.sign(&call)));
+            let value = [
+                call.at_ms.to_string(),
+                hex(&call.nonce),
+                hex(&call.instance),
+                hex(&call.digest),
+                hex(&secret.sign(&call)),
+            ]
+            .join(".");
             parts.headers.insert(SIGNATURE_HEADER, value.parse()?);
             let req = http::Request::from_parts(parts, Body::new(Full::new(body)));
             inner.call(req).await.map_err(Into::into)
@@ -131,7 +220,9 @@ pub enum Refusal {
     Unsigned,
     /// Made further from the worker's clock than the window.
     OutOfWindow,
-    /// Not the signature of this call under the secret.
+    /// Signed for another worker, or for this one before it restarted.
+    OtherWorker,
+    /// Not a signature under the secret, or not of this body.
     BadSignature,
     /// Its nonce was seen before.
     Replayed,
@@ -146,6 +237,7 @@ impl Refusal {
         match self {
             Self::Unsigned => "unsigned",
             Self::OutOfWindow => "out_of_window",
+            Self::OtherWorker => "other_worker",
             Self::BadSignature => "bad_signature",
             Self::Replayed => "replayed",
             Self::Body => "body",
@@ -153,6 +245,9 @@ impl Refusal {
         }
     }
 
+    /// What the caller is told: `unauthenticated` for every refusal of the
+    /// signature, which an edge takes as this worker's fault (it tries
+    /// another), never as its client's.
     fn status(self) -> Status {
         match self {
             Self::Unsigned | Self::BadSignature => {
@@ -161,8 +256,11 @@ impl Refusal {
             Self::OutOfWindow => Status::unauthenticated(
                 "the call's signature is too old or from the future (clocks apart?)",
             ),
+            Self::OtherWorker => {
+                Status::unauthenticated("the call was signed for another worker (restarted?)")
+            }
             Self::Replayed => Status::unauthenticated("the call's signature was used before"),
-            Self::Body => Status::resource_exhausted("call body too large or unreadable"),
+            Self::Body => Status::internal("call body too large or unreadable"),
             Self::TooMany => Status::unavailable("too many calls to check; try again"),
         }
     }
@@ -176,6 +274,9 @@ pub struct Seen {
     by_second: BTreeMap<u64, HashSet<[u8; 16]>>,
     len: usize,
     max: usize,
+    /// The latest time it was given: a clock stepped back does not bring
+    /// forgotten seconds back into the window.
+    latest: u64,
 }
 
 impl Seen {
@@ -185,32 +286,52 @@ impl Seen {
             by_second: BTreeMap::new(),
             len: 0,
             max,
+            latest: 0,
         }
     }
 
-    /// Admits a call made at `at_ms` with `nonce`, at `now_ms`: in the
-    /// window, and its nonce never seen.
-    pub fn admit(&mut self, at_ms: u64, nonce: [u8; 16], now_ms: u64) -> Result<(), Refusal> {
-        let window = u64::try_from(WINDOW.as_millis()).unwrap_or(u64::MAX);
-        let oldest = now_ms.saturating_sub(window);
-        if at_ms < oldest || at_ms > now_ms.saturating_add(window) {
-            return Err(Refusal::OutOfWindow);
-        }
-        // seconds whose every call is now out of the window
+    /// The oldest call time taken at `now_ms`, and forgets the seconds
+    /// before it.
+    fn oldest(&mut self, now_ms: u64) -> u64 {
+        self.latest = self.latest.max(now_ms);
+        let oldest = self.latest.saturating_sub(WINDOW_MS);
         while let Some(entry) = self.by_second.first_entry() {
             if (entry.key() + 1) * 1000 > oldest {
                 break;
             }
             self.len -= entry.remove().len();
         }
-        let second = self.by_second.entry(at_ms / 1000).or_default();
-        if second.contains(&nonce) {
+        oldest
+    }
+
+    /// Whether a call made at `at_ms` with `nonce` could be taken at
+    /// `now_ms`: in the window and not seen.
+    pub fn check(&mut self, at_ms: u64, nonce: &[u8; 16], now_ms: u64) -> Result<(), Refusal> {
+        let oldest = self.oldest(now_ms);
+        if at_ms < oldest || at_ms > now_ms.saturating_add(WINDOW_MS) {
+            return Err(Refusal::OutOfWindow);
+        }
+        if self
+            .by_second
+            .get(&(at_ms / 1000))
+            .is_some_and(|second| second.contains(nonce))
+        {
             return Err(Refusal::Replayed);
         }
+        Ok(())
+    }
+
+    /// Takes a call made at `at_ms` with `nonce`, at `now_ms`: in the
+    /// window, and its nonce never seen.
+    pub fn admit(&mut self, at_ms: u64, nonce: [u8; 16], now_ms: u64) -> Result<(), Refusal> {
+        self.check(at_ms, &nonce, now_ms)?;
         if self.len >= self.max {
             return Err(Refusal::TooMany);
         }
-        second.insert(nonce);
+        self.by_second
+            .entry(at_ms / 1000)
+            .or_default()
+            .insert(nonce);
         self.len += 1;
         Ok(())
     }
@@ -220,34 +341,63 @@ impl Seen {
 #[derive(Debug)]
 pub struct Checker {
     secret: ServiceSecret,
+    instance: Instance,
     seen: Mutex<Seen>,
 }
 
+/// A signature header's parts.
+struct Signature {
+    at_ms: u64,
+    nonce: [u8; 16],
+    instance: Instance,
+    digest: [u8; 32],
+    tag: [u8; 32],
+}
+
 impl Checker {
-    /// Checking calls against `secret`.
-    pub fn new(secret: ServiceSecret) -> Arc<Self> {
+    /// Checking calls for worker `instance` against `secret`.
+    pub fn new(secret: ServiceSecret, instance: Instance) -> Arc<Self> {
         Arc::new(Self {
             secret,
+            instance,
             seen: Mutex::new(Seen::new(MAX_SEEN)),
         })
     }
 
-    fn header(req: &http::Request<Body>) -> Option<(u64, [u8; 16], [u8; 32])> {
+    fn header(req: &http::Request<Body>) -> Option<Signature> {
         let value = req.headers().get(SIGNATURE_HEADER)?.to_str().ok()?;
         let mut parts = value.split('.');
-        let at_ms = parts.next()?.parse().ok()?;
-        let nonce = unhex(parts.next()?)?;
-        let tag = unhex(parts.next()?)?;
-        parts.next().is_none().then_some((at_ms, nonce, tag))
+        let signature = Signature {
+            at_ms: parts.next()?.parse().ok()?,
+            nonce: unhex(parts.next()?)?,
+            instance: unhex(parts.next()?)?,
+            digest: unhex(parts.next()?)?,
+            tag: unhex(parts.next()?)?,
+        };
+        parts.next().is_none().then_some(signature)
     }
 
+    fn seen(&self) -> std::sync::MutexGuard<'_, Seen> {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Everything the headers tell, then the body: a caller without the
+    /// secret has no byte of its body read.
     async fn check(&self, req: http::Request<Body>) -> Result<http::Request<Body>, Refusal> {
-        let (at_ms, nonce, tag) = Self::header(&req).ok_or(Refusal::Unsigned)?;
-        let window = u64::try_from(WINDOW.as_millis()).unwrap_or(u64::MAX);
-        let now = now_ms();
-        if at_ms.abs_diff(now) > window {
-            // before reading a body for nothing
-            return Err(Refusal::OutOfWindow);
+        let sig = Self::header(&req).ok_or(Refusal::Unsigned)?;
+        self.seen().check(sig.at_ms, &sig.nonce, now_ms())?;
+        if sig.instance != self.instance {
+            return Err(Refusal::OtherWorker);
+        }
+        let call = Call {
+            path: req.uri().path(),
+            at_ms: sig.at_ms,
+            nonce: sig.nonce,
+            instance: sig.instance,
+            digest: sig.digest,
+        };
+        if !self.secret.verify(&call, &sig.tag) {
+            return Err(Refusal::BadSignature);
         }
         let (parts, body) = req.into_parts();
         let body: Bytes = Limited::new(body, MAX_CALL_BYTES)
@@ -255,20 +405,11 @@ impl Checker {
             .await
             .map_err(|_| Refusal::Body)?
             .to_bytes();
-        let call = Call {
-            path: parts.uri.path(),
-            at_ms,
-            nonce,
-            body: &body,
-        };
-        if !self.secret.verify(&call, &tag) {
+        if digest(&body) != sig.digest {
             return Err(Refusal::BadSignature);
         }
-        // only a good signature's nonce is kept
-        self.seen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .admit(at_ms, nonce, now_ms())?;
+        // only a good call's nonce is kept
+        self.seen().admit(sig.at_ms, sig.nonce, now_ms())?;
         Ok(http::Request::from_parts(parts, Body::new(Full::new(body))))
     }
 }
@@ -347,7 +488,9 @@ mod tests {
     fn a_nonce_is_taken_once_within_the_window_and_never_outside_it() {
         let mut seen = Seen::new(10);
         let now = 100 * S;
+        assert_eq!(seen.check(now, &[1; 16], now), Ok(()));
         assert_eq!(seen.admit(now, [1; 16], now), Ok(()));
+        assert_eq!(seen.check(now, &[1; 16], now + 5), Err(Refusal::Replayed));
         assert_eq!(seen.admit(now, [1; 16], now + 5), Err(Refusal::Replayed));
         assert_eq!(seen.admit(now, [2; 16], now), Ok(()), "another nonce");
         let window = 30 * S;
@@ -368,6 +511,12 @@ mod tests {
         assert_eq!(seen.admit(now, [1; 16], later), Err(Refusal::OutOfWindow));
         assert_eq!(seen.admit(later, [4; 16], later), Ok(()));
         assert_eq!(seen.len, 2, "the second at `now` is gone: [3] and [4]");
+        // a clock stepped back does not bring the forgotten second back
+        assert_eq!(
+            seen.admit(now, [1; 16], now + 5),
+            Err(Refusal::OutOfWindow),
+            "the window ends where the latest clock put it"
+        );
     }
 
     #[test]

@@ -355,9 +355,10 @@ impl GroupRepo {
 
     /// The groups `user` is a member of, most recently updated first (ties
     /// by id), starting after `after` (a group's `(updatedAt, id)`): at
-    /// most `limit`, and at most one after the group that takes their
-    /// members past `max_members` (so the caller knows there is more): a
-    /// page of large groups reads a few of them, not `limit`.
+    /// most `limit`, and none after the one that takes their members past
+    /// `max_members` (which tells the caller there is more; when that is
+    /// the first, one more), so a page of large groups reads a few of them,
+    /// not `limit`.
     pub async fn list_for_member(
         &self,
         user: &UserId,
@@ -389,10 +390,11 @@ impl GroupRepo {
         let mut members = 0;
         while let Some(d) = cursor.try_next().await? {
             let group = d.into_record()?.group;
-            let past = members > max_members;
             members += group.members.len();
             groups.push(group);
-            if past {
+            // the one past the cap ends the read, unless it is the first
+            // (listed alone): then one more tells there is more
+            if members > max_members && groups.len() > 1 {
                 break;
             }
         }

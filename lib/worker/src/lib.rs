@@ -208,6 +208,8 @@ pub(crate) struct State {
     /// Room in the message log for messages not yet in MongoDB
     /// (`backlog.rs`).
     pub log_room: backlog::LogRoom,
+    /// This process's id, drawn when it starts: edges sign calls for it.
+    pub instance: chat_rpc::Instance,
 }
 
 impl State {
@@ -351,6 +353,7 @@ pub async fn serve(
         sends,
         places,
         log_room: Default::default(),
+        instance: rand::random(),
     });
     let marks = Arc::new(persist::SentMarks::default());
     let backlog = tokio::spawn(backlog::watch(state.clone()));
@@ -359,7 +362,11 @@ pub async fn serve(
     let stopping = state.clone();
     let listener_of_members = tokio::spawn(forget_changed_groups(state.clone()));
     // every call but the health check is signed with the secret
-    let checker = state.config.service_secret.clone().map(Checker::new);
+    let checker = state
+        .config
+        .service_secret
+        .clone()
+        .map(|secret| Checker::new(secret, state.instance));
     let cleaner = tokio::spawn(media::clean_uploads(state.clone()));
     let sweeper = tokio::spawn(sweep_presence(presence));
     let pushing = state.config.push || state.config.webhook.is_some();

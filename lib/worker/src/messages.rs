@@ -93,22 +93,18 @@ async fn mentioned(
     text: &str,
 ) -> Result<Vec<UserId>, WorkerError> {
     let generation = s.bus.generation();
-    let (mut known, mut unknown) = (Vec::new(), Vec::new());
-    for user in chat_domain::mention_candidates(text) {
-        if &user == sender {
-            continue;
-        }
-        if s.members.visible_from(group, &user, generation).is_some() {
-            known.push(user);
-        } else {
-            unknown.push(user);
-        }
-    }
-    match unknown.as_slice() {
-        [] => {}
+    let mut candidates = chat_domain::mention_candidates(text);
+    candidates.retain(|user| user != sender);
+    let unknown: Vec<UserId> = candidates
+        .iter()
+        .filter(|user| s.members.visible_from(group, user, generation).is_none())
+        .cloned()
+        .collect();
+    let not_members: Vec<UserId> = match unknown.as_slice() {
+        [] => Vec::new(),
         [user] => match s.check_member(user, group).await {
-            Ok(_) => known.extend(unknown),
-            Err(WorkerError::Domain(DomainError::Forbidden(_))) => {}
+            Ok(_) => Vec::new(),
+            Err(WorkerError::Domain(DomainError::Forbidden(_))) => unknown,
             Err(e) => return Err(e),
         },
         _ => {
@@ -119,13 +115,18 @@ async fn mentioned(
                 .members_among(group, &unknown)
                 .await?
                 .ok_or(WorkerError::NotFound("group"))?;
-            for (user, visible_from) in found {
-                s.members.remember(group, &user, visible_from, ticket);
-                known.push(user);
+            for (user, visible_from) in &found {
+                s.members.remember(group, user, *visible_from, ticket);
             }
+            unknown
+                .into_iter()
+                .filter(|user| !found.iter().any(|(member, _)| member == user))
+                .collect()
         }
-    }
-    Ok(known)
+    };
+    // in the text's order
+    candidates.retain(|user| !not_members.contains(user));
+    Ok(candidates)
 }
 
 /// What became of an earlier attempt of a send.

@@ -94,10 +94,14 @@ impl Health for HealthService {
         if nonce.len() > 64 {
             return Err(Status::invalid_argument("nonce too long"));
         }
+        let instance = self.0.instance;
         let proof = match &self.0.config.service_secret {
-            Some(secret) => secret.proof(&nonce),
+            Some(secret) => secret.proof(&instance, &nonce),
             None => Vec::new(),
         };
-        Ok(Response::new(pb::ReadyResponse { proof }))
+        Ok(Response::new(pb::ReadyResponse {
+            proof,
+            instance: instance.to_vec(),
+        }))
     }
 }

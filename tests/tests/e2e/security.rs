@@ -489,7 +489,7 @@ async fn removal_racing_subscribe_and_session_opens_leaves_nothing_behind() -> a
 async fn a_worker_takes_only_signed_calls_each_once_and_the_secret_never_travels()
 -> anyhow::Result<()> {
     use chat_rpc::{
-        ServiceSecret, Signed,
+        ServiceSecret, Signed, WorkerInstance,
         pb::{self, messages_client::MessagesClient},
     };
     let c = Cluster::start(1, 1).await?;
@@ -520,25 +520,52 @@ async fn a_worker_takes_only_signed_calls_each_once_and_the_secret_never_travels
         .insert("x-chat-service-secret", SERVICE_SECRET.parse()?);
     let bearer = MessagesClient::new(channel.clone()).history(bearer).await;
     assert_eq!(code(bearer), Err(tonic::Code::Unauthenticated));
-    let other = ServiceSecret::new("another-secret-of-the-right-length-0123456789")?;
-    let wrong = MessagesClient::new(Signed::new(channel.clone(), Some(other)))
+    // the worker's instance, as a health check tells it (without a proof)
+    let instance = chat_rpc::signed::ready(channel.clone(), None)
+        .await?
+        .context("an instance")?;
+    let signed_with = |secret: &str, instance| -> anyhow::Result<_> {
+        Ok(Signed::new(
+            channel.clone(),
+            Some(ServiceSecret::new(secret)?),
+            WorkerInstance::known(instance),
+        ))
+    };
+    let other = "another-secret-of-the-right-length-0123456789";
+    let wrong = MessagesClient::new(signed_with(other, instance)?)
         .history(history("alice"))
         .await;
     assert_eq!(code(wrong), Err(tonic::Code::Unauthenticated));
-
-    // a good call, and what an impostor in the edge's path would see of it
-    let seen = recorder::Seen::default();
-    let secret = ServiceSecret::new(SERVICE_SECRET)?;
-    let recording = Signed::new(
-        recorder::Recorder::new(channel.clone(), seen.clone()),
-        Some(secret),
+    // the right secret, for another worker (or this one before a restart)
+    let elsewhere = MessagesClient::new(signed_with(SERVICE_SECRET, [0; 16])?)
+        .history(history("alice"))
+        .await;
+    assert!(
+        elsewhere
+            .as_ref()
+            .is_err_and(|s| s.code() == tonic::Code::Unauthenticated
+                && s.message().contains("another worker")),
+        "{elsewhere:?}"
     );
-    let allowed = MessagesClient::new(recording)
+
+    let signed = MessagesClient::new(signed_with(SERVICE_SECRET, instance)?)
         .history(history("alice"))
         .await?
         .into_inner();
-    assert_eq!(allowed.messages.len(), 1, "a signed call is taken");
-    let (uri, headers, body) = seen.take().context("the call was recorded")?;
+    assert_eq!(signed.messages.len(), 1, "a signed call is taken");
+
+    // what an impostor in the edge's path sees of a call it keeps
+    let kept = recorder::Kept::default();
+    let impostor = Signed::new(
+        kept.clone(),
+        Some(ServiceSecret::new(SERVICE_SECRET)?),
+        WorkerInstance::known(instance),
+    );
+    let never_answered = MessagesClient::new(impostor)
+        .history(history("alice"))
+        .await;
+    assert!(never_answered.is_err());
+    let (uri, headers, body) = kept.take().context("the call was kept")?;
     let secret_bytes = SERVICE_SECRET.as_bytes();
     assert!(
         !headers.values().any(|v| v
@@ -561,11 +588,9 @@ async fn a_worker_takes_only_signed_calls_each_once_and_the_secret_never_travels
         Some(tonic::Code::Unauthenticated),
         "{refused:?}"
     );
-    assert!(
-        refused.is_some_and(|s| !s.message().contains("used before")),
-        "refused for its signature"
-    );
-    // the very call again: refused as a replay
+    // the call as it was: what the edge asked, taken once
+    let first = recorder::replay(&channel, &uri, &headers, body.clone()).await?;
+    assert!(first.is_none(), "{first:?}");
     let replayed = recorder::replay(&channel, &uri, &headers, body).await?;
     assert_eq!(
         replayed.as_ref().map(|s| s.code()),
@@ -579,8 +604,8 @@ async fn a_worker_takes_only_signed_calls_each_once_and_the_secret_never_travels
     c.stop().await
 }
 
-/// A transport that keeps the last call it carried, as a process in the
-/// edge's path would see it, and replays such a call.
+/// A transport that keeps the calls it is given instead of passing them on
+/// (an impostor at a worker's address), and replays such a call.
 mod recorder {
     use std::{
         future::Future,
@@ -595,50 +620,34 @@ mod recorder {
     use tower::{Service, ServiceExt};
 
     type Call = (http::Uri, http::HeaderMap, Bytes);
+    type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
     #[derive(Clone, Default)]
-    pub struct Seen(Arc<Mutex<Option<Call>>>);
+    pub struct Kept(Arc<Mutex<Option<Call>>>);
 
-    impl Seen {
+    impl Kept {
         pub fn take(&self) -> Option<Call> {
             self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
         }
     }
 
-    #[derive(Clone)]
-    pub struct Recorder {
-        inner: Channel,
-        seen: Seen,
-    }
-
-    impl Recorder {
-        pub fn new(inner: Channel, seen: Seen) -> Self {
-            Self { inner, seen }
-        }
-    }
-
-    type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-    impl Service<http::Request<Body>> for Recorder {
+    impl Service<http::Request<Body>> for Kept {
         type Response = http::Response<Body>;
         type Error = BoxError;
         type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 
-        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-            self.inner.poll_ready(cx).map_err(Into::into)
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+            Poll::Ready(Ok(()))
         }
 
         fn call(&mut self, req: http::Request<Body>) -> Self::Future {
-            let fresh = self.inner.clone();
-            let mut inner = std::mem::replace(&mut self.inner, fresh);
-            let seen = self.seen.clone();
+            let kept = self.0.clone();
             Box::pin(async move {
                 let (parts, body) = req.into_parts();
                 let body = body.collect().await?.to_bytes();
-                *seen.0.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some((parts.uri.clone(), parts.headers.clone(), body.clone()));
-                let req = http::Request::from_parts(parts, Body::new(Full::new(body)));
-                Ok(inner.call(req).await?)
+                *kept.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some((parts.uri, parts.headers, body));
+                Err("kept by the impostor".into())
             })
         }
     }
@@ -1249,6 +1258,16 @@ async fn a_connection_ends_when_its_token_expires() -> anyhow::Result<()> {
     assert_eq!(bob.closed_with().await?, Some(4401), "closed at expiry");
     assert!(started.elapsed() < Duration::from_secs(6));
     alice.send_text(&g, "after", "after expiry").await?;
+    // a token past its `exp`, though within the clock-skew leeway that a
+    // REST call allows, opens no connection
+    let stale = chat_auth::mint_hs256(chat_tests::SECRET.as_bytes(), &bob_id, None, -5)?;
+    let refused = c.connect_with(0, &stale, "web").await.map(|_| ());
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| format!("{e:#}").contains("401")),
+        "{refused:?}"
+    );
     let mut again = c.connect(0, "bob", "web").await?;
     assert_eq!(again.messages(1).await?[0]["text"], "after expiry");
     c.stop().await
