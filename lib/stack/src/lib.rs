@@ -115,6 +115,35 @@ impl Service {
         }
     }
 
+    /// Starts `name` again on the ports it had (the command from `cmd`),
+    /// until its log has a line `find` takes. A port can be held for a
+    /// moment by another test's short-lived socket (an outgoing
+    /// connection's local port comes from the same range): a start that
+    /// fails on it is tried again, for up to 15 s.
+    async fn respawn<T>(
+        name: &'static str,
+        cmd: impl Fn() -> anyhow::Result<Command>,
+        dir: &Path,
+        find: impl Fn(&str) -> Option<T>,
+    ) -> anyhow::Result<(Self, T)> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let mut service = Self::spawn(name, cmd()?, dir)?;
+            match service.wait_for(&find).await {
+                Ok(found) => return Ok((service, found)),
+                Err(e)
+                    if tokio::time::Instant::now() < deadline
+                        && format!("{e:#}")
+                            .to_ascii_lowercase()
+                            .contains("address already in use") =>
+                {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
@@ -476,23 +505,27 @@ impl Nats {
             .iter()
             .map(|n| format!("nats://127.0.0.1:{}", n.cluster))
             .collect();
+        self.nodes[i].service.kill();
         let n = &self.nodes[i];
-        let cmd = Self::command(
-            &default_config(),
-            &self.users,
-            self._dir.path(),
-            i,
-            &n.name,
-            n.port,
-            n.monitor,
-            (size > 1).then_some((self.cluster_name.as_str(), n.cluster, routes.as_slice())),
-        )?;
-        let node = &mut self.nodes[i];
-        node.service.kill();
-        node.service = Service::spawn("nats-server", cmd, &self._dir.path().join(format!("n{i}")))?;
-        node.service
-            .wait_for(|l| l.contains("Server is ready").then_some(()))
-            .await
+        let cmd = || {
+            Self::command(
+                &default_config(),
+                &self.users,
+                self._dir.path(),
+                i,
+                &n.name,
+                n.port,
+                n.monitor,
+                (size > 1).then_some((self.cluster_name.as_str(), n.cluster, routes.as_slice())),
+            )
+        };
+        let dir = self._dir.path().join(format!("n{i}"));
+        let (service, ()) = Service::respawn("nats-server", cmd, &dir, |l| {
+            l.contains("Server is ready").then_some(())
+        })
+        .await?;
+        self.nodes[i].service = service;
+        Ok(())
     }
 }
 
@@ -592,12 +625,7 @@ impl Mongo {
     }
 
     async fn wait_ready(service: &mut Service) -> anyhow::Result<String> {
-        service
-            .wait_for(|l| {
-                let rest = l.split("listening on ").nth(1)?;
-                Some(rest.split_whitespace().next()?.to_owned())
-            })
-            .await
+        service.wait_for(listening_on).await
     }
 
     pub async fn start() -> anyhow::Result<Self> {
@@ -634,10 +662,19 @@ impl Mongo {
     /// Starts the server again on the same port with the same data.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.kill();
-        let cmd = Self::command(self._dir.path(), &port_of(&self.uri)?, self.durable)?;
-        self.service = Service::spawn("secantusd", cmd, self._dir.path())?;
-        Self::wait_ready(&mut self.service).await.map(drop)
+        let port = port_of(&self.uri)?;
+        let cmd = || Self::command(self._dir.path(), &port, self.durable);
+        let (service, _) =
+            Service::respawn("secantusd", cmd, self._dir.path(), listening_on).await?;
+        self.service = service;
+        Ok(())
     }
+}
+
+/// The address in SecantusDB's "listening on <addr>" line.
+fn listening_on(line: &str) -> Option<String> {
+    let rest = line.split("listening on ").nth(1)?;
+    Some(rest.split_whitespace().next()?.to_owned())
 }
 
 /// All three services.
