@@ -55,6 +55,20 @@ pub struct Identity {
     pub expires_at: u64,
 }
 
+impl Identity {
+    /// How long the token is still valid: `None` once its `exp` has
+    /// passed (what a leeway for clock skew still lets through counts as
+    /// passed).
+    pub fn time_left(&self) -> Option<std::time::Duration> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        std::time::Duration::from_secs(self.expires_at)
+            .checked_sub(now)
+            .filter(|left| !left.is_zero())
+    }
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct Claims {
     sub: String,

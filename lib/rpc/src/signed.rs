@@ -54,24 +54,10 @@ fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(2 * bytes.len());
-    for b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
-    }
-    out
-}
-
+/// Exactly `N` bytes from their hex.
 fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
-    if s.len() != 2 * N || !s.is_ascii() {
-        return None;
-    }
     let mut out = [0; N];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
-    }
+    hex::decode_to_slice(s, &mut out).ok()?;
     Some(out)
 }
 
@@ -200,10 +186,10 @@ where
             };
             let value = [
                 call.at_ms.to_string(),
-                hex(&call.nonce),
-                hex(&call.instance),
-                hex(&call.digest),
-                hex(&secret.sign(&call)),
+                hex::encode(call.nonce),
+                hex::encode(call.instance),
+                hex::encode(call.digest),
+                hex::encode(secret.sign(&call)),
             ]
             .join(".");
             parts.headers.insert(SIGNATURE_HEADER, value.parse()?);
@@ -365,7 +351,10 @@ impl Checker {
     }
 
     fn header(req: &http::Request<Body>) -> Option<Signature> {
-        let value = req.headers().get(SIGNATURE_HEADER)?.to_str().ok()?;
+        Self::parse(req.headers().get(SIGNATURE_HEADER)?.to_str().ok()?)
+    }
+
+    fn parse(value: &str) -> Option<Signature> {
         let mut parts = value.split('.');
         let signature = Signature {
             at_ms: parts.next()?.parse().ok()?,
@@ -538,11 +527,29 @@ mod tests {
     }
 
     #[test]
-    fn hex_round_trips_and_refuses_what_is_not_hex() {
-        let bytes = [0u8, 1, 0xab, 0xff];
-        assert_eq!(unhex::<4>(&hex(&bytes)), Some(bytes));
-        assert_eq!(unhex::<4>("0001abf"), None, "short");
-        assert_eq!(unhex::<4>("0001abzz"), None, "not hex");
-        assert_eq!(unhex::<2>("éé"), None, "not ASCII");
+    fn a_signature_header_parses_only_in_its_one_form() {
+        let part = |n: usize, b: &str| b.repeat(n);
+        let (nonce, instance, digest, tag) = (
+            part(16, "01"),
+            part(16, "ab"),
+            part(32, "ff"),
+            part(32, "00"),
+        );
+        let good = format!("1000.{nonce}.{instance}.{digest}.{tag}");
+        let sig = Checker::parse(&good).expect("parses");
+        assert_eq!(
+            (sig.at_ms, sig.nonce, sig.instance, sig.digest, sig.tag),
+            (1000, [1; 16], [0xab; 16], [0xff; 32], [0; 32])
+        );
+        for bad in [
+            format!("1000.{nonce}.{instance}.{digest}"),
+            format!("{good}.00"),
+            format!("x.{nonce}.{instance}.{digest}.{tag}"),
+            format!("1000.{}.{instance}.{digest}.{tag}", &nonce[1..]),
+            format!("1000.{}zz.{instance}.{digest}.{tag}", &nonce[2..]),
+            format!("1000.{}éé.{instance}.{digest}.{tag}", &nonce[4..]),
+        ] {
+            assert!(Checker::parse(&bad).is_none(), "{bad}");
+        }
     }
 }

@@ -93,7 +93,7 @@ impl PutSigner {
         );
         let to_sign = format!(
             "AWS4-HMAC-SHA256\n{stamp}\n{scope}\n{}",
-            hex(&Sha256::digest(canonical.as_bytes()))
+            hex::encode(Sha256::digest(canonical.as_bytes()))
         );
         let mut key = hmac(
             format!("AWS4{}", self.secret_key).as_bytes(),
@@ -102,7 +102,7 @@ impl PutSigner {
         for part in [self.region.as_str(), "s3", "aws4_request"] {
             key = hmac(&key, part.as_bytes());
         }
-        let signature = hex(&hmac(&key, to_sign.as_bytes()));
+        let signature = hex::encode(hmac(&key, to_sign.as_bytes()));
         format!("{}{path}?{query}&X-Amz-Signature={signature}", self.base)
     }
 }
@@ -112,10 +112,6 @@ fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {
     let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
     mac.update(data);
     mac.finalize().into_bytes().to_vec()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// SigV4's URI encoding: every byte but `A-Za-z0-9-_.~` as `%XX`

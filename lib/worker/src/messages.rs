@@ -710,8 +710,7 @@ impl MessagesService {
                 let msg_id = {
                     use sha2::Digest;
                     let digest = sha2::Sha256::digest(text.as_bytes());
-                    let hex: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
-                    format!("{}.edit.{}.{hex}", m.id, m.version)
+                    format!("{}.edit.{}.{}", m.id, m.version, hex::encode(&digest[..12]))
                 };
                 content.text = Some(text);
                 let plaintext = serde_json::to_vec(&content)

@@ -160,7 +160,7 @@ pub(crate) async fn upgrade(
     // taken within the clock-skew leeway past its `exp`, a token would open
     // a connection only to close it (4401) at once, after the device was
     // registered: refused as expired instead
-    if me.expires_at <= u64::try_from(chat_domain::now_millis() / 1000).unwrap_or(0) {
+    if me.time_left().is_none() {
         return Err(AuthError::Expired.into());
     }
     if let Err(limited) = app.limits.user(&me.user_id) {

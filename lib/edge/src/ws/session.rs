@@ -97,7 +97,9 @@ impl Session {
         checkpoint.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         let mut closing = app.closing.subscribe();
-        let expires = tokio::time::sleep_until(expiry(session.me.expires_at));
+        // far enough for any real token, short of overflowing an instant
+        let left = session.me.time_left().unwrap_or_default();
+        let expires = tokio::time::sleep(left.min(Duration::from_secs(10 * 365 * 24 * 3600)));
         tokio::pin!(expires);
         let mut device_watch = evictions::watch(&app, &session.me.user_id, &session.device);
         loop {
@@ -480,17 +482,6 @@ pub(super) fn too_large(e: &axum::Error) -> bool {
             CapacityError::MessageTooLong { .. } | CapacityError::TooManyHeaders
         ))
     )
-}
-
-/// The instant a token that expires at `exp` (seconds since the epoch)
-/// does.
-fn expiry(exp: u64) -> tokio::time::Instant {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    let left = Duration::from_secs(exp).saturating_sub(now);
-    // far enough for any real token, short of overflowing an instant
-    tokio::time::Instant::now() + left.min(Duration::from_secs(10 * 365 * 24 * 3600))
 }
 
 /// Waits (bounded) for the writer to put a close frame out; returns whether
