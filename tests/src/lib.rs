@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, tungstenite::Message};
 
 mod audit;
+pub mod pki;
 
 /// Where the query audit is reported (`CHAT_QUERY_AUDIT`), if it runs:
 /// see `audit.rs` and `scripts/audit-queries`.
@@ -40,9 +41,19 @@ pub const KEY: &str = "t1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
 pub async fn signed_channel(
     url: &str,
 ) -> anyhow::Result<chat_rpc::Signed<tonic::transport::Channel>> {
-    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())?
-        .connect()
-        .await?;
+    signed_channel_with(url, None).await
+}
+
+/// As [`signed_channel`], over TLS with `tls` (an `https://` URL).
+pub async fn signed_channel_with(
+    url: &str,
+    tls: Option<&chat_rpc::ClientTls>,
+) -> anyhow::Result<chat_rpc::Signed<tonic::transport::Channel>> {
+    let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())?;
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls.config(None))?;
+    }
+    let channel = endpoint.connect().await?;
     let secret = chat_rpc::ServiceSecret::new(SERVICE_SECRET)?;
     Ok(chat_rpc::Signed::to_worker(channel, secret).await?)
 }
@@ -102,7 +113,9 @@ impl Cluster {
         .await
     }
 
-    async fn start_on(
+    /// As [`Cluster::start_with`], on services the test started itself (a
+    /// NATS server with TLS, say).
+    pub async fn start_on(
         stack: Stack,
         edges: usize,
         workers: usize,
@@ -157,7 +170,7 @@ impl Cluster {
         let workers: Vec<String> = self
             .workers
             .iter()
-            .map(|(_, a)| format!("http://{a}"))
+            .map(|(_, a)| format!("{}://{a}", self.worker_scheme()))
             .collect();
         let mut argv: Vec<String> = [
             "chatd",
@@ -265,9 +278,19 @@ impl Cluster {
         }
     }
 
-    /// `http://host:port` of worker `i`'s gRPC endpoint.
+    /// `http` or, for a cluster whose flags give edges a CA for the
+    /// workers (`--worker-ca`), `https`.
+    fn worker_scheme(&self) -> &'static str {
+        if self.extra_flags.iter().any(|f| f == "--worker-ca") {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    /// `http://host:port` (`https` with TLS) of worker `i`'s gRPC endpoint.
     pub fn worker_url(&self, i: usize) -> String {
-        format!("http://{}", self.workers[i].1)
+        format!("{}://{}", self.worker_scheme(), self.workers[i].1)
     }
 
     /// `http://host:port` of edge `i`'s operator routes (`/metrics`,
@@ -687,7 +710,8 @@ impl Cluster {
 
     /// Starts one more in-process edge using exactly these workers.
     pub async fn add_edge_for(&mut self, workers: &[SocketAddr]) -> anyhow::Result<usize> {
-        let urls: Vec<String> = workers.iter().map(|a| format!("http://{a}")).collect();
+        let scheme = self.worker_scheme();
+        let urls: Vec<String> = workers.iter().map(|a| format!("{scheme}://{a}")).collect();
         self.add_edge_with(&urls.join(",")).await
     }
 

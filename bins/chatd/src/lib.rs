@@ -148,6 +148,18 @@ pub struct NatsArgs {
         requires = "nats_user"
     )]
     pub nats_password: Option<String>,
+    /// The CA (PEM) that signs the NATS servers' certificates. With it the
+    /// connection must be TLS (never in the clear, whatever a server
+    /// offers) and only that CA is trusted.
+    #[arg(long, env = "CHATD_NATS_CA")]
+    pub nats_ca: Option<PathBuf>,
+    /// This node's certificate chain (PEM) for NATS servers that verify
+    /// their clients (`tls { verify: true }`).
+    #[arg(long, env = "CHATD_NATS_TLS_CERT", requires_all = ["nats_tls_key", "nats_ca"])]
+    pub nats_tls_cert: Option<PathBuf>,
+    /// The key (PEM) of --nats-tls-cert.
+    #[arg(long, env = "CHATD_NATS_TLS_KEY", requires = "nats_tls_cert")]
+    pub nats_tls_key: Option<PathBuf>,
 }
 
 impl NatsArgs {
@@ -172,8 +184,36 @@ impl NatsArgs {
         Ok(defs)
     }
 
+    /// The credentials and TLS settings, the files checked now so that a
+    /// bad one stops the node with its name rather than a connection that
+    /// never comes up.
+    fn access(&self) -> anyhow::Result<chat_bus::Access> {
+        let tls = match &self.nats_ca {
+            None => None,
+            Some(ca) => {
+                chat_rpc::tls::certificates_pem(ca).context("--nats-ca")?;
+                let client = match (&self.nats_tls_cert, &self.nats_tls_key) {
+                    (Some(cert), Some(key)) => {
+                        chat_rpc::tls::certificates_pem(cert).context("--nats-tls-cert")?;
+                        chat_rpc::tls::private_key_pem(key).context("--nats-tls-key")?;
+                        Some((cert.clone(), key.clone()))
+                    }
+                    _ => None,
+                };
+                Some(chat_bus::Tls {
+                    ca: ca.clone(),
+                    client,
+                })
+            }
+        };
+        Ok(chat_bus::Access {
+            credentials: self.credentials(),
+            tls,
+        })
+    }
+
     async fn connect(&self, name: &str, defs: Definitions) -> anyhow::Result<Bus> {
-        Bus::connect(&self.nats_url, name, self.credentials(), defs)
+        Bus::connect(&self.nats_url, name, self.access()?, defs)
             .await
             .with_context(|| format!("connecting to nats at {}", self.nats_url))
     }
@@ -239,6 +279,35 @@ pub struct ServeArgs {
     /// for a worker listening beyond loopback.
     #[arg(long, env = "CHATD_SERVICE_SECRET", hide_env_values = true)]
     pub service_secret: Option<String>,
+    /// Worker: serve gRPC over TLS with this certificate chain (PEM, the
+    /// worker's own first). Edges then call it at `https://` URLs with
+    /// --worker-ca. TLS does not replace --service-secret.
+    #[arg(long, env = "CHATD_GRPC_TLS_CERT", requires = "grpc_tls_key")]
+    pub grpc_tls_cert: Option<PathBuf>,
+    /// Worker: the key (PEM) of --grpc-tls-cert.
+    #[arg(long, env = "CHATD_GRPC_TLS_KEY", requires = "grpc_tls_cert")]
+    pub grpc_tls_key: Option<PathBuf>,
+    /// Worker: require every edge to present a certificate signed by this
+    /// CA (PEM): an edge without one cannot even open a connection.
+    #[arg(long, env = "CHATD_GRPC_TLS_CLIENT_CA", requires = "grpc_tls_cert")]
+    pub grpc_tls_client_ca: Option<PathBuf>,
+    /// Edge: the CA (PEM) that signs the workers' certificates. With it
+    /// every --workers URL must be `https://` and each worker must present a
+    /// certificate from this CA for the URL's host (or --worker-tls-name).
+    #[arg(long, env = "CHATD_WORKER_CA")]
+    pub worker_ca: Option<PathBuf>,
+    /// Edge: the name every worker's certificate must be for, in place of
+    /// each URL's host (workers addressed by IP, say, with certificates for
+    /// one service name).
+    #[arg(long, env = "CHATD_WORKER_TLS_NAME", requires = "worker_ca")]
+    pub worker_tls_name: Option<String>,
+    /// Edge: the certificate chain (PEM) presented to workers that require
+    /// one (--grpc-tls-client-ca).
+    #[arg(long, env = "CHATD_WORKER_TLS_CERT", requires_all = ["worker_tls_key", "worker_ca"])]
+    pub worker_tls_cert: Option<PathBuf>,
+    /// Edge: the key (PEM) of --worker-tls-cert.
+    #[arg(long, env = "CHATD_WORKER_TLS_KEY", requires = "worker_tls_cert")]
+    pub worker_tls_key: Option<PathBuf>,
     /// Where the operator's routes are served: `GET /metrics`, `/healthz`
     /// and, on edges, `/readyz`. Never the public listener: keep this port
     /// off the load balancer.
@@ -541,6 +610,30 @@ impl ServeArgs {
         Duration::from_secs(self.device_idle_days.max(1) * 24 * 3600)
     }
 
+    /// The worker's TLS, if it serves over TLS.
+    fn grpc_tls(&self) -> anyhow::Result<Option<chat_rpc::ServerTls>> {
+        let (Some(cert), Some(key)) = (&self.grpc_tls_cert, &self.grpc_tls_key) else {
+            return Ok(None);
+        };
+        chat_rpc::ServerTls::from_files(cert, key, self.grpc_tls_client_ca.as_deref())
+            .map(Some)
+            .context("--grpc-tls-cert, --grpc-tls-key, --grpc-tls-client-ca")
+    }
+
+    /// The edge's TLS to workers, if it has a CA for them.
+    fn worker_tls(&self) -> anyhow::Result<Option<chat_rpc::ClientTls>> {
+        let Some(ca) = &self.worker_ca else {
+            return Ok(None);
+        };
+        let identity = self
+            .worker_tls_cert
+            .as_deref()
+            .zip(self.worker_tls_key.as_deref());
+        chat_rpc::ClientTls::from_files(ca, identity, self.worker_tls_name.clone())
+            .map(Some)
+            .context("--worker-ca, --worker-tls-cert, --worker-tls-key, --worker-tls-name")
+    }
+
     fn service_secret(&self) -> anyhow::Result<Option<chat_rpc::ServiceSecret>> {
         self.service_secret
             .as_deref()
@@ -713,6 +806,10 @@ impl Node {
             );
         }
         let keys = args.keys()?;
+        // TLS files are checked before anything starts
+        let grpc_tls = if runs_worker { args.grpc_tls()? } else { None };
+        let runs_edge = matches!(role, Role::Edge | Role::All);
+        let worker_tls = if runs_edge { args.worker_tls()? } else { None };
         raise_open_files();
         let mut tasks = Vec::new();
         let (died_tx, died) = mpsc::channel(2);
@@ -784,6 +881,7 @@ impl Node {
                     new_per_hour: args.max_new_devices_per_hour,
                 },
                 service_secret: service_secret.clone(),
+                tls: grpc_tls.clone(),
                 max_groups_per_user: args.max_groups_per_user,
                 max_blocks_per_user: args.max_blocks_per_user,
                 max_listed_members: args.max_listed_members.max(1),
@@ -810,12 +908,13 @@ impl Node {
             tracing::info!(addr = ?grpc_addr, "worker listening");
         }
 
-        if matches!(role, Role::Edge | Role::All) {
+        if runs_edge {
             let mut workers = args.workers.clone();
             if workers.is_empty()
                 && let Some(addr) = grpc_addr
             {
-                workers.push(format!("http://{addr}"));
+                let scheme = if grpc_tls.is_some() { "https" } else { "http" };
+                workers.push(format!("{scheme}://{addr}"));
             }
             let config = chat_edge::Config {
                 workers,
@@ -835,6 +934,7 @@ impl Node {
                 write_coalesce: Duration::from_millis(args.ws_write_coalesce_ms),
                 write_budget: args.ws_write_budget,
                 service_secret,
+                worker_tls,
                 web_app: !args.no_web_app,
                 dev_token_secret: args
                     .dev_tokens
@@ -1093,6 +1193,75 @@ mod tests {
         assert!(budget("100000001").is_err());
         assert!(budget("-1").is_err());
         assert_eq!(default.ws_write_budget, 20_000);
+    }
+
+    /// A TLS flag that needs another is refused without it, so that no
+    /// half-given setting silently leaves a link in the clear.
+    #[test]
+    fn tls_flags_come_in_their_sets() {
+        let ok = |args: &[&str]| serve(args).is_ok();
+        assert!(ok(&[
+            "--role",
+            "worker",
+            "--grpc-tls-cert",
+            "c",
+            "--grpc-tls-key",
+            "k"
+        ]));
+        assert!(!ok(&["--role", "worker", "--grpc-tls-cert", "c"]));
+        assert!(!ok(&["--role", "worker", "--grpc-tls-key", "k"]));
+        assert!(!ok(&["--role", "worker", "--grpc-tls-client-ca", "ca"]));
+        assert!(ok(&[
+            "--role",
+            "edge",
+            "--worker-ca",
+            "ca",
+            "--worker-tls-name",
+            "w"
+        ]));
+        assert!(!ok(&["--role", "edge", "--worker-tls-name", "w"]));
+        assert!(!ok(&[
+            "--role",
+            "edge",
+            "--worker-tls-cert",
+            "c",
+            "--worker-tls-key",
+            "k"
+        ]));
+        assert!(!ok(&[
+            "--role",
+            "edge",
+            "--worker-ca",
+            "ca",
+            "--worker-tls-cert",
+            "c"
+        ]));
+        assert!(ok(&[
+            "--role",
+            "edge",
+            "--nats-ca",
+            "ca",
+            "--nats-tls-cert",
+            "c",
+            "--nats-tls-key",
+            "k"
+        ]));
+        assert!(!ok(&[
+            "--role",
+            "edge",
+            "--nats-tls-cert",
+            "c",
+            "--nats-tls-key",
+            "k"
+        ]));
+        assert!(!ok(&[
+            "--role",
+            "edge",
+            "--nats-ca",
+            "ca",
+            "--nats-tls-key",
+            "k"
+        ]));
     }
 
     #[test]

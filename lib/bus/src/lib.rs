@@ -110,6 +110,30 @@ pub struct Credentials {
     pub password: String,
 }
 
+/// TLS to NATS: the CA that signs the servers' certificates, and this
+/// client's certificate and key if the servers ask for one (`verify`).
+#[derive(Clone, Debug)]
+pub struct Tls {
+    pub ca: std::path::PathBuf,
+    pub client: Option<(std::path::PathBuf, std::path::PathBuf)>,
+}
+
+/// How a node proves itself to NATS and protects the connection.
+#[derive(Clone, Debug, Default)]
+pub struct Access {
+    pub credentials: Option<Credentials>,
+    pub tls: Option<Tls>,
+}
+
+impl From<Option<Credentials>> for Access {
+    fn from(credentials: Option<Credentials>) -> Self {
+        Self {
+            credentials,
+            tls: None,
+        }
+    }
+}
+
 impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // the password is never printed
@@ -167,9 +191,10 @@ impl Bus {
     pub async fn connect(
         url: &str,
         name: &str,
-        credentials: Option<Credentials>,
+        access: impl Into<Access>,
         defs: Definitions,
     ) -> Result<Self, BusError> {
+        let Access { credentials, tls } = access.into();
         let up_since = Arc::new(Mutex::new(None::<Instant>));
         let generation = Arc::new(AtomicU64::new(0));
         let events = up_since.clone();
@@ -182,6 +207,16 @@ impl Bus {
             options = options
                 .custom_inbox_prefix(format!("_INBOX.{}", c.user))
                 .user_and_password(c.user, c.password);
+        }
+        if let Some(tls) = &tls {
+            // the CA's certificates alone are trusted, and the connection
+            // never goes on in the clear, whatever the server offers
+            options = options
+                .add_root_certificates(tls.ca.clone())
+                .require_tls(true);
+            if let Some((cert, key)) = &tls.client {
+                options = options.add_client_certificate(cert.clone(), key.clone());
+            }
         }
         let client = options
             .name(name)
@@ -215,8 +250,14 @@ impl Bus {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while client.connection_state() != async_nats::connection::State::Connected {
             if tokio::time::Instant::now() > deadline {
+                let hint = if tls.is_some() {
+                    " over TLS (check that its certificate is signed by the CA given, and that \
+                     it takes this client's certificate)"
+                } else {
+                    ""
+                };
                 return Err(BusError::Unavailable(format!(
-                    "no nats server answered at {url}"
+                    "no nats server answered at {url}{hint}"
                 )));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -98,6 +98,9 @@ pub struct Config {
     pub max_errors_in_a_row: u32,
     /// The secret every worker call carries, once the worker proved it.
     pub service_secret: Option<chat_rpc::ServiceSecret>,
+    /// TLS to the workers: every worker URL is then `https://`, and each
+    /// worker's certificate is checked against its CA.
+    pub worker_tls: Option<chat_rpc::ClientTls>,
     /// Serve the web client at `/app/`.
     pub web_app: bool,
     /// Development stacks only: `POST /dev/token` mints HS256 tokens for
@@ -128,6 +131,7 @@ impl Default for Config {
             request_burst: 100.0,
             max_errors_in_a_row: 50,
             service_secret: None,
+            worker_tls: None,
             web_app: true,
             dev_token_secret: None,
         }
@@ -141,6 +145,16 @@ pub enum StartError {
     NoWorkers,
     #[error("bad worker endpoint {0:?}: {1}")]
     Endpoint(String, String),
+    #[error(
+        "worker endpoint {0:?} is https but no CA is given to check workers' certificates \
+         against (--worker-ca)"
+    )]
+    TlsWithoutCa(String),
+    #[error(
+        "worker endpoint {0:?} is plaintext but a CA is given for TLS to workers: make it \
+         https:// (a TLS edge never calls a worker in the clear)"
+    )]
+    PlaintextWithCa(String),
 }
 
 /// The contents of [`AppState`].
@@ -213,6 +227,7 @@ impl AppState {
             &config.workers,
             config.rpc_timeout,
             config.service_secret.clone(),
+            config.worker_tls.clone(),
         )?;
         workers.spawn_health_checks();
         let places = bus.places();

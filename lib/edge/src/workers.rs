@@ -15,6 +15,12 @@
 //! proved that it knows the secret (see `chat_rpc::ServiceSecret`), and every
 //! call is signed with it (`chat_rpc::Signed`); the secret itself never
 //! leaves the edge.
+//!
+//! With TLS (`chat_rpc::ClientTls`), every URL is `https://` and each
+//! worker's certificate is checked against the given CA, for the URL's
+//! host, or for the name an address was looked up by, so workers found
+//! behind one DNS name need certificates for that name, not for their
+//! addresses. An edge with TLS never calls a worker in the clear.
 
 use std::{
     future::Future,
@@ -30,7 +36,7 @@ pub(crate) use chat_rpc::pb::{
     groups_client::GroupsClient, media_client::MediaClient, messages_client::MessagesClient,
     sessions_client::SessionsClient,
 };
-use chat_rpc::{ServiceSecret, Signed, WorkerInstance};
+use chat_rpc::{ClientTls, ServiceSecret, Signed, WorkerInstance};
 use tonic::{
     Status,
     transport::{Channel, Endpoint, Uri},
@@ -73,6 +79,10 @@ struct Target {
     found: std::sync::Mutex<Vec<String>>,
 }
 
+/// A worker URL and the name its certificate must be for, if not the
+/// URL's host: the name a looked-up address came from.
+type Address = (String, Option<String>);
+
 /// The pool of workers of one edge.
 pub struct Workers {
     targets: Vec<Target>,
@@ -83,6 +93,7 @@ pub struct Workers {
     checks: AtomicUsize,
     timeout: Duration,
     secret: Option<ServiceSecret>,
+    tls: Option<ClientTls>,
 }
 
 impl std::fmt::Debug for Workers {
@@ -105,11 +116,13 @@ fn transport_failure(status: &Status) -> bool {
 impl Workers {
     /// Channels to `urls`, each with a deadline of `timeout` per call. URLs
     /// with an address are in the pool at once; those with a host name join
-    /// it at the first lookup (`check_all`).
+    /// it at the first lookup (`check_all`). With `tls`, every URL must be
+    /// `https://`; without it, none may be.
     pub fn new(
         urls: &[String],
         timeout: Duration,
         secret: Option<ServiceSecret>,
+        tls: Option<ClientTls>,
     ) -> Result<Arc<Self>, StartError> {
         if urls.is_empty() {
             return Err(StartError::NoWorkers);
@@ -122,6 +135,14 @@ impl Workers {
                 let scheme = uri.scheme_str().unwrap_or("http").to_owned();
                 let host = uri.host().ok_or_else(|| bad("no host".into()))?;
                 let is_address = host.trim_matches(['[', ']']).parse::<IpAddr>().is_ok();
+                match (scheme.as_str(), &tls) {
+                    ("https", None) => return Err(StartError::TlsWithoutCa(url.clone())),
+                    ("https", Some(_)) | ("http", None) => {}
+                    (_, Some(_)) => return Err(StartError::PlaintextWithCa(url.clone())),
+                    (other, None) => {
+                        return Err(bad(format!("scheme {other:?} is not http or https")));
+                    }
+                }
                 let port = uri
                     .port_u16()
                     .unwrap_or(if scheme == "https" { 443 } else { 80 });
@@ -140,12 +161,13 @@ impl Workers {
             checks: AtomicUsize::new(0),
             timeout,
             secret,
+            tls,
         });
-        let fixed: Vec<String> = pool
+        let fixed: Vec<Address> = pool
             .targets
             .iter()
             .filter(|t| t.host.is_none())
-            .map(|t| t.url.clone())
+            .map(|t| (t.url.clone(), None))
             .collect();
         pool.replace(fixed, true, true)?;
         Ok(pool)
@@ -159,10 +181,10 @@ impl Workers {
     /// already has; new ones start healthy if `healthy`. A URL that is not a
     /// usable endpoint is an error if `strict` (the command line), else it
     /// is left out (a looked-up address, such as a link-local IPv6 one).
-    fn replace(&self, urls: Vec<String>, healthy: bool, strict: bool) -> Result<(), StartError> {
+    fn replace(&self, urls: Vec<Address>, healthy: bool, strict: bool) -> Result<(), StartError> {
         let old = self.snapshot();
         let mut workers = Vec::with_capacity(urls.len());
-        for url in urls {
+        for (url, name) in urls {
             if workers.iter().any(|w: &Arc<Worker>| w.url == url) {
                 continue;
             }
@@ -170,7 +192,11 @@ impl Workers {
                 workers.push(w.clone());
                 continue;
             }
-            let endpoint = match Endpoint::from_shared(url.clone()) {
+            let endpoint = Endpoint::from_shared(url.clone()).and_then(|e| match &self.tls {
+                Some(tls) => e.tls_config(tls.config(name.as_deref())),
+                None => Ok(e),
+            });
+            let endpoint = match endpoint {
                 Ok(e) => e,
                 Err(e) if strict => return Err(StartError::Endpoint(url, e.to_string())),
                 Err(e) => {
@@ -213,7 +239,7 @@ impl Workers {
         let mut urls = Vec::new();
         for t in &self.targets {
             let Some((host, port)) = &t.host else {
-                urls.push(t.url.clone());
+                urls.push((t.url.clone(), None));
                 continue;
             };
             let mut found = t.found.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -233,7 +259,7 @@ impl Workers {
                     tracing::warn!(host = %host, error = %e, "cannot look up workers; keeping the ones it had");
                 }
             }
-            urls.extend(found);
+            urls.extend(found.into_iter().map(|url| (url, Some(host.clone()))));
         }
         if let Err(e) = self.replace(urls, false, false) {
             tracing::warn!(error = %e, "cannot change the worker pool");
@@ -244,14 +270,31 @@ impl Workers {
     /// fresh nonce, which tells the worker process calls are signed for.
     async fn check(&self, w: &Worker) {
         let check = chat_rpc::signed::ready(w.health.clone(), self.secret.as_ref());
-        let (up, proved) = match tokio::time::timeout(HEALTH_TIMEOUT, check).await {
+        let (up, proved, failure) = match tokio::time::timeout(HEALTH_TIMEOUT, check).await {
             Ok(Ok(Some(instance))) => {
                 w.instance.set(instance);
-                (true, Some(true))
+                (true, Some(true), None)
             }
-            Ok(Ok(None)) => (false, Some(false)),
-            _ => (false, None),
+            Ok(Ok(None)) => (false, Some(false), None),
+            // with the causes: a refused certificate is only in them
+            Ok(Err(status)) => {
+                let failure = match std::error::Error::source(&status) {
+                    Some(cause) => {
+                        format!("{}: {}", status.message(), chat_rpc::error_chain(cause))
+                    }
+                    None => status.message().to_owned(),
+                };
+                (false, None, Some(failure))
+            }
+            Err(_) => (false, None, Some("timed out".to_owned())),
         };
+        let outcome = match (up, proved) {
+            (true, _) => "up",
+            (false, Some(false)) => "unproved",
+            (false, _) => "down",
+        };
+        metrics::counter!("chat_worker_checks_total", "worker" => w.url.clone(), "outcome" => outcome)
+            .increment(1);
         if let Some(proved) = proved
             && w.verified.swap(proved, Ordering::Relaxed) != proved
         {
@@ -262,7 +305,10 @@ impl Workers {
             }
         }
         if w.healthy.swap(up, Ordering::Relaxed) != up {
-            tracing::info!(worker = %w.url, up, "worker health changed");
+            match failure {
+                Some(error) => tracing::warn!(worker = %w.url, %error, "worker is down"),
+                None => tracing::info!(worker = %w.url, up, "worker health changed"),
+            }
         }
     }
 
@@ -425,6 +471,26 @@ mod tests {
         pool.snapshot().iter().map(|w| w.url.clone()).collect()
     }
 
+    fn looked_up(urls: &[&str]) -> Vec<Address> {
+        urls.iter()
+            .map(|u| ((*u).to_owned(), Some("workers".to_owned())))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn https_needs_a_ca_and_other_schemes_are_refused() {
+        let pool = |url: &str| Workers::new(&[url.to_owned()], Duration::from_secs(1), None, None);
+        assert!(matches!(
+            pool("https://10.0.0.1:1"),
+            Err(StartError::TlsWithoutCa(_))
+        ));
+        assert!(matches!(
+            pool("ftp://10.0.0.1:1"),
+            Err(StartError::Endpoint(_, _))
+        ));
+        assert!(pool("http://10.0.0.1:1").is_ok());
+    }
+
     #[tokio::test]
     async fn addresses_are_fixed_and_names_join_at_their_lookup() {
         let given = [
@@ -432,7 +498,7 @@ mod tests {
             "http://[::1]:50051".to_owned(),
             "http://localhost:50051".to_owned(),
         ];
-        let pool = Workers::new(&given, Duration::from_secs(1), None).expect("pool");
+        let pool = Workers::new(&given, Duration::from_secs(1), None, None).expect("pool");
         assert_eq!(urls(&pool), given[..2], "names wait for a lookup");
         pool.resolve().await;
         let after = urls(&pool);
@@ -442,17 +508,22 @@ mod tests {
             "localhost's address joined: {after:?}"
         );
         assert!(
-            Workers::new(&["no scheme".into()], Duration::from_secs(1), None).is_err(),
+            Workers::new(&["no scheme".into()], Duration::from_secs(1), None, None).is_err(),
             "a bad URL stops the edge at start"
         );
     }
 
     #[tokio::test]
     async fn a_new_lookup_keeps_the_workers_it_still_has_with_their_state() {
-        let pool = Workers::new(&["http://10.0.0.1:1".into()], Duration::from_secs(1), None)
-            .expect("pool");
+        let pool = Workers::new(
+            &["http://10.0.0.1:1".into()],
+            Duration::from_secs(1),
+            None,
+            None,
+        )
+        .expect("pool");
         pool.replace(
-            vec!["http://10.0.0.1:1".into(), "http://10.0.0.2:1".into()],
+            looked_up(&["http://10.0.0.1:1", "http://10.0.0.2:1"]),
             false,
             false,
         )
@@ -466,11 +537,7 @@ mod tests {
         first[1].healthy.store(true, Ordering::Relaxed);
         // 10.0.0.1 is gone from the name, 10.0.0.3 came
         pool.replace(
-            vec![
-                "http://10.0.0.2:1".into(),
-                "http://not a url".into(),
-                "http://10.0.0.3:1".into(),
-            ],
+            looked_up(&["http://10.0.0.2:1", "http://not a url", "http://10.0.0.3:1"]),
             false,
             false,
         )
@@ -497,7 +564,7 @@ mod tests {
             "http://10.0.0.1:1".to_owned(),
             "http://10.0.0.2:1".to_owned(),
         ];
-        let pool = Workers::new(&urls, Duration::from_secs(1), None).expect("pool");
+        let pool = Workers::new(&urls, Duration::from_secs(1), None, None).expect("pool");
         let asked = std::sync::Mutex::new(0);
         let first = pool
             .call(|_| {

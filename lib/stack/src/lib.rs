@@ -241,6 +241,8 @@ pub struct Nats {
     pub url: String,
     /// The first node's monitoring URL.
     pub monitor_url: String,
+    /// Flags every node was started with beyond the usual ones.
+    args: Vec<String>,
     _dir: TempDir,
 }
 
@@ -293,7 +295,7 @@ impl Nats {
         const ATTEMPTS: usize = 3;
         let mut attempt = 1;
         loop {
-            let nats = Self::start_nodes_on_free_ports(size, &default_config()).await?;
+            let nats = Self::start_nodes_on_free_ports(size, &default_config(), &[]).await?;
             if size == 1 {
                 return Ok(nats);
             }
@@ -316,17 +318,28 @@ impl Nats {
     /// moved to a free port and routed to itself. The configuration's own
     /// `store_dir` is used: point it at a temporary folder.
     pub async fn start_with_config(config: &Path) -> anyhow::Result<Self> {
-        Self::start_nodes_on_free_ports(1, config).await
+        Self::start_nodes_on_free_ports(1, config, &[]).await
+    }
+
+    /// One node with the shipped configuration and these `nats-server`
+    /// flags too (`--tls`, `--tlscert` and the like).
+    pub async fn start_with_args(args: &[&str]) -> anyhow::Result<Self> {
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        Self::start_nodes_on_free_ports(1, &default_config(), &args).await
     }
 
     /// [`Self::start_nodes`], again on other ports if one of those it
     /// picked was taken before nats-server could bind it (another test's
     /// socket got it first: seen in CI with the monitor port).
-    async fn start_nodes_on_free_ports(size: usize, config: &Path) -> anyhow::Result<Self> {
+    async fn start_nodes_on_free_ports(
+        size: usize,
+        config: &Path,
+        args: &[String],
+    ) -> anyhow::Result<Self> {
         const ATTEMPTS: usize = 4;
         let mut attempt = 1;
         loop {
-            match Self::start_nodes(size, config).await {
+            match Self::start_nodes(size, config, args).await {
                 Err(e)
                     if attempt < ATTEMPTS
                         && format!("{e:#}").contains("address already in use") =>
@@ -339,7 +352,7 @@ impl Nats {
         }
     }
 
-    async fn start_nodes(size: usize, config: &Path) -> anyhow::Result<Self> {
+    async fn start_nodes(size: usize, config: &Path, args: &[String]) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("chat-nats-").tempdir()?;
         // the folder's random name (`chat-nats-…`) is unique on the machine
         let cluster_name = dir
@@ -371,6 +384,7 @@ impl Nats {
                 monitor,
                 (size > 1).then_some((cluster_name.as_str(), cluster, routes.as_slice())),
             )?;
+            cmd.args(args);
             if size == 1 && config != default_config() {
                 // its own routes name other hosts: route to itself instead
                 let route = format!("nats://127.0.0.1:{cluster}");
@@ -402,6 +416,7 @@ impl Nats {
             cluster_name,
             url,
             monitor_url,
+            args: args.to_vec(),
             _dir: dir,
         })
     }
@@ -508,7 +523,7 @@ impl Nats {
         self.nodes[i].service.kill();
         let n = &self.nodes[i];
         let cmd = || {
-            Self::command(
+            let mut cmd = Self::command(
                 &default_config(),
                 &self.users,
                 self._dir.path(),
@@ -517,7 +532,9 @@ impl Nats {
                 n.port,
                 n.monitor,
                 (size > 1).then_some((self.cluster_name.as_str(), n.cluster, routes.as_slice())),
-            )
+            )?;
+            cmd.args(&self.args);
+            Ok(cmd)
         };
         let dir = self._dir.path().join(format!("n{i}"));
         let (service, ()) = Service::respawn("nats-server", cmd, &dir, |l| {

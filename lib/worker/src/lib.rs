@@ -77,6 +77,9 @@ pub struct Config {
     /// The secret edges present on every call (and the worker proves it
     /// knows when asked); `None` only on loopback.
     pub service_secret: Option<ServiceSecret>,
+    /// Serve gRPC over TLS with this certificate (and require edges'
+    /// certificates, if it names a CA for them).
+    pub tls: Option<chat_rpc::ServerTls>,
     /// Publish push events (`push.rs`) for members with no connection.
     pub push: bool,
     /// Post push events to this webhook too (implies `push`).
@@ -126,6 +129,7 @@ impl Default for Config {
             unreferenced_upload_ttl: std::time::Duration::from_secs(24 * 3600),
             devices: DeviceLimits::default(),
             service_secret: None,
+            tls: None,
             push: false,
             webhook: None,
         }
@@ -323,6 +327,9 @@ impl State {
     }
 }
 
+/// How long a TLS handshake with an edge may take.
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Serves the worker's gRPC services on `listener` until `shutdown`
 /// completes, then finishes the calls in flight.
 pub async fn serve(
@@ -376,7 +383,13 @@ pub async fn serve(
         .webhook
         .clone()
         .map(|hook| tokio::spawn(push::post_webhooks(state.clone(), hook)));
-    let result = tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = &state.config.tls {
+        // a handshake that does not finish in time is dropped: each pending
+        // one is a task
+        server = server.tls_config(tls.config().timeout(TLS_HANDSHAKE_TIMEOUT))?;
+    }
+    let result = server
         // calls in flight per edge connection: what a group's publish queue
         // and its waiters can hold is bounded by these
         .max_concurrent_streams(Some(MAX_CALLS_PER_CONNECTION))

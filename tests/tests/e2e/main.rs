@@ -16,5 +16,6 @@ mod notify;
 mod rest;
 mod security;
 mod store;
+mod tls;
 mod web_client;
 mod websocket;

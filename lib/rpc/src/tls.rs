@@ -1,0 +1,278 @@
+//! TLS between the roles. A worker serves gRPC over TLS with its
+//! certificate ([`ServerTls`]) and may require edges to present one of
+//! theirs, signed by a CA it names; an edge verifies every worker against
+//! the CA it is given ([`ClientTls`]) and presents its own certificate if it
+//! has one.
+//!
+//! TLS keeps calls and answers from anyone on the path and lets an edge
+//! tell a worker from an impostor at its address. It does not replace the
+//! service secret: a worker still takes only calls signed with it
+//! ([`crate::Signed`]), so a certificate alone, even one from the right
+//! CA, cannot act as any user.
+//!
+//! Files are read and checked once, at start-up, so that a missing file, a
+//! file with no certificate in it or a key that does not parse stops the
+//! process with a message naming the file, not the first call.
+
+use std::path::{Path, PathBuf};
+
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
+
+/// What is wrong with a TLS file or setting.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} holds no PEM certificate")]
+    NoCertificate { path: PathBuf },
+    #[error("{path} holds no PEM private key (PKCS#8, PKCS#1 or SEC1)")]
+    NoKey { path: PathBuf },
+    #[error("{path}: {reason}")]
+    Bad { path: PathBuf, reason: String },
+    #[error("the certificate and key are not usable together: {0}")]
+    Unusable(String),
+    #[error("{0:?} is not a name a certificate can be checked against")]
+    BadName(String),
+}
+
+/// Installs ring as rustls' crypto provider (the one the workspace builds
+/// with) unless one is already installed.
+fn install_provider() {
+    // Err: a provider is installed already, which is all that matters
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// The PEM of `path`, checked to hold at least one certificate and no
+/// malformed one.
+pub fn certificates_pem(path: &Path) -> Result<Vec<u8>, TlsError> {
+    let pem = read(path)?;
+    let mut found = 0;
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        cert.map_err(|e| TlsError::Bad {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+        found += 1;
+    }
+    if found == 0 {
+        return Err(TlsError::NoCertificate {
+            path: path.to_owned(),
+        });
+    }
+    Ok(pem)
+}
+
+/// The PEM of `path`, checked to hold a private key.
+pub fn private_key_pem(path: &Path) -> Result<Vec<u8>, TlsError> {
+    let pem = read(path)?;
+    match PrivateKeyDer::from_pem_slice(&pem) {
+        Ok(_) => Ok(pem),
+        Err(rustls_pki_types::pem::Error::NoItemsFound) => Err(TlsError::NoKey {
+            path: path.to_owned(),
+        }),
+        Err(e) => Err(TlsError::Bad {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        }),
+    }
+}
+
+fn identity(cert: &Path, key: &Path) -> Result<Identity, TlsError> {
+    Ok(Identity::from_pem(
+        certificates_pem(cert)?,
+        private_key_pem(key)?,
+    ))
+}
+
+/// A worker's side: its certificate chain and key, and the CA whose
+/// certificates edges must present, if it asks for one.
+#[derive(Clone, Debug)]
+pub struct ServerTls {
+    config: ServerTlsConfig,
+}
+
+impl ServerTls {
+    /// From PEM files: `cert` (the chain, the worker's own first), `key`,
+    /// and `client_ca` if edges must present a certificate it signed.
+    pub fn from_files(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<Self, TlsError> {
+        install_provider();
+        let mut config = ServerTlsConfig::new().identity(identity(cert, key)?);
+        if let Some(ca) = client_ca {
+            config = config.client_ca_root(Certificate::from_pem(certificates_pem(ca)?));
+        }
+        // the server takes the files apart here: a key that is not the
+        // certificate's, or of a kind rustls cannot sign with, fails now
+        tonic::transport::Server::builder()
+            .tls_config(config.clone())
+            .map_err(|e| TlsError::Unusable(crate::error_chain(&e)))?;
+        Ok(Self { config })
+    }
+
+    /// The configuration for `tonic::transport::Server::tls_config`.
+    pub fn config(&self) -> ServerTlsConfig {
+        self.config.clone()
+    }
+}
+
+/// An edge's side: the CA that signs workers' certificates, the edge's own
+/// certificate if workers ask for one, and the name to check workers'
+/// certificates against if not each URL's host.
+#[derive(Clone, Debug)]
+pub struct ClientTls {
+    ca: Certificate,
+    identity: Option<Identity>,
+    name: Option<String>,
+}
+
+impl ClientTls {
+    /// From PEM files: `ca`, and `identity` (certificate chain, key) if the
+    /// edge presents one. `name`, if given, is what every worker's
+    /// certificate must be for, in place of the host of its URL.
+    pub fn from_files(
+        ca: &Path,
+        identity: Option<(&Path, &Path)>,
+        name: Option<String>,
+    ) -> Result<Self, TlsError> {
+        install_provider();
+        let tls = Self {
+            ca: Certificate::from_pem(certificates_pem(ca)?),
+            identity: identity
+                .map(|(cert, key)| self::identity(cert, key))
+                .transpose()?,
+            name,
+        };
+        // as the channel will: a bad key or name fails now, not at the
+        // first worker
+        let probe = Endpoint::from_static("https://worker.invalid");
+        probe
+            .tls_config(tls.config(None))
+            .map_err(|e| match &tls.name {
+                Some(name) => TlsError::BadName(format!("{name} ({})", crate::error_chain(&e))),
+                None => TlsError::Unusable(crate::error_chain(&e)),
+            })?;
+        Ok(tls)
+    }
+
+    /// The configuration for a channel to a worker: its certificate is
+    /// checked against the CA, and against the given name if there is one,
+    /// else `host` (a looked-up address takes the name it was looked up
+    /// by), else the URL's own host.
+    pub fn config(&self, host: Option<&str>) -> ClientTlsConfig {
+        let mut config = ClientTlsConfig::new().ca_certificate(self.ca.clone());
+        if let Some(identity) = &self.identity {
+            config = config.identity(identity.clone());
+        }
+        if let Some(name) = self.name.as_deref().or(host) {
+            config = config.domain_name(name);
+        }
+        config
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Files {
+        dir: tempfile::TempDir,
+    }
+
+    impl Files {
+        fn new() -> Self {
+            Self {
+                dir: tempfile::tempdir().expect("temp dir"),
+            }
+        }
+
+        fn write(&self, name: &str, text: &str) -> PathBuf {
+            let path = self.dir.path().join(name);
+            std::fs::write(&path, text).expect("write");
+            path
+        }
+    }
+
+    fn pki() -> (String, String, String) {
+        let mut params =
+            rcgen::CertificateParams::new(vec!["worker.test".to_owned()]).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = params.self_signed(&key).expect("cert");
+        (cert.pem(), key.serialize_pem(), cert.pem())
+    }
+
+    #[test]
+    fn good_files_make_both_sides() {
+        let f = Files::new();
+        let (cert, key, ca) = pki();
+        let (cert, key, ca) = (
+            f.write("cert.pem", &cert),
+            f.write("key.pem", &key),
+            f.write("ca.pem", &ca),
+        );
+        assert!(ServerTls::from_files(&cert, &key, Some(&ca)).is_ok());
+        assert!(
+            ClientTls::from_files(&ca, Some((&cert, &key)), Some("worker.test".into())).is_ok()
+        );
+        assert!(ClientTls::from_files(&ca, None, None).is_ok());
+    }
+
+    #[test]
+    fn each_bad_file_is_named_in_its_error() {
+        let f = Files::new();
+        let (cert, key, _) = pki();
+        let (cert, key) = (f.write("cert.pem", &cert), f.write("key.pem", &key));
+        let empty = f.write("empty.pem", "nothing here\n");
+        let broken = f.write(
+            "broken.pem",
+            "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+        );
+        let missing = f.dir.path().join("missing.pem");
+
+        let e = ServerTls::from_files(&missing, &key, None).expect_err("missing");
+        assert!(matches!(e, TlsError::Read { .. }), "{e}");
+        assert!(e.to_string().contains("missing.pem"), "{e}");
+        let e = ServerTls::from_files(&empty, &key, None).expect_err("no cert");
+        assert!(matches!(e, TlsError::NoCertificate { .. }), "{e}");
+        let e = ServerTls::from_files(&broken, &key, None).expect_err("broken");
+        assert!(matches!(e, TlsError::Bad { .. }), "{e}");
+        // a certificate is not a key
+        let e = ServerTls::from_files(&cert, &cert, None).expect_err("no key");
+        assert!(matches!(e, TlsError::NoKey { .. }), "{e}");
+        let e = ServerTls::from_files(&cert, &key, Some(&empty)).expect_err("no client CA");
+        assert!(e.to_string().contains("empty.pem"), "{e}");
+        let e = ClientTls::from_files(&empty, None, None).expect_err("no CA");
+        assert!(matches!(e, TlsError::NoCertificate { .. }), "{e}");
+        let e = ClientTls::from_files(&cert, Some((&cert, &empty)), None).expect_err("no key");
+        assert!(matches!(e, TlsError::NoKey { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_key_that_is_not_the_certificate_s_is_refused_at_start() {
+        let f = Files::new();
+        let (cert, _, _) = pki();
+        let (_, other_key, _) = pki();
+        let (cert, other_key) = (f.write("cert.pem", &cert), f.write("key.pem", &other_key));
+        let e = ServerTls::from_files(&cert, &other_key, None).expect_err("mismatched");
+        assert!(matches!(e, TlsError::Unusable(_)), "{e}");
+    }
+
+    #[test]
+    fn a_name_no_certificate_can_hold_is_refused() {
+        let f = Files::new();
+        let (_, _, ca) = pki();
+        let ca = f.write("ca.pem", &ca);
+        let e = ClientTls::from_files(&ca, None, Some("not a name".into())).expect_err("name");
+        assert!(matches!(e, TlsError::BadName(_)), "{e}");
+    }
+}
