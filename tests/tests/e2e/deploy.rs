@@ -385,9 +385,6 @@ async fn the_shipped_nginx_config_balances_websockets_over_real_edges() -> anyho
     let edges = [c.edge_url(0), format!("http://{}", other.http)];
 
     let dir = tempfile::tempdir()?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
     let shipped = std::fs::read_to_string(root().join("deploy/nginx.conf"))?;
     let servers: String = edges
         .iter()
@@ -399,48 +396,73 @@ async fn the_shipped_nginx_config_balances_websockets_over_real_edges() -> anyho
         })
         .collect();
     let d = dir.path().display();
-    let mut conf = String::new();
-    for line in shipped.lines() {
-        let t = line.trim();
-        if t.starts_with("resolver ") || t.starts_with("zone ") {
-            continue;
-        } else if t.starts_with("server edge:8080") {
-            conf.push_str(&servers);
-        } else if t == "listen 8080;" {
-            conf.push_str(&format!("listen 127.0.0.1:{port};\n"));
-        } else if t.starts_with("access_log ") {
-            conf.push_str(&format!("access_log {d}/access.log chat;\n"));
-            for temp in ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"] {
-                conf.push_str(&format!("{temp}_temp_path {d}/{temp};\n"));
+    let conf_on = |port: u16| {
+        let mut conf = String::new();
+        for line in shipped.lines() {
+            let t = line.trim();
+            if t.starts_with("resolver ") || t.starts_with("zone ") {
+                continue;
+            } else if t.starts_with("server edge:8080") {
+                conf.push_str(&servers);
+            } else if t == "listen 8080;" {
+                conf.push_str(&format!("listen 127.0.0.1:{port};\n"));
+            } else if t.starts_with("access_log ") {
+                conf.push_str(&format!("access_log {d}/access.log chat;\n"));
+                for temp in ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"] {
+                    conf.push_str(&format!("{temp}_temp_path {d}/{temp};\n"));
+                }
+            } else {
+                conf.push_str(line);
+                conf.push('\n');
             }
-        } else {
-            conf.push_str(line);
-            conf.push('\n');
         }
-    }
-    let conf = format!("pid {d}/nginx.pid;\nerror_log {d}/error.log;\n{conf}");
-    std::fs::write(dir.path().join("nginx.conf"), &conf)?;
-    let mut lb = std::process::Command::new(&nginx)
-        .args([
-            "-p",
-            &format!("{d}/"),
-            "-c",
-            "nginx.conf",
-            "-g",
-            "daemon off;",
-        ])
-        .spawn()?;
-    let front: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    let result = async {
-        eventually(PROMPTLY, || async {
-            Ok(tokio::net::TcpStream::connect(front).await.ok().map(drop))
+        format!("pid {d}/nginx.pid;\nerror_log {d}/error.log;\n{conf}")
+    };
+    // the port is picked, then nginx binds it: another test's socket may
+    // take it between, and nginx exits; then again on another
+    let mut attempt = 0;
+    let (mut lb, front) = loop {
+        attempt += 1;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        std::fs::write(dir.path().join("nginx.conf"), conf_on(port))?;
+        let mut lb = std::process::Command::new(&nginx)
+            .args([
+                "-p",
+                &format!("{d}/"),
+                "-c",
+                "nginx.conf",
+                "-g",
+                "daemon off;",
+            ])
+            .spawn()?;
+        let front: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let up = eventually(PROMPTLY, || {
+            let exited = lb.try_wait().ok().flatten();
+            async move {
+                if let Some(status) = exited {
+                    anyhow::bail!("nginx exited with {status}");
+                }
+                Ok(tokio::net::TcpStream::connect(front).await.ok().map(drop))
+            }
         })
-        .await
-        .map_err(|e| {
-            let log = std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default();
-            e.context(format!("nginx did not start; error.log:\n{log}"))
-        })?;
-
+        .await;
+        match up {
+            Ok(()) => break (lb, front),
+            Err(e) => {
+                let _ = lb.kill();
+                let _ = lb.wait();
+                let log = std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default();
+                if attempt < 3 && log.contains("Address already in use") {
+                    eprintln!("nginx found its port taken; again on another");
+                    continue;
+                }
+                return Err(e.context(format!("nginx did not start; error.log:\n{log}")));
+            }
+        }
+    };
+    let result = async {
         // WebSocket upgrades pass, spread over both edges
         let mut clients = Vec::new();
         for i in 0..6 {

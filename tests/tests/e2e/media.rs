@@ -871,14 +871,17 @@ async fn an_unused_upload_is_given_back_by_its_uploader_only() -> anyhow::Result
 async fn a_slow_put_that_lands_after_the_purge_of_a_used_upload_is_purged_again()
 -> anyhow::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // room for a loaded machine: the PUT must begin within the URL's 8 s,
+    // and end between the first purge (past the URL) and the last (past
+    // the 20 s an unused upload is kept)
     let c = Cluster::start_with(
         1,
         1,
         &[
             "--upload-url-ttl-secs",
-            "4",
+            "8",
             "--unreferenced-upload-ttl-secs",
-            "10",
+            "20",
         ],
     )
     .await?;
@@ -931,7 +934,7 @@ async fn a_slow_put_that_lands_after_the_purge_of_a_used_upload_is_purged_again(
             anyhow::Ok(found.map(drop))
         }
     };
-    eventually(std::time::Duration::from_secs(30), || purged("purgedOnce")).await?;
+    eventually(std::time::Duration::from_secs(40), || purged("purgedOnce")).await?;
     // only now does the slow PUT end: it lands
     slow.write_all(&[2; 32]).await?;
     let mut answer = String::new();
@@ -939,7 +942,7 @@ async fn a_slow_put_that_lands_after_the_purge_of_a_used_upload_is_purged_again(
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(path.exists(), "the slow PUT did not land");
     // and is deleted again, for good
-    eventually(std::time::Duration::from_secs(30), || purged("purged")).await?;
+    eventually(std::time::Duration::from_secs(40), || purged("purged")).await?;
     assert!(!path.exists(), "an object nothing would delete");
     c.stop().await
 }

@@ -59,7 +59,23 @@ fn installed(var: &str, default: &str) -> anyhow::Result<PathBuf> {
 }
 
 impl Driver {
+    /// chromedriver on a port picked first: another test's socket may take
+    /// it before chromedriver binds it, and chromedriver exits; then again
+    /// on another.
     async fn start() -> anyhow::Result<Self> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match Self::start_once().await {
+                Err(e) if attempt < 3 => {
+                    eprintln!("chromedriver did not come up ({e:#}); again on another port");
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn start_once() -> anyhow::Result<Self> {
         let driver = installed("CHAT_CHROMEDRIVER", "/usr/bin/chromedriver")?;
         installed("CHAT_CHROMIUM", "/usr/bin/chromium")?;
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
@@ -72,14 +88,20 @@ impl Driver {
         let url = format!("http://127.0.0.1:{port}");
         let status = format!("{url}/status");
         let http = chat_http::client();
-        let d = Self {
+        let mut d = Self {
             child,
             url,
             _profiles: tempfile::Builder::new().prefix("chat-browser-").tempdir()?,
         };
         eventually(WAIT, || {
+            let exited = d.child.try_wait().ok().flatten();
             let r = http.get(&status).send();
-            async move { Ok(r.await.ok().filter(|r| r.status().is_success()).map(drop)) }
+            async move {
+                if let Some(code) = exited {
+                    bail!("chromedriver exited with {code}");
+                }
+                Ok(r.await.ok().filter(|r| r.status().is_success()).map(drop))
+            }
         })
         .await
         .context("chromedriver did not come up")?;
