@@ -386,9 +386,20 @@ pub struct ServeArgs {
     /// Tokens must carry this `iss`.
     #[arg(long, env = "CHATD_JWT_ISSUER")]
     pub jwt_issuer: Option<String>,
-    /// Tokens must name this audience in `aud`.
+    /// Tokens must name this audience in `aud`. Required with
+    /// --jwt-public-key (unless --jwt-any-audience): an identity provider's
+    /// key signs tokens for every service it serves.
     #[arg(long, env = "CHATD_JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
+    /// With --jwt-public-key, accept tokens whatever their `aud`: only for
+    /// a key that signs tokens for this service alone.
+    #[arg(
+        long,
+        env = "CHATD_JWT_ANY_AUDIENCE",
+        requires = "jwt_public_key",
+        conflicts_with = "jwt_audience"
+    )]
+    pub jwt_any_audience: bool,
     /// Longest token lifetime accepted, in seconds (`exp` minus `iat`, or
     /// minus now without `iat`); 0 for no limit.
     #[arg(long, env = "CHATD_JWT_MAX_LIFETIME_SECS", default_value_t = 7 * 86_400)]
@@ -737,6 +748,14 @@ impl ServeArgs {
         };
         let mut verifier = match (&self.jwt_secret, &self.jwt_public_key) {
             (Some(secret), _) => Verifier::hs256(secret.as_bytes())?,
+            (None, Some(_)) if self.jwt_audience.is_none() && !self.jwt_any_audience => {
+                anyhow::bail!(
+                    "--jwt-public-key without --jwt-audience would accept every token its \
+                     issuer signs, for any service: give --jwt-audience (the `aud` your \
+                     identity provider puts in this service's tokens), or \
+                     --jwt-any-audience if the key signs tokens for this service alone"
+                )
+            }
             (None, Some(path)) => public_key(path)?,
             (None, None) => anyhow::bail!("the edge needs --jwt-secret or --jwt-public-key"),
         };
@@ -1193,6 +1212,58 @@ mod tests {
         assert!(budget("100000001").is_err());
         assert!(budget("-1").is_err());
         assert_eq!(default.ws_write_budget, 20_000);
+    }
+
+    /// An identity provider's key signs tokens for every service it
+    /// serves: with a public key, the edge needs the audience its tokens
+    /// carry, or to be told that any will do.
+    #[test]
+    fn a_public_key_needs_an_audience_or_an_explicit_any() {
+        let dir = tempfile::tempdir().expect("dir");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let pem = dir.path().join("idp.pem");
+        std::fs::write(&pem, key.public_key_pem()).expect("write");
+        let pem = pem.to_str().expect("utf-8 path");
+        let edge = |extra: &[&str]| {
+            let mut argv = vec![
+                "--role",
+                "edge",
+                "--jwt-public-key",
+                pem,
+                "--jwt-algorithm",
+                "ES256",
+            ];
+            argv.extend(extra);
+            serve(&argv).expect("parses").verifier()
+        };
+        let refused = edge(&[]).expect_err("no audience");
+        assert!(refused.to_string().contains("--jwt-audience"), "{refused}");
+        assert!(edge(&["--jwt-audience", "chat"]).is_ok());
+        assert!(edge(&["--jwt-any-audience"]).is_ok());
+        assert!(
+            serve(&[
+                "--role",
+                "edge",
+                "--jwt-public-key",
+                pem,
+                "--jwt-any-audience",
+                "--jwt-audience",
+                "chat"
+            ])
+            .is_err()
+        );
+        // the service's own secret signs for it alone
+        assert!(
+            serve(&[
+                "--role",
+                "edge",
+                "--jwt-secret",
+                "a-secret-of-at-least-32-bytes-0123456789"
+            ])
+            .expect("parses")
+            .verifier()
+            .is_ok()
+        );
     }
 
     /// A TLS flag that needs another is refused without it, so that no
