@@ -250,6 +250,22 @@ impl Cluster {
         chatd::Node::start(cli.serve).await
     }
 
+    /// As [`Cluster::start_extra_node`], for a node that must refuse to
+    /// start: the error it gave, in full; an error if it started.
+    pub async fn refused_extra_node(
+        &self,
+        role: &str,
+        set: &[(&str, &str)],
+    ) -> anyhow::Result<String> {
+        match self.start_extra_node(role, set).await {
+            Ok(node) => {
+                node.stop().await?;
+                bail!("a {role} started with {set:?}, which it should refuse")
+            }
+            Err(e) => Ok(format!("{e:#}")),
+        }
+    }
+
     async fn start_node(
         &self,
         role: &str,

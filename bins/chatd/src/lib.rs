@@ -1270,69 +1270,26 @@ mod tests {
     /// half-given setting silently leaves a link in the clear.
     #[test]
     fn tls_flags_come_in_their_sets() {
-        let ok = |args: &[&str]| serve(args).is_ok();
-        assert!(ok(&[
-            "--role",
-            "worker",
-            "--grpc-tls-cert",
-            "c",
-            "--grpc-tls-key",
-            "k"
-        ]));
-        assert!(!ok(&["--role", "worker", "--grpc-tls-cert", "c"]));
-        assert!(!ok(&["--role", "worker", "--grpc-tls-key", "k"]));
-        assert!(!ok(&["--role", "worker", "--grpc-tls-client-ca", "ca"]));
-        assert!(ok(&[
-            "--role",
-            "edge",
-            "--worker-ca",
-            "ca",
-            "--worker-tls-name",
-            "w"
-        ]));
-        assert!(!ok(&["--role", "edge", "--worker-tls-name", "w"]));
-        assert!(!ok(&[
-            "--role",
-            "edge",
-            "--worker-tls-cert",
-            "c",
-            "--worker-tls-key",
-            "k"
-        ]));
-        assert!(!ok(&[
-            "--role",
-            "edge",
-            "--worker-ca",
-            "ca",
-            "--worker-tls-cert",
-            "c"
-        ]));
-        assert!(ok(&[
-            "--role",
-            "edge",
-            "--nats-ca",
-            "ca",
-            "--nats-tls-cert",
-            "c",
-            "--nats-tls-key",
-            "k"
-        ]));
-        assert!(!ok(&[
-            "--role",
-            "edge",
-            "--nats-tls-cert",
-            "c",
-            "--nats-tls-key",
-            "k"
-        ]));
-        assert!(!ok(&[
-            "--role",
-            "edge",
-            "--nats-ca",
-            "ca",
-            "--nats-tls-key",
-            "k"
-        ]));
+        let cases = [
+            ("worker --grpc-tls-cert c --grpc-tls-key k", true),
+            ("worker --grpc-tls-cert c", false),
+            ("worker --grpc-tls-key k", false),
+            ("worker --grpc-tls-client-ca ca", false),
+            ("edge --worker-ca ca --worker-tls-name w", true),
+            ("edge --worker-tls-name w", false),
+            ("edge --worker-tls-cert c --worker-tls-key k", false),
+            ("edge --worker-ca ca --worker-tls-cert c", false),
+            ("edge --nats-ca ca --nats-tls-cert c --nats-tls-key k", true),
+            ("edge --nats-tls-cert c --nats-tls-key k", false),
+            ("edge --nats-ca ca --nats-tls-key k", false),
+        ];
+        for (args, parses) in cases {
+            let argv: Vec<&str> = ["--role"]
+                .into_iter()
+                .chain(args.split_whitespace())
+                .collect();
+            assert_eq!(serve(&argv).is_ok(), parses, "{args}");
+        }
     }
 
     #[test]
