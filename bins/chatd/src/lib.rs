@@ -191,11 +191,11 @@ impl NatsArgs {
         let tls = match &self.nats_ca {
             None => None,
             Some(ca) => {
-                chat_rpc::tls::certificates_pem(ca).context("--nats-ca")?;
+                chat_rpc::tls::ca_pem(ca).context("--nats-ca")?;
                 let client = match (&self.nats_tls_cert, &self.nats_tls_key) {
                     (Some(cert), Some(key)) => {
-                        chat_rpc::tls::certificates_pem(cert).context("--nats-tls-cert")?;
-                        chat_rpc::tls::private_key_pem(key).context("--nats-tls-key")?;
+                        chat_rpc::tls::identity_pem(cert, key)
+                            .context("--nats-tls-cert, --nats-tls-key")?;
                         Some((cert.clone(), key.clone()))
                     }
                     _ => None,
@@ -829,6 +829,14 @@ impl Node {
         let grpc_tls = if runs_worker { args.grpc_tls()? } else { None };
         let runs_edge = matches!(role, Role::Edge | Role::All);
         let worker_tls = if runs_edge { args.worker_tls()? } else { None };
+        if grpc_tls.is_some() && runs_edge && args.workers.is_empty() && worker_tls.is_none() {
+            anyhow::bail!(
+                "with --role all and --grpc-tls-cert, the edge calls its own worker over TLS: give \
+                 it --worker-ca (the CA that signed --grpc-tls-cert), and a certificate for the \
+                 address it calls (the --grpc-listen address, loopback if that is unspecified) \
+                 or --worker-tls-name"
+            );
+        }
         raise_open_files();
         let mut tasks = Vec::new();
         let (died_tx, died) = mpsc::channel(2);
@@ -933,6 +941,14 @@ impl Node {
                 && let Some(addr) = grpc_addr
             {
                 let scheme = if grpc_tls.is_some() { "https" } else { "http" };
+                // a worker listening on every address is called on loopback
+                let mut addr = addr;
+                if addr.ip().is_unspecified() {
+                    addr.set_ip(match addr {
+                        SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                        SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+                    });
+                }
                 workers.push(format!("{scheme}://{addr}"));
             }
             let config = chat_edge::Config {

@@ -101,6 +101,9 @@ pub enum BusError {
     /// A definition in `nats/` is wrong.
     #[error("bad definition {file}: {message}")]
     Definition { file: &'static str, message: String },
+    /// The connection settings contradict each other.
+    #[error("{0}")]
+    Config(String),
 }
 
 /// The NATS user a node connects as (`nats/auth.conf` defines one per role).
@@ -123,6 +126,28 @@ pub struct Tls {
 pub struct Access {
     pub credentials: Option<Credentials>,
     pub tls: Option<Tls>,
+}
+
+impl Tls {
+    /// Refuses a server URL the client would reach in the clear whatever
+    /// TLS it is given: async-nats speaks plain WebSocket on `ws://`, and
+    /// its `wss://` does not take this CA. Bare `host:port`, `nats://` and
+    /// `tls://` are upgraded and checked against the CA.
+    pub fn check_urls(url: &str) -> Result<(), BusError> {
+        for u in url.split(',').map(str::trim) {
+            let scheme = u
+                .split_once("://")
+                .map(|(s, _)| s.to_ascii_lowercase())
+                .unwrap_or_default();
+            if !matches!(scheme.as_str(), "" | "nats" | "tls") {
+                return Err(BusError::Config(format!(
+                    "{u}: with a CA for NATS only nats:// and tls:// URLs are used (a {scheme}:// \
+                     connection would not be checked against it)"
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl From<Option<Credentials>> for Access {
@@ -209,6 +234,7 @@ impl Bus {
                 .user_and_password(c.user, c.password);
         }
         if let Some(tls) = &tls {
+            Tls::check_urls(url)?;
             // the CA's certificates alone are trusted, and the connection
             // never goes on in the clear, whatever the server offers
             options = options
@@ -410,5 +436,27 @@ impl Bus {
             .await
             .map_err(BusError::nats)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With a CA for NATS, no URL may lead to a connection that skips it.
+    #[test]
+    fn with_tls_only_urls_that_upgrade_are_taken() {
+        for ok in [
+            "nats://n1:4222",
+            "tls://n1:4222",
+            "n1:4222",
+            "NATS://n1:4222, tls://n2:4222",
+        ] {
+            assert!(Tls::check_urls(ok).is_ok(), "{ok}");
+        }
+        for refused in ["ws://n1:8080", "nats://n1:4222,wss://n2:443", "WS://n1:1"] {
+            let e = Tls::check_urls(refused).expect_err(refused);
+            assert!(matches!(e, BusError::Config(_)), "{e}");
+        }
     }
 }

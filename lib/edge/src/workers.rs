@@ -57,6 +57,11 @@ const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 
 struct Worker {
     url: String,
+    /// The `--workers` URL it came from: itself, or the name's (the label
+    /// of its metrics, which stay as few as the URLs given).
+    target: String,
+    /// Why its last health check failed, if it did: logged when it changes.
+    failure: std::sync::Mutex<Option<String>>,
     /// Signs every call with the secret, if there is one, for the worker
     /// process the last health check proved.
     channel: Signed<Channel>,
@@ -79,9 +84,22 @@ struct Target {
     found: std::sync::Mutex<Vec<String>>,
 }
 
-/// A worker URL and the name its certificate must be for, if not the
-/// URL's host: the name a looked-up address came from.
-type Address = (String, Option<String>);
+/// A worker's URL, and for an address found by a lookup, the name it was
+/// looked up by (what its certificate must be for) and the `--workers`
+/// URL that named it.
+struct Address {
+    url: String,
+    found_by: Option<(String, String)>,
+}
+
+impl Address {
+    fn fixed(url: String) -> Self {
+        Self {
+            url,
+            found_by: None,
+        }
+    }
+}
 
 /// The pool of workers of one edge.
 pub struct Workers {
@@ -167,7 +185,7 @@ impl Workers {
             .targets
             .iter()
             .filter(|t| t.host.is_none())
-            .map(|t| (t.url.clone(), None))
+            .map(|t| Address::fixed(t.url.clone()))
             .collect();
         pool.replace(fixed, true, true)?;
         Ok(pool)
@@ -184,7 +202,7 @@ impl Workers {
     fn replace(&self, urls: Vec<Address>, healthy: bool, strict: bool) -> Result<(), StartError> {
         let old = self.snapshot();
         let mut workers = Vec::with_capacity(urls.len());
-        for (url, name) in urls {
+        for Address { url, found_by } in urls {
             if workers.iter().any(|w: &Arc<Worker>| w.url == url) {
                 continue;
             }
@@ -193,7 +211,9 @@ impl Workers {
                 continue;
             }
             let endpoint = Endpoint::from_shared(url.clone()).and_then(|e| match &self.tls {
-                Some(tls) => e.tls_config(tls.config(name.as_deref())),
+                Some(tls) => {
+                    e.tls_config(tls.config(found_by.as_ref().map(|(host, _)| host.as_str())))
+                }
                 None => Ok(e),
             });
             let endpoint = match endpoint {
@@ -211,7 +231,9 @@ impl Workers {
             let channel = endpoint.connect_lazy();
             let instance = WorkerInstance::default();
             workers.push(Arc::new(Worker {
+                target: found_by.map_or_else(|| url.clone(), |(_, target)| target),
                 url,
+                failure: std::sync::Mutex::default(),
                 channel: Signed::new(channel.clone(), self.secret.clone(), instance.clone()),
                 health: channel,
                 instance,
@@ -239,7 +261,7 @@ impl Workers {
         let mut urls = Vec::new();
         for t in &self.targets {
             let Some((host, port)) = &t.host else {
-                urls.push((t.url.clone(), None));
+                urls.push(Address::fixed(t.url.clone()));
                 continue;
             };
             let mut found = t.found.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -259,7 +281,10 @@ impl Workers {
                     tracing::warn!(host = %host, error = %e, "cannot look up workers; keeping the ones it had");
                 }
             }
-            urls.extend(found.into_iter().map(|url| (url, Some(host.clone()))));
+            urls.extend(found.into_iter().map(|url| Address {
+                url,
+                found_by: Some((host.clone(), t.url.clone())),
+            }));
         }
         if let Err(e) = self.replace(urls, false, false) {
             tracing::warn!(error = %e, "cannot change the worker pool");
@@ -293,8 +318,20 @@ impl Workers {
             (false, Some(false)) => "unproved",
             (false, _) => "down",
         };
-        metrics::counter!("chat_worker_checks_total", "worker" => w.url.clone(), "outcome" => outcome)
+        metrics::counter!("chat_worker_checks_total", "worker" => w.target.clone(), "outcome" => outcome)
             .increment(1);
+        {
+            // each new cause once, whatever the worker's state was (one
+            // found by a lookup starts as down, so a change of state alone
+            // would never tell why it stays so)
+            let mut last = w.failure.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(error) = &failure
+                && last.as_ref() != Some(error)
+            {
+                tracing::warn!(worker = %w.url, %error, "worker is down");
+            }
+            *last = failure;
+        }
         if let Some(proved) = proved
             && w.verified.swap(proved, Ordering::Relaxed) != proved
         {
@@ -305,10 +342,7 @@ impl Workers {
             }
         }
         if w.healthy.swap(up, Ordering::Relaxed) != up {
-            match failure {
-                Some(error) => tracing::warn!(worker = %w.url, %error, "worker is down"),
-                None => tracing::info!(worker = %w.url, up, "worker health changed"),
-            }
+            tracing::info!(worker = %w.url, up, "worker health changed");
         }
     }
 
@@ -473,7 +507,10 @@ mod tests {
 
     fn looked_up(urls: &[&str]) -> Vec<Address> {
         urls.iter()
-            .map(|u| ((*u).to_owned(), Some("workers".to_owned())))
+            .map(|u| Address {
+                url: (*u).to_owned(),
+                found_by: Some(("workers".to_owned(), "http://workers:1".to_owned())),
+            })
             .collect()
     }
 

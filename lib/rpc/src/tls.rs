@@ -16,7 +16,7 @@
 
 use std::path::{Path, PathBuf};
 
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
 
 /// What is wrong with a TLS file or setting.
@@ -35,7 +35,7 @@ pub enum TlsError {
     Bad { path: PathBuf, reason: String },
     #[error("the certificate and key are not usable together: {0}")]
     Unusable(String),
-    #[error("{0:?} is not a name a certificate can be checked against")]
+    #[error("{0:?} is not a host name or address a certificate can be checked against")]
     BadName(String),
 }
 
@@ -53,46 +53,69 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     })
 }
 
-/// The PEM of `path`, checked to hold at least one certificate and no
-/// malformed one.
-pub fn certificates_pem(path: &Path) -> Result<Vec<u8>, TlsError> {
+/// The certificates of `path`, every one of them well-formed.
+fn certificates(path: &Path) -> Result<(Vec<u8>, Vec<CertificateDer<'static>>), TlsError> {
     let pem = read(path)?;
-    let mut found = 0;
-    for cert in CertificateDer::pem_slice_iter(&pem) {
-        cert.map_err(|e| TlsError::Bad {
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Bad {
             path: path.to_owned(),
             reason: e.to_string(),
         })?;
-        found += 1;
-    }
-    if found == 0 {
+    if certs.is_empty() {
         return Err(TlsError::NoCertificate {
             path: path.to_owned(),
         });
     }
+    Ok((pem, certs))
+}
+
+/// The PEM of `path`, checked to hold CA certificates that can all be
+/// trusted as roots (a certificate rustls cannot take would otherwise be
+/// dropped without a word, leaving nothing to verify against).
+pub fn ca_pem(path: &Path) -> Result<Vec<u8>, TlsError> {
+    let (pem, certs) = certificates(path)?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in certs {
+        roots.add(cert).map_err(|e| TlsError::Bad {
+            path: path.to_owned(),
+            reason: format!("not a CA certificate rustls can trust: {e}"),
+        })?;
+    }
     Ok(pem)
 }
 
-/// The PEM of `path`, checked to hold a private key.
-pub fn private_key_pem(path: &Path) -> Result<Vec<u8>, TlsError> {
-    let pem = read(path)?;
-    match PrivateKeyDer::from_pem_slice(&pem) {
-        Ok(_) => Ok(pem),
-        Err(rustls_pki_types::pem::Error::NoItemsFound) => Err(TlsError::NoKey {
-            path: path.to_owned(),
-        }),
-        Err(e) => Err(TlsError::Bad {
-            path: path.to_owned(),
-            reason: e.to_string(),
-        }),
-    }
+/// The PEM of `cert` (a chain, its own certificate first) and of `key`,
+/// checked to be a key rustls can sign with and the one the certificate is
+/// for.
+pub fn identity_pem(cert: &Path, key: &Path) -> Result<(Vec<u8>, Vec<u8>), TlsError> {
+    install_provider();
+    let (cert_pem, chain) = certificates(cert)?;
+    let key_pem = read(key)?;
+    let private = match PrivateKeyDer::from_pem_slice(&key_pem) {
+        Ok(k) => k,
+        Err(rustls_pki_types::pem::Error::NoItemsFound) => {
+            return Err(TlsError::NoKey {
+                path: key.to_owned(),
+            });
+        }
+        Err(e) => {
+            return Err(TlsError::Bad {
+                path: key.to_owned(),
+                reason: e.to_string(),
+            });
+        }
+    };
+    let provider = rustls::crypto::ring::default_provider();
+    rustls::sign::CertifiedKey::from_der(chain, private, &provider).map_err(|e| {
+        TlsError::Unusable(format!("{} and {}: {e}", cert.display(), key.display()))
+    })?;
+    Ok((cert_pem, key_pem))
 }
 
 fn identity(cert: &Path, key: &Path) -> Result<Identity, TlsError> {
-    Ok(Identity::from_pem(
-        certificates_pem(cert)?,
-        private_key_pem(key)?,
-    ))
+    let (cert, key) = identity_pem(cert, key)?;
+    Ok(Identity::from_pem(cert, key))
 }
 
 /// A worker's side: its certificate chain and key, and the CA whose
@@ -109,7 +132,7 @@ impl ServerTls {
         install_provider();
         let mut config = ServerTlsConfig::new().identity(identity(cert, key)?);
         if let Some(ca) = client_ca {
-            config = config.client_ca_root(Certificate::from_pem(certificates_pem(ca)?));
+            config = config.client_ca_root(Certificate::from_pem(ca_pem(ca)?));
         }
         // the server takes the files apart here: a key that is not the
         // certificate's, or of a kind rustls cannot sign with, fails now
@@ -145,22 +168,20 @@ impl ClientTls {
         name: Option<String>,
     ) -> Result<Self, TlsError> {
         install_provider();
+        if let Some(name) = &name {
+            ServerName::try_from(name.as_str()).map_err(|_| TlsError::BadName(name.clone()))?;
+        }
         let tls = Self {
-            ca: Certificate::from_pem(certificates_pem(ca)?),
+            ca: Certificate::from_pem(ca_pem(ca)?),
             identity: identity
                 .map(|(cert, key)| self::identity(cert, key))
                 .transpose()?,
             name,
         };
-        // as the channel will: a bad key or name fails now, not at the
-        // first worker
-        let probe = Endpoint::from_static("https://worker.invalid");
-        probe
+        // as the channel will, once the parts are known good
+        Endpoint::from_static("https://worker.invalid")
             .tls_config(tls.config(None))
-            .map_err(|e| match &tls.name {
-                Some(name) => TlsError::BadName(format!("{name} ({})", crate::error_chain(&e))),
-                None => TlsError::Unusable(crate::error_chain(&e)),
-            })?;
+            .map_err(|e| TlsError::Unusable(crate::error_chain(&e)))?;
         Ok(tls)
     }
 
@@ -265,6 +286,31 @@ mod tests {
         let (cert, other_key) = (f.write("cert.pem", &cert), f.write("key.pem", &other_key));
         let e = ServerTls::from_files(&cert, &other_key, None).expect_err("mismatched");
         assert!(matches!(e, TlsError::Unusable(_)), "{e}");
+        // the edge's own certificate too, named as such even with a name
+        let ca = f.write("ca.pem", &pki().2);
+        let e = ClientTls::from_files(&ca, Some((&cert, &other_key)), Some("w.test".into()))
+            .expect_err("mismatched");
+        assert!(matches!(e, TlsError::Unusable(_)), "{e}");
+        assert!(e.to_string().contains("key.pem"), "{e}");
+    }
+
+    /// A CA file whose certificate is framed right but cannot be parsed
+    /// would leave nothing to verify against: refused at start.
+    #[test]
+    fn a_ca_that_cannot_be_trusted_is_refused_at_start() {
+        let f = Files::new();
+        let (cert, key, _) = pki();
+        let (cert, key) = (f.write("cert.pem", &cert), f.write("key.pem", &key));
+        let junk = f.write(
+            "junk-ca.pem",
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        );
+        let e = ClientTls::from_files(&junk, None, None).expect_err("junk CA");
+        assert!(matches!(e, TlsError::Bad { .. }), "{e}");
+        assert!(e.to_string().contains("junk-ca.pem"), "{e}");
+        let e = ServerTls::from_files(&cert, &key, Some(&junk)).expect_err("junk client CA");
+        assert!(e.to_string().contains("junk-ca.pem"), "{e}");
+        assert!(ca_pem(&junk).is_err());
     }
 
     #[test]

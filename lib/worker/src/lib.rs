@@ -338,6 +338,13 @@ pub async fn serve(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
+    // before any task starts, so that a failure leaves none behind
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = &config.tls {
+        // a handshake that does not finish in time is dropped: each pending
+        // one is a task
+        server = server.tls_config(tls.config().timeout(TLS_HANDSHAKE_TIMEOUT))?;
+    }
     let Deps {
         store,
         bus,
@@ -383,12 +390,6 @@ pub async fn serve(
         .webhook
         .clone()
         .map(|hook| tokio::spawn(push::post_webhooks(state.clone(), hook)));
-    let mut server = tonic::transport::Server::builder();
-    if let Some(tls) = &state.config.tls {
-        // a handshake that does not finish in time is dropped: each pending
-        // one is a task
-        server = server.tls_config(tls.config().timeout(TLS_HANDSHAKE_TIMEOUT))?;
-    }
     let result = server
         // calls in flight per edge connection: what a group's publish queue
         // and its waiters can hold is bounded by these

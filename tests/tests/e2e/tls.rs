@@ -91,20 +91,31 @@ async fn edges_and_workers_speak_tls_and_refuse_what_they_cannot_verify() -> any
         // no certificate of its own
         vec![("--worker-tls-cert", ""), ("--worker-tls-key", "")],
     ];
+    // the same worker under a URL of their own (a trailing slash), so that
+    // the checks counted under it are theirs alone: the registry is the
+    // test process's, and the cluster's edge checks the worker too
+    let theirs = format!("{worker}/");
     for (i, set) in untrusting.iter().enumerate() {
-        let edge = c.start_extra_node("edge", set).await?;
+        let mut set = set.clone();
+        set.push(("--workers", &theirs));
+        let edge = c.start_extra_node("edge", &set).await?;
         let http = edge
             .http_addr
             .ok_or_else(|| anyhow::anyhow!("no address"))?;
         let ops = edge.ops_addr.ok_or_else(|| anyhow::anyhow!("no address"))?;
-        // its own health checks failed (the cluster's edge passes them, so
-        // every failed one is this edge's)
-        let before = failed_checks(&ops.to_string(), &worker).await?;
+        let ops = ops.to_string();
+        // its health checks ran and failed, and none passed
+        let before = checks(&ops, &theirs, "down").await?;
         eventually(PROMPTLY, || async {
-            let now = failed_checks(&ops.to_string(), &worker).await?;
+            let now = checks(&ops, &theirs, "down").await?;
             Ok((now >= before + 2.0).then_some(()))
         })
         .await?;
+        assert_eq!(
+            checks(&ops, &theirs, "up").await?,
+            0.0,
+            "edge {i} verified it"
+        );
         let ready = c.http().get(format!("http://{ops}/readyz")).send().await?;
         assert_eq!(ready.status(), 503, "edge {i} is not ready");
         let res = c
@@ -116,6 +127,40 @@ async fn edges_and_workers_speak_tls_and_refuse_what_they_cannot_verify() -> any
         assert_eq!(res.status(), 503, "edge {i} calls no worker");
         edge.stop().await?;
     }
+
+    // one process with both roles, its worker on every address: its edge
+    // calls it on loopback, over TLS, checked for 127.0.0.1
+    let all = c
+        .start_extra_node("all", &[("--workers", ""), ("--grpc-listen", "0.0.0.0:0")])
+        .await?;
+    let http = all.http_addr.ok_or_else(|| anyhow::anyhow!("no address"))?;
+    eventually(PROMPTLY, || async {
+        let res = c
+            .http()
+            .get(format!("http://{http}/groups"))
+            .bearer_auth(token("alice"))
+            .send()
+            .await?;
+        Ok((res.status() == 200).then_some(()))
+    })
+    .await?;
+    all.stop().await?;
+    // and without a CA for its own worker it does not start
+    let message = c
+        .refused_extra_node(
+            "all",
+            &[
+                ("--workers", ""),
+                ("--worker-ca", ""),
+                ("--worker-tls-cert", ""),
+                ("--worker-tls-key", ""),
+            ],
+        )
+        .await?;
+    assert!(
+        message.contains("with --role all and --grpc-tls-cert"),
+        "{message}"
+    );
 
     // an edge with a CA for the workers never calls one in the clear
     let message = c
@@ -137,9 +182,9 @@ async fn edges_and_workers_speak_tls_and_refuse_what_they_cannot_verify() -> any
     c.stop().await
 }
 
-/// `chat_worker_checks_total{outcome="down"}` of `worker` on the edge
-/// whose operator routes are at `ops`.
-async fn failed_checks(ops: &str, worker: &str) -> anyhow::Result<f64> {
+/// `chat_worker_checks_total{outcome}` of `worker` on the edge whose
+/// operator routes are at `ops`.
+async fn checks(ops: &str, worker: &str, outcome: &str) -> anyhow::Result<f64> {
     let text = chat_http::client()
         .get(format!("http://{ops}/metrics"))
         .send()
@@ -150,7 +195,7 @@ async fn failed_checks(ops: &str, worker: &str) -> anyhow::Result<f64> {
     Ok(text
         .lines()
         .filter(|l| l.starts_with("chat_worker_checks_total{"))
-        .filter(|l| l.contains("outcome=\"down\"") && l.contains(&worker))
+        .filter(|l| l.contains(&format!("outcome=\"{outcome}\"")) && l.contains(&worker))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum())
 }
@@ -227,9 +272,9 @@ async fn nodes_reach_nats_over_tls_only_with_the_ca_and_their_certificate() -> a
         c.refused_extra_node("worker", &[]),
         c.refused_extra_node("worker", &ca_only),
     );
-    for (what, message) in [("no CA", no_ca?), ("no certificate", no_cert?)] {
-        assert!(message.contains("connecting to nats"), "{what}: {message}");
-    }
+    let (no_ca, no_cert) = (no_ca?, no_cert?);
+    assert!(no_ca.contains("no nats server answered"), "{no_ca}");
+    assert!(no_cert.contains("over TLS"), "{no_cert}");
     node.stop().await?;
     c.stop().await
 }
