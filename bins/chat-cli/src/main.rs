@@ -70,6 +70,16 @@ enum Command {
         #[arg(long)]
         history: Option<String>,
     },
+    /// Rename a group or change its description, or both (owner only).
+    Rename {
+        group: String,
+        /// The new name.
+        #[arg(long, required_unless_present = "description")]
+        name: Option<String>,
+        /// The new description ("" clears it).
+        #[arg(long)]
+        description: Option<String>,
+    },
     /// Add members (owner only).
     Add {
         group: String,
@@ -478,6 +488,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ws.request("notify_create_group", json!({ "groupId": g.id }))
                 .await?;
             c.out(&v, || format!("created {}", group_line(&g)));
+        }
+        Command::Rename {
+            group,
+            name,
+            description,
+        } => {
+            let mut body = serde_json::Map::new();
+            if let Some(n) = name {
+                body.insert("name".into(), n.into());
+            }
+            if let Some(d) = description {
+                body.insert("description".into(), d.into());
+            }
+            let v = c
+                .call(
+                    reqwest::Method::PATCH,
+                    &format!("/groups/{group}"),
+                    Some(Value::Object(body)),
+                )
+                .await?;
+            c.out(&v, || {
+                format!(
+                    "{} is now \"{}\"",
+                    v["id"].as_str().unwrap_or_default(),
+                    v["name"].as_str().unwrap_or_default()
+                )
+            });
         }
         Command::Add { group, users } => {
             let v = c

@@ -75,6 +75,22 @@ pub enum GroupChange {
         user_id: UserId,
     },
     Leave,
+    /// New name or description, or both (owner only).
+    Describe {
+        name: Option<String>,
+        description: Option<String>,
+    },
+}
+
+/// `name` trimmed, if it is a group name: not empty, within the limit, and
+/// without control or invisible format characters.
+fn group_name(name: &str, limits: &Limits) -> Result<String, DomainError> {
+    let name = name.trim();
+    if name.is_empty() {
+        return Err(DomainError::Invalid("name must not be empty".into()));
+    }
+    check_text("name", name, limits.group_name_chars)?;
+    Ok(name.to_owned())
 }
 
 fn check_text(what: &str, text: &str, max_chars: usize) -> Result<(), DomainError> {
@@ -105,15 +121,11 @@ impl Group {
         limits: &Limits,
         now: Millis,
     ) -> Result<Self, DomainError> {
-        let name = name.trim();
-        if name.is_empty() {
-            return Err(DomainError::Invalid("name must not be empty".into()));
-        }
-        check_text("name", name, limits.group_name_chars)?;
+        let name = group_name(name, limits)?;
         check_text("description", description, limits.group_description_chars)?;
         let mut group = Group {
             id,
-            name: name.to_owned(),
+            name,
             description: description.to_owned(),
             owner_id: creator.clone(),
             created_by: creator.clone(),
@@ -279,6 +291,31 @@ impl Group {
                 self.members.retain(|m| &m.user_id != caller);
                 GroupChange::Leave
             }
+            GroupChange::Describe { name, description } => {
+                owner_only()?;
+                if name.is_none() && description.is_none() {
+                    return Err(DomainError::Invalid(
+                        "give a name, a description or both".into(),
+                    ));
+                }
+                let name = name.map(|n| group_name(&n, limits)).transpose()?;
+                if let Some(d) = &description {
+                    check_text("description", d, limits.group_description_chars)?;
+                }
+                // only what differs is changed, and told
+                let name = name.filter(|n| *n != self.name);
+                let description = description.filter(|d| *d != self.description);
+                if name.is_none() && description.is_none() {
+                    return Ok(Applied::Unchanged);
+                }
+                if let Some(n) = &name {
+                    self.name.clone_from(n);
+                }
+                if let Some(d) = &description {
+                    self.description.clone_from(d);
+                }
+                GroupChange::Describe { name, description }
+            }
         };
         self.updated_at = now.max(self.updated_at);
         Ok(Applied::Changed { audience, change })
@@ -319,6 +356,67 @@ mod tests {
             10,
         )
         .expect("valid group")
+    }
+
+    #[test]
+    fn the_owner_alone_renames_and_describes_within_the_limits() {
+        let mut g = group(&["a"]);
+        let limits = Limits::default();
+        let describe = |name: Option<&str>, description: Option<&str>| GroupChange::Describe {
+            name: name.map(str::to_owned),
+            description: description.map(str::to_owned),
+        };
+        // a member who is not the owner may not
+        let e = g
+            .apply(&uid("a"), describe(Some("x"), None), &limits, 20)
+            .expect_err("not the owner");
+        assert!(matches!(e, DomainError::Forbidden(_)), "{e}");
+        // the name is trimmed; only what differs is the change
+        let applied = g
+            .apply(
+                &uid("owner"),
+                describe(Some("  plans "), Some("")),
+                &limits,
+                20,
+            )
+            .expect("renamed");
+        let Applied::Changed { audience, change } = applied else {
+            panic!("unchanged")
+        };
+        assert_eq!(g.name, "plans");
+        assert_eq!(g.updated_at, 20);
+        assert_eq!(audience, [uid("owner"), uid("a")]);
+        assert_eq!(change, describe(Some("plans"), None));
+        assert_eq!(
+            g.apply(&uid("owner"), describe(Some("plans"), None), &limits, 30),
+            Ok(Applied::Unchanged)
+        );
+        g.apply(&uid("owner"), describe(None, Some("weekly")), &limits, 30)
+            .expect("described");
+        assert_eq!(
+            (g.name.as_str(), g.description.as_str()),
+            ("plans", "weekly")
+        );
+        // bad input changes nothing
+        let long = "n".repeat(limits.group_name_chars + 1);
+        let too_long = "d".repeat(limits.group_description_chars + 1);
+        for (change, bad) in [
+            (describe(None, None), "nothing asked"),
+            (describe(Some("   "), None), "empty name"),
+            (describe(Some(&long), None), "long name"),
+            (describe(None, Some(&too_long)), "long description"),
+            (describe(Some("a\u{202e}b"), None), "invisible character"),
+        ] {
+            assert!(
+                g.apply(&uid("owner"), change, &limits, 40).is_err(),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            (g.name.as_str(), g.description.as_str()),
+            ("plans", "weekly")
+        );
+        assert_eq!(g.updated_at, 30);
     }
 
     #[test]

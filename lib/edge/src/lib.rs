@@ -285,7 +285,10 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .merge(web::routes(&state))
         .route("/groups", post(rest::create_group).get(rest::list_groups))
-        .route("/groups/{id}", get(rest::get_group))
+        .route(
+            "/groups/{id}",
+            get(rest::get_group).patch(rest::update_group),
+        )
         .route("/groups/{id}/owner", post(rest::transfer_owner))
         .route("/groups/{id}/members", post(rest::add_members))
         .route(

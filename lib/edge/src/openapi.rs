@@ -29,6 +29,7 @@ use crate::rest;
         rest::list_blocks,
         rest::block_user,
         rest::unblock_user,
+        rest::update_group,
         rest::transfer_owner,
         rest::add_members,
         rest::remove_member,

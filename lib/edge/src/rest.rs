@@ -11,7 +11,8 @@ use chat_protocol::{
     AddMembersBody, BlockList, BlockView, CreateGroupBody, ErrorCode, GroupPage, GroupPresence,
     GroupSummary, GroupView, Health, MediaLink, MediaRef, MemberPresence, MemberStatus,
     MentionPage, MentionView, MessagePage, MessageStatus, MessageView, ReactionView, Readiness,
-    ReplyView, RestError, TransferOwnerBody, UploadBody, UploadTicket, format_millis,
+    ReplyView, RestError, TransferOwnerBody, UpdateGroupBody, UploadBody, UploadTicket,
+    format_millis,
 };
 use chat_rpc::pb;
 use serde::{Deserialize, de::DeserializeOwned};
@@ -240,6 +241,36 @@ pub(crate) async fn group_presence(
         members,
     })
     .into_response())
+}
+
+#[utoipa::path(patch, path = "/groups/{id}", tag = "groups",
+    params(("id" = String, Path, description = "group id")),
+    request_body = UpdateGroupBody,
+    responses(
+        (status = 200, description = "the group with its new name or description (owner only); members get `a_group_updated` with `change.kind` `details_changed` if anything changed", body = GroupView),
+        crate::openapi::GroupErrors, crate::openapi::CallerErrors,
+        (status = 403, description = "`forbidden`: not the owner", body = RestError)
+    ))]
+pub(crate) async fn update_group(
+    State(app): State<AppState>,
+    Caller(me): Caller,
+    Path(id): Path<String>,
+    Body(body): Body<UpdateGroupBody>,
+) -> Result<Json<GroupView>, ApiError> {
+    let group = rpc!(
+        app,
+        GroupsClient,
+        update_group,
+        pb::UpdateGroupRequest {
+            caller: me.user_id.to_string(),
+            group_id: id,
+            name: body.name,
+            description: body.description,
+        }
+    )?
+    .into_inner();
+    app.limits.user_owes(&me.user_id, group.members.len());
+    view(group)
 }
 
 #[utoipa::path(post, path = "/groups/{id}/owner", tag = "groups",

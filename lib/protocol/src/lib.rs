@@ -259,6 +259,21 @@ pub struct TransferOwnerBody {
     pub user_id: String,
 }
 
+/// `PATCH /groups/{id}` body: a new name or description, or both; a field
+/// left out stays as it is.
+#[derive(Debug, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UpdateGroupBody {
+    /// Trimmed; 1 to 128 characters by default, without control or
+    /// invisible format characters.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Up to 2,048 characters by default, without control or invisible
+    /// format characters; `""` clears it.
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
 /// `POST /groups/{id}/members` body.
 #[derive(Debug, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -74,10 +74,11 @@ impl GroupView {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct GroupChangeView {
-    /// `created`, `members_added`, `member_removed`, `member_left` or
-    /// `owner_changed`.
+    /// `created`, `members_added`, `member_removed`, `member_left`,
+    /// `owner_changed` or `details_changed` (name or description).
     pub kind: String,
-    /// Who was added, removed, left, or became owner.
+    /// Who was added, removed, left, or became owner (none for
+    /// `details_changed`).
     pub user_ids: Vec<String>,
     /// Who made the change.
     pub by: String,

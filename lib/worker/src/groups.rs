@@ -292,6 +292,7 @@ fn change_view(caller: &UserId, change: &GroupChange) -> GroupChangeView {
         GroupChange::RemoveMember { user_id } => ("member_removed", vec![user_id]),
         GroupChange::Leave => ("member_left", vec![caller]),
         GroupChange::TransferOwner { new_owner } => ("owner_changed", vec![new_owner]),
+        GroupChange::Describe { .. } => ("details_changed", Vec::new()),
     };
     GroupChangeView {
         kind: kind.into(),
@@ -531,6 +532,24 @@ impl Groups for GroupsService {
                 &req.caller,
                 &req.group_id,
                 GroupChange::TransferOwner { new_owner },
+            )
+            .await?;
+        Ok(reply(&group))
+    }
+
+    async fn update_group(
+        &self,
+        req: Request<pb::UpdateGroupRequest>,
+    ) -> Result<Response<pb::Group>, Status> {
+        let req = req.into_inner();
+        let group = self
+            .change(
+                &req.caller,
+                &req.group_id,
+                GroupChange::Describe {
+                    name: req.name,
+                    description: req.description,
+                },
             )
             .await?;
         Ok(reply(&group))

@@ -178,6 +178,16 @@ async fn the_cli_runs_the_readme_tour_against_a_real_stack() -> anyhow::Result<(
     .await?;
     assert!(!shown.contains("to both"), "{shown}");
 
+    // the owner renames it; a member may not
+    let renamed = chat(&c, "alice", &["rename", &id, "--name", "plans"]).await?;
+    assert!(
+        text(&renamed).ends_with("is now \"plans\"\n"),
+        "{}",
+        text(&renamed)
+    );
+    let refused = chat(&c, "bob", &["rename", &id, "--description", "mine"]).await?;
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("forbidden (403)"));
+
     // members: add, remove; errors carry the server's code
     chat_json(&c, "alice", &["add", &id, "carol"]).await?;
     let refused = chat(&c, "carol", &["remove", &id, "bob"]).await?;

@@ -242,6 +242,98 @@ async fn missing_and_bad_tokens_get_401() -> anyhow::Result<()> {
     c.stop().await
 }
 
+/// The owner renames a group and changes its description; members hear of
+/// it with the group as it now is; anyone else, and bad input, is refused
+/// with nothing changed; a change to what it already is tells no one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_owner_renames_a_group_and_its_members_hear_of_it() -> anyhow::Result<()> {
+    let c = Cluster::start(1, 1).await?;
+    let g = c.create_group("alice", &["bob"]).await?;
+    let id = g["id"].as_str().context("id")?.to_owned();
+    let path = format!("/groups/{id}");
+    let patch = |user: &'static str, body: Value| {
+        let path = path.clone();
+        let c = &c;
+        async move {
+            c.call(reqwest::Method::PATCH, 0, Some(user), &path, Some(&body))
+                .await
+        }
+    };
+    let mut bob = c.connect(0, "bob", "b").await?;
+
+    // only the owner
+    for user in ["bob", "mallory"] {
+        let (s, e) = patch(user, json!({"name": "mine"})).await?;
+        assert_eq!(
+            (s, e["error"]["code"].as_str()),
+            (403, Some("forbidden")),
+            "{user}"
+        );
+    }
+    let (s, _) = c
+        .call(
+            reqwest::Method::PATCH,
+            0,
+            Some("alice"),
+            "/groups/00000000000000000000000000000000",
+            Some(&json!({"name": "x"})),
+        )
+        .await?;
+    assert_eq!(s, 404);
+    // bad input, each with its code
+    let long = "n".repeat(129);
+    for (body, code) in [
+        (json!({}), "invalid"),
+        (json!({"name": "   "}), "invalid"),
+        (json!({"name": long}), "too_large"),
+        (json!({"description": "d".repeat(2049)}), "too_large"),
+        (json!({"name": "a\u{202e}b"}), "invalid"),
+        (json!({"name": 7}), "invalid"),
+        (json!({"title": "x"}), "invalid"),
+    ] {
+        let (s, e) = patch("alice", body.clone()).await?;
+        assert_eq!(
+            (s, e["error"]["code"].as_str()),
+            (400, Some(code)),
+            "{body}: {e}"
+        );
+    }
+
+    // the owner renames and describes it
+    let (s, renamed) = patch(
+        "alice",
+        json!({"name": "  plans ", "description": "weekly"}),
+    )
+    .await?;
+    assert_eq!(s, 200, "{renamed}");
+    assert_eq!(
+        (renamed["name"].as_str(), renamed["description"].as_str()),
+        (Some("plans"), Some("weekly"))
+    );
+    assert_ne!(renamed["updatedAt"], g["updatedAt"]);
+    let heard = bob.skip_to("a_group_updated").await?;
+    assert_eq!(
+        heard["data"]["change"],
+        json!({"kind": "details_changed", "userIds": [], "by": "alice"})
+    );
+    assert_eq!(heard["data"]["group"]["name"], "plans");
+    let (_, shown) = c.get(0, "bob", &path).await?;
+    assert_eq!(
+        (shown["name"].as_str(), shown["description"].as_str()),
+        (Some("plans"), Some("weekly"))
+    );
+
+    // the same again changes nothing and tells no one: the next thing bob
+    // hears is the change after it
+    let (s, same) = patch("alice", json!({"name": "plans"})).await?;
+    assert_eq!((s, &same["updatedAt"]), (200, &renamed["updatedAt"]));
+    patch("alice", json!({"description": ""})).await?;
+    let next = bob.skip_to("a_group_updated").await?;
+    assert_eq!(next["data"]["group"]["description"], "", "{next}");
+    assert_eq!(next["data"]["group"]["name"], "plans");
+    c.stop().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn owner_manages_members_and_others_cannot() -> anyhow::Result<()> {
     let c = Cluster::start(1, 1).await?;

@@ -309,6 +309,32 @@ async fn two_users_chat_in_real_browsers() -> anyhow::Result<()> {
         .await?;
     }
 
+    // the owner renames it (over REST: the web client has no owner tools
+    // yet) and back: bob's open group shows each name as it comes
+    let (_, listed) = c.get(0, "alice", "/groups").await?;
+    let id = listed["groups"][0]["id"]
+        .as_str()
+        .context("the group's id")?
+        .to_owned();
+    for name in ["Road trip", "Weekend trip"] {
+        let (status, _) = c
+            .call(
+                reqwest::Method::PATCH,
+                0,
+                Some("alice"),
+                &format!("/groups/{id}"),
+                Some(&json!({ "name": name })),
+            )
+            .await?;
+        assert_eq!(status, 200);
+        until(
+            &bob,
+            "the group's new name shown",
+            &format!("document.querySelector('#chat-title').textContent === '{name}'"),
+        )
+        .await?;
+    }
+
     // alice types: bob sees it; sending stops it
     el(&alice, "#message-input").await?.send_keys("hel").await?;
     until(
