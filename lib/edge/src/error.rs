@@ -78,6 +78,15 @@ impl From<tonic::Status> for ApiError {
                     "the service is unavailable; retry later",
                 )
             }
+            // a worker of an earlier release, during a rolling upgrade: the
+            // call works once the workers are upgraded
+            Code::Unimplemented => {
+                tracing::warn!(message = %s.message(), "a worker does not know this call yet (an earlier release?)");
+                Self::new(
+                    ErrorCode::Unavailable,
+                    "the service is being upgraded; retry later",
+                )
+            }
             _ => {
                 tracing::error!(code = ?s.code(), message = %s.message(), "worker call failed");
                 Self::new(ErrorCode::Internal, "internal error")
@@ -89,5 +98,20 @@ impl From<tonic::Status> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.status, Json(RestError { error: self.body() })).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A call an older worker does not know is the upgrade's, not the
+    /// client's nor a bug: retry later.
+    #[test]
+    fn an_unknown_call_is_unavailable_not_internal() {
+        let e = ApiError::from(tonic::Status::unimplemented("UpdateGroup"));
+        assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
+        let e = ApiError::from(tonic::Status::data_loss("?"));
+        assert_eq!(e.status, StatusCode::INTERNAL_SERVER_ERROR);
     }
 }
