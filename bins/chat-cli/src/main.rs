@@ -80,6 +80,16 @@ enum Command {
         #[arg(long)]
         description: Option<String>,
     },
+    /// Stop push notifications of a group's messages, except those that
+    /// mention you, for good or until a time.
+    Mute {
+        group: String,
+        /// When the mute ends (RFC 3339, such as 2026-12-24T18:00:00Z).
+        #[arg(long)]
+        until: Option<String>,
+    },
+    /// Be pushed a group's messages again.
+    Unmute { group: String },
     /// Add members (owner only).
     Add {
         group: String,
@@ -449,9 +459,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 page.groups
                     .iter()
-                    .map(|g| match g.unread_count {
-                        0 => group_line(&g.group),
-                        n => format!("{}  [{n} unread]", group_line(&g.group)),
+                    .map(|g| {
+                        let mut line = group_line(&g.group);
+                        if g.unread_count > 0 {
+                            line.push_str(&format!("  [{} unread]", g.unread_count));
+                        }
+                        match (&g.muted, &g.muted_until) {
+                            (true, Some(until)) => {
+                                line.push_str(&format!("  [muted until {until}]"))
+                            }
+                            (true, None) => line.push_str("  [muted]"),
+                            _ => {}
+                        }
+                        line
                     })
                     .collect::<Vec<_>>()
                     .join("\n")
@@ -515,6 +535,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     v["name"].as_str().unwrap_or_default()
                 )
             });
+        }
+        Command::Mute { group, until } => {
+            let body = match until {
+                Some(t) => json!({ "until": t }),
+                None => json!({}),
+            };
+            let v = c
+                .call(
+                    reqwest::Method::PUT,
+                    &format!("/groups/{group}/mute"),
+                    Some(body),
+                )
+                .await?;
+            c.out(&v, || match v["mutedUntil"].as_str() {
+                Some(until) => format!("muted until {until}"),
+                None => "muted".into(),
+            });
+        }
+        Command::Unmute { group } => {
+            let v = c
+                .call(
+                    reqwest::Method::DELETE,
+                    &format!("/groups/{group}/mute"),
+                    None,
+                )
+                .await?;
+            c.out(&v, || "unmuted".into());
         }
         Command::Add { group, users } => {
             let v = c

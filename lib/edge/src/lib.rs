@@ -290,6 +290,10 @@ pub fn app(state: AppState) -> Router {
             get(rest::get_group).patch(rest::update_group),
         )
         .route("/groups/{id}/owner", post(rest::transfer_owner))
+        .route(
+            "/groups/{id}/mute",
+            put(rest::mute_group).delete(rest::unmute_group),
+        )
         .route("/groups/{id}/members", post(rest::add_members))
         .route(
             "/groups/{id}/members/{user_id}",

@@ -10,9 +10,9 @@ use chat_domain::{Group, UserId};
 use chat_protocol::{
     AddMembersBody, BlockList, BlockView, CreateGroupBody, ErrorCode, GroupPage, GroupPresence,
     GroupSummary, GroupView, Health, MediaLink, MediaRef, MemberPresence, MemberStatus,
-    MentionPage, MentionView, MessagePage, MessageStatus, MessageView, ReactionView, Readiness,
-    ReplyView, RestError, TransferOwnerBody, UpdateGroupBody, UploadBody, UploadTicket,
-    format_millis,
+    MentionPage, MentionView, MessagePage, MessageStatus, MessageView, MuteBody, MuteView,
+    ReactionView, Readiness, ReplyView, RestError, TransferOwnerBody, UpdateGroupBody, UploadBody,
+    UploadTicket, format_millis, parse_millis,
 };
 use chat_rpc::pb;
 use serde::{Deserialize, de::DeserializeOwned};
@@ -153,6 +153,9 @@ pub(crate) async fn list_groups(
                 group,
                 unread_count: a.unread,
                 last_message: a.last_message.map(message_view),
+                muted: a.muted,
+                muted_until: (a.muted && a.muted_until_ms > 0)
+                    .then(|| format_millis(a.muted_until_ms)),
             })
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
@@ -482,6 +485,71 @@ pub(crate) async fn block_user(
     )?
     .into_inner();
     Ok(Json(block_view(b)))
+}
+
+#[utoipa::path(put, path = "/groups/{id}/mute", tag = "groups",
+    params(("id" = String, Path, description = "group id")),
+    request_body = MuteBody,
+    responses(
+        (status = 200, description = "the caller mutes the group (members only): no push events for its messages but those that mention the caller, until `until` or `DELETE /groups/{id}/mute`; muting again replaces the end", body = MuteView),
+        crate::openapi::GroupErrors, crate::openapi::CallerErrors
+    ))]
+pub(crate) async fn mute_group(
+    State(app): State<AppState>,
+    Caller(me): Caller,
+    Path(id): Path<String>,
+    Body(body): Body<MuteBody>,
+) -> Result<Json<MuteView>, ApiError> {
+    let until_ms = match body.until.as_deref() {
+        None => 0,
+        Some(t) => parse_millis(t).filter(|ms| *ms > 0).ok_or_else(|| {
+            ApiError::invalid("until must be an RFC 3339 time, such as 2026-12-24T18:00:00Z")
+        })?,
+    };
+    mute_call(&app, &me.user_id, id, true, until_ms)
+        .await
+        .map(Json)
+}
+
+#[utoipa::path(delete, path = "/groups/{id}/mute", tag = "groups",
+    params(("id" = String, Path, description = "group id")),
+    responses(
+        (status = 204, description = "the caller no longer mutes the group (members only), whether or not it did"),
+        crate::openapi::GroupErrors, crate::openapi::CallerErrors
+    ))]
+pub(crate) async fn unmute_group(
+    State(app): State<AppState>,
+    Caller(me): Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    mute_call(&app, &me.user_id, id, false, 0).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn mute_call(
+    app: &AppState,
+    me: &UserId,
+    group_id: String,
+    muted: bool,
+    until_ms: i64,
+) -> Result<MuteView, ApiError> {
+    let r = rpc!(
+        app,
+        GroupsClient,
+        mute,
+        pb::MuteRequest {
+            caller: me.to_string(),
+            group_id,
+            muted,
+            until_ms,
+        }
+    )?
+    .into_inner();
+    Ok(MuteView {
+        group_id: r.group_id,
+        muted: r.muted,
+        muted_until: (r.muted && r.until_ms > 0).then(|| format_millis(r.until_ms)),
+    })
 }
 
 /// `DELETE /blocks/{user_id}`: the caller unblocks a user (204 whether or

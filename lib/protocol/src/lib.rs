@@ -11,8 +11,9 @@ mod view;
 pub use reply::{
     AcknowledgeAck, BlockList, BlockView, DevToken, GroupPage, GroupPresence, GroupSummary, Health,
     MediaLink, MemberPresence, MemberStatus, MentionPage, MentionView, MessageChangeAck,
-    MessagePage, MessageStatus, MessageStatusPush, NotifyAck, ReactionAck, ReactionPush, Readiness,
-    SendAck, SubscribeAck, TYPING_EXPIRES_MS, TypingAck, TypingPush, UploadTicket, WebConfig,
+    MessagePage, MessageStatus, MessageStatusPush, MuteView, NotifyAck, ReactionAck, ReactionPush,
+    Readiness, SendAck, SubscribeAck, TYPING_EXPIRES_MS, TypingAck, TypingPush, UploadTicket,
+    WebConfig,
 };
 pub use view::{
     EVENT_MEMBERS_MAX, GroupChangeView, GroupView, MemberView, MessageDeletedView,
@@ -272,6 +273,15 @@ pub struct UpdateGroupBody {
     /// format characters; `""` clears it.
     #[serde(default)]
     pub description: Option<String>,
+}
+
+/// `PUT /groups/{id}/mute` body: until when (RFC 3339, in the future and
+/// within ten years); left out, until `DELETE /groups/{id}/mute`.
+#[derive(Debug, Default, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MuteBody {
+    #[serde(default)]
+    pub until: Option<String>,
 }
 
 /// `POST /groups/{id}/members` body.

@@ -222,6 +222,23 @@ pub struct GroupSummary {
     /// The newest message the caller may see; absent when there is none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_message: Option<MessageView>,
+    /// Whether the caller mutes the group now (`PUT /groups/{id}/mute`).
+    #[serde(default)]
+    pub muted: bool,
+    /// Until when, if the mute has an end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub muted_until: Option<String>,
+}
+
+/// `PUT /groups/{id}/mute`: the caller's mute of a group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MuteView {
+    pub group_id: String,
+    pub muted: bool,
+    /// Until when, if the mute has an end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub muted_until: Option<String>,
 }
 
 /// `GET /groups/{id}/messages`: newest first.

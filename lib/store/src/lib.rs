@@ -12,6 +12,7 @@ mod blocks;
 mod groups;
 mod mentions;
 mod messages;
+mod mutes;
 mod objects;
 mod presign;
 mod reactions;
@@ -22,6 +23,7 @@ pub use blocks::{BlockRepo, Blocked};
 pub use groups::{GroupRecord, GroupRepo, Membership, Unnotified};
 pub use mentions::{Mention, MentionCursor, MentionRepo};
 pub use messages::{MessageRepo, Receipt, Resealed, StoredMessage};
+pub use mutes::{FOREVER as MUTED_FOREVER, MuteRepo};
 pub use objects::{ObjectInfo, Objects, ObjectsConfig};
 pub use reactions::{Reacted, ReactionLimit, ReactionRepo, Reactions};
 pub use uploads::{Upload, UploadRepo};
@@ -58,6 +60,7 @@ impl From<mongodb::error::Error> for StoreError {
 #[derive(Debug, Clone)]
 pub struct Store {
     pub blocks: BlockRepo,
+    pub mutes: MuteRepo,
     pub groups: GroupRepo,
     pub users: UserRepo,
     pub messages: MessageRepo,
@@ -90,6 +93,7 @@ impl Store {
         let db = client.database(db_name);
         Ok(Self {
             blocks: BlockRepo::new(&db),
+            mutes: MuteRepo::new(&db),
             groups: GroupRepo::new(&db),
             users: UserRepo::new(&db),
             messages: MessageRepo::new(&db),
@@ -103,6 +107,7 @@ impl Store {
     /// Creates the indexes every query relies on. Idempotent.
     pub async fn ensure_indexes(&self) -> Result<(), StoreError> {
         self.blocks.ensure_indexes().await?;
+        self.mutes.ensure_indexes().await?;
         self.groups.ensure_indexes().await?;
         self.messages.ensure_indexes().await?;
         self.mentions.ensure_indexes().await?;
@@ -120,7 +125,7 @@ impl Store {
 }
 
 /// The `_id` of a document about one member of one group
-/// (`subscriptions`, `sent_marks`): `<group>:<user>`. Ids are letters,
+/// (`subscriptions`, `sent_marks`, `mutes`): `<group>:<user>`. Ids are letters,
 /// digits, `-` and `_`, never `:`, so no two pairs share one.
 pub(crate) fn member_key(group: &chat_domain::GroupId, user: &chat_domain::UserId) -> String {
     format!("{group}:{user}")

@@ -180,6 +180,11 @@ impl GroupsService {
                     // harmless: receipts are read for members only
                     tracing::warn!(group = %id, user = %leaving, error = %e, "cannot forget a former member's receipts");
                 }
+                if let Err(e) = self.0.store.mutes.unmute(id, leaving).await {
+                    // harmless: pushes go to members only (a member added
+                    // again would find the group still muted)
+                    tracing::warn!(group = %id, user = %leaving, error = %e, "cannot forget a former member's mute");
+                }
                 self.0.unsubscribed_live(id, leaving).await;
             }
             let prefix = format!("upd-{}-{}", group.id, record.rev);
@@ -285,6 +290,24 @@ where
     )))
 }
 
+/// The longest a mute with an end may last: ten years.
+const MUTE_MAX_MS: i64 = 10 * 366 * 24 * 3600 * 1000;
+
+/// The stored end of a mute asked to end at `until_ms` (0: never), at
+/// `now`: in the future, and within [`MUTE_MAX_MS`].
+fn mute_until(until_ms: i64, now: i64) -> Result<i64, DomainError> {
+    match until_ms {
+        0 => Ok(chat_store::MUTED_FOREVER),
+        u if u <= now => Err(DomainError::Invalid(
+            "until must be in the future (leave it out to mute until unmuted)".into(),
+        )),
+        u if u - now > MUTE_MAX_MS => Err(DomainError::Invalid(
+            "until must be within ten years (leave it out to mute until unmuted)".into(),
+        )),
+        u => Ok(u),
+    }
+}
+
 /// The delta `a_group_updated` carries for `change` by `caller`.
 fn change_view(caller: &UserId, change: &GroupChange) -> GroupChangeView {
     let (kind, users): (&str, Vec<&UserId>) = match change {
@@ -379,6 +402,12 @@ async fn activity(
         .read_marks(caller, &ids)
         .await
         .map_err(WorkerError::from)?;
+    let mutes = s
+        .store
+        .mutes
+        .of_user(caller, &ids, now_millis())
+        .await
+        .map_err(WorkerError::from)?;
     let newest = futures::future::try_join_all(groups.iter().map(|g| async move {
         let from = g.visible_from(caller).unwrap_or_default();
         let last = s.store.messages.history(&g.id, from, None, 1).await?;
@@ -411,9 +440,17 @@ async fn activity(
     Ok(unread
         .into_iter()
         .zip(last_messages)
-        .map(|(unread, m)| pb::GroupActivity {
-            unread,
-            last_message: (!m.message_id.is_empty()).then_some(m),
+        .zip(&ids)
+        .map(|((unread, m), id)| {
+            let muted = mutes.get(id).copied();
+            pb::GroupActivity {
+                unread,
+                last_message: (!m.message_id.is_empty()).then_some(m),
+                muted: muted.is_some(),
+                muted_until_ms: muted
+                    .filter(|u| *u != chat_store::MUTED_FOREVER)
+                    .unwrap_or_default(),
+            }
         })
         .collect())
 }
@@ -553,6 +590,54 @@ impl Groups for GroupsService {
             )
             .await?;
         Ok(reply(&group))
+    }
+
+    async fn mute(
+        &self,
+        req: Request<pb::MuteRequest>,
+    ) -> Result<Response<pb::MuteResponse>, Status> {
+        let req = req.into_inner();
+        let caller = parse_id::<UserId>(&req.caller)?;
+        let id = parse_id::<GroupId>(&req.group_id)?;
+        let store = &self.0.store;
+        match store
+            .groups
+            .membership(&id, &caller)
+            .await
+            .map_err(WorkerError::from)?
+        {
+            Membership::Member { .. } => {}
+            Membership::NotMember => {
+                return Err(WorkerError::Domain(DomainError::Forbidden(
+                    "you are not a member of this group".into(),
+                ))
+                .into());
+            }
+            Membership::NoSuchGroup => return Err(WorkerError::NotFound("group").into()),
+        }
+        if !req.muted {
+            store
+                .mutes
+                .unmute(&id, &caller)
+                .await
+                .map_err(WorkerError::from)?;
+            return Ok(Response::new(pb::MuteResponse {
+                group_id: id.into_string(),
+                muted: false,
+                until_ms: 0,
+            }));
+        }
+        let until = mute_until(req.until_ms, now_millis()).map_err(WorkerError::from)?;
+        store
+            .mutes
+            .mute(&id, &caller, until)
+            .await
+            .map_err(WorkerError::from)?;
+        Ok(Response::new(pb::MuteResponse {
+            group_id: id.into_string(),
+            muted: true,
+            until_ms: req.until_ms,
+        }))
     }
 
     async fn add_members(
@@ -773,6 +858,21 @@ mod tests {
     use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
     use super::*;
+
+    /// A mute ends in the future, within ten years, or never (0).
+    #[test]
+    fn a_mute_ends_in_the_future_within_ten_years_or_never() {
+        let now = 1_000_000;
+        assert_eq!(mute_until(0, now), Ok(chat_store::MUTED_FOREVER));
+        assert_eq!(mute_until(now + 1, now), Ok(now + 1));
+        assert_eq!(mute_until(now + MUTE_MAX_MS, now), Ok(now + MUTE_MAX_MS));
+        for bad in [now, now - 1, -5, now + MUTE_MAX_MS + 1, i64::MAX] {
+            assert!(
+                matches!(mute_until(bad, now), Err(DomainError::Invalid(_))),
+                "{bad}"
+            );
+        }
+    }
 
     /// A subscribe that read the membership just before a removal committed,
     /// and whose publish would land after the removal's event, is not

@@ -1,5 +1,6 @@
 //! The push hook (`chat_bus::PushEvent`): for each persisted message, the
-//! members with no connection open, published once to `chat.push.<group>`
+//! members with no connection open who do not mute the group (or whom the
+//! message mentions), published once to `chat.push.<group>`
 //! for an operator's push gateway, and optionally posted to a webhook.
 //!
 //! Who is online comes from presence: every worker keeps the set of users
@@ -8,7 +9,7 @@
 //! gets a push costs one set lookup per member and no read.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -141,10 +142,25 @@ pub(crate) async fn push(
             .member_ids()
             .filter(|u| !s.online.is_online(u.as_str()))
             .collect();
+        // those who muted the group hear only of what mentions them: one
+        // read per group of the batch, when someone could be pushed at all
+        let muted: HashSet<String> = if offline.is_empty() {
+            HashSet::new()
+        } else {
+            s.store
+                .mutes
+                .muted_in(group, chat_domain::now_millis())
+                .await?
+                .into_iter()
+                .collect()
+        };
         for m in messages {
+            let mentions_of =
+                |u: &UserId| mentions.iter().any(|x| x.message == m.id && &x.user == u);
             let recipients: Vec<String> = offline
                 .iter()
                 .filter(|u| ***u != m.sender_id)
+                .filter(|u| !muted.contains(u.as_str()) || mentions_of(u))
                 .map(|u| u.to_string())
                 .collect();
             if recipients.is_empty() {

@@ -188,6 +188,27 @@ async fn the_cli_runs_the_readme_tour_against_a_real_stack() -> anyhow::Result<(
     let refused = chat(&c, "bob", &["rename", &id, "--description", "mine"]).await?;
     assert!(String::from_utf8_lossy(&refused.stderr).contains("forbidden (403)"));
 
+    // bob mutes it for a while, and the list says so; then unmutes it
+    let muted = chat(&c, "bob", &["mute", &id, "--until", "2099-01-01T00:00:00Z"]).await;
+    let refused = String::from_utf8_lossy(&muted?.stderr).into_owned();
+    assert!(
+        refused.contains("invalid (400)"),
+        "beyond ten years: {refused}"
+    );
+    let in_a_day = chat_protocol::format_millis(chat_domain::now_millis() + 86_400_000);
+    let muted = chat(&c, "bob", &["mute", &id, "--until", &in_a_day]).await?;
+    assert_eq!(text(&muted).trim(), format!("muted until {in_a_day}"));
+    let listed = text(&chat(&c, "bob", &["groups"]).await?);
+    assert!(
+        listed.contains(&format!("[muted until {in_a_day}]")),
+        "{listed}"
+    );
+    assert_eq!(
+        text(&chat(&c, "bob", &["unmute", &id]).await?).trim(),
+        "unmuted"
+    );
+    assert!(!text(&chat(&c, "bob", &["groups"]).await?).contains("muted"));
+
     // members: add, remove; errors carry the server's code
     chat_json(&c, "alice", &["add", &id, "carol"]).await?;
     let refused = chat(&c, "carol", &["remove", &id, "bob"]).await?;

@@ -478,3 +478,55 @@ async fn members_among_several_users_are_read_at_once() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A mute lasts until its end (or for ever), muting again replaces the
+/// end, and each read is of one group's mutes or one user's page of
+/// groups, expired mutes left out.
+#[tokio::test]
+async fn mutes_last_until_their_end_and_are_read_per_group_and_per_user() -> anyhow::Result<()> {
+    let mongo = chat_stack::Mongo::start().await?;
+    let store = Store::connect(&mongo.uri, "mutes").await?;
+    store.ensure_indexes().await?;
+    let (g, other) = (GroupId::generate(), GroupId::generate());
+    let (alice, bob, carol) = (
+        UserId::parse("alice")?,
+        UserId::parse("bob")?,
+        UserId::parse("carol")?,
+    );
+    let now = 1_000_000;
+    store
+        .mutes
+        .mute(&g, &alice, chat_store::MUTED_FOREVER)
+        .await?;
+    store.mutes.mute(&g, &bob, now + 10).await?;
+    store.mutes.mute(&g, &carol, now - 1).await?;
+    store.mutes.mute(&other, &alice, now + 5).await?;
+    let mut muted = store.mutes.muted_in(&g, now).await?;
+    muted.sort();
+    assert_eq!(muted, ["alice", "bob"], "carol's mute has ended");
+    assert_eq!(store.mutes.muted_in(&g, now + 10).await?, ["alice"]);
+    // muting again replaces the end
+    store
+        .mutes
+        .mute(&g, &bob, chat_store::MUTED_FOREVER)
+        .await?;
+    assert_eq!(store.mutes.muted_in(&g, now + 10).await?.len(), 2);
+    // one user's page
+    let page = store
+        .mutes
+        .of_user(
+            &alice,
+            &[g.clone(), other.clone(), GroupId::generate()],
+            now,
+        )
+        .await?;
+    assert_eq!(page.len(), 2);
+    assert_eq!(page.get(&g), Some(&chat_store::MUTED_FOREVER));
+    assert_eq!(page.get(&other), Some(&(now + 5)));
+    assert!(store.mutes.of_user(&alice, &[], now).await?.is_empty());
+    // unmuting says whether there was one
+    assert!(store.mutes.unmute(&g, &alice).await?);
+    assert!(!store.mutes.unmute(&g, &alice).await?);
+    assert_eq!(store.mutes.muted_in(&g, now).await?, ["bob"]);
+    Ok(())
+}

@@ -1156,6 +1156,144 @@ async fn members_with_no_connection_are_pushed_ids_only_through_nats_and_a_signe
     c.stop().await
 }
 
+/// A member who mutes a group is not pushed its messages, except those
+/// that mention it, until it unmutes; `GET /groups` shows the mute; only
+/// members may mute, and a bad end is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_muted_group_pushes_only_mentions_until_unmuted() -> anyhow::Result<()> {
+    use futures::StreamExt;
+    use std::time::Duration;
+    let c = Cluster::start_with(1, 1, &["--push"]).await?;
+    let g = c.room(&["alice", "bob", "carol"]).await?;
+    let bus = c.bus().await?;
+    let mut pushes = bus.client().subscribe(format!("chat.push.{g}")).await?;
+    let mut alice = c.connect(0, "alice", "web").await?;
+    chat_tests::eventually(chat_tests::PROMPTLY, || async {
+        let (_, p) = c.get(0, "bob", &format!("/groups/{g}/presence")).await?;
+        Ok(p["members"]
+            .as_array()
+            .is_some_and(|m| {
+                m.iter()
+                    .any(|m| m["userId"] == "alice" && m["online"] == true)
+            })
+            .then_some(()))
+    })
+    .await?;
+    let path = format!("/groups/{g}/mute");
+    let put = |user: &'static str, body: Value| {
+        let path = path.clone();
+        let c = &c;
+        async move {
+            c.call(reqwest::Method::PUT, 0, Some(user), &path, Some(&body))
+                .await
+        }
+    };
+
+    // members only; a bad end is refused
+    let (s, e) = put("mallory", json!({})).await?;
+    assert_eq!((s, e["error"]["code"].as_str()), (403, Some("forbidden")));
+    let (s, _) = c
+        .call(
+            reqwest::Method::PUT,
+            0,
+            Some("carol"),
+            "/groups/00000000000000000000000000000000/mute",
+            Some(&json!({})),
+        )
+        .await?;
+    assert_eq!(s, 404);
+    let in_20_years =
+        chat_protocol::format_millis(chat_domain::now_millis() + 20 * 365 * 24 * 3600 * 1000);
+    for body in [
+        json!({"until": "2000-01-01T00:00:00Z"}),
+        json!({"until": "tomorrow"}),
+        json!({"until": in_20_years}),
+        json!({"for": 60}),
+    ] {
+        let (s, e) = put("carol", body.clone()).await?;
+        assert_eq!(
+            (s, e["error"]["code"].as_str()),
+            (400, Some("invalid")),
+            "{body}: {e}"
+        );
+    }
+
+    // carol mutes the group for good
+    let (s, v) = put("carol", json!({})).await?;
+    assert_eq!((s, &v), (200, &json!({"groupId": g, "muted": true})));
+    let listed = |user: &'static str| {
+        let c = &c;
+        let g = g.clone();
+        async move {
+            let (_, page) = c.get(0, user, "/groups").await?;
+            page["groups"]
+                .as_array()
+                .and_then(|gs| gs.iter().find(|x| x["id"] == g.as_str()).cloned())
+                .context("the group listed")
+        }
+    };
+    let entry = listed("carol").await?;
+    assert_eq!(
+        (&entry["muted"], entry.get("mutedUntil")),
+        (&json!(true), None)
+    );
+    assert_eq!(listed("bob").await?["muted"], false);
+
+    // the push of a new message of alice's
+    async fn next_push(
+        alice: &mut Client,
+        pushes: &mut async_nats::Subscriber,
+        g: &str,
+        id: &str,
+        text: &str,
+    ) -> anyhow::Result<Value> {
+        let ack = alice.send_text(g, id, text).await?;
+        loop {
+            let msg = tokio::time::timeout(Duration::from_secs(10), pushes.next())
+                .await?
+                .context("no push event")?;
+            let event: Value = serde_json::from_slice(&msg.payload)?;
+            if event["messageId"] == ack["messageId"] {
+                return Ok(event);
+            }
+        }
+    }
+    // a plain message: bob only (alice too, while the worker has not yet
+    // heard that she came online: then again; carol never)
+    let deadline = std::time::Instant::now() + chat_tests::PROMPTLY;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let id = format!("p{attempt}");
+        let event = next_push(&mut alice, &mut pushes, &g, &id, "plans for today").await?;
+        let to = event["recipients"].to_string();
+        assert!(!to.contains("carol"), "a muted member was pushed: {event}");
+        if event["recipients"] == json!(["bob"]) {
+            break;
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "{event}");
+    }
+    // one that mentions carol reaches her all the same
+    let event = next_push(&mut alice, &mut pushes, &g, "m2", "@carol are you in?").await?;
+    assert_eq!(event["recipients"], json!(["bob", "carol"]), "{event}");
+    assert_eq!(event["mentioned"], json!(["carol"]));
+    // unmuted: everything again
+    let (s, _) = c
+        .call(reqwest::Method::DELETE, 0, Some("carol"), &path, None)
+        .await?;
+    assert_eq!(s, 204);
+    let event = next_push(&mut alice, &mut pushes, &g, "m3", "and again").await?;
+    assert_eq!(event["recipients"], json!(["bob", "carol"]), "{event}");
+    assert_eq!(listed("carol").await?["muted"], false);
+
+    // a mute with an end says when
+    let until = chat_protocol::format_millis(chat_domain::now_millis() + 3_600_000);
+    let (s, v) = put("bob", json!({ "until": until })).await?;
+    assert_eq!((s, &v["mutedUntil"]), (200, &json!(until)));
+    assert_eq!(listed("bob").await?["mutedUntil"], json!(until));
+    c.stop().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_carries_a_preview_of_the_message_it_answers_everywhere() -> anyhow::Result<()> {
     let c = Cluster::start(2, 2).await?;
