@@ -28,6 +28,13 @@ use futures::StreamExt;
 const WRITERS: usize = 32;
 /// Users whose newest announced revision is remembered; past it, forgotten.
 const REVISIONS_MAX: usize = 100_000;
+/// The least time between two writes of a user that say whether it is
+/// online here. Each such write is announced to every member of every
+/// group of the user (up to 1,000 groups), so a user who opens and closes
+/// sockets in a loop would otherwise have its co-members told at the rate
+/// of its request budget; held, a burst of changes comes down to its
+/// last.
+const FLIP_EVERY: Duration = Duration::from_secs(1);
 
 /// What a user's record should become.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -175,6 +182,8 @@ pub(crate) async fn write(app: Weak<crate::Inner>) {
     // the edge beats before it names itself in any record, so that the
     // sweep finds its users should it die at once
     let mut beaten = false;
+    // when each user's last online-or-not write went out, for a while
+    let mut flipped: HashMap<UserId, tokio::time::Instant> = HashMap::new();
     loop {
         if !beaten {
             let Some(edge) = app.upgrade().map(|a| a.presence.edge.clone()) else {
@@ -187,12 +196,15 @@ pub(crate) async fn write(app: Weak<crate::Inner>) {
             }
         }
         let Some(inner) = app.upgrade() else { return };
-        let batch: Vec<(UserId, Want)> = lock(&inner.presence.dirty).drain().collect();
+        let now = tokio::time::Instant::now();
+        flipped.retain(|_, at| now < *at + FLIP_EVERY);
+        let (batch, held) = take_due(&mut lock(&inner.presence.dirty), &mut flipped, now);
         if batch.is_empty() {
             drop(inner);
             // a want noted meanwhile left a permit; the timeout notices an
-            // edge that is gone
-            let _ = tokio::time::timeout(Duration::from_secs(1), wake.notified()).await;
+            // edge that is gone, or a held write coming due
+            let wait = held.map_or(Duration::from_secs(1), |due| due - now);
+            let _ = tokio::time::timeout(wait, wake.notified()).await;
             continue;
         }
         let edge = inner.presence.edge.clone();
@@ -250,6 +262,37 @@ pub(crate) async fn write(app: Weak<crate::Inner>) {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
+}
+
+/// Takes from `dirty` the wants to write now, leaving there those that
+/// would change whether a user is online within [`FLIP_EVERY`] of its last
+/// such write (`flipped`, which notes the ones taken); and when the first
+/// of those comes due.
+fn take_due(
+    dirty: &mut HashMap<UserId, Want>,
+    flipped: &mut HashMap<UserId, tokio::time::Instant>,
+    now: tokio::time::Instant,
+) -> (Vec<(UserId, Want)>, Option<tokio::time::Instant>) {
+    let mut batch = Vec::new();
+    let mut due: Option<tokio::time::Instant> = None;
+    for (user, want) in std::mem::take(dirty) {
+        if matches!(want, Want::Groups(_)) {
+            batch.push((user, want));
+            continue;
+        }
+        match flipped.get(&user) {
+            Some(at) => {
+                let at = *at + FLIP_EVERY;
+                due = Some(due.map_or(at, |d| d.min(at)));
+                dirty.insert(user, want);
+            }
+            None => {
+                flipped.insert(user.clone(), now);
+                batch.push((user, want));
+            }
+        }
+    }
+    (batch, due)
 }
 
 /// Writes this edge's heartbeat every [`BEAT_EVERY`]; after beats failed
@@ -358,6 +401,40 @@ mod tests {
         // more closes than opens change nothing
         p.disconnected(&u("ann"));
         assert!(lock(&p.local).is_empty());
+    }
+
+    /// A user who opens and closes sockets in a loop has at most one
+    /// online-or-not write a second, the last of its burst; group changes
+    /// and other users are not held.
+    #[test]
+    fn online_changes_of_a_user_are_written_at_most_once_a_second() {
+        let p = EdgePresence::default();
+        let mut flipped = HashMap::new();
+        let t0 = tokio::time::Instant::now();
+        p.connected(&u("mallory"), vec!["g".into()]);
+        let (batch, due) = take_due(&mut lock(&p.dirty), &mut flipped, t0);
+        assert_eq!(batch.len(), 1);
+        assert_eq!(due, None);
+        // closed, opened and closed again at once: held, merged to the last
+        p.disconnected(&u("mallory"));
+        p.connected(&u("mallory"), vec!["g".into()]);
+        p.disconnected(&u("mallory"));
+        p.connected(&u("ann"), vec!["g".into()]);
+        p.groups_changed("mallory", vec!["h".into()]);
+        let (batch, due) = take_due(&mut lock(&p.dirty), &mut flipped, t0);
+        let users: Vec<&str> = batch.iter().map(|(u, _)| u.as_str()).collect();
+        assert_eq!(users, ["ann"], "only the other user: {batch:?}");
+        assert_eq!(due, Some(t0 + FLIP_EVERY));
+        assert!(matches!(
+            lock(&p.dirty).get(&u("mallory")),
+            Some(Want::Disconnected(_))
+        ));
+        // a second on, the last of the burst goes out
+        flipped.retain(|_, at| t0 + FLIP_EVERY < *at + FLIP_EVERY);
+        let (batch, due) = take_due(&mut lock(&p.dirty), &mut flipped, t0 + FLIP_EVERY);
+        assert!(matches!(batch.as_slice(), [(_, Want::Disconnected(_))]));
+        assert_eq!(due, None);
+        assert!(lock(&p.dirty).is_empty());
     }
 
     #[test]

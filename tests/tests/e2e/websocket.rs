@@ -1075,6 +1075,20 @@ async fn webhook_receiver() -> anyhow::Result<(
     Ok((url, rx))
 }
 
+/// Waits until group `g`'s presence, as its owner `alice` reads it,
+/// shows each user online or not as `wanted` says.
+async fn presence_shows(c: &Cluster, g: &str, wanted: &[(&str, bool)]) -> anyhow::Result<()> {
+    for (user, online) in wanted {
+        chat_tests::eventually(chat_tests::PROMPTLY, || async {
+            let p = presence_of(c, "alice", g, user).await?;
+            Ok((p["online"] == *online).then_some(()))
+        })
+        .await
+        .with_context(|| format!("{user} online: {online}"))?;
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_with_no_connection_are_pushed_ids_only_through_nats_and_a_signed_webhook()
 -> anyhow::Result<()> {
@@ -1093,17 +1107,10 @@ async fn members_with_no_connection_are_pushed_ids_only_through_nats_and_a_signe
     let mut pushes = bus.client().subscribe("chat.push.*").await?;
     let mut alice = c.connect(0, "alice", "web").await?;
     let _bob = c.connect(1, "bob", "phone").await?;
-    // the workers know who is online once presence says so
-    for user in ["alice", "bob"] {
-        chat_tests::eventually(chat_tests::PROMPTLY, || async {
-            let (_, p) = c.get(0, "carol", &format!("/groups/{g}/presence")).await?;
-            Ok(p["members"]
-                .as_array()
-                .is_some_and(|m| m.iter().any(|m| m["userId"] == user && m["online"] == true))
-                .then_some(()))
-        })
-        .await?;
-    }
+    // the workers know who is online once presence says so (and carol,
+    // whose setup connection closed, offline: a user's presence changes
+    // at most once a second)
+    presence_shows(&c, &g, &[("alice", true), ("bob", true), ("carol", false)]).await?;
     // carol, who has no connection, is pushed; alice and bob are not
     let secret_text = "a secret for @carol";
     let deadline = std::time::Instant::now() + chat_tests::PROMPTLY;
@@ -1168,17 +1175,8 @@ async fn a_muted_group_pushes_only_mentions_until_unmuted() -> anyhow::Result<()
     let bus = c.bus().await?;
     let mut pushes = bus.client().subscribe(format!("chat.push.{g}")).await?;
     let mut alice = c.connect(0, "alice", "web").await?;
-    chat_tests::eventually(chat_tests::PROMPTLY, || async {
-        let (_, p) = c.get(0, "bob", &format!("/groups/{g}/presence")).await?;
-        Ok(p["members"]
-            .as_array()
-            .is_some_and(|m| {
-                m.iter()
-                    .any(|m| m["userId"] == "alice" && m["online"] == true)
-            })
-            .then_some(()))
-    })
-    .await?;
+    // bob and carol, whose setup connections closed, offline
+    presence_shows(&c, &g, &[("alice", true), ("bob", false), ("carol", false)]).await?;
     let path = format!("/groups/{g}/mute");
     let put = |user: &'static str, body: Value| {
         let path = path.clone();
