@@ -349,7 +349,7 @@ fn group_line(g: &GroupView) -> String {
 fn message_line(m: &MessageView) -> String {
     let body = match (&m.text, &m.media) {
         _ if m.deleted => "[deleted]".to_owned(),
-        (Some(t), _) => t.clone(),
+        (Some(t), _) => shown(t),
         (None, Some(media)) => format!("[{} {} bytes: {}]", media.mime, media.size, media.key),
         (None, None) => String::new(),
     };
@@ -364,6 +364,15 @@ fn message_line(m: &MessageView) -> String {
     )
 }
 
+/// Message text as printed: every line after the first indented, so that
+/// no text can pass for a line of its own (a message from someone else).
+/// The server refuses every other control character.
+fn shown(text: &str) -> String {
+    text.replace("\r\n", "\n")
+        .replace('\r', "\n")
+        .replace('\n', "\n    ")
+}
+
 /// An edit or delete as `tail` prints it.
 fn change_line(f: &Value) -> Option<String> {
     let d = &f["data"];
@@ -372,7 +381,7 @@ fn change_line(f: &Value) -> Option<String> {
         "a_message_updated" => Some(format!(
             "#{seq} edited by {}: {}",
             d["senderId"].as_str().unwrap_or_default(),
-            d["text"].as_str().unwrap_or_default()
+            shown(d["text"].as_str().unwrap_or_default())
         )),
         "a_message_deleted" => Some(format!(
             "#{seq} deleted by {}",
@@ -891,5 +900,18 @@ async fn main() {
             None => eprintln!("error: {e:#}"),
         }
         std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A message cannot print a line that looks like another message.
+    #[test]
+    fn continuation_lines_are_indented() {
+        assert_eq!(super::shown("plain"), "plain");
+        assert_eq!(
+            super::shown("hi\n#58 2026-12-05T10:00:00Z alice: send me the code\r\nx\ry"),
+            "hi\n    #58 2026-12-05T10:00:00Z alice: send me the code\n    x\n    y"
+        );
     }
 }

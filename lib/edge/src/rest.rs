@@ -178,7 +178,13 @@ pub(crate) async fn get_group(
     Caller(me): Caller,
     Path(id): Path<String>,
 ) -> Result<Json<GroupView>, ApiError> {
-    view(group_of(&app, &me, id).await?)
+    let group = group_of(&app, &me, id).await?;
+    // the members read and listed: one request more per 100
+    app.limits.user_owes(
+        &me.user_id,
+        group.members.len() / crate::limits::FAN_OUT_PER_REQUEST,
+    );
+    view(group)
 }
 
 /// Group `id` with its members, as `me` may see it (members only).
@@ -654,6 +660,11 @@ pub(crate) async fn message_status(
         }
     )?
     .into_inner();
+    // a status per member, read and listed: one request more per 100
+    app.limits.user_owes(
+        &me.user_id,
+        r.members.len() / crate::limits::FAN_OUT_PER_REQUEST,
+    );
     let members: Vec<_> = r
         .members
         .into_iter()

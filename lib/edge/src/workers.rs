@@ -449,6 +449,13 @@ impl Workers {
                     tracing::error!(worker = %w.url, error = %status, "worker refused a signed call; trying another");
                     last = Some(Status::unavailable("no worker took the call"));
                 }
+                // a worker of an earlier release, during a rolling upgrade:
+                // it did nothing, and an upgraded one may know the call; it
+                // stays in rotation for the calls it knows
+                Err(status) if status.code() == tonic::Code::Unimplemented => {
+                    tracing::debug!(worker = %w.url, error = %status, "worker does not know the call; trying another");
+                    last = Some(status);
+                }
                 other => return other,
             }
         }
@@ -628,5 +635,42 @@ mod tests {
             .call(|_| async { Err::<(), _>(Status::unauthenticated("no")) })
             .await;
         assert_eq!(none.map_err(|s| s.code()), Err(tonic::Code::Unavailable));
+    }
+
+    /// A call one worker does not know yet (an earlier release, in a
+    /// rolling upgrade) goes to another, and that worker stays in rotation.
+    #[tokio::test]
+    async fn a_call_a_worker_does_not_know_goes_to_another() {
+        let urls = [
+            "http://10.0.0.1:1".to_owned(),
+            "http://10.0.0.2:1".to_owned(),
+        ];
+        let pool = Workers::new(&urls, Duration::from_secs(1), None, None).expect("pool");
+        let asked = std::sync::Mutex::new(0);
+        let answer = pool
+            .call(|_| {
+                let mut n = asked.lock().expect("count");
+                *n += 1;
+                let old = *n == 1;
+                async move {
+                    if old {
+                        Err(Status::unimplemented("UpdateGroup"))
+                    } else {
+                        Ok("done")
+                    }
+                }
+            })
+            .await;
+        assert_eq!(answer.ok(), Some("done"));
+        assert!(
+            pool.snapshot()
+                .iter()
+                .all(|w| w.healthy.load(Ordering::Relaxed)),
+            "both still in rotation"
+        );
+        let none = pool
+            .call(|_| async { Err::<(), _>(Status::unimplemented("no")) })
+            .await;
+        assert_eq!(none.map_err(|s| s.code()), Err(tonic::Code::Unimplemented));
     }
 }

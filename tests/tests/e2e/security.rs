@@ -1539,6 +1539,36 @@ async fn a_large_page_of_groups_costs_its_caller_in_proportion() -> anyhow::Resu
     c.stop().await
 }
 
+/// A group's members, or a message's status per member, read and listed
+/// for one request: a large group's cost one request more per 100.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_group_s_members_and_statuses_cost_their_reader() -> anyhow::Result<()> {
+    // 1 a second, bursts of 2
+    let c = Cluster::start_with(1, 1, &["--user-requests-per-sec", "1"]).await?;
+    let mut members: Vec<String> = (0..200).map(|i| format!("m{i}")).collect();
+    members.extend(["reader".into(), "checker".into()]);
+    let names: Vec<&str> = members.iter().map(String::as_str).collect();
+    // (the owner's whole burst; a member with its own sends)
+    let g = c.create_group("owner", &names).await?;
+    let id = g["id"].as_str().context("group id")?.to_owned();
+    let mut sender = c.connect(0, "m0", "web").await?;
+    let ack = sender.send_text(&id, "s1", "hello all").await?;
+    let status = format!(
+        "/groups/{id}/messages/{}/status",
+        ack["messageId"].as_str().unwrap_or_default()
+    );
+    for (reader, path) in [("reader", format!("/groups/{id}")), ("checker", status)] {
+        let at = std::time::Instant::now();
+        let (first, _) = c.get(0, reader, &path).await?;
+        let (then, _) = c.get(0, reader, &path).await?;
+        assert_eq!(first, 200, "{path}");
+        if at.elapsed() < Duration::from_millis(900) {
+            assert_eq!(then, 429, "{path}: 202 members took the whole burst");
+        }
+    }
+    c.stop().await
+}
+
 /// Anyone could add anyone to groups, as often as they liked, up to the
 /// victim's allowance of groups (after which no real group could add the
 /// victim). Now a user blocks whoever does that: the blocked user can
