@@ -55,6 +55,13 @@ export const listBlocks = () => request("GET", "/blocks");
 export const block = (userId) => request("PUT", `/blocks/${enc(userId)}`);
 export const unblock = (userId) => request("DELETE", `/blocks/${enc(userId)}`);
 export const createGroup = (name, members) => request("POST", "/groups", { name, members });
+export const updateGroup = (group, changes) =>
+  request("PATCH", `/groups/${enc(group)}`, changes);
+export const addMembers = (group, userIds) =>
+  request("POST", `/groups/${enc(group)}/members`, { userIds });
+export const leaveGroup = (group) => request("DELETE", `/groups/${enc(group)}/members/me`);
+export const mute = (group) => request("PUT", `/groups/${enc(group)}/mute`, {});
+export const unmute = (group) => request("DELETE", `/groups/${enc(group)}/mute`);
 export const history = (group, before, limit = 50) =>
   request(
     "GET",

@@ -173,7 +173,12 @@ function showState(s) {
 
 function loadGroups(page) {
   for (const g of page.groups || []) {
-    app.groups.set(g.id, { group: g, unread: g.unreadCount || 0, last: g.lastMessage || null });
+    app.groups.set(g.id, {
+      group: g,
+      unread: g.unreadCount || 0,
+      last: g.lastMessage || null,
+      muted: !!g.muted,
+    });
   }
   renderGroups();
 }
@@ -234,7 +239,13 @@ function groupChanged(data) {
     subscribe(g.id);
   }
   renderGroups();
-  if (app.open === g.id) renderHeader();
+  if (app.open === g.id) {
+    renderHeader();
+    // who is online among the members as they now are
+    if (["members_added", "member_removed", "member_left"].includes(change.kind)) {
+      loadPresence(g.id);
+    }
+  }
 }
 
 // Subscriptions are the server's (they outlast connections): once per
@@ -380,11 +391,79 @@ function closeGroup() {
 }
 
 function renderHeader() {
-  const { group } = app.groups.get(app.open) || {};
+  const { group, muted } = app.groups.get(app.open) || {};
   if (!group) return;
   $("#chat-title").textContent = group.name;
   const online = (app.members.get(app.open) || []).filter((u) => app.online.get(u)).length;
   $("#chat-members").textContent = `${group.memberCount} members, ${online} online`;
+  // what the caller may do: the owner manages the group, others may leave
+  const owner = group.ownerId === app.me;
+  for (const el of document.querySelectorAll("#group-tools .owner-only")) el.hidden = !owner;
+  $("#leave-group").hidden = owner;
+  const toggle = $("#mute-toggle");
+  toggle.setAttribute("aria-pressed", String(!!muted));
+  toggle.textContent = muted ? "Unmute notifications" : "Mute notifications";
+}
+
+// ---------------------------------------------------------------- group settings
+
+async function renameGroup(ev) {
+  ev.preventDefault();
+  const groupId = app.open;
+  const name = $("#rename-name").value.trim();
+  try {
+    const g = await api.updateGroup(groupId, { name });
+    const known = app.groups.get(g.id);
+    if (known) known.group = g;
+    $("#rename-name").value = "";
+    renderGroups();
+    if (app.open === g.id) renderHeader();
+  } catch (e) {
+    failed(e);
+  }
+}
+
+async function addMember(ev) {
+  ev.preventDefault();
+  const groupId = app.open;
+  const userIds = $("#add-member")
+    .value.split(/[\s,]+/)
+    .map((m) => m.trim())
+    .filter(Boolean);
+  try {
+    const g = await api.addMembers(groupId, userIds);
+    const known = app.groups.get(g.id);
+    if (known) known.group = g;
+    $("#add-member").value = "";
+    if (app.open === g.id) renderHeader();
+  } catch (e) {
+    failed(e);
+  }
+}
+
+// Push notifications of the group's messages (not what this page shows).
+async function toggleMute() {
+  const groupId = app.open;
+  const entry = app.groups.get(groupId);
+  if (!entry) return;
+  try {
+    if (entry.muted) await api.unmute(groupId);
+    else await api.mute(groupId);
+    entry.muted = !entry.muted;
+    if (app.open === groupId) renderHeader();
+  } catch (e) {
+    failed(e);
+  }
+}
+
+// The server tells every member, this page included, with `member_left`
+// naming the caller: `groupChanged` closes the group then.
+async function leaveGroup() {
+  try {
+    await api.leaveGroup(app.open);
+  } catch (e) {
+    failed(e);
+  }
 }
 
 // PROTOCOL.md, "Presence": the members' presence when a group opens, then
@@ -1001,6 +1080,10 @@ async function start() {
     if ($("#messages").scrollTop === 0) loadOlder();
   });
   $("#back").addEventListener("click", closeGroup);
+  $("#rename-form").addEventListener("submit", renameGroup);
+  $("#add-member-form").addEventListener("submit", addMember);
+  $("#mute-toggle").addEventListener("click", toggleMute);
+  $("#leave-group").addEventListener("click", leaveGroup);
   document.addEventListener("visibilitychange", markRead);
 
   try {

@@ -309,32 +309,6 @@ async fn two_users_chat_in_real_browsers() -> anyhow::Result<()> {
         .await?;
     }
 
-    // the owner renames it (over REST: the web client has no owner tools
-    // yet) and back: bob's open group shows each name as it comes
-    let (_, listed) = c.get(0, "alice", "/groups").await?;
-    let id = listed["groups"][0]["id"]
-        .as_str()
-        .context("the group's id")?
-        .to_owned();
-    for name in ["Road trip", "Weekend trip"] {
-        let (status, _) = c
-            .call(
-                reqwest::Method::PATCH,
-                0,
-                Some("alice"),
-                &format!("/groups/{id}"),
-                Some(&json!({ "name": name })),
-            )
-            .await?;
-        assert_eq!(status, 200);
-        until(
-            &bob,
-            "the group's new name shown",
-            &format!("document.querySelector('#chat-title').textContent === '{name}'"),
-        )
-        .await?;
-    }
-
     // alice types: bob sees it; sending stops it
     el(&alice, "#message-input").await?.send_keys("hel").await?;
     until(
@@ -562,6 +536,108 @@ async fn two_users_chat_in_real_browsers() -> anyhow::Result<()> {
     bob.close().await?;
     c.stop().await?;
     Ok(())
+}
+
+/// The owner renames a group and adds a member from its settings, and a
+/// member mutes it (the server keeps that) and leaves it: each page follows
+/// what the other did.
+#[tokio::test]
+async fn an_owner_manages_a_group_and_a_member_mutes_and_leaves_it_in_real_browsers()
+-> anyhow::Result<()> {
+    let driver = Driver::start().await?;
+    let c = Cluster::start_with(1, 1, &["--dev-tokens"]).await?;
+    let base = c.edge_url(0);
+    let alice = driver.browser("alice").await?;
+    let bob = driver.browser("bob").await?;
+    sign_in(&alice, &base, "alice").await?;
+    sign_in(&bob, &base, "bob").await?;
+    el(&alice, "#group-name")
+        .await?
+        .send_keys("Book club")
+        .await?;
+    el(&alice, "#group-members").await?.send_keys("bob").await?;
+    js(
+        &alice,
+        "document.querySelector('#create-group').requestSubmit()",
+    )
+    .await?;
+    open_group(&alice, "Book club").await?;
+    open_group(&bob, "Book club").await?;
+    let submit = |form: &str| format!("document.querySelector('#{form}').requestSubmit()");
+
+    // the owner's tools for the owner, leaving for the others
+    let shown = |id: &str| format!("!document.querySelector('#{id}').hidden");
+    until(&alice, "owner tools", &shown("rename-form")).await?;
+    assert_eq!(js(&alice, &shown("leave-group")).await?, json!(false));
+    until(&bob, "leaving for a member", &shown("leave-group")).await?;
+    assert_eq!(js(&bob, &shown("rename-form")).await?, json!(false));
+    assert_eq!(js(&bob, &shown("add-member-form")).await?, json!(false));
+
+    // alice renames it: both pages show the new name
+    js(&alice, "document.querySelector('#group-tools').open = true").await?;
+    el(&alice, "#rename-name")
+        .await?
+        .send_keys("Reading club")
+        .await?;
+    js(&alice, &submit("rename-form")).await?;
+    for page in [&alice, &bob] {
+        until(
+            page,
+            "the new name",
+            "document.querySelector('#chat-title').textContent === 'Reading club'",
+        )
+        .await?;
+    }
+    // and adds carol
+    el(&alice, "#add-member").await?.send_keys("carol").await?;
+    js(&alice, &submit("add-member-form")).await?;
+    for page in [&alice, &bob] {
+        until(
+            page,
+            "three members",
+            "document.querySelector('#chat-members').textContent.startsWith('3 members')",
+        )
+        .await?;
+    }
+
+    // bob mutes it: the server keeps it, and a reload shows it
+    js(&bob, "document.querySelector('#mute-toggle').click()").await?;
+    until(
+        &bob,
+        "shown muted",
+        "document.querySelector('#mute-toggle').getAttribute('aria-pressed') === 'true'",
+    )
+    .await?;
+    let (_, page) = c.get(0, "bob", "/groups").await?;
+    assert_eq!(page["groups"][0]["muted"], true, "{page}");
+    bob.goto(&format!("{base}/app/")).await?;
+    open_group(&bob, "Reading club").await?;
+    until(
+        &bob,
+        "still muted after a reload",
+        "document.querySelector('#mute-toggle').textContent === 'Unmute notifications'",
+    )
+    .await?;
+
+    // bob leaves: the group goes from his page, and alice sees two members
+    js(&bob, "document.querySelector('#leave-group').click()").await?;
+    until(
+        &bob,
+        "the group gone",
+        "document.querySelectorAll('#groups li[data-group-id]').length === 0 \
+         && document.querySelector('#chat-body').hidden",
+    )
+    .await?;
+    until(
+        &alice,
+        "two members left",
+        "document.querySelector('#chat-members').textContent === '2 members, 1 online'",
+    )
+    .await?;
+    shot(&alice, "6-group-settings").await?;
+    alice.close().await?;
+    bob.close().await?;
+    c.stop().await
 }
 
 /// A user blocks and unblocks someone in the web client: the block is the
