@@ -50,6 +50,8 @@ const app = {
   members: new Map(),
   // the message the composer edits, {groupId, messageId}, or null
   editing: null,
+  // the message the next one answers: {groupId, quote} (PROTOCOL.md, "Replies")
+  replying: null,
   // userIds this user blocks, newest first (GET /blocks)
   blocks: [],
   // the message whose Delete was clicked once (a second click deletes);
@@ -358,6 +360,7 @@ function merge(groupId, list) {
 async function openGroup(groupId) {
   if (!app.groups.has(groupId)) return;
   if (app.editing) stopEditing();
+  if (app.replying) stopReplying();
   app.open = groupId;
   document.body.classList.add("chat-open");
   $("#no-chat").hidden = true;
@@ -572,6 +575,25 @@ function actions(m) {
   const box = document.createElement("div");
   box.className = "actions";
   const { group } = app.groups.get(m.groupId) || {};
+  // a few quick reactions, each a toggle of the caller's own
+  for (const emoji of QUICK_REACTIONS) {
+    const mine = (m.reactions || []).some((x) => x.emoji === emoji && x.reacted);
+    const b = document.createElement("button");
+    b.type = "button";
+    b.className = "react";
+    b.dataset.emoji = emoji;
+    b.textContent = emoji;
+    b.setAttribute("aria-pressed", String(mine));
+    b.setAttribute("aria-label", `${mine ? "Take back" : "React with"} ${emoji}`);
+    b.addEventListener("click", () => react(m, emoji, !mine));
+    box.append(b);
+  }
+  const reply = document.createElement("button");
+  reply.type = "button";
+  reply.className = "reply";
+  reply.textContent = "Reply";
+  reply.addEventListener("click", () => startReplying(m));
+  box.append(reply);
   if (m.senderId === app.me && m.type === "text") {
     const b = document.createElement("button");
     b.type = "button";
@@ -603,6 +625,48 @@ function actions(m) {
     box.append(b);
   }
   return box;
+}
+
+const QUICK_REACTIONS = ["👍", "❤️", "😂"];
+
+// PROTOCOL.md, "Reactions": the ack carries the emoji's count and whether
+// the caller reacted; others hear of it through `a_reaction`.
+function react(m, emoji, add) {
+  app.session
+    .request(add ? "add_reaction" : "remove_reaction", {
+      groupId: m.groupId,
+      messageId: m.messageId,
+      emoji,
+    })
+    .then((ack) => {
+      const held = app.messages.get(m.groupId);
+      const now = held && held.get(m.seq);
+      if (!now) return;
+      const others = (now.reactions || []).filter((x) => x.emoji !== emoji);
+      now.reactions =
+        ack.count > 0 ? [...others, { emoji, count: ack.count, reacted: ack.reacted }] : others;
+      if (m.groupId === app.open) renderMessages();
+    })
+    .catch(failed);
+}
+
+// A reply shows what it answers as the server will: its sender and start.
+function startReplying(m) {
+  if (app.editing) stopEditing();
+  const text = m.text || "";
+  const preview = m.type === "text" ? ([...text].length > 100 ? `${[...text].slice(0, 100).join("")}…` : text) : undefined;
+  app.replying = {
+    groupId: m.groupId,
+    quote: { messageId: m.messageId, seq: m.seq, senderId: m.senderId, type: m.type, preview },
+  };
+  $("#replying-text").textContent = `Replying to ${m.senderId}: ${preview ?? `[${m.type}]`}`;
+  $("#replying").hidden = false;
+  $("#message-input").focus();
+}
+
+function stopReplying() {
+  app.replying = null;
+  $("#replying").hidden = true;
 }
 
 function startEditing(m) {
@@ -790,9 +854,15 @@ function pendingItem(text) {
   return li;
 }
 
-function send(groupId, data, label) {
+function send(groupId, data, label, quote) {
   const id = clientMsgId();
-  const p = { groupId, data: { ...data, groupId, clientMsgId: id }, attempts: 0, el: pendingItem(label) };
+  const p = {
+    groupId,
+    data: { ...data, groupId, clientMsgId: id },
+    quote,
+    attempts: 0,
+    el: pendingItem(label),
+  };
   app.pending.set(id, p);
   renderMessages(true);
   attempt(id);
@@ -815,6 +885,7 @@ function attempt(id) {
         type: p.data.type,
         text: p.data.text,
         media: p.data.media,
+        replyTo: p.quote,
         createdAt: ack.createdAt,
       };
       // the live copy may have come first: same seq, same message
@@ -859,6 +930,12 @@ function sendText(ev) {
       .request("edit_group_message", { groupId: editing.groupId, messageId: editing.messageId, text })
       .then((ack) => messageUpdated({ ...editing, text, editedAt: ack.editedAt }))
       .catch(failed);
+    return;
+  }
+  const replying = app.replying && app.replying.groupId === app.open ? app.replying : null;
+  if (replying) {
+    stopReplying();
+    send(app.open, { type: "text", text, replyTo: replying.quote.messageId }, text, replying.quote);
     return;
   }
   send(app.open, { type: "text", text }, text);
@@ -1069,6 +1146,7 @@ async function start() {
   $("#message-input").addEventListener("blur", () => stopTyping(app.open));
   $("#message-input").addEventListener("keydown", (ev) => {
     if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing) sendText(ev);
+    if (ev.key === "Escape" && app.replying) stopReplying();
     if (ev.key === "Escape" && app.editing) {
       stopEditing();
       $("#message-input").value = "";

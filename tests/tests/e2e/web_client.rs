@@ -640,6 +640,103 @@ async fn an_owner_manages_a_group_and_a_member_mutes_and_leaves_it_in_real_brows
     c.stop().await
 }
 
+/// Replies and reactions from the web client: bob answers alice's
+/// message (both pages show what it answers), alice reacts to the answer
+/// and takes it back (bob's page follows each).
+#[tokio::test]
+async fn members_reply_and_react_in_real_browsers() -> anyhow::Result<()> {
+    let driver = Driver::start().await?;
+    let c = Cluster::start_with(1, 1, &["--dev-tokens"]).await?;
+    let base = c.edge_url(0);
+    let alice = driver.browser("alice").await?;
+    let bob = driver.browser("bob").await?;
+    sign_in(&alice, &base, "alice").await?;
+    sign_in(&bob, &base, "bob").await?;
+    el(&alice, "#group-name").await?.send_keys("Lunch").await?;
+    el(&alice, "#group-members").await?.send_keys("bob").await?;
+    js(
+        &alice,
+        "document.querySelector('#create-group').requestSubmit()",
+    )
+    .await?;
+    open_group(&alice, "Lunch").await?;
+    open_group(&bob, "Lunch").await?;
+    send(&alice, "noodles at noon?").await?;
+    let message = |text: &str| {
+        format!(
+            "[...document.querySelectorAll('#messages .message')]\
+             .find(m => m.querySelector('.text')?.textContent === {text:?})"
+        )
+    };
+    until(
+        &bob,
+        "alice's question",
+        &format!("!!{}", message("noodles at noon?")),
+    )
+    .await?;
+
+    // bob replies to it
+    js(
+        &bob,
+        &format!(
+            "{}.querySelector('button.reply').click()",
+            message("noodles at noon?")
+        ),
+    )
+    .await?;
+    until(
+        &bob,
+        "the reply bar",
+        "document.querySelector('#replying-text').textContent === 'Replying to alice: noodles at noon?'",
+    )
+    .await?;
+    send(&bob, "yes, see you there").await?;
+    for page in [&alice, &bob] {
+        until(
+            page,
+            "the answer quotes the question",
+            &format!(
+                "{}?.querySelector('.reply-to')?.textContent === 'alice: noodles at noon?'",
+                message("yes, see you there")
+            ),
+        )
+        .await?;
+    }
+    assert_eq!(
+        js(&bob, "document.querySelector('#replying').hidden").await?,
+        json!(true)
+    );
+
+    // alice reacts to the answer, and takes it back
+    let thumbs = format!(
+        "{}.querySelector('button.react[data-emoji=\"👍\"]')",
+        message("yes, see you there")
+    );
+    js(&alice, &format!("{thumbs}.click()")).await?;
+    until(
+        &alice,
+        "alice's reaction pressed",
+        &format!("{thumbs}.getAttribute('aria-pressed') === 'true'"),
+    )
+    .await?;
+    let shown = format!(
+        "{}?.querySelector('.reactions')?.textContent",
+        message("yes, see you there")
+    );
+    until(&bob, "bob sees it", &format!("{shown} === '👍 1'")).await?;
+    js(&alice, &format!("{thumbs}.click()")).await?;
+    until(
+        &bob,
+        "and sees it taken back",
+        &format!("{shown} === undefined"),
+    )
+    .await?;
+    shot(&bob, "7-reply-and-reaction").await?;
+    alice.close().await?;
+    bob.close().await?;
+    c.stop().await
+}
+
 /// A user blocks and unblocks someone in the web client: the block is the
 /// server's (the blocked user's group creation with them is refused, it is
 /// listed again after a reload), and a refused block shows its error.
