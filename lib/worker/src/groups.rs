@@ -599,22 +599,8 @@ impl Groups for GroupsService {
         let req = req.into_inner();
         let caller = parse_id::<UserId>(&req.caller)?;
         let id = parse_id::<GroupId>(&req.group_id)?;
+        self.0.check_member(&caller, &id).await?;
         let store = &self.0.store;
-        match store
-            .groups
-            .membership(&id, &caller)
-            .await
-            .map_err(WorkerError::from)?
-        {
-            Membership::Member { .. } => {}
-            Membership::NotMember => {
-                return Err(WorkerError::Domain(DomainError::Forbidden(
-                    "you are not a member of this group".into(),
-                ))
-                .into());
-            }
-            Membership::NoSuchGroup => return Err(WorkerError::NotFound("group").into()),
-        }
         if !req.muted {
             store
                 .mutes
@@ -749,16 +735,7 @@ impl Groups for GroupsService {
                 tracing::warn!(group = %id, user = %caller, error = %e, "cannot forget a subscription");
             }
         }
-        match membership {
-            Membership::Member { .. } => {}
-            Membership::NotMember => {
-                return Err(WorkerError::Domain(DomainError::Forbidden(
-                    "you are not a member of this group".into(),
-                ))
-                .into());
-            }
-            Membership::NoSuchGroup => return Err(WorkerError::NotFound("group").into()),
-        }
+        crate::member_or_refused(membership)?;
         Ok(Response::new(pb::SubscribeResponse {
             group_id: id.into_string(),
         }))

@@ -262,16 +262,9 @@ impl State {
             return Ok(from);
         }
         let ticket = self.members.ticket(generation);
-        match self.store.groups.membership(id, caller).await? {
-            Membership::Member { visible_from } => {
-                self.members.remember(id, caller, visible_from, ticket);
-                Ok(visible_from)
-            }
-            Membership::NotMember => {
-                Err(DomainError::Forbidden("you are not a member of this group".into()).into())
-            }
-            Membership::NoSuchGroup => Err(WorkerError::NotFound("group")),
-        }
+        let visible_from = member_or_refused(self.store.groups.membership(id, caller).await?)?;
+        self.members.remember(id, caller, visible_from, ticket);
+        Ok(visible_from)
     }
 
     /// `group`'s membership changed: forget it here and tell every other
@@ -324,6 +317,18 @@ impl State {
             return Err(DomainError::Forbidden("you are not a member of this group".into()).into());
         }
         Ok(record)
+    }
+}
+
+/// The `seq` a member's view starts after, or why the caller may not act
+/// on the group: `forbidden` for a non-member, `not_found` for no group.
+pub(crate) fn member_or_refused(m: Membership) -> Result<u64, WorkerError> {
+    match m {
+        Membership::Member { visible_from } => Ok(visible_from),
+        Membership::NotMember => {
+            Err(DomainError::Forbidden("you are not a member of this group".into()).into())
+        }
+        Membership::NoSuchGroup => Err(WorkerError::NotFound("group")),
     }
 }
 

@@ -538,12 +538,17 @@ async fn two_users_chat_in_real_browsers() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The owner renames a group and adds a member from its settings, and a
-/// member mutes it (the server keeps that) and leaves it: each page follows
-/// what the other did.
-#[tokio::test]
-async fn an_owner_manages_a_group_and_a_member_mutes_and_leaves_it_in_real_browsers()
--> anyhow::Result<()> {
+/// alice and bob in their own browsers, signed in to a stack of their own,
+/// with a group alice created from her page open on both.
+struct Pair {
+    _driver: Driver,
+    c: Cluster,
+    base: String,
+    alice: Client,
+    bob: Client,
+}
+
+async fn two_in_a_group(group: &str) -> anyhow::Result<Pair> {
     let driver = Driver::start().await?;
     let c = Cluster::start_with(1, 1, &["--dev-tokens"]).await?;
     let base = c.edge_url(0);
@@ -551,18 +556,37 @@ async fn an_owner_manages_a_group_and_a_member_mutes_and_leaves_it_in_real_brows
     let bob = driver.browser("bob").await?;
     sign_in(&alice, &base, "alice").await?;
     sign_in(&bob, &base, "bob").await?;
-    el(&alice, "#group-name")
-        .await?
-        .send_keys("Book club")
-        .await?;
+    el(&alice, "#group-name").await?.send_keys(group).await?;
     el(&alice, "#group-members").await?.send_keys("bob").await?;
     js(
         &alice,
         "document.querySelector('#create-group').requestSubmit()",
     )
     .await?;
-    open_group(&alice, "Book club").await?;
-    open_group(&bob, "Book club").await?;
+    open_group(&alice, group).await?;
+    open_group(&bob, group).await?;
+    Ok(Pair {
+        _driver: driver,
+        c,
+        base,
+        alice,
+        bob,
+    })
+}
+
+/// The owner renames a group and adds a member from its settings, and a
+/// member mutes it (the server keeps that) and leaves it: each page follows
+/// what the other did.
+#[tokio::test]
+async fn an_owner_manages_a_group_and_a_member_mutes_and_leaves_it_in_real_browsers()
+-> anyhow::Result<()> {
+    let Pair {
+        _driver,
+        c,
+        base,
+        alice,
+        bob,
+    } = two_in_a_group("Book club").await?;
     let submit = |form: &str| format!("document.querySelector('#{form}').requestSubmit()");
 
     // the owner's tools for the owner, leaving for the others
@@ -645,22 +669,13 @@ async fn an_owner_manages_a_group_and_a_member_mutes_and_leaves_it_in_real_brows
 /// and takes it back (bob's page follows each).
 #[tokio::test]
 async fn members_reply_and_react_in_real_browsers() -> anyhow::Result<()> {
-    let driver = Driver::start().await?;
-    let c = Cluster::start_with(1, 1, &["--dev-tokens"]).await?;
-    let base = c.edge_url(0);
-    let alice = driver.browser("alice").await?;
-    let bob = driver.browser("bob").await?;
-    sign_in(&alice, &base, "alice").await?;
-    sign_in(&bob, &base, "bob").await?;
-    el(&alice, "#group-name").await?.send_keys("Lunch").await?;
-    el(&alice, "#group-members").await?.send_keys("bob").await?;
-    js(
-        &alice,
-        "document.querySelector('#create-group').requestSubmit()",
-    )
-    .await?;
-    open_group(&alice, "Lunch").await?;
-    open_group(&bob, "Lunch").await?;
+    let Pair {
+        _driver,
+        c,
+        alice,
+        bob,
+        ..
+    } = two_in_a_group("Lunch").await?;
     send(&alice, "noodles at noon?").await?;
     let message = |text: &str| {
         format!(
