@@ -241,13 +241,16 @@ function groupChanged(data) {
     subscribe(g.id);
   }
   renderGroups();
-  if (app.open === g.id) {
-    renderHeader();
-    // who is online among the members as they now are
-    if (["members_added", "member_removed", "member_left"].includes(change.kind)) {
-      loadPresence(g.id);
-    }
+  // the members as they now are, when the event lists them (up to 100):
+  // who of them is online is known already or comes with `a_presence`,
+  // so a change costs no request of every page that has the group open
+  if (g.members && g.members.length && app.members.has(g.id)) {
+    app.members.set(
+      g.id,
+      g.members.map((m) => m.userId),
+    );
   }
+  if (app.open === g.id) renderHeader();
 }
 
 // Subscriptions are the server's (they outlast connections): once per
@@ -361,6 +364,10 @@ async function openGroup(groupId) {
   if (!app.groups.has(groupId)) return;
   if (app.editing) stopEditing();
   if (app.replying) stopReplying();
+  // what was typed into one group's settings never applies to another
+  $("#group-tools").open = false;
+  $("#rename-name").value = "";
+  $("#add-member").value = "";
   app.open = groupId;
   document.body.classList.add("chat-open");
   $("#no-chat").hidden = true;
@@ -448,14 +455,22 @@ async function addMember(ev) {
 async function toggleMute() {
   const groupId = app.open;
   const entry = app.groups.get(groupId);
-  if (!entry) return;
+  const toggle = $("#mute-toggle");
+  if (!entry || toggle.disabled) return;
+  toggle.disabled = true;
   try {
-    if (entry.muted) await api.unmute(groupId);
-    else await api.mute(groupId);
-    entry.muted = !entry.muted;
-    if (app.open === groupId) renderHeader();
+    // the state the server answers, not a flip of what the page thought
+    if (entry.muted) {
+      await api.unmute(groupId);
+      entry.muted = false;
+    } else {
+      entry.muted = (await api.mute(groupId)).muted;
+    }
   } catch (e) {
     failed(e);
+  } finally {
+    toggle.disabled = false;
+    if (app.open === groupId) renderHeader();
   }
 }
 

@@ -182,8 +182,9 @@ pub(crate) async fn write(app: Weak<crate::Inner>) {
     // the edge beats before it names itself in any record, so that the
     // sweep finds its users should it die at once
     let mut beaten = false;
-    // when each user's last online-or-not write went out, for a while
-    let mut flipped: HashMap<UserId, tokio::time::Instant> = HashMap::new();
+    // the wants held back by FLIP_EVERY, the writer's alone (never
+    // scanned under the lock the sessions take)
+    let mut pace = Pace::default();
     loop {
         if !beaten {
             let Some(edge) = app.upgrade().map(|a| a.presence.edge.clone()) else {
@@ -197,13 +198,15 @@ pub(crate) async fn write(app: Weak<crate::Inner>) {
         }
         let Some(inner) = app.upgrade() else { return };
         let now = tokio::time::Instant::now();
-        flipped.retain(|_, at| now < *at + FLIP_EVERY);
-        let (batch, held) = take_due(&mut lock(&inner.presence.dirty), &mut flipped, now);
+        let fresh: Vec<(UserId, Want)> = lock(&inner.presence.dirty).drain().collect();
+        let batch = pace.take(fresh, now);
         if batch.is_empty() {
             drop(inner);
             // a want noted meanwhile left a permit; the timeout notices an
             // edge that is gone, or a held write coming due
-            let wait = held.map_or(Duration::from_secs(1), |due| due - now);
+            let wait = pace.next_due().map_or(Duration::from_secs(1), |due| {
+                due.saturating_duration_since(now)
+            });
             let _ = tokio::time::timeout(wait, wake.notified()).await;
             continue;
         }
@@ -264,35 +267,72 @@ pub(crate) async fn write(app: Weak<crate::Inner>) {
     }
 }
 
-/// Takes from `dirty` the wants to write now, leaving there those that
-/// would change whether a user is online within [`FLIP_EVERY`] of its last
-/// such write (`flipped`, which notes the ones taken); and when the first
-/// of those comes due.
-fn take_due(
-    dirty: &mut HashMap<UserId, Want>,
-    flipped: &mut HashMap<UserId, tokio::time::Instant>,
-    now: tokio::time::Instant,
-) -> (Vec<(UserId, Want)>, Option<tokio::time::Instant>) {
-    let mut batch = Vec::new();
-    let mut due: Option<tokio::time::Instant> = None;
-    for (user, want) in std::mem::take(dirty) {
-        if matches!(want, Want::Groups(_)) {
-            batch.push((user, want));
-            continue;
-        }
-        match flipped.get(&user) {
-            Some(at) => {
-                let at = *at + FLIP_EVERY;
-                due = Some(due.map_or(at, |d| d.min(at)));
-                dirty.insert(user, want);
+/// What [`FLIP_EVERY`] holds back: each user's last online-or-not write,
+/// for a second, and the wants waiting for it to pass, with when.
+#[derive(Default)]
+struct Pace {
+    flipped: HashMap<UserId, tokio::time::Instant>,
+    held: HashMap<UserId, Want>,
+    due: std::collections::BinaryHeap<std::cmp::Reverse<(tokio::time::Instant, UserId)>>,
+}
+
+impl Pace {
+    /// The wants to write now: of `fresh` (taken from the sessions' table)
+    /// those that do not change whether a user is online within a second
+    /// of its last such write, and the held ones come due. The others wait,
+    /// merged as the table merges them. Costs what it takes, not what is
+    /// held.
+    fn take(
+        &mut self,
+        fresh: Vec<(UserId, Want)>,
+        now: tokio::time::Instant,
+    ) -> Vec<(UserId, Want)> {
+        self.flipped.retain(|_, at| now < *at + FLIP_EVERY);
+        let mut batch = Vec::new();
+        for (user, want) in fresh {
+            if let Some(held) = self.held.remove(&user) {
+                let merged = match (held, want) {
+                    (Want::Connected(_), Want::Groups(g)) => Want::Connected(g),
+                    (_, want) => want,
+                };
+                self.held.insert(user, merged);
+                continue;
             }
-            None => {
-                flipped.insert(user.clone(), now);
+            if matches!(want, Want::Groups(_)) {
+                batch.push((user, want));
+                continue;
+            }
+            match self.flipped.get(&user) {
+                Some(at) => {
+                    self.due
+                        .push(std::cmp::Reverse((*at + FLIP_EVERY, user.clone())));
+                    self.held.insert(user, want);
+                }
+                None => {
+                    self.flipped.insert(user.clone(), now);
+                    batch.push((user, want));
+                }
+            }
+        }
+        while let Some(std::cmp::Reverse((at, _))) = self.due.peek() {
+            if *at > now {
+                break;
+            }
+            let Some(std::cmp::Reverse((_, user))) = self.due.pop() else {
+                break;
+            };
+            if let Some(want) = self.held.remove(&user) {
+                self.flipped.insert(user.clone(), now);
                 batch.push((user, want));
             }
         }
+        batch
     }
-    (batch, due)
+
+    /// When the first held want comes due.
+    fn next_due(&self) -> Option<tokio::time::Instant> {
+        self.due.peek().map(|std::cmp::Reverse((at, _))| *at)
+    }
 }
 
 /// Writes this edge's heartbeat every [`BEAT_EVERY`]; after beats failed
@@ -409,32 +449,49 @@ mod tests {
     #[test]
     fn online_changes_of_a_user_are_written_at_most_once_a_second() {
         let p = EdgePresence::default();
-        let mut flipped = HashMap::new();
+        let mut pace = Pace::default();
+        let take = |p: &EdgePresence| lock(&p.dirty).drain().collect::<Vec<_>>();
         let t0 = tokio::time::Instant::now();
         p.connected(&u("mallory"), vec!["g".into()]);
-        let (batch, due) = take_due(&mut lock(&p.dirty), &mut flipped, t0);
-        assert_eq!(batch.len(), 1);
-        assert_eq!(due, None);
+        assert_eq!(pace.take(take(&p), t0).len(), 1);
+        assert_eq!(pace.next_due(), None);
         // closed, opened and closed again at once: held, merged to the last
         p.disconnected(&u("mallory"));
+        let held = pace.take(take(&p), t0);
+        assert!(held.is_empty(), "{held:?}");
         p.connected(&u("mallory"), vec!["g".into()]);
         p.disconnected(&u("mallory"));
         p.connected(&u("ann"), vec!["g".into()]);
-        p.groups_changed("mallory", vec!["h".into()]);
-        let (batch, due) = take_due(&mut lock(&p.dirty), &mut flipped, t0);
+        let batch = pace.take(take(&p), t0);
         let users: Vec<&str> = batch.iter().map(|(u, _)| u.as_str()).collect();
         assert_eq!(users, ["ann"], "only the other user: {batch:?}");
-        assert_eq!(due, Some(t0 + FLIP_EVERY));
-        assert!(matches!(
-            lock(&p.dirty).get(&u("mallory")),
-            Some(Want::Disconnected(_))
-        ));
-        // a second on, the last of the burst goes out
-        flipped.retain(|_, at| t0 + FLIP_EVERY < *at + FLIP_EVERY);
-        let (batch, due) = take_due(&mut lock(&p.dirty), &mut flipped, t0 + FLIP_EVERY);
-        assert!(matches!(batch.as_slice(), [(_, Want::Disconnected(_))]));
-        assert_eq!(due, None);
-        assert!(lock(&p.dirty).is_empty());
+        assert_eq!(pace.next_due(), Some(t0 + FLIP_EVERY));
+        // not yet due: nothing
+        assert!(pace.take(Vec::new(), t0 + FLIP_EVERY / 2).is_empty());
+        // a second on, the last of the burst goes out, once
+        let batch = pace.take(Vec::new(), t0 + FLIP_EVERY);
+        assert!(
+            matches!(batch.as_slice(), [(u, Want::Disconnected(_))] if u.as_str() == "mallory"),
+            "{batch:?}"
+        );
+        assert_eq!(pace.next_due(), None);
+        assert!(pace.take(Vec::new(), t0 + FLIP_EVERY * 3).is_empty());
+        // a held connection takes the groups that change meanwhile
+        let t1 = t0 + FLIP_EVERY * 3;
+        p.connected(&u("bo"), vec!["a".into()]);
+        assert_eq!(pace.take(take(&p), t1).len(), 1);
+        p.disconnected(&u("bo"));
+        p.connected(&u("bo"), vec!["a".into()]);
+        assert!(pace.take(take(&p), t1).is_empty());
+        p.groups_changed("bo", vec!["a".into(), "b".into()]);
+        assert!(
+            pace.take(take(&p), t1).is_empty(),
+            "merged into the held one"
+        );
+        assert_eq!(
+            pace.take(Vec::new(), t1 + FLIP_EVERY),
+            [(u("bo"), Want::Connected(vec!["a".into(), "b".into()]))]
+        );
     }
 
     #[test]

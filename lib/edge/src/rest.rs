@@ -45,6 +45,29 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
     }
 }
 
+/// As [`Body`], or `T`'s default for a request with no body at all (no
+/// content type, no length): for bodies whose every field is optional.
+pub(crate) struct OptionalBody<T>(pub T);
+
+impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for OptionalBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let headers = req.headers();
+        let empty = headers.get(axum::http::header::CONTENT_TYPE).is_none()
+            && headers
+                .get(axum::http::header::CONTENT_LENGTH)
+                .is_none_or(|n| n.as_bytes() == b"0")
+            && headers.get(axum::http::header::TRANSFER_ENCODING).is_none();
+        if empty {
+            return Ok(Self(T::default()));
+        }
+        Body::<T>::from_request(req, state)
+            .await
+            .map(|Body(b)| Self(b))
+    }
+}
+
 fn view(group: pb::Group) -> Result<Json<GroupView>, ApiError> {
     let group = Group::try_from(group).map_err(|e| {
         tracing::error!(error = %e, "worker sent a bad group");
@@ -504,7 +527,7 @@ pub(crate) async fn mute_group(
     State(app): State<AppState>,
     Caller(me): Caller,
     Path(id): Path<String>,
-    Body(body): Body<MuteBody>,
+    OptionalBody(body): OptionalBody<MuteBody>,
 ) -> Result<Json<MuteView>, ApiError> {
     let until_ms = match body.until.as_deref() {
         None => 0,

@@ -86,6 +86,19 @@ impl MuteRepo {
         Ok(res.deleted_count == 1)
     }
 
+    /// Forgets the mutes of `users` in `group` (members added again start
+    /// unmuted, whatever a mute that raced their leaving left): one write.
+    pub async fn forget(&self, group: &GroupId, users: &[UserId]) -> Result<(), StoreError> {
+        if users.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<String> = users.iter().map(|u| member_key(group, u)).collect();
+        self.coll
+            .delete_many(doc! { "_id": { "$in": ids } })
+            .await?;
+        Ok(())
+    }
+
     /// The users whose mute of `group` lasts past `now`: one indexed read.
     pub async fn muted_in(&self, group: &GroupId, now: Millis) -> Result<Vec<String>, StoreError> {
         let docs: Vec<MuteDoc> = self

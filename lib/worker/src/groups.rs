@@ -187,6 +187,12 @@ impl GroupsService {
                 }
                 self.0.unsubscribed_live(id, leaving).await;
             }
+            if let GroupChange::AddMembers { user_ids, .. } = &change
+                && let Err(e) = self.0.store.mutes.forget(id, user_ids).await
+            {
+                // a member added again may find the group muted for push
+                tracing::warn!(group = %id, error = %e, "cannot forget the new members' old mutes");
+            }
             let prefix = format!("upd-{}-{}", group.id, record.rev);
             self.publish_to_users(&audience, event::GROUP_UPDATED, &group, delta, &prefix)
                 .await?;

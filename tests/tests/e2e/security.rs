@@ -1545,8 +1545,11 @@ async fn a_large_page_of_groups_costs_its_caller_in_proportion() -> anyhow::Resu
 async fn a_large_group_s_members_and_statuses_cost_their_reader() -> anyhow::Result<()> {
     // 1 a second, bursts of 2
     let c = Cluster::start_with(1, 1, &["--user-requests-per-sec", "1"]).await?;
-    let mut members: Vec<String> = (0..200).map(|i| format!("m{i}")).collect();
-    members.extend(["reader".into(), "checker".into()]);
+    // readers enough for a few tries each: a try whose two requests are
+    // further apart than 0.9 s (a loaded machine) has had its bucket refilled
+    let readers: Vec<String> = (0..10).map(|i| format!("reader{i}")).collect();
+    let mut members: Vec<String> = (0..190).map(|i| format!("m{i}")).collect();
+    members.extend(readers.iter().cloned());
     let names: Vec<&str> = members.iter().map(String::as_str).collect();
     // (the owner's whole burst; a member with its own sends)
     let g = c.create_group("owner", &names).await?;
@@ -1557,14 +1560,21 @@ async fn a_large_group_s_members_and_statuses_cost_their_reader() -> anyhow::Res
         "/groups/{id}/messages/{}/status",
         ack["messageId"].as_str().unwrap_or_default()
     );
-    for (reader, path) in [("reader", format!("/groups/{id}")), ("checker", status)] {
-        let at = std::time::Instant::now();
-        let (first, _) = c.get(0, reader, &path).await?;
-        let (then, _) = c.get(0, reader, &path).await?;
-        assert_eq!(first, 200, "{path}");
-        if at.elapsed() < Duration::from_millis(900) {
-            assert_eq!(then, 429, "{path}: 202 members took the whole burst");
+    let mut readers = readers.iter();
+    for path in [format!("/groups/{id}"), status] {
+        let mut told = false;
+        for reader in readers.by_ref().take(5) {
+            let at = std::time::Instant::now();
+            let (first, _) = c.get(0, reader, &path).await?;
+            let (then, _) = c.get(0, reader, &path).await?;
+            assert_eq!(first, 200, "{path}");
+            if at.elapsed() < Duration::from_millis(900) {
+                assert_eq!(then, 429, "{path}: 200 members took the whole burst");
+                told = true;
+                break;
+            }
         }
+        anyhow::ensure!(told, "{path}: no two requests within 0.9 s in five tries");
     }
     c.stop().await
 }
