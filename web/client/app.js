@@ -52,6 +52,8 @@ const app = {
   editing: null,
   // the message the next one answers: {groupId, quote} (PROTOCOL.md, "Replies")
   replying: null,
+  // groups with a mention of the user not yet seen (PROTOCOL.md, "Mentions")
+  mentioned: new Set(),
   // userIds this user blocks, newest first (GET /blocks)
   blocks: [],
   // the message whose Delete was clicked once (a second click deletes);
@@ -200,6 +202,14 @@ function renderGroups() {
       const name = document.createElement("span");
       name.className = "name";
       name.textContent = group.name;
+      if (app.mentioned.has(group.id)) {
+        const at = document.createElement("span");
+        at.className = "mentioned";
+        at.textContent = "@";
+        at.title = "You were mentioned";
+        at.setAttribute("aria-label", "you were mentioned");
+        name.append(" ", at);
+      }
       const badge = document.createElement("span");
       badge.className = "unread";
       badge.dataset.count = String(unread);
@@ -364,6 +374,7 @@ async function openGroup(groupId) {
   if (!app.groups.has(groupId)) return;
   if (app.editing) stopEditing();
   if (app.replying) stopReplying();
+  app.mentioned.delete(groupId);
   // what was typed into one group's settings never applies to another
   $("#group-tools").open = false;
   $("#rename-name").value = "";
@@ -573,6 +584,7 @@ function messageItem(m) {
     li.append(quote);
   }
   li.append(body(m));
+  if (mentionsMe(m)) li.classList.add("mentions-me");
   if (m.reactions && m.reactions.length) {
     // PROTOCOL.md, "Reactions": each emoji with its count
     const r = document.createElement("div");
@@ -643,6 +655,13 @@ function actions(m) {
 }
 
 const QUICK_REACTIONS = ["👍", "❤️", "😂"];
+
+// Whether a text names the user as `@id` (ids are letters, digits, `-`
+// and `_`, as the server reads mentions).
+function mentionsMe(m) {
+  if (m.type !== "text" || !m.text || !app.me) return false;
+  return new RegExp(`(^|[^A-Za-z0-9_-])@${app.me}(?![A-Za-z0-9_-])`).test(m.text);
+}
 
 // PROTOCOL.md, "Reactions": the ack carries the emoji's count and whether
 // the caller reacted; others hear of it through `a_reaction`.
@@ -1076,6 +1095,13 @@ function push(event, data) {
       if (data.groupId === app.open) renderMessages();
       break;
     }
+    case "a_mention":
+      // marked in the list until the group is opened
+      if (data.groupId !== app.open || document.hidden) {
+        app.mentioned.add(data.groupId);
+        renderGroups();
+      }
+      break;
     case "a_presence":
       app.online.set(data.userId, data.online);
       if (app.open) renderHeader();

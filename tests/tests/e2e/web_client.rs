@@ -664,9 +664,10 @@ async fn an_owner_manages_a_group_and_a_member_mutes_and_leaves_it_in_real_brows
     c.stop().await
 }
 
-/// Replies and reactions from the web client: bob answers alice's
+/// Replies, reactions and mentions in the web client: bob answers alice's
 /// message (both pages show what it answers), alice reacts to the answer
-/// and takes it back (bob's page follows each).
+/// and takes it back (bob's page follows each), then mentions bob, whose
+/// list marks the group until he opens it.
 #[tokio::test]
 async fn members_reply_and_react_in_real_browsers() -> anyhow::Result<()> {
     let Pair {
@@ -747,6 +748,36 @@ async fn members_reply_and_react_in_real_browsers() -> anyhow::Result<()> {
     )
     .await?;
     shot(&bob, "7-reply-and-reaction").await?;
+
+    // with the group closed, bob is mentioned: the list marks it until he
+    // opens it, and the message stands out
+    js(&bob, "document.querySelector('#back').click()").await?;
+    send(&alice, "@bob bring the menu").await?;
+    let marked = "!!document.querySelector('#groups li[data-group-id] .mentioned')";
+    until(&bob, "the group marked", marked).await?;
+    open_group(&bob, "Lunch").await?;
+    until(
+        &bob,
+        "the mention stands out",
+        &format!(
+            "{}?.classList.contains('mentions-me')",
+            message("@bob bring the menu")
+        ),
+    )
+    .await?;
+    assert_eq!(js(&bob, marked).await?, json!(false), "the mark is gone");
+    assert_eq!(
+        js(
+            &alice,
+            &format!(
+                "{}?.classList.contains('mentions-me')",
+                message("@bob bring the menu")
+            )
+        )
+        .await?,
+        json!(false),
+        "not alice's mention"
+    );
     alice.close().await?;
     bob.close().await?;
     c.stop().await
