@@ -60,6 +60,10 @@ export const updateGroup = (group, changes) =>
 export const addMembers = (group, userIds) =>
   request("POST", `/groups/${enc(group)}/members`, { userIds });
 export const leaveGroup = (group) => request("DELETE", `/groups/${enc(group)}/members/me`);
+export const removeMember = (group, userId) =>
+  request("DELETE", `/groups/${enc(group)}/members/${enc(userId)}`);
+export const transferOwner = (group, userId) =>
+  request("POST", `/groups/${enc(group)}/owner`, { userId });
 export const mute = (group) => request("PUT", `/groups/${enc(group)}/mute`, {});
 export const unmute = (group) => request("DELETE", `/groups/${enc(group)}/mute`);
 export const history = (group, before, limit = 50) =>

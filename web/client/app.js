@@ -54,6 +54,8 @@ const app = {
   replying: null,
   // groups with a mention of the user not yet seen (PROTOCOL.md, "Mentions")
   mentioned: new Set(),
+  // the member button clicked once, waiting for the confirming click
+  armed: null,
   // userIds this user blocks, newest first (GET /blocks)
   blocks: [],
   // the message whose Delete was clicked once (a second click deletes);
@@ -375,6 +377,7 @@ async function openGroup(groupId) {
   if (app.editing) stopEditing();
   if (app.replying) stopReplying();
   app.mentioned.delete(groupId);
+  app.armed = null;
   // what was typed into one group's settings never applies to another
   $("#group-tools").open = false;
   $("#rename-name").value = "";
@@ -421,12 +424,67 @@ function renderHeader() {
   const owner = group.ownerId === app.me;
   for (const el of document.querySelectorAll("#group-tools .owner-only")) el.hidden = !owner;
   $("#leave-group").hidden = owner;
+  renderMemberList(group, owner);
   const toggle = $("#mute-toggle");
   toggle.setAttribute("aria-pressed", String(!!muted));
   toggle.textContent = muted ? "Unmute notifications" : "Mute notifications";
 }
 
 // ---------------------------------------------------------------- group settings
+
+// The members (as the group's last event or listing gave them: up to 100
+// in an event), and for the owner a way to remove each or hand it the group.
+function renderMemberList(group, owner) {
+  const ids = (group.members || []).map((m) => m.userId);
+  $("#member-list").replaceChildren(
+    ...ids.map((userId) => {
+      const li = document.createElement("li");
+      li.dataset.userId = userId;
+      const name = document.createElement("span");
+      name.textContent = userId === group.ownerId ? `${userId} (owner)` : userId;
+      li.append(name);
+      if (owner && userId !== app.me) {
+        li.append(
+          memberButton(`make-owner:${userId}`, "Make owner", () =>
+            api.transferOwner(group.id, userId),
+          ),
+          memberButton(`remove:${userId}`, "Remove", () => api.removeMember(group.id, userId)),
+        );
+      }
+      return li;
+    }),
+  );
+}
+
+// `key` (`<kind>:<user>`) names the button across renders (the header is
+// drawn again at every presence change): a second click confirms, as for
+// deleting a message, and no modal dialog is needed.
+function memberButton(key, label, call) {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.className = key.split(":")[0];
+  const armed = app.armed === key;
+  b.textContent = armed ? `${label}?` : label;
+  b.addEventListener("click", async () => {
+    if (app.armed !== key) {
+      app.armed = key;
+      renderHeader();
+      return;
+    }
+    app.armed = null;
+    b.disabled = true;
+    try {
+      const g = await call();
+      const known = app.groups.get(g.id);
+      if (known) known.group = g;
+      if (app.open === g.id) renderHeader();
+    } catch (e) {
+      b.disabled = false;
+      failed(e);
+    }
+  });
+  return b;
+}
 
 async function renameGroup(ev) {
   ev.preventDefault();

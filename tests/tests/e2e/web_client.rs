@@ -574,9 +574,9 @@ async fn two_in_a_group(group: &str) -> anyhow::Result<Pair> {
     })
 }
 
-/// The owner renames a group and adds a member from its settings, and a
-/// member mutes it (the server keeps that) and leaves it: each page follows
-/// what the other did.
+/// The owner renames a group, adds members and removes one from its
+/// settings, a member mutes it (the server keeps that) and leaves it, and
+/// the owner hands the group on: each page follows what the other did.
 #[tokio::test]
 async fn an_owner_manages_a_group_and_a_member_mutes_and_leaves_it_in_real_browsers()
 -> anyhow::Result<()> {
@@ -612,16 +612,39 @@ async fn an_owner_manages_a_group_and_a_member_mutes_and_leaves_it_in_real_brows
         )
         .await?;
     }
-    // and adds carol
-    el(&alice, "#add-member").await?.send_keys("carol").await?;
-    js(&alice, &submit("add-member-form")).await?;
-    for page in [&alice, &bob] {
-        until(
-            page,
-            "three members",
-            "document.querySelector('#chat-members').textContent.startsWith('3 members')",
-        )
+    // adds carol and dave, then removes dave from the member list
+    el(&alice, "#add-member")
+        .await?
+        .send_keys("carol dave")
         .await?;
+    js(&alice, &submit("add-member-form")).await?;
+    let members_are = |n: u32| {
+        format!("document.querySelector('#chat-members').textContent.startsWith('{n} members')")
+    };
+    for page in [&alice, &bob] {
+        until(page, "four members", &members_are(4)).await?;
+    }
+    let member =
+        |id: &str| format!("document.querySelector('#member-list li[data-user-id=\"{id}\"]')");
+    assert_eq!(
+        js(
+            &bob,
+            &format!("!!{}?.querySelector('button')", member("dave"))
+        )
+        .await?,
+        json!(false),
+        "a member lists the members, with no owner's buttons"
+    );
+    // (a second click confirms)
+    let remove = format!("{}.querySelector('button.remove')", member("dave"));
+    js(&alice, &format!("{remove}.click()")).await?;
+    assert_eq!(
+        js(&alice, &format!("{remove}.textContent")).await?,
+        json!("Remove?")
+    );
+    js(&alice, &format!("{remove}.click()")).await?;
+    for page in [&alice, &bob] {
+        until(page, "three members", &members_are(3)).await?;
     }
 
     // bob mutes it: the server keeps it, and a reload shows it
@@ -659,6 +682,15 @@ async fn an_owner_manages_a_group_and_a_member_mutes_and_leaves_it_in_real_brows
     )
     .await?;
     shot(&alice, "6-group-settings").await?;
+
+    // alice hands the group to carol: her owner's tools go, leaving comes
+    let hand = format!("{}.querySelector('button.make-owner')", member("carol"));
+    js(&alice, &format!("{hand}.click()")).await?;
+    js(&alice, &format!("{hand}.click()")).await?;
+    until(&alice, "no longer the owner", &shown("leave-group")).await?;
+    assert_eq!(js(&alice, &shown("rename-form")).await?, json!(false));
+    let (_, group) = c.get(0, "alice", "/groups").await?;
+    assert_eq!(group["groups"][0]["ownerId"], "carol", "{group}");
     alice.close().await?;
     bob.close().await?;
     c.stop().await
