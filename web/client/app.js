@@ -157,6 +157,7 @@ function signOut(why) {
   localStorage.removeItem("chat.token");
   api.setToken(null);
   Object.assign(app, { token: null, me: null, device: null, session: null, open: null, blocks: [] });
+  app.mentioned.clear();
   renderBlocks();
   for (const m of [app.groups, app.messages, app.complete, app.marks, app.acked, app.pending, app.subscribed]) {
     m.clear();
@@ -242,6 +243,7 @@ function groupChanged(data) {
   if (gone) {
     app.groups.delete(g.id);
     app.messages.delete(g.id);
+    app.mentioned.delete(g.id);
     if (app.open === g.id) closeGroup();
     renderGroups();
     return;
@@ -256,11 +258,23 @@ function groupChanged(data) {
   // the members as they now are, when the event lists them (up to 100):
   // who of them is online is known already or comes with `a_presence`,
   // so a change costs no request of every page that has the group open
-  if (g.members && g.members.length && app.members.has(g.id)) {
+  const listed = app.members.get(g.id);
+  if (listed && g.members && g.members.length) {
     app.members.set(
       g.id,
       g.members.map((m) => m.userId),
     );
+  } else if (listed) {
+    // past 100 members the event leaves them out: its delta says who
+    const who = change.userIds || [];
+    if (change.kind === "members_added") {
+      app.members.set(g.id, [...new Set([...listed, ...who])]);
+    } else if (change.kind === "member_removed" || change.kind === "member_left") {
+      app.members.set(
+        g.id,
+        listed.filter((u) => !who.includes(u)),
+      );
+    }
   }
   if (app.open === g.id) renderHeader();
 }
@@ -716,9 +730,15 @@ const QUICK_REACTIONS = ["👍", "❤️", "😂"];
 
 // Whether a text names the user as `@id` (ids are letters, digits, `-`
 // and `_`, as the server reads mentions).
+// Another member's, as the server reads mentions (never the sender's own).
+let mentionOf = { me: null, re: null };
 function mentionsMe(m) {
-  if (m.type !== "text" || !m.text || !app.me) return false;
-  return new RegExp(`(^|[^A-Za-z0-9_-])@${app.me}(?![A-Za-z0-9_-])`).test(m.text);
+  if (m.type !== "text" || !m.text || !app.me || m.senderId === app.me) return false;
+  if (mentionOf.me !== app.me) {
+    const id = app.me.replace(/[^A-Za-z0-9_-]/g, "\\$&");
+    mentionOf = { me: app.me, re: new RegExp(`(^|[^A-Za-z0-9_-])@${id}(?![A-Za-z0-9_-])`) };
+  }
+  return mentionOf.re.test(m.text);
 }
 
 // PROTOCOL.md, "Reactions": the ack carries the emoji's count and whether

@@ -45,26 +45,44 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
     }
 }
 
-/// As [`Body`], or `T`'s default for a request with no body at all (no
-/// content type, no length): for bodies whose every field is optional.
+/// As [`Body`], or `T`'s default for a request whose body is empty
+/// (whatever its headers say, over HTTP/1 or HTTP/2): for bodies whose
+/// every field is optional.
 pub(crate) struct OptionalBody<T>(pub T);
 
 impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for OptionalBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let headers = req.headers();
-        let empty = headers.get(axum::http::header::CONTENT_TYPE).is_none()
-            && headers
-                .get(axum::http::header::CONTENT_LENGTH)
-                .is_none_or(|n| n.as_bytes() == b"0")
-            && headers.get(axum::http::header::TRANSFER_ENCODING).is_none();
-        if empty {
+        let json = req
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/json"));
+        // within the body limit, as `Body`
+        let bytes = match axum::body::Bytes::from_request(req, state).await {
+            Ok(b) => b,
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                return Err(
+                    ApiError::new(ErrorCode::TooLarge, "request body is too large")
+                        .with_status(StatusCode::PAYLOAD_TOO_LARGE),
+                );
+            }
+            Err(e) => return Err(ApiError::invalid(e.body_text())),
+        };
+        if bytes.is_empty() {
             return Ok(Self(T::default()));
         }
-        Body::<T>::from_request(req, state)
-            .await
-            .map(|Body(b)| Self(b))
+        if !json {
+            return Err(ApiError::invalid(
+                "a body must be JSON (Content-Type: application/json)",
+            ));
+        }
+        let v: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::invalid(format!("the body is not JSON: {e}")))?;
+        chat_protocol::decode_data(v)
+            .map(Self)
+            .map_err(ApiError::invalid)
     }
 }
 

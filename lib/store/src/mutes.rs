@@ -3,7 +3,8 @@
 //! userId, until}` (`until` in unix milliseconds; [`FOREVER`] for a mute with
 //! no end), so muting is one write, the push of a batch reads the mutes of
 //! one group at once (index `groupId`, `until`), and a page of
-//! `GET /groups` reads the caller's mutes of that page by id.
+//! `GET /groups` reads the caller's mutes of that page by id. Ended mutes
+//! are purged every hour (index `until`).
 
 use std::collections::HashMap;
 
@@ -50,7 +51,12 @@ impl MuteRepo {
                     .build(),
             )
             .build();
-        self.coll.create_indexes([group]).await?;
+        // the ended ones, for their hourly purge
+        let ended = IndexModel::builder()
+            .keys(doc! { "until": 1 })
+            .options(IndexOptions::builder().name("until".to_owned()).build())
+            .build();
+        self.coll.create_indexes([group, ended]).await?;
         Ok(())
     }
 
@@ -97,6 +103,16 @@ impl MuteRepo {
             .delete_many(doc! { "_id": { "$in": ids } })
             .await?;
         Ok(())
+    }
+
+    /// Deletes the mutes that ended before `now` (reads skip them anyway):
+    /// one indexed write; how many went.
+    pub async fn purge_ended(&self, now: Millis) -> Result<u64, StoreError> {
+        let res = self
+            .coll
+            .delete_many(doc! { "until": { "$lt": now } })
+            .await?;
+        Ok(res.deleted_count)
     }
 
     /// The users whose mute of `group` lasts past `now`: one indexed read.

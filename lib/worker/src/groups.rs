@@ -165,6 +165,12 @@ impl GroupsService {
                     .map(ToString::to_string)
                     .collect(),
             });
+            // a member added (again) starts unmuted: what a mute that
+            // raced its leaving left goes first, while it is no member, so
+            // no mute it sets once added can be taken for that one
+            if let GroupChange::AddMembers { user_ids, .. } = &change {
+                self.0.store.mutes.forget(id, user_ids).await?;
+            }
             if !self.0.store.groups.replace_if_rev(&record).await? {
                 continue;
             }
@@ -186,12 +192,6 @@ impl GroupsService {
                     tracing::warn!(group = %id, user = %leaving, error = %e, "cannot forget a former member's mute");
                 }
                 self.0.unsubscribed_live(id, leaving).await;
-            }
-            if let GroupChange::AddMembers { user_ids, .. } = &change
-                && let Err(e) = self.0.store.mutes.forget(id, user_ids).await
-            {
-                // a member added again may find the group muted for push
-                tracing::warn!(group = %id, error = %e, "cannot forget the new members' old mutes");
             }
             let prefix = format!("upd-{}-{}", group.id, record.rev);
             self.publish_to_users(&audience, event::GROUP_UPDATED, &group, delta, &prefix)

@@ -332,6 +332,20 @@ pub(crate) fn member_or_refused(m: Membership) -> Result<u64, WorkerError> {
     }
 }
 
+/// Deletes ended mutes every hour, for the worker's lifetime: reads skip
+/// them already, so this only keeps the collection to the mutes that last.
+async fn purge_ended_mutes(s: Arc<State>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(3600));
+    loop {
+        tick.tick().await;
+        match s.store.mutes.purge_ended(chat_domain::now_millis()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(purged = n, "ended mutes purged"),
+            Err(e) => tracing::debug!(error = %e, "cannot purge ended mutes yet"),
+        }
+    }
+}
+
 /// How long a TLS handshake with an edge may take.
 const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -387,6 +401,7 @@ pub async fn serve(
         .clone()
         .map(|secret| Checker::new(secret, state.instance));
     let cleaner = tokio::spawn(media::clean_uploads(state.clone()));
+    let mutes = tokio::spawn(purge_ended_mutes(state.clone()));
     let sweeper = tokio::spawn(sweep_presence(presence));
     let pushing = state.config.push || state.config.webhook.is_some();
     let follower = pushing.then(|| tokio::spawn(push::follow_presence(state.clone())));
@@ -445,6 +460,7 @@ pub async fn serve(
     backlog.abort();
     buckets.abort();
     cleaner.abort();
+    mutes.abort();
     sweeper.abort();
     for task in [follower, poster].into_iter().flatten() {
         task.abort();

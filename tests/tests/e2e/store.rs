@@ -524,6 +524,10 @@ async fn mutes_last_until_their_end_and_are_read_per_group_and_per_user() -> any
     assert_eq!(page.get(&g), Some(&chat_store::MUTED_FOREVER));
     assert_eq!(page.get(&other), Some(&(now + 5)));
     assert!(store.mutes.of_user(&alice, &[], now).await?.is_empty());
+    // ended ones are purged, lasting ones stay
+    assert_eq!(store.mutes.purge_ended(now).await?, 1, "carol's");
+    assert_eq!(store.mutes.purge_ended(now).await?, 0);
+    assert_eq!(store.mutes.muted_in(&g, now).await?.len(), 2);
     // unmuting says whether there was one
     assert!(store.mutes.unmute(&g, &alice).await?);
     assert!(!store.mutes.unmute(&g, &alice).await?);

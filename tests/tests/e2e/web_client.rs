@@ -798,17 +798,25 @@ async fn members_reply_and_react_in_real_browsers() -> anyhow::Result<()> {
     )
     .await?;
     assert_eq!(js(&bob, marked).await?, json!(false), "the mark is gone");
+    // naming oneself is no mention (the server tells no one either)
+    send(&alice, "@alice note to self").await?;
+    until(
+        &alice,
+        "the note shown",
+        &format!("!!{}", message("@alice note to self")),
+    )
+    .await?;
     assert_eq!(
         js(
             &alice,
             &format!(
-                "{}?.classList.contains('mentions-me')",
-                message("@bob bring the menu")
+                "{}.classList.contains('mentions-me')",
+                message("@alice note to self")
             )
         )
         .await?,
         json!(false),
-        "not alice's mention"
+        "one's own message never stands out"
     );
     alice.close().await?;
     bob.close().await?;

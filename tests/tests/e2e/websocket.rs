@@ -1216,6 +1216,24 @@ async fn a_muted_group_pushes_only_mentions_until_unmuted() -> anyhow::Result<()
         );
     }
 
+    // a body must be JSON, an empty one is none
+    let bare = |ct: Option<&'static str>, body: &'static str| {
+        let mut req = c
+            .http()
+            .put(format!("{}{path}", c.edge_url(0)))
+            .bearer_auth(token("bob"))
+            .body(body);
+        if let Some(ct) = ct {
+            req = req.header("content-type", ct);
+        }
+        async move { anyhow::Ok(req.send().await?.status().as_u16()) }
+    };
+    assert_eq!(bare(None, "until=never").await?, 400);
+    assert_eq!(bare(Some("application/json"), "").await?, 200);
+    let (s, _) = c
+        .call(reqwest::Method::DELETE, 0, Some("bob"), &path, None)
+        .await?;
+    assert_eq!(s, 204);
     // carol mutes the group for good (no body: until unmuted)
     let (s, v) = c
         .call(reqwest::Method::PUT, 0, Some("carol"), &path, None)
@@ -1324,6 +1342,14 @@ async fn a_muted_group_pushes_only_mentions_until_unmuted() -> anyhow::Result<()
         )
         .await?;
     assert_eq!(s, 200);
+    // a mute that raced his leaving, written after it
+    let store = chat_store::Store::connect(&c.stack.mongo.uri, "chat").await?;
+    let gid = chat_domain::GroupId::parse(&g)?;
+    let bob = chat_domain::UserId::parse("bob")?;
+    store
+        .mutes
+        .mute(&gid, &bob, chat_store::MUTED_FOREVER)
+        .await?;
     let (s, _) = c
         .call(
             reqwest::Method::POST,
