@@ -8,8 +8,8 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context, bail};
 use chat_protocol::{
-    BlockList, BlockView, GroupPage, GroupView, MessagePage, MessageStatus, MessageView, RestError,
-    SendAck, UploadTicket,
+    BlockList, BlockView, GroupPage, GroupPresence, GroupView, MentionPage, MessagePage,
+    MessageStatus, MessageView, RestError, SendAck, UploadTicket,
 };
 use clap::{Parser, Subcommand};
 use futures::{SinkExt, StreamExt};
@@ -108,6 +108,27 @@ enum Command {
         /// Retry-safe id (default: a fresh one).
         #[arg(long)]
         client_id: Option<String>,
+        /// The message this one answers (its id).
+        #[arg(long)]
+        reply_to: Option<String>,
+    },
+    /// Add a reaction to a message, or take yours back with --remove.
+    React {
+        group: String,
+        message_id: String,
+        emoji: String,
+        #[arg(long)]
+        remove: bool,
+    },
+    /// Hand the group to another member (owner only).
+    Owner { group: String, user: String },
+    /// Who of a group's members is online, and when the others were last
+    /// seen.
+    Presence { group: String },
+    /// The messages that mention you, newest first.
+    Mentions {
+        #[arg(long)]
+        limit: Option<u32>,
     },
     /// Upload a file (image, video or audio) and send it.
     SendFile {
@@ -358,8 +379,13 @@ fn message_line(m: &MessageView) -> String {
     } else {
         ""
     };
+    let answers = m
+        .reply_to
+        .as_ref()
+        .map(|r| format!("(re #{}) ", r.seq))
+        .unwrap_or_default();
     format!(
-        "#{} {} {}: {body}{edited}",
+        "#{} {} {}: {answers}{body}{edited}",
         m.seq, m.created_at, m.sender_id
     )
 }
@@ -629,17 +655,94 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             group,
             text,
             client_id,
+            reply_to,
         } => {
             let mut ws = c.connect(COMMAND_DEVICE).await?;
-            let data = json!({
+            let mut data = json!({
                 "groupId": group,
                 "clientMsgId": client_id.unwrap_or_else(fresh_id),
                 "type": "text",
                 "text": text.join(" "),
             });
+            if let Some(id) = reply_to {
+                data["replyTo"] = id.into();
+            }
             let v = ws.request("send_group_message", data).await?;
             let ack: SendAck = serde_json::from_value(v.clone())?;
             c.out(&v, || format!("sent #{} ({})", ack.seq, ack.message_id));
+        }
+        Command::React {
+            group,
+            message_id,
+            emoji,
+            remove,
+        } => {
+            let mut ws = c.connect(COMMAND_DEVICE).await?;
+            let event = if remove {
+                "remove_reaction"
+            } else {
+                "add_reaction"
+            };
+            let v = ws
+                .request(
+                    event,
+                    json!({ "groupId": group, "messageId": message_id, "emoji": emoji }),
+                )
+                .await?;
+            c.out(&v, || {
+                format!(
+                    "{emoji} {} ({})",
+                    v["count"].as_u64().unwrap_or_default(),
+                    if v["reacted"] == true {
+                        "yours among them"
+                    } else {
+                        "not yours"
+                    }
+                )
+            });
+        }
+        Command::Owner { group, user } => {
+            let v = c
+                .call(
+                    reqwest::Method::POST,
+                    &format!("/groups/{group}/owner"),
+                    Some(json!({ "userId": user })),
+                )
+                .await?;
+            c.out(&v, || format!("{user} owns {group} now"));
+        }
+        Command::Presence { group } => {
+            let (v, p): (_, GroupPresence) = c.get(&format!("/groups/{group}/presence")).await?;
+            c.out(&v, || {
+                p.members
+                    .iter()
+                    .map(|m| match (m.online, &m.last_seen) {
+                        (true, _) => format!("{} online", m.user_id),
+                        (false, Some(at)) => format!("{} last seen {at}", m.user_id),
+                        (false, None) => format!("{} never seen", m.user_id),
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        Command::Mentions { limit } => {
+            let path = format!("/mentions?limit={}", limit.unwrap_or(20));
+            let (v, page): (_, MentionPage) = c.get(&path).await?;
+            c.out(&v, || {
+                if page.mentions.is_empty() {
+                    return "no mentions".into();
+                }
+                page.mentions
+                    .iter()
+                    .map(|m| {
+                        format!(
+                            "{} #{} by {} in {}",
+                            m.created_at, m.seq, m.sender_id, m.group_id
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
         }
         Command::SendFile { group, path, mime } => {
             let bytes =

@@ -209,6 +209,40 @@ async fn the_cli_runs_the_readme_tour_against_a_real_stack() -> anyhow::Result<(
     );
     assert!(!text(&chat(&c, "bob", &["groups"]).await?).contains("muted"));
 
+    // bob answers alice's text, mentioning her; she reacts and takes it
+    // back, sees who is around, and finds the mention
+    let answer = chat_json(
+        &c,
+        "bob",
+        &["send", &id, "--reply-to", sent_id, "@alice", "agreed"],
+    )
+    .await?;
+    let answer_id = answer["messageId"].as_str().unwrap_or_default();
+    let last = text(&chat(&c, "alice", &["history", &id, "--limit", "1"]).await?);
+    assert!(
+        last.contains(&format!("bob: (re #{}) @alice agreed", sent["seq"])),
+        "{last}"
+    );
+    let reacted = chat(&c, "alice", &["react", &id, answer_id, "👍"]).await?;
+    assert_eq!(text(&reacted).trim(), "👍 1 (yours among them)");
+    let taken = chat(&c, "alice", &["react", &id, answer_id, "👍", "--remove"]).await?;
+    assert_eq!(text(&taken).trim(), "👍 0 (not yours)");
+    let around = text(&chat(&c, "alice", &["presence", &id]).await?);
+    for user in ["alice", "bob"] {
+        assert!(
+            around.lines().any(|l| l.starts_with(&format!("{user} "))),
+            "{around}"
+        );
+    }
+    let mentioned = chat_tests::eventually(PROMPTLY, || async {
+        let page = text(&chat(&c, "alice", &["mentions"]).await?);
+        Ok(page
+            .contains(&format!("#{} by bob in {id}", answer["seq"]))
+            .then_some(page))
+    })
+    .await?;
+    assert!(!mentioned.contains("no mentions"), "{mentioned}");
+
     // members: add, remove; errors carry the server's code
     chat_json(&c, "alice", &["add", &id, "carol"]).await?;
     let refused = chat(&c, "carol", &["remove", &id, "bob"]).await?;
@@ -238,6 +272,13 @@ async fn the_cli_runs_the_readme_tour_against_a_real_stack() -> anyhow::Result<(
         serde_json::json!([])
     );
     chat_json(&c, "alice", &["add", &id, "carol"]).await?;
+
+    // alice hands the group to bob: then only he may remove carol
+    let handed = chat(&c, "alice", &["owner", &id, "bob"]).await?;
+    assert_eq!(text(&handed).trim(), format!("bob owns {id} now"));
+    let refused = chat(&c, "alice", &["remove", &id, "carol"]).await?;
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(why.contains("forbidden (403)"), "{why}");
 
     // a bad token is refused before anything happens
     let bad = tokio::process::Command::new(chat_stack::workspace_binary("chat", "chat-cli")?)
