@@ -58,6 +58,18 @@ pub async fn signed_channel_with(
     Ok(chat_rpc::Signed::to_worker(channel, secret).await?)
 }
 
+/// The status of `GET /groups` as `user` at the edge listening at `http`
+/// (an extra node's): 200 when it can call a worker, 503 when none.
+pub async fn groups_status(http: SocketAddr, user: &str) -> anyhow::Result<u16> {
+    Ok(chat_http::client()
+        .get(format!("http://{http}/groups"))
+        .bearer_auth(token(user))
+        .send()
+        .await?
+        .status()
+        .as_u16())
+}
+
 /// How long a test waits for something that should happen promptly.
 pub const PROMPTLY: Duration = Duration::from_secs(10);
 

@@ -758,15 +758,10 @@ async fn workers_need_a_secret_beyond_loopback_and_must_prove_it() -> anyhow::Re
         .http_addr
         .ok_or_else(|| anyhow::anyhow!("no address"))?;
     let ops = edge.ops_addr.ok_or_else(|| anyhow::anyhow!("no address"))?;
-    let res = c
-        .http()
-        .get(format!("http://{http}/groups"))
-        .bearer_auth(token("alice"))
-        .send()
-        .await?;
     // 503 because no worker may be called; a call that had reached the
     // impostor would have come back `unauthenticated`, a 401
-    assert_eq!(res.status(), 503, "no worker proved the secret");
+    let status = chat_tests::groups_status(http, "alice").await?;
+    assert_eq!(status, 503, "no worker proved the secret");
     let ready = c.http().get(format!("http://{ops}/readyz")).send().await?;
     assert_eq!(ready.status(), 503);
     edge.stop().await?;

@@ -118,13 +118,8 @@ async fn edges_and_workers_speak_tls_and_refuse_what_they_cannot_verify() -> any
         );
         let ready = c.http().get(format!("http://{ops}/readyz")).send().await?;
         assert_eq!(ready.status(), 503, "edge {i} is not ready");
-        let res = c
-            .http()
-            .get(format!("http://{http}/groups"))
-            .bearer_auth(token("alice"))
-            .send()
-            .await?;
-        assert_eq!(res.status(), 503, "edge {i} calls no worker");
+        let status = chat_tests::groups_status(http, "alice").await?;
+        assert_eq!(status, 503, "edge {i} calls no worker");
         edge.stop().await?;
     }
 
@@ -135,13 +130,8 @@ async fn edges_and_workers_speak_tls_and_refuse_what_they_cannot_verify() -> any
         .await?;
     let http = all.http_addr.ok_or_else(|| anyhow::anyhow!("no address"))?;
     eventually(PROMPTLY, || async {
-        let res = c
-            .http()
-            .get(format!("http://{http}/groups"))
-            .bearer_auth(token("alice"))
-            .send()
-            .await?;
-        Ok((res.status() == 200).then_some(()))
+        let status = chat_tests::groups_status(http, "alice").await?;
+        Ok((status == 200).then_some(()))
     })
     .await?;
     all.stop().await?;
