@@ -488,10 +488,7 @@ function memberButton(key, label, call) {
     app.armed = null;
     b.disabled = true;
     try {
-      const g = await call();
-      const known = app.groups.get(g.id);
-      if (known) known.group = g;
-      if (app.open === g.id) renderHeader();
+      answered(await call());
     } catch (e) {
       b.disabled = false;
       failed(e);
@@ -500,17 +497,22 @@ function memberButton(key, label, call) {
   return b;
 }
 
+// The group as an owner's change answered it (its event follows, and
+// says the same).
+function answered(g) {
+  const known = app.groups.get(g.id);
+  if (known) known.group = g;
+  renderGroups();
+  if (app.open === g.id) renderHeader();
+}
+
 async function renameGroup(ev) {
   ev.preventDefault();
   const groupId = app.open;
   const name = $("#rename-name").value.trim();
   try {
-    const g = await api.updateGroup(groupId, { name });
-    const known = app.groups.get(g.id);
-    if (known) known.group = g;
+    answered(await api.updateGroup(groupId, { name }));
     $("#rename-name").value = "";
-    renderGroups();
-    if (app.open === g.id) renderHeader();
   } catch (e) {
     failed(e);
   }
@@ -524,11 +526,8 @@ async function addMember(ev) {
     .map((m) => m.trim())
     .filter(Boolean);
   try {
-    const g = await api.addMembers(groupId, userIds);
-    const known = app.groups.get(g.id);
-    if (known) known.group = g;
+    answered(await api.addMembers(groupId, userIds));
     $("#add-member").value = "";
-    if (app.open === g.id) renderHeader();
   } catch (e) {
     failed(e);
   }

@@ -9,7 +9,7 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::{Context, bail};
 use chat_protocol::{
     BlockList, BlockView, GroupPage, GroupPresence, GroupView, MentionPage, MessagePage,
-    MessageStatus, MessageView, RestError, SendAck, UploadTicket,
+    MessageStatus, MessageView, MuteBody, RestError, SendAck, UpdateGroupBody, UploadTicket,
 };
 use clap::{Parser, Subcommand};
 use futures::{SinkExt, StreamExt};
@@ -549,18 +549,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             name,
             description,
         } => {
-            let mut body = serde_json::Map::new();
-            if let Some(n) = name {
-                body.insert("name".into(), n.into());
-            }
-            if let Some(d) = description {
-                body.insert("description".into(), d.into());
-            }
+            // the contract's own type: a field left out stays as it is
+            let body = serde_json::to_value(UpdateGroupBody { name, description })?;
             let v = c
                 .call(
                     reqwest::Method::PATCH,
                     &format!("/groups/{group}"),
-                    Some(Value::Object(body)),
+                    Some(body),
                 )
                 .await?;
             c.out(&v, || {
@@ -572,10 +567,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             });
         }
         Command::Mute { group, until } => {
-            let body = match until {
-                Some(t) => json!({ "until": t }),
-                None => json!({}),
-            };
+            let body = serde_json::to_value(MuteBody { until })?;
             let v = c
                 .call(
                     reqwest::Method::PUT,

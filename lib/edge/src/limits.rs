@@ -319,6 +319,13 @@ impl Limits {
             self.per_user.charge(user, extra);
         }
     }
+
+    /// Charges `user` for the members (or other entries) a read just
+    /// listed, each read and sent: one more request per 100 of them, owed
+    /// as [`Limits::user_owes`].
+    pub(crate) fn user_listed(&self, user: &UserId, listed: usize) {
+        self.user_owes(user, listed / FAN_OUT_PER_REQUEST);
+    }
 }
 
 /// A caller over its limit, with how long to wait.

@@ -44,6 +44,18 @@ enum Want {
     Disconnected(i64),
 }
 
+impl Want {
+    /// This want, not yet written, followed by `newer`: the newer wins, but
+    /// a connection still to be written stays one (with the newer groups),
+    /// since only that write indexes the user.
+    fn then(self, newer: Want) -> Want {
+        match (self, newer) {
+            (Want::Connected(_), Want::Groups(g)) => Want::Connected(g),
+            (_, newer) => newer,
+        }
+    }
+}
+
 /// This edge's share of presence.
 pub(crate) struct EdgePresence {
     /// This edge's name in the bucket, new at every start.
@@ -77,10 +89,9 @@ impl Default for EdgePresence {
 impl EdgePresence {
     fn want(&self, user: &UserId, want: Want) {
         let mut dirty = lock(&self.dirty);
-        let merged = match (dirty.remove(user), want) {
-            // still to be written as connected: with the newer groups
-            (Some(Want::Connected(_)), Want::Groups(g)) => Want::Connected(g),
-            (_, want) => want,
+        let merged = match dirty.remove(user) {
+            Some(earlier) => earlier.then(want),
+            None => want,
         };
         dirty.insert(user.clone(), merged);
         drop(dirty);
@@ -243,22 +254,14 @@ pub(crate) async fn write(app: Weak<crate::Inner>) {
         if !failed.is_empty() {
             let Some(inner) = app.upgrade() else { return };
             {
-                // a newer want of the same user wins over the failed one,
-                // but a connection not yet written stays one (with the
-                // newer groups): only that write indexes the user
+                // a newer want of the same user follows the failed one
                 let mut dirty = lock(&inner.presence.dirty);
-                for (user, want) in failed {
-                    match (dirty.get_mut(&user), want) {
-                        (Some(newer @ Want::Groups(_)), Want::Connected(_)) => {
-                            if let Want::Groups(g) = newer {
-                                *newer = Want::Connected(std::mem::take(g));
-                            }
-                        }
-                        (Some(_), _) => {}
-                        (None, want) => {
-                            dirty.insert(user, want);
-                        }
-                    }
+                for (user, failed) in failed {
+                    let merged = match dirty.remove(&user) {
+                        Some(newer) => failed.then(newer),
+                        None => failed,
+                    };
+                    dirty.insert(user, merged);
                 }
             }
             drop(inner);
@@ -280,8 +283,7 @@ impl Pace {
     /// The wants to write now: of `fresh` (taken from the sessions' table)
     /// those that do not change whether a user is online within a second
     /// of its last such write, and the held ones come due. The others wait,
-    /// merged as the table merges them. Costs what it takes, not what is
-    /// held.
+    /// merged as the table merges them ([`Want::then`]).
     fn take(
         &mut self,
         fresh: Vec<(UserId, Want)>,
@@ -291,11 +293,7 @@ impl Pace {
         let mut batch = Vec::new();
         for (user, want) in fresh {
             if let Some(held) = self.held.remove(&user) {
-                let merged = match (held, want) {
-                    (Want::Connected(_), Want::Groups(g)) => Want::Connected(g),
-                    (_, want) => want,
-                };
-                self.held.insert(user, merged);
+                self.held.insert(user, held.then(want));
                 continue;
             }
             if matches!(want, Want::Groups(_)) {

@@ -35,14 +35,17 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
             Err(JsonRejection::BytesRejection(e))
                 if e.status() == StatusCode::PAYLOAD_TOO_LARGE =>
             {
-                Err(
-                    ApiError::new(ErrorCode::TooLarge, "request body is too large")
-                        .with_status(StatusCode::PAYLOAD_TOO_LARGE),
-                )
+                Err(too_large())
             }
             Err(e) => Err(ApiError::invalid(e.body_text())),
         }
     }
+}
+
+/// A body past the edge's limit: 413 `too_large`.
+fn too_large() -> ApiError {
+    ApiError::new(ErrorCode::TooLarge, "request body is too large")
+        .with_status(StatusCode::PAYLOAD_TOO_LARGE)
 }
 
 /// As [`Body`], or `T`'s default for a request whose body is empty
@@ -62,12 +65,7 @@ impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for OptionalB
         // within the body limit, as `Body`
         let bytes = match axum::body::Bytes::from_request(req, state).await {
             Ok(b) => b,
-            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                return Err(
-                    ApiError::new(ErrorCode::TooLarge, "request body is too large")
-                        .with_status(StatusCode::PAYLOAD_TOO_LARGE),
-                );
-            }
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => return Err(too_large()),
             Err(e) => return Err(ApiError::invalid(e.body_text())),
         };
         if bytes.is_empty() {
@@ -181,8 +179,7 @@ pub(crate) async fn list_groups(
     .into_inner();
     // and the members it listed, up to the worker's cap a page (20,000)
     let members: usize = reply.groups.iter().map(|g| g.members.len()).sum();
-    app.limits
-        .user_owes(&me.user_id, members / crate::limits::FAN_OUT_PER_REQUEST);
+    app.limits.user_listed(&me.user_id, members);
     let mut activity = reply.activity.into_iter();
     let views = reply
         .groups
@@ -195,8 +192,7 @@ pub(crate) async fn list_groups(
                 unread_count: a.unread,
                 last_message: a.last_message.map(message_view),
                 muted: a.muted,
-                muted_until: (a.muted && a.muted_until_ms > 0)
-                    .then(|| format_millis(a.muted_until_ms)),
+                muted_until: mute_end(a.muted, a.muted_until_ms),
             })
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
@@ -220,11 +216,7 @@ pub(crate) async fn get_group(
     Path(id): Path<String>,
 ) -> Result<Json<GroupView>, ApiError> {
     let group = group_of(&app, &me, id).await?;
-    // the members read and listed: one request more per 100
-    app.limits.user_owes(
-        &me.user_id,
-        group.members.len() / crate::limits::FAN_OUT_PER_REQUEST,
-    );
+    app.limits.user_listed(&me.user_id, group.members.len());
     view(group)
 }
 
@@ -595,8 +587,14 @@ async fn mute_call(
     Ok(MuteView {
         group_id: r.group_id,
         muted: r.muted,
-        muted_until: (r.muted && r.until_ms > 0).then(|| format_millis(r.until_ms)),
+        muted_until: mute_end(r.muted, r.until_ms),
     })
+}
+
+/// When a mute ends, as clients see it: absent unless muted with an end
+/// (`until_ms` 0: until unmuted).
+fn mute_end(muted: bool, until_ms: i64) -> Option<String> {
+    (muted && until_ms > 0).then(|| format_millis(until_ms))
 }
 
 /// `DELETE /blocks/{user_id}`: the caller unblocks a user (204 whether or
@@ -701,11 +699,8 @@ pub(crate) async fn message_status(
         }
     )?
     .into_inner();
-    // a status per member, read and listed: one request more per 100
-    app.limits.user_owes(
-        &me.user_id,
-        r.members.len() / crate::limits::FAN_OUT_PER_REQUEST,
-    );
+    // a status per member, read and listed
+    app.limits.user_listed(&me.user_id, r.members.len());
     let members: Vec<_> = r
         .members
         .into_iter()

@@ -125,6 +125,20 @@ impl std::fmt::Debug for Workers {
     }
 }
 
+/// An error and its causes on one line: tonic's own text for a failed
+/// connection is only "transport error", and a refused certificate is
+/// known only from its causes.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
 /// Whether a failed call never got an answer from a worker (connection
 /// refused, reset, the worker shutting down), so another worker should try.
 fn transport_failure(status: &Status) -> bool {
@@ -305,7 +319,7 @@ impl Workers {
             Ok(Err(status)) => {
                 let failure = match std::error::Error::source(&status) {
                     Some(cause) => {
-                        format!("{}: {}", status.message(), chat_rpc::error_chain(cause))
+                        format!("{}: {}", status.message(), error_chain(cause))
                     }
                     None => status.message().to_owned(),
                 };

@@ -16,20 +16,6 @@ pub use tls::{ClientTls, ServerTls, TlsError};
 
 use chat_domain::{DomainError, Group, GroupId, History, Member, UserId};
 
-/// An error and its causes on one line: tonic's own text for a failed
-/// connection is only "transport error", and a refused certificate is
-/// known only from its causes.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        text.push_str(": ");
-        text.push_str(&c.to_string());
-        cause = c.source();
-    }
-    text
-}
-
 /// Why a gRPC value could not become a domain value: the peer sent something
 /// this build does not accept.
 #[derive(Debug, thiserror::Error)]

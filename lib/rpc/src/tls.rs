@@ -10,14 +10,16 @@
 //! ([`crate::Signed`]), so a certificate alone, even one from the right
 //! CA, cannot act as any user.
 //!
-//! Files are read and checked once, at start-up, so that a missing file, a
-//! file with no certificate in it or a key that does not parse stops the
-//! process with a message naming the file, not the first call.
+//! Files are read and checked once, at start-up, with what the connections
+//! will check them with (every CA certificate a trust anchor, the key the
+//! certificate's and one rustls signs with, the name one a certificate
+//! can hold), so that a bad one stops the process with a message naming
+//! the file, not the first call.
 
 use std::path::{Path, PathBuf};
 
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
 /// What is wrong with a TLS file or setting.
 #[derive(Debug, thiserror::Error)]
@@ -37,13 +39,6 @@ pub enum TlsError {
     Unusable(String),
     #[error("{0:?} is not a host name or address a certificate can be checked against")]
     BadName(String),
-}
-
-/// Installs ring as rustls' crypto provider (the one the workspace builds
-/// with) unless one is already installed.
-fn install_provider() {
-    // Err: a provider is installed already, which is all that matters
-    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -89,7 +84,7 @@ pub fn ca_pem(path: &Path) -> Result<Vec<u8>, TlsError> {
 /// checked to be a key rustls can sign with and the one the certificate is
 /// for.
 pub fn identity_pem(cert: &Path, key: &Path) -> Result<(Vec<u8>, Vec<u8>), TlsError> {
-    install_provider();
+    chat_http::install_tls();
     let (cert_pem, chain) = certificates(cert)?;
     let key_pem = read(key)?;
     let private = match PrivateKeyDer::from_pem_slice(&key_pem) {
@@ -106,7 +101,10 @@ pub fn identity_pem(cert: &Path, key: &Path) -> Result<(Vec<u8>, Vec<u8>), TlsEr
             });
         }
     };
-    let provider = rustls::crypto::ring::default_provider();
+    // the process's provider, as the connections will use it
+    let provider = rustls::crypto::CryptoProvider::get_default()
+        .cloned()
+        .unwrap_or_else(|| std::sync::Arc::new(rustls::crypto::ring::default_provider()));
     rustls::sign::CertifiedKey::from_der(chain, private, &provider).map_err(|e| {
         TlsError::Unusable(format!("{} and {}: {e}", cert.display(), key.display()))
     })?;
@@ -129,16 +127,11 @@ impl ServerTls {
     /// From PEM files: `cert` (the chain, the worker's own first), `key`,
     /// and `client_ca` if edges must present a certificate it signed.
     pub fn from_files(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<Self, TlsError> {
-        install_provider();
+        chat_http::install_tls();
         let mut config = ServerTlsConfig::new().identity(identity(cert, key)?);
         if let Some(ca) = client_ca {
             config = config.client_ca_root(Certificate::from_pem(ca_pem(ca)?));
         }
-        // the server takes the files apart here: a key that is not the
-        // certificate's, or of a kind rustls cannot sign with, fails now
-        tonic::transport::Server::builder()
-            .tls_config(config.clone())
-            .map_err(|e| TlsError::Unusable(crate::error_chain(&e)))?;
         Ok(Self { config })
     }
 
@@ -167,22 +160,17 @@ impl ClientTls {
         identity: Option<(&Path, &Path)>,
         name: Option<String>,
     ) -> Result<Self, TlsError> {
-        install_provider();
+        chat_http::install_tls();
         if let Some(name) = &name {
             ServerName::try_from(name.as_str()).map_err(|_| TlsError::BadName(name.clone()))?;
         }
-        let tls = Self {
+        Ok(Self {
             ca: Certificate::from_pem(ca_pem(ca)?),
             identity: identity
                 .map(|(cert, key)| self::identity(cert, key))
                 .transpose()?,
             name,
-        };
-        // as the channel will, once the parts are known good
-        Endpoint::from_static("https://worker.invalid")
-            .tls_config(tls.config(None))
-            .map_err(|e| TlsError::Unusable(crate::error_chain(&e)))?;
-        Ok(tls)
+        })
     }
 
     /// The configuration for a channel to a worker: its certificate is

@@ -155,12 +155,17 @@ pub(crate) async fn push(
                 .collect()
         };
         for m in messages {
-            let mentions_of =
-                |u: &UserId| mentions.iter().any(|x| x.message == m.id && &x.user == u);
+            // whom it mentions: pushed even if they mute the group, and
+            // named in the event
+            let named: HashSet<&str> = mentions
+                .iter()
+                .filter(|x| x.message == m.id)
+                .map(|x| x.user.as_str())
+                .collect();
             let recipients: Vec<String> = offline
                 .iter()
                 .filter(|u| ***u != m.sender_id)
-                .filter(|u| !muted.contains(u.as_str()) || mentions_of(u))
+                .filter(|u| !muted.contains(u.as_str()) || named.contains(u.as_str()))
                 .map(|u| u.to_string())
                 .collect();
             if recipients.is_empty() {
@@ -169,12 +174,10 @@ pub(crate) async fn push(
             // a group of more offline members than one event names is
             // told in parts (a publish is at most 1 MiB)
             for (part, recipients) in recipients.chunks(chat_bus::PUSH_RECIPIENTS_MAX).enumerate() {
-                let mentioned = mentions
+                let mentioned = recipients
                     .iter()
-                    .filter(|x| {
-                        x.message == m.id && recipients.iter().any(|r| r == x.user.as_str())
-                    })
-                    .map(|x| x.user.to_string())
+                    .filter(|r| named.contains(r.as_str()))
+                    .cloned()
                     .collect();
                 let event = PushEvent {
                     kind: "message".into(),
