@@ -196,7 +196,8 @@ impl NatsUser {
     }
 }
 
-/// The three users of `nats/auth.conf`, with fresh passwords.
+/// The three users of `nats/auth.conf`, with fresh passwords, and the one
+/// the nodes of a cluster route to each other as.
 #[derive(Debug, Clone)]
 pub struct NatsUsers {
     /// `chatd --role edge`.
@@ -205,6 +206,9 @@ pub struct NatsUsers {
     pub worker: NatsUser,
     /// Tools, benchmarks and tests: no limits.
     pub ops: NatsUser,
+    /// The routes between a cluster's nodes (`cluster.authorization` in
+    /// `nats/cluster/*.conf`); no client connects as it.
+    pub route: NatsUser,
 }
 
 impl NatsUsers {
@@ -213,7 +217,14 @@ impl NatsUsers {
             edge: NatsUser::new("chat-edge"),
             worker: NatsUser::new("chat-worker"),
             ops: NatsUser::new("chat-ops"),
+            route: NatsUser::new("chat-route"),
         }
+    }
+
+    /// A route URL to `127.0.0.1:port`, with the route user's credentials.
+    fn route_url(&self, port: u16) -> String {
+        let route = &self.route;
+        format!("nats://{}:{}@127.0.0.1:{port}", route.user, route.password)
     }
 
     /// The user a `chatd` of `role` (`edge`, `worker`, `all`) connects as.
@@ -314,9 +325,12 @@ impl Nats {
     }
 
     /// One node with the server configuration at `config` (one of the
-    /// shipped ones, say) on free loopback ports; a `cluster` block in it is
-    /// moved to a free port and routed to itself. The configuration's own
-    /// `store_dir` is used: point it at a temporary folder.
+    /// shipped ones, say) on free loopback ports. A `cluster` block in it
+    /// listens on a free port (the harness writes a copy beside `config`
+    /// with its `listen` line changed, so that its own `authorization` is
+    /// what an outsider meets) and routes to itself through the shipped
+    /// configurations' `$CHAT_NATS_ROUTE_1` to `_3`. The configuration's
+    /// own `store_dir` is used: point it at a temporary folder.
     pub async fn start_with_config(config: &Path) -> anyhow::Result<Self> {
         Self::start_nodes_on_free_ports(1, config, &[]).await
     }
@@ -367,30 +381,27 @@ impl Nats {
             std::fs::create_dir_all(dir.path().join(format!("n{i}")))?;
             nodes.push((format!("nats-{i}"), port, monitor, cluster));
         }
-        let routes: Vec<String> = nodes
-            .iter()
-            .map(|n| format!("nats://127.0.0.1:{}", n.3))
-            .collect();
+        let routes: Vec<u16> = nodes.iter().map(|n| n.3).collect();
         let users = NatsUsers::new();
         let mut started = Vec::with_capacity(size);
         for (i, (name, port, monitor, cluster)) in nodes.into_iter().enumerate() {
+            let own_config;
+            let config = if config == default_config() {
+                config
+            } else {
+                own_config = with_cluster_listen(config, cluster)?;
+                own_config.as_path()
+            };
             let mut cmd = Self::command(
                 config,
                 &users,
                 dir.path(),
                 i,
                 &name,
-                port,
-                monitor,
-                (size > 1).then_some((cluster_name.as_str(), cluster, routes.as_slice())),
+                (port, monitor, cluster),
+                (size > 1).then_some((cluster_name.as_str(), routes.as_slice())),
             )?;
             cmd.args(args);
-            if size == 1 && config != default_config() {
-                // its own routes name other hosts: route to itself instead
-                let route = format!("nats://127.0.0.1:{cluster}");
-                cmd.args(["--cluster", &route, "--routes", &route])
-                    .args(["--cluster_name", &cluster_name]);
-            }
             started.push(NatsNode {
                 service: Service::spawn("nats-server", cmd, &dir.path().join(format!("n{i}")))?,
                 name,
@@ -421,23 +432,29 @@ impl Nats {
         })
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// `nats-server` for node `i`, listening on `(client, monitor,
+    /// cluster)` ports; with `cluster` (its name and every node's cluster
+    /// port), routed to the others as the route user.
     fn command(
         config: &Path,
         users: &NatsUsers,
         dir: &Path,
         i: usize,
         name: &str,
-        port: u16,
-        monitor: u16,
-        cluster: Option<(&str, u16, &[String])>,
+        (port, monitor, own_cluster): (u16, u16, u16),
+        cluster: Option<(&str, &[u16])>,
     ) -> anyhow::Result<Command> {
         let bin = binary("CHAT_NATS_SERVER", venv().join("bin/nats-server"))?;
         let mut cmd = Command::new(bin);
         cmd.arg("-c").arg(config);
         cmd.env("CHAT_NATS_EDGE_PASSWORD", &users.edge.password)
             .env("CHAT_NATS_WORKER_PASSWORD", &users.worker.password)
-            .env("CHAT_NATS_OPS_PASSWORD", &users.ops.password);
+            .env("CHAT_NATS_OPS_PASSWORD", &users.ops.password)
+            .env("CHAT_NATS_ROUTE_PASSWORD", &users.route.password);
+        // the shipped cluster configurations' routes: to itself here
+        for n in 1..=3 {
+            cmd.env(format!("CHAT_NATS_ROUTE_{n}"), users.route_url(own_cluster));
+        }
         cmd.args([
             "-a",
             "127.0.0.1",
@@ -454,17 +471,67 @@ impl Nats {
         if config == default_config() {
             cmd.arg("-sd").arg(dir.join(format!("n{i}")).join("js"));
         }
-        if let Some((cluster_name, cluster, routes)) = cluster {
+        if let Some((cluster_name, routes)) = cluster {
+            // the listen URL's credentials are the ones routes must give
+            let routes: Vec<String> = routes.iter().map(|&p| users.route_url(p)).collect();
             cmd.args([
                 "--cluster_name",
                 cluster_name,
                 "--cluster",
-                &format!("nats://127.0.0.1:{cluster}"),
+                &users.route_url(own_cluster),
                 "--routes",
                 &routes.join(","),
             ]);
         }
         Ok(cmd)
+    }
+
+    /// Whether a server from outside, routing to node 0 with the route
+    /// user's `password` (`None`: with no credentials at all), becomes one
+    /// of node 0's routes (it takes the cluster's name from node 0). Waits until node 0
+    /// lists it or its own log says node 0 refused it.
+    pub async fn outsider_joins(&self, password: Option<&str>) -> anyhow::Result<bool> {
+        let node = &self.nodes[0];
+        let route = match password {
+            Some(p) => format!(
+                "nats://{}:{p}@127.0.0.1:{}",
+                self.users.route.user, node.cluster
+            ),
+            None => format!("nats://127.0.0.1:{}", node.cluster),
+        };
+        let [port, cluster] = free_addrs::<2>()?.map(|a| a.port());
+        let name = format!("outsider-{}", uuid::Uuid::new_v4().simple());
+        let mut cmd = Command::new(binary("CHAT_NATS_SERVER", venv().join("bin/nats-server"))?);
+        cmd.args(["-a", "127.0.0.1", "-n", &name, "-p", &port.to_string()])
+            .args(["--cluster", &format!("nats://127.0.0.1:{cluster}")])
+            .args(["--routes", &route]);
+        let dir = tempfile::Builder::new()
+            .prefix("chat-nats-outsider-")
+            .tempdir()?;
+        let outsider = Service::spawn("nats-server", cmd, dir.path())?;
+        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+        loop {
+            let routes = monitor_json(node.monitor, "/routez").await?;
+            let listed = routes["routes"]
+                .as_array()
+                .is_some_and(|r| r.iter().any(|r| r["remote_name"] == name.as_str()));
+            if listed {
+                return Ok(true);
+            }
+            if outsider
+                .log_tail(usize::MAX)
+                .contains("Authorization Violation")
+            {
+                return Ok(false);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "an outsider neither joined nor was refused in {READY_TIMEOUT:?}; its log:\n{}",
+                    outsider.log_tail(20)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Kills every node at once (SIGKILL).
@@ -515,11 +582,7 @@ impl Nats {
     /// Starts node `i` again on its ports with its data.
     pub async fn restart_node(&mut self, i: usize) -> anyhow::Result<()> {
         let size = self.nodes.len();
-        let routes: Vec<String> = self
-            .nodes
-            .iter()
-            .map(|n| format!("nats://127.0.0.1:{}", n.cluster))
-            .collect();
+        let routes: Vec<u16> = self.nodes.iter().map(|n| n.cluster).collect();
         self.nodes[i].service.kill();
         let n = &self.nodes[i];
         let cmd = || {
@@ -529,9 +592,8 @@ impl Nats {
                 self._dir.path(),
                 i,
                 &n.name,
-                n.port,
-                n.monitor,
-                (size > 1).then_some((self.cluster_name.as_str(), n.cluster, routes.as_slice())),
+                (n.port, n.monitor, n.cluster),
+                (size > 1).then_some((self.cluster_name.as_str(), routes.as_slice())),
             )?;
             cmd.args(&self.args);
             Ok(cmd)
@@ -583,22 +645,11 @@ const META_LEADER_WAIT: Duration = Duration::from_secs(45);
 /// Waits until the JetStream cluster behind the monitor port has a meta
 /// leader (`/jsz`), for up to `META_LEADER_WAIT`.
 async fn wait_for_meta_leader(monitor: u16) -> anyhow::Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let deadline = tokio::time::Instant::now() + META_LEADER_WAIT;
     loop {
-        let body = async {
-            let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", monitor)).await?;
-            tcp.write_all(b"GET /jsz HTTP/1.0\r\nHost: localhost\r\n\r\n")
-                .await?;
-            let mut out = String::new();
-            tcp.read_to_string(&mut out).await?;
-            anyhow::Ok(out)
-        }
-        .await
-        .unwrap_or_default();
-        let leader = body
-            .split_once("\r\n\r\n")
-            .and_then(|(_, json)| serde_json::from_str::<serde_json::Value>(json).ok())
+        let leader = monitor_json(monitor, "/jsz")
+            .await
+            .ok()
             .and_then(|v| v["meta_cluster"]["leader"].as_str().map(str::to_owned))
             .filter(|l| !l.is_empty());
         if leader.is_some() {
@@ -609,6 +660,45 @@ async fn wait_for_meta_leader(monitor: u16) -> anyhow::Result<()> {
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+}
+
+/// The JSON nats-server's monitoring port at `monitor` answers for `path`
+/// (`/jsz`, `/routez`).
+async fn monitor_json(monitor: u16, path: &str) -> anyhow::Result<serde_json::Value> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", monitor)).await?;
+    tcp.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await?;
+    let mut out = String::new();
+    tcp.read_to_string(&mut out).await?;
+    let (_, json) = out.split_once("\r\n\r\n").context("no HTTP body")?;
+    Ok(serde_json::from_str(json)?)
+}
+
+/// `config` itself if it has no `cluster` block; else a copy beside it
+/// whose cluster listens on `127.0.0.1:port` (the block's first `listen`
+/// line changed), so that the rest of the block is what runs.
+fn with_cluster_listen(config: &Path, port: u16) -> anyhow::Result<PathBuf> {
+    let text =
+        std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
+    let Some(block) = text.find("cluster {") else {
+        return Ok(config.to_path_buf());
+    };
+    let listen = text[block..]
+        .find("listen:")
+        .map(|at| block + at)
+        .with_context(|| format!("{}: a cluster block without `listen`", config.display()))?;
+    let end = text[listen..]
+        .find('\n')
+        .map_or(text.len(), |at| listen + at);
+    let text = format!(
+        "{}listen: 127.0.0.1:{port}{}",
+        &text[..listen],
+        &text[end..]
+    );
+    let copy = config.with_file_name(format!("cluster-{port}.conf"));
+    std::fs::write(&copy, text)?;
+    Ok(copy)
 }
 
 /// SecantusDB, a MongoDB-wire server.

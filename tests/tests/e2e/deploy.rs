@@ -259,7 +259,8 @@ fn compose_has_the_promised_services_and_its_files_exist() -> anyhow::Result<()>
 
 /// Every shipped NATS configuration (the local one and each node of the
 /// compose cluster) refuses anonymous clients and wrong passwords, and lets
-/// each role's user in.
+/// each role's user in; each cluster node lets in a route with the route
+/// password only.
 #[tokio::test]
 async fn every_shipped_nats_config_refuses_anonymous_clients() -> anyhow::Result<()> {
     let configs = [
@@ -307,6 +308,21 @@ async fn every_shipped_nats_config_refuses_anonymous_clients() -> anyhow::Result
                 "{config}: {} cannot connect: {:?}",
                 u.user,
                 client.err()
+            );
+        }
+        if config.starts_with("nats/cluster/") {
+            assert!(
+                !nats.outsider_joins(None).await?,
+                "{config}: a route without credentials joined"
+            );
+            assert!(
+                !nats.outsider_joins(Some("wrong")).await?,
+                "{config}: a route with a wrong password joined"
+            );
+            let password = nats.users.route.password.clone();
+            assert!(
+                nats.outsider_joins(Some(&password)).await?,
+                "{config}: a route with the password was refused"
             );
         }
     }
@@ -547,6 +563,7 @@ fn a_real_compose_implementation_accepts_compose_yaml() -> anyhow::Result<()> {
         "CHAT_NATS_EDGE_PASSWORD",
         "CHAT_NATS_WORKER_PASSWORD",
         "CHAT_NATS_OPS_PASSWORD",
+        "CHAT_NATS_ROUTE_PASSWORD",
         "CHAT_S3_SECRET_KEY",
     ] {
         cmd.env(var, "checked-by-the-test");
