@@ -595,6 +595,10 @@ pub struct ServeArgs {
     /// Edge: milliseconds a client may take to send a request's headers.
     #[arg(long, env = "CHATD_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
     pub header_read_timeout_ms: u64,
+    /// Edge: milliseconds a client may take to send a request's body (at
+    /// most 64 KiB); past it the request gets 408 and the connection closes.
+    #[arg(long, env = "CHATD_BODY_READ_TIMEOUT_MS", default_value_t = 10_000)]
+    pub body_read_timeout_ms: u64,
 
     /// Worker: most devices per user (each has a place saved in NATS); a
     /// new device beyond it evicts the user's least recently seen one.
@@ -963,6 +967,7 @@ impl Node {
                 user_requests_per_sec: args.user_requests_per_sec,
                 address_requests_per_sec: args.address_requests_per_sec,
                 header_read_timeout: Duration::from_millis(args.header_read_timeout_ms.max(1)),
+                body_read_timeout: Duration::from_millis(args.body_read_timeout_ms.max(1)),
                 max_connections: args.max_connections,
                 max_connections_per_user: args.max_connections_per_user as usize,
                 write_timeout: Duration::from_millis(args.ws_write_timeout_ms.max(1)),

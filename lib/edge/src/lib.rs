@@ -87,6 +87,10 @@ pub struct Config {
     pub address_requests_per_sec: f64,
     /// How long a client may take to send a request's headers.
     pub header_read_timeout: Duration,
+    /// How long a client may take to send a request's body, from the
+    /// moment a handler starts to read it (past it: 408, and the
+    /// connection closes).
+    pub body_read_timeout: Duration,
     /// Most connections served at once; more wait to be accepted.
     pub max_connections: usize,
     /// Most WebSocket connections one user may have open on this edge;
@@ -126,6 +130,7 @@ impl Default for Config {
             user_requests_per_sec: 50.0,
             address_requests_per_sec: 500.0,
             header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(10),
             max_connections: 100_000,
             max_connections_per_user: 32,
             request_burst: 100.0,

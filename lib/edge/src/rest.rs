@@ -23,12 +23,12 @@ use crate::{ApiError, AppState, Caller, workers::rpc};
 /// contract error instead of axum's plain-text one.
 pub(crate) struct Body<T>(pub T);
 
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
+impl<T: DeserializeOwned> FromRequest<AppState> for Body<T> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
         use axum::extract::rejection::JsonRejection;
-        match Json::<serde_json::Value>::from_request(req, state).await {
+        match in_time(state, Json::<serde_json::Value>::from_request(req, state)).await? {
             Ok(Json(v)) => chat_protocol::decode_data(v)
                 .map(Body)
                 .map_err(ApiError::invalid),
@@ -42,6 +42,21 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
     }
 }
 
+/// `read`, the reading of a request's body, if it ends within the edge's
+/// `body_read_timeout`; else 408 `invalid`, and the connection closes: a
+/// client that sends a body slowly, or stops halfway, must not hold a
+/// connection and its buffer for as long as it likes.
+async fn in_time<R>(state: &AppState, read: impl Future<Output = R>) -> Result<R, ApiError> {
+    let limit = state.config.body_read_timeout;
+    tokio::time::timeout(limit, read).await.map_err(|_| {
+        ApiError::invalid(format!(
+            "the request body did not arrive within {} ms",
+            limit.as_millis()
+        ))
+        .with_status(StatusCode::REQUEST_TIMEOUT)
+    })
+}
+
 /// A body past the edge's limit: 413 `too_large`.
 fn too_large() -> ApiError {
     ApiError::new(ErrorCode::TooLarge, "request body is too large")
@@ -53,17 +68,17 @@ fn too_large() -> ApiError {
 /// every field is optional.
 pub(crate) struct OptionalBody<T>(pub T);
 
-impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for OptionalBody<T> {
+impl<T: DeserializeOwned + Default> FromRequest<AppState> for OptionalBody<T> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
         let json = req
             .headers()
             .get(axum::http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("application/json"));
         // within the body limit, as `Body`
-        let bytes = match axum::body::Bytes::from_request(req, state).await {
+        let bytes = match in_time(state, axum::body::Bytes::from_request(req, state)).await? {
             Ok(b) => b,
             Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => return Err(too_large()),
             Err(e) => return Err(ApiError::invalid(e.body_text())),

@@ -1369,7 +1369,8 @@ async fn a_users_connections_share_one_request_budget() -> anyhow::Result<()> {
 
 /// REST had no rate limit: now per user (after the token) and per address
 /// (before it), with `429` and `Retry-After`; and a client that sends half a
-/// request's headers is cut off instead of holding the connection forever.
+/// request's headers, or half its body, is cut off instead of holding the
+/// connection (and the body's buffer) forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rest_is_rate_limited_and_half_sent_headers_time_out() -> anyhow::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1381,6 +1382,7 @@ async fn rest_is_rate_limited_and_half_sent_headers_time_out() -> anyhow::Result
                 ("--user-requests-per-sec", "2"),
                 ("--address-requests-per-sec", "10"),
                 ("--header-read-timeout-ms", "500"),
+                ("--body-read-timeout-ms", "500"),
             ],
         )
         .await?;
@@ -1454,6 +1456,30 @@ async fn rest_is_rate_limited_and_half_sent_headers_time_out() -> anyhow::Result
         let mut buf = [0u8; 512];
         let read = tokio::time::timeout(PROMPTLY, tcp.read(&mut buf)).await;
         assert!(read.is_ok(), "still open after {first:?}");
+    }
+    // whole headers with a valid token, then part of the body, then
+    // silence (for each body extractor): 408, and the connection closes
+    for (method, path) in [
+        ("POST", "/groups"),
+        ("PUT", "/groups/6f1c9b2e4d8a4f0b9e3a7c5d1b2e4f6a/mute"),
+    ] {
+        let mut tcp = tokio::net::TcpStream::connect(http).await?;
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+             Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"name\": ",
+            token("carol")
+        );
+        tcp.write_all(head.as_bytes()).await?;
+        let mut answer = Vec::new();
+        tokio::time::timeout(PROMPTLY, tcp.read_to_end(&mut answer))
+            .await
+            .with_context(|| format!("{method} {path}: still open with half a body"))??;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.starts_with("HTTP/1.1 408"),
+            "{method} {path}: {answer}"
+        );
+        assert!(answer.contains("did not arrive within 500 ms"), "{answer}");
     }
     edge.stop().await?;
     c.stop().await
