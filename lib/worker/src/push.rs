@@ -118,6 +118,26 @@ pub(crate) async fn follow_presence(s: Arc<State>) {
     }
 }
 
+/// Whom message `m` is pushed to, of the `offline` members (each with the
+/// seq after which it sees the group's messages): not its sender, nor a
+/// member added after it under `joined` history (the add can commit
+/// before the message is persisted), nor one who muted the group unless
+/// it is `named`.
+fn recipients(
+    offline: &[(&UserId, u64)],
+    m: &StoredMessage,
+    muted: &HashSet<String>,
+    named: &HashSet<&str>,
+) -> Vec<String> {
+    let seq = m.seq.unwrap_or_default();
+    offline
+        .iter()
+        .filter(|(u, sees_after)| *u != &m.sender_id && seq > *sees_after)
+        .filter(|(u, _)| !muted.contains(u.as_str()) || named.contains(u.as_str()))
+        .map(|(u, _)| u.to_string())
+        .collect()
+}
+
 /// Publishes the push events of a persisted batch: per message, the members
 /// other than the sender with no connection open. One group read per group
 /// of the batch.
@@ -137,10 +157,13 @@ pub(crate) async fn push(
             Err(WorkerError::NotFound(_)) => continue,
             Err(e) => return Err(e),
         };
-        let offline: Vec<&UserId> = record
+        // each with the seq after which it sees the group's messages
+        let offline: Vec<(&UserId, u64)> = record
             .group
-            .member_ids()
-            .filter(|u| !s.online.is_online(u.as_str()))
+            .members
+            .iter()
+            .filter(|m| !s.online.is_online(m.user_id.as_str()))
+            .map(|m| (&m.user_id, record.group.view_of(m)))
             .collect();
         // those who muted the group hear only of what mentions them: one
         // read per group of the batch, when someone could be pushed at all
@@ -162,12 +185,7 @@ pub(crate) async fn push(
                 .filter(|x| x.message == m.id)
                 .map(|x| x.user.as_str())
                 .collect();
-            let recipients: Vec<String> = offline
-                .iter()
-                .filter(|u| ***u != m.sender_id)
-                .filter(|u| !muted.contains(u.as_str()) || named.contains(u.as_str()))
-                .map(|u| u.to_string())
-                .collect();
+            let recipients = recipients(&offline, m, &muted, &named);
             if recipients.is_empty() {
                 continue;
             }
@@ -276,6 +294,48 @@ pub(crate) async fn post_webhooks(s: Arc<State>, hook: Webhook) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_push_goes_to_offline_members_who_see_the_message_and_did_not_mute_it() {
+        let user = |u: &str| UserId::parse(u).expect("id");
+        let (alice, bob, cy, dee) = (user("alice"), user("bob"), user("cy"), user("dee"));
+        let m = StoredMessage {
+            id: chat_domain::MessageId::generate(),
+            group_id: GroupId::generate(),
+            sender_id: alice.clone(),
+            client_msg_id: chat_domain::ClientMsgId::parse("c1").expect("id"),
+            kind: "text".into(),
+            key_id: "k".into(),
+            nonce: Vec::new(),
+            ciphertext: Vec::new(),
+            binding: 2,
+            seq: Some(7),
+            stream_seq: Some(70),
+            created_at: 0,
+            edited_at: None,
+            deleted_at: None,
+            version: 0,
+        };
+        // cy joined (under `joined` history) after seq 7, dee after 6
+        let offline = [(&alice, 0), (&bob, 0), (&cy, 7), (&dee, 6)];
+        let none = HashSet::new();
+        assert_eq!(
+            recipients(&offline, &m, &HashSet::new(), &none),
+            ["bob", "dee"],
+            "not the sender, nor a member added after the message"
+        );
+        let muted: HashSet<String> = ["bob".to_owned(), "dee".to_owned()].into();
+        assert_eq!(
+            recipients(&offline, &m, &muted, &none),
+            Vec::<String>::new()
+        );
+        let named: HashSet<&str> = ["dee", "cy"].into();
+        assert_eq!(
+            recipients(&offline, &m, &muted, &named),
+            ["dee"],
+            "a mention passes a mute, never the history's start"
+        );
+    }
 
     #[test]
     fn the_newest_word_on_a_user_wins() {
