@@ -96,14 +96,31 @@ function claims(token) {
   }
 }
 
-function savedToken() {
+// A token in the link (`#token=…`, the development stack's sign-in links),
+// taken out of the address bar at once.
+function linkedToken() {
   const hash = new URLSearchParams(location.hash.slice(1));
-  const fromHash = hash.get("token");
-  if (fromHash) {
-    history.replaceState(null, "", location.pathname + location.search);
-    return fromHash;
-  }
+  const token = hash.get("token");
+  if (token) history.replaceState(null, "", location.pathname + location.search);
+  return token;
+}
+
+function savedToken() {
   return sessionStorage.getItem("chat.token") || localStorage.getItem("chat.token");
+}
+
+// Outside a development server a linked token is only offered: anyone can
+// send a link with their own token in it, and signing the reader in as
+// them (in place of the reader's own saved sign-in) would have the reader
+// write into the sender's account. The reader's saved token wins; without
+// one, the form is filled in and says whose token it is.
+function offerLinkedToken(token) {
+  const c = claims(token);
+  if (!c || typeof c.sub !== "string") return;
+  $("#token").value = token;
+  const note = $("#linked-token");
+  note.textContent = `A link offered a token for "${c.sub}". Sign in with it only if you trust whoever sent the link.`;
+  note.hidden = false;
 }
 
 async function signIn(token) {
@@ -134,6 +151,7 @@ async function signIn(token) {
   loadGroups(page);
   loadBlocks();
   $("#signin").hidden = true;
+  $("#linked-token").hidden = true;
   $("#app").hidden = false;
   $("#whoami").textContent = c.name ? `${c.name} (${c.sub})` : c.sub;
   for (const id of ["#whoami", "#signout", "#conn-state"]) $(id).hidden = false;
@@ -1282,15 +1300,22 @@ async function start() {
   $("#leave-group").addEventListener("click", leaveGroup);
   document.addEventListener("visibilitychange", markRead);
 
+  let devTokens = false;
   try {
-    const cfg = await api.config();
-    $("#dev-form").hidden = !cfg.devTokens;
+    devTokens = (await api.config()).devTokens === true;
   } catch {
-    $("#dev-form").hidden = true;
+    devTokens = false;
+  }
+  $("#dev-form").hidden = !devTokens;
+  const linked = linkedToken();
+  $("#signin").hidden = false;
+  if (linked && devTokens) {
+    await signIn(linked);
+    return;
   }
   const token = savedToken();
-  $("#signin").hidden = false;
   if (token) await signIn(token);
+  else if (linked) offerLinkedToken(linked);
 }
 
 start();

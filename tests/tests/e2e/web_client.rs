@@ -899,3 +899,92 @@ async fn a_user_blocks_and_unblocks_someone_in_a_real_browser() -> anyhow::Resul
     c.stop().await?;
     Ok(())
 }
+
+/// A token in a link (`/app/#token=…`) signs the reader in only on a
+/// development server (its sign-in links): elsewhere anyone could send a
+/// link with their own token in it and have the reader write into their
+/// account. There the token is only offered in the form, saying whose it
+/// is, it leaves the address bar, and the reader's own saved sign-in wins
+/// over it.
+#[tokio::test]
+async fn a_linked_token_signs_in_by_itself_only_on_a_development_server() -> anyhow::Result<()> {
+    let driver = Driver::start().await?;
+    let reader = driver.browser("reader").await?;
+    let mallory = chat_tests::token("mallory");
+    let signed_in_as = |user: &str| {
+        format!(
+            "!document.querySelector('#app').hidden && \
+             document.querySelector('#whoami').textContent.includes('{user}')"
+        )
+    };
+
+    let c = Cluster::start(1, 1).await?;
+    let base = c.edge_url(0);
+    reader.goto(&format!("{base}/app/#token={mallory}")).await?;
+    until(
+        &reader,
+        "the linked token offered",
+        "document.querySelector('#linked-token')?.hidden === false",
+    )
+    .await?;
+    let note = js(
+        &reader,
+        "document.querySelector('#linked-token').textContent",
+    )
+    .await?;
+    assert!(
+        note.as_str().is_some_and(|n| n.contains("\"mallory\"")),
+        "{note}"
+    );
+    assert_eq!(
+        js(&reader, "document.querySelector('#app').hidden").await?,
+        true
+    );
+    assert_eq!(
+        js(&reader, "document.querySelector('#token').value").await?,
+        mallory.as_str()
+    );
+    assert_eq!(
+        js(&reader, "location.hash").await?,
+        "",
+        "the token left the address bar"
+    );
+
+    // the reader signs in as itself; a link later changes nothing
+    js(
+        &reader,
+        &format!(
+            "(document.querySelector('#token').value = '{}', \
+             document.querySelector('#signin-form').requestSubmit(), true)",
+            chat_tests::token("reader")
+        ),
+    )
+    .await?;
+    until(&reader, "signed in as the reader", &signed_in_as("reader")).await?;
+    reader.goto(&format!("{base}/app/#token={mallory}")).await?;
+    until(
+        &reader,
+        "still the reader after a link",
+        &signed_in_as("reader"),
+    )
+    .await?;
+    assert_eq!(
+        js(
+            &reader,
+            "document.querySelector('#whoami').textContent.includes('mallory')"
+        )
+        .await?,
+        false
+    );
+    c.stop().await?;
+
+    // on a development server the link signs in by itself
+    let c = Cluster::start_with(1, 1, &["--dev-tokens"]).await?;
+    let base = c.edge_url(0);
+    let fresh = driver.browser("fresh").await?;
+    fresh
+        .goto(&format!("{base}/app/#token={}", chat_tests::token("dana")))
+        .await?;
+    until(&fresh, "signed in by the link", &signed_in_as("dana")).await?;
+    c.stop().await
+}
