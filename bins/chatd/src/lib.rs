@@ -310,8 +310,9 @@ pub struct ServeArgs {
     pub worker_tls_key: Option<PathBuf>,
     /// Where the operator's routes are served: `GET /metrics`, `/healthz`
     /// and, on edges, `/readyz`. Never the public listener: keep this port
-    /// off the load balancer.
-    #[arg(long, env = "CHATD_METRICS_LISTEN", default_value = "0.0.0.0:9100")]
+    /// off the load balancer. Loopback by default (they need no token):
+    /// give the private address a scraper reaches.
+    #[arg(long, env = "CHATD_METRICS_LISTEN", default_value = "127.0.0.1:9100")]
     pub metrics_listen: SocketAddr,
     /// Edge: worker gRPC endpoints, comma-separated, balanced across
     /// (default with --role all: this process's own worker).
@@ -1167,6 +1168,22 @@ mod tests {
     /// `chatd <args>`'s serving flags.
     fn serve(args: &[&str]) -> Result<ServeArgs, clap::Error> {
         Cli::try_parse_from(std::iter::once("chatd").chain(args.iter().copied())).map(|c| c.serve)
+    }
+
+    /// The operator's routes need no token: unless told, only this host
+    /// reaches them.
+    #[test]
+    fn the_operator_routes_listen_on_loopback_unless_told() {
+        let listen = |extra: &[&str]| {
+            let mut argv = vec!["--role", "edge"];
+            argv.extend_from_slice(extra);
+            serve(&argv).expect("parses").metrics_listen
+        };
+        assert!(listen(&[]).ip().is_loopback(), "{}", listen(&[]));
+        assert_eq!(
+            listen(&["--metrics-listen", "0.0.0.0:9100"]).to_string(),
+            "0.0.0.0:9100"
+        );
     }
 
     #[test]
