@@ -287,7 +287,8 @@ impl Inner {
 pub fn app(state: AppState) -> Router {
     let body_limit = state.config.max_body_bytes;
     let limited = axum::middleware::from_fn_with_state(state.clone(), limits::by_address);
-    Router::new()
+    let mints_tokens = state.config.dev_token_secret.is_some();
+    let app = Router::new()
         .merge(web::routes(&state))
         .route("/groups", post(rest::create_group).get(rest::list_groups))
         .route(
@@ -332,7 +333,12 @@ pub fn app(state: AppState) -> Router {
         // liveness for load balancers, outside the limits
         .route("/healthz", get(rest::healthz))
         .layer(DefaultBodyLimit::max(body_limit))
-        .with_state(state)
+        .with_state(state);
+    if mints_tokens {
+        app.layer(axum::middleware::from_fn(web::addressed_locally))
+    } else {
+        app
+    }
 }
 
 /// The operator's routes of a process without an edge: `/metrics` and

@@ -77,6 +77,52 @@ pub(crate) fn routes(state: &AppState) -> Router<AppState> {
     r
 }
 
+/// On an edge that mints tokens, every request must be addressed to
+/// `localhost` (or a name under it) or to an IP address: a web page the
+/// developer visits could otherwise point a name of its own at this
+/// machine (DNS rebinding), read the answers as its own origin's, mint
+/// itself a token and read the local stack's chat. Anything else gets 421.
+pub(crate) async fn addressed_locally(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .map(|h| h.to_str().unwrap_or("?"));
+    match host {
+        Some(host) if !local_host(host) => ApiError::new(
+            ErrorCode::Forbidden,
+            "this development server answers only requests addressed to localhost or an IP address",
+        )
+        .with_status(StatusCode::MISDIRECTED_REQUEST)
+        .into_response(),
+        _ => next.run(req).await,
+    }
+}
+
+/// Whether a `Host` header names `localhost`, a name under it, or an IP
+/// address (no DNS answer stands behind those), with or without a port.
+fn local_host(host: &str) -> bool {
+    let port_ok = |port: &str| port.bytes().all(|b| b.is_ascii_digit());
+    if let Some(rest) = host.strip_prefix('[') {
+        // [v6] or [v6]:port
+        return rest.split_once(']').is_some_and(|(ip, after)| {
+            ip.parse::<std::net::Ipv6Addr>().is_ok()
+                && (after.is_empty() || after.strip_prefix(':').is_some_and(port_ok))
+        });
+    }
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if port_ok(port) => name,
+        Some(_) => return false,
+        None => host,
+    };
+    let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+    name.parse::<std::net::Ipv4Addr>().is_ok()
+        || name == "localhost"
+        || name.ends_with(".localhost")
+}
+
 fn asset(name: &str) -> Response {
     let Some((_, kind, body)) = ASSETS.iter().find(|(n, _, _)| *n == name) else {
         return ApiError::new(ErrorCode::NotFound, "no such file").into_response();
@@ -168,6 +214,35 @@ mod tests {
         assert!(!index.contains("<script>"), "inline script in index.html");
         for remote in ["src=\"http", "href=\"http", "src=\"//", "href=\"//"] {
             assert!(!index.contains(remote), "index.html loads {remote}…");
+        }
+    }
+
+    #[test]
+    fn only_localhost_and_ip_addresses_are_local_hosts() {
+        for host in [
+            "localhost",
+            "localhost:8080",
+            "LOCALHOST.",
+            "app.localhost:8080",
+            "127.0.0.1",
+            "127.0.0.1:8080",
+            "192.168.1.20:8080",
+            "[::1]:8080",
+            "[::1]",
+        ] {
+            assert!(local_host(host), "{host}");
+        }
+        for host in [
+            "evil.example",
+            "evil.example:8080",
+            "localhost.evil.example",
+            "127.0.0.1.nip.io:8080",
+            "[::1].evil",
+            "[evil]:8080",
+            "?",
+            "",
+        ] {
+            assert!(!local_host(host), "{host}");
         }
     }
 }

@@ -1,7 +1,7 @@
 //! REST: group creation and management, auth, limits.
 
 use anyhow::Context;
-use chat_tests::{Cluster, SECRET, token};
+use chat_tests::{Cluster, PROMPTLY, SECRET, token};
 use mongodb::bson::doc;
 use serde_json::{Value, json};
 
@@ -809,6 +809,8 @@ async fn the_web_client_and_dev_tokens_are_served_only_as_configured() -> anyhow
         (404, &json!("not_found")),
         "{body}"
     );
+    // any name may address a production edge (its load balancer's, say)
+    assert_eq!(status_for_host(&base, "chat.example.com").await?, 200);
     c.stop().await?;
 
     // a development stack mints tokens that work; bad names are refused
@@ -847,5 +849,34 @@ async fn the_web_client_and_dev_tokens_are_served_only_as_configured() -> anyhow
         c.http().get(format!("{base}/app/")).send().await?.status(),
         404
     );
+    // a page that pointed a name of its own at the stack (DNS rebinding)
+    // reaches nothing; localhost and IP addresses do
+    for (host, want) in [
+        ("evil.example:8080", 421),
+        ("localhost.evil.example", 421),
+        ("localhost:8080", 200),
+        ("127.0.0.1", 200),
+    ] {
+        assert_eq!(status_for_host(&base, host).await?, want, "{host}");
+    }
     c.stop().await
+}
+
+/// The status of `GET /healthz` on the edge at `base` with `Host: host`.
+async fn status_for_host(base: &str, host: &str) -> anyhow::Result<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://");
+    let mut tcp = tokio::net::TcpStream::connect(addr).await?;
+    tcp.write_all(
+        format!("GET /healthz HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(PROMPTLY, tcp.read_to_end(&mut answer)).await??;
+    let answer = String::from_utf8_lossy(&answer);
+    answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("no status in {answer}"))
 }
