@@ -118,6 +118,11 @@ pub(crate) trait Sink: Send + Sync {
 /// Frames a catching-up connection may hold; past it, the catch-up goes on
 /// from the durable consumer until it overtakes the live feed again.
 const HOLD_MAX: usize = 4096;
+/// Bytes of frames a catching-up connection may hold, as for `HOLD_MAX`:
+/// thousands of the largest messages would otherwise stay pinned for as
+/// long as a slow catch-up lasts (the frames are shared, but a user in
+/// groups of its own makes them all its own).
+const HOLD_MAX_BYTES: usize = 8 << 20;
 /// Membership events kept for a connection whose groups are not loaded yet.
 const EARLY_MAX: usize = 256;
 /// Keys whose newest stream sequence the hub remembers; past it, it forgets
@@ -126,13 +131,50 @@ const TAILS_MAX: usize = 200_000;
 
 enum Phase {
     /// Catching up: frames are held until the attach point is known.
-    Holding(VecDeque<LiveFrame>),
+    Holding(Held),
     /// Held too much: the catch-up must go on past the live feed.
     Overflowed,
     /// Everything after `skip_through` goes straight to the sink.
     Live { skip_through: u64 },
     /// Closed as too slow, or gone.
     Closed,
+}
+
+/// The frames a catching-up connection holds, and their bytes.
+#[derive(Default)]
+struct Held {
+    frames: VecDeque<LiveFrame>,
+    bytes: usize,
+}
+
+impl Held {
+    /// Holds `frame` if it fits within `HOLD_MAX` and `HOLD_MAX_BYTES`.
+    fn hold(&mut self, frame: &LiveFrame) -> bool {
+        let bytes = self.bytes + frame.bytes();
+        if self.frames.len() >= HOLD_MAX || bytes > HOLD_MAX_BYTES {
+            return false;
+        }
+        self.bytes = bytes;
+        self.frames.push_back(frame.clone());
+        true
+    }
+}
+
+impl LiveFrame {
+    /// What its text holds in memory (a reply's second frame too).
+    fn bytes(&self) -> usize {
+        self.text.len() + self.restricted.bytes()
+    }
+}
+
+impl Restriction {
+    /// The bytes of the second frame a reply keeps.
+    pub(crate) fn bytes(&self) -> usize {
+        match self {
+            Restriction::Reply(reply) => reply.1.len(),
+            Restriction::None | Restriction::Change => 0,
+        }
+    }
 }
 
 struct Conn {
@@ -258,7 +300,7 @@ impl LiveHub {
                 read: HashSet::new(),
                 early: Some(Vec::new()),
                 early_overflow: false,
-                phase: Phase::Holding(VecDeque::new()),
+                phase: Phase::Holding(Held::default()),
                 first_dropped: None,
                 sink,
             },
@@ -492,13 +534,14 @@ impl Conn {
         let read = self.read.contains(&frame.group);
         match &mut self.phase {
             Phase::Holding(held) => {
-                if held.len() >= HOLD_MAX {
+                if !held.hold(frame) {
                     // (a later overflow lets go of later frames)
-                    let first = held.front().map_or(frame.stream_seq, |f| f.stream_seq);
+                    let first = held
+                        .frames
+                        .front()
+                        .map_or(frame.stream_seq, |f| f.stream_seq);
                     self.first_dropped.get_or_insert(first);
                     self.phase = Phase::Overflowed;
-                } else {
-                    held.push_back(frame.clone());
                 }
                 false
             }
@@ -631,6 +674,7 @@ impl Registration {
         }
         if let Phase::Holding(held) = &conn.phase
             && let Some(first) = held
+                .frames
                 .iter()
                 .find(|f| read.binary_search_by(|k| k.as_str().cmp(&f.group)).is_err())
         {
@@ -658,9 +702,9 @@ impl Registration {
                 skip_through: through,
             },
         ) {
-            Phase::Holding(held) => held,
+            Phase::Holding(held) => held.frames,
             Phase::Overflowed => {
-                conn.phase = Phase::Holding(VecDeque::new());
+                conn.phase = Phase::Holding(Held::default());
                 return Err(NotYet::Overflowed);
             }
             Phase::Closed => {
@@ -1081,6 +1125,33 @@ mod tests {
         // the catch-up went on up to the feed's position before the send
         reg.attach(next - 1, &read(&["g"])).expect("attach");
         assert_eq!(sink.seqs(), [next]);
+    }
+
+    #[test]
+    fn holding_too_many_bytes_overflows_too() {
+        let hub = hub();
+        let (reg, sink) = catching_up(&hub, "ann", &["g"]);
+        let big = Utf8Bytes::from("x".repeat(64 * 1024));
+        let fits = (HOLD_MAX_BYTES / big.len()) as u64;
+        assert!(fits < HOLD_MAX as u64, "the bytes bind first");
+        let send_big = |s: u64| {
+            hub.message::<()>(s, "g", || Ok((big.clone(), s, Restriction::None)))
+                .expect("open");
+        };
+        for s in 1..=fits {
+            send_big(s);
+        }
+        // as many as fit are held, and go out at the attach
+        let (reg2, sink2) = catching_up(&hub, "bob", &["g"]);
+        reg.attach(0, &read(&["g"]))
+            .expect("attach within the budget");
+        assert_eq!(sink.seqs().len() as u64, fits);
+        // one more than fits: the catch-up must go on past the live feed
+        for s in fits + 1..=2 * fits + 1 {
+            send_big(s);
+        }
+        assert_eq!(reg2.attach(0, &read(&["g"])), Err(NotYet::Overflowed));
+        assert!(sink2.seqs().is_empty());
     }
 
     #[test]

@@ -26,10 +26,21 @@ pub(crate) struct OpenedFrames(Recent<u64, Opened>);
 
 /// Messages kept opened; a few seconds of traffic at the rates measured.
 const OPENED_FRAMES: usize = 4096;
+/// Their bytes at most: a user who sends the largest replies could
+/// otherwise have every edge keep ~100 KiB for each of them (the sealed
+/// envelope, the frame and a reply's second frame), 400 MiB in all.
+const OPENED_BYTES: usize = 32 << 20;
 
 impl Default for OpenedFrames {
     fn default() -> Self {
-        Self(Recent::new(OPENED_FRAMES))
+        Self(Recent::weighed(OPENED_FRAMES, OPENED_BYTES, Opened::bytes))
+    }
+}
+
+impl Opened {
+    /// What it holds in memory.
+    fn bytes(&self) -> usize {
+        self.payload.len() + self.text.len() + self.restriction.bytes()
     }
 }
 

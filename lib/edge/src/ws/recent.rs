@@ -6,25 +6,39 @@ use std::{collections::VecDeque, hash::Hash, sync::Mutex};
 
 use super::*;
 
-/// At most `cap` entries, behind a lock; past it the one put in first goes.
+/// At most `cap` entries, and at most `max_bytes` as `weigh` counts them,
+/// behind a lock; past either the one put in first goes.
 pub(super) struct Recent<K, V> {
     inner: Mutex<Inner<K, V>>,
     cap: usize,
+    max_bytes: usize,
+    weigh: fn(&V) -> usize,
 }
 
 struct Inner<K, V> {
     by_key: HashMap<K, V>,
     order: VecDeque<K>,
+    bytes: usize,
 }
 
 impl<K: Hash + Eq + Clone, V: Clone> Recent<K, V> {
+    /// Bounded by the number of entries only: for small ones.
     pub(super) fn new(cap: usize) -> Self {
+        Self::weighed(cap, usize::MAX, |_| 0)
+    }
+
+    /// Bounded by the number of entries and by their bytes: for entries
+    /// whose size a client chooses.
+    pub(super) fn weighed(cap: usize, max_bytes: usize, weigh: fn(&V) -> usize) -> Self {
         Self {
             inner: Mutex::new(Inner {
                 by_key: HashMap::new(),
                 order: VecDeque::new(),
+                bytes: 0,
             }),
             cap,
+            max_bytes,
+            weigh,
         }
     }
 
@@ -36,12 +50,17 @@ impl<K: Hash + Eq + Clone, V: Clone> Recent<K, V> {
 
     pub(super) fn put(&self, key: K, value: V) {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if inner.by_key.insert(key.clone(), value).is_none() {
-            inner.order.push_back(key);
+        inner.bytes += (self.weigh)(&value);
+        match inner.by_key.insert(key.clone(), value) {
+            Some(old) => inner.bytes -= (self.weigh)(&old),
+            None => inner.order.push_back(key),
         }
-        while inner.order.len() > self.cap {
-            if let Some(old) = inner.order.pop_front() {
-                inner.by_key.remove(&old);
+        while inner.order.len() > self.cap || inner.bytes > self.max_bytes {
+            let Some(old) = inner.order.pop_front() else {
+                break;
+            };
+            if let Some(v) = inner.by_key.remove(&old) {
+                inner.bytes -= (self.weigh)(&v);
             }
         }
     }
@@ -71,5 +90,25 @@ mod tests {
         assert_eq!(recent.get(&2, |_| true), Some(20));
         assert_eq!(recent.get(&4, |_| true), Some(41));
         assert_eq!(recent.get(&4, |v| *v == 40), None, "refused by keep");
+    }
+
+    #[test]
+    fn it_keeps_the_newest_entries_within_the_bytes() {
+        let recent: Recent<u64, String> = Recent::weighed(100, 10, String::len);
+        recent.put(1, "aaaa".into());
+        recent.put(2, "bbbb".into());
+        assert_eq!(recent.len(), 2);
+        recent.put(3, "cccc".into());
+        assert_eq!(recent.len(), 2, "12 bytes > 10: the oldest went");
+        assert_eq!(recent.get(&1, |_| true), None);
+        // a kept key put again counts its new size, not both
+        recent.put(3, "c".into());
+        recent.put(4, "dddd".into());
+        assert_eq!(recent.len(), 3, "4 + 1 + 4 bytes");
+        // one entry past the budget is not kept at all
+        recent.put(5, "e".repeat(11));
+        assert_eq!(recent.len(), 0);
+        recent.put(6, "f".into());
+        assert_eq!(recent.get(&6, |_| true).as_deref(), Some("f"));
     }
 }
