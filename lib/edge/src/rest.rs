@@ -57,6 +57,10 @@ async fn in_time<R>(state: &AppState, read: impl Future<Output = R>) -> Result<R
     })
 }
 
+/// The longest page cursor a client may hand back: longer than any this
+/// server gives, so one is refused before a worker reads it.
+const MAX_CURSOR: usize = 128;
+
 /// A body past the edge's limit: 413 `too_large`.
 fn too_large() -> ApiError {
     ApiError::new(ErrorCode::TooLarge, "request body is too large")
@@ -174,8 +178,10 @@ pub(crate) async fn list_groups(
         )));
     }
     let after = page.after.unwrap_or_default();
-    if after.len() > 128 {
-        return Err(ApiError::invalid("bad page cursor"));
+    if after.len() > MAX_CURSOR {
+        return Err(ApiError::invalid(format!(
+            "after is longer than a cursor ({MAX_CURSOR} characters)"
+        )));
     }
     // a read of each group's newest message and read mark: up to `limit`
     if let Err(refused) = app.limits.user_fan_out(&me.user_id, limit as usize) {
@@ -657,8 +663,10 @@ pub(crate) async fn mentions(
     if q.limit == Some(0) {
         return Err(ApiError::invalid("limit must be at least 1"));
     }
-    if q.before.as_ref().is_some_and(|b| b.len() > 128) {
-        return Err(ApiError::invalid("before is not a cursor this server gave"));
+    if q.before.as_ref().is_some_and(|b| b.len() > MAX_CURSOR) {
+        return Err(ApiError::invalid(format!(
+            "before is longer than a cursor ({MAX_CURSOR} characters)"
+        )));
     }
     let r = rpc!(
         app,

@@ -524,6 +524,17 @@ async fn a_worker_takes_only_signed_calls_each_once_and_the_secret_never_travels
     let instance = chat_rpc::signed::ready(channel.clone(), None)
         .await?
         .context("an instance")?;
+    // a health check's nonce has a limit (anyone may ask; the proof is
+    // computed over it)
+    let long_nonce = pb::health_client::HealthClient::new(channel.clone())
+        .ready(pb::ReadyRequest { nonce: vec![7; 65] })
+        .await;
+    assert!(
+        long_nonce
+            .as_ref()
+            .is_err_and(|s| s.code() == tonic::Code::InvalidArgument),
+        "{long_nonce:?}"
+    );
     let signed_with = |secret: &str, instance| -> anyhow::Result<_> {
         Ok(Signed::new(
             channel.clone(),
@@ -1535,6 +1546,16 @@ async fn groups_per_user_are_capped_and_listed_in_bounded_pages() -> anyhow::Res
         let (status, _) = c.get(0, "victim", bad).await?;
         assert_eq!(status, 400, "{bad}");
     }
+    // a cursor longer than any the server gives is refused by the edge
+    let long = format!("/groups?after={}", "1".repeat(129));
+    let (status, body) = c.get(0, "victim", &long).await?;
+    assert_eq!(status, 400);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("longer than a cursor (128 characters)")),
+        "{body}"
+    );
     c.stop().await
 }
 

@@ -956,16 +956,25 @@ async fn mentions_reach_the_members_named_live_on_reconnect_and_in_their_list() 
         .await?;
     assert_eq!(status, 200);
     assert_eq!(seqs(&second), [top + 1, top]);
+    let too_long = format!("?before={}", "1".repeat(129));
     for bad in [
         "?before=x",
         "?before=12-not%20an%20id",
         "?limit=0",
         "?other=1",
+        &too_long,
     ] {
         let (status, body) = c.get(0, "bob", &format!("/mentions{bad}")).await?;
         assert_eq!(status, 400, "{bad}: {body}");
         assert_eq!(body["error"]["code"], "invalid");
     }
+    let (_, body) = c.get(0, "bob", &format!("/mentions{too_long}")).await?;
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("longer than a cursor")),
+        "refused by the edge: {body}"
+    );
 
     // a member removed is no longer mentioned
     assert_eq!(c.remove_member(0, "alice", &g, "carol").await?, 200);
