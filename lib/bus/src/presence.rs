@@ -463,6 +463,19 @@ mod tests {
     }
 
     #[test]
+    fn a_record_names_at_most_its_cap_of_groups() {
+        let many: Vec<String> = (0..=RECORD_GROUPS_MAX).map(|i| format!("g{i}")).collect();
+        let r = Update::Connected {
+            edge: "e1".into(),
+            groups: many.clone(),
+        }
+        .apply(&Record::default())
+        .expect("changed");
+        assert_eq!(r.groups.len(), RECORD_GROUPS_MAX);
+        assert_eq!(r.groups[..], many[..RECORD_GROUPS_MAX]);
+    }
+
+    #[test]
     fn a_user_is_online_while_any_edge_has_a_connection() {
         let r = Record::default();
         let r = Update::Connected {

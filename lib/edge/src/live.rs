@@ -838,6 +838,20 @@ pub(crate) async fn feed(app: Weak<crate::Inner>, feed: Feed) {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_hub_remembers_a_bounded_number_of_keys_tails() {
+        let mut hub = Hub::default();
+        for k in 0..TAILS_MAX as u64 {
+            hub.noted(&format!("k{k}"), k + 1, k);
+        }
+        assert_eq!(hub.tails.len(), TAILS_MAX);
+        hub.noted("k0", 900_000, 800_000);
+        assert_eq!(hub.tails.len(), TAILS_MAX, "a known key takes no room");
+        hub.noted("new", 900_001, 900_000);
+        assert_eq!(hub.tails.len(), 1, "forgotten, then the new one");
+        assert_eq!(hub.floor, 900_000, "none forgotten is newer than that");
+    }
+
     /// A sink that keeps what it is given, up to `room`.
     #[derive(Default)]
     struct Kept {

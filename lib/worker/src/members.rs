@@ -168,6 +168,24 @@ mod tests {
     }
 
     #[test]
+    fn a_full_cache_starts_over() {
+        let m = Members::default();
+        let g = GroupId::parse("g").expect("group");
+        let users: Vec<UserId> = (0..=MAX_ENTRIES)
+            .map(|i| UserId::parse(format!("u{i}")).expect("user"))
+            .collect();
+        for u in &users[..MAX_ENTRIES] {
+            m.remember(&g, u, 1, m.ticket(1));
+        }
+        assert_eq!(m.inner().entries, MAX_ENTRIES);
+        assert_eq!(m.visible_from(&g, &users[0], 1), Some(1));
+        m.remember(&g, &users[MAX_ENTRIES], 1, m.ticket(1));
+        assert_eq!(m.inner().entries, 1, "cleared, then the new one");
+        assert_eq!(m.visible_from(&g, &users[0], 1), None);
+        assert_eq!(m.visible_from(&g, &users[MAX_ENTRIES], 1), Some(1));
+    }
+
+    #[test]
     fn a_membership_is_kept_until_its_group_is_forgotten() {
         let m = Members::default();
         let (g, u) = ids();

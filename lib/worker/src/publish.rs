@@ -155,7 +155,7 @@ impl GroupSlot {
 impl Positions {
     pub(crate) fn slot(&self, g: &GroupId) -> Slot {
         let mut map = lock(&self.slots);
-        if map.len() >= POSITION_CACHE {
+        if map.len() >= POSITION_CACHE && !map.contains_key(g) {
             // a slot still held elsewhere stays valid: the worst case is two
             // holders for one group, which the compare-and-set resolves
             map.clear();
@@ -757,6 +757,35 @@ async fn publish_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_worker_remembers_a_bounded_number_of_groups_and_changes() {
+        let positions = Positions::default();
+        let first = GroupId::generate();
+        let slot = positions.slot(&first);
+        for _ in 1..POSITION_CACHE {
+            positions.slot(&GroupId::generate());
+        }
+        assert_eq!(lock(&positions.slots).len(), POSITION_CACHE);
+        assert!(Arc::ptr_eq(&slot, &positions.slot(&first)), "still kept");
+        positions.slot(&GroupId::generate());
+        assert_eq!(lock(&positions.slots).len(), 1, "cleared, then the new one");
+
+        let ids: Vec<MessageId> = (0..=CHANGES_KEPT).map(|_| MessageId::generate()).collect();
+        for (n, id) in ids[..CHANGES_KEPT].iter().enumerate() {
+            slot.changed(id, n as u64 + 1);
+        }
+        slot.changed(&ids[0], 5_000);
+        assert_eq!(
+            slot.last_change(&ids[0]),
+            Some(5_000),
+            "a kept one moves on"
+        );
+        assert_eq!(lock(&slot.changes).len(), CHANGES_KEPT);
+        slot.changed(&ids[CHANGES_KEPT], 6_000);
+        assert_eq!(lock(&slot.changes).len(), 1, "cleared, then the new one");
+        assert_eq!(slot.last_change(&ids[0]), None);
+    }
     use chat_domain::ClientMsgId;
 
     fn queued(bytes: usize) -> (Queued, oneshot::Receiver<Result<Position, WorkerError>>) {

@@ -40,6 +40,15 @@ impl Visibility {
             .remove(group);
     }
 
+    /// Keeps where `group`'s view starts, if there is room ("not a member"
+    /// is not kept: an addition may follow).
+    fn remember(&self, group: &str, from: u64) {
+        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        if from != HIDE_ALL && (known.len() < MAX_KNOWN || known.contains_key(group)) {
+            known.insert(group.to_owned(), (from, Instant::now()));
+        }
+    }
+
     fn lookup(&self, group: &str) -> Option<u64> {
         self.known
             .lock()
@@ -81,14 +90,32 @@ impl Visibility {
                     }
                     Err(e) => return Err(e),
                 };
-                // "not a member" is not kept: an addition may follow
-                let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
-                if from != HIDE_ALL && (known.len() < MAX_KNOWN || known.contains_key(group)) {
-                    known.insert(group.to_owned(), (from, Instant::now()));
-                }
+                self.remember(group, from);
                 from
             }
         };
         Ok(seq <= from)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_remembers_a_bounded_number_of_groups() {
+        let v = Visibility::default();
+        for g in 0..MAX_KNOWN {
+            v.remember(&format!("g{g}"), 3);
+        }
+        v.remember("one-more", 3);
+        assert_eq!(v.lookup("one-more"), None, "no room: asked each time");
+        v.remember("g0", 9);
+        assert_eq!(v.lookup("g0"), Some(9), "a known group is updated");
+        v.forget("g1");
+        v.remember("one-more", 3);
+        assert_eq!(v.lookup("one-more"), Some(3));
+        v.remember("hidden", HIDE_ALL);
+        assert_eq!(v.lookup("hidden"), None, "not a member: never kept");
     }
 }
