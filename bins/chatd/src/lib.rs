@@ -693,8 +693,8 @@ impl ServeArgs {
         ))
     }
 
-    fn media(&self) -> MediaPolicy {
-        MediaPolicy {
+    fn media(&self) -> anyhow::Result<MediaPolicy> {
+        let policy = MediaPolicy {
             image_types: self.image_types.clone(),
             video_types: self.video_types.clone(),
             audio_types: self.audio_types.clone(),
@@ -703,7 +703,11 @@ impl ServeArgs {
             audio_max_bytes: self.max_audio_bytes,
             open_uploads_per_user: self.max_open_uploads_per_user,
             open_upload_bytes_per_user: self.max_open_upload_bytes_per_user,
-        }
+        };
+        policy
+            .validate()
+            .context("--image-types, --video-types or --audio-types")?;
+        Ok(policy)
     }
 
     /// The push webhook, if configured; its URL must be http(s) and its
@@ -903,7 +907,7 @@ impl Node {
                 publish_batch_max: args.publish_batch_max(),
                 idempotency_window,
                 edit_window: Duration::from_secs(args.edit_window_secs),
-                media: args.media(),
+                media: args.media()?,
                 upload_url_ttl,
                 download_url_ttl: Duration::from_secs(args.download_url_ttl_secs),
                 unreferenced_upload_ttl,
@@ -1168,6 +1172,21 @@ mod tests {
     /// `chatd <args>`'s serving flags.
     fn serve(args: &[&str]) -> Result<ServeArgs, clap::Error> {
         Cli::try_parse_from(std::iter::once("chatd").chain(args.iter().copied())).map(|c| c.serve)
+    }
+
+    #[test]
+    fn media_type_lists_are_checked_at_start() {
+        let media = |types: &str| {
+            serve(&["--role", "worker", "--image-types", types])
+                .expect("parses")
+                .media()
+        };
+        assert!(media("image/png,image/avif").is_ok());
+        let refused = media("image/png,image/svg+xml").expect_err("svg refused");
+        assert!(
+            format!("{refused:#}").contains("--image-types"),
+            "{refused:#}"
+        );
     }
 
     /// The operator's routes need no token: unless told, only this host

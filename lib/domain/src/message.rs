@@ -259,6 +259,41 @@ impl Default for MediaPolicy {
 }
 
 impl MediaPolicy {
+    /// Checks the operator's type lists: each names plain types of its own
+    /// kind (`image/…` for images and so on, no parameters), and none a
+    /// browser runs scripts from when the object is opened on the bucket's
+    /// origin (`image/svg+xml`).
+    pub fn validate(&self) -> Result<(), DomainError> {
+        for (kind, types) in [
+            ("image", &self.image_types),
+            ("video", &self.video_types),
+            ("audio", &self.audio_types),
+        ] {
+            for t in types {
+                let plain = t
+                    .strip_prefix(kind)
+                    .and_then(|rest| rest.strip_prefix('/'))
+                    .is_some_and(|sub| {
+                        !sub.is_empty()
+                            && sub.bytes().all(|b| {
+                                b.is_ascii_lowercase() || b.is_ascii_digit() || b"+-.".contains(&b)
+                            })
+                    });
+                if !plain {
+                    return Err(DomainError::Invalid(format!(
+                        "{t:?} is not a {kind} type (`{kind}/<subtype>`, lowercase, no parameters)"
+                    )));
+                }
+                if t == "image/svg+xml" {
+                    return Err(DomainError::Invalid(
+                        "image/svg+xml may carry scripts that run when the image is opened: it cannot be an image type".into(),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Checks that `kind` may carry `mime` at `size` bytes.
     pub fn check(&self, kind: MessageKind, mime: &str, size: u64) -> Result<(), DomainError> {
         let (types, max) = match kind {
@@ -310,6 +345,32 @@ impl MediaPolicy {
 #[cfg(test)]
 mod media_tests {
     use super::*;
+
+    #[test]
+    fn an_operator_s_type_lists_name_plain_types_of_their_kind_and_no_svg() {
+        assert!(MediaPolicy::default().validate().is_ok());
+        let with_image = |t: &str| MediaPolicy {
+            image_types: vec!["image/png".into(), t.into()],
+            ..MediaPolicy::default()
+        };
+        assert!(with_image("image/avif").validate().is_ok());
+        for bad in [
+            "image/svg+xml",
+            "text/html",
+            "video/mp4",
+            "image/png; charset=utf-8",
+            "image/",
+            "Image/PNG",
+            "image",
+        ] {
+            assert!(with_image(bad).validate().is_err(), "{bad}");
+        }
+        let audio = MediaPolicy {
+            audio_types: vec!["image/png".into()],
+            ..MediaPolicy::default()
+        };
+        assert!(audio.validate().is_err(), "an image type among audio types");
+    }
 
     #[test]
     fn media_policy_checks_type_and_size() {
