@@ -60,6 +60,7 @@ export const updateGroup = (group, changes) =>
 export const addMembers = (group, userIds) =>
   request("POST", `/groups/${enc(group)}/members`, { userIds });
 export const leaveGroup = (group) => request("DELETE", `/groups/${enc(group)}/members/me`);
+export const deleteGroup = (group) => request("DELETE", `/groups/${enc(group)}`);
 export const removeMember = (group, userId) =>
   request("DELETE", `/groups/${enc(group)}/members/${enc(userId)}`);
 export const transferOwner = (group, userId) =>

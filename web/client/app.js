@@ -252,18 +252,24 @@ function summary(m) {
   return m.type === "text" ? m.text : `[${m.type}]`;
 }
 
+// Forgets a group the user is no longer in (or that was deleted).
+function forgetGroup(groupId) {
+  app.groups.delete(groupId);
+  app.messages.delete(groupId);
+  app.mentioned.delete(groupId);
+  if (app.open === groupId) closeGroup();
+  renderGroups();
+}
+
 function groupChanged(data) {
   const g = data.group;
   const change = data.change || {};
   const gone =
-    (change.kind === "member_removed" || change.kind === "member_left") &&
-    (change.userIds || []).includes(app.me);
+    change.kind === "deleted" ||
+    ((change.kind === "member_removed" || change.kind === "member_left") &&
+      (change.userIds || []).includes(app.me));
   if (gone) {
-    app.groups.delete(g.id);
-    app.messages.delete(g.id);
-    app.mentioned.delete(g.id);
-    if (app.open === g.id) closeGroup();
-    renderGroups();
+    forgetGroup(g.id);
     return;
   }
   const known = app.groups.get(g.id);
@@ -456,6 +462,9 @@ function renderHeader() {
   const owner = group.ownerId === app.me;
   for (const el of document.querySelectorAll("#group-tools .owner-only")) el.hidden = !owner;
   $("#leave-group").hidden = owner;
+  // a second click confirms, as for the members' buttons
+  $("#delete-group").textContent =
+    app.armed === "delete-group" ? "Delete the group for everyone?" : "Delete the group";
   renderMemberList(group, owner);
   const toggle = $("#mute-toggle");
   toggle.setAttribute("aria-pressed", String(!!muted));
@@ -571,6 +580,29 @@ async function toggleMute() {
   } finally {
     toggle.disabled = false;
     if (app.open === groupId) renderHeader();
+  }
+}
+
+// The owner deletes the group for everyone: a first click asks, a second
+// deletes. Every member's page, this one included, hears `deleted` too.
+async function deleteGroup() {
+  const groupId = app.open;
+  if (app.armed !== "delete-group") {
+    app.armed = "delete-group";
+    renderHeader();
+    return;
+  }
+  app.armed = null;
+  const b = $("#delete-group");
+  b.disabled = true;
+  try {
+    await api.deleteGroup(groupId);
+    forgetGroup(groupId);
+  } catch (e) {
+    failed(e);
+  } finally {
+    b.disabled = false;
+    renderHeader();
   }
 }
 
@@ -1298,6 +1330,7 @@ async function start() {
   $("#add-member-form").addEventListener("submit", addMember);
   $("#mute-toggle").addEventListener("click", toggleMute);
   $("#leave-group").addEventListener("click", leaveGroup);
+  $("#delete-group").addEventListener("click", deleteGroup);
   document.addEventListener("visibilitychange", markRead);
 
   let devTokens = false;

@@ -100,6 +100,9 @@ enum Command {
     Remove { group: String, user: String },
     /// Leave a group.
     Leave { group: String },
+    /// Delete a group for everyone, with its messages and media (owner
+    /// only; it cannot be undone).
+    DeleteGroup { group: String },
     /// Send a text message.
     Send {
         group: String,
@@ -642,6 +645,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 )
                 .await?;
             c.out(&v, || format!("left {group}"));
+        }
+        Command::DeleteGroup { group } => {
+            let v = c
+                .call(reqwest::Method::DELETE, &format!("/groups/{group}"), None)
+                .await?;
+            c.out(&v, || format!("deleted {group} for everyone"));
         }
         Command::Send {
             group,

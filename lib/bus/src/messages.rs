@@ -202,6 +202,20 @@ impl Bus {
             .map_err(BusError::nats)
     }
 
+    /// Purges every message of `group` (each change of one too) from the
+    /// stream: a deleted group's. Its membership events stay (they carry
+    /// no content, and an edge that has not read them yet still must).
+    /// Returns how many it purged.
+    pub async fn purge_group_messages(&self, group: &GroupId) -> Result<u64, BusError> {
+        let stream = self.groups_stream().await?;
+        let done = stream
+            .purge()
+            .filter(group_msg_subject(group))
+            .await
+            .map_err(BusError::nats)?;
+        Ok(done.purged)
+    }
+
     /// The newest message of `group` still in the stream, if any.
     pub async fn last_group_position(&self, group: &GroupId) -> Result<Option<Position>, BusError> {
         let stream = self.groups_stream().await?;

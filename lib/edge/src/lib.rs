@@ -293,7 +293,9 @@ pub fn app(state: AppState) -> Router {
         .route("/groups", post(rest::create_group).get(rest::list_groups))
         .route(
             "/groups/{id}",
-            get(rest::get_group).patch(rest::update_group),
+            get(rest::get_group)
+                .patch(rest::update_group)
+                .delete(rest::delete_group),
         )
         .route("/groups/{id}/owner", post(rest::transfer_owner))
         .route(

@@ -30,6 +30,7 @@ use crate::rest;
         rest::block_user,
         rest::unblock_user,
         rest::update_group,
+        rest::delete_group,
         rest::mute_group,
         rest::unmute_group,
         rest::transfer_owner,

@@ -398,6 +398,33 @@ pub(crate) async fn add_members(
     Ok(view(group)?.into_response())
 }
 
+/// `DELETE /groups/{id}` (owner only).
+#[utoipa::path(delete, path = "/groups/{id}", tag = "groups",
+    params(("id" = String, Path, description = "group id")),
+    responses(
+        (status = 204, description = "the group is deleted for everyone (owner only): every member gets `a_group_updated` with `change.kind` `deleted`, live or on reconnect, and its messages, receipts, reactions, mentions, mutes and media are deleted; from then on it is `404` to everyone. A retry by the owner of a deletion that failed halfway finishes it"),
+        crate::openapi::GroupErrors, crate::openapi::CallerErrors
+    ))]
+pub(crate) async fn delete_group(
+    State(app): State<AppState>,
+    Caller(me): Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let r = rpc!(
+        app,
+        GroupsClient,
+        delete_group,
+        pb::GroupRequest {
+            caller: me.user_id.to_string(),
+            group_id: id,
+        }
+    )?
+    .into_inner();
+    // as a removal: one more request per 10 members it told
+    app.limits.user_owes(&me.user_id, r.notified as usize);
+    Ok(StatusCode::NO_CONTENT)
+}
+
 /// `DELETE /groups/{id}/members/{userId}`; `me` (or one's own id) leaves.
 #[utoipa::path(delete, path = "/groups/{id}/members/{user_id}", tag = "groups",
     params(

@@ -75,10 +75,11 @@ impl GroupView {
 #[serde(rename_all = "camelCase")]
 pub struct GroupChangeView {
     /// `created`, `members_added`, `member_removed`, `member_left`,
-    /// `owner_changed` or `details_changed` (name or description).
+    /// `owner_changed`, `details_changed` (name or description) or
+    /// `deleted` (the owner deleted the group for everyone).
     pub kind: String,
     /// Who was added, removed, left, or became owner (none for
-    /// `details_changed`).
+    /// `details_changed` and `deleted`).
     pub user_ids: Vec<String>,
     /// Who made the change.
     pub by: String,

@@ -54,6 +54,29 @@ struct GroupDoc {
     /// The last change, until its `a_group_updated` has gone out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     unnotified: Option<Unnotified>,
+    /// Set when the group was deleted: the document stays, with no
+    /// members, as the tombstone every read but [`GroupRepo::tombstone`]
+    /// takes for no group at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    deleted_at: Option<DateTime>,
+    /// Who was a member when the group was deleted (its data is purged by
+    /// their keys).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    former_members: Vec<String>,
+}
+
+/// What stays of a deleted group: its last state (no members), who were
+/// its members, when it was deleted, and whether its notification went out.
+#[derive(Debug, Clone)]
+pub struct Tombstone {
+    pub record: GroupRecord,
+    pub former_members: Vec<UserId>,
+    pub deleted_at: Millis,
+}
+
+/// A live group: no tombstone.
+fn live(id: &GroupId) -> mongodb::bson::Document {
+    doc! { "_id": id.as_str(), "deletedAt": { "$exists": false } }
 }
 
 /// One member's subscription: `_id` is `<group>:<user>` (ids never contain
@@ -183,6 +206,8 @@ impl GroupDoc {
             rev,
             created_notified_at: None,
             unnotified: None,
+            deleted_at: None,
+            former_members: Vec::new(),
         }
     }
 
@@ -252,7 +277,20 @@ impl GroupRepo {
                     .build(),
             )
             .build();
-        self.coll.create_indexes([by_member, by_subscriber]).await?;
+        // the deleted groups, for their purge's second pass: only
+        // tombstones have the field
+        let deleted = IndexModel::builder()
+            .keys(doc! { "deletedAt": 1 })
+            .options(
+                IndexOptions::builder()
+                    .name("deleted".to_owned())
+                    .sparse(true)
+                    .build(),
+            )
+            .build();
+        self.coll
+            .create_indexes([by_member, by_subscriber, deleted])
+            .await?;
         let by_user = IndexModel::builder()
             .keys(doc! { "userId": 1 })
             .options(IndexOptions::builder().name("by_user".to_owned()).build())
@@ -269,10 +307,10 @@ impl GroupRepo {
         Ok(())
     }
 
-    /// The group `id`, if it exists.
+    /// The group `id`, if it exists (and was not deleted).
     pub async fn get(&self, id: &GroupId) -> Result<Option<GroupRecord>, StoreError> {
         self.coll
-            .find_one(doc! { "_id": id.as_str() })
+            .find_one(live(id))
             .await?
             .map(GroupDoc::into_record)
             .transpose()
@@ -293,7 +331,7 @@ impl GroupRepo {
         let found = self
             .coll
             .clone_with_type::<Settings>()
-            .find_one(doc! { "_id": id.as_str() })
+            .find_one(live(id))
             .projection(doc! { "_id": 1, "ownerId": 1, "history": 1 })
             .await?;
         found
@@ -312,7 +350,7 @@ impl GroupRepo {
         let found = self
             .coll
             .clone_with_type::<OneMember>()
-            .find_one(doc! { "_id": id.as_str() })
+            .find_one(live(id))
             .projection(OneMember::projection(user))
             .await?;
         Ok(match found {
@@ -336,7 +374,7 @@ impl GroupRepo {
         let found = self
             .coll
             .clone_with_type::<OneMember>()
-            .find_one(doc! { "_id": id.as_str() })
+            .find_one(live(id))
             .projection(doc! { "_id": 1, "history": 1, "members": 1 })
             .await?;
         let Some(group) = found else {
@@ -524,6 +562,96 @@ impl GroupRepo {
         groups.sort_unstable();
         groups.dedup();
         Ok(groups)
+    }
+
+    /// Deletes the group of `record` if it is still at its `rev`: it keeps
+    /// no members (so no read finds it, and no member's list names it),
+    /// only what [`Self::tombstone`] reads, with `notice` to send. Returns
+    /// whether it was still at that revision.
+    pub async fn mark_deleted(
+        &self,
+        record: &GroupRecord,
+        notice: &Unnotified,
+        at: Millis,
+    ) -> Result<bool, StoreError> {
+        let notice = mongodb::bson::to_bson(notice)
+            .map_err(|e| StoreError::Unavailable(format!("encoding a notice: {e}")))?;
+        let former: Vec<&str> = record.group.member_ids().map(UserId::as_str).collect();
+        let res = self
+            .coll
+            .update_one(
+                doc! { "_id": record.group.id.as_str(), "rev": record.rev },
+                doc! { "$set": {
+                    "members": [], "subscribers": [], "formerMembers": former,
+                    "deletedAt": to_bson_time(at), "updatedAt": to_bson_time(at),
+                    "rev": record.rev + 1, "unnotified": notice,
+                } },
+            )
+            .await?;
+        Ok(res.matched_count == 1)
+    }
+
+    /// The group `id` if it was deleted.
+    pub async fn tombstone(&self, id: &GroupId) -> Result<Option<Tombstone>, StoreError> {
+        let Some(mut d) = self
+            .coll
+            .find_one(doc! { "_id": id.as_str(), "deletedAt": { "$exists": true } })
+            .await?
+        else {
+            return Ok(None);
+        };
+        let deleted_at = d.deleted_at.map_or(0, |t| t.timestamp_millis());
+        let former_members = std::mem::take(&mut d.former_members)
+            .into_iter()
+            .map(|u| UserId::parse(u.as_str()).map_err(|e| corrupt(&d.id, e)))
+            .collect::<Result<_, _>>()?;
+        Ok(Some(Tombstone {
+            record: d.into_record()?,
+            former_members,
+            deleted_at,
+        }))
+    }
+
+    /// The groups deleted at or after `since` (ms), at most `limit`.
+    pub async fn deleted_since(
+        &self,
+        since: Millis,
+        limit: i64,
+    ) -> Result<Vec<GroupId>, StoreError> {
+        #[derive(Deserialize)]
+        struct Id {
+            #[serde(rename = "_id")]
+            id: String,
+        }
+        let found: Vec<Id> = self
+            .coll
+            .clone_with_type::<Id>()
+            .find(doc! { "deletedAt": { "$gte": to_bson_time(since) } })
+            .projection(doc! { "_id": 1 })
+            .limit(limit)
+            .await?
+            .try_collect()
+            .await?;
+        found
+            .into_iter()
+            .map(|d| GroupId::parse(d.id.clone()).map_err(|e| corrupt(&d.id, e)))
+            .collect()
+    }
+
+    /// Forgets the subscriptions of `members` to `group`.
+    pub async fn forget_subscriptions(
+        &self,
+        group: &GroupId,
+        members: &[UserId],
+    ) -> Result<(), StoreError> {
+        let keys: Vec<String> = members
+            .iter()
+            .map(|u| crate::member_key(group, u))
+            .collect();
+        self.subscriptions
+            .delete_many(doc! { "_id": { "$in": keys } })
+            .await?;
+        Ok(())
     }
 
     /// Marks the notification of the change that made revision `rev` as

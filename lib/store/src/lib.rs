@@ -20,7 +20,7 @@ mod uploads;
 mod users;
 
 pub use blocks::{BlockRepo, Blocked};
-pub use groups::{GroupRecord, GroupRepo, Membership, Unnotified};
+pub use groups::{GroupRecord, GroupRepo, Membership, Tombstone, Unnotified};
 pub use mentions::{Mention, MentionCursor, MentionRepo};
 pub use messages::{MessageRepo, Receipt, Resealed, StoredMessage};
 pub use mutes::{FOREVER as MUTED_FOREVER, MuteRepo};
@@ -111,8 +111,31 @@ impl Store {
         self.groups.ensure_indexes().await?;
         self.messages.ensure_indexes().await?;
         self.mentions.ensure_indexes().await?;
+        self.reactions.ensure_indexes().await?;
         self.uploads.ensure_indexes().await?;
         Ok(())
+    }
+
+    /// Deletes what MongoDB holds of a deleted group, whose members were
+    /// `members`: its messages, receipts, sent marks, subscriptions,
+    /// mentions, reactions and mutes, and hands its uploads to the cleaner
+    /// (which deletes their objects). Idempotent: a purge repeated later
+    /// takes what landed since (a send that raced the deletion). Returns
+    /// how many messages it deleted.
+    pub async fn purge_group(
+        &self,
+        group: &chat_domain::GroupId,
+        members: &[chat_domain::UserId],
+    ) -> Result<u64, StoreError> {
+        let (messages, ..) = futures::try_join!(
+            self.messages.purge_group(group, members),
+            self.groups.forget_subscriptions(group, members),
+            self.mentions.purge_group(group, members),
+            self.reactions.purge_group(group),
+            self.mutes.purge_group(group),
+            self.uploads.purge_group(group),
+        )?;
+        Ok(messages)
     }
 
     /// Whether the database answers.

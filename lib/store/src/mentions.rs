@@ -97,6 +97,15 @@ impl MentionRepo {
         Ok(())
     }
 
+    /// Deletes the mentions of `members` in `group` (a deleted group's).
+    pub async fn purge_group(&self, group: &GroupId, members: &[UserId]) -> Result<(), StoreError> {
+        let users: Vec<&str> = members.iter().map(UserId::as_str).collect();
+        self.coll
+            .delete_many(doc! { "user": { "$in": users }, "groupId": group.as_str() })
+            .await?;
+        Ok(())
+    }
+
     /// Records `mentions`; those recorded already are left as they are.
     pub async fn record(&self, mentions: &[Mention]) -> Result<(), StoreError> {
         if mentions.is_empty() {

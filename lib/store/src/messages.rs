@@ -756,6 +756,28 @@ impl MessageRepo {
         Ok(())
     }
 
+    /// Deletes every message of `group`, its receipts and the sent marks of
+    /// `members` (a deleted group's, by their keys). Idempotent.
+    pub async fn purge_group(
+        &self,
+        group: &GroupId,
+        members: &[UserId],
+    ) -> Result<u64, StoreError> {
+        let keys: Vec<String> = members
+            .iter()
+            .map(|u| crate::member_key(group, u))
+            .collect();
+        let messages = self.coll.delete_many(doc! { "groupId": group.as_str() });
+        let receipts = self.receipts.delete_one(doc! { "_id": group.as_str() });
+        let sent = self.sent.delete_many(doc! { "_id": { "$in": keys } });
+        let (messages, _, _) = futures::try_join!(
+            messages.into_future(),
+            receipts.into_future(),
+            sent.into_future()
+        )?;
+        Ok(messages.deleted_count)
+    }
+
     /// Every member's watermarks in `group`.
     pub async fn receipts(&self, group: &GroupId) -> Result<Vec<(UserId, Receipt)>, StoreError> {
         self.receipts_of(group, None).await

@@ -41,6 +41,14 @@ impl MuteRepo {
         }
     }
 
+    /// Deletes every mute of `group` (a deleted group's).
+    pub async fn purge_group(&self, group: &GroupId) -> Result<(), StoreError> {
+        self.coll
+            .delete_many(doc! { "groupId": group.as_str() })
+            .await?;
+        Ok(())
+    }
+
     pub(crate) async fn ensure_indexes(&self) -> Result<(), StoreError> {
         // who in a group is muted now, at each push
         let group = IndexModel::builder()

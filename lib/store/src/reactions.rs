@@ -8,7 +8,9 @@ use std::collections::BTreeMap;
 
 use chat_domain::{GroupId, MessageId, REACTIONS_PER_MESSAGE_MAX, REACTIONS_PER_USER_MAX, UserId};
 use futures::TryStreamExt;
-use mongodb::{Collection, Database, bson::doc, error::ErrorKind};
+use mongodb::{
+    Collection, Database, IndexModel, bson::doc, error::ErrorKind, options::IndexOptions,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::StoreError;
@@ -76,6 +78,24 @@ impl ReactionRepo {
         Self {
             coll: db.collection("reactions"),
         }
+    }
+
+    pub(crate) async fn ensure_indexes(&self) -> Result<(), StoreError> {
+        // a deleted group's, for its purge
+        let group = IndexModel::builder()
+            .keys(doc! { "groupId": 1 })
+            .options(IndexOptions::builder().name("group".to_owned()).build())
+            .build();
+        self.coll.create_index(group).await?;
+        Ok(())
+    }
+
+    /// Deletes every reaction in `group` (a deleted group's).
+    pub async fn purge_group(&self, group: &GroupId) -> Result<(), StoreError> {
+        self.coll
+            .delete_many(doc! { "groupId": group.as_str() })
+            .await?;
+        Ok(())
     }
 
     /// Adds (`on`) or takes back `user`'s `emoji` on message `message` of

@@ -74,6 +74,8 @@ pub struct Upload {
     pub mime: String,
     pub size: u64,
     pub created_at: Millis,
+    /// Where a message's copy of its object lives, once a message used it.
+    pub media_key: Option<String>,
 }
 
 impl From<UploadDoc> for Upload {
@@ -86,6 +88,7 @@ impl From<UploadDoc> for Upload {
             mime: d.mime,
             size: d.size.max(0) as u64,
             created_at: d.created_at.timestamp_millis(),
+            media_key: d.media_key,
         }
     }
 }
@@ -131,8 +134,13 @@ impl UploadRepo {
             .keys(doc! { "deleting": 1 })
             .options(IndexOptions::builder().name("deleting".to_owned()).build())
             .build();
+        // a deleted group's, for its purge
+        let group = IndexModel::builder()
+            .keys(doc! { "groupId": 1 })
+            .options(IndexOptions::builder().name("group".to_owned()).build())
+            .build();
         self.coll
-            .create_indexes([stale, media, uploader, unpurged, deleting])
+            .create_indexes([stale, media, uploader, unpurged, deleting, group])
             .await?;
         Ok(())
     }
@@ -343,6 +351,19 @@ impl UploadRepo {
             }
         }
         Ok(claimed)
+    }
+
+    /// Hands every upload of `group` (a deleted group's) to the cleaner,
+    /// which deletes its objects (a message's copy too) and then the
+    /// upload.
+    pub async fn purge_group(&self, group: &GroupId) -> Result<(), StoreError> {
+        self.coll
+            .update_many(
+                doc! { "groupId": group.as_str(), "deleting": { "$ne": true } },
+                doc! { "$set": { "deleting": true } },
+            )
+            .await?;
+        Ok(())
     }
 
     /// Uploads claimed for deletion whose deletion did not finish.

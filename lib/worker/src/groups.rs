@@ -7,7 +7,7 @@ use bytes::Bytes;
 use chat_domain::{Applied, DomainError, Group, GroupChange, GroupId, History, UserId, now_millis};
 use chat_protocol::{GroupChangeView, GroupEvent, GroupView, event, push_json};
 use chat_rpc::pb::{self, groups_server::Groups};
-use chat_store::{GroupRecord, Membership, Unnotified};
+use chat_store::{GroupRecord, Membership, Tombstone, Unnotified};
 use tonic::{Request, Response, Status};
 
 use crate::{State, WorkerError, messages, parse_id};
@@ -206,6 +206,117 @@ impl GroupsService {
 }
 
 impl GroupsService {
+    /// Deletes group `id` for everyone, as its owner `caller`. The group
+    /// becomes a tombstone in one compare-and-set (no read finds it from
+    /// then on, so every send, read and change is refused), then
+    /// [`Self::finish_deletion`] ends live delivery, tells the members and
+    /// purges the data. A retry by the owner of a deletion that did not
+    /// finish (a worker stopped halfway) finishes it.
+    /// Returns how many former members it told.
+    async fn delete(&self, caller: &UserId, id: &GroupId) -> Result<usize, WorkerError> {
+        for _ in 0..CAS_ATTEMPTS {
+            let Some(record) = self.0.store.groups.get(id).await? else {
+                let Some(tomb) = self.0.store.groups.tombstone(id).await? else {
+                    return Err(WorkerError::NotFound("group"));
+                };
+                // gone for everyone else; its owner may finish it
+                if &tomb.record.group.owner_id != caller {
+                    return Err(WorkerError::NotFound("group"));
+                }
+                self.finish_deletion(&tomb).await?;
+                return Ok(tomb.former_members.len());
+            };
+            if !record.group.is_member(caller) {
+                return Err(
+                    DomainError::Forbidden("you are not a member of this group".into()).into(),
+                );
+            }
+            if &record.group.owner_id != caller {
+                return Err(
+                    DomainError::Forbidden("only the group's owner may delete it".into()).into(),
+                );
+            }
+            let notice = Unnotified {
+                kind: "deleted".into(),
+                user_ids: Vec::new(),
+                by: caller.to_string(),
+                also: record.group.member_ids().map(ToString::to_string).collect(),
+            };
+            let at = now_millis();
+            if !self
+                .0
+                .store
+                .groups
+                .mark_deleted(&record, &notice, at)
+                .await?
+            {
+                continue;
+            }
+            let mut group = record.group;
+            let former_members: Vec<UserId> = group.member_ids().cloned().collect();
+            group.members.clear();
+            group.updated_at = at;
+            let tomb = Tombstone {
+                record: GroupRecord {
+                    group,
+                    rev: record.rev + 1,
+                    subscribers: Vec::new(),
+                    created_notified: record.created_notified,
+                    unnotified: Some(notice),
+                },
+                former_members,
+                deleted_at: at,
+            };
+            self.finish_deletion(&tomb).await?;
+            return Ok(tomb.former_members.len());
+        }
+        Err(WorkerError::Store(chat_store::StoreError::Unavailable(
+            "too many concurrent changes to this group".into(),
+        )))
+    }
+
+    /// What follows a group's deletion, each step idempotent: every worker
+    /// forgets its members; unless its notice went out already, every edge
+    /// stops writing it to the former members' connections (an event
+    /// each, as for a removal) and they are told (`a_group_updated`, kind
+    /// `deleted`, live or on reconnect); then its messages leave the stream
+    /// and MongoDB, with all that goes with them. The workers' hourly pass
+    /// purges each group deleted in the last day again: a send that raced
+    /// the deletion may have landed after the first purge.
+    pub(crate) async fn finish_deletion(&self, tomb: &Tombstone) -> Result<(), WorkerError> {
+        let record = &tomb.record;
+        let id = &record.group.id;
+        self.0.members_changed(id).await;
+        if let Some(notice) = &record.unnotified {
+            futures::StreamExt::for_each_concurrent(
+                futures::stream::iter(&tomb.former_members),
+                64,
+                |u| self.0.unsubscribed_live(id, u),
+            )
+            .await;
+            let delta = GroupChangeView {
+                kind: notice.kind.clone(),
+                user_ids: notice.user_ids.clone(),
+                by: notice.by.clone(),
+            };
+            let prefix = format!("upd-{id}-{}", record.rev);
+            self.publish_to_users(
+                &tomb.former_members,
+                event::GROUP_UPDATED,
+                &record.group,
+                delta,
+                &prefix,
+            )
+            .await?;
+            self.notified(id, record.rev).await;
+        }
+        // the stream first: what the persist loop reads after this is gone
+        let from_stream = self.0.bus.purge_group_messages(id).await?;
+        let from_store = self.0.store.purge_group(id, &tomb.former_members).await?;
+        tracing::info!(group = %id, from_stream, from_store, "deleted group purged");
+        Ok(())
+    }
+
     /// Sends the notification of the change that made `record` as it is,
     /// which did not go out when it was made, under the same ids (JetStream
     /// drops what reached it within its duplicate window).
@@ -572,6 +683,30 @@ impl Groups for GroupsService {
             )
             .await?;
         Ok(reply(&group))
+    }
+
+    async fn delete_group(
+        &self,
+        req: Request<pb::GroupRequest>,
+    ) -> Result<Response<pb::DeleteGroupResponse>, Status> {
+        let req = req.into_inner();
+        let caller = parse_id::<UserId>(&req.caller)?;
+        let id = parse_id::<GroupId>(&req.group_id)?;
+        // in a task of its own: a cancelled call must not stop it between
+        // the tombstone and the events that end live delivery
+        let service = GroupsService(self.0.clone());
+        let group_id = id.to_string();
+        let notified = tokio::spawn(async move { service.delete(&caller, &id).await })
+            .await
+            .map_err(|e| {
+                WorkerError::Store(chat_store::StoreError::Unavailable(format!(
+                    "deletion task: {e}"
+                )))
+            })??;
+        Ok(Response::new(pb::DeleteGroupResponse {
+            group_id,
+            notified: u32::try_from(notified).unwrap_or(u32::MAX),
+        }))
     }
 
     async fn update_group(

@@ -332,18 +332,40 @@ pub(crate) fn member_or_refused(m: Membership) -> Result<u64, WorkerError> {
     }
 }
 
-/// Deletes ended mutes every hour, for the worker's lifetime: reads skip
-/// them already, so this only keeps the collection to the mutes that last.
-async fn purge_ended_mutes(s: Arc<State>) {
+/// Every hour, for the worker's lifetime: deletes ended mutes (reads skip
+/// them already, so this only keeps the collection to the mutes that
+/// last), and finishes the groups deleted in the last day again (a send
+/// that raced a deletion may have landed after its purge; a deletion a
+/// stopped worker left halfway is finished).
+async fn hourly_upkeep(s: Arc<State>) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(3600));
     loop {
         tick.tick().await;
-        match s.store.mutes.purge_ended(chat_domain::now_millis()).await {
+        let now = chat_domain::now_millis();
+        match s.store.mutes.purge_ended(now).await {
             Ok(0) => {}
             Ok(n) => tracing::debug!(purged = n, "ended mutes purged"),
             Err(e) => tracing::debug!(error = %e, "cannot purge ended mutes yet"),
         }
+        if let Err(e) = finish_deletions(&s, now - DELETION_REPURGED_FOR_MS).await {
+            tracing::warn!(error = %e, "cannot purge deleted groups again yet");
+        }
     }
+}
+
+/// How long after a group's deletion the hourly pass purges it again.
+const DELETION_REPURGED_FOR_MS: i64 = 25 * 3600 * 1000;
+
+/// Finishes again every group deleted at or after `since` (ms).
+pub(crate) async fn finish_deletions(s: &Arc<State>, since: i64) -> Result<usize, WorkerError> {
+    let groups = s.store.groups.deleted_since(since, 10_000).await?;
+    let service = groups::GroupsService(s.clone());
+    for id in &groups {
+        if let Some(tomb) = s.store.groups.tombstone(id).await? {
+            service.finish_deletion(&tomb).await?;
+        }
+    }
+    Ok(groups.len())
 }
 
 /// How long a TLS handshake with an edge may take.
@@ -401,7 +423,7 @@ pub async fn serve(
         .clone()
         .map(|secret| Checker::new(secret, state.instance));
     let cleaner = tokio::spawn(media::clean_uploads(state.clone()));
-    let mutes = tokio::spawn(purge_ended_mutes(state.clone()));
+    let mutes = tokio::spawn(hourly_upkeep(state.clone()));
     let sweeper = tokio::spawn(sweep_presence(presence));
     let pushing = state.config.push || state.config.webhook.is_some();
     let follower = pushing.then(|| tokio::spawn(push::follow_presence(state.clone())));

@@ -273,6 +273,10 @@ pub(crate) async fn clean_uploads(s: Arc<State>) {
         for u in batch {
             let done = async {
                 objects.delete(&u.key).await?;
+                // a deleted group's upload: the message's copy goes too
+                if let Some(copy) = &u.media_key {
+                    objects.delete(copy).await?;
+                }
                 s.store.uploads.remove(&u.key).await
             };
             match done.await {
@@ -328,6 +332,7 @@ impl Media for MediaService {
             mime: req.mime,
             size: req.size,
             created_at: now,
+            media_key: None,
         };
         s.store
             .uploads

@@ -280,6 +280,14 @@ async fn the_cli_runs_the_readme_tour_against_a_real_stack() -> anyhow::Result<(
     let why = String::from_utf8_lossy(&refused.stderr);
     assert!(why.contains("forbidden (403)"), "{why}");
 
+    // only its owner deletes the group, for everyone
+    let refused = chat(&c, "alice", &["delete-group", &id]).await?;
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("forbidden (403)"));
+    let deleted = chat(&c, "bob", &["delete-group", &id]).await?;
+    assert_eq!(text(&deleted).trim(), format!("deleted {id} for everyone"));
+    let gone = chat(&c, "alice", &["history", &id]).await?;
+    assert!(String::from_utf8_lossy(&gone.stderr).contains("not_found (404)"));
+
     // a bad token is refused before anything happens
     let bad = tokio::process::Command::new(chat_stack::workspace_binary("chat", "chat-cli")?)
         .args(["groups"])

@@ -989,3 +989,192 @@ async fn a_deleted_message_s_media_is_served_to_no_one_even_if_its_object_stays(
     }
     c.stop().await
 }
+
+/// The owner deletes a group for everyone. Another member may not, nor
+/// may anyone outside it; the members hear of it live or, offline, on
+/// reconnect; from then on the group is `404` to everyone (reads, sends,
+/// changes) and listed no more; and what was stored of it is gone: its
+/// messages from the stream and MongoDB, their receipts, sent marks,
+/// subscriptions, reactions, mentions and mutes, and its media objects
+/// (the message's copy and the upload). A retry by the owner answers as
+/// the deletion did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_owner_deletes_a_group_for_everyone_and_all_it_stored_goes() -> anyhow::Result<()> {
+    use reqwest::Method;
+    let c = Cluster::start_with(
+        1,
+        1,
+        &[
+            "--upload-url-ttl-secs",
+            "1",
+            "--unreferenced-upload-ttl-secs",
+            "4",
+        ],
+    )
+    .await?;
+    let g = c.room(&["alice", "bob", "carol"]).await?;
+    // another group of theirs, which must keep everything
+    let kept = c.room(&["alice", "bob"]).await?;
+    let path = format!("/groups/{g}");
+    let mut alice = c.connect(0, "alice", "web").await?;
+    let mut bob = c.connect(0, "bob", "web").await?;
+    let object = texts_and_image(&c, &mut alice, &g, "d").await?;
+    let ack = alice.send_text(&g, "hey", "hey @bob").await?;
+    alice.send_text(&kept, "k1", "kept").await?;
+    bob.request(
+        "add_reaction",
+        json!({"groupId": g, "messageId": ack["messageId"], "emoji": "👍"}),
+    )
+    .await?;
+    let (status, _) = c
+        .call(Method::PUT, 0, Some("carol"), &format!("{path}/mute"), None)
+        .await?;
+    assert_eq!(status, 200);
+    c.mongo_settled(&g, 4).await?;
+    let db = c.mongo().await?;
+    use mongodb::bson::doc;
+    let count = |coll: &'static str, filter: mongodb::bson::Document| {
+        let db = db.clone();
+        async move {
+            db.collection::<mongodb::bson::Document>(coll)
+                .count_documents(filter)
+                .await
+        }
+    };
+    let stored = [
+        ("messages", doc! { "groupId": &g }),
+        ("reactions", doc! { "groupId": &g }),
+        ("mentions", doc! { "groupId": &g }),
+        ("mutes", doc! { "groupId": &g }),
+        ("subscriptions", doc! { "groupId": &g }),
+        ("sent_marks", doc! { "g": &g }),
+        ("uploads", doc! { "groupId": &g }),
+    ];
+    // (the mention is recorded as the message is persisted)
+    eventually(PROMPTLY, || async {
+        for (coll, filter) in &stored {
+            if count(coll, filter.clone()).await? == 0 {
+                return Ok(None);
+            }
+        }
+        Ok(Some(()))
+    })
+    .await
+    .context("everything the test deletes is stored first")?;
+    let media_key = c.history("alice", &g).await?[1]["media"]["key"]
+        .as_str()
+        .context("media key")?
+        .to_owned();
+    let bucket = c.stack.s3.root.join(&c.stack.s3.bucket);
+    assert!(
+        bucket.join(&media_key).exists(),
+        "the message's copy is there"
+    );
+
+    // only the owner may
+    for (user, code) in [("bob", 403), ("mallory", 403)] {
+        let (status, body) = c.call(Method::DELETE, 0, Some(user), &path, None).await?;
+        assert_eq!(status, code, "{user}: {body}");
+    }
+    let (status, body) = c
+        .call(Method::DELETE, 0, Some("alice"), &path, None)
+        .await?;
+    assert_eq!(status, 204, "{body}");
+
+    // bob hears of it live, carol (away) when she comes back
+    let deleted = json!({"kind": "deleted", "userIds": [], "by": "alice"});
+    let heard = bob.skip_to("a_group_updated").await?;
+    assert_eq!(heard["data"]["change"], deleted);
+    assert_eq!(heard["data"]["group"]["id"], g.as_str());
+    assert_eq!(heard["data"]["group"]["memberCount"], 0);
+    let mut carol = c.connect(0, "carol", "setup").await?;
+    let heard = carol.skip_to("a_group_updated").await?;
+    assert_eq!(heard["data"]["change"], deleted);
+
+    // gone for everyone, however it is asked for
+    for user in ["alice", "bob"] {
+        for p in [
+            path.clone(),
+            format!("{path}/messages"),
+            format!("{path}/media/{object}/url"),
+        ] {
+            let (status, body) = c.get(0, user, &p).await?;
+            assert_eq!(status, 404, "{user} {p}: {body}");
+        }
+        let (_, list) = c.get(0, user, "/groups").await?;
+        let ids: Vec<&str> = list["groups"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|g| g["id"].as_str())
+            .collect();
+        assert_eq!(ids, [kept.as_str()], "{user}");
+    }
+    assert_eq!(
+        alice
+            .request_error(
+                "send_group_message",
+                json!({"groupId": g, "clientMsgId": "late", "type": "text", "text": "late"})
+            )
+            .await?,
+        "not_found"
+    );
+    let (status, _) = c
+        .call(
+            Method::PATCH,
+            0,
+            Some("alice"),
+            &path,
+            Some(&json!({"name": "again"})),
+        )
+        .await?;
+    assert_eq!(status, 404);
+    // the owner's retry answers as the deletion did; anyone else's, 404
+    let (status, _) = c
+        .call(Method::DELETE, 0, Some("alice"), &path, None)
+        .await?;
+    assert_eq!(status, 204);
+    let (status, _) = c.call(Method::DELETE, 0, Some("bob"), &path, None).await?;
+    assert_eq!(status, 404);
+
+    // nothing of it is stored any more (its uploads go with the cleaner,
+    // below); the other group keeps its own
+    for (coll, filter) in stored.iter().filter(|(coll, _)| *coll != "uploads") {
+        assert_eq!(count(coll, filter.clone()).await?, 0, "{coll}");
+    }
+    assert_eq!(count("group_receipts", doc! { "_id": &g }).await?, 0);
+    assert_eq!(count("messages", doc! { "groupId": &kept }).await?, 1);
+    assert_eq!(count("subscriptions", doc! { "groupId": &kept }).await?, 2);
+    let bus = c.bus().await?;
+    let gone = chat_domain::GroupId::parse(g.as_str())?;
+    assert_eq!(
+        bus.last_group_position(&gone).await?,
+        None,
+        "the stream's copy"
+    );
+    let other = chat_domain::GroupId::parse(kept.as_str())?;
+    assert!(bus.last_group_position(&other).await?.is_some());
+    // the cleaner deletes the media objects, then their record
+    eventually(PROMPTLY, || async {
+        let objects = !bucket.join(&media_key).exists();
+        let records = count("uploads", doc! { "groupId": &g }).await? == 0;
+        Ok((objects && records).then_some(()))
+    })
+    .await
+    .context("the media objects and their records are deleted")?;
+
+    // what a send that raced the deletion left behind is purged by the
+    // workers' pass over the day's deleted groups (at start, then hourly)
+    db.collection::<mongodb::bson::Document>("messages")
+        .insert_one(doc! { "_id": "raced", "groupId": &g })
+        .await?;
+    let mut c = c;
+    c.restart_worker(0).await?;
+    eventually(PROMPTLY, || async {
+        Ok((count("messages", doc! { "groupId": &g }).await? == 0).then_some(()))
+    })
+    .await
+    .context("the raced message is purged")?;
+    assert_eq!(count("messages", doc! { "groupId": &kept }).await?, 1);
+    c.stop().await
+}

@@ -696,6 +696,57 @@ async fn an_owner_manages_a_group_and_a_member_mutes_and_leaves_it_in_real_brows
     c.stop().await
 }
 
+/// The owner deletes a group from its settings (a second click confirms):
+/// it goes from both pages, and the server has it no more.
+#[tokio::test]
+async fn an_owner_deletes_a_group_in_real_browsers() -> anyhow::Result<()> {
+    let Pair {
+        _driver,
+        c,
+        alice,
+        bob,
+        ..
+    } = two_in_a_group("Doomed").await?;
+    send(&alice, "last words").await?;
+    shows(&bob, &["last words".to_owned()], "bob sees the message").await?;
+    let delete = "document.querySelector('#delete-group')";
+    assert_eq!(
+        js(&bob, &format!("{delete}.hidden")).await?,
+        json!(true),
+        "only the owner may"
+    );
+    js(&alice, "document.querySelector('#group-tools').open = true").await?;
+    js(&alice, &format!("{delete}.click()")).await?;
+    assert_eq!(
+        js(&alice, &format!("{delete}.textContent")).await?,
+        json!("Delete the group for everyone?")
+    );
+    assert_eq!(
+        c.get(0, "alice", "/groups").await?.1["groups"]
+            .as_array()
+            .map(Vec::len),
+        Some(1),
+        "one click asks only"
+    );
+    js(&alice, &format!("{delete}.click()")).await?;
+    for page in [&alice, &bob] {
+        until(
+            page,
+            "the group gone",
+            "document.querySelectorAll('#groups li[data-group-id]').length === 0 \
+             && document.querySelector('#chat-body').hidden",
+        )
+        .await?;
+    }
+    for user in ["alice", "bob"] {
+        let (_, page) = c.get(0, user, "/groups").await?;
+        assert_eq!(page["groups"], json!([]), "{user}: {page}");
+    }
+    alice.close().await?;
+    bob.close().await?;
+    c.stop().await
+}
+
 /// Replies, reactions and mentions in the web client: bob answers alice's
 /// message (both pages show what it answers), alice reacts to the answer
 /// and takes it back (bob's page follows each), then mentions bob, whose
