@@ -54,6 +54,9 @@ const app = {
   replying: null,
   // groups with a mention of the user not yet seen (PROTOCOL.md, "Mentions")
   mentioned: new Set(),
+  // groups deleted while this page was open: `deleted` is final, and an
+  // event of the group that arrives after it brings nothing back
+  deleted: new Set(),
   // the member button clicked once, waiting for the confirming click
   armed: null,
   // userIds this user blocks, newest first (GET /blocks)
@@ -264,10 +267,14 @@ function forgetGroup(groupId) {
 function groupChanged(data) {
   const g = data.group;
   const change = data.change || {};
+  if (change.kind === "deleted") app.deleted.add(g.id);
+  if (app.deleted.has(g.id)) {
+    forgetGroup(g.id);
+    return;
+  }
   const gone =
-    change.kind === "deleted" ||
-    ((change.kind === "member_removed" || change.kind === "member_left") &&
-      (change.userIds || []).includes(app.me));
+    (change.kind === "member_removed" || change.kind === "member_left") &&
+    (change.userIds || []).includes(app.me);
   if (gone) {
     forgetGroup(g.id);
     return;
@@ -597,6 +604,7 @@ async function deleteGroup() {
   b.disabled = true;
   try {
     await api.deleteGroup(groupId);
+    app.deleted.add(groupId);
     forgetGroup(groupId);
   } catch (e) {
     failed(e);

@@ -59,19 +59,20 @@ struct GroupDoc {
     /// takes for no group at all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     deleted_at: Option<DateTime>,
-    /// Who was a member when the group was deleted (its data is purged by
-    /// their keys).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    former_members: Vec<String>,
+    /// Set once a deleted group's members were told and its data purged
+    /// (its name and description are cleared then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    purged_at: Option<DateTime>,
 }
 
-/// What stays of a deleted group: its last state (no members), who were
-/// its members, when it was deleted, and whether its notification went out.
+/// What stays of a deleted group: its last state (no members; its notice,
+/// `unnotified`, names who were members until it went out), and whether
+/// its deletion is done.
 #[derive(Debug, Clone)]
 pub struct Tombstone {
     pub record: GroupRecord,
-    pub former_members: Vec<UserId>,
     pub deleted_at: Millis,
+    pub purged: bool,
 }
 
 /// A live group: no tombstone.
@@ -207,7 +208,7 @@ impl GroupDoc {
             created_notified_at: None,
             unnotified: None,
             deleted_at: None,
-            former_members: Vec::new(),
+            purged_at: None,
         }
     }
 
@@ -566,8 +567,9 @@ impl GroupRepo {
 
     /// Deletes the group of `record` if it is still at its `rev`: it keeps
     /// no members (so no read finds it, and no member's list names it),
-    /// only what [`Self::tombstone`] reads, with `notice` to send. Returns
-    /// whether it was still at that revision.
+    /// only what [`Self::tombstone`] reads, with `notice` to send (whose
+    /// `also` names the members). Returns whether it was still at that
+    /// revision.
     pub async fn mark_deleted(
         &self,
         record: &GroupRecord,
@@ -576,13 +578,12 @@ impl GroupRepo {
     ) -> Result<bool, StoreError> {
         let notice = mongodb::bson::to_bson(notice)
             .map_err(|e| StoreError::Unavailable(format!("encoding a notice: {e}")))?;
-        let former: Vec<&str> = record.group.member_ids().map(UserId::as_str).collect();
         let res = self
             .coll
             .update_one(
                 doc! { "_id": record.group.id.as_str(), "rev": record.rev },
                 doc! { "$set": {
-                    "members": [], "subscribers": [], "formerMembers": former,
+                    "members": [], "subscribers": [],
                     "deletedAt": to_bson_time(at), "updatedAt": to_bson_time(at),
                     "rev": record.rev + 1, "unnotified": notice,
                 } },
@@ -591,9 +592,26 @@ impl GroupRepo {
         Ok(res.matched_count == 1)
     }
 
+    /// Marks deleted group `id` as done, once its notice went out: its
+    /// name and description go (its members know them; nothing else
+    /// needs them). Whether it was marked.
+    pub async fn mark_purged(&self, id: &GroupId) -> Result<bool, StoreError> {
+        let res = self
+            .coll
+            .update_one(
+                doc! {
+                    "_id": id.as_str(), "deletedAt": { "$exists": true },
+                    "unnotified": { "$exists": false },
+                },
+                doc! { "$set": { "purgedAt": DateTime::now(), "name": "", "description": "" } },
+            )
+            .await?;
+        Ok(res.matched_count == 1)
+    }
+
     /// The group `id` if it was deleted.
     pub async fn tombstone(&self, id: &GroupId) -> Result<Option<Tombstone>, StoreError> {
-        let Some(mut d) = self
+        let Some(d) = self
             .coll
             .find_one(doc! { "_id": id.as_str(), "deletedAt": { "$exists": true } })
             .await?
@@ -601,18 +619,16 @@ impl GroupRepo {
             return Ok(None);
         };
         let deleted_at = d.deleted_at.map_or(0, |t| t.timestamp_millis());
-        let former_members = std::mem::take(&mut d.former_members)
-            .into_iter()
-            .map(|u| UserId::parse(u.as_str()).map_err(|e| corrupt(&d.id, e)))
-            .collect::<Result<_, _>>()?;
+        let purged = d.purged_at.is_some();
         Ok(Some(Tombstone {
             record: d.into_record()?,
-            former_members,
             deleted_at,
+            purged,
         }))
     }
 
-    /// The groups deleted at or after `since` (ms), at most `limit`.
+    /// The groups deleted at or after `since` (ms), newest first, at most
+    /// `limit`.
     pub async fn deleted_since(
         &self,
         since: Millis,
@@ -627,6 +643,7 @@ impl GroupRepo {
             .coll
             .clone_with_type::<Id>()
             .find(doc! { "deletedAt": { "$gte": to_bson_time(since) } })
+            .sort(doc! { "deletedAt": -1 })
             .projection(doc! { "_id": 1 })
             .limit(limit)
             .await?
@@ -638,18 +655,10 @@ impl GroupRepo {
             .collect()
     }
 
-    /// Forgets the subscriptions of `members` to `group`.
-    pub async fn forget_subscriptions(
-        &self,
-        group: &GroupId,
-        members: &[UserId],
-    ) -> Result<(), StoreError> {
-        let keys: Vec<String> = members
-            .iter()
-            .map(|u| crate::member_key(group, u))
-            .collect();
+    /// Forgets every subscription to `group` (a deleted group's).
+    pub async fn forget_subscriptions(&self, group: &GroupId) -> Result<(), StoreError> {
         self.subscriptions
-            .delete_many(doc! { "_id": { "$in": keys } })
+            .delete_many(crate::member_keys_of(group))
             .await?;
         Ok(())
     }

@@ -116,21 +116,17 @@ impl Store {
         Ok(())
     }
 
-    /// Deletes what MongoDB holds of a deleted group, whose members were
-    /// `members`: its messages, receipts, sent marks, subscriptions,
-    /// mentions, reactions and mutes, and hands its uploads to the cleaner
-    /// (which deletes their objects). Idempotent: a purge repeated later
-    /// takes what landed since (a send that raced the deletion). Returns
-    /// how many messages it deleted.
-    pub async fn purge_group(
-        &self,
-        group: &chat_domain::GroupId,
-        members: &[chat_domain::UserId],
-    ) -> Result<u64, StoreError> {
+    /// Deletes what MongoDB holds of a deleted group: its messages,
+    /// receipts, sent marks, subscriptions, mentions, reactions and mutes
+    /// (whoever they are of: members at the deletion or before), and hands
+    /// its uploads to the cleaner (which deletes their objects).
+    /// Idempotent: a purge repeated later takes what landed since (a send
+    /// that raced the deletion). Returns how many messages it deleted.
+    pub async fn purge_group(&self, group: &chat_domain::GroupId) -> Result<u64, StoreError> {
         let (messages, ..) = futures::try_join!(
-            self.messages.purge_group(group, members),
-            self.groups.forget_subscriptions(group, members),
-            self.mentions.purge_group(group, members),
+            self.messages.purge_group(group),
+            self.groups.forget_subscriptions(group),
+            self.mentions.purge_group(group),
             self.reactions.purge_group(group),
             self.mutes.purge_group(group),
             self.uploads.purge_group(group),
@@ -154,6 +150,13 @@ pub(crate) fn member_key(group: &chat_domain::GroupId, user: &chat_domain::UserI
     format!("{group}:{user}")
 }
 
+/// A filter on every [`member_key`] of `group`, whatever the user: the
+/// `_id` range from `<group>:` up to `<group>;` (`;` follows `:`), which
+/// the `_id` index reads directly.
+pub(crate) fn member_keys_of(group: &chat_domain::GroupId) -> mongodb::bson::Document {
+    mongodb::bson::doc! { "_id": { "$gte": format!("{group}:"), "$lt": format!("{group};") } }
+}
+
 pub(crate) fn to_bson_time(ms: chat_domain::Millis) -> mongodb::bson::DateTime {
     mongodb::bson::DateTime::from_millis(ms)
 }
@@ -173,5 +176,33 @@ mod tests {
         assert_eq!(k("g-1", "u_2"), "g-1:u_2");
         assert_ne!(k("g", "a_b"), k("g_a", "b"));
         assert!(GroupId::parse("a:b").is_err() && UserId::parse("a:b").is_err());
+    }
+
+    /// The range of a group's member keys holds every key of that group
+    /// and none of another's, whatever the ids' characters.
+    #[test]
+    fn a_group_s_member_keys_are_one_range_of_its_own() {
+        let g = GroupId::parse("g").expect("group");
+        let range = super::member_keys_of(&g);
+        let range = range.get_document("_id").expect("range");
+        let (from, to) = (
+            range.get_str("$gte").expect("from"),
+            range.get_str("$lt").expect("to"),
+        );
+        let inside = |g: &str, u: &str| {
+            let k = super::member_key(
+                &GroupId::parse(g).expect("group"),
+                &UserId::parse(u).expect("user"),
+            );
+            from <= k.as_str() && k.as_str() < to
+        };
+        for u in ["a", "Z", "0", "9", "_", "-", "zzzz", "___"] {
+            assert!(inside("g", u), "{u}");
+        }
+        for other in ["g0", "g9", "gA", "gz", "g_", "g-", "f", "h", "G"] {
+            for u in ["a", "0", "_", "-", "z"] {
+                assert!(!inside(other, u), "{other}:{u}");
+            }
+        }
     }
 }

@@ -93,15 +93,19 @@ impl MentionRepo {
             .keys(doc! { "user": 1, "createdAt": -1, "messageId": -1 })
             .options(IndexOptions::builder().name("newest".to_owned()).build())
             .build();
-        self.coll.create_index(newest).await?;
+        // a deleted group's, for its purge
+        let group = IndexModel::builder()
+            .keys(doc! { "groupId": 1 })
+            .options(IndexOptions::builder().name("group".to_owned()).build())
+            .build();
+        self.coll.create_indexes([newest, group]).await?;
         Ok(())
     }
 
-    /// Deletes the mentions of `members` in `group` (a deleted group's).
-    pub async fn purge_group(&self, group: &GroupId, members: &[UserId]) -> Result<(), StoreError> {
-        let users: Vec<&str> = members.iter().map(UserId::as_str).collect();
+    /// Deletes every mention in `group` (a deleted group's).
+    pub async fn purge_group(&self, group: &GroupId) -> Result<(), StoreError> {
         self.coll
-            .delete_many(doc! { "user": { "$in": users }, "groupId": group.as_str() })
+            .delete_many(doc! { "groupId": group.as_str() })
             .await?;
         Ok(())
     }

@@ -756,20 +756,12 @@ impl MessageRepo {
         Ok(())
     }
 
-    /// Deletes every message of `group`, its receipts and the sent marks of
-    /// `members` (a deleted group's, by their keys). Idempotent.
-    pub async fn purge_group(
-        &self,
-        group: &GroupId,
-        members: &[UserId],
-    ) -> Result<u64, StoreError> {
-        let keys: Vec<String> = members
-            .iter()
-            .map(|u| crate::member_key(group, u))
-            .collect();
+    /// Deletes every message of `group`, its receipts and its sent marks
+    /// (a deleted group's). Idempotent.
+    pub async fn purge_group(&self, group: &GroupId) -> Result<u64, StoreError> {
         let messages = self.coll.delete_many(doc! { "groupId": group.as_str() });
         let receipts = self.receipts.delete_one(doc! { "_id": group.as_str() });
-        let sent = self.sent.delete_many(doc! { "_id": { "$in": keys } });
+        let sent = self.sent.delete_many(crate::member_keys_of(group));
         let (messages, _, _) = futures::try_join!(
             messages.into_future(),
             receipts.into_future(),

@@ -62,6 +62,11 @@ struct UploadDoc {
     /// one, whether or not its object could be deleted.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     media_deleted: bool,
+    /// Being deleted, its objects were deleted once already (a deleted
+    /// group's upload, whose URL may still be good: they are deleted again
+    /// once no PUT can be under way, and only then is the record removed).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    swept: bool,
 }
 
 /// An issued upload.
@@ -185,6 +190,7 @@ impl UploadRepo {
                 purged_once: false,
                 released: false,
                 media_deleted: false,
+                swept: false,
             })
             .await?;
         Ok(())
@@ -366,16 +372,39 @@ impl UploadRepo {
         Ok(())
     }
 
-    /// Uploads claimed for deletion whose deletion did not finish.
-    pub async fn deleting(&self, limit: i64) -> Result<Vec<Upload>, StoreError> {
+    /// Uploads being deleted, issued before `settled` (no PUT with their
+    /// URL can be under way): their objects go, then their records.
+    pub async fn deleting(&self, settled: Millis, limit: i64) -> Result<Vec<Upload>, StoreError> {
         let docs: Vec<UploadDoc> = self
             .coll
-            .find(doc! { "deleting": true })
+            .find(doc! { "deleting": true, "createdAt": { "$lt": to_bson_time(settled) } })
             .limit(limit)
             .await?
             .try_collect()
             .await?;
         Ok(docs.into_iter().map(Upload::from).collect())
+    }
+
+    /// Uploads being deleted whose objects were not deleted yet (a deleted
+    /// group's, which may be younger than their URL): their objects go at
+    /// once, and again with [`Self::deleting`].
+    pub async fn to_sweep(&self, limit: i64) -> Result<Vec<Upload>, StoreError> {
+        let docs: Vec<UploadDoc> = self
+            .coll
+            .find(doc! { "deleting": true, "swept": { "$ne": true } })
+            .limit(limit)
+            .await?
+            .try_collect()
+            .await?;
+        Ok(docs.into_iter().map(Upload::from).collect())
+    }
+
+    /// Records that the objects of upload `key` were deleted once.
+    pub async fn mark_swept(&self, key: &str) -> Result<(), StoreError> {
+        self.coll
+            .update_one(doc! { "_id": key }, doc! { "$set": { "swept": true } })
+            .await?;
+        Ok(())
     }
 
     /// Forgets an upload once its object is gone.

@@ -210,21 +210,20 @@ impl GroupsService {
     /// becomes a tombstone in one compare-and-set (no read finds it from
     /// then on, so every send, read and change is refused), then
     /// [`Self::finish_deletion`] ends live delivery, tells the members and
-    /// purges the data. A retry by the owner of a deletion that did not
-    /// finish (a worker stopped halfway) finishes it.
-    /// Returns how many former members it told.
+    /// purges the data. The owner's retry of a deletion that did not finish
+    /// (a worker stopped halfway, a service down) finishes it; once done,
+    /// the group is `not_found` to the owner too. Returns how many former
+    /// members it told.
     async fn delete(&self, caller: &UserId, id: &GroupId) -> Result<usize, WorkerError> {
         for _ in 0..CAS_ATTEMPTS {
             let Some(record) = self.0.store.groups.get(id).await? else {
-                let Some(tomb) = self.0.store.groups.tombstone(id).await? else {
-                    return Err(WorkerError::NotFound("group"));
+                return match self.0.store.groups.tombstone(id).await? {
+                    // gone for everyone else, and for its owner once done
+                    Some(tomb) if !tomb.purged && &tomb.record.group.owner_id == caller => {
+                        self.finish_deletion(&tomb).await
+                    }
+                    _ => Err(WorkerError::NotFound("group")),
                 };
-                // gone for everyone else; its owner may finish it
-                if &tomb.record.group.owner_id != caller {
-                    return Err(WorkerError::NotFound("group"));
-                }
-                self.finish_deletion(&tomb).await?;
-                return Ok(tomb.former_members.len());
             };
             if !record.group.is_member(caller) {
                 return Err(
@@ -253,7 +252,6 @@ impl GroupsService {
                 continue;
             }
             let mut group = record.group;
-            let former_members: Vec<UserId> = group.member_ids().cloned().collect();
             group.members.clear();
             group.updated_at = at;
             let tomb = Tombstone {
@@ -264,11 +262,10 @@ impl GroupsService {
                     created_notified: record.created_notified,
                     unnotified: Some(notice),
                 },
-                former_members,
                 deleted_at: at,
+                purged: false,
             };
-            self.finish_deletion(&tomb).await?;
-            return Ok(tomb.former_members.len());
+            return self.finish_deletion(&tomb).await;
         }
         Err(WorkerError::Store(chat_store::StoreError::Unavailable(
             "too many concurrent changes to this group".into(),
@@ -280,19 +277,24 @@ impl GroupsService {
     /// stops writing it to the former members' connections (an event
     /// each, as for a removal) and they are told (`a_group_updated`, kind
     /// `deleted`, live or on reconnect); then its messages leave the stream
-    /// and MongoDB, with all that goes with them. The workers' hourly pass
-    /// purges each group deleted in the last day again: a send that raced
-    /// the deletion may have landed after the first purge.
-    pub(crate) async fn finish_deletion(&self, tomb: &Tombstone) -> Result<(), WorkerError> {
+    /// and MongoDB, with all that goes with them, and the tombstone is
+    /// marked done. The workers' hourly pass runs this again for each
+    /// group deleted in the last day: a send that raced the deletion may
+    /// have landed after the first purge. Returns how many it told.
+    pub(crate) async fn finish_deletion(&self, tomb: &Tombstone) -> Result<usize, WorkerError> {
         let record = &tomb.record;
         let id = &record.group.id;
         self.0.members_changed(id).await;
+        let mut told = 0;
         if let Some(notice) = &record.unnotified {
-            futures::StreamExt::for_each_concurrent(
-                futures::stream::iter(&tomb.former_members),
-                64,
-                |u| self.0.unsubscribed_live(id, u),
-            )
+            let former: Vec<UserId> = notice
+                .also
+                .iter()
+                .filter_map(|u| UserId::parse(u.as_str()).ok())
+                .collect();
+            futures::StreamExt::for_each_concurrent(futures::stream::iter(&former), 64, |u| {
+                self.0.unsubscribed_live(id, u)
+            })
             .await;
             let delta = GroupChangeView {
                 kind: notice.kind.clone(),
@@ -300,21 +302,17 @@ impl GroupsService {
                 by: notice.by.clone(),
             };
             let prefix = format!("upd-{id}-{}", record.rev);
-            self.publish_to_users(
-                &tomb.former_members,
-                event::GROUP_UPDATED,
-                &record.group,
-                delta,
-                &prefix,
-            )
-            .await?;
+            self.publish_to_users(&former, event::GROUP_UPDATED, &record.group, delta, &prefix)
+                .await?;
             self.notified(id, record.rev).await;
+            told = former.len();
         }
         // the stream first: what the persist loop reads after this is gone
         let from_stream = self.0.bus.purge_group_messages(id).await?;
-        let from_store = self.0.store.purge_group(id, &tomb.former_members).await?;
+        let from_store = self.0.store.purge_group(id).await?;
+        self.0.store.groups.mark_purged(id).await?;
         tracing::info!(group = %id, from_stream, from_store, "deleted group purged");
-        Ok(())
+        Ok(told)
     }
 
     /// Sends the notification of the change that made `record` as it is,

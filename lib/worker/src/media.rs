@@ -227,6 +227,19 @@ async fn give_back(objects: &Objects, uploads: &chat_store::UploadRepo, upload: 
     }
 }
 
+/// Deletes the objects of upload `u`: its own, and a message's copy (a
+/// deleted group's upload has one).
+async fn delete_objects(
+    objects: &chat_store::Objects,
+    u: &Upload,
+) -> Result<(), chat_store::StoreError> {
+    objects.delete(&u.key).await?;
+    if let Some(copy) = &u.media_key {
+        objects.delete(copy).await?;
+    }
+    Ok(())
+}
+
 /// Deletes uploads that no message claimed within the configured time.
 /// Safe on several workers: each upload is claimed for deletion atomically.
 pub(crate) async fn clean_uploads(s: Arc<State>) {
@@ -239,7 +252,30 @@ pub(crate) async fn clean_uploads(s: Arc<State>) {
     loop {
         tick.tick().await;
         let before = now_millis() - s.config.unreferenced_upload_ttl.as_millis() as i64;
-        let mut batch: Vec<Upload> = match s.store.uploads.deleting(100).await {
+        // claimed uploads whose URL has expired: whatever was put at their
+        // own key after the claim goes, and once more when no PUT begun
+        // before the expiry can still be under way (as long as an unused
+        // upload is kept), for good
+        let expired = now_millis() - s.config.upload_url_ttl.as_millis() as i64 - 1000;
+        let settled = before.min(expired);
+        // a deleted group's uploads: their objects go now, and again (with
+        // their records) once settled, so that a PUT whose URL was issued
+        // before the deletion cannot leave an object no record names
+        match s.store.uploads.to_sweep(100).await {
+            Ok(sweep) => {
+                for u in sweep {
+                    let swept = async {
+                        delete_objects(&objects, &u).await?;
+                        s.store.uploads.mark_swept(&u.key).await
+                    };
+                    if let Err(e) = swept.await {
+                        tracing::debug!(key = %u.key, error = %e, "cannot delete a deleted group's upload yet");
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot list a deleted group's uploads"),
+        }
+        let mut batch: Vec<Upload> = match s.store.uploads.deleting(settled, 100).await {
             Ok(v) => v,
             Err(e) => {
                 tracing::debug!(error = %e, "cannot list uploads being deleted");
@@ -250,12 +286,6 @@ pub(crate) async fn clean_uploads(s: Arc<State>) {
             Ok(v) => batch.extend(v),
             Err(e) => tracing::debug!(error = %e, "cannot claim stale uploads"),
         }
-        // claimed uploads whose URL has expired: whatever was put at their
-        // own key after the claim goes, and once more when no PUT begun
-        // before the expiry can still be under way (as long as an unused
-        // upload is kept), for good
-        let expired = now_millis() - s.config.upload_url_ttl.as_millis() as i64 - 1000;
-        let settled = before.min(expired);
         match s.store.uploads.expired_claimed(expired, settled, 100).await {
             Ok(claimed) => {
                 for (u, last) in claimed {
@@ -272,11 +302,7 @@ pub(crate) async fn clean_uploads(s: Arc<State>) {
         }
         for u in batch {
             let done = async {
-                objects.delete(&u.key).await?;
-                // a deleted group's upload: the message's copy goes too
-                if let Some(copy) = &u.media_key {
-                    objects.delete(copy).await?;
-                }
+                delete_objects(&objects, &u).await?;
                 s.store.uploads.remove(&u.key).await
             };
             match done.await {

@@ -133,7 +133,8 @@ impl Members {
 const MAX_HISTORIES: usize = 100_000;
 
 /// Each group's history setting, which is fixed when the group is created
-/// (and groups are never deleted), so an entry is never stale: a reaction
+/// (a deleted group's entry is never asked for again: every call about it
+/// reads the group, which is gone, first), so an entry is never stale: a reaction
 /// or a reply under `joined` history reads no database for it.
 #[derive(Default)]
 pub(crate) struct Histories(Mutex<HashMap<GroupId, History>>);

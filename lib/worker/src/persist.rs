@@ -328,11 +328,28 @@ fn mentions_of(p: &Persisted, row: &StoredMessage) -> Vec<Mention> {
 }
 
 /// Records `mentions` and tells each member, live or on reconnect
-/// (`a_mention` in the member's notifications).
+/// (`a_mention` in the member's notifications); not those of a group
+/// deleted since the message was sent (one read per group that has any).
 async fn mention(s: &State, mentions: &[Mention]) -> Result<(), WorkerError> {
     if mentions.is_empty() {
         return Ok(());
     }
+    let mut deleted = Vec::new();
+    let groups: std::collections::BTreeSet<&GroupId> = mentions.iter().map(|m| &m.group).collect();
+    for group in groups {
+        if s.store.groups.settings(group).await?.is_none() {
+            deleted.push(group);
+        }
+    }
+    let kept: Vec<Mention> = mentions
+        .iter()
+        .filter(|m| !deleted.contains(&&m.group))
+        .cloned()
+        .collect();
+    if kept.is_empty() {
+        return Ok(());
+    }
+    let mentions = kept.as_slice();
     s.store.mentions.record(mentions).await?;
     for m in mentions {
         let view = MentionView {
