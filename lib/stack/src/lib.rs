@@ -511,9 +511,11 @@ impl Nats {
         let outsider = Service::spawn("nats-server", cmd, dir.path())?;
         let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
         loop {
-            let routes = monitor_json(node.monitor, "/routez").await?;
-            let listed = routes["routes"]
-                .as_array()
+            // (a read that fails is tried again, until the deadline)
+            let routes = monitor_json(node.monitor, "/routez").await.ok();
+            let listed = routes
+                .as_ref()
+                .and_then(|r| r["routes"].as_array())
                 .is_some_and(|r| r.iter().any(|r| r["remote_name"] == name.as_str()));
             if listed {
                 return Ok(true);

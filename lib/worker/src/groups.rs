@@ -304,14 +304,19 @@ impl GroupsService {
             let prefix = format!("upd-{id}-{}", record.rev);
             self.publish_to_users(&former, event::GROUP_UPDATED, &record.group, delta, &prefix)
                 .await?;
-            self.notified(id, record.rev).await;
+            // (must hold: a notice left pending would go out again at
+            // every hourly pass, past JetStream's duplicate window)
+            self.0.store.groups.mark_notified(id, record.rev).await?;
             told = former.len();
         }
         // the stream first: what the persist loop reads after this is gone
         let from_stream = self.0.bus.purge_group_messages(id).await?;
         let from_store = self.0.store.purge_group(id).await?;
-        self.0.store.groups.mark_purged(id).await?;
-        tracing::info!(group = %id, from_stream, from_store, "deleted group purged");
+        if self.0.store.groups.mark_purged(id).await? {
+            tracing::info!(group = %id, from_stream, from_store, "deleted group purged");
+        } else {
+            tracing::warn!(group = %id, from_stream, from_store, "deleted group purged, but its notice is still pending: not marked done");
+        }
         Ok(told)
     }
 

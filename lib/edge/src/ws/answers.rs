@@ -34,9 +34,20 @@ enum Now {
 /// Answers recently given, by group and answered message, with when.
 pub(crate) struct Answers(Recent<(String, String), (Instant, Now)>);
 
+/// The bytes of edited texts the answers hold at most: a client picks
+/// them (up to 16 KiB each).
+const MAX_ANSWER_BYTES: usize = 8 << 20;
+
 impl Default for Answers {
     fn default() -> Self {
-        Self(Recent::new(MAX_ANSWERS))
+        Self(Recent::new(
+            MAX_ANSWERS,
+            MAX_ANSWER_BYTES,
+            |(_, now)| match now {
+                Now::Edited(text) => text.len(),
+                Now::Unchanged | Now::Deleted => 0,
+            },
+        ))
     }
 }
 
@@ -136,5 +147,17 @@ mod tests {
         assert_eq!(answers.get(&key("g", 0)), None, "the oldest went");
         assert_eq!(answers.get(&key("g", MAX_ANSWERS)), Some(Now::Unchanged));
         assert_eq!(answers.0.len(), MAX_ANSWERS);
+    }
+
+    #[test]
+    fn edited_texts_are_kept_within_their_bytes() {
+        let answers = Answers::default();
+        let text = "x".repeat(16 * 1024);
+        let fit = MAX_ANSWER_BYTES / text.len();
+        for m in 0..=fit {
+            answers.put(("g".to_owned(), format!("m{m}")), Now::Edited(text.clone()));
+        }
+        assert_eq!(answers.0.len(), fit, "one more than fits: the oldest went");
+        assert_eq!(answers.get(&("g".to_owned(), "m0".to_owned())), None);
     }
 }

@@ -33,14 +33,22 @@ const OPENED_BYTES: usize = 32 << 20;
 
 impl Default for OpenedFrames {
     fn default() -> Self {
-        Self(Recent::weighed(OPENED_FRAMES, OPENED_BYTES, Opened::bytes))
+        Self(Recent::new(OPENED_FRAMES, OPENED_BYTES, Opened::bytes))
     }
 }
 
 impl Opened {
     /// What it holds in memory.
     fn bytes(&self) -> usize {
-        self.payload.len() + self.text.len() + self.restriction.bytes()
+        // a reply's view (its text and its preview of what it answers)
+        let answers = self.answers.as_deref().map_or(0, |v| {
+            v.text.as_ref().map_or(0, String::len)
+                + v.reply_to
+                    .as_ref()
+                    .and_then(|r| r.preview.as_ref())
+                    .map_or(0, String::len)
+        });
+        self.payload.len() + self.text.len() + self.restriction.bytes() + answers
     }
 }
 

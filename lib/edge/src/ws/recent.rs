@@ -22,14 +22,10 @@ struct Inner<K, V> {
 }
 
 impl<K: Hash + Eq + Clone, V: Clone> Recent<K, V> {
-    /// Bounded by the number of entries only: for small ones.
-    pub(super) fn new(cap: usize) -> Self {
-        Self::weighed(cap, usize::MAX, |_| 0)
-    }
-
-    /// Bounded by the number of entries and by their bytes: for entries
-    /// whose size a client chooses.
-    pub(super) fn weighed(cap: usize, max_bytes: usize, weigh: fn(&V) -> usize) -> Self {
+    /// Bounded by the number of entries and by their bytes, as `weigh`
+    /// counts them (every cache of the edge holds something a client
+    /// chose the size of).
+    pub(super) fn new(cap: usize, max_bytes: usize, weigh: fn(&V) -> usize) -> Self {
         Self {
             inner: Mutex::new(Inner {
                 by_key: HashMap::new(),
@@ -79,7 +75,7 @@ mod tests {
 
     #[test]
     fn it_keeps_the_newest_cap_entries() {
-        let recent = Recent::new(3);
+        let recent = Recent::new(3, usize::MAX, |_| 0);
         for k in 0..5u64 {
             recent.put(k, k * 10);
         }
@@ -94,7 +90,7 @@ mod tests {
 
     #[test]
     fn it_keeps_the_newest_entries_within_the_bytes() {
-        let recent: Recent<u64, String> = Recent::weighed(100, 10, String::len);
+        let recent: Recent<u64, String> = Recent::new(100, 10, String::len);
         recent.put(1, "aaaa".into());
         recent.put(2, "bbbb".into());
         assert_eq!(recent.len(), 2);
