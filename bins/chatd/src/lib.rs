@@ -520,6 +520,10 @@ pub struct ServeArgs {
     /// Most members in one group.
     #[arg(long, env = "CHATD_MAX_GROUP_MEMBERS", default_value_t = Limits::default().group_members)]
     pub max_group_members: usize,
+    /// Worker: most pinned messages in one group.
+    #[arg(long, env = "CHATD_MAX_GROUP_PINS", default_value_t = Limits::default().group_pins,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
+    pub max_group_pins: usize,
     /// Worker: most groups one user can be a member of; adding someone
     /// beyond it is refused.
     #[arg(long, env = "CHATD_MAX_GROUPS_PER_USER", default_value_t = chat_worker::Config::default().max_groups_per_user)]
@@ -673,6 +677,7 @@ impl ServeArgs {
             group_name_chars: self.max_group_name,
             group_description_chars: self.max_group_description,
             text_bytes: self.max_text_bytes,
+            group_pins: self.max_group_pins,
         }
     }
 

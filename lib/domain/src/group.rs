@@ -1,6 +1,6 @@
 //! Groups and the rules for changing them (seed §1 and §4).
 
-use crate::{DomainError, GroupId, Limits, Millis, UserId};
+use crate::{DomainError, GroupId, Limits, MessageId, Millis, UserId};
 
 /// One member of a group.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,6 +45,15 @@ impl History {
     }
 }
 
+/// A pinned message of a group: which, who pinned it and when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pin {
+    pub message_id: MessageId,
+    pub seq: u64,
+    pub by: UserId,
+    pub at: Millis,
+}
+
 /// A chat group. `members` always contains `owner_id`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Group {
@@ -57,6 +66,8 @@ pub struct Group {
     pub history: History,
     pub created_at: Millis,
     pub updated_at: Millis,
+    /// Its pinned messages, oldest pin first (at most `Limits::group_pins`).
+    pub pins: Vec<Pin>,
 }
 
 /// A change to a group's ownership or membership, as asked by `caller`.
@@ -79,6 +90,20 @@ pub enum GroupChange {
     Describe {
         name: Option<String>,
         description: Option<String>,
+    },
+    /// Pins message `message_id` (at `seq`, which the caller must see):
+    /// any member.
+    Pin {
+        message_id: MessageId,
+        seq: u64,
+    },
+    /// Unpins message `message_id`: the member who pinned it or the owner;
+    /// anyone with `forced` (the message was deleted). The `seq` is the
+    /// pin's, filled in when applied.
+    Unpin {
+        message_id: MessageId,
+        seq: u64,
+        forced: bool,
     },
 }
 
@@ -137,6 +162,7 @@ impl Group {
             history: History::default(),
             created_at: now,
             updated_at: now,
+            pins: Vec::new(),
         };
         group.add(member_ids, 0, limits, now)?;
         Ok(group)
@@ -316,6 +342,45 @@ impl Group {
                 }
                 GroupChange::Describe { name, description }
             }
+            GroupChange::Pin { message_id, seq } => {
+                if self.pins.iter().any(|p| p.message_id == message_id) {
+                    return Ok(Applied::Unchanged);
+                }
+                if self.pins.len() >= limits.group_pins {
+                    return Err(DomainError::TooLarge(format!(
+                        "a group has at most {} pinned messages: unpin one first",
+                        limits.group_pins
+                    )));
+                }
+                self.pins.push(Pin {
+                    message_id: message_id.clone(),
+                    seq,
+                    by: caller.clone(),
+                    at: now,
+                });
+                GroupChange::Pin { message_id, seq }
+            }
+            GroupChange::Unpin {
+                message_id, forced, ..
+            } => {
+                let Some(at) = self.pins.iter().position(|p| p.message_id == message_id) else {
+                    return Ok(Applied::Unchanged);
+                };
+                let pin = &self.pins[at];
+                if !forced && &pin.by != caller && &self.owner_id != caller {
+                    return Err(DomainError::Forbidden(
+                        "only the member who pinned a message or the group's owner may unpin it"
+                            .into(),
+                    ));
+                }
+                let seq = pin.seq;
+                self.pins.remove(at);
+                GroupChange::Unpin {
+                    message_id,
+                    seq,
+                    forced,
+                }
+            }
         };
         self.updated_at = now.max(self.updated_at);
         Ok(Applied::Changed { audience, change })
@@ -356,6 +421,80 @@ mod tests {
             10,
         )
         .expect("valid group")
+    }
+
+    #[test]
+    fn members_pin_within_the_limit_and_the_pinner_or_owner_unpins() {
+        let mut g = group(&["a", "b"]);
+        let limits = Limits {
+            group_pins: 2,
+            ..Limits::default()
+        };
+        let (m1, m2, m3) = (
+            MessageId::generate(),
+            MessageId::generate(),
+            MessageId::generate(),
+        );
+        let pin = |m: &MessageId, seq| GroupChange::Pin {
+            message_id: m.clone(),
+            seq,
+        };
+        let unpin = |m: &MessageId, forced| GroupChange::Unpin {
+            message_id: m.clone(),
+            seq: 0,
+            forced,
+        };
+        assert!(matches!(
+            g.apply(&uid("a"), pin(&m1, 1), &limits, 20),
+            Ok(Applied::Changed { .. })
+        ));
+        assert_eq!(
+            g.apply(&uid("b"), pin(&m1, 1), &limits, 21),
+            Ok(Applied::Unchanged),
+            "pinned already"
+        );
+        g.apply(&uid("b"), pin(&m2, 2), &limits, 22).expect("pins");
+        assert!(matches!(
+            g.apply(&uid("a"), pin(&m3, 3), &limits, 23),
+            Err(DomainError::TooLarge(_))
+        ));
+        assert!(matches!(
+            g.apply(&uid("stranger"), pin(&m3, 3), &limits, 23),
+            Err(DomainError::Forbidden(_))
+        ));
+        let pins: Vec<(u64, &str)> = g.pins.iter().map(|p| (p.seq, p.by.as_str())).collect();
+        assert_eq!(pins, [(1, "a"), (2, "b")]);
+        // b may not unpin a's pin; a, the owner and a forced unpin may
+        assert!(matches!(
+            g.apply(&uid("b"), unpin(&m1, false), &limits, 24),
+            Err(DomainError::Forbidden(_))
+        ));
+        let Ok(Applied::Changed { change, .. }) =
+            g.apply(&uid("a"), unpin(&m1, false), &limits, 25)
+        else {
+            panic!("a unpins its own pin")
+        };
+        assert_eq!(
+            change,
+            GroupChange::Unpin {
+                message_id: m1.clone(),
+                seq: 1,
+                forced: false
+            },
+            "the pin's seq is filled in"
+        );
+        assert_eq!(
+            g.apply(&uid("a"), unpin(&m1, false), &limits, 26),
+            Ok(Applied::Unchanged),
+            "not pinned"
+        );
+        g.apply(&uid("owner"), unpin(&m2, false), &limits, 27)
+            .expect("the owner unpins any");
+        g.apply(&uid("a"), pin(&m3, 3), &limits, 28)
+            .expect("room again");
+        g.apply(&uid("b"), unpin(&m3, true), &limits, 29)
+            .expect("a forced unpin");
+        assert!(g.pins.is_empty());
     }
 
     #[test]

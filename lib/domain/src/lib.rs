@@ -8,7 +8,7 @@ mod id;
 mod limits;
 pub mod text;
 
-pub use group::{Applied, Group, GroupChange, History, Member};
+pub use group::{Applied, Group, GroupChange, History, Member, Pin};
 pub use id::{DeviceId, GroupId, UserId};
 pub use limits::Limits;
 

@@ -12,6 +12,8 @@ pub struct Limits {
     pub group_members: usize,
     /// Longest text message, in bytes of UTF-8.
     pub text_bytes: usize,
+    /// Most pinned messages in one group.
+    pub group_pins: usize,
 }
 
 impl Default for Limits {
@@ -21,6 +23,7 @@ impl Default for Limits {
             group_description_chars: 2048,
             group_members: 1000,
             text_bytes: 16 * 1024,
+            group_pins: 50,
         }
     }
 }

@@ -298,6 +298,11 @@ pub fn app(state: AppState) -> Router {
                 .delete(rest::delete_group),
         )
         .route("/groups/{id}/owner", post(rest::transfer_owner))
+        .route("/groups/{id}/pins", get(rest::list_pins))
+        .route(
+            "/groups/{id}/pins/{message_id}",
+            put(rest::pin_message).delete(rest::unpin_message),
+        )
         .route(
             "/groups/{id}/mute",
             put(rest::mute_group).delete(rest::unmute_group),

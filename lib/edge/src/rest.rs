@@ -10,9 +10,9 @@ use chat_domain::{Group, UserId};
 use chat_protocol::{
     AddMembersBody, BlockList, BlockView, CreateGroupBody, ErrorCode, GroupPage, GroupPresence,
     GroupSummary, GroupView, Health, MediaLink, MediaRef, MemberPresence, MemberStatus,
-    MentionPage, MentionView, MessagePage, MessageStatus, MessageView, MuteBody, MuteView,
-    ReactionView, Readiness, ReplyView, RestError, TransferOwnerBody, UpdateGroupBody, UploadBody,
-    UploadTicket, format_millis, parse_millis,
+    MentionPage, MentionView, MessagePage, MessageStatus, MessageView, MuteBody, MuteView, PinList,
+    PinView, ReactionView, Readiness, ReplyView, RestError, TransferOwnerBody, UpdateGroupBody,
+    UploadBody, UploadTicket, format_millis, parse_millis,
 };
 use chat_rpc::pb;
 use serde::{Deserialize, de::DeserializeOwned};
@@ -396,6 +396,111 @@ pub(crate) async fn add_members(
     .into_inner();
     app.limits.user_owes(&me.user_id, group.members.len());
     Ok(view(group)?.into_response())
+}
+
+/// `GET /groups/{id}/pins` (members).
+#[utoipa::path(get, path = "/groups/{id}/pins", tag = "groups",
+    params(("id" = String, Path, description = "group id")),
+    responses(
+        (status = 200, description = "the group's pinned messages the caller sees (under `joined` history, none from before it joined), newest pin first", body = PinList),
+        crate::openapi::GroupErrors, crate::openapi::CallerErrors
+    ))]
+pub(crate) async fn list_pins(
+    State(app): State<AppState>,
+    Caller(me): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<PinList>, ApiError> {
+    let r = rpc!(
+        app,
+        GroupsClient,
+        list_pins,
+        pb::GroupRequest {
+            caller: me.user_id.to_string(),
+            group_id: id,
+        }
+    )?
+    .into_inner();
+    Ok(Json(pin_list(r)))
+}
+
+/// `PUT /groups/{id}/pins/{messageId}` (members).
+#[utoipa::path(put, path = "/groups/{id}/pins/{message_id}", tag = "groups",
+    params(
+        ("id" = String, Path, description = "group id"),
+        ("message_id" = String, Path, description = "a message of the group the caller sees"),
+    ),
+    responses(
+        (status = 200, description = "pinned (or pinned already); the members who see the message get `a_group_updated` with `change.kind` `message_pinned`", body = PinList),
+        (status = 400, description = "`too_large`: the group has its most pins (`--max-group-pins`, 50)", body = RestError),
+        crate::openapi::GroupErrors, crate::openapi::CallerErrors
+    ))]
+pub(crate) async fn pin_message(
+    State(app): State<AppState>,
+    Caller(me): Caller,
+    Path((id, message_id)): Path<(String, String)>,
+) -> Result<Json<PinList>, ApiError> {
+    pin_call(&app, &me.user_id, id, message_id, true)
+        .await
+        .map(Json)
+}
+
+/// `DELETE /groups/{id}/pins/{messageId}`.
+#[utoipa::path(delete, path = "/groups/{id}/pins/{message_id}", tag = "groups",
+    params(
+        ("id" = String, Path, description = "group id"),
+        ("message_id" = String, Path, description = "a pinned message"),
+    ),
+    responses(
+        (status = 204, description = "unpinned (by the member who pinned it or the owner), or not pinned; the members who see the message get `a_group_updated` with `change.kind` `message_unpinned`"),
+        crate::openapi::GroupErrors, crate::openapi::CallerErrors
+    ))]
+pub(crate) async fn unpin_message(
+    State(app): State<AppState>,
+    Caller(me): Caller,
+    Path((id, message_id)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    pin_call(&app, &me.user_id, id, message_id, false).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn pin_call(
+    app: &AppState,
+    me: &UserId,
+    group_id: String,
+    message_id: String,
+    pin: bool,
+) -> Result<PinList, ApiError> {
+    let r = rpc!(
+        app,
+        GroupsClient,
+        pin,
+        pb::PinRequest {
+            caller: me.to_string(),
+            group_id,
+            message_id,
+            pin,
+        }
+    )?
+    .into_inner();
+    // as a membership change: one more request per 10 members it tells
+    app.limits.user_owes(me, r.notified as usize);
+    Ok(pin_list(r))
+}
+
+fn pin_list(r: pb::PinsResponse) -> PinList {
+    PinList {
+        group_id: r.group_id,
+        pins: r
+            .pins
+            .into_iter()
+            .map(|p| PinView {
+                message_id: p.message_id,
+                seq: p.seq,
+                pinned_by: p.pinned_by,
+                pinned_at: format_millis(p.pinned_at_ms),
+            })
+            .collect(),
+    }
 }
 
 /// `DELETE /groups/{id}` (owner only).

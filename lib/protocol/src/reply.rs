@@ -230,6 +230,25 @@ pub struct GroupSummary {
     pub muted_until: Option<String>,
 }
 
+/// A pinned message, as `GET /groups/{id}/pins` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PinView {
+    pub message_id: String,
+    pub seq: u64,
+    pub pinned_by: String,
+    pub pinned_at: String,
+}
+
+/// `GET /groups/{id}/pins` and `PUT /groups/{id}/pins/{messageId}`: the
+/// group's pinned messages the caller sees, newest pin first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PinList {
+    pub group_id: String,
+    pub pins: Vec<PinView>,
+}
+
 /// `PUT /groups/{id}/mute`: the caller's mute of a group.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]

@@ -71,18 +71,23 @@ impl GroupView {
 
 /// What changed, in `a_group_created` and `a_group_updated`: a delta a
 /// client can apply without the member list.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct GroupChangeView {
     /// `created`, `members_added`, `member_removed`, `member_left`,
-    /// `owner_changed`, `details_changed` (name or description) or
-    /// `deleted` (the owner deleted the group for everyone).
+    /// `owner_changed`, `details_changed` (name or description),
+    /// `message_pinned`, `message_unpinned` or `deleted` (the owner
+    /// deleted the group for everyone).
     pub kind: String,
-    /// Who was added, removed, left, or became owner (none for
-    /// `details_changed` and `deleted`).
+    /// Who was added, removed, left, or became owner (none for the others).
     pub user_ids: Vec<String>,
     /// Who made the change.
     pub by: String,
+    /// The message pinned or unpinned, and its `seq`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
 }
 
 impl From<&Group> for GroupView {

@@ -81,6 +81,9 @@ impl TryFrom<pb::Group> for Group {
             history: parse("history", |h| History::parse(&h), g.history)?,
             created_at: g.created_at_ms,
             updated_at: g.updated_at_ms,
+            // pins travel on their own (`ListPins`): each member is given
+            // only those it may see
+            pins: Vec::new(),
         })
     }
 }

@@ -4,7 +4,7 @@
 //! not a rewrite of a 1,000-entry array in the group's document (as the
 //! `subscribers` array of earlier versions did; it is still read).
 
-use chat_domain::{Group, GroupId, History, Member, Millis, UserId};
+use chat_domain::{Group, GroupId, History, Member, MessageId, Millis, Pin, UserId};
 use futures::TryStreamExt;
 use mongodb::{
     Collection, IndexModel,
@@ -23,6 +23,15 @@ struct MemberDoc {
     /// Absent in documents of earlier versions: 0, the whole history.
     #[serde(default)]
     joined_seq: i64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PinDoc {
+    message_id: String,
+    seq: i64,
+    by: String,
+    at: DateTime,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -63,6 +72,9 @@ struct GroupDoc {
     /// (its name and description are cleared then).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     purged_at: Option<DateTime>,
+    /// Its pinned messages, oldest pin first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pins: Vec<PinDoc>,
 }
 
 /// What stays of a deleted group: its last state (no members; its notice,
@@ -174,6 +186,12 @@ pub struct Unnotified {
     /// Who hears of it besides the members (one who left or was removed).
     #[serde(default)]
     pub also: Vec<String>,
+    /// The message pinned or unpinned, and its `seq` (only the members
+    /// who see it hear of it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
 }
 
 fn corrupt(id: &str, e: impl std::fmt::Display) -> StoreError {
@@ -209,6 +227,16 @@ impl GroupDoc {
             unnotified: None,
             deleted_at: None,
             purged_at: None,
+            pins: g
+                .pins
+                .iter()
+                .map(|p| PinDoc {
+                    message_id: p.message_id.to_string(),
+                    seq: seq_to_bson(p.seq),
+                    by: p.by.to_string(),
+                    at: to_bson_time(p.at),
+                })
+                .collect(),
         }
     }
 
@@ -235,6 +263,19 @@ impl GroupDoc {
             history: History::parse(&self.history).map_err(|e| corrupt(&id, e))?,
             created_at: self.created_at.timestamp_millis(),
             updated_at: self.updated_at.timestamp_millis(),
+            pins: self
+                .pins
+                .into_iter()
+                .map(|p| {
+                    Ok(Pin {
+                        message_id: MessageId::parse(p.message_id.as_str())
+                            .map_err(|e| corrupt(&id, e))?,
+                        seq: seq_from_bson(p.seq),
+                        by: user(p.by)?,
+                        at: p.at.timestamp_millis(),
+                    })
+                })
+                .collect::<Result<_, StoreError>>()?,
         };
         Ok(GroupRecord {
             group,

@@ -65,7 +65,7 @@ impl GroupsService {
     /// tells everyone concerned. A member who leaves or is removed stops
     /// receiving the group live at the event published after the change
     /// commits.
-    async fn change(
+    pub(crate) async fn change(
         &self,
         caller: &str,
         group_id: &str,
@@ -155,6 +155,7 @@ impl GroupsService {
                 _ => {}
             }
             let delta = change_view(caller, &change);
+            let audience = seeing(&record.group, audience, delta.seq);
             record.unnotified = Some(Unnotified {
                 kind: delta.kind.clone(),
                 user_ids: delta.user_ids.clone(),
@@ -164,6 +165,8 @@ impl GroupsService {
                     .filter(|u| !record.group.is_member(u))
                     .map(ToString::to_string)
                     .collect(),
+                message_id: delta.message_id.clone(),
+                seq: delta.seq,
             });
             // a member added (again) starts unmuted: what a mute that
             // raced its leaving left goes first, while it is no member, so
@@ -240,6 +243,7 @@ impl GroupsService {
                 user_ids: Vec::new(),
                 by: caller.to_string(),
                 also: record.group.member_ids().map(ToString::to_string).collect(),
+                ..Unnotified::default()
             };
             let at = now_millis();
             if !self
@@ -300,6 +304,7 @@ impl GroupsService {
                 kind: notice.kind.clone(),
                 user_ids: notice.user_ids.clone(),
                 by: notice.by.clone(),
+                ..GroupChangeView::default()
             };
             let prefix = format!("upd-{id}-{}", record.rev);
             self.publish_to_users(&former, event::GROUP_UPDATED, &record.group, delta, &prefix)
@@ -336,10 +341,13 @@ impl GroupsService {
                 .iter()
                 .filter_map(|u| UserId::parse(u.as_str()).ok()),
         );
+        let audience = seeing(group, audience, notice.seq);
         let delta = GroupChangeView {
             kind: notice.kind,
             user_ids: notice.user_ids,
             by: notice.by,
+            message_id: notice.message_id,
+            seq: notice.seq,
         };
         let prefix = format!("upd-{}-{}", group.id, record.rev);
         self.publish_to_users(&audience, event::GROUP_UPDATED, group, delta, &prefix)
@@ -436,11 +444,55 @@ fn change_view(caller: &UserId, change: &GroupChange) -> GroupChangeView {
         GroupChange::Leave => ("member_left", vec![caller]),
         GroupChange::TransferOwner { new_owner } => ("owner_changed", vec![new_owner]),
         GroupChange::Describe { .. } => ("details_changed", Vec::new()),
+        GroupChange::Pin { .. } => ("message_pinned", Vec::new()),
+        GroupChange::Unpin { .. } => ("message_unpinned", Vec::new()),
+    };
+    let (message_id, seq) = match change {
+        GroupChange::Pin { message_id, seq }
+        | GroupChange::Unpin {
+            message_id, seq, ..
+        } => (Some(message_id.to_string()), Some(*seq)),
+        _ => (None, None),
     };
     GroupChangeView {
         kind: kind.into(),
         user_ids: users.into_iter().map(ToString::to_string).collect(),
         by: caller.to_string(),
+        message_id,
+        seq,
+    }
+}
+
+/// Those of `audience` who see the message at `seq` (`None`: everyone):
+/// a pin or unpin is told only to the members who see what it is about.
+fn seeing(group: &Group, audience: Vec<UserId>, seq: Option<u64>) -> Vec<UserId> {
+    let Some(seq) = seq else {
+        return audience;
+    };
+    audience
+        .into_iter()
+        .filter(|u| group.visible_from(u).is_some_and(|from| seq > from))
+        .collect()
+}
+
+/// `group`'s pins that `caller` sees, newest pin first.
+fn pins_seen_by(group: &Group, caller: &UserId) -> pb::PinsResponse {
+    let from = group.visible_from(caller).unwrap_or(u64::MAX);
+    pb::PinsResponse {
+        group_id: group.id.to_string(),
+        pins: group
+            .pins
+            .iter()
+            .rev()
+            .filter(|p| p.seq > from)
+            .map(|p| pb::PinEntry {
+                message_id: p.message_id.to_string(),
+                seq: p.seq,
+                pinned_by: p.by.to_string(),
+                pinned_at_ms: p.at,
+            })
+            .collect(),
+        notified: 0,
     }
 }
 
@@ -688,6 +740,51 @@ impl Groups for GroupsService {
         Ok(reply(&group))
     }
 
+    async fn pin(
+        &self,
+        req: Request<pb::PinRequest>,
+    ) -> Result<Response<pb::PinsResponse>, Status> {
+        let req = req.into_inner();
+        let caller = parse_id::<UserId>(&req.caller)?;
+        let id = parse_id::<GroupId>(&req.group_id)?;
+        let message_id = parse_id::<chat_domain::MessageId>(&req.message_id)?;
+        let change = if req.pin {
+            // a message the caller sees (persisted: waits while the
+            // persist loop is behind), and not deleted
+            let m = messages::MessagesService(self.0.clone())
+                .committed_in(&caller, &id, &req.message_id)
+                .await?;
+            if m.is_deleted() {
+                return Err(WorkerError::NotFound("message").into());
+            }
+            GroupChange::Pin {
+                message_id,
+                seq: m.seq.unwrap_or_default(),
+            }
+        } else {
+            GroupChange::Unpin {
+                message_id,
+                seq: 0,
+                forced: false,
+            }
+        };
+        let group = self.change(&req.caller, &req.group_id, change).await?;
+        let mut pins = pins_seen_by(&group, &caller);
+        pins.notified = u32::try_from(group.members.len()).unwrap_or(u32::MAX);
+        Ok(Response::new(pins))
+    }
+
+    async fn list_pins(
+        &self,
+        req: Request<pb::GroupRequest>,
+    ) -> Result<Response<pb::PinsResponse>, Status> {
+        let req = req.into_inner();
+        let caller = parse_id::<UserId>(&req.caller)?;
+        let id = parse_id::<GroupId>(&req.group_id)?;
+        let record = self.load_as_member(&caller, &id).await?;
+        Ok(Response::new(pins_seen_by(&record.group, &caller)))
+    }
+
     async fn delete_group(
         &self,
         req: Request<pb::GroupRequest>,
@@ -831,6 +928,7 @@ impl Groups for GroupsService {
                 kind: "created".into(),
                 user_ids: Vec::new(),
                 by: record.group.created_by.to_string(),
+                ..GroupChangeView::default()
             };
             self.publish_to_users(
                 &members,

@@ -786,10 +786,23 @@ impl MessagesService {
         })
         .increment(1);
         tracing::debug!(message = %m.id, group = %group, ?change, "message changed");
+        if change == chat_bus::Change::Delete {
+            // a deleted message is pinned no more (a read of the group; no
+            // write unless it was pinned)
+            let unpin = chat_domain::GroupChange::Unpin {
+                message_id: m.id.clone(),
+                seq: 0,
+                forced: true,
+            };
+            let groups = crate::groups::GroupsService(s.clone());
+            if let Err(e) = groups.change(caller.as_str(), group.as_str(), unpin).await {
+                tracing::warn!(message = %m.id, group = %group, error = %e, "cannot unpin a deleted message");
+            }
+        }
         Ok(done(now))
     }
 
-    async fn committed_in(
+    pub(crate) async fn committed_in(
         &self,
         caller: &UserId,
         group: &GroupId,

@@ -880,3 +880,112 @@ async fn status_for_host(base: &str, host: &str) -> anyhow::Result<u16> {
         .and_then(|s| s.parse().ok())
         .with_context(|| format!("no status in {answer}"))
 }
+
+/// Members pin messages they see, within the group's limit, and the member
+/// who pinned one or the owner unpins it; the members who see a pinned
+/// message hear of each change, and a member added later under `joined`
+/// history neither lists nor hears of a pin of a message from before it
+/// joined, nor may pin one; a deleted message is unpinned and cannot be
+/// pinned; strangers and unknown messages are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_pin_messages_and_only_those_who_see_them_hear_of_it() -> anyhow::Result<()> {
+    use reqwest::Method;
+    let c = Cluster::start_with(1, 1, &["--max-group-pins", "2"]).await?;
+    let g = c.group_with_history("alice", &["bob"], "joined").await?;
+    let pins = format!("/groups/{g}/pins");
+    let mut alice = c.connect(0, "alice", "w").await?;
+    let m1 = alice.send_text(&g, "p1", "before dave").await?["messageId"]
+        .as_str()
+        .context("id")?
+        .to_owned();
+    assert_eq!(c.add_members("alice", &g, &["dave"]).await?, 200);
+    let mut bob = c.connect(0, "bob", "w").await?;
+    let mut dave = c.connect(0, "dave", "w").await?;
+    let added = dave.skip_to("a_group_updated").await?;
+    assert_eq!(added["data"]["change"]["kind"], "members_added");
+    let m2 = alice.send_text(&g, "p2", "after dave").await?["messageId"]
+        .as_str()
+        .context("id")?
+        .to_owned();
+    let pin = |user: &'static str, m: &str| {
+        let path = format!("{pins}/{m}");
+        let c = &c;
+        async move { c.call(Method::PUT, 0, Some(user), &path, None).await }
+    };
+    let unpin = |user: &'static str, m: &str| {
+        let path = format!("{pins}/{m}");
+        let c = &c;
+        async move { c.call(Method::DELETE, 0, Some(user), &path, None).await }
+    };
+    let listed = |list: &Value| -> Vec<String> {
+        list["pins"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p["messageId"].as_str().map(str::to_owned))
+            .collect()
+    };
+
+    // alice pins the message from before dave joined: bob hears of it
+    let (status, list) = pin("alice", &m1).await?;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(listed(&list), [m1.as_str()]);
+    assert_eq!(list["pins"][0]["pinnedBy"], "alice");
+    let mut heard = bob.skip_to("a_group_updated").await?;
+    if heard["data"]["change"]["kind"] == "members_added" {
+        heard = bob.skip_to("a_group_updated").await?;
+    }
+    assert_eq!(
+        heard["data"]["change"],
+        json!({"kind": "message_pinned", "userIds": [], "by": "alice", "messageId": m1, "seq": 1})
+    );
+    // dave sees nothing of it, and may not pin it
+    let (_, seen) = c.get(0, "dave", &pins).await?;
+    assert_eq!(listed(&seen), Vec::<String>::new(), "{seen}");
+    assert_eq!(pin("dave", &m1).await?.0, 404);
+    // dave pins the message after he joined: the next change he hears of
+    let (status, list) = pin("dave", &m2).await?;
+    assert_eq!((status, listed(&list)), (200, vec![m2.clone()]));
+    let heard = dave.skip_to("a_group_updated").await?;
+    assert_eq!(heard["data"]["change"]["messageId"], m2.as_str(), "{heard}");
+    let (_, all) = c.get(0, "alice", &pins).await?;
+    assert_eq!(listed(&all), [m2.clone(), m1.clone()], "newest pin first");
+    // pinning again changes nothing; a third pin is past the limit
+    assert_eq!(pin("bob", &m2).await?.0, 200);
+    let m3 = alice.send_text(&g, "p3", "third").await?["messageId"]
+        .as_str()
+        .context("id")?
+        .to_owned();
+    let (status, e) = pin("bob", &m3).await?;
+    assert_eq!(
+        (status, e["error"]["code"].as_str()),
+        (400, Some("too_large"))
+    );
+
+    // bob may not unpin dave's pin; the owner may; unpinning twice is fine
+    let (status, _) = unpin("bob", &m2).await?;
+    assert_eq!(status, 403);
+    assert_eq!(unpin("alice", &m2).await?.0, 204);
+    assert_eq!(unpin("alice", &m2).await?.0, 204);
+    let heard = dave.skip_to("a_group_updated").await?;
+    assert_eq!(heard["data"]["change"]["kind"], "message_unpinned");
+
+    // a deleted message is unpinned, and cannot be pinned again
+    assert_eq!(pin("bob", &m3).await?.0, 200);
+    alice
+        .request(
+            "delete_group_message",
+            json!({"groupId": g, "messageId": m3}),
+        )
+        .await?;
+    let (_, after) = c.get(0, "alice", &pins).await?;
+    assert_eq!(listed(&after), [m1.as_str()], "{after}");
+    assert_eq!(pin("bob", &m3).await?.0, 404);
+
+    // strangers and made-up messages
+    assert_eq!(c.get(0, "mallory", &pins).await?.0, 403);
+    assert_eq!(pin("mallory", &m1).await?.0, 403);
+    assert_eq!(pin("bob", "0192f3a45b6c7d8e9f0123456789abcd").await?.0, 404);
+    assert_eq!(pin("bob", "not an id").await?.0, 400);
+    c.stop().await
+}
