@@ -61,6 +61,11 @@ export const addMembers = (group, userIds) =>
   request("POST", `/groups/${enc(group)}/members`, { userIds });
 export const leaveGroup = (group) => request("DELETE", `/groups/${enc(group)}/members/me`);
 export const deleteGroup = (group) => request("DELETE", `/groups/${enc(group)}`);
+export const pins = (group) => request("GET", `/groups/${enc(group)}/pins`);
+export const pin = (group, messageId) =>
+  request("PUT", `/groups/${enc(group)}/pins/${enc(messageId)}`);
+export const unpin = (group, messageId) =>
+  request("DELETE", `/groups/${enc(group)}/pins/${enc(messageId)}`);
 export const removeMember = (group, userId) =>
   request("DELETE", `/groups/${enc(group)}/members/${enc(userId)}`);
 export const transferOwner = (group, userId) =>

@@ -57,6 +57,8 @@ const app = {
   // groups deleted while this page was open: `deleted` is final, and an
   // event of the group that arrives after it brings nothing back
   deleted: new Set(),
+  // the open group's pins as the server lists them (GET /groups/{id}/pins)
+  pins: [],
   // the member button clicked once, waiting for the confirming click
   armed: null,
   // userIds this user blocks, newest first (GET /blocks)
@@ -308,6 +310,57 @@ function groupChanged(data) {
     }
   }
   if (app.open === g.id) renderHeader();
+  if (
+    app.open === g.id &&
+    (change.kind === "message_pinned" || change.kind === "message_unpinned")
+  ) {
+    loadPins(g.id);
+  }
+}
+
+// ---------------------------------------------------------------- pins
+
+// PROTOCOL.md, "Pins": the open group's pins, newest first; each shows its
+// message's start when the page holds it.
+async function loadPins(groupId) {
+  try {
+    const list = await api.pins(groupId);
+    if (app.open !== groupId) return;
+    app.pins = list.pins;
+    renderPins();
+    renderMessages();
+  } catch (e) {
+    failed(e);
+  }
+}
+
+function renderPins() {
+  const m = app.open ? held(app.open) : new Map();
+  $("#pinned").hidden = app.pins.length === 0;
+  $("#pin-list").replaceChildren(
+    ...app.pins.map((p) => {
+      const li = document.createElement("li");
+      li.dataset.messageId = p.messageId;
+      const msg = m.get(p.seq);
+      const shown = msg ? (msg.deleted ? "[deleted]" : summary(msg)) : `message #${p.seq}`;
+      li.textContent = `${shown} (pinned by ${p.pinnedBy})`;
+      return li;
+    }),
+  );
+}
+
+function pinned(m) {
+  return app.pins.some((p) => p.messageId === m.messageId);
+}
+
+async function togglePin(m) {
+  try {
+    if (pinned(m)) await api.unpin(m.groupId, m.messageId);
+    else await api.pin(m.groupId, m.messageId);
+  } catch (e) {
+    failed(e);
+  }
+  loadPins(m.groupId);
 }
 
 // Subscriptions are the server's (they outlast connections): once per
@@ -428,6 +481,8 @@ async function openGroup(groupId) {
   $("#rename-name").value = "";
   $("#add-member").value = "";
   app.open = groupId;
+  app.pins = [];
+  renderPins();
   document.body.classList.add("chat-open");
   $("#no-chat").hidden = true;
   $("#chat-body").hidden = false;
@@ -445,6 +500,7 @@ async function openGroup(groupId) {
   }
   renderMessages(true);
   renderTyping();
+  loadPins(groupId);
   loadPresence(groupId);
   seedReceipts(groupId);
   markRead();
@@ -750,6 +806,12 @@ function actions(m) {
   reply.textContent = "Reply";
   reply.addEventListener("click", () => startReplying(m));
   box.append(reply);
+  const pin = document.createElement("button");
+  pin.type = "button";
+  pin.className = "pin";
+  pin.textContent = pinned(m) ? "Unpin" : "Pin";
+  pin.addEventListener("click", () => togglePin(m));
+  box.append(pin);
   if (m.senderId === app.me && m.type === "text") {
     const b = document.createElement("button");
     b.type = "button";

@@ -103,6 +103,12 @@ enum Command {
     /// Delete a group for everyone, with its messages and media (owner
     /// only; it cannot be undone).
     DeleteGroup { group: String },
+    /// Pin a message of a group (any member).
+    Pin { group: String, message_id: String },
+    /// Unpin a message (the member who pinned it, or the owner).
+    Unpin { group: String, message_id: String },
+    /// The group's pinned messages, newest pin first.
+    Pins { group: String },
     /// Send a text message.
     Send {
         group: String,
@@ -645,6 +651,49 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 )
                 .await?;
             c.out(&v, || format!("left {group}"));
+        }
+        Command::Pin { group, message_id } => {
+            let v = c
+                .call(
+                    reqwest::Method::PUT,
+                    &format!("/groups/{group}/pins/{message_id}"),
+                    None,
+                )
+                .await?;
+            c.out(&v, || format!("pinned {message_id}"));
+        }
+        Command::Unpin { group, message_id } => {
+            let v = c
+                .call(
+                    reqwest::Method::DELETE,
+                    &format!("/groups/{group}/pins/{message_id}"),
+                    None,
+                )
+                .await?;
+            c.out(&v, || format!("unpinned {message_id}"));
+        }
+        Command::Pins { group } => {
+            let v = c
+                .call(reqwest::Method::GET, &format!("/groups/{group}/pins"), None)
+                .await?;
+            c.out(&v, || {
+                let pins = v["pins"].as_array().cloned().unwrap_or_default();
+                if pins.is_empty() {
+                    return "no pinned messages".to_owned();
+                }
+                pins.iter()
+                    .map(|p| {
+                        shown(&format!(
+                            "#{} {} (pinned by {} at {})",
+                            p["seq"],
+                            p["messageId"].as_str().unwrap_or_default(),
+                            p["pinnedBy"].as_str().unwrap_or_default(),
+                            p["pinnedAt"].as_str().unwrap_or_default()
+                        ))
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
         }
         Command::DeleteGroup { group } => {
             let v = c

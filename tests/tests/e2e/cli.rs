@@ -227,6 +227,22 @@ async fn the_cli_runs_the_readme_tour_against_a_real_stack() -> anyhow::Result<(
     assert_eq!(text(&reacted).trim(), "👍 1 (yours among them)");
     let taken = chat(&c, "alice", &["react", &id, answer_id, "👍", "--remove"]).await?;
     assert_eq!(text(&taken).trim(), "👍 0 (not yours)");
+    // pins: one, listed with who pinned it; then none
+    let pinned = chat(&c, "alice", &["pin", &id, answer_id]).await?;
+    assert_eq!(text(&pinned).trim(), format!("pinned {answer_id}"));
+    let listed = text(&chat(&c, "bob", &["pins", &id]).await?);
+    assert!(
+        listed.starts_with(&format!(
+            "#{} {answer_id} (pinned by alice at ",
+            answer["seq"]
+        )),
+        "{listed}"
+    );
+    chat(&c, "alice", &["unpin", &id, answer_id]).await?;
+    assert_eq!(
+        text(&chat(&c, "bob", &["pins", &id]).await?).trim(),
+        "no pinned messages"
+    );
     let around = text(&chat(&c, "alice", &["presence", &id]).await?);
     for user in ["alice", "bob"] {
         assert!(

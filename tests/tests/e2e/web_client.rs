@@ -696,6 +696,68 @@ async fn an_owner_manages_a_group_and_a_member_mutes_and_leaves_it_in_real_brows
     c.stop().await
 }
 
+/// A member pins a message from its actions: both pages show it pinned,
+/// with who pinned it; the owner unpins it, and both pages follow.
+#[tokio::test]
+async fn members_pin_and_unpin_messages_in_real_browsers() -> anyhow::Result<()> {
+    let Pair {
+        _driver,
+        c,
+        alice,
+        bob,
+        ..
+    } = two_in_a_group("Pins").await?;
+    send(&alice, "remember this").await?;
+    shows(&bob, &["remember this".to_owned()], "bob sees the message").await?;
+    let pin_button = "document.querySelector('#messages .message[data-seq=\"1\"] button.pin')";
+    js(&bob, &format!("{pin_button}.click()")).await?;
+    for page in [&alice, &bob] {
+        until(
+            page,
+            "shown pinned",
+            "!document.querySelector('#pinned').hidden && \
+             document.querySelector('#pin-list li')?.textContent === 'remember this (pinned by bob)'",
+        )
+        .await?;
+    }
+    until(
+        &alice,
+        "the message offers to unpin",
+        &format!("{pin_button}.textContent === 'Unpin'"),
+    )
+    .await?;
+    let (_, pins) = c
+        .get(
+            0,
+            "alice",
+            &format!("/groups/{}/pins", group_id(&c, "alice").await?),
+        )
+        .await?;
+    assert_eq!(pins["pins"][0]["pinnedBy"], "bob", "{pins}");
+    shot(&alice, "7-pinned").await?;
+    js(&alice, &format!("{pin_button}.click()")).await?;
+    for page in [&alice, &bob] {
+        until(
+            page,
+            "no pins shown",
+            "document.querySelector('#pinned').hidden",
+        )
+        .await?;
+    }
+    alice.close().await?;
+    bob.close().await?;
+    c.stop().await
+}
+
+/// The id of `user`'s one group.
+async fn group_id(c: &Cluster, user: &str) -> anyhow::Result<String> {
+    let (_, page) = c.get(0, user, "/groups").await?;
+    Ok(page["groups"][0]["id"]
+        .as_str()
+        .context("a group")?
+        .to_owned())
+}
+
 /// The owner deletes a group from its settings (a second click confirms):
 /// it goes from both pages, and the server has it no more.
 #[tokio::test]
