@@ -335,7 +335,9 @@ async function loadPins(groupId) {
 }
 
 function renderPins() {
-  const m = app.open ? held(app.open) : new Map();
+  // (not `held`, which would make an empty page of the group: opening it
+  // would then read no history)
+  const m = app.messages.get(app.open) || new Map();
   $("#pinned").hidden = app.pins.length === 0;
   $("#pin-list").replaceChildren(
     ...app.pins.map((p) => {
