@@ -322,10 +322,13 @@ function groupChanged(data) {
 
 // PROTOCOL.md, "Pins": the open group's pins, newest first; each shows its
 // message's start when the page holds it.
+let pinsAsked = 0;
 async function loadPins(groupId) {
+  // only the newest answer counts: two reads can end out of order
+  const asked = ++pinsAsked;
   try {
     const list = await api.pins(groupId);
-    if (app.open !== groupId) return;
+    if (app.open !== groupId || asked !== pinsAsked) return;
     app.pins = list.pins;
     renderPins();
     renderMessages();
@@ -808,12 +811,16 @@ function actions(m) {
   reply.textContent = "Reply";
   reply.addEventListener("click", () => startReplying(m));
   box.append(reply);
-  const pin = document.createElement("button");
-  pin.type = "button";
-  pin.className = "pin";
-  pin.textContent = pinned(m) ? "Unpin" : "Pin";
-  pin.addEventListener("click", () => togglePin(m));
-  box.append(pin);
+  // anyone pins; the member who pinned it or the owner unpins
+  const pinnedBy = app.pins.find((p) => p.messageId === m.messageId)?.pinnedBy;
+  if (!pinnedBy || pinnedBy === app.me || (group && group.ownerId === app.me)) {
+    const pin = document.createElement("button");
+    pin.type = "button";
+    pin.className = "pin";
+    pin.textContent = pinnedBy ? "Unpin" : "Pin";
+    pin.addEventListener("click", () => togglePin(m));
+    box.append(pin);
+  }
   if (m.senderId === app.me && m.type === "text") {
     const b = document.createElement("button");
     b.type = "button";

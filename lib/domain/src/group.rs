@@ -252,11 +252,16 @@ impl Group {
         limits: &Limits,
         now: Millis,
     ) -> Result<Applied, DomainError> {
-        if !self.is_member(caller) {
+        // (a forced unpin follows a message's deletion, whoever deleted it)
+        let forced = matches!(change, GroupChange::Unpin { forced: true, .. });
+        if !forced && !self.is_member(caller) {
             return Err(DomainError::Forbidden(
                 "you are not a member of this group".into(),
             ));
         }
+        // a pin changes nothing a member who does not see its message
+        // may see: not even when the group changed
+        let touches = !matches!(change, GroupChange::Pin { .. } | GroupChange::Unpin { .. });
         let owner_only = || -> Result<(), DomainError> {
             if &self.owner_id != caller {
                 return Err(DomainError::Forbidden(
@@ -382,7 +387,9 @@ impl Group {
                 }
             }
         };
-        self.updated_at = now.max(self.updated_at);
+        if touches {
+            self.updated_at = now.max(self.updated_at);
+        }
         Ok(Applied::Changed { audience, change })
     }
 }
@@ -426,6 +433,7 @@ mod tests {
     #[test]
     fn members_pin_within_the_limit_and_the_pinner_or_owner_unpins() {
         let mut g = group(&["a", "b"]);
+        let created = g.updated_at;
         let limits = Limits {
             group_pins: 2,
             ..Limits::default()
@@ -492,9 +500,13 @@ mod tests {
             .expect("the owner unpins any");
         g.apply(&uid("a"), pin(&m3, 3), &limits, 28)
             .expect("room again");
-        g.apply(&uid("b"), unpin(&m3, true), &limits, 29)
-            .expect("a forced unpin");
+        g.apply(&uid("stranger"), unpin(&m3, true), &limits, 29)
+            .expect("a forced unpin, whoever deleted the message");
         assert!(g.pins.is_empty());
+        assert_eq!(
+            g.updated_at, created,
+            "pins do not move the group (a member who does not see them would see that)"
+        );
     }
 
     #[test]

@@ -624,7 +624,7 @@ impl GroupRepo {
             .update_one(
                 doc! { "_id": record.group.id.as_str(), "rev": record.rev },
                 doc! { "$set": {
-                    "members": [], "subscribers": [],
+                    "members": [], "subscribers": [], "pins": [],
                     "deletedAt": to_bson_time(at), "updatedAt": to_bson_time(at),
                     "rev": record.rev + 1, "unnotified": notice,
                 } },
@@ -648,6 +648,20 @@ impl GroupRepo {
             )
             .await?;
         Ok(res.matched_count == 1)
+    }
+
+    /// Whether message `message` is pinned in group `id` (a read of that
+    /// alone, whatever the group's size).
+    pub async fn pinned(&self, id: &GroupId, message: &MessageId) -> Result<bool, StoreError> {
+        let mut filter = live(id);
+        filter.insert("pins.messageId", message.as_str());
+        Ok(self
+            .coll
+            .clone_with_type::<mongodb::bson::Document>()
+            .find_one(filter)
+            .projection(doc! { "_id": 1 })
+            .await?
+            .is_some())
     }
 
     /// The group `id` if it was deleted.

@@ -463,6 +463,45 @@ fn change_view(caller: &UserId, change: &GroupChange) -> GroupChangeView {
     }
 }
 
+/// Unpins deleted message `message` of `group` if it is pinned (one small
+/// read if not), in a task of its own: a call cancelled or timed out must
+/// not leave a deleted message pinned. `by` deleted it; a failure is
+/// logged (a retry of the delete tries again).
+pub(crate) async fn unpin_deleted(
+    s: &Arc<crate::State>,
+    by: &UserId,
+    group: &GroupId,
+    message: &chat_domain::MessageId,
+) {
+    let (service, by, group, message) = (
+        GroupsService(s.clone()),
+        by.clone(),
+        group.clone(),
+        message.clone(),
+    );
+    let task = tokio::spawn(async move {
+        if !service.0.store.groups.pinned(&group, &message).await? {
+            return Ok(());
+        }
+        let unpin = GroupChange::Unpin {
+            message_id: message.clone(),
+            seq: 0,
+            forced: true,
+        };
+        service
+            .change(by.as_str(), group.as_str(), unpin)
+            .await
+            .map(drop)
+    });
+    match task.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot unpin a deleted message; its delete's retry will")
+        }
+        Err(e) => tracing::warn!(error = %e, "the unpin of a deleted message stopped"),
+    }
+}
+
 /// Those of `audience` who see the message at `seq` (`None`: everyone):
 /// a pin or unpin is told only to the members who see what it is about.
 fn seeing(group: &Group, audience: Vec<UserId>, seq: Option<u64>) -> Vec<UserId> {
@@ -758,17 +797,43 @@ impl Groups for GroupsService {
                 return Err(WorkerError::NotFound("message").into());
             }
             GroupChange::Pin {
-                message_id,
+                message_id: message_id.clone(),
                 seq: m.seq.unwrap_or_default(),
             }
         } else {
+            // a pin of a message the caller does not see is, to it, no pin
+            // at all: nothing to unpin (and no answer that tells it apart)
+            let record = self.load_as_member(&caller, &id).await?;
+            let from = record.group.visible_from(&caller).unwrap_or(u64::MAX);
+            let unseen = record
+                .group
+                .pins
+                .iter()
+                .any(|p| p.message_id == message_id && p.seq <= from);
+            if unseen {
+                return Ok(Response::new(pins_seen_by(&record.group, &caller)));
+            }
             GroupChange::Unpin {
-                message_id,
+                message_id: message_id.clone(),
                 seq: 0,
                 forced: false,
             }
         };
         let group = self.change(&req.caller, &req.group_id, change).await?;
+        if req.pin {
+            // a delete that ran meanwhile found nothing to unpin: each side
+            // writes before it looks at the other, so one of them sees it
+            let deleted = self
+                .0
+                .store
+                .messages
+                .get(&message_id)
+                .await
+                .map_err(WorkerError::from)?;
+            if deleted.is_some_and(|m| m.is_deleted()) {
+                unpin_deleted(&self.0, &caller, &id, &message_id).await;
+            }
+        }
         let mut pins = pins_seen_by(&group, &caller);
         pins.notified = u32::try_from(group.members.len()).unwrap_or(u32::MAX);
         Ok(Response::new(pins))

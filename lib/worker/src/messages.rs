@@ -720,6 +720,8 @@ impl MessagesService {
             }
             None => {
                 if let Some(at) = m.deleted_at {
+                    // a retry: it finishes what the first call may not have
+                    crate::groups::unpin_deleted(s, caller, group, &m.id).await;
                     return Ok(done(at));
                 }
                 if &m.sender_id != caller && &owner != caller {
@@ -787,17 +789,8 @@ impl MessagesService {
         .increment(1);
         tracing::debug!(message = %m.id, group = %group, ?change, "message changed");
         if change == chat_bus::Change::Delete {
-            // a deleted message is pinned no more (a read of the group; no
-            // write unless it was pinned)
-            let unpin = chat_domain::GroupChange::Unpin {
-                message_id: m.id.clone(),
-                seq: 0,
-                forced: true,
-            };
-            let groups = crate::groups::GroupsService(s.clone());
-            if let Err(e) = groups.change(caller.as_str(), group.as_str(), unpin).await {
-                tracing::warn!(message = %m.id, group = %group, error = %e, "cannot unpin a deleted message");
-            }
+            // a deleted message is pinned no more
+            crate::groups::unpin_deleted(s, caller, group, &m.id).await;
         }
         Ok(done(now))
     }

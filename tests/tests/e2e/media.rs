@@ -1165,7 +1165,8 @@ async fn the_owner_deletes_a_group_for_everyone_and_all_it_stored_goes() -> anyh
     for (coll, filter) in stored.iter().filter(|(coll, _)| *coll != "uploads") {
         assert_eq!(count(coll, filter.clone()).await?, 0, "{coll}");
     }
-    assert_eq!(count("group_receipts", doc! { "_id": &g }).await?, 0);
+    // (a delivery mark batched before the deletion may write the group's
+    // receipts again after the purge: the pass below takes it)
     assert_eq!(count("messages", doc! { "groupId": &kept }).await?, 1);
     assert_eq!(count("subscriptions", doc! { "groupId": &kept }).await?, 2);
     let bus = c.bus().await?;
@@ -1198,10 +1199,12 @@ async fn the_owner_deletes_a_group_for_everyone_and_all_it_stored_goes() -> anyh
     let mut c = c;
     c.restart_worker(0).await?;
     eventually(PROMPTLY, || async {
-        Ok((count("messages", doc! { "groupId": &g }).await? == 0).then_some(()))
+        let messages = count("messages", doc! { "groupId": &g }).await?;
+        let receipts = count("group_receipts", doc! { "_id": &g }).await?;
+        Ok((messages + receipts == 0).then_some(()))
     })
     .await
-    .context("the raced message is purged")?;
+    .context("the raced message and receipts are purged")?;
     assert_eq!(count("messages", doc! { "groupId": &kept }).await?, 1);
     c.stop().await
 }

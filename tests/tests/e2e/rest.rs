@@ -927,6 +927,7 @@ async fn members_pin_messages_and_only_those_who_see_them_hear_of_it() -> anyhow
     };
 
     // alice pins the message from before dave joined: bob hears of it
+    let (_, before) = c.get(0, "dave", &format!("/groups/{g}")).await?;
     let (status, list) = pin("alice", &m1).await?;
     assert_eq!(status, 200, "{list}");
     assert_eq!(listed(&list), [m1.as_str()]);
@@ -939,10 +940,16 @@ async fn members_pin_messages_and_only_those_who_see_them_hear_of_it() -> anyhow
         heard["data"]["change"],
         json!({"kind": "message_pinned", "userIds": [], "by": "alice", "messageId": m1, "seq": 1})
     );
-    // dave sees nothing of it, and may not pin it
+    // dave sees nothing of it (not even the group's updatedAt move), may
+    // not pin it, and unpinning it is, to him, unpinning nothing
     let (_, seen) = c.get(0, "dave", &pins).await?;
     assert_eq!(listed(&seen), Vec::<String>::new(), "{seen}");
+    let (_, after) = c.get(0, "dave", &format!("/groups/{g}")).await?;
+    assert_eq!(after["updatedAt"], before["updatedAt"]);
     assert_eq!(pin("dave", &m1).await?.0, 404);
+    assert_eq!(unpin("dave", &m1).await?.0, 204);
+    let (_, still) = c.get(0, "alice", &pins).await?;
+    assert_eq!(listed(&still), [m1.as_str()], "{still}");
     // dave pins the message after he joined: the next change he hears of
     let (status, list) = pin("dave", &m2).await?;
     assert_eq!((status, listed(&list)), (200, vec![m2.clone()]));
