@@ -10,6 +10,7 @@
 
 use std::{
     net::TcpListener,
+    os::unix::process::CommandExt,
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::Duration,
@@ -40,6 +41,12 @@ struct Driver {
 
 impl Drop for Driver {
     fn drop(&mut self) {
+        // chromedriver's browsers are in its process group: a test that
+        // failed before closing them must not leave them running (a day's
+        // failed runs once left 250 processes behind)
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.child.id())])
+            .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -80,6 +87,8 @@ impl Driver {
         installed("CHAT_CHROMIUM", "/usr/bin/chromium")?;
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let child = Command::new(driver)
+            // a process group of its own, which its browsers join
+            .process_group(0)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
