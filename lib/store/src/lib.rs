@@ -150,6 +150,29 @@ pub(crate) fn member_key(group: &chat_domain::GroupId, user: &chat_domain::UserI
     format!("{group}:{user}")
 }
 
+/// The index on `groupId` a collection needs for a deleted group's purge.
+pub(crate) fn by_group_index() -> mongodb::IndexModel {
+    mongodb::IndexModel::builder()
+        .keys(mongodb::bson::doc! { "groupId": 1 })
+        .options(
+            mongodb::options::IndexOptions::builder()
+                .name("group".to_owned())
+                .build(),
+        )
+        .build()
+}
+
+/// Deletes every document of `coll` whose `groupId` is `group` (a deleted
+/// group's; on [`by_group_index`]).
+pub(crate) async fn delete_of_group<T: Send + Sync>(
+    coll: &mongodb::Collection<T>,
+    group: &chat_domain::GroupId,
+) -> Result<(), StoreError> {
+    coll.delete_many(mongodb::bson::doc! { "groupId": group.as_str() })
+        .await?;
+    Ok(())
+}
+
 /// A filter on every [`member_key`] of `group`, whatever the user: the
 /// `_id` range from `<group>:` up to `<group>;` (`;` follows `:`), which
 /// the `_id` index reads directly.

@@ -94,20 +94,15 @@ impl MentionRepo {
             .options(IndexOptions::builder().name("newest".to_owned()).build())
             .build();
         // a deleted group's, for its purge
-        let group = IndexModel::builder()
-            .keys(doc! { "groupId": 1 })
-            .options(IndexOptions::builder().name("group".to_owned()).build())
-            .build();
-        self.coll.create_indexes([newest, group]).await?;
+        self.coll
+            .create_indexes([newest, crate::by_group_index()])
+            .await?;
         Ok(())
     }
 
     /// Deletes every mention in `group` (a deleted group's).
     pub async fn purge_group(&self, group: &GroupId) -> Result<(), StoreError> {
-        self.coll
-            .delete_many(doc! { "groupId": group.as_str() })
-            .await?;
-        Ok(())
+        crate::delete_of_group(&self.coll, group).await
     }
 
     /// Records `mentions`; those recorded already are left as they are.

@@ -43,10 +43,7 @@ impl MuteRepo {
 
     /// Deletes every mute of `group` (a deleted group's).
     pub async fn purge_group(&self, group: &GroupId) -> Result<(), StoreError> {
-        self.coll
-            .delete_many(doc! { "groupId": group.as_str() })
-            .await?;
-        Ok(())
+        crate::delete_of_group(&self.coll, group).await
     }
 
     pub(crate) async fn ensure_indexes(&self) -> Result<(), StoreError> {

@@ -8,9 +8,7 @@ use std::collections::BTreeMap;
 
 use chat_domain::{GroupId, MessageId, REACTIONS_PER_MESSAGE_MAX, REACTIONS_PER_USER_MAX, UserId};
 use futures::TryStreamExt;
-use mongodb::{
-    Collection, Database, IndexModel, bson::doc, error::ErrorKind, options::IndexOptions,
-};
+use mongodb::{Collection, Database, bson::doc, error::ErrorKind};
 use serde::{Deserialize, Serialize};
 
 use crate::StoreError;
@@ -82,20 +80,13 @@ impl ReactionRepo {
 
     pub(crate) async fn ensure_indexes(&self) -> Result<(), StoreError> {
         // a deleted group's, for its purge
-        let group = IndexModel::builder()
-            .keys(doc! { "groupId": 1 })
-            .options(IndexOptions::builder().name("group".to_owned()).build())
-            .build();
-        self.coll.create_index(group).await?;
+        self.coll.create_index(crate::by_group_index()).await?;
         Ok(())
     }
 
     /// Deletes every reaction in `group` (a deleted group's).
     pub async fn purge_group(&self, group: &GroupId) -> Result<(), StoreError> {
-        self.coll
-            .delete_many(doc! { "groupId": group.as_str() })
-            .await?;
-        Ok(())
+        crate::delete_of_group(&self.coll, group).await
     }
 
     /// Adds (`on`) or takes back `user`'s `emoji` on message `message` of

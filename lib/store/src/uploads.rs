@@ -140,12 +140,15 @@ impl UploadRepo {
             .options(IndexOptions::builder().name("deleting".to_owned()).build())
             .build();
         // a deleted group's, for its purge
-        let group = IndexModel::builder()
-            .keys(doc! { "groupId": 1 })
-            .options(IndexOptions::builder().name("group".to_owned()).build())
-            .build();
         self.coll
-            .create_indexes([stale, media, uploader, unpurged, deleting, group])
+            .create_indexes([
+                stale,
+                media,
+                uploader,
+                unpurged,
+                deleting,
+                crate::by_group_index(),
+            ])
             .await?;
         Ok(())
     }
