@@ -362,6 +362,11 @@ pub struct ServeArgs {
     /// Do not serve the web client at `/app/`.
     #[arg(long, env = "CHATD_NO_WEB_APP")]
     pub no_web_app: bool,
+    /// Edge: refuse a WebSocket token in the URL (`?token=`), which proxies
+    /// and load balancers may log: clients send `Authorization: Bearer` or
+    /// the `bearer.` subprotocol (as the web client does).
+    #[arg(long, env = "CHATD_NO_WS_QUERY_TOKEN")]
+    pub no_ws_query_token: bool,
     /// More HS256 secrets accepted (comma-separated), while keys rotate:
     /// tokens signed with any of them or with --jwt-secret pass.
     #[arg(
@@ -986,6 +991,7 @@ impl Node {
                 service_secret,
                 worker_tls,
                 web_app: !args.no_web_app,
+                ws_query_token: !args.no_ws_query_token,
                 dev_token_secret: args
                     .dev_tokens
                     .then(|| args.jwt_secret.as_ref().map(|s| s.as_bytes().to_vec()))

@@ -107,6 +107,9 @@ pub struct Config {
     pub worker_tls: Option<chat_rpc::ClientTls>,
     /// Serve the web client at `/app/`.
     pub web_app: bool,
+    /// Take a WebSocket's token from `?token=` (which proxies may log);
+    /// when off, only the header and the subprotocol.
+    pub ws_query_token: bool,
     /// Development stacks only: `POST /dev/token` mints HS256 tokens for
     /// any user with this secret.
     pub dev_token_secret: Option<Vec<u8>>,
@@ -138,6 +141,7 @@ impl Default for Config {
             service_secret: None,
             worker_tls: None,
             web_app: true,
+            ws_query_token: true,
             dev_token_secret: None,
         }
     }

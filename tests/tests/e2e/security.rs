@@ -1974,3 +1974,45 @@ async fn no_user_is_called_me() -> anyhow::Result<()> {
     assert_eq!(body["memberCount"], 1, "{body}");
     c.stop().await
 }
+
+/// A WebSocket token in the URL (`?token=`) ends up in proxies' logs: an
+/// edge with `--no-ws-query-token` refuses it with a 401 that says what to
+/// send instead, and takes the same token as `Authorization: Bearer` or
+/// as the `bearer.` subprotocol; by default it is taken (the contract).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_may_refuse_tokens_in_the_url() -> anyhow::Result<()> {
+    use tokio_tungstenite::tungstenite::{Error, client::IntoClientRequest};
+    let c = Cluster::start_with(1, 1, &["--no-ws-query-token"]).await?;
+    let addr = c.edge_url(0).trim_start_matches("http://").to_owned();
+    let refused =
+        tokio_tungstenite::connect_async(format!("ws://{addr}/ws?token={}", token("alice"))).await;
+    match refused {
+        Err(Error::Http(res)) => {
+            assert_eq!(res.status(), 401);
+            let body = String::from_utf8_lossy(res.body().as_deref().unwrap_or_default());
+            assert!(body.contains("takes no token in the URL"), "{body}");
+        }
+        other => anyhow::bail!("a token in the URL was not refused: {:?}", other.map(drop)),
+    }
+    let mut by_header = format!("ws://{addr}/ws?device=web").into_client_request()?;
+    by_header.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", token("alice")).parse()?,
+    );
+    let mut by_protocol = format!("ws://{addr}/ws?device=web").into_client_request()?;
+    by_protocol.headers_mut().insert(
+        "sec-websocket-protocol",
+        format!("chat.v1, bearer.{}", token("alice")).parse()?,
+    );
+    for request in [by_header, by_protocol] {
+        let (ws, _) = tokio_tungstenite::connect_async(request).await?;
+        let mut client = chat_tests::Client::from_stream(ws);
+        let hello = client.next_push("a_session").await?;
+        assert_eq!(hello["data"]["userId"], "alice");
+    }
+    c.stop().await?;
+    // by default, the URL's token is taken
+    let c = Cluster::start(1, 1).await?;
+    c.connect(0, "alice", "web").await?;
+    c.stop().await
+}

@@ -151,11 +151,22 @@ pub(crate) async fn upgrade(
     parts: Parts,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    let token = bearer(&parts)
+    let header = bearer(&parts)
         .or_else(|| subprotocol_bearer(&parts))
-        .map(str::to_owned)
-        .or(q.token)
-        .ok_or(AuthError::Missing)?;
+        .map(str::to_owned);
+    let token = match (header, q.token) {
+        (Some(token), _) => token,
+        (None, Some(token)) if app.config.ws_query_token => token,
+        (None, Some(_)) => {
+            return Err(ApiError::new(
+                ErrorCode::Unauthorized,
+                "this server takes no token in the URL: send it as Authorization: Bearer \
+                 or as the bearer.<token> WebSocket subprotocol",
+            )
+            .with_status(axum::http::StatusCode::UNAUTHORIZED));
+        }
+        (None, None) => return Err(AuthError::Missing.into()),
+    };
     let me = app.verifier.verify(&token)?;
     // taken within the clock-skew leeway past its `exp`, a token would open
     // a connection only to close it (4401) at once, after the device was
