@@ -368,7 +368,14 @@ impl Group {
             GroupChange::Unpin {
                 message_id, forced, ..
             } => {
-                let Some(at) = self.pins.iter().position(|p| p.message_id == message_id) else {
+                // a pin of a message the caller does not see is, to it, no
+                // pin at all (and no answer may tell it apart)
+                let sees_from = self.visible_from(caller).unwrap_or(u64::MAX);
+                let Some(at) = self
+                    .pins
+                    .iter()
+                    .position(|p| p.message_id == message_id && (forced || p.seq > sees_from))
+                else {
                     return Ok(Applied::Unchanged);
                 };
                 let pin = &self.pins[at];
@@ -428,6 +435,43 @@ mod tests {
             10,
         )
         .expect("valid group")
+    }
+
+    #[test]
+    fn a_pin_a_member_does_not_see_is_no_pin_to_it() {
+        let limits = Limits::default();
+        let mut g = group(&["a"]).with_history(History::Joined);
+        let m = MessageId::generate();
+        g.apply(
+            &uid("a"),
+            GroupChange::Pin {
+                message_id: m.clone(),
+                seq: 3,
+            },
+            &limits,
+            20,
+        )
+        .expect("pins");
+        let add = GroupChange::AddMembers {
+            user_ids: vec![uid("late")],
+            at_seq: 5,
+        };
+        g.apply(&uid("owner"), add, &limits, 21).expect("adds");
+        let unpin = |forced| GroupChange::Unpin {
+            message_id: m.clone(),
+            seq: 0,
+            forced,
+        };
+        assert_eq!(
+            g.apply(&uid("late"), unpin(false), &limits, 22),
+            Ok(Applied::Unchanged),
+            "not a 403 that would tell it is pinned"
+        );
+        assert_eq!(g.pins.len(), 1);
+        assert!(matches!(
+            g.apply(&uid("late"), unpin(true), &limits, 23),
+            Ok(Applied::Changed { .. })
+        ));
     }
 
     #[test]

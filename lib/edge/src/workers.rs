@@ -616,28 +616,35 @@ mod tests {
     /// none left it is `unavailable`, never `unauthenticated`, which the
     /// edge would pass on as its client's fault (a 401 signs a web client
     /// out).
-    #[tokio::test]
-    async fn a_worker_that_refuses_the_signature_is_passed_over_never_the_client_blamed() {
+    /// A pool of two workers, and the answer to a call the first worker
+    /// asked refuses with `refusal` and the second takes.
+    async fn first_refuses(refusal: Status) -> (Arc<Workers>, Result<&'static str, Status>) {
         let urls = [
             "http://10.0.0.1:1".to_owned(),
             "http://10.0.0.2:1".to_owned(),
         ];
         let pool = Workers::new(&urls, Duration::from_secs(1), None, None).expect("pool");
         let asked = std::sync::Mutex::new(0);
-        let first = pool
+        let answer = pool
             .call(|_| {
                 let mut n = asked.lock().expect("count");
                 *n += 1;
-                let refused = *n == 1;
+                let refused = (*n == 1).then(|| refusal.clone());
                 async move {
-                    if refused {
-                        Err(Status::unauthenticated("signed for another worker"))
-                    } else {
-                        Ok("taken")
+                    match refused {
+                        Some(status) => Err(status),
+                        None => Ok("taken"),
                     }
                 }
             })
             .await;
+        (pool, answer)
+    }
+
+    #[tokio::test]
+    async fn a_worker_that_refuses_the_signature_is_passed_over_never_the_client_blamed() {
+        let (pool, first) =
+            first_refuses(Status::unauthenticated("signed for another worker")).await;
         assert_eq!(first.ok(), Some("taken"), "the other worker took it");
         let healthy: Vec<bool> = pool
             .snapshot()
@@ -655,27 +662,8 @@ mod tests {
     /// rolling upgrade) goes to another, and that worker stays in rotation.
     #[tokio::test]
     async fn a_call_a_worker_does_not_know_goes_to_another() {
-        let urls = [
-            "http://10.0.0.1:1".to_owned(),
-            "http://10.0.0.2:1".to_owned(),
-        ];
-        let pool = Workers::new(&urls, Duration::from_secs(1), None, None).expect("pool");
-        let asked = std::sync::Mutex::new(0);
-        let answer = pool
-            .call(|_| {
-                let mut n = asked.lock().expect("count");
-                *n += 1;
-                let old = *n == 1;
-                async move {
-                    if old {
-                        Err(Status::unimplemented("UpdateGroup"))
-                    } else {
-                        Ok("done")
-                    }
-                }
-            })
-            .await;
-        assert_eq!(answer.ok(), Some("done"));
+        let (pool, answer) = first_refuses(Status::unimplemented("UpdateGroup")).await;
+        assert_eq!(answer.ok(), Some("taken"));
         assert!(
             pool.snapshot()
                 .iter()

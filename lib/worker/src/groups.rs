@@ -300,12 +300,7 @@ impl GroupsService {
                 self.0.unsubscribed_live(id, u)
             })
             .await;
-            let delta = GroupChangeView {
-                kind: notice.kind.clone(),
-                user_ids: notice.user_ids.clone(),
-                by: notice.by.clone(),
-                ..GroupChangeView::default()
-            };
+            let delta = delta_of(notice.clone());
             let prefix = format!("upd-{id}-{}", record.rev);
             self.publish_to_users(&former, event::GROUP_UPDATED, &record.group, delta, &prefix)
                 .await?;
@@ -342,13 +337,7 @@ impl GroupsService {
                 .filter_map(|u| UserId::parse(u.as_str()).ok()),
         );
         let audience = seeing(group, audience, notice.seq);
-        let delta = GroupChangeView {
-            kind: notice.kind,
-            user_ids: notice.user_ids,
-            by: notice.by,
-            message_id: notice.message_id,
-            seq: notice.seq,
-        };
+        let delta = delta_of(notice);
         let prefix = format!("upd-{}-{}", group.id, record.rev);
         self.publish_to_users(&audience, event::GROUP_UPDATED, group, delta, &prefix)
             .await?;
@@ -499,6 +488,17 @@ pub(crate) async fn unpin_deleted(
             tracing::warn!(error = %e, "cannot unpin a deleted message; its delete's retry will")
         }
         Err(e) => tracing::warn!(error = %e, "the unpin of a deleted message stopped"),
+    }
+}
+
+/// The delta a stored notice stands for (as [`change_view`] made it).
+fn delta_of(notice: Unnotified) -> GroupChangeView {
+    GroupChangeView {
+        kind: notice.kind,
+        user_ids: notice.user_ids,
+        by: notice.by,
+        message_id: notice.message_id,
+        seq: notice.seq,
     }
 }
 
@@ -801,18 +801,6 @@ impl Groups for GroupsService {
                 seq: m.seq.unwrap_or_default(),
             }
         } else {
-            // a pin of a message the caller does not see is, to it, no pin
-            // at all: nothing to unpin (and no answer that tells it apart)
-            let record = self.load_as_member(&caller, &id).await?;
-            let from = record.group.visible_from(&caller).unwrap_or(u64::MAX);
-            let unseen = record
-                .group
-                .pins
-                .iter()
-                .any(|p| p.message_id == message_id && p.seq <= from);
-            if unseen {
-                return Ok(Response::new(pins_seen_by(&record.group, &caller)));
-            }
             GroupChange::Unpin {
                 message_id: message_id.clone(),
                 seq: 0,
