@@ -72,6 +72,11 @@ export const transferOwner = (group, userId) =>
   request("POST", `/groups/${enc(group)}/owner`, { userId });
 export const mute = (group) => request("PUT", `/groups/${enc(group)}/mute`, {});
 export const unmute = (group) => request("DELETE", `/groups/${enc(group)}/mute`);
+export const search = (group, q, before) =>
+  request(
+    "GET",
+    `/groups/${enc(group)}/search?q=${enc(q)}` + (before ? `&before=${before}` : ""),
+  );
 export const history = (group, before, limit = 50) =>
   request(
     "GET",

@@ -368,6 +368,85 @@ async function togglePin(m) {
   loadPins(m.groupId);
 }
 
+// ---------------------------------------------------------------- search
+
+// PROTOCOL.md, `GET /groups/{id}/search`: the open group's matches, newest
+// first; each call reads a bounded number of messages, and "Search older
+// messages" goes on from its `next`.
+const search = { groupId: null, q: "", next: null, found: [], asked: 0 };
+
+async function runSearch(ev, more = false) {
+  if (ev) ev.preventDefault();
+  const groupId = app.open;
+  if (!groupId) return;
+  if (!more) {
+    const q = $("#search-input").value.trim();
+    if (!q) return;
+    Object.assign(search, { groupId, q, next: null, found: [] });
+  }
+  // only the newest answer counts
+  const asked = ++search.asked;
+  $("#search-status").textContent = "Searching…";
+  $("#search-results").hidden = false;
+  try {
+    const page = await api.search(groupId, search.q, more ? search.next : undefined);
+    if (asked !== search.asked || app.open !== groupId) return;
+    search.found.push(...page.messages);
+    search.next = page.next ?? null;
+    renderSearch();
+  } catch (e) {
+    if (asked === search.asked) $("#search-status").textContent = "";
+    failed(e);
+  }
+}
+
+function renderSearch() {
+  const n = search.found.length;
+  const where = search.next
+    ? `searched back to message #${search.next}`
+    : "searched every message you can see";
+  $("#search-status").textContent = `${n === 0 ? "No" : n} ${n === 1 ? "match" : "matches"} for “${search.q}”, ${where}`;
+  $("#search-list").replaceChildren(
+    ...search.found.map((m) => {
+      const li = document.createElement("li");
+      li.dataset.seq = String(m.seq);
+      li.tabIndex = 0;
+      li.textContent = `#${m.seq} ${m.senderId}: ${summary(m)}`;
+      const show = () => showMessage(m.seq);
+      li.addEventListener("click", show);
+      li.addEventListener("keydown", (ev) => {
+        if (ev.key === "Enter") show();
+      });
+      return li;
+    }),
+  );
+  $("#search-more").hidden = !search.next;
+}
+
+function closeSearch() {
+  search.asked++;
+  Object.assign(search, { groupId: null, q: "", next: null, found: [] });
+  $("#search-results").hidden = true;
+  $("#search-list").replaceChildren();
+  $("#search-input").value = "";
+}
+
+// Brings a message into the conversation (reading older pages until the
+// page holds it) and scrolls to it.
+async function showMessage(seq) {
+  const groupId = app.open;
+  while (app.open === groupId && !held(groupId).has(seq) && !app.complete.get(groupId)) {
+    const before = held(groupId).size;
+    await loadOlder();
+    if (held(groupId).size === before) break;
+  }
+  const li = $(`#messages li[data-seq="${seq}"]`);
+  if (!li) return;
+  for (const f of document.querySelectorAll(".message.found")) f.classList.remove("found");
+  li.classList.add("found");
+  li.scrollIntoView({ block: "center" });
+}
+
 // Subscriptions are the server's (they outlast connections): once per
 // group per page load is enough.
 function subscribe(groupId) {
@@ -488,6 +567,7 @@ async function openGroup(groupId) {
   app.open = groupId;
   app.pins = [];
   renderPins();
+  closeSearch();
   document.body.classList.add("chat-open");
   $("#no-chat").hidden = true;
   $("#chat-body").hidden = false;
@@ -1401,6 +1481,9 @@ async function start() {
   });
   $("#file-input").addEventListener("change", sendFile);
   $("#load-older").addEventListener("click", loadOlder);
+  $("#search-form").addEventListener("submit", runSearch);
+  $("#search-more").addEventListener("click", () => runSearch(null, true));
+  $("#search-close").addEventListener("click", closeSearch);
   $("#messages").addEventListener("scroll", () => {
     if ($("#messages").scrollTop === 0) loadOlder();
   });

@@ -9,7 +9,8 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::{Context, bail};
 use chat_protocol::{
     BlockList, BlockView, GroupPage, GroupPresence, GroupView, MentionPage, MessagePage,
-    MessageStatus, MessageView, MuteBody, RestError, SendAck, UpdateGroupBody, UploadTicket,
+    MessageStatus, MessageView, MuteBody, RestError, SearchPage, SendAck, UpdateGroupBody,
+    UploadTicket,
 };
 use clap::{Parser, Subcommand};
 use futures::{SinkExt, StreamExt};
@@ -146,6 +147,19 @@ enum Command {
         /// The MIME type (default: from the file name).
         #[arg(long)]
         mime: Option<String>,
+    },
+    /// The messages whose text holds every word, ignoring case, newest
+    /// first (each call reads a bounded number of messages; the answer
+    /// says how to go on).
+    Search {
+        group: String,
+        #[arg(required = true)]
+        words: Vec<String>,
+        /// Only messages with a lower seq (the last answer's `next`).
+        #[arg(long)]
+        before: Option<u64>,
+        #[arg(long)]
+        limit: Option<u32>,
     },
     /// Messages, newest first.
     History {
@@ -374,6 +388,18 @@ fn group_line(g: &GroupView) -> String {
         "{}  {}  ({} members, history {}, owner {})",
         g.id, g.name, g.member_count, g.history, g.owner_id
     )
+}
+
+/// `s` percent-encoded for a URL's query (every byte but the unreserved).
+fn query_value(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 fn message_line(m: &MessageView) -> String {
@@ -854,6 +880,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .map(message_line)
                     .collect::<Vec<_>>()
                     .join("\n")
+            });
+        }
+        Command::Search {
+            group,
+            words,
+            before,
+            limit,
+        } => {
+            let mut path = format!(
+                "/groups/{group}/search?q={}&limit={}",
+                query_value(&words.join(" ")),
+                limit.unwrap_or(20)
+            );
+            if let Some(b) = before {
+                path.push_str(&format!("&before={b}"));
+            }
+            let (v, page): (_, SearchPage) = c.get(&path).await?;
+            c.out(&v, || {
+                let mut lines: Vec<String> = page.messages.iter().map(message_line).collect();
+                lines.push(match page.next {
+                    Some(n) => format!(
+                        "older messages not searched yet: chat search {group} {} --before {n}",
+                        words.join(" ")
+                    ),
+                    None => "searched back to the first message you see".into(),
+                });
+                lines.join("\n")
             });
         }
         Command::Tail {

@@ -537,6 +537,12 @@ pub struct ServeArgs {
     #[arg(long, env = "CHATD_MAX_BLOCKS_PER_USER", default_value_t = chat_worker::Config::default().max_blocks_per_user,
           value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub max_blocks_per_user: u64,
+    /// Worker: most messages one search call reads and decrypts (text is
+    /// encrypted at rest, so no index can answer it); the answer's `next`
+    /// continues from where it stopped.
+    #[arg(long, env = "CHATD_MAX_SEARCH_SCAN", default_value_t = chat_worker::Config::default().max_search_scan,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_search_scan: u32,
     /// Worker: most members, summed over its groups, in one page of
     /// `GET /groups` (a page ends early rather than grow past it).
     #[arg(long, env = "CHATD_MAX_LISTED_MEMBERS", default_value_t = chat_worker::Config::default().max_listed_members)]
@@ -930,6 +936,7 @@ impl Node {
                 tls: grpc_tls.clone(),
                 max_groups_per_user: args.max_groups_per_user,
                 max_blocks_per_user: args.max_blocks_per_user,
+                max_search_scan: args.max_search_scan,
                 max_listed_members: args.max_listed_members.max(1),
                 push: args.push,
                 webhook: args.webhook()?,

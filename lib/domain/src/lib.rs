@@ -6,11 +6,13 @@
 mod group;
 mod id;
 mod limits;
+mod search;
 pub mod text;
 
 pub use group::{Applied, Group, GroupChange, History, Member, Pin};
 pub use id::{DeviceId, GroupId, UserId};
 pub use limits::Limits;
+pub use search::{SEARCH_QUERY_MAX_CHARS, SEARCH_QUERY_MAX_WORDS, SearchQuery};
 
 /// Why a domain rule refused an input or an operation.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -303,6 +303,7 @@ pub fn app(state: AppState) -> Router {
         )
         .route("/groups/{id}/owner", post(rest::transfer_owner))
         .route("/groups/{id}/pins", get(rest::list_pins))
+        .route("/groups/{id}/search", get(rest::search))
         .route(
             "/groups/{id}/pins/{message_id}",
             put(rest::pin_message).delete(rest::unpin_message),

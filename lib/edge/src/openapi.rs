@@ -32,6 +32,7 @@ use crate::rest;
         rest::update_group,
         rest::delete_group,
         rest::list_pins,
+        rest::search,
         rest::pin_message,
         rest::unpin_message,
         rest::mute_group,

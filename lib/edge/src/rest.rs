@@ -11,8 +11,8 @@ use chat_protocol::{
     AddMembersBody, BlockList, BlockView, CreateGroupBody, ErrorCode, GroupPage, GroupPresence,
     GroupSummary, GroupView, Health, MediaLink, MediaRef, MemberPresence, MemberStatus,
     MentionPage, MentionView, MessagePage, MessageStatus, MessageView, MuteBody, MuteView, PinList,
-    PinView, ReactionView, Readiness, ReplyView, RestError, TransferOwnerBody, UpdateGroupBody,
-    UploadBody, UploadTicket, format_millis, parse_millis,
+    PinView, ReactionView, Readiness, ReplyView, RestError, SearchPage, TransferOwnerBody,
+    UpdateGroupBody, UploadBody, UploadTicket, format_millis, parse_millis,
 };
 use chat_rpc::pb;
 use serde::{Deserialize, de::DeserializeOwned};
@@ -612,6 +612,62 @@ pub(crate) async fn history(
     .into_inner();
     let messages: Vec<MessageView> = r.messages.into_iter().map(message_view).collect();
     Ok(Json(MessagePage { messages }))
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SearchQuery {
+    q: String,
+    before: Option<u64>,
+    limit: Option<u32>,
+}
+
+/// `GET /groups/{id}/search?q=WORDS&before=SEQ&limit=N`: the messages the
+/// caller sees whose text holds every word of `q`, ignoring case, newest
+/// first. Text is encrypted at rest, so the worker opens at most
+/// `--max-search-scan` messages per call; `next` continues. The caller is
+/// charged one more request per 100 messages opened.
+#[utoipa::path(get, path = "/groups/{id}/search", tag = "messages",
+    params(
+        ("id" = String, Path, description = "group id"),
+        ("q" = String, Query, description = "1 to 100 characters, at most 10 words; a message matches if its text holds every word, ignoring case"),
+        ("before" = Option<u64>, Query, description = "only messages with a lower seq (the last page's `next`)"),
+        ("limit" = Option<u32>, Query, description = "most matches, 1 to 50 (default 20)"),
+    ),
+    responses(
+        (status = 200, description = "the matches among the messages this call opened, newest first, decrypted", body = SearchPage),
+        crate::openapi::GroupErrors, crate::openapi::CallerErrors
+    ))]
+pub(crate) async fn search(
+    State(app): State<AppState>,
+    Caller(me): Caller,
+    Path(id): Path<String>,
+    query: Result<axum::extract::Query<SearchQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let axum::extract::Query(q) = query.map_err(|e| ApiError::invalid(e.body_text()))?;
+    if q.limit == Some(0) {
+        return Err(ApiError::invalid("limit must be at least 1"));
+    }
+    let r = rpc!(
+        app,
+        MessagesClient,
+        search,
+        pb::SearchRequest {
+            caller: me.user_id.to_string(),
+            group_id: id,
+            // the worker checks it
+            query: q.q,
+            before: q.before.unwrap_or(0),
+            // the worker caps it
+            limit: q.limit.unwrap_or(20),
+        }
+    )?
+    .into_inner();
+    app.limits.user_listed(&me.user_id, r.scanned as usize);
+    Ok(Json(SearchPage {
+        messages: r.messages.into_iter().map(message_view).collect(),
+        next: (r.next > 0).then_some(r.next),
+    }))
 }
 
 #[derive(Debug, serde::Deserialize)]

@@ -12,8 +12,8 @@ pub use reply::{
     AcknowledgeAck, BlockList, BlockView, DevToken, GroupPage, GroupPresence, GroupSummary, Health,
     MediaLink, MemberPresence, MemberStatus, MentionPage, MentionView, MessageChangeAck,
     MessagePage, MessageStatus, MessageStatusPush, MuteView, NotifyAck, PinList, PinView,
-    ReactionAck, ReactionPush, Readiness, SendAck, SubscribeAck, TYPING_EXPIRES_MS, TypingAck,
-    TypingPush, UploadTicket, WebConfig,
+    ReactionAck, ReactionPush, Readiness, SearchPage, SendAck, SubscribeAck, TYPING_EXPIRES_MS,
+    TypingAck, TypingPush, UploadTicket, WebConfig,
 };
 pub use view::{
     EVENT_MEMBERS_MAX, GroupChangeView, GroupView, MemberView, MessageDeletedView,

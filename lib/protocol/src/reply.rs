@@ -267,6 +267,20 @@ pub struct MessagePage {
     pub messages: Vec<MessageView>,
 }
 
+/// `GET /groups/{id}/search`: the messages the caller sees whose text holds
+/// every word of the query, newest first. One call opens a bounded number
+/// of messages, so a page may hold fewer than `limit` (even none) and
+/// still have a `next`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SearchPage {
+    pub messages: Vec<MessageView>,
+    /// Pass as `before` to search older messages; absent once the search
+    /// reached the first message the caller sees.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<u64>,
+}
+
 /// One member's receipt of a message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]

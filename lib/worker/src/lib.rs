@@ -51,6 +51,9 @@ pub struct Config {
     pub max_groups_per_user: u64,
     /// Most users one user can block from adding them to groups.
     pub max_blocks_per_user: u64,
+    /// Most messages one search call opens (text is encrypted, so a search
+    /// reads and decrypts; `next` continues where it stopped).
+    pub max_search_scan: u32,
     /// Age after which a retried send whose first attempt is not in the
     /// stream is taken as lost and published again (a publish buffered
     /// through a disconnect may land until then).
@@ -119,6 +122,7 @@ impl Default for Config {
             max_listed_members: 20_000,
             max_groups_per_user: 1_000,
             max_blocks_per_user: 1_000,
+            max_search_scan: 1_000,
             resolve_pending_after: std::time::Duration::from_secs(30),
             publish_batch_max: 64,
             idempotency_window: std::time::Duration::from_secs(24 * 3600),

@@ -37,6 +37,10 @@ use crate::{
 
 /// Largest history page.
 const MAX_HISTORY_PAGE: u32 = 100;
+/// Most matches one search call returns.
+const MAX_SEARCH_PAGE: u32 = 50;
+/// Messages a search reads from the database at a time.
+const SEARCH_CHUNK: u32 = 200;
 /// How long a receipt waits for the messages it covers to be persisted.
 const RECEIPTS_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
@@ -1019,67 +1023,69 @@ impl Messages for MessagesService {
         let from = s.check_member(&caller, &group).await?;
         let limit = req.limit.clamp(1, MAX_HISTORY_PAGE);
         let before = (req.before > 0).then_some(req.before);
-        // read-your-writes: the page must hold every message the stream has
-        // in its range, so wait for persistence to catch up with it (an
-        // edit or delete is acknowledged only once applied: see `change`)
-        let tail_seq = s
-            .bus
-            .last_group_position(&group)
-            .await
-            .map_err(WorkerError::from)?
-            .map_or(0, |p| p.seq);
-        let top = before.map_or(tail_seq, |b| tail_seq.min(b.saturating_sub(1)));
-        let want = top.saturating_sub(from).min(u64::from(limit));
-        // the normal case: every seq of the range is there
-        let stored = read_caught_up(
-            s,
-            &group,
-            CATCH_UP,
-            || async {
-                Ok(s.store
-                    .messages
-                    .history(&group, from, before, i64::from(limit))
-                    .await?)
-            },
-            |page| {
-                let seqs: HashSet<u64> = page.iter().filter_map(|m| m.seq).collect();
-                (0..want).all(|i| seqs.contains(&(top - i)))
-            },
-        )
-        .await?;
+        let tail_seq = tail_seq(s, &group).await?;
+        let stored = caught_up_page(s, &group, from, before, limit, tail_seq).await?;
         let mut messages = stored
             .iter()
             .map(|m| open(s, m))
             .collect::<Result<Vec<_>, _>>()?;
-        // what a reply answers from before the caller's history is not shown
-        for m in &mut messages {
-            if m.reply_to.as_ref().is_some_and(|r| r.seq <= from) {
-                m.reply_to = None;
-            }
-        }
-        answered_now(s, &mut messages).await?;
-        // the page's reactions: one read
         let ids: Vec<&MessageId> = stored.iter().map(|m| &m.id).collect();
-        let reactions = s
-            .store
-            .reactions
-            .of(&ids)
-            .await
-            .map_err(WorkerError::from)?;
-        for m in &mut messages {
-            if let Some(r) = reactions.get(&m.message_id) {
-                m.reactions = r
-                    .seen_by(&caller)
-                    .into_iter()
-                    .map(|(emoji, count, reacted)| pb::ReactionCount {
-                        emoji,
-                        count,
-                        reacted,
-                    })
-                    .collect();
-            }
-        }
+        dress(s, &caller, from, &ids, &mut messages).await?;
         Ok(Response::new(pb::HistoryResponse { messages }))
+    }
+
+    async fn search(
+        &self,
+        req: Request<pb::SearchRequest>,
+    ) -> Result<Response<pb::SearchResponse>, Status> {
+        let req = req.into_inner();
+        let s = &self.0;
+        let caller = parse_id::<UserId>(&req.caller)?;
+        let group = parse_id::<GroupId>(&req.group_id)?;
+        let query = chat_domain::SearchQuery::parse(&req.query).map_err(WorkerError::from)?;
+        // under `joined` history the search stops at the caller's join
+        let from = s.check_member(&caller, &group).await?;
+        let limit = req.limit.clamp(1, MAX_SEARCH_PAGE) as usize;
+        let tail_seq = tail_seq(s, &group).await?;
+        let mut before = (req.before > 0).then_some(req.before);
+        let mut left = s.config.max_search_scan.max(1);
+        let mut scanned = 0u32;
+        let mut found: Vec<(MessageId, pb::ChatMessage)> = Vec::new();
+        let next = 'scan: loop {
+            let chunk = left.min(SEARCH_CHUNK);
+            let page = caught_up_page(s, &group, from, before, chunk, tail_seq).await?;
+            for m in &page {
+                left -= 1;
+                scanned += 1;
+                let seq = m.seq.unwrap_or_default();
+                if !m.is_deleted() {
+                    let opened = open(s, m)?;
+                    if query.matches(&opened.text) {
+                        found.push((m.id.clone(), opened));
+                        if found.len() == limit {
+                            break 'scan seq;
+                        }
+                    }
+                }
+                before = Some(seq);
+            }
+            if page.len() < chunk as usize {
+                // nothing older that the caller sees
+                break 0;
+            }
+            if left == 0 {
+                break before.unwrap_or_default();
+            }
+        };
+        let ids: Vec<&MessageId> = found.iter().map(|(id, _)| id).collect();
+        let mut messages: Vec<pb::ChatMessage> = found.iter().map(|(_, m)| m.clone()).collect();
+        dress(s, &caller, from, &ids, &mut messages).await?;
+        metrics::counter!("chat_search_scanned_total").increment(u64::from(scanned));
+        Ok(Response::new(pb::SearchResponse {
+            messages,
+            next,
+            scanned,
+        }))
     }
 
     async fn status(
@@ -1303,6 +1309,79 @@ impl Messages for MessagesService {
             .collect();
         Ok(Response::new(pb::MentionsResponse { mentions, next }))
     }
+}
+
+/// The seq of `group`'s newest message in the stream (0: none).
+async fn tail_seq(s: &State, group: &GroupId) -> Result<u64, WorkerError> {
+    Ok(s.bus.last_group_position(group).await?.map_or(0, |p| p.seq))
+}
+
+/// `group`'s committed messages with seq in `(from, before)`, newest
+/// first, at most `limit`. Read-your-writes: the page holds every message
+/// the stream has in its range (up to `tail_seq`, the stream's newest), so
+/// it waits for persistence to catch up with them (an edit or delete is
+/// acknowledged only once applied: see `change`).
+async fn caught_up_page(
+    s: &State,
+    group: &GroupId,
+    from: u64,
+    before: Option<u64>,
+    limit: u32,
+    tail_seq: u64,
+) -> Result<Vec<StoredMessage>, WorkerError> {
+    let top = before.map_or(tail_seq, |b| tail_seq.min(b.saturating_sub(1)));
+    let want = top.saturating_sub(from).min(u64::from(limit));
+    // the normal case: every seq of the range is there
+    read_caught_up(
+        s,
+        group,
+        CATCH_UP,
+        || async {
+            Ok(s.store
+                .messages
+                .history(group, from, before, i64::from(limit))
+                .await?)
+        },
+        |page| {
+            let seqs: HashSet<u64> = page.iter().filter_map(|m| m.seq).collect();
+            (0..want).all(|i| seqs.contains(&(top - i)))
+        },
+    )
+    .await
+}
+
+/// Readies opened messages (`ids` are theirs, in order) for `caller`, as
+/// history shows them: what a reply answers from before the caller's
+/// history (`from`) is not shown, answered messages as they are now, and
+/// the messages' reactions as the caller sees them (one read).
+async fn dress(
+    s: &State,
+    caller: &UserId,
+    from: u64,
+    ids: &[&MessageId],
+    messages: &mut [pb::ChatMessage],
+) -> Result<(), Status> {
+    for m in messages.iter_mut() {
+        if m.reply_to.as_ref().is_some_and(|r| r.seq <= from) {
+            m.reply_to = None;
+        }
+    }
+    answered_now(s, messages).await?;
+    let reactions = s.store.reactions.of(ids).await.map_err(WorkerError::from)?;
+    for m in messages.iter_mut() {
+        if let Some(r) = reactions.get(&m.message_id) {
+            m.reactions = r
+                .seen_by(caller)
+                .into_iter()
+                .map(|(emoji, count, reacted)| pb::ReactionCount {
+                    emoji,
+                    count,
+                    reacted,
+                })
+                .collect();
+        }
+    }
+    Ok(())
 }
 
 /// The mentions of `page` that `caller` may still see: in groups it is

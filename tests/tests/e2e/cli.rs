@@ -243,6 +243,15 @@ async fn the_cli_runs_the_readme_tour_against_a_real_stack() -> anyhow::Result<(
         text(&chat(&c, "bob", &["pins", &id]).await?).trim(),
         "no pinned messages"
     );
+    // search: the words in any order and case, across what the query
+    // string must encode (a space, `&`)
+    let found = text(&chat(&c, "bob", &["search", &id, "AGREED", "&", "@alice"]).await?);
+    assert_eq!(found.lines().count(), 1, "{found}");
+    let found = text(&chat(&c, "bob", &["search", &id, "AGREED", "@alice"]).await?);
+    let lines: Vec<&str> = found.lines().collect();
+    assert_eq!(lines.len(), 2, "{found}");
+    assert!(lines[0].contains("bob: (re #"), "{found}");
+    assert_eq!(lines[1], "searched back to the first message you see");
     let around = text(&chat(&c, "alice", &["presence", &id]).await?);
     for user in ["alice", "bob"] {
         assert!(

@@ -996,3 +996,115 @@ async fn members_pin_messages_and_only_those_who_see_them_hear_of_it() -> anyhow
     assert_eq!(pin("bob", "not an id").await?.0, 400);
     c.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_search_the_messages_they_see_a_bounded_scan_at_a_time() -> anyhow::Result<()> {
+    // each call opens at most three messages
+    let c = Cluster::start_with(1, 1, &["--max-search-scan", "3"]).await?;
+    let g = c.group_with_history("alice", &["bob"], "joined").await?;
+    let mut alice = c.connect(0, "alice", "w").await?;
+    alice
+        .send_text(&g, "s1", "Deploy notes, from before dave")
+        .await?;
+    assert_eq!(c.add_members("alice", &g, &["dave"]).await?, 200);
+    alice.send_text(&g, "s2", "deployed on Friday").await?;
+    alice.send_text(&g, "s3", "nothing to see").await?;
+    let gone = alice.send_text(&g, "s4", "DEPLOY is done").await?;
+    alice
+        .request(
+            "delete_group_message",
+            json!({"groupId": g, "messageId": gone["messageId"]}),
+        )
+        .await?;
+    alice.send_text(&g, "s5", "lunch?").await?;
+    let edited = alice.send_text(&g, "s6", "a draft").await?;
+    alice
+        .request(
+            "edit_group_message",
+            json!({"groupId": g, "messageId": edited["messageId"], "text": "the deploy went well"}),
+        )
+        .await?;
+    let search = |user: &'static str, query: String| {
+        let c = &c;
+        let path = format!("/groups/{g}/search?{query}");
+        async move { c.get(0, user, &path).await }
+    };
+    let seqs = |page: &Value| -> Vec<u64> {
+        page["messages"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|m| m["seq"].as_u64())
+            .collect()
+    };
+
+    // newest first, ignoring case, the edited text, not the deleted
+    // message; three messages opened per call, `next` goes on
+    let (status, page) = search("alice", "q=Deploy".into()).await?;
+    assert_eq!((status, seqs(&page)), (200, vec![6]), "{page}");
+    assert_eq!(page["messages"][0]["text"], "the deploy went well");
+    assert!(page["messages"][0]["editedAt"].is_string(), "{page}");
+    assert_eq!(page["next"], 4, "{page}");
+    let (_, page) = search("alice", "q=Deploy&before=4".into()).await?;
+    assert_eq!((seqs(&page), &page["next"]), (vec![2, 1], &json!(1)));
+    let (_, page) = search("alice", "q=Deploy&before=1".into()).await?;
+    assert_eq!(seqs(&page), Vec::<u64>::new());
+    assert!(page.get("next").is_none(), "the first message: {page}");
+    // a page ends at `limit` matches
+    let (_, page) = search("alice", "q=deploy&limit=1&before=4".into()).await?;
+    assert_eq!((seqs(&page), &page["next"]), (vec![2], &json!(2)));
+    // every word, in any order
+    let (_, page) = search("bob", "q=friday%20DEPLOYED&before=4".into()).await?;
+    assert_eq!(seqs(&page), vec![2], "{page}");
+    // dave joined after the first message: his search ends before it
+    let (_, page) = search("dave", "q=deploy&before=4".into()).await?;
+    assert_eq!(seqs(&page), vec![2], "{page}");
+    assert!(page.get("next").is_none(), "{page}");
+
+    // only members, of a group that exists; bad queries say why
+    let (status, e) = search("carol", "q=deploy".into()).await?;
+    assert_eq!(
+        (status, e["error"]["code"].as_str()),
+        (403, Some("forbidden"))
+    );
+    let (status, _) = c
+        .get(0, "alice", "/groups/no-such-group/search?q=deploy")
+        .await?;
+    assert_eq!(status, 404);
+    for (query, code) in [
+        ("", "invalid"),
+        ("q=", "invalid"),
+        ("q=%20%20", "invalid"),
+        ("q=a%00b", "invalid"),
+        ("q=deploy&limit=0", "invalid"),
+        ("q=deploy&after=3", "invalid"),
+    ] {
+        let (status, e) = search("alice", query.into()).await?;
+        assert_eq!(
+            (status, e["error"]["code"].as_str()),
+            (400, Some(code)),
+            "{query}: {e}"
+        );
+    }
+    let longest = "x".repeat(chat_domain::SEARCH_QUERY_MAX_CHARS);
+    assert_eq!(search("alice", format!("q={longest}")).await?.0, 200);
+    let (status, e) = search("alice", format!("q={longest}x")).await?;
+    assert_eq!(
+        (status, e["error"]["code"].as_str()),
+        (400, Some("too_large")),
+        "{e}"
+    );
+    let words = ["w"; chat_domain::SEARCH_QUERY_MAX_WORDS + 1].join("%20");
+    let (status, _) = search("alice", format!("q={words}")).await?;
+    assert_eq!(status, 200, "a repeated word counts once");
+    let words: Vec<String> = (0..=chat_domain::SEARCH_QUERY_MAX_WORDS)
+        .map(|i| format!("w{i}"))
+        .collect();
+    let (status, e) = search("alice", format!("q={}", words.join("%20"))).await?;
+    assert_eq!(
+        (status, e["error"]["code"].as_str()),
+        (400, Some("too_large")),
+        "{e}"
+    );
+    Ok(())
+}

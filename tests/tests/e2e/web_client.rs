@@ -758,6 +758,73 @@ async fn members_pin_and_unpin_messages_in_real_browsers() -> anyhow::Result<()>
     c.stop().await
 }
 
+/// A member searches the group: the match from before the page's history
+/// is listed, and choosing it reads older pages until the conversation
+/// shows it.
+#[tokio::test]
+async fn a_member_searches_a_group_and_is_shown_the_match_in_a_real_browser() -> anyhow::Result<()>
+{
+    let Pair {
+        _driver,
+        c,
+        alice,
+        bob,
+        ..
+    } = two_in_a_group("Search").await?;
+    let g = group_id(&c, "alice").await?;
+    let mut tool = c.connect(0, "alice", "tool").await?;
+    tool.send_text(&g, "needle", "the Needle is here").await?;
+    for i in 0..60 {
+        tool.send_text(&g, &format!("hay-{i}"), &format!("hay {i}"))
+            .await?;
+    }
+    // a fresh page holds only the newest 50
+    js(&bob, "location.reload()").await?;
+    open_group(&bob, "Search").await?;
+    until(
+        &bob,
+        "the newest page",
+        "document.querySelectorAll('#messages li.message').length === 50",
+    )
+    .await?;
+    el(&bob, "#search-input")
+        .await?
+        .send_keys("needle THE")
+        .await?;
+    js(
+        &bob,
+        "document.querySelector('#search-form').requestSubmit()",
+    )
+    .await?;
+    until(
+        &bob,
+        "the match listed",
+        "document.querySelector('#search-list li')?.textContent === '#1 alice: the Needle is here' && \
+         document.querySelector('#search-status').textContent.includes('1 match') && \
+         document.querySelector('#search-more').hidden",
+    )
+    .await?;
+    shot(&bob, "8-search").await?;
+    js(&bob, "document.querySelector('#search-list li').click()").await?;
+    until(
+        &bob,
+        "the match shown in the conversation",
+        "document.querySelector('#messages li.message.found')?.dataset.seq === '1'",
+    )
+    .await?;
+    js(&bob, "document.querySelector('#search-close').click()").await?;
+    until(
+        &bob,
+        "the search closed",
+        "document.querySelector('#search-results').hidden",
+    )
+    .await?;
+    tool.close().await?;
+    alice.close().await?;
+    bob.close().await?;
+    c.stop().await
+}
+
 /// The id of `user`'s one group.
 async fn group_id(c: &Cluster, user: &str) -> anyhow::Result<String> {
     let (_, page) = c.get(0, user, "/groups").await?;
