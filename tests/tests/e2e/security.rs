@@ -1621,6 +1621,40 @@ async fn a_large_group_s_members_and_statuses_cost_their_reader() -> anyhow::Res
     c.stop().await
 }
 
+/// A search reads and decrypts up to `--max-search-scan` messages for one
+/// request: it costs one request more per 100 it opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_search_costs_its_caller_in_proportion_to_what_it_opened() -> anyhow::Result<()> {
+    // 1 a second, bursts of 2
+    let c = Cluster::start_with(1, 1, &["--user-requests-per-sec", "1"]).await?;
+    let readers: Vec<String> = (0..5).map(|i| format!("reader{i}")).collect();
+    let mut members = vec!["sender"];
+    members.extend(readers.iter().map(String::as_str));
+    let g = c.create_group("owner", &members).await?;
+    let id = g["id"].as_str().context("group id")?.to_owned();
+    let mut sender = c.connect(0, "sender", "web").await?;
+    for i in 0..100 {
+        sender
+            .send_text(&id, &format!("s{i}"), &format!("text {i}"))
+            .await?;
+    }
+    let path = format!("/groups/{id}/search?q=nowhere");
+    let mut told = false;
+    for reader in &readers {
+        let at = std::time::Instant::now();
+        let (first, page) = c.get(0, reader, &path).await?;
+        let (then, _) = c.get(0, reader, &path).await?;
+        assert_eq!((first, &page["messages"]), (200, &json!([])), "{page}");
+        if at.elapsed() < Duration::from_millis(900) {
+            assert_eq!(then, 429, "100 messages opened took the whole burst");
+            told = true;
+            break;
+        }
+    }
+    anyhow::ensure!(told, "no two requests within 0.9 s in five tries");
+    c.stop().await
+}
+
 /// Anyone could add anyone to groups, as often as they liked, up to the
 /// victim's allowance of groups (after which no real group could add the
 /// victim). Now a user blocks whoever does that: the blocked user can
