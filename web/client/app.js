@@ -432,16 +432,24 @@ function closeSearch() {
 }
 
 // Brings a message into the conversation (reading older pages until the
-// page holds it) and scrolls to it.
+// page holds it, at most SHOW_PAGES of them) and scrolls to it.
+const SHOW_PAGES = 40;
 async function showMessage(seq) {
   const groupId = app.open;
-  while (app.open === groupId && !held(groupId).has(seq) && !app.complete.get(groupId)) {
-    const before = held(groupId).size;
+  const asked = search.asked;
+  for (let i = 0; i < SHOW_PAGES; i++) {
+    if (app.open !== groupId || search.asked !== asked) return;
+    if (held(groupId).has(seq) || app.complete.get(groupId)) break;
+    const oldest = Math.min(...held(groupId).keys());
     await loadOlder();
-    if (held(groupId).size === before) break;
+    // nothing older came (an error): stop
+    if (Math.min(...held(groupId).keys()) >= oldest) break;
   }
   const li = $(`#messages li[data-seq="${seq}"]`);
-  if (!li) return;
+  if (!li) {
+    $("#search-status").textContent = `Message #${seq} is too far back to show here`;
+    return;
+  }
   for (const f of document.querySelectorAll(".message.found")) f.classList.remove("found");
   li.classList.add("found");
   li.scrollIntoView({ block: "center" });

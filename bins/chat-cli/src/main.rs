@@ -390,6 +390,18 @@ fn group_line(g: &GroupView) -> String {
     )
 }
 
+/// `w` as a shell reads it back: as it is if plain, else single-quoted.
+fn shell_word(w: &str) -> String {
+    let plain = !w.is_empty()
+        && w.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "@%+=:,./_-".contains(c));
+    if plain {
+        w.to_owned()
+    } else {
+        format!("'{}'", w.replace('\'', "'\\''"))
+    }
+}
+
 /// `s` percent-encoded for a URL's query (every byte but the unreserved).
 fn query_value(s: &str) -> String {
     s.bytes()
@@ -902,7 +914,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 lines.push(match page.next {
                     Some(n) => format!(
                         "older messages not searched yet: chat search {group} {} --before {n}",
-                        words.join(" ")
+                        words
+                            .iter()
+                            .map(|w| shell_word(w))
+                            .collect::<Vec<_>>()
+                            .join(" ")
                     ),
                     None => "searched back to the first message you see".into(),
                 });
@@ -1119,5 +1135,16 @@ mod tests {
             super::shown("hi\n#58 2026-12-05T10:00:00Z alice: send me the code\r\nx\ry"),
             "hi\n    #58 2026-12-05T10:00:00Z alice: send me the code\n    x\n    y"
         );
+    }
+
+    /// The search's "go on" line can be pasted back into a shell as it is.
+    #[test]
+    fn words_are_quoted_for_the_shell_and_encoded_for_the_url() {
+        assert_eq!(super::shell_word("deploy"), "deploy");
+        assert_eq!(super::shell_word("@alice"), "@alice");
+        assert_eq!(super::shell_word("$(rm -rf ~)"), "'$(rm -rf ~)'");
+        assert_eq!(super::shell_word("it's"), "'it'\\''s'");
+        assert_eq!(super::shell_word(""), "''");
+        assert_eq!(super::query_value("a b&c=é~"), "a%20b%26c%3D%C3%A9~");
     }
 }

@@ -994,30 +994,7 @@ pub async fn catch_up(addr: SocketAddr, missed: u64, size: usize) -> anyhow::Res
     let mut sender = connect(addr, &alice).await?;
     eprintln!("catch-up: sending {missed} messages while the member is offline");
     let started = Instant::now();
-    let pad = "x".repeat(size);
-    // as fast as acks allow, a few in flight
-    let window = 16u64;
-    let mut next = 1u64;
-    let mut acked = 0u64;
-    let mut inflight = 0u64;
-    while acked < missed {
-        while inflight < window && next <= missed {
-            let frame = json!({
-                "event": "send_group_message", "id": next,
-                "data": {"groupId": group, "clientMsgId": ClientMsgId::generate().as_str(), "type": "text", "text": pad}
-            });
-            sender.send(Message::Text(frame.to_string().into())).await?;
-            next += 1;
-            inflight += 1;
-        }
-        let text = next_text(&mut sender, Duration::from_secs(30)).await?;
-        if text.contains("\"event\":\"ack\"") {
-            acked += 1;
-            inflight -= 1;
-        } else if text.contains("\"event\":\"error\"") {
-            bail!("send failed: {text}");
-        }
-    }
+    fill(&mut sender, &group, missed, size).await?;
     let send_secs = started.elapsed().as_secs_f64();
     eprintln!("  sent in {send_secs:.1} s; reconnecting");
     let started = Instant::now();
@@ -1043,4 +1020,108 @@ pub async fn catch_up(addr: SocketAddr, missed: u64, size: usize) -> anyhow::Res
         messages_per_sec: missed as f64 / catch_up_secs.max(1e-6),
         integrity,
     })
+}
+
+/// Sends `count` texts of `size` bytes to `group`, as fast as acks allow
+/// with a few in flight.
+async fn fill(sender: &mut Ws, group: &str, count: u64, size: usize) -> anyhow::Result<()> {
+    let pad = "x".repeat(size);
+    let window = 16u64;
+    let mut next = 1u64;
+    let mut acked = 0u64;
+    let mut inflight = 0u64;
+    while acked < count {
+        while inflight < window && next <= count {
+            let frame = json!({
+                "event": "send_group_message", "id": next,
+                "data": {"groupId": group, "clientMsgId": ClientMsgId::generate().as_str(), "type": "text", "text": pad}
+            });
+            sender.send(Message::Text(frame.to_string().into())).await?;
+            next += 1;
+            inflight += 1;
+        }
+        let text = next_text(sender, Duration::from_secs(30)).await?;
+        if text.contains("\"event\":\"ack\"") {
+            acked += 1;
+            inflight -= 1;
+        } else if text.contains("\"event\":\"error\"") {
+            bail!("send failed: {text}");
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Serialize)]
+pub struct SearchResult {
+    /// Messages in the group.
+    pub messages: u64,
+    pub size: usize,
+    /// Search calls made, one after another.
+    pub calls: u64,
+    /// Messages those calls opened (each reads and decrypts).
+    pub opened: u64,
+    pub seconds: f64,
+    pub calls_per_sec: f64,
+    pub opened_per_sec: f64,
+    /// One call's latency, client side (HTTP to the edge, gRPC to the
+    /// worker, reads of MongoDB, decryption).
+    pub latency: Percentiles,
+}
+
+/// A group of `messages` texts; `calls` searches for a word none holds,
+/// one after another, each going on from the last one's `next` (so each
+/// opens the most a call may, `--max-search-scan`), starting over at the
+/// newest once the search reached the first message.
+pub async fn search(
+    addr: SocketAddr,
+    messages: u64,
+    size: usize,
+    calls: u64,
+    processes: &[(&str, u32)],
+) -> anyhow::Result<(SearchResult, Vec<crate::system::ProcUsage>)> {
+    let http = chat_http::client();
+    let owner = "search-a".to_owned();
+    let group = create_group(&http, addr, &owner, std::slice::from_ref(&owner)).await?;
+    let mut sender = connect(addr, &owner).await?;
+    eprintln!("search: sending {messages} messages");
+    fill(&mut sender, &group, messages, size).await?;
+    sender.close(None).await.ok();
+    let token = token(&owner)?;
+    let mut latency = Latency::default();
+    let mut opened = 0u64;
+    let mut before: Option<u64> = None;
+    let top = messages + 1;
+    eprintln!("search: {calls} calls");
+    // the processes' use while searching, not while sending
+    let window = crate::system::Window::open(processes);
+    let started = Instant::now();
+    for _ in 0..calls {
+        let from = before.unwrap_or(top);
+        let url = format!("http://{addr}/groups/{group}/search?q=nowhere&before={from}");
+        let at = Instant::now();
+        let res = http.get(&url).bearer_auth(&token).send().await?;
+        let status = res.status();
+        let page: Value = res.json().await?;
+        latency.record_us(micros_since(at));
+        if !status.is_success() {
+            bail!("search: {status} {page}");
+        }
+        let next = page["next"].as_u64();
+        // from `before - 1` down to `next` (opened last), or to the first
+        opened += next.map_or(from - 1, |n| from - n);
+        before = next;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let usage = window.close();
+    let result = SearchResult {
+        messages,
+        size,
+        calls,
+        opened,
+        seconds,
+        calls_per_sec: calls as f64 / seconds.max(1e-6),
+        opened_per_sec: opened as f64 / seconds.max(1e-6),
+        latency: latency.summary(),
+    };
+    Ok((result, usage))
 }

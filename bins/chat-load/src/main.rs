@@ -44,6 +44,9 @@ enum Scenario {
     /// One group of 1,000 members, 20 of them editing a message of their
     /// own (40 edits/s in all): the fan-out of `a_message_updated`.
     Edits,
+    /// One group of 10,000 messages searched for a word none holds, call
+    /// after call: what a search costs (each opens `--max-search-scan`).
+    Search,
 }
 
 /// Load generator and benchmark for the chat system.
@@ -79,6 +82,12 @@ struct Args {
     /// catch-up: messages missed.
     #[arg(long, default_value_t = 10_000)]
     missed: u64,
+    /// search: messages in the group.
+    #[arg(long, default_value_t = 10_000)]
+    search_messages: u64,
+    /// search: calls, one after another.
+    #[arg(long, default_value_t = 300)]
+    searches: u64,
     /// Run SecantusDB without `--sync-on-commit` (commits not synced to
     /// disk): shows what the stand-in's per-commit sync costs. Not a
     /// configuration to quote.
@@ -113,6 +122,7 @@ fn plan(a: &Args) -> anyhow::Result<load::Plan> {
             Typing => (1, 1000, 20, Some(40.0), 1, 64, 30, 200.0, 0),
             Presence => (1, 1000, 0, Some(0.0), 1, 64, 10, 200.0, 0),
             Edits => (1, 1000, 20, Some(40.0), 1, 64, 30, 200.0, 0),
+            Search => (1, 1, 1, None, 1, 64, 0, 10.0, 0),
         };
     let rate = match a.rate.as_deref() {
         None => rate,
@@ -178,6 +188,7 @@ async fn main() -> anyhow::Result<()> {
         machine: report::Machine::read(),
         chat: None,
         catch_up: None,
+        search: None,
         persistence: None,
         server: vec![],
         load_generator_cpu_percent: 0.0,
@@ -190,6 +201,17 @@ async fn main() -> anyhow::Result<()> {
         let w = system::Window::open(&processes);
         report.catch_up = Some(load::catch_up(system.http, args.missed, plan.size).await?);
         report.server = w.close();
+    } else if args.scenario == Scenario::Search {
+        let (result, usage) = load::search(
+            system.http,
+            args.search_messages,
+            plan.size,
+            args.searches,
+            &processes,
+        )
+        .await?;
+        report.search = Some(result);
+        report.server = usage;
     } else {
         let monitors = system.stack.nats.monitor_urls();
         let (chat, usage) = load::run(

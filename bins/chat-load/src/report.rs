@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::{
     baseline::{CoreResult, JetStreamResult},
-    load::{CatchUpResult, ChatResult},
+    load::{CatchUpResult, ChatResult, SearchResult},
     stats::Percentiles,
     system::{NatsCounts, ProcUsage},
 };
@@ -92,6 +92,7 @@ pub struct Report {
     pub machine: Machine,
     pub chat: Option<ChatResult>,
     pub catch_up: Option<CatchUpResult>,
+    pub search: Option<SearchResult>,
     /// Whether MongoDB caught up with the stream, and how far behind it was.
     pub persistence: Option<crate::persistence::Persistence>,
     /// Server processes during the measured window.
@@ -352,6 +353,27 @@ impl Report {
                 ),
             );
         }
+        if let Some(r) = &self.search {
+            row(
+                "search",
+                format!(
+                    "{} calls over {} messages of {} B: {:.0} calls/s, {:.0} messages opened/s ({:.0} per call)",
+                    r.calls,
+                    r.messages,
+                    r.size,
+                    r.calls_per_sec,
+                    r.opened_per_sec,
+                    r.opened as f64 / r.calls.max(1) as f64
+                ),
+            );
+            row(
+                "search call p50 / p90 / p99 / max",
+                format!(
+                    "{:.2} / {:.2} / {:.2} / {:.2} ms",
+                    r.latency.p50_ms, r.latency.p90_ms, r.latency.p99_ms, r.latency.max_ms
+                ),
+            );
+        }
         for p in &self.server {
             row(
                 &format!("{} CPU / RSS (peak)", p.name),
@@ -594,6 +616,7 @@ mod tests {
             machine: Machine::read(),
             chat: None,
             catch_up: None,
+            search: None,
             persistence: None,
             server: vec![],
             load_generator_cpu_percent: 0.0,

@@ -541,7 +541,7 @@ pub struct ServeArgs {
     /// encrypted at rest, so no index can answer it); the answer's `next`
     /// continues from where it stopped.
     #[arg(long, env = "CHATD_MAX_SEARCH_SCAN", default_value_t = chat_worker::Config::default().max_search_scan,
-          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub max_search_scan: u32,
     /// Worker: most members, summed over its groups, in one page of
     /// `GET /groups` (a page ends early rather than grow past it).

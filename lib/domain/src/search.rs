@@ -38,7 +38,7 @@ impl SearchQuery {
             ));
         }
         let mut words: Vec<String> = Vec::new();
-        for w in query.split_whitespace().map(str::to_lowercase) {
+        for w in query.split_whitespace().map(fold) {
             if !words.contains(&w) {
                 words.push(w);
             }
@@ -55,9 +55,17 @@ impl SearchQuery {
     /// Whether `text` holds every word of the query, ignoring case (a word
     /// may be part of a longer one: `deploy` finds `deployed`).
     pub fn matches(&self, text: &str) -> bool {
-        let text = text.to_lowercase();
+        let text = fold(text);
         self.words.iter().all(|w| text.contains(w.as_str()))
     }
+}
+
+/// `s` lower-cased for comparison. A final sigma is an ordinary one: Rust
+/// lower-cases a word's last `Σ` to `ς`, so `ΟΔΟΣ` (a query) would not
+/// otherwise be found in `ΟΔΟΣΤΡΩΜΑ`. (No Unicode normalisation: a
+/// decomposed `é` does not match a composed one.)
+fn fold(s: &str) -> String {
+    s.to_lowercase().replace('ς', "σ")
 }
 
 #[cfg(test)]
@@ -74,6 +82,10 @@ mod tests {
         // Unicode case folding, not ASCII only
         let q = SearchQuery::parse("ÉTÉ").expect("a query");
         assert!(q.matches("un été chaud"));
+        // a final sigma is a sigma
+        let q = SearchQuery::parse("ΟΔΟΣ").expect("a query");
+        assert!(q.matches("ΟΔΟΣΤΡΩΜΑ"));
+        assert!(q.matches("οδος"));
         // a repeated word counts once
         assert_eq!(
             SearchQuery::parse("a a A").expect("a query").words,

@@ -624,9 +624,10 @@ pub(crate) struct SearchQuery {
 
 /// `GET /groups/{id}/search?q=WORDS&before=SEQ&limit=N`: the messages the
 /// caller sees whose text holds every word of `q`, ignoring case, newest
-/// first. Text is encrypted at rest, so the worker opens at most
-/// `--max-search-scan` messages per call; `next` continues. The caller is
-/// charged one more request per 100 messages opened.
+/// first. Text is encrypted at rest, so the worker reads at most
+/// `--max-search-scan` messages (and opens at most 4 MiB of them) per
+/// call; `next` continues. The caller is charged one more request per 100
+/// messages opened (a message longer than 1 KiB counts once per KiB).
 #[utoipa::path(get, path = "/groups/{id}/search", tag = "messages",
     params(
         ("id" = String, Path, description = "group id"),
@@ -663,7 +664,10 @@ pub(crate) async fn search(
         }
     )?
     .into_inner();
-    app.limits.user_listed(&me.user_id, r.scanned as usize);
+    // a message opened costs as a listed entry, or one per KiB if longer
+    let cost = u64::from(r.opened).max(r.opened_bytes / 1024);
+    app.limits
+        .user_listed(&me.user_id, usize::try_from(cost).unwrap_or(usize::MAX));
     Ok(Json(SearchPage {
         messages: r.messages.into_iter().map(message_view).collect(),
         next: (r.next > 0).then_some(r.next),

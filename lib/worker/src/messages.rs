@@ -41,6 +41,9 @@ const MAX_HISTORY_PAGE: u32 = 100;
 const MAX_SEARCH_PAGE: u32 = 50;
 /// Messages a search reads from the database at a time.
 const SEARCH_CHUNK: u32 = 200;
+/// Most ciphertext one search call opens (256 texts of the longest kind):
+/// it stops there, and its `next` goes on.
+const SEARCH_BYTES: u64 = 4 << 20;
 /// How long a receipt waits for the messages it covers to be persisted.
 const RECEIPTS_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
@@ -1024,7 +1027,7 @@ impl Messages for MessagesService {
         let limit = req.limit.clamp(1, MAX_HISTORY_PAGE);
         let before = (req.before > 0).then_some(req.before);
         let tail_seq = tail_seq(s, &group).await?;
-        let stored = caught_up_page(s, &group, from, before, limit, tail_seq).await?;
+        let stored = caught_up_page(s, &group, from, before, limit, tail_seq, CATCH_UP).await?;
         let mut messages = stored
             .iter()
             .map(|m| open(s, m))
@@ -1047,27 +1050,42 @@ impl Messages for MessagesService {
         let from = s.check_member(&caller, &group).await?;
         let limit = req.limit.clamp(1, MAX_SEARCH_PAGE) as usize;
         let tail_seq = tail_seq(s, &group).await?;
+        // one wait for persistence for the whole call, not one per read
+        let deadline = tokio::time::Instant::now() + CATCH_UP;
         let mut before = (req.before > 0).then_some(req.before);
         let mut left = s.config.max_search_scan.max(1);
-        let mut scanned = 0u32;
+        let (mut opened, mut opened_bytes) = (0u32, 0u64);
         let mut found: Vec<(MessageId, pb::ChatMessage)> = Vec::new();
         let next = 'scan: loop {
             let chunk = left.min(SEARCH_CHUNK);
-            let page = caught_up_page(s, &group, from, before, chunk, tail_seq).await?;
+            let within = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let page = caught_up_page(s, &group, from, before, chunk, tail_seq, within).await?;
             for m in &page {
                 left -= 1;
-                scanned += 1;
                 let seq = m.seq.unwrap_or_default();
-                if !m.is_deleted() {
-                    let opened = open(s, m)?;
-                    if query.matches(&opened.text) {
-                        found.push((m.id.clone(), opened));
+                before = Some(seq);
+                if m.is_deleted() {
+                    continue;
+                }
+                opened += 1;
+                opened_bytes += m.ciphertext.len() as u64;
+                match open(s, m) {
+                    Ok(o) if query.matches(&o.text) => {
+                        found.push((m.id.clone(), o));
                         if found.len() == limit {
                             break 'scan seq;
                         }
                     }
+                    Ok(_) => {}
+                    // one message that cannot be opened must not end every
+                    // search over it (history shows the error)
+                    Err(e) => {
+                        tracing::warn!(group = %group, message = %m.id, error = %e, "search skips a message it cannot open");
+                    }
                 }
-                before = Some(seq);
+                if opened_bytes >= SEARCH_BYTES {
+                    break 'scan seq;
+                }
             }
             if page.len() < chunk as usize {
                 // nothing older that the caller sees
@@ -1080,11 +1098,12 @@ impl Messages for MessagesService {
         let ids: Vec<&MessageId> = found.iter().map(|(id, _)| id).collect();
         let mut messages: Vec<pb::ChatMessage> = found.iter().map(|(_, m)| m.clone()).collect();
         dress(s, &caller, from, &ids, &mut messages).await?;
-        metrics::counter!("chat_search_scanned_total").increment(u64::from(scanned));
+        metrics::counter!("chat_search_opened_total").increment(u64::from(opened));
         Ok(Response::new(pb::SearchResponse {
             messages,
             next,
-            scanned,
+            opened,
+            opened_bytes,
         }))
     }
 
@@ -1319,8 +1338,12 @@ async fn tail_seq(s: &State, group: &GroupId) -> Result<u64, WorkerError> {
 /// `group`'s committed messages with seq in `(from, before)`, newest
 /// first, at most `limit`. Read-your-writes: the page holds every message
 /// the stream has in its range (up to `tail_seq`, the stream's newest), so
-/// it waits for persistence to catch up with them (an edit or delete is
-/// acknowledged only once applied: see `change`).
+/// it waits up to `within` for persistence to catch up with them (an edit
+/// or delete is acknowledged only once applied: see `change`).
+///
+/// A group's seqs are gapless, so once caught up the page is exactly the
+/// seqs `(lo, top]`: the read is bounded on both sides and reads no more
+/// than it returns, however long the history below it.
 async fn caught_up_page(
     s: &State,
     group: &GroupId,
@@ -1328,18 +1351,20 @@ async fn caught_up_page(
     before: Option<u64>,
     limit: u32,
     tail_seq: u64,
+    within: std::time::Duration,
 ) -> Result<Vec<StoredMessage>, WorkerError> {
     let top = before.map_or(tail_seq, |b| tail_seq.min(b.saturating_sub(1)));
-    let want = top.saturating_sub(from).min(u64::from(limit));
-    // the normal case: every seq of the range is there
-    read_caught_up(
+    let lo = from.max(top.saturating_sub(u64::from(limit)));
+    let want = top.saturating_sub(lo);
+    let upto = Some(top.saturating_add(1));
+    let page = read_caught_up(
         s,
         group,
-        CATCH_UP,
+        within,
         || async {
             Ok(s.store
                 .messages
-                .history(group, from, before, i64::from(limit))
+                .history(group, lo, upto, i64::from(limit))
                 .await?)
         },
         |page| {
@@ -1347,7 +1372,16 @@ async fn caught_up_page(
             (0..want).all(|i| seqs.contains(&(top - i)))
         },
     )
-    .await
+    .await?;
+    if page.len() as u64 >= want || lo == from {
+        return Ok(page);
+    }
+    // persistence passed a seq it never stored (a forged message, say): the
+    // window is short of it, so read below it too
+    Ok(s.store
+        .messages
+        .history(group, from, upto, i64::from(limit))
+        .await?)
 }
 
 /// Readies opened messages (`ids` are theirs, in order) for `caller`, as
