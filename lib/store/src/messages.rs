@@ -569,6 +569,46 @@ impl MessageRepo {
         docs.into_iter().map(MessageDoc::into_message).collect()
     }
 
+    /// Committed messages of `group` with seq in `(after, upto]`, newest
+    /// first. A read bounded on both sides of the history index and nothing
+    /// else: a condition the index cannot answer (`state`) makes
+    /// SecantusDB examine each document for it, 10 to 20 times slower
+    /// (BENCHMARKS.md "Search"), so the pending records of earlier
+    /// versions in the range are dropped here instead. Seqs are gapless,
+    /// so the range holds about `upto - after` documents.
+    pub async fn window(
+        &self,
+        group: &GroupId,
+        after: u64,
+        upto: u64,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        if upto <= after {
+            return Ok(Vec::new());
+        }
+        let bound = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        // (a few more than the seqs, for such records)
+        let most = bound(upto - after).saturating_mul(2).saturating_add(16);
+        let docs: Vec<MessageDoc> = self
+            .coll
+            .find(doc! {
+                "groupId": group.as_str(),
+                "seq": { "$gt": bound(after), "$lte": bound(upto) },
+            })
+            .sort(doc! { "seq": -1 })
+            .limit(most)
+            .await?
+            .try_collect()
+            .await?;
+        let mut page = Vec::with_capacity(docs.len());
+        for d in docs {
+            let m = d.into_message()?;
+            if m.is_committed() {
+                page.push(m);
+            }
+        }
+        Ok(page)
+    }
+
     /// The seq and sender of `group`'s committed messages with seq in
     /// `(after, upto]`.
     pub async fn senders_by_seq(

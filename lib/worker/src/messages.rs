@@ -1361,12 +1361,7 @@ async fn caught_up_page(
         s,
         group,
         within,
-        || async {
-            Ok(s.store
-                .messages
-                .history(group, lo, upto, i64::from(limit))
-                .await?)
-        },
+        || async { Ok(s.store.messages.window(group, lo, top).await?) },
         |page| {
             let seqs: HashSet<u64> = page.iter().filter_map(|m| m.seq).collect();
             (0..want).all(|i| seqs.contains(&(top - i)))
