@@ -61,6 +61,11 @@ export const addMembers = (group, userIds) =>
   request("POST", `/groups/${enc(group)}/members`, { userIds });
 export const leaveGroup = (group) => request("DELETE", `/groups/${enc(group)}/members/me`);
 export const deleteGroup = (group) => request("DELETE", `/groups/${enc(group)}`);
+export const invites = (group) => request("GET", `/groups/${enc(group)}/invites`);
+export const createInvite = (group) => request("POST", `/groups/${enc(group)}/invites`, {});
+export const revokeInvite = (group, inviteId) =>
+  request("DELETE", `/groups/${enc(group)}/invites/${enc(inviteId)}`);
+export const joinGroup = (code) => request("POST", "/invites/join", { code });
 export const pins = (group) => request("GET", `/groups/${enc(group)}/pins`);
 export const pin = (group, messageId) =>
   request("PUT", `/groups/${enc(group)}/pins/${enc(messageId)}`);

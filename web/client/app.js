@@ -19,6 +19,8 @@ const STATE_TEXT = {
 
 const app = {
   token: null,
+  // an invite's code from the link, until joined or dismissed
+  invite: null,
   me: null,
   device: null,
   session: null,
@@ -110,6 +112,37 @@ function linkedToken() {
   return token;
 }
 
+// An invite in the link (`#invite=…`): offered once signed in, never
+// followed without a click (a link must not put anyone in a group).
+function linkedInvite() {
+  const hash = new URLSearchParams(location.hash.slice(1));
+  const code = hash.get("invite");
+  if (code && !hash.get("token")) history.replaceState(null, "", location.pathname + location.search);
+  return code;
+}
+
+function offerInvite() {
+  $("#join-offer").hidden = !(app.invite && app.me);
+}
+
+async function acceptInvite() {
+  const code = app.invite;
+  app.invite = null;
+  offerInvite();
+  if (!code) return;
+  try {
+    const g = await api.joinGroup(code);
+    const known = app.groups.get(g.id);
+    if (known) known.group = g;
+    else app.groups.set(g.id, { group: g, unread: 0, last: null });
+    renderGroups();
+    await subscribe(g.id);
+    openGroup(g.id);
+  } catch (e) {
+    failed(e);
+  }
+}
+
 function savedToken() {
   return sessionStorage.getItem("chat.token") || localStorage.getItem("chat.token");
 }
@@ -171,6 +204,7 @@ async function signIn(token) {
       code === "unauthorized" ? signOut(`${code}: ${message}`) : showError(code, message),
   });
   app.session.start();
+  offerInvite();
 }
 
 function signOut(why) {
@@ -186,6 +220,7 @@ function signOut(why) {
     m.clear();
   }
   $("#app").hidden = true;
+  offerInvite();
   for (const id of ["#whoami", "#signout", "#conn-state"]) $(id).hidden = true;
   $("#signin").hidden = false;
   document.body.classList.remove("chat-open");
@@ -300,7 +335,7 @@ function groupChanged(data) {
   } else if (listed) {
     // past 100 members the event leaves them out: its delta says who
     const who = change.userIds || [];
-    if (change.kind === "members_added") {
+    if (change.kind === "members_added" || change.kind === "member_joined") {
       app.members.set(g.id, [...new Set([...listed, ...who])]);
     } else if (change.kind === "member_removed" || change.kind === "member_left") {
       app.members.set(
@@ -366,6 +401,70 @@ async function togglePin(m) {
     failed(e);
   }
   loadPins(m.groupId);
+}
+
+// ---------------------------------------------------------------- invites
+
+// The owner's invites to the open group: a new one's link (its code is
+// given out once), and the valid ones, each with a way to revoke it.
+async function loadInvites() {
+  const groupId = app.open;
+  const g = app.groups.get(groupId)?.group;
+  if (!g || g.ownerId !== app.me) return;
+  try {
+    const list = await api.invites(groupId);
+    if (app.open === groupId) renderInvites(list.invites);
+  } catch (e) {
+    failed(e);
+  }
+}
+
+function renderInvites(invites) {
+  $("#invite-list").replaceChildren(
+    ...invites.map((i) => {
+      const li = document.createElement("li");
+      li.dataset.inviteId = i.inviteId;
+      const text = document.createElement("span");
+      const uses = i.maxUses ? `${i.uses} of ${i.maxUses} used` : `${i.uses} joined`;
+      text.textContent = `Invite ${i.inviteId.slice(0, 6)}: ${uses}, until ${new Date(i.expiresAt).toLocaleString()}`;
+      const revoke = document.createElement("button");
+      revoke.type = "button";
+      revoke.className = "revoke";
+      revoke.textContent = "Revoke";
+      revoke.addEventListener("click", () => revokeInvite(i.inviteId));
+      li.append(text, " ", revoke);
+      return li;
+    }),
+  );
+}
+
+async function createInvite() {
+  const groupId = app.open;
+  try {
+    const i = await api.createInvite(groupId);
+    if (app.open !== groupId) return;
+    $("#invite-link").value = `${location.origin}${location.pathname}#invite=${encodeURIComponent(i.code)}`;
+    $("#invite-link-row").hidden = false;
+    $("#invite-link").select();
+    loadInvites();
+  } catch (e) {
+    failed(e);
+  }
+}
+
+async function revokeInvite(inviteId) {
+  try {
+    await api.revokeInvite(app.open, inviteId);
+  } catch (e) {
+    failed(e);
+  }
+  loadInvites();
+}
+
+function clearInvites() {
+  $("#invite-link").value = "";
+  $("#invite-link-row").hidden = true;
+  $("#invite-list").replaceChildren();
 }
 
 // ---------------------------------------------------------------- search
@@ -576,6 +675,7 @@ async function openGroup(groupId) {
   app.pins = [];
   renderPins();
   closeSearch();
+  clearInvites();
   document.body.classList.add("chat-open");
   $("#no-chat").hidden = true;
   $("#chat-body").hidden = false;
@@ -1492,6 +1592,22 @@ async function start() {
   $("#search-form").addEventListener("submit", runSearch);
   $("#search-more").addEventListener("click", () => runSearch(null, true));
   $("#search-close").addEventListener("click", closeSearch);
+  $("#create-invite").addEventListener("click", createInvite);
+  $("#group-tools").addEventListener("toggle", () => {
+    if ($("#group-tools").open) loadInvites();
+  });
+  $("#join-accept").addEventListener("click", acceptInvite);
+  $("#join-dismiss").addEventListener("click", () => {
+    app.invite = null;
+    offerInvite();
+  });
+  window.addEventListener("hashchange", () => {
+    const code = linkedInvite();
+    if (code) {
+      app.invite = code;
+      offerInvite();
+    }
+  });
   $("#messages").addEventListener("scroll", () => {
     if ($("#messages").scrollTop === 0) loadOlder();
   });
@@ -1510,6 +1626,7 @@ async function start() {
     devTokens = false;
   }
   $("#dev-form").hidden = !devTokens;
+  app.invite = linkedInvite();
   const linked = linkedToken();
   $("#signin").hidden = false;
   if (linked && devTokens) {

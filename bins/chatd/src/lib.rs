@@ -529,6 +529,10 @@ pub struct ServeArgs {
     #[arg(long, env = "CHATD_MAX_GROUP_PINS", default_value_t = Limits::default().group_pins,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
     pub max_group_pins: usize,
+    /// Worker: most valid invites of one group at once.
+    #[arg(long, env = "CHATD_MAX_GROUP_INVITES", default_value_t = Limits::default().group_invites,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
+    pub max_group_invites: usize,
     /// Worker: most groups one user can be a member of; adding someone
     /// beyond it is refused.
     #[arg(long, env = "CHATD_MAX_GROUPS_PER_USER", default_value_t = chat_worker::Config::default().max_groups_per_user)]
@@ -689,6 +693,7 @@ impl ServeArgs {
             group_description_chars: self.max_group_description,
             text_bytes: self.max_text_bytes,
             group_pins: self.max_group_pins,
+            group_invites: self.max_group_invites,
         }
     }
 

@@ -54,6 +54,51 @@ pub struct Pin {
     pub at: Millis,
 }
 
+/// An invite to join a group: whoever holds its code (the group, the
+/// invite's id and a secret) may join, until it expires or is used up.
+/// Only a hash of the secret is kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invite {
+    /// 16 lowercase hex digits, unique in the group.
+    pub id: String,
+    /// SHA-256 of the secret.
+    pub secret_hash: [u8; 32],
+    pub by: UserId,
+    pub created_at: Millis,
+    pub expires_at: Millis,
+    /// How many may join with it (0: no limit but the group's size).
+    pub max_uses: u32,
+    pub uses: u32,
+}
+
+/// Shortest and longest life of an invite, in seconds.
+pub const INVITE_TTL_SECS: std::ops::RangeInclusive<u64> = 60..=30 * 24 * 3600;
+
+impl Invite {
+    /// The life asked of a new invite, in milliseconds, if within
+    /// [`INVITE_TTL_SECS`].
+    pub fn life(secs: u64) -> Result<Millis, DomainError> {
+        if !INVITE_TTL_SECS.contains(&secs) {
+            return Err(DomainError::Invalid(format!(
+                "an invite lasts from {} seconds to {} days (expiresInSecs {secs})",
+                INVITE_TTL_SECS.start(),
+                INVITE_TTL_SECS.end() / (24 * 3600)
+            )));
+        }
+        Ok(secs as Millis * 1000)
+    }
+
+    /// Whether it still lets someone join at `now`.
+    pub fn is_valid(&self, now: Millis) -> bool {
+        self.expires_at > now && (self.max_uses == 0 || self.uses < self.max_uses)
+    }
+}
+
+/// Equal in time independent of where two hashes differ.
+fn same_hash(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
+}
+
 /// A chat group. `members` always contains `owner_id`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Group {
@@ -68,6 +113,8 @@ pub struct Group {
     pub updated_at: Millis,
     /// Its pinned messages, oldest pin first (at most `Limits::group_pins`).
     pub pins: Vec<Pin>,
+    /// Its invites, oldest first (at most `Limits::group_invites` valid).
+    pub invites: Vec<Invite>,
 }
 
 /// A change to a group's ownership or membership, as asked by `caller`.
@@ -104,6 +151,26 @@ pub enum GroupChange {
         message_id: MessageId,
         seq: u64,
         forced: bool,
+    },
+    /// A new invite (owner only): `invite.uses` 0, a life of at most
+    /// [`INVITE_TTL_SECS`] (see [`Invite::life`]), `max_uses` at most the
+    /// group's member limit.
+    /// Tells no one.
+    Invite {
+        invite: Invite,
+    },
+    /// Revokes an invite (owner only); revoking one that is gone changes
+    /// nothing. Tells no one.
+    Revoke {
+        invite_id: String,
+    },
+    /// The caller, not a member, joins with a valid invite whose secret
+    /// hashes to `secret_hash`; `at_seq` as for [`GroupChange::AddMembers`].
+    /// A member joining again changes nothing.
+    Join {
+        invite_id: String,
+        secret_hash: [u8; 32],
+        at_seq: u64,
     },
 }
 
@@ -163,6 +230,7 @@ impl Group {
             created_at: now,
             updated_at: now,
             pins: Vec::new(),
+            invites: Vec::new(),
         };
         group.add(member_ids, 0, limits, now)?;
         Ok(group)
@@ -252,16 +320,25 @@ impl Group {
         limits: &Limits,
         now: Millis,
     ) -> Result<Applied, DomainError> {
-        // (a forced unpin follows a message's deletion, whoever deleted it)
+        // (a forced unpin follows a message's deletion, whoever deleted it;
+        // a join is a non-member's)
         let forced = matches!(change, GroupChange::Unpin { forced: true, .. });
-        if !forced && !self.is_member(caller) {
+        let joining = matches!(change, GroupChange::Join { .. });
+        if !forced && !joining && !self.is_member(caller) {
             return Err(DomainError::Forbidden(
                 "you are not a member of this group".into(),
             ));
         }
         // a pin changes nothing a member who does not see its message
-        // may see: not even when the group changed
-        let touches = !matches!(change, GroupChange::Pin { .. } | GroupChange::Unpin { .. });
+        // may see: not even when the group changed; invites are the
+        // owner's alone
+        let touches = !matches!(
+            change,
+            GroupChange::Pin { .. }
+                | GroupChange::Unpin { .. }
+                | GroupChange::Invite { .. }
+                | GroupChange::Revoke { .. }
+        );
         let owner_only = || -> Result<(), DomainError> {
             if &self.owner_id != caller {
                 return Err(DomainError::Forbidden(
@@ -393,6 +470,82 @@ impl Group {
                     forced,
                 }
             }
+            GroupChange::Invite { invite } => {
+                owner_only()?;
+                let longest = *INVITE_TTL_SECS.end() as Millis * 1000;
+                if invite.expires_at <= now || invite.expires_at - now > longest || invite.uses != 0
+                {
+                    return Err(DomainError::Invalid(format!(
+                        "an invite lasts at most {} days",
+                        INVITE_TTL_SECS.end() / (24 * 3600)
+                    )));
+                }
+                if invite.max_uses as usize > limits.group_members {
+                    return Err(DomainError::Invalid(format!(
+                        "maxUses is at most the group's member limit, {}",
+                        limits.group_members
+                    )));
+                }
+                if self.invites.iter().any(|i| i.id == invite.id) {
+                    return Err(DomainError::Conflict("that invite id is taken".into()));
+                }
+                // those that can no longer be used go first
+                self.invites.retain(|i| i.is_valid(now));
+                if self.invites.len() >= limits.group_invites {
+                    return Err(DomainError::TooLarge(format!(
+                        "a group has at most {} valid invites: revoke one first",
+                        limits.group_invites
+                    )));
+                }
+                self.invites.push(invite.clone());
+                audience.clear();
+                GroupChange::Invite { invite }
+            }
+            GroupChange::Revoke { invite_id } => {
+                owner_only()?;
+                if !self
+                    .invites
+                    .iter()
+                    .any(|i| i.id == invite_id && i.is_valid(now))
+                {
+                    return Ok(Applied::Unchanged);
+                }
+                self.invites
+                    .retain(|i| i.id != invite_id && i.is_valid(now));
+                audience.clear();
+                GroupChange::Revoke { invite_id }
+            }
+            GroupChange::Join {
+                invite_id,
+                secret_hash,
+                at_seq,
+            } => {
+                if self.is_member(caller) {
+                    return Ok(Applied::Unchanged);
+                }
+                let Some(at) = self.invites.iter().position(|i| {
+                    i.id == invite_id && same_hash(&i.secret_hash, &secret_hash) && i.is_valid(now)
+                }) else {
+                    return Err(DomainError::Forbidden(
+                        "no such invite: it may have expired, been revoked or used up".into(),
+                    ));
+                };
+                if self.members.len() >= limits.group_members {
+                    return Err(DomainError::TooLarge(format!(
+                        "the group has {} members, the most it may have",
+                        limits.group_members
+                    )));
+                }
+                self.invites[at].uses += 1;
+                self.add(vec![caller.clone()], at_seq, limits, now)?;
+                self.invites.retain(|i| i.is_valid(now));
+                audience.push(caller.clone());
+                GroupChange::Join {
+                    invite_id,
+                    secret_hash,
+                    at_seq,
+                }
+            }
         };
         if touches {
             self.updated_at = now.max(self.updated_at);
@@ -435,6 +588,138 @@ mod tests {
             10,
         )
         .expect("valid group")
+    }
+
+    fn invite(id: &str, secret: u8, now: Millis, max_uses: u32) -> Invite {
+        Invite {
+            id: id.into(),
+            secret_hash: [secret; 32],
+            by: uid("owner"),
+            created_at: now,
+            expires_at: now + 3_600_000,
+            max_uses,
+            uses: 0,
+        }
+    }
+
+    #[test]
+    fn invites_let_non_members_join_while_valid_and_tell_no_one_of_themselves() {
+        let limits = Limits {
+            group_invites: 2,
+            group_members: 4,
+            ..Limits::default()
+        };
+        let mut g = group(&["a"]).with_history(History::Joined);
+        let create = |i: Invite| GroupChange::Invite { invite: i };
+        // only the owner invites, within the bounds
+        assert!(matches!(
+            g.apply(&uid("a"), create(invite("i1", 1, 10, 0)), &limits, 10),
+            Err(DomainError::Forbidden(_))
+        ));
+        assert!(Invite::life(59).is_err() && Invite::life(30 * 24 * 3600 + 1).is_err());
+        assert_eq!(Invite::life(60), Ok(60_000));
+        let mut long = invite("i1", 1, 10, 0);
+        long.expires_at = 10 + Invite::life(30 * 24 * 3600).expect("the longest") + 1;
+        assert!(matches!(
+            g.apply(&uid("owner"), create(long), &limits, 10),
+            Err(DomainError::Invalid(_))
+        ));
+        assert!(matches!(
+            g.apply(&uid("owner"), create(invite("i1", 1, 10, 5)), &limits, 10),
+            Err(DomainError::Invalid(_))
+        ));
+        let updated = g.updated_at;
+        let Ok(Applied::Changed { audience, .. }) =
+            g.apply(&uid("owner"), create(invite("i1", 1, 10, 1)), &limits, 20)
+        else {
+            panic!("the owner invites");
+        };
+        assert!(audience.is_empty(), "no one hears of an invite");
+        assert_eq!(g.updated_at, updated, "members see nothing change");
+        assert!(matches!(
+            g.apply(&uid("owner"), create(invite("i1", 2, 20, 0)), &limits, 20),
+            Err(DomainError::Conflict(_))
+        ));
+        g.apply(&uid("owner"), create(invite("i2", 2, 20, 0)), &limits, 20)
+            .expect("a second");
+        assert!(matches!(
+            g.apply(&uid("owner"), create(invite("i3", 3, 20, 0)), &limits, 20),
+            Err(DomainError::TooLarge(_))
+        ));
+
+        let join = |id: &str, secret: u8| GroupChange::Join {
+            invite_id: id.into(),
+            secret_hash: [secret; 32],
+            at_seq: 7,
+        };
+        // a wrong secret, or another invite's, is no invite
+        for (id, secret) in [("i1", 2), ("i2", 1), ("nope", 1)] {
+            assert!(matches!(
+                g.apply(&uid("b"), join(id, secret), &limits, 30),
+                Err(DomainError::Forbidden(_))
+            ));
+        }
+        // b joins with the single-use invite, which is then gone; everyone
+        // hears, b included; b's history starts at the join
+        let Ok(Applied::Changed { audience, .. }) = g.apply(&uid("b"), join("i1", 1), &limits, 30)
+        else {
+            panic!("b joins");
+        };
+        assert_eq!(audience, [uid("owner"), uid("a"), uid("b")]);
+        assert_eq!(g.visible_from(&uid("b")), Some(7));
+        assert_eq!(g.invites.len(), 1);
+        assert!(matches!(
+            g.apply(&uid("c"), join("i1", 1), &limits, 31),
+            Err(DomainError::Forbidden(_))
+        ));
+        // joining again changes nothing, nor uses the invite
+        assert_eq!(
+            g.apply(&uid("b"), join("i2", 2), &limits, 31),
+            Ok(Applied::Unchanged)
+        );
+        assert_eq!(g.invites[0].uses, 0);
+        // the group's size still holds
+        g.apply(&uid("c"), join("i2", 2), &limits, 32)
+            .expect("c joins");
+        assert!(matches!(
+            g.apply(&uid("d"), join("i2", 2), &limits, 33),
+            Err(DomainError::TooLarge(_))
+        ));
+        assert_eq!((g.members.len(), g.invites[0].uses), (4, 1), "as it was");
+        // an expired invite lets no one in, and revoking it changes nothing
+        let late = 20 + 3_600_000;
+        assert!(matches!(
+            g.apply(&uid("e"), join("i2", 2), &limits, late),
+            Err(DomainError::Forbidden(_))
+        ));
+        let revoke = |id: &str| GroupChange::Revoke {
+            invite_id: id.into(),
+        };
+        assert_eq!(
+            g.apply(&uid("owner"), revoke("i2"), &limits, late),
+            Ok(Applied::Unchanged)
+        );
+        // revoking a valid one removes it; only the owner may
+        g.apply(
+            &uid("owner"),
+            create(invite("i4", 4, late, 0)),
+            &limits,
+            late,
+        )
+        .expect("invites");
+        assert!(matches!(
+            g.apply(&uid("a"), revoke("i4"), &limits, late),
+            Err(DomainError::Forbidden(_))
+        ));
+        assert!(matches!(
+            g.apply(&uid("owner"), revoke("i4"), &limits, late),
+            Ok(Applied::Changed { .. })
+        ));
+        assert!(g.invites.is_empty());
+        assert!(matches!(
+            g.apply(&uid("f"), join("i4", 4), &limits, late),
+            Err(DomainError::Forbidden(_))
+        ));
     }
 
     #[test]

@@ -9,7 +9,7 @@ mod limits;
 mod search;
 pub mod text;
 
-pub use group::{Applied, Group, GroupChange, History, Member, Pin};
+pub use group::{Applied, Group, GroupChange, History, INVITE_TTL_SECS, Invite, Member, Pin};
 pub use id::{DeviceId, GroupId, UserId};
 pub use limits::Limits;
 pub use search::{SEARCH_QUERY_MAX_CHARS, SEARCH_QUERY_MAX_WORDS, SearchQuery};

@@ -14,6 +14,8 @@ pub struct Limits {
     pub text_bytes: usize,
     /// Most pinned messages in one group.
     pub group_pins: usize,
+    /// Most invites of one group valid at once.
+    pub group_invites: usize,
 }
 
 impl Default for Limits {
@@ -24,6 +26,7 @@ impl Default for Limits {
             group_members: 1000,
             text_bytes: 16 * 1024,
             group_pins: 50,
+            group_invites: 20,
         }
     }
 }

@@ -305,6 +305,15 @@ pub fn app(state: AppState) -> Router {
         .route("/groups/{id}/pins", get(rest::list_pins))
         .route("/groups/{id}/search", get(rest::search))
         .route(
+            "/groups/{id}/invites",
+            get(rest::list_invites).post(rest::create_invite),
+        )
+        .route(
+            "/groups/{id}/invites/{invite_id}",
+            delete(rest::revoke_invite),
+        )
+        .route("/invites/join", post(rest::join_group))
+        .route(
             "/groups/{id}/pins/{message_id}",
             put(rest::pin_message).delete(rest::unpin_message),
         )

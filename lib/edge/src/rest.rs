@@ -9,10 +9,11 @@ use axum::{
 use chat_domain::{Group, UserId};
 use chat_protocol::{
     AddMembersBody, BlockList, BlockView, CreateGroupBody, ErrorCode, GroupPage, GroupPresence,
-    GroupSummary, GroupView, Health, MediaLink, MediaRef, MemberPresence, MemberStatus,
-    MentionPage, MentionView, MessagePage, MessageStatus, MessageView, MuteBody, MuteView, PinList,
-    PinView, ReactionView, Readiness, ReplyView, RestError, SearchPage, TransferOwnerBody,
-    UpdateGroupBody, UploadBody, UploadTicket, format_millis, parse_millis,
+    GroupSummary, GroupView, Health, InviteBody, InviteList, InviteView, JoinBody, MediaLink,
+    MediaRef, MemberPresence, MemberStatus, MentionPage, MentionView, MessagePage, MessageStatus,
+    MessageView, MuteBody, MuteView, PinList, PinView, ReactionView, Readiness, ReplyView,
+    RestError, SearchPage, TransferOwnerBody, UpdateGroupBody, UploadBody, UploadTicket,
+    format_millis, parse_millis,
 };
 use chat_rpc::pb;
 use serde::{Deserialize, de::DeserializeOwned};
@@ -391,6 +392,140 @@ pub(crate) async fn add_members(
             caller: me.user_id.to_string(),
             group_id: id,
             user_ids: body.user_ids,
+        }
+    )?
+    .into_inner();
+    app.limits.user_owes(&me.user_id, group.members.len());
+    Ok(view(group)?.into_response())
+}
+
+fn invite_view(i: pb::InviteEntry) -> InviteView {
+    InviteView {
+        invite_id: i.invite_id,
+        group_id: i.group_id,
+        code: Some(i.code).filter(|c| !c.is_empty()),
+        created_by: i.created_by,
+        created_at: format_millis(i.created_at_ms),
+        expires_at: format_millis(i.expires_at_ms),
+        max_uses: (i.max_uses > 0).then_some(i.max_uses),
+        uses: i.uses,
+    }
+}
+
+/// `POST /groups/{id}/invites` (owner only): a new invite, with its code.
+#[utoipa::path(post, path = "/groups/{id}/invites", tag = "groups",
+    params(("id" = String, Path, description = "group id")),
+    request_body = InviteBody,
+    responses(
+        (status = 201, description = "the invite, with its `code`: the only time the code is given out (the server keeps a hash of its secret). Anyone who holds it may join with `POST /invites/join` until it expires, is used `maxUses` times or is revoked", body = InviteView),
+        crate::openapi::GroupErrors, crate::openapi::CallerErrors,
+        (status = 403, description = "`forbidden`: not the owner", body = RestError)
+    ))]
+pub(crate) async fn create_invite(
+    State(app): State<AppState>,
+    Caller(me): Caller,
+    Path(id): Path<String>,
+    OptionalBody(body): OptionalBody<InviteBody>,
+) -> Result<impl IntoResponse, ApiError> {
+    let i = rpc!(
+        app,
+        GroupsClient,
+        create_invite,
+        pb::CreateInviteRequest {
+            caller: me.user_id.to_string(),
+            group_id: id,
+            expires_in_secs: body.expires_in_secs.unwrap_or(0),
+            max_uses: body.max_uses.unwrap_or(0),
+        }
+    )?
+    .into_inner();
+    Ok((StatusCode::CREATED, Json(invite_view(i))))
+}
+
+/// `GET /groups/{id}/invites` (owner only).
+#[utoipa::path(get, path = "/groups/{id}/invites", tag = "groups",
+    params(("id" = String, Path, description = "group id")),
+    responses(
+        (status = 200, description = "the group's valid invites, newest first, without their codes", body = InviteList),
+        crate::openapi::GroupErrors, crate::openapi::CallerErrors,
+        (status = 403, description = "`forbidden`: not the owner", body = RestError)
+    ))]
+pub(crate) async fn list_invites(
+    State(app): State<AppState>,
+    Caller(me): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<InviteList>, ApiError> {
+    let r = rpc!(
+        app,
+        GroupsClient,
+        list_invites,
+        pb::GroupRequest {
+            caller: me.user_id.to_string(),
+            group_id: id,
+        }
+    )?
+    .into_inner();
+    Ok(Json(InviteList {
+        invites: r.invites.into_iter().map(invite_view).collect(),
+    }))
+}
+
+/// `DELETE /groups/{id}/invites/{inviteId}` (owner only).
+#[utoipa::path(delete, path = "/groups/{id}/invites/{invite_id}", tag = "groups",
+    params(
+        ("id" = String, Path, description = "group id"),
+        ("invite_id" = String, Path, description = "an invite's id"),
+    ),
+    responses(
+        (status = 204, description = "revoked, or gone already: no one may join with it"),
+        crate::openapi::GroupErrors, crate::openapi::CallerErrors,
+        (status = 403, description = "`forbidden`: not the owner", body = RestError)
+    ))]
+pub(crate) async fn revoke_invite(
+    State(app): State<AppState>,
+    Caller(me): Caller,
+    Path((id, invite_id)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    rpc!(
+        app,
+        GroupsClient,
+        revoke_invite,
+        pb::RevokeInviteRequest {
+            caller: me.user_id.to_string(),
+            group_id: id,
+            invite_id,
+        }
+    )?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Longest invite code: a group id, an invite id and a secret.
+const INVITE_CODE_MAX: usize = 256;
+
+/// `POST /invites/join`: the caller joins the group of an invite's code.
+#[utoipa::path(post, path = "/invites/join", tag = "groups",
+    request_body = JoinBody,
+    responses(
+        (status = 200, description = "the group, with the caller a member (a member already: the group as it is, the invite unused); every member gets `a_group_updated` with `change.kind` `member_joined`. Under `joined` history the caller sees what follows its join", body = GroupView),
+        (status = 400, description = "`invalid`: not an invite code; `too_large`: the group is full, or the caller is in the most groups a user may be", body = RestError),
+        (status = 404, description = "`not_found`: no such invite, or it expired, was revoked or used up (one answer for all)", body = RestError),
+        crate::openapi::CallerErrors
+    ))]
+pub(crate) async fn join_group(
+    State(app): State<AppState>,
+    Caller(me): Caller,
+    Body(body): Body<JoinBody>,
+) -> Result<Response, ApiError> {
+    if body.code.len() > INVITE_CODE_MAX {
+        return Err(ApiError::invalid("that is not an invite code"));
+    }
+    let group = rpc!(
+        app,
+        GroupsClient,
+        join_group,
+        pb::JoinGroupRequest {
+            caller: me.user_id.to_string(),
+            code: body.code,
         }
     )?
     .into_inner();

@@ -10,10 +10,10 @@ mod view;
 
 pub use reply::{
     AcknowledgeAck, BlockList, BlockView, DevToken, GroupPage, GroupPresence, GroupSummary, Health,
-    MediaLink, MemberPresence, MemberStatus, MentionPage, MentionView, MessageChangeAck,
-    MessagePage, MessageStatus, MessageStatusPush, MuteView, NotifyAck, PinList, PinView,
-    ReactionAck, ReactionPush, Readiness, SearchPage, SendAck, SubscribeAck, TYPING_EXPIRES_MS,
-    TypingAck, TypingPush, UploadTicket, WebConfig,
+    InviteList, InviteView, MediaLink, MemberPresence, MemberStatus, MentionPage, MentionView,
+    MessageChangeAck, MessagePage, MessageStatus, MessageStatusPush, MuteView, NotifyAck, PinList,
+    PinView, ReactionAck, ReactionPush, Readiness, SearchPage, SendAck, SubscribeAck,
+    TYPING_EXPIRES_MS, TypingAck, TypingPush, UploadTicket, WebConfig,
 };
 pub use view::{
     EVENT_MEMBERS_MAX, GroupChangeView, GroupView, MemberView, MessageDeletedView,
@@ -282,6 +282,26 @@ pub struct UpdateGroupBody {
 pub struct MuteBody {
     #[serde(default)]
     pub until: Option<String>,
+}
+
+/// `POST /groups/{id}/invites` body: how long the invite lasts (60 s to
+/// 30 days; a week if left out) and how many may join with it (no limit
+/// but the group's size if left out or 0).
+#[derive(Debug, Default, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InviteBody {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in_secs: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_uses: Option<u32>,
+}
+
+/// `POST /invites/join` body: an invite's code (in the body, not the
+/// path, so no access log keeps it).
+#[derive(Debug, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JoinBody {
+    pub code: String,
 }
 
 /// `POST /groups/{id}/members` body.

@@ -249,6 +249,35 @@ pub struct PinList {
     pub pins: Vec<PinView>,
 }
 
+/// An invite to join a group (owner only): `POST /groups/{id}/invites`
+/// answers it with its `code`, the one time the code is given out (only a
+/// hash of its secret is kept); `GET /groups/{id}/invites` lists them
+/// without.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InviteView {
+    pub invite_id: String,
+    pub group_id: String,
+    /// What a joiner presents to `POST /invites/join`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    pub created_by: String,
+    pub created_at: String,
+    pub expires_at: String,
+    /// How many may join with it; absent: no limit but the group's size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_uses: Option<u32>,
+    /// How many have joined with it.
+    pub uses: u32,
+}
+
+/// `GET /groups/{id}/invites`: the group's valid invites, newest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InviteList {
+    pub invites: Vec<InviteView>,
+}
+
 /// `PUT /groups/{id}/mute`: the caller's mute of a group.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]

@@ -74,12 +74,14 @@ impl GroupView {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct GroupChangeView {
-    /// `created`, `members_added`, `member_removed`, `member_left`,
-    /// `owner_changed`, `details_changed` (name or description),
+    /// `created`, `members_added`, `member_joined` (with an invite),
+    /// `member_removed`, `member_left`, `owner_changed`, `details_changed`
+    /// (name or description),
     /// `message_pinned`, `message_unpinned` or `deleted` (the owner
     /// deleted the group for everyone).
     pub kind: String,
-    /// Who was added, removed, left, or became owner (none for the others).
+    /// Who was added, joined, was removed, left, or became owner (none for
+    /// the others).
     pub user_ids: Vec<String>,
     /// Who made the change.
     pub by: String,

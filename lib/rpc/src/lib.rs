@@ -84,6 +84,8 @@ impl TryFrom<pb::Group> for Group {
             // pins travel on their own (`ListPins`): each member is given
             // only those it may see
             pins: Vec::new(),
+            // invites are the owner's, listed on their own (`ListInvites`)
+            invites: Vec::new(),
         })
     }
 }

@@ -4,7 +4,7 @@
 //! not a rewrite of a 1,000-entry array in the group's document (as the
 //! `subscribers` array of earlier versions did; it is still read).
 
-use chat_domain::{Group, GroupId, History, Member, MessageId, Millis, Pin, UserId};
+use chat_domain::{Group, GroupId, History, Invite, Member, MessageId, Millis, Pin, UserId};
 use futures::TryStreamExt;
 use mongodb::{
     Collection, IndexModel,
@@ -32,6 +32,19 @@ struct PinDoc {
     seq: i64,
     by: String,
     at: DateTime,
+}
+
+/// An invite: the secret's SHA-256 in hex, never the secret.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct InviteDoc {
+    id: String,
+    secret_hash: String,
+    by: String,
+    created_at: DateTime,
+    expires_at: DateTime,
+    max_uses: i64,
+    uses: i64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -75,6 +88,9 @@ struct GroupDoc {
     /// Its pinned messages, oldest pin first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pins: Vec<PinDoc>,
+    /// Its invites, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    invites: Vec<InviteDoc>,
 }
 
 /// What stays of a deleted group: its last state (no members; its notice,
@@ -237,6 +253,19 @@ impl GroupDoc {
                     at: to_bson_time(p.at),
                 })
                 .collect(),
+            invites: g
+                .invites
+                .iter()
+                .map(|i| InviteDoc {
+                    id: i.id.clone(),
+                    secret_hash: hex::encode(i.secret_hash),
+                    by: i.by.to_string(),
+                    created_at: to_bson_time(i.created_at),
+                    expires_at: to_bson_time(i.expires_at),
+                    max_uses: i64::from(i.max_uses),
+                    uses: i64::from(i.uses),
+                })
+                .collect(),
         }
     }
 
@@ -273,6 +302,25 @@ impl GroupDoc {
                         seq: seq_from_bson(p.seq),
                         by: user(p.by)?,
                         at: p.at.timestamp_millis(),
+                    })
+                })
+                .collect::<Result<_, StoreError>>()?,
+            invites: self
+                .invites
+                .into_iter()
+                .map(|i| {
+                    let mut secret_hash = [0u8; 32];
+                    hex::decode_to_slice(&i.secret_hash, &mut secret_hash)
+                        .map_err(|e| corrupt(&id, e))?;
+                    let count = |n: i64| u32::try_from(n).unwrap_or(u32::MAX);
+                    Ok(Invite {
+                        id: i.id,
+                        secret_hash,
+                        by: user(i.by)?,
+                        created_at: i.created_at.timestamp_millis(),
+                        expires_at: i.expires_at.timestamp_millis(),
+                        max_uses: count(i.max_uses),
+                        uses: count(i.uses),
                     })
                 })
                 .collect::<Result<_, StoreError>>()?,
@@ -624,7 +672,7 @@ impl GroupRepo {
             .update_one(
                 doc! { "_id": record.group.id.as_str(), "rev": record.rev },
                 doc! { "$set": {
-                    "members": [], "subscribers": [], "pins": [],
+                    "members": [], "subscribers": [], "pins": [], "invites": [],
                     "deletedAt": to_bson_time(at), "updatedAt": to_bson_time(at),
                     "rev": record.rev + 1, "unnotified": notice,
                 } },

@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use chat_domain::{Applied, DomainError, Group, GroupChange, GroupId, History, UserId, now_millis};
+use chat_domain::{
+    Applied, DomainError, Group, GroupChange, GroupId, History, Invite, UserId, now_millis,
+};
 use chat_protocol::{GroupChangeView, GroupEvent, GroupView, event, push_json};
 use chat_rpc::pb::{self, groups_server::Groups};
 use chat_store::{GroupRecord, Membership, Tombstone, Unnotified};
@@ -119,6 +121,15 @@ impl GroupsService {
                         at_seq: crate::publish::newest_seq(&self.0, id).await?,
                     }
                 }
+                GroupChange::Join {
+                    invite_id,
+                    secret_hash,
+                    ..
+                } if !record.group.is_member(caller) => GroupChange::Join {
+                    invite_id: invite_id.clone(),
+                    secret_hash: *secret_hash,
+                    at_seq: crate::publish::newest_seq(&self.0, id).await?,
+                },
                 other => other.clone(),
             };
             let applied =
@@ -143,6 +154,10 @@ impl GroupsService {
             match &change {
                 GroupChange::AddMembers { user_ids, .. } => {
                     self.check_may_add(caller, user_ids).await?;
+                }
+                GroupChange::Join { .. } => {
+                    self.check_may_add(caller, std::slice::from_ref(caller))
+                        .await?;
                 }
                 GroupChange::TransferOwner { new_owner } => {
                     self.check_not_blocked(
@@ -171,8 +186,18 @@ impl GroupsService {
             // a member added (again) starts unmuted: what a mute that
             // raced its leaving left goes first, while it is no member, so
             // no mute it sets once added can be taken for that one
-            if let GroupChange::AddMembers { user_ids, .. } = &change {
-                self.0.store.mutes.forget(id, user_ids).await?;
+            match &change {
+                GroupChange::AddMembers { user_ids, .. } => {
+                    self.0.store.mutes.forget(id, user_ids).await?;
+                }
+                GroupChange::Join { .. } => {
+                    self.0
+                        .store
+                        .mutes
+                        .forget(id, std::slice::from_ref(caller))
+                        .await?;
+                }
+                _ => {}
             }
             if !self.0.store.groups.replace_if_rev(&record).await? {
                 continue;
@@ -435,6 +460,10 @@ fn change_view(caller: &UserId, change: &GroupChange) -> GroupChangeView {
         GroupChange::Describe { .. } => ("details_changed", Vec::new()),
         GroupChange::Pin { .. } => ("message_pinned", Vec::new()),
         GroupChange::Unpin { .. } => ("message_unpinned", Vec::new()),
+        GroupChange::Join { .. } => ("member_joined", vec![caller]),
+        // (told to no one: invites are the owner's alone)
+        GroupChange::Invite { .. } => ("invite_created", Vec::new()),
+        GroupChange::Revoke { .. } => ("invite_revoked", Vec::new()),
     };
     let (message_id, seq) = match change {
         GroupChange::Pin { message_id, seq }
@@ -838,6 +867,106 @@ impl Groups for GroupsService {
         Ok(Response::new(pins_seen_by(&record.group, &caller)))
     }
 
+    async fn create_invite(
+        &self,
+        req: Request<pb::CreateInviteRequest>,
+    ) -> Result<Response<pb::InviteEntry>, Status> {
+        use sha2::Digest;
+        let req = req.into_inner();
+        let caller = parse_id::<UserId>(&req.caller)?;
+        let secs = if req.expires_in_secs == 0 {
+            DEFAULT_INVITE_SECS
+        } else {
+            req.expires_in_secs
+        };
+        let life = Invite::life(secs).map_err(WorkerError::from)?;
+        let secret: [u8; 32] = rand::random();
+        let now = now_millis();
+        let invite = Invite {
+            id: hex::encode(rand::random::<[u8; 8]>()),
+            secret_hash: sha2::Sha256::digest(secret).into(),
+            by: caller,
+            created_at: now,
+            expires_at: now + life,
+            max_uses: req.max_uses,
+            uses: 0,
+        };
+        let change = GroupChange::Invite {
+            invite: invite.clone(),
+        };
+        let group = self.change(&req.caller, &req.group_id, change).await?;
+        let code = InviteCode {
+            group: group.id.clone(),
+            invite: invite.id.clone(),
+            secret,
+        };
+        Ok(Response::new(invite_entry(
+            &group.id,
+            &invite,
+            code.to_string(),
+        )))
+    }
+
+    async fn list_invites(
+        &self,
+        req: Request<pb::GroupRequest>,
+    ) -> Result<Response<pb::InvitesResponse>, Status> {
+        let req = req.into_inner();
+        let caller = parse_id::<UserId>(&req.caller)?;
+        let id = parse_id::<GroupId>(&req.group_id)?;
+        let group = self.load_as_member(&caller, &id).await?.group;
+        if group.owner_id != caller {
+            return Err(WorkerError::Domain(DomainError::Forbidden(
+                "only the group's owner may do this".into(),
+            ))
+            .into());
+        }
+        let now = now_millis();
+        let invites = group
+            .invites
+            .iter()
+            .rev()
+            .filter(|i| i.is_valid(now))
+            .map(|i| invite_entry(&group.id, i, String::new()))
+            .collect();
+        Ok(Response::new(pb::InvitesResponse { invites }))
+    }
+
+    async fn revoke_invite(
+        &self,
+        req: Request<pb::RevokeInviteRequest>,
+    ) -> Result<Response<pb::RevokeInviteResponse>, Status> {
+        let req = req.into_inner();
+        let change = GroupChange::Revoke {
+            invite_id: req.invite_id,
+        };
+        self.change(&req.caller, &req.group_id, change).await?;
+        Ok(Response::new(pb::RevokeInviteResponse {}))
+    }
+
+    async fn join_group(
+        &self,
+        req: Request<pb::JoinGroupRequest>,
+    ) -> Result<Response<pb::Group>, Status> {
+        use sha2::Digest;
+        let req = req.into_inner();
+        let code: InviteCode = req.code.parse()?;
+        let change = GroupChange::Join {
+            invite_id: code.invite,
+            secret_hash: sha2::Sha256::digest(code.secret).into(),
+            at_seq: 0,
+        };
+        // no group, a deleted one, a wrong secret, an expired or used-up
+        // invite: one answer, which tells nothing of which
+        match self.change(&req.caller, code.group.as_str(), change).await {
+            Ok(group) => Ok(reply(&group)),
+            Err(WorkerError::NotFound(_) | WorkerError::Domain(DomainError::Forbidden(_))) => Err(
+                Status::not_found("no such invite: it may have expired, been revoked or used up"),
+            ),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     async fn delete_group(
         &self,
         req: Request<pb::GroupRequest>,
@@ -1119,8 +1248,103 @@ impl Groups for GroupsService {
     }
 }
 
+/// How long an invite lasts unless its maker says otherwise: a week.
+const DEFAULT_INVITE_SECS: u64 = 7 * 24 * 3600;
+
+/// What an invite's holder presents: `<group>.<invite>.<secret>`, the
+/// secret in unpadded base64url. Ids never contain `.`, so the parts split
+/// one way only.
+struct InviteCode {
+    group: GroupId,
+    invite: String,
+    secret: [u8; 32],
+}
+
+impl std::fmt::Display for InviteCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use base64::Engine;
+        let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(self.secret);
+        write!(f, "{}.{}.{secret}", self.group, self.invite)
+    }
+}
+
+impl std::str::FromStr for InviteCode {
+    type Err = WorkerError;
+
+    fn from_str(code: &str) -> Result<Self, WorkerError> {
+        use base64::Engine;
+        let bad = || WorkerError::Domain(DomainError::Invalid("that is not an invite code".into()));
+        let mut parts = code.split('.');
+        let (Some(group), Some(invite), Some(secret), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(bad());
+        };
+        let group = GroupId::parse(group).map_err(|_| bad())?;
+        let hex_id = invite.len() == 16
+            && invite
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if !hex_id || secret.len() != 43 {
+            return Err(bad());
+        }
+        let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(secret)
+            .ok()
+            .and_then(|v| <[u8; 32]>::try_from(v).ok())
+            .ok_or_else(bad)?;
+        Ok(Self {
+            group,
+            invite: invite.to_owned(),
+            secret,
+        })
+    }
+}
+
+/// An invite as the owner sees it; `code` only when it was just made.
+fn invite_entry(group: &GroupId, i: &Invite, code: String) -> pb::InviteEntry {
+    pb::InviteEntry {
+        invite_id: i.id.clone(),
+        group_id: group.to_string(),
+        code,
+        created_by: i.by.to_string(),
+        created_at_ms: i.created_at,
+        expires_at_ms: i.expires_at,
+        max_uses: i.max_uses,
+        uses: i.uses,
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_invite_code_reads_back_as_made_and_nothing_else_reads() {
+        let code = super::InviteCode {
+            group: GroupId::parse("g-1_a").expect("id"),
+            invite: "0123456789abcdef".into(),
+            secret: [7; 32],
+        };
+        let text = code.to_string();
+        let back: super::InviteCode = text.parse().expect("reads");
+        assert_eq!(
+            (back.group, back.invite, back.secret),
+            (code.group, code.invite, code.secret)
+        );
+        let secret = text.rsplit('.').next().expect("secret").to_owned();
+        for bad in [
+            String::new(),
+            "g.0123456789abcdef".into(),
+            format!("g.0123456789abcdef.{secret}.x"),
+            format!("g.0123456789ABCDEF.{secret}"),
+            format!("g.0123456789abcde.{secret}"),
+            format!("g.0123456789abcdef.{}", &secret[1..]),
+            format!("g!.0123456789abcdef.{secret}"),
+            format!("g.0123456789abcdef.{}=", &secret[..42]),
+        ] {
+            assert!(bad.parse::<super::InviteCode>().is_err(), "{bad}");
+        }
+    }
+
     use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
     use super::*;

@@ -1108,3 +1108,167 @@ async fn members_search_the_messages_they_see_a_bounded_scan_at_a_time() -> anyh
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_invites_by_code_and_holders_join_until_it_runs_out() -> anyhow::Result<()> {
+    let c = Cluster::start_with(1, 1, &["--max-group-invites", "2"]).await?;
+    let g = c.group_with_history("alice", &["bob"], "joined").await?;
+    let mut alice = c.connect(0, "alice", "w").await?;
+    let mut bob = c.connect(0, "bob", "w").await?;
+    alice.send_text(&g, "before", "before carol").await?;
+    let invites = format!("/groups/{g}/invites");
+    let code_of = |status: u16, e: &Value| (status, e["error"]["code"].as_str().map(str::to_owned));
+    let code = |s: &str| Some(s.to_owned());
+
+    // only the owner makes, lists and revokes invites; bounds say why
+    let (status, e) = post(&c, &invites, Some("bob"), json!({})).await?;
+    assert_eq!(code_of(status, &e), (403, code("forbidden")));
+    assert_eq!(c.get(0, "bob", &invites).await?.0, 403);
+    assert_eq!(
+        delete(&c, &format!("{invites}/0123456789abcdef"), "bob")
+            .await?
+            .0,
+        403
+    );
+    for body in [
+        json!({"expiresInSecs": 59}),
+        json!({"expiresInSecs": 30 * 24 * 3600 + 1}),
+        json!({"maxUses": 1001}),
+        json!({"uses": 0}),
+    ] {
+        let (status, e) = post(&c, &invites, Some("alice"), body.clone()).await?;
+        assert_eq!(code_of(status, &e), (400, code("invalid")), "{body}: {e}");
+    }
+    let (status, one) = post(
+        &c,
+        &invites,
+        Some("alice"),
+        json!({"maxUses": 1, "expiresInSecs": 3600}),
+    )
+    .await?;
+    assert_eq!(status, 201, "{one}");
+    assert_eq!(
+        (
+            &one["uses"],
+            &one["maxUses"],
+            &one["createdBy"],
+            &one["groupId"]
+        ),
+        (&json!(0), &json!(1), &json!("alice"), &json!(g))
+    );
+    let secret_code = one["code"].as_str().context("a code")?.to_owned();
+    // a listing never gives a code out again
+    let (_, listed) = c.get(0, "alice", &invites).await?;
+    assert_eq!(
+        listed["invites"][0]["inviteId"], one["inviteId"],
+        "{listed}"
+    );
+    assert!(listed["invites"][0].get("code").is_none(), "{listed}");
+
+    // a wrong secret, invite or group: one answer for all
+    let other = c.create_group("alice", &[]).await?;
+    let other = other["id"].as_str().context("id")?;
+    let parts: Vec<&str> = secret_code.split('.').collect();
+    let flipped = if parts[2].starts_with('A') { "B" } else { "A" };
+    for wrong in [
+        format!("{}.{}.{flipped}{}", parts[0], parts[1], &parts[2][1..]),
+        format!("{}.fedcba9876543210.{}", parts[0], parts[2]),
+        format!("{other}.{}.{}", parts[1], parts[2]),
+    ] {
+        let (status, e) =
+            post(&c, "/invites/join", Some("mallory"), json!({"code": wrong})).await?;
+        assert_eq!(
+            code_of(status, &e),
+            (404, code("not_found")),
+            "{wrong}: {e}"
+        );
+    }
+    for bad in ["", "not-a-code", &"x".repeat(257)] {
+        let (status, e) = post(&c, "/invites/join", Some("mallory"), json!({"code": bad})).await?;
+        assert_eq!(code_of(status, &e), (400, code("invalid")), "{bad}: {e}");
+    }
+
+    // carol joins: everyone hears of it; she sees what follows her join,
+    // live once she subscribes
+    let (status, joined) = post(
+        &c,
+        "/invites/join",
+        Some("carol"),
+        json!({"code": secret_code}),
+    )
+    .await?;
+    assert_eq!(status, 200, "{joined}");
+    assert_eq!(joined["memberCount"], 3, "{joined}");
+    let heard = bob.skip_to("a_group_updated").await?;
+    assert_eq!(
+        heard["data"]["change"],
+        json!({"kind": "member_joined", "userIds": ["carol"], "by": "carol"})
+    );
+    assert!(c.history("carol", &g).await?.is_empty(), "joined history");
+    let mut carol = c.connect(0, "carol", "w").await?;
+    carol
+        .request("subscribe_to_group", json!({"groupId": g}))
+        .await?;
+    alice.send_text(&g, "after", "welcome carol").await?;
+    let got = carol.skip_to("a_group_message").await?;
+    assert_eq!(got["data"]["text"], "welcome carol");
+    // its one use is spent: dave cannot; carol again changes nothing
+    let (status, _) = post(
+        &c,
+        "/invites/join",
+        Some("dave"),
+        json!({"code": secret_code}),
+    )
+    .await?;
+    assert_eq!(status, 404);
+    let (status, again) = post(
+        &c,
+        "/invites/join",
+        Some("carol"),
+        json!({"code": secret_code}),
+    )
+    .await?;
+    assert_eq!((status, &again["memberCount"]), (200, &json!(3)));
+    let (_, listed) = c.get(0, "alice", &invites).await?;
+    assert_eq!(listed["invites"], json!([]), "used up");
+
+    // at most two valid invites; a revoked one lets no one in
+    let mut made = Vec::new();
+    for _ in 0..2 {
+        let (status, i) = post(&c, &invites, Some("alice"), json!({})).await?;
+        assert_eq!(status, 201, "{i}");
+        assert!(i.get("maxUses").is_none(), "{i}");
+        made.push(i);
+    }
+    let (status, e) = post(&c, &invites, Some("alice"), json!({})).await?;
+    assert_eq!(code_of(status, &e), (400, code("too_large")), "{e}");
+    let revoke = format!(
+        "{invites}/{}",
+        made[0]["inviteId"].as_str().unwrap_or_default()
+    );
+    assert_eq!(delete(&c, &revoke, "alice").await?.0, 204);
+    assert_eq!(
+        delete(&c, &revoke, "alice").await?.0,
+        204,
+        "again: nothing to do"
+    );
+    let (status, _) = post(
+        &c,
+        "/invites/join",
+        Some("dave"),
+        json!({"code": made[0]["code"]}),
+    )
+    .await?;
+    assert_eq!(status, 404);
+    // a deleted group's invites let no one in
+    assert_eq!(delete(&c, &format!("/groups/{g}"), "alice").await?.0, 204);
+    let (status, _) = post(
+        &c,
+        "/invites/join",
+        Some("dave"),
+        json!({"code": made[1]["code"]}),
+    )
+    .await?;
+    assert_eq!(status, 404);
+    Ok(())
+}

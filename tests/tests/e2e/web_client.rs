@@ -825,6 +825,78 @@ async fn a_member_searches_a_group_and_is_shown_the_match_in_a_real_browser() ->
     c.stop().await
 }
 
+/// The owner makes an invite link in the group's settings; someone not in
+/// the group opens it, is asked, joins, and the group opens for them while
+/// the owner's page counts one member more.
+#[tokio::test]
+async fn an_invite_link_lets_a_newcomer_join_in_real_browsers() -> anyhow::Result<()> {
+    let Pair {
+        _driver,
+        c,
+        base,
+        alice,
+        bob,
+    } = two_in_a_group("Invites").await?;
+    js(&alice, "document.querySelector('#group-tools').open = true").await?;
+    js(&alice, "document.querySelector('#create-invite').click()").await?;
+    until(
+        &alice,
+        "the link shown, the invite listed",
+        "document.querySelector('#invite-link').value.includes('#invite=') && \
+         document.querySelectorAll('#invite-list li').length === 1",
+    )
+    .await?;
+    let link = js(&alice, "document.querySelector('#invite-link').value").await?;
+    let link = link.as_str().context("a link")?.to_owned();
+    shot(&alice, "9-invite").await?;
+
+    let carol = _driver.browser("carol").await?;
+    sign_in(&carol, &base, "carol").await?;
+    assert_eq!(
+        js(
+            &carol,
+            "document.querySelectorAll('#groups li[data-group-id]').length"
+        )
+        .await?,
+        json!(0)
+    );
+    carol.goto(&link).await?;
+    until(
+        &carol,
+        "asked to join",
+        "!document.querySelector('#join-offer').hidden",
+    )
+    .await?;
+    // the code left the address bar
+    until(
+        &carol,
+        "no code in the address",
+        "!location.hash.includes('invite')",
+    )
+    .await?;
+    js(&carol, "document.querySelector('#join-accept').click()").await?;
+    until(
+        &carol,
+        "the group open",
+        "document.querySelector('#chat-title')?.textContent === 'Invites' && \
+         document.querySelector('#join-offer').hidden",
+    )
+    .await?;
+    until(
+        &alice,
+        "three members",
+        "document.querySelector('#chat-members').textContent.startsWith('3 members')",
+    )
+    .await?;
+    // and carol is in it for the server too
+    let (_, page) = c.get(0, "carol", "/groups").await?;
+    assert_eq!(page["groups"][0]["name"], "Invites", "{page}");
+    carol.close().await?;
+    alice.close().await?;
+    bob.close().await?;
+    c.stop().await
+}
+
 /// The id of `user`'s one group.
 async fn group_id(c: &Cluster, user: &str) -> anyhow::Result<String> {
     let (_, page) = c.get(0, user, "/groups").await?;
