@@ -8,9 +8,9 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context, bail};
 use chat_protocol::{
-    BlockList, BlockView, GroupPage, GroupPresence, GroupView, MentionPage, MessagePage,
-    MessageStatus, MessageView, MuteBody, RestError, SearchPage, SendAck, UpdateGroupBody,
-    UploadTicket,
+    BlockList, BlockView, GroupPage, GroupPresence, GroupView, InviteBody, InviteList, InviteView,
+    MentionPage, MessagePage, MessageStatus, MessageView, MuteBody, RestError, SearchPage, SendAck,
+    UpdateGroupBody, UploadTicket,
 };
 use clap::{Parser, Subcommand};
 use futures::{SinkExt, StreamExt};
@@ -110,6 +110,23 @@ enum Command {
     Unpin { group: String, message_id: String },
     /// The group's pinned messages, newest pin first.
     Pins { group: String },
+    /// Make an invite code for a group (owner only): whoever holds it may
+    /// join with `chat join`. It is shown this once.
+    Invite {
+        group: String,
+        /// How long it lasts, 60 s to 30 days (default: a week).
+        #[arg(long)]
+        expires_in_secs: Option<u64>,
+        /// How many may join with it (default: no limit but the group's size).
+        #[arg(long)]
+        max_uses: Option<u32>,
+    },
+    /// A group's valid invites (owner only), newest first.
+    Invites { group: String },
+    /// Revoke an invite (owner only).
+    RevokeInvite { group: String, invite_id: String },
+    /// Join a group with an invite's code.
+    Join { code: String },
     /// Send a text message.
     Send {
         group: String,
@@ -732,6 +749,72 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .collect::<Vec<_>>()
                     .join("\n")
             });
+        }
+        Command::Invite {
+            group,
+            expires_in_secs,
+            max_uses,
+        } => {
+            let body = InviteBody {
+                expires_in_secs,
+                max_uses,
+            };
+            let v = c
+                .call(
+                    reqwest::Method::POST,
+                    &format!("/groups/{group}/invites"),
+                    Some(serde_json::to_value(&body)?),
+                )
+                .await?;
+            let i: InviteView = serde_json::from_value(v.clone()).context("unexpected answer")?;
+            c.out(&v, || {
+                format!(
+                    "{}\n(invite {}, until {}; anyone with the code joins with: chat join <code>)",
+                    i.code.as_deref().unwrap_or_default(),
+                    i.invite_id,
+                    i.expires_at
+                )
+            });
+        }
+        Command::Invites { group } => {
+            let (v, list): (_, InviteList) = c.get(&format!("/groups/{group}/invites")).await?;
+            c.out(&v, || {
+                if list.invites.is_empty() {
+                    return "no valid invites".to_owned();
+                }
+                list.invites
+                    .iter()
+                    .map(|i| {
+                        let uses = match i.max_uses {
+                            Some(m) => format!("{} of {m} used", i.uses),
+                            None => format!("{} joined", i.uses),
+                        };
+                        format!("{}  {uses}, until {}", i.invite_id, i.expires_at)
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        Command::RevokeInvite { group, invite_id } => {
+            let v = c
+                .call(
+                    reqwest::Method::DELETE,
+                    &format!("/groups/{group}/invites/{invite_id}"),
+                    None,
+                )
+                .await?;
+            c.out(&v, || format!("revoked {invite_id}"));
+        }
+        Command::Join { code } => {
+            let v = c
+                .call(
+                    reqwest::Method::POST,
+                    "/invites/join",
+                    Some(json!({ "code": code })),
+                )
+                .await?;
+            let g: GroupView = serde_json::from_value(v.clone()).context("unexpected answer")?;
+            c.out(&v, || format!("joined {}", group_line(&g)));
         }
         Command::DeleteGroup { group } => {
             let v = c

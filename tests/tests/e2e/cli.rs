@@ -305,6 +305,30 @@ async fn the_cli_runs_the_readme_tour_against_a_real_stack() -> anyhow::Result<(
     let why = String::from_utf8_lossy(&refused.stderr);
     assert!(why.contains("forbidden (403)"), "{why}");
 
+    // bob invites erin with a single-use code; she joins with it
+    let made = text(&chat(&c, "bob", &["invite", &id, "--max-uses", "1"]).await?);
+    let code = made.lines().next().unwrap_or_default().to_owned();
+    assert!(
+        made.contains("anyone with the code joins with: chat join"),
+        "{made}"
+    );
+    let listed = text(&chat(&c, "bob", &["invites", &id]).await?);
+    assert!(listed.contains("0 of 1 used"), "{listed}");
+    let joined = text(&chat(&c, "erin", &["join", &code]).await?);
+    assert!(joined.starts_with(&format!("joined {id}  ")), "{joined}");
+    let spent = chat(&c, "frank", &["join", &code]).await?;
+    assert!(String::from_utf8_lossy(&spent.stderr).contains("not_found (404)"));
+    assert_eq!(
+        text(&chat(&c, "bob", &["invites", &id]).await?).trim(),
+        "no valid invites"
+    );
+    let another = chat_json(&c, "bob", &["invite", &id]).await?;
+    let invite_id = another["inviteId"].as_str().unwrap_or_default();
+    assert_eq!(
+        text(&chat(&c, "bob", &["revoke-invite", &id, invite_id]).await?).trim(),
+        format!("revoked {invite_id}")
+    );
+
     // only its owner deletes the group, for everyone
     let refused = chat(&c, "alice", &["delete-group", &id]).await?;
     assert!(String::from_utf8_lossy(&refused.stderr).contains("forbidden (403)"));
