@@ -703,6 +703,19 @@ pub(crate) async fn remove_member(
     view(group)
 }
 
+/// A paged read's query string, or `invalid` saying what is wrong with it
+/// (an unknown field, a bad number, a `limit` of 0).
+fn paged<T>(
+    query: Result<axum::extract::Query<T>, axum::extract::rejection::QueryRejection>,
+    limit: impl FnOnce(&T) -> Option<u32>,
+) -> Result<T, ApiError> {
+    let axum::extract::Query(q) = query.map_err(|e| ApiError::invalid(e.body_text()))?;
+    if limit(&q) == Some(0) {
+        return Err(ApiError::invalid("limit must be at least 1"));
+    }
+    Ok(q)
+}
+
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct HistoryQuery {
@@ -728,10 +741,7 @@ pub(crate) async fn history(
     Path(id): Path<String>,
     query: Result<axum::extract::Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let axum::extract::Query(q) = query.map_err(|e| ApiError::invalid(e.body_text()))?;
-    if q.limit == Some(0) {
-        return Err(ApiError::invalid("limit must be at least 1"));
-    }
+    let q = paged(query, |q| q.limit)?;
     let r = rpc!(
         app,
         MessagesClient,
@@ -780,10 +790,7 @@ pub(crate) async fn search(
     Path(id): Path<String>,
     query: Result<axum::extract::Query<SearchQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let axum::extract::Query(q) = query.map_err(|e| ApiError::invalid(e.body_text()))?;
-    if q.limit == Some(0) {
-        return Err(ApiError::invalid("limit must be at least 1"));
-    }
+    let q = paged(query, |q| q.limit)?;
     let r = rpc!(
         app,
         MessagesClient,
@@ -986,10 +993,7 @@ pub(crate) async fn mentions(
     Caller(me): Caller,
     query: Result<axum::extract::Query<MentionsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<MentionPage>, ApiError> {
-    let axum::extract::Query(q) = query.map_err(|e| ApiError::invalid(e.body_text()))?;
-    if q.limit == Some(0) {
-        return Err(ApiError::invalid("limit must be at least 1"));
-    }
+    let q = paged(query, |q| q.limit)?;
     if q.before.as_ref().is_some_and(|b| b.len() > MAX_CURSOR) {
         return Err(ApiError::invalid(format!(
             "before is longer than a cursor ({MAX_CURSOR} characters)"

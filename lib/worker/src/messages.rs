@@ -1342,8 +1342,12 @@ async fn tail_seq(s: &State, group: &GroupId) -> Result<u64, WorkerError> {
 /// or delete is acknowledged only once applied: see `change`).
 ///
 /// A group's seqs are gapless, so once caught up the page is exactly the
-/// seqs `(lo, top]`: the read is bounded on both sides and reads no more
-/// than it returns, however long the history below it.
+/// seqs `(lo, top]`: read as one range bounded on both sides, which reads
+/// no more than it returns however long the history below it. The read
+/// that does not rely on that (bounded by `from` and `before` alone) is
+/// kept for when it does not hold: the stream holds nothing of the group
+/// (its messages aged out), or the range is short of a seq (persistence
+/// passed one it never stored, such as a forged one).
 async fn caught_up_page(
     s: &State,
     group: &GroupId,
@@ -1353,10 +1357,20 @@ async fn caught_up_page(
     tail_seq: u64,
     within: std::time::Duration,
 ) -> Result<Vec<StoredMessage>, WorkerError> {
+    let unbounded = || async {
+        Ok::<_, WorkerError>(
+            s.store
+                .messages
+                .history(group, from, before, i64::from(limit))
+                .await?,
+        )
+    };
+    if tail_seq == 0 {
+        return unbounded().await;
+    }
     let top = before.map_or(tail_seq, |b| tail_seq.min(b.saturating_sub(1)));
     let lo = from.max(top.saturating_sub(u64::from(limit)));
     let want = top.saturating_sub(lo);
-    let upto = Some(top.saturating_add(1));
     let page = read_caught_up(
         s,
         group,
@@ -1368,15 +1382,10 @@ async fn caught_up_page(
         },
     )
     .await?;
-    if page.len() as u64 >= want || lo == from {
+    if page.len() as u64 >= want {
         return Ok(page);
     }
-    // persistence passed a seq it never stored (a forged message, say): the
-    // window is short of it, so read below it too
-    Ok(s.store
-        .messages
-        .history(group, from, upto, i64::from(limit))
-        .await?)
+    unbounded().await
 }
 
 /// Readies opened messages (`ids` are theirs, in order) for `caller`, as
