@@ -243,6 +243,14 @@ impl Group {
         self
     }
 
+    /// Whether the group's invite `invite_id`, whose secret hashes to
+    /// `secret_hash`, lets someone join at `now`.
+    pub fn invite_admits(&self, invite_id: &str, secret_hash: &[u8; 32], now: Millis) -> bool {
+        self.invites
+            .iter()
+            .any(|i| i.id == invite_id && same_hash(&i.secret_hash, secret_hash) && i.is_valid(now))
+    }
+
     /// Whether `user` is a member.
     pub fn is_member(&self, user: &UserId) -> bool {
         self.members.iter().any(|m| &m.user_id == user)

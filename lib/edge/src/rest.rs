@@ -427,6 +427,12 @@ pub(crate) async fn create_invite(
     Path(id): Path<String>,
     OptionalBody(body): OptionalBody<InviteBody>,
 ) -> Result<impl IntoResponse, ApiError> {
+    // (0 would otherwise read as "the default", which is a week)
+    if body.expires_in_secs == Some(0) {
+        return Err(ApiError::invalid(
+            "expiresInSecs is 60 to 2592000 (30 days); leave it out for a week",
+        ));
+    }
     let i = rpc!(
         app,
         GroupsClient,
@@ -439,7 +445,8 @@ pub(crate) async fn create_invite(
         }
     )?
     .into_inner();
-    Ok((StatusCode::CREATED, Json(invite_view(i))))
+    // the code is a credential: no cache keeps it
+    Ok((StatusCode::CREATED, [NO_STORE], Json(invite_view(i))))
 }
 
 /// `GET /groups/{id}/invites` (owner only).

@@ -125,11 +125,17 @@ impl GroupsService {
                     invite_id,
                     secret_hash,
                     ..
-                } if !record.group.is_member(caller) => GroupChange::Join {
-                    invite_id: invite_id.clone(),
-                    secret_hash: *secret_hash,
-                    at_seq: crate::publish::newest_seq(&self.0, id).await?,
-                },
+                } if !record.group.is_member(caller)
+                    && record
+                        .group
+                        .invite_admits(invite_id, secret_hash, now_millis()) =>
+                {
+                    GroupChange::Join {
+                        invite_id: invite_id.clone(),
+                        secret_hash: *secret_hash,
+                        at_seq: crate::publish::newest_seq(&self.0, id).await?,
+                    }
+                }
                 other => other.clone(),
             };
             let applied =
@@ -156,8 +162,16 @@ impl GroupsService {
                     self.check_may_add(caller, user_ids).await?;
                 }
                 GroupChange::Join { .. } => {
+                    // room for one more group; and an owner who blocks the
+                    // joiner keeps it out (a code passed on reaches anyone)
                     self.check_may_add(caller, std::slice::from_ref(caller))
                         .await?;
+                    self.check_not_blocked(
+                        caller,
+                        std::slice::from_ref(&record.group.owner_id),
+                        "joined",
+                    )
+                    .await?;
                 }
                 GroupChange::TransferOwner { new_owner } => {
                     self.check_not_blocked(
@@ -168,6 +182,17 @@ impl GroupsService {
                     .await?;
                 }
                 _ => {}
+            }
+            // an invite made or revoked is the owner's alone: no one is
+            // told, and the last change's notice (if still owed) stays
+            if matches!(
+                change,
+                GroupChange::Invite { .. } | GroupChange::Revoke { .. }
+            ) {
+                if !self.0.store.groups.replace_if_rev(&record).await? {
+                    continue;
+                }
+                return Ok(record.group);
             }
             let delta = change_view(caller, &change);
             let audience = seeing(&record.group, audience, delta.seq);
@@ -461,9 +486,8 @@ fn change_view(caller: &UserId, change: &GroupChange) -> GroupChangeView {
         GroupChange::Pin { .. } => ("message_pinned", Vec::new()),
         GroupChange::Unpin { .. } => ("message_unpinned", Vec::new()),
         GroupChange::Join { .. } => ("member_joined", vec![caller]),
-        // (told to no one: invites are the owner's alone)
-        GroupChange::Invite { .. } => ("invite_created", Vec::new()),
-        GroupChange::Revoke { .. } => ("invite_revoked", Vec::new()),
+        // (never told: `apply` stores these and returns)
+        GroupChange::Invite { .. } | GroupChange::Revoke { .. } => ("", Vec::new()),
     };
     let (message_id, seq) = match change {
         GroupChange::Pin { message_id, seq }

@@ -1131,6 +1131,7 @@ async fn an_owner_invites_by_code_and_holders_join_until_it_runs_out() -> anyhow
         403
     );
     for body in [
+        json!({"expiresInSecs": 0}),
         json!({"expiresInSecs": 59}),
         json!({"expiresInSecs": 30 * 24 * 3600 + 1}),
         json!({"maxUses": 1001}),
@@ -1231,6 +1232,55 @@ async fn an_owner_invites_by_code_and_holders_join_until_it_runs_out() -> anyhow
     assert_eq!((status, &again["memberCount"]), (200, &json!(3)));
     let (_, listed) = c.get(0, "alice", &invites).await?;
     assert_eq!(listed["invites"], json!([]), "used up");
+
+    // someone the owner blocks is kept out, the invite unused
+    assert_eq!(
+        c.call(
+            reqwest::Method::PUT,
+            0,
+            Some("alice"),
+            "/blocks/grace",
+            None
+        )
+        .await?
+        .0,
+        200
+    );
+    let (_, open) = post(&c, &invites, Some("alice"), json!({"maxUses": 1})).await?;
+    let (status, _) = post(
+        &c,
+        "/invites/join",
+        Some("grace"),
+        json!({"code": open["code"]}),
+    )
+    .await?;
+    assert_eq!(status, 404);
+    let (_, listed) = c.get(0, "alice", &invites).await?;
+    assert_eq!(listed["invites"][0]["uses"], 0, "{listed}");
+    assert_eq!(
+        delete(
+            &c,
+            &format!(
+                "{invites}/{}",
+                open["inviteId"].as_str().unwrap_or_default()
+            ),
+            "alice"
+        )
+        .await?
+        .0,
+        204
+    );
+
+    // two at once on a single use: one gets in
+    let (_, single) = post(&c, &invites, Some("alice"), json!({"maxUses": 1})).await?;
+    let body = json!({"code": single["code"]});
+    let (h, i) = tokio::join!(
+        post(&c, "/invites/join", Some("henry"), body.clone()),
+        post(&c, "/invites/join", Some("ivy"), body.clone()),
+    );
+    let mut statuses = [h?.0, i?.0];
+    statuses.sort_unstable();
+    assert_eq!(statuses, [200, 404]);
 
     // at most two valid invites; a revoked one lets no one in
     let mut made = Vec::new();
