@@ -251,6 +251,16 @@ impl Group {
             .any(|i| i.id == invite_id && same_hash(&i.secret_hash, secret_hash) && i.is_valid(now))
     }
 
+    /// `forbidden` unless `caller` owns the group.
+    pub fn check_owner(&self, caller: &UserId) -> Result<(), DomainError> {
+        if &self.owner_id != caller {
+            return Err(DomainError::Forbidden(
+                "only the group's owner may do this".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Whether `user` is a member.
     pub fn is_member(&self, user: &UserId) -> bool {
         self.members.iter().any(|m| &m.user_id == user)
@@ -347,14 +357,7 @@ impl Group {
                 | GroupChange::Invite { .. }
                 | GroupChange::Revoke { .. }
         );
-        let owner_only = || -> Result<(), DomainError> {
-            if &self.owner_id != caller {
-                return Err(DomainError::Forbidden(
-                    "only the group's owner may do this".into(),
-                ));
-            }
-            Ok(())
-        };
+        let owner_only = || self.check_owner(caller);
         let mut audience: Vec<UserId> = self.member_ids().cloned().collect();
         let change = match change {
             GroupChange::TransferOwner { new_owner } => {

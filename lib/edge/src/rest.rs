@@ -427,12 +427,6 @@ pub(crate) async fn create_invite(
     Path(id): Path<String>,
     OptionalBody(body): OptionalBody<InviteBody>,
 ) -> Result<impl IntoResponse, ApiError> {
-    // (0 would otherwise read as "the default", which is a week)
-    if body.expires_in_secs == Some(0) {
-        return Err(ApiError::invalid(
-            "expiresInSecs is 60 to 2592000 (30 days); leave it out for a week",
-        ));
-    }
     let i = rpc!(
         app,
         GroupsClient,
@@ -440,7 +434,7 @@ pub(crate) async fn create_invite(
         pb::CreateInviteRequest {
             caller: me.user_id.to_string(),
             group_id: id,
-            expires_in_secs: body.expires_in_secs.unwrap_or(0),
+            expires_in_secs: body.expires_in_secs,
             max_uses: body.max_uses.unwrap_or(0),
         }
     )?

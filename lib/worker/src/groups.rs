@@ -898,11 +898,7 @@ impl Groups for GroupsService {
         use sha2::Digest;
         let req = req.into_inner();
         let caller = parse_id::<UserId>(&req.caller)?;
-        let secs = if req.expires_in_secs == 0 {
-            DEFAULT_INVITE_SECS
-        } else {
-            req.expires_in_secs
-        };
+        let secs = req.expires_in_secs.unwrap_or(DEFAULT_INVITE_SECS);
         let life = Invite::life(secs).map_err(WorkerError::from)?;
         let secret: [u8; 32] = rand::random();
         let now = now_millis();
@@ -939,12 +935,7 @@ impl Groups for GroupsService {
         let caller = parse_id::<UserId>(&req.caller)?;
         let id = parse_id::<GroupId>(&req.group_id)?;
         let group = self.load_as_member(&caller, &id).await?.group;
-        if group.owner_id != caller {
-            return Err(WorkerError::Domain(DomainError::Forbidden(
-                "only the group's owner may do this".into(),
-            ))
-            .into());
-        }
+        group.check_owner(&caller).map_err(WorkerError::from)?;
         let now = now_millis();
         let invites = group
             .invites

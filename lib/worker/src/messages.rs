@@ -1095,9 +1095,15 @@ impl Messages for MessagesService {
                 break before.unwrap_or_default();
             }
         };
-        let ids: Vec<&MessageId> = found.iter().map(|(id, _)| id).collect();
-        let mut messages: Vec<pb::ChatMessage> = found.iter().map(|(_, m)| m.clone()).collect();
-        dress(s, &caller, from, &ids, &mut messages).await?;
+        let (ids, mut messages): (Vec<MessageId>, Vec<pb::ChatMessage>) = found.into_iter().unzip();
+        dress(
+            s,
+            &caller,
+            from,
+            &ids.iter().collect::<Vec<_>>(),
+            &mut messages,
+        )
+        .await?;
         metrics::counter!("chat_search_opened_total").increment(u64::from(opened));
         Ok(Response::new(pb::SearchResponse {
             messages,
